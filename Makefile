@@ -1,0 +1,41 @@
+# featurebank: `make test` and `make demo` do their own set-up on a machine with only python3.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROTO  := protos/featurebank/v1/featurebank.proto
+
+.PHONY: install test test-all lint bench demo protos source-model clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest
+
+test-all: install
+	$(BIN)/python -m pytest -m ''
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy featurebank embedder index server
+
+bench: install
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+protos: install
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --mypy_out=. $(PROTO)
+
+source-model: install
+	$(BIN)/python -m embedder.source_model
+
+demo: install
+	$(BIN)/python -m featurebank.demo
+
+clean:
+	rm -rf demo-bank demo-data .pytest_cache .mypy_cache .ruff_cache

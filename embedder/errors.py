@@ -1,0 +1,50 @@
+"""One small hierarchy of errors, so every layer fails the same way.
+
+Each class names the gRPC status the server maps it to (in one place,
+`server/status.py`); the message always says what was wrong and where.
+"""
+
+from __future__ import annotations
+
+
+class FeaturebankError(Exception):
+    """Base of every error featurebank raises on purpose."""
+
+    grpc_code = "INTERNAL"
+
+
+class InvalidInput(FeaturebankError, ValueError):
+    """The caller gave something malformed: wrong dimension, NaN, bad key, bad image."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class SpecMismatch(InvalidInput):
+    """Vectors or a backbone that do not match the bank's spec."""
+
+
+class NotFound(FeaturebankError, KeyError):
+    """An unknown key, id, bank or generation."""
+
+    grpc_code = "NOT_FOUND"
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class FailedPrecondition(FeaturebankError):
+    """The bank is not in a state that allows the call: no index yet, no head, empty bank."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class WriterBusy(FeaturebankError):
+    """Another process holds the bank's single writer lock."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class StorageFull(FeaturebankError):
+    """The disk or the store's map could not take more data; the last commit is intact."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"

@@ -1,0 +1,83 @@
+"""The `featurebank` command: a thin layer that parses arguments and prints.
+
+Each area registers its own subcommands from `featurebank/commands/<area>.py`;
+those modules import TensorFlow, FAISS or gRPC only inside their handlers, so
+`featurebank --help` and store commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from embedder.errors import FeaturebankError
+
+AREAS = ["store", "embed", "index", "head", "serve", "client", "demo_cmd"]
+
+Handler = Callable[[argparse.Namespace], "int | None"]
+
+
+class Commands:
+    """Registry handed to each area: top-level commands and shared groups (`store`, `labels`, ...)."""
+
+    def __init__(self, subparsers: Any) -> None:
+        self._sub = subparsers
+        self._groups: dict[str, Any] = {}
+
+    def command(self, name: str, help: str, handler: Handler) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._sub.add_parser(name, help=help, description=help)
+        parser.set_defaults(handler=handler)
+        return parser
+
+    def subcommand(
+        self, group: str, name: str, help: str, handler: Handler
+    ) -> argparse.ArgumentParser:
+        """Add `featurebank GROUP NAME`; several areas may add to one group."""
+        if group not in self._groups:
+            gp = self._sub.add_parser(group, help=f"{group} commands")
+            self._groups[group] = gp.add_subparsers(dest=f"{group}_command", required=True)
+        parser: argparse.ArgumentParser = self._groups[group].add_parser(
+            name, help=help, description=help
+        )
+        parser.set_defaults(handler=handler)
+        return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="featurebank",
+        description="Feature-embedding store with similarity search and hybrid classification.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    commands = Commands(parser.add_subparsers(dest="command", required=True))
+    for area in AREAS:
+        try:
+            module = importlib.import_module(f"featurebank.commands.{area}")
+        except ModuleNotFoundError as e:
+            if e.name == f"featurebank.commands.{area}":
+                continue
+            raise
+        module.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except FeaturebankError as e:
+        print(f"featurebank: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("featurebank: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
