@@ -1,0 +1,218 @@
+"""Client commands that talk to a running `featurebank serve`.
+
+`featurebank classify | search | upsert | rebuild` and `featurebank labels set`,
+each with --server, --token and --tls-ca (plus --tls-cert/--tls-key for mutual TLS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from featurebank.cli import Commands
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _connection(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection")
+    g.add_argument("--server", default=os.environ.get("FEATUREBANK_SERVER", "127.0.0.1:50051"),
+                   help="HOST:PORT of the server (default $FEATUREBANK_SERVER or 127.0.0.1:50051)")
+    g.add_argument("--token", default=os.environ.get("FEATUREBANK_TOKEN"),
+                   help="bearer token (default $FEATUREBANK_TOKEN)")
+    g.add_argument("--tls-ca", type=Path, default=None,
+                   help="CA certificate to verify the server (turns TLS on)")
+    g.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
+    g.add_argument("--tls-key", type=Path, default=None, help="client key (mutual TLS)")
+    g.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    g.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def register(commands: Commands) -> None:
+    p = commands.command("classify", "classify images with a running server", _classify)
+    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument("--mode", choices=["knn", "head", "hybrid", "stacked"], default=None)
+    p.add_argument("--k", type=int, default=0, help="neighbours that vote (0 = server default)")
+    p.add_argument("--top-n", type=int, default=3, help="labels to show per image")
+    p.add_argument("--neighbors", action="store_true", help="also show the neighbours")
+    _connection(p)
+
+    p = commands.command("search", "nearest stored items of an image or key", _search)
+    p.add_argument("image", nargs="?", type=Path, help="image file (or use --key)")
+    p.add_argument("--key", default=None, help="key of a stored item to search from")
+    p.add_argument("--k", type=int, default=10, help="neighbours to return")
+    p.add_argument("--label", action="append", default=[], help="only items with this label")
+    p.add_argument("--metadata", action="store_true", help="include source metadata")
+    _connection(p)
+
+    p = commands.command("upsert", "add or replace images in a served bank", _upsert)
+    p.add_argument("paths", nargs="+", type=Path, help="image files or folders (recursive)")
+    p.add_argument("--label", default=None, help="label for every image")
+    p.add_argument("--folder-labels", action="store_true",
+                   help="label each image with the name of its folder")
+    p.add_argument("--split", default="none", choices=["train", "val", "test", "none"])
+    p.add_argument("--chunk", type=int, default=256, help="images per Upsert call")
+    _connection(p)
+
+    p = commands.subcommand("labels", "set", "set or clear labels on a served bank", _labels_set)
+    p.add_argument("assignments", nargs="*", help="KEY=LABEL (empty LABEL clears it)")
+    p.add_argument("--from-csv", type=Path, default=None, help="CSV file of key,label lines")
+    _connection(p)
+
+    p = commands.command("rebuild", "rebuild the served index in the background", _rebuild)
+    p.add_argument("--factory", default="", help="FAISS factory string (default auto)")
+    p.add_argument("--metric", default="", help="cosine | l2 | ip")
+    p.add_argument("--transform", default="", help="none | center | l2 | pcaN ...")
+    p.add_argument("--target-recall", type=float, default=0.0)
+    p.add_argument("--retrain-head", action="store_true", help="also retrain the head")
+    p.add_argument("--head-hidden", type=int, default=0)
+    p.add_argument("--head-epochs", type=int, default=0)
+    p.add_argument("--no-wait", action="store_true", help="print the operation id and return")
+    _connection(p)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from server.client import FeatureBankClient
+
+    return FeatureBankClient(
+        args.server, token=args.token, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, timeout=args.timeout,
+    )
+
+
+def _dump(message: Any) -> str:
+    from google.protobuf.json_format import MessageToDict
+
+    return json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2)
+
+
+def _classify(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for path in args.images:
+            r = client.classify(
+                path, mode=args.mode, k=args.k, top_n=args.top_n,
+                include_neighbors=args.neighbors,
+            )
+            if args.json:
+                print(json.dumps({"image": str(path), **json.loads(_dump(r))}))
+                continue
+            labels = "  ".join(f"{x.label} {x.probability:.3f}" for x in r.labels)
+            print(f"{path}\t{labels}")
+            for n in r.neighbors:
+                print(f"    {n.score:.4f}  {n.label or '-'}  {n.key}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from embedder.errors import InvalidInput
+
+    if (args.image is None) == (args.key is None):
+        raise InvalidInput("give an image or --key, not both")
+    with _client(args) as client:
+        r = client.search(
+            args.image, key=args.key, k=args.k, labels=args.label,
+            include_metadata=args.metadata,
+        )
+    if args.json:
+        print(_dump(r))
+        return 0
+    for n in r.neighbors:
+        meta = f"  {dict(n.metadata)}" if args.metadata else ""
+        print(f"{n.score:.4f}  {n.label or '-'}  {n.key}{meta}")
+    return 0
+
+
+def _image_paths(paths: list[Path]) -> list[Path]:
+    from embedder.errors import NotFound
+
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise NotFound(f"no such file or folder: {p}")
+    return out
+
+
+def _upsert(args: argparse.Namespace) -> int:
+    from embedder.errors import InvalidInput
+
+    if args.label and args.folder_labels:
+        raise InvalidInput("use --label or --folder-labels, not both")
+    files = _image_paths(args.paths)
+    if not files:
+        raise InvalidInput("no images found")
+    added = replaced = 0
+    with _client(args) as client:
+        for start in range(0, len(files), max(1, args.chunk)):
+            chunk = files[start : start + args.chunk]
+            items = [
+                {
+                    "key": str(f),
+                    "image": f,
+                    "label": f.parent.name if args.folder_labels else args.label,
+                    "split": args.split,
+                    "uri": str(f.resolve()),
+                }
+                for f in chunk
+            ]
+            r = client.upsert(items)
+            added += r.added
+            replaced += r.replaced
+    print(f"upserted {len(files)} images: {added} added, {replaced} replaced "
+          f"(store generation {r.store_generation}, index generation {r.index_generation})")
+    return 0
+
+
+def _labels_set(args: argparse.Namespace) -> int:
+    import csv
+
+    from embedder.errors import InvalidInput
+
+    mapping: dict[str, str | None] = {}
+    for a in args.assignments:
+        key, sep, label = a.rpartition("=")
+        if not sep or not key:
+            raise InvalidInput(f"expected KEY=LABEL, got {a!r}")
+        mapping[key] = label or None
+    if args.from_csv is not None:
+        with open(args.from_csv, newline="") as f:
+            for row in csv.reader(f):
+                if not row or row[0].startswith("#"):
+                    continue
+                mapping[row[0]] = (row[1] if len(row) > 1 else "") or None
+    if not mapping:
+        raise InvalidInput("no labels given: KEY=LABEL arguments or --from-csv")
+    with _client(args) as client:
+        r = client.set_labels(mapping)
+    print(f"updated {r.updated} labels (store generation {r.store_generation})")
+    return 0
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        op = client.rebuild_index(
+            factory=args.factory, metric=args.metric, transform=args.transform,
+            target_recall=args.target_recall, retrain_head=args.retrain_head,
+            head_hidden=args.head_hidden, head_epochs=args.head_epochs,
+        )
+        if not args.no_wait:
+            op = client.wait_operation(op.id, poll_s=0.5)
+    if args.json:
+        print(_dump(op))
+    elif not op.done:
+        print(f"rebuild started: operation {op.id}")
+    elif op.error.code:
+        from server.client import RemoteError
+        from server.status import code_of
+
+        raise RemoteError(code_of(op.error.code), op.error.message, "RebuildIndex")
+    else:
+        head = f", head generation {op.head_generation}" if op.head_generation else ""
+        print(f"rebuilt: index generation {op.index_generation}{head}")
+    return 0

@@ -1,0 +1,73 @@
+"""`featurebank serve`: run the gRPC service over one bank until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from featurebank.cli import Commands
+
+
+def register(commands: Commands) -> None:
+    p = commands.command("serve", "serve a bank over gRPC (classify, search, upsert, rebuild)", _serve)
+    p.add_argument("--bank", required=True, type=Path, help="bank directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port")
+    p.add_argument("--max-batch-size", type=int, default=64,
+                   help="largest dynamic batch (1 turns batching off)")
+    p.add_argument("--batch-timeout-ms", type=float, default=2.0,
+                   help="how long a batch waits for more requests")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=256,
+                   help="calls beyond this get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-message-mb", type=float, default=16.0, help="largest message, MiB")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds in-flight calls get to finish on SIGTERM")
+    p.add_argument("--tokens", type=Path, default=None,
+                   help="file of 'ROLE TOKEN' lines (roles read, write); "
+                   "also FEATUREBANK_READ_TOKEN / FEATUREBANK_WRITE_TOKEN")
+    p.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path, default=None,
+                   help="CA that client certificates must chain to (mutual TLS)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback address without TLS or tokens")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from server.app import ServeConfig, serve
+    from server.auth import Tokens
+
+    config = ServeConfig(
+        bank=args.bank,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        max_batch_size=args.max_batch_size,
+        batch_timeout_ms=args.batch_timeout_ms,
+        tokens=Tokens.load(args.tokens),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        insecure=args.insecure,
+        max_message_bytes=int(args.max_message_mb * (1 << 20)),
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        grace_s=args.grace,
+    )
+
+    def started(server: Any) -> None:
+        metrics = f", metrics on port {server.metrics_port}" if server.metrics_port else ""
+        state = "serving" if server.engine.ready else "NOT_SERVING until an index is built"
+        print(
+            f"featurebank: {args.bank} on {args.host}:{server.port} "
+            f"({'tls' if config.tls else 'plaintext'}{metrics}); {state}",
+            flush=True,
+        )
+
+    asyncio.run(serve(config, on_started=started))
+    print("featurebank: stopped", file=sys.stderr, flush=True)
+    return 0

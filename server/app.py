@@ -1,0 +1,240 @@
+"""The grpc.aio server around the servicer: limits, TLS, auth, health, reflection, shutdown.
+
+Health (grpc.health.v1) means something: NOT_SERVING while the store and index
+load, SERVING once classification can be answered, NOT_SERVING again as soon as
+shutdown starts, so a load balancer drains the server before it goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from embedder.errors import FailedPrecondition, InvalidInput
+from protos.featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
+from server.auth import AuthInterceptor, Tokens
+from server.engine import Engine
+from server.metrics import Metrics
+from server.service import FeatureBankServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = featurebank_pb2.DESCRIPTOR.services_by_name["FeatureBank"].full_name
+MiB = 1 << 20
+
+
+@dataclass
+class ServeConfig:
+    """Everything `featurebank serve` can set; defaults are safe for a laptop."""
+
+    bank: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = None
+    max_batch_size: int = 64
+    batch_timeout_ms: float = 2.0
+    tokens: Tokens | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    insecure: bool = False
+    max_message_bytes: int = 16 * MiB
+    max_concurrent_rpcs: int = 256
+    grace_s: float = 10.0
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+
+    def check(self) -> None:
+        """Refuse configurations that would expose the bank by accident."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidInput("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidInput("--tls-client-ca needs --tls-cert and --tls-key")
+        if self.max_batch_size < 1:
+            raise InvalidInput(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
+        if self.batch_timeout_ms < 0:
+            raise InvalidInput(f"--batch-timeout-ms must be >= 0, got {self.batch_timeout_ms}")
+        secured = self.tls_cert is not None or (self.tokens is not None and self.tokens.enabled)
+        if not is_loopback(self.host) and not secured and not self.insecure:
+            raise FailedPrecondition(
+                f"refusing to listen on {self.host} without TLS or tokens: pass "
+                "--tls-cert/--tls-key or --tokens (or FEATUREBANK_*_TOKEN), or --insecure"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def server_credentials(config: ServeConfig) -> grpc.ServerCredentials:
+    assert config.tls_cert is not None and config.tls_key is not None
+    key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+    ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+class FeatureBankServer:
+    """One running server: `await start()`, then `await stop()` (or run `serve`)."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        config.check()
+        self.config = config
+        self.metrics = Metrics()
+        self.engine = Engine(
+            config.bank,
+            max_batch_size=config.max_batch_size,
+            batch_timeout_ms=config.batch_timeout_ms,
+            metrics=self.metrics,
+        )
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._server: aio.Server | None = None
+        self._stopping: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
+
+    def _grpc_server(self) -> aio.Server:
+        c = self.config
+        interceptors = []
+        if c.tokens is not None and c.tokens.enabled:
+            interceptors.append(AuthInterceptor(c.tokens, on_denied=self._denied))
+        options = [
+            ("grpc.max_send_message_length", c.max_message_bytes),
+            ("grpc.max_receive_message_length", c.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(c.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(c.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.so_reuseport", 0),
+        ]
+        return aio.server(
+            interceptors=interceptors,
+            options=options,
+            maximum_concurrent_rpcs=c.max_concurrent_rpcs,
+        )
+
+    def _denied(self, method: str, code: grpc.StatusCode) -> None:
+        self.metrics.observe(method.rsplit("/", 1)[-1], code.name, 0.0)
+
+    async def start(self) -> None:
+        """Bind and answer health (NOT_SERVING) at once, then load the bank and index."""
+        c = self.config
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        server = self._grpc_server()
+        self._server = server
+        servicer = FeatureBankServicer(self.engine, self.metrics)
+        featurebank_pb2_grpc.add_FeatureBankServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        await self._set_health(False)
+        address = f"{c.host}:{c.port}" if ":" not in c.host else f"[{c.host}]:{c.port}"
+        if c.tls:
+            self.port = server.add_secure_port(address, server_credentials(c))
+        else:
+            self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise FailedPrecondition(f"could not bind {address}")
+        await server.start()
+        if c.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(c.metrics_port, host=c.host)
+        self.engine.on_ready = self._ready_changed
+        try:
+            await self._loop.run_in_executor(None, self.engine.open)
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        await self._set_health(self.engine.ready)
+        log.info(
+            "serving %s on %s (tls=%s, auth=%s, ready=%s)", c.bank, address, c.tls,
+            bool(c.tokens and c.tokens.enabled), self.engine.ready,
+        )
+
+    def _ready_changed(self, ready: bool) -> None:
+        """Called from engine threads after a (re)load; health follows on the loop."""
+        loop = self._loop
+        if loop is None or self._stopped or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            asyncio.run_coroutine_threadsafe(self._set_health(ready), loop)
+
+    async def _set_health(self, serving: bool) -> None:
+        if self._stopped:
+            serving = False
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, let in-flight calls finish within the grace period, close the store."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.engine.close()
+        self.metrics.close()
+        if self._stopping is not None:
+            self._stopping.set()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        """Until `stop` has finished."""
+        assert self._stopping is not None
+        await self._stopping.wait()
+
+
+async def serve(config: ServeConfig, on_started: Callable[[FeatureBankServer], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = FeatureBankServer(config)
+    loop = asyncio.get_running_loop()
+    stop_task: list[asyncio.Task[None]] = []
+
+    def on_signal(signum: int) -> None:
+        log.info("signal %d: shutting down (grace %.1fs)", signum, config.grace_s)
+        if not stop_task:
+            stop_task.append(loop.create_task(server.stop()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await server.start()
+        if on_started is not None:
+            on_started(server)
+        await server.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await server.stop(grace=0)

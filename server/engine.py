@@ -1,0 +1,564 @@
+"""What the server serves, below the gRPC layer: plain functions over one open bank.
+
+The engine owns the bank's store (the server is its single writer), the live
+Classifier and Searcher, the Embedder for image inputs, the dynamic batchers
+and the executors that keep Keras, FAISS and LMDB work off the event loop.
+
+Models are swapped, never mutated while in use: every read takes the current
+`Models` snapshot once, so a rebuild that publishes a new generation changes
+what the next request sees, not the one in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from embedder.bank import Bank, current_generation
+from embedder.errors import (
+    FailedPrecondition,
+    FeaturebankError,
+    InvalidInput,
+    NotFound,
+)
+from server.batching import Batcher, isolate
+from server.metrics import Metrics
+from server.status import to_status
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MODES = ("knn", "head", "hybrid", "stacked")
+SPLITS = ("train", "val", "test", "none")
+MAX_K = 1024
+DEFAULT_SEARCH_K = 10
+DEFAULT_TOP_N = 5
+
+
+@dataclass(frozen=True)
+class Models:
+    """One consistent set of serving models; replaced as a whole on reload."""
+
+    classifier: Any  # index.classifier.Classifier
+    searcher: Any  # index.searcher.Searcher
+
+
+@dataclass(frozen=True)
+class ClassifyJob:
+    vector: np.ndarray
+    mode: str | None
+    k: int | None
+    top_n: int
+    include_neighbors: bool
+
+
+@dataclass(frozen=True)
+class Classified:
+    labels: list[str]
+    probs: list[float]
+    neighbors: list[tuple[str, str | None, float]]
+    mode: str
+    index_generation: int
+    head_generation: int
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    vector: np.ndarray
+    k: int
+    labels: tuple[str, ...]
+    exclude_key: str | None
+    include_metadata: bool
+
+
+@dataclass(frozen=True)
+class Hit:
+    key: str
+    label: str | None
+    score: float
+    meta: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class UpsertRow:
+    key: str
+    vector: np.ndarray
+    label: str | None
+    split: str
+    meta: dict[str, Any]
+
+
+@dataclass
+class Operation:
+    """A background job (index rebuild) clients poll with GetOperation."""
+
+    id: str
+    kind: str
+    started: float = field(default_factory=time.time)
+    finished: float = 0.0
+    done: bool = False
+    progress: float = 0.0
+    stage: str = "queued"
+    error: tuple[str, str] | None = None  # (status name, message)
+    result: dict[str, Any] = field(default_factory=dict)
+    index_generation: int = 0
+    head_generation: int = 0
+
+
+@dataclass(frozen=True)
+class RebuildParams:
+    factory: str = "auto"
+    metric: str = "cosine"
+    transform: str = "none"
+    target_recall: float = 0.95
+    retrain_head: bool = False
+    head_hidden: int = 0
+    head_epochs: int = 0
+
+
+class Engine:
+    """One bank opened for serving; async methods for the servicer, sync ones run in threads."""
+
+    def __init__(
+        self,
+        bank: str | Path,
+        *,
+        max_batch_size: int = 64,
+        batch_timeout_ms: float = 2.0,
+        metrics: Metrics | None = None,
+        search_threads: int = 2,
+    ) -> None:
+        self.bank = Bank(bank)
+        self.metrics = metrics
+        self.store: Any = None
+        self.models: Models | None = None
+        self.embedder: Any = None
+        self.load_error: str | None = None
+        self.operations: dict[str, Operation] = {}
+        self._rebuild: Operation | None = None
+        self._index_lock = threading.Lock()  # one index publisher at a time
+        self._state_lock = threading.Lock()
+        self.compute = ThreadPoolExecutor(search_threads, thread_name_prefix="fb-search")
+        self.embed_pool = ThreadPoolExecutor(1, thread_name_prefix="fb-embed")
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="fb-writer")
+        self.background = ThreadPoolExecutor(1, thread_name_prefix="fb-rebuild")
+        on_batch = self._on_batch if metrics is not None else None
+        self.embed_batcher: Batcher[bytes, np.ndarray] = Batcher(
+            "embed", self._embed_batch, self.embed_pool,
+            max_batch_size=max_batch_size, timeout_ms=batch_timeout_ms, on_batch=on_batch,
+        )
+        self.classify_batcher: Batcher[ClassifyJob, Classified] = Batcher(
+            "classify", self._classify_batch, self.compute,
+            max_batch_size=max_batch_size, timeout_ms=batch_timeout_ms,
+            max_inflight=search_threads, on_batch=on_batch,
+        )
+        self.search_batcher: Batcher[SearchJob, list[Hit]] = Batcher(
+            "search", self._search_batch, self.compute,
+            max_batch_size=max_batch_size, timeout_ms=batch_timeout_ms,
+            max_inflight=search_threads, on_batch=on_batch,
+        )
+        self.on_ready: Callable[[bool], None] | None = None  # called from any thread
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def open(self) -> None:
+        """Open the store as the bank's writer and load whatever models exist (blocking)."""
+        from embedder import store as store_mod
+
+        self.store = store_mod.open(self.bank.root)
+        if self.store.spec.backbone != "external":
+            from embedder.embedding import Embedder
+
+            self.embedder = Embedder.from_spec(self.store.spec)
+        self._load_models()
+
+    @property
+    def ready(self) -> bool:
+        return self.models is not None
+
+    @property
+    def dim(self) -> int:
+        return int(self.store.spec.dim)
+
+    def _load_models(self) -> None:
+        from index.classifier import Classifier
+        from index.searcher import Searcher
+
+        try:
+            if self.models is None:
+                classifier = Classifier(self.bank.root, store=self.store)
+            else:
+                classifier = self.models.classifier
+                classifier.reload()
+            searcher = getattr(classifier, "searcher", None)
+            if searcher is None:
+                searcher = Searcher.load(self.bank.root, store=self.store)
+            self.models = Models(classifier, searcher)
+            self.load_error = None
+        except FailedPrecondition as e:
+            self.load_error = str(e)
+            log.info("not serving yet: %s", e)
+        self._update_gauges()
+        if self.on_ready is not None:
+            self.on_ready(self.ready)
+
+    def _update_gauges(self) -> None:
+        if self.metrics is None or self.store is None:
+            return
+        m = self.models
+        self.metrics.set_sizes(
+            bank_items=int(self.store.count),
+            index_items=int(m.searcher.ntotal) if m else 0,
+            store_generation=int(self.store.generation),
+            index_generation=int(m.classifier.index_generation) if m else 0,
+            head_generation=m.classifier.head_generation if m else None,
+        )
+
+    def _on_batch(self, kind: str, size: int) -> None:
+        if self.metrics is not None:
+            self.metrics.batch_size.labels(kind).observe(size)
+
+    async def close(self) -> None:
+        """Finish queued work, then close the store cleanly."""
+        for b in (self.embed_batcher, self.classify_batcher, self.search_batcher):
+            await b.close()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._close_sync)
+
+    def _close_sync(self) -> None:
+        self.background.shutdown(wait=True)
+        self.writer.shutdown(wait=True)
+        self.compute.shutdown(wait=True)
+        self.embed_pool.shutdown(wait=True)
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def _models(self) -> Models:
+        m = self.models
+        if m is None:
+            raise FailedPrecondition(
+                self.load_error or f"no index yet in {self.bank.root}: run RebuildIndex first"
+            )
+        return m
+
+    async def _run(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    # ----------------------------------------------------------------- reads
+
+    async def embed(self, images: Sequence[bytes]) -> list[np.ndarray]:
+        if self.embedder is None:
+            raise InvalidInput(
+                f"this bank holds external vectors ({self.store.spec.describe()}): "
+                "send vectors or keys, not images"
+            )
+        return await self.embed_batcher.submit_many(images)
+
+    def _embed_batch(self, images: list[bytes]) -> list[np.ndarray | BaseException]:
+        def run(batch: list[bytes]) -> list[np.ndarray]:
+            vectors = np.asarray(self.embedder.embed_images(batch), dtype=np.float32)
+            return list(vectors)
+
+        return isolate(run, images)
+
+    async def vectors_of_keys(self, keys: Sequence[str]) -> np.ndarray:
+        def lookup() -> np.ndarray:
+            return np.asarray(self.store.get_by_keys(list(keys)).vectors, dtype=np.float32)
+
+        return await self._run(self.compute, lookup)
+
+    async def classify(self, jobs: Sequence[ClassifyJob]) -> list[Classified]:
+        self._models()  # fail fast with FAILED_PRECONDITION when nothing is loaded
+        return await self.classify_batcher.submit_many(jobs)
+
+    def _classify_batch(self, jobs: list[ClassifyJob]) -> list[Classified | BaseException]:
+        models = self._models()
+        clf = models.classifier
+        out: list[Classified | BaseException | None] = [None] * len(jobs)
+        groups: dict[tuple[str | None, int | None, bool], list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            groups[(job.mode, job.k, job.include_neighbors)].append(i)
+        for (mode, k, neighbors), idx in groups.items():
+            try:
+                vectors = np.stack([jobs[i].vector for i in idx])
+                top_n = max(jobs[i].top_n for i in idx)
+                index_gen = int(clf.index_generation)
+                head_gen = clf.head_generation
+                preds = clf.classify(
+                    vectors, mode=mode, k=k, top_n=top_n, include_neighbors=neighbors
+                )
+                used = mode or str(clf.default_mode)
+                for i, pred in zip(idx, preds, strict=True):
+                    n = jobs[i].top_n
+                    out[i] = Classified(
+                        labels=list(pred.labels[:n]),
+                        probs=[float(p) for p in pred.probs[:n]],
+                        neighbors=[(nb.key, nb.label, float(nb.score)) for nb in pred.neighbors],
+                        mode=used,
+                        index_generation=index_gen,
+                        head_generation=0 if used == "knn" or head_gen is None else int(head_gen),
+                    )
+            except Exception as e:  # noqa: BLE001 - whole group shares the error
+                for i in idx:
+                    out[i] = e
+        return [o if o is not None else RuntimeError("not classified") for o in out]
+
+    async def search(self, jobs: Sequence[SearchJob]) -> list[list[Hit]]:
+        self._models()
+        return await self.search_batcher.submit_many(jobs)
+
+    def _search_batch(self, jobs: list[SearchJob]) -> list[list[Hit] | BaseException]:
+        searcher = self._models().searcher
+        out: list[list[Hit] | BaseException | None] = [None] * len(jobs)
+        groups: dict[tuple[int, tuple[str, ...]], list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            extra = 1 if job.exclude_key is not None else 0
+            groups[(job.k + extra, job.labels)].append(i)
+        for (k, labels), idx in groups.items():
+            try:
+                vectors = np.stack([jobs[i].vector for i in idx])
+                res = searcher.search(vectors, k, labels=list(labels) if labels else None)
+                for row, i in enumerate(idx):
+                    job = jobs[i]
+                    hits: list[Hit] = []
+                    for col in range(res.ids.shape[1]):
+                        if int(res.ids[row, col]) < 0:
+                            continue
+                        key = res.keys[row][col]
+                        if key == job.exclude_key:
+                            continue
+                        hits.append(
+                            Hit(key, res.labels[row][col], float(res.scores[row, col]), None)
+                        )
+                    hits = hits[: job.k]
+                    if job.include_metadata and hits:
+                        metas = self.store.get_by_keys([h.key for h in hits]).meta
+                        hits = [
+                            Hit(h.key, h.label, h.score, dict(m))
+                            for h, m in zip(hits, metas, strict=True)
+                        ]
+                    out[i] = hits
+            except Exception as e:  # noqa: BLE001
+                for i in idx:
+                    out[i] = e
+        return [o if o is not None else RuntimeError("not searched") for o in out]
+
+    async def info(self) -> dict[str, Any]:
+        return await self._run(self.compute, self._info)
+
+    def _info(self) -> dict[str, Any]:
+        store = self.store
+        m = self.models
+        _, codes, vocab = store.label_table()
+        info: dict[str, Any] = {
+            "bank": str(self.bank.root),
+            "spec": store.spec,
+            "count": int(store.count),
+            "labelled": int(np.count_nonzero(np.asarray(codes) >= 0)),
+            "store_generation": int(store.generation),
+            "labels_generation": int(getattr(store, "labels_generation", 0) or 0),
+            "labels": list(vocab),
+            "index": {},
+            "head": {},
+            "default_mode": None,
+        }
+        if m is not None:
+            manifest = dict(getattr(m.searcher, "manifest", {}) or {})
+            info["index"] = {
+                "generation": int(m.classifier.index_generation),
+                "ntotal": int(m.searcher.ntotal),
+                "manifest": manifest,
+            }
+            info["default_mode"] = str(m.classifier.default_mode)
+            head_gen = m.classifier.head_generation
+            if head_gen is not None:
+                info["head"] = {
+                    "generation": int(head_gen),
+                    "stale": bool(m.classifier.head_stale),
+                    "manifest": _read_manifest(self.bank.heads_dir / str(head_gen)),
+                }
+        return info
+
+    # ----------------------------------------------------------------- writes
+
+    async def upsert(self, rows: Sequence[UpsertRow]) -> dict[str, int]:
+        return await self._run(self.writer, self._upsert, list(rows))
+
+    def _upsert(self, rows: list[UpsertRow]) -> dict[str, int]:
+        if not rows:
+            raise InvalidInput("Upsert got no items")
+        keys = [r.key for r in rows]
+        store = self.store
+        present = sorted(set(keys) - set(store.missing(keys)))
+        if present:
+            store.delete(present)
+        store.put_batch(
+            keys,
+            np.stack([r.vector for r in rows]).astype(np.float32),
+            labels=[r.label for r in rows],
+            splits=[r.split for r in rows],
+            meta=[r.meta for r in rows],
+        )
+        self._sync_index()
+        return {
+            "added": len(rows) - len(present),
+            "replaced": len(present),
+            "store_generation": int(store.generation),
+            "index_generation": self._index_generation(),
+        }
+
+    async def set_labels(self, mapping: dict[str, str | None]) -> dict[str, int]:
+        return await self._run(self.writer, self._set_labels, mapping)
+
+    def _set_labels(self, mapping: dict[str, str | None]) -> dict[str, int]:
+        missing = self.store.missing(list(mapping))
+        if missing:
+            raise NotFound(_unknown_keys(missing))
+        updated = int(self.store.set_labels(mapping))
+        with self._index_lock:
+            self._load_models()
+        return {"updated": updated, "store_generation": int(self.store.generation)}
+
+    async def delete(self, keys: Sequence[str], ignore_missing: bool) -> dict[str, int]:
+        return await self._run(self.writer, self._delete, list(keys), ignore_missing)
+
+    def _delete(self, keys: list[str], ignore_missing: bool) -> dict[str, int]:
+        missing = self.store.missing(keys)
+        if missing and not ignore_missing:
+            raise NotFound(_unknown_keys(missing))
+        present = [k for k in keys if k not in set(missing)]
+        deleted = int(self.store.delete(present)) if present else 0
+        if deleted:
+            self._sync_index()
+        return {"deleted": deleted, "store_generation": int(self.store.generation)}
+
+    def _index_generation(self) -> int:
+        m = self.models
+        return int(m.classifier.index_generation) if m else 0
+
+    def _sync_index(self) -> None:
+        """Make committed changes searchable: update the live index (or build the first)."""
+        from index import build
+
+        with self._index_lock:
+            if current_generation(self.bank.indexes_dir) is None:
+                if self.store.count == 0:
+                    return
+                build.build_index(self.bank.root, store=self.store)
+            else:
+                build.update_index(self.bank.root, store=self.store)
+            self._load_models()
+
+    # ----------------------------------------------------------------- rebuilds
+
+    def start_rebuild(self, params: RebuildParams) -> Operation:
+        with self._state_lock:
+            running = self._rebuild
+            if running is not None and not running.done:
+                raise FailedPrecondition(
+                    f"a rebuild is already running (operation {running.id}); poll GetOperation"
+                )
+            op = Operation(id=uuid.uuid4().hex, kind="rebuild")
+            self.operations[op.id] = op
+            self._rebuild = op
+        self.background.submit(self._rebuild_job, op, params)
+        return op
+
+    def get_operation(self, op_id: str) -> Operation:
+        try:
+            return self.operations[op_id]
+        except KeyError:
+            raise NotFound(f"no operation {op_id!r} on this server") from None
+
+    def _rebuild_job(self, op: Operation, params: RebuildParams) -> None:
+        from index import build
+
+        try:
+            with self._index_lock:
+                op.stage, op.progress = "building index", 0.05
+                manifest = build.build_index(
+                    self.bank.root,
+                    factory=params.factory,
+                    metric=params.metric,
+                    transform=params.transform,
+                    target_recall=params.target_recall,
+                    store=self.store,
+                )
+                op.result["index"] = manifest
+                if params.retrain_head:
+                    from index import heads
+
+                    op.stage, op.progress = "training head", 0.6
+                    kwargs: dict[str, Any] = {"hidden": params.head_hidden}
+                    if params.head_epochs:
+                        kwargs["epochs"] = params.head_epochs
+                    op.result["head"] = heads.train_head(self.bank.root, store=self.store, **kwargs)
+                op.stage, op.progress = "swapping", 0.95
+                self._load_models()
+            if self.models is None:
+                raise FailedPrecondition(self.load_error or "rebuilt index could not be loaded")
+            op.index_generation = int(self.models.classifier.index_generation)
+            op.head_generation = int(self.models.classifier.head_generation or 0)
+            op.stage, op.progress = "done", 1.0
+        except Exception as e:  # noqa: BLE001 - reported through GetOperation
+            code, message = to_status(e)
+            op.error = (code.name, message)
+            op.stage = "failed"
+            log.warning("rebuild %s failed: %s", op.id, message)
+        finally:
+            op.finished = time.time()
+            op.done = True
+
+
+def _unknown_keys(keys: Sequence[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:5])
+    more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+    return f"unknown key{'s' if len(keys) > 1 else ''} {shown}{more}"
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((folder / "manifest.json").read_text())
+        return data if isinstance(data, dict) else {}
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def image_meta(image: bytes, uri: str) -> dict[str, Any]:
+    """Source metadata the store keeps for an image item."""
+    meta: dict[str, Any] = {"sha256": hashlib.sha256(image).hexdigest(), "size": len(image)}
+    if uri:
+        meta["uri"] = uri
+    return meta
+
+
+__all__ = [
+    "MAX_K",
+    "MODES",
+    "SPLITS",
+    "Classified",
+    "ClassifyJob",
+    "Engine",
+    "FeaturebankError",
+    "Hit",
+    "Operation",
+    "RebuildParams",
+    "SearchJob",
+    "UpsertRow",
+    "image_meta",
+]

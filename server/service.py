@@ -1,0 +1,468 @@
+"""The FeatureBank servicer: validation at the edge, the engine's plain functions below.
+
+Every RPC goes through `_rpc`, which records metrics and turns exceptions into
+status codes via `server.status` (so nothing reaches the client as UNKNOWN).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
+
+import grpc
+import numpy as np
+from google.protobuf import struct_pb2
+from grpc import aio
+
+from embedder.errors import FeaturebankError, InvalidInput
+from protos.featurebank.v1 import featurebank_pb2 as pb
+from protos.featurebank.v1 import featurebank_pb2_grpc as pb_grpc
+from server.engine import (
+    DEFAULT_SEARCH_K,
+    DEFAULT_TOP_N,
+    MAX_K,
+    SPLITS,
+    Classified,
+    ClassifyJob,
+    Engine,
+    Hit,
+    Operation,
+    RebuildParams,
+    SearchJob,
+    UpsertRow,
+    image_meta,
+)
+from server.metrics import Metrics
+from server.status import to_status
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+MODE_NAMES = {
+    pb.MODE_KNN: "knn",
+    pb.MODE_HEAD: "head",
+    pb.MODE_HYBRID: "hybrid",
+    pb.MODE_STACKED: "stacked",
+}
+MODE_VALUES = {v: k for k, v in MODE_NAMES.items()}
+MAX_TOP_N = 1000
+MAX_BATCH_INPUTS = 4096
+MAX_KEY_BYTES = 1024
+
+
+class Unavailable(FeaturebankError):
+    """The server is starting or stopping; the client may retry."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+# --------------------------------------------------------------------- validation
+
+
+def check_vector(values: Sequence[float], dim: int, where: str = "vector") -> np.ndarray:
+    """A float32 vector of the bank's dimension with only finite values."""
+    if len(values) == 0:
+        raise InvalidInput(f"{where} is empty")
+    if len(values) != dim:
+        raise InvalidInput(f"{where} has {len(values)} values; the bank's vectors have dim {dim}")
+    v = np.asarray(values, dtype=np.float32)
+    bad = np.flatnonzero(~np.isfinite(v))
+    if bad.size:
+        raise InvalidInput(f"{where} has NaN or infinity at position {int(bad[0])}")
+    return v
+
+
+def check_k(k: int, default: int | None, where: str = "k") -> int | None:
+    if k == 0:
+        return default
+    if not 1 <= k <= MAX_K:
+        raise InvalidInput(f"{where}={k} is out of range: use 1..{MAX_K} (0 = default)")
+    return k
+
+
+def check_top_n(top_n: int) -> int:
+    if top_n == 0:
+        return DEFAULT_TOP_N
+    if top_n > MAX_TOP_N:
+        raise InvalidInput(f"top_n={top_n} is out of range: use 1..{MAX_TOP_N} (0 = 5)")
+    return top_n
+
+
+def check_mode(mode: int) -> str | None:
+    if mode == pb.MODE_UNSPECIFIED:
+        return None
+    try:
+        return MODE_NAMES[cast(pb.Mode.ValueType, mode)]
+    except KeyError:
+        raise InvalidInput(f"unknown mode {mode}: use KNN, HEAD, HYBRID or STACKED") from None
+
+
+def check_key(key: str, where: str = "key") -> str:
+    if not key:
+        raise InvalidInput(f"{where} is empty")
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise InvalidInput(f"{where} is longer than {MAX_KEY_BYTES} bytes")
+    return key
+
+
+def check_split(split: str, where: str) -> str:
+    split = split or "none"
+    if split not in SPLITS:
+        raise InvalidInput(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
+    return split
+
+
+def to_struct(data: dict[str, Any] | None) -> struct_pb2.Struct:
+    """A Struct from any JSON-able dict (numpy scalars and paths become plain values)."""
+    s = struct_pb2.Struct()
+    if data:
+        s.update(json.loads(json.dumps(data, default=_jsonable)))
+    return s
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def _number(x: Any) -> float:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return 0.0
+    return f if math.isfinite(f) else 0.0
+
+
+# --------------------------------------------------------------------- servicer
+
+
+def _rpc(
+    fn: Callable[[FeatureBankServicer, Req, aio.ServicerContext], Awaitable[Resp]],
+) -> Callable[[FeatureBankServicer, Req, aio.ServicerContext], Awaitable[Resp]]:
+    """Metrics and status mapping for one RPC method."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: FeatureBankServicer, request: Req, context: aio.ServicerContext) -> Resp:
+        started = time.perf_counter()
+        try:
+            if self.engine.store is None:
+                raise Unavailable("the bank is still loading (or shutting down); retry shortly")
+            response = await fn(self, request, context)
+        except asyncio.CancelledError:
+            self._observe(name, "CANCELLED", started)
+            raise
+        except Exception as e:  # noqa: BLE001 - mapped to a status, never UNKNOWN
+            code, message = to_status(e)
+            self._observe(name, code.name, started)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+        self._observe(name, "OK", started)
+        return response
+
+    return wrapper
+
+
+class FeatureBankServicer(pb_grpc.FeatureBankServicer):
+    """featurebank.v1.FeatureBank over one Engine."""
+
+    def __init__(self, engine: Engine, metrics: Metrics | None = None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+
+    def _observe(self, method: str, code: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(method, code, time.perf_counter() - started)
+
+    async def _vectors(self, inputs: Sequence[pb.Input]) -> np.ndarray:
+        """Resolve images, vectors and keys to vectors (images batched with other calls)."""
+        dim = self.engine.dim
+        out: list[np.ndarray | None] = [None] * len(inputs)
+        images: list[tuple[int, bytes]] = []
+        keys: list[tuple[int, str]] = []
+        for i, inp in enumerate(inputs):
+            where = f"inputs[{i}]" if len(inputs) > 1 else "input"
+            kind = inp.WhichOneof("input")
+            if kind is None:
+                raise InvalidInput(f"{where} is empty: set image, vector or key")
+            if kind == "image":
+                if not inp.image:
+                    raise InvalidInput(f"{where}.image is empty")
+                images.append((i, inp.image))
+            elif kind == "vector":
+                out[i] = check_vector(inp.vector.values, dim, f"{where}.vector")
+            else:
+                keys.append((i, check_key(inp.key, f"{where}.key")))
+        if images:
+            vectors = await self.engine.embed([b for _, b in images])
+            for (i, _), v in zip(images, vectors, strict=True):
+                out[i] = v
+        if keys:
+            vectors2 = await self.engine.vectors_of_keys([k for _, k in keys])
+            for (i, _), v in zip(keys, vectors2, strict=True):
+                out[i] = v
+        return np.stack([v for v in out if v is not None])
+
+    # ------------------------------------------------------------- read RPCs
+
+    @_rpc
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        results = await self._classify(
+            [request.input], request.mode, request.k, request.top_n, request.include_neighbors
+        )
+        return results[0]
+
+    @_rpc
+    async def ClassifyBatch(
+        self, request: pb.ClassifyBatchRequest, context: aio.ServicerContext
+    ) -> pb.ClassifyBatchResponse:
+        if not request.inputs:
+            raise InvalidInput("ClassifyBatch got no inputs")
+        if len(request.inputs) > MAX_BATCH_INPUTS:
+            raise InvalidInput(
+                f"ClassifyBatch got {len(request.inputs)} inputs; at most {MAX_BATCH_INPUTS}"
+            )
+        results = await self._classify(
+            list(request.inputs), request.mode, request.k, request.top_n, request.include_neighbors
+        )
+        return pb.ClassifyBatchResponse(results=results)
+
+    async def _classify(
+        self, inputs: Sequence[pb.Input], mode: int, k: int, top_n: int, neighbors: bool
+    ) -> list[pb.ClassifyResponse]:
+        mode_name = check_mode(mode)
+        k_value = check_k(k, None)
+        n = check_top_n(top_n)
+        vectors = await self._vectors(inputs)
+        jobs = [ClassifyJob(v, mode_name, k_value, n, neighbors) for v in vectors]
+        return [_classified(c) for c in await self.engine.classify(jobs)]
+
+    @_rpc
+    async def Search(
+        self, request: pb.SearchRequest, context: aio.ServicerContext
+    ) -> pb.SearchResponse:
+        k = check_k(request.k, DEFAULT_SEARCH_K) or DEFAULT_SEARCH_K
+        labels = tuple(request.labels)
+        if any(not label for label in labels):
+            raise InvalidInput("labels filter contains an empty label")
+        vectors = await self._vectors([request.input])
+        exclude = request.input.key if request.input.WhichOneof("input") == "key" else None
+        job = SearchJob(vectors[0], k, labels, exclude, request.include_metadata)
+        hits = (await self.engine.search([job]))[0]
+        models = self.engine.models
+        gen = int(models.classifier.index_generation) if models else 0
+        return pb.SearchResponse(neighbors=[_hit(h) for h in hits], index_generation=gen)
+
+    @_rpc
+    async def Embed(self, request: pb.EmbedRequest, context: aio.ServicerContext) -> pb.EmbedResponse:
+        if not request.image:
+            raise InvalidInput("image is empty")
+        vector = (await self.engine.embed([request.image]))[0]
+        return pb.EmbedResponse(vector=pb.Vector(values=vector.tolist()), dim=int(vector.shape[0]))
+
+    @_rpc
+    async def GetInfo(
+        self, request: pb.GetInfoRequest, context: aio.ServicerContext
+    ) -> pb.GetInfoResponse:
+        return _info(await self.engine.info())
+
+    # ------------------------------------------------------------- write RPCs
+
+    @_rpc
+    async def Upsert(
+        self, request_iterator: AsyncIterator[pb.UpsertItem], context: aio.ServicerContext
+    ) -> pb.UpsertResponse:
+        dim = self.engine.dim
+        rows: list[UpsertRow | None] = []
+        seen: dict[str, int] = {}
+        pending: list[tuple[int, pb.UpsertItem]] = []
+        i = 0
+        async for item in request_iterator:
+            where = f"item {i} (key {item.key!r})"
+            key = check_key(item.key, f"item {i} key")
+            if key in seen:
+                raise InvalidInput(f"{where}: key repeats item {seen[key]}")
+            seen[key] = i
+            split = check_split(item.split, where)
+            kind = item.WhichOneof("data")
+            if kind is None:
+                raise InvalidInput(f"{where} has neither image nor vector")
+            if kind == "vector":
+                vec = check_vector(item.vector.values, dim, f"{where} vector")
+                meta = {"uri": item.uri} if item.uri else {}
+                rows.append(UpsertRow(key, vec, item.label or None, split, meta))
+            else:
+                if not item.image:
+                    raise InvalidInput(f"{where} image is empty")
+                rows.append(None)
+                pending.append((i, item))
+            i += 1
+        if not rows:
+            raise InvalidInput("Upsert got no items")
+        if pending:
+            vectors = await self.engine.embed([it.image for _, it in pending])
+            for (j, it), v in zip(pending, vectors, strict=True):
+                rows[j] = UpsertRow(
+                    it.key, v, it.label or None, check_split(it.split, "item"),
+                    image_meta(it.image, it.uri),
+                )
+        done = await self.engine.upsert([r for r in rows if r is not None])
+        return pb.UpsertResponse(**done)
+
+    @_rpc
+    async def SetLabels(
+        self, request: pb.SetLabelsRequest, context: aio.ServicerContext
+    ) -> pb.SetLabelsResponse:
+        if not request.labels:
+            raise InvalidInput("SetLabels got no labels")
+        mapping: dict[str, str | None] = {}
+        for i, a in enumerate(request.labels):
+            key = check_key(a.key, f"labels[{i}].key")
+            if key in mapping:
+                raise InvalidInput(f"labels[{i}]: key {key!r} appears twice")
+            mapping[key] = a.label or None
+        return pb.SetLabelsResponse(**await self.engine.set_labels(mapping))
+
+    @_rpc
+    async def Delete(self, request: pb.DeleteRequest, context: aio.ServicerContext) -> pb.DeleteResponse:
+        if not request.keys:
+            raise InvalidInput("Delete got no keys")
+        keys = [check_key(k, f"keys[{i}]") for i, k in enumerate(request.keys)]
+        return pb.DeleteResponse(**await self.engine.delete(keys, request.ignore_missing))
+
+    @_rpc
+    async def RebuildIndex(
+        self, request: pb.RebuildIndexRequest, context: aio.ServicerContext
+    ) -> pb.Operation:
+        recall = request.target_recall or 0.95
+        if not 0.0 < recall <= 1.0:
+            raise InvalidInput(f"target_recall={recall} is out of range (0, 1]")
+        params = RebuildParams(
+            factory=request.factory or "auto",
+            metric=request.metric or "cosine",
+            transform=request.transform or "none",
+            target_recall=recall,
+            retrain_head=request.retrain_head,
+            head_hidden=request.head_hidden,
+            head_epochs=request.head_epochs,
+        )
+        return _operation(self.engine.start_rebuild(params))
+
+    @_rpc
+    async def GetOperation(
+        self, request: pb.GetOperationRequest, context: aio.ServicerContext
+    ) -> pb.Operation:
+        if not request.id:
+            raise InvalidInput("operation id is empty")
+        return _operation(self.engine.get_operation(request.id))
+
+
+# --------------------------------------------------------------------- responses
+
+
+def _classified(c: Classified) -> pb.ClassifyResponse:
+    return pb.ClassifyResponse(
+        labels=[
+            pb.LabelProbability(label=label, probability=p)
+            for label, p in zip(c.labels, c.probs, strict=True)
+        ],
+        neighbors=[pb.Neighbor(key=k, label=lb or "", score=s) for k, lb, s in c.neighbors],
+        index_generation=c.index_generation,
+        head_generation=c.head_generation,
+        mode=MODE_VALUES.get(c.mode, pb.MODE_UNSPECIFIED),
+    )
+
+
+def _hit(h: Hit) -> pb.Neighbor:
+    n = pb.Neighbor(key=h.key, label=h.label or "", score=h.score)
+    if h.meta is not None:
+        n.metadata.CopyFrom(to_struct(h.meta))
+    return n
+
+
+def _operation(op: Operation) -> pb.Operation:
+    out = pb.Operation(
+        id=op.id, kind=op.kind, done=op.done, progress=op.progress, stage=op.stage,
+        started=op.started, finished=op.finished,
+        index_generation=op.index_generation, head_generation=op.head_generation,
+    )
+    if op.error is not None:
+        out.error.code, out.error.message = op.error
+    if op.done and op.result:
+        out.result.CopyFrom(to_struct(op.result))
+    return out
+
+
+def _info(info: dict[str, Any]) -> pb.GetInfoResponse:
+    spec = info["spec"]
+    size = spec.input_size or (0, 0)
+    out = pb.GetInfoResponse(
+        bank=info["bank"],
+        spec=pb.Spec(
+            backbone=spec.backbone, weights=spec.weights,
+            input_height=int(size[0]), input_width=int(size[1]),
+            resize=spec.resize, preprocessing=spec.preprocessing, pooling=spec.pooling,
+            dim=int(spec.dim), dtype=spec.dtype, layer=spec.layer or "",
+        ),
+        count=info["count"],
+        labelled=info["labelled"],
+        store_generation=info["store_generation"],
+        labels_generation=info["labels_generation"],
+        labels=info["labels"],
+        default_mode=MODE_VALUES.get(info["default_mode"] or "", pb.MODE_UNSPECIFIED),
+    )
+    index = info["index"]
+    if index:
+        m = index["manifest"]
+        out.index.generation = index["generation"]
+        out.index.ntotal = index["ntotal"]
+        out.index.factory = str(m.get("factory", ""))
+        out.index.metric = str(m.get("metric", ""))
+        out.index.transform = str(_describe(m.get("transform", "")))
+        out.index.recall = _number(_first(m, "recall", "measured_recall", "recall_at_k"))
+        out.index.store_generation = int(_number(_first(m, "store_generation", "generation_covered")))
+        out.index.manifest.CopyFrom(to_struct(m))
+    head = info["head"]
+    if head:
+        m = head["manifest"]
+        out.head.generation = head["generation"]
+        out.head.stale = head["stale"]
+        metrics = m.get("metrics")
+        if isinstance(metrics, dict):
+            out.head.metrics.CopyFrom(to_struct(metrics))
+        out.head.manifest.CopyFrom(to_struct(m))
+    return out
+
+
+def _first(m: dict[str, Any], *names: str) -> Any:
+    """The first of several manifest fields present (tolerates nested {'measured': {...}})."""
+    for name in names:
+        if name in m:
+            return m[name]
+    measured = m.get("measured")
+    if isinstance(measured, dict):
+        for name in names:
+            if name in measured:
+                return measured[name]
+    return 0
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, dict):
+        return str(x.get("name") or x.get("kind") or json.dumps(x, default=str))
+    return str(x)
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """Convenience for callers that only need the code."""
+    return to_status(exc)[0]
