@@ -1,0 +1,85 @@
+"""What the vectors of a bank mean, fixed when the bank is created.
+
+Two vectors are only comparable when the same backbone, weights, input size,
+resizing, preprocessing, pooling, dimension and dtype produced them, so the
+store refuses anything made under another spec and says which two differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from embedder.errors import InvalidInput, SpecMismatch
+
+DTYPES = ("float16", "float32")
+# Fields that say where a file lives rather than what the vectors mean.
+_LOCATION_FIELDS = ("weights_path",)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Identity of the feature extractor behind every vector of a bank."""
+
+    backbone: str
+    weights: str
+    input_size: tuple[int, int] | None
+    resize: str = "crop"
+    preprocessing: str = "none"
+    pooling: str = "avg"
+    dim: int = 0
+    dtype: str = "float32"
+    weights_path: str | None = None
+    layer: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InvalidInput(f"spec dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.dim, int) or self.dim < 0:
+            raise InvalidInput(f"spec dim must be a non-negative int, got {self.dim!r}")
+        if self.input_size is not None:
+            size = tuple(int(v) for v in self.input_size)
+            if len(size) != 2 or min(size) <= 0:
+                raise InvalidInput(f"spec input_size must be (height, width), got {size}")
+            object.__setattr__(self, "input_size", size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size) if self.input_size is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Spec:
+        """Rebuild a spec from `to_dict` output; unknown keys (from newer versions) are ignored."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if kwargs.get("input_size") is not None:
+            kwargs["input_size"] = tuple(kwargs["input_size"])
+        return cls(**kwargs)
+
+    def describe(self) -> str:
+        """One line naming everything that makes vectors comparable, for error messages."""
+        size = f"{self.input_size[0]}x{self.input_size[1]}" if self.input_size else "no-input-size"
+        layer = f" layer={self.layer}" if self.layer else ""
+        return (
+            f"{self.backbone}{layer} weights={self.weights} {size} resize={self.resize} "
+            f"preprocessing={self.preprocessing} pooling={self.pooling} "
+            f"dim={self.dim} {self.dtype}"
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that must match (file locations may differ between machines)."""
+        d = self.to_dict()
+        for name in _LOCATION_FIELDS:
+            d.pop(name)
+        return d
+
+    def check_same(self, other: Spec) -> None:
+        """Refuse `other` unless it produces vectors comparable with this spec."""
+        mine, theirs = self.identity(), other.identity()
+        if mine == theirs:
+            return
+        diff = ", ".join(f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k])
+        raise SpecMismatch(
+            f"spec mismatch ({diff}): bank has [{self.describe()}], got [{other.describe()}]"
+        )

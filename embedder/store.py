@@ -1,0 +1,897 @@
+"""The bank's feature store: vectors, labels, splits and metadata in one LMDB environment.
+
+Importable without TensorFlow. Layout and invariants:
+
+- `BANK/store/CURRENT` names the live environment `BANK/store/env-<n>/` (an LMDB env
+  with named sub-databases, see `store_codec` for the records); `writer.lock` admits
+  one writing process at a time.
+- Ids are sequential uint64, never reused; vectors are packed in blocks keyed by their
+  first id and are never rewritten by relabelling or deleting (only `compact()` drops
+  deleted rows, into a fresh environment).
+- Every commit bumps `generation` and logs the ids it added, relabelled or deleted,
+  so `changes_since(gen)` lets an index catch up.
+- Inputs are checked before a transaction starts, and each call is one transaction,
+  so a bad or interrupted batch leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedder.bank import Bank, write_atomic
+from embedder.errors import FailedPrecondition, InvalidInput, NotFound
+from embedder.spec import Spec
+from embedder.store_codec import (
+    DELETED,
+    NO_LABEL,
+    SPLIT_CODES,
+    SPLITS,
+    check_keys,
+    check_label,
+    check_lengths,
+    check_meta,
+    check_split,
+    check_vectors,
+    decode_json_list,
+    decode_rows,
+    default_block_rows,
+    encode_json_list,
+    encode_rows,
+    key_record,
+    pack_id,
+    unpack_id,
+)
+from embedder.store_env import (
+    CURRENT,
+    ENV_PREFIX,
+    INITIAL_MAP_SIZE,
+    EnvHandle,
+    SharedStore,
+    acquire,
+    release,
+)
+from embedder.store_items import Changes, Items, LazyMeta
+
+__all__ = ["Changes", "Items", "Spec", "Store", "create", "open", "open_or_create"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+_ADDED, _RELABELLED, _DELETED = b"a", b"r", b"d"
+Txn = Any  # lmdb.Transaction
+
+
+# ---- opening -------------------------------------------------------------------------------
+
+
+def create(
+    bank: str | os.PathLike[str] | Bank,
+    spec: Spec,
+    exist_ok: bool = False,
+    *,
+    block_rows: int | None = None,
+    map_size: int = INITIAL_MAP_SIZE,
+) -> Store:
+    """Create BANK/store/ for vectors of `spec`; the returned store holds the writer lock."""
+    b = bank if isinstance(bank, Bank) else Bank(bank)
+    if spec.dim <= 0:
+        raise InvalidInput(f"spec needs a positive dim to create a store: [{spec.describe()}]")
+    rows = block_rows or default_block_rows(spec.dim, np.dtype(spec.dtype).itemsize)
+    if rows <= 0:
+        raise InvalidInput(f"block_rows must be positive, got {rows}")
+    shared = acquire(b.store_dir)
+    try:
+        shared.acquire_writer()
+        try:
+            if (b.store_dir / CURRENT).exists():
+                if not exist_ok:
+                    raise FailedPrecondition(f"bank {b.root} already has a store")
+                store = Store(b, shared, readonly=False, writer=True)
+                store.spec.check_same(spec)
+                return store
+            _init_env(b.store_dir, spec, rows, map_size)
+            return Store(b, shared, readonly=False, writer=True)
+        except BaseException:
+            shared.release_writer()
+            raise
+    except BaseException:
+        release(shared)
+        raise
+
+
+def _init_env(store_dir: Path, spec: Spec, block_rows: int, map_size: int) -> None:
+    handle = EnvHandle(store_dir / f"{ENV_PREFIX}1", create=True, map_size=map_size)
+    try:
+        with handle.env.begin(write=True) as txn:
+            info = handle.dbs["info"]
+            txn.put(b"spec", json.dumps(spec.to_dict()).encode(), db=info)
+            for name, value in (("format", FORMAT), ("block_rows", block_rows)):
+                txn.put(name.encode(), value.to_bytes(8, "big"), db=info)
+        handle.env.sync(True)
+    finally:
+        handle.close()
+    write_atomic(store_dir / CURRENT, f"{ENV_PREFIX}1\n".encode())
+
+
+def open(bank: str | os.PathLike[str] | Bank, readonly: bool = False) -> Store:  # noqa: A001
+    """Open an existing store; a writable one takes the writer lock at its first write."""
+    b = bank if isinstance(bank, Bank) else Bank(bank)
+    if not (b.store_dir / CURRENT).exists():
+        raise NotFound(f"no store in bank {b.root}: create one first (e.g. featurebank embed)")
+    shared = acquire(b.store_dir)
+    try:
+        return Store(b, shared, readonly=readonly, writer=False)
+    except BaseException:
+        release(shared)
+        raise
+
+
+def open_or_create(bank: str | os.PathLike[str] | Bank, spec: Spec, **kwargs: Any) -> Store:
+    """Open the bank's store if it exists (refusing another spec), else create it."""
+    try:
+        store = open(bank)
+    except NotFound:
+        return create(bank, spec, exist_ok=True, **kwargs)
+    try:
+        store.spec.check_same(spec)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+# ---- small transaction helpers -------------------------------------------------------------
+
+
+def _get_int(txn: Txn, h: EnvHandle, name: str) -> int:
+    v = txn.get(name.encode(), db=h.dbs["info"])
+    return int.from_bytes(bytes(v), "big") if v is not None else 0
+
+
+def _put_int(txn: Txn, h: EnvHandle, name: str, value: int) -> None:
+    txn.put(name.encode(), int(value).to_bytes(8, "big"), db=h.dbs["info"])
+
+
+def _commit_generation(txn: Txn, h: EnvHandle, labels_changed: bool) -> int:
+    gen = _get_int(txn, h, "generation") + 1
+    _put_int(txn, h, "generation", gen)
+    if labels_changed:
+        _put_int(txn, h, "labels_generation", gen)
+    return gen
+
+
+def _log_ids(txn: Txn, h: EnvHandle, gen: int, kind: bytes, ids: np.ndarray) -> None:
+    if len(ids):
+        txn.put(pack_id(gen) + kind, np.asarray(ids, dtype="<u8").tobytes(), db=h.dbs["log"])
+
+
+def _as_ids(ids: Any) -> np.ndarray:
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        arr = arr.reshape(-1)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise InvalidInput(f"ids must be integers, got dtype {arr.dtype}")
+    if arr.size and arr.dtype.kind == "i" and (arr < 0).any():
+        arr = arr.astype(np.int64)
+        return np.where(arr < 0, np.iinfo(np.uint64).max, arr).astype(np.uint64)
+    return arr.astype(np.uint64)
+
+
+class _Located:
+    """Where each asked-for id lives: block number and row (-1 when absent or deleted)."""
+
+    def __init__(self, n: int) -> None:
+        self.blocks: list[tuple[bytes, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.block = np.full(n, -1, dtype=np.int64)
+        self.row = np.full(n, -1, dtype=np.int64)
+
+
+def _locate(txn: Txn, h: EnvHandle, ids: np.ndarray) -> _Located:
+    """Find the rows of `ids` by walking the blocks in id order (one cursor seek per block)."""
+    out = _Located(len(ids))
+    order = np.argsort(ids, kind="stable")
+    s = ids[order]
+    cur = txn.cursor(db=h.dbs["rows"])
+    i, n = 0, len(s)
+    while i < n:
+        target = pack_id(int(s[i]))
+        if cur.set_range(target):
+            if bytes(cur.key()) != target and not cur.prev():
+                i += 1
+                continue
+        elif not cur.last():
+            break
+        bids, codes, states = (a.copy() for a in decode_rows(cur.value()))
+        j = int(np.searchsorted(s, bids[-1], side="right"))
+        if j <= i:
+            i += 1  # the id falls in a gap between blocks (deleted and compacted away)
+            continue
+        rows = np.searchsorted(bids, s[i:j])
+        rows_c = np.minimum(rows, len(bids) - 1)
+        ok = (bids[rows_c] == s[i:j]) & (states[rows_c] != DELETED)
+        out.blocks.append((bytes(cur.key()), bids, codes, states))
+        hit = order[i:j][ok]
+        out.block[hit] = len(out.blocks) - 1
+        out.row[hit] = rows_c[ok]
+        i = j
+    return out
+
+
+class _Snapshot:
+    """Every block's rows at one instant: the plan for scans and the source of label tables."""
+
+    def __init__(self, txn: Txn, h: EnvHandle) -> None:
+        keys: list[bytes] = []
+        ids, codes, states = [], [], []
+        for k, v in txn.cursor(db=h.dbs["rows"]):
+            keys.append(bytes(k))
+            a, c, s = decode_rows(v)
+            ids.append(a.copy())
+            codes.append(c.copy())
+            states.append(s.copy())
+        self.block_keys = keys
+        self.sizes = np.array([len(a) for a in ids], dtype=np.int64)
+        self.ids = np.concatenate(ids) if ids else np.zeros(0, np.uint64)
+        self.codes = np.concatenate(codes) if codes else np.zeros(0, np.int32)
+        self.states = np.concatenate(states) if states else np.zeros(0, np.uint8)
+        self.block = np.repeat(np.arange(len(keys)), self.sizes)
+        starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]) if len(keys) else self.sizes
+        self.row = np.arange(len(self.ids)) - np.repeat(starts, self.sizes)
+
+    def select(self, split: str | None, labelled_only: bool) -> np.ndarray:
+        """Positions (into this snapshot) of the live rows that pass the filters."""
+        mask = self.states != DELETED
+        if split is not None:
+            mask &= self.states == check_split("<filter>", split)
+        if labelled_only:
+            mask &= self.codes != NO_LABEL
+        return np.flatnonzero(mask)
+
+
+# ---- the store -----------------------------------------------------------------------------
+
+
+class Store:
+    """One bank's store. Use as a context manager, or call close()."""
+
+    def __init__(self, bank: Bank, shared: SharedStore, readonly: bool, writer: bool) -> None:
+        self.bank = bank
+        self.path = bank.store_dir
+        self.readonly = readonly
+        self._shared = shared
+        self._writer = writer
+        self._closed = False
+        with shared.read() as (txn, h):
+            raw = txn.get(b"spec", db=h.dbs["info"])
+            if raw is None:
+                raise FailedPrecondition(f"store {self.path} has no spec record")
+            self.spec = Spec.from_dict(json.loads(bytes(raw)))
+            self.block_rows = _get_int(txn, h, "block_rows")
+        self._dtype = np.dtype(self.spec.dtype)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the writer lock (if held) and this process's handle on the environment."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._shared.valid:
+            if self._writer:
+                self._shared.release_writer()
+            release(self._shared)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.bank.root)!r}, {self.spec.describe()!r})"
+
+    def _sh(self) -> SharedStore:
+        """This process's shared handle; after a fork the child gets a fresh one."""
+        if self._closed:
+            raise FailedPrecondition(f"store {self.path} is closed")
+        if not self._shared.valid:
+            self._shared = acquire(self.path)
+            self._writer = False
+        return self._shared
+
+    def acquire_writer(self) -> None:
+        """Take the writer lock now (writes take it anyway), to fail fast with WriterBusy."""
+        if self.readonly:
+            raise FailedPrecondition(f"store of bank {self.bank.root} was opened read-only")
+        sh = self._sh()
+        if not self._writer:
+            sh.acquire_writer()
+            self._writer = True
+
+    def _write(self, fn: Any) -> Any:
+        self.acquire_writer()
+        return self._sh().write(fn)
+
+    # ---- generations ----------------------------------------------------------------------
+
+    def _info(self, name: str) -> int:
+        sh = self._sh()
+        with sh.read() as (txn, h):
+            return _get_int(txn, h, name)
+
+    @property
+    def generation(self) -> int:
+        """The last committed generation (read fresh: another process may have written)."""
+        return self._info("generation")
+
+    @property
+    def labels_generation(self) -> int:
+        """Generation of the last change to which items are labelled how (labels, splits)."""
+        return self._info("labels_generation")
+
+    @property
+    def count(self) -> int:
+        """Number of live items."""
+        return self._info("count")
+
+    # ---- writing --------------------------------------------------------------------------
+
+    def put_batch(
+        self,
+        keys: Sequence[str],
+        vectors: np.ndarray,
+        labels: Sequence[str | None] | None = None,
+        splits: Sequence[str] | None = None,
+        meta: Sequence[dict[str, Any] | None] | None = None,
+        *,
+        spec: Spec | None = None,
+    ) -> np.ndarray:
+        """Add new items in one transaction and return their ids.
+
+        Keys already stored are refused (filter with `missing()` to resume a job).
+        """
+        if spec is not None:
+            self.spec.check_same(spec)
+        key_bytes = check_keys(keys)
+        vecs = check_vectors(keys, vectors, self.spec)
+        for name, values in (("labels", labels), ("splits", splits), ("meta", meta)):
+            check_lengths(keys, name, values)
+        labs = [check_label(k, v) for k, v in zip(keys, labels, strict=True)] if labels else None
+        states = np.array(
+            [check_split(k, s) for k, s in zip(keys, splits, strict=True)]
+            if splits is not None
+            else [SPLIT_CODES["none"]] * len(keys),
+            dtype=np.uint8,
+        )
+        now = time.time()
+        metas = [check_meta(k, meta[i] if meta else None, now) for i, k in enumerate(keys)]
+        if not len(keys):
+            return np.zeros(0, dtype=np.uint64)
+        records = [key_record(k) for k in key_bytes]
+
+        def fn(txn: Txn, h: EnvHandle) -> np.ndarray:
+            first = _get_int(txn, h, "next_id")
+            ids = np.arange(first, first + len(keys), dtype=np.uint64)
+            self._claim_keys(txn, h, keys, records, ids)
+            codes = self._codes_for(txn, h, labs) if labs else np.full(len(keys), NO_LABEL, "i4")
+            self._append_rows(txn, h, ids, vecs, codes, states, list(keys), metas)
+            labelled = bool((codes != NO_LABEL).any())
+            gen = _commit_generation(txn, h, labels_changed=labelled)
+            _log_ids(txn, h, gen, _ADDED, ids)
+            _put_int(txn, h, "next_id", first + len(keys))
+            _put_int(txn, h, "count", _get_int(txn, h, "count") + len(keys))
+            self._clear_errors(txn, h, records)
+            return ids
+
+        ids: np.ndarray = self._write(fn)
+        return ids
+
+    def _claim_keys(
+        self, txn: Txn, h: EnvHandle, keys: Sequence[str], records: list[bytes], ids: np.ndarray
+    ) -> None:
+        """Map keys to ids, refusing any key already stored (the transaction then aborts)."""
+        pairs = list(zip(records, (pack_id(int(i)) for i in ids), strict=True))
+        _, added = txn.cursor(db=h.dbs["key2id"]).putmulti(pairs, overwrite=False)
+        if added == len(pairs):
+            return
+        for key, (rec, value) in zip(keys, pairs, strict=True):
+            if bytes(txn.get(rec, db=h.dbs["key2id"])) != value:
+                raise InvalidInput(
+                    f"key {key!r} is already in bank {self.bank.root}; use missing() to skip "
+                    "stored keys or delete() it first"
+                )
+
+    def _codes_for(self, txn: Txn, h: EnvHandle, labels: Sequence[str | None]) -> np.ndarray:
+        """Label codes, adding new labels to the vocabulary (codes are never reused)."""
+        vocab = h.dbs["vocab"]
+        table: dict[str, int] = {}
+        for label in set(labels):
+            if label is None:
+                continue
+            raw = txn.get(b"l" + label.encode(), db=vocab)
+            if raw is None:
+                code = _get_int(txn, h, "next_code")
+                _put_int(txn, h, "next_code", code + 1)
+                txn.put(b"l" + label.encode(), code.to_bytes(4, "big"), db=vocab)
+                txn.put(b"c" + code.to_bytes(4, "big"), label.encode(), db=vocab)
+            else:
+                code = int.from_bytes(bytes(raw), "big")
+            table[label] = code
+        return np.array([NO_LABEL if x is None else table[x] for x in labels], dtype=np.int32)
+
+    def _append_rows(
+        self,
+        txn: Txn,
+        h: EnvHandle,
+        ids: np.ndarray,
+        vecs: np.ndarray,
+        codes: np.ndarray,
+        states: np.ndarray,
+        keys: list[str],
+        metas: list[dict[str, Any]],
+    ) -> None:
+        """Fill the last block up to `block_rows`, then append whole new blocks."""
+        start = 0
+        cur = txn.cursor(db=h.dbs["rows"])
+        if cur.last():
+            tail = bytes(cur.key())
+            t_ids, t_codes, t_states = decode_rows(bytes(cur.value()))
+            m = min(self.block_rows - len(t_ids), len(ids))
+            if m > 0:
+                db = h.dbs
+                txn.put(
+                    tail,
+                    bytes(txn.get(tail, db=db["vectors"])) + vecs[:m].tobytes(),
+                    db=db["vectors"],
+                )
+                rows = encode_rows(
+                    np.concatenate([t_ids, ids[:m]]),
+                    np.concatenate([t_codes, codes[:m]]),
+                    np.concatenate([t_states, states[:m]]),
+                )
+                txn.put(tail, rows, db=db["rows"])
+                for name, values in (("keys", keys[:m]), ("meta", metas[:m])):
+                    old = bytes(txn.get(tail, db=db[name]))
+                    txn.put(tail, old[:-1] + b"," + encode_json_list(values)[1:], db=db[name])
+                start = m
+        for s in range(start, len(ids), self.block_rows):
+            e = min(len(ids), s + self.block_rows)
+            key = pack_id(int(ids[s]))
+            txn.put(key, vecs[s:e].data.cast("B"), append=True, db=h.dbs["vectors"])
+            txn.put(
+                key, encode_rows(ids[s:e], codes[s:e], states[s:e]), append=True, db=h.dbs["rows"]
+            )
+            txn.put(key, encode_json_list(keys[s:e]), append=True, db=h.dbs["keys"])
+            txn.put(key, encode_json_list(metas[s:e]), append=True, db=h.dbs["meta"])
+
+    def _clear_errors(self, txn: Txn, h: EnvHandle, records: Iterable[bytes]) -> None:
+        if txn.stat(h.dbs["errors"])["entries"]:
+            for rec in records:
+                txn.delete(rec, db=h.dbs["errors"])
+
+    def _ids_in_txn(self, txn: Txn, h: EnvHandle, keys: Sequence[str], exc: type) -> np.ndarray:
+        key_bytes = check_keys(keys, unique=False)
+        out = np.empty(len(keys), dtype=np.uint64)
+        for i, (key, kb) in enumerate(zip(keys, key_bytes, strict=True)):
+            raw = txn.get(key_record(kb), db=h.dbs["key2id"])
+            if raw is None:
+                raise exc(f"key {key!r} is not in bank {self.bank.root}")
+            out[i] = unpack_id(raw)
+        return out
+
+    def _rewrite_rows(self, mapping: Mapping[str, Any], update: Any) -> int:
+        """Apply `update` to the rows of `mapping`'s keys and log the ids that changed.
+
+        Only the small rows records are rewritten: vectors stay where they are.
+        """
+        keys = list(mapping)
+
+        def fn(txn: Txn, h: EnvHandle) -> int:
+            loc = _locate(txn, h, self._ids_in_txn(txn, h, keys, InvalidInput))
+            changed: list[np.ndarray] = []
+            for b, (bkey, bids, codes, states) in enumerate(loc.blocks):
+                sel = np.flatnonzero(loc.block == b)
+                before_c, before_s = codes.copy(), states.copy()
+                update(txn, h, codes, states, loc.row[sel], [keys[i] for i in sel])
+                diff = (codes != before_c) | (states != before_s)
+                if diff.any():
+                    txn.put(bkey, encode_rows(bids, codes, states), db=h.dbs["rows"])
+                    changed.append(bids[diff])
+            if not changed:
+                return 0
+            ids = np.sort(np.concatenate(changed))
+            gen = _commit_generation(txn, h, labels_changed=True)
+            _log_ids(txn, h, gen, _RELABELLED, ids)
+            return len(ids)
+
+        n: int = self._write(fn)
+        return n
+
+    def set_labels(self, mapping: Mapping[str, str | None]) -> int:
+        """Relabel items (None = unlabelled) in one transaction; returns how many changed."""
+        labels = {k: check_label(k, v) for k, v in mapping.items()}
+        check_keys(list(labels))
+
+        def update(
+            txn: Txn,
+            h: EnvHandle,
+            codes: np.ndarray,
+            states: np.ndarray,
+            rows: np.ndarray,
+            keys: list[str],
+        ) -> None:
+            codes[rows] = self._codes_for(txn, h, [labels[k] for k in keys])
+
+        return self._rewrite_rows(labels, update)
+
+    def set_splits(self, mapping: Mapping[str, str]) -> int:
+        """Move items between train/val/test/none; returns how many changed."""
+        splits = {k: check_split(k, v) for k, v in mapping.items()}
+        check_keys(list(splits))
+
+        def update(
+            txn: Txn,
+            h: EnvHandle,
+            codes: np.ndarray,
+            states: np.ndarray,
+            rows: np.ndarray,
+            keys: list[str],
+        ) -> None:
+            states[rows] = [splits[k] for k in keys]
+
+        return self._rewrite_rows(splits, update)
+
+    def delete(self, keys: Iterable[str]) -> int:
+        """Remove items from every read (space comes back with compact()); returns the count.
+
+        Unknown keys raise NotFound and nothing is deleted.
+        """
+        unique = list(dict.fromkeys(keys))
+        records = [key_record(k) for k in check_keys(unique)]
+        if not unique:
+            return 0
+
+        def fn(txn: Txn, h: EnvHandle) -> int:
+            ids = self._ids_in_txn(txn, h, unique, NotFound)
+            loc = _locate(txn, h, ids)
+            labelled = False
+            for b, (bkey, bids, codes, states) in enumerate(loc.blocks):
+                rows = loc.row[loc.block == b]
+                labelled |= bool((codes[rows] != NO_LABEL).any())
+                states[rows] = DELETED
+                txn.put(bkey, encode_rows(bids, codes, states), db=h.dbs["rows"])
+            for rec in records:
+                txn.delete(rec, db=h.dbs["key2id"])
+            _put_int(txn, h, "count", _get_int(txn, h, "count") - len(ids))
+            gen = _commit_generation(txn, h, labels_changed=labelled)
+            _log_ids(txn, h, gen, _DELETED, np.sort(ids))
+            return len(ids)
+
+        n: int = self._write(fn)
+        return n
+
+    # ---- errors ---------------------------------------------------------------------------
+
+    def record_error(self, key: str, reason: str) -> None:
+        """Remember an input that could not be embedded, so nothing is silently lost."""
+        (kb,) = check_keys([key])
+        value = json.dumps({"key": key, "reason": str(reason), "time": time.time()}).encode()
+
+        def fn(txn: Txn, h: EnvHandle) -> None:
+            txn.put(key_record(kb), value, db=h.dbs["errors"])
+            _commit_generation(txn, h, labels_changed=False)
+
+        self._write(fn)
+
+    def errors(self) -> list[dict[str, Any]]:
+        sh = self._sh()
+        with sh.read() as (txn, h):
+            return [json.loads(bytes(v)) for _, v in txn.cursor(db=h.dbs["errors"])]
+
+    def clear_error(self, key: str) -> bool:
+        """Forget a recorded error; returns whether there was one."""
+        (kb,) = check_keys([key])
+
+        def fn(txn: Txn, h: EnvHandle) -> bool:
+            if not txn.delete(key_record(kb), db=h.dbs["errors"]):
+                return False
+            _commit_generation(txn, h, labels_changed=False)
+            return True
+
+        found: bool = self._write(fn)
+        return found
+
+    # ---- lookups --------------------------------------------------------------------------
+
+    def missing(self, keys: Sequence[str]) -> list[str]:
+        """The keys not stored yet, in order (what a resumed job still has to embed)."""
+        key_bytes = check_keys(keys, unique=False)
+        sh = self._sh()
+        with sh.read() as (txn, h):
+            db = h.dbs["key2id"]
+            return [
+                k
+                for k, kb in zip(keys, key_bytes, strict=True)
+                if txn.get(key_record(kb), db=db) is None
+            ]
+
+    def has(self, key: str) -> bool:
+        return not self.missing([key])
+
+    def ids_of(self, keys: Sequence[str]) -> np.ndarray:
+        sh = self._sh()
+        with sh.read() as (txn, h):
+            return self._ids_in_txn(txn, h, keys, NotFound)
+
+    def get(self, ids: Any, dtype: Any = np.float32) -> Items:
+        """Items by id, in the order given; NotFound names the first unknown or deleted id."""
+        arr = _as_ids(ids)
+        sh = self._sh()
+        with sh.read() as (txn, h):
+            return self._get_in_txn(txn, h, arr, dtype)
+
+    def get_by_keys(self, keys: Sequence[str], dtype: Any = np.float32) -> Items:
+        sh = self._sh()
+        with sh.read() as (txn, h):
+            return self._get_in_txn(txn, h, self._ids_in_txn(txn, h, keys, NotFound), dtype)
+
+    def _get_in_txn(self, txn: Txn, h: EnvHandle, ids: np.ndarray, dtype: Any) -> Items:
+        loc = _locate(txn, h, ids)
+        if len(ids) and (loc.block < 0).any():
+            bad = int(ids[np.flatnonzero(loc.block < 0)[0]])
+            raise NotFound(f"id {bad} is not in bank {self.bank.root} (unknown or deleted)")
+        picks = []
+        codes = np.empty(len(ids), np.int32)
+        states = np.empty(len(ids), np.uint8)
+        for b, (bkey, _bids, bcodes, bstates) in enumerate(loc.blocks):
+            positions = np.flatnonzero(loc.block == b)
+            rows = loc.row[positions]
+            codes[positions], states[positions] = bcodes[rows], bstates[rows]
+            picks.append((bkey, rows, positions))
+        return self._read_items(txn, h, ids, codes, states, picks, dtype)
+
+    def _read_items(
+        self,
+        txn: Txn,
+        h: EnvHandle,
+        ids: np.ndarray,
+        codes: np.ndarray,
+        states: np.ndarray,
+        picks: list[tuple[bytes, np.ndarray, np.ndarray]],
+        dtype: Any,
+    ) -> Items:
+        """Copy picked rows of whole blocks (np.frombuffer on the map) into one array."""
+        n, dim = len(ids), self.spec.dim
+        vectors = np.empty((n, dim), dtype=dtype)
+        keys: list[str] = [""] * n
+        meta_parts = []
+        for bkey, rows, positions in picks:
+            block = np.frombuffer(txn.get(bkey, db=h.dbs["vectors"]), dtype=self._dtype)
+            block = block.reshape(-1, dim)
+            block_keys = decode_json_list(txn.get(bkey, db=h.dbs["keys"]))
+            p0, k = int(positions[0]), len(positions)
+            if positions[-1] - p0 == k - 1 and k == len(block) and rows[-1] - rows[0] == k - 1:
+                vectors[p0 : p0 + k] = block  # the common case in scans: the whole block
+                keys[p0 : p0 + k] = block_keys
+            else:
+                vectors[positions] = block[rows]
+                for r, p in zip(rows.tolist(), positions.tolist(), strict=True):
+                    keys[p] = block_keys[r]
+            meta_parts.append((bytes(txn.get(bkey, db=h.dbs["meta"])), rows, positions))
+        return Items(
+            ids=ids.astype(np.uint64, copy=False),
+            keys=keys,
+            vectors=vectors,
+            labels=self._decode_labels(txn, h, codes),
+            splits=[SPLITS[s] for s in states.tolist()],
+            meta=LazyMeta(n, meta_parts),
+        )
+
+    def _vocab(self, txn: Txn, h: EnvHandle, codes: Iterable[int]) -> dict[int, str]:
+        """Code -> label, cached per process (codes never change meaning)."""
+        cache = self._shared.vocab
+        for code in set(codes) - cache.keys() - {NO_LABEL}:
+            raw = txn.get(b"c" + int(code).to_bytes(4, "big"), db=h.dbs["vocab"])
+            if raw is None:
+                raise FailedPrecondition(f"label code {code} missing from {self.path}")
+            cache[int(code)] = bytes(raw).decode()
+        return cache
+
+    def _decode_labels(self, txn: Txn, h: EnvHandle, codes: np.ndarray) -> list[str | None]:
+        lst = codes.tolist()
+        vocab = self._vocab(txn, h, lst)
+        return [None if c == NO_LABEL else vocab[c] for c in lst]
+
+    def labels_of(self, ids: Any) -> list[str | None]:
+        """Labels of ids (None for unlabelled, deleted or unknown ids, e.g. FAISS's -1)."""
+        arr = _as_ids(ids)
+        sh = self._sh()
+        with sh.read() as (txn, h):
+            loc = _locate(txn, h, arr)
+            codes = np.full(len(arr), NO_LABEL, np.int32)
+            for b, (_key, _bids, bcodes, _states) in enumerate(loc.blocks):
+                positions = np.flatnonzero(loc.block == b)
+                codes[positions] = bcodes[loc.row[positions]]
+            return self._decode_labels(txn, h, codes)
+
+    # ---- scans ----------------------------------------------------------------------------
+
+    def _plan(
+        self, snap: _Snapshot, split: str | None, labelled_only: bool, ids: Any
+    ) -> np.ndarray:
+        if ids is None:
+            return snap.select(split, labelled_only)
+        want = _as_ids(ids)
+        pos = np.minimum(np.searchsorted(snap.ids, want), max(len(snap.ids) - 1, 0))
+        if len(want) and (
+            not len(snap.ids) or ((snap.ids[pos] != want) | (snap.states[pos] == DELETED)).any()
+        ):
+            found = len(snap.ids) > 0
+            bad_mask = ~found | (snap.ids[pos] != want) | (snap.states[pos] == DELETED)
+            bad = int(want[np.flatnonzero(bad_mask)[0]])
+            raise NotFound(f"id {bad} is not in bank {self.bank.root} (unknown or deleted)")
+        keep = np.ones(len(want), bool)
+        if split is not None:
+            keep &= snap.states[pos] == check_split("<filter>", split)
+        if labelled_only:
+            keep &= snap.codes[pos] != NO_LABEL
+        return pos[keep]
+
+    def _read_selection(
+        self, txn: Txn, h: EnvHandle, snap: _Snapshot, sel: np.ndarray, dtype: Any
+    ) -> Items:
+        picks = []
+        blocks = snap.block[sel]
+        if len(sel):
+            cuts = np.flatnonzero(np.diff(blocks)) + 1
+            starts = np.concatenate([[0], cuts])
+            ends = np.concatenate([cuts, [len(sel)]])
+            for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+                positions = np.arange(s, e)
+                picks.append((snap.block_keys[blocks[s]], snap.row[sel[s:e]], positions))
+        return self._read_items(
+            txn, h, snap.ids[sel], snap.codes[sel], snap.states[sel], picks, dtype
+        )
+
+    def to_numpy(
+        self,
+        split: str | None = None,
+        labelled_only: bool = False,
+        dtype: Any = np.float32,
+        ids: Any = None,
+    ) -> Items:
+        """Every live item (or those filtered) in one array, from one consistent snapshot."""
+        sh = self._sh()
+        with sh.read() as (txn, h):
+            snap = _Snapshot(txn, h)
+            sel = self._plan(snap, split, labelled_only, ids)
+            return self._read_selection(txn, h, snap, sel, dtype)
+
+    def iter_batches(
+        self,
+        batch_size: int = 65536,
+        split: str | None = None,
+        labelled_only: bool = False,
+        ids: Any = None,
+        dtype: Any = np.float32,
+    ) -> Iterator[Items]:
+        """Scan in batches, all from the snapshot taken at the first batch.
+
+        Each batch reads in its own short transaction (user code between batches never
+        holds one); the snapshot stays valid because stored rows are never rewritten in
+        place, and the environment read is kept open even if another process compacts.
+        """
+        if batch_size <= 0:
+            raise InvalidInput(f"batch_size must be positive, got {batch_size}")
+        sh = self._sh()
+        with sh.read() as (txn, h):
+            snap = _Snapshot(txn, h)
+            h.pins += 1
+        try:
+            sel = self._plan(snap, split, labelled_only, ids)
+            for s in range(0, len(sel), batch_size):
+                with sh.read(h) as (txn, _):
+                    yield self._read_selection(txn, h, snap, sel[s : s + batch_size], dtype)
+        finally:
+            h.pins -= 1
+
+    def label_table(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(ids sorted, codes into the sorted vocabulary or -1, vocabulary) of all live items."""
+        sh = self._sh()
+        with sh.read() as (txn, h):
+            snap = _Snapshot(txn, h)
+            live = snap.states != DELETED
+            ids, raw = snap.ids[live], snap.codes[live]
+            used = np.unique(raw[raw != NO_LABEL])
+            vocab = self._vocab(txn, h, used.tolist())
+        names = [vocab[int(c)] for c in used]
+        order = np.argsort(np.array(names, dtype=object)) if names else np.zeros(0, np.int64)
+        vocabulary = [names[i] for i in order]
+        remap = np.full(int(used.max()) + 2 if len(used) else 1, NO_LABEL, np.int32)
+        remap[used[order]] = np.arange(len(used), dtype=np.int32)
+        codes = np.where(raw == NO_LABEL, NO_LABEL, remap[np.maximum(raw, 0)]).astype(np.int32)
+        return ids, codes, vocabulary
+
+    def label_vocabulary(self) -> list[str]:
+        """Sorted labels that at least one live item carries."""
+        return self.label_table()[2]
+
+    def stats(self) -> dict[str, Any]:
+        """Counts by label and split, errors, sizes and generations (for `store info`)."""
+        sh = self._sh()
+        with sh.read() as (txn, h):
+            snap = _Snapshot(txn, h)
+            info = {n: _get_int(txn, h, n) for n in ("generation", "labels_generation", "count")}
+            n_errors = int(txn.stat(h.dbs["errors"])["entries"])
+            live = snap.states != DELETED
+            codes, counts = np.unique(snap.codes[live], return_counts=True)
+            vocab = self._vocab(txn, h, codes.tolist())
+            env_dir, map_size = h.path, h.map_size
+        splits, split_counts = np.unique(snap.states[live], return_counts=True)
+        by_label = {vocab[int(c)]: int(n) for c, n in zip(codes, counts, strict=True) if c >= 0}
+        unlabelled = int(counts[codes == NO_LABEL].sum())
+        return {
+            "bank": str(self.bank.root),
+            "path": str(self.path),
+            "spec": self.spec.to_dict(),
+            **info,
+            "labelled": int(live.sum()) - unlabelled,
+            "unlabelled": unlabelled,
+            "labels": dict(sorted(by_label.items())),
+            "splits": {SPLITS[int(s)]: int(n) for s, n in zip(splits, split_counts, strict=True)},
+            "errors": n_errors,
+            "deleted_pending_compact": int((~live).sum()),
+            "blocks": len(snap.block_keys),
+            "block_rows": self.block_rows,
+            "vector_bytes": int(live.sum()) * self.spec.dim * self._dtype.itemsize,
+            "size_bytes": sum(p.stat().st_size for p in env_dir.glob("*.mdb")),
+            "map_size": map_size,
+        }
+
+    def changes_since(self, generation: int) -> Changes:
+        """Ids added, relabelled and deleted after `generation` (see `Changes`)."""
+        if generation < 0:
+            raise InvalidInput(f"generation must be >= 0, got {generation}")
+        parts: dict[bytes, list[np.ndarray]] = {_ADDED: [], _RELABELLED: [], _DELETED: []}
+        sh = self._sh()
+        with sh.read() as (txn, h):
+            current = _get_int(txn, h, "generation")
+            cur = txn.cursor(db=h.dbs["log"])
+            if cur.set_range(pack_id(generation + 1)):
+                for k, v in cur:
+                    parts[bytes(k)[8:]].append(np.frombuffer(v, dtype="<u8").copy())
+        added, relabelled, deleted = (
+            np.unique(np.concatenate(parts[kind])) if parts[kind] else np.zeros(0, np.uint64)
+            for kind in (_ADDED, _RELABELLED, _DELETED)
+        )
+        return Changes(
+            added=np.setdiff1d(added, deleted).astype(np.uint64),
+            relabelled=np.setdiff1d(relabelled, np.union1d(added, deleted)).astype(np.uint64),
+            deleted=np.setdiff1d(deleted, added).astype(np.uint64),
+            generation=current,
+        )
+
+    # ---- compaction -----------------------------------------------------------------------
+
+    def compact(self) -> None:
+        """Rewrite the live items into a fresh environment and switch to it atomically.
+
+        Readers in other processes keep reading the old environment until their next
+        call; a crash before the switch leaves the old one live and the new one is
+        removed by the next writer.
+        """
+        from embedder import store_compact
+
+        self.acquire_writer()
+        sh = self._sh()
+        sh.require_writer()
+        with sh.lock:
+            store_compact.compact(sh, self.block_rows, self.spec.dim * self._dtype.itemsize)

@@ -1,0 +1,188 @@
+"""Byte layouts of the store's records and the checks run before anything is written.
+
+Vectors are packed in blocks of up to `block_rows` rows keyed by the block's
+first id (big-endian, so appends are sorted), because one LMDB record per
+vector wastes a 4 KiB page on a 2.5 KiB vector. Each block has four parallel
+records in four sub-databases, all keyed the same:
+
+- ``vectors``: ``n * dim`` values of the spec's dtype (only written, never changed);
+- ``rows``: ``n`` uint64 ids, ``n`` int32 label codes (-1 = unlabelled),
+  ``n`` uint8 states (split code, or DELETED) -- the only record relabelling,
+  re-splitting or deleting rewrites, a few bytes per row;
+- ``keys``: the rows' keys as a JSON list; ``meta``: their metadata as a JSON list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from embedder.errors import InvalidInput, SpecMismatch
+from embedder.spec import Spec
+
+SPLITS = ("train", "val", "test", "none")
+SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
+DELETED = 255
+NO_LABEL = -1
+ROW_BYTES = 8 + 4 + 1  # id, label code, state
+_MAX_KEY_BYTES = 480  # LMDB keys are limited to 511 bytes; longer keys are stored hashed
+_BE64 = struct.Struct(">Q")
+
+
+def pack_id(i: int) -> bytes:
+    """Big-endian so LMDB's byte order is numeric order and appends stay sorted."""
+    return _BE64.pack(i)
+
+
+def unpack_id(b: bytes | memoryview) -> int:
+    return int(_BE64.unpack(bytes(b))[0])
+
+
+def key_record(key_utf8: bytes) -> bytes:
+    """The key2id record key: the key itself, or a hash for keys LMDB cannot hold.
+
+    0xFF never starts valid UTF-8, so hashed keys cannot collide with plain ones.
+    """
+    if len(key_utf8) <= _MAX_KEY_BYTES:
+        return key_utf8
+    return b"\xff" + hashlib.sha256(key_utf8).digest()
+
+
+def default_block_rows(dim: int, itemsize: int) -> int:
+    """About 256 KiB of vectors per block: big enough to waste <1% of a page, small to rewrite."""
+    return int(min(4096, max(16, (256 * 1024) // max(1, dim * itemsize))))
+
+
+# ---- block records -------------------------------------------------------------------------
+
+
+def encode_rows(ids: np.ndarray, codes: np.ndarray, states: np.ndarray) -> bytes:
+    return (
+        np.ascontiguousarray(ids, dtype="<u8").tobytes()
+        + np.ascontiguousarray(codes, dtype="<i4").tobytes()
+        + np.ascontiguousarray(states, dtype=np.uint8).tobytes()
+    )
+
+
+def decode_rows(buf: bytes | memoryview) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views (not copies) of a rows record: ids, label codes, states."""
+    n = len(buf) // ROW_BYTES
+    ids = np.frombuffer(buf, dtype="<u8", count=n)
+    codes = np.frombuffer(buf, dtype="<i4", count=n, offset=8 * n)
+    states = np.frombuffer(buf, dtype=np.uint8, count=n, offset=12 * n)
+    return ids, codes, states
+
+
+def encode_json_list(values: Sequence[Any]) -> bytes:
+    return json.dumps(list(values), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def decode_json_list(buf: bytes | memoryview) -> list[Any]:
+    out: list[Any] = json.loads(bytes(buf))
+    return out
+
+
+# ---- input checks (run before any transaction, so a bad batch commits nothing) -------------
+
+
+def check_keys(keys: Sequence[str], *, unique: bool = True) -> list[bytes]:
+    """UTF-8 bytes of each key; empty, non-str, non-UTF-8 or repeated keys are refused."""
+    if isinstance(keys, (str, bytes)):
+        raise InvalidInput("keys must be a sequence of str, not a single str")
+    out: list[bytes] = []
+    seen: set[str] = set()
+    for i, key in enumerate(keys):
+        if not isinstance(key, str):
+            raise InvalidInput(f"key #{i} must be str, got {type(key).__name__}: {key!r}")
+        if not key:
+            raise InvalidInput(f"key #{i} is empty")
+        try:
+            out.append(key.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise InvalidInput(f"key {key!r} (#{i}) is not valid UTF-8: {e.reason}") from None
+        if unique:
+            if key in seen:
+                raise InvalidInput(f"key {key!r} appears twice in the batch")
+            seen.add(key)
+    return out
+
+
+def check_vectors(keys: Sequence[str], vectors: Any, spec: Spec) -> np.ndarray:
+    """The batch as a C-contiguous array of the spec's dtype, or a clear refusal."""
+    if not isinstance(vectors, np.ndarray):
+        raise InvalidInput(f"vectors must be a numpy array, got {type(vectors).__name__}")
+    if vectors.ndim == 1 and len(keys) == 1:
+        vectors = vectors[None, :]
+    if vectors.ndim != 2:
+        raise SpecMismatch(
+            f"vectors must be 2-D (n, {spec.dim}), got shape {vectors.shape}; "
+            f"bank spec is [{spec.describe()}]"
+        )
+    if vectors.shape[0] != len(keys):
+        raise InvalidInput(f"{vectors.shape[0]} vectors for {len(keys)} keys")
+    if vectors.shape[1] != spec.dim:
+        raise SpecMismatch(
+            f"vectors have dimension {vectors.shape[1]} (first key {keys[0]!r}) but the bank's "
+            f"spec has dim={spec.dim}: bank is [{spec.describe()}]"
+        )
+    if vectors.dtype.kind != "f":
+        raise SpecMismatch(
+            f"vectors have dtype {vectors.dtype} (first key {keys[0]!r}) but the bank's spec "
+            f"stores {spec.dtype}: bank is [{spec.describe()}]"
+        )
+    out = np.ascontiguousarray(vectors, dtype=spec.dtype)
+    finite = np.isfinite(out).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        why = "NaN or inf" if not np.isfinite(vectors[row]).all() else f"beyond {spec.dtype} range"
+        raise InvalidInput(f"vector for key {keys[row]!r} (#{row}) has {why} values")
+    return out
+
+
+def check_label(key: str, label: Any) -> str | None:
+    if label is None:
+        return None
+    if not isinstance(label, str):
+        raise InvalidInput(f"label for key {key!r} must be str or None, got {label!r}")
+    if not label:
+        raise InvalidInput(f"label for key {key!r} is empty (use None for unlabelled)")
+    try:
+        label.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"label for key {key!r} is not valid UTF-8: {label!r}") from None
+    return label
+
+
+def check_split(key: str, split: Any) -> int:
+    code = SPLIT_CODES.get(split) if isinstance(split, str) else None
+    if code is None:
+        raise InvalidInput(f"split for key {key!r} must be one of {SPLITS}, got {split!r}")
+    return code
+
+
+def check_meta(key: str, meta: Any, added: float) -> dict[str, Any]:
+    """A JSON-safe copy of the item's metadata with the time it was added."""
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise InvalidInput(f"meta for key {key!r} must be a dict, got {type(meta).__name__}")
+    out = dict(meta)
+    out["added"] = added
+    try:
+        json.dumps(out, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError, UnicodeEncodeError) as e:
+        raise InvalidInput(f"meta for key {key!r} is not JSON-serialisable: {e}") from None
+    if any(isinstance(v, float) and not math.isfinite(v) for v in out.values()):
+        raise InvalidInput(f"meta for key {key!r} has a non-finite number")
+    return out
+
+
+def check_lengths(keys: Sequence[str], name: str, values: Sequence[Any] | None) -> None:
+    if values is not None and len(values) != len(keys):
+        raise InvalidInput(f"{len(values)} {name} for {len(keys)} keys")

@@ -1,0 +1,354 @@
+"""LMDB plumbing for the store: one environment per process, one writer per bank.
+
+LMDB's rules, and how they are kept here:
+
+- an environment must not be opened twice in one process -> a per-process
+  registry keyed by the store directory's real path hands out one `SharedStore`;
+- an environment must not be used across `fork()` -> a fork hook drops the
+  registry in the child (without closing anything the parent still uses), and
+  the child's stores reopen on their next call;
+- long read transactions pin old pages -> every read here is a short
+  transaction that never spans user code; stale reader slots of dead processes
+  are cleared at open (`reader_check`);
+- the map has a fixed size -> writes grow it on `MapFullError` and retry, and
+  readers adopt a grown map on `MapResizedError`.
+
+`compact()` writes a fresh environment (`env-<n>/`) and switches `CURRENT` to it
+atomically; readers notice on their next call and the old directory is removed.
+Only the holder of `writer.lock` (fcntl.flock, non-blocking) may write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+
+from embedder.errors import FeaturebankError, NotFound, StorageFull, WriterBusy
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DB_NAMES = ("info", "vectors", "rows", "keys", "meta", "key2id", "vocab", "log", "errors")
+CURRENT = "CURRENT"
+WRITER_LOCK = "writer.lock"
+ENV_PREFIX = "env-"
+INITIAL_MAP_SIZE = 64 << 20
+MAX_MAP_SIZE = 1 << 42
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """LMDB reports write failures as lmdb.Error carrying the errno text; OSError as errno."""
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+        return True
+    text = str(e)
+    return any(os.strerror(code) in text for code in _DISK_FULL)
+
+
+class RWLock:
+    """Many readers or one exclusive holder: resizing or closing a map needs no live txn."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and self._readers == 0)
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+class EnvHandle:
+    """One open LMDB environment and its named databases."""
+
+    def __init__(self, path: Path, create: bool, map_size: int = INITIAL_MAP_SIZE) -> None:
+        self.path = path
+        self.name = path.name
+        self.pins = 0
+        self.closed = False
+        self.env = lmdb.open(
+            str(path),
+            subdir=True,
+            create=create,
+            map_size=map_size,
+            max_dbs=len(DB_NAMES) + 2,
+            max_readers=1022,
+            meminit=False,
+        )
+        try:
+            stale = self.env.reader_check()
+            if stale:
+                log.info("cleared %d stale LMDB readers in %s", stale, path)
+            self.dbs = self._open_dbs(create)
+        except BaseException:
+            self.env.close()
+            raise
+
+    def _open_dbs(self, create: bool) -> dict[str, Any]:
+        # A write transaction even to open existing databases: py-lmdb drops handles
+        # opened in a read transaction when it ends. It changes nothing, so commits for free.
+        txn = self.env.begin(write=True)
+        try:
+            dbs = {n: self.env.open_db(n.encode(), txn=txn, create=create) for n in DB_NAMES}
+        except BaseException:
+            txn.abort()
+            raise
+        txn.commit()  # handles opened in a transaction only outlive it once it commits
+        return dbs
+
+    @property
+    def map_size(self) -> int:
+        return int(self.env.info()["map_size"])
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.env.close()
+
+
+class SharedStore:
+    """Everything one process shares about one store directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.RLock()  # serialises writers and environment switches
+        self.rw = RWLock()
+        self.refs = 0
+        self.valid = True
+        self.handle: EnvHandle | None = None
+        self._sig: tuple[int, int, int] | None = None
+        self.retired: list[EnvHandle] = []
+        self.writer_fd: int | None = None
+        self.writer_refs = 0
+        self.vocab: dict[int, str] = {}  # label codes never change meaning, so this only grows
+
+    # ---- which environment is current ---------------------------------------------------
+
+    def current(self) -> EnvHandle:
+        """The live environment, switching if another process compacted (CURRENT replaced)."""
+        try:
+            st = os.stat(self.path / CURRENT)
+        except FileNotFoundError:
+            raise NotFound(f"no store in {self.path.parent} (missing {self.path})") from None
+        sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+        handle = self.handle
+        if handle is not None and sig == self._sig and not handle.closed:
+            return handle
+        with self.lock:
+            return self._switch()
+
+    def _switch(self) -> EnvHandle:
+        for _attempt in range(20):
+            name = (self.path / CURRENT).read_text().strip()
+            st = os.stat(self.path / CURRENT)
+            if self.handle is not None and self.handle.name == name and not self.handle.closed:
+                self._sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+                return self.handle
+            try:
+                new = EnvHandle(self.path / name, create=False)
+            except lmdb.Error:
+                continue  # compacted away between reading CURRENT and opening: read it again
+            if self.handle is not None:
+                self.retired.append(self.handle)
+            self.handle, self._sig = new, (st.st_ino, st.st_mtime_ns, st.st_size)
+            return new
+        raise FeaturebankError(f"could not open the store in {self.path}: CURRENT keeps changing")
+
+    def install(self, handle: EnvHandle) -> None:
+        """Make a freshly written environment current in this process (after compaction)."""
+        if self.handle is not None:
+            self.retired.append(self.handle)
+        st = os.stat(self.path / CURRENT)
+        self.handle, self._sig = handle, (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def close_retired(self) -> None:
+        """Unmap environments replaced by compaction once no iteration still reads them."""
+        if not any(h.pins == 0 for h in self.retired):
+            return
+        with self.rw.exclusive():
+            for h in [h for h in self.retired if h.pins == 0]:
+                h.close()
+                self.retired.remove(h)
+
+    # ---- transactions -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def read(self, handle: EnvHandle | None = None) -> Iterator[tuple[Any, EnvHandle]]:
+        """A short read transaction (buffers: values are views valid inside the block)."""
+        if self.retired:
+            self.close_retired()
+        while True:
+            with self.rw.shared():
+                h = handle if handle is not None else self.current()
+                try:
+                    txn = h.env.begin(buffers=True)
+                except lmdb.MapResizedError:
+                    pass
+                else:
+                    try:
+                        yield txn, h
+                    finally:
+                        txn.abort()
+                    return
+            with self.rw.exclusive():
+                h.env.set_mapsize(0)  # adopt the size the writer grew the map to
+
+    def write(self, fn: Callable[[Any, EnvHandle], T]) -> T:
+        """Run `fn` in one write transaction; grow the map and retry if it fills up.
+
+        `fn` must only read and write through the transaction, so a retry starts clean.
+        """
+        self.require_writer()
+        with self.lock:
+            while True:
+                h = self.current()
+                try:
+                    with self.rw.shared(), h.env.begin(write=True, buffers=True) as txn:
+                        return fn(txn, h)
+                except lmdb.MapFullError:
+                    self.grow(h)
+                except lmdb.Error as e:
+                    if is_disk_full(e):
+                        raise StorageFull(
+                            f"disk full while writing {self.path}: the last committed batch is "
+                            f"intact, this one was not written ({e})"
+                        ) from e
+                    raise
+
+    def grow(self, h: EnvHandle) -> None:
+        size = h.map_size
+        if size >= MAX_MAP_SIZE:
+            raise StorageFull(f"the store map of {self.path} reached {size} bytes")
+        new = min(MAX_MAP_SIZE, max(size * 2, INITIAL_MAP_SIZE))
+        with self.rw.exclusive():
+            h.env.set_mapsize(new)
+        log.info("grew the LMDB map of %s to %d MiB", h.path, new >> 20)
+
+    # ---- the single writer --------------------------------------------------------------
+
+    def acquire_writer(self) -> None:
+        """Take the bank's writer lock for this process (shared by its writable stores)."""
+        with self.lock:
+            if self.writer_fd is not None:
+                self.writer_refs += 1
+                return
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock_path = self.path / WRITER_LOCK
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise WriterBusy(
+                    f"bank {self.path.parent} is being written by process {holder} "
+                    f"(lock {lock_path}); wait for it to finish or open the store read-only"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.writer_fd, self.writer_refs = fd, 1
+            self._remove_orphan_envs()
+
+    def require_writer(self) -> None:
+        if self.writer_fd is None:
+            raise FeaturebankError(f"this process does not hold the writer lock of {self.path}")
+
+    def release_writer(self) -> None:
+        with self.lock:
+            if self.writer_fd is None:
+                return
+            self.writer_refs -= 1
+            if self.writer_refs <= 0 and self.valid:
+                fd, self.writer_fd = self.writer_fd, None
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+
+    def _remove_orphan_envs(self) -> None:
+        """Environments left by a compaction that crashed before switching CURRENT."""
+        try:
+            live = (self.path / CURRENT).read_text().strip()
+        except FileNotFoundError:
+            live = None
+        for p in self.path.glob(ENV_PREFIX + "*"):
+            if p.name != live and p.is_dir():
+                log.info("removing leftover environment %s", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+    def close(self) -> None:
+        with self.rw.exclusive():
+            for h in [*self.retired, *([self.handle] if self.handle else [])]:
+                h.close()
+        self.retired, self.handle = [], None
+
+
+# ---- the per-process registry ----------------------------------------------------------------
+
+_REGISTRY: dict[str, SharedStore] = {}
+_REGISTRY_LOCK = threading.Lock()
+_INHERITED: list[SharedStore] = []  # kept alive in a forked child so they are never closed there
+
+
+def acquire(path: Path) -> SharedStore:
+    """The one SharedStore of this process for `path` (a store directory)."""
+    key = os.path.realpath(path)
+    with _REGISTRY_LOCK:
+        shared = _REGISTRY.get(key)
+        if shared is None:
+            shared = _REGISTRY[key] = SharedStore(Path(key))
+        shared.refs += 1
+        return shared
+
+
+def release(shared: SharedStore) -> None:
+    with _REGISTRY_LOCK:
+        shared.refs -= 1
+        if shared.refs > 0 or not shared.valid:
+            return
+        _REGISTRY.pop(str(shared.path), None)
+    shared.close()
+
+
+def _after_fork_in_child() -> None:
+    """LMDB handles must not cross fork: forget them (never close them) and start afresh."""
+    global _REGISTRY_LOCK
+    _REGISTRY_LOCK = threading.Lock()
+    for shared in _REGISTRY.values():
+        shared.valid = False
+        shared.writer_fd = None  # the parent's lock, not ours; never unlock it here
+        _INHERITED.append(shared)
+    _REGISTRY.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
