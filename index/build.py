@@ -1,0 +1,356 @@
+"""Building and updating a bank's index generations.
+
+Why generations: a build writes everything (index file, fitted transform,
+manifest) into a staging folder beside the generations and only then publishes
+it (rename + atomic CURRENT switch, see embedder/bank.py). A build killed at any
+point leaves CURRENT on the previous good generation, and searchers switch to a
+new generation whenever they refresh.
+
+FAISS ids are store item ids (IndexIDMap2), so relabelling never touches the
+index and `update_index` can add and remove items by id, in time proportional to
+the change (plus rewriting the index file).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from embedder.bank import Bank, current_dir, publish, staging_dir
+from embedder.errors import FailedPrecondition, FeaturebankError, InvalidInput
+from index import selection, transforms
+from index.searcher import INDEX_FILE, MANIFEST_FILE, index_ids, read_manifest
+from index.tuning import Tuned, exact_search, timed_search, tune
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+HOLDOUT = 1000  # held-out tuning queries (at most 10% of the bank)
+TRAIN_MAX = 262_144  # vectors used to train IVF/PQ/OPQ
+ADD_BATCH = 65_536
+FAISS_METRIC = {"cosine": faiss.METRIC_INNER_PRODUCT, "ip": faiss.METRIC_INNER_PRODUCT,
+                "l2": faiss.METRIC_L2}
+
+
+def check_options(metric: str, k: int, target_recall: float, memory_budget: int) -> None:
+    if metric not in FAISS_METRIC:
+        raise InvalidInput(f"unknown metric {metric!r}: use cosine, ip or l2")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise InvalidInput(f"k must be a positive integer, got {k!r}")
+    if not 0 < target_recall <= 1:
+        raise InvalidInput(f"target recall must be in (0, 1], got {target_recall}")
+    if memory_budget <= 0:
+        raise InvalidInput(f"memory budget must be positive, got {memory_budget}")
+
+
+def make_index(factory: str, dim: int, metric: str) -> faiss.Index:
+    """faiss.index_factory behind an IndexIDMap2 (ids = store ids); bad strings -> InvalidInput."""
+    try:
+        index = faiss.index_factory(dim, f"IDMap2,{factory}", FAISS_METRIC[metric])
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        raise InvalidInput(
+            f"unknown or invalid faiss factory string {factory!r} for dimension {dim}: "
+            f"{lines[-1] if lines else 'rejected'}"
+        ) from e
+    return index
+
+
+def add_batches(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, progress: bool) -> None:
+    """Add in chunks, so progress shows and peak memory of conversions stays small."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(ids), desc="indexing", unit="vec", file=None)
+    for i in range(0, len(ids), ADD_BATCH):
+        index.add_with_ids(vectors[i : i + ADD_BATCH], ids[i : i + ADD_BATCH])
+        if bar is not None:
+            bar.update(min(ADD_BATCH, len(ids) - i))
+    if bar is not None:
+        bar.close()
+
+
+def train(index: faiss.Index, vectors: np.ndarray) -> None:
+    if index.is_trained:
+        return
+    sample = vectors
+    if vectors.shape[0] > TRAIN_MAX:
+        pick = np.random.default_rng(1).choice(vectors.shape[0], TRAIN_MAX, replace=False)
+        sample = vectors[np.sort(pick)]
+    try:
+        index.train(sample)
+    except RuntimeError as e:
+        raise InvalidInput(
+            f"could not train the index on {sample.shape[0]} vectors: "
+            f"{str(e).strip().splitlines()[-1]}"
+        ) from e
+
+
+def split_holdout(count: int, wanted: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (indexed first, held out for tuning): at most 10% of the bank is held out."""
+    n_hold = min(wanted, count // 10)
+    order = np.random.default_rng(2).permutation(count)
+    held = np.sort(order[:n_hold])
+    rest = np.sort(order[n_hold:])
+    return rest, held
+
+
+def build_arrays(
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    factory: str,
+    metric: str,
+    k: int,
+    target_recall: float,
+    progress: bool = False,
+) -> tuple[faiss.Index, Tuned]:
+    """Build and tune an index over already-transformed vectors (no store, no files)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    index = make_index(factory, vectors.shape[1], metric)
+    train(index, vectors)
+    rest, held = split_holdout(vectors.shape[0], HOLDOUT)
+    if held.size and k > rest.size:
+        rest, held = np.arange(vectors.shape[0]), held[:0]
+    add_batches(index, vectors[rest], ids[rest], progress)
+    if held.size:
+        queries = vectors[held]
+        truth, _ = exact_search(vectors[rest], ids[rest], queries, k, FAISS_METRIC[metric])
+        tuned = tune(index, queries, truth, k, target_recall)
+        add_batches(index, queries, ids[held], progress=False)
+    else:  # too small to hold anything back: time searches for the record
+        queries = vectors[: min(vectors.shape[0], HOLDOUT)]
+        _, secs = timed_search(index, queries, min(k, vectors.shape[0]))
+        n = max(queries.shape[0], 1)
+        tuned = Tuned({}, float("nan"), 1000 * secs / n, n / max(secs, 1e-9), False)
+    return index, tuned
+
+
+@contextmanager
+def omp_threads(threads: int | None) -> Any:
+    if threads is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def open_store(bank: Bank, store: Any) -> tuple[Any, bool]:
+    if store is not None:
+        return store, False
+    from embedder import store as store_mod
+
+    return store_mod.open(bank.root, readonly=True), True
+
+
+def build_index(
+    bank: str | os.PathLike[str] | Bank,
+    factory: str = "auto",
+    metric: str = "cosine",
+    transform: str = "none",
+    memory_budget: int | str = 4 << 30,
+    target_recall: float = 0.95,
+    k: int = 10,
+    progress: bool = False,
+    threads: int | None = None,
+    store: Any = None,
+) -> dict[str, Any]:
+    """Build an index over the whole store, tune it, publish it as the next generation."""
+    b = bank if isinstance(bank, Bank) else Bank(bank)
+    budget = selection.parse_memory(memory_budget)
+    check_options(metric, k, target_recall, budget)
+    transforms.parse(transform)
+    st, owns = open_store(b, store)
+    try:
+        with omp_threads(threads):
+            return _build(b, st, factory, metric, transform, budget, target_recall, k, progress)
+    finally:
+        if owns:
+            st.close()
+
+
+def _build(
+    bank: Bank,
+    store: Any,
+    factory: str,
+    metric: str,
+    transform: str,
+    budget: int,
+    target_recall: float,
+    k: int,
+    progress: bool,
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    dim = int(store.spec.dim)
+    transforms.check_fits(transform, dim)
+    store_generation = int(store.generation)  # read first: update_index re-adds nothing twice
+    items = store.to_numpy()
+    count = len(items)
+    if count == 0:
+        raise FailedPrecondition(f"the store in {bank.root} is empty: add vectors first")
+    if k > count:
+        raise InvalidInput(f"k={k} is more than the {count} items in the bank")
+    vectors = transforms.as_vectors(items.vectors, dim, f"store vectors in {bank.root}")
+    fitted = transforms.fit(transform, vectors, normalize_output=metric == "cosine")
+    xt = fitted.apply(vectors)
+    del vectors
+    if factory == "auto":
+        choice = selection.choose_factory(count, fitted.out_dim, budget, k)
+    else:
+        choice = selection.Choice(factory, "given by the user", 0)
+    log.info("building %s over %d x %d (%s)", choice.factory, count, fitted.out_dim, choice.reason)
+    index, tuned = build_arrays(xt, items.ids, choice.factory, metric, k, target_recall, progress)
+    manifest = {
+        "format": FORMAT,
+        "factory": choice.factory,
+        "requested_factory": factory,
+        "selection": choice.to_dict(),
+        "params": tuned.params,
+        "metric": metric,
+        "dim": dim,
+        "index_dim": fitted.out_dim,
+        "transform": fitted.to_dict(),
+        "store_generation": store_generation,
+        "ntotal": int(index.ntotal),
+        "k": k,
+        "target_recall": target_recall,
+        "recall_at_k": tuned.recall,
+        "target_reached": tuned.reached,
+        "latency_ms": tuned.latency_ms,
+        "qps": tuned.qps,
+        "tuning": tuned.trace,
+        "tuning_queries": min(HOLDOUT, count // 10),
+        "threads": faiss.omp_get_max_threads(),
+        "spec": store.spec.to_dict(),
+        "built_at": time.time(),
+        "build_seconds": 0.0,
+        "unremoved_deleted": 0,
+        "memory_budget": budget,
+    }
+    manifest["build_seconds"] = round(time.perf_counter() - started, 3)
+    gen = write_generation(bank, index, manifest, fitted_save=fitted.save)
+    log.info("published index generation %d in %.1fs", gen, manifest["build_seconds"])
+    return {**manifest, "generation": gen}
+
+
+def write_generation(
+    bank: Bank, index: faiss.Index, manifest: dict[str, Any], fitted_save: Any = None,
+    transform_from: Path | None = None,
+) -> int:
+    """Write index + transform + manifest into staging, then publish atomically."""
+    staging = staging_dir(bank.indexes_dir)
+    try:
+        faiss.write_index(index, str(staging / INDEX_FILE))
+        if fitted_save is not None:
+            fitted_save(staging)
+        elif transform_from is not None:
+            shutil.copyfile(transform_from / transforms.FILE_NAME, staging / transforms.FILE_NAME)
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=float))
+        return publish(bank.indexes_dir, staging, keep=2)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _as_ids(values: Iterable[int] | np.ndarray) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
+def update_index(
+    bank: str | os.PathLike[str] | Bank,
+    progress: bool = False,
+    store: Any = None,
+    rebuild_fraction: float = 0.2,
+) -> dict[str, Any]:
+    """Bring the live index up to the store: add new items, remove (or filter) deleted ones.
+
+    The transform is not refitted. When more than `rebuild_fraction` of the
+    index is deleted-but-unremovable (HNSW), the index is rebuilt instead.
+    """
+    b = bank if isinstance(bank, Bank) else Bank(bank)
+    st, owns = open_store(b, store)
+    try:
+        return _update(b, st, progress, rebuild_fraction)
+    finally:
+        if owns:
+            st.close()
+
+
+def _rebuild_like(bank: Bank, store: Any, manifest: dict[str, Any], why: str) -> dict[str, Any]:
+    log.info("rebuilding the index: %s", why)
+    return _build(
+        bank,
+        store,
+        manifest.get("requested_factory", "auto"),
+        manifest["metric"],
+        manifest["transform"]["spec"],
+        int(manifest.get("memory_budget", 4 << 30)),
+        float(manifest.get("target_recall", 0.95)),
+        int(manifest.get("k", 10)),
+        progress=False,
+    )
+
+
+def _update(bank: Bank, store: Any, progress: bool, rebuild_fraction: float) -> dict[str, Any]:
+    started = time.perf_counter()
+    directory = current_dir(bank.indexes_dir, "index")
+    manifest = read_manifest(directory)
+    if int(manifest["dim"]) != int(store.spec.dim):
+        return _rebuild_like(bank, store, manifest, "the store's dimension changed")
+    try:
+        changes = store.changes_since(int(manifest["store_generation"]))
+    except FeaturebankError as e:  # change log compacted past our generation
+        return _rebuild_like(bank, store, manifest, f"no change log since the index: {e}")
+    deleted = _as_ids(changes.deleted)
+    added = np.setdiff1d(_as_ids(changes.added), deleted)
+    if added.size == 0 and deleted.size == 0:
+        log.info("index generation %s already covers the store's items", directory.name)
+        return {**manifest, "generation": int(directory.name), "unchanged": True,
+                "added": 0, "removed": 0}
+    index = faiss.read_index(str(directory / INDEX_FILE))
+    present = index_ids(index)
+    deleted = deleted[np.isin(deleted, present)]
+    added = added[~np.isin(added, present)]
+    removed, unremoved = 0, int(manifest.get("unremoved_deleted", 0))
+    if deleted.size:
+        try:
+            removed = int(index.remove_ids(faiss.IDSelectorBatch(deleted)))
+        except RuntimeError:  # e.g. HNSW: searchers filter these ids out instead
+            unremoved += int(deleted.size)
+    if unremoved > rebuild_fraction * max(index.ntotal, 1):
+        return _rebuild_like(bank, store, manifest, f"{unremoved} deleted items still indexed")
+    from index.transforms import Transform
+
+    fitted = Transform.load(directory)
+    if added.size:
+        items = store.get(added.astype(np.uint64))
+        vectors = transforms.as_vectors(items.vectors, fitted.in_dim, "added store vectors")
+        add_batches(index, fitted.apply(vectors), _as_ids(items.ids), progress)
+    manifest = {
+        **manifest,
+        "store_generation": int(changes.generation),
+        "ntotal": int(index.ntotal),
+        "unremoved_deleted": unremoved,
+        "updated_from": int(directory.name),
+        "updated_at": time.time(),
+        "update_seconds": round(time.perf_counter() - started, 3),
+        "last_update": {"added": int(added.size), "removed": removed,
+                        "filtered": int(deleted.size) - removed},
+    }
+    gen = write_generation(bank, index, manifest, transform_from=directory)
+    log.info("index generation %d: +%d items, -%d removed", gen, added.size, removed)
+    return {**manifest, "generation": gen, "added": int(added.size), "removed": removed}

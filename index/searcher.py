@@ -1,0 +1,557 @@
+"""Searching the live index generation, with labels held in memory.
+
+Why this shape:
+- The loaded index generation and the label table form one immutable *view*;
+  a search takes the read lock and uses one view from start to end, a refresh
+  builds the next view outside the lock and swaps it under the write lock, so a
+  search never sees half an update and searches never wait for a load.
+- FAISS ids are store item ids, so labels come from the store's label table
+  (one array, refreshed when the store's generation moves): a relabel is
+  visible to the next query without touching the index.
+- Items deleted from the store but still in the index (HNSW cannot remove) are
+  filtered out at search time with an id selector.
+- OpenMP's thread count is per calling thread: each thread sets its own, so
+  several server threads do not each use every core.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from embedder.bank import Bank, current_dir, current_generation
+from embedder.errors import FailedPrecondition, InvalidInput, NotFound
+from index.transforms import Transform, as_vectors
+from index.tuning import set_params, tunable
+
+log = logging.getLogger(__name__)
+FAISS: Any = faiss  # faiss' bundled stubs miss SearchParametersHNSW and keyword constructors
+
+INDEX_FILE = "index.faiss"
+MANIFEST_FILE = "manifest.json"
+EXACT_FILTER_MAX = 20_000  # label filters this selective are searched exactly
+MAX_EF_SEARCH = 2048
+SELECTOR_CACHE = 16
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no starvation)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class SearchResult:
+    """Neighbours of each query: ids (n, k) int64 with -1 padding, scores higher = closer.
+
+    `labels` and `keys` are built on first access: a kNN vote only needs
+    `label_codes`, and keys cost a store lookup.
+    """
+
+    def __init__(
+        self,
+        ids: np.ndarray,
+        scores: np.ndarray,
+        label_codes: np.ndarray,
+        vocabulary: list[str],
+        key_lookup: Callable[[np.ndarray], dict[int, str]],
+    ) -> None:
+        self.ids = ids
+        self.scores = scores
+        self.label_codes = label_codes
+        self.vocabulary = vocabulary
+        self._key_lookup = key_lookup
+        self._labels: list[list[str | None]] | None = None
+        self._keys: list[list[str]] | None = None
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def labels(self) -> list[list[str | None]]:
+        if self._labels is None:
+            vocab: list[str | None] = [*self.vocabulary, None]
+            self._labels = [[vocab[c] for c in row] for row in self.label_codes.tolist()]
+        return self._labels
+
+    @property
+    def keys(self) -> list[list[str]]:
+        if self._keys is None:
+            names = self._key_lookup(self.ids)
+            self._keys = [[names.get(i, "") for i in row] for row in self.ids.tolist()]
+        return self._keys
+
+
+@dataclass
+class Generation:
+    """One loaded index generation (immutable once loaded)."""
+
+    number: int
+    directory: Path
+    manifest: dict[str, Any]
+    index: faiss.Index
+    transform: Transform
+    index_ids: np.ndarray  # sorted int64 ids held by the index
+    kind: str  # flat | hnsw | ivf | other
+
+    @property
+    def metric(self) -> str:
+        return str(self.manifest["metric"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+
+@dataclass
+class Labels:
+    """The store's label table at one store generation."""
+
+    store_generation: int
+    ids: np.ndarray  # sorted int64 ids of live items
+    codes: np.ndarray  # int32, -1 = unlabelled
+    vocabulary: list[str]
+
+
+@dataclass
+class View:
+    """A generation with the labels it is searched with, and what follows from both."""
+
+    gen: Generation
+    labels: Labels
+    stale: np.ndarray  # ids in the index that the store no longer has
+    live_count: int
+    cache: OrderedDict[Any, Any] = field(default_factory=OrderedDict)
+    cache_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    try:
+        manifest: dict[str, Any] = json.loads((directory / MANIFEST_FILE).read_text())
+    except FileNotFoundError as e:
+        raise FailedPrecondition(f"index generation {directory} has no {MANIFEST_FILE}") from e
+    return manifest
+
+
+def index_kind(index: faiss.Index) -> str:
+    if faiss.try_extract_index_ivf(index) is not None:
+        return "ivf"
+    inner = unwrap(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(inner, faiss.IndexFlat):
+        return "flat"
+    return "other"
+
+
+def index_any(index: faiss.Index) -> Any:
+    return index
+
+
+def unwrap(index: faiss.Index) -> faiss.Index:
+    """The index inside IDMap/PreTransform wrappers (downcast to its own type)."""
+    while isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """Sorted external ids of an IndexIDMap2 (what the builder always writes)."""
+    return np.sort(faiss.vector_to_array(index_any(index).id_map).astype(np.int64))
+
+
+def load_generation(bank: Bank, number: int | None = None) -> Generation:
+    """Read one generation (default: CURRENT) from disk; FailedPrecondition if there is none."""
+    directory = (
+        current_dir(bank.indexes_dir, "index")
+        if number is None
+        else bank.indexes_dir / str(number)
+    )
+    if not directory.is_dir():
+        raise FailedPrecondition(f"index generation {directory} is missing")
+    manifest = read_manifest(directory)
+    index = faiss.read_index(str(directory / INDEX_FILE))
+    if not isinstance(index, faiss.IndexIDMap2):
+        raise FailedPrecondition(f"{directory / INDEX_FILE} is not an id-mapped featurebank index")
+    params = {k: int(v) for k, v in manifest.get("params", {}).items()}
+    if params:
+        set_params(index, params)
+    return Generation(
+        number=int(directory.name),
+        directory=directory,
+        manifest=manifest,
+        index=index,
+        transform=Transform.load(directory),
+        index_ids=index_ids(index),
+        kind=index_kind(index),
+    )
+
+
+def load_labels(store: Any) -> Labels:
+    generation = int(store.generation)
+    ids, codes, vocabulary = store.label_table()
+    return Labels(
+        generation,
+        np.asarray(ids, dtype=np.int64),
+        np.asarray(codes, dtype=np.int32),
+        list(vocabulary),
+    )
+
+
+def make_view(gen: Generation, labels: Labels) -> View:
+    stale = np.setdiff1d(gen.index_ids, labels.ids, assume_unique=True)
+    return View(gen, labels, stale, int(gen.index_ids.size - stale.size))
+
+
+def codes_of(labels: Labels, ids: np.ndarray) -> np.ndarray:
+    """Label code of each id (-1: unlabelled, deleted or padding)."""
+    if labels.ids.size == 0:
+        return np.full(ids.shape, -1, dtype=np.int32)
+    pos = np.searchsorted(labels.ids, ids)
+    pos = np.minimum(pos, labels.ids.size - 1)
+    found = (labels.ids[pos] == ids) & (ids >= 0)
+    return np.where(found, labels.codes[pos], -1).astype(np.int32)
+
+
+def drop_excluded(
+    ids: np.ndarray, dist: np.ndarray, exclude: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each row's excluded id (leave-one-out), keeping the first k of the rest."""
+    keep = ids != exclude[:, None]
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(dist, order, 1)
+
+
+def to_scores(dist: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
+    """FAISS distances -> similarity scores (higher = closer); L2 gives -Euclidean distance."""
+    scores = -np.sqrt(np.maximum(dist, 0.0)) if metric == "l2" else dist.copy()
+    scores[ids < 0] = -np.inf
+    return scores.astype(np.float32, copy=False)
+
+
+def check_k(k: object, available: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise InvalidInput(f"k must be an integer, got {k!r}")
+    if k <= 0:
+        raise InvalidInput(f"k must be positive, got {k}")
+    if available == 0:
+        raise FailedPrecondition("the index holds no live items: add vectors and rebuild")
+    if k > available:
+        raise InvalidInput(f"k={k} is more than the {available} items in the index")
+    return int(k)
+
+
+class Searcher:
+    """Thread-safe search over a bank's live index generation."""
+
+    def __init__(
+        self, bank: Bank, store: Any, owns_store: bool, threads: int | None = None
+    ) -> None:
+        self.bank = bank
+        self.store = store
+        self._owns_store = owns_store
+        self._lock = RWLock()
+        self._refresh_mutex = threading.Lock()
+        self._local = threading.local()
+        self.threads = threads
+        gen = load_generation(bank)
+        self._check_spec(gen)
+        self._view = make_view(gen, load_labels(store))
+
+    @classmethod
+    def load(
+        cls, bank: str | os.PathLike[str] | Bank, store: Any = None, threads: int | None = None
+    ) -> Searcher:
+        """Open the live index of `bank` (FailedPrecondition if none was built yet).
+
+        `threads`: OpenMP threads per search call; None = all cores when called
+        from the main thread, 1 from other threads (servers run many at once).
+        """
+        b = bank if isinstance(bank, Bank) else Bank(bank)
+        owns = store is None
+        if store is None:
+            from embedder import store as store_mod
+
+            store = store_mod.open(b.root, readonly=True)
+        try:
+            return cls(b, store, owns, threads)
+        except BaseException:
+            if owns:
+                store.close()
+            raise
+
+    def close(self) -> None:
+        if self._owns_store:
+            self.store.close()
+
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_spec(self, gen: Generation) -> None:
+        dim = int(self.store.spec.dim)
+        if dim and dim != gen.dim:
+            raise FailedPrecondition(
+                f"index generation {gen.number} was built for dimension {gen.dim}, "
+                f"but the store holds dimension {dim}: rebuild the index"
+            )
+
+    # -- what the view says --------------------------------------------------
+    @property
+    def generation(self) -> int:
+        return self._view.gen.number
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._view.gen.manifest
+
+    @property
+    def dim(self) -> int:
+        return self._view.gen.dim
+
+    @property
+    def metric(self) -> str:
+        return self._view.gen.metric
+
+    @property
+    def ntotal(self) -> int:
+        """Live items the index can return."""
+        return self._view.live_count
+
+    @property
+    def vocabulary(self) -> list[str]:
+        return self._view.labels.vocabulary
+
+    @property
+    def store_generation(self) -> int:
+        return self._view.labels.store_generation
+
+    def transform(self, vectors: np.ndarray) -> np.ndarray:
+        """What the index stores for `vectors` (validated, transformed)."""
+        gen = self._view.gen
+        return gen.transform.apply(as_vectors(vectors, gen.dim, "vectors"))
+
+    # -- refreshing ------------------------------------------------------------
+    def refresh(self) -> None:
+        """Pick up a new CURRENT index generation and label/deletion changes in the store."""
+        self._refresh(index_too=True)
+
+    def _refresh(self, index_too: bool) -> None:
+        with self._refresh_mutex:
+            view = self._view
+            gen = view.gen
+            if index_too:
+                live = current_generation(self.bank.indexes_dir)
+                if live is not None and live != gen.number:
+                    gen = load_generation(self.bank, live)
+                    self._check_spec(gen)
+            labels = view.labels
+            if int(self.store.generation) != labels.store_generation:
+                labels = load_labels(self.store)
+            if gen is view.gen and labels is view.labels:
+                return
+            new = make_view(gen, labels)
+            with self._lock.write():
+                self._view = new
+            log.info(
+                "searcher now on index generation %d, store generation %d",
+                gen.number, labels.store_generation,
+            )
+
+    def _labels_current(self) -> None:
+        if int(self.store.generation) != self._view.labels.store_generation:
+            self._refresh(index_too=False)
+
+    # -- searching -------------------------------------------------------------
+    def _set_threads(self) -> None:
+        want = self.threads
+        if want is None:
+            main = threading.current_thread() is threading.main_thread()
+            want = (os.cpu_count() or 1) if main else 1
+        if getattr(self._local, "threads", None) != want:
+            faiss.omp_set_num_threads(want)
+            self._local.threads = want
+
+    def search(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        labels: Sequence[str] | None = None,
+        exclude_ids: np.ndarray | None = None,
+    ) -> SearchResult:
+        """k nearest live items of each row of `vectors`, optionally only items with `labels`.
+
+        `exclude_ids` (one id per row) leaves each row's own item out (leave-one-out).
+        """
+        self._labels_current()
+        self._set_threads()
+        with self._lock.read():
+            view = self._view
+            x = as_vectors(vectors, view.gen.dim, "query vectors")
+            k = check_k(k, view.live_count)
+            exclude = None
+            if exclude_ids is not None:
+                exclude = np.asarray(exclude_ids, dtype=np.int64).reshape(-1)
+                if exclude.shape[0] != x.shape[0]:
+                    raise InvalidInput(
+                        f"exclude_ids has {exclude.shape[0]} ids for {x.shape[0]} queries"
+                    )
+            kk = k + 1 if exclude is not None and k < view.gen.index_ids.size else k
+            xt = view.gen.transform.apply(x)
+            if labels is not None:
+                dist, ids = self._search_labels(view, xt, kk, labels)
+            else:
+                dist, ids = self._search_all(view, xt, kk)
+            if exclude is not None:
+                ids, dist = drop_excluded(ids, dist, exclude, k)
+            ids, dist = ids[:, :k], dist[:, :k]
+            scores = to_scores(dist, ids, view.gen.metric)
+            codes = codes_of(view.labels, ids)
+            return SearchResult(ids, scores, codes, view.labels.vocabulary, self._keys)
+
+    def _search_all(self, view: View, xt: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        index = view.gen.index
+        if view.stale.size == 0:
+            dist, ids = index.search(xt, k)
+            return dist, ids
+        inner = cached(view, "not-stale", lambda: faiss.IDSelectorBatch(view.stale))
+        sel = faiss.IDSelectorNot(inner)
+        params = search_params(view, sel, 1.0)
+        dist, ids = index.search(xt, k, params=params)
+        return dist, ids
+
+    def _search_labels(
+        self, view: View, xt: np.ndarray, k: int, labels: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(labels, str):
+            labels = [labels]
+        vocab = {name: i for i, name in enumerate(view.labels.vocabulary)}
+        unknown = [name for name in labels if name not in vocab]
+        if unknown:
+            raise InvalidInput(f"unknown labels {unknown}: the bank has {len(vocab)} labels")
+        wanted = np.array(sorted({vocab[name] for name in labels}), dtype=np.int32)
+        key = ("labels", tuple(wanted.tolist()))
+        allowed = cached(view, key, lambda: allowed_ids(view, wanted))
+        fraction = allowed.size / max(view.live_count, 1)
+        n = xt.shape[0]
+        if allowed.size == 0:
+            return np.full((n, k), np.nan, np.float32), np.full((n, k), -1, np.int64)
+        if view.gen.kind == "hnsw" and allowed.size <= EXACT_FILTER_MAX:
+            sub = cached(view, ("exact",) + key, lambda: exact_subset(view, allowed))
+            return sub(xt, k)
+        sel = cached(view, ("sel",) + key, lambda: faiss.IDSelectorBatch(allowed))
+        return view.gen.index.search(xt, k, params=search_params(view, sel, fraction))
+
+    def _keys(self, ids: np.ndarray) -> dict[int, str]:
+        wanted = np.unique(ids[ids >= 0]).astype(np.uint64)
+        if wanted.size == 0:
+            return {}
+        try:
+            items = self.store.get(wanted)
+            return {int(i): key for i, key in zip(items.ids, items.keys, strict=True)}
+        except NotFound:  # deleted since the search: look up one by one, skip the missing
+            out: dict[int, str] = {}
+            for i in wanted:
+                try:
+                    out[int(i)] = self.store.get(np.array([i], dtype=np.uint64)).keys[0]
+                except NotFound:
+                    continue
+            return out
+
+
+def cached(view: View, key: Any, make: Callable[[], Any]) -> Any:
+    """Per-view memo for selectors and filtered subsets (views are immutable)."""
+    with view.cache_lock:
+        if key in view.cache:
+            view.cache.move_to_end(key)
+            return view.cache[key]
+    value = make()
+    with view.cache_lock:
+        view.cache[key] = value
+        while len(view.cache) > SELECTOR_CACHE:
+            view.cache.popitem(last=False)
+    return value
+
+
+def allowed_ids(view: View, wanted_codes: np.ndarray) -> np.ndarray:
+    """Live ids with one of the wanted labels that the index holds."""
+    mask = np.isin(view.labels.codes, wanted_codes)
+    ids = view.labels.ids[mask]
+    return ids[np.isin(ids, view.gen.index_ids, assume_unique=True)]
+
+
+def exact_subset(
+    view: View, allowed: np.ndarray
+) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
+    """Exact search over a small filtered subset (graph search degrades under tight filters)."""
+    vectors = view.gen.index.reconstruct_batch(allowed)
+    metric = faiss.METRIC_L2 if view.gen.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    flat = faiss.IndexFlat(vectors.shape[1], metric)
+    flat.add(vectors)
+
+    def run(xt: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        dist, pos = flat.search(xt, k)
+        ids = np.where(pos >= 0, allowed[np.maximum(pos, 0)], -1).astype(np.int64)
+        return dist, ids
+
+    return run
+
+
+def search_params(view: View, sel: faiss.IDSelector, fraction: float) -> faiss.SearchParameters:
+    """Per-call parameters: the selector, with more exploration when it lets few items through."""
+    gen = view.gen
+    tuned = {k: int(v) for k, v in gen.manifest.get("params", {}).items()}
+    boost = 1.0 / max(fraction, 1e-6)
+    if gen.kind == "hnsw":
+        ef = tuned.get("efSearch", 16)
+        return FAISS.SearchParametersHNSW(sel=sel, efSearch=int(min(ef * boost, MAX_EF_SEARCH)))
+    if gen.kind == "ivf":
+        grid = tunable(gen.index, 1).get("nprobe", [1])
+        nprobe = tuned.get("nprobe", 1)
+        return FAISS.SearchParametersIVF(sel=sel, nprobe=int(min(nprobe * boost, grid[-1])))
+    return FAISS.SearchParameters(sel=sel)

@@ -1,0 +1,148 @@
+"""Choosing a FAISS index for a bank: pure functions of (count, dimension, memory budget).
+
+Why pure functions: the choice must be explainable and testable without building
+anything, and the same inputs must always give the same index (the manifest
+records the choice and the reason). The rules, in order (like autofaiss):
+
+1. ``count <= FLAT_MAX_COUNT`` -> ``Flat``: exact search costs a few milliseconds
+   per query batch at this size, so approximation buys nothing and loses recall.
+2. HNSW (``HNSW32``) when its memory (raw float vectors + graph links) fits the
+   budget and ``count <= HNSW_MAX_COUNT``: the best recall/latency trade-off for
+   banks that fit in RAM; above a few million vectors its build time dominates.
+3. ``IVF{nlist},Flat`` when the raw vectors fit but the graph does not (or the
+   bank is too big for HNSW build times). ``nlist ~ 4 sqrt(count)`` rounded to a
+   power of two; from ``HNSW_COARSE_MIN_NLIST`` lists on, the coarse quantiser is
+   itself an HNSW (``IVF{nlist}_HNSW32``) so assigning a query stays cheap.
+4. ``OPQ{m}_{D},IVF{nlist}[_HNSW32],PQ{m}`` when raw vectors do not fit: product
+   quantisation with the largest code (``m`` bytes per vector) that fits; OPQ
+   rotates the space first so each sub-quantiser gets a fair share of variance.
+5. Nothing fits -> ``InvalidInput`` naming the budget and the smallest need.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+from embedder.errors import InvalidInput
+
+FLAT_MAX_COUNT = 20_000
+HNSW_MAX_COUNT = 5_000_000
+HNSW_M = 32
+HNSW_COARSE_MIN_NLIST = 16_384
+MIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per centroid
+ID_BYTES = 8  # IndexIDMap2 keeps an int64 id per vector (+ a reverse map, counted twice)
+METRICS = ("cosine", "ip", "l2")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The chosen factory string, why, and what the tuner may vary."""
+
+    factory: str
+    reason: str
+    memory_bytes: int
+    tunable: dict[str, list[int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def parse_memory(text: str | int) -> int:
+    """'4G', '512M', '100k', '123' -> bytes (binary units), for --memory-budget."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", text)
+        if not m:
+            raise InvalidInput(f"memory budget {text!r}: expected a size like 4G, 512M or 1000000")
+        power = " KMGT".index(m.group(2).upper() or " ")
+        value = int(float(m.group(1)) * (1024**power))
+    if value <= 0:
+        raise InvalidInput(f"memory budget must be positive, got {text!r}")
+    return value
+
+
+def nlist_for(count: int) -> int:
+    """Number of IVF lists: ~4 sqrt(count) as a power of two, with enough points to train each."""
+    target = 4 * math.sqrt(max(count, 1))
+    nlist = 2 ** max(0, round(math.log2(target)))
+    while nlist > 1 and count < nlist * MIN_POINTS_PER_LIST:
+        nlist //= 2
+    return max(nlist, 1)
+
+
+def flat_memory(count: int, dim: int) -> int:
+    return count * (dim * 4 + 2 * ID_BYTES)
+
+
+def hnsw_memory(count: int, dim: int, m: int = HNSW_M) -> int:
+    """Raw vectors + level-0 links (2M ints) + upper levels (~M/(M-1) ints on average)."""
+    links = count * (2 * m + m) * 4
+    return flat_memory(count, dim) + links
+
+
+def ivf_memory(count: int, dim: int, nlist: int, code_bytes: int) -> int:
+    centroids = nlist * dim * 4
+    coarse = hnsw_memory(nlist, dim) if nlist >= HNSW_COARSE_MIN_NLIST else centroids
+    return count * (code_bytes + 2 * ID_BYTES + 8) + coarse
+
+
+def pq_sizes(dim: int) -> list[tuple[int, int]]:
+    """(m bytes per vector, OPQ output dimension) candidates, largest code first."""
+    ms = {m for m in (128, 96, 64, 48, 32, 24, 16, 8, 4) if m <= max(4, dim // 2)}
+    return [(m, (dim // m) * m) for m in sorted(ms, reverse=True)]
+
+
+def efsearch_grid(k: int) -> list[int]:
+    return sorted({max(k, v) for v in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)})
+
+
+def nprobe_grid(nlist: int) -> list[int]:
+    grid = [1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048]
+    return [p for p in grid if p < nlist] + [nlist]
+
+
+def choose_factory(count: int, dim: int, memory_budget: int, k: int = 10) -> Choice:
+    """Apply the rules in the module docstring; raise InvalidInput when nothing fits."""
+    if count <= 0:
+        raise InvalidInput("cannot choose an index for an empty bank")
+    if dim <= 0:
+        raise InvalidInput(f"dimension must be positive, got {dim}")
+    if memory_budget <= 0:
+        raise InvalidInput(f"memory budget must be positive, got {memory_budget}")
+    if count <= FLAT_MAX_COUNT:
+        need = flat_memory(count, dim)
+        if need <= memory_budget:
+            return Choice("Flat", f"{count} <= {FLAT_MAX_COUNT} vectors: exact search", need)
+    need = hnsw_memory(count, dim)
+    if count <= HNSW_MAX_COUNT and need <= memory_budget:
+        return Choice(
+            f"HNSW{HNSW_M}",
+            f"HNSW graph fits the budget ({need} <= {memory_budget} bytes)",
+            need,
+            {"efSearch": efsearch_grid(k)},
+        )
+    nlist = nlist_for(count)
+    coarse = f"IVF{nlist}_HNSW32" if nlist >= HNSW_COARSE_MIN_NLIST else f"IVF{nlist}"
+    tunable = {"nprobe": nprobe_grid(nlist)}
+    need = ivf_memory(count, dim, nlist, dim * 4)
+    if need <= memory_budget:
+        why = "too many vectors for an HNSW build" if count > HNSW_MAX_COUNT else "graph too big"
+        return Choice(f"{coarse},Flat", f"raw vectors fit, {why}: inverted lists", need, tunable)
+    smallest = need
+    for m, out in pq_sizes(dim):
+        need = ivf_memory(count, out, nlist, m)
+        smallest = min(smallest, need)
+        if need <= memory_budget:
+            return Choice(
+                f"OPQ{m}_{out},{coarse},PQ{m}",
+                f"raw vectors do not fit: {m}-byte PQ codes after an OPQ rotation",
+                need,
+                tunable,
+            )
+    raise InvalidInput(
+        f"memory budget {memory_budget} bytes is too small for {count} x {dim} vectors "
+        f"(the smallest index considered needs about {smallest} bytes)"
+    )
