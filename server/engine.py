@@ -459,9 +459,9 @@ class Engine:
             if current_generation(self.bank.indexes_dir) is None:
                 if self.store.count == 0:
                     return
-                build.build_index(self.bank.root, store=self.store)
+                build.build_index(self.bank.root)
             else:
-                build.update_index(self.bank.root, store=self.store)
+                build.update_index(self.bank.root)
             self._load_models()
 
     # ----------------------------------------------------------------- rebuilds
@@ -497,7 +497,6 @@ class Engine:
                     metric=params.metric,
                     transform=params.transform,
                     target_recall=params.target_recall,
-                    store=self.store,
                 )
                 op.result["index"] = manifest
                 if params.retrain_head:
@@ -507,7 +506,7 @@ class Engine:
                     kwargs: dict[str, Any] = {"hidden": params.head_hidden}
                     if params.head_epochs:
                         kwargs["epochs"] = params.head_epochs
-                    op.result["head"] = heads.train_head(self.bank.root, store=self.store, **kwargs)
+                    op.result["head"] = heads.train_head(self.bank.root, **kwargs)
                 op.stage, op.progress = "swapping", 0.95
                 self._load_models()
             if self.models is None:

@@ -1,0 +1,243 @@
+"""Serving benchmark: what the gRPC server costs, and what dynamic batching buys.
+
+(1) Classify by vector, 32 concurrent clients against `featurebank serve`:
+    queries/s, p50/p99 latency, compared with the in-process Classifier on the
+    same queries one call at a time (what a user would otherwise do) and in one
+    batch (the limit).
+(2) Classify by image (MobileNetV2 at 224, random weights, CPU), 32 concurrent
+    clients, dynamic batching on (max batch 32) versus off (max batch 1):
+    throughput ratio, target >= 2.5x.
+
+    python benchmarks/serve_bench.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from embedder import store as store_mod  # noqa: E402
+from embedder.spec import Spec  # noqa: E402
+from server.client import FeatureBankClient  # noqa: E402
+
+CLIENTS = 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Served:
+    """`featurebank serve` in a subprocess (so clients and server do not share a GIL)."""
+
+    def __init__(self, bank: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "featurebank", "serve", "--bank", str(bank),
+               "--port", str(self.port), *extra]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        with FeatureBankClient(self.target) as c:
+            try:
+                c.wait_until_serving(timeout=600)
+            except Exception:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def __enter__(self) -> Served:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def hammer(target: str, n: int, call: Callable[[FeatureBankClient, int], object]) -> dict[str, float]:
+    """`n` calls spread over CLIENTS threads sharing one channel; qps and latency percentiles."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    counter = iter(range(n))
+    errors: list[BaseException] = []
+    with FeatureBankClient(target, timeout=600) as client:
+        call(client, 0)  # warm up the channel and the server's first batch
+
+        def worker() -> None:
+            mine: list[float] = []
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    break
+                t0 = time.perf_counter()
+                try:
+                    call(client, i)
+                except BaseException as e:  # noqa: BLE001
+                    errors.append(e)
+                mine.append(time.perf_counter() - t0)
+            with lock:
+                latencies.extend(mine)
+
+        threads = [threading.Thread(target=worker) for _ in range(CLIENTS)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} calls failed, first: {errors[0]}")
+    return summary(latencies, wall)
+
+
+def summary(latencies: Sequence[float], wall: float) -> dict[str, float]:
+    lat = np.sort(np.asarray(latencies)) * 1000
+    return {"qps": len(lat) / wall, "p50": float(np.percentile(lat, 50)),
+            "p99": float(np.percentile(lat, 99)), "n": float(len(lat))}
+
+
+def fmt(s: dict[str, float]) -> str:
+    return f"{s['qps']:9.1f} q/s   p50 {s['p50']:8.2f} ms   p99 {s['p99']:8.2f} ms"
+
+
+def vector_bank(root: Path, n: int, dim: int, classes: int) -> tuple[Path, np.ndarray]:
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(classes, dim)).astype(np.float32)
+    labels_idx = rng.integers(0, classes, n)
+    vectors = centers[labels_idx] + 0.8 * rng.normal(size=(n, dim)).astype(np.float32)
+    spec = Spec(backbone="external", weights="external", input_size=None, resize="none",
+                dim=dim, dtype="float32")
+    with store_mod.create(root, spec) as st:
+        st.put_batch([f"v{i}" for i in range(n)], vectors,
+                     labels=[f"class{c}" for c in labels_idx],
+                     splits=["val" if i % 10 == 0 else "train" for i in range(n)])
+    from index.build import build_index
+
+    build_index(root)
+    queries = centers[rng.integers(0, classes, 4096)] + 0.8 * rng.normal(size=(4096, dim))
+    return root, queries.astype(np.float32)
+
+
+def bench_vectors(tmp: Path, quick: bool) -> None:
+    n, dim, calls = (5_000, 64, 1_000) if quick else (50_000, 128, 5_000)
+    bank, queries = vector_bank(tmp / "vectors", n, dim, 20)
+    print(f"\n(1) Classify by vector: bank {n} x {dim}, {calls} calls, {CLIENTS} clients")
+
+    from index.classifier import Classifier
+
+    clf = Classifier(bank)
+    qs = [queries[i % len(queries)] for i in range(calls)]
+    clf.classify(qs[0][None])
+    lat: list[float] = []
+    start = time.perf_counter()
+    for q in qs:
+        t0 = time.perf_counter()
+        clf.classify(q[None])
+        lat.append(time.perf_counter() - t0)
+    inproc = summary(lat, time.perf_counter() - start)
+    t0 = time.perf_counter()
+    clf.classify(np.stack(qs))
+    batch_qps = calls / (time.perf_counter() - t0)
+    del clf
+
+    with Served(bank) as s:
+        served = hammer(s.target, calls, lambda c, i: c.classify(vector=qs[i % calls]))
+    print(f"  in-process Classifier, one call at a time : {fmt(inproc)}")
+    print(f"  in-process Classifier, one batch (limit)  : {batch_qps:9.1f} q/s")
+    print(f"  gRPC server, {CLIENTS} concurrent clients      : {fmt(served)}")
+    print(f"  server / in-process one-at-a-time: {served['qps'] / inproc['qps']:.2f}x   "
+          f"server / batch limit: {served['qps'] / batch_qps:.2f}x")
+
+
+def jpegs(count: int, size: int, seed: int = 0) -> list[bytes]:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        base = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((size, size), Image.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def image_bank(root: Path, n: int) -> Path:
+    from embedder.embedding import Embedder
+
+    spec = Spec(backbone="MobileNetV2", weights="none", input_size=(224, 224), resize="crop",
+                preprocessing="mobilenet_v2", pooling="avg", dim=1280, dtype="float32")
+    embedder = Embedder.from_spec(spec)
+    images = jpegs(n, 240, seed=1)
+    vectors = np.asarray(embedder.embed_images(images), dtype=np.float32)
+    with store_mod.create(root, embedder.spec) as st:
+        st.put_batch([f"img{i}" for i in range(n)], vectors,
+                     labels=[f"class{i % 4}" for i in range(n)],
+                     splits=["train"] * n)
+    from index.build import build_index
+
+    build_index(root)
+    return root
+
+
+def bench_images(tmp: Path, quick: bool) -> None:
+    n_bank, calls = (64, 96) if quick else (256, 640)
+    bank = image_bank(tmp / "images", n_bank)
+    images = jpegs(64, 256, seed=2)
+    print(f"\n(2) Classify by image: MobileNetV2 224 (weights none, CPU), {calls} calls, "
+          f"{CLIENTS} clients")
+    results = {}
+    for name, extra in (("batching off (max batch 1) ", ["--max-batch-size", "1"]),
+                        ("batching on  (max batch 32)", ["--max-batch-size", "32",
+                                                         "--batch-timeout-ms", "5"])):
+        with Served(bank, *extra) as s:
+            results[name] = hammer(s.target, calls,
+                                   lambda c, i: c.classify(image=images[i % len(images)]))
+        print(f"  {name}: {fmt(results[name])}")
+    off, on = results.values()
+    ratio = on["qps"] / off["qps"]
+    print(f"  dynamic batching throughput ratio: {ratio:.2f}x (target >= 2.5x: "
+          f"{'met' if ratio >= 2.5 else 'NOT met'})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--only", choices=["vectors", "images"], default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    print(f"serve_bench ({'quick' if args.quick else 'full'}), {os.cpu_count()} CPUs, "
+          f"python {sys.version.split()[0]}")
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as d:
+        tmp = Path(d)
+        if args.only in (None, "vectors"):
+            bench_vectors(tmp, args.quick)
+        if args.only in (None, "images"):
+            bench_images(tmp, args.quick)
+
+
+if __name__ == "__main__":
+    main()
