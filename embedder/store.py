@@ -487,20 +487,37 @@ class Store:
             out[i] = unpack_id(raw)
         return out
 
-    def _rewrite_rows(self, mapping: Mapping[str, Any], update: Any) -> int:
-        """Apply `update` to the rows of `mapping`'s keys and log the ids that changed.
+    def relabel(
+        self,
+        labels: Mapping[str, str | None] | None = None,
+        splits: Mapping[str, str] | None = None,
+    ) -> int:
+        """Set labels and splits together in one transaction; returns how many items changed.
 
         Only the small rows records are rewritten: vectors stay where they are.
+        Unknown keys raise InvalidInput naming the key, and nothing changes.
         """
-        keys = list(mapping)
+        new_labels = {k: check_label(k, v) for k, v in (labels or {}).items()}
+        new_splits = {k: check_split(k, v) for k, v in (splits or {}).items()}
+        keys = list(dict.fromkeys([*new_labels, *new_splits]))
+        check_keys(keys)
+        if not keys:
+            return 0
 
         def fn(txn: Txn, h: EnvHandle) -> int:
             loc = _locate(txn, h, self._ids_in_txn(txn, h, keys, InvalidInput))
+            new_codes = self._codes_for(txn, h, list(new_labels.values())).tolist()
+            codes_of = dict(zip(new_labels, new_codes, strict=True))
             changed: list[np.ndarray] = []
             for b, (bkey, bids, codes, states) in enumerate(loc.blocks):
                 sel = np.flatnonzero(loc.block == b)
                 before_c, before_s = codes.copy(), states.copy()
-                update(txn, h, codes, states, loc.row[sel], [keys[i] for i in sel])
+                for i, row in zip(sel.tolist(), loc.row[sel].tolist(), strict=True):
+                    key = keys[i]
+                    if key in new_labels:
+                        codes[row] = codes_of[key]
+                    if key in new_splits:
+                        states[row] = new_splits[key]
                 diff = (codes != before_c) | (states != before_s)
                 if diff.any():
                     txn.put(bkey, encode_rows(bids, codes, states), db=h.dbs["rows"])
@@ -517,37 +534,11 @@ class Store:
 
     def set_labels(self, mapping: Mapping[str, str | None]) -> int:
         """Relabel items (None = unlabelled) in one transaction; returns how many changed."""
-        labels = {k: check_label(k, v) for k, v in mapping.items()}
-        check_keys(list(labels))
-
-        def update(
-            txn: Txn,
-            h: EnvHandle,
-            codes: np.ndarray,
-            states: np.ndarray,
-            rows: np.ndarray,
-            keys: list[str],
-        ) -> None:
-            codes[rows] = self._codes_for(txn, h, [labels[k] for k in keys])
-
-        return self._rewrite_rows(labels, update)
+        return self.relabel(labels=mapping)
 
     def set_splits(self, mapping: Mapping[str, str]) -> int:
         """Move items between train/val/test/none; returns how many changed."""
-        splits = {k: check_split(k, v) for k, v in mapping.items()}
-        check_keys(list(splits))
-
-        def update(
-            txn: Txn,
-            h: EnvHandle,
-            codes: np.ndarray,
-            states: np.ndarray,
-            rows: np.ndarray,
-            keys: list[str],
-        ) -> None:
-            states[rows] = [splits[k] for k in keys]
-
-        return self._rewrite_rows(splits, update)
+        return self.relabel(splits=mapping)
 
     def delete(self, keys: Iterable[str]) -> int:
         """Remove items from every read (space comes back with compact()); returns the count.

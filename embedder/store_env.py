@@ -45,7 +45,8 @@ WRITER_LOCK = "writer.lock"
 ENV_PREFIX = "env-"
 INITIAL_MAP_SIZE = 64 << 20
 MAX_MAP_SIZE = 1 << 42
-_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# LMDB reports a short write (the usual first sign of a full disk) as EIO.
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO)
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -241,8 +242,8 @@ class SharedStore:
                 except lmdb.Error as e:
                     if is_disk_full(e):
                         raise StorageFull(
-                            f"disk full while writing {self.path}: the last committed batch is "
-                            f"intact, this one was not written ({e})"
+                            f"could not write {self.path} (disk full or failing: {e}); the last "
+                            "committed batch is intact, this one was not written"
                         ) from e
                     raise
 
