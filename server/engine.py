@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -64,6 +63,7 @@ class ClassifyJob:
     k: int | None
     top_n: int
     include_neighbors: bool
+    exclude_id: int | None = None  # a stored item's own id: it must not vote for itself
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class SearchJob:
     vector: np.ndarray
     k: int
     labels: tuple[str, ...]
-    exclude_key: str | None
+    exclude_id: int | None
     include_metadata: bool
 
 
@@ -276,9 +276,12 @@ class Engine:
 
         return isolate(run, images)
 
-    async def vectors_of_keys(self, keys: Sequence[str]) -> np.ndarray:
-        def lookup() -> np.ndarray:
-            return np.asarray(self.store.get_by_keys(list(keys)).vectors, dtype=np.float32)
+    async def vectors_of_keys(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Stored vectors and ids of `keys` (NotFound names an unknown key)."""
+
+        def lookup() -> tuple[np.ndarray, np.ndarray]:
+            items = self.store.get_by_keys(list(keys))
+            return np.asarray(items.vectors, dtype=np.float32), np.asarray(items.ids)
 
         return await self._run(self.compute, lookup)
 
@@ -290,17 +293,20 @@ class Engine:
         models = self._models()
         clf = models.classifier
         out: list[Classified | BaseException | None] = [None] * len(jobs)
-        groups: dict[tuple[str | None, int | None, bool], list[int]] = defaultdict(list)
+        groups: dict[tuple[str | None, int | None, bool, bool], list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
-            groups[(job.mode, job.k, job.include_neighbors)].append(i)
-        for (mode, k, neighbors), idx in groups.items():
+            key = (job.mode, job.k, job.include_neighbors, job.exclude_id is not None)
+            groups[key].append(i)
+        for (mode, k, neighbors, exclude), idx in groups.items():
             try:
                 vectors = np.stack([jobs[i].vector for i in idx])
                 top_n = max(jobs[i].top_n for i in idx)
+                ex = np.array([jobs[i].exclude_id for i in idx], dtype=np.int64) if exclude else None
                 index_gen = int(clf.index_generation)
                 head_gen = clf.head_generation
                 preds = clf.classify(
-                    vectors, mode=mode, k=k, top_n=top_n, include_neighbors=neighbors
+                    vectors, mode=mode, k=k, top_n=top_n, include_neighbors=neighbors,
+                    exclude_ids=ex,
                 )
                 used = mode or str(clf.default_mode)
                 for i, pred in zip(idx, preds, strict=True):
@@ -325,27 +331,25 @@ class Engine:
     def _search_batch(self, jobs: list[SearchJob]) -> list[list[Hit] | BaseException]:
         searcher = self._models().searcher
         out: list[list[Hit] | BaseException | None] = [None] * len(jobs)
-        groups: dict[tuple[int, tuple[str, ...]], list[int]] = defaultdict(list)
+        groups: dict[tuple[int, tuple[str, ...], bool], list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
-            extra = 1 if job.exclude_key is not None else 0
-            groups[(job.k + extra, job.labels)].append(i)
-        for (k, labels), idx in groups.items():
+            groups[(job.k, job.labels, job.exclude_id is not None)].append(i)
+        for (k, labels, exclude), idx in groups.items():
             try:
                 vectors = np.stack([jobs[i].vector for i in idx])
-                res = searcher.search(vectors, k, labels=list(labels) if labels else None)
+                ex = np.array([jobs[i].exclude_id for i in idx], dtype=np.int64) if exclude else None
+                k = min(k, max(1, int(searcher.ntotal) - (1 if exclude else 0)))
+                res = searcher.search(
+                    vectors, k, labels=list(labels) if labels else None, exclude_ids=ex
+                )
+                keys, labs = res.keys, res.labels
                 for row, i in enumerate(idx):
                     job = jobs[i]
-                    hits: list[Hit] = []
-                    for col in range(res.ids.shape[1]):
-                        if int(res.ids[row, col]) < 0:
-                            continue
-                        key = res.keys[row][col]
-                        if key == job.exclude_key:
-                            continue
-                        hits.append(
-                            Hit(key, res.labels[row][col], float(res.scores[row, col]), None)
-                        )
-                    hits = hits[: job.k]
+                    hits = [
+                        Hit(keys[row][col], labs[row][col], float(res.scores[row, col]), None)
+                        for col in range(res.ids.shape[1])
+                        if int(res.ids[row, col]) >= 0
+                    ]
                     if job.include_metadata and hits:
                         metas = self.store.get_by_keys([h.key for h in hits]).meta
                         hits = [
@@ -385,12 +389,12 @@ class Engine:
                 "manifest": manifest,
             }
             info["default_mode"] = str(m.classifier.default_mode)
-            head_gen = m.classifier.head_generation
-            if head_gen is not None:
+            head = m.classifier.head
+            if head is not None:
                 info["head"] = {
-                    "generation": int(head_gen),
+                    "generation": int(head.generation),
                     "stale": bool(m.classifier.head_stale),
-                    "manifest": _read_manifest(self.bank.heads_dir / str(head_gen)),
+                    "manifest": dict(head.manifest),
                 }
         return info
 
@@ -528,14 +532,6 @@ def _unknown_keys(keys: Sequence[str]) -> str:
     shown = ", ".join(repr(k) for k in keys[:5])
     more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
     return f"unknown key{'s' if len(keys) > 1 else ''} {shown}{more}"
-
-
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((folder / "manifest.json").read_text())
-        return data if isinstance(data, dict) else {}
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def image_meta(image: bytes, uri: str) -> dict[str, Any]:

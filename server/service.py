@@ -182,10 +182,15 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         if self.metrics is not None:
             self.metrics.observe(method, code, time.perf_counter() - started)
 
-    async def _vectors(self, inputs: Sequence[pb.Input]) -> np.ndarray:
-        """Resolve images, vectors and keys to vectors (images batched with other calls)."""
+    async def _vectors(self, inputs: Sequence[pb.Input]) -> tuple[np.ndarray, list[int | None]]:
+        """Vectors of images, vectors and keys (images batched with other calls).
+
+        Also the stored id of each key input, so a stored item is left out of its own
+        neighbours (leave-one-out) when classifying or searching by key.
+        """
         dim = self.engine.dim
         out: list[np.ndarray | None] = [None] * len(inputs)
+        own: list[int | None] = [None] * len(inputs)
         images: list[tuple[int, bytes]] = []
         keys: list[tuple[int, str]] = []
         for i, inp in enumerate(inputs):
@@ -206,10 +211,11 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
             for (i, _), v in zip(images, vectors, strict=True):
                 out[i] = v
         if keys:
-            vectors2 = await self.engine.vectors_of_keys([k for _, k in keys])
-            for (i, _), v in zip(keys, vectors2, strict=True):
+            vectors2, ids = await self.engine.vectors_of_keys([k for _, k in keys])
+            for (i, _), v, item_id in zip(keys, vectors2, ids, strict=True):
                 out[i] = v
-        return np.stack([v for v in out if v is not None])
+                own[i] = int(item_id)
+        return np.stack([v for v in out if v is not None]), own
 
     # ------------------------------------------------------------- read RPCs
 
@@ -243,8 +249,11 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         mode_name = check_mode(mode)
         k_value = check_k(k, None)
         n = check_top_n(top_n)
-        vectors = await self._vectors(inputs)
-        jobs = [ClassifyJob(v, mode_name, k_value, n, neighbors) for v in vectors]
+        vectors, own = await self._vectors(inputs)
+        jobs = [
+            ClassifyJob(v, mode_name, k_value, n, neighbors, item_id)
+            for v, item_id in zip(vectors, own, strict=True)
+        ]
         return [_classified(c) for c in await self.engine.classify(jobs)]
 
     @_rpc
@@ -255,9 +264,8 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         labels = tuple(request.labels)
         if any(not label for label in labels):
             raise InvalidInput("labels filter contains an empty label")
-        vectors = await self._vectors([request.input])
-        exclude = request.input.key if request.input.WhichOneof("input") == "key" else None
-        job = SearchJob(vectors[0], k, labels, exclude, request.include_metadata)
+        vectors, own = await self._vectors([request.input])
+        job = SearchJob(vectors[0], k, labels, own[0], request.include_metadata)
         hits = (await self.engine.search([job]))[0]
         models = self.engine.models
         gen = int(models.classifier.index_generation) if models else 0
@@ -428,7 +436,7 @@ def _info(info: dict[str, Any]) -> pb.GetInfoResponse:
         out.index.ntotal = index["ntotal"]
         out.index.factory = str(m.get("factory", ""))
         out.index.metric = str(m.get("metric", ""))
-        out.index.transform = str(_describe(m.get("transform", "")))
+        out.index.transform = _describe(m.get("transform", ""))
         out.index.recall = _number(_first(m, "recall", "measured_recall", "recall_at_k"))
         out.index.store_generation = int(_number(_first(m, "store_generation", "generation_covered")))
         out.index.manifest.CopyFrom(to_struct(m))
@@ -437,7 +445,7 @@ def _info(info: dict[str, Any]) -> pb.GetInfoResponse:
         m = head["manifest"]
         out.head.generation = head["generation"]
         out.head.stale = head["stale"]
-        metrics = m.get("metrics")
+        metrics = m.get("metrics") or m.get("val_metrics")
         if isinstance(metrics, dict):
             out.head.metrics.CopyFrom(to_struct(metrics))
         out.head.manifest.CopyFrom(to_struct(m))
@@ -459,7 +467,7 @@ def _first(m: dict[str, Any], *names: str) -> Any:
 
 def _describe(x: Any) -> str:
     if isinstance(x, dict):
-        return str(x.get("name") or x.get("kind") or json.dumps(x, default=str))
+        return str(x.get("spec") or x.get("name") or json.dumps(x, default=str))
     return str(x)
 
 

@@ -54,7 +54,7 @@ def test_classify_by_vector(client: FeatureBankClient) -> None:
     r = client.classify(vector=center("dog"), top_n=2)
     assert r.labels[0].label == "dog"
     assert r.labels[0].probability > 0.5
-    assert len(r.labels) == 2
+    assert 1 <= len(r.labels) <= 2  # zero-probability labels are left out
     assert r.index_generation >= 1
     assert r.mode != pb.MODE_UNSPECIFIED
     assert not r.neighbors
@@ -134,7 +134,7 @@ def test_invalid_arguments(client: FeatureBankClient) -> None:
     nan = np.ones(DIM)
     nan[3] = np.nan
     expect(bad, client.classify, vector=nan, match="NaN or infinity at position 3")
-    expect(bad, client.stub.Classify, pb.ClassifyRequest(), match="input is empty")
+    expect(bad, client._call, client.stub.Classify, pb.ClassifyRequest(), match="input is empty")
     expect(bad, client.classify, vector=center("cat"), k=100000, match="k=100000 is out of range")
     expect(bad, client.search, vector=center("cat"), k=5000, match="out of range")
     expect(bad, client.classify_batch, [], match="no inputs")
