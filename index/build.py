@@ -53,15 +53,20 @@ def check_options(metric: str, k: int, target_recall: float, memory_budget: int)
         raise InvalidInput(f"memory budget must be positive, got {memory_budget}")
 
 
+def faiss_reason(e: Exception) -> str:
+    """The readable tail of a faiss C++ exception ('Error in ... at file.cpp:12: reason')."""
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else "rejected"
+    return text.split(" at ", 1)[-1].split(": ", 1)[-1]
+
+
 def make_index(factory: str, dim: int, metric: str) -> faiss.Index:
     """faiss.index_factory behind an IndexIDMap2 (ids = store ids); bad strings -> InvalidInput."""
     try:
         index = faiss.index_factory(dim, f"IDMap2,{factory}", FAISS_METRIC[metric])
     except RuntimeError as e:
-        lines = str(e).strip().splitlines()
         raise InvalidInput(
             f"unknown or invalid faiss factory string {factory!r} for dimension {dim}: "
-            f"{lines[-1] if lines else 'rejected'}"
+            f"{faiss_reason(e)}"
         ) from e
     return index
 
@@ -92,8 +97,7 @@ def train(index: faiss.Index, vectors: np.ndarray) -> None:
         index.train(sample)
     except RuntimeError as e:
         raise InvalidInput(
-            f"could not train the index on {sample.shape[0]} vectors: "
-            f"{str(e).strip().splitlines()[-1]}"
+            f"could not train the index on {sample.shape[0]} vectors: {faiss_reason(e)}"
         ) from e
 
 

@@ -1,0 +1,97 @@
+"""`featurebank index build|update|eval`: thin wrappers over index.build and index.evaluate_index."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from featurebank.cli import Commands
+
+
+def register(commands: Commands) -> None:
+    p = commands.subcommand("index", "build", "build, tune and publish a new index", _build)
+    p.add_argument("--bank", required=True, help="bank directory")
+    p.add_argument("--factory", default="auto", help="auto or a faiss index_factory string")
+    p.add_argument("--metric", default="cosine", choices=["cosine", "ip", "l2"])
+    p.add_argument("--transform", default="none", help="none | l2 | cl2n | pca:D | pca-whiten:D")
+    p.add_argument("--memory-budget", default="4G", help="memory for the index, e.g. 4G, 512M")
+    p.add_argument("--target-recall", type=float, default=0.95, help="recall@k to tune for")
+    p.add_argument("--k", type=int, default=10, help="k of the recall target")
+    p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+
+    p = commands.subcommand("index", "update", "add new and remove deleted items", _update)
+    p.add_argument("--bank", required=True, help="bank directory")
+
+    p = commands.subcommand(
+        "index", "eval", "recall@k vs exact search, queries/s, kNN accuracy on val", _eval
+    )
+    p.add_argument("--bank", required=True, help="bank directory")
+    p.add_argument("--k", type=int, default=10, help="k for recall@k")
+    p.add_argument("--queries", type=int, default=1000, help="bank items used as queries")
+    p.add_argument("--knn-k", type=int, default=20, help="neighbours in the kNN vote")
+    p.add_argument("--split", default="val", help="split to measure kNN accuracy on")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+
+
+def _summary(m: dict[str, Any]) -> str:
+    recall = m.get("recall_at_k")
+    recall_s = f"{recall:.4f}" if isinstance(recall, float) and recall == recall else "n/a"
+    return (
+        f"index generation {m['generation']}: {m['factory']} {m.get('params') or ''} "
+        f"over {m['ntotal']} vectors, metric {m['metric']}, transform "
+        f"{m['transform']['spec']}; recall@{m['k']} {recall_s}, "
+        f"{m.get('latency_ms', 0):.3f} ms/query, store generation {m['store_generation']}"
+    )
+
+
+def _build(args: argparse.Namespace) -> int:
+    from index.build import build_index
+
+    m = build_index(
+        args.bank,
+        factory=args.factory,
+        metric=args.metric,
+        transform=args.transform,
+        memory_budget=args.memory_budget,
+        target_recall=args.target_recall,
+        k=args.k,
+        progress=True,
+        threads=args.threads,
+    )
+    print(_summary(m) + f"; built in {m['build_seconds']:.1f}s")
+    return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    from index.build import update_index
+
+    m = update_index(args.bank, progress=True)
+    if m.get("unchanged"):
+        print(f"index generation {m['generation']} is up to date")
+    else:
+        print(_summary(m) + f"; +{m.get('added', 0)} added, -{m.get('removed', 0)} removed")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from index.evaluate_index import evaluate
+
+    r = evaluate(args.bank, k=args.k, queries=args.queries, knn_k=args.knn_k, split=args.split)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(
+        f"index generation {r['generation']} ({r['factory']} {r['params'] or ''}, "
+        f"{r['ntotal']} vectors)"
+    )
+    recall = r[f"recall_at_{r['k']}"]
+    print(f"recall@{r['k']} vs exact: {recall:.4f} on {r['queries']} queries")
+    print(f"queries/s: {r['qps']:.0f} ({r['latency_ms']:.3f} ms/query in batches of 1000)")
+    knn = r["knn"]
+    if knn["accuracy"] is None:
+        print(f"kNN accuracy: no labelled {knn['split']!r} items")
+    else:
+        acc = ", ".join(f"{w} {a:.4f}" for w, a in knn["accuracy"].items())
+        print(f"kNN accuracy on {knn['items']} {knn['split']} items (k={knn['k']}): {acc}")
+    return 0
