@@ -1,0 +1,1 @@
+"""Model files that ship with featurebank (a package so installs carry them as package data)."""
