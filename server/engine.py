@@ -261,13 +261,18 @@ class Engine:
 
     # ----------------------------------------------------------------- reads
 
-    async def embed(self, images: Sequence[bytes]) -> list[np.ndarray]:
+    async def embed_each(self, images: Sequence[bytes]) -> list[np.ndarray | BaseException]:
+        """Vectors of images, batched with concurrent calls; a bad image gets its own error."""
         if self.embedder is None:
             raise InvalidInput(
                 f"this bank holds external vectors ({self.store.spec.describe()}): "
                 "send vectors or keys, not images"
             )
-        return await self.embed_batcher.submit_many(images)
+        return list(
+            await asyncio.gather(
+                *(self.embed_batcher.submit(b) for b in images), return_exceptions=True
+            )
+        )
 
     def _embed_batch(self, images: list[bytes]) -> list[np.ndarray | BaseException]:
         def run(batch: list[bytes]) -> list[np.ndarray]:

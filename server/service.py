@@ -10,6 +10,7 @@ import asyncio
 import functools
 import json
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
@@ -207,8 +208,11 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
             else:
                 keys.append((i, check_key(inp.key, f"{where}.key")))
         if images:
-            vectors = await self.engine.embed([b for _, b in images])
+            vectors = await self.engine.embed_each([b for _, b in images])
             for (i, _), v in zip(images, vectors, strict=True):
+                if isinstance(v, BaseException):
+                    where = f"inputs[{i}]" if len(inputs) > 1 else "input"
+                    raise _image_error(v, f"{where}.image")
                 out[i] = v
         if keys:
             vectors2, ids = await self.engine.vectors_of_keys([k for _, k in keys])
@@ -275,7 +279,9 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     async def Embed(self, request: pb.EmbedRequest, context: aio.ServicerContext) -> pb.EmbedResponse:
         if not request.image:
             raise InvalidInput("image is empty")
-        vector = (await self.engine.embed([request.image]))[0]
+        vector = (await self.engine.embed_each([request.image]))[0]
+        if isinstance(vector, BaseException):
+            raise _image_error(vector, "image")
         return pb.EmbedResponse(vector=pb.Vector(values=vector.tolist()), dim=int(vector.shape[0]))
 
     @_rpc
@@ -318,8 +324,10 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         if not rows:
             raise InvalidInput("Upsert got no items")
         if pending:
-            vectors = await self.engine.embed([it.image for _, it in pending])
+            vectors = await self.engine.embed_each([it.image for _, it in pending])
             for (j, it), v in zip(pending, vectors, strict=True):
+                if isinstance(v, BaseException):
+                    raise _image_error(v, f"item {j} (key {it.key!r}) image")
                 rows[j] = UpsertRow(
                     it.key, v, it.label or None, check_split(it.split, "item"),
                     image_meta(it.image, it.uri),
@@ -373,6 +381,16 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         if not request.id:
             raise InvalidInput("operation id is empty")
         return _operation(self.engine.get_operation(request.id))
+
+
+def _image_error(e: BaseException, where: str) -> BaseException:
+    """Name the request field of a bad image (the embedder only knows its batch position)."""
+    if isinstance(e, InvalidInput):
+        return InvalidInput(f"{where}: {_IMAGE_POS.sub('', str(e), count=1)}")
+    return e
+
+
+_IMAGE_POS = re.compile(r"^image \d+: ")
 
 
 # --------------------------------------------------------------------- responses

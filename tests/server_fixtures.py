@@ -176,3 +176,57 @@ def make_certs(folder: Path) -> dict[str, Path]:
         "client_cert": write(folder / "client.pem", client_cert),
         "client_key": write(folder / "client.key", client_key),
     }
+
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def color_images(n_per_color: int, size: int = 40, seed: int = 0) -> list[tuple[str, bytes]]:
+    """(color, PNG bytes) of noisy solid-colour images: trivially separable classes."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out: list[tuple[str, bytes]] = []
+    for name, rgb in COLORS.items():
+        for _ in range(n_per_color):
+            px = np.clip(np.array(rgb) + rng.normal(0, 12, (size, size, 3)), 0, 255)
+            buf = io.BytesIO()
+            Image.fromarray(px.astype(np.uint8)).save(buf, format="PNG")
+            out.append((name, buf.getvalue()))
+    return out
+
+
+def tiny_keras_model(path: Path) -> Path:
+    """A small random conv net saved as .keras: a custom backbone with 16-d pooled features."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((32, 32, 3)),
+        keras.layers.Rescaling(1 / 255),
+        keras.layers.Conv2D(8, 3, activation="relu"),
+        keras.layers.Conv2D(16, 3, strides=2, activation="relu", name="features"),
+    ])
+    model.save(path)
+    return path
+
+
+def make_image_bank(root: Path, n_per_color: int = 6) -> tuple[Path, Path]:
+    """A bank embedded with a tiny custom .keras model through the Embedder; (bank, model)."""
+    from embedder import store as store_mod
+    from embedder.embedding import Embedder
+
+    root.mkdir(parents=True, exist_ok=True)
+    model = tiny_keras_model(root.parent / f"{root.name}-tiny.keras")
+    embedder = Embedder.create(str(model), image_size=32, pooling="avg", dtype="float32")
+    pictures = color_images(n_per_color)
+    vectors = embedder.embed_images([b for _, b in pictures])
+    with store_mod.create(root, embedder.spec) as st:
+        st.put_batch([f"{c}/{i}" for i, (c, _) in enumerate(pictures)], vectors,
+                     labels=[c for c, _ in pictures], splits=["train"] * len(pictures))
+    from index.build import build_index
+
+    build_index(root, k=5)
+    return root, model
