@@ -78,7 +78,7 @@ class Input(_message.Message):
     image: _builtins.bytes
     """encoded image file (JPEG, PNG, ...)"""
     key: _builtins.str
-    """key of a stored item"""
+    """key of a stored item (left out of its own neighbours)"""
     @_builtins.property
     def vector(self) -> Global___Vector:
         """a vector of the bank's dimension"""
