@@ -1,0 +1,338 @@
+"""Registry of frozen feature extractors: `keras.applications` families and user models.
+
+A bank's vectors only mean something together with the exact model that made them,
+so everything needed to rebuild that model (family, weights identity, input size,
+preprocessing, pooling, feature layer) is described here and recorded in the spec.
+TensorFlow/Keras are imported inside the functions that build models, so importing
+this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedder.errors import FailedPrecondition, InvalidInput, NotFound
+
+log = logging.getLogger(__name__)
+
+# Seed of the random initialisation used by weights="none": fixed, so that a bank made
+# with random weights can be re-embedded into (and served) by a rebuilt model.
+RANDOM_INIT_SEED = 1337
+CALIBRATION_BATCH = 16
+
+PREPROCESSING_MODES = ("tf", "caffe", "torch", "raw0-255", "raw0-1")
+POOLINGS = ("avg", "max", "flatten")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One `keras.applications` constructor and what its inputs must look like."""
+
+    name: str
+    default_size: int
+    preprocessing: str  # one of PREPROCESSING_MODES
+    dim: int
+    min_size: int = 32
+    large: bool = False  # slow to build/run: tests of it are marked slow
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+
+def _families() -> dict[str, Family]:
+    fams = [
+        Family("MobileNet", 224, "tf", 1024),
+        Family("MobileNetV2", 224, "tf", 1280),
+        Family("MobileNetV3Small", 224, "raw0-255", 576, kwargs=(("include_preprocessing", True),)),
+        Family("MobileNetV3Large", 224, "raw0-255", 960, kwargs=(("include_preprocessing", True),)),
+        Family("ResNet50", 224, "caffe", 2048),
+        Family("ResNet101", 224, "caffe", 2048, large=True),
+        Family("ResNet152", 224, "caffe", 2048, large=True),
+        Family("ResNet50V2", 224, "tf", 2048),
+        Family("ResNet101V2", 224, "tf", 2048, large=True),
+        Family("ResNet152V2", 224, "tf", 2048, large=True),
+        Family("DenseNet121", 224, "torch", 1024),
+        Family("DenseNet169", 224, "torch", 1664, large=True),
+        Family("DenseNet201", 224, "torch", 1920, large=True),
+        Family("Xception", 299, "tf", 2048, min_size=71),
+        Family("InceptionV3", 299, "tf", 2048, min_size=75),
+        Family("InceptionResNetV2", 299, "tf", 1536, min_size=75, large=True),
+        Family("NASNetMobile", 224, "tf", 1056),
+        Family("NASNetLarge", 331, "tf", 4032, large=True),
+        Family("VGG16", 224, "caffe", 512),
+        Family("VGG19", 224, "caffe", 512, large=True),
+    ]
+    eff = [(0, 224, 1280), (1, 240, 1280), (2, 260, 1408), (3, 300, 1536),
+           (4, 380, 1792), (5, 456, 2048), (6, 528, 2304), (7, 600, 2560)]  # fmt: skip
+    fams += [Family(f"EfficientNetB{i}", s, "raw0-255", d, large=i > 0) for i, s, d in eff]
+    eff2 = [("B0", 224, 1280), ("B1", 240, 1280), ("B2", 260, 1408), ("B3", 300, 1536),
+            ("S", 384, 1280), ("M", 480, 1280), ("L", 480, 1280)]  # fmt: skip
+    fams += [
+        Family(
+            f"EfficientNetV2{v}",
+            s,
+            "raw0-255",
+            d,
+            large=v != "B0",
+            kwargs=(("include_preprocessing", True),),
+        )  # fmt: skip
+        for v, s, d in eff2
+    ]
+    convnext = [("Tiny", 768), ("Small", 768), ("Base", 1024), ("Large", 1536), ("XLarge", 2048)]
+    fams += [
+        Family(
+            f"ConvNeXt{v}",
+            224,
+            "raw0-255",
+            d,
+            large=v != "Tiny",
+            kwargs=(("include_preprocessing", True),),
+        )  # fmt: skip
+        for v, d in convnext
+    ]
+    return {f.name: f for f in fams}
+
+
+FAMILIES: dict[str, Family] = _families()
+
+
+def family(name: str) -> Family:
+    """Look a family up by name, forgiving case (`mobilenetv2` works)."""
+    if name in FAMILIES:
+        return FAMILIES[name]
+    folded = {k.lower(): v for k, v in FAMILIES.items()}
+    key = name.lower().replace("_", "").replace("-", "")
+    if key in folded:
+        return folded[key]
+    raise NotFound(f"unknown backbone {name!r}; known: {', '.join(sorted(FAMILIES))}")
+
+
+def is_model_file(backbone: str) -> bool:
+    """A backbone given as a path to the user's own saved Keras model."""
+    return backbone.endswith((".keras", ".h5")) or Path(backbone).is_file()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Content identity of a weights/model file, so a moved file still matches its bank."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_identity(weights: str) -> tuple[str, str | None]:
+    """Map a --weights value to (identity recorded in the spec, absolute file path or None)."""
+    if weights in ("imagenet", "none"):
+        return weights, None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise InvalidInput(f"--weights {weights!r}: expected imagenet, none, or an existing file")
+    return f"sha256:{sha256_file(path)}", str(path.resolve())
+
+
+def check_weights_file(identity: str, path: str | None) -> str:
+    """The file a spec's weights point to, after checking it still has the recorded content."""
+    if path is None or not Path(path).is_file():
+        raise FailedPrecondition(f"weights file {path!r} recorded in the bank's spec is missing")
+    digest = sha256_file(path)
+    if f"sha256:{digest}" != identity:
+        raise FailedPrecondition(
+            f"weights file {path} changed since the bank was made "
+            f"(spec has {identity}, file is sha256:{digest})"
+        )
+    return path
+
+
+# ---------------------------------------------------------------- building models
+
+
+def build_family(
+    name: str,
+    size: tuple[int, int],
+    pooling: str = "avg",
+    weights: str = "none",
+    weights_path: str | None = None,
+) -> Any:
+    """A frozen `include_top=False` keras.applications model with global pooling.
+
+    weights: "imagenet" (Keras cache, works offline once cached), "none" (seeded random
+    initialisation, reproducible), or a spec identity "sha256:..." with `weights_path`.
+    """
+    import keras
+
+    fam = family(name)
+    if pooling not in ("avg", "max"):
+        raise InvalidInput(f"pooling {pooling!r} not available for {fam.name}: use avg or max")
+    h, w = size
+    if min(h, w) < fam.min_size:
+        raise InvalidInput(f"{fam.name} needs inputs of at least {fam.min_size}px, got {h}x{w}")
+    ctor = getattr(keras.applications, fam.name)
+    kwargs: dict[str, Any] = dict(fam.kwargs)
+    kwargs.update(include_top=False, input_shape=(h, w, 3), pooling=pooling)
+    if weights == "none":
+        model = _seeded(lambda: ctor(weights=None, **kwargs))
+        _calibrate_batchnorm(model, fam.preprocessing, (h, w))
+    elif weights == "imagenet":
+        try:
+            model = ctor(weights="imagenet", **kwargs)
+        except Exception as e:  # download failure offline, or shape rejected
+            raise FailedPrecondition(
+                f"could not load imagenet weights for {fam.name} at {h}x{w}: {e}. Keras looks "
+                "in $KERAS_HOME/models (default ~/.keras/models); copy the *_notop file there, "
+                "or use --weights none / --weights FILE"
+            ) from e
+    else:
+        path = check_weights_file(weights, weights_path)
+        model = _seeded(lambda: ctor(weights=None, **kwargs))
+        try:
+            model.load_weights(path)
+        except Exception as e:
+            raise InvalidInput(f"weights file {path} does not fit {fam.name} (no top): {e}") from e
+    model.trainable = False
+    return model
+
+
+def _seeded(make: Any) -> Any:
+    """Build with fixed seeds, leaving the caller's random state as it was."""
+    import keras
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        keras.utils.set_random_seed(RANDOM_INIT_SEED)
+        return make()
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def calibration_images(size: tuple[int, int], n: int = CALIBRATION_BATCH) -> np.ndarray:
+    """Deterministic smooth colour fields (n, h, w, 3) in 0-255, a stand-in for photos."""
+    rng = np.random.default_rng(RANDOM_INIT_SEED)
+    h, w = size
+    coarse = rng.uniform(0, 255, size=(n, 5, 5, 3)).astype(np.float32)
+    ys = np.linspace(0, 4, h, dtype=np.float32)
+    xs = np.linspace(0, 4, w, dtype=np.float32)
+    y0 = np.minimum(ys.astype(int), 3)
+    x0 = np.minimum(xs.astype(int), 3)
+    fy = (ys - y0)[None, :, None, None]
+    fx = (xs - x0)[None, None, :, None]
+    top = coarse[:, y0][:, :, x0] * (1 - fx) + coarse[:, y0][:, :, x0 + 1] * fx
+    bot = coarse[:, y0 + 1][:, :, x0] * (1 - fx) + coarse[:, y0 + 1][:, :, x0 + 1] * fx
+    img = top * (1 - fy) + bot * fy
+    img += rng.normal(0, 12, size=img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.float32)
+
+
+def _calibrate_batchnorm(model: Any, preprocessing: str, size: tuple[int, int]) -> None:
+    """Set BatchNorm statistics from a fixed synthetic batch.
+
+    Freshly initialised networks shrink or blow up activations layer after layer (a random
+    MobileNetV2 outputs ~1e-11, zero in float16); normalising each BatchNorm with the
+    statistics of a fixed batch keeps random features well scaled. Only BatchNorm
+    changes behaviour under training=True here (dropout rates are zeroed meanwhile), and
+    the batch is fixed, so the result is deterministic.
+    """
+    import keras
+
+    bns = [la for la in _all_layers(model) if isinstance(la, keras.layers.BatchNormalization)]
+    if not bns:
+        return
+    drops = [la for la in _all_layers(model) if isinstance(la, keras.layers.Dropout)]
+    saved_m = [bn.momentum for bn in bns]
+    saved_r = [d.rate for d in drops]
+    try:
+        for bn in bns:
+            bn.momentum = 0.0
+        for d in drops:
+            d.rate = 0.0
+        x = preprocess_numpy(calibration_images(size), preprocessing)
+        model(x, training=True)
+    finally:
+        for bn, m in zip(bns, saved_m, strict=True):
+            bn.momentum = m
+        for d, r in zip(drops, saved_r, strict=True):
+            d.rate = r
+
+
+def _all_layers(model: Any) -> list[Any]:
+    out = []
+    for la in model.layers:
+        out.append(la)
+        if hasattr(la, "layers"):
+            out.extend(_all_layers(la))
+    return out
+
+
+def load_user_model(path: str, layer: str | None) -> Any:
+    """The user's own saved Keras model, cut at `layer` (default: its output)."""
+    import keras
+
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as e:
+        raise InvalidInput(f"could not load Keras model {path}: {e}") from e
+    if layer is not None:
+        try:
+            out = model.get_layer(layer).output
+        except ValueError as e:
+            names = ", ".join(la.name for la in model.layers)
+            raise InvalidInput(f"model {path} has no layer {layer!r}; layers: {names}") from e
+        model = keras.Model(model.inputs, out)
+    model.trainable = False
+    return model
+
+
+def model_input_size(model: Any) -> tuple[int, int] | None:
+    """(height, width) a user model was built for, or None when it takes any size."""
+    shape = model.inputs[0].shape
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        raise InvalidInput(f"model input must be (batch, H, W, 3) images, got {tuple(shape)}")
+    h, w = shape[1], shape[2]
+    return (int(h), int(w)) if h is not None and w is not None else None
+
+
+# ---------------------------------------------------------------- preprocessing
+
+_CAFFE_MEAN = np.array([103.939, 116.779, 123.68], np.float32)  # BGR
+_TORCH_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+_TORCH_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def preprocess_numpy(x: np.ndarray, mode: str) -> np.ndarray:
+    """Reference preprocessing of 0-255 RGB floats; mirrors the family's `preprocess_input`."""
+    x = np.asarray(x, np.float32)
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    if mode == "caffe":
+        return x[..., ::-1] - _CAFFE_MEAN
+    if mode == "torch":
+        return (x / 255.0 - _TORCH_MEAN) / _TORCH_STD
+    if mode == "raw0-255":
+        return x
+    if mode == "raw0-1":
+        return x / 255.0
+    raise InvalidInput(f"unknown preprocessing {mode!r}; known: {', '.join(PREPROCESSING_MODES)}")
+
+
+def preprocess_tf(x: Any, mode: str) -> Any:
+    """The same preprocessing as TF ops, so it compiles into the model's graph."""
+    import tensorflow as tf
+
+    x = tf.cast(x, tf.float32)
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    if mode == "caffe":
+        return tf.reverse(x, axis=[-1]) - tf.constant(_CAFFE_MEAN)
+    if mode == "torch":
+        return (x / 255.0 - tf.constant(_TORCH_MEAN)) / tf.constant(_TORCH_STD)
+    if mode == "raw0-255":
+        return x
+    if mode == "raw0-1":
+        return x / 255.0
+    raise InvalidInput(f"unknown preprocessing {mode!r}; known: {', '.join(PREPROCESSING_MODES)}")

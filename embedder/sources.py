@@ -1,0 +1,350 @@
+"""Where images come from: a folder tree, a CSV/TSV manifest, or an array file.
+
+Every source becomes the same list of records (key, label, split), read one at a time
+by `load`, so the pipeline does not care which kind it is. Keys are stable across runs
+(relative paths, or `file#row`), which is what lets a rerun skip what is stored.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedder import images
+from embedder.errors import InvalidInput, NotFound
+
+# Files the decoder supports, and other image files listed so that they are reported as
+# unsupported rather than dropped silently. Anything else in a folder is ignored (counted).
+DECODABLE_EXTS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib"}
+OTHER_IMAGE_EXTS = {".webp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".ico", ".jp2",
+                    ".ppm", ".pgm", ".pbm", ".pnm", ".svg", ".psd", ".tga"}  # fmt: skip
+IMAGE_EXTS = DECODABLE_EXTS | OTHER_IMAGE_EXTS
+MANIFEST_EXTS = {".csv", ".tsv", ".tab", ".txt"}
+HDF5_EXTS = (".h5", ".hdf5", ".hdf")
+LABEL_MODES = ("folders", "manifest", "none")
+SPLITS = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test",
+          "none": "none", "": "none"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input: its stable key, label and split, and where to read it from."""
+
+    key: str
+    label: str | None = None
+    split: str = "none"
+    path: str | None = None  # absolute file path (file sources)
+    row: int = -1  # row of an array source
+
+
+class Source:
+    """A list of records plus a way to load one as RGB pixels at the model's size."""
+
+    kind = "files"
+
+    def __init__(self, description: str, records: list[Record], ignored: int = 0) -> None:
+        self.description = description
+        self.records = records
+        self.ignored = ignored
+        keys = [r.key for r in records]
+        if len(set(keys)) != len(keys):
+            seen: set[str] = set()
+            dup = next(k for k in keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+            raise InvalidInput(f"source {description} lists key {dup!r} more than once")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(
+        self,
+        rec: Record,
+        size: tuple[int, int] | None,
+        resize: str,
+        max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Pixels (h, w, 3) uint8 and source metadata; ImageError says why an input failed."""
+        assert rec.path is not None
+        try:
+            with open(rec.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError as e:
+            raise images.ImageError("file not found (deleted after listing?)") from e
+        except OSError as e:
+            raise images.ImageError(f"unreadable: {e.strerror or e}") from e
+        meta = {"uri": rec.path, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        return images.decode(data, size, resize, max_pixels), meta
+
+    def close(self) -> None:
+        pass
+
+
+class ArraySource(Source):
+    """Images held in an array (N, H, W[, C]): a .npy/.npz file or an HDF5 dataset."""
+
+    kind = "arrays"
+
+    def __init__(
+        self, description: str, array: Any, labels: list[str | None] | None, closer: Any = None
+    ) -> None:
+        shape = tuple(array.shape)
+        if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3, 4)):
+            raise InvalidInput(
+                f"{description}: image array must be (N, H, W) or (N, H, W, 1|3|4), got {shape}"
+            )
+        if labels is not None and len(labels) != shape[0]:
+            raise InvalidInput(f"{description}: {len(labels)} labels for {shape[0]} images")
+        self.array = array
+        self._closer = closer
+        self.float_range = _float_range(array)
+        records = [
+            Record(key=f"{description}#{i}", label=labels[i] if labels else None, row=i)
+            for i in range(shape[0])
+        ]
+        super().__init__(description, records)
+
+    def load(
+        self,
+        rec: Record,
+        size: tuple[int, int] | None,
+        resize: str,
+        max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        pixels = np.asarray(self.array[rec.row])
+        try:
+            out = images.prepare_array(pixels, size, resize, self.float_range)
+        except InvalidInput as e:
+            raise images.ImageError(str(e)) from e
+        return out, {"uri": rec.key}
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+
+
+def _float_range(array: Any) -> str:
+    """Decide once per source whether float pixels are 0-1 or 0-255 (not per image)."""
+    if not np.issubdtype(np.dtype(array.dtype), np.floating):
+        return "auto"
+    head = np.asarray(array[: min(len(array), 256)], dtype=np.float64)
+    return "0-1" if head.size and np.nanmax(head) <= 1.0 else "0-255"
+
+
+# ------------------------------------------------------------------ opening
+
+
+def open_source(source: str | os.PathLike[str], labels: str = "folders") -> Source:
+    """Turn a SOURCE argument into records: folder, manifest, .npy/.npz, or `file.h5:dataset`.
+
+    labels: "folders" takes class subfolders (or a manifest's / array file's own labels),
+    "manifest" insists on a manifest's label column, "none" stores everything unlabelled.
+    """
+    if labels not in LABEL_MODES:
+        raise InvalidInput(f"--labels must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
+    text = os.fspath(source)
+    h5 = _split_hdf5(text)
+    if h5 is not None:
+        return _open_hdf5(h5[0], h5[1], h5[2], labels)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise NotFound(f"source {text} does not exist")
+    if path.is_dir():
+        if labels == "manifest":
+            raise InvalidInput(f"--labels manifest needs a CSV/TSV manifest, {text} is a folder")
+        return _open_directory(path, labels)
+    ext = path.suffix.lower()
+    if ext in (".npy", ".npz"):
+        return _open_numpy(path, labels)
+    if ext in MANIFEST_EXTS:
+        return _open_manifest(path, labels)
+    raise InvalidInput(
+        f"source {text}: expected a folder, a .csv/.tsv manifest, a .npy/.npz file "
+        "or file.h5:dataset"
+    )
+
+
+def _open_directory(root: Path, labels: str) -> Source:
+    files: list[tuple[str, str]] = []  # (relative posix path, absolute path)
+    ignored = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            full = os.path.join(dirpath, name)
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTS:
+                ignored += 1
+                continue
+            files.append((Path(os.path.relpath(full, root)).as_posix(), full))
+    files.sort()
+    nested = any("/" in rel for rel, _ in files)
+    records = []
+    for rel, full in files:
+        label = rel.split("/", 1)[0] if labels == "folders" and nested and "/" in rel else None
+        records.append(Record(key=rel, label=label, path=full))
+    if not records:
+        raise InvalidInput(f"no image files under {root} ({ignored} other files ignored)")
+    return Source(str(root), records, ignored)
+
+
+_PATH_NAMES = {"path", "file", "filename", "image", "uri"}
+_LABEL_NAMES = {"label", "class", "category"}
+
+
+def _open_manifest(path: Path, labels: str) -> Source:
+    """`path[,label][,split][,key]` rows, with or without a header naming those columns."""
+    base = path.parent
+    text = path.read_text(encoding="utf-8-sig")
+    lines = text.splitlines()
+    first = next((ln for ln in lines if ln.strip() and not ln.startswith("#")), "")
+    ext = path.suffix.lower()
+    tabs = ext in (".tsv", ".tab") or (ext == ".txt" and "\t" in first)
+    delim = "\t" if tabs else ","
+    rows = [
+        (n, row)
+        for n, row in enumerate(csv.reader(lines, delimiter=delim), start=1)
+        if row and any(c.strip() for c in row) and not row[0].startswith("#")
+    ]
+    if not rows:
+        raise InvalidInput(f"manifest {path} lists no images")
+    head = [c.strip().lower() for c in rows[0][1]]
+    if _PATH_NAMES & set(head):
+        cols = {}
+        for i, name in enumerate(head):
+            if name in _PATH_NAMES:
+                cols.setdefault("path", i)
+            elif name in _LABEL_NAMES:
+                cols.setdefault("label", i)
+            elif name in ("split", "key"):
+                cols.setdefault(name, i)
+        rows = rows[1:]
+    else:
+        cols = {"path": 0, "label": 1, "split": 2, "key": 3}
+    if labels == "manifest" and "label" not in cols:
+        raise InvalidInput(f"--labels manifest: manifest {path} has no label column")
+    records = []
+    for n, row in rows:
+        cells = [c.strip() for c in row]
+
+        def cell(name: str, cells: list[str] = cells) -> str:
+            i = cols.get(name)
+            return cells[i] if i is not None and i < len(cells) else ""
+
+        rel = cell("path")
+        if not rel:
+            raise InvalidInput(f"manifest {path} line {n}: empty path")
+        split = cell("split").lower()
+        if split not in SPLITS:
+            raise InvalidInput(
+                f"manifest {path} line {n}: split {cell('split')!r} is not train, val, test or none"
+            )
+        label = cell("label") or None
+        full = Path(rel) if os.path.isabs(rel) else base / rel
+        key = cell("key") or Path(os.path.normpath(rel)).as_posix()
+        records.append(
+            Record(
+                key=key,
+                label=label if labels != "none" else None,
+                split=SPLITS[split],
+                path=str(full),
+            )
+        )
+    return Source(str(path), records)
+
+
+def _labels_list(values: Any, where: str) -> list[str | None]:
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise InvalidInput(f"{where}: labels must be 1-D, got shape {arr.shape}")
+    out: list[str | None] = []
+    for v in arr.tolist():
+        if isinstance(v, bytes):
+            v = v.decode("utf-8")
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        s = str(v)
+        out.append(s if s != "" else None)
+    return out
+
+
+def _open_numpy(path: Path, labels: str) -> Source:
+    if labels == "manifest":
+        raise InvalidInput(f"--labels manifest needs a CSV/TSV manifest, not {path.name}")
+    lab: list[str | None] | None = None
+    if path.suffix.lower() == ".npz":
+        z = np.load(path, allow_pickle=False)
+        key = next((k for k in ("images", "x", "X", "pixels") if k in z.files), None)
+        if key is None:
+            raise InvalidInput(f"{path}: no 'images' or 'x' array (has {', '.join(z.files)})")
+        array = z[key]
+        lkey = next((k for k in ("labels", "y", "Y") if k in z.files), None)
+        if labels != "none" and lkey is not None:
+            lab = _labels_list(z[lkey], str(path))
+        return ArraySource(path.name, array, lab)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise InvalidInput(f"{path}: not a plain .npy array ({e})") from e
+    for cand in (path.with_name(path.stem + "_labels.npy"), path.with_suffix(".labels.npy")):
+        if labels != "none" and cand.is_file():
+            lab = _labels_list(np.load(cand, allow_pickle=False), str(cand))
+            break
+    return ArraySource(path.name, array, lab)
+
+
+def _split_hdf5(text: str) -> tuple[Path, str | None, str | None] | None:
+    """`file.h5[:dataset[:labels]]` -> parts, or None when `text` is not an HDF5 source."""
+    for ext in HDF5_EXTS:
+        i = text.lower().find(ext)
+        if i < 0:
+            continue
+        end = i + len(ext)
+        if end < len(text) and text[end] != ":":
+            continue
+        rest = text[end + 1 :].split(":") if end < len(text) else []
+        ds = rest[0] if rest and rest[0] else None
+        lab = rest[1] if len(rest) > 1 and rest[1] else None
+        return Path(text[:end]).expanduser(), ds, lab
+    return None
+
+
+def _open_hdf5(path: Path, dataset: str | None, label_ds: str | None, labels: str) -> Source:
+    import h5py
+
+    if not path.is_file():
+        raise NotFound(f"source {path} does not exist")
+    if labels == "manifest":
+        raise InvalidInput(f"--labels manifest needs a CSV/TSV manifest, not {path.name}")
+    f = h5py.File(path, "r")
+    try:
+        names: list[str] = []
+        f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        if dataset is None:
+            cands = [n for n in names if f[n].ndim in (3, 4) and f[n].shape[0] > 0]
+            if len(cands) != 1:
+                raise InvalidInput(
+                    f"{path}: say which dataset holds the images, as {path.name}:NAME "
+                    f"(datasets: {', '.join(names)})"
+                )
+            dataset = cands[0]
+        if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
+            raise NotFound(f"{path} has no dataset {dataset!r} (datasets: {', '.join(names)})")
+        lab = None
+        if labels != "none":
+            parent = dataset.rsplit("/", 1)[0] + "/" if "/" in dataset else ""
+            for cand in [label_ds] if label_ds else [f"{dataset}_labels", f"{parent}labels"]:
+                if cand in f and isinstance(f[cand], h5py.Dataset):
+                    lab = _labels_list(f[cand][()], f"{path}:{cand}")
+                    break
+            else:
+                if label_ds:
+                    raise NotFound(f"{path} has no labels dataset {label_ds!r}")
+        return ArraySource(f"{path.name}:{dataset}", f[dataset], lab, closer=f.close)
+    except BaseException:
+        f.close()
+        raise
