@@ -289,18 +289,18 @@ class Classifier:
                 union = sorted(set(hv) | set(knn_vocab))
                 a = float(head.hybrid["a"]) if hybrid_a is None else hybrid_a
                 probs["hybrid"] = hybrid(
-                    _align(knn_p, knn_vocab, union), _align(p_head, hv, union), a
+                    align_columns(knn_p, knn_vocab, union), align_columns(p_head, hv, union), a
                 )
                 vocabs["hybrid"] = union
             if "stacked" in modes:
                 assert knn_p is not None and head.stacked is not None
-                extra = _align(knn_p, knn_vocab, hv)
+                extra = align_columns(knn_p, knn_vocab, hv)
                 probs["stacked"] = head.stacked.predict_proba(x, extra)
                 vocabs["stacked"] = hv
         return probs, vocabs, result
 
 
-def _align(p: np.ndarray, vocab: Sequence[str], target: Sequence[str]) -> np.ndarray:
+def align_columns(p: np.ndarray, vocab: Sequence[str], target: Sequence[str]) -> np.ndarray:
     """Columns of p (over vocab) rearranged to `target`; labels not in vocab get 0."""
     if list(vocab) == list(target):
         return p
