@@ -790,7 +790,8 @@ class Store:
             sel = self._plan(snap, split, labelled_only, ids)
             for s in range(0, len(sel), batch_size):
                 with sh.read(h) as (txn, _):
-                    yield self._read_selection(txn, h, snap, sel[s : s + batch_size], dtype)
+                    batch = self._read_selection(txn, h, snap, sel[s : s + batch_size], dtype)
+                yield batch  # outside the transaction: the caller's code may take long
         finally:
             h.pins -= 1
 

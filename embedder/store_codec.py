@@ -136,7 +136,8 @@ def check_vectors(keys: Sequence[str], vectors: Any, spec: Spec) -> np.ndarray:
             f"vectors have dtype {vectors.dtype} (first key {keys[0]!r}) but the bank's spec "
             f"stores {spec.dtype}: bank is [{spec.describe()}]"
         )
-    out = np.ascontiguousarray(vectors, dtype=spec.dtype)
+    with np.errstate(over="ignore"):  # overflow to inf is reported below, naming the key
+        out = np.ascontiguousarray(vectors, dtype=spec.dtype)
     finite = np.isfinite(out).all(axis=1)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])

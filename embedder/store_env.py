@@ -4,9 +4,9 @@ LMDB's rules, and how they are kept here:
 
 - an environment must not be opened twice in one process -> a per-process
   registry keyed by the store directory's real path hands out one `SharedStore`;
-- an environment must not be used across `fork()` -> a fork hook drops the
-  registry in the child (without closing anything the parent still uses), and
-  the child's stores reopen on their next call;
+- an environment must not be used across `fork()` -> fork waits until no
+  transaction is open, the child closes its inherited handles (touching only its
+  own reader slots) and its stores reopen on their next call;
 - long read transactions pin old pages -> every read here is a short
   transaction that never spans user code; stale reader slots of dead processes
   are cleared at open (`reader_check`);
@@ -77,17 +77,23 @@ class RWLock:
                 self._readers -= 1
                 self._cond.notify_all()
 
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def acquire_exclusive(self) -> None:
         with self._cond:
             self._cond.wait_for(lambda: not self._exclusive and self._readers == 0)
             self._exclusive = True
+
+    def release_exclusive(self) -> None:
+        with self._cond:
+            self._exclusive = False
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        self.acquire_exclusive()
         try:
             yield
         finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
+            self.release_exclusive()
 
 
 class EnvHandle:
@@ -179,7 +185,9 @@ class SharedStore:
             try:
                 new = EnvHandle(self.path / name, create=False)
             except lmdb.Error:
-                continue  # compacted away between reading CURRENT and opening: read it again
+                if not (self.path / name / "data.mdb").exists():
+                    continue  # compacted away between reading CURRENT and opening: read again
+                raise
             if self.handle is not None:
                 self.retired.append(self.handle)
             self.handle, self._sig = new, (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -318,7 +326,6 @@ class SharedStore:
 
 _REGISTRY: dict[str, SharedStore] = {}
 _REGISTRY_LOCK = threading.Lock()
-_INHERITED: list[SharedStore] = []  # kept alive in a forked child so they are never closed there
 
 
 def acquire(path: Path) -> SharedStore:
@@ -341,15 +348,39 @@ def release(shared: SharedStore) -> None:
     shared.close()
 
 
+def _before_fork() -> None:
+    """Let running transactions finish and hold new ones off, so none spans the fork."""
+    _REGISTRY_LOCK.acquire()
+    for shared in _REGISTRY.values():
+        shared.rw.acquire_exclusive()
+
+
+def _after_fork_in_parent() -> None:
+    for shared in _REGISTRY.values():
+        shared.rw.release_exclusive()
+    _REGISTRY_LOCK.release()
+
+
 def _after_fork_in_child() -> None:
-    """LMDB handles must not cross fork: forget them (never close them) and start afresh."""
+    """LMDB handles must not cross fork: close the inherited ones and start afresh.
+
+    No transaction is open (see `_before_fork`), so closing touches nothing the
+    parent uses: LMDB only clears reader slots of this (new) pid. The writer lock's
+    inherited descriptor is closed without unlocking: the lock stays the parent's.
+    """
     global _REGISTRY_LOCK
     _REGISTRY_LOCK = threading.Lock()
     for shared in _REGISTRY.values():
         shared.valid = False
-        shared.writer_fd = None  # the parent's lock, not ours; never unlock it here
-        _INHERITED.append(shared)
+        shared.rw = RWLock()
+        for h in [*shared.retired, *([shared.handle] if shared.handle else [])]:
+            h.close()
+        if shared.writer_fd is not None:
+            os.close(shared.writer_fd)
+            shared.writer_fd = None
     _REGISTRY.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)
