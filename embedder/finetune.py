@@ -1,0 +1,278 @@
+"""Fine-tuning the top of a bank's backbone together with its trained head.
+
+The Keras transfer-learning recipe: start from the frozen backbone plus the head
+already trained on its features (so the first gradients are small and sensible),
+unfreeze only the top N layers, keep BatchNorm in inference mode (its statistics
+were fitted on far more data than we have), recompile with a low learning rate,
+and train with light augmentation. What comes out is a *backbone* (image ->
+feature vector, preprocessing folded in) that `featurebank embed --backbone
+X.keras` accepts; its features differ from the bank's, so it goes into a new bank.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedder.bank import Bank
+from embedder.errors import FailedPrecondition, InvalidInput
+
+log = logging.getLogger(__name__)
+
+# rgb_to_grayscale's weights (tf.image), for models that take one channel
+_GRAY = np.array([0.2989, 0.587, 0.114], np.float32)
+
+
+def preprocessing_affine(mode: str, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel (3, channels) and bias (channels,) so that raw 0-255 RGB @ kernel + bias equals
+    the embedder's preprocessing (and grey conversion for one-channel models).
+
+    Why: every preprocessing featurebank knows is per-pixel affine, so a fixed 1x1
+    convolution bakes it into the exported model and `embed` needs no extra option.
+    """
+    eye = np.eye(3, dtype=np.float32)
+    if mode == "tf":
+        k, b = eye / 127.5, -np.ones(3, np.float32)
+    elif mode == "caffe":
+        k = eye[:, ::-1].copy()  # RGB -> BGR
+        b = -np.array([103.939, 116.779, 123.68], np.float32)
+    elif mode == "torch":
+        mean = np.array([0.485, 0.456, 0.406], np.float32)
+        std = np.array([0.229, 0.224, 0.225], np.float32)
+        k, b = eye / (255.0 * std), -mean / std
+    elif mode in ("raw0-255", "none"):
+        k, b = eye, np.zeros(3, np.float32)
+    elif mode == "raw0-1":
+        k, b = eye / 255.0, np.zeros(3, np.float32)
+    else:
+        raise InvalidInput(f"cannot fold preprocessing {mode!r} into an exported backbone")
+    if channels == 1:
+        k, b = k @ _GRAY[:, None], np.array([b @ _GRAY], np.float32)
+    return k.astype(np.float32), b.astype(np.float32)
+
+
+def _load_images(
+    images: str, size: tuple[int, int], resize: str, vocabulary: list[str], bank_labels: Any
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pixels (n, h, w, 3) uint8 and label codes of the labelled, decodable inputs."""
+    from embedder import sources
+    from embedder.images import ImageError
+
+    src = sources.open_source(images, labels="folders")
+    code = {label: i for i, label in enumerate(vocabulary)}
+    pixels: list[np.ndarray] = []
+    ys: list[int] = []
+    skipped = 0
+    try:
+        for rec in src.records:
+            label = rec.label if rec.label is not None else bank_labels(rec.key)
+            if label not in code:
+                skipped += 1
+                continue
+            try:
+                px, _ = src.load(rec, size, resize)
+            except ImageError as e:
+                log.warning("skipping %s: %s", rec.key, e)
+                skipped += 1
+                continue
+            pixels.append(px)
+            ys.append(code[label])
+    finally:
+        src.close()
+    if not pixels:
+        raise InvalidInput(
+            f"no usable images in {images}: none has a label the head knows "
+            f"({', '.join(vocabulary[:10])}{'...' if len(vocabulary) > 10 else ''})"
+        )
+    return np.stack(pixels), np.array(ys, np.int64), skipped
+
+
+def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    train: list[int] = []
+    val: list[int] = []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_val = int(round(fraction * len(idx))) if len(idx) >= 3 else 0
+        val.extend(idx[:n_val].tolist())
+        train.extend(idx[n_val:].tolist())
+    return np.array(sorted(train), np.int64), np.array(sorted(val), np.int64)
+
+
+def weighted_layers(model: Any) -> list[Any]:
+    """Layers that hold weights, input to output (a nested model counts as its layers)."""
+    out: list[Any] = []
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:
+            out.extend(weighted_layers(layer))
+        elif layer.weights:
+            out.append(layer)
+    return out
+
+
+def unfreeze_top(model: Any, n: int) -> list[str]:
+    """Make only the top `n` weighted layers trainable; BatchNorm stays frozen. Returns names."""
+    import keras
+
+    model.trainable = True
+    layers = weighted_layers(model)
+    for layer in layers:
+        layer.trainable = False
+    opened: list[str] = []
+    for layer in layers[-n:] if n > 0 else []:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        layer.trainable = True
+        opened.append(layer.name)
+    return opened
+
+
+def finetune(
+    images: str,
+    bank: str | Path | Bank,
+    out: str | Path,
+    unfreeze: int = 2,
+    lr: float = 1e-5,
+    epochs: int = 5,
+    augment: bool = False,
+    batch_size: int = 32,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune the bank's backbone + head on labelled IMAGES; save the backbone to `out`."""
+    import keras
+
+    from embedder import store as store_mod
+    from embedder.embedding import Embedder
+    from embedder.head import keras_head
+    from index.heads import load_head
+
+    b = bank if isinstance(bank, Bank) else Bank(bank)
+    out = Path(out)
+    if out.suffix != ".keras":
+        raise InvalidInput(f"--out must name a .keras file, got {out}")
+    if unfreeze < 0 or epochs < 1 or lr <= 0:
+        raise InvalidInput(
+            f"need unfreeze >= 0, epochs >= 1 and lr > 0 (got {unfreeze}, {epochs}, {lr})"
+        )
+    started = time.time()
+    with store_mod.open(b.root, readonly=True) as st:
+        spec = st.spec
+        if spec.input_size is None:
+            raise FailedPrecondition(
+                f"bank {b.root} holds external vectors: there is no backbone to fine-tune"
+            )
+        loaded = load_head(b)
+        if loaded is None:
+            raise FailedPrecondition(
+                f"no head in {b.root}: run `featurebank head train` before fine-tuning"
+            )
+
+        def bank_label(key: str) -> str | None:
+            return st.get_by_keys([key]).labels[0] if st.has(key) else None
+
+        vocab = loaded.vocabulary
+        pixels, y, skipped = _load_images(images, spec.input_size, spec.resize, vocab, bank_label)
+    emb = Embedder.from_spec(spec)
+    backbone = emb.model
+    channels = int(backbone.inputs[0].shape[-1])
+    h, w = spec.input_size
+    keras.utils.set_random_seed(seed)
+
+    # image (raw 0-255) -> [augment] -> fixed preprocessing conv -> backbone -> [pool] -> head
+    kernel, bias = preprocessing_affine(spec.preprocessing, channels)
+    prep = keras.layers.Conv2D(channels, 1, name="preprocessing", trainable=False)
+    inp = keras.Input((h, w, 3), name="image")
+    x = inp
+    if augment:
+        for layer in (
+            keras.layers.RandomTranslation(0.08, 0.08, fill_mode="nearest", seed=seed),
+            keras.layers.RandomRotation(0.04, fill_mode="nearest", seed=seed),
+            keras.layers.RandomZoom(0.08, fill_mode="nearest", seed=seed),
+        ):
+            x = layer(x)
+    feats_in = prep(inp)
+    prep.set_weights([kernel[None, None], bias])
+    feats = _pool(backbone(prep(x), training=False), spec.pooling)  # BatchNorm: inference
+    exported = keras.Model(
+        inp, _pool(backbone(feats_in, training=False), spec.pooling), name="finetuned_backbone"
+    )
+    if int(exported.outputs[0].shape[-1]) != loaded.head.input_dim:
+        raise FailedPrecondition(
+            f"backbone gives {exported.outputs[0].shape[-1]} features, head expects "
+            f"{loaded.head.input_dim}: retrain the head on this bank"
+        )
+    model = keras.Model(inp, keras_head(loaded.head)(feats), name="finetune")
+    opened = unfreeze_top(backbone, unfreeze)
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    tr, va = _split(y, val_fraction, seed)
+    xf = pixels.astype(np.float32)
+    val = (xf[va], y[va]) if len(va) else None
+    before = _accuracy(model, xf[va], y[va]) if len(va) else None
+    hist = model.fit(
+        xf[tr],
+        y[tr],
+        validation_data=val,
+        epochs=epochs,
+        batch_size=min(batch_size, len(tr)),
+        verbose=1 if progress else 0,
+        shuffle=True,
+    )
+    after = _accuracy(model, xf[va], y[va]) if len(va) else None
+    backbone.trainable = False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.keras")
+    exported.save(tmp)
+    tmp.replace(out)
+    summary = {
+        "out": str(out),
+        "images": int(len(y)),
+        "skipped": skipped,
+        "train": int(len(tr)),
+        "val": int(len(va)),
+        "classes": len(vocab),
+        "unfrozen": opened,
+        "epochs": epochs,
+        "lr": lr,
+        "augment": augment,
+        "val_accuracy_before": before,
+        "val_accuracy_after": after,
+        "curves": {k: [float(v) for v in vals] for k, vals in hist.history.items()},
+        "seconds": round(time.time() - started, 2),
+        "next": f"featurebank embed IMAGES --bank NEW_BANK --backbone {out}",
+    }
+    log.info(
+        "fine-tuned %d layers on %d images in %.1fs -> %s",
+        len(opened),
+        len(y),
+        summary["seconds"],
+        out,
+    )
+    return summary
+
+
+def _pool(y: Any, pooling: str) -> Any:
+    """Global pooling for backbones that end in a feature map (as the embedder does)."""
+    import keras
+
+    if len(y.shape) <= 2:
+        return y
+    if pooling == "flatten":
+        return keras.layers.Flatten()(y)
+    if pooling == "max":
+        return keras.layers.GlobalMaxPooling2D()(y)
+    return keras.layers.GlobalAveragePooling2D()(y)
+
+
+def _accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
+    p = model.predict(x, verbose=0, batch_size=64)
+    return float((np.argmax(p, axis=1) == y).mean())
