@@ -180,6 +180,12 @@ class Engine:
         from embedder import store as store_mod
 
         self.store = store_mod.open(self.bank.root)
+        try:
+            self.store.acquire_writer()  # the server is the bank's single writer while it runs
+        except BaseException:
+            self.store.close()
+            self.store = None
+            raise
         if self.store.spec.backbone != "external":
             from embedder.embedding import Embedder
 

@@ -86,7 +86,11 @@ class RunningServer:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.server = FeatureBankServer(config)
-        self.run(self.server.start(), timeout=300)
+        try:
+            self.run(self.server.start(), timeout=300)
+        except BaseException:
+            self._stop_loop()
+            raise
 
     def run(self, coro: Any, timeout: float = 60) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -99,9 +103,12 @@ class RunningServer:
         try:
             self.run(self.server.stop(grace), timeout=120)
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(30)
-            self.loop.close()
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.loop.close()
 
     def __enter__(self) -> RunningServer:
         return self

@@ -222,3 +222,25 @@ def test_serve_refuses_public_address_without_protection(tmp_path: Path) -> None
                             if not k.startswith("FEATUREBANK_")})
     assert r.returncode == 2
     assert "refusing to listen on 0.0.0.0 without TLS or tokens" in r.stderr
+
+
+def test_server_is_the_single_writer(tmp_path: Path) -> None:
+    from embedder.errors import WriterBusy
+
+    bank = make_vector_bank(tmp_path / "bank", dim=DIM, n_per_class=5, index=False)
+    code = ("import sys; from embedder import store; s = store.open(sys.argv[1]); "
+            "s.acquire_writer(); print('writer', flush=True); sys.stdin.read()")
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen([sys.executable, "-c", code, str(bank)], cwd=root,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "writer"
+        with pytest.raises(WriterBusy):
+            RunningServer(ServeConfig(bank=bank, port=free_port()))
+    finally:
+        holder.communicate("", timeout=30)
+    with RunningServer(ServeConfig(bank=bank, port=free_port())), pytest.raises(WriterBusy):
+        other = subprocess.run([sys.executable, "-c", code.replace("sys.stdin.read()", ""),
+                                str(bank)], cwd=root, capture_output=True, text=True, timeout=60)
+        if "WriterBusy" in other.stderr:
+            raise WriterBusy(other.stderr)
