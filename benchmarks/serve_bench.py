@@ -178,19 +178,38 @@ def jpegs(count: int, size: int, seed: int = 0) -> list[bytes]:
     out = []
     for _ in range(count):
         base = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-        img = Image.fromarray(base).resize((size, size), Image.BILINEAR)
+        img = Image.fromarray(base).resize((size, size), Image.Resampling.BILINEAR)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
 
 
-def image_bank(root: Path, n: int) -> Path:
+def forward_ceiling(embedder: object, reps: int) -> float:
+    """Per-image time of the bare model, one image vs a batch of 32: what batching can buy."""
+    forward = embedder.forward  # type: ignore[attr-defined]
+    one = np.random.default_rng(0).integers(0, 255, (1, 224, 224, 3), dtype=np.uint8)
+    many = np.repeat(one, 32, axis=0)
+    forward(one)
+    forward(many)
+    t0 = time.perf_counter()
+    for _ in range(32 * reps):
+        forward(one)
+    single = (time.perf_counter() - t0) / (32 * reps)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        forward(many)
+    batched = (time.perf_counter() - t0) / (32 * reps)
+    print(f"  bare model in-process: 1 image {1000 * single:.1f} ms/image, batch of 32 "
+          f"{1000 * batched:.1f} ms/image -> ceiling {single / batched:.2f}x")
+    return single / batched
+
+
+def image_bank(root: Path, n: int, quick: bool) -> Path:
     from embedder.embedding import Embedder
 
-    spec = Spec(backbone="MobileNetV2", weights="none", input_size=(224, 224), resize="crop",
-                preprocessing="mobilenet_v2", pooling="avg", dim=1280, dtype="float32")
-    embedder = Embedder.from_spec(spec)
+    embedder = Embedder.create("MobileNetV2", weights="none", image_size=224, dtype="float32")
+    forward_ceiling(embedder, 1 if quick else 3)
     images = jpegs(n, 240, seed=1)
     vectors = np.asarray(embedder.embed_images(images), dtype=np.float32)
     with store_mod.create(root, embedder.spec) as st:
@@ -205,10 +224,10 @@ def image_bank(root: Path, n: int) -> Path:
 
 def bench_images(tmp: Path, quick: bool) -> None:
     n_bank, calls = (64, 96) if quick else (256, 640)
-    bank = image_bank(tmp / "images", n_bank)
-    images = jpegs(64, 256, seed=2)
     print(f"\n(2) Classify by image: MobileNetV2 224 (weights none, CPU), {calls} calls, "
           f"{CLIENTS} clients")
+    bank = image_bank(tmp / "images", n_bank, quick)
+    images = jpegs(64, 256, seed=2)
     results = {}
     for name, extra in (("batching off (max batch 1) ", ["--max-batch-size", "1"]),
                         ("batching on  (max batch 32)", ["--max-batch-size", "32",
