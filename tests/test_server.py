@@ -123,7 +123,8 @@ def test_get_info(client: FeatureBankClient) -> None:
     assert info.count >= 120 and info.labelled >= 120
     assert set(CLASSES) <= set(info.labels)
     assert info.index.generation >= 1 and info.index.ntotal >= 120
-    assert info.index.factory
+    assert info.index.factory and info.index.metric == "cosine"
+    assert 0 < info.index.recall <= 1 and info.index.store_generation >= 1
     assert info.store_generation >= 1
     assert info.head.generation == 0
 
@@ -137,6 +138,7 @@ def test_invalid_arguments(client: FeatureBankClient) -> None:
     expect(bad, client._call, client.stub.Classify, pb.ClassifyRequest(), match="input is empty")
     expect(bad, client.classify, vector=center("cat"), k=100000, match="k=100000 is out of range")
     expect(bad, client.search, vector=center("cat"), k=5000, match="out of range")
+    expect(bad, client.search, vector=center("cat"), labels=["zebra"], match="unknown labels")
     expect(bad, client.classify_batch, [], match="no inputs")
     expect(bad, client.classify, image=b"not an image", match="external vectors")
     expect(bad, client.embed, b"\x89PNG", match="external vectors")
