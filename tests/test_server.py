@@ -270,7 +270,7 @@ def test_never_unknown(client: FeatureBankClient) -> None:
         lambda: client.stub.Search(pb.SearchRequest(), timeout=10),
         lambda: client.stub.GetOperation(pb.GetOperationRequest(), timeout=10),
         lambda: client.stub.RebuildIndex(pb.RebuildIndexRequest(target_recall=2.0), timeout=10),
-        lambda: client.stub.Classify(pb.ClassifyRequest(input=make_input(key="a"), mode=7),
+        lambda: client.stub.Classify(pb.ClassifyRequest(input=make_input(key="a"), mode=7),  # type: ignore[arg-type]
                                      timeout=10),
     ]
     for call in calls:

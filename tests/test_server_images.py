@@ -78,20 +78,22 @@ def test_upsert_images_then_classify(client: FeatureBankClient) -> None:
     from PIL import Image
 
     rng = np.random.default_rng(4)
-    items = []
+    items: list[dict[str, object]] = []
+    pngs: list[bytes] = []
     for i in range(4):
         px = np.clip(np.array([240, 220, 20]) + rng.normal(0, 10, (40, 40, 3)), 0, 255)
         buf = io.BytesIO()
         Image.fromarray(px.astype(np.uint8)).save(buf, format="PNG")
-        items.append({"key": f"yellow/{i}", "image": buf.getvalue(), "label": "yellow",
+        pngs.append(buf.getvalue())
+        items.append({"key": f"yellow/{i}", "image": pngs[-1], "label": "yellow",
                       "uri": f"file:///yellow/{i}.png"})
     r = client.upsert(items)
     assert r.added == 4
-    c = client.classify(items[0]["image"], mode="knn", k=3)
+    c = client.classify(pngs[0], mode="knn", k=3)
     assert c.labels[0].label == "yellow"
     hit = client.search(key="yellow/0", k=1, include_metadata=True).neighbors[0]
     meta = dict(hit.metadata)
-    assert meta["uri"].startswith("file:///yellow/") and len(meta["sha256"]) == 64
+    assert str(meta["uri"]).startswith("file:///yellow/") and len(str(meta["sha256"])) == 64
     with pytest.raises(RemoteError) as info:
         client.upsert([{"key": "bad/1", "image": b"GIF89a-nope"}])
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
