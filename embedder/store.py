@@ -37,13 +37,14 @@ from embedder.store_codec import (
     check_keys,
     check_label,
     check_lengths,
-    check_meta,
+    check_metas,
     check_split,
     check_vectors,
-    decode_json_list,
+    decode_keys,
     decode_rows,
     default_block_rows,
     encode_json_list,
+    encode_keys,
     encode_rows,
     key_record,
     pack_id,
@@ -65,6 +66,7 @@ __all__ = ["Changes", "Items", "Spec", "Store", "create", "open", "open_or_creat
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+_SPLIT_NAMES = np.array([*SPLITS, *[""] * (256 - len(SPLITS))], dtype=object)
 _ADDED, _RELABELLED, _DELETED = b"a", b"r", b"d"
 Txn = Any  # lmdb.Transaction
 
@@ -372,7 +374,7 @@ class Store:
             dtype=np.uint8,
         )
         now = time.time()
-        metas = [check_meta(k, meta[i] if meta else None, now) for i, k in enumerate(keys)]
+        metas = check_metas(keys, meta, now)
         if not len(keys):
             return np.zeros(0, dtype=np.uint64)
         records = [key_record(k) for k in key_bytes]
@@ -458,9 +460,10 @@ class Store:
                     np.concatenate([t_states, states[:m]]),
                 )
                 txn.put(tail, rows, db=db["rows"])
-                for name, values in (("keys", keys[:m]), ("meta", metas[:m])):
-                    old = bytes(txn.get(tail, db=db[name]))
-                    txn.put(tail, old[:-1] + b"," + encode_json_list(values)[1:], db=db[name])
+                old = bytes(txn.get(tail, db=db["keys"]))
+                txn.put(tail, old + b"\0" + encode_keys(keys[:m]), db=db["keys"])
+                old = bytes(txn.get(tail, db=db["meta"]))
+                txn.put(tail, old[:-1] + b"," + encode_json_list(metas[:m])[1:], db=db["meta"])
                 start = m
         for s in range(start, len(ids), self.block_rows):
             e = min(len(ids), s + self.block_rows)
@@ -469,7 +472,7 @@ class Store:
             txn.put(
                 key, encode_rows(ids[s:e], codes[s:e], states[s:e]), append=True, db=h.dbs["rows"]
             )
-            txn.put(key, encode_json_list(keys[s:e]), append=True, db=h.dbs["keys"])
+            txn.put(key, encode_keys(keys[s:e]), append=True, db=h.dbs["keys"])
             txn.put(key, encode_json_list(metas[s:e]), append=True, db=h.dbs["meta"])
 
     def _clear_errors(self, txn: Txn, h: EnvHandle, records: Iterable[bytes]) -> None:
@@ -667,7 +670,7 @@ class Store:
         for bkey, rows, positions in picks:
             block = np.frombuffer(txn.get(bkey, db=h.dbs["vectors"]), dtype=self._dtype)
             block = block.reshape(-1, dim)
-            block_keys = decode_json_list(txn.get(bkey, db=h.dbs["keys"]))
+            block_keys = decode_keys(txn.get(bkey, db=h.dbs["keys"]))
             p0, k = int(positions[0]), len(positions)
             if positions[-1] - p0 == k - 1 and k == len(block) and rows[-1] - rows[0] == k - 1:
                 vectors[p0 : p0 + k] = block  # the common case in scans: the whole block
@@ -682,7 +685,7 @@ class Store:
             keys=keys,
             vectors=vectors,
             labels=self._decode_labels(txn, h, codes),
-            splits=[SPLITS[s] for s in states.tolist()],
+            splits=_SPLIT_NAMES[states].tolist(),
             meta=LazyMeta(n, meta_parts),
         )
 
@@ -697,9 +700,16 @@ class Store:
         return cache
 
     def _decode_labels(self, txn: Txn, h: EnvHandle, codes: np.ndarray) -> list[str | None]:
-        lst = codes.tolist()
-        vocab = self._vocab(txn, h, lst)
-        return [None if c == NO_LABEL else vocab[c] for c in lst]
+        """Codes to labels by one fancy index into an object array (fast for full scans)."""
+        if not len(codes):
+            return []
+        used = np.unique(codes)
+        vocab = self._vocab(txn, h, used.tolist())
+        table = np.empty(int(used[-1]) + 2, dtype=object)  # slot 0 is -1: unlabelled
+        for c in used.tolist():
+            table[c + 1] = None if c == NO_LABEL else vocab[c]
+        out: list[str | None] = table[codes.astype(np.int64) + 1].tolist()
+        return out
 
     def labels_of(self, ids: Any) -> list[str | None]:
         """Labels of ids (None for unlabelled, deleted or unknown ids, e.g. FAISS's -1)."""

@@ -9,14 +9,13 @@ records in four sub-databases, all keyed the same:
 - ``rows``: ``n`` uint64 ids, ``n`` int32 label codes (-1 = unlabelled),
   ``n`` uint8 states (split code, or DELETED) -- the only record relabelling,
   re-splitting or deleting rewrites, a few bytes per row;
-- ``keys``: the rows' keys as a JSON list; ``meta``: their metadata as a JSON list.
+- ``keys``: the rows' keys, NUL-separated; ``meta``: their metadata as a JSON list.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -79,6 +78,15 @@ def decode_rows(buf: bytes | memoryview) -> tuple[np.ndarray, np.ndarray, np.nda
     return ids, codes, states
 
 
+def encode_keys(keys: Sequence[str]) -> bytes:
+    """NUL-separated UTF-8: one C-level split decodes a whole block (keys may not hold NUL)."""
+    return "\0".join(keys).encode("utf-8")
+
+
+def decode_keys(buf: bytes | memoryview) -> list[str]:
+    return bytes(buf).decode("utf-8").split("\0")
+
+
 def encode_json_list(values: Sequence[Any]) -> bytes:
     return json.dumps(list(values), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
@@ -102,6 +110,8 @@ def check_keys(keys: Sequence[str], *, unique: bool = True) -> list[bytes]:
             raise InvalidInput(f"key #{i} must be str, got {type(key).__name__}: {key!r}")
         if not key:
             raise InvalidInput(f"key #{i} is empty")
+        if "\0" in key:
+            raise InvalidInput(f"key {key!r} (#{i}) contains a NUL character")
         try:
             out.append(key.encode("utf-8"))
         except UnicodeEncodeError as e:
@@ -138,12 +148,18 @@ def check_vectors(keys: Sequence[str], vectors: Any, spec: Spec) -> np.ndarray:
         )
     with np.errstate(over="ignore"):  # overflow to inf is reported below, naming the key
         out = np.ascontiguousarray(vectors, dtype=spec.dtype)
-    finite = np.isfinite(out).all(axis=1)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite)[0])
+    if not _all_finite(out):
+        row = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
         why = "NaN or inf" if not np.isfinite(vectors[row]).all() else f"beyond {spec.dtype} range"
         raise InvalidInput(f"vector for key {keys[row]!r} (#{row}) has {why} values")
     return out
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """Fast path for float16, where np.isfinite converts: inf/NaN have all exponent bits set."""
+    if a.dtype == np.float16:
+        return not bool(((a.view(np.uint16) & 0x7C00) == 0x7C00).any())
+    return bool(np.isfinite(a).all())
 
 
 def check_label(key: str, label: Any) -> str | None:
@@ -167,21 +183,35 @@ def check_split(key: str, split: Any) -> int:
     return code
 
 
-def check_meta(key: str, meta: Any, added: float) -> dict[str, Any]:
-    """A JSON-safe copy of the item's metadata with the time it was added."""
+def check_metas(
+    keys: Sequence[str], meta: Sequence[Any] | None, added: float
+) -> list[dict[str, Any]]:
+    """JSON-safe copies of the items' metadata, with the time they were added.
+
+    The whole batch is encoded once (fast); only if that fails is each item tried,
+    to name the key at fault.
+    """
     if meta is None:
-        meta = {}
-    if not isinstance(meta, dict):
-        raise InvalidInput(f"meta for key {key!r} must be a dict, got {type(meta).__name__}")
-    out = dict(meta)
-    out["added"] = added
+        return [{"added": added}] * len(keys)
+    out: list[dict[str, Any]] = []
+    for key, m in zip(keys, meta, strict=True):
+        if m is not None and not isinstance(m, dict):
+            raise InvalidInput(f"meta for key {key!r} must be a dict, got {type(m).__name__}")
+        out.append({"added": added, **(m or {})})
     try:
-        json.dumps(out, ensure_ascii=False).encode("utf-8")
-    except (TypeError, ValueError, UnicodeEncodeError) as e:
-        raise InvalidInput(f"meta for key {key!r} is not JSON-serialisable: {e}") from None
-    if any(isinstance(v, float) and not math.isfinite(v) for v in out.values()):
-        raise InvalidInput(f"meta for key {key!r} has a non-finite number")
+        _to_json(out)
+    except (TypeError, ValueError, UnicodeEncodeError):
+        for key, m in zip(keys, out, strict=True):
+            try:
+                _to_json(m)
+            except (TypeError, ValueError, UnicodeEncodeError) as e:
+                raise InvalidInput(f"meta for key {key!r} is not JSON-serialisable: {e}") from None
+        raise
     return out
+
+
+def _to_json(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def check_lengths(keys: Sequence[str], name: str, values: Sequence[Any] | None) -> None:

@@ -21,8 +21,9 @@ from embedder.bank import write_atomic
 from embedder.store_codec import (
     DELETED,
     decode_json_list,
+    decode_keys,
     decode_rows,
-    encode_json_list,
+    encode_keys,
     encode_rows,
     pack_id,
 )
@@ -127,7 +128,7 @@ class _Pending:
         self.codes.append(codes[live])
         self.states.append(states[live])
         self.vectors.append(vec[live].tobytes())
-        keys = decode_json_list(txn.get(key, db=old.dbs["keys"]))
+        keys = decode_keys(txn.get(key, db=old.dbs["keys"]))
         meta = decode_json_list(txn.get(key, db=old.dbs["meta"]))
         self.keys += [keys[i] for i in live]
         self.meta += [meta[i] for i in live]
@@ -140,7 +141,7 @@ class _Pending:
         record = {
             "vectors": vectors[: n * row_bytes],
             "rows": encode_rows(ids[:n], codes[:n], states[:n]),
-            "keys": encode_json_list(self.keys[:n]),
+            "keys": encode_keys(self.keys[:n]),
             "meta": json.dumps(self.meta[:n], ensure_ascii=False, separators=(",", ":")).encode(),
         }
         key = pack_id(int(ids[0]))

@@ -32,6 +32,7 @@ BAD_BATCHES: dict[str, tuple[Any, Any, dict[str, Any], type, str]] = {
     "duplicate key": (["a", "b", "a"], make_vectors(3), {}, InvalidInput, "'a' appears twice"),
     "empty key": (["a", "", "c"], make_vectors(3), {}, InvalidInput, "key #1 is empty"),
     "non-str key": (["a", 7, "c"], make_vectors(3), {}, InvalidInput, "key #1 must be str"),
+    "nul in key": (["a", "b\x00", "c"], make_vectors(3), {}, InvalidInput, "NUL"),
     "surrogate key": (["a", "b\udcff", "c"], make_vectors(3), {}, InvalidInput, "UTF-8"),
     "single str keys": ("abc", make_vectors(3), {}, InvalidInput, "not a single str"),
     "label not str": (GOOD, make_vectors(3), {"labels": ["x", 3, None]}, InvalidInput, "'b'"),
