@@ -204,6 +204,23 @@ class Neighbours:
         return np.asarray(probs, dtype=np.float32)
 
 
+def loo_knn_distribution(
+    neighbours: Neighbours,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    k: int,
+    temperature: float,
+) -> np.ndarray:
+    """kNN label distribution of bank items, each searched without itself (leave-one-out).
+
+    Why: the stacked head learns how far to trust this distribution; if an item
+    could vote for itself the distribution would be one-hot on its own label in
+    training and the head would trust it blindly.
+    """
+    codes, scores = neighbours.search(vectors, k, exclude_ids=np.asarray(ids, dtype=np.int64))
+    return neighbours.vote(codes, scores, k, temperature)
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -358,7 +375,6 @@ def train_head(
         # kNN votes (leave-one-out) once per k; temperatures are re-weightings of the same search
         kmax = min(max(K_GRID), max(1, neighbours.ntotal - 1))
         k_grid = sorted({min(k, kmax) for k in K_GRID})
-        codes_tr, scores_tr = neighbours.search(x[tr], kmax, exclude_ids=ids[tr])
         val_metrics: dict[str, dict[str, float]] = {}
         if len(va):
             codes_va, scores_va = neighbours.search(x[va], kmax, exclude_ids=ids[va])
@@ -397,7 +413,7 @@ def train_head(
         stacked_fit: HeadFit | None = None
         if stacked:
             k, t = int(best["k"]), float(best["temperature"])
-            extra_tr = neighbours.vote(codes_tr, scores_tr, k, t)
+            extra_tr = loo_knn_distribution(neighbours, x[tr], ids[tr], k, t)
             extra_va = neighbours.vote(codes_va, scores_va, k, t) if len(va) else None
             stacked_fit = fit_head(
                 x[tr],

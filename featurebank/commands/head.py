@@ -1,0 +1,156 @@
+"""`featurebank head train|info`, `featurebank eval` and `featurebank finetune`.
+
+Thin wrappers: index.heads, index.evaluate/index.report and embedder.finetune do
+the work; TensorFlow and matplotlib are imported inside the handlers only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from featurebank.cli import Commands
+
+METRIC_COLUMNS = ("accuracy", "top5", "macro_f1", "log_loss", "ece")
+
+
+def register(commands: Commands) -> None:
+    p = commands.subcommand(
+        "head", "train", "train the head, the stacked head and the hybrid weight", _train
+    )
+    p.add_argument("--bank", required=True, help="bank directory")
+    p.add_argument("--hidden", type=int, default=0, help="hidden units (0 = softmax regression)")
+    p.add_argument("--dropout", type=float, default=0.2, help="dropout before the output layer")
+    p.add_argument("--epochs", type=int, default=100, help="maximum epochs (early-stops on val)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (0-1)")
+    p.add_argument(
+        "--class-weight", choices=["balanced", "none"], default="balanced", help="class weights"
+    )
+    p.add_argument("--learning-rate", type=float, default=1e-2, help="Adam learning rate")
+    p.add_argument("--no-stacked", action="store_true", help="skip the stacked head")
+    p.add_argument("--seed", type=int, default=0, help="random seed (split, init, dropout)")
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+
+    p = commands.subcommand("head", "info", "the live head: generation, staleness, metrics", _info)
+    p.add_argument("--bank", required=True, help="bank directory")
+
+    p = commands.command(
+        "eval", "evaluate knn/head/hybrid/stacked beside sklearn and write a report", _eval
+    )
+    p.add_argument("--bank", required=True, help="bank directory")
+    p.add_argument("--split", choices=["test", "val"], default="test", help="split to score")
+    p.add_argument("--report", default=None, help="report folder (default BANK/reports/<time>/)")
+    p.add_argument("--k", type=int, default=None, help="neighbours (default: the head's tuned k)")
+    p.add_argument("--projection", choices=["pca", "tsne"], default="pca", help="2-D projection")
+    p.add_argument("--no-sklearn", action="store_true", help="skip the scikit-learn baselines")
+
+    p = commands.command(
+        "finetune",
+        "fine-tune the backbone's top layers with the head; export a backbone",
+        _finetune,
+    )
+    p.add_argument("images", help="labelled images: class folders or a manifest")
+    p.add_argument("--bank", required=True, help="bank whose backbone and head to start from")
+    p.add_argument("--out", required=True, help="where to write the backbone (.keras)")
+    p.add_argument("--unfreeze", type=int, default=2, help="top layers with weights to train")
+    p.add_argument("--lr", type=float, default=1e-5, help="learning rate (keep it low)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs")
+    p.add_argument("--augment", action="store_true", help="light shifts, rotations and zooms")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from index.heads import train_head
+
+    m = train_head(
+        args.bank,
+        hidden=args.hidden,
+        dropout=args.dropout,
+        epochs=args.epochs,
+        label_smoothing=args.label_smoothing,
+        class_weight=args.class_weight,
+        progress=sys.stderr.isatty(),
+        stacked=not args.no_stacked,
+        seed=args.seed,
+        learning_rate=args.learning_rate,
+    )
+    if args.json:
+        print(json.dumps(m, indent=1))
+        return 0
+    hy = m["hybrid"]
+    sp = m["split"]
+    print(
+        f"head generation {m['generation']}: {len(m['vocabulary'])} classes, "
+        f"{sp['train']} train / {sp['val']} val items ({sp['val_source']}), "
+        f"transform {m['transform']['spec']}, hidden {m['hidden']}, "
+        f"{m['train_seconds']:.1f}s"
+    )
+    print(f"hybrid: a={hy['a']} (kNN weight), T={hy['temperature']}, k={hy['k']}")
+    if m["val_metrics"]:
+        print(f"{'val':<10}" + "".join(f"{c:>10}" for c in METRIC_COLUMNS))
+        for mode, row in m["val_metrics"].items():
+            print(f"{mode:<10}" + "".join(f"{_fmt(row[c]):>10}" for c in METRIC_COLUMNS))
+    else:
+        print("no validation items: a, T and k are defaults, not tuned")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from index.heads import head_status
+
+    status = head_status(args.bank)
+    if status is None:
+        print(f"no head in {args.bank}: run `featurebank head train --bank {args.bank}`")
+        return 1
+    print(json.dumps(status, indent=1))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from embedder.bank import Bank
+    from index.evaluate import evaluate, format_table
+    from index.report import report_dir, write_report
+
+    ev = evaluate(args.bank, split=args.split, k=args.k, sklearn=not args.no_sklearn)
+    print(format_table(ev))
+    head = ev.info.get("head")
+    if head and head.get("stale"):
+        print("warning: labels changed since the head was trained (stale): retrain it")
+    if ev.info.get("note"):
+        print(f"note: {ev.info['note']}")
+    out = Path(args.report) if args.report else report_dir(Bank(args.bank).reports_dir)
+    page = write_report(ev, out, projection=args.projection)
+    print(f"report: {page}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from embedder.finetune import finetune
+
+    s = finetune(
+        args.images,
+        args.bank,
+        args.out,
+        unfreeze=args.unfreeze,
+        lr=args.lr,
+        epochs=args.epochs,
+        augment=args.augment,
+        batch_size=args.batch_size,
+        progress=sys.stderr.isatty(),
+    )
+    print(
+        f"fine-tuned {len(s['unfrozen'])} layers ({', '.join(s['unfrozen']) or 'head only'}) "
+        f"on {s['train']} images ({s['val']} val, {s['skipped']} skipped), {s['epochs']} epochs, "
+        f"{s['seconds']:.1f}s; val accuracy {_fmt(s['val_accuracy_before'])} -> "
+        f"{_fmt(s['val_accuracy_after'])}"
+    )
+    print(f"backbone: {s['out']}")
+    print(f"next: {s['next']}  (a new bank: the features changed)")
+    return 0
