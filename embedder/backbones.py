@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # Seed of the random initialisation used by weights="none": fixed, so that a bank made
 # with random weights can be re-embedded into (and served) by a rebuilt model.
 RANDOM_INIT_SEED = 1337
-CALIBRATION_BATCH = 16
+CALIBRATION_BATCH = 8
 
 PREPROCESSING_MODES = ("tf", "caffe", "torch", "raw0-255", "raw0-1")
 POOLINGS = ("avg", "max", "flatten")

@@ -9,6 +9,7 @@ than calling the Keras model. TensorFlow is imported only when a model is built.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+_LAST: tuple[str, Embedder] | None = None  # the last model built by embed()
 
 
 def _decode_pool() -> ThreadPoolExecutor:
@@ -146,6 +148,19 @@ class Embedder:
         return emb
 
     @classmethod
+    def cached(cls, spec: Spec) -> Embedder:
+        """`from_spec`, reusing the previous model when the spec is the same (repeated jobs)."""
+        global _LAST
+        key = json.dumps(spec.to_dict(), sort_keys=True)
+        with _POOL_LOCK:
+            if _LAST is not None and _LAST[0] == key:
+                return _LAST[1]
+        emb = cls.from_spec(spec)
+        with _POOL_LOCK:
+            _LAST = (key, emb)
+        return emb
+
+    @classmethod
     def create(
         cls,
         backbone: str,
@@ -189,6 +204,12 @@ class Embedder:
 
         out = self._fn(tf.constant(x))
         return np.asarray(out, dtype=np.float32)
+
+    def forward_tensor(self, x: Any) -> np.ndarray:
+        """`forward` for a batch that is already a uint8 tensor of the right shape (no checks)."""
+        if self._strategy is not None:
+            return self._forward_replicas(np.asarray(x))
+        return np.asarray(self._fn(x), dtype=np.float32)
 
     def embed_images(self, images_: Sequence[bytes], batch_size: int = 64) -> np.ndarray:
         """Vectors (n, dim) float32 of encoded images; an undecodable one -> InvalidInput."""
@@ -293,6 +314,7 @@ class Embedder:
             out = frozen(x)
             return out[0] if isinstance(out, (list, tuple)) else out
 
+        call(tf.zeros((1, h, w, 3), tf.uint8))  # graph optimisation happens on the first call
         return call
 
     def _forward_replicas(self, x: np.ndarray) -> np.ndarray:

@@ -57,11 +57,14 @@ def decode(
         raise ImageError(f"corrupt: image size {w}x{h}")
     if w * h > max_pixels:
         raise ImageError(f"too large: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
-    orientation = _orientation(im)
+    jpeg = fmt in ("JPEG", "MPO")
+    # A JPEG's EXIF is in its header; other formats may keep it after the pixels, and
+    # reading it would load (and hide errors of) the pixel data, so they load first.
+    orientation = _orientation(im) if jpeg else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if size is not None and fmt in ("JPEG", "MPO"):
+            if size is not None and jpeg:
                 im.draft("RGB", _draft_request(w, h, size, resize, orientation in _TRANSPOSED))
             im.load()
     except Exception as e:
@@ -69,6 +72,8 @@ def decode(
         if "truncat" in msg.lower() or isinstance(e, EOFError):
             raise ImageError(f"truncated: {msg}") from e
         raise ImageError(f"corrupt: {msg}") from e
+    if not jpeg:
+        orientation = _orientation(im)
     if orientation not in (None, 1):
         im = ImageOps.exif_transpose(im)
     im = to_rgb(im)

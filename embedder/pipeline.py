@@ -1,0 +1,393 @@
+"""The batch embedding job: reader -> mapper -> model -> writer, overlapped.
+
+Stages (each a small builder, testable alone, as in clip-retrieval):
+- `plan`: list the source, open the bank, drop keys already stored (resume);
+- `build_dataset`: tf.data over the remaining records: read + decode + resize in a
+  parallel map (Pillow releases the GIL), bad inputs filtered out with their reason
+  noted, then batch + prefetch, so decoding runs while the model works;
+- the model: `Embedder.forward`, a frozen graph compiled once;
+- `Writer`: a background thread committing each batch in one store transaction
+  (batches waiting in its queue are merged), so writing overlaps inference.
+
+A job killed at any point loses at most the batches not committed yet; the store's
+transactions are atomic and a rerun embeds exactly the keys still missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from embedder import backbones, images, sources
+from embedder import store as store_mod
+from embedder.errors import FeaturebankError, InvalidInput, NotFound
+from embedder.spec import Spec
+
+log = logging.getLogger(__name__)
+
+MAX_TXN_ROWS = 8192  # rows merged into one commit when the writer falls behind
+
+
+class EmbedFailed(InvalidInput):
+    """`fail_on_error`: the job finished but some inputs could not be embedded."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage; reading is summed over the parallel decoders."""
+
+    reading: float = 0.0
+    inferring: float = 0.0
+    writing: float = 0.0
+    waiting: float = 0.0  # the model idle, waiting for decoded batches
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add_reading(self, dt: float) -> None:
+        with self.lock:
+            self.reading += dt
+
+
+@dataclass
+class Plan:
+    """What a job has to do: the source, the records still missing, what to skip."""
+
+    source: sources.Source
+    todo: list[sources.Record]
+    skipped: int
+    store_exists: bool
+
+
+def plan(source: sources.Source, bank: str, spec: Spec) -> Plan:
+    """Check the bank's spec before any model is built, and find what is left to embed."""
+    try:
+        st = store_mod.open(bank, readonly=True)
+    except NotFound:
+        return Plan(source, list(source.records), 0, False)
+    with st:
+        if spec.dim:  # known without building the model: refuse a mismatch right away
+            st.spec.check_same(spec)
+        missing = set(st.missing([r.key for r in source.records]))
+    todo = [r for r in source.records if r.key in missing]
+    return Plan(source, todo, len(source.records) - len(todo), True)
+
+
+# ------------------------------------------------------------------ mapper
+
+
+class Loader:
+    """Reads and decodes one record by position; failures are kept, never raised."""
+
+    def __init__(
+        self,
+        source: sources.Source,
+        todo: list[sources.Record],
+        size: tuple[int, int],
+        resize: str,
+        max_pixels: int,
+        timings: Timings,
+    ) -> None:
+        self.source = source
+        self.todo = todo
+        self.size = size
+        self.resize = resize
+        self.max_pixels = max_pixels
+        self.timings = timings
+        self.meta: dict[int, dict[str, Any]] = {}
+        self.failures: dict[int, str] = {}
+        self._blank = np.zeros((*size, 3), np.uint8)
+
+    def __call__(self, i: int) -> tuple[np.ndarray, bool]:
+        t = time.perf_counter()
+        rec = self.todo[i]
+        try:
+            pixels, meta = self.source.load(rec, self.size, self.resize, self.max_pixels)
+            self.meta[i] = meta
+            ok = True
+        except images.ImageError as e:
+            self.failures[i] = e.reason
+            pixels, ok = self._blank, False
+        except Exception as e:  # never let one input stop (or hang) the job
+            self.failures[i] = f"could not read: {type(e).__name__}: {e}"
+            pixels, ok = self._blank, False
+        self.timings.add_reading(time.perf_counter() - t)
+        return pixels, ok
+
+
+def build_dataset(loader: Loader, batch_size: int) -> Any:
+    """tf.data: positions -> parallel read/decode/resize -> drop failures -> batch -> prefetch."""
+    import tensorflow as tf
+
+    h, w = loader.size
+
+    def load(i: Any) -> tuple[np.ndarray, np.bool_]:
+        pixels, ok = loader(int(i))
+        return pixels, np.bool_(ok)
+
+    def mapped(i: Any) -> tuple[Any, Any, Any]:
+        pixels, ok = tf.numpy_function(load, [i], [tf.uint8, tf.bool], stateful=False)
+        pixels.set_shape((h, w, 3))
+        ok.set_shape(())
+        return pixels, ok, i
+
+    ds = tf.data.Dataset.range(len(loader.todo))
+    ds = ds.map(mapped, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.filter(lambda pixels, ok, i: ok)
+    ds = ds.map(lambda pixels, ok, i: (pixels, i))
+    return ds.batch(batch_size).prefetch(2)
+
+
+# ------------------------------------------------------------------ writer
+
+
+@dataclass
+class Batch:
+    positions: np.ndarray  # positions in `todo` of the embedded rows
+    vectors: np.ndarray
+    upto: int  # every position below this has been decoded (its failure is known)
+
+
+class Writer:
+    """Commits batches on a background thread; merges what queues up into one transaction."""
+
+    def __init__(
+        self,
+        store: Any,
+        loader: Loader,
+        timings: Timings,
+        bar: Any,
+        queue_size: int = 1,
+    ) -> None:
+        self.store = store
+        self.loader = loader
+        self.timings = timings
+        self.bar = bar
+        self.embedded = 0
+        self.failed: list[tuple[str, str]] = []
+        self.error: BaseException | None = None
+        self._q: queue.Queue[Batch | None] = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._loop, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, batch: Batch) -> None:
+        """Hand a batch over (blocks while the writer is busy, which bounds lost work)."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self._q.put(batch, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self, upto: int | None) -> None:
+        """Commit what is queued, record the failures seen so far, stop the thread."""
+        self._q.put(None)
+        self._thread.join()
+        if upto is not None and self.error is None:
+            self._record_failures(upto)
+        if self.error is not None:
+            raise self.error
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                first = self._q.get()
+                if first is None:
+                    return
+                group = [first]
+                stop = False
+                while sum(len(b.positions) for b in group) < MAX_TXN_ROWS:
+                    try:
+                        nxt = self._q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    group.append(nxt)
+                self._commit(group)
+                if stop:
+                    return
+        except BaseException as e:  # surfaced to the main thread by put()/close()
+            self.error = e
+
+    def _commit(self, group: list[Batch]) -> None:
+        t = time.perf_counter()
+        positions = np.concatenate([b.positions for b in group])
+        vectors = np.concatenate([b.vectors for b in group])
+        todo, meta = self.loader.todo, self.loader.meta
+        recs = [todo[int(p)] for p in positions]
+        finite = np.isfinite(np.asarray(vectors, self.store.spec.dtype)).all(axis=1)
+        good = np.flatnonzero(finite)
+        if len(good):
+            self.store.put_batch(
+                [recs[j].key for j in good],
+                vectors[good],
+                labels=[recs[j].label for j in good],
+                splits=[recs[j].split for j in good],
+                meta=[meta.pop(int(positions[j]), None) for j in good],
+            )
+        for j in np.flatnonzero(~finite):
+            reason = f"embedding has NaN or infinite values in {self.store.spec.dtype}"
+            self.store.record_error(recs[j].key, reason)
+            self.failed.append((recs[j].key, reason))
+        self._record_failures(group[-1].upto)
+        self.timings.writing += time.perf_counter() - t
+        self.embedded += len(good)
+        self.bar.update(len(positions))
+        if self.failed:
+            self.bar.set_postfix(failed=len(self.failed), refresh=False)
+
+    def _record_failures(self, upto: int) -> None:
+        failures = self.loader.failures
+        for pos in sorted(p for p in list(failures) if p < upto):
+            reason = failures.pop(pos)
+            key = self.loader.todo[pos].key
+            self.store.record_error(key, reason)
+            self.failed.append((key, reason))
+            self.bar.update(1)
+
+
+# ------------------------------------------------------------------ the job
+
+
+def run(
+    source: str,
+    bank: str,
+    spec: Spec,
+    labels: str = "folders",
+    batch_size: int = 64,
+    fail_on_error: bool = False,
+    progress: bool = True,
+    max_pixels: int = images.DEFAULT_MAX_PIXELS,
+) -> dict[str, Any]:
+    """Embed the records of `source` missing from `bank`; returns the summary."""
+    from embedder.embedding import Embedder, describe_device
+
+    if batch_size < 1:
+        raise InvalidInput(f"batch size must be at least 1, got {batch_size}")
+    t0 = time.perf_counter()
+    src = sources.open_source(source, labels)
+    try:
+        if not backbones.is_model_file(spec.backbone) and not spec.dim:
+            import dataclasses
+
+            spec = dataclasses.replace(spec, dim=backbones.family(spec.backbone).dim)
+        p = plan(src, bank, spec)
+        device, _ = describe_device()
+        summary: dict[str, Any] = {
+            "source": src.description,
+            "bank": str(bank),
+            "device": device,
+            "total": len(src.records),
+            "skipped": p.skipped,
+            "ignored": src.ignored,
+        }
+        if not p.todo:
+            with store_mod.open(bank, readonly=True) as st:
+                summary.update(spec=st.spec.describe(), embedded=0, failed=0, errors=[])
+            return _finish(summary, t0, time.perf_counter(), Timings(), 0, fail_on_error)
+        embedder = Embedder.cached(spec)
+        with store_mod.open_or_create(bank, embedder.spec) as st:
+            st.acquire_writer()
+            summary["spec"] = st.spec.describe()
+            timings = Timings()
+            t_start = time.perf_counter()
+            writer = _embed_all(
+                src, p.todo, embedder, st, batch_size, max_pixels, timings, progress
+            )
+            summary.update(
+                embedded=writer.embedded,
+                failed=len(writer.failed),
+                errors=[{"key": k, "reason": r} for k, r in writer.failed[:50]],
+            )
+            return _finish(summary, t0, t_start, timings, writer.embedded, fail_on_error)
+    finally:
+        src.close()
+
+
+def _embed_all(
+    src: sources.Source,
+    todo: list[sources.Record],
+    embedder: Any,
+    st: Any,
+    batch_size: int,
+    max_pixels: int,
+    timings: Timings,
+    progress: bool,
+) -> Writer:
+    from tqdm import tqdm
+
+    loader = Loader(src, todo, embedder.input_size, embedder.spec.resize, max_pixels, timings)
+    ds = build_dataset(loader, batch_size)
+    bar = tqdm(
+        total=len(todo), unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    )
+    writer = Writer(st, loader, timings, bar)
+    upto: int | None = None
+    try:
+        it: Iterator[Any] = iter(ds)
+        while True:
+            t = time.perf_counter()
+            try:
+                pixels, positions = next(it)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            timings.waiting += t1 - t
+            vectors = embedder.forward_tensor(pixels)
+            t2 = time.perf_counter()
+            timings.inferring += t2 - t1
+            pos = positions.numpy()
+            writer.put(Batch(pos, vectors, int(pos[-1])))
+        upto = len(todo)
+    finally:
+        try:
+            writer.close(upto)
+        finally:
+            bar.close()
+    return writer
+
+
+def _finish(
+    summary: dict[str, Any],
+    t0: float,
+    t_start: float,
+    timings: Timings,
+    embedded: int,
+    fail_on_error: bool,
+) -> dict[str, Any]:
+    end = time.perf_counter()
+    run_s = end - t_start
+    summary.update(
+        images_per_s=round(embedded / run_s, 2) if run_s > 0 and embedded else 0.0,
+        seconds_total=round(end - t0, 3),
+        seconds_embedding=round(run_s, 3),
+        seconds_reading=round(timings.reading, 3),
+        seconds_inferring=round(timings.inferring, 3),
+        seconds_writing=round(timings.writing, 3),
+        seconds_waiting_for_input=round(timings.waiting, 3),
+    )
+    log.info("embed summary: %s", summary)
+    if fail_on_error and summary.get("failed"):
+        raise EmbedFailed(
+            f"{summary['failed']} of {summary['total']} inputs could not be embedded "
+            f"(see `featurebank store info`); first: {summary['errors'][0]}",
+            summary,
+        )
+    return summary
+
+
+__all__ = ["EmbedFailed", "FeaturebankError", "run"]

@@ -1,0 +1,123 @@
+"""`featurebank embed SOURCE --bank PATH --backbone NAME ...`: the batch embedding job.
+
+TensorFlow is imported inside the handler only, so other commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from featurebank.cli import Commands
+
+
+def register(commands: Commands) -> None:
+    p = commands.command(
+        "embed",
+        "embed a folder, manifest or array file of images into a bank (resumable)",
+        _embed,
+    )
+    p.add_argument(
+        "source",
+        help="folder (class subfolders = labels), CSV/TSV manifest path[,label][,split][,key], "
+        ".npy/.npz (N,H,W,C) array, or file.h5:dataset",
+    )
+    p.add_argument("--bank", required=True, help="bank directory (created if missing)")
+    p.add_argument(
+        "--backbone",
+        required=True,
+        help="keras.applications family (e.g. MobileNetV2, ResNet50, EfficientNetB0) "
+        "or the path of your own .keras model",
+    )
+    p.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (from the Keras cache), none (seeded random init), or a weights file",
+    )
+    p.add_argument("--layer", help="feature layer of a .keras backbone (default: its output)")
+    p.add_argument("--image-size", type=int, help="input size in pixels (default: the family's)")
+    p.add_argument("--resize", choices=("crop", "pad", "stretch"), default="crop")
+    p.add_argument(
+        "--pooling",
+        choices=("avg", "max", "flatten"),
+        default="avg",
+        help="global pooling (flatten: .keras backbones with spatial outputs only)",
+    )
+    p.add_argument(
+        "--preprocess",
+        choices=("tf", "caffe", "torch", "raw0-255", "raw0-1"),
+        help="override the input scaling (default: the family's; raw0-255 for .keras models)",
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument(
+        "--labels",
+        choices=("folders", "manifest", "none"),
+        default="folders",
+        help="where labels come from (folders: class subfolders, or a manifest's/array "
+        "file's own labels)",
+    )
+    p.add_argument("--max-pixels", type=int, default=100_000_000, help="larger images fail")
+    p.add_argument(
+        "--fail-on-error", action="store_true", help="exit 1 if any input could not be embedded"
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _embed(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from embedder.embedding import describe_device, embed
+
+    device, n_gpus = describe_device()
+    print(f"featurebank embed: running on {device}", file=sys.stderr)
+    if n_gpus == 0:
+        print(
+            "featurebank embed: warning: no GPU visible, embedding on the CPU "
+            "(fine for small collections, slow for large ones)",
+            file=sys.stderr,
+        )
+    summary = embed(
+        source=args.source,
+        bank=args.bank,
+        backbone=args.backbone,
+        weights=args.weights,
+        layer=args.layer,
+        image_size=args.image_size,
+        resize=args.resize,
+        pooling=args.pooling,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        labels=args.labels,
+        fail_on_error=False,
+        progress=not args.no_progress,
+        preprocessing=args.preprocess,
+        max_pixels=args.max_pixels,
+    )
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for line in summary_lines(summary):
+            print(line)
+    return 1 if args.fail_on_error and summary["failed"] else 0
+
+
+def summary_lines(s: dict[str, Any]) -> list[str]:
+    """The summary as a few readable lines."""
+    lines = [
+        f"embedded {s['embedded']}, skipped {s['skipped']} (already in the bank), "
+        f"failed {s['failed']} of {s['total']} inputs"
+        + (f"; ignored {s['ignored']} non-image files" if s.get("ignored") else ""),
+        f"{s['images_per_s']} images/s; {s['seconds_total']} s in all "
+        f"(reading {s['seconds_reading']} s, inferring {s['seconds_inferring']} s, "
+        f"writing {s['seconds_writing']} s)",
+        f"bank {s['bank']}: {s.get('spec', '')}",
+    ]
+    for e in s.get("errors", [])[:10]:
+        lines.append(f"  failed: {e['key']}: {e['reason']}")
+    if s["failed"] > 10:
+        lines.append(f"  ... {s['failed'] - 10} more (featurebank store info --bank {s['bank']})")
+    return lines
