@@ -21,7 +21,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from embedder.errors import FailedPrecondition, InvalidInput
+from embedder.errors import FailedPrecondition, InvalidInput, NotFound
 from protos.featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
 from server.auth import AuthInterceptor, Tokens
 from server.engine import Engine
@@ -61,6 +61,10 @@ class ServeConfig:
             raise InvalidInput("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise InvalidInput("--tls-client-ca needs --tls-cert and --tls-key")
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                           ("--tls-client-ca", self.tls_client_ca)):
+            if path is not None and not Path(path).is_file():
+                raise NotFound(f"{flag} {path} does not exist")
         if self.max_batch_size < 1:
             raise InvalidInput(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
         if self.batch_timeout_ms < 0:

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from embedder.errors import InvalidInput
+from embedder.errors import InvalidInput, NotFound
 
 READ = "read"
 WRITE = "write"
@@ -71,7 +71,10 @@ class Tokens:
         """Tokens from `path` (if given) plus the environment variables."""
         tokens = cls()
         if path is not None:
-            text = Path(path).read_text()
+            try:
+                text = Path(path).read_text()
+            except FileNotFoundError:
+                raise NotFound(f"tokens file {path} does not exist") from None
             for lineno, raw in enumerate(text.splitlines(), 1):
                 line = raw.strip()
                 if not line or line.startswith("#"):

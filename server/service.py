@@ -54,12 +54,19 @@ MODE_VALUES = {v: k for k, v in MODE_NAMES.items()}
 MAX_TOP_N = 1000
 MAX_BATCH_INPUTS = 4096
 MAX_KEY_BYTES = 1024
+MAX_UPSERT_ITEMS = 100_000
 
 
 class Unavailable(FeaturebankError):
     """The server is starting or stopping; the client may retry."""
 
     grpc_code = "UNAVAILABLE"
+
+
+class TooMany(FeaturebankError):
+    """A single call asks for more than the server holds in memory at once."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
 
 
 # --------------------------------------------------------------------- validation
@@ -302,6 +309,10 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         pending: list[tuple[int, pb.UpsertItem]] = []
         i = 0
         async for item in request_iterator:
+            if i >= MAX_UPSERT_ITEMS:
+                raise TooMany(
+                    f"Upsert takes at most {MAX_UPSERT_ITEMS} items per call: split the stream"
+                )
             where = f"item {i} (key {item.key!r})"
             key = check_key(item.key, f"item {i} key")
             if key in seen:

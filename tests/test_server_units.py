@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from embedder import errors
-from embedder.errors import FailedPrecondition, InvalidInput
+from embedder.errors import FailedPrecondition, InvalidInput, NotFound
 from server.app import ServeConfig, is_loopback
 from server.auth import READ, WRITE, Tokens, required_role
 from server.batching import Batcher, isolate
@@ -148,6 +148,10 @@ def test_non_loopback_needs_tls_or_tokens(tmp_path: Path) -> None:
     ServeConfig(bank=tmp_path, host="0.0.0.0", tokens=tokens).check()
     with pytest.raises(InvalidInput, match="--tls-cert and --tls-key go together"):
         ServeConfig(bank=tmp_path, tls_cert=tmp_path / "c").check()
+    with pytest.raises(NotFound, match="--tls-cert .* does not exist"):
+        ServeConfig(bank=tmp_path, tls_cert=tmp_path / "c", tls_key=tmp_path / "k").check()
+    with pytest.raises(NotFound, match="tokens file .* does not exist"):
+        Tokens.load(tmp_path / "missing", environ={})
 
 
 def test_validation_messages() -> None:
