@@ -366,7 +366,11 @@ class Store:
         vecs = check_vectors(keys, vectors, self.spec)
         for name, values in (("labels", labels), ("splits", splits), ("meta", meta)):
             check_lengths(keys, name, values)
-        labs = [check_label(k, v) for k, v in zip(keys, labels, strict=True)] if labels else None
+        labs = (
+            [check_label(k, v) for k, v in zip(keys, labels, strict=True)]
+            if labels is not None
+            else None
+        )
         states = np.array(
             [check_split(k, s) for k, s in zip(keys, splits, strict=True)]
             if splits is not None
@@ -383,7 +387,11 @@ class Store:
             first = _get_int(txn, h, "next_id")
             ids = np.arange(first, first + len(keys), dtype=np.uint64)
             self._claim_keys(txn, h, keys, records, ids)
-            codes = self._codes_for(txn, h, labs) if labs else np.full(len(keys), NO_LABEL, "i4")
+            codes = (
+                self._codes_for(txn, h, labs)
+                if labs is not None
+                else np.full(len(keys), NO_LABEL, np.int32)
+            )
             self._append_rows(txn, h, ids, vecs, codes, states, list(keys), metas)
             labelled = bool((codes != NO_LABEL).any())
             gen = _commit_generation(txn, h, labels_changed=labelled)
@@ -650,7 +658,9 @@ class Store:
             rows = loc.row[positions]
             codes[positions], states[positions] = bcodes[rows], bstates[rows]
             picks.append((bkey, rows, positions))
-        return self._read_items(txn, h, ids, codes, states, picks, dtype)
+        items = self._read_items(txn, h, ids, codes, states, picks, dtype)
+        items.meta = list(items.meta)  # few items: a plain list (scans keep it lazy)
+        return items
 
     def _read_items(
         self,
@@ -672,7 +682,8 @@ class Store:
             block = block.reshape(-1, dim)
             block_keys = decode_keys(txn.get(bkey, db=h.dbs["keys"]))
             p0, k = int(positions[0]), len(positions)
-            if positions[-1] - p0 == k - 1 and k == len(block) and rows[-1] - rows[0] == k - 1:
+            whole = k == len(block) and np.array_equal(rows, np.arange(k))
+            if whole and positions[-1] - p0 == k - 1:
                 vectors[p0 : p0 + k] = block  # the common case in scans: the whole block
                 keys[p0 : p0 + k] = block_keys
             else:
@@ -854,7 +865,7 @@ class Store:
             "blocks": len(snap.block_keys),
             "block_rows": self.block_rows,
             "vector_bytes": int(live.sum()) * self.spec.dim * self._dtype.itemsize,
-            "size_bytes": sum(p.stat().st_size for p in env_dir.glob("*.mdb")),
+            "size_bytes": (env_dir / "data.mdb").stat().st_size,
             "map_size": map_size,
         }
 

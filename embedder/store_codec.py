@@ -31,6 +31,7 @@ DELETED = 255
 NO_LABEL = -1
 ROW_BYTES = 8 + 4 + 1  # id, label code, state
 _MAX_KEY_BYTES = 480  # LMDB keys are limited to 511 bytes; longer keys are stored hashed
+_MAX_LABEL_BYTES = 400  # labels are LMDB keys of the vocabulary
 _BE64 = struct.Struct(">Q")
 
 
@@ -170,9 +171,11 @@ def check_label(key: str, label: Any) -> str | None:
     if not label:
         raise InvalidInput(f"label for key {key!r} is empty (use None for unlabelled)")
     try:
-        label.encode("utf-8")
+        size = len(label.encode("utf-8"))
     except UnicodeEncodeError:
         raise InvalidInput(f"label for key {key!r} is not valid UTF-8: {label!r}") from None
+    if size > _MAX_LABEL_BYTES:
+        raise InvalidInput(f"label for key {key!r} is longer than {_MAX_LABEL_BYTES} bytes")
     return label
 
 

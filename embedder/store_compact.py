@@ -18,6 +18,7 @@ import lmdb
 import numpy as np
 
 from embedder.bank import write_atomic
+from embedder.errors import StorageFull
 from embedder.store_codec import (
     DELETED,
     decode_json_list,
@@ -27,7 +28,7 @@ from embedder.store_codec import (
     encode_rows,
     pack_id,
 )
-from embedder.store_env import CURRENT, DB_NAMES, ENV_PREFIX, EnvHandle, SharedStore
+from embedder.store_env import CURRENT, DB_NAMES, ENV_PREFIX, EnvHandle, SharedStore, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,11 @@ def compact(sh: SharedStore, block_rows: int, row_bytes: int) -> None:
             blocks = _repack(txn, old, block_rows, row_bytes)
             _write_blocks(new, blocks)
         new.env.sync(True)
-    except BaseException:
+    except BaseException as e:
         new.close()
         shutil.rmtree(path, ignore_errors=True)
+        if isinstance(e, lmdb.Error) and is_disk_full(e):
+            raise StorageFull(f"no room to compact {sh.path} ({e}); the store is unchanged") from e
         raise
     write_atomic(sh.path / CURRENT, f"{name}\n".encode())
     sh.install(new)
