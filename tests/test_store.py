@@ -386,3 +386,36 @@ def test_map_grows_by_itself(bank: Path) -> None:
 def _raw_records(st: store_mod.Store, db: str) -> list[tuple[bytes, bytes]]:
     with st._sh().read() as (txn, h):
         return [(bytes(k), bytes(v)) for k, v in txn.cursor(db=h.dbs[db])]
+
+
+def test_get_keeps_any_order_within_a_block(store: store_mod.Store) -> None:
+    vectors = fill(store)
+    order = [0, 2, 1, 3, 9, 8, 4]  # block 0 permuted, block 2 reversed
+    for items in (store.get(order), store.to_numpy(ids=order)):
+        assert items.ids.tolist() == order and items.keys == [KEYS[i] for i in order]
+        np.testing.assert_array_equal(items.vectors, vectors[order])
+        assert list(items.meta) == [{"uri": f"file:///{KEYS[i]}", "size": i,
+                                     "added": items.meta[j]["added"]}
+                                    for j, i in enumerate(order)]  # fmt: skip
+
+
+def test_scans_hold_no_transaction_between_batches(store: store_mod.Store) -> None:
+    fill(store)
+    it = store.iter_batches(batch_size=2)
+    next(it)
+    assert store._sh().rw._readers == 0  # the caller's code runs outside any read txn
+    with store_mod.open(store.bank.root, readonly=True) as other:
+        other_batches = list(other.iter_batches(batch_size=4))
+    assert sum(len(b) for b in it) == 8 and sum(len(b) for b in other_batches) == 10
+
+
+def test_compaction_keeps_the_change_log(store: store_mod.Store) -> None:
+    fill(store)
+    store.delete([KEYS[0]])
+    store.set_labels({KEYS[5]: "cat"})
+    before = store.changes_since(1)
+    store.compact()
+    after = store.changes_since(1)
+    assert before.deleted.tolist() == after.deleted.tolist() == [0]
+    assert before.relabelled.tolist() == after.relabelled.tolist() == [5]
+    assert store.labels_generation == store.generation

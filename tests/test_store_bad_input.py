@@ -37,6 +37,13 @@ BAD_BATCHES: dict[str, tuple[Any, Any, dict[str, Any], type, str]] = {
     "single str keys": ("abc", make_vectors(3), {}, InvalidInput, "not a single str"),
     "label not str": (GOOD, make_vectors(3), {"labels": ["x", 3, None]}, InvalidInput, "'b'"),
     "empty label": (GOOD, make_vectors(3), {"labels": ["x", "", None]}, InvalidInput, "'b'"),
+    "label too long": (
+        GOOD,
+        make_vectors(3),
+        {"labels": [None, None, "x" * 401]},
+        InvalidInput,
+        "'c'",
+    ),
     "labels count": (GOOD, make_vectors(3), {"labels": ["x"]}, InvalidInput, "1 labels"),
     "bad split": (
         GOOD,
