@@ -165,8 +165,10 @@ def _rpc(
             if self.engine.store is None:
                 raise Unavailable("the bank is still loading (or shutting down); retry shortly")
             response = await fn(self, request, context)
-        except asyncio.CancelledError:
-            self._observe(name, "CANCELLED", started)
+        except asyncio.CancelledError:  # the client went away or its deadline passed
+            left = context.time_remaining()
+            expired = left is not None and left <= 0
+            self._observe(name, "DEADLINE_EXCEEDED" if expired else "CANCELLED", started)
             raise
         except Exception as e:  # noqa: BLE001 - mapped to a status, never UNKNOWN
             code, message = to_status(e)
@@ -332,6 +334,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 rows.append(None)
                 pending.append((i, item))
             i += 1
+        _check_stream_complete(context)
         if not rows:
             raise InvalidInput("Upsert got no items")
         if pending:
@@ -392,6 +395,17 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         if not request.id:
             raise InvalidInput("operation id is empty")
         return _operation(self.engine.get_operation(request.id))
+
+
+def _check_stream_complete(context: aio.ServicerContext) -> None:
+    """A client stream also ends when the call is cancelled or its deadline passes.
+
+    Then the items received so far are not the client's whole request and must
+    not be committed.
+    """
+    left = context.time_remaining()
+    if context.cancelled() or (left is not None and left <= 0):
+        raise asyncio.CancelledError("Upsert stream cancelled or past its deadline")
 
 
 def _image_error(e: BaseException, where: str) -> BaseException:

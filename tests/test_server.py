@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -170,10 +171,11 @@ def test_message_over_limit_is_resource_exhausted(client: FeatureBankClient) -> 
     expect(grpc.StatusCode.RESOURCE_EXHAUSTED, client.classify, image=b"\0" * (17 << 20))
 
 
-def test_deadline_is_honoured(client: FeatureBankClient) -> None:
+def test_deadline_is_honoured(client: FeatureBankClient, served: RunningServer) -> None:
     release = threading.Event()
 
     def slow_stream() -> Iterator[pb.UpsertItem]:
+        yield pb.UpsertItem(key="late/0", vector=pb.Vector(values=[1.0] * DIM))
         release.wait(10)
         yield pb.UpsertItem(key="late/1", vector=pb.Vector(values=[1.0] * DIM))
 
@@ -183,6 +185,13 @@ def test_deadline_is_honoured(client: FeatureBankClient) -> None:
     finally:
         release.set()
     assert client.health() == "SERVING"
+    expired = served.server.metrics.requests.labels("Upsert", "DEADLINE_EXCEEDED")
+    for _ in range(100):  # the server side notices the expiry asynchronously
+        if expired._value.get() >= 1:  # type: ignore[attr-defined]
+            break
+        time.sleep(0.05)
+    assert expired._value.get() >= 1  # type: ignore[attr-defined]
+    expect(grpc.StatusCode.NOT_FOUND, client.classify, key="late/0")  # partial stream not committed
 
 
 def test_upsert_is_visible_to_the_next_classify(client: FeatureBankClient) -> None:
