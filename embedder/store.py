@@ -355,10 +355,13 @@ class Store:
         meta: Sequence[dict[str, Any] | None] | None = None,
         *,
         spec: Spec | None = None,
+        replace: bool = False,
     ) -> np.ndarray:
         """Add new items in one transaction and return their ids.
 
-        Keys already stored are refused (filter with `missing()` to resume a job).
+        Keys already stored are refused (filter with `missing()` to resume a job), unless
+        `replace`: then the stored items are deleted and re-added with new ids in the
+        same transaction (an atomic upsert).
         """
         if spec is not None:
             self.spec.check_same(spec)
@@ -386,6 +389,7 @@ class Store:
         def fn(txn: Txn, h: EnvHandle) -> np.ndarray:
             first = _get_int(txn, h, "next_id")
             ids = np.arange(first, first + len(keys), dtype=np.uint64)
+            replaced = self._replace_in_txn(txn, h, records) if replace else None
             self._claim_keys(txn, h, keys, records, ids)
             codes = (
                 self._codes_for(txn, h, labs)
@@ -394,8 +398,12 @@ class Store:
             )
             self._append_rows(txn, h, ids, vecs, codes, states, list(keys), metas)
             labelled = bool((codes != NO_LABEL).any())
+            if replaced is not None:
+                labelled |= replaced[1]
             gen = _commit_generation(txn, h, labels_changed=labelled)
             _log_ids(txn, h, gen, _ADDED, ids)
+            if replaced is not None:
+                _log_ids(txn, h, gen, _DELETED, replaced[0])
             _put_int(txn, h, "next_id", first + len(keys))
             _put_int(txn, h, "count", _get_int(txn, h, "count") + len(keys))
             self._clear_errors(txn, h, records)
@@ -403,6 +411,17 @@ class Store:
 
         ids: np.ndarray = self._write(fn)
         return ids
+
+    def _replace_in_txn(
+        self, txn: Txn, h: EnvHandle, records: list[bytes]
+    ) -> tuple[np.ndarray, bool]:
+        """Delete whichever of the batch's keys are stored: (their ids, any labelled)."""
+        found = [(rec, txn.get(rec, db=h.dbs["key2id"])) for rec in records]
+        stored = [(rec, unpack_id(v)) for rec, v in found if v is not None]
+        if not stored:
+            return np.zeros(0, np.uint64), False
+        ids = np.array(sorted(i for _, i in stored), dtype=np.uint64)
+        return ids, self._delete_in_txn(txn, h, ids, [rec for rec, _ in stored])
 
     def _claim_keys(
         self, txn: Txn, h: EnvHandle, keys: Sequence[str], records: list[bytes], ids: np.ndarray
@@ -563,22 +582,27 @@ class Store:
 
         def fn(txn: Txn, h: EnvHandle) -> int:
             ids = self._ids_in_txn(txn, h, unique, NotFound)
-            loc = _locate(txn, h, ids)
-            labelled = False
-            for b, (bkey, bids, codes, states) in enumerate(loc.blocks):
-                rows = loc.row[loc.block == b]
-                labelled |= bool((codes[rows] != NO_LABEL).any())
-                states[rows] = DELETED
-                txn.put(bkey, encode_rows(bids, codes, states), db=h.dbs["rows"])
-            for rec in records:
-                txn.delete(rec, db=h.dbs["key2id"])
-            _put_int(txn, h, "count", _get_int(txn, h, "count") - len(ids))
+            labelled = self._delete_in_txn(txn, h, ids, records)
             gen = _commit_generation(txn, h, labels_changed=labelled)
             _log_ids(txn, h, gen, _DELETED, np.sort(ids))
             return len(ids)
 
         n: int = self._write(fn)
         return n
+
+    def _delete_in_txn(self, txn: Txn, h: EnvHandle, ids: np.ndarray, records: list[bytes]) -> bool:
+        """Mark rows deleted and forget their keys; returns whether any was labelled."""
+        loc = _locate(txn, h, ids)
+        labelled = False
+        for b, (bkey, bids, codes, states) in enumerate(loc.blocks):
+            rows = loc.row[loc.block == b]
+            labelled |= bool((codes[rows] != NO_LABEL).any())
+            states[rows] = DELETED
+            txn.put(bkey, encode_rows(bids, codes, states), db=h.dbs["rows"])
+        for rec in records:
+            txn.delete(rec, db=h.dbs["key2id"])
+        _put_int(txn, h, "count", _get_int(txn, h, "count") - len(ids))
+        return labelled
 
     # ---- errors ---------------------------------------------------------------------------
 

@@ -419,3 +419,26 @@ def test_compaction_keeps_the_change_log(store: store_mod.Store) -> None:
     assert before.deleted.tolist() == after.deleted.tolist() == [0]
     assert before.relabelled.tolist() == after.relabelled.tolist() == [5]
     assert store.labels_generation == store.generation
+
+
+def test_put_batch_replace_is_an_atomic_upsert(store: store_mod.Store) -> None:
+    fill(store, 3)
+    gen = store.generation
+    new = make_vectors(2, seed=9)
+    ids = store.put_batch([KEYS[1], "fresh"], new, labels=["emu", None], replace=True)
+    assert ids.tolist() == [3, 4] and store.generation == gen + 1 and store.count == 4
+    items = store.get_by_keys([KEYS[1], "fresh"])
+    assert items.ids.tolist() == [3, 4] and items.labels == ["emu", None]
+    np.testing.assert_array_equal(items.vectors, new)
+    ch = store.changes_since(gen)
+    assert ch.added.tolist() == [3, 4] and ch.deleted.tolist() == [1]
+    with pytest.raises(NotFound):
+        store.get([1])
+
+
+def test_store_imports_without_tensorflow() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, embedder.store, embedder.spec; assert 'tensorflow' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -56,6 +56,15 @@ class StoreVsDict(RuleBasedStateMachine):
         for k, v, lab, sp in zip(keys, vectors, labels, splits, strict=False):
             self.model[k] = {"vector": v, "label": lab, "split": sp}
 
+    @rule(keys=st.lists(KEYS, min_size=1, max_size=5, unique=True), label=LABELS)
+    def upsert(self, keys: list[str], label: Any) -> None:
+        n = len(keys)
+        vectors = (self.next_value + np.arange(n * DIM).reshape(n, DIM)).astype(np.float32)
+        self.next_value += n * DIM
+        self.st.put_batch(keys, vectors, labels=[label] * n, replace=True)
+        for k, v in zip(keys, vectors, strict=True):
+            self.model[k] = {"vector": v, "label": label, "split": "none"}
+
     @precondition(lambda self: self.model)
     @rule(data=st.data(), label=LABELS, split=SPLITS)
     def relabel(self, data: Any, label: Any, split: str) -> None:
