@@ -456,7 +456,8 @@ class Engine:
         missing = self.store.missing(keys)
         if missing and not ignore_missing:
             raise NotFound(_unknown_keys(missing))
-        present = [k for k in keys if k not in set(missing)]
+        gone = set(missing)
+        present = [k for k in keys if k not in gone]
         deleted = int(self.store.delete(present)) if present else 0
         if deleted:
             self._sync_index()
@@ -467,17 +468,30 @@ class Engine:
         return int(m.classifier.index_generation) if m else 0
 
     def _sync_index(self) -> None:
-        """Make committed changes searchable: update the live index (or build the first)."""
+        """Make committed changes searchable: update the live index (or build the first).
+
+        The store commit already happened; if the index cannot follow, the error says
+        so, keeping its status code, so the caller knows the items are stored.
+        """
         from index import build
 
         with self._index_lock:
-            if current_generation(self.bank.indexes_dir) is None:
-                if self.store.count == 0:
-                    return
-                build.build_index(self.bank.root)
-            else:
-                build.update_index(self.bank.root)
-            self._load_models()
+            try:
+                if current_generation(self.bank.indexes_dir) is None:
+                    count = int(self.store.count)
+                    if count == 0:
+                        return
+                    build.build_index(self.bank.root, k=_build_k(count))
+                else:
+                    build.update_index(self.bank.root)
+            except FeaturebankError as e:
+                e.args = (
+                    f"committed to the store (generation {self.store.generation}) but the "
+                    f"index was not updated: {e}",
+                )
+                raise
+            finally:
+                self._load_models()
 
     # ----------------------------------------------------------------- rebuilds
 
@@ -512,6 +526,7 @@ class Engine:
                     metric=params.metric,
                     transform=params.transform,
                     target_recall=params.target_recall,
+                    k=_build_k(int(self.store.count)),
                 )
                 op.result["index"] = manifest
                 if params.retrain_head:
@@ -537,6 +552,11 @@ class Engine:
         finally:
             op.finished = time.time()
             op.done = True
+
+
+def _build_k(count: int) -> int:
+    """The k an index is tuned for: 10, or fewer on a tiny bank (a build refuses k > count)."""
+    return max(1, min(10, count))
 
 
 def _unknown_keys(keys: Sequence[str]) -> str:

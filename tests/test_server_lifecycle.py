@@ -244,3 +244,20 @@ def test_server_is_the_single_writer(tmp_path: Path) -> None:
                                 str(bank)], cwd=root, capture_output=True, text=True, timeout=60)
         if "WriterBusy" in other.stderr:
             raise WriterBusy(other.stderr)
+
+
+def test_first_upsert_into_an_empty_bank_builds_the_index(tmp_path: Path) -> None:
+    from embedder import store as store_mod
+    from embedder.spec import Spec
+
+    spec = Spec(backbone="external", weights="external", input_size=None, resize="none", dim=DIM)
+    store_mod.create(tmp_path / "bank", spec).close()
+    with RunningServer(ServeConfig(bank=tmp_path / "bank", port=free_port())) as rs, \
+            FeatureBankClient(rs.target, timeout=60) as client:
+        assert client.health() == "NOT_SERVING"
+        centers = class_centers(DIM)
+        r = client.upsert([{"key": f"k{i}", "vector": centers[i], "label": CLASSES[i]}
+                           for i in range(3)])
+        assert r.added == 3 and r.index_generation == 1
+        client.wait_until_serving(timeout=30)  # health follows on the server's loop
+        assert client.classify(vector=centers[2], k=1).labels[0].label == CLASSES[2]
