@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,10 @@ from embedder.errors import (
     NotFound,
 )
 from server.batching import Batcher, isolate
+
+if TYPE_CHECKING:
+    from index.classifier import Classifier
+    from index.searcher import Searcher
 from server.metrics import Metrics
 from server.status import to_status
 
@@ -52,8 +56,8 @@ DEFAULT_TOP_N = 5
 class Models:
     """One consistent set of serving models; replaced as a whole on reload."""
 
-    classifier: Any  # index.classifier.Classifier
-    searcher: Any  # index.searcher.Searcher
+    classifier: Classifier
+    searcher: Searcher
 
 
 @dataclass(frozen=True)
@@ -202,18 +206,14 @@ class Engine:
 
     def _load_models(self) -> None:
         from index.classifier import Classifier
-        from index.searcher import Searcher
 
         try:
             if self.models is None:
                 classifier = Classifier(self.bank.root, store=self.store)
             else:
                 classifier = self.models.classifier
-                classifier.reload()
-            searcher = getattr(classifier, "searcher", None)
-            if searcher is None:
-                searcher = Searcher.load(self.bank.root, store=self.store)
-            self.models = Models(classifier, searcher)
+                classifier.reload()  # atomic: calls in flight keep their snapshot
+            self.models = Models(classifier, classifier.searcher)
             self.load_error = None
         except FailedPrecondition as e:
             self.load_error = str(e)
