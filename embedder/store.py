@@ -314,9 +314,10 @@ class Store:
         if self.readonly:
             raise FailedPrecondition(f"store of bank {self.bank.root} was opened read-only")
         sh = self._sh()
-        if not self._writer:
-            sh.acquire_writer()
-            self._writer = True
+        with sh.lock:
+            if not self._writer:
+                sh.acquire_writer()
+                self._writer = True
 
     def _write(self, fn: Any) -> Any:
         self.acquire_writer()

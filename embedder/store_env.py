@@ -20,6 +20,7 @@ Only the holder of `writer.lock` (fcntl.flock, non-blocking) may write.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -175,22 +176,40 @@ class SharedStore:
         with self.lock:
             return self._switch()
 
+    def _read_current(self) -> tuple[tuple[int, int, int], str]:
+        """CURRENT's identity and content, read from one open file so they agree."""
+        try:
+            with builtins.open(self.path / CURRENT, "rb") as f:
+                st = os.fstat(f.fileno())
+                name = f.read().decode().strip()
+        except FileNotFoundError:
+            raise NotFound(f"no store in {self.path.parent} (missing {self.path})") from None
+        return (st.st_ino, st.st_mtime_ns, st.st_size), name
+
     def _switch(self) -> EnvHandle:
-        for _attempt in range(20):
-            name = (self.path / CURRENT).read_text().strip()
-            st = os.stat(self.path / CURRENT)
-            if self.handle is not None and self.handle.name == name and not self.handle.closed:
-                self._sig = (st.st_ino, st.st_mtime_ns, st.st_size)
-                return self.handle
+        """Open the environment CURRENT names, making sure it was still live once opened.
+
+        Compaction switches CURRENT before deleting the old environment, so if CURRENT
+        is unchanged after the open, the files opened were not being deleted.
+        """
+        for _attempt in range(50):
+            sig, name = self._read_current()
+            h = self.handle
+            if h is not None and h.name == name and not h.closed:
+                self._sig = sig
+                return h
             try:
                 new = EnvHandle(self.path / name, create=False)
             except lmdb.Error:
-                if not (self.path / name / "data.mdb").exists():
-                    continue  # compacted away between reading CURRENT and opening: read again
+                if self._read_current()[0] != sig:
+                    continue  # compacted away while opening: follow CURRENT
                 raise
-            if self.handle is not None:
-                self.retired.append(self.handle)
-            self.handle, self._sig = new, (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._read_current()[0] != sig:
+                new.close()
+                continue
+            if h is not None:
+                self.retired.append(h)
+            self.handle, self._sig = new, sig
             return new
         raise FeaturebankError(f"could not open the store in {self.path}: CURRENT keeps changing")
 
@@ -198,8 +217,7 @@ class SharedStore:
         """Make a freshly written environment current in this process (after compaction)."""
         if self.handle is not None:
             self.retired.append(self.handle)
-        st = os.stat(self.path / CURRENT)
-        self.handle, self._sig = handle, (st.st_ino, st.st_mtime_ns, st.st_size)
+        self.handle, self._sig = handle, self._read_current()[0]
 
     def close_retired(self) -> None:
         """Unmap environments replaced by compaction once no iteration still reads them."""
