@@ -142,6 +142,10 @@ def run(work: Path, n: int, batch: int) -> int:
             2, lambda: np.load(work / "vectors.npy").astype(np.float32), lambda: st.to_numpy()
         )
         store_size = st.stats()["size_bytes"]
+        rng = np.random.default_rng(1)
+        probes = [rng.integers(0, n, 10) for _ in range(200)]
+        t_labels, _ = timed(lambda: [st.labels_of(p) for p in probes])
+        t_get, _ = timed(lambda: [st.get(p[:1]) for p in probes])
     finally:
         st.close()
     assert np.array_equal(items.vectors, from_npy) and items.keys == keys
@@ -183,6 +187,10 @@ def run(work: Path, n: int, batch: int) -> int:
     print(
         f"  scan f32 {t_npy32 / t_scan32:4.2f}x np.load+astype; raw LMDB cursor scan "
         f"{t_npy / t_rawscan:.2f}x np.load"
+    )
+    print(
+        f"lookups: labels_of(10 random ids) {t_labels / len(probes) * 1e6:.0f} us, "
+        f"get(1 id) {t_get / len(probes) * 1e6:.0f} us"
     )
     return 0
 
