@@ -31,6 +31,10 @@ class Metrics:
             "featurebank_request_seconds", "RPC latency in seconds, by method and status code",
             ["method", "code"], buckets=_LATENCY_BUCKETS, registry=r,
         )
+        self.in_flight = Gauge(
+            "featurebank_requests_in_flight", "RPCs being handled now, by method",
+            ["method"], registry=r,
+        )
         self.batch_size = Histogram(
             "featurebank_batch_size", "Items per dynamic batch, by kind (embed, classify, search)",
             ["kind"], buckets=_BATCH_BUCKETS, registry=r,

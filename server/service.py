@@ -161,6 +161,9 @@ def _rpc(
     @functools.wraps(fn)
     async def wrapper(self: FeatureBankServicer, request: Req, context: aio.ServicerContext) -> Resp:
         started = time.perf_counter()
+        in_flight = self.metrics.in_flight.labels(name) if self.metrics is not None else None
+        if in_flight is not None:
+            in_flight.inc()
         try:
             if self.engine.store is None:
                 raise Unavailable("the bank is still loading (or shutting down); retry shortly")
@@ -175,6 +178,9 @@ def _rpc(
             self._observe(name, code.name, started)
             await context.abort(code, message)
             raise  # unreachable: abort raises
+        finally:
+            if in_flight is not None:
+                in_flight.dec()
         self._observe(name, "OK", started)
         return response
 

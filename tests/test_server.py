@@ -260,6 +260,7 @@ def test_metrics_endpoint(client: FeatureBankClient, served: RunningServer) -> N
     assert "featurebank_request_seconds_bucket" in text
     assert 'featurebank_batch_size_count{kind="classify"}' in text
     assert "featurebank_bank_items" in text and "featurebank_index_generation" in text
+    assert "featurebank_requests_in_flight" in text
 
 
 def test_reflection_lists_the_service(served: RunningServer) -> None:

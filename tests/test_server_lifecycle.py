@@ -9,7 +9,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -61,7 +62,10 @@ class HealthWatch:
 class HeldUpsert:
     """An Upsert whose request stream stays open until `release()`: an in-flight call."""
 
-    def __init__(self, client: FeatureBankClient, key: str, timeout: float = 60) -> None:
+    def __init__(
+        self, client: FeatureBankClient, key: str, started: Callable[[], bool],
+        timeout: float = 60,
+    ) -> None:
         self._go = threading.Event()
         self.result: queue.Queue[object] = queue.Queue()
         self._sent = threading.Event()
@@ -79,10 +83,28 @@ class HeldUpsert:
 
         threading.Thread(target=run, daemon=True).start()
         assert self._sent.wait(30)
+        deadline = time.monotonic() + 30
+        while not started():  # until the server is handling it, not merely sent
+            assert time.monotonic() < deadline, "the server never started the Upsert"
+            time.sleep(0.02)
 
     def release(self) -> object:
         self._go.set()
         return self.result.get(timeout=60)
+
+
+def upsert_in_flight(rs: RunningServer) -> Callable[[], bool]:
+    gauge = rs.server.metrics.in_flight.labels("Upsert")
+    return lambda: gauge._value.get() >= 1  # type: ignore[attr-defined, no-any-return]
+
+
+def upsert_in_flight_http(metrics_port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        return 'featurebank_requests_in_flight{method="Upsert"} 1.0' in text
+
+    return check
 
 
 def test_health_follows_index_and_shutdown(tmp_path: Path) -> None:
@@ -102,7 +124,7 @@ def test_health_follows_index_and_shutdown(tmp_path: Path) -> None:
             watch.wait_for(SERVING)
             assert client.health() == "SERVING"
             assert client.classify(vector=class_centers(DIM)[1]).labels[0].label == CLASSES[1]
-            held = HeldUpsert(client, "inflight/1")
+            held = HeldUpsert(client, "inflight/1", upsert_in_flight(rs))
             stopper = threading.Thread(target=rs.stop, kwargs={"grace": 30})
             stopper.start()
             watch.wait_for(NOT_SERVING)  # drains first ...
@@ -123,7 +145,7 @@ def test_max_concurrent_rpcs_gives_resource_exhausted(tmp_path: Path) -> None:
     bank = make_vector_bank(tmp_path / "bank", dim=DIM, n_per_class=5, index=False)
     config = ServeConfig(bank=bank, port=free_port(), max_concurrent_rpcs=1)
     with RunningServer(config) as rs, FeatureBankClient(rs.target, timeout=30) as client:
-        held = HeldUpsert(client, "held/1")
+        held = HeldUpsert(client, "held/1", upsert_in_flight(rs))
         with pytest.raises(RemoteError) as info:
             client.info()
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -181,10 +203,11 @@ def _serve_cmd(bank: Path, port: int, *extra: str) -> list[str]:
 
 def test_sigterm_drains_in_flight_calls_and_closes_the_store(tmp_path: Path) -> None:
     bank = make_vector_bank(tmp_path / "bank", dim=DIM, n_per_class=10)
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen(_serve_cmd(bank, port, "--grace", "30"), cwd=root, env=env,
+    cmd = _serve_cmd(bank, port, "--grace", "30", "--metrics-port", str(metrics_port))
+    proc = subprocess.Popen(cmd, cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         target = f"127.0.0.1:{port}"
@@ -193,7 +216,7 @@ def test_sigterm_drains_in_flight_calls_and_closes_the_store(tmp_path: Path) -> 
             assert client.classify(vector=class_centers(DIM)[0]).labels[0].label == CLASSES[0]
             watch = HealthWatch(target)
             watch.wait_for(SERVING)
-            held = HeldUpsert(client, "sigterm/1")
+            held = HeldUpsert(client, "sigterm/1", upsert_in_flight_http(metrics_port))
             proc.send_signal(signal.SIGTERM)
             watch.wait_for(NOT_SERVING)
             watch.close()
