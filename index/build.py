@@ -38,7 +38,9 @@ FORMAT = 1
 HOLDOUT = 1000  # held-out tuning queries (at most 10% of the bank)
 TRAIN_MAX = 262_144  # vectors used to train IVF/PQ/OPQ
 ADD_BATCH = 65_536
-FAISS_METRIC = {"cosine": faiss.METRIC_INNER_PRODUCT, "ip": faiss.METRIC_INNER_PRODUCT,
+# Cosine is searched as squared L2 on unit vectors: the same order, and graph/PCA
+# indexes work on distances (a centred PCA does not preserve inner products).
+FAISS_METRIC = {"cosine": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT,
                 "l2": faiss.METRIC_L2}
 
 
@@ -99,6 +101,16 @@ def train(index: faiss.Index, vectors: np.ndarray) -> None:
         raise InvalidInput(
             f"could not train the index on {sample.shape[0]} vectors: {faiss_reason(e)}"
         ) from e
+
+
+def spectrum(vectors: np.ndarray, sample: int = 20_000) -> np.ndarray:
+    """Variance along each principal axis (of a sample), for the PCA rule of selection."""
+    if vectors.shape[0] > sample:
+        pick = np.random.default_rng(3).choice(vectors.shape[0], sample, replace=False)
+        vectors = vectors[np.sort(pick)]
+    x = vectors.astype(np.float64)
+    x -= x.mean(axis=0)
+    return np.linalg.eigvalsh(x.T @ x / max(x.shape[0] - 1, 1))[::-1]
 
 
 def split_holdout(count: int, wanted: int) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +225,10 @@ def _build(
     xt = fitted.apply(vectors)
     del vectors
     if factory == "auto":
-        choice = selection.choose_factory(count, fitted.out_dim, budget, k)
+        pca_dim = None
+        if count > selection.FLAT_MAX_COUNT:
+            pca_dim = selection.pca_dim_for(spectrum(xt), fitted.out_dim)
+        choice = selection.choose_factory(count, fitted.out_dim, budget, k, pca_dim, metric)
     else:
         choice = selection.Choice(factory, "given by the user", 0)
     log.info("building %s over %d x %d (%s)", choice.factory, count, fitted.out_dim, choice.reason)

@@ -324,11 +324,15 @@ def train_head(
     stacked: bool = True,
     seed: int = 0,
     learning_rate: float = 1e-2,
+    refit: bool = True,
     keep: int = 2,
 ) -> dict[str, Any]:
     """Train head, hybrid weights and stacked head on the bank's labelled vectors; publish.
 
-    Returns the manifest written to heads/<gen>/manifest.json.
+    Without a val split in the store, 20% of the training items (stratified) choose
+    the epochs, a, T and k; with `refit` the heads are then retrained on all the
+    training items for the chosen number of epochs (val metrics stay those measured
+    before). Returns the manifest written to heads/<gen>/manifest.json.
     """
     b = bank if isinstance(bank, Bank) else Bank(bank)
     started = time.time()
@@ -430,6 +434,16 @@ def train_head(
                 val_metrics["stacked"] = metrics.summary(
                     y_all[va], stacked_fit.head.predict_proba(x[va], extra_va)
                 )
+        refitted = refit and len(va) > 0 and val_source != "val split"
+        if refitted:
+            # val was carved out of the user's training items: once it has chosen the
+            # epochs (and a, T, k), train again on all of them for that many epochs
+            both = np.concatenate([tr, va])
+            plain = _refit(plain, x[both], y_all[both], n_cls, fit_kw)
+            if stacked_fit is not None:
+                k, t = int(best["k"]), float(best["temperature"])
+                extra = loo_knn_distribution(neighbours, x[both], ids[both], k, t)
+                stacked_fit = _refit(stacked_fit, x[both], y_all[both], n_cls, fit_kw, extra)
         if searcher is not None:
             close = getattr(searcher, "close", None)
             if callable(close):
@@ -448,7 +462,12 @@ def train_head(
         "class_weight": class_weight,
         "learning_rate": learning_rate,
         "seed": seed,
-        "split": {"train": int(len(tr)), "val": int(len(va)), "val_source": val_source},
+        "split": {
+            "train": int(len(tr)),
+            "val": int(len(va)),
+            "val_source": val_source,
+            "refit_on_train_and_val": refitted,
+        },
         "curves": {
             "head": plain.curves,
             **({"stacked": stacked_fit.curves} if stacked_fit else {}),
@@ -488,6 +507,20 @@ def train_head(
         hyb["k"],
     )
     return manifest
+
+
+def _refit(
+    fit: HeadFit,
+    x: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    fit_kw: dict[str, Any],
+    extra: np.ndarray | None = None,
+) -> HeadFit:
+    """The same head retrained on more items for the epochs early stopping chose."""
+    kw = {**fit_kw, "epochs": max(1, fit.best_epoch)}
+    again = fit_head(x, y, n_classes, extra_train=extra, **kw)
+    return HeadFit(again.head, fit.curves, fit.best_epoch, fit.epochs_run)
 
 
 def _apply(tparams: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:

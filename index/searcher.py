@@ -33,7 +33,7 @@ import numpy as np
 from embedder.bank import Bank, current_dir, current_generation
 from embedder.errors import FailedPrecondition, InvalidInput, NotFound
 from index.transforms import Transform, as_vectors
-from index.tuning import set_params, tunable
+from index.tuning import set_params, tunable, unwrap
 
 log = logging.getLogger(__name__)
 FAISS: Any = faiss  # faiss' bundled stubs miss SearchParametersHNSW and keyword constructors
@@ -191,13 +191,6 @@ def index_any(index: faiss.Index) -> Any:
     return index
 
 
-def unwrap(index: faiss.Index) -> faiss.Index:
-    """The index inside IDMap/PreTransform wrappers (downcast to its own type)."""
-    while isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
-        index = faiss.downcast_index(index.index)
-    return index
-
-
 def index_ids(index: faiss.Index) -> np.ndarray:
     """Sorted external ids of an IndexIDMap2 (what the builder always writes)."""
     return np.sort(faiss.vector_to_array(index_any(index).id_map).astype(np.int64))
@@ -266,8 +259,17 @@ def drop_excluded(
 
 
 def to_scores(dist: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
-    """FAISS distances -> similarity scores (higher = closer); L2 gives -Euclidean distance."""
-    scores = -np.sqrt(np.maximum(dist, 0.0)) if metric == "l2" else dist.copy()
+    """FAISS distances -> similarity scores (higher = closer).
+
+    l2: -Euclidean distance; cosine (searched as squared L2 on unit vectors):
+    1 - d/2, the cosine similarity; ip: the inner product itself.
+    """
+    if metric == "l2":
+        scores = -np.sqrt(np.maximum(dist, 0.0))
+    elif metric == "cosine":
+        scores = 1.0 - dist / 2.0
+    else:
+        scores = dist.copy()
     scores[ids < 0] = -np.inf
     return scores.astype(np.float32, copy=False)
 
@@ -461,8 +463,9 @@ class Searcher:
             return dist, ids
         inner = cached(view, "not-stale", lambda: faiss.IDSelectorBatch(view.stale))
         sel = faiss.IDSelectorNot(inner)
-        params = search_params(view, sel, 1.0)
+        params, keep = search_params(view, sel, 1.0)
         dist, ids = index.search(xt, k, params=params)
+        del keep
         return dist, ids
 
     def _search_labels(
@@ -485,7 +488,10 @@ class Searcher:
             sub = cached(view, ("exact",) + key, lambda: exact_subset(view, allowed))
             return sub(xt, k)
         sel = cached(view, ("sel",) + key, lambda: faiss.IDSelectorBatch(allowed))
-        return view.gen.index.search(xt, k, params=search_params(view, sel, fraction))
+        params, keep = search_params(view, sel, fraction)
+        dist, ids = view.gen.index.search(xt, k, params=params)
+        del keep
+        return dist, ids
 
     def _keys(self, ids: np.ndarray) -> dict[int, str]:
         wanted = np.unique(ids[ids >= 0]).astype(np.uint64)
@@ -530,8 +536,7 @@ def exact_subset(
 ) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
     """Exact search over a small filtered subset (graph search degrades under tight filters)."""
     vectors = view.gen.index.reconstruct_batch(allowed)
-    metric = faiss.METRIC_L2 if view.gen.metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    flat = faiss.IndexFlat(vectors.shape[1], metric)
+    flat = faiss.IndexFlat(vectors.shape[1], view.gen.index.metric_type)
     flat.add(vectors)
 
     def run(xt: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -542,16 +547,38 @@ def exact_subset(
     return run
 
 
-def search_params(view: View, sel: faiss.IDSelector, fraction: float) -> faiss.SearchParameters:
-    """Per-call parameters: the selector, with more exploration when it lets few items through."""
+def search_params(view: View, sel: faiss.IDSelector, fraction: float) -> tuple[Any, list[Any]]:
+    """Per-call parameters carrying the selector down every wrapper, and what must stay alive.
+
+    IndexIDMap2 only translates the selector of the outermost parameters, so the
+    translation to internal positions is done here for the inner ones. Tight
+    selectors get more exploration (efSearch/nprobe), as fewer visited items count.
+    """
     gen = view.gen
     tuned = {k: int(v) for k, v in gen.manifest.get("params", {}).items()}
     boost = 1.0 / max(fraction, 1e-6)
-    if gen.kind == "hnsw":
-        ef = tuned.get("efSearch", 16)
-        return FAISS.SearchParametersHNSW(sel=sel, efSearch=int(min(ef * boost, MAX_EF_SEARCH)))
-    if gen.kind == "ivf":
-        grid = tunable(gen.index, 1).get("nprobe", [1])
-        nprobe = tuned.get("nprobe", 1)
-        return FAISS.SearchParametersIVF(sel=sel, nprobe=int(min(nprobe * boost, grid[-1])))
-    return FAISS.SearchParameters(sel=sel)
+    translated = FAISS.IDSelectorTranslated(index_any(gen.index).id_map, sel)
+    keep: list[Any] = [sel, translated]
+
+    def nested(index: Any) -> Any:
+        if isinstance(index, faiss.IndexRefine):
+            inner = nested(faiss.downcast_index(index.base_index))
+            p = FAISS.IndexRefineSearchParameters(
+                k_factor=float(tuned.get("k_factor_rf", 1)), base_index_params=inner
+            )
+        elif isinstance(index, faiss.IndexPreTransform):
+            inner = nested(faiss.downcast_index(index.index))
+            p = FAISS.SearchParametersPreTransform(index_params=inner)
+        elif isinstance(index, faiss.IndexHNSW):
+            ef = min(tuned.get("efSearch", 16) * boost, MAX_EF_SEARCH)
+            p = FAISS.SearchParametersHNSW(sel=translated, efSearch=int(ef))
+        elif faiss.try_extract_index_ivf(index) is not None:
+            grid = tunable(index, 1).get("nprobe", [1])
+            nprobe = min(tuned.get("nprobe", 1) * boost, grid[-1])
+            p = FAISS.SearchParametersIVF(sel=translated, nprobe=int(nprobe))
+        else:
+            p = FAISS.SearchParameters(sel=translated)
+        keep.append(p)
+        return p
+
+    return nested(faiss.downcast_index(index_any(gen.index).index)), keep

@@ -9,6 +9,12 @@ records the choice and the reason). The rules, in order (like autofaiss):
 2. HNSW (``HNSW32``) when its memory (raw float vectors + graph links) fits the
    budget and ``count <= HNSW_MAX_COUNT``: the best recall/latency trade-off for
    banks that fit in RAM; above a few million vectors its build time dominates.
+   Embeddings have a low intrinsic dimension: when ``PCA_VARIANCE`` of the
+   variance lies in at most half the dimensions (``pca_dim_for``) and the metric
+   is a distance (l2, or cosine on unit vectors), the graph is built on the PCA
+   projection and the candidates are re-ranked on the full vectors
+   (``PCA{D},HNSW32,RFlat``): each graph step costs D/dim of a full distance,
+   the build gets as much faster, and re-ranking restores exact distances.
 3. ``IVF{nlist},Flat`` when the raw vectors fit but the graph does not (or the
    bank is too big for HNSW build times). ``nlist ~ 4 sqrt(count)`` rounded to a
    power of two; from ``HNSW_COARSE_MIN_NLIST`` lists on, the coarse quantiser is
@@ -23,7 +29,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 from embedder.errors import InvalidInput
 
@@ -34,6 +43,9 @@ HNSW_COARSE_MIN_NLIST = 16_384
 MIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per centroid
 ID_BYTES = 8  # IndexIDMap2 keeps an int64 id per vector (+ a reverse map, counted twice)
 METRICS = ("cosine", "ip", "l2")
+PCA_VARIANCE = 0.99
+PCA_DIMS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+K_FACTORS = [1, 2, 4]
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,21 @@ def pq_sizes(dim: int) -> list[tuple[int, int]]:
     return [(m, (dim // m) * m) for m in sorted(ms, reverse=True)]
 
 
+def pca_dim_for(eigenvalues: Sequence[float] | np.ndarray, dim: int) -> int | None:
+    """Smallest candidate D keeping PCA_VARIANCE of the variance, if D <= dim / 2 (else None)."""
+    vals = np.sort(np.maximum(np.asarray(eigenvalues, dtype=np.float64), 0.0))[::-1]
+    total = float(vals.sum())
+    if total <= 0:
+        return None
+    kept = np.cumsum(vals) / total
+    for d in PCA_DIMS:
+        if d > dim // 2:
+            return None
+        if d <= len(kept) and kept[d - 1] >= PCA_VARIANCE:
+            return d
+    return None
+
+
 def efsearch_grid(k: int) -> list[int]:
     return sorted({max(k, v) for v in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)})
 
@@ -104,8 +131,18 @@ def nprobe_grid(nlist: int) -> list[int]:
     return [p for p in grid if p < nlist] + [nlist]
 
 
-def choose_factory(count: int, dim: int, memory_budget: int, k: int = 10) -> Choice:
-    """Apply the rules in the module docstring; raise InvalidInput when nothing fits."""
+def choose_factory(
+    count: int,
+    dim: int,
+    memory_budget: int,
+    k: int = 10,
+    pca_dim: int | None = None,
+    metric: str = "l2",
+) -> Choice:
+    """Apply the rules in the module docstring; raise InvalidInput when nothing fits.
+
+    `pca_dim` is `pca_dim_for` of the bank's spectrum (None: no useful projection).
+    """
     if count <= 0:
         raise InvalidInput("cannot choose an index for an empty bank")
     if dim <= 0:
@@ -116,6 +153,16 @@ def choose_factory(count: int, dim: int, memory_budget: int, k: int = 10) -> Cho
         need = flat_memory(count, dim)
         if need <= memory_budget:
             return Choice("Flat", f"{count} <= {FLAT_MAX_COUNT} vectors: exact search", need)
+    if pca_dim is not None and metric != "ip" and count <= HNSW_MAX_COUNT:
+        need = flat_memory(count, dim) + hnsw_memory(count, pca_dim) - 2 * ID_BYTES * count
+        if need <= memory_budget:
+            return Choice(
+                f"PCA{pca_dim},HNSW{HNSW_M},RFlat",
+                f"HNSW fits the budget and {PCA_VARIANCE:.0%} of the variance lies in "
+                f"{pca_dim} of {dim} dimensions: graph on the projection, exact re-ranking",
+                need,
+                {"efSearch": efsearch_grid(k), "k_factor_rf": K_FACTORS},
+            )
     need = hnsw_memory(count, dim)
     if count <= HNSW_MAX_COUNT and need <= memory_budget:
         return Choice(

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import faiss
 import numpy as np
 
-from index.selection import efsearch_grid, nprobe_grid
+from index.selection import K_FACTORS, efsearch_grid, nprobe_grid
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +61,34 @@ def exact_search(
     return ids, dist
 
 
+def unwrap(index: faiss.Index) -> faiss.Index:
+    """The searching index inside IDMap / PreTransform / Refine wrappers, downcast."""
+    while True:
+        if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+            index = faiss.downcast_index(index.index)
+        elif isinstance(index, faiss.IndexRefine):
+            index = faiss.downcast_index(index.base_index)
+        else:
+            return index
+
+
+def has_refine(index: faiss.Index) -> bool:
+    while isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+        index = faiss.downcast_index(index.index)
+    return isinstance(index, faiss.IndexRefine)
+
+
 def tunable(index: faiss.Index, k: int) -> dict[str, list[int]]:
-    """The parameter this index type trades recall for speed with, and its grid."""
+    """What this index type trades recall for speed with, and the grids (main knob first)."""
+    grid: dict[str, list[int]] = {}
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        return {"nprobe": nprobe_grid(int(ivf.nlist))}
-    inner = index
-    while isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
-        inner = faiss.downcast_index(inner.index)
-    if isinstance(inner, faiss.IndexHNSW):
-        return {"efSearch": efsearch_grid(k)}
-    return {}
+        grid["nprobe"] = nprobe_grid(int(ivf.nlist))
+    elif isinstance(unwrap(index), faiss.IndexHNSW):
+        grid["efSearch"] = efsearch_grid(k)
+    if grid and has_refine(index):
+        grid["k_factor_rf"] = list(K_FACTORS)
+    return grid
 
 
 def set_params(index: faiss.Index, params: dict[str, int]) -> None:
@@ -103,7 +120,11 @@ def tune(
     k: int,
     target_recall: float,
 ) -> Tuned:
-    """Lowest efSearch/nprobe reaching `target_recall` on `queries` (held out of `index`)."""
+    """Fastest setting reaching `target_recall` on `queries` (held out of `index`).
+
+    The main knob (efSearch/nprobe) is bisected for each value of the secondary
+    one (re-ranking factor), and the fastest of those winners is kept.
+    """
     grid = tunable(index, k)
     n = max(queries.shape[0], 1)
     trace: list[dict[str, float]] = []
@@ -119,28 +140,38 @@ def tune(
     if not grid:
         recall, secs = measure({})
         return Tuned({}, recall, 1000 * secs / n, n / max(secs, 1e-9), recall >= target_recall)
-    (name, values), = grid.items()
-    lo, hi = 0, len(values) - 1
-    best: int | None = None
-    results: dict[int, tuple[float, float]] = {}
-    while lo <= hi:  # bisection: recall is (near) monotone in the parameter
-        mid = (lo + hi) // 2
-        results[mid] = measure({name: values[mid]})
-        if results[mid][0] >= target_recall:
-            best, hi = mid, mid - 1
-        else:
-            lo = mid + 1
-    reached = best is not None
-    if best is None:
-        best = len(values) - 1
-        if best not in results:
-            results[best] = measure({name: values[best]})
-        log.warning(
-            "target recall@%d %.3f not reached: %s=%d gives %.4f",
-            k, target_recall, name, values[best], results[best][0],
-        )
-    params = {name: values[best]}
+    names = list(grid)
+    main, values = names[0], grid[names[0]]
+    extra = [{names[1]: v} for v in grid[names[1]]] if len(names) > 1 else [{}]
+    winners: list[tuple[float, float, dict[str, int]]] = []  # secs, recall, params
+    fallback: tuple[float, float, dict[str, int]] | None = None
+    for base in extra:
+        lo, hi, best = 0, len(values) - 1, None
+        while lo <= hi:  # bisection: recall is (near) monotone in the parameter
+            mid = (lo + hi) // 2
+            recall, secs = measure({**base, main: values[mid]})
+            if recall >= target_recall:
+                best, hi = (secs, recall, {**base, main: values[mid]}), mid - 1
+            else:
+                lo = mid + 1
+        if best is not None:
+            winners.append(best)
+        elif fallback is None or recall > fallback[1]:
+            params = {**base, main: values[-1]}
+            recall, secs = measure(params)
+            fallback = (secs, recall, params)
+    reached = bool(winners)
+    if winners:  # re-time each winner once more (machines are noisy) and keep the fastest
+        retimed = []
+        for secs, recall, params in winners:
+            set_params(index, params)
+            _, again = timed_search(index, queries, k)
+            retimed.append((min(secs, again), recall, params))
+        secs, recall, params = min(retimed, key=lambda w: w[0])
+    else:
+        assert fallback is not None
+        secs, recall, params = fallback
+        log.warning("target recall@%d %.3f not reached: %s gives %.4f",
+                    k, target_recall, params, recall)
     set_params(index, params)
-    _, secs = timed_search(index, queries, k)  # re-time the winner once more, warm
-    recall = results[best][0]
     return Tuned(params, recall, 1000 * secs / n, n / max(secs, 1e-9), reached, trace)

@@ -36,7 +36,8 @@ def clustered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, World, np
     """30,000 vectors of intrinsic dimension 8 in 32-d, overlapping clusters."""
     world = World.make(32, latent=8, centres=100, noise=0.05, seed=11)
     x, _ = world.sample(30_000, seed=12)
-    bank = make_bank(tmp_path_factory.mktemp("clustered") / "bank", x)
+    labels = ["rare" if i % 10 == 0 else "common" for i in range(len(x))]
+    bank = make_bank(tmp_path_factory.mktemp("clustered") / "bank", x, labels)
     return bank, world, x
 
 
@@ -49,7 +50,7 @@ def test_auto_choice_reaches_target_recall(
     bank, world, x = clustered
     manifest = build_index(bank, factory="auto", metric="l2", memory_budget=budget,
                            target_recall=0.95, k=10)
-    assert manifest["factory"].startswith(family)
+    assert family in manifest["factory"]
     assert manifest["target_reached"] and manifest["recall_at_k"] >= 0.95
     assert manifest["params"] and manifest["tuning"]
     on_disk = json.loads((bank / "indexes" / str(manifest["generation"]) / "manifest.json")
@@ -58,6 +59,10 @@ def test_auto_choice_reaches_target_recall(
     fresh, _ = world.sample(500, seed=99)  # queries the tuner never saw
     with Searcher.load(bank) as searcher:
         assert recall(searcher.search(fresh, 10).ids, exact_ids(x, fresh, 10)) >= 0.93
+        common = np.flatnonzero(np.arange(len(x)) % 10 != 0)  # a filter letting 90% through
+        result = searcher.search(fresh[:100], 10, labels=["common"])
+        assert {lab for row in result.labels for lab in row} == {"common"}
+        assert recall(result.ids, common[exact_ids(x[common], fresh[:100], 10)]) >= 0.9
 
 
 def test_update_equals_full_rebuild_for_exact_index(tmp_path: Path) -> None:
@@ -114,7 +119,7 @@ print("built", flush=True)
 
 @pytest.mark.parametrize("when", ["computing", "writing"])
 def test_build_killed_leaves_previous_generation_live(tmp_path: Path, when: str) -> None:
-    x, _ = World.make(64, latent=12, seed=41).sample(20_000, seed=42)
+    x, _ = World.make(64, latent=12, seed=41).sample(12_000, seed=42)
     bank = make_bank(tmp_path / "bank", x, ["a"] * len(x))
     build_index(bank, factory="Flat", metric="l2")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -204,6 +209,15 @@ def test_cli_build_update_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_selection_rules() -> None:
+    low_rank = np.r_[np.ones(30), np.full(226, 1e-4)]  # 32 latent dimensions + noise
+    assert selection.pca_dim_for(low_rank, 256) == 32
+    assert selection.pca_dim_for(np.ones(256), 256) is None  # isotropic: no projection
+    assert selection.choose_factory(200_000, 256, 4 << 30, pca_dim=32).factory == (
+        "PCA32,HNSW32,RFlat"
+    )
+    assert selection.choose_factory(200_000, 256, 4 << 30, pca_dim=32, metric="ip").factory == (
+        "HNSW32"
+    )
     assert selection.choose_factory(5_000, 128, 4 << 30).factory == "Flat"
     hnsw = selection.choose_factory(200_000, 256, 4 << 30)
     assert hnsw.factory == "HNSW32" and "efSearch" in hnsw.tunable
