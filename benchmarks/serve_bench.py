@@ -51,13 +51,15 @@ class Served:
         self.target = f"127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "featurebank", "serve", "--bank", str(bank),
                "--port", str(self.port), *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+        self.log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads could fill up
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log)
         with FeatureBankClient(self.target) as c:
             try:
                 c.wait_until_serving(timeout=600)
             except Exception:
                 self.close()
+                self.log.seek(0)
+                print(self.log.read()[-4000:], file=sys.stderr)
                 raise
 
     def close(self) -> None:
@@ -67,6 +69,7 @@ class Served:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
 
     def __enter__(self) -> Served:
         return self
