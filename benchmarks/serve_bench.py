@@ -51,15 +51,16 @@ class Served:
         self.target = f"127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "featurebank", "serve", "--bank", str(bank),
                "--port", str(self.port), *extra]
-        self.log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads could fill up
+        # a pipe nobody reads could fill up and block the server; closed in close()
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log)
         with FeatureBankClient(self.target) as c:
             try:
                 c.wait_until_serving(timeout=600)
             except Exception:
-                self.close()
                 self.log.seek(0)
                 print(self.log.read()[-4000:], file=sys.stderr)
+                self.close()
                 raise
 
     def close(self) -> None:
@@ -70,6 +71,7 @@ class Served:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
 
     def __enter__(self) -> Served:
         return self
