@@ -16,13 +16,14 @@ Importable without TensorFlow. Layout and invariants:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -32,6 +33,7 @@ from embedder.spec import Spec
 from embedder.store_codec import (
     DELETED,
     NO_LABEL,
+    ROW_DTYPE,
     SPLIT_CODES,
     SPLITS,
     check_keys,
@@ -40,6 +42,7 @@ from embedder.store_codec import (
     check_metas,
     check_split,
     check_vectors,
+    decode_json_list,
     decode_keys,
     decode_rows,
     default_block_rows,
@@ -59,7 +62,7 @@ from embedder.store_env import (
     acquire,
     release,
 )
-from embedder.store_items import Changes, Items, LazyMeta
+from embedder.store_items import Changes, Items, Lazy
 
 __all__ = ["Changes", "Items", "Spec", "Store", "create", "open", "open_or_create"]
 
@@ -232,18 +235,16 @@ class _Snapshot:
 
     def __init__(self, txn: Txn, h: EnvHandle) -> None:
         keys: list[bytes] = []
-        ids, codes, states = [], [], []
+        raws = []
         for k, v in txn.cursor(db=h.dbs["rows"]):
             keys.append(bytes(k))
-            a, c, s = decode_rows(v)
-            ids.append(a.copy())
-            codes.append(c.copy())
-            states.append(s.copy())
+            raws.append(v)
+        rows = np.frombuffer(b"".join(raws), dtype=ROW_DTYPE)  # copies out of the map
         self.block_keys = keys
-        self.sizes = np.array([len(a) for a in ids], dtype=np.int64)
-        self.ids = np.concatenate(ids) if ids else np.zeros(0, np.uint64)
-        self.codes = np.concatenate(codes) if codes else np.zeros(0, np.int32)
-        self.states = np.concatenate(states) if states else np.zeros(0, np.uint8)
+        self.sizes = np.array([len(v) for v in raws], dtype=np.int64) // ROW_DTYPE.itemsize
+        self.ids = np.ascontiguousarray(rows["id"])
+        self.codes = np.ascontiguousarray(rows["code"])
+        self.states = np.ascontiguousarray(rows["state"])
         self.block = np.repeat(np.arange(len(keys)), self.sizes)
         starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]) if len(keys) else self.sizes
         self.row = np.arange(len(self.ids)) - np.repeat(starts, self.sizes)
@@ -256,6 +257,58 @@ class _Snapshot:
         if labelled_only:
             mask &= self.codes != NO_LABEL
         return np.flatnonzero(mask)
+
+
+class _Part(NamedTuple):
+    """Raw keys and metadata of one block, and which of its rows go where."""
+
+    keys: bytes
+    meta: bytes
+    rows: np.ndarray
+    positions: np.ndarray
+    whole: bool  # the whole block, in order, at consecutive positions
+
+
+def _assemble_keys(n: int, parts: list[_Part]) -> list[str]:
+    if all(p.whole for p in parts) and _in_order(parts):
+        return decode_keys(b"\0".join(p.keys for p in parts)) if parts else []
+    out: list[str] = [""] * n
+    for p in parts:
+        block = decode_keys(p.keys)
+        for r, pos in zip(p.rows.tolist(), p.positions.tolist(), strict=True):
+            out[pos] = block[r]
+    return out
+
+
+def _assemble_meta(n: int, parts: list[_Part]) -> list[dict[str, Any]]:
+    if all(p.whole for p in parts) and _in_order(parts):
+        joined = b",".join(p.meta[1:-1] for p in parts)
+        return json.loads(b"[" + joined + b"]") if parts else []  # type: ignore[no-any-return]
+    out: list[dict[str, Any]] = [{}] * n
+    for p in parts:
+        block = decode_json_list(p.meta)
+        for r, pos in zip(p.rows.tolist(), p.positions.tolist(), strict=True):
+            out[pos] = block[r]
+    return out
+
+
+def _in_order(parts: list[_Part]) -> bool:
+    starts_at_zero = not parts or int(parts[0].positions[0]) == 0
+    return starts_at_zero and all(
+        int(a.positions[-1]) + 1 == int(b.positions[0]) for a, b in itertools.pairwise(parts)
+    )
+
+
+def _labels_of_codes(codes: np.ndarray, vocab: dict[int, str]) -> list[str | None]:
+    """Codes to labels by one fancy index into an object array (fast for full scans)."""
+    if not len(codes):
+        return []
+    used = np.unique(codes)
+    table = np.empty(int(used[-1]) + 2, dtype=object)  # slot 0 is -1: unlabelled
+    for c in used.tolist():
+        table[c + 1] = None if c == NO_LABEL else vocab[c]
+    out: list[str | None] = table[codes.astype(np.int64) + 1].tolist()
+    return out
 
 
 # ---- the store -----------------------------------------------------------------------------
@@ -683,9 +736,7 @@ class Store:
             rows = loc.row[positions]
             codes[positions], states[positions] = bcodes[rows], bstates[rows]
             picks.append((bkey, rows, positions))
-        items = self._read_items(txn, h, ids, codes, states, picks, dtype)
-        items.meta = list(items.meta)  # few items: a plain list (scans keep it lazy)
-        return items
+        return self._read_items(txn, h, ids, codes, states, picks, dtype)
 
     def _read_items(
         self,
@@ -696,33 +747,38 @@ class Store:
         states: np.ndarray,
         picks: list[tuple[bytes, np.ndarray, np.ndarray]],
         dtype: Any,
+        ordered: bool = False,
     ) -> Items:
-        """Copy picked rows of whole blocks (np.frombuffer on the map) into one array."""
+        """Copy picked rows of whole blocks (np.frombuffer on the map) into one array.
+
+        `ordered`: rows of each pick increase (scans in id order), so a pick as long as
+        its block is the whole block. Keys, labels, splits and metadata are kept as raw
+        bytes and codes, and decoded only if the caller reads them.
+        """
         n, dim = len(ids), self.spec.dim
         vectors = np.empty((n, dim), dtype=dtype)
-        keys: list[str] = [""] * n
-        meta_parts = []
+        parts: list[_Part] = []
         for bkey, rows, positions in picks:
             block = np.frombuffer(txn.get(bkey, db=h.dbs["vectors"]), dtype=self._dtype)
             block = block.reshape(-1, dim)
-            block_keys = decode_keys(txn.get(bkey, db=h.dbs["keys"]))
             p0, k = int(positions[0]), len(positions)
-            whole = k == len(block) and np.array_equal(rows, np.arange(k))
-            if whole and positions[-1] - p0 == k - 1:
+            whole = k == len(block) and (ordered or np.array_equal(rows, np.arange(k)))
+            whole = whole and positions[-1] - p0 == k - 1
+            if whole:
                 vectors[p0 : p0 + k] = block  # the common case in scans: the whole block
-                keys[p0 : p0 + k] = block_keys
             else:
                 vectors[positions] = block[rows]
-                for r, p in zip(rows.tolist(), positions.tolist(), strict=True):
-                    keys[p] = block_keys[r]
-            meta_parts.append((bytes(txn.get(bkey, db=h.dbs["meta"])), rows, positions))
+            raw_keys = bytes(txn.get(bkey, db=h.dbs["keys"]))
+            raw_meta = bytes(txn.get(bkey, db=h.dbs["meta"]))
+            parts.append(_Part(raw_keys, raw_meta, rows, positions, whole))
+        vocab = self._vocab(txn, h, np.unique(codes).tolist())
         return Items(
             ids=ids.astype(np.uint64, copy=False),
-            keys=keys,
+            keys=Lazy(lambda: _assemble_keys(n, parts)),
             vectors=vectors,
-            labels=self._decode_labels(txn, h, codes),
-            splits=_SPLIT_NAMES[states].tolist(),
-            meta=LazyMeta(n, meta_parts),
+            labels=Lazy(lambda: _labels_of_codes(codes, vocab)),
+            splits=Lazy(lambda: _SPLIT_NAMES[states].tolist()),
+            meta=Lazy(lambda: _assemble_meta(n, parts)),
         )
 
     def _vocab(self, txn: Txn, h: EnvHandle, codes: Iterable[int]) -> dict[int, str]:
@@ -736,16 +792,7 @@ class Store:
         return cache
 
     def _decode_labels(self, txn: Txn, h: EnvHandle, codes: np.ndarray) -> list[str | None]:
-        """Codes to labels by one fancy index into an object array (fast for full scans)."""
-        if not len(codes):
-            return []
-        used = np.unique(codes)
-        vocab = self._vocab(txn, h, used.tolist())
-        table = np.empty(int(used[-1]) + 2, dtype=object)  # slot 0 is -1: unlabelled
-        for c in used.tolist():
-            table[c + 1] = None if c == NO_LABEL else vocab[c]
-        out: list[str | None] = table[codes.astype(np.int64) + 1].tolist()
-        return out
+        return _labels_of_codes(codes, self._vocab(txn, h, np.unique(codes).tolist()))
 
     def labels_of(self, ids: Any) -> list[str | None]:
         """Labels of ids (None for unlabelled, deleted or unknown ids, e.g. FAISS's -1)."""
@@ -783,7 +830,7 @@ class Store:
         return pos[keep]
 
     def _read_selection(
-        self, txn: Txn, h: EnvHandle, snap: _Snapshot, sel: np.ndarray, dtype: Any
+        self, txn: Txn, h: EnvHandle, snap: _Snapshot, sel: np.ndarray, dtype: Any, ordered: bool
     ) -> Items:
         picks = []
         blocks = snap.block[sel]
@@ -795,7 +842,7 @@ class Store:
                 positions = np.arange(s, e)
                 picks.append((snap.block_keys[blocks[s]], snap.row[sel[s:e]], positions))
         return self._read_items(
-            txn, h, snap.ids[sel], snap.codes[sel], snap.states[sel], picks, dtype
+            txn, h, snap.ids[sel], snap.codes[sel], snap.states[sel], picks, dtype, ordered
         )
 
     def to_numpy(
@@ -810,7 +857,7 @@ class Store:
         with sh.read() as (txn, h):
             snap = _Snapshot(txn, h)
             sel = self._plan(snap, split, labelled_only, ids)
-            return self._read_selection(txn, h, snap, sel, dtype)
+            return self._read_selection(txn, h, snap, sel, dtype, ordered=ids is None)
 
     def iter_batches(
         self,
@@ -836,7 +883,9 @@ class Store:
             sel = self._plan(snap, split, labelled_only, ids)
             for s in range(0, len(sel), batch_size):
                 with sh.read(h) as (txn, _):
-                    batch = self._read_selection(txn, h, snap, sel[s : s + batch_size], dtype)
+                    batch = self._read_selection(
+                        txn, h, snap, sel[s : s + batch_size], dtype, ordered=ids is None
+                    )
                 yield batch  # outside the transaction: the caller's code may take long
         finally:
             h.pins -= 1

@@ -6,9 +6,9 @@ vector wastes a 4 KiB page on a 2.5 KiB vector. Each block has four parallel
 records in four sub-databases, all keyed the same:
 
 - ``vectors``: ``n * dim`` values of the spec's dtype (only written, never changed);
-- ``rows``: ``n`` uint64 ids, ``n`` int32 label codes (-1 = unlabelled),
-  ``n`` uint8 states (split code, or DELETED) -- the only record relabelling,
-  re-splitting or deleting rewrites, a few bytes per row;
+- ``rows``: per row a packed (uint64 id, int32 label code or -1, uint8 state = split
+  code or DELETED) -- the only record relabelling, re-splitting or deleting
+  rewrites, 13 bytes per row;
 - ``keys``: the rows' keys, NUL-separated; ``meta``: their metadata as a JSON list.
 """
 
@@ -29,7 +29,8 @@ SPLITS = ("train", "val", "test", "none")
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 DELETED = 255
 NO_LABEL = -1
-ROW_BYTES = 8 + 4 + 1  # id, label code, state
+# One packed row per item, so all blocks' rows decode with one np.frombuffer.
+ROW_DTYPE = np.dtype([("id", "<u8"), ("code", "<i4"), ("state", "u1")])
 _MAX_KEY_BYTES = 480  # LMDB keys are limited to 511 bytes; longer keys are stored hashed
 _MAX_LABEL_BYTES = 400  # labels are LMDB keys of the vocabulary
 _BE64 = struct.Struct(">Q")
@@ -63,20 +64,15 @@ def default_block_rows(dim: int, itemsize: int) -> int:
 
 
 def encode_rows(ids: np.ndarray, codes: np.ndarray, states: np.ndarray) -> bytes:
-    return (
-        np.ascontiguousarray(ids, dtype="<u8").tobytes()
-        + np.ascontiguousarray(codes, dtype="<i4").tobytes()
-        + np.ascontiguousarray(states, dtype=np.uint8).tobytes()
-    )
+    rows = np.empty(len(ids), ROW_DTYPE)
+    rows["id"], rows["code"], rows["state"] = ids, codes, states
+    return rows.tobytes()
 
 
 def decode_rows(buf: bytes | memoryview) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Views (not copies) of a rows record: ids, label codes, states."""
-    n = len(buf) // ROW_BYTES
-    ids = np.frombuffer(buf, dtype="<u8", count=n)
-    codes = np.frombuffer(buf, dtype="<i4", count=n, offset=8 * n)
-    states = np.frombuffer(buf, dtype=np.uint8, count=n, offset=12 * n)
-    return ids, codes, states
+    rows = np.frombuffer(buf, dtype=ROW_DTYPE)
+    return rows["id"], rows["code"], rows["state"]
 
 
 def encode_keys(keys: Sequence[str]) -> bytes:

@@ -1,70 +1,92 @@
-"""What store reads return: `Items`, `Changes`, and lazily decoded metadata."""
+"""What store reads return: `Items` (with lazily decoded columns) and `Changes`."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, overload
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 
-class LazyMeta(Sequence[dict[str, Any]]):
-    """Item metadata decoded on first use: a full scan should not pay for JSON nobody reads."""
+class Lazy:
+    """A column computed on first access: scans should not pay for columns nobody reads."""
 
-    def __init__(self, n: int, parts: list[tuple[bytes, np.ndarray, np.ndarray]]) -> None:
-        self._n = n
-        self._parts = parts  # (JSON list of a block, rows picked, output positions)
-        self._decoded: list[dict[str, Any]] | None = None
-
-    def _all(self) -> list[dict[str, Any]]:
-        if self._decoded is None:
-            out: list[dict[str, Any]] = [{}] * self._n
-            for raw, rows, positions in self._parts:
-                values = json.loads(raw)
-                for r, p in zip(rows.tolist(), positions.tolist(), strict=True):
-                    out[p] = values[r]
-            self._decoded, self._parts = out, []
-        return self._decoded
-
-    def __len__(self) -> int:
-        return self._n
-
-    @overload
-    def __getitem__(self, i: int) -> dict[str, Any]: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
-    def __getitem__(self, i: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
-        return self._all()[i]
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self._all())
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, (list, LazyMeta)):
-            return self._all() == list(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"LazyMeta({self._all()!r})"
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
 
 
-@dataclass
+def _resolve(obj: Any, name: str) -> Any:
+    value = obj.__dict__[name]
+    if isinstance(value, Lazy):
+        value = obj.__dict__[name] = value.fn()
+    return value
+
+
 class Items:
-    """A batch of stored items, in the order asked for (or id order for scans)."""
+    """A batch of stored items, in the order asked for (or id order for scans).
 
-    ids: np.ndarray
-    keys: list[str]
-    vectors: np.ndarray
-    labels: list[str | None]
-    splits: list[str]
-    meta: Sequence[dict[str, Any]] = field(default_factory=list)
+    `keys`, `labels`, `splits` and `meta` are plain lists; scans build them on first
+    access (creating a few hundred thousand strings costs as much as copying the vectors).
+    """
+
+    def __init__(
+        self,
+        ids: np.ndarray,
+        keys: list[str] | Lazy,
+        vectors: np.ndarray,
+        labels: list[str | None] | Lazy,
+        splits: list[str] | Lazy,
+        meta: Sequence[dict[str, Any]] | Lazy | None = None,
+    ) -> None:
+        self.ids = ids
+        self.vectors = vectors
+        self.__dict__["_keys"] = keys
+        self.__dict__["_labels"] = labels
+        self.__dict__["_splits"] = splits
+        self.__dict__["_meta"] = [] if meta is None else meta
+
+    @property
+    def keys(self) -> list[str]:
+        out: list[str] = _resolve(self, "_keys")
+        return out
+
+    @keys.setter
+    def keys(self, value: list[str]) -> None:
+        self.__dict__["_keys"] = value
+
+    @property
+    def labels(self) -> list[str | None]:
+        out: list[str | None] = _resolve(self, "_labels")
+        return out
+
+    @labels.setter
+    def labels(self, value: list[str | None]) -> None:
+        self.__dict__["_labels"] = value
+
+    @property
+    def splits(self) -> list[str]:
+        out: list[str] = _resolve(self, "_splits")
+        return out
+
+    @splits.setter
+    def splits(self, value: list[str]) -> None:
+        self.__dict__["_splits"] = value
+
+    @property
+    def meta(self) -> Sequence[dict[str, Any]]:
+        out: Sequence[dict[str, Any]] = _resolve(self, "_meta")
+        return out
+
+    @meta.setter
+    def meta(self, value: Sequence[dict[str, Any]]) -> None:
+        self.__dict__["_meta"] = value
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"Items(n={len(self)}, dim={self.vectors.shape[-1] if self.vectors.ndim else 0})"
 
 
 @dataclass
