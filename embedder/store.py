@@ -51,6 +51,7 @@ from embedder.store_codec import (
     encode_rows,
     key_record,
     pack_id,
+    pack_ids,
     unpack_id,
 )
 from embedder.store_env import (
@@ -481,7 +482,7 @@ class Store:
         self, txn: Txn, h: EnvHandle, keys: Sequence[str], records: list[bytes], ids: np.ndarray
     ) -> None:
         """Map keys to ids, refusing any key already stored (the transaction then aborts)."""
-        pairs = list(zip(records, (pack_id(int(i)) for i in ids), strict=True))
+        pairs = list(zip(records, pack_ids(ids), strict=True))
         _, added = txn.cursor(db=h.dbs["key2id"]).putmulti(pairs, overwrite=False)
         if added == len(pairs):
             return

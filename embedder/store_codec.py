@@ -41,6 +41,11 @@ def pack_id(i: int) -> bytes:
     return _BE64.pack(i)
 
 
+def pack_ids(ids: np.ndarray) -> list[bytes]:
+    be = np.asarray(ids, dtype=">u8").tobytes()
+    return [be[i : i + 8] for i in range(0, len(be), 8)]
+
+
 def unpack_id(b: bytes | memoryview) -> int:
     return int(_BE64.unpack(bytes(b))[0])
 
@@ -85,6 +90,10 @@ def decode_keys(buf: bytes | memoryview) -> list[str]:
 
 
 def encode_json_list(values: Sequence[Any]) -> bytes:
+    first = values[0] if len(values) else None
+    if all(v is first for v in values):  # e.g. the same {"added": t} for a whole batch
+        one = json.dumps(first, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return b"[" + b",".join([one] * len(values)) + b"]"
     return json.dumps(list(values), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 

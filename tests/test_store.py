@@ -442,3 +442,17 @@ def test_store_imports_without_tensorflow() -> None:
 
     code = "import sys, embedder.store, embedder.spec; assert 'tensorflow' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_scan_columns_decode_later_from_the_snapshot(store: store_mod.Store) -> None:
+    fill(store)
+    items = store.to_numpy(split="train")
+    store.set_labels({KEYS[0]: "changed"})
+    store.delete([KEYS[1]])
+    store.compact()
+    assert items.labels == ["cat", "dog", None, "cat"]  # as of the scan, read afterwards
+    assert items.keys == [KEYS[i] for i in (0, 1, 5, 7)]
+    assert [m["size"] for m in items.meta] == [0, 1, 5, 7]
+    assert items.splits == ["train"] * 4 and len(items) == 4
+    items.labels = ["x"] * 4
+    assert items.labels == ["x"] * 4
