@@ -154,3 +154,16 @@ def test_store_command_starts_without_tensorflow(imported: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "clip-vit-b32" in result.stdout
+
+
+def test_missing_files_are_clear_errors(
+    imported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["labels", "import", "--bank", str(imported), str(tmp_path / "no.csv")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    (tmp_path / "junk.npy").write_text("junk")
+    args = ["store", "import", "--bank", str(imported), "--vectors", str(tmp_path / "junk.npy")]
+    assert main([*args, "--keys", str(tmp_path / "keys.txt")]) == 2
+    assert "not a .npy array" in capsys.readouterr().err
+    assert main(["store", "info", "--bank", str(tmp_path / "nobank")]) == 2
+    assert "no store" in capsys.readouterr().err

@@ -147,8 +147,17 @@ def _export_parquet(out: Path, items: Any) -> None:
 # ---- import --------------------------------------------------------------------------------
 
 
+def _readable(path: Path) -> Path:
+    """The path, or a clear error instead of a traceback when it cannot be read."""
+    from embedder.errors import NotFound
+
+    if not path.is_file():
+        raise NotFound(f"cannot read {path}: no such file")
+    return path
+
+
 def _read_keys(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+    text = _readable(path).read_text(encoding="utf-8")
     return [line for line in text.split("\n") if line] if text else []
 
 
@@ -158,7 +167,7 @@ def _read_label_csv(path: Path) -> tuple[dict[str, str | None], dict[str, str]]:
 
     labels: dict[str, str | None] = {}
     splits: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(_readable(path), newline="", encoding="utf-8") as f:
         for n, row in enumerate(csv.reader(f), start=1):
             if not row or (n == 1 and [c.strip().lower() for c in row[:2]] == ["key", "label"]):
                 continue
@@ -180,7 +189,10 @@ def _import(args: argparse.Namespace) -> int:
     from embedder.errors import InvalidInput
     from embedder.spec import Spec
 
-    vectors = np.load(args.vectors, mmap_mode="r")
+    try:
+        vectors = np.load(_readable(args.vectors), mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise InvalidInput(f"{args.vectors} is not a .npy array: {e}") from None
     keys = _read_keys(args.keys)
     if vectors.ndim != 2 or len(vectors) != len(keys):
         raise InvalidInput(
