@@ -310,3 +310,46 @@ def test_stale_readers_are_cleared_at_open(bank: Path) -> None:
         keeper.close()
     assert checker.returncode == 0, err
     assert out.strip() == "2" and "cleared 1 stale" in err
+
+
+def test_threads_read_while_the_writer_commits_grows_and_compacts(bank: Path) -> None:
+    """Same process: the map is resized and compaction swaps environments under readers."""
+    import threading
+
+    dim = 64
+    st = store_mod.create(bank, make_spec(dim=dim), block_rows=8, map_size=1 << 20)
+    st.put_batch(["seed"], np.full((1, dim), -1, np.float32))
+    stop = threading.Event()
+    problems: list[str] = []
+    scans = [0, 0]
+
+    def reader(n: int) -> None:
+        with store_mod.open(bank, readonly=True) as ro:
+            while not stop.is_set():
+                try:
+                    parts = list(ro.iter_batches(batch_size=16)) if n else [ro.to_numpy()]
+                    counts: dict[int, int] = {}
+                    for v in np.concatenate([p.vectors for p in parts]):
+                        counts[int(v[0])] = counts.get(int(v[0]), 0) + 1
+                    counts.pop(-1, None)
+                    problems.extend(f"batch {b}: {c}" for b, c in counts.items() if c != 5)
+                    scans[n] += 1
+                except Exception as e:  # noqa: BLE001 - reported below
+                    problems.append(repr(e))
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in (0, 1)]
+    for t in threads:
+        t.start()
+    try:
+        for b in range(60):
+            st.put_batch([f"{b}-{i}" for i in range(5)], np.full((5, dim), b, np.float32))
+            if b % 7 == 6:
+                st.delete([f"{b - 3}-{i}" for i in range(5)])
+            if b % 20 == 19:
+                st.compact()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        st.close()
+    assert problems == [] and min(scans) >= 1
