@@ -284,7 +284,7 @@ def _assemble_keys(n: int, parts: list[_Part]) -> list[str]:
 def _assemble_meta(n: int, parts: list[_Part]) -> list[dict[str, Any]]:
     if all(p.whole for p in parts) and _in_order(parts):
         joined = b",".join(p.meta[1:-1] for p in parts)
-        return json.loads(b"[" + joined + b"]") if parts else []  # type: ignore[no-any-return]
+        return decode_json_list(b"[" + joined + b"]") if parts else []
     out: list[dict[str, Any]] = [{}] * n
     for p in parts:
         block = decode_json_list(p.meta)
