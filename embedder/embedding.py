@@ -9,6 +9,7 @@ than calling the Keras model. TensorFlow is imported only when a model is built.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -124,25 +125,27 @@ def _size_tuple(image_size: int | tuple[int, int] | Sequence[int] | None) -> tup
 class Embedder:
     """A frozen backbone plus its preprocessing, compiled once; images in, vectors out."""
 
-    def __init__(self, spec: Spec, model: Any, n_gpus: int = 0) -> None:
+    def __init__(self, spec: Spec, model: Any, n_gpus: int = 0, freeze: bool = True) -> None:
         if backbones.is_model_file(spec.backbone) and len(model.outputs[0].shape) == 2:
-            import dataclasses
-
             spec = dataclasses.replace(spec, pooling="none")  # already one vector per image
         self.spec = spec
         self.model = model
         self.dim = int(spec.dim)
         self.n_gpus = n_gpus
         self._strategy: Any = None
-        self._fn = self._compile()
+        self._fn = self._compile(freeze)
 
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def from_spec(cls, spec: Spec) -> Embedder:
-        """Rebuild the exact model a bank was made with (weights file checked by hash)."""
-        model, n_gpus = _build_model(spec)
-        emb = cls(spec, model, n_gpus)
+    def from_spec(cls, spec: Spec, freeze: bool = True) -> Embedder:
+        """Rebuild the exact model a bank was made with (weights file checked by hash).
+
+        freeze=False skips folding the weights into the graph: seconds faster to build
+        (useful for a handful of images), slower per image.
+        """
+        model, n_gpus, spec = _build_model(spec)
+        emb = cls(spec, model, n_gpus, freeze)
         if spec.dim and emb.dim != spec.dim:
             raise InvalidInput(f"model built for [{spec.describe()}] has no dimension {spec.dim}")
         return emb
@@ -171,12 +174,13 @@ class Embedder:
         pooling: str = "avg",
         dtype: str = "float16",
         preprocessing: str | None = None,
+        freeze: bool = True,
     ) -> Embedder:
         """Build from command-line style options; the spec's dim comes from the model."""
         spec = make_spec(
             backbone, weights, layer, image_size, resize, pooling, dtype, preprocessing
         )
-        return cls.from_spec(spec)
+        return cls.from_spec(spec, freeze)
 
     # ------------------------------------------------------------ running
 
@@ -269,7 +273,9 @@ class Embedder:
             y = tf.cast(y, tf.float32)
             if len(y.shape) > 2:
                 if pooling == "flatten":
-                    y = tf.reshape(y, [tf.shape(y)[0], -1])
+                    inner = y.shape[1:]
+                    width = int(np.prod(inner)) if inner.is_fully_defined() else -1
+                    y = tf.reshape(y, [tf.shape(y)[0], width])
                 else:
                     axes = list(range(1, len(y.shape) - 1))
                     y = (tf.reduce_max if pooling == "max" else tf.reduce_mean)(y, axis=axes)
@@ -277,7 +283,7 @@ class Embedder:
 
         return fn
 
-    def _compile(self) -> Any:
+    def _compile(self, freeze: bool) -> Any:
         import tensorflow as tf
 
         fn = self._graph_fn()
@@ -296,10 +302,10 @@ class Embedder:
                 f"[{self.spec.describe()}]"
             )
         if not self.spec.dim:
-            import dataclasses
-
             self.spec = dataclasses.replace(self.spec, dim=dim)
         self.dim = dim
+        if not freeze:
+            return concrete
         try:
             from tensorflow.python.framework.convert_to_constants import (
                 convert_variables_to_constants_v2,
@@ -332,31 +338,34 @@ class Embedder:
         return np.asarray(strategy.gather(out, axis=0), dtype=np.float32)
 
 
-def _build_model(spec: Spec) -> tuple[Any, int]:
+def _build_model(spec: Spec) -> tuple[Any, int, Spec]:
     """The Keras model for a spec: a registry family, or the user's own model cut at a layer."""
     import tensorflow as tf
 
-    if spec.input_size is None:
-        raise InvalidInput(f"bank holds external vectors, there is no model: [{spec.describe()}]")
     n_gpus = len(tf.config.list_physical_devices("GPU"))
     if backbones.is_model_file(spec.backbone) or spec.weights_path == spec.backbone:
         path = backbones.check_weights_file(spec.weights, spec.weights_path or spec.backbone)
         model = backbones.load_user_model(path, spec.layer)
         fixed = backbones.model_input_size(model)
-        if fixed is not None and fixed != tuple(spec.input_size):
+        if spec.input_size is None:  # a new job: the model's own size, else 224
+            spec = dataclasses.replace(spec, input_size=fixed or (224, 224))
+        elif fixed is not None and fixed != tuple(spec.input_size):
             raise InvalidInput(
                 f"model {path} takes {fixed[0]}x{fixed[1]} images, not "
                 f"{spec.input_size[0]}x{spec.input_size[1]}"
             )
-        return model, n_gpus
+        return model, n_gpus, spec
+    size = spec.input_size
+    if size is None:
+        raise InvalidInput(f"bank holds external vectors, there is no model: [{spec.describe()}]")
 
     def build() -> Any:
         return backbones.build_family(
-            spec.backbone, spec.input_size, spec.pooling, spec.weights, spec.weights_path
+            spec.backbone, size, spec.pooling, spec.weights, spec.weights_path
         )
 
     if n_gpus == 0:
-        return build(), 0
+        return build(), 0, spec
     import keras
 
     # Statistics and weights are made in float32 (identical to a CPU build), then copied
@@ -367,11 +376,11 @@ def _build_model(spec: Spec) -> tuple[Any, int]:
     try:
         keras.mixed_precision.set_global_policy("mixed_float16")
         with scope:
-            model = backbones.build_family(spec.backbone, spec.input_size, spec.pooling, "none")
+            model = backbones.build_family(spec.backbone, size, spec.pooling, "none")
             model.set_weights(fp32.get_weights())
     finally:
         keras.mixed_precision.set_global_policy(old)
-    return model, n_gpus
+    return model, n_gpus, spec
 
 
 class _null:
@@ -380,25 +389,6 @@ class _null:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def resolve_spec(
-    backbone: str,
-    weights: str = "imagenet",
-    layer: str | None = None,
-    image_size: int | tuple[int, int] | None = None,
-    resize: str = "crop",
-    pooling: str = "avg",
-    dtype: str = "float16",
-    preprocessing: str | None = None,
-) -> Spec:
-    """The spec for these options without building a model when the registry knows the dim."""
-    spec = make_spec(backbone, weights, layer, image_size, resize, pooling, dtype, preprocessing)
-    if not backbones.is_model_file(backbone):
-        import dataclasses
-
-        return dataclasses.replace(spec, dim=backbones.family(spec.backbone).dim)
-    return spec
 
 
 def embed(

@@ -74,12 +74,13 @@ def decode(
         raise ImageError(f"corrupt: {msg}") from e
     if not jpeg:
         orientation = _orientation(im)
+    out: Image.Image = im
     if orientation not in (None, 1):
-        im = ImageOps.exif_transpose(im)
-    im = to_rgb(im)
+        out = ImageOps.exif_transpose(out)
+    out = to_rgb(out)
     if size is not None:
-        im = resize_image(im, size, resize)
-    return np.asarray(im, dtype=np.uint8)
+        out = resize_image(out, size, resize)
+    return np.asarray(out, dtype=np.uint8)
 
 
 def _orientation(im: Image.Image) -> int | None:

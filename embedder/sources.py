@@ -213,6 +213,7 @@ def _open_manifest(path: Path, labels: str) -> Source:
     if not rows:
         raise InvalidInput(f"manifest {path} lists no images")
     head = [c.strip().lower() for c in rows[0][1]]
+    cols: dict[str, int]
     if _PATH_NAMES & set(head):
         cols = {}
         for i, name in enumerate(head):
