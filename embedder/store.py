@@ -16,14 +16,13 @@ Importable without TensorFlow. Layout and invariants:
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +32,6 @@ from embedder.spec import Spec
 from embedder.store_codec import (
     DELETED,
     NO_LABEL,
-    ROW_DTYPE,
     SPLIT_CODES,
     SPLITS,
     check_keys,
@@ -42,8 +40,6 @@ from embedder.store_codec import (
     check_metas,
     check_split,
     check_vectors,
-    decode_json_list,
-    decode_keys,
     decode_rows,
     default_block_rows,
     encode_json_list,
@@ -64,6 +60,19 @@ from embedder.store_env import (
     release,
 )
 from embedder.store_items import Changes, Items, Lazy
+from embedder.store_rows import (
+    Part,
+    Snapshot,
+    as_ids,
+    assemble_keys,
+    assemble_meta,
+    commit_generation,
+    get_int,
+    labels_of_codes,
+    locate,
+    log_ids,
+    put_int,
+)
 
 __all__ = ["Changes", "Items", "Spec", "Store", "create", "open", "open_or_create"]
 
@@ -154,164 +163,6 @@ def open_or_create(bank: str | os.PathLike[str] | Bank, spec: Spec, **kwargs: An
     return store
 
 
-# ---- small transaction helpers -------------------------------------------------------------
-
-
-def _get_int(txn: Txn, h: EnvHandle, name: str) -> int:
-    v = txn.get(name.encode(), db=h.dbs["info"])
-    return int.from_bytes(bytes(v), "big") if v is not None else 0
-
-
-def _put_int(txn: Txn, h: EnvHandle, name: str, value: int) -> None:
-    txn.put(name.encode(), int(value).to_bytes(8, "big"), db=h.dbs["info"])
-
-
-def _commit_generation(txn: Txn, h: EnvHandle, labels_changed: bool) -> int:
-    gen = _get_int(txn, h, "generation") + 1
-    _put_int(txn, h, "generation", gen)
-    if labels_changed:
-        _put_int(txn, h, "labels_generation", gen)
-    return gen
-
-
-def _log_ids(txn: Txn, h: EnvHandle, gen: int, kind: bytes, ids: np.ndarray) -> None:
-    if len(ids):
-        txn.put(pack_id(gen) + kind, np.asarray(ids, dtype="<u8").tobytes(), db=h.dbs["log"])
-
-
-def _as_ids(ids: Any) -> np.ndarray:
-    arr = np.asarray(ids)
-    if arr.ndim != 1:
-        arr = arr.reshape(-1)
-    if arr.size and arr.dtype.kind not in "iu":
-        raise InvalidInput(f"ids must be integers, got dtype {arr.dtype}")
-    if arr.size and arr.dtype.kind == "i" and (arr < 0).any():
-        arr = arr.astype(np.int64)
-        return np.where(arr < 0, np.iinfo(np.uint64).max, arr).astype(np.uint64)
-    return arr.astype(np.uint64)
-
-
-class _Located:
-    """Where each asked-for id lives: block number and row (-1 when absent or deleted)."""
-
-    def __init__(self, n: int) -> None:
-        self.blocks: list[tuple[bytes, np.ndarray, np.ndarray, np.ndarray]] = []
-        self.block = np.full(n, -1, dtype=np.int64)
-        self.row = np.full(n, -1, dtype=np.int64)
-
-
-def _locate(txn: Txn, h: EnvHandle, ids: np.ndarray) -> _Located:
-    """Find the rows of `ids` by walking the blocks in id order (one cursor seek per block)."""
-    out = _Located(len(ids))
-    order = np.argsort(ids, kind="stable")
-    s = ids[order]
-    cur = txn.cursor(db=h.dbs["rows"])
-    i, n = 0, len(s)
-    while i < n:
-        target = pack_id(int(s[i]))
-        if cur.set_range(target):
-            if bytes(cur.key()) != target and not cur.prev():
-                i += 1
-                continue
-        elif not cur.last():
-            break
-        bids, codes, states = (a.copy() for a in decode_rows(cur.value()))
-        j = int(np.searchsorted(s, bids[-1], side="right"))
-        if j <= i:
-            i += 1  # the id falls in a gap between blocks (deleted and compacted away)
-            continue
-        rows = np.searchsorted(bids, s[i:j])
-        rows_c = np.minimum(rows, len(bids) - 1)
-        ok = (bids[rows_c] == s[i:j]) & (states[rows_c] != DELETED)
-        out.blocks.append((bytes(cur.key()), bids, codes, states))
-        hit = order[i:j][ok]
-        out.block[hit] = len(out.blocks) - 1
-        out.row[hit] = rows_c[ok]
-        i = j
-    return out
-
-
-class _Snapshot:
-    """Every block's rows at one instant: the plan for scans and the source of label tables."""
-
-    def __init__(self, txn: Txn, h: EnvHandle) -> None:
-        keys: list[bytes] = []
-        raws = []
-        for k, v in txn.cursor(db=h.dbs["rows"]):
-            keys.append(bytes(k))
-            raws.append(v)
-        rows = np.frombuffer(b"".join(raws), dtype=ROW_DTYPE)  # copies out of the map
-        self.block_keys = keys
-        self.sizes = np.array([len(v) for v in raws], dtype=np.int64) // ROW_DTYPE.itemsize
-        self.ids = np.ascontiguousarray(rows["id"])
-        self.codes = np.ascontiguousarray(rows["code"])
-        self.states = np.ascontiguousarray(rows["state"])
-        self.block = np.repeat(np.arange(len(keys)), self.sizes)
-        starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]) if len(keys) else self.sizes
-        self.row = np.arange(len(self.ids)) - np.repeat(starts, self.sizes)
-
-    def select(self, split: str | None, labelled_only: bool) -> np.ndarray:
-        """Positions (into this snapshot) of the live rows that pass the filters."""
-        mask = self.states != DELETED
-        if split is not None:
-            mask &= self.states == check_split("<filter>", split)
-        if labelled_only:
-            mask &= self.codes != NO_LABEL
-        return np.flatnonzero(mask)
-
-
-class _Part(NamedTuple):
-    """Raw keys and metadata of one block, and which of its rows go where."""
-
-    keys: bytes
-    meta: bytes
-    rows: np.ndarray
-    positions: np.ndarray
-    whole: bool  # the whole block, in order, at consecutive positions
-
-
-def _assemble_keys(n: int, parts: list[_Part]) -> list[str]:
-    if all(p.whole for p in parts) and _in_order(parts):
-        return decode_keys(b"\0".join(p.keys for p in parts)) if parts else []
-    out: list[str] = [""] * n
-    for p in parts:
-        block = decode_keys(p.keys)
-        for r, pos in zip(p.rows.tolist(), p.positions.tolist(), strict=True):
-            out[pos] = block[r]
-    return out
-
-
-def _assemble_meta(n: int, parts: list[_Part]) -> list[dict[str, Any]]:
-    if all(p.whole for p in parts) and _in_order(parts):
-        joined = b",".join(p.meta[1:-1] for p in parts)
-        return decode_json_list(b"[" + joined + b"]") if parts else []
-    out: list[dict[str, Any]] = [{}] * n
-    for p in parts:
-        block = decode_json_list(p.meta)
-        for r, pos in zip(p.rows.tolist(), p.positions.tolist(), strict=True):
-            out[pos] = block[r]
-    return out
-
-
-def _in_order(parts: list[_Part]) -> bool:
-    starts_at_zero = not parts or int(parts[0].positions[0]) == 0
-    return starts_at_zero and all(
-        int(a.positions[-1]) + 1 == int(b.positions[0]) for a, b in itertools.pairwise(parts)
-    )
-
-
-def _labels_of_codes(codes: np.ndarray, vocab: dict[int, str]) -> list[str | None]:
-    """Codes to labels by one fancy index into an object array (fast for full scans)."""
-    if not len(codes):
-        return []
-    used = np.unique(codes)
-    table = np.empty(int(used[-1]) + 2, dtype=object)  # slot 0 is -1: unlabelled
-    for c in used.tolist():
-        table[c + 1] = None if c == NO_LABEL else vocab[c]
-    out: list[str | None] = table[codes.astype(np.int64) + 1].tolist()
-    return out
-
-
 # ---- the store -----------------------------------------------------------------------------
 
 
@@ -330,7 +181,7 @@ class Store:
             if raw is None:
                 raise FailedPrecondition(f"store {self.path} has no spec record")
             self.spec = Spec.from_dict(json.loads(bytes(raw)))
-            self.block_rows = _get_int(txn, h, "block_rows")
+            self.block_rows = get_int(txn, h, "block_rows")
         self._dtype = np.dtype(self.spec.dtype)
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -382,7 +233,7 @@ class Store:
     def _info(self, name: str) -> int:
         sh = self._sh()
         with sh.read() as (txn, h):
-            return _get_int(txn, h, name)
+            return get_int(txn, h, name)
 
     @property
     def generation(self) -> int:
@@ -442,7 +293,7 @@ class Store:
         records = [key_record(k) for k in key_bytes]
 
         def fn(txn: Txn, h: EnvHandle) -> np.ndarray:
-            first = _get_int(txn, h, "next_id")
+            first = get_int(txn, h, "next_id")
             ids = np.arange(first, first + len(keys), dtype=np.uint64)
             replaced = self._replace_in_txn(txn, h, records) if replace else None
             self._claim_keys(txn, h, keys, records, ids)
@@ -455,12 +306,12 @@ class Store:
             labelled = bool((codes != NO_LABEL).any())
             if replaced is not None:
                 labelled |= replaced[1]
-            gen = _commit_generation(txn, h, labels_changed=labelled)
-            _log_ids(txn, h, gen, _ADDED, ids)
+            gen = commit_generation(txn, h, labels_changed=labelled)
+            log_ids(txn, h, gen, _ADDED, ids)
             if replaced is not None:
-                _log_ids(txn, h, gen, _DELETED, replaced[0])
-            _put_int(txn, h, "next_id", first + len(keys))
-            _put_int(txn, h, "count", _get_int(txn, h, "count") + len(keys))
+                log_ids(txn, h, gen, _DELETED, replaced[0])
+            put_int(txn, h, "next_id", first + len(keys))
+            put_int(txn, h, "count", get_int(txn, h, "count") + len(keys))
             self._clear_errors(txn, h, records)
             return ids
 
@@ -502,8 +353,8 @@ class Store:
                 continue
             raw = txn.get(b"l" + label.encode(), db=vocab)
             if raw is None:
-                code = _get_int(txn, h, "next_code")
-                _put_int(txn, h, "next_code", code + 1)
+                code = get_int(txn, h, "next_code")
+                put_int(txn, h, "next_code", code + 1)
                 txn.put(b"l" + label.encode(), code.to_bytes(4, "big"), db=vocab)
                 txn.put(b"c" + code.to_bytes(4, "big"), label.encode(), db=vocab)
             else:
@@ -590,7 +441,7 @@ class Store:
             return 0
 
         def fn(txn: Txn, h: EnvHandle) -> int:
-            loc = _locate(txn, h, self._ids_in_txn(txn, h, keys, InvalidInput))
+            loc = locate(txn, h, self._ids_in_txn(txn, h, keys, InvalidInput))
             new_codes = self._codes_for(txn, h, list(new_labels.values())).tolist()
             codes_of = dict(zip(new_labels, new_codes, strict=True))
             changed: list[np.ndarray] = []
@@ -610,8 +461,8 @@ class Store:
             if not changed:
                 return 0
             ids = np.sort(np.concatenate(changed))
-            gen = _commit_generation(txn, h, labels_changed=True)
-            _log_ids(txn, h, gen, _RELABELLED, ids)
+            gen = commit_generation(txn, h, labels_changed=True)
+            log_ids(txn, h, gen, _RELABELLED, ids)
             return len(ids)
 
         n: int = self._write(fn)
@@ -638,8 +489,8 @@ class Store:
         def fn(txn: Txn, h: EnvHandle) -> int:
             ids = self._ids_in_txn(txn, h, unique, NotFound)
             labelled = self._delete_in_txn(txn, h, ids, records)
-            gen = _commit_generation(txn, h, labels_changed=labelled)
-            _log_ids(txn, h, gen, _DELETED, np.sort(ids))
+            gen = commit_generation(txn, h, labels_changed=labelled)
+            log_ids(txn, h, gen, _DELETED, np.sort(ids))
             return len(ids)
 
         n: int = self._write(fn)
@@ -647,7 +498,7 @@ class Store:
 
     def _delete_in_txn(self, txn: Txn, h: EnvHandle, ids: np.ndarray, records: list[bytes]) -> bool:
         """Mark rows deleted and forget their keys; returns whether any was labelled."""
-        loc = _locate(txn, h, ids)
+        loc = locate(txn, h, ids)
         labelled = False
         for b, (bkey, bids, codes, states) in enumerate(loc.blocks):
             rows = loc.row[loc.block == b]
@@ -656,7 +507,7 @@ class Store:
             txn.put(bkey, encode_rows(bids, codes, states), db=h.dbs["rows"])
         for rec in records:
             txn.delete(rec, db=h.dbs["key2id"])
-        _put_int(txn, h, "count", _get_int(txn, h, "count") - len(ids))
+        put_int(txn, h, "count", get_int(txn, h, "count") - len(ids))
         return labelled
 
     # ---- errors ---------------------------------------------------------------------------
@@ -668,7 +519,7 @@ class Store:
 
         def fn(txn: Txn, h: EnvHandle) -> None:
             txn.put(key_record(kb), value, db=h.dbs["errors"])
-            _commit_generation(txn, h, labels_changed=False)
+            commit_generation(txn, h, labels_changed=False)
 
         self._write(fn)
 
@@ -684,7 +535,7 @@ class Store:
         def fn(txn: Txn, h: EnvHandle) -> bool:
             if not txn.delete(key_record(kb), db=h.dbs["errors"]):
                 return False
-            _commit_generation(txn, h, labels_changed=False)
+            commit_generation(txn, h, labels_changed=False)
             return True
 
         found: bool = self._write(fn)
@@ -714,7 +565,7 @@ class Store:
 
     def get(self, ids: Any, dtype: Any = np.float32) -> Items:
         """Items by id, in the order given; NotFound names the first unknown or deleted id."""
-        arr = _as_ids(ids)
+        arr = as_ids(ids)
         sh = self._sh()
         with sh.read() as (txn, h):
             return self._get_in_txn(txn, h, arr, dtype)
@@ -725,7 +576,7 @@ class Store:
             return self._get_in_txn(txn, h, self._ids_in_txn(txn, h, keys, NotFound), dtype)
 
     def _get_in_txn(self, txn: Txn, h: EnvHandle, ids: np.ndarray, dtype: Any) -> Items:
-        loc = _locate(txn, h, ids)
+        loc = locate(txn, h, ids)
         if len(ids) and (loc.block < 0).any():
             bad = int(ids[np.flatnonzero(loc.block < 0)[0]])
             raise NotFound(f"id {bad} is not in bank {self.bank.root} (unknown or deleted)")
@@ -758,7 +609,7 @@ class Store:
         """
         n, dim = len(ids), self.spec.dim
         vectors = np.empty((n, dim), dtype=dtype)
-        parts: list[_Part] = []
+        parts: list[Part] = []
         for bkey, rows, positions in picks:
             block = np.frombuffer(txn.get(bkey, db=h.dbs["vectors"]), dtype=self._dtype)
             block = block.reshape(-1, dim)
@@ -771,15 +622,15 @@ class Store:
                 vectors[positions] = block[rows]
             raw_keys = bytes(txn.get(bkey, db=h.dbs["keys"]))
             raw_meta = bytes(txn.get(bkey, db=h.dbs["meta"]))
-            parts.append(_Part(raw_keys, raw_meta, rows, positions, whole))
+            parts.append(Part(raw_keys, raw_meta, rows, positions, whole))
         vocab = self._vocab(txn, h, np.unique(codes).tolist())
         return Items(
             ids=ids.astype(np.uint64, copy=False),
-            keys=Lazy(lambda: _assemble_keys(n, parts)),
+            keys=Lazy(lambda: assemble_keys(n, parts)),
             vectors=vectors,
-            labels=Lazy(lambda: _labels_of_codes(codes, vocab)),
+            labels=Lazy(lambda: labels_of_codes(codes, vocab)),
             splits=Lazy(lambda: _SPLIT_NAMES[states].tolist()),
-            meta=Lazy(lambda: _assemble_meta(n, parts)),
+            meta=Lazy(lambda: assemble_meta(n, parts)),
         )
 
     def _vocab(self, txn: Txn, h: EnvHandle, codes: Iterable[int]) -> dict[int, str]:
@@ -793,14 +644,14 @@ class Store:
         return cache
 
     def _decode_labels(self, txn: Txn, h: EnvHandle, codes: np.ndarray) -> list[str | None]:
-        return _labels_of_codes(codes, self._vocab(txn, h, np.unique(codes).tolist()))
+        return labels_of_codes(codes, self._vocab(txn, h, np.unique(codes).tolist()))
 
     def labels_of(self, ids: Any) -> list[str | None]:
         """Labels of ids (None for unlabelled, deleted or unknown ids, e.g. FAISS's -1)."""
-        arr = _as_ids(ids)
+        arr = as_ids(ids)
         sh = self._sh()
         with sh.read() as (txn, h):
-            loc = _locate(txn, h, arr)
+            loc = locate(txn, h, arr)
             codes = np.full(len(arr), NO_LABEL, np.int32)
             for b, (_key, _bids, bcodes, _states) in enumerate(loc.blocks):
                 positions = np.flatnonzero(loc.block == b)
@@ -809,12 +660,10 @@ class Store:
 
     # ---- scans ----------------------------------------------------------------------------
 
-    def _plan(
-        self, snap: _Snapshot, split: str | None, labelled_only: bool, ids: Any
-    ) -> np.ndarray:
+    def _plan(self, snap: Snapshot, split: str | None, labelled_only: bool, ids: Any) -> np.ndarray:
         if ids is None:
             return snap.select(split, labelled_only)
-        want = _as_ids(ids)
+        want = as_ids(ids)
         pos = np.minimum(np.searchsorted(snap.ids, want), max(len(snap.ids) - 1, 0))
         if len(want) and (
             not len(snap.ids) or ((snap.ids[pos] != want) | (snap.states[pos] == DELETED)).any()
@@ -831,7 +680,7 @@ class Store:
         return pos[keep]
 
     def _read_selection(
-        self, txn: Txn, h: EnvHandle, snap: _Snapshot, sel: np.ndarray, dtype: Any, ordered: bool
+        self, txn: Txn, h: EnvHandle, snap: Snapshot, sel: np.ndarray, dtype: Any, ordered: bool
     ) -> Items:
         picks = []
         blocks = snap.block[sel]
@@ -856,7 +705,7 @@ class Store:
         """Every live item (or those filtered) in one array, from one consistent snapshot."""
         sh = self._sh()
         with sh.read() as (txn, h):
-            snap = _Snapshot(txn, h)
+            snap = Snapshot(txn, h)
             sel = self._plan(snap, split, labelled_only, ids)
             return self._read_selection(txn, h, snap, sel, dtype, ordered=ids is None)
 
@@ -878,7 +727,7 @@ class Store:
             raise InvalidInput(f"batch_size must be positive, got {batch_size}")
         sh = self._sh()
         with sh.read() as (txn, h):
-            snap = _Snapshot(txn, h)
+            snap = Snapshot(txn, h)
             h.pins += 1
         try:
             sel = self._plan(snap, split, labelled_only, ids)
@@ -895,7 +744,7 @@ class Store:
         """(ids sorted, codes into the sorted vocabulary or -1, vocabulary) of all live items."""
         sh = self._sh()
         with sh.read() as (txn, h):
-            snap = _Snapshot(txn, h)
+            snap = Snapshot(txn, h)
             live = snap.states != DELETED
             ids, raw = snap.ids[live], snap.codes[live]
             used = np.unique(raw[raw != NO_LABEL])
@@ -916,8 +765,8 @@ class Store:
         """Counts by label and split, errors, sizes and generations (for `store info`)."""
         sh = self._sh()
         with sh.read() as (txn, h):
-            snap = _Snapshot(txn, h)
-            info = {n: _get_int(txn, h, n) for n in ("generation", "labels_generation", "count")}
+            snap = Snapshot(txn, h)
+            info = {n: get_int(txn, h, n) for n in ("generation", "labels_generation", "count")}
             n_errors = int(txn.stat(h.dbs["errors"])["entries"])
             live = snap.states != DELETED
             codes, counts = np.unique(snap.codes[live], return_counts=True)
@@ -951,7 +800,7 @@ class Store:
         parts: dict[bytes, list[np.ndarray]] = {_ADDED: [], _RELABELLED: [], _DELETED: []}
         sh = self._sh()
         with sh.read() as (txn, h):
-            current = _get_int(txn, h, "generation")
+            current = get_int(txn, h, "generation")
             cur = txn.cursor(db=h.dbs["log"])
             if cur.set_range(pack_id(generation + 1)):
                 for k, v in cur:

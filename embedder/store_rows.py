@@ -1,0 +1,181 @@
+"""Rows and blocks inside one transaction: counters, the change log, locating ids, snapshots.
+
+Helpers of `embedder.store`, kept apart so the Store class reads as its operations.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from embedder.errors import InvalidInput
+from embedder.store_codec import (
+    DELETED,
+    NO_LABEL,
+    ROW_DTYPE,
+    check_split,
+    decode_json_list,
+    decode_keys,
+    decode_rows,
+    pack_id,
+)
+from embedder.store_env import EnvHandle
+
+Txn = Any  # lmdb.Transaction
+
+
+def get_int(txn: Txn, h: EnvHandle, name: str) -> int:
+    v = txn.get(name.encode(), db=h.dbs["info"])
+    return int.from_bytes(bytes(v), "big") if v is not None else 0
+
+
+def put_int(txn: Txn, h: EnvHandle, name: str, value: int) -> None:
+    txn.put(name.encode(), int(value).to_bytes(8, "big"), db=h.dbs["info"])
+
+
+def commit_generation(txn: Txn, h: EnvHandle, labels_changed: bool) -> int:
+    gen = get_int(txn, h, "generation") + 1
+    put_int(txn, h, "generation", gen)
+    if labels_changed:
+        put_int(txn, h, "labels_generation", gen)
+    return gen
+
+
+def log_ids(txn: Txn, h: EnvHandle, gen: int, kind: bytes, ids: np.ndarray) -> None:
+    if len(ids):
+        txn.put(pack_id(gen) + kind, np.asarray(ids, dtype="<u8").tobytes(), db=h.dbs["log"])
+
+
+def as_ids(ids: Any) -> np.ndarray:
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        arr = arr.reshape(-1)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise InvalidInput(f"ids must be integers, got dtype {arr.dtype}")
+    if arr.size and arr.dtype.kind == "i" and (arr < 0).any():
+        arr = arr.astype(np.int64)
+        return np.where(arr < 0, np.iinfo(np.uint64).max, arr).astype(np.uint64)
+    return arr.astype(np.uint64)
+
+
+class Located:
+    """Where each asked-for id lives: block number and row (-1 when absent or deleted)."""
+
+    def __init__(self, n: int) -> None:
+        self.blocks: list[tuple[bytes, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.block = np.full(n, -1, dtype=np.int64)
+        self.row = np.full(n, -1, dtype=np.int64)
+
+
+def locate(txn: Txn, h: EnvHandle, ids: np.ndarray) -> Located:
+    """Find the rows of `ids` by walking the blocks in id order (one cursor seek per block)."""
+    out = Located(len(ids))
+    order = np.argsort(ids, kind="stable")
+    s = ids[order]
+    cur = txn.cursor(db=h.dbs["rows"])
+    i, n = 0, len(s)
+    while i < n:
+        target = pack_id(int(s[i]))
+        if cur.set_range(target):
+            if bytes(cur.key()) != target and not cur.prev():
+                i += 1
+                continue
+        elif not cur.last():
+            break
+        bids, codes, states = (a.copy() for a in decode_rows(cur.value()))
+        j = int(np.searchsorted(s, bids[-1], side="right"))
+        if j <= i:
+            i += 1  # the id falls in a gap between blocks (deleted and compacted away)
+            continue
+        rows = np.searchsorted(bids, s[i:j])
+        rows_c = np.minimum(rows, len(bids) - 1)
+        ok = (bids[rows_c] == s[i:j]) & (states[rows_c] != DELETED)
+        out.blocks.append((bytes(cur.key()), bids, codes, states))
+        hit = order[i:j][ok]
+        out.block[hit] = len(out.blocks) - 1
+        out.row[hit] = rows_c[ok]
+        i = j
+    return out
+
+
+class Snapshot:
+    """Every block's rows at one instant: the plan for scans and the source of label tables."""
+
+    def __init__(self, txn: Txn, h: EnvHandle) -> None:
+        keys: list[bytes] = []
+        raws = []
+        for k, v in txn.cursor(db=h.dbs["rows"]):
+            keys.append(bytes(k))
+            raws.append(v)
+        rows = np.frombuffer(b"".join(raws), dtype=ROW_DTYPE)  # copies out of the map
+        self.block_keys = keys
+        self.sizes = np.array([len(v) for v in raws], dtype=np.int64) // ROW_DTYPE.itemsize
+        self.ids = np.ascontiguousarray(rows["id"])
+        self.codes = np.ascontiguousarray(rows["code"])
+        self.states = np.ascontiguousarray(rows["state"])
+        self.block = np.repeat(np.arange(len(keys)), self.sizes)
+        starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]) if len(keys) else self.sizes
+        self.row = np.arange(len(self.ids)) - np.repeat(starts, self.sizes)
+
+    def select(self, split: str | None, labelled_only: bool) -> np.ndarray:
+        """Positions (into this snapshot) of the live rows that pass the filters."""
+        mask = self.states != DELETED
+        if split is not None:
+            mask &= self.states == check_split("<filter>", split)
+        if labelled_only:
+            mask &= self.codes != NO_LABEL
+        return np.flatnonzero(mask)
+
+
+class Part(NamedTuple):
+    """Raw keys and metadata of one block, and which of its rows go where."""
+
+    keys: bytes
+    meta: bytes
+    rows: np.ndarray
+    positions: np.ndarray
+    whole: bool  # the whole block, in order, at consecutive positions
+
+
+def assemble_keys(n: int, parts: list[Part]) -> list[str]:
+    if all(p.whole for p in parts) and in_order(parts):
+        return decode_keys(b"\0".join(p.keys for p in parts)) if parts else []
+    out: list[str] = [""] * n
+    for p in parts:
+        block = decode_keys(p.keys)
+        for r, pos in zip(p.rows.tolist(), p.positions.tolist(), strict=True):
+            out[pos] = block[r]
+    return out
+
+
+def assemble_meta(n: int, parts: list[Part]) -> list[dict[str, Any]]:
+    if all(p.whole for p in parts) and in_order(parts):
+        joined = b",".join(p.meta[1:-1] for p in parts)
+        return decode_json_list(b"[" + joined + b"]") if parts else []
+    out: list[dict[str, Any]] = [{}] * n
+    for p in parts:
+        block = decode_json_list(p.meta)
+        for r, pos in zip(p.rows.tolist(), p.positions.tolist(), strict=True):
+            out[pos] = block[r]
+    return out
+
+
+def in_order(parts: list[Part]) -> bool:
+    starts_at_zero = not parts or int(parts[0].positions[0]) == 0
+    return starts_at_zero and all(
+        int(a.positions[-1]) + 1 == int(b.positions[0]) for a, b in itertools.pairwise(parts)
+    )
+
+
+def labels_of_codes(codes: np.ndarray, vocab: dict[int, str]) -> list[str | None]:
+    """Codes to labels by one fancy index into an object array (fast for full scans)."""
+    if not len(codes):
+        return []
+    used = np.unique(codes)
+    table = np.empty(int(used[-1]) + 2, dtype=object)  # slot 0 is -1: unlabelled
+    for c in used.tolist():
+        table[c + 1] = None if c == NO_LABEL else vocab[c]
+    out: list[str | None] = table[codes.astype(np.int64) + 1].tolist()
+    return out
