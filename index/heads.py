@@ -48,6 +48,7 @@ DEFAULT_T = 0.07
 DEFAULT_A = 0.5
 TRAIN_SPLITS = ("train", "none")
 VAL_FRACTION = 0.2
+MIN_VAL_PER_CLASS = 10  # below this, early stopping's best epoch is not trusted for a refit
 
 
 # --------------------------------------------------------------------------- loading
@@ -439,11 +440,16 @@ def train_head(
             # val was carved out of the user's training items: once it has chosen the
             # epochs (and a, T, k), train again on all of them for that many epochs
             both = np.concatenate([tr, va])
-            plain = _refit(plain, x[both], y_all[both], n_cls, fit_kw)
+            # a minimum of val loss over a few items per class is noise: then train the
+            # full budget (stopping on training loss) rather than trust that epoch
+            trust = len(va) >= MIN_VAL_PER_CLASS * n_cls
+            plain = _refit(plain, x[both], y_all[both], n_cls, fit_kw, trust_epoch=trust)
             if stacked_fit is not None:
                 k, t = int(best["k"]), float(best["temperature"])
                 extra = loo_knn_distribution(neighbours, x[both], ids[both], k, t)
-                stacked_fit = _refit(stacked_fit, x[both], y_all[both], n_cls, fit_kw, extra)
+                stacked_fit = _refit(
+                    stacked_fit, x[both], y_all[both], n_cls, fit_kw, extra, trust_epoch=trust
+                )
         if searcher is not None:
             close = getattr(searcher, "close", None)
             if callable(close):
@@ -516,9 +522,10 @@ def _refit(
     n_classes: int,
     fit_kw: dict[str, Any],
     extra: np.ndarray | None = None,
+    trust_epoch: bool = True,
 ) -> HeadFit:
-    """The same head retrained on more items for the epochs early stopping chose."""
-    kw = {**fit_kw, "epochs": max(1, fit.best_epoch)}
+    """The same head retrained on more items, for the epochs early stopping chose if trusted."""
+    kw = {**fit_kw, "epochs": max(1, fit.best_epoch)} if trust_epoch else dict(fit_kw)
     again = fit_head(x, y, n_classes, extra_train=extra, **kw)
     return HeadFit(again.head, fit.curves, fit.best_epoch, fit.epochs_run)
 
