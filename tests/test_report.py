@@ -105,3 +105,24 @@ def test_eval_without_labelled_split_fails_cleanly(
     build_index(b, k=2)
     assert main(["eval", "--bank", str(b)]) == 2
     assert "no labelled 'test' items" in capsys.readouterr().err
+
+
+def test_eval_and_report_without_a_head(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(2, 6)).astype(np.float32)
+    y = np.arange(40) % 2
+    x = centers[y] + 0.3 * rng.normal(size=(40, 6)).astype(np.float32)
+    b = tmp_path / "bank"
+    with store_mod.create(b, make_spec(6)) as st:
+        st.put_batch(
+            [f"k{i}" for i in range(40)], x, [f"c{c}" for c in y], ["train"] * 30 + ["test"] * 10
+        )
+    build_index(b)
+    ev = evaluate(b, "test")
+    assert ev.default_mode == "knn" and set(ev.probs) == {"knn", "sklearn_logreg", "sklearn_knn"}
+    assert ev.summary["knn"]["accuracy"] == 1.0
+    page = write_report(ev, tmp_path / "r")
+    data = json.loads((page.parent / "metrics.json").read_text())
+    assert data["head"] is None and data["mistakes"] == []
+    for name in FIGURES:
+        assert (page.parent / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
