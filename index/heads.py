@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedder.bank import Bank, current_generation, publish, staging_dir
-from embedder.errors import FailedPrecondition, InvalidInput, NotFound
+from embedder.errors import FailedPrecondition, NotFound
 from embedder.head import Head, HeadFit, fit_head, transform_arrays
 from index import metrics
 
@@ -359,8 +359,10 @@ def train_head(
         x, ids = np.asarray(items.vectors, dtype=np.float32), items.ids.astype(np.int64)
         tparams, tinfo = _index_transform(b)
         searcher = _searcher(b, st)
-        neighbours = Neighbours(
-            vocabulary, searcher, bank_ids=ids, bank_vectors=_apply(tparams, x), bank_codes=y_all
+        neighbours = (
+            Neighbours(vocabulary, searcher)
+            if searcher is not None
+            else Neighbours(vocabulary, None, ids, _apply(tparams, x), y_all)
         )
         fit_kw: dict[str, Any] = dict(
             hidden=hidden,
@@ -543,8 +545,3 @@ def _json_default(o: object) -> object:
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
-
-def check_class_weight(value: str) -> str:
-    if value not in ("balanced", "none"):
-        raise InvalidInput(f"class weight must be 'balanced' or 'none', got {value!r}")
-    return value
