@@ -54,14 +54,19 @@ class Served:
         # a pipe nobody reads could fill up and block the server; closed in close()
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log)
+        deadline = time.monotonic() + 600
         with FeatureBankClient(self.target) as c:
-            try:
-                c.wait_until_serving(timeout=600)
-            except Exception:
-                self.log.seek(0)
-                print(self.log.read()[-4000:], file=sys.stderr)
-                self.close()
-                raise
+            while True:
+                try:
+                    c.wait_until_serving(timeout=2)
+                    return
+                except Exception:
+                    if self.proc.poll() is None and time.monotonic() < deadline:
+                        continue
+                    self.log.seek(0)
+                    print(self.log.read()[-4000:], file=sys.stderr)
+                    self.close()
+                    raise
 
     def close(self) -> None:
         if self.proc.poll() is None:
