@@ -137,9 +137,9 @@ def resize_image(im: Image.Image, size: tuple[int, int], resize: str = "crop") -
     if resize == "crop":
         # The centred region with the target's aspect ratio, resized in one step.
         f = max(th / h, tw / w)
-        cw, ch = tw / f, th / f
-        left, top = (w - cw) / 2, (h - ch) / 2
-        box = (left, top, left + cw, top + ch)
+        cw, ch = min(w, tw / f), min(h, th / f)  # min(): float round-off
+        left, top = max(0.0, (w - cw) / 2), max(0.0, (h - ch) / 2)
+        box = (left, top, min(w, left + cw), min(h, top + ch))
         return im.resize((tw, th), Image.Resampling.BILINEAR, box=box)
     if resize == "pad":
         f = min(th / h, tw / w)

@@ -141,10 +141,15 @@ def build_dataset(loader: Loader, batch_size: int) -> Any:
         ok.set_shape(())
         return pixels, ok, i
 
+    def decoded(pixels: Any, ok: Any, i: Any) -> Any:
+        return ok
+
+    def without_flag(pixels: Any, ok: Any, i: Any) -> tuple[Any, Any]:
+        return pixels, i
+
     ds = tf.data.Dataset.range(len(loader.todo))
     ds = ds.map(mapped, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.filter(lambda pixels, ok, i: ok)
-    ds = ds.map(lambda pixels, ok, i: (pixels, i))
+    ds = ds.filter(decoded).map(without_flag)
     return ds.batch(batch_size).prefetch(2)
 
 

@@ -88,6 +88,14 @@ def test_resize_modes() -> None:
     assert stretch[:, :10].max() < 30 and stretch[:, 14:34].min() > 200
 
 
+def test_crop_box_never_leaves_the_image() -> None:
+    for w in range(200, 420, 7):  # sizes whose crop box used to round to -1e-14
+        for h in (180, 240, 259, 333):
+            im = Image.new("RGB", (w, h))
+            assert images.resize_image(im, (224, 224), "crop").size == (224, 224)
+            assert images.resize_image(im, (97, 131), "crop").size == (131, 97)
+
+
 def test_large_jpeg_draft_decoding_keeps_the_picture() -> None:
     big = np.kron(gradient(64, 48), np.ones((20, 20, 1), np.uint8))  # 1280x960
     data = encode(Image.fromarray(big), "JPEG", quality=95)

@@ -1,0 +1,207 @@
+"""Throughput of `featurebank embed` against its limit and against the usual Keras script.
+
+Data: JPEGs of about 320x240 cut from the photos that ship with scikit-image and
+scikit-learn (random crops at several scales, flips, portrait and landscape), in class
+folders. Model: MobileNetV2 at 224, weights=none, batch 64, float16 store.
+
+Measured side by side in one process (model construction and one-time compilation
+excluded from all three, since each pays it once per job):
+  (a) featurebank embed end to end: list, read, decode, resize, infer, write the store;
+  (b) the limit: the same compiled forward pass over the same images already decoded
+      and resized in memory (measured before and after (a)/(c); the mean is used);
+  (c) what a user would otherwise write: keras.utils.image_dataset_from_directory +
+      preprocess_input + model.predict, then one LMDB put (one transaction) per vector.
+
+Run: python benchmarks/embed_bench.py [--quick] [--n N] [--workdir DIR] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SIZE = 224
+BATCH = 64
+
+
+def source_photos() -> dict[str, np.ndarray]:
+    """The real photographs shipped inside scikit-image and scikit-learn, as RGB."""
+    import skimage.data as d
+    from sklearn.datasets import load_sample_images
+
+    out: dict[str, np.ndarray] = {}
+    for name in ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
+                 "immunohistochemistry", "retina", "camera", "coins", "moon", "brick",
+                 "grass", "gravel", "clock", "colorwheel"]:  # fmt: skip
+        a = getattr(d, name)()
+        out[name] = np.repeat(a[..., None], 3, -1) if a.ndim == 2 else a[..., :3]
+    sk = load_sample_images()
+    for name, img in zip(["china", "flower"], sk.images, strict=True):
+        out[name] = img
+    return out
+
+
+def make_images(root: Path, n: int, seed: int = 0) -> None:
+    """n JPEGs around 320x240: crops at 30-100% scale, flips, +-20% size, some portrait."""
+    from PIL import Image
+
+    photos = source_photos()
+    names = sorted(photos)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        name = names[i % len(names)]
+        src = photos[name]
+        h, w = src.shape[:2]
+        portrait = rng.random() < 0.25
+        aspect = 3 / 4 if not portrait else 4 / 3  # height / width
+        scale = rng.uniform(0.3, 1.0)
+        cw = int(min(w, h / aspect) * scale)
+        ch = int(cw * aspect)
+        x0 = int(rng.integers(0, w - cw + 1))
+        y0 = int(rng.integers(0, h - ch + 1))
+        crop = Image.fromarray(src[y0 : y0 + ch, x0 : x0 + cw])
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        tw = int(320 * rng.uniform(0.8, 1.2))
+        size = (tw, int(tw * 0.75)) if not portrait else (int(tw * 0.75), tw)
+        crop = crop.resize(size, Image.Resampling.BILINEAR)
+        out = root / name / f"{i:05d}.jpg"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        crop.save(out, quality=int(rng.integers(80, 95)))
+
+
+def measure_limit(embedder: Any, pixels: np.ndarray) -> tuple[float, np.ndarray]:
+    """(b) images/s of the compiled forward pass alone, on pre-decoded pixels."""
+    t = time.perf_counter()
+    out = [embedder.forward(pixels[s : s + BATCH]) for s in range(0, len(pixels), BATCH)]
+    dt = time.perf_counter() - t
+    return len(pixels) / dt, np.concatenate(out)
+
+
+def measure_baseline(data: Path, workdir: Path, n: int) -> float:
+    """(c) the script a Keras user would write, one LMDB transaction per vector."""
+    import keras
+    import lmdb
+    import tensorflow as tf
+
+    model = keras.applications.MobileNetV2(
+        input_shape=(SIZE, SIZE, 3), include_top=False, weights=None, pooling="avg"
+    )
+    model.predict(np.zeros((32, SIZE, SIZE, 3), np.float32), verbose=0)  # one-time tracing
+    env = lmdb.open(str(workdir / "baseline.lmdb"), map_size=1 << 30)
+    t = time.perf_counter()
+    ds = keras.utils.image_dataset_from_directory(
+        str(data), labels="inferred", image_size=(SIZE, SIZE), batch_size=32, shuffle=False,
+        verbose=False,
+    )  # fmt: skip
+    paths = ds.file_paths
+    pre = keras.applications.mobilenet_v2.preprocess_input
+    ds = ds.map(lambda x, y: (pre(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+    vectors = model.predict(ds, verbose=0)
+    for path, vec in zip(paths, vectors, strict=True):
+        with env.begin(write=True) as txn:
+            txn.put(os.path.relpath(path, data).encode(), vec.astype(np.float16).tobytes())
+    dt = time.perf_counter() - t
+    env.close()
+    assert len(vectors) == n
+    return n / dt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="200 images instead of 2,000")
+    ap.add_argument("--n", type=int, help="number of images")
+    ap.add_argument("--workdir", type=Path, help="keep data and banks here")
+    ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = ap.parse_args(argv)
+    n = args.n or (200 if args.quick else 2000)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="embed_bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "images"
+    try:
+        t = time.perf_counter()
+        if not data.exists() or sum(1 for _ in data.rglob("*.jpg")) != n:
+            shutil.rmtree(data, ignore_errors=True)
+            make_images(data, n)
+        print(f"made {n} JPEGs in {time.perf_counter() - t:.1f} s under {data}", flush=True)
+        return run(data, work, n, args.json)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(data: Path, work: Path, n: int, as_json: bool) -> int:
+    import dataclasses
+
+    from embedder import images
+    from embedder.embedding import Embedder, describe_device, embed, make_spec
+
+    device, _ = describe_device()
+    load0 = os.getloadavg()[0]
+    spec = make_spec("MobileNetV2", weights="none", image_size=SIZE, dtype="float16")
+    spec = dataclasses.replace(spec, dim=1280)  # as the job does for registry families
+    t = time.perf_counter()
+    embedder = Embedder.cached(spec)  # the job below reuses this very model
+    build_s = time.perf_counter() - t
+
+    files = sorted(data.rglob("*.jpg"))
+    pixels = np.stack([images.decode(p.read_bytes(), (SIZE, SIZE), "crop") for p in files])
+    b1, ref = measure_limit(embedder, pixels)
+
+    bank = work / "bank"
+    shutil.rmtree(bank, ignore_errors=True)
+    t = time.perf_counter()
+    summary = embed(str(data), str(bank), "MobileNetV2", weights="none", image_size=SIZE,
+                    batch_size=BATCH, progress=False)  # fmt: skip
+    a = n / (time.perf_counter() - t)
+    assert summary["embedded"] == n and summary["failed"] == 0
+
+    from embedder import store as store_mod
+
+    with store_mod.open(bank, readonly=True) as st:
+        keys = [p.relative_to(data).as_posix() for p in files]
+        stored = st.get_by_keys(keys).vectors
+    err = np.abs(stored - ref).max() / max(np.abs(ref).max(), 1e-12)
+
+    shutil.rmtree(work / "baseline.lmdb", ignore_errors=True)
+    c = measure_baseline(data, work, n)
+    b2, _ = measure_limit(embedder, pixels[: max(BATCH, n // 2)])
+    b = (b1 + b2) / 2
+    load1 = os.getloadavg()[0]
+
+    cores = os.cpu_count()
+    print(f"embed_bench: {n} JPEGs ~320x240 -> MobileNetV2 {SIZE}x{SIZE} weights=none, "
+          f"batch {BATCH}, float16 store; {device}, {cores} cores; "
+          f"load average {load0:.2f} at start, {load1:.2f} at end")  # fmt: skip
+    print(f"model build + freeze + first call (once per job, excluded): {build_s:.1f} s")
+    print(f"(a) featurebank embed end to end:        {a:8.1f} images/s  "
+          f"(reading {summary['seconds_reading']} s over the decode threads, inferring "
+          f"{summary['seconds_inferring']} s, writing {summary['seconds_writing']} s, "
+          f"model waiting for input {summary['seconds_waiting_for_input']} s)")  # fmt: skip
+    print(f"(b) limit, compiled forward pass only:   {b:8.1f} images/s  "
+          f"(before {b1:.1f}, after {b2:.1f})")
+    print(f"(c) image_dataset_from_directory + predict + LMDB put per vector: {c:8.1f} images/s")
+    print(f"a/b = {a / b:.3f}  (target >= 0.85)")
+    print(f"a/c = {a / c:.3f}  (target >= 1.5)")
+    print(f"stored vs in-memory forward: max relative difference {err:.2e}")
+    if as_json:
+        print(json.dumps({"n": n, "a": a, "b": b, "b_before": b1, "b_after": b2, "c": c,
+                          "a_over_b": a / b, "a_over_c": a / c, "load_start": load0,
+                          "load_end": load1, "summary": summary}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
