@@ -133,3 +133,17 @@ def test_hdf5_dataset_and_labels(tmp_path: Path) -> None:
         sources.open_source(str(path))
     with pytest.raises(NotFound, match="no dataset"):
         sources.open_source(f"{path}:nothing")
+
+
+def test_embedder_modules_import_without_tensorflow() -> None:
+    """Search-only processes import these; TensorFlow must wait until a model runs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, embedder.store, embedder.sources, embedder.images, embedder.backbones, "
+        "embedder.embedding, embedder.pipeline, featurebank.commands.embed; "
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
+    )
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
