@@ -288,9 +288,6 @@ class Embedder:
 
         fn = self._graph_fn()
         h, w = self.input_size
-        if self.n_gpus > 1:
-            self._strategy = tf.distribute.MirroredStrategy()
-            return tf.function(fn, reduce_retracing=True)
         concrete = tf.function(fn).get_concrete_function(tf.TensorSpec([None, h, w, 3], tf.uint8))
         out_shape = concrete.structured_outputs.shape
         if out_shape.rank != 2 or out_shape[-1] is None:
@@ -304,6 +301,9 @@ class Embedder:
         if not self.spec.dim:
             self.spec = dataclasses.replace(self.spec, dim=dim)
         self.dim = dim
+        if self.n_gpus > 1:  # the model's variables are mirrored on every local GPU
+            self._strategy = _mirrored()
+            return tf.function(fn, reduce_retracing=True)
         if not freeze:
             return concrete
         try:
@@ -354,7 +354,7 @@ def _build_model(spec: Spec) -> tuple[Any, int, Spec]:
                 f"model {path} takes {fixed[0]}x{fixed[1]} images, not "
                 f"{spec.input_size[0]}x{spec.input_size[1]}"
             )
-        return model, n_gpus, spec
+        return model, min(n_gpus, 1), spec  # user models run on one device
     size = spec.input_size
     if size is None:
         raise InvalidInput(f"bank holds external vectors, there is no model: [{spec.describe()}]")
@@ -371,7 +371,7 @@ def _build_model(spec: Spec) -> tuple[Any, int, Spec]:
     # Statistics and weights are made in float32 (identical to a CPU build), then copied
     # into a mixed-precision twin that runs in float16 on the GPUs.
     fp32 = build()
-    scope: Any = tf.distribute.MirroredStrategy().scope() if n_gpus > 1 else _null()
+    scope: Any = _mirrored().scope() if n_gpus > 1 else _null()
     old = keras.mixed_precision.global_policy()
     try:
         keras.mixed_precision.set_global_policy("mixed_float16")
@@ -381,6 +381,19 @@ def _build_model(spec: Spec) -> tuple[Any, int, Spec]:
     finally:
         keras.mixed_precision.set_global_policy(old)
     return model, n_gpus, spec
+
+
+_MIRRORED: Any = None
+
+
+def _mirrored() -> Any:
+    """One MirroredStrategy per process, shared by model building and running."""
+    global _MIRRORED
+    import tensorflow as tf
+
+    if _MIRRORED is None:
+        _MIRRORED = tf.distribute.MirroredStrategy()
+    return _MIRRORED
 
 
 class _null:
