@@ -418,6 +418,13 @@ def train_head(
         }
 
         stacked_fit: HeadFit | None = None
+        counts = np.bincount(y_all[np.concatenate([tr, va])], minlength=n_cls)
+        if stacked and counts.min() < 2:
+            log.warning(
+                "stacked head in %s: some labels have a single item, whose leave-one-out "
+                "neighbours never share its label; the stacked mode will distrust kNN",
+                b.root,
+            )
         if stacked:
             k, t = int(best["k"]), float(best["temperature"])
             extra_tr = loo_knn_distribution(neighbours, x[tr], ids[tr], k, t)
@@ -544,4 +551,3 @@ def _json_default(o: object) -> object:
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
