@@ -123,7 +123,9 @@ def pca_dim_for(eigenvalues: Sequence[float] | np.ndarray, dim: int) -> int | No
 
 
 def efsearch_grid(k: int) -> list[int]:
-    return sorted({max(k, v) for v in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)})
+    steps = (16, 20, 24, 28, 32, 36, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 256, 320, 384,
+             512, 768, 1024)
+    return sorted({max(k, v) for v in steps})
 
 
 def nprobe_grid(nlist: int) -> list[int]:
