@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 # with random weights can be re-embedded into (and served) by a rebuilt model.
 RANDOM_INIT_SEED = 1337
 CALIBRATION_BATCH = 8
+VARIANCE_FLOOR = 0.1  # relative to the layer's median variance
 
 PREPROCESSING_MODES = ("tf", "caffe", "torch", "raw0-255", "raw0-1")
 POOLINGS = ("avg", "max", "flatten")
@@ -234,7 +235,10 @@ def _calibrate_batchnorm(model: Any, preprocessing: str, size: tuple[int, int]) 
 
     Freshly initialised networks shrink or blow up activations layer after layer (a random
     MobileNetV2 outputs ~1e-11, zero in float16); normalising each BatchNorm with the
-    statistics of a fixed batch keeps random features well scaled. Only BatchNorm
+    statistics of a fixed batch keeps random features well scaled; variances are floored
+    at a tenth of the layer's median, since late layers see few positions (1x1 maps at
+    small inputs) and a channel that happens to be constant would amplify the smallest
+    change in the input a thousandfold. Only BatchNorm
     changes behaviour under training=True here (dropout rates are zeroed meanwhile), and
     the batch is fixed, so the result is deterministic.
     """
@@ -251,13 +255,24 @@ def _calibrate_batchnorm(model: Any, preprocessing: str, size: tuple[int, int]) 
             bn.momentum = 0.0
         for d in drops:
             d.rate = 0.0
-        x = preprocess_numpy(calibration_images(size), preprocessing)
+        x = preprocess_numpy(calibration_images(size, _calibration_count(size)), preprocessing)
         model(x, training=True)
+        for bn in bns:  # a channel nearly constant on the batch must not amplify noise
+            var = np.asarray(bn.moving_variance)
+            floor = VARIANCE_FLOOR * float(np.median(var))
+            if floor > 0 and var.min() < floor:
+                bn.moving_variance.assign(np.maximum(var, floor).astype(var.dtype))
     finally:
         for bn, m in zip(bns, saved_m, strict=True):
             bn.momentum = m
         for d, r in zip(drops, saved_r, strict=True):
             d.rate = r
+
+
+def _calibration_count(size: tuple[int, int]) -> int:
+    """Images enough for ~400 positions per channel at the last (1/32 scale) layers."""
+    per_image = max(1, (size[0] // 32) * (size[1] // 32))
+    return int(min(64, max(CALIBRATION_BATCH, -(-400 // per_image))))
 
 
 def _all_layers(model: Any) -> list[Any]:
