@@ -182,20 +182,23 @@ def run(data: Path, work: Path, n: int, as_json: bool) -> int:
     load1 = os.getloadavg()[0]
 
     cores = os.cpu_count()
-    print(f"embed_bench: {n} JPEGs ~320x240 -> MobileNetV2 {SIZE}x{SIZE} weights=none, "
-          f"batch {BATCH}, float16 store; {device}, {cores} cores; "
-          f"load average {load0:.2f} at start, {load1:.2f} at end")  # fmt: skip
-    print(f"model build + freeze + first call (once per job, excluded): {build_s:.1f} s")
-    print(f"(a) featurebank embed end to end:        {a:8.1f} images/s  "
-          f"(reading {summary['seconds_reading']} s over the decode threads, inferring "
-          f"{summary['seconds_inferring']} s, writing {summary['seconds_writing']} s, "
-          f"model waiting for input {summary['seconds_waiting_for_input']} s)")  # fmt: skip
-    print(f"(b) limit, compiled forward pass only:   {b:8.1f} images/s  "
-          f"(before {b1:.1f}, after {b2:.1f})")
-    print(f"(c) image_dataset_from_directory + predict + LMDB put per vector: {c:8.1f} images/s")
-    print(f"a/b = {a / b:.3f}  (target >= 0.85)")
-    print(f"a/c = {a / c:.3f}  (target >= 1.5)")
-    print(f"stored vs in-memory forward: max relative difference {err:.2e}")
+    lines = [
+        f"embed_bench: {n} JPEGs ~320x240 -> MobileNetV2 {SIZE}x{SIZE} weights=none, batch "
+        f"{BATCH}, float16 store; {device}, {cores} cores; load average {load0:.2f} at start, "
+        f"{load1:.2f} at end",
+        f"model build + freeze + first call (once per job, excluded): {build_s:.1f} s",
+        f"(a) featurebank embed end to end:      {a:7.1f} images/s  (reading "
+        f"{summary['seconds_reading']} s summed over decode threads, inferring "
+        f"{summary['seconds_inferring']} s, writing {summary['seconds_writing']} s, model "
+        f"waiting for input {summary['seconds_waiting_for_input']} s)",
+        f"(b) limit, compiled forward pass only: {b:7.1f} images/s  "
+        f"(before {b1:.1f}, after {b2:.1f})",
+        f"(c) image_dataset_from_directory + predict + one LMDB put per vector: {c:.1f} images/s",
+        f"a/b = {a / b:.3f}  (target >= 0.85)",
+        f"a/c = {a / c:.3f}  (target >= 1.5)",
+        f"stored vs in-memory forward: max relative difference {err:.2e}",
+    ]
+    print("\n".join(lines))
     if as_json:
         print(json.dumps({"n": n, "a": a, "b": b, "b_before": b1, "b_after": b2, "c": c,
                           "a_over_b": a / b, "a_over_c": a / c, "load_start": load0,
