@@ -757,6 +757,13 @@ class Store:
         codes = np.where(raw == NO_LABEL, NO_LABEL, remap[np.maximum(raw, 0)]).astype(np.int32)
         return ids, codes, vocabulary
 
+    def ids_in_split(self, split: str) -> np.ndarray:
+        """Sorted ids of the live items in `split` (e.g. the held-out test items that never vote)."""
+        sh = self._sh()
+        with sh.read() as (txn, h):
+            snap = Snapshot(txn, h)
+            return np.sort(snap.ids[snap.select(split, labelled_only=False)])
+
     def label_vocabulary(self) -> list[str]:
         """Sorted labels that at least one live item carries."""
         return self.label_table()[2]

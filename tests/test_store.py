@@ -456,3 +456,16 @@ def test_scan_columns_decode_later_from_the_snapshot(store: store_mod.Store) -> 
     assert items.splits == ["train"] * 4 and len(items) == 4
     items.labels = ["x"] * 4
     assert items.labels == ["x"] * 4
+
+
+def test_ids_in_split_lists_live_items_of_that_split(store):
+    ids = store.put_batch(
+        ["a", "b", "c", "d"],
+        make_vectors(4, store.spec.dim),
+        labels=["x", "y", None, "x"],
+        splits=["train", "test", "test", "val"],
+    )
+    assert store.ids_in_split("test").tolist() == [int(ids[1]), int(ids[2])]
+    store.delete(["b"])
+    assert store.ids_in_split("test").tolist() == [int(ids[2])]
+    assert store.ids_in_split("val").tolist() == [int(ids[3])]
