@@ -29,7 +29,7 @@ import numpy as np
 from embedder.bank import Bank, current_dir, publish, staging_dir
 from embedder.errors import FailedPrecondition, FeaturebankError, InvalidInput
 from index import selection, transforms
-from index.searcher import INDEX_FILE, MANIFEST_FILE, index_ids, read_manifest
+from index.searcher import INDEX_FILE, MANIFEST_FILE, index_any, index_ids, read_manifest
 from index.tuning import Tuned, exact_search, timed_search, tune
 
 log = logging.getLogger(__name__)
@@ -285,6 +285,16 @@ def write_generation(
         raise
 
 
+def removable(index: faiss.Index) -> bool:
+    """Whether ids can be removed in place: only a plain Flat under the IDMap.
+
+    HNSW cannot remove at all, and IndexIDMap2 renumbers its positions on removal
+    while inverted lists keep the old ones, so those are filtered at search time.
+    """
+    inner = faiss.downcast_index(index_any(index).index)
+    return type(inner) in (faiss.IndexFlat, faiss.IndexFlatL2, faiss.IndexFlatIP)
+
+
 def _as_ids(values: Iterable[int] | np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=np.int64).reshape(-1)
 
@@ -345,11 +355,10 @@ def _update(bank: Bank, store: Any, progress: bool, rebuild_fraction: float) -> 
     deleted = deleted[np.isin(deleted, present)]
     added = added[~np.isin(added, present)]
     removed, unremoved = 0, int(manifest.get("unremoved_deleted", 0))
-    if deleted.size:
-        try:
-            removed = int(index.remove_ids(faiss.IDSelectorBatch(deleted)))
-        except RuntimeError:  # e.g. HNSW: searchers filter these ids out instead
-            unremoved += int(deleted.size)
+    if deleted.size and removable(index):
+        removed = int(index.remove_ids(faiss.IDSelectorBatch(deleted)))
+    elif deleted.size:  # searchers filter these ids out instead
+        unremoved += int(deleted.size)
     if unremoved > rebuild_fraction * max(index.ntotal, 1):
         return _rebuild_like(bank, store, manifest, f"{unremoved} deleted items still indexed")
     from index.transforms import Transform

@@ -16,7 +16,7 @@ import pytest
 from index_testdata import World, exact_ids, make_bank
 
 from embedder import store as store_mod
-from embedder.errors import InvalidInput
+from embedder.errors import FailedPrecondition, InvalidInput
 from featurebank.cli import main
 from index import selection
 from index.build import build_index, update_index
@@ -106,6 +106,23 @@ def test_update_of_graph_index_adds_and_filters_deleted(tmp_path: Path) -> None:
         assert (searcher.search(extra, 1).ids[:, 0] == new_ids.astype(np.int64)).all()
         assert not np.isin(searcher.search(x[:2], 10).ids, [0, 1]).any()
         assert searcher.ntotal == 3048
+
+
+def test_update_of_inverted_lists_filters_deleted(tmp_path: Path) -> None:
+    world = World.make(16, latent=6, seed=35)
+    x, _ = world.sample(4000, seed=36)
+    bank = make_bank(tmp_path / "bank", x)
+    built = build_index(bank, factory="IVF32,Flat", metric="l2")
+    assert built["params"]["nprobe"] >= 1
+    with store_mod.open(bank) as st:
+        st.delete([f"item-{i}" for i in range(100)])
+    updated = update_index(bank)
+    assert updated["last_update"]["filtered"] == 100  # inverted lists: filtered, not removed
+    assert updated["params"] == built["params"]  # tuned settings carry over
+    with Searcher.load(bank) as searcher:
+        assert searcher.search(x[:100], 5).ids.min() >= 100
+    with pytest.raises(FailedPrecondition, match="no index yet"):
+        update_index(make_bank(tmp_path / "other", x[:10]))
 
 
 BUILD_SCRIPT = """
