@@ -26,6 +26,10 @@ from embedder.spec import Spec
 
 log = logging.getLogger(__name__)
 
+# Above this, folding weights into the graph copies gigabytes of constants for little gain
+# (and the largest families use LayerNorm, not BatchNorm), so such models run unfrozen.
+FREEZE_MAX_PARAMS = 50_000_000
+
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 _LAST: tuple[str, Embedder] | None = None  # the last model built by embed()
@@ -304,7 +308,7 @@ class Embedder:
         if self.n_gpus > 1:  # the model's variables are mirrored on every local GPU
             self._strategy = _mirrored()
             return tf.function(fn, reduce_retracing=True)
-        if not freeze:
+        if not freeze or self.model.count_params() > FREEZE_MAX_PARAMS:
             return concrete
         try:
             from tensorflow.python.framework.convert_to_constants import (

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import io
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -32,13 +34,24 @@ def jpeg(seed: int) -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture(autouse=True)
+def release_models() -> Iterator[None]:
+    """Forget each test's model, so a run over all families stays within memory."""
+    yield
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
+
+
 @pytest.mark.parametrize("name", family_params())
 def test_family_builds_and_embeds(name: str) -> None:
     from embedder.embedding import Embedder
 
     fam = backbones.FAMILIES[name]
     size = max(fam.min_size, 32)
-    emb = Embedder.create(name, weights="none", image_size=size, pooling="max")
+    # float32: random weights in the deepest families (EfficientNetV2M/L) exceed float16
+    emb = Embedder.create(name, weights="none", image_size=size, pooling="max", dtype="float32")
     assert emb.dim == fam.dim and emb.spec.dim == fam.dim
     assert emb.spec.preprocessing == fam.preprocessing and emb.spec.input_size == (size, size)
     assert emb.model.trainable is False
