@@ -87,8 +87,11 @@ class RWLock:
 class SearchResult:
     """Neighbours of each query: ids (n, k) int64 with -1 padding, scores higher = closer.
 
-    `labels` and `keys` are built on first access: a kNN vote only needs
-    `label_codes`, and keys cost a store lookup.
+    `label_codes` are the codes that vote (-1 for unlabelled neighbours and for
+    held-out test-split items, whose labels only score predictions, never make
+    them); `labels` shows every neighbour's label. Both `labels` and `keys` are
+    built on first access: a kNN vote only needs `label_codes`, keys cost a
+    store lookup.
     """
 
     def __init__(
@@ -98,10 +101,12 @@ class SearchResult:
         label_codes: np.ndarray,
         vocabulary: list[str],
         key_lookup: Callable[[np.ndarray], dict[int, str]],
+        display_codes: np.ndarray | None = None,
     ) -> None:
         self.ids = ids
         self.scores = scores
         self.label_codes = label_codes
+        self.display_codes = label_codes if display_codes is None else display_codes
         self.vocabulary = vocabulary
         self._key_lookup = key_lookup
         self._labels: list[list[str | None]] | None = None
@@ -114,7 +119,7 @@ class SearchResult:
     def labels(self) -> list[list[str | None]]:
         if self._labels is None:
             vocab: list[str | None] = [*self.vocabulary, None]
-            self._labels = [[vocab[c] for c in row] for row in self.label_codes.tolist()]
+            self._labels = [[vocab[c] for c in row] for row in self.display_codes.tolist()]
         return self._labels
 
     @property
@@ -154,6 +159,7 @@ class Labels:
     ids: np.ndarray  # sorted int64 ids of live items
     codes: np.ndarray  # int32, -1 = unlabelled
     vocabulary: list[str]
+    vote_codes: np.ndarray  # codes, with -1 for held-out (test split) items
 
 
 @dataclass
@@ -223,15 +229,20 @@ def load_generation(bank: Bank, number: int | None = None) -> Generation:
     )
 
 
+HELD_OUT_SPLIT = "test"
+
+
 def load_labels(store: Any) -> Labels:
+    """The label table; test-split items keep their labels for display but never vote."""
     generation = int(store.generation)
     ids, codes, vocabulary = store.label_table()
-    return Labels(
-        generation,
-        np.asarray(ids, dtype=np.int64),
-        np.asarray(codes, dtype=np.int32),
-        list(vocabulary),
-    )
+    ids = np.asarray(ids, dtype=np.int64)
+    codes = np.asarray(codes, dtype=np.int32)
+    vote_codes = codes
+    held = np.asarray(store.ids_in_split(HELD_OUT_SPLIT), dtype=np.int64)
+    if held.size:
+        vote_codes = np.where(np.isin(ids, held), -1, codes).astype(np.int32)
+    return Labels(generation, ids, codes, list(vocabulary), vote_codes)
 
 
 def make_view(gen: Generation, labels: Labels) -> View:
@@ -239,14 +250,18 @@ def make_view(gen: Generation, labels: Labels) -> View:
     return View(gen, labels, stale, int(gen.index_ids.size - stale.size))
 
 
-def codes_of(labels: Labels, ids: np.ndarray) -> np.ndarray:
-    """Label code of each id (-1: unlabelled, deleted or padding)."""
+def codes_of(labels: Labels, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(voting, shown) label code of each id (-1: unlabelled, deleted, padding; held out)."""
     if labels.ids.size == 0:
-        return np.full(ids.shape, -1, dtype=np.int32)
+        none = np.full(ids.shape, -1, dtype=np.int32)
+        return none, none
     pos = np.searchsorted(labels.ids, ids)
     pos = np.minimum(pos, labels.ids.size - 1)
     found = (labels.ids[pos] == ids) & (ids >= 0)
-    return np.where(found, labels.codes[pos], -1).astype(np.int32)
+    shown = np.where(found, labels.codes[pos], -1).astype(np.int32)
+    if labels.vote_codes is labels.codes:
+        return shown, shown
+    return np.where(found, labels.vote_codes[pos], -1).astype(np.int32), shown
 
 
 def drop_excluded(
@@ -453,8 +468,8 @@ class Searcher:
                 ids, dist = drop_excluded(ids, dist, exclude, k)
             ids, dist = ids[:, :k], dist[:, :k]
             scores = to_scores(dist, ids, view.gen.metric)
-            codes = codes_of(view.labels, ids)
-            return SearchResult(ids, scores, codes, view.labels.vocabulary, self._keys)
+            votes, shown = codes_of(view.labels, ids)
+            return SearchResult(ids, scores, votes, view.labels.vocabulary, self._keys, shown)
 
     def _search_all(self, view: View, xt: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         index = view.gen.index

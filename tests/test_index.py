@@ -204,3 +204,15 @@ def make_spec16():  # type: ignore[no-untyped-def]
     from index_testdata import spec
 
     return spec(16)
+
+
+def test_test_split_items_are_shown_but_never_vote(tmp_path: Path) -> None:
+    x, _ = World.make(8, seed=9).sample(200, seed=10)
+    labels = ["a"] * 199 + ["b"]
+    bank = make_bank(tmp_path / "bank", x, labels, ["train"] * 199 + ["test"])
+    build_index(bank, factory="Flat", metric="l2")
+    with Searcher.load(bank) as searcher:
+        probs, vocab, result = KnnClassifier(searcher, k=1).predict_proba(x[199:])
+        assert result.ids[0, 0] == 199 and result.labels == [["b"]]  # found and shown
+        assert result.label_codes[0, 0] == -1 and (probs == 0).all()  # but it cannot vote
+        assert vocab == ["a", "b"]
