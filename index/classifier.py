@@ -259,7 +259,7 @@ class Classifier:
         if need_knn:
             kk = max(1, min(kk, int(searcher.ntotal) - (0 if exclude_ids is None else 1)))
             ex = None if exclude_ids is None else np.asarray(exclude_ids, dtype=np.int64)
-            result = searcher.search(x, kk, exclude_ids=ex)
+            result = searcher.search(x, kk, exclude_ids=ex, voters_only=True)
             knn_vocab = list(result.vocabulary)
             from index.knn import vote
 

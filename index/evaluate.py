@@ -229,7 +229,7 @@ def _accuracy_vs_k(
     searcher = clf.searcher
     avail = int(searcher.ntotal) - 1
     ks = [k for k in K_VALUES if k <= avail] or [max(1, avail)]
-    res = searcher.search(vectors, max(ks), exclude_ids=ids)
+    res = searcher.search(vectors, max(ks), exclude_ids=ids, voters_only=True)
     _, temperature = clf.knn_params()
     vocab = list(res.vocabulary)
     out: dict[int, float] = {}

@@ -90,7 +90,9 @@ def knn_accuracy(
     if len(items) == 0:
         return {"split": split, "items": 0, "accuracy": None}
     k = min(k, max(searcher.ntotal - 1, 1))
-    result = searcher.search(items.vectors, k, exclude_ids=items.ids.astype(np.int64))
+    result = searcher.search(
+        items.vectors, k, exclude_ids=items.ids.astype(np.int64), voters_only=True
+    )
     vocab = result.vocabulary
     truth = np.array([vocab.index(t) if t in vocab else -1 for t in items.labels])
     accuracy = {}

@@ -168,7 +168,7 @@ class Neighbours:
         """(codes (n, k) int64, scores (n, k) float32); `exclude_ids` drops each row's own item."""
         k = max(1, min(k, self.ntotal - (1 if exclude_ids is not None else 0)))
         if self.searcher is not None:
-            res = self.searcher.search(vectors, k, exclude_ids=exclude_ids)
+            res = self.searcher.search(vectors, k, exclude_ids=exclude_ids, voters_only=True)
             remap = np.array(
                 [self._code.get(label, -1) for label in res.vocabulary] + [-1], dtype=np.int64
             )

@@ -149,7 +149,9 @@ class KnnClassifier:
     ) -> tuple[np.ndarray, list[str], SearchResult]:
         """(probs (n, C), vocabulary, neighbours); `exclude_ids` drops each row's own item."""
         k = min(k or self.k, self.searcher.ntotal)
-        result = self.searcher.search(vectors, k, labels=labels, exclude_ids=exclude_ids)
+        result = self.searcher.search(
+            vectors, k, labels=labels, exclude_ids=exclude_ids, voters_only=True
+        )
         vocabulary = result.vocabulary
         probs = vote(
             result.label_codes,

@@ -440,10 +440,13 @@ class Searcher:
         k: int,
         labels: Sequence[str] | None = None,
         exclude_ids: np.ndarray | None = None,
+        voters_only: bool = False,
     ) -> SearchResult:
         """k nearest live items of each row of `vectors`, optionally only items with `labels`.
 
         `exclude_ids` (one id per row) leaves each row's own item out (leave-one-out).
+        `voters_only` searches only the items whose label votes (labelled, not held out), so
+        the unlabelled majority of a few-shot bank never crowds the vote out.
         """
         self._labels_current()
         self._set_threads()
@@ -460,8 +463,8 @@ class Searcher:
                     )
             kk = k + 1 if exclude is not None and k < view.gen.index_ids.size else k
             xt = view.gen.transform.apply(x)
-            if labels is not None:
-                dist, ids = self._search_labels(view, xt, kk, labels)
+            if labels is not None or voters_only:
+                dist, ids = self._search_subset(view, xt, kk, labels, voters_only)
             else:
                 dist, ids = self._search_all(view, xt, kk)
             if exclude is not None:
@@ -483,18 +486,19 @@ class Searcher:
         del keep
         return dist, ids
 
-    def _search_labels(
-        self, view: View, xt: np.ndarray, k: int, labels: Sequence[str]
+    def _search_subset(
+        self,
+        view: View,
+        xt: np.ndarray,
+        k: int,
+        labels: Sequence[str] | None,
+        voters_only: bool,
     ) -> tuple[np.ndarray, np.ndarray]:
-        if isinstance(labels, str):
-            labels = [labels]
-        vocab = {name: i for i, name in enumerate(view.labels.vocabulary)}
-        unknown = [name for name in labels if name not in vocab]
-        if unknown:
-            raise InvalidInput(f"unknown labels {unknown}: the bank has {len(vocab)} labels")
-        wanted = np.array(sorted({vocab[name] for name in labels}), dtype=np.int32)
-        key = ("labels", tuple(wanted.tolist()))
-        allowed = cached(view, key, lambda: allowed_ids(view, wanted))
+        wanted = None if labels is None else label_codes(view, labels)
+        key = ("subset", None if wanted is None else tuple(wanted.tolist()), voters_only)
+        allowed = cached(view, key, lambda: allowed_ids(view, wanted, voters_only))
+        if wanted is None and allowed.size == view.live_count:
+            return self._search_all(view, xt, k)  # every live item votes: no filter needed
         fraction = allowed.size / max(view.live_count, 1)
         n = xt.shape[0]
         if allowed.size == 0:
@@ -539,9 +543,23 @@ def cached(view: View, key: Any, make: Callable[[], Any]) -> Any:
     return value
 
 
-def allowed_ids(view: View, wanted_codes: np.ndarray) -> np.ndarray:
-    """Live ids with one of the wanted labels that the index holds."""
-    mask = np.isin(view.labels.codes, wanted_codes)
+def label_codes(view: View, labels: Sequence[str]) -> np.ndarray:
+    """Codes of the named labels; an unknown name is an error naming it."""
+    if isinstance(labels, str):
+        labels = [labels]
+    vocab = {name: i for i, name in enumerate(view.labels.vocabulary)}
+    unknown = [name for name in labels if name not in vocab]
+    if unknown:
+        raise InvalidInput(f"unknown labels {unknown}: the bank has {len(vocab)} labels")
+    return np.array(sorted({vocab[name] for name in labels}), dtype=np.int32)
+
+
+def allowed_ids(
+    view: View, wanted_codes: np.ndarray | None, voters_only: bool = False
+) -> np.ndarray:
+    """Live ids the index holds that carry one of the wanted labels (any label if None)."""
+    codes = view.labels.vote_codes if voters_only else view.labels.codes
+    mask = codes >= 0 if wanted_codes is None else np.isin(codes, wanted_codes)
     ids = view.labels.ids[mask]
     return ids[np.isin(ids, view.gen.index_ids, assume_unique=True)]
 

@@ -252,3 +252,23 @@ def test_reload_swaps_index_and_head_while_classifying(trained: Path, tmp_path: 
     assert not errors, errors
     assert after == (2, 2)
     assert (1, 1) in seen
+
+
+def test_unlabelled_and_held_out_neighbours_never_crowd_out_the_vote(tmp_path: Path) -> None:
+    """A few-shot bank: the labelled items are far from the query, the unlabelled and test
+    items are close, yet every one of the k neighbours that vote is a labelled train item."""
+    rng = np.random.default_rng(0)
+    dim = 8
+    labelled = np.eye(dim, dtype=np.float32)[:2] + 0.01 * rng.normal(size=(2, dim))
+    crowd = np.tile(np.eye(dim, dtype=np.float32)[2], (60, 1)) + 0.01 * rng.normal(size=(60, dim))
+    vectors = np.vstack([labelled, crowd]).astype(np.float32)
+    labels = ["a", "b"] + [None] * 50 + ["b"] * 10
+    splits = ["train", "train"] + ["none"] * 50 + ["test"] * 10
+    with store_mod.create(tmp_path, make_spec(dim)) as st:
+        st.put_batch([f"k{i}" for i in range(len(vectors))], vectors, labels, splits)
+    build_index(tmp_path)
+    query = (0.9 * np.eye(dim)[2] + 0.3 * np.eye(dim)[0]).astype(np.float32)[None]
+    with Classifier(tmp_path, mode="knn") as c:
+        pred = c.classify(query, k=5, include_neighbors=True)[0]
+    assert pred.labels[0] == "a"
+    assert {n.key for n in pred.neighbors} <= {"k0", "k1"}

@@ -123,10 +123,6 @@ def test_grpc_classification_matches_in_process(demo: DemoRun) -> None:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(
-    reason="held-out (split test) items still vote in kNN: eval and Classify see their labels",
-    strict=False,
-)
 def test_held_out_labels_do_not_change_predictions(
     demo: DemoRun, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -212,7 +212,9 @@ def test_test_split_items_are_shown_but_never_vote(tmp_path: Path) -> None:
     bank = make_bank(tmp_path / "bank", x, labels, ["train"] * 199 + ["test"])
     build_index(bank, factory="Flat", metric="l2")
     with Searcher.load(bank) as searcher:
+        shown = searcher.search(x[199:], 1)
+        assert shown.ids[0, 0] == 199 and shown.labels == [["b"]]  # found and shown
+        assert shown.label_codes[0, 0] == -1  # but it cannot vote
         probs, vocab, result = KnnClassifier(searcher, k=1).predict_proba(x[199:])
-        assert result.ids[0, 0] == 199 and result.labels == [["b"]]  # found and shown
-        assert result.label_codes[0, 0] == -1 and (probs == 0).all()  # but it cannot vote
-        assert vocab == ["a", "b"]
+        assert result.ids[0, 0] != 199 and result.labels == [["a"]]  # the vote skips it
+        assert vocab == ["a", "b"] and probs[0, 0] == 1
