@@ -167,3 +167,30 @@ def test_missing_files_are_clear_errors(
     assert "not a .npy array" in capsys.readouterr().err
     assert main(["store", "info", "--bank", str(tmp_path / "nobank")]) == 2
     assert "no store" in capsys.readouterr().err
+
+
+def test_info_shows_index_and_flags_a_stale_head(
+    bank: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import make_spec
+
+    from index.build import build_index
+    from index.heads import train_head
+
+    rng = np.random.default_rng(0)
+    x = np.vstack([rng.normal(c, 0.1, size=(20, 8)) for c in (-1.0, 1.0)]).astype(np.float32)
+    with store_mod.create(bank, make_spec(8)) as st:
+        st.put_batch([f"k{i}" for i in range(40)], x, ["a"] * 20 + ["b"] * 20)
+    assert main(["store", "info", "--bank", str(bank)]) == 0
+    out = capsys.readouterr().out
+    assert "index       none" in out and "head        none" in out
+    build_index(bank)
+    train_head(bank, epochs=5, stacked=False)
+    assert main(["store", "info", "--bank", str(bank)]) == 0
+    out = capsys.readouterr().out
+    assert "index       generation 1: Flat" in out and "2 classes, current" in out
+    with store_mod.open(bank) as st:
+        st.set_labels({"k0": "b"})
+    assert main(["store", "info", "--bank", str(bank), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["head"]["stale"] is True and stats["index"]["generation"] == 1

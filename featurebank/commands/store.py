@@ -49,10 +49,13 @@ def _bank_arg(p: argparse.ArgumentParser) -> None:
 
 def _info(args: argparse.Namespace) -> int:
     from embedder import store as store_mod
+    from index.heads import head_status
 
     with store_mod.open(args.bank, readonly=True) as st:
         stats = st.stats()
         errors = st.errors()
+        stats["index"] = _index_status(args.bank)
+        stats["head"] = head_status(args.bank, store=st)
     if args.json:
         print(json.dumps({**stats, "error_list": errors}, indent=2))
         return 0
@@ -77,11 +80,40 @@ def _info_lines(stats: dict[str, Any], errors: list[dict[str, Any]]) -> Iterator
     yield f"labels      {len(stats['labels'])}"
     for label, n in stats["labels"].items():
         yield f"  {label:<30} {n}"
+    index = stats.get("index")
+    if index is None:
+        yield "index       none (featurebank index build)"
+    else:
+        behind = stats["generation"] - index["store_generation"]
+        lag = f", {behind} store generations behind" if behind > 0 else ""
+        yield (
+            f"index       generation {index['generation']}: {index['factory']}, "
+            f"{index['ntotal']} vectors, recall@{index['k']} {index['recall_at_k']:.3f}{lag}"
+        )
+    head = stats.get("head")
+    if head is None:
+        yield "head        none (featurebank head train)"
+    else:
+        state = "STALE: labels changed since training" if head["stale"] else "current"
+        yield f"head        generation {head['generation']}: {head['classes']} classes, {state}"
     yield f"errors      {stats['errors']}"
     for e in errors[:20]:
         yield f"  {e['key']}: {e['reason']}"
     if len(errors) > 20:
         yield f"  ... and {len(errors) - 20} more (--json lists all)"
+
+
+def _index_status(bank: Path) -> dict[str, Any] | None:
+    """The live index's manifest, in brief; None before the first build."""
+    from embedder.bank import Bank, current_generation
+
+    indexes = Bank(bank).indexes_dir
+    gen = current_generation(indexes)
+    if gen is None:
+        return None
+    manifest = json.loads((indexes / str(gen) / "manifest.json").read_text())
+    keys = ("factory", "metric", "ntotal", "k", "recall_at_k", "store_generation")
+    return {"generation": gen, **{k: manifest.get(k) for k in keys}}
 
 
 def _mib(n: int) -> str:
