@@ -757,6 +757,22 @@ class Store:
         codes = np.where(raw == NO_LABEL, NO_LABEL, remap[np.maximum(raw, 0)]).astype(np.int32)
         return ids, codes, vocabulary
 
+    def backup(self, dest: str | Path) -> Path:
+        """Copy the store into the new bank `dest` while writers go on (LMDB's hot copy).
+
+        The copy is one consistent snapshot, compacted, and opens like any store.
+        """
+        target = Bank(dest).store_dir
+        if target.exists():
+            raise InvalidInput(f"backup target {target} already exists; choose a new folder")
+        sh = self._sh()
+        with sh.read() as (txn, h):  # the read pins the environment against compaction
+            (target / h.name).mkdir(parents=True)
+            h.env.copy(str(target / h.name), compact=True, txn=txn)
+            name = h.name
+        write_atomic(target / CURRENT, f"{name}\n".encode())
+        return target
+
     def ids_in_split(self, split: str) -> np.ndarray:
         """Sorted ids of the live items in `split` (e.g. the held-out test items that never vote)."""
         sh = self._sh()

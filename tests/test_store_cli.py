@@ -194,3 +194,27 @@ def test_info_shows_index_and_flags_a_stale_head(
     assert main(["store", "info", "--bank", str(bank), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["head"]["stale"] is True and stats["index"]["generation"] == 1
+
+
+def test_backup_is_a_working_bank_taken_while_a_writer_commits(
+    bank: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import make_spec
+
+    from index.build import build_index
+    from index.classifier import Classifier
+
+    x = make_vectors(50)
+    with store_mod.create(bank, make_spec(8)) as writer:
+        writer.put_batch([f"k{i}" for i in range(50)], x, ["a", "b"] * 25)
+        build_index(bank)
+        writer.put_batch(["late"], make_vectors(1, seed=1))  # writer still open and holding
+        assert main(["store", "backup", "--bank", str(bank), "--out", str(tmp_path / "b")]) == 0
+        assert "backed up 51 items" in capsys.readouterr().out
+        assert main(["store", "backup", "--bank", str(bank), "--out", str(tmp_path / "b")]) == 2
+    with store_mod.open(tmp_path / "b", readonly=True) as copy:
+        items = copy.to_numpy()
+        assert items.keys[-1] == "late" and len(items) == 51
+        np.testing.assert_array_equal(items.vectors[:50], x)
+    with Classifier(tmp_path / "b") as clf:
+        assert clf.classify(x[:1], k=3)[0].labels

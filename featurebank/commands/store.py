@@ -35,6 +35,13 @@ def register(commands: Commands) -> None:
     p.add_argument("--labels", type=Path, help="CSV key,label[,split]")
     p.add_argument("--model", default="external", help="name of the model that made them")
 
+    p = commands.subcommand(
+        "store", "backup", "copy a bank (store snapshot + live index and head) while it serves",
+        _backup,
+    )  # fmt: skip
+    _bank_arg(p)
+    p.add_argument("--out", required=True, type=Path, help="new bank directory to create")
+
     p = commands.subcommand("labels", "import", "set labels (and splits) from a CSV", _labels)
     _bank_arg(p)
     p.add_argument("csv", type=Path, help="CSV rows key,label[,split]; empty label = unlabelled")
@@ -118,6 +125,35 @@ def _index_status(bank: Path) -> dict[str, Any] | None:
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
+
+
+# ---- backup --------------------------------------------------------------------------------
+
+
+def _backup(args: argparse.Namespace) -> int:
+    """Store first, then the live generations: indexes and heads never change once published,
+    and one covering an older store generation simply catches up with `index update`."""
+    import shutil
+
+    from embedder import store as store_mod
+    from embedder.bank import Bank, current_generation, write_atomic
+
+    src, dst = Bank(args.bank), Bank(args.out)
+    with store_mod.open(src.root, readonly=True) as st:
+        st.backup(dst.root)
+        count = st.count
+    copied = []
+    for name, what in (("indexes", "index"), ("heads", "head")):
+        parent = src.root / name
+        gen = current_generation(parent)
+        if gen is None:
+            continue
+        shutil.copytree(parent / str(gen), dst.root / name / str(gen))
+        write_atomic(dst.root / name / "CURRENT", f"{gen}\n".encode())
+        copied.append(f"{what} generation {gen}")
+    extra = f" with {' and '.join(copied)}" if copied else ""
+    print(f"backed up {count} items of {src.root} to {dst.root}{extra}")
+    return 0
 
 
 # ---- export --------------------------------------------------------------------------------
