@@ -15,7 +15,9 @@ transactions are atomic and a rerun embeds exactly the keys still missing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import sys
 import threading
@@ -109,6 +111,8 @@ class Loader:
         self._blank = np.zeros((*size, 3), np.uint8)
 
     def __call__(self, i: int) -> tuple[np.ndarray, bool]:
+        if not getattr(_thread_state, "lowered", False):
+            _lower_thread_priority()
         t = time.perf_counter()
         rec = self.todo[i]
         try:
@@ -123,6 +127,19 @@ class Loader:
             pixels, ok = self._blank, False
         self.timings.add_reading(time.perf_counter() - t)
         return pixels, ok
+
+
+_thread_state = threading.local()
+DECODE_NICENESS = 5
+
+
+def _lower_thread_priority() -> None:
+    """Decoders yield to the model's threads: decoding needs a few percent of the CPU, and a
+    model thread preempted mid-operation stalls its partner threads too."""
+    _thread_state.lowered = True
+    # Not Linux, or not allowed: decode at normal priority.
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
 
 
 def build_dataset(loader: Loader, batch_size: int) -> Any:
@@ -150,7 +167,12 @@ def build_dataset(loader: Loader, batch_size: int) -> Any:
     ds = tf.data.Dataset.range(len(loader.todo))
     ds = ds.map(mapped, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.filter(decoded).map(without_flag)
-    return ds.batch(batch_size).prefetch(2)
+    ds = ds.batch(batch_size).prefetch(2)
+    options = tf.data.Options()
+    # Decoding runs on threads of its own (their priority is lowered, see Loader), not on
+    # the pool that runs the model's operations.
+    options.threading.private_threadpool_size = max(2, os.cpu_count() or 2)
+    return ds.with_options(options)
 
 
 # ------------------------------------------------------------------ writer
