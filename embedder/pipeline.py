@@ -22,7 +22,6 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -358,18 +357,19 @@ def _embed_all(
     from tqdm import tqdm
 
     loader = Loader(src, todo, embedder.input_size, embedder.spec.resize, max_pixels, timings)
-    ds = build_dataset(loader, batch_size)
+    # The dataset and its iterator live only in `pipe`, so that `_release` drops them.
+    pipe: dict[str, Any] = {"ds": build_dataset(loader, batch_size)}
     bar = tqdm(
         total=len(todo), unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True
     )
     writer = Writer(st, loader, timings, bar)
     upto: int | None = None
     try:
-        it: Iterator[Any] = iter(ds)
+        pipe["it"] = iter(pipe["ds"])
         while True:
             t = time.perf_counter()
             try:
-                pixels, positions = next(it)
+                pixels, positions = next(pipe["it"])
             except StopIteration:
                 break
             t1 = time.perf_counter()
@@ -378,6 +378,7 @@ def _embed_all(
             t2 = time.perf_counter()
             timings.inferring += t2 - t1
             pos = positions.numpy()
+            del pixels, positions
             writer.put(Batch(pos, vectors, int(pos[-1])))
         upto = len(todo)
     finally:
@@ -385,7 +386,18 @@ def _embed_all(
             writer.close(upto)
         finally:
             bar.close()
+            _release(pipe)
     return writer
+
+
+def _release(pipe: dict[str, Any]) -> None:
+    """Tear the input pipeline down on a background thread.
+
+    Tearing down the tf.data pipeline sometimes blocked the job for about 5 s after its
+    last batch (TF 2.21, AUTOTUNE map; the wait is inside TensorFlow); everything is
+    committed by then, so nobody needs to wait for it.
+    """
+    threading.Thread(target=pipe.clear, name="dataset-teardown", daemon=True).start()
 
 
 def _finish(
