@@ -46,6 +46,7 @@ from embedder.store_codec import (
     encode_keys,
     encode_rows,
     key_record,
+    key_records,
     pack_id,
     pack_ids,
     unpack_id,
@@ -290,7 +291,7 @@ class Store:
         metas = check_metas(keys, meta, now)
         if not len(keys):
             return np.zeros(0, dtype=np.uint64)
-        records = [key_record(k) for k in key_bytes]
+        records = key_records(key_bytes)
 
         def fn(txn: Txn, h: EnvHandle) -> np.ndarray:
             first = get_int(txn, h, "next_id")

@@ -50,6 +50,13 @@ def unpack_id(b: bytes | memoryview) -> int:
     return int(_BE64.unpack(bytes(b))[0])
 
 
+def key_records(keys_utf8: list[bytes]) -> list[bytes]:
+    """key_record of each key, without a Python call per key when all are short."""
+    if not keys_utf8 or max(map(len, keys_utf8)) <= _MAX_KEY_BYTES:
+        return keys_utf8
+    return [key_record(k) for k in keys_utf8]
+
+
 def key_record(key_utf8: bytes) -> bytes:
     """The key2id record key: the key itself, or a hash for keys LMDB cannot hold.
 
@@ -109,6 +116,9 @@ def check_keys(keys: Sequence[str], *, unique: bool = True) -> list[bytes]:
     """UTF-8 bytes of each key; empty, non-str, non-UTF-8 or repeated keys are refused."""
     if isinstance(keys, (str, bytes)):
         raise InvalidInput("keys must be a sequence of str, not a single str")
+    fast = _check_keys_fast(keys, unique)
+    if fast is not None:
+        return fast
     out: list[bytes] = []
     seen: set[str] = set()
     for i, key in enumerate(keys):
@@ -127,6 +137,20 @@ def check_keys(keys: Sequence[str], *, unique: bool = True) -> list[bytes]:
                 raise InvalidInput(f"key {key!r} appears twice in the batch")
             seen.add(key)
     return out
+
+
+def _check_keys_fast(keys: Sequence[str], unique: bool) -> list[bytes] | None:
+    """The common all-good batch checked and encoded in a few C-level passes; None sends
+    anything unusual to the loop above, which names the offending key."""
+    if not all(type(k) is str for k in keys) or "" in keys:
+        return None
+    joined = "\0".join(keys)
+    if joined.count("\0") != len(keys) - 1 or (unique and len(set(keys)) != len(keys)):
+        return None
+    try:
+        return joined.encode("utf-8").split(b"\0") if keys else []
+    except UnicodeEncodeError:
+        return None
 
 
 def check_vectors(keys: Sequence[str], vectors: Any, spec: Spec) -> np.ndarray:
@@ -162,9 +186,15 @@ def check_vectors(keys: Sequence[str], vectors: Any, spec: Spec) -> np.ndarray:
 
 
 def _all_finite(a: np.ndarray) -> bool:
-    """Fast path for float16, where np.isfinite converts: inf/NaN have all exponent bits set."""
+    """Fast path for float16, where np.isfinite converts: inf/NaN have all exponent bits set.
+
+    Two plain reductions, no temporaries: as int16 a positive inf/NaN is >= 0x7C00, and as
+    uint16 a negative one is >= 0xFC00 (every other negative value sorts below it).
+    """
     if a.dtype == np.float16:
-        return not a.size or int((a.view(np.uint16) & 0x7FFF).max()) < 0x7C00
+        if not a.size:
+            return True
+        return int(a.view(np.int16).max()) < 0x7C00 and int(a.view(np.uint16).max()) < 0xFC00
     return bool(np.isfinite(a).all())
 
 
