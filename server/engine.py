@@ -420,14 +420,13 @@ class Engine:
         keys = [r.key for r in rows]
         store = self.store
         present = sorted(set(keys) - set(store.missing(keys)))
-        if present:
-            store.delete(present)
-        store.put_batch(
+        store.put_batch(  # one commit: replaced items are never missing in between
             keys,
             np.stack([r.vector for r in rows]).astype(np.float32),
             labels=[r.label for r in rows],
             splits=[r.split for r in rows],
             meta=[r.meta for r in rows],
+            replace=True,
         )
         self._sync_index()
         return {
