@@ -666,11 +666,11 @@ class Store:
             return snap.select(split, labelled_only)
         want = as_ids(ids)
         pos = np.minimum(np.searchsorted(snap.ids, want), max(len(snap.ids) - 1, 0))
-        if len(want) and (
-            not len(snap.ids) or ((snap.ids[pos] != want) | (snap.states[pos] == DELETED)).any()
-        ):
-            found = len(snap.ids) > 0
-            bad_mask = ~found | (snap.ids[pos] != want) | (snap.states[pos] == DELETED)
+        if not len(snap.ids):
+            bad_mask = np.ones(len(want), bool)
+        else:
+            bad_mask = (snap.ids[pos] != want) | (snap.states[pos] == DELETED)
+        if bad_mask.any():
             bad = int(want[np.flatnonzero(bad_mask)[0]])
             raise NotFound(f"id {bad} is not in bank {self.bank.root} (unknown or deleted)")
         keep = np.ones(len(want), bool)

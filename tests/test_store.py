@@ -293,6 +293,8 @@ def test_to_numpy_filters(store: store_mod.Store) -> None:
     labelled = store.to_numpy(split="val", labelled_only=True)
     assert labelled.ids.tolist() == [6]
     assert store.to_numpy(ids=[9, 1]).keys == [KEYS[9], KEYS[1]]
+    with pytest.raises(NotFound, match="id 999 "):
+        store.to_numpy(ids=[1, 999])
     with pytest.raises(InvalidInput, match="split"):
         store.to_numpy(split="holdout")
 
@@ -316,6 +318,8 @@ def test_iter_batches_covers_the_snapshot(store: store_mod.Store) -> None:
 def test_empty_store_scans(store: store_mod.Store) -> None:
     assert len(store.to_numpy()) == 0 and store.to_numpy().vectors.shape == (0, 8)
     assert list(store.iter_batches()) == []
+    with pytest.raises(NotFound, match="id 5 "):
+        store.to_numpy(ids=[5])
     ids, codes, vocab = store.label_table()
     assert len(ids) == len(codes) == 0 and vocab == []
     assert store.stats()["count"] == 0
