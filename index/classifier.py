@@ -312,7 +312,3 @@ def align_columns(p: np.ndarray, vocab: Sequence[str], target: Sequence[str]) ->
             out[:, j] = p[:, i]
     return out
 
-
-def probs_to_dict(p: np.ndarray, vocab: Sequence[str]) -> list[dict[str, float]]:
-    """Row-wise {label: prob} for non-zero entries (handy for JSON output)."""
-    return [{vocab[int(j)]: float(row[j]) for j in np.flatnonzero(row)} for row in p]

@@ -42,7 +42,6 @@ HNSW_M = 32
 HNSW_COARSE_MIN_NLIST = 16_384
 MIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per centroid
 ID_BYTES = 8  # IndexIDMap2 keeps an int64 id per vector (+ a reverse map, counted twice)
-METRICS = ("cosine", "ip", "l2")
 PCA_VARIANCE = 0.99
 PCA_DIMS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 K_FACTORS = [1, 2, 4]
