@@ -483,7 +483,7 @@ class Store:
         Unknown keys raise NotFound and nothing is deleted.
         """
         unique = list(dict.fromkeys(keys))
-        records = [key_record(k) for k in check_keys(unique)]
+        records = key_records(check_keys(unique))
         if not unique:
             return 0
 

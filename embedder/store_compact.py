@@ -8,7 +8,6 @@ deleted rows are copied unchanged; the rest are re-packed with their neighbours.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Iterable, Iterator
@@ -24,6 +23,7 @@ from embedder.store_codec import (
     decode_json_list,
     decode_keys,
     decode_rows,
+    encode_json_list,
     encode_keys,
     encode_rows,
     pack_id,
@@ -145,7 +145,7 @@ class _Pending:
             "vectors": vectors[: n * row_bytes],
             "rows": encode_rows(ids[:n], codes[:n], states[:n]),
             "keys": encode_keys(self.keys[:n]),
-            "meta": json.dumps(self.meta[:n], ensure_ascii=False, separators=(",", ":")).encode(),
+            "meta": encode_json_list(self.meta[:n]),
         }
         key = pack_id(int(ids[0]))
         self.ids, self.codes, self.states = [ids[n:]], [codes[n:]], [states[n:]]

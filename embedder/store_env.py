@@ -20,7 +20,6 @@ Only the holder of `writer.lock` (fcntl.flock, non-blocking) may write.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import errno
 import fcntl
@@ -179,7 +178,7 @@ class SharedStore:
     def _read_current(self) -> tuple[tuple[int, int, int], str]:
         """CURRENT's identity and content, read from one open file so they agree."""
         try:
-            with builtins.open(self.path / CURRENT, "rb") as f:
+            with (self.path / CURRENT).open("rb") as f:
                 st = os.fstat(f.fileno())
                 name = f.read().decode().strip()
         except FileNotFoundError:
