@@ -270,7 +270,7 @@ class Classifier:
                     len(knn_vocab),
                     "softmax",
                     temperature,
-                    str(getattr(searcher, "metric", "cosine")),
+                    searcher.metric,
                 ),
                 dtype=np.float32,
             )

@@ -27,7 +27,7 @@ import numpy as np
 
 from embedder.bank import Bank, current_generation, publish, staging_dir
 from embedder.errors import FailedPrecondition, NotFound
-from embedder.head import Head, HeadFit, fit_head, transform_arrays
+from embedder.head import Head, HeadFit, apply_transform, fit_head, transform_arrays
 from index import metrics
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ class Neighbours:
         self.vocabulary = list(vocabulary)
         self._code = {label: i for i, label in enumerate(self.vocabulary)}
         self.searcher = searcher
-        self.metric = str(getattr(searcher, "metric", "cosine")) if searcher else "cosine"
+        self.metric = searcher.metric if searcher is not None else "cosine"
         self._ids = bank_ids
         self._codes = bank_codes
         self._unit = None if bank_vectors is None else _unit(bank_vectors)
@@ -362,7 +362,7 @@ def train_head(
         neighbours = (
             Neighbours(vocabulary, searcher)
             if searcher is not None
-            else Neighbours(vocabulary, None, ids, _apply(tparams, x), y_all)
+            else Neighbours(vocabulary, None, ids, apply_transform(tparams, x), y_all)
         )
         fit_kw: dict[str, Any] = dict(
             hidden=hidden,
@@ -460,9 +460,7 @@ def train_head(
                     stacked_fit, x[both], y_all[both], n_cls, fit_kw, extra, trust_epoch=trust
                 )
         if searcher is not None:
-            close = getattr(searcher, "close", None)
-            if callable(close):
-                close()
+            searcher.close()
 
     manifest: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -537,12 +535,6 @@ def _refit(
     kw = {**fit_kw, "epochs": max(1, fit.best_epoch)} if trust_epoch else dict(fit_kw)
     again = fit_head(x, y, n_classes, extra_train=extra, **kw)
     return HeadFit(again.head, fit.curves, fit.best_epoch, fit.epochs_run)
-
-
-def _apply(tparams: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-    from embedder.head import apply_transform
-
-    return apply_transform(tparams, x)
 
 
 def _json_default(o: object) -> object:
