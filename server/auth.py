@@ -25,9 +25,6 @@ ROLES = (READ, WRITE)
 
 SERVICE = "/featurebank.v1.FeatureBank/"
 READ_METHODS = frozenset({"Classify", "ClassifyBatch", "Search", "Embed", "GetInfo"})
-WRITE_METHODS = frozenset(
-    {"Upsert", "SetLabels", "Delete", "RebuildIndex", "GetOperation"}
-)
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 

@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MODES = ("knn", "head", "hybrid", "stacked")
 SPLITS = ("train", "val", "test", "none")
 MAX_K = 1024
 DEFAULT_SEARCH_K = 10
@@ -574,7 +573,6 @@ def image_meta(image: bytes, uri: str) -> dict[str, Any]:
 
 __all__ = [
     "MAX_K",
-    "MODES",
     "SPLITS",
     "Classified",
     "ClassifyJob",
