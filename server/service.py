@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
-import grpc
 import numpy as np
 from google.protobuf import struct_pb2
 from grpc import aio
@@ -97,7 +96,7 @@ def check_top_n(top_n: int) -> int:
     if top_n == 0:
         return DEFAULT_TOP_N
     if top_n > MAX_TOP_N:
-        raise InvalidInput(f"top_n={top_n} is out of range: use 1..{MAX_TOP_N} (0 = 5)")
+        raise InvalidInput(f"top_n={top_n} is out of range: use 1..{MAX_TOP_N} (0 = {DEFAULT_TOP_N})")
     return top_n
 
 
@@ -314,7 +313,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         dim = self.engine.dim
         rows: list[UpsertRow | None] = []
         seen: dict[str, int] = {}
-        pending: list[tuple[int, pb.UpsertItem]] = []
+        pending: list[tuple[int, str, pb.UpsertItem]] = []
         i = 0
         async for item in request_iterator:
             if i >= MAX_UPSERT_ITEMS:
@@ -338,19 +337,18 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 if not item.image:
                     raise InvalidInput(f"{where} image is empty")
                 rows.append(None)
-                pending.append((i, item))
+                pending.append((i, split, item))
             i += 1
         _check_stream_complete(context)
         if not rows:
             raise InvalidInput("Upsert got no items")
         if pending:
-            vectors = await self.engine.embed_each([it.image for _, it in pending])
-            for (j, it), v in zip(pending, vectors, strict=True):
+            vectors = await self.engine.embed_each([it.image for _, _, it in pending])
+            for (j, split, it), v in zip(pending, vectors, strict=True):
                 if isinstance(v, BaseException):
                     raise _image_error(v, f"item {j} (key {it.key!r}) image")
                 rows[j] = UpsertRow(
-                    it.key, v, it.label or None, check_split(it.split, "item"),
-                    image_meta(it.image, it.uri),
+                    it.key, v, it.label or None, split, image_meta(it.image, it.uri)
                 )
         done = await self.engine.upsert([r for r in rows if r is not None])
         return pb.UpsertResponse(**done)
@@ -518,8 +516,3 @@ def _describe(x: Any) -> str:
     if isinstance(x, dict):
         return str(x.get("spec") or x.get("name") or json.dumps(x, default=str))
     return str(x)
-
-
-def status_of(exc: BaseException) -> grpc.StatusCode:
-    """Convenience for callers that only need the code."""
-    return to_status(exc)[0]
