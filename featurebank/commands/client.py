@@ -148,9 +148,10 @@ def _upsert(args: argparse.Namespace) -> int:
     if not files:
         raise InvalidInput("no images found")
     added = replaced = 0
+    size = max(1, args.chunk)
     with _client(args) as client:
-        for start in range(0, len(files), max(1, args.chunk)):
-            chunk = files[start : start + args.chunk]
+        for start in range(0, len(files), size):
+            chunk = files[start : start + size]
             items = [
                 {
                     "key": str(f),
