@@ -17,8 +17,8 @@ import numpy as np
 from embedder.bank import Bank
 from embedder.errors import FailedPrecondition, InvalidInput
 from index.knn import WEIGHTS, vote
-from index.searcher import Searcher
-from index.tuning import recall_at_k
+from index.searcher import Searcher, drop_excluded
+from index.tuning import exact_search, recall_at_k
 
 BATCH = 1000
 
@@ -72,14 +72,10 @@ def exact_leave_one_out(
     base: np.ndarray, base_ids: np.ndarray, queries: np.ndarray, qids: np.ndarray, k: int,
     metric: str,
 ) -> np.ndarray:
-    flat = faiss.IndexFlat(base.shape[1], faiss.METRIC_L2 if metric == "l2" else
-                           faiss.METRIC_INNER_PRODUCT)
-    flat.add(base)
-    _, pos = flat.search(queries, k + 1)
-    ids = np.where(pos >= 0, base_ids[np.maximum(pos, 0)], -1)
-    keep = ids != qids[:, None]
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(ids, order, 1)
+    """Exact k nearest ids of each query, its own item (`qids`) left out."""
+    metric_type = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    ids, dist = exact_search(base, base_ids, queries, k + 1, metric_type)
+    return drop_excluded(ids, dist, qids, k)[0]
 
 
 def knn_accuracy(
