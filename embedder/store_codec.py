@@ -166,14 +166,15 @@ def check_vectors(keys: Sequence[str], vectors: Any, spec: Spec) -> np.ndarray:
         )
     if vectors.shape[0] != len(keys):
         raise InvalidInput(f"{vectors.shape[0]} vectors for {len(keys)} keys")
+    first = f" (first key {keys[0]!r})" if len(keys) else ""
     if vectors.shape[1] != spec.dim:
         raise SpecMismatch(
-            f"vectors have dimension {vectors.shape[1]} (first key {keys[0]!r}) but the bank's "
+            f"vectors have dimension {vectors.shape[1]}{first} but the bank's "
             f"spec has dim={spec.dim}: bank is [{spec.describe()}]"
         )
     if vectors.dtype.kind != "f":
         raise SpecMismatch(
-            f"vectors have dtype {vectors.dtype} (first key {keys[0]!r}) but the bank's spec "
+            f"vectors have dtype {vectors.dtype}{first} but the bank's spec "
             f"stores {spec.dtype}: bank is [{spec.describe()}]"
         )
     with np.errstate(over="ignore"):  # overflow to inf is reported below, naming the key

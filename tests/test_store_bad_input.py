@@ -23,6 +23,7 @@ def _with(row: int, value: float) -> np.ndarray:
 # (keys, vectors, extra put_batch kwargs, error class, text the message must contain)
 BAD_BATCHES: dict[str, tuple[Any, Any, dict[str, Any], type, str]] = {
     "wrong dim": (GOOD, make_vectors(3, 9), {}, SpecMismatch, "dimension 9"),
+    "empty, wrong dim": ([], make_vectors(0, 9), {}, SpecMismatch, "dimension 9"),
     "not 2-d": (GOOD, np.zeros((3, 2, 4), np.float32), {}, SpecMismatch, "2-D"),
     "int dtype": (GOOD, np.zeros((3, 8), np.int64), {}, SpecMismatch, "int64"),
     "not an array": (GOOD, [[0.0] * 8] * 3, {}, InvalidInput, "numpy array"),
