@@ -9,6 +9,7 @@ than calling the Keras model. TensorFlow is imported only when a model is built.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -149,10 +150,7 @@ class Embedder:
         (useful for a handful of images), slower per image.
         """
         model, n_gpus, spec = _build_model(spec)
-        emb = cls(spec, model, n_gpus, freeze)
-        if spec.dim and emb.dim != spec.dim:
-            raise InvalidInput(f"model built for [{spec.describe()}] has no dimension {spec.dim}")
-        return emb
+        return cls(spec, model, n_gpus, freeze)  # _compile refuses a dim other than spec.dim
 
     @classmethod
     def cached(cls, spec: Spec) -> Embedder:
@@ -375,7 +373,7 @@ def _build_model(spec: Spec) -> tuple[Any, int, Spec]:
     # Statistics and weights are made in float32 (identical to a CPU build), then copied
     # into a mixed-precision twin that runs in float16 on the GPUs.
     fp32 = build()
-    scope: Any = _mirrored().scope() if n_gpus > 1 else _null()
+    scope: Any = _mirrored().scope() if n_gpus > 1 else contextlib.nullcontext()
     old = keras.mixed_precision.global_policy()
     try:
         keras.mixed_precision.set_global_policy("mixed_float16")
@@ -398,14 +396,6 @@ def _mirrored() -> Any:
     if _MIRRORED is None:
         _MIRRORED = tf.distribute.MirroredStrategy()
     return _MIRRORED
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def embed(
