@@ -361,9 +361,7 @@ def _update(bank: Bank, store: Any, progress: bool, rebuild_fraction: float) -> 
         unremoved += int(deleted.size)
     if unremoved > rebuild_fraction * max(index.ntotal, 1):
         return _rebuild_like(bank, store, manifest, f"{unremoved} deleted items still indexed")
-    from index.transforms import Transform
-
-    fitted = Transform.load(directory)
+    fitted = transforms.Transform.load(directory)
     if added.size:
         items = store.get(added.astype(np.uint64))
         vectors = transforms.as_vectors(items.vectors, fitted.in_dim, "added store vectors")
