@@ -48,12 +48,9 @@ def macro_f1(y: np.ndarray, probs: np.ndarray) -> float:
         return float("nan")
     c = confusion(y, probs.argmax(axis=1), probs.shape[1])
     tp = np.diag(c).astype(np.float64)
-    support = c.sum(axis=1)
-    predicted = c.sum(axis=0)
-    present = (support + predicted) > 0
-    denom = support + predicted
-    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
-    return float(f1[present].mean())
+    denom = c.sum(axis=1) + c.sum(axis=0)  # support + predicted
+    present = denom > 0
+    return float((2 * tp[present] / denom[present]).mean())
 
 
 def log_loss(y: np.ndarray, probs: np.ndarray, eps: float = LOG_EPS) -> float:
