@@ -148,11 +148,11 @@ def fit(spec: str, sample: np.ndarray, normalize_output: bool = False) -> Transf
     if sample.shape[0] > PCA_MAX_SAMPLE:
         pick = np.random.default_rng(0).choice(sample.shape[0], PCA_MAX_SAMPLE, replace=False)
         sample = sample[np.sort(pick)]
-    x = sample.astype(np.float64)
     if kind == "none":
         return Transform(spec, in_dim, in_dim, normalize_output)
     if kind == "l2":
         return Transform(spec, in_dim, in_dim, True)
+    x = sample.astype(np.float64)
     mean = x.mean(axis=0)
     if kind == "cl2n":
         return Transform(spec, in_dim, in_dim, True, mean=mean.astype(np.float32))
