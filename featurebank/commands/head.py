@@ -14,8 +14,6 @@ from typing import Any
 
 from featurebank.cli import Commands
 
-METRIC_COLUMNS = ("accuracy", "top5", "macro_f1", "log_loss", "ece")
-
 
 def register(commands: Commands) -> None:
     p = commands.subcommand(
@@ -67,6 +65,7 @@ def _fmt(v: Any) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from index.evaluate import TABLE_COLUMNS
     from index.heads import train_head
 
     m = train_head(
@@ -94,9 +93,9 @@ def _train(args: argparse.Namespace) -> int:
     )
     print(f"hybrid: a={hy['a']} (kNN weight), T={hy['temperature']}, k={hy['k']}")
     if m["val_metrics"]:
-        print(f"{'val':<10}" + "".join(f"{c:>10}" for c in METRIC_COLUMNS))
+        print(f"{'val':<10}" + "".join(f"{c:>10}" for c in TABLE_COLUMNS))
         for mode, row in m["val_metrics"].items():
-            print(f"{mode:<10}" + "".join(f"{_fmt(row[c]):>10}" for c in METRIC_COLUMNS))
+            print(f"{mode:<10}" + "".join(f"{_fmt(row[c]):>10}" for c in TABLE_COLUMNS))
     else:
         print("no validation items: a, T and k are defaults, not tuned")
     return 0
