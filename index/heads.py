@@ -89,7 +89,7 @@ def load_head(bank: str | Path | Bank, generation: int | None = None) -> LoadedH
 
 
 def head_status(bank: str | Path | Bank, store: Store | None = None) -> dict[str, Any] | None:
-    """What `store info` and the server show about the head; None when there is none.
+    """What `store info` and `head info` show about the head; None when there is none.
 
     A head is stale once labels changed after it was trained (the store's
     labels_generation moved past the one recorded in the head's manifest).
