@@ -89,7 +89,7 @@ def flat_memory(count: int, dim: int) -> int:
 
 
 def hnsw_memory(count: int, dim: int, m: int = HNSW_M) -> int:
-    """Raw vectors + level-0 links (2M ints) + upper levels (~M/(M-1) ints on average)."""
+    """Raw vectors + level-0 links (2M ints) + M ints for upper levels (a bound: ~M/(M-1) used)."""
     links = count * (2 * m + m) * 4
     return flat_memory(count, dim) + links
 
