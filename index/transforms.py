@@ -41,7 +41,7 @@ def parse(spec: str) -> tuple[str, int | None]:
 
 def check_fits(spec: str, in_dim: int) -> None:
     """Fail early (before reading the bank) when a PCA target cannot fit the dimension."""
-    kind, dim = parse(spec)
+    _, dim = parse(spec)
     if dim is not None and not 0 < dim <= in_dim:
         raise InvalidInput(
             f"transform {spec!r} does not fit vectors of dimension {in_dim}: "
