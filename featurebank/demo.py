@@ -12,7 +12,7 @@ images per class are labelled. Steps:
    as split `test`, used by `featurebank eval`), and keep 20 more images aside for step 5;
 2. `featurebank embed` into a fresh bank with the shipped backbone;
 3. `featurebank labels import`: 5 labelled images per class, the rest unlabelled;
-4. `featurebank index build`, `featurebank head train`, `featurebank eval --report`;
+4. `featurebank index build`, `featurebank head train`, `featurebank eval` (writes a report);
 5. `featurebank serve` in the background, `featurebank classify` held-out images over gRPC,
    `featurebank upsert` 20 more labelled images, `featurebank rebuild`, classify again; SIGTERM.
 
@@ -72,7 +72,7 @@ class Digits:
     images_dir: Path  # embedded into the bank: train/<digit>/*.png and test/<digit>/*.png
     new_dir: Path  # upserted over gRPC in step 5: <digit>/*.png
     labels_csv: Path
-    test_paths: list[Path]  # relative to the workdir
+    test_paths: list[Path]  # the held-out images under images_dir/test
     test_labels: list[str]
     labelled: int
     unlabelled: int
@@ -448,7 +448,7 @@ def run_demo(
     lap("eval", t0)
     metrics_path = newest_report(bank)
     if metrics_path is None:
-        raise DemoFailed(f"`featurebank eval --report` wrote no report under {bank}/reports")
+        raise DemoFailed(f"`featurebank eval` wrote no report under {bank}/reports")
     acc = eval_accuracies(metrics_path)
     for needed in ("knn", "head", "hybrid"):
         if needed not in acc:
