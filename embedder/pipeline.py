@@ -219,7 +219,12 @@ class Writer:
 
     def close(self, upto: int | None) -> None:
         """Commit what is queued, record the failures seen so far, stop the thread."""
-        self._q.put(None)
+        while self._thread.is_alive():  # a thread that failed no longer empties its queue
+            try:
+                self._q.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                continue
         self._thread.join()
         if upto is not None and self.error is None:
             self._record_failures(upto)

@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import make_spec
 from PIL import Image
 
 from embedder import backbones, images
@@ -361,3 +362,24 @@ def test_custom_keras_model_with_layer(photos, tmp_path: Path) -> None:
     assert_close(got, want, rel=1e-5)
     with pytest.raises(InvalidInput, match="no layer 'nope'"):
         embed(str(root), str(tmp_path / "b3"), str(model_path), layer="nope", progress=False)
+
+
+def test_writer_close_does_not_hang_after_a_failed_commit(tmp_path: Path) -> None:
+    from tqdm import tqdm
+
+    from embedder import sources
+    from embedder.errors import FailedPrecondition
+    from embedder.pipeline import Batch, Loader, Timings, Writer
+
+    store_mod.create(tmp_path / "bank", make_spec()).close()
+    readonly = store_mod.open(tmp_path / "bank", readonly=True)  # every commit fails
+    src = sources.ArraySource("a", np.zeros((2, 4, 4, 3), np.uint8), None)
+    loader = Loader(src, src.records, (4, 4), "none", 1 << 20, Timings())
+    writer = Writer(readonly, loader, Timings(), tqdm(disable=True))
+    vec = np.zeros((1, 8), np.float32)
+    writer.put(Batch(np.array([0]), vec, 1))
+    writer._thread.join(10)
+    writer._q.put(Batch(np.array([1]), vec, 2))  # handed over just before the failure
+    with pytest.raises(FailedPrecondition):
+        writer.close(None)
+    readonly.close()
