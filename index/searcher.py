@@ -477,8 +477,7 @@ class Searcher:
     def _search_all(self, view: View, xt: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         index = view.gen.index
         if view.stale.size == 0:
-            dist, ids = index.search(xt, k)
-            return dist, ids
+            return index.search(xt, k)
         inner = cached(view, "not-stale", lambda: faiss.IDSelectorBatch(view.stale))
         sel = faiss.IDSelectorNot(inner)
         params, keep = search_params(view, sel, 1.0)
