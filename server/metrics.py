@@ -6,7 +6,6 @@ live in one process without clashing metric names.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -51,7 +50,6 @@ class Metrics:
             "featurebank_head_generation", "Head generation being served (0 = none)", registry=r
         )
         self._server: Any = None
-        self._thread: threading.Thread | None = None
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()
@@ -74,8 +72,8 @@ class Metrics:
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the HTTP exporter; returns the bound port (useful with port 0)."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
-        self._server, self._thread = server, thread
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
         return int(server.server_port)
 
     def close(self) -> None:
