@@ -208,8 +208,12 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         own: list[int | None] = [None] * len(inputs)
         images: list[tuple[int, bytes]] = []
         keys: list[tuple[int, str]] = []
+
+        def name(i: int) -> str:
+            return f"inputs[{i}]" if len(inputs) > 1 else "input"
+
         for i, inp in enumerate(inputs):
-            where = f"inputs[{i}]" if len(inputs) > 1 else "input"
+            where = name(i)
             kind = inp.WhichOneof("input")
             if kind is None:
                 raise InvalidInput(f"{where} is empty: set image, vector or key")
@@ -225,8 +229,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
             vectors = await self.engine.embed_each([b for _, b in images])
             for (i, _), v in zip(images, vectors, strict=True):
                 if isinstance(v, BaseException):
-                    where = f"inputs[{i}]" if len(inputs) > 1 else "input"
-                    raise _image_error(v, f"{where}.image")
+                    raise _image_error(v, f"{name(i)}.image")
                 out[i] = v
         if keys:
             vectors2, ids = await self.engine.vectors_of_keys([k for _, k in keys])
