@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -226,7 +225,7 @@ def _readable(path: Path) -> Path:
 
 def _read_keys(path: Path) -> list[str]:
     text = _readable(path).read_text(encoding="utf-8")
-    return [line for line in text.split("\n") if line] if text else []
+    return [line for line in text.split("\n") if line]
 
 
 def _read_label_csv(path: Path) -> tuple[dict[str, str | None], dict[str, str]]:
@@ -300,10 +299,7 @@ def _import(args: argparse.Namespace) -> int:
             )
             added += len(rows)
         count = st.count
-    print(
-        f"imported {added} vectors ({len(keys) - added} already there); bank has {count}",
-        file=sys.stdout,
-    )
+    print(f"imported {added} vectors ({len(keys) - added} already there); bank has {count}")
     return 0
 
 
