@@ -385,18 +385,17 @@ class Engine:
             "count": int(store.count),
             "labelled": int(np.count_nonzero(np.asarray(codes) >= 0)),
             "store_generation": int(store.generation),
-            "labels_generation": int(getattr(store, "labels_generation", 0) or 0),
+            "labels_generation": int(store.labels_generation),
             "labels": list(vocab),
             "index": {},
             "head": {},
             "default_mode": None,
         }
         if m is not None:
-            manifest = dict(getattr(m.searcher, "manifest", {}) or {})
             info["index"] = {
                 "generation": int(m.classifier.index_generation),
                 "ntotal": int(m.searcher.ntotal),
-                "manifest": manifest,
+                "manifest": dict(m.searcher.manifest),
             }
             info["default_mode"] = str(m.classifier.default_mode)
             head = m.classifier.head
