@@ -110,7 +110,7 @@ def _search(args: argparse.Namespace) -> int:
     from embedder.errors import InvalidInput
 
     if (args.image is None) == (args.key is None):
-        raise InvalidInput("give an image or --key, not both")
+        raise InvalidInput("give exactly one of an image or --key")
     with _client(args) as client:
         r = client.search(
             args.image, key=args.key, k=args.k, labels=args.label,
