@@ -425,8 +425,8 @@ def train_head(
                 "neighbours never share its label; the stacked mode will distrust kNN",
                 b.root,
             )
+        k, t = int(best["k"]), float(best["temperature"])
         if stacked:
-            k, t = int(best["k"]), float(best["temperature"])
             extra_tr = loo_knn_distribution(neighbours, x[tr], ids[tr], k, t)
             extra_va = neighbours.vote(codes_va, scores_va, k, t) if len(va) else None
             stacked_fit = fit_head(
@@ -454,7 +454,6 @@ def train_head(
             trust = len(va) >= MIN_VAL_PER_CLASS * n_cls
             plain = _refit(plain, x[both], y_all[both], n_cls, fit_kw, trust_epoch=trust)
             if stacked_fit is not None:
-                k, t = int(best["k"]), float(best["temperature"])
                 extra = loo_knn_distribution(neighbours, x[both], ids[both], k, t)
                 stacked_fit = _refit(
                     stacked_fit, x[both], y_all[both], n_cls, fit_kw, extra, trust_epoch=trust
