@@ -20,6 +20,8 @@ import numpy as np
 from embedder.bank import Bank, current_generation
 from embedder.errors import FailedPrecondition, InvalidInput
 from index.heads import DEFAULT_K, DEFAULT_T, LoadedHead, hybrid, load_head
+from index.knn import vote
+from index.transforms import as_vectors
 
 if TYPE_CHECKING:
     from embedder.store import Store
@@ -237,8 +239,6 @@ class Classifier:
         """Probabilities of several modes from one search (what eval and reports use)."""
         snap = self._snap  # one snapshot for the whole call
         searcher, head = snap.searcher, snap.head
-        from index.transforms import as_vectors
-
         x = as_vectors(vectors, searcher.dim)
         for m in modes:
             check_mode(m)
@@ -261,8 +261,6 @@ class Classifier:
             ex = None if exclude_ids is None else np.asarray(exclude_ids, dtype=np.int64)
             result = searcher.search(x, kk, exclude_ids=ex, voters_only=True)
             knn_vocab = list(result.vocabulary)
-            from index.knn import vote
-
             knn_p = np.asarray(
                 vote(
                     result.label_codes,
