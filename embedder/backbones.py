@@ -307,16 +307,16 @@ def model_input_size(model: Any) -> tuple[int, int] | None:
     """(height, width) a user model was built for, or None when it takes any size."""
     shape = model.inputs[0].shape
     if len(shape) != 4 or shape[-1] not in (1, 3):
-        raise InvalidInput(f"model input must be (batch, H, W, 3) images, got {tuple(shape)}")
+        raise InvalidInput(f"model input must be (batch, H, W, 1|3) images, got {tuple(shape)}")
     h, w = shape[1], shape[2]
     return (int(h), int(w)) if h is not None and w is not None else None
 
 
 # ---------------------------------------------------------------- preprocessing
 
-_CAFFE_MEAN = np.array([103.939, 116.779, 123.68], np.float32)  # BGR
-_TORCH_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-_TORCH_STD = np.array([0.229, 0.224, 0.225], np.float32)
+CAFFE_MEAN = np.array([103.939, 116.779, 123.68], np.float32)  # BGR
+TORCH_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+TORCH_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def preprocess_numpy(x: np.ndarray, mode: str) -> np.ndarray:
@@ -325,9 +325,9 @@ def preprocess_numpy(x: np.ndarray, mode: str) -> np.ndarray:
     if mode == "tf":
         return x / 127.5 - 1.0
     if mode == "caffe":
-        return x[..., ::-1] - _CAFFE_MEAN
+        return x[..., ::-1] - CAFFE_MEAN
     if mode == "torch":
-        return (x / 255.0 - _TORCH_MEAN) / _TORCH_STD
+        return (x / 255.0 - TORCH_MEAN) / TORCH_STD
     if mode == "raw0-255":
         return x
     if mode == "raw0-1":
@@ -343,9 +343,9 @@ def preprocess_tf(x: Any, mode: str) -> Any:
     if mode == "tf":
         return x / 127.5 - 1.0
     if mode == "caffe":
-        return tf.reverse(x, axis=[-1]) - tf.constant(_CAFFE_MEAN)
+        return tf.reverse(x, axis=[-1]) - tf.constant(CAFFE_MEAN)
     if mode == "torch":
-        return (x / 255.0 - tf.constant(_TORCH_MEAN)) / tf.constant(_TORCH_STD)
+        return (x / 255.0 - tf.constant(TORCH_MEAN)) / tf.constant(TORCH_STD)
     if mode == "raw0-255":
         return x
     if mode == "raw0-1":

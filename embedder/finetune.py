@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from embedder.backbones import CAFFE_MEAN, TORCH_MEAN, TORCH_STD
 from embedder.bank import Bank
 from embedder.errors import FailedPrecondition, InvalidInput
 
@@ -39,11 +40,9 @@ def preprocessing_affine(mode: str, channels: int = 3) -> tuple[np.ndarray, np.n
         k, b = eye / 127.5, -np.ones(3, np.float32)
     elif mode == "caffe":
         k = eye[:, ::-1].copy()  # RGB -> BGR
-        b = -np.array([103.939, 116.779, 123.68], np.float32)
+        b = -CAFFE_MEAN  # BGR, as the kernel outputs
     elif mode == "torch":
-        mean = np.array([0.485, 0.456, 0.406], np.float32)
-        std = np.array([0.229, 0.224, 0.225], np.float32)
-        k, b = eye / (255.0 * std), -mean / std
+        k, b = eye / (255.0 * TORCH_STD), -TORCH_MEAN / TORCH_STD
     elif mode in ("raw0-255", "none"):
         k, b = eye, np.zeros(3, np.float32)
     elif mode == "raw0-1":
