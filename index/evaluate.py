@@ -21,6 +21,7 @@ from embedder.errors import FailedPrecondition, InvalidInput
 from index import metrics
 from index.classifier import Classifier, align_columns
 from index.heads import TRAIN_SPLITS
+from index.knn import vote
 
 if TYPE_CHECKING:
     from embedder.store import Items, Store
@@ -111,11 +112,9 @@ def evaluate(
         if len(items) == 0:
             raise FailedPrecondition(f"no labelled {split!r} items in {b.root} to evaluate on")
         head = clf.head
-        modes = ["knn"] + (
-            ["head", "hybrid"] + (["stacked"] if head.stacked is not None else [])
-            if head is not None
-            else []
-        )
+        modes = ["knn"]
+        if head is not None:
+            modes += ["head", "hybrid"] + (["stacked"] if head.stacked is not None else [])
         ids = items.ids.astype(np.int64)
         probs, vocabs, result = clf.predict_modes(
             items.vectors, modes, k=k, exclude_ids=ids, want_neighbors=True
@@ -224,8 +223,6 @@ def _accuracy_vs_k(
     clf: Classifier, vectors: np.ndarray, ids: np.ndarray, truth: list[str]
 ) -> dict[int, float]:
     """kNN accuracy (leave-one-out) for several k, from one search at the largest k."""
-    from index.knn import vote
-
     searcher = clf.searcher
     avail = int(searcher.ntotal) - 1
     ks = [k for k in K_VALUES if k <= avail] or [max(1, avail)]
