@@ -177,8 +177,7 @@ def finetune(
 
         vocab = loaded.vocabulary
         pixels, y, skipped = _load_images(images, spec.input_size, spec.resize, vocab, bank_label)
-    emb = Embedder.from_spec(spec)
-    backbone = emb.model
+    backbone = Embedder.from_spec(spec, freeze=False).model  # only the Keras model is used
     channels = int(backbone.inputs[0].shape[-1])
     h, w = spec.input_size
     keras.utils.set_random_seed(seed)
