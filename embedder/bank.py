@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from embedder.errors import FailedPrecondition
@@ -119,8 +120,6 @@ def prune(parent: Path, keep: int = 2) -> None:
 
 def _owner_dead(staging: Path) -> bool:
     """Staging folders are only removed once old enough that no live build can own them."""
-    import time
-
     try:
         return time.time() - staging.stat().st_mtime > 24 * 3600
     except FileNotFoundError:
