@@ -55,8 +55,10 @@ class Source:
         keys = [r.key for r in records]
         if len(set(keys)) != len(keys):
             seen: set[str] = set()
-            dup = next(k for k in keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-            raise InvalidInput(f"source {description} lists key {dup!r} more than once")
+            for key in keys:
+                if key in seen:
+                    raise InvalidInput(f"source {description} lists key {key!r} more than once")
+                seen.add(key)
 
     def __len__(self) -> int:
         return len(self.records)
