@@ -95,5 +95,6 @@ def knn_accuracy(
     for weights in WEIGHTS:
         probs = vote(result.label_codes, result.scores, len(vocab), weights, temperature,
                      searcher.metric)
-        accuracy[weights] = float((probs.argmax(axis=1) == truth).mean())
+        voted = probs.max(axis=1) > 0  # a row with no labelled neighbour predicts nothing
+        accuracy[weights] = float((voted & (probs.argmax(axis=1) == truth)).mean())
     return {"split": split, "items": len(items), "k": k, "accuracy": accuracy}

@@ -12,6 +12,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from embedder import store as store_mod
 from embedder.errors import FailedPrecondition, InvalidInput
 from index.build import build_index
+from index.evaluate_index import knn_accuracy
 from index.knn import KnnClassifier, vote
 from index.searcher import Searcher
 from index.transforms import Transform, fit
@@ -218,3 +219,13 @@ def test_test_split_items_are_shown_but_never_vote(tmp_path: Path) -> None:
         probs, vocab, result = KnnClassifier(searcher, k=1).predict_proba(x[199:])
         assert result.ids[0, 0] != 199 and result.labels == [["a"]]  # the vote skips it
         assert vocab == ["a", "b"] and probs[0, 0] == 1
+
+
+def test_knn_accuracy_counts_an_item_without_voters_as_wrong(tmp_path: Path) -> None:
+    x, _ = World.make(8, seed=1).sample(50, seed=2)
+    bank = make_bank(tmp_path / "bank", x, ["a"] + [None] * 49, ["val"] + ["none"] * 49)
+    build_index(bank, factory="Flat", metric="l2")
+    with Searcher.load(bank) as searcher:
+        report = knn_accuracy(searcher, 5, 0.07, "val")
+    assert report["items"] == 1  # its only possible voter is itself, left out
+    assert report["accuracy"] == {"uniform": 0.0, "distance": 0.0, "softmax": 0.0}
