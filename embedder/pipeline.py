@@ -67,7 +67,6 @@ class Plan:
     source: sources.Source
     todo: list[sources.Record]
     skipped: int
-    store_exists: bool
 
 
 def plan(source: sources.Source, bank: str, spec: Spec) -> Plan:
@@ -75,13 +74,13 @@ def plan(source: sources.Source, bank: str, spec: Spec) -> Plan:
     try:
         st = store_mod.open(bank, readonly=True)
     except NotFound:
-        return Plan(source, list(source.records), 0, False)
+        return Plan(source, list(source.records), 0)
     with st:
         if spec.dim:  # known without building the model: refuse a mismatch right away
             st.spec.check_same(spec)
         missing = set(st.missing([r.key for r in source.records]))
     todo = [r for r in source.records if r.key in missing]
-    return Plan(source, todo, len(source.records) - len(todo), True)
+    return Plan(source, todo, len(source.records) - len(todo))
 
 
 # ------------------------------------------------------------------ mapper
