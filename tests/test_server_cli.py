@@ -60,3 +60,13 @@ def test_errors_exit_2_with_the_status(
     assert code == 2 and "NOT_FOUND" in err and "nope" in err
     code, _, err = run(capsys, "labels", "set", "no-equals-sign", "--server", served.target)
     assert code == 2 and "KEY=LABEL" in err
+
+
+def test_failed_rebuild_exits_nonzero_in_json_mode_too(
+    served: RunningServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["rebuild", "--factory", "NoSuchIndex", "--server", served.target, "--token", "w0"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "NoSuchIndex" in err
+    code, out, _ = run(capsys, *argv, "--json")
+    assert code != 0 and "NoSuchIndex" in out

@@ -218,3 +218,13 @@ def test_backup_is_a_working_bank_taken_while_a_writer_commits(
         np.testing.assert_array_equal(items.vectors[:50], x)
     with Classifier(tmp_path / "b") as clf:
         assert clf.classify(x[:1], k=3)[0].labels
+
+
+def test_import_reads_keys_from_crlf_files(bank: Path, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", make_vectors(2))
+    (tmp_path / "keys.txt").write_bytes(b"a.jpg\r\nb.jpg\r\n")
+    argv = ["store", "import", "--bank", str(bank), "--vectors", str(tmp_path / "x.npy"),
+            "--keys", str(tmp_path / "keys.txt")]  # fmt: skip
+    assert main(argv) == 0
+    with store_mod.open(bank, readonly=True) as st:
+        assert st.to_numpy().keys == ["a.jpg", "b.jpg"]

@@ -206,7 +206,8 @@ def _rebuild(args: argparse.Namespace) -> int:
             op = client.wait_operation(op.id, poll_s=0.5)
     if args.json:
         print(_dump(op))
-    elif not op.done:
+        return 1 if op.done and op.error.code else 0  # scripts read the exit code too
+    if not op.done:
         print(f"rebuild started: operation {op.id}")
     elif op.error.code:
         from server.client import RemoteError
