@@ -20,8 +20,8 @@ from embedder.errors import FailedPrecondition
 class Bank:
     """Paths of one bank directory (see DESIGN.md for the layout)."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike[str] | Bank) -> None:
+        self.root: Path = root.root if isinstance(root, Bank) else Path(root)
 
     @property
     def store_dir(self) -> Path:

@@ -151,7 +151,7 @@ def finetune(
     from embedder.head import keras_head
     from index.heads import load_head
 
-    b = bank if isinstance(bank, Bank) else Bank(bank)
+    b = Bank(bank)
     out = Path(out)
     if out.suffix != ".keras":
         raise InvalidInput(f"--out must name a .keras file, got {out}")

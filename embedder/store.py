@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,7 @@ def create(
     map_size: int = INITIAL_MAP_SIZE,
 ) -> Store:
     """Create BANK/store/ for vectors of `spec`; the returned store holds the writer lock."""
-    b = bank if isinstance(bank, Bank) else Bank(bank)
+    b = Bank(bank)
     if spec.dim <= 0:
         raise InvalidInput(f"spec needs a positive dim to create a store: [{spec.describe()}]")
     rows = block_rows or default_block_rows(spec.dim, np.dtype(spec.dtype).itemsize)
@@ -139,7 +140,7 @@ def _init_env(store_dir: Path, spec: Spec, block_rows: int, map_size: int) -> No
 
 def open(bank: str | os.PathLike[str] | Bank, readonly: bool = False) -> Store:  # noqa: A001
     """Open an existing store; a writable one takes the writer lock at its first write."""
-    b = bank if isinstance(bank, Bank) else Bank(bank)
+    b = Bank(bank)
     if not (b.store_dir / CURRENT).exists():
         raise NotFound(f"no store in bank {b.root}: create one first (e.g. featurebank embed)")
     shared = acquire(b.store_dir)
@@ -148,6 +149,16 @@ def open(bank: str | os.PathLike[str] | Bank, readonly: bool = False) -> Store: 
     except BaseException:
         release(shared)
         raise
+
+
+@contextmanager
+def borrowed(bank: str | os.PathLike[str] | Bank, store: Store | None = None) -> Iterator[Store]:
+    """The caller's open store, or one opened read-only for the duration of the block."""
+    if store is not None:
+        yield store
+        return
+    with open(bank, readonly=True) as st:
+        yield st
 
 
 def open_or_create(bank: str | os.PathLike[str] | Bank, spec: Spec, **kwargs: Any) -> Store:

@@ -28,6 +28,7 @@ import numpy as np
 
 from embedder.bank import Bank, current_dir, publish, staging_dir
 from embedder.errors import FailedPrecondition, FeaturebankError, InvalidInput
+from embedder.store import borrowed
 from index import selection, transforms
 from index.searcher import INDEX_FILE, MANIFEST_FILE, index_any, index_ids, read_manifest
 from index.tuning import Tuned, exact_search, timed_search, tune
@@ -165,14 +166,6 @@ def omp_threads(threads: int | None) -> Any:
         faiss.omp_set_num_threads(before)
 
 
-def open_store(bank: Bank, store: Any) -> tuple[Any, bool]:
-    if store is not None:
-        return store, False
-    from embedder import store as store_mod
-
-    return store_mod.open(bank.root, readonly=True), True
-
-
 def build_index(
     bank: str | os.PathLike[str] | Bank,
     factory: str = "auto",
@@ -186,17 +179,12 @@ def build_index(
     store: Any = None,
 ) -> dict[str, Any]:
     """Build an index over the whole store, tune it, publish it as the next generation."""
-    b = bank if isinstance(bank, Bank) else Bank(bank)
+    b = Bank(bank)
     budget = selection.parse_memory(memory_budget)
     check_options(metric, k, target_recall, budget)
     transforms.parse(transform)
-    st, owns = open_store(b, store)
-    try:
-        with omp_threads(threads):
-            return _build(b, st, factory, metric, transform, budget, target_recall, k, progress)
-    finally:
-        if owns:
-            st.close()
+    with borrowed(b, store) as st, omp_threads(threads):
+        return _build(b, st, factory, metric, transform, budget, target_recall, k, progress)
 
 
 def _build(
@@ -310,13 +298,9 @@ def update_index(
     The transform is not refitted. When more than `rebuild_fraction` of the
     index is deleted-but-unremovable (HNSW), the index is rebuilt instead.
     """
-    b = bank if isinstance(bank, Bank) else Bank(bank)
-    st, owns = open_store(b, store)
-    try:
+    b = Bank(bank)
+    with borrowed(b, store) as st:
         return _update(b, st, progress, rebuild_fraction)
-    finally:
-        if owns:
-            st.close()
 
 
 def _rebuild_like(bank: Bank, store: Any, manifest: dict[str, Any], why: str) -> dict[str, Any]:

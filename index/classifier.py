@@ -19,7 +19,7 @@ import numpy as np
 
 from embedder.bank import Bank, current_generation
 from embedder.errors import FailedPrecondition, InvalidInput
-from index.heads import DEFAULT_K, DEFAULT_T, LoadedHead, hybrid, load_head
+from index.heads import DEFAULT_K, DEFAULT_T, LoadedHead, hybrid, is_stale, load_head
 from index.knn import vote
 from index.transforms import as_vectors
 
@@ -72,7 +72,7 @@ class Classifier:
     def __init__(
         self, bank: str | Path | Bank, mode: str | None = None, store: Store | None = None
     ) -> None:
-        self.bank = bank if isinstance(bank, Bank) else Bank(bank)
+        self.bank = Bank(bank)
         self._mode = check_mode(mode)
         self._own_store = store is None
         if store is None:
@@ -160,8 +160,7 @@ class Classifier:
         head = self._snap.head
         if head is None:
             return False
-        trained_on = int(head.manifest.get("labels_generation", -1))
-        return int(self.store.labels_generation) > trained_on
+        return is_stale(head.manifest, int(self.store.labels_generation))
 
     # ------------------------------------------------------------------ inference
 

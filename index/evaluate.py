@@ -103,7 +103,7 @@ def evaluate(
     """Score knn/head/hybrid/stacked (and sklearn baselines) on the bank's `split` items."""
     if split not in SPLITS:
         raise InvalidInput(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    b = bank if isinstance(bank, Bank) else Bank(bank)
+    b = Bank(bank)
     started = time.time()
     clf = Classifier(b, store=store)
     try:

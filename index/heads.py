@@ -17,8 +17,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ import numpy as np
 from embedder.bank import Bank, current_generation, publish, staging_dir
 from embedder.errors import FailedPrecondition, NotFound
 from embedder.head import Head, HeadFit, apply_transform, fit_head, transform_arrays
+from embedder.store import borrowed
 from index import metrics
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class LoadedHead:
 
 def load_head(bank: str | Path | Bank, generation: int | None = None) -> LoadedHead | None:
     """The live (or given) head generation, or None when no head was ever trained."""
-    b = bank if isinstance(bank, Bank) else Bank(bank)
+    b = Bank(bank)
     gen = generation if generation is not None else current_generation(b.heads_dir)
     if gen is None:
         return None
@@ -88,20 +88,30 @@ def load_head(bank: str | Path | Bank, generation: int | None = None) -> LoadedH
     return LoadedHead(gen, manifest, head, stacked)
 
 
+def labels_generation_of(manifest: dict[str, Any]) -> int:
+    """The store's labels generation a head was trained on (-1 when unknown)."""
+    return int(manifest.get("labels_generation", -1))
+
+
+def is_stale(manifest: dict[str, Any], store_labels_generation: int) -> bool:
+    """A head is stale once the store's labels changed after it was trained."""
+    return store_labels_generation > labels_generation_of(manifest)
+
+
 def head_status(bank: str | Path | Bank, store: Store | None = None) -> dict[str, Any] | None:
     """What `store info` and `head info` show about the head; None when there is none.
 
     A head is stale once labels changed after it was trained (the store's
     labels_generation moved past the one recorded in the head's manifest).
     """
-    b = bank if isinstance(bank, Bank) else Bank(bank)
+    b = Bank(bank)
     gen = current_generation(b.heads_dir)
     if gen is None:
         return None
     manifest = json.loads((b.heads_dir / str(gen) / MANIFEST).read_text())
-    with _store(b, store) as st:
+    with borrowed(b, store) as st:
         store_labels = int(st.labels_generation)
-    trained_on = int(manifest.get("labels_generation", -1))
+    trained_on = labels_generation_of(manifest)
     val = manifest.get("val_metrics", {})
     return {
         "generation": gen,
@@ -110,25 +120,10 @@ def head_status(bank: str | Path | Bank, store: Store | None = None) -> dict[str
         "hidden": manifest.get("hidden", 0),
         "labels_generation": trained_on,
         "store_labels_generation": store_labels,
-        "stale": store_labels > trained_on,
+        "stale": is_stale(manifest, store_labels),
         "hybrid_a": manifest.get("hybrid", {}).get("a"),
         "val_accuracy": {m: v.get("accuracy") for m, v in val.items()},
     }
-
-
-@contextmanager
-def _store(b: Bank, store: Store | None) -> Iterator[Store]:
-    """Use the caller's open store, or open one read-only for the duration."""
-    if store is not None:
-        yield store
-        return
-    from embedder import store as store_mod
-
-    st = store_mod.open(b.root, readonly=True)
-    try:
-        yield st
-    finally:
-        st.close()
 
 
 # --------------------------------------------------------------------------- kNN votes
@@ -335,9 +330,9 @@ def train_head(
     training items for the chosen number of epochs (val metrics stay those measured
     before). Returns the manifest written to heads/<gen>/manifest.json.
     """
-    b = bank if isinstance(bank, Bank) else Bank(bank)
+    b = Bank(bank)
     started = time.time()
-    with _store(b, store) as st:
+    with borrowed(b, store) as st:
         items = st.to_numpy(labelled_only=True)
         labels_generation = int(st.labels_generation)
         store_generation = int(st.generation)

@@ -327,7 +327,7 @@ class Searcher:
         `threads`: OpenMP threads per search call; None = all cores when called
         from the main thread, 1 from other threads (servers run many at once).
         """
-        b = bank if isinstance(bank, Bank) else Bank(bank)
+        b = Bank(bank)
         owns = store is None
         if store is None:
             from embedder import store as store_mod
