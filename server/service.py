@@ -486,36 +486,15 @@ def _info(info: dict[str, Any]) -> pb.GetInfoResponse:
         out.index.ntotal = index["ntotal"]
         out.index.factory = str(m.get("factory", ""))
         out.index.metric = str(m.get("metric", ""))
-        out.index.transform = _describe(m.get("transform", ""))
-        out.index.recall = _number(_first(m, "recall", "measured_recall", "recall_at_k"))
-        out.index.store_generation = int(_number(_first(m, "store_generation", "generation_covered")))
+        out.index.transform = str(m["transform"]["spec"])
+        out.index.recall = _number(m.get("recall_at_k"))  # None when too few items to measure
+        out.index.store_generation = int(m["store_generation"])
         out.index.manifest.CopyFrom(to_struct(m))
     head = info["head"]
     if head:
         m = head["manifest"]
         out.head.generation = head["generation"]
         out.head.stale = head["stale"]
-        metrics = m.get("metrics") or m.get("val_metrics")
-        if isinstance(metrics, dict):
-            out.head.metrics.CopyFrom(to_struct(metrics))
+        out.head.metrics.CopyFrom(to_struct(m.get("val_metrics", {})))
         out.head.manifest.CopyFrom(to_struct(m))
     return out
-
-
-def _first(m: dict[str, Any], *names: str) -> Any:
-    """The first of several manifest fields present (tolerates nested {'measured': {...}})."""
-    for name in names:
-        if name in m:
-            return m[name]
-    measured = m.get("measured")
-    if isinstance(measured, dict):
-        for name in names:
-            if name in measured:
-                return measured[name]
-    return 0
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, dict):
-        return str(x.get("spec") or x.get("name") or json.dumps(x, default=str))
-    return str(x)
