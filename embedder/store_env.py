@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import lmdb
 
 from embedder.errors import FeaturebankError, NotFound, StorageFull, WriterBusy
+from embedder.rwlock import RWLock
 
 log = logging.getLogger(__name__)
 
@@ -55,45 +56,6 @@ def is_disk_full(e: BaseException) -> bool:
         return True
     text = str(e)
     return any(os.strerror(code) in text for code in _DISK_FULL)
-
-
-class RWLock:
-    """Many readers or one exclusive holder: resizing or closing a map needs no live txn."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._exclusive = False
-
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    def acquire_exclusive(self) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive and self._readers == 0)
-            self._exclusive = True
-
-    def release_exclusive(self) -> None:
-        with self._cond:
-            self._exclusive = False
-            self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        self.acquire_exclusive()
-        try:
-            yield
-        finally:
-            self.release_exclusive()
 
 
 class EnvHandle:

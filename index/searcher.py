@@ -21,8 +21,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import numpy as np
 
 from embedder.bank import Bank, current_dir, current_generation
 from embedder.errors import FailedPrecondition, InvalidInput, NotFound
+from embedder.rwlock import RWLock
 from index.transforms import Transform, as_vectors
 from index.tuning import set_params, tunable, unwrap
 
@@ -43,45 +43,6 @@ MANIFEST_FILE = "manifest.json"
 EXACT_FILTER_MAX = 20_000  # label filters this selective are searched exactly
 MAX_EF_SEARCH = 2048
 SELECTOR_CACHE = 16
-
-
-class RWLock:
-    """Many readers or one writer; a waiting writer blocks new readers (no starvation)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._writer = False
-        self._waiting_writers = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._waiting_writers:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting_writers += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._waiting_writers -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
 
 
 class SearchResult:
@@ -310,7 +271,7 @@ class Searcher:
         self.bank = bank
         self.store = store
         self._owns_store = owns_store
-        self._lock = RWLock()
+        self._lock = RWLock(prefer_writers=True)
         self._refresh_mutex = threading.Lock()
         self._local = threading.local()
         self.threads = threads
@@ -413,7 +374,7 @@ class Searcher:
             if gen is view.gen and labels is view.labels:
                 return
             new = make_view(gen, labels)
-            with self._lock.write():
+            with self._lock.exclusive():
                 self._view = new
             log.info(
                 "searcher now on index generation %d, store generation %d",
@@ -450,7 +411,7 @@ class Searcher:
         """
         self._labels_current()
         self._set_threads()
-        with self._lock.read():
+        with self._lock.shared():
             view = self._view
             x = as_vectors(vectors, view.gen.dim, "query vectors")
             k = check_k(k, view.live_count)
