@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-PROTO  := protos/featurebank/v1/featurebank.proto
+PROTO  := featurebank/protos/featurebank/v1/featurebank.proto
 
 .PHONY: install test test-all lint bench demo protos source-model clean
 
@@ -23,7 +23,8 @@ test-all: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy featurebank embedder index server
+	$(BIN)/mypy featurebank
+	$(BIN)/lint-imports
 
 bench: install
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
@@ -32,7 +33,7 @@ protos: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --mypy_out=. $(PROTO)
 
 source-model: install
-	$(BIN)/python -m embedder.source_model
+	$(BIN)/python -m featurebank.embedder.source_model
 
 demo: install
 	$(BIN)/python -m featurebank.demo

@@ -46,7 +46,7 @@ FB_MODES = (*KNN_SETUPS, "head", "hybrid", "stacked")
 
 def backbone_path() -> Path:
     """The shipped source model, or an equivalent one trained once into a cache."""
-    from embedder import source_model
+    from featurebank.embedder import source_model
 
     if source_model.MODEL_PATH.exists():
         return source_model.MODEL_PATH
@@ -89,11 +89,11 @@ def run_draw(
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
 
-    from embedder import store as store_mod
-    from embedder.spec import Spec
-    from index.build import build_index
-    from index.classifier import Classifier
-    from index.heads import train_head
+    from featurebank import store as store_mod
+    from featurebank.classify.classifier import Classifier
+    from featurebank.classify.heads import train_head
+    from featurebank.core.spec import Spec
+    from featurebank.index.build import build_index
 
     lab, qry = draw(y, per_class, seed)
     names = [str(c) for c in y]
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     draws = args.draws or (2 if args.quick else 10)
     logging.basicConfig(level=logging.ERROR)
 
-    from embedder.embedding import Embedder
+    from featurebank.embedder.embedding import Embedder
 
     started = time.time()
     path = backbone_path()

@@ -156,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(data: Path, work: Path, n: int, shards: int, as_json: bool) -> int:
     import dataclasses
 
-    from embedder import images
-    from embedder import store as store_mod
-    from embedder.embedding import Embedder, describe_device, embed, make_spec
+    from featurebank import store as store_mod
+    from featurebank.embedder import images
+    from featurebank.embedder.embedding import Embedder, describe_device, make_spec
+    from featurebank.embedder.pipeline import embed
 
     device, _ = describe_device()
     load0 = os.getloadavg()[0]

@@ -107,11 +107,11 @@ def main() -> None:
     from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
     from usearch.index import Index as UIndex
 
-    from embedder import store as store_mod
-    from embedder.spec import Spec
-    from index.build import build_index
-    from index.knn import KnnClassifier
-    from index.searcher import Searcher
+    from featurebank import store as store_mod
+    from featurebank.classify.knn import KnnClassifier
+    from featurebank.core.spec import Spec
+    from featurebank.index.build import build_index
+    from featurebank.index.searcher import Searcher
 
     faiss.omp_set_num_threads(threads)
     print(f"index_bench: {n} x 256 bank, 2000 held-out queries, k={K}, {threads} threads, "

@@ -30,9 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embedder import store as store_mod  # noqa: E402
-from embedder.spec import Spec  # noqa: E402
-from server.client import FeatureBankClient  # noqa: E402
+from featurebank import store as store_mod  # noqa: E402
+from featurebank.core.spec import Spec  # noqa: E402
+from featurebank.server.client import FeatureBankClient  # noqa: E402
 
 CLIENTS = 32
 
@@ -143,7 +143,7 @@ def vector_bank(root: Path, n: int, dim: int, classes: int) -> tuple[Path, np.nd
         st.put_batch([f"v{i}" for i in range(n)], vectors,
                      labels=[f"class{c}" for c in labels_idx],
                      splits=["val" if i % 10 == 0 else "train" for i in range(n)])
-    from index.build import build_index
+    from featurebank.index.build import build_index
 
     build_index(root)
     queries = centers[rng.integers(0, classes, 4096)] + 0.8 * rng.normal(size=(4096, dim))
@@ -155,7 +155,7 @@ def bench_vectors(tmp: Path, quick: bool) -> None:
     bank, queries = vector_bank(tmp / "vectors", n, dim, 20)
     print(f"\n(1) Classify by vector: bank {n} x {dim}, {calls} calls, {CLIENTS} clients")
 
-    from index.classifier import Classifier
+    from featurebank.classify.classifier import Classifier
 
     clf = Classifier(bank)
     qs = [queries[i % len(queries)] for i in range(calls)]
@@ -216,7 +216,7 @@ def forward_ceiling(embedder: object, reps: int) -> float:
 
 
 def image_bank(root: Path, n: int, quick: bool) -> Path:
-    from embedder.embedding import Embedder
+    from featurebank.embedder.embedding import Embedder
 
     embedder = Embedder.create("MobileNetV2", weights="none", image_size=224, dtype="float32")
     forward_ceiling(embedder, 1 if quick else 3)
@@ -226,7 +226,7 @@ def image_bank(root: Path, n: int, quick: bool) -> Path:
         st.put_batch([f"img{i}" for i in range(n)], vectors,
                      labels=[f"class{i % 4}" for i in range(n)],
                      splits=["train"] * n)
-    from index.build import build_index
+    from featurebank.index.build import build_index
 
     build_index(root)
     return root

@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embedder import store as store_mod  # noqa: E402
-from embedder.spec import Spec  # noqa: E402
+from featurebank import store as store_mod  # noqa: E402
+from featurebank.core.spec import Spec  # noqa: E402
 
 DIM = 1280
 

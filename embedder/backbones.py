@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from embedder.errors import FailedPrecondition, InvalidInput, NotFound
+from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from embedder import backbones, images
-from embedder.errors import InvalidInput
-from embedder.spec import Spec
+from featurebank.core.errors import InvalidInput
+from featurebank.core.spec import Spec
+from featurebank.embedder import backbones, images
 
 log = logging.getLogger(__name__)
 
@@ -396,38 +396,3 @@ def _mirrored() -> Any:
     if _MIRRORED is None:
         _MIRRORED = tf.distribute.MirroredStrategy()
     return _MIRRORED
-
-
-def embed(
-    source: str,
-    bank: str,
-    backbone: str,
-    weights: str = "imagenet",
-    layer: str | None = None,
-    image_size: int | None = None,
-    resize: str = "crop",
-    pooling: str = "avg",
-    batch_size: int = 64,
-    dtype: str = "float16",
-    labels: str = "folders",
-    fail_on_error: bool = False,
-    progress: bool = True,
-    preprocessing: str | None = None,
-    max_pixels: int = images.DEFAULT_MAX_PIXELS,
-) -> dict[str, Any]:
-    """Embed every image of `source` into `bank` (created if needed); returns the summary.
-
-    Same options as `featurebank embed`. Rerunning skips what is stored already.
-    """
-    from embedder import pipeline
-
-    return pipeline.run(
-        source=source,
-        bank=bank,
-        spec=make_spec(backbone, weights, layer, image_size, resize, pooling, dtype, preprocessing),
-        labels=labels,
-        batch_size=batch_size,
-        fail_on_error=fail_on_error,
-        progress=progress,
-        max_pixels=max_pixels,
-    )

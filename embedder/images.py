@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from embedder.errors import InvalidInput
+from featurebank.core.errors import InvalidInput
 
 SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "BMP"}
 RESIZE_MODES = ("crop", "pad", "stretch")

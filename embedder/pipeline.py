@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from embedder import backbones, images, sources
-from embedder import store as store_mod
-from embedder.errors import FeaturebankError, InvalidInput, NotFound
-from embedder.spec import Spec
+from featurebank import store as store_mod
+from featurebank.core.errors import FeaturebankError, InvalidInput, NotFound
+from featurebank.core.spec import Spec
+from featurebank.embedder import backbones, images, sources
+from featurebank.embedder.embedding import Embedder, describe_device, make_spec
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +305,6 @@ def run(
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Embed the records of `source` missing from `bank`; returns the summary."""
-    from embedder.embedding import Embedder, describe_device
-
     if batch_size < 1:
         raise InvalidInput(f"batch size must be at least 1, got {batch_size}")
     t0 = time.perf_counter()
@@ -434,3 +433,36 @@ def _finish(
 
 
 __all__ = ["EmbedFailed", "FeaturebankError", "run"]
+
+
+def embed(
+    source: str,
+    bank: str,
+    backbone: str,
+    weights: str = "imagenet",
+    layer: str | None = None,
+    image_size: int | None = None,
+    resize: str = "crop",
+    pooling: str = "avg",
+    batch_size: int = 64,
+    dtype: str = "float16",
+    labels: str = "folders",
+    fail_on_error: bool = False,
+    progress: bool = True,
+    preprocessing: str | None = None,
+    max_pixels: int = images.DEFAULT_MAX_PIXELS,
+) -> dict[str, Any]:
+    """Embed every image of `source` into `bank` (created if needed); returns the summary.
+
+    Same options as `featurebank embed`. Rerunning skips what is stored already.
+    """
+    return run(
+        source=source,
+        bank=bank,
+        spec=make_spec(backbone, weights, layer, image_size, resize, pooling, dtype, preprocessing),
+        labels=labels,
+        batch_size=batch_size,
+        fail_on_error=fail_on_error,
+        progress=progress,
+        max_pixels=max_pixels,
+    )

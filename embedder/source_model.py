@@ -17,7 +17,7 @@ Design choices (why):
 - Everything is seeded and ops are deterministic: retraining gives the same architecture and
   comparable held-out accuracy (`make source-model`).
 
-Run: `python -m embedder.source_model [--out DIR] [--epochs N] [--seed S]`.
+Run: `python -m featurebank.embedder.source_model [--out DIR] [--epochs N] [--seed S]`.
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ in the central 20x20, a 4-pixel black border).
 ## Retrain
 
 ```
-make source-model        # = .venv/bin/python -m embedder.source_model
+make source-model        # = .venv/bin/python -m featurebank.embedder.source_model
 ```
 
 Seeded and deterministic: retraining gives the same architecture and comparable held-out

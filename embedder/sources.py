@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from embedder import images
-from embedder.errors import InvalidInput, NotFound
+from featurebank.core.errors import InvalidInput, NotFound
+from featurebank.embedder import images
 
 # Files the decoder supports, and other image files listed so that they are reported as
 # unsupported rather than dropped silently. Anything else in a folder is ignored (counted).

@@ -392,7 +392,7 @@ def run_demo(
     workdir: Path, labels_per_class: int = LABELS_PER_CLASS, verbose: bool = False
 ) -> dict[str, Any]:
     """All five steps; returns the summary also written to demo-bank/demo-summary.json."""
-    from embedder.source_model import FEATURE_LAYER, MODEL_PATH
+    from featurebank.embedder.source_model import FEATURE_LAYER, MODEL_PATH
 
     started = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)

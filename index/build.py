@@ -26,12 +26,18 @@ from typing import Any
 import faiss
 import numpy as np
 
-from embedder.bank import Bank, current_dir, publish, staging_dir
-from embedder.errors import FailedPrecondition, FeaturebankError, InvalidInput
-from embedder.store import borrowed
-from index import selection, transforms
-from index.searcher import INDEX_FILE, MANIFEST_FILE, index_any, index_ids, read_manifest
-from index.tuning import Tuned, exact_search, timed_search, tune
+from featurebank.core.bank import Bank, current_dir, publish, staging_dir
+from featurebank.core.errors import FailedPrecondition, FeaturebankError, InvalidInput
+from featurebank.index import selection, transforms
+from featurebank.index.searcher import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    index_any,
+    index_ids,
+    read_manifest,
+)
+from featurebank.index.tuning import Tuned, exact_search, timed_search, tune
+from featurebank.store import borrowed
 
 log = logging.getLogger(__name__)
 

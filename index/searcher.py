@@ -29,11 +29,11 @@ from typing import Any
 import faiss
 import numpy as np
 
-from embedder.bank import Bank, current_dir, current_generation
-from embedder.errors import FailedPrecondition, InvalidInput, NotFound
-from embedder.rwlock import RWLock
-from index.transforms import Transform, as_vectors
-from index.tuning import set_params, tunable, unwrap
+from featurebank.core.bank import Bank, current_dir, current_generation
+from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
+from featurebank.core.rwlock import RWLock
+from featurebank.index.transforms import Transform, as_vectors
+from featurebank.index.tuning import set_params, tunable, unwrap
 
 log = logging.getLogger(__name__)
 FAISS: Any = faiss  # faiss' bundled stubs miss SearchParametersHNSW and keyword constructors
@@ -291,7 +291,7 @@ class Searcher:
         b = Bank(bank)
         owns = store is None
         if store is None:
-            from embedder import store as store_mod
+            from featurebank import store as store_mod
 
             store = store_mod.open(b.root, readonly=True)
         try:

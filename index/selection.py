@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from embedder.errors import InvalidInput
+from featurebank.core.errors import InvalidInput
 
 FLAT_MAX_COUNT = 20_000
 HNSW_MAX_COUNT = 5_000_000

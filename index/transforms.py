@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder.errors import FailedPrecondition, InvalidInput
+from featurebank.core.errors import FailedPrecondition, InvalidInput
 
 FILE_NAME = "transform.npz"
 PCA_MAX_SAMPLE = 200_000

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import faiss
 import numpy as np
 
-from index.selection import K_FACTORS, efsearch_grid, nprobe_grid
+from featurebank.index.selection import K_FACTORS, efsearch_grid, nprobe_grid
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from embedder.errors import FailedPrecondition, InvalidInput, NotFound
-from protos.featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
-from server.auth import AuthInterceptor, Tokens
-from server.engine import Engine
-from server.metrics import Metrics
-from server.service import FeatureBankServicer
+from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
+from featurebank.protos.featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
+from featurebank.server.auth import AuthInterceptor, Tokens
+from featurebank.server.engine import Engine
+from featurebank.server.metrics import Metrics
+from featurebank.server.service import FeatureBankServicer
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from embedder.errors import InvalidInput, NotFound
+from featurebank.core.errors import InvalidInput, NotFound
 
 READ = "read"
 WRITE = "write"

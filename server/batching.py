@@ -22,7 +22,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from embedder.errors import InvalidInput
+from featurebank.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 

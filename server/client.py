@@ -17,9 +17,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedder.errors import FeaturebankError, InvalidInput
-from protos.featurebank.v1 import featurebank_pb2 as pb
-from protos.featurebank.v1 import featurebank_pb2_grpc as pb_grpc
+from featurebank.core.errors import FeaturebankError, InvalidInput
+from featurebank.protos.featurebank.v1 import featurebank_pb2 as pb
+from featurebank.protos.featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 

@@ -26,20 +26,20 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from embedder.bank import Bank, current_generation
-from embedder.errors import (
+from featurebank.core.bank import Bank, current_generation
+from featurebank.core.errors import (
     FailedPrecondition,
     FeaturebankError,
     InvalidInput,
     NotFound,
 )
-from server.batching import Batcher, isolate
+from featurebank.server.batching import Batcher, isolate
 
 if TYPE_CHECKING:
-    from index.classifier import Classifier
-    from index.searcher import Searcher
-from server.metrics import Metrics
-from server.status import to_status
+    from featurebank.classify.classifier import Classifier
+    from featurebank.index.searcher import Searcher
+from featurebank.server.metrics import Metrics
+from featurebank.server.status import to_status
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class Engine:
 
     def open(self) -> None:
         """Open the store as the bank's writer and load whatever models exist (blocking)."""
-        from embedder import store as store_mod
+        from featurebank import store as store_mod
 
         self.store = store_mod.open(self.bank.root)
         try:
@@ -190,7 +190,7 @@ class Engine:
             self.store = None
             raise
         if self.store.spec.backbone != "external":
-            from embedder.embedding import Embedder
+            from featurebank.embedder.embedding import Embedder
 
             self.embedder = Embedder.from_spec(self.store.spec)
         self._load_models()
@@ -204,7 +204,7 @@ class Engine:
         return int(self.store.spec.dim)
 
     def _load_models(self) -> None:
-        from index.classifier import Classifier
+        from featurebank.classify.classifier import Classifier
 
         try:
             if self.models is None:
@@ -470,7 +470,7 @@ class Engine:
         The store commit already happened; if the index cannot follow, the error says
         so, keeping its status code, so the caller knows the items are stored.
         """
-        from index import build
+        from featurebank.index import build
 
         with self._index_lock:
             try:
@@ -512,7 +512,7 @@ class Engine:
             raise NotFound(f"no operation {op_id!r} on this server") from None
 
     def _rebuild_job(self, op: Operation, params: RebuildParams) -> None:
-        from index import build
+        from featurebank.index import build
 
         try:
             with self._index_lock:
@@ -527,7 +527,7 @@ class Engine:
                 )
                 op.result["index"] = manifest
                 if params.retrain_head:
-                    from index import heads
+                    from featurebank.classify import heads
 
                     op.stage, op.progress = "training head", 0.6
                     kwargs: dict[str, Any] = {"hidden": params.head_hidden}

@@ -19,10 +19,10 @@ import numpy as np
 from google.protobuf import struct_pb2
 from grpc import aio
 
-from embedder.errors import FeaturebankError, InvalidInput
-from protos.featurebank.v1 import featurebank_pb2 as pb
-from protos.featurebank.v1 import featurebank_pb2_grpc as pb_grpc
-from server.engine import (
+from featurebank.core.errors import FeaturebankError, InvalidInput
+from featurebank.protos.featurebank.v1 import featurebank_pb2 as pb
+from featurebank.protos.featurebank.v1 import featurebank_pb2_grpc as pb_grpc
+from featurebank.server.engine import (
     DEFAULT_SEARCH_K,
     DEFAULT_TOP_N,
     MAX_K,
@@ -37,8 +37,8 @@ from server.engine import (
     UpsertRow,
     image_meta,
 )
-from server.metrics import Metrics
-from server.status import to_status
+from featurebank.server.metrics import Metrics
+from featurebank.server.status import to_status
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")

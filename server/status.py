@@ -11,7 +11,7 @@ import logging
 
 import grpc
 
-from embedder.errors import FeaturebankError
+from featurebank.core.errors import FeaturebankError
 
 log = logging.getLogger(__name__)
 

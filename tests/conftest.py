@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedder import store as store_mod
-from embedder.spec import Spec
+from featurebank import store as store_mod
+from featurebank.core.spec import Spec
 
 
 def make_spec(dim: int = 8, dtype: str = "float32", backbone: str = "external") -> Spec:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder import store as store_mod
-from embedder.spec import Spec
+from featurebank import store as store_mod
+from featurebank.core.spec import Spec
 
 
 @dataclass

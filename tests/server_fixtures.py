@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from server.app import FeatureBankServer, ServeConfig
+from featurebank.server.app import FeatureBankServer, ServeConfig
 
 CLASSES = ("cat", "dog", "fox")
 
@@ -55,8 +55,8 @@ def make_vector_bank(
     head: bool = False,
 ) -> Path:
     """A bank of external vectors with train/val splits, optionally with index and head."""
-    from embedder import store as store_mod
-    from embedder.spec import Spec
+    from featurebank import store as store_mod
+    from featurebank.core.spec import Spec
 
     spec = Spec(backbone="external", weights="external", input_size=None, resize="none",
                 dim=dim, dtype="float32")
@@ -65,11 +65,11 @@ def make_vector_bank(
     with store_mod.create(root, spec) as st:
         st.put_batch(keys, vectors, labels=labels, splits=splits)
     if index:
-        from index.build import build_index
+        from featurebank.index.build import build_index
 
         build_index(root)
     if head:
-        from index.heads import train_head
+        from featurebank.classify.heads import train_head
 
         train_head(root, epochs=30)
     return root
@@ -222,8 +222,8 @@ def tiny_keras_model(path: Path) -> Path:
 
 def make_image_bank(root: Path, n_per_color: int = 6) -> tuple[Path, Path]:
     """A bank embedded with a tiny custom .keras model through the Embedder; (bank, model)."""
-    from embedder import store as store_mod
-    from embedder.embedding import Embedder
+    from featurebank import store as store_mod
+    from featurebank.embedder.embedding import Embedder
 
     root.mkdir(parents=True, exist_ok=True)
     model = tiny_keras_model(root.parent / f"{root.name}-tiny.keras")
@@ -233,7 +233,7 @@ def make_image_bank(root: Path, n_per_color: int = 6) -> tuple[Path, Path]:
     with store_mod.create(root, embedder.spec) as st:
         st.put_batch([f"{c}/{i}" for i, (c, _) in enumerate(pictures)], vectors,
                      labels=[c for c, _ in pictures], splits=["train"] * len(pictures))
-    from index.build import build_index
+    from featurebank.index.build import build_index
 
     build_index(root, k=5)
     return root, model

@@ -11,13 +11,10 @@ import numpy as np
 import pytest
 from conftest import make_spec
 
-from embedder import store as store_mod
-from embedder.bank import Bank, publish, staging_dir
-from embedder.errors import FailedPrecondition, InvalidInput
-from index import metrics
-from index.build import build_index
-from index.classifier import Classifier
-from index.heads import (
+from featurebank import store as store_mod
+from featurebank.classify import metrics
+from featurebank.classify.classifier import Classifier
+from featurebank.classify.heads import (
     A_GRID,
     Neighbours,
     head_status,
@@ -25,6 +22,9 @@ from index.heads import (
     loo_knn_distribution,
     train_head,
 )
+from featurebank.core.bank import Bank, publish, staging_dir
+from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.index.build import build_index
 
 N, DIM = 600, 40
 
@@ -140,7 +140,7 @@ def test_stacked_never_lets_an_item_vote_for_itself(tmp_path: Path) -> None:
     y = np.array([vocab.index(v) for v in labels])
     exact = Neighbours(vocab, bank_ids=ids, bank_vectors=x, bank_codes=y)
     build_index(bank)
-    from index.searcher import Searcher
+    from featurebank.index.searcher import Searcher
 
     with Searcher.load(bank) as searcher:
         for nb in (exact, Neighbours(vocab, searcher)):

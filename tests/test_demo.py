@@ -77,7 +77,7 @@ def test_few_shot_accuracy_beats_raw_pixels(demo: DemoRun) -> None:
     from sklearn.datasets import load_digits
     from sklearn.neighbors import KNeighborsClassifier
 
-    from embedder import store
+    from featurebank import store
 
     train, test = _split_rows(demo.workdir / "demo-data" / "labels.csv")
     digits = load_digits()
@@ -102,9 +102,9 @@ def test_few_shot_accuracy_beats_raw_pixels(demo: DemoRun) -> None:
 
 @pytest.mark.timeout(600)
 def test_grpc_classification_matches_in_process(demo: DemoRun) -> None:
-    from embedder import store
-    from embedder.embedding import Embedder
-    from index.classifier import Classifier
+    from featurebank import store
+    from featurebank.classify.classifier import Classifier
+    from featurebank.embedder.embedding import Embedder
 
     rows = demo.summary["grpc"]["after"]
     assert len(rows) == 540
@@ -134,8 +134,8 @@ def test_held_out_labels_do_not_change_predictions(
     """
     import shutil
 
-    from embedder import store
-    from index.classifier import Classifier
+    from featurebank import store
+    from featurebank.classify.classifier import Classifier
 
     copy = tmp_path_factory.mktemp("bank-copy") / "demo-bank"
     shutil.copytree(demo.workdir / "demo-bank", copy)

@@ -17,10 +17,10 @@ import pytest
 from conftest import make_spec
 from PIL import Image
 
-from embedder import backbones, images
-from embedder import store as store_mod
-from embedder.errors import InvalidInput, SpecMismatch
+from featurebank import store as store_mod
 from featurebank.cli import main as cli_main
+from featurebank.core.errors import InvalidInput, SpecMismatch
+from featurebank.embedder import backbones, images
 
 SIZE = 64
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, st
 def photo_bank(
     photos: tuple[Path, dict[str, str]], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, dict]:
-    from embedder.embedding import embed
+    from featurebank.embedder.pipeline import embed
 
     bank = tmp_path_factory.mktemp("bank") / "b"
     summary = embed(
@@ -112,7 +112,7 @@ def test_stored_vectors_equal_model_on_preprocessed_images(photos, photo_bank) -
 
 
 def test_embedder_from_spec_matches_the_store(photos, photo_bank) -> None:
-    from embedder.embedding import Embedder
+    from featurebank.embedder.embedding import Embedder
 
     root, labels = photos
     bank, _ = photo_bank
@@ -130,7 +130,7 @@ def test_embedder_from_spec_matches_the_store(photos, photo_bank) -> None:
 
 
 def test_rerun_skips_stored_keys_and_mismatch_is_refused(photos, photo_bank) -> None:
-    from embedder.embedding import embed
+    from featurebank.embedder.pipeline import embed
 
     root, labels = photos
     bank, _ = photo_bank
@@ -147,7 +147,7 @@ def test_rerun_skips_stored_keys_and_mismatch_is_refused(photos, photo_bank) -> 
 
 
 def test_manifest_labels_and_splits(photos, tmp_path: Path) -> None:
-    from embedder.embedding import embed
+    from featurebank.embedder.pipeline import embed
 
     root, _ = photos
     manifest = tmp_path / "list.csv"
@@ -194,8 +194,7 @@ def write_bad_images(root: Path) -> dict[str, str]:
 
 
 def test_bad_images_land_in_errors_and_the_rest_is_embedded(tmp_path: Path) -> None:
-    from embedder.embedding import embed
-    from embedder.pipeline import EmbedFailed
+    from featurebank.embedder.pipeline import EmbedFailed, embed
 
     src = tmp_path / "mixed"
     src.mkdir()
@@ -217,7 +216,8 @@ def test_bad_images_land_in_errors_and_the_rest_is_embedded(tmp_path: Path) -> N
 
 
 def test_array_sources(tmp_path: Path) -> None:
-    from embedder.embedding import Embedder, embed
+    from featurebank.embedder.embedding import Embedder
+    from featurebank.embedder.pipeline import embed
 
     x = np.stack([photo(i, 40, 30) for i in range(6)])
     np.save(tmp_path / "x.npy", x)
@@ -274,7 +274,7 @@ def kill_when_committed(cmd: list[str], bank: Path, log_path: Path, at_least: in
 
 def test_resume_after_sigkill_gives_the_same_store(tmp_path: Path, capsys) -> None:
     """A job killed with SIGKILL mid-run and rerun ends with exactly the uninterrupted store."""
-    from embedder.embedding import embed
+    from featurebank.embedder.pipeline import embed
 
     src = tmp_path / "src"
     n = 200
@@ -328,7 +328,7 @@ def tiny_model(path: Path) -> None:
 def test_custom_keras_model_with_layer(photos, tmp_path: Path) -> None:
     import keras
 
-    from embedder.embedding import embed
+    from featurebank.embedder.pipeline import embed
 
     root, labels = photos
     model_path = tmp_path / "tiny.keras"
@@ -367,9 +367,9 @@ def test_custom_keras_model_with_layer(photos, tmp_path: Path) -> None:
 def test_writer_close_does_not_hang_after_a_failed_commit(tmp_path: Path) -> None:
     from tqdm import tqdm
 
-    from embedder import sources
-    from embedder.errors import FailedPrecondition
-    from embedder.pipeline import Batch, Loader, Timings, Writer
+    from featurebank.core.errors import FailedPrecondition
+    from featurebank.embedder import sources
+    from featurebank.embedder.pipeline import Batch, Loader, Timings, Writer
 
     store_mod.create(tmp_path / "bank", make_spec()).close()
     readonly = store_mod.open(tmp_path / "bank", readonly=True)  # every commit fails

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedder import backbones
-from embedder.errors import InvalidInput, NotFound
+from featurebank.core.errors import InvalidInput, NotFound
+from featurebank.embedder import backbones
 
 # Building and freezing a family takes seconds to tens of seconds on a small CPU: one runs
 # by default (MobileNetV2 is exercised by test_embed.py), the rest are marked slow.
@@ -46,7 +46,7 @@ def release_models() -> Iterator[None]:
 
 @pytest.mark.parametrize("name", family_params())
 def test_family_builds_and_embeds(name: str) -> None:
-    from embedder.embedding import Embedder
+    from featurebank.embedder.embedding import Embedder
 
     fam = backbones.FAMILIES[name]
     size = max(fam.min_size, 32)
@@ -82,7 +82,7 @@ def test_registry_lookup_and_options() -> None:
 
 
 def test_local_weights_file_is_identified_by_hash(tmp_path) -> None:
-    from embedder.embedding import Embedder, make_spec
+    from featurebank.embedder.embedding import Embedder, make_spec
 
     src = Embedder.create("MobileNetV3Small", weights="none", image_size=32, freeze=False)
     path = tmp_path / "w.weights.h5"

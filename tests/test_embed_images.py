@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedder import images
-from embedder.errors import InvalidInput
-from embedder.images import ImageError, decode
+from featurebank.core.errors import InvalidInput
+from featurebank.embedder import images
+from featurebank.embedder.images import ImageError, decode
 
 
 def encode(im: Image.Image, fmt: str, **kw: object) -> bytes:

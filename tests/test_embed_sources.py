@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedder import sources
-from embedder.errors import InvalidInput, NotFound
+from featurebank.core.errors import InvalidInput, NotFound
+from featurebank.embedder import sources
 
 
 def write_png(path: Path, value: int = 0) -> None:
@@ -141,8 +141,9 @@ def test_embedder_modules_import_without_tensorflow() -> None:
     import sys
 
     code = (
-        "import sys, embedder.store, embedder.sources, embedder.images, embedder.backbones, "
-        "embedder.embedding, embedder.pipeline, featurebank.commands.embed; "
+        "import sys, featurebank.store, featurebank.embedder.sources, "
+        "featurebank.embedder.images, featurebank.embedder.backbones, "
+        "featurebank.embedder.embedding, featurebank.embedder.pipeline, featurebank.cli.embed; "
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
     )
     root = Path(__file__).resolve().parents[1]

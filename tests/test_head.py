@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from embedder.errors import InvalidInput
-from embedder.head import Head, apply_transform, class_weights, fit_head, transform_arrays
-from index import metrics
-from index.heads import A_GRID, hybrid, select_hybrid, split_train_val
+from featurebank.classify import metrics
+from featurebank.classify.head import (
+    Head,
+    apply_transform,
+    class_weights,
+    fit_head,
+    transform_arrays,
+)
+from featurebank.classify.heads import A_GRID, hybrid, select_hybrid, split_train_val
+from featurebank.core.errors import InvalidInput
 
 
 def blobs(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +101,7 @@ def test_head_trains_and_numpy_inference_matches_keras(tmp_path: Path) -> None:
     assert np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
     assert metrics.accuracy(y[180:], p) > 0.9
 
-    from embedder.head import keras_head
+    from featurebank.classify.head import keras_head
 
     keras_p = np.asarray(keras_head(head)(x[180:]))
     assert np.allclose(keras_p, p, atol=1e-5)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedder import store as store_mod
-from embedder.errors import FailedPrecondition, InvalidInput
-from embedder.finetune import finetune, preprocessing_affine
+from featurebank import store as store_mod
+from featurebank.classify.finetune import finetune, preprocessing_affine
+from featurebank.classify.heads import train_head
 from featurebank.cli import main
-from index.heads import train_head
+from featurebank.core.errors import FailedPrecondition, InvalidInput
 
 
 def tiny_backbone(path: Path) -> Path:
@@ -48,7 +48,7 @@ def vectors(bank: Path) -> dict[str, np.ndarray]:
 
 
 def test_preprocessing_affine_matches_the_embedder() -> None:
-    from embedder.backbones import preprocess_numpy
+    from featurebank.embedder.backbones import preprocess_numpy
 
     px = np.random.default_rng(0).uniform(0, 255, (5, 3)).astype(np.float32)
     for mode in ("tf", "caffe", "torch", "raw0-255", "raw0-1"):
@@ -61,7 +61,7 @@ def test_preprocessing_affine_matches_the_embedder() -> None:
 @pytest.fixture(scope="module")
 def bank_with_head(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(images, bank): a tiny backbone's features of 36 images with a trained head."""
-    from embedder.embedding import embed
+    from featurebank.embedder.pipeline import embed
 
     root = tmp_path_factory.mktemp("finetune")
     images = image_folders(root / "images")
@@ -87,7 +87,7 @@ def bank_with_head(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
 def test_finetune_exports_a_backbone_that_embeds(
     bank_with_head: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from embedder.embedding import embed
+    from featurebank.embedder.pipeline import embed
 
     images, bank = bank_with_head
     # unfreeze 0: only the head moves, so the exported backbone reproduces the bank's vectors
@@ -114,7 +114,7 @@ def test_finetune_exports_a_backbone_that_embeds(
 def test_finetune_command_trains_top_layers(
     bank_with_head: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from embedder.embedding import embed
+    from featurebank.embedder.pipeline import embed
 
     images, bank = bank_with_head
     before = vectors(bank)

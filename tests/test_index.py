@@ -9,13 +9,13 @@ import pytest
 from index_testdata import World, exact_ids, make_bank
 from sklearn.neighbors import KNeighborsClassifier
 
-from embedder import store as store_mod
-from embedder.errors import FailedPrecondition, InvalidInput
-from index.build import build_index
-from index.evaluate_index import knn_accuracy
-from index.knn import KnnClassifier, vote
-from index.searcher import Searcher
-from index.transforms import Transform, fit
+from featurebank import store as store_mod
+from featurebank.classify.evaluate_index import knn_accuracy
+from featurebank.classify.knn import KnnClassifier, vote
+from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.index.build import build_index
+from featurebank.index.searcher import Searcher
+from featurebank.index.transforms import Transform, fit
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from index_testdata import World, exact_ids, make_bank
 
-from embedder import store as store_mod
-from embedder.errors import FailedPrecondition, InvalidInput
+from featurebank import store as store_mod
+from featurebank.classify.knn import calibrate_threshold
 from featurebank.cli import main
-from index import selection
-from index.build import build_index, update_index
-from index.knn import calibrate_threshold
-from index.searcher import Searcher
-from index.tuning import recall_at_k
+from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.index import selection
+from featurebank.index.build import build_index, update_index
+from featurebank.index.searcher import Searcher
+from featurebank.index.tuning import recall_at_k
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def test_update_of_inverted_lists_filters_deleted(tmp_path: Path) -> None:
 
 BUILD_SCRIPT = """
 import sys
-from index.build import build_index
+from featurebank.index.build import build_index
 print("building", flush=True)
 build_index(sys.argv[1], factory="HNSW32", metric="l2", k=10)
 print("built", flush=True)

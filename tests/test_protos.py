@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROTO = "protos/featurebank/v1/featurebank.proto"
+PROTO = "featurebank/protos/featurebank/v1/featurebank.proto"
 GENERATED = ["featurebank_pb2.py", "featurebank_pb2_grpc.py", "featurebank_pb2.pyi"]
 
 
@@ -25,13 +25,13 @@ def test_generated_modules_match_proto(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     for name in GENERATED:
-        fresh = (tmp_path / "protos/featurebank/v1" / name).read_text()
+        fresh = (tmp_path / "featurebank/protos/featurebank/v1" / name).read_text()
         committed = (ROOT / "protos/featurebank/v1" / name).read_text()
         assert fresh == committed, f"{name} is out of date with {PROTO}: run `make protos`"
 
 
 def test_generated_modules_import_and_describe_the_service() -> None:
-    from protos.featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
+    from featurebank.protos.featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
 
     service = featurebank_pb2.DESCRIPTOR.services_by_name["FeatureBank"]
     assert service.full_name == "featurebank.v1.FeatureBank"

@@ -11,11 +11,11 @@ import pytest
 from conftest import make_spec
 from PIL import Image
 
-from embedder import store as store_mod
+from featurebank import store as store_mod
+from featurebank.classify.evaluate import evaluate, format_table
+from featurebank.classify.report import FIGURES, write_report
 from featurebank.cli import main
-from index.build import build_index
-from index.evaluate import evaluate, format_table
-from index.report import FIGURES, write_report
+from featurebank.index.build import build_index
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = ("circle", "square", "stripe")

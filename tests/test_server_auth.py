@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from server_fixtures import RunningServer, free_port, make_certs, make_vector_bank
 
-from server.app import ServeConfig
-from server.auth import Tokens
-from server.client import FeatureBankClient, RemoteError
+from featurebank.server.app import ServeConfig
+from featurebank.server.auth import Tokens
+from featurebank.server.client import FeatureBankClient, RemoteError
 
 DIM = 8
 READ_TOKEN = "read-7f3a9c"

@@ -9,8 +9,8 @@ import pytest
 from server_fixtures import RunningServer, free_port, make_vector_bank
 
 from featurebank.cli import main
-from server.app import ServeConfig
-from server.auth import Tokens
+from featurebank.server.app import ServeConfig
+from featurebank.server.auth import Tokens
 
 DIM = 8
 

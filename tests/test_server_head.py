@@ -8,9 +8,9 @@ import grpc
 import pytest
 from server_fixtures import CLASSES, RunningServer, class_centers, free_port, make_vector_bank
 
-from protos.featurebank.v1 import featurebank_pb2 as pb
-from server.app import ServeConfig
-from server.client import FeatureBankClient, RemoteError
+from featurebank.protos.featurebank.v1 import featurebank_pb2 as pb
+from featurebank.server.app import ServeConfig
+from featurebank.server.client import FeatureBankClient, RemoteError
 
 DIM = 8
 

@@ -11,8 +11,8 @@ import pytest
 from server_fixtures import RunningServer, color_images, free_port, make_image_bank
 
 from featurebank.cli import main
-from server.app import ServeConfig
-from server.client import FeatureBankClient, RemoteError, make_input
+from featurebank.server.app import ServeConfig
+from featurebank.server.client import FeatureBankClient, RemoteError, make_input
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_fixtures import CLASSES, RunningServer, class_centers, free_port, make_vector_bank
 
-from protos.featurebank.v1 import featurebank_pb2 as pb
-from server.app import ServeConfig
-from server.client import FeatureBankClient, RemoteError
+from featurebank.protos.featurebank.v1 import featurebank_pb2 as pb
+from featurebank.server.app import ServeConfig
+from featurebank.server.client import FeatureBankClient, RemoteError
 
 DIM = 8
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -134,7 +134,7 @@ def test_health_follows_index_and_shutdown(tmp_path: Path) -> None:
             stopper.join(60)
     finally:
         watch.close()
-    from embedder import store as store_mod
+    from featurebank import store as store_mod
 
     with store_mod.open(bank) as st:  # closed cleanly: writable again, upsert committed
         st.acquire_writer()
@@ -229,7 +229,7 @@ def test_sigterm_drains_in_flight_calls_and_closes_the_store(tmp_path: Path) -> 
             proc.communicate()
     assert proc.returncode == 0, err
     assert f"127.0.0.1:{port}" in out and "stopped" in err
-    from embedder import store as store_mod
+    from featurebank import store as store_mod
 
     with store_mod.open(bank) as st:
         st.acquire_writer()
@@ -248,10 +248,10 @@ def test_serve_refuses_public_address_without_protection(tmp_path: Path) -> None
 
 
 def test_server_is_the_single_writer(tmp_path: Path) -> None:
-    from embedder.errors import WriterBusy
+    from featurebank.core.errors import WriterBusy
 
     bank = make_vector_bank(tmp_path / "bank", dim=DIM, n_per_class=5, index=False)
-    code = ("import sys; from embedder import store; s = store.open(sys.argv[1]); "
+    code = ("import sys; from featurebank import store; s = store.open(sys.argv[1]); "
             "s.acquire_writer(); print('writer', flush=True); sys.stdin.read()")
     root = Path(__file__).resolve().parents[1]
     holder = subprocess.Popen([sys.executable, "-c", code, str(bank)], cwd=root,
@@ -270,8 +270,8 @@ def test_server_is_the_single_writer(tmp_path: Path) -> None:
 
 
 def test_first_upsert_into_an_empty_bank_builds_the_index(tmp_path: Path) -> None:
-    from embedder import store as store_mod
-    from embedder.spec import Spec
+    from featurebank import store as store_mod
+    from featurebank.core.spec import Spec
 
     spec = Spec(backbone="external", weights="external", input_size=None, resize="none", dim=DIM)
     store_mod.create(tmp_path / "bank", spec).close()

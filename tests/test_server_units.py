@@ -11,13 +11,13 @@ import grpc
 import numpy as np
 import pytest
 
-from embedder import errors
-from embedder.errors import FailedPrecondition, InvalidInput, NotFound
-from server.app import ServeConfig, is_loopback
-from server.auth import READ, WRITE, Tokens, required_role
-from server.batching import Batcher, isolate
-from server.service import check_k, check_mode, check_split, check_top_n, check_vector
-from server.status import to_status
+from featurebank.core import errors
+from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
+from featurebank.server.app import ServeConfig, is_loopback
+from featurebank.server.auth import READ, WRITE, Tokens, required_role
+from featurebank.server.batching import Batcher, isolate
+from featurebank.server.service import check_k, check_mode, check_split, check_top_n, check_vector
+from featurebank.server.status import to_status
 
 
 def test_tokens_from_file_and_environment(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from embedder import source_model
+from featurebank.embedder import source_model
 
 
 @pytest.fixture(scope="module")

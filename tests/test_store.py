@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import make_spec, make_vectors
 
-from embedder import store as store_mod
-from embedder.errors import FailedPrecondition, InvalidInput, NotFound, SpecMismatch
-from embedder.spec import Spec
+from featurebank import store as store_mod
+from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound, SpecMismatch
+from featurebank.core.spec import Spec
 
 KEYS = [f"img/{i:03d}.jpg" for i in range(10)]
 LABELS = ["cat", "dog", None, "cat", "bird", None, "dog", "cat", "bird", "dog"]
@@ -444,7 +444,7 @@ def test_store_imports_without_tensorflow() -> None:
     import subprocess
     import sys
 
-    code = "import sys, embedder.store, embedder.spec; assert 'tensorflow' not in sys.modules"
+    code = "import sys, featurebank.store, featurebank.core.spec; assert 'tensorflow' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import make_spec, make_vectors
 
-from embedder import store as store_mod
-from embedder.errors import InvalidInput, NotFound, SpecMismatch
+from featurebank import store as store_mod
+from featurebank.core.errors import InvalidInput, NotFound, SpecMismatch
 
 GOOD = ["a", "b", "c"]
 

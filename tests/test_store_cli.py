@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import make_vectors
 
-from embedder import store as store_mod
+from featurebank import store as store_mod
 from featurebank.cli import main
 
 
@@ -174,8 +174,8 @@ def test_info_shows_index_and_flags_a_stale_head(
 ) -> None:
     from conftest import make_spec
 
-    from index.build import build_index
-    from index.heads import train_head
+    from featurebank.classify.heads import train_head
+    from featurebank.index.build import build_index
 
     rng = np.random.default_rng(0)
     x = np.vstack([rng.normal(c, 0.1, size=(20, 8)) for c in (-1.0, 1.0)]).astype(np.float32)
@@ -201,8 +201,8 @@ def test_backup_is_a_working_bank_taken_while_a_writer_commits(
 ) -> None:
     from conftest import make_spec
 
-    from index.build import build_index
-    from index.classifier import Classifier
+    from featurebank.classify.classifier import Classifier
+    from featurebank.index.build import build_index
 
     x = make_vectors(50)
     with store_mod.create(bank, make_spec(8)) as writer:

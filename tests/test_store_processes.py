@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from conftest import make_spec, make_vectors
 
-from embedder import store as store_mod
-from embedder.errors import WriterBusy
+from featurebank import store as store_mod
+from featurebank.core.errors import WriterBusy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ import json, os, signal, sys, time
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
 import numpy as np
 from conftest import make_spec
-from embedder import store
+from featurebank import store
 
 def batch_keys(b):
     return [f"b{{b:05d}}-{{i}}" for i in range(1 + (b * 7) % 23)]

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from embedder import store as store_mod
-from embedder.errors import InvalidInput, NotFound
+from featurebank import store as store_mod
+from featurebank.core.errors import InvalidInput, NotFound
 
 KEYS = st.sampled_from([f"k{i}" for i in range(24)] + ["é/ü", "long/" + "x" * 600])
 LABELS = st.sampled_from(["cat", "dog", "bird", None])

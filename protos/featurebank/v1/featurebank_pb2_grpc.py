@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.featurebank.v1 import featurebank_pb2 as protos_dot_featurebank_dot_v1_dot_featurebank__pb2
+from featurebank.protos.featurebank.v1 import featurebank_pb2 as featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/featurebank/v1/featurebank_pb2_grpc.py depends on'
+        + ' but the generated code in featurebank/protos/featurebank/v1/featurebank_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,53 +36,53 @@ class FeatureBankStub:
         """
         self.Classify = channel.unary_unary(
                 '/featurebank.v1.FeatureBank/Classify',
-                request_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyResponse.FromString,
+                request_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
         self.ClassifyBatch = channel.unary_unary(
                 '/featurebank.v1.FeatureBank/ClassifyBatch',
-                request_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyBatchRequest.SerializeToString,
-                response_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyBatchResponse.FromString,
+                request_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyBatchRequest.SerializeToString,
+                response_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyBatchResponse.FromString,
                 _registered_method=True)
         self.Search = channel.unary_unary(
                 '/featurebank.v1.FeatureBank/Search',
-                request_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SearchRequest.SerializeToString,
-                response_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SearchResponse.FromString,
+                request_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SearchRequest.SerializeToString,
+                response_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SearchResponse.FromString,
                 _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/featurebank.v1.FeatureBank/Embed',
-                request_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.EmbedRequest.SerializeToString,
-                response_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.EmbedResponse.FromString,
+                request_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.EmbedResponse.FromString,
                 _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/featurebank.v1.FeatureBank/GetInfo',
-                request_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoResponse.FromString,
+                request_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoRequest.SerializeToString,
+                response_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
         self.Upsert = channel.stream_unary(
                 '/featurebank.v1.FeatureBank/Upsert',
-                request_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.UpsertItem.SerializeToString,
-                response_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.UpsertResponse.FromString,
+                request_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.UpsertItem.SerializeToString,
+                response_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.UpsertResponse.FromString,
                 _registered_method=True)
         self.SetLabels = channel.unary_unary(
                 '/featurebank.v1.FeatureBank/SetLabels',
-                request_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SetLabelsRequest.SerializeToString,
-                response_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SetLabelsResponse.FromString,
+                request_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SetLabelsRequest.SerializeToString,
+                response_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SetLabelsResponse.FromString,
                 _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/featurebank.v1.FeatureBank/Delete',
-                request_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.DeleteRequest.SerializeToString,
-                response_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.DeleteResponse.FromString,
+                request_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.DeleteResponse.FromString,
                 _registered_method=True)
         self.RebuildIndex = channel.unary_unary(
                 '/featurebank.v1.FeatureBank/RebuildIndex',
-                request_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.RebuildIndexRequest.SerializeToString,
-                response_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.Operation.FromString,
+                request_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.RebuildIndexRequest.SerializeToString,
+                response_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.Operation.FromString,
                 _registered_method=True)
         self.GetOperation = channel.unary_unary(
                 '/featurebank.v1.FeatureBank/GetOperation',
-                request_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetOperationRequest.SerializeToString,
-                response_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.Operation.FromString,
+                request_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetOperationRequest.SerializeToString,
+                response_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.Operation.FromString,
                 _registered_method=True)
 
 
@@ -164,53 +164,53 @@ def add_FeatureBankServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
-                    request_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyRequest.FromString,
-                    response_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyResponse.SerializeToString,
+                    request_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyRequest.FromString,
+                    response_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyResponse.SerializeToString,
             ),
             'ClassifyBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.ClassifyBatch,
-                    request_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyBatchRequest.FromString,
-                    response_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyBatchResponse.SerializeToString,
+                    request_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyBatchRequest.FromString,
+                    response_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyBatchResponse.SerializeToString,
             ),
             'Search': grpc.unary_unary_rpc_method_handler(
                     servicer.Search,
-                    request_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SearchRequest.FromString,
-                    response_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SearchResponse.SerializeToString,
+                    request_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SearchRequest.FromString,
+                    response_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SearchResponse.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
-                    request_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.EmbedRequest.FromString,
-                    response_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.EmbedResponse.SerializeToString,
+                    request_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.EmbedRequest.FromString,
+                    response_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.EmbedResponse.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
-                    request_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoRequest.FromString,
-                    response_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoResponse.SerializeToString,
+                    request_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoRequest.FromString,
+                    response_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoResponse.SerializeToString,
             ),
             'Upsert': grpc.stream_unary_rpc_method_handler(
                     servicer.Upsert,
-                    request_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.UpsertItem.FromString,
-                    response_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.UpsertResponse.SerializeToString,
+                    request_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.UpsertItem.FromString,
+                    response_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.UpsertResponse.SerializeToString,
             ),
             'SetLabels': grpc.unary_unary_rpc_method_handler(
                     servicer.SetLabels,
-                    request_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SetLabelsRequest.FromString,
-                    response_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SetLabelsResponse.SerializeToString,
+                    request_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SetLabelsRequest.FromString,
+                    response_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SetLabelsResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
-                    request_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.DeleteRequest.FromString,
-                    response_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.DeleteResponse.SerializeToString,
+                    request_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.DeleteRequest.FromString,
+                    response_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.DeleteResponse.SerializeToString,
             ),
             'RebuildIndex': grpc.unary_unary_rpc_method_handler(
                     servicer.RebuildIndex,
-                    request_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.RebuildIndexRequest.FromString,
-                    response_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.Operation.SerializeToString,
+                    request_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.RebuildIndexRequest.FromString,
+                    response_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.Operation.SerializeToString,
             ),
             'GetOperation': grpc.unary_unary_rpc_method_handler(
                     servicer.GetOperation,
-                    request_deserializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetOperationRequest.FromString,
-                    response_serializer=protos_dot_featurebank_dot_v1_dot_featurebank__pb2.Operation.SerializeToString,
+                    request_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetOperationRequest.FromString,
+                    response_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.Operation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -238,8 +238,8 @@ class FeatureBank:
             request,
             target,
             '/featurebank.v1.FeatureBank/Classify',
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyRequest.SerializeToString,
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyResponse.FromString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyRequest.SerializeToString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -265,8 +265,8 @@ class FeatureBank:
             request,
             target,
             '/featurebank.v1.FeatureBank/ClassifyBatch',
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyBatchRequest.SerializeToString,
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyBatchResponse.FromString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyBatchRequest.SerializeToString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.ClassifyBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -292,8 +292,8 @@ class FeatureBank:
             request,
             target,
             '/featurebank.v1.FeatureBank/Search',
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SearchRequest.SerializeToString,
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SearchResponse.FromString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SearchRequest.SerializeToString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SearchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -319,8 +319,8 @@ class FeatureBank:
             request,
             target,
             '/featurebank.v1.FeatureBank/Embed',
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.EmbedRequest.SerializeToString,
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.EmbedResponse.FromString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.EmbedRequest.SerializeToString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -346,8 +346,8 @@ class FeatureBank:
             request,
             target,
             '/featurebank.v1.FeatureBank/GetInfo',
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoRequest.SerializeToString,
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoResponse.FromString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoRequest.SerializeToString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -373,8 +373,8 @@ class FeatureBank:
             request_iterator,
             target,
             '/featurebank.v1.FeatureBank/Upsert',
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.UpsertItem.SerializeToString,
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.UpsertResponse.FromString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.UpsertItem.SerializeToString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.UpsertResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -400,8 +400,8 @@ class FeatureBank:
             request,
             target,
             '/featurebank.v1.FeatureBank/SetLabels',
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SetLabelsRequest.SerializeToString,
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SetLabelsResponse.FromString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SetLabelsRequest.SerializeToString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SetLabelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -427,8 +427,8 @@ class FeatureBank:
             request,
             target,
             '/featurebank.v1.FeatureBank/Delete',
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.DeleteRequest.SerializeToString,
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.DeleteResponse.FromString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.DeleteRequest.SerializeToString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.DeleteResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -454,8 +454,8 @@ class FeatureBank:
             request,
             target,
             '/featurebank.v1.FeatureBank/RebuildIndex',
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.RebuildIndexRequest.SerializeToString,
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.Operation.FromString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.RebuildIndexRequest.SerializeToString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,
@@ -481,8 +481,8 @@ class FeatureBank:
             request,
             target,
             '/featurebank.v1.FeatureBank/GetOperation',
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetOperationRequest.SerializeToString,
-            protos_dot_featurebank_dot_v1_dot_featurebank__pb2.Operation.FromString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetOperationRequest.SerializeToString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from embedder.bank import Bank, current_generation
-from embedder.errors import FailedPrecondition, InvalidInput
-from index.heads import DEFAULT_K, DEFAULT_T, LoadedHead, hybrid, is_stale, load_head
-from index.knn import vote
-from index.transforms import as_vectors
+from featurebank.classify.heads import DEFAULT_K, DEFAULT_T, LoadedHead, hybrid, is_stale, load_head
+from featurebank.classify.knn import vote
+from featurebank.core.bank import Bank, current_generation
+from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.index.transforms import as_vectors
 
 if TYPE_CHECKING:
-    from embedder.store import Store
-    from index.searcher import Searcher, SearchResult
+    from featurebank.index.searcher import Searcher, SearchResult
+    from featurebank.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Classifier:
         self._mode = check_mode(mode)
         self._own_store = store is None
         if store is None:
-            from embedder import store as store_mod
+            from featurebank import store as store_mod
 
             store = store_mod.open(self.bank.root, readonly=True)
         self.store: Store = store
@@ -99,7 +99,7 @@ class Classifier:
             searcher = old.searcher
             searcher.refresh()  # picks up label changes
         else:
-            from index.searcher import Searcher
+            from featurebank.index.searcher import Searcher
 
             searcher = Searcher.load(self.bank.root, store=self.store)
         head_gen = current_generation(self.bank.heads_dir)

@@ -1,4 +1,4 @@
-"""`featurebank index build|update|eval`: thin wrappers over index.build and index.evaluate_index."""
+"""`featurebank index build|update|eval`: thin wrappers over index.build and classify.evaluate_index."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _summary(m: dict[str, Any]) -> str:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from index.build import build_index
+    from featurebank.index.build import build_index
 
     m = build_index(
         args.bank,
@@ -64,7 +64,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _update(args: argparse.Namespace) -> int:
-    from index.build import update_index
+    from featurebank.index.build import update_index
 
     m = update_index(args.bank, progress=True)
     if m.get("unchanged"):
@@ -75,7 +75,7 @@ def _update(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from index.evaluate_index import evaluate
+    from featurebank.classify.evaluate_index import evaluate
 
     r = evaluate(args.bank, k=args.k, queries=args.queries, knn_k=args.knn_k, split=args.split)
     if args.json:

@@ -14,11 +14,11 @@ from typing import Any
 import faiss
 import numpy as np
 
-from embedder.bank import Bank
-from embedder.errors import FailedPrecondition, InvalidInput
-from index.knn import WEIGHTS, vote
-from index.searcher import Searcher, drop_excluded
-from index.tuning import exact_search, recall_at_k
+from featurebank.classify.knn import WEIGHTS, vote
+from featurebank.core.bank import Bank
+from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.index.searcher import Searcher, drop_excluded
+from featurebank.index.tuning import exact_search, recall_at_k
 
 BATCH = 1000
 

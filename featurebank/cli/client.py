@@ -75,7 +75,7 @@ def register(commands: Commands) -> None:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from server.client import FeatureBankClient
+    from featurebank.server.client import FeatureBankClient
 
     return FeatureBankClient(
         args.server, token=args.token, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
@@ -107,7 +107,7 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from embedder.errors import InvalidInput
+    from featurebank.core.errors import InvalidInput
 
     if (args.image is None) == (args.key is None):
         raise InvalidInput("give exactly one of an image or --key")
@@ -126,7 +126,7 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _image_paths(paths: list[Path]) -> list[Path]:
-    from embedder.errors import NotFound
+    from featurebank.core.errors import NotFound
 
     out: list[Path] = []
     for p in paths:
@@ -140,7 +140,7 @@ def _image_paths(paths: list[Path]) -> list[Path]:
 
 
 def _upsert(args: argparse.Namespace) -> int:
-    from embedder.errors import InvalidInput
+    from featurebank.core.errors import InvalidInput
 
     if args.label and args.folder_labels:
         raise InvalidInput("use --label or --folder-labels, not both")
@@ -173,7 +173,7 @@ def _upsert(args: argparse.Namespace) -> int:
 def _labels_set(args: argparse.Namespace) -> int:
     import csv
 
-    from embedder.errors import InvalidInput
+    from featurebank.core.errors import InvalidInput
 
     mapping: dict[str, str | None] = {}
     for a in args.assignments:
@@ -210,8 +210,8 @@ def _rebuild(args: argparse.Namespace) -> int:
     if not op.done:
         print(f"rebuild started: operation {op.id}")
     elif op.error.code:
-        from server.client import RemoteError
-        from server.status import code_of
+        from featurebank.server.client import RemoteError
+        from featurebank.server.status import code_of
 
         raise RemoteError(code_of(op.error.code), op.error.message, "RebuildIndex")
     else:

@@ -39,8 +39,8 @@ def register(commands: Commands) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from server.app import ServeConfig, serve
-    from server.auth import Tokens
+    from featurebank.server.app import ServeConfig, serve
+    from featurebank.server.auth import Tokens
 
     config = ServeConfig(
         bank=args.bank,

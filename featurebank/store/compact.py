@@ -16,9 +16,9 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from embedder.bank import write_atomic
-from embedder.errors import StorageFull
-from embedder.store_codec import (
+from featurebank.core.bank import write_atomic
+from featurebank.core.errors import StorageFull
+from featurebank.store.codec import (
     DELETED,
     decode_json_list,
     decode_keys,
@@ -28,7 +28,14 @@ from embedder.store_codec import (
     encode_rows,
     pack_id,
 )
-from embedder.store_env import CURRENT, DB_NAMES, ENV_PREFIX, EnvHandle, SharedStore, is_disk_full
+from featurebank.store.env import (
+    CURRENT,
+    DB_NAMES,
+    ENV_PREFIX,
+    EnvHandle,
+    SharedStore,
+    is_disk_full,
+)
 
 log = logging.getLogger(__name__)
 

@@ -54,8 +54,8 @@ def _bank_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from embedder import store as store_mod
-    from index.heads import head_status
+    from featurebank import store as store_mod
+    from featurebank.classify.heads import head_status
 
     with store_mod.open(args.bank, readonly=True) as st:
         stats = st.stats()
@@ -71,7 +71,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _info_lines(stats: dict[str, Any], errors: list[dict[str, Any]]) -> Iterator[str]:
-    from embedder.spec import Spec
+    from featurebank.core.spec import Spec
 
     yield f"bank        {stats['bank']}"
     yield f"spec        {Spec.from_dict(stats['spec']).describe()}"
@@ -111,7 +111,7 @@ def _info_lines(stats: dict[str, Any], errors: list[dict[str, Any]]) -> Iterator
 
 def _index_status(bank: Path) -> dict[str, Any] | None:
     """The live index's manifest, in brief; None before the first build."""
-    from embedder.bank import Bank, current_generation
+    from featurebank.core.bank import Bank, current_generation
 
     indexes = Bank(bank).indexes_dir
     gen = current_generation(indexes)
@@ -134,8 +134,8 @@ def _backup(args: argparse.Namespace) -> int:
     and one covering an older store generation simply catches up with `index update`."""
     import shutil
 
-    from embedder import store as store_mod
-    from embedder.bank import Bank, current_generation, write_atomic
+    from featurebank import store as store_mod
+    from featurebank.core.bank import Bank, current_generation, write_atomic
 
     src, dst = Bank(args.bank), Bank(args.out)
     with store_mod.open(src.root, readonly=True) as st:
@@ -159,7 +159,7 @@ def _backup(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from embedder import store as store_mod
+    from featurebank import store as store_mod
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ def _export_npy(out: Path, items: Any) -> None:
 
 
 def _export_parquet(out: Path, items: Any) -> None:
-    from embedder.errors import FailedPrecondition
+    from featurebank.core.errors import FailedPrecondition
 
     try:
         import pyarrow as pa
@@ -216,7 +216,7 @@ def _export_parquet(out: Path, items: Any) -> None:
 
 def _readable(path: Path) -> Path:
     """The path, or a clear error instead of a traceback when it cannot be read."""
-    from embedder.errors import NotFound
+    from featurebank.core.errors import NotFound
 
     if not path.is_file():
         raise NotFound(f"cannot read {path}: no such file")
@@ -230,7 +230,7 @@ def _read_keys(path: Path) -> list[str]:
 
 def _read_label_csv(path: Path) -> tuple[dict[str, str | None], dict[str, str]]:
     """key -> label (empty = None) and key -> split, skipping a `key,label` header row."""
-    from embedder.errors import InvalidInput
+    from featurebank.core.errors import InvalidInput
 
     labels: dict[str, str | None] = {}
     splits: dict[str, str] = {}
@@ -252,9 +252,9 @@ def _read_label_csv(path: Path) -> tuple[dict[str, str | None], dict[str, str]]:
 def _import(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from embedder import store as store_mod
-    from embedder.errors import InvalidInput
-    from embedder.spec import Spec
+    from featurebank import store as store_mod
+    from featurebank.core.errors import InvalidInput
+    from featurebank.core.spec import Spec
 
     try:
         vectors = np.load(_readable(args.vectors), mmap_mode="r", allow_pickle=False)
@@ -304,7 +304,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _labels(args: argparse.Namespace) -> int:
-    from embedder import store as store_mod
+    from featurebank import store as store_mod
 
     labels, splits = _read_label_csv(args.csv)
     with store_mod.open(args.bank) as st:

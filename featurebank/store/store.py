@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from embedder.bank import Bank, write_atomic
-from embedder.errors import FailedPrecondition, InvalidInput, NotFound
-from embedder.spec import Spec
-from embedder.store_codec import (
+from featurebank.core.bank import Bank, write_atomic
+from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
+from featurebank.core.spec import Spec
+from featurebank.store.codec import (
     DELETED,
     NO_LABEL,
     SPLIT_CODES,
@@ -52,7 +52,7 @@ from embedder.store_codec import (
     pack_ids,
     unpack_id,
 )
-from embedder.store_env import (
+from featurebank.store.env import (
     CURRENT,
     ENV_PREFIX,
     INITIAL_MAP_SIZE,
@@ -61,8 +61,8 @@ from embedder.store_env import (
     acquire,
     release,
 )
-from embedder.store_items import Changes, Items, Lazy
-from embedder.store_rows import (
+from featurebank.store.items import Changes, Items, Lazy
+from featurebank.store.rows import (
     Part,
     Snapshot,
     as_ids,
@@ -860,7 +860,7 @@ class Store:
         call; a crash before the switch leaves the old one live and the new one is
         removed by the next writer.
         """
-        from embedder import store_compact
+        from featurebank.store import compact as store_compact
 
         self.acquire_writer()
         sh = self._sh()

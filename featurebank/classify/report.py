@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from index import metrics
-from index.evaluate import TABLE_COLUMNS, Evaluation
+from featurebank.classify import metrics
+from featurebank.classify.evaluate import TABLE_COLUMNS, Evaluation
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from embedder.errors import InvalidInput
-from embedder.store_codec import (
+from featurebank.core.errors import InvalidInput
+from featurebank.store.codec import (
     DELETED,
     NO_LABEL,
     ROW_DTYPE,
@@ -21,7 +21,7 @@ from embedder.store_codec import (
     decode_rows,
     pack_id,
 )
-from embedder.store_env import EnvHandle
+from featurebank.store.env import EnvHandle
 
 Txn = Any  # lmdb.Transaction
 

@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedder.bank import Bank
-from embedder.errors import FailedPrecondition, InvalidInput
-from index import metrics
-from index.classifier import Classifier, align_columns
-from index.heads import TRAIN_SPLITS
-from index.knn import vote
+from featurebank.classify import metrics
+from featurebank.classify.classifier import Classifier, align_columns
+from featurebank.classify.heads import TRAIN_SPLITS
+from featurebank.classify.knn import vote
+from featurebank.core.bank import Bank
+from featurebank.core.errors import FailedPrecondition, InvalidInput
 
 if TYPE_CHECKING:
-    from embedder.store import Items, Store
+    from featurebank.store import Items, Store
 
 log = logging.getLogger(__name__)
 

@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedder.bank import Bank, current_generation, publish, staging_dir
-from embedder.errors import FailedPrecondition, NotFound
-from embedder.head import Head, HeadFit, apply_transform, fit_head, transform_arrays
-from embedder.store import borrowed
-from index import metrics
+from featurebank.classify import metrics
+from featurebank.classify.head import Head, HeadFit, apply_transform, fit_head, transform_arrays
+from featurebank.core.bank import Bank, current_generation, publish, staging_dir
+from featurebank.core.errors import FailedPrecondition, NotFound
+from featurebank.store import borrowed
 
 if TYPE_CHECKING:
-    from embedder.store import Store
-    from index.searcher import Searcher
+    from featurebank.index.searcher import Searcher
+    from featurebank.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class Neighbours:
 
     def vote(self, codes: np.ndarray, scores: np.ndarray, k: int, temperature: float) -> np.ndarray:
         """Softmax-weighted label distribution over the first k neighbours."""
-        from index.knn import vote
+        from featurebank.classify.knn import vote
 
         k = min(k, codes.shape[1])
         probs = vote(
@@ -289,7 +289,7 @@ def _index_transform(b: Bank) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     gen = current_generation(b.indexes_dir)
     if gen is None:
         return transform_arrays("none"), {"spec": "none", "index_generation": None}
-    from index.transforms import Transform
+    from featurebank.index.transforms import Transform
 
     t = Transform.load(b.indexes_dir / str(gen))
     return transform_arrays(t.spec, t.mean, t.matrix, t.normalize), {
@@ -302,7 +302,7 @@ def _index_transform(b: Bank) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 def _searcher(b: Bank, store: Store) -> Searcher | None:
     if current_generation(b.indexes_dir) is None:
         return None
-    from index.searcher import Searcher
+    from featurebank.index.searcher import Searcher
 
     return Searcher.load(b.root, store=store)
 

@@ -65,8 +65,8 @@ def _fmt(v: Any) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from index.evaluate import TABLE_COLUMNS
-    from index.heads import train_head
+    from featurebank.classify.evaluate import TABLE_COLUMNS
+    from featurebank.classify.heads import train_head
 
     m = train_head(
         args.bank,
@@ -102,7 +102,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from index.heads import head_status
+    from featurebank.classify.heads import head_status
 
     status = head_status(args.bank)
     if status is None:
@@ -113,9 +113,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from embedder.bank import Bank
-    from index.evaluate import evaluate, format_table
-    from index.report import report_dir, write_report
+    from featurebank.classify.evaluate import evaluate, format_table
+    from featurebank.classify.report import report_dir, write_report
+    from featurebank.core.bank import Bank
 
     ev = evaluate(args.bank, split=args.split, k=args.k, sklearn=not args.no_sklearn)
     print(format_table(ev))
@@ -131,7 +131,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from embedder.finetune import finetune
+    from featurebank.classify.finetune import finetune
 
     s = finetune(
         args.images,

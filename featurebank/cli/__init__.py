@@ -1,6 +1,6 @@
 """The `featurebank` command: a thin layer that parses arguments and prints.
 
-Each area registers its own subcommands from `featurebank/commands/<area>.py`;
+Each area registers its own subcommands from `featurebank/cli/<area>.py`;
 those modules import TensorFlow, FAISS or gRPC only inside their handlers, so
 `featurebank --help` and store commands start fast.
 """
@@ -14,9 +14,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from embedder.errors import FeaturebankError
+from featurebank.core.errors import FeaturebankError
 
-AREAS = ["store", "embed", "index", "head", "serve", "client", "demo_cmd"]
+AREAS = ["store", "embed", "index", "head", "serve", "client"]
 
 Handler = Callable[[argparse.Namespace], "int | None"]
 
@@ -55,13 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     commands = Commands(parser.add_subparsers(dest="command", required=True))
     for area in AREAS:
-        try:
-            module = importlib.import_module(f"featurebank.commands.{area}")
-        except ModuleNotFoundError as e:
-            if e.name == f"featurebank.commands.{area}":
-                continue
-            raise
-        module.register(commands)
+        importlib.import_module(f"featurebank.cli.{area}").register(commands)
     return parser
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from embedder.errors import InvalidInput, SpecMismatch
+from featurebank.core.errors import InvalidInput, SpecMismatch
 
 DTYPES = ("float16", "float32")
 # Fields that say where a file lives rather than what the vectors mean.

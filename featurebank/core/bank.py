@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from embedder.errors import FailedPrecondition
+from featurebank.core.errors import FailedPrecondition
 
 
 class Bank:

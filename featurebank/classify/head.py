@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from embedder.errors import InvalidInput
+from featurebank.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 

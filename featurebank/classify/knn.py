@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from embedder.errors import FailedPrecondition, InvalidInput
+from featurebank.core.errors import FailedPrecondition, InvalidInput
 
 if TYPE_CHECKING:
-    from index.searcher import Searcher, SearchResult
+    from featurebank.index.searcher import Searcher, SearchResult
 
 log = logging.getLogger(__name__)
 

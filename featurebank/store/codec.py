@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from embedder.errors import InvalidInput, SpecMismatch
-from embedder.spec import Spec
+from featurebank.core.errors import InvalidInput, SpecMismatch
+from featurebank.core.spec import Spec
 
 SPLITS = ("train", "val", "test", "none")
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}

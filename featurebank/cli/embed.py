@@ -70,7 +70,8 @@ def register(commands: Commands) -> None:
 
 def _embed(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from embedder.embedding import describe_device, embed
+    from featurebank.embedder.embedding import describe_device
+    from featurebank.embedder.pipeline import embed
 
     device, n_gpus = describe_device()
     print(f"featurebank embed: running on {device}", file=sys.stderr)

@@ -33,8 +33,8 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from embedder.errors import FeaturebankError, NotFound, StorageFull, WriterBusy
-from embedder.rwlock import RWLock
+from featurebank.core.errors import FeaturebankError, NotFound, StorageFull, WriterBusy
+from featurebank.core.rwlock import RWLock
 
 log = logging.getLogger(__name__)
 

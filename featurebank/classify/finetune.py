@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from embedder.backbones import CAFFE_MEAN, TORCH_MEAN, TORCH_STD
-from embedder.bank import Bank
-from embedder.errors import FailedPrecondition, InvalidInput
+from featurebank.core.bank import Bank
+from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.embedder.backbones import CAFFE_MEAN, TORCH_MEAN, TORCH_STD
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def _load_images(
     images: str, size: tuple[int, int], resize: str, vocabulary: list[str], bank_labels: Any
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Pixels (n, h, w, 3) uint8 and label codes of the labelled, decodable inputs."""
-    from embedder import sources
-    from embedder.images import ImageError
+    from featurebank.embedder import sources
+    from featurebank.embedder.images import ImageError
 
     src = sources.open_source(images, labels="folders")
     code = {label: i for i, label in enumerate(vocabulary)}
@@ -146,10 +146,10 @@ def finetune(
     """Fine-tune the bank's backbone + head on labelled IMAGES; save the backbone to `out`."""
     import keras
 
-    from embedder import store as store_mod
-    from embedder.embedding import Embedder
-    from embedder.head import keras_head
-    from index.heads import load_head
+    from featurebank import store as store_mod
+    from featurebank.classify.head import keras_head
+    from featurebank.classify.heads import load_head
+    from featurebank.embedder.embedding import Embedder
 
     b = Bank(bank)
     out = Path(out)
