@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Iterable
@@ -37,7 +36,7 @@ from featurebank.index.searcher import (
     read_manifest,
 )
 from featurebank.index.tuning import Tuned, exact_search, timed_search, tune
-from featurebank.store import borrowed
+from featurebank.store import BankLike, borrowed
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +172,7 @@ def omp_threads(threads: int | None) -> Any:
 
 
 def build_index(
-    bank: str | os.PathLike[str] | Bank,
+    bank: BankLike,
     factory: str = "auto",
     metric: str = "cosine",
     transform: str = "none",
@@ -182,15 +181,13 @@ def build_index(
     k: int = 10,
     progress: bool = False,
     threads: int | None = None,
-    store: Any = None,
 ) -> dict[str, Any]:
     """Build an index over the whole store, tune it, publish it as the next generation."""
-    b = Bank(bank)
     budget = selection.parse_memory(memory_budget)
     check_options(metric, k, target_recall, budget)
     transforms.parse(transform)
-    with borrowed(b, store) as st, omp_threads(threads):
-        return _build(b, st, factory, metric, transform, budget, target_recall, k, progress)
+    with borrowed(bank) as st, omp_threads(threads):
+        return _build(st.bank, st, factory, metric, transform, budget, target_recall, k, progress)
 
 
 def _build(
@@ -294,9 +291,8 @@ def _as_ids(values: Iterable[int] | np.ndarray) -> np.ndarray:
 
 
 def update_index(
-    bank: str | os.PathLike[str] | Bank,
+    bank: BankLike,
     progress: bool = False,
-    store: Any = None,
     rebuild_fraction: float = 0.2,
 ) -> dict[str, Any]:
     """Bring the live index up to the store: add new items, remove (or filter) deleted ones.
@@ -304,9 +300,8 @@ def update_index(
     The transform is not refitted. When more than `rebuild_fraction` of the
     index is deleted-but-unremovable (HNSW), the index is rebuilt instead.
     """
-    b = Bank(bank)
-    with borrowed(b, store) as st:
-        return _update(b, st, progress, rebuild_fraction)
+    with borrowed(bank) as st:
+        return _update(st.bank, st, progress, rebuild_fraction)
 
 
 def _rebuild_like(bank: Bank, store: Any, manifest: dict[str, Any], why: str) -> dict[str, Any]:

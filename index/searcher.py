@@ -29,11 +29,13 @@ from typing import Any
 import faiss
 import numpy as np
 
+from featurebank import store as store_mod
 from featurebank.core.bank import Bank, current_dir, current_generation
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
 from featurebank.core.rwlock import RWLock
 from featurebank.index.transforms import Transform, as_vectors
 from featurebank.index.tuning import set_params, tunable, unwrap
+from featurebank.store import BankLike, Store
 
 log = logging.getLogger(__name__)
 FAISS: Any = faiss  # faiss' bundled stubs miss SearchParametersHNSW and keyword constructors
@@ -280,22 +282,18 @@ class Searcher:
         self._view = make_view(gen, load_labels(store))
 
     @classmethod
-    def load(
-        cls, bank: str | os.PathLike[str] | Bank, store: Any = None, threads: int | None = None
-    ) -> Searcher:
+    def load(cls, bank: BankLike, threads: int | None = None) -> Searcher:
         """Open the live index of `bank` (FailedPrecondition if none was built yet).
 
-        `threads`: OpenMP threads per search call; None = all cores when called
-        from the main thread, 1 from other threads (servers run many at once).
+        An open Store is used as it is (and stays open after close()); a path is
+        opened read-only and closed with the searcher. `threads`: OpenMP threads per
+        search call; None = all cores when called from the main thread, 1 from other
+        threads (servers run many at once).
         """
-        b = Bank(bank)
-        owns = store is None
-        if store is None:
-            from featurebank import store as store_mod
-
-            store = store_mod.open(b.root, readonly=True)
+        owns = not isinstance(bank, Store)
+        store = bank if isinstance(bank, Store) else store_mod.open(bank, readonly=True)
         try:
-            return cls(b, store, owns, threads)
+            return cls(store.bank, store, owns, threads)
         except BaseException:
             if owns:
                 store.close()

@@ -208,7 +208,7 @@ class Engine:
 
         try:
             if self.models is None:
-                classifier = Classifier(self.bank.root, store=self.store)
+                classifier = Classifier(self.store)
             else:
                 classifier = self.models.classifier
                 classifier.reload()  # atomic: calls in flight keep their snapshot

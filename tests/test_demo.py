@@ -111,7 +111,7 @@ def test_grpc_classification_matches_in_process(demo: DemoRun) -> None:
     images = [(demo.workdir / r["image"]).read_bytes() for r in rows]
     with store.open(demo.workdir / "demo-bank", readonly=True) as st:
         vectors = Embedder.from_spec(st.spec).embed_images(images)
-        clf = Classifier(demo.workdir / "demo-bank", store=st)
+        clf = Classifier(st)
         assert clf.index_generation == rows[0]["index_generation"]
         assert clf.head_generation == rows[0]["head_generation"]
         predictions = clf.classify(vectors, top_n=3)
@@ -141,8 +141,8 @@ def test_held_out_labels_do_not_change_predictions(
     shutil.copytree(demo.workdir / "demo-bank", copy)
     with store.open(copy) as st:
         test_items = st.to_numpy(split="test", labelled_only=True)
-        before = Classifier(copy, store=st).predict_proba(test_items.vectors)
+        before = Classifier(st).predict_proba(test_items.vectors)
         st.set_labels(dict.fromkeys(test_items.keys))
-        after = Classifier(copy, store=st).predict_proba(test_items.vectors)
+        after = Classifier(st).predict_proba(test_items.vectors)
     assert before[1] == after[1]
     np.testing.assert_allclose(before[0], after[0], atol=1e-5)

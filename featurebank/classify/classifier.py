@@ -12,20 +12,21 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from featurebank import store as store_mod
 from featurebank.classify.heads import DEFAULT_K, DEFAULT_T, LoadedHead, hybrid, is_stale, load_head
 from featurebank.classify.knn import vote
-from featurebank.core.bank import Bank, current_generation
+from featurebank.core.bank import current_generation
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.index.transforms import as_vectors
+from featurebank.store import BankLike, Store
 
 if TYPE_CHECKING:
     from featurebank.index.searcher import Searcher, SearchResult
-    from featurebank.store import Store
+
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +70,11 @@ class Classifier:
     Raises FailedPrecondition when the bank has no index yet.
     """
 
-    def __init__(
-        self, bank: str | Path | Bank, mode: str | None = None, store: Store | None = None
-    ) -> None:
-        self.bank = Bank(bank)
+    def __init__(self, bank: BankLike, mode: str | None = None) -> None:
         self._mode = check_mode(mode)
-        self._own_store = store is None
-        if store is None:
-            from featurebank import store as store_mod
-
-            store = store_mod.open(self.bank.root, readonly=True)
-        self.store: Store = store
+        self._own_store = not isinstance(bank, Store)
+        self.store: Store = bank if isinstance(bank, Store) else store_mod.open(bank, readonly=True)
+        self.bank = self.store.bank
         self._lock = threading.Lock()
         try:
             self._snap = self._load(None)
@@ -101,7 +96,7 @@ class Classifier:
         else:
             from featurebank.index.searcher import Searcher
 
-            searcher = Searcher.load(self.bank.root, store=self.store)
+            searcher = Searcher.load(self.store)
         head_gen = current_generation(self.bank.heads_dir)
         if old is not None and old.head_generation == head_gen:
             head = old.head

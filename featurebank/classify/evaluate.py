@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,11 +19,10 @@ from featurebank.classify import metrics
 from featurebank.classify.classifier import Classifier, align_columns
 from featurebank.classify.heads import TRAIN_SPLITS
 from featurebank.classify.knn import vote
-from featurebank.core.bank import Bank
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 
 if TYPE_CHECKING:
-    from featurebank.store import Items, Store
+    from featurebank.store import BankLike, Items, Store
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +91,20 @@ class Evaluation:
 
 
 def evaluate(
-    bank: str | Path | Bank,
+    bank: BankLike,
     split: str = "test",
     k: int | None = None,
-    store: Store | None = None,
     sklearn: bool = True,
     progress: bool = False,
 ) -> Evaluation:
     """Score knn/head/hybrid/stacked (and sklearn baselines) on the bank's `split` items."""
     if split not in SPLITS:
         raise InvalidInput(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    b = Bank(bank)
     started = time.time()
-    clf = Classifier(b, store=store)
+    clf = Classifier(bank)
     try:
         st = clf.store
+        b = st.bank
         items = st.to_numpy(split=split, labelled_only=True)
         if len(items) == 0:
             raise FailedPrecondition(f"no labelled {split!r} items in {b.root} to evaluate on")

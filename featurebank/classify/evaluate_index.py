@@ -7,7 +7,6 @@ search alike), which is what a new, similar vector would see.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -15,28 +14,27 @@ import faiss
 import numpy as np
 
 from featurebank.classify.knn import WEIGHTS, vote
-from featurebank.core.bank import Bank
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.index.searcher import Searcher, drop_excluded
 from featurebank.index.tuning import exact_search, recall_at_k
+from featurebank.store import BankLike
 
 BATCH = 1000
 
 
 def evaluate(
-    bank: str | os.PathLike[str] | Bank,
+    bank: BankLike,
     k: int = 10,
     queries: int = 1000,
     knn_k: int = 20,
     temperature: float = 0.07,
     split: str = "val",
-    store: Any = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Recall@k (vs exact), queries/s in batches of 1,000, and kNN accuracy on `split`."""
     if queries <= 0:
         raise InvalidInput(f"queries must be positive, got {queries}")
-    with Searcher.load(bank, store=store) as searcher:
+    with Searcher.load(bank) as searcher:
         view = searcher._view
         live = np.setdiff1d(view.gen.index_ids, view.stale)
         if live.size <= k:

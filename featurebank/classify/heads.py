@@ -32,7 +32,7 @@ from featurebank.store import borrowed
 
 if TYPE_CHECKING:
     from featurebank.index.searcher import Searcher
-    from featurebank.store import Store
+    from featurebank.store import BankLike, Store
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +98,17 @@ def is_stale(manifest: dict[str, Any], store_labels_generation: int) -> bool:
     return store_labels_generation > labels_generation_of(manifest)
 
 
-def head_status(bank: str | Path | Bank, store: Store | None = None) -> dict[str, Any] | None:
+def head_status(bank: BankLike) -> dict[str, Any] | None:
     """What `store info` and `head info` show about the head; None when there is none.
 
     A head is stale once labels changed after it was trained (the store's
     labels_generation moved past the one recorded in the head's manifest).
     """
-    b = Bank(bank)
-    gen = current_generation(b.heads_dir)
-    if gen is None:
-        return None
-    manifest = json.loads((b.heads_dir / str(gen) / MANIFEST).read_text())
-    with borrowed(b, store) as st:
+    with borrowed(bank) as st:
+        gen = current_generation(st.bank.heads_dir)
+        if gen is None:
+            return None
+        manifest = json.loads((st.bank.heads_dir / str(gen) / MANIFEST).read_text())
         store_labels = int(st.labels_generation)
     trained_on = labels_generation_of(manifest)
     val = manifest.get("val_metrics", {})
@@ -299,16 +298,16 @@ def _index_transform(b: Bank) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     }
 
 
-def _searcher(b: Bank, store: Store) -> Searcher | None:
-    if current_generation(b.indexes_dir) is None:
+def _searcher(store: Store) -> Searcher | None:
+    if current_generation(store.bank.indexes_dir) is None:
         return None
     from featurebank.index.searcher import Searcher
 
-    return Searcher.load(b.root, store=store)
+    return Searcher.load(store)
 
 
 def train_head(
-    bank: str | Path | Bank,
+    bank: BankLike,
     hidden: int = 0,
     dropout: float = 0.2,
     epochs: int = 100,
@@ -316,7 +315,6 @@ def train_head(
     class_weight: str = "balanced",
     progress: bool = False,
     *,
-    store: Store | None = None,
     stacked: bool = True,
     seed: int = 0,
     learning_rate: float = 1e-2,
@@ -330,9 +328,9 @@ def train_head(
     training items for the chosen number of epochs (val metrics stay those measured
     before). Returns the manifest written to heads/<gen>/manifest.json.
     """
-    b = Bank(bank)
     started = time.time()
-    with borrowed(b, store) as st:
+    with borrowed(bank) as st:
+        b = st.bank
         items = st.to_numpy(labelled_only=True)
         labels_generation = int(st.labels_generation)
         store_generation = int(st.generation)
@@ -353,7 +351,7 @@ def train_head(
             )
         x, ids = np.asarray(items.vectors, dtype=np.float32), items.ids.astype(np.int64)
         tparams, tinfo = _index_transform(b)
-        searcher = _searcher(b, st)
+        searcher = _searcher(st)
         neighbours = (
             Neighbours(vocabulary, searcher)
             if searcher is not None

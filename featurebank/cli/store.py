@@ -61,7 +61,7 @@ def _info(args: argparse.Namespace) -> int:
         stats = st.stats()
         errors = st.errors()
         stats["index"] = _index_status(args.bank)
-        stats["head"] = head_status(args.bank, store=st)
+        stats["head"] = head_status(st)
     if args.json:
         print(json.dumps({**stats, "error_list": errors}, indent=2))
         return 0

@@ -6,6 +6,6 @@ rows, lazy item views, and compaction into a fresh environment.
 """
 
 from featurebank.store.items import Changes, Items
-from featurebank.store.store import Store, borrowed, create, open, open_or_create
+from featurebank.store.store import BankLike, Store, borrowed, create, open, open_or_create
 
-__all__ = ["Changes", "Items", "Store", "borrowed", "create", "open", "open_or_create"]
+__all__ = ["BankLike", "Changes", "Items", "Store", "borrowed", "create", "open", "open_or_create"]

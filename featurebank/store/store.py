@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -152,10 +152,12 @@ def open(bank: str | os.PathLike[str] | Bank, readonly: bool = False) -> Store: 
 
 
 @contextmanager
-def borrowed(bank: str | os.PathLike[str] | Bank, store: Store | None = None) -> Iterator[Store]:
-    """The caller's open store, or one opened read-only for the duration of the block."""
-    if store is not None:
-        yield store
+def borrowed(bank: BankLike) -> Iterator[Store]:
+    """The open bank handle: the caller's open store as it is, or a path opened read-only
+    for the duration of the block. Library functions take either, so a long-lived
+    process (the server) passes its store and a script passes a path."""
+    if isinstance(bank, Store):
+        yield bank
         return
     with open(bank, readonly=True) as st:
         yield st
@@ -867,3 +869,7 @@ class Store:
         sh.require_writer()
         with sh.lock:
             store_compact.compact(sh, self.block_rows, self.spec.dim * self._dtype.itemsize)
+
+
+BankLike: TypeAlias = "str | os.PathLike[str] | Bank | Store"
+"""What library functions take for a bank: a path, its Bank, or an open Store (the handle)."""

@@ -1,0 +1,91 @@
+"""The settings of an index build, in one type with the defaults in one place.
+
+A build persists its `IndexParams` in the generation's manifest; every later
+rebuild (the CLI's `index build` and `rebuild`, the server's RebuildIndex, an
+update's fallback) starts from the live generation's params and changes only
+the fields the caller names, so a transform or budget an operator chose is
+never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from featurebank.core.errors import InvalidInput
+from featurebank.core.vocabulary import METRICS
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_memory(text: str | int) -> int:
+    """'4G', '512M', '100k', '123' -> bytes (binary units), for --memory-budget."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise InvalidInput(f"memory budget {text!r}: expected a size like 4G, 512M or 1000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """What to build: factory (or auto), metric, transform, memory budget, recall target.
+
+    `transform` defaults to cl2n (centre on the bank's mean, then L2-normalise):
+    measured best for CNN features by benchmarks/classify_quality.py (README table).
+    """
+
+    factory: str = "auto"
+    metric: str = "cosine"
+    transform: str = "cl2n"
+    memory_budget: int = 4 << 30
+    target_recall: float = 0.95
+    k: int = 10
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "memory_budget", parse_memory(self.memory_budget))
+        if not isinstance(self.factory, str) or not self.factory.strip():
+            raise InvalidInput(f"factory must be 'auto' or a faiss factory string, got {self.factory!r}")
+        if self.metric not in METRICS:
+            raise InvalidInput(f"unknown metric {self.metric!r}: use one of {', '.join(METRICS)}")
+        k = self.k
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise InvalidInput(f"k must be a positive integer, got {k!r}")
+        if not 0 < self.target_recall <= 1:
+            raise InvalidInput(f"target recall must be in (0, 1], got {self.target_recall}")
+        if self.memory_budget <= 0:
+            raise InvalidInput(f"memory budget must be positive, got {self.memory_budget}")
+
+    def override(self, **changes: Any) -> IndexParams:
+        """A copy with the named fields changed; None (or "" from a proto) means "keep"."""
+        named = {k: v for k, v in changes.items() if v is not None and v != ""}
+        unknown = set(named) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise InvalidInput(f"unknown index parameter(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **named)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any] | None) -> IndexParams:
+        """The params a generation was built with (older manifests: their separate keys)."""
+        if not manifest:
+            return cls()
+        saved = manifest.get("index_params")
+        if isinstance(saved, Mapping):
+            return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+        transform = manifest.get("transform")
+        return cls().override(
+            factory=manifest.get("requested_factory"),
+            metric=manifest.get("metric"),
+            transform=transform.get("spec") if isinstance(transform, Mapping) else None,
+            memory_budget=manifest.get("memory_budget"),
+            target_recall=manifest.get("target_recall"),
+            k=manifest.get("k"),
+        )
