@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from featurebank.core.errors import InvalidInput
+from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.core.spec import Spec
 from featurebank.embedder import backbones, images
 
@@ -358,8 +358,10 @@ def _build_model(spec: Spec) -> tuple[Any, int, Spec]:
             )
         return model, min(n_gpus, 1), spec  # user models run on one device
     size = spec.input_size
-    if size is None:
-        raise InvalidInput(f"bank holds external vectors, there is no model: [{spec.describe()}]")
+    if not spec.has_model or size is None:
+        raise FailedPrecondition(
+            f"bank holds vectors made elsewhere, there is no model: [{spec.describe()}]"
+        )
 
     def build() -> Any:
         return backbones.build_family(

@@ -25,8 +25,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-from featurebank.core.bank import Bank, current_dir, publish, staging_dir
+from featurebank.core.bank import Bank, current_dir, current_generation, publish, staging_dir
 from featurebank.core.errors import FailedPrecondition, FeaturebankError, InvalidInput
+from featurebank.core.params import IndexParams
+from featurebank.core.vocabulary import metric as metric_named
 from featurebank.index import selection, transforms
 from featurebank.index.searcher import (
     INDEX_FILE,
@@ -44,21 +46,11 @@ FORMAT = 1
 HOLDOUT = 1000  # held-out tuning queries (at most 10% of the bank)
 TRAIN_MAX = 262_144  # vectors used to train IVF/PQ/OPQ
 ADD_BATCH = 65_536
-# Cosine is searched as squared L2 on unit vectors: the same order, and graph/PCA
-# indexes work on distances (a centred PCA does not preserve inner products).
-FAISS_METRIC = {"cosine": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT,
-                "l2": faiss.METRIC_L2}
 
 
-def check_options(metric: str, k: int, target_recall: float, memory_budget: int) -> None:
-    if metric not in FAISS_METRIC:
-        raise InvalidInput(f"unknown metric {metric!r}: use cosine, ip or l2")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-        raise InvalidInput(f"k must be a positive integer, got {k!r}")
-    if not 0 < target_recall <= 1:
-        raise InvalidInput(f"target recall must be in (0, 1], got {target_recall}")
-    if memory_budget <= 0:
-        raise InvalidInput(f"memory budget must be positive, got {memory_budget}")
+def faiss_metric(name: str) -> int:
+    """The FAISS metric constant an index for metric `name` is built with."""
+    return faiss.METRIC_L2 if metric_named(name).faiss_kind == "l2" else faiss.METRIC_INNER_PRODUCT
 
 
 def faiss_reason(e: Exception) -> str:
@@ -70,7 +62,7 @@ def faiss_reason(e: Exception) -> str:
 def make_index(factory: str, dim: int, metric: str) -> faiss.Index:
     """faiss.index_factory behind an IndexIDMap2 (ids = store ids); bad strings -> InvalidInput."""
     try:
-        index = faiss.index_factory(dim, f"IDMap2,{factory}", FAISS_METRIC[metric])
+        index = faiss.index_factory(dim, f"IDMap2,{factory}", faiss_metric(metric))
     except RuntimeError as e:
         raise InvalidInput(
             f"unknown or invalid faiss factory string {factory!r} for dimension {dim}: "
@@ -86,12 +78,14 @@ def add_batches(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, progre
         from tqdm import tqdm
 
         bar = tqdm(total=len(ids), desc="indexing", unit="vec", file=None)
-    for i in range(0, len(ids), ADD_BATCH):
-        index.add_with_ids(vectors[i : i + ADD_BATCH], ids[i : i + ADD_BATCH])
+    try:
+        for i in range(0, len(ids), ADD_BATCH):
+            index.add_with_ids(vectors[i : i + ADD_BATCH], ids[i : i + ADD_BATCH])
+            if bar is not None:
+                bar.update(min(ADD_BATCH, len(ids) - i))
+    finally:
         if bar is not None:
-            bar.update(min(ADD_BATCH, len(ids) - i))
-    if bar is not None:
-        bar.close()
+            bar.close()
 
 
 def train(index: faiss.Index, vectors: np.ndarray) -> None:
@@ -147,7 +141,7 @@ def build_arrays(
     add_batches(index, vectors[rest], ids[rest], progress)
     if held.size:
         queries = vectors[held]
-        truth, _ = exact_search(vectors[rest], ids[rest], queries, k, FAISS_METRIC[metric])
+        truth, _ = exact_search(vectors[rest], ids[rest], queries, k, faiss_metric(metric))
         tuned = tune(index, queries, truth, k, target_recall)
         add_batches(index, queries, ids[held], progress=False)
     else:  # too small to hold anything back: time searches for the record
@@ -171,37 +165,44 @@ def omp_threads(threads: int | None) -> Any:
         faiss.omp_set_num_threads(before)
 
 
+def live_params(bank: Bank) -> IndexParams:
+    """The params the live generation was built with (the defaults when there is none)."""
+    gen = current_generation(bank.indexes_dir)
+    if gen is None:
+        return IndexParams()
+    return IndexParams.from_manifest(read_manifest(bank.indexes_dir / str(gen)))
+
+
 def build_index(
     bank: BankLike,
-    factory: str = "auto",
-    metric: str = "cosine",
-    transform: str = "none",
-    memory_budget: int | str = 4 << 30,
-    target_recall: float = 0.95,
-    k: int = 10,
+    *,
+    factory: str | None = None,
+    metric: str | None = None,
+    transform: str | None = None,
+    memory_budget: int | str | None = None,
+    target_recall: float | None = None,
+    k: int | None = None,
     progress: bool = False,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    """Build an index over the whole store, tune it, publish it as the next generation."""
-    budget = selection.parse_memory(memory_budget)
-    check_options(metric, k, target_recall, budget)
-    transforms.parse(transform)
-    with borrowed(bank) as st, omp_threads(threads):
-        return _build(st.bank, st, factory, metric, transform, budget, target_recall, k, progress)
+    """Build an index over the whole store, tune it, publish it as the next generation.
+
+    Starts from the live generation's IndexParams; only the options given change.
+    """
+    with borrowed(bank) as st:
+        params = live_params(st.bank).override(
+            factory=factory, metric=metric, transform=transform, memory_budget=memory_budget,
+            target_recall=target_recall, k=k,
+        )
+        transforms.parse(params.transform)
+        with omp_threads(threads):
+            return _build(st.bank, st, params, progress)
 
 
-def _build(
-    bank: Bank,
-    store: Any,
-    factory: str,
-    metric: str,
-    transform: str,
-    budget: int,
-    target_recall: float,
-    k: int,
-    progress: bool,
-) -> dict[str, Any]:
+def _build(bank: Bank, store: Any, params: IndexParams, progress: bool) -> dict[str, Any]:
     started = time.perf_counter()
+    factory, metric, transform, k = params.factory, params.metric, params.transform, params.k
+    target_recall, budget = params.target_recall, params.memory_budget
     dim = int(store.spec.dim)
     transforms.check_fits(transform, dim)
     store_generation = int(store.generation)  # read first: update_index re-adds nothing twice
@@ -212,7 +213,7 @@ def _build(
     if k > count:
         raise InvalidInput(f"k={k} is more than the {count} items in the bank")
     vectors = transforms.as_vectors(items.vectors, dim, f"store vectors in {bank.root}")
-    fitted = transforms.fit(transform, vectors, normalize_output=metric == "cosine")
+    fitted = transforms.fit(transform, vectors, normalize_output=metric_named(metric).unit_vectors)
     xt = fitted.apply(vectors)
     del vectors
     if factory == "auto":
@@ -226,6 +227,7 @@ def _build(
     index, tuned = build_arrays(xt, items.ids, choice.factory, metric, k, target_recall, progress)
     manifest = {
         "format": FORMAT,
+        "index_params": params.to_dict(),
         "factory": choice.factory,
         "requested_factory": factory,
         "selection": choice.to_dict(),
@@ -306,17 +308,7 @@ def update_index(
 
 def _rebuild_like(bank: Bank, store: Any, manifest: dict[str, Any], why: str) -> dict[str, Any]:
     log.info("rebuilding the index: %s", why)
-    return _build(
-        bank,
-        store,
-        manifest.get("requested_factory", "auto"),
-        manifest["metric"],
-        manifest["transform"]["spec"],
-        int(manifest.get("memory_budget", 4 << 30)),
-        float(manifest.get("target_recall", 0.95)),
-        int(manifest.get("k", 10)),
-        progress=False,
-    )
+    return _build(bank, store, IndexParams.from_manifest(manifest), progress=False)
 
 
 def _update(bank: Bank, store: Any, progress: bool, rebuild_fraction: float) -> dict[str, Any]:

@@ -33,6 +33,8 @@ from featurebank import store as store_mod
 from featurebank.core.bank import Bank, current_dir, current_generation
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
 from featurebank.core.rwlock import RWLock
+from featurebank.core.vocabulary import HELD_OUT_SPLIT
+from featurebank.core.vocabulary import metric as metric_named
 from featurebank.index.transforms import Transform, as_vectors
 from featurebank.index.tuning import set_params, tunable, unwrap
 from featurebank.store import BankLike, Store
@@ -192,9 +194,6 @@ def load_generation(bank: Bank, number: int | None = None) -> Generation:
     )
 
 
-HELD_OUT_SPLIT = "test"
-
-
 def load_labels(store: Any) -> Labels:
     """The label table; test-split items keep their labels for display but never vote."""
     generation = int(store.generation)
@@ -237,17 +236,8 @@ def drop_excluded(
 
 
 def to_scores(dist: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
-    """FAISS distances -> similarity scores (higher = closer).
-
-    l2: -Euclidean distance; cosine (searched as squared L2 on unit vectors):
-    1 - d/2, the cosine similarity; ip: the inner product itself.
-    """
-    if metric == "l2":
-        scores = -np.sqrt(np.maximum(dist, 0.0))
-    elif metric == "cosine":
-        scores = 1.0 - dist / 2.0
-    else:
-        scores = dist.copy()
+    """FAISS distances -> similarity scores (higher = closer); padding rows get -inf."""
+    scores = metric_named(metric).scores(dist)
     scores[ids < 0] = -np.inf
     return scores.astype(np.float32, copy=False)
 

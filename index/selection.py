@@ -28,7 +28,6 @@ records the choice and the reason). The rules, in order (like autofaiss):
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -58,21 +57,6 @@ class Choice:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
-
-
-def parse_memory(text: str | int) -> int:
-    """'4G', '512M', '100k', '123' -> bytes (binary units), for --memory-budget."""
-    if isinstance(text, int):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", text)
-        if not m:
-            raise InvalidInput(f"memory budget {text!r}: expected a size like 4G, 512M or 1000000")
-        power = " KMGT".index(m.group(2).upper() or " ")
-        value = int(float(m.group(1)) * (1024**power))
-    if value <= 0:
-        raise InvalidInput(f"memory budget must be positive, got {text!r}")
-    return value
 
 
 def nlist_for(count: int) -> int:

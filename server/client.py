@@ -229,10 +229,12 @@ class FeatureBankClient:
     def rebuild_index(
         self,
         *,
-        factory: str = "",
-        metric: str = "",
-        transform: str = "",
-        target_recall: float = 0.0,
+        factory: str | None = None,
+        metric: str | None = None,
+        transform: str | None = None,
+        target_recall: float | None = None,
+        memory_budget: str | None = None,
+        k: int | None = None,
         retrain_head: bool = False,
         head_hidden: int = 0,
         head_epochs: int = 0,
@@ -242,7 +244,8 @@ class FeatureBankClient:
     ) -> pb.Operation:
         """Start a rebuild; with `wait`, poll until it is done and return the final state."""
         request = pb.RebuildIndexRequest(
-            factory=factory, metric=metric, transform=transform, target_recall=target_recall,
+            factory=factory or "", metric=metric or "", transform=transform or "",
+            target_recall=target_recall or 0.0, memory_budget=memory_budget or "", k=k or 0,
             retrain_head=retrain_head, head_hidden=head_hidden, head_epochs=head_epochs,
         )
         op = self._call(self.stub.RebuildIndex, request, timeout)

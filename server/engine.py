@@ -124,10 +124,9 @@ class Operation:
 
 @dataclass(frozen=True)
 class RebuildParams:
-    factory: str = "auto"
-    metric: str = "cosine"
-    transform: str = "none"
-    target_recall: float = 0.95
+    """What RebuildIndex asked for: index overrides (None keeps the live params), head options."""
+
+    index: dict[str, Any] = field(default_factory=dict)
     retrain_head: bool = False
     head_hidden: int = 0
     head_epochs: int = 0
@@ -189,7 +188,7 @@ class Engine:
             self.store.close()
             self.store = None
             raise
-        if self.store.spec.backbone != "external":
+        if self.store.spec.has_model:
             from featurebank.embedder.embedding import Embedder
 
             self.embedder = Embedder.from_spec(self.store.spec)
@@ -269,9 +268,9 @@ class Engine:
     async def embed_each(self, images: Sequence[bytes]) -> list[np.ndarray | BaseException]:
         """Vectors of images, batched with concurrent calls; a bad image gets its own error."""
         if self.embedder is None:
-            raise InvalidInput(
-                f"this bank holds external vectors ({self.store.spec.describe()}): "
-                "send vectors or keys, not images"
+            raise FailedPrecondition(
+                f"this bank holds vectors made elsewhere ({self.store.spec.describe()}) and "
+                "has no model to embed images: send vectors or keys"
             )
         return list(
             await asyncio.gather(
@@ -478,9 +477,9 @@ class Engine:
                     count = int(self.store.count)
                     if count == 0:
                         return
-                    build.build_index(self.bank.root, k=_build_k(count))
+                    build.build_index(self.store, k=_build_k(count))
                 else:
-                    build.update_index(self.bank.root)
+                    build.update_index(self.store)
             except FeaturebankError as e:
                 e.args = (
                     f"committed to the store (generation {self.store.generation}) but the "
@@ -493,6 +492,9 @@ class Engine:
     # ----------------------------------------------------------------- rebuilds
 
     def start_rebuild(self, params: RebuildParams) -> Operation:
+        from featurebank.index import build
+
+        build.live_params(self.bank).override(**params.index)  # bad options fail the call
         with self._state_lock:
             running = self._rebuild
             if running is not None and not running.done:
@@ -517,14 +519,10 @@ class Engine:
         try:
             with self._index_lock:
                 op.stage, op.progress = "building index", 0.05
-                manifest = build.build_index(
-                    self.bank.root,
-                    factory=params.factory,
-                    metric=params.metric,
-                    transform=params.transform,
-                    target_recall=params.target_recall,
-                    k=_build_k(int(self.store.count)),
-                )
+                index = dict(params.index)
+                if build.live_params(self.bank).k > int(self.store.count):
+                    index.setdefault("k", _build_k(int(self.store.count)))
+                manifest = build.build_index(self.store, **index)
                 op.result["index"] = manifest
                 if params.retrain_head:
                     from featurebank.classify import heads

@@ -381,14 +381,15 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     async def RebuildIndex(
         self, request: pb.RebuildIndexRequest, context: aio.ServicerContext
     ) -> pb.Operation:
-        recall = request.target_recall or 0.95
-        if not 0.0 < recall <= 1.0:
-            raise InvalidInput(f"target_recall={recall} is out of range (0, 1]")
         params = RebuildParams(
-            factory=request.factory or "auto",
-            metric=request.metric or "cosine",
-            transform=request.transform or "none",
-            target_recall=recall,
+            index={
+                "factory": request.factory or None,
+                "metric": request.metric or None,
+                "transform": request.transform or None,
+                "memory_budget": request.memory_budget or None,
+                "target_recall": request.target_recall or None,
+                "k": request.k or None,
+            },
             retrain_head=request.retrain_head,
             head_hidden=request.head_hidden,
             head_epochs=request.head_epochs,

@@ -37,7 +37,7 @@ def test_knn_matches_sklearn(tmp_path: Path, metric: str, weights: str) -> None:
     labels = [f"class-{c % 5}" for c in cluster]
     queries, _ = world.sample(300, seed=5)
     bank = make_bank(tmp_path / "bank", x, labels)
-    build_index(bank, factory="Flat", metric=metric, k=7)
+    build_index(bank, factory="Flat", metric=metric, k=7, transform="none")
     reference = KNeighborsClassifier(
         n_neighbors=7, weights=weights, algorithm="brute", metric="euclidean" if metric == "l2"
         else "cosine"
@@ -54,7 +54,7 @@ def test_knn_matches_sklearn(tmp_path: Path, metric: str, weights: str) -> None:
 
 def test_search_returns_keys_labels_and_scores(labelled: tuple[Path, np.ndarray, list[str]]) -> None:
     bank, x, labels = labelled
-    build_index(bank, factory="Flat", metric="cosine")
+    build_index(bank, factory="Flat", metric="cosine", transform="none")
     with Searcher.load(bank) as searcher:
         assert searcher.dim == 16 and searcher.ntotal == len(x)
         result = searcher.search(x[:4], 5)
@@ -72,7 +72,7 @@ def test_label_restriction_returns_only_those_labels(
     labelled: tuple[Path, np.ndarray, list[str]],
 ) -> None:
     bank, x, labels = labelled
-    build_index(bank, factory="HNSW16", metric="l2")
+    build_index(bank, factory="HNSW16", metric="l2", transform="none")
     wanted = ["class-1", "class-4"]
     subset = np.array([i for i, lab in enumerate(labels) if lab in wanted])
     with Searcher.load(bank) as searcher:
@@ -87,7 +87,7 @@ def test_label_restriction_returns_only_those_labels(
 def test_relabel_is_visible_to_the_next_query(tmp_path: Path) -> None:
     x, _ = World.make(8, seed=5).sample(300, seed=6)
     bank = make_bank(tmp_path / "bank", x, ["a"] * 300)
-    build_index(bank, factory="Flat", metric="l2")
+    build_index(bank, factory="Flat", metric="l2", transform="none")
     with Searcher.load(bank) as searcher:
         generation = searcher.generation
         assert searcher.search(x[:1], 1).labels == [["a"]]
@@ -101,7 +101,7 @@ def test_relabel_is_visible_to_the_next_query(tmp_path: Path) -> None:
 def test_deleted_items_are_never_returned(tmp_path: Path) -> None:
     x, _ = World.make(8, seed=7).sample(2000, seed=8)
     bank = make_bank(tmp_path / "bank", x, ["a"] * 2000)
-    build_index(bank, factory="HNSW16", metric="l2")
+    build_index(bank, factory="HNSW16", metric="l2", transform="none")
     with Searcher.load(bank) as searcher:
         with store_mod.open(bank) as st:
             st.delete([f"item-{i}" for i in range(0, 2000, 2)])
@@ -138,7 +138,7 @@ def test_calibrated_abstention_reaches_target_precision(
     labelled: tuple[Path, np.ndarray, list[str]],
 ) -> None:
     bank, x, labels = labelled
-    build_index(bank, factory="Flat", metric="cosine")
+    build_index(bank, factory="Flat", metric="cosine", transform="none")
     with Searcher.load(bank) as searcher:
         knn = KnnClassifier(searcher, k=20, weights="softmax")
         threshold = knn.calibrate(precision=0.9)
@@ -211,7 +211,7 @@ def test_test_split_items_are_shown_but_never_vote(tmp_path: Path) -> None:
     x, _ = World.make(8, seed=9).sample(200, seed=10)
     labels = ["a"] * 199 + ["b"]
     bank = make_bank(tmp_path / "bank", x, labels, ["train"] * 199 + ["test"])
-    build_index(bank, factory="Flat", metric="l2")
+    build_index(bank, factory="Flat", metric="l2", transform="none")
     with Searcher.load(bank) as searcher:
         shown = searcher.search(x[199:], 1)
         assert shown.ids[0, 0] == 199 and shown.labels == [["b"]]  # found and shown
@@ -224,7 +224,7 @@ def test_test_split_items_are_shown_but_never_vote(tmp_path: Path) -> None:
 def test_knn_accuracy_counts_an_item_without_voters_as_wrong(tmp_path: Path) -> None:
     x, _ = World.make(8, seed=1).sample(50, seed=2)
     bank = make_bank(tmp_path / "bank", x, ["a"] + [None] * 49, ["val"] + ["none"] * 49)
-    build_index(bank, factory="Flat", metric="l2")
+    build_index(bank, factory="Flat", metric="l2", transform="none")
     with Searcher.load(bank) as searcher:
         report = knn_accuracy(searcher, 5, 0.07, "val")
     assert report["items"] == 1  # its only possible voter is itself, left out

@@ -19,6 +19,7 @@ from featurebank import store as store_mod
 from featurebank.classify.knn import calibrate_threshold
 from featurebank.cli import main
 from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.core.params import parse_memory
 from featurebank.index import selection
 from featurebank.index.build import build_index, update_index
 from featurebank.index.searcher import Searcher
@@ -48,7 +49,7 @@ def test_auto_choice_reaches_target_recall(
     clustered: tuple[Path, World, np.ndarray], budget: str, family: str
 ) -> None:
     bank, world, x = clustered
-    manifest = build_index(bank, factory="auto", metric="l2", memory_budget=budget,
+    manifest = build_index(bank, factory="auto", metric="l2", transform="none", memory_budget=budget,
                            target_recall=0.95, k=10)
     assert family in manifest["factory"]
     assert manifest["target_reached"] and manifest["recall_at_k"] >= 0.95
@@ -69,7 +70,7 @@ def test_update_equals_full_rebuild_for_exact_index(tmp_path: Path) -> None:
     world = World.make(16, latent=6, seed=21)
     x, _ = world.sample(1200, seed=22)
     bank = make_bank(tmp_path / "bank", x, ["a"] * 1200)
-    build_index(bank, factory="Flat", metric="l2")
+    build_index(bank, factory="Flat", metric="l2", transform="none")
     extra, _ = world.sample(300, seed=23)
     with store_mod.open(bank) as st:
         st.put_batch([f"new-{i}" for i in range(300)], extra, ["b"] * 300)
@@ -81,7 +82,7 @@ def test_update_equals_full_rebuild_for_exact_index(tmp_path: Path) -> None:
     with Searcher.load(bank) as searcher:
         assert searcher.generation == updated["generation"] == 2
         after_update = searcher.search(queries, 10)
-    rebuilt = build_index(bank, factory="Flat", metric="l2")
+    rebuilt = build_index(bank, factory="Flat", metric="l2", transform="none")
     assert rebuilt["ntotal"] == updated["ntotal"] == 1200 - len(range(0, 1200, 7)) + 300
     with Searcher.load(bank) as searcher:
         after_rebuild = searcher.search(queries, 10)
@@ -247,7 +248,7 @@ def test_selection_rules() -> None:
         selection.choose_factory(10**9, 768, 1 << 30)
     with pytest.raises(InvalidInput, match="empty bank"):
         selection.choose_factory(0, 8, 1 << 30)
-    assert selection.parse_memory("4G") == 4 << 30 and selection.parse_memory("512MiB") == 512 << 20
+    assert parse_memory("4G") == 4 << 30 and parse_memory("512MiB") == 512 << 20
     assert selection.nlist_for(1000) == 16  # limited by points per list
 
 
@@ -257,3 +258,26 @@ def test_calibrate_threshold_picks_lowest_threshold_meeting_precision() -> None:
     assert calibrate_threshold(conf, correct, 0.75) == 0.6  # keeps 4 of 5 right
     assert calibrate_threshold(conf, correct, 1.0) == 0.9
     assert calibrate_threshold(conf, np.zeros(6, bool), 0.5) > 1.0  # never right: abstain
+
+
+def test_rebuild_keeps_the_live_params_and_changes_only_what_is_named(tmp_path: Path) -> None:
+    world = World.make(32, latent=8, seed=31)
+    x, _ = world.sample(600, seed=32)
+    bank = make_bank(tmp_path / "bank", x, ["a"] * 600)
+    first = build_index(bank)  # a bank without an index starts from the defaults
+    assert first["index_params"] == {"factory": "auto", "metric": "cosine", "transform": "cl2n",
+                                     "memory_budget": 4 << 30, "target_recall": 0.95, "k": 10}
+    build_index(bank, factory="Flat", transform="pca:8", memory_budget="1G", k=5)
+    again = build_index(bank, target_recall=0.9)  # only the recall target changes
+    assert again["index_params"] == {"factory": "Flat", "metric": "cosine", "transform": "pca:8",
+                                     "memory_budget": 1 << 30, "target_recall": 0.9, "k": 5}
+    assert again["transform"]["spec"] == "pca:8" and again["index_dim"] == 8
+    with store_mod.open(bank) as st:  # an update's fallback rebuild starts from them too
+        st.put_batch(["x"], x[:1], ["b"])
+    assert update_index(bank)["index_params"]["transform"] == "pca:8"
+    with pytest.raises(InvalidInput, match="unknown metric 'dot'"):
+        build_index(bank, metric="dot")
+    assert main(["index", "build", "--bank", str(bank), "--k", "3"]) == 0
+    with Searcher.load(bank) as searcher:
+        assert searcher.manifest["index_params"]["transform"] == "pca:8"
+        assert searcher.manifest["index_params"]["k"] == 3

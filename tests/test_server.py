@@ -141,8 +141,9 @@ def test_invalid_arguments(client: FeatureBankClient) -> None:
     expect(bad, client.search, vector=center("cat"), k=5000, match="out of range")
     expect(bad, client.search, vector=center("cat"), labels=["zebra"], match="unknown labels")
     expect(bad, client.classify_batch, [], match="no inputs")
-    expect(bad, client.classify, image=b"not an image", match="external vectors")
-    expect(bad, client.embed, b"\x89PNG", match="external vectors")
+    no_model = grpc.StatusCode.FAILED_PRECONDITION  # a bank of vectors made elsewhere
+    expect(no_model, client.classify, image=b"not an image", match="no model to embed images")
+    expect(no_model, client.embed, b"\x89PNG", match="no model to embed images")
     expect(bad, client.upsert, [], match="no items")
     expect(bad, client.upsert, [{"key": "x/1", "vector": np.ones(3)}], match="has 3 values")
     expect(bad, client.upsert, [{"key": "x/1", "vector": np.ones(DIM), "split": "holdout"}],

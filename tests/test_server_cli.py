@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
+from PIL import Image
 from server_fixtures import RunningServer, free_port, make_vector_bank
 
 from featurebank.cli import main
 from featurebank.server.app import ServeConfig
 from featurebank.server.auth import Tokens
+from featurebank.server.client import FeatureBankClient, RemoteError
 
 DIM = 8
 
@@ -70,3 +78,42 @@ def test_failed_rebuild_exits_nonzero_in_json_mode_too(
     assert code == 2 and "NoSuchIndex" in err
     code, out, _ = run(capsys, *argv, "--json")
     assert code != 0 and "NoSuchIndex" in out
+
+
+def test_an_imported_bank_serves_vectors_and_keys_and_refuses_images(tmp_path: Path) -> None:
+    """Embeddings made elsewhere (`store import --model NAME`) are served through the real CLI."""
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((2, DIM)).astype(np.float32) * 3
+    x = np.concatenate([centres[i] + 0.1 * rng.standard_normal((20, DIM)) for i in (0, 1)])
+    np.save(tmp_path / "x.npy", x.astype(np.float32))
+    keys = [f"{'ab'[i // 20]}-{i}" for i in range(40)]
+    (tmp_path / "keys.txt").write_text("\n".join(keys) + "\n")
+    (tmp_path / "labels.csv").write_text("".join(f"{k},{k[0]}\n" for k in keys))
+    bank = tmp_path / "bank"
+    assert main(["store", "import", "--bank", str(bank), "--vectors", str(tmp_path / "x.npy"),
+                 "--keys", str(tmp_path / "keys.txt"), "--labels", str(tmp_path / "labels.csv"),
+                 "--model", "clip-vit-b32"]) == 0
+    assert main(["index", "build", "--bank", str(bank), "--k", "5"]) == 0
+    port = free_port()
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "featurebank", "serve", "--bank", str(bank),
+                             "--port", str(port)], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        with FeatureBankClient(f"127.0.0.1:{port}", timeout=30) as client:
+            client.wait_until_serving(timeout=120)
+            assert client.classify(vector=centres[1]).labels[0].label == "b"
+            assert client.classify(key="a-3").labels[0].label == "a"
+            assert {n.key[0] for n in client.search(key="b-25", k=3).neighbors} == {"b"}
+            Image.new("RGB", (16, 16), "red").save(tmp_path / "red.png")
+            with pytest.raises(RemoteError) as e:
+                client.classify(tmp_path / "red.png")
+            assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "no model to embed images" in str(e.value)
+            info = client.info()
+            assert info.spec.backbone == "clip-vit-b32"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "there is no model" not in err

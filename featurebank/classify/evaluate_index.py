@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import faiss
 import numpy as np
 
 from featurebank.classify.knn import WEIGHTS, vote
 from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.index.build import faiss_metric
 from featurebank.index.searcher import Searcher, drop_excluded
 from featurebank.index.tuning import exact_search, recall_at_k
 from featurebank.store import BankLike
@@ -71,8 +71,7 @@ def exact_leave_one_out(
     metric: str,
 ) -> np.ndarray:
     """Exact k nearest ids of each query, its own item (`qids`) left out."""
-    metric_type = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    ids, dist = exact_search(base, base_ids, queries, k + 1, metric_type)
+    ids, dist = exact_search(base, base_ids, queries, k + 1, faiss_metric(metric))
     return drop_excluded(ids, dist, qids, k)[0]
 
 

@@ -162,7 +162,7 @@ def finetune(
     started = time.time()
     with store_mod.open(b.root, readonly=True) as st:
         spec = st.spec
-        if spec.input_size is None:
+        if not spec.has_model or spec.input_size is None:
             raise FailedPrecondition(
                 f"bank {b.root} holds external vectors: there is no backbone to fine-tune"
             )

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from featurebank.core.errors import FeaturebankError
 
 AREAS = ["store", "embed", "index", "head", "serve", "client"]
@@ -64,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.handler(args) or 0)
+        with logging_redirect_tqdm():  # a log line clears the progress bar, never shares its line
+            return int(args.handler(args) or 0)
     except FeaturebankError as e:
         print(f"featurebank: error: {e}", file=sys.stderr)
         return 2

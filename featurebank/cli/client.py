@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.cli.index import add_index_params
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -63,10 +64,7 @@ def register(commands: Commands) -> None:
     _connection(p)
 
     p = commands.command("rebuild", "rebuild the served index in the background", _rebuild)
-    p.add_argument("--factory", default="", help="FAISS factory string (default auto)")
-    p.add_argument("--metric", default="", help="cosine | l2 | ip")
-    p.add_argument("--transform", default="", help="none | center | l2 | pcaN ...")
-    p.add_argument("--target-recall", type=float, default=0.0)
+    add_index_params(p)
     p.add_argument("--retrain-head", action="store_true", help="also retrain the head")
     p.add_argument("--head-hidden", type=int, default=0)
     p.add_argument("--head-epochs", type=int, default=0)
@@ -199,7 +197,8 @@ def _rebuild(args: argparse.Namespace) -> int:
     with _client(args) as client:
         op = client.rebuild_index(
             factory=args.factory, metric=args.metric, transform=args.transform,
-            target_recall=args.target_recall, retrain_head=args.retrain_head,
+            memory_budget=args.memory_budget, target_recall=args.target_recall, k=args.k,
+            retrain_head=args.retrain_head,
             head_hidden=args.head_hidden, head_epochs=args.head_epochs,
         )
         if not args.no_wait:

@@ -7,17 +7,31 @@ import json
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.core.params import IndexParams
+from featurebank.core.vocabulary import METRICS
+
+KEEP = "default: the live index's, else {}"
+
+
+def add_index_params(p: argparse.ArgumentParser) -> None:
+    """The IndexParams options; each left out keeps what the live generation used."""
+    d = IndexParams()
+    p.add_argument("--factory", help="'auto' or a faiss index_factory string; "
+                   + KEEP.format(d.factory))
+    p.add_argument("--metric", choices=list(METRICS), help=KEEP.format(d.metric))
+    p.add_argument("--transform", help="none | l2 | cl2n | pca:D | pca-whiten:D; "
+                   + KEEP.format(f"{d.transform}, measured best for CNN features"))
+    p.add_argument("--memory-budget", help="memory for the index, e.g. 4G, 512M; "
+                   + KEEP.format("4G"))
+    p.add_argument("--target-recall", type=float, help="recall@k to tune for; "
+                   + KEEP.format(d.target_recall))
+    p.add_argument("--k", type=int, help="k of the recall target; " + KEEP.format(d.k))
 
 
 def register(commands: Commands) -> None:
     p = commands.subcommand("index", "build", "build, tune and publish a new index", _build)
     p.add_argument("--bank", required=True, help="bank directory")
-    p.add_argument("--factory", default="auto", help="auto or a faiss index_factory string")
-    p.add_argument("--metric", default="cosine", choices=["cosine", "ip", "l2"])
-    p.add_argument("--transform", default="none", help="none | l2 | cl2n | pca:D | pca-whiten:D")
-    p.add_argument("--memory-budget", default="4G", help="memory for the index, e.g. 4G, 512M")
-    p.add_argument("--target-recall", type=float, default=0.95, help="recall@k to tune for")
-    p.add_argument("--k", type=int, default=10, help="k of the recall target")
+    add_index_params(p)
     p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
 
     p = commands.subcommand("index", "update", "add new and remove deleted items", _update)

@@ -18,18 +18,20 @@ from typing import Any
 from featurebank.core.errors import InvalidInput
 from featurebank.core.vocabulary import METRICS
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
 
 def parse_memory(text: str | int) -> int:
     """'4G', '512M', '100k', '123' -> bytes (binary units), for --memory-budget."""
     if isinstance(text, int):
-        return text
-    m = _SIZE.match(str(text))
-    if not m:
-        raise InvalidInput(f"memory budget {text!r}: expected a size like 4G, 512M or 1000000")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", text)
+        if not m:
+            raise InvalidInput(f"memory budget {text!r}: expected a size like 4G, 512M or 1000000")
+        power = " KMGT".index(m.group(2).upper() or " ")
+        value = int(float(m.group(1)) * (1024**power))
+    if value <= 0:
+        raise InvalidInput(f"memory budget must be positive, got {text!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,6 @@ class IndexParams:
             raise InvalidInput(f"k must be a positive integer, got {k!r}")
         if not 0 < self.target_recall <= 1:
             raise InvalidInput(f"target recall must be in (0, 1], got {self.target_recall}")
-        if self.memory_budget <= 0:
-            raise InvalidInput(f"memory budget must be positive, got {self.memory_budget}")
 
     def override(self, **changes: Any) -> IndexParams:
         """A copy with the named fields changed; None (or "" from a proto) means "keep"."""

@@ -11,8 +11,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from featurebank.core.errors import InvalidInput, SpecMismatch
+from featurebank.core.vocabulary import STORE_DTYPES
 
-DTYPES = ("float16", "float32")
+EXTERNAL = "external"
+"""The weights identity of vectors made outside featurebank (imported, no model here)."""
 # Fields that say where a file lives rather than what the vectors mean.
 _LOCATION_FIELDS = ("weights_path",)
 
@@ -33,8 +35,8 @@ class Spec:
     layer: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise InvalidInput(f"spec dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.dtype not in STORE_DTYPES:
+            raise InvalidInput(f"spec dtype must be one of {STORE_DTYPES}, got {self.dtype!r}")
         if not isinstance(self.dim, int) or self.dim < 0:
             raise InvalidInput(f"spec dim must be a non-negative int, got {self.dim!r}")
         if self.input_size is not None:
@@ -42,6 +44,17 @@ class Spec:
             if len(size) != 2 or min(size) <= 0:
                 raise InvalidInput(f"spec input_size must be (height, width), got {size}")
             object.__setattr__(self, "input_size", size)
+
+    @classmethod
+    def external(cls, model: str, dim: int, dtype: str = "float32") -> Spec:
+        """The spec of vectors made elsewhere by `model` (no image can be embedded here)."""
+        return cls(backbone=model, weights=EXTERNAL, input_size=None, resize="none",
+                   preprocessing="none", pooling="none", dim=dim, dtype=dtype)
+
+    @property
+    def has_model(self) -> bool:
+        """Whether featurebank can embed images for this bank: the one test every layer uses."""
+        return self.weights != EXTERNAL
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

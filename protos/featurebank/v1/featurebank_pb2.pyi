@@ -557,6 +557,10 @@ Global___DeleteResponse: _TypeAlias = DeleteResponse  # noqa: Y015
 
 @_typing.final
 class RebuildIndexRequest(_message.Message):
+    """Index fields left unset keep what the live generation was built with (on a bank
+    without an index: auto, cosine, cl2n, 4G, 0.95, k 10).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FACTORY_FIELD_NUMBER: _builtins.int
@@ -566,19 +570,25 @@ class RebuildIndexRequest(_message.Message):
     RETRAIN_HEAD_FIELD_NUMBER: _builtins.int
     HEAD_HIDDEN_FIELD_NUMBER: _builtins.int
     HEAD_EPOCHS_FIELD_NUMBER: _builtins.int
+    MEMORY_BUDGET_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
     factory: _builtins.str
-    """FAISS factory string or "auto" (default)"""
+    """FAISS factory string or "auto" """
     metric: _builtins.str
-    """cosine (default) | l2 | ip"""
+    """cosine | l2 | ip"""
     transform: _builtins.str
-    """none (default) | center | l2 | pca<N> ..."""
+    """none | l2 | cl2n | pca:D | pca-whiten:D"""
     target_recall: _builtins.float
-    """0 = 0.95"""
+    """in (0, 1]"""
     retrain_head: _builtins.bool
     head_hidden: _builtins.int
     """0 = linear softmax head"""
     head_epochs: _builtins.int
     """0 = default"""
+    memory_budget: _builtins.str
+    """e.g. 4G, 512M"""
+    k: _builtins.int
+    """k of the recall target"""
     def __init__(
         self,
         *,
@@ -589,10 +599,12 @@ class RebuildIndexRequest(_message.Message):
         retrain_head: _builtins.bool = ...,
         head_hidden: _builtins.int = ...,
         head_epochs: _builtins.int = ...,
+        memory_budget: _builtins.str = ...,
+        k: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["factory", b"factory", "head_epochs", b"head_epochs", "head_hidden", b"head_hidden", "metric", b"metric", "retrain_head", b"retrain_head", "target_recall", b"target_recall", "transform", b"transform"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["factory", b"factory", "head_epochs", b"head_epochs", "head_hidden", b"head_hidden", "k", b"k", "memory_budget", b"memory_budget", "metric", b"metric", "retrain_head", b"retrain_head", "target_recall", b"target_recall", "transform", b"transform"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

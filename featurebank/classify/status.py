@@ -1,0 +1,37 @@
+"""What a bank holds, in brief: store counts, the live index and the live head.
+
+`featurebank store info` prints it; one function, so the CLI reads no manifest itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from featurebank.classify.heads import head_status
+from featurebank.core.bank import current_generation
+from featurebank.index.searcher import read_manifest
+from featurebank.store import BankLike, borrowed
+
+INDEX_FIELDS = ("factory", "metric", "ntotal", "k", "recall_at_k", "target_recall",
+                "target_reached", "store_generation", "index_params")
+
+
+def index_status(bank: BankLike) -> dict[str, Any] | None:
+    """The live index generation's manifest fields users read; None before the first build."""
+    with borrowed(bank) as st:
+        indexes = st.bank.indexes_dir
+    gen = current_generation(indexes)
+    if gen is None:
+        return None
+    manifest = read_manifest(indexes / str(gen))
+    return {"generation": gen, **{k: manifest.get(k) for k in INDEX_FIELDS}}
+
+
+def bank_status(bank: BankLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(statistics with "index" and "head" entries, the list of recorded embedding errors)."""
+    with borrowed(bank) as st:
+        stats = st.stats()
+        errors = st.errors()
+        stats["index"] = index_status(st)
+        stats["head"] = head_status(st)
+    return stats, errors

@@ -1,0 +1,176 @@
+"""Moving a bank's contents in and out: backup, export, import of vectors and label files.
+
+These are what `featurebank store backup|export|import` and `labels import` run;
+the CLI only parses arguments and prints the returned summaries.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurebank.core.bank import Bank, current_generation, write_atomic
+from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
+from featurebank.core.spec import Spec
+from featurebank.store.items import Items
+from featurebank.store.store import BankLike, borrowed, open_or_create
+from featurebank.store.store import open as open_store
+
+IMPORT_BATCH = 8192
+
+
+def backup(bank: BankLike, out: str | Path) -> dict[str, Any]:
+    """Copy a bank, even while it serves: a consistent store snapshot, then the live index and
+    head generations (they never change once published; one that covers an older store
+    generation catches up with `index update`)."""
+    dst = Bank(out)
+    with borrowed(bank) as st:
+        st.backup(dst.root)
+        count, src = int(st.count), st.bank
+    copied: dict[str, int] = {}
+    for name, parent in (("index", src.indexes_dir), ("head", src.heads_dir)):
+        gen = current_generation(parent)
+        if gen is None:
+            continue
+        target = dst.root / parent.name
+        shutil.copytree(parent / str(gen), target / str(gen))
+        write_atomic(target / "CURRENT", f"{gen}\n".encode())
+        copied[name] = gen
+    return {"bank": str(src.root), "out": str(dst.root), "items": count, "generations": copied}
+
+
+def export(bank: BankLike, out: str | Path, fmt: str = "npy") -> int:
+    """Write every item (vectors, ids, keys, labels, splits) and the spec; returns the count."""
+    if fmt not in ("npy", "parquet"):
+        raise InvalidInput(f"export format must be npy or parquet, got {fmt!r}")
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    with borrowed(bank) as st:
+        items = st.to_numpy(dtype=st.spec.dtype)
+        spec = st.spec.to_dict()
+    (_export_npy if fmt == "npy" else _export_parquet)(target, items)
+    (target / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    return len(items)
+
+
+def _export_npy(out: Path, items: Items) -> None:
+    np.save(out / "vectors.npy", items.vectors)
+    np.save(out / "ids.npy", items.ids)
+    (out / "keys.txt").write_text("".join(k + "\n" for k in items.keys), encoding="utf-8")
+    with open(out / "labels.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "label", "split"])
+        for key, label, split in zip(items.keys, items.labels, items.splits, strict=True):
+            w.writerow([key, label or "", split])
+
+
+def _export_parquet(out: Path, items: Items) -> None:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise FailedPrecondition("parquet export needs pyarrow: pip install pyarrow") from None
+    n, dim = items.vectors.shape
+    flat = pa.array(items.vectors.reshape(-1))
+    table = pa.table(
+        {
+            "id": pa.array(items.ids),
+            "key": pa.array(items.keys, pa.string()),
+            "label": pa.array(items.labels, pa.string()),
+            "split": pa.array(items.splits, pa.string()),
+            "meta": pa.array([json.dumps(m) for m in items.meta], pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+        }
+    )
+    pq.write_table(table, out / "items.parquet")
+
+
+def readable(path: str | Path) -> Path:
+    """The path, or a clear error instead of a traceback when it cannot be read."""
+    p = Path(path)
+    if not p.is_file():
+        raise NotFound(f"cannot read {p}: no such file")
+    return p
+
+
+def read_keys(path: str | Path) -> list[str]:
+    """One key per line (LF or CRLF: text mode reads both); blank lines are skipped."""
+    text = readable(path).read_text(encoding="utf-8")
+    return [line for line in text.split("\n") if line]
+
+
+def read_label_csv(path: str | Path) -> tuple[dict[str, str | None], dict[str, str]]:
+    """key -> label (empty = None) and key -> split, skipping a `key,label` header row."""
+    labels: dict[str, str | None] = {}
+    splits: dict[str, str] = {}
+    with open(readable(path), newline="", encoding="utf-8") as f:
+        for n, row in enumerate(csv.reader(f), start=1):
+            if not row or (n == 1 and [c.strip().lower() for c in row[:2]] == ["key", "label"]):
+                continue
+            if len(row) not in (2, 3):
+                raise InvalidInput(f"{path}:{n}: expected key,label[,split], got {row!r}")
+            key = row[0]
+            if key in labels:
+                raise InvalidInput(f"{path}:{n}: key {key!r} appears twice")
+            labels[key] = row[1].strip() or None
+            if len(row) == 3 and row[2].strip():
+                splits[key] = row[2].strip()
+    return labels, splits
+
+
+def import_vectors(
+    bank: str | Path,
+    vectors: str | Path,
+    keys: str | Path,
+    labels: str | Path | None = None,
+    model: str = "external",
+) -> dict[str, int]:
+    """Add embeddings made elsewhere ((n, dim) .npy + a key file) to a bank, created if needed.
+
+    Keys already in the bank are skipped, so a rerun adds only what is missing.
+    """
+    try:
+        array = np.load(readable(vectors), mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise InvalidInput(f"{vectors} is not a .npy array: {e}") from None
+    key_list = read_keys(keys)
+    if array.ndim != 2 or len(array) != len(key_list):
+        raise InvalidInput(f"{vectors} has shape {array.shape} but {keys} has {len(key_list)} keys")
+    dtype = "float16" if array.dtype == np.float16 else "float32"
+    spec = Spec.external(model, dim=int(array.shape[1]), dtype=dtype)
+    label_of, split_of = read_label_csv(labels) if labels else ({}, {})
+    unknown = set(label_of) - set(key_list)
+    if unknown:
+        raise InvalidInput(f"{labels}: key {sorted(unknown)[0]!r} is not in {keys}")
+    added = 0
+    with open_or_create(bank, spec) as st:
+        todo = set(st.missing(key_list))
+        for start in range(0, len(key_list), IMPORT_BATCH):
+            rows = [i for i in range(start, min(len(key_list), start + IMPORT_BATCH))
+                    if key_list[i] in todo]
+            if not rows:
+                continue
+            batch = [key_list[i] for i in rows]
+            st.put_batch(
+                batch,
+                np.asarray(array[rows]),
+                labels=[label_of.get(k) for k in batch],
+                splits=[split_of.get(k, "none") for k in batch],
+                meta=[{"uri": f"{vectors}#{i}"} for i in rows],
+            )
+            added += len(rows)
+        count = int(st.count)
+    return {"added": added, "skipped": len(key_list) - added, "count": count}
+
+
+def import_labels(bank: str | Path, path: str | Path) -> dict[str, int]:
+    """Set labels (and splits) from a key,label[,split] CSV; returns rows read and items changed."""
+    labels, splits = read_label_csv(path)
+    with open_store(bank) as st:
+        changed = st.relabel(labels, splits)
+    return {"rows": len(labels), "changed": int(changed)}
