@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
+from featurebank.core.vocabulary import PREPROCESSINGS
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ RANDOM_INIT_SEED = 1337
 CALIBRATION_BATCH = 8
 VARIANCE_FLOOR = 0.1  # relative to the layer's median variance
 
-PREPROCESSING_MODES = ("tf", "caffe", "torch", "raw0-255", "raw0-1")
-POOLINGS = ("avg", "max", "flatten")
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class Family:
 
     name: str
     default_size: int
-    preprocessing: str  # one of PREPROCESSING_MODES
+    preprocessing: str  # one of PREPROCESSINGS
     dim: int
     min_size: int = 32
     large: bool = False  # slow to build/run: tests of it are marked slow
@@ -317,37 +316,66 @@ def model_input_size(model: Any) -> tuple[int, int] | None:
 CAFFE_MEAN = np.array([103.939, 116.779, 123.68], np.float32)  # BGR
 TORCH_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 TORCH_STD = np.array([0.229, 0.224, 0.225], np.float32)
+_ZERO, _ONE = np.zeros(3, np.float32), np.ones(3, np.float32)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """y = (x[..., order] / scale - mean) / std on 0-255 RGB floats.
+
+    Every input scaling featurebank knows is this per-pixel affine map, so the numpy
+    reference, the TensorFlow graph and the 1x1 convolution an exported fine-tuned
+    model carries are all derived from one table row.
+    """
+
+    bgr: bool
+    scale: float
+    mean: np.ndarray
+    std: np.ndarray
+
+    def numpy(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        x = x[..., ::-1] if self.bgr else x
+        return (x / self.scale - self.mean) / self.std
+
+    def tf(self, x: Any) -> Any:
+        import tensorflow as tf
+
+        x = tf.cast(x, tf.float32)
+        x = tf.reverse(x, axis=[-1]) if self.bgr else x
+        return (x / self.scale - tf.constant(self.mean)) / tf.constant(self.std)
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """Kernel (3, 3) and bias (3,) with x @ kernel + bias == numpy(x)."""
+        order = np.eye(3, dtype=np.float32)[:, ::-1] if self.bgr else np.eye(3, dtype=np.float32)
+        kernel = order / (self.scale * self.std)[None, :]
+        return kernel.astype(np.float32), (-self.mean / self.std).astype(np.float32)
+
+
+PREPROCESSING = {
+    "tf": Preprocessing(False, 127.5, _ONE, _ONE),
+    "caffe": Preprocessing(True, 1.0, CAFFE_MEAN, _ONE),
+    "torch": Preprocessing(False, 255.0, TORCH_MEAN, TORCH_STD),
+    "raw0-255": Preprocessing(False, 1.0, _ZERO, _ONE),
+    "raw0-1": Preprocessing(False, 255.0, _ZERO, _ONE),
+}
+assert tuple(PREPROCESSING) == PREPROCESSINGS
+
+
+def preprocessing(mode: str) -> Preprocessing:
+    """The table row for `mode`; InvalidInput naming the known modes otherwise."""
+    try:
+        return PREPROCESSING[mode]
+    except KeyError:
+        known = ", ".join(PREPROCESSING)
+        raise InvalidInput(f"unknown preprocessing {mode!r}; known: {known}") from None
 
 
 def preprocess_numpy(x: np.ndarray, mode: str) -> np.ndarray:
     """Reference preprocessing of 0-255 RGB floats; mirrors the family's `preprocess_input`."""
-    x = np.asarray(x, np.float32)
-    if mode == "tf":
-        return x / 127.5 - 1.0
-    if mode == "caffe":
-        return x[..., ::-1] - CAFFE_MEAN
-    if mode == "torch":
-        return (x / 255.0 - TORCH_MEAN) / TORCH_STD
-    if mode == "raw0-255":
-        return x
-    if mode == "raw0-1":
-        return x / 255.0
-    raise InvalidInput(f"unknown preprocessing {mode!r}; known: {', '.join(PREPROCESSING_MODES)}")
+    return preprocessing(mode).numpy(x)
 
 
 def preprocess_tf(x: Any, mode: str) -> Any:
     """The same preprocessing as TF ops, so it compiles into the model's graph."""
-    import tensorflow as tf
-
-    x = tf.cast(x, tf.float32)
-    if mode == "tf":
-        return x / 127.5 - 1.0
-    if mode == "caffe":
-        return tf.reverse(x, axis=[-1]) - tf.constant(CAFFE_MEAN)
-    if mode == "torch":
-        return (x / 255.0 - tf.constant(TORCH_MEAN)) / tf.constant(TORCH_STD)
-    if mode == "raw0-255":
-        return x
-    if mode == "raw0-1":
-        return x / 255.0
-    raise InvalidInput(f"unknown preprocessing {mode!r}; known: {', '.join(PREPROCESSING_MODES)}")
+    return preprocessing(mode).tf(x)

@@ -23,6 +23,7 @@ import numpy as np
 
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.core.spec import Spec
+from featurebank.core.vocabulary import POOLINGS, RESIZE_MODES, check_choice
 from featurebank.embedder import backbones, images
 
 log = logging.getLogger(__name__)
@@ -71,14 +72,8 @@ def make_spec(
     preprocessing: str | None = None,
 ) -> Spec:
     """The spec a job with these options produces (dim filled in once the model is built)."""
-    if resize not in images.RESIZE_MODES:
-        raise InvalidInput(
-            f"resize must be one of {', '.join(images.RESIZE_MODES)}, got {resize!r}"
-        )
-    if pooling not in backbones.POOLINGS:
-        raise InvalidInput(
-            f"pooling must be one of {', '.join(backbones.POOLINGS)}, got {pooling!r}"
-        )
+    check_choice(resize, RESIZE_MODES, "resize")
+    check_choice(pooling, POOLINGS, "pooling")
     size = _size_tuple(image_size)
     if backbones.is_model_file(backbone):
         path = Path(backbone).expanduser()

@@ -15,9 +15,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from featurebank.core.errors import InvalidInput
+from featurebank.core.vocabulary import RESIZE_MODES, check_choice
 
 SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "BMP"}
-RESIZE_MODES = ("crop", "pad", "stretch")
 DEFAULT_MAX_PIXELS = 100_000_000
 
 # Orientations (EXIF tag 274) that swap width and height.
@@ -39,8 +39,7 @@ def decode(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Decode to uint8 RGB (h, w, 3); resized to `size` = (height, width) when given."""
-    if resize not in RESIZE_MODES:
-        raise InvalidInput(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    check_choice(resize, RESIZE_MODES, "resize")
     if len(data) == 0:
         raise ImageError("empty file (0 bytes)")
     try:

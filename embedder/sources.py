@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from featurebank.core.errors import InvalidInput, NotFound
+from featurebank.core.vocabulary import LABEL_SOURCES, SPLIT_ALIASES, check_choice
 from featurebank.embedder import images
 
 # Files the decoder supports, and other image files listed so that they are reported as
@@ -27,9 +28,6 @@ OTHER_IMAGE_EXTS = {".webp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".ico",
 IMAGE_EXTS = DECODABLE_EXTS | OTHER_IMAGE_EXTS
 MANIFEST_EXTS = {".csv", ".tsv", ".tab", ".txt"}
 HDF5_EXTS = (".h5", ".hdf5", ".hdf")
-LABEL_MODES = ("folders", "manifest", "none")
-SPLITS = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test",
-          "none": "none", "": "none"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -146,8 +144,7 @@ def open_source(source: str | os.PathLike[str], labels: str = "folders") -> Sour
     labels: "folders" takes class subfolders (or a manifest's / array file's own labels),
     "manifest" insists on a manifest's label column, "none" stores everything unlabelled.
     """
-    if labels not in LABEL_MODES:
-        raise InvalidInput(f"--labels must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
+    check_choice(labels, LABEL_SOURCES, "--labels")
     text = os.fspath(source)
     h5 = _split_hdf5(text)
     if h5 is not None:
@@ -242,7 +239,7 @@ def _open_manifest(path: Path, labels: str) -> Source:
         if not rel:
             raise InvalidInput(f"manifest {path} line {n}: empty path")
         split = cell("split").lower()
-        if split not in SPLITS:
+        if split not in SPLIT_ALIASES:
             raise InvalidInput(
                 f"manifest {path} line {n}: split {cell('split')!r} is not train, val, test or none"
             )
@@ -253,7 +250,7 @@ def _open_manifest(path: Path, labels: str) -> Source:
             Record(
                 key=key,
                 label=label if labels != "none" else None,
-                split=SPLITS[split],
+                split=SPLIT_ALIASES[split],
                 path=str(full),
             )
         )

@@ -20,12 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from featurebank.core.errors import FeaturebankError, InvalidInput
 from featurebank.protos.featurebank.v1 import featurebank_pb2 as pb
 from featurebank.protos.featurebank.v1 import featurebank_pb2_grpc as pb_grpc
+from featurebank.server.wire import MODE_VALUES
 
 T = TypeVar("T")
 
 ImageLike = bytes | str | os.PathLike[str]
-MODES = {"knn": pb.MODE_KNN, "head": pb.MODE_HEAD, "hybrid": pb.MODE_HYBRID,
-         "stacked": pb.MODE_STACKED}
 MiB = 1 << 20
 
 
@@ -276,9 +275,9 @@ def _mode(mode: str | None) -> pb.Mode.ValueType:
     if mode is None or mode == "":
         return pb.MODE_UNSPECIFIED
     try:
-        return MODES[mode.lower()]
+        return MODE_VALUES[mode.lower()]
     except KeyError:
-        raise InvalidInput(f"unknown mode {mode!r}: use knn, head, hybrid or stacked") from None
+        raise InvalidInput(f"unknown mode {mode!r}: use one of {', '.join(MODE_VALUES)}") from None
 
 
 def _upsert_stream(items: Iterable[pb.UpsertItem | Mapping[str, Any]]) -> Iterator[pb.UpsertItem]:

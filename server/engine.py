@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SPLITS = ("train", "val", "test", "none")
 MAX_K = 1024
 DEFAULT_SEARCH_K = 10
 DEFAULT_TOP_N = 5
@@ -570,7 +569,6 @@ def image_meta(image: bytes, uri: str) -> dict[str, Any]:
 
 __all__ = [
     "MAX_K",
-    "SPLITS",
     "Classified",
     "ClassifyJob",
     "Engine",

@@ -13,20 +13,20 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import numpy as np
 from google.protobuf import struct_pb2
 from grpc import aio
 
 from featurebank.core.errors import FeaturebankError, InvalidInput
+from featurebank.core.vocabulary import MODES, SPLITS
 from featurebank.protos.featurebank.v1 import featurebank_pb2 as pb
 from featurebank.protos.featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 from featurebank.server.engine import (
     DEFAULT_SEARCH_K,
     DEFAULT_TOP_N,
     MAX_K,
-    SPLITS,
     Classified,
     ClassifyJob,
     Engine,
@@ -39,17 +39,11 @@ from featurebank.server.engine import (
 )
 from featurebank.server.metrics import Metrics
 from featurebank.server.status import to_status
+from featurebank.server.wire import MODE_NAMES, MODE_VALUES
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
-MODE_NAMES = {
-    pb.MODE_KNN: "knn",
-    pb.MODE_HEAD: "head",
-    pb.MODE_HYBRID: "hybrid",
-    pb.MODE_STACKED: "stacked",
-}
-MODE_VALUES = {v: k for k, v in MODE_NAMES.items()}
 MAX_TOP_N = 1000
 MAX_BATCH_INPUTS = 4096
 MAX_KEY_BYTES = 1024
@@ -104,9 +98,10 @@ def check_mode(mode: int) -> str | None:
     if mode == pb.MODE_UNSPECIFIED:
         return None
     try:
-        return MODE_NAMES[cast(pb.Mode.ValueType, mode)]
+        return MODE_NAMES[mode]
     except KeyError:
-        raise InvalidInput(f"unknown mode {mode}: use KNN, HEAD, HYBRID or STACKED") from None
+        known = ", ".join(m.upper() for m in MODES)
+        raise InvalidInput(f"unknown mode {mode}: use {known}") from None
 
 
 def check_key(key: str, where: str = "key") -> str:

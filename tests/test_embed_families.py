@@ -76,7 +76,7 @@ def test_registry_lookup_and_options() -> None:
         backbones.preprocess_numpy(x, "caffe"), [[[255 - 103.939, 127.5 - 116.779, -123.68]]]
     )
     pixels = np.random.default_rng(0).integers(0, 255, (2, 5, 5, 3)).astype(np.uint8)
-    for mode in backbones.PREPROCESSING_MODES:  # the graph version matches the reference
+    for mode in backbones.PREPROCESSING:  # the graph version matches the reference
         got = np.asarray(backbones.preprocess_tf(pixels, mode))
         np.testing.assert_allclose(got, backbones.preprocess_numpy(pixels, mode), rtol=1e-6)
 

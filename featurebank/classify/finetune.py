@@ -20,7 +20,7 @@ import numpy as np
 
 from featurebank.core.bank import Bank
 from featurebank.core.errors import FailedPrecondition, InvalidInput
-from featurebank.embedder.backbones import CAFFE_MEAN, TORCH_MEAN, TORCH_STD
+from featurebank.embedder.backbones import PREPROCESSING
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +35,9 @@ def preprocessing_affine(mode: str, channels: int = 3) -> tuple[np.ndarray, np.n
     Why: every preprocessing featurebank knows is per-pixel affine, so a fixed 1x1
     convolution bakes it into the exported model and `embed` needs no extra option.
     """
-    eye = np.eye(3, dtype=np.float32)
-    if mode == "tf":
-        k, b = eye / 127.5, -np.ones(3, np.float32)
-    elif mode == "caffe":
-        k = eye[:, ::-1].copy()  # RGB -> BGR
-        b = -CAFFE_MEAN  # BGR, as the kernel outputs
-    elif mode == "torch":
-        k, b = eye / (255.0 * TORCH_STD), -TORCH_MEAN / TORCH_STD
-    elif mode in ("raw0-255", "none"):
-        k, b = eye, np.zeros(3, np.float32)
-    elif mode == "raw0-1":
-        k, b = eye / 255.0, np.zeros(3, np.float32)
-    else:
+    if mode not in (*PREPROCESSING, "none"):
         raise InvalidInput(f"cannot fold preprocessing {mode!r} into an exported backbone")
+    k, b = PREPROCESSING["raw0-255" if mode == "none" else mode].affine()
     if channels == 1:
         k, b = k @ _GRAY[:, None], np.array([b @ _GRAY], np.float32)
     return k.astype(np.float32), b.astype(np.float32)

@@ -14,6 +14,7 @@ from typing import Any
 
 from featurebank.cli import Commands
 from featurebank.cli.index import add_index_params
+from featurebank.core.vocabulary import MODES, SPLITS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -35,7 +36,7 @@ def _connection(p: argparse.ArgumentParser) -> None:
 def register(commands: Commands) -> None:
     p = commands.command("classify", "classify images with a running server", _classify)
     p.add_argument("images", nargs="+", type=Path, help="image files")
-    p.add_argument("--mode", choices=["knn", "head", "hybrid", "stacked"], default=None)
+    p.add_argument("--mode", choices=MODES, default=None)
     p.add_argument("--k", type=int, default=0, help="neighbours that vote (0 = server default)")
     p.add_argument("--top-n", type=int, default=3, help="labels to show per image")
     p.add_argument("--neighbors", action="store_true", help="also show the neighbours")
@@ -54,7 +55,7 @@ def register(commands: Commands) -> None:
     p.add_argument("--label", default=None, help="label for every image")
     p.add_argument("--folder-labels", action="store_true",
                    help="label each image with the name of its folder")
-    p.add_argument("--split", default="none", choices=["train", "val", "test", "none"])
+    p.add_argument("--split", default="none", choices=SPLITS)
     p.add_argument("--chunk", type=int, default=256, help="images per Upsert call")
     _connection(p)
 

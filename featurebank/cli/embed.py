@@ -12,6 +12,13 @@ import sys
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.core.vocabulary import (
+    LABEL_SOURCES,
+    POOLINGS,
+    PREPROCESSINGS,
+    RESIZE_MODES,
+    STORE_DTYPES,
+)
 
 
 def register(commands: Commands) -> None:
@@ -39,23 +46,23 @@ def register(commands: Commands) -> None:
     )
     p.add_argument("--layer", help="feature layer of a .keras backbone (default: its output)")
     p.add_argument("--image-size", type=int, help="input size in pixels (default: the family's)")
-    p.add_argument("--resize", choices=("crop", "pad", "stretch"), default="crop")
+    p.add_argument("--resize", choices=RESIZE_MODES, default="crop")
     p.add_argument(
         "--pooling",
-        choices=("avg", "max", "flatten"),
+        choices=POOLINGS,
         default="avg",
         help="global pooling (flatten: .keras backbones with spatial outputs only)",
     )
     p.add_argument(
         "--preprocess",
-        choices=("tf", "caffe", "torch", "raw0-255", "raw0-1"),
+        choices=PREPROCESSINGS,
         help="override the input scaling (default: the family's; raw0-255 for .keras models)",
     )
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--dtype", choices=STORE_DTYPES, default="float16")
     p.add_argument(
         "--labels",
-        choices=("folders", "manifest", "none"),
+        choices=LABEL_SOURCES,
         default="folders",
         help="where labels come from (folders: class subfolders, or a manifest's/array "
         "file's own labels)",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.core.vocabulary import EVAL_SPLITS
 
 
 def register(commands: Commands) -> None:
@@ -39,7 +40,7 @@ def register(commands: Commands) -> None:
         "eval", "evaluate knn/head/hybrid/stacked beside sklearn and write a report", _eval
     )
     p.add_argument("--bank", required=True, help="bank directory")
-    p.add_argument("--split", choices=["test", "val"], default="test", help="split to score")
+    p.add_argument("--split", choices=EVAL_SPLITS, default="test", help="split to score")
     p.add_argument("--report", default=None, help="report folder (default BANK/reports/<time>/)")
     p.add_argument("--k", type=int, default=None, help="neighbours (default: the head's tuned k)")
     p.add_argument("--projection", choices=["pca", "tsne"], default="pca", help="2-D projection")

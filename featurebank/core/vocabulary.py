@@ -27,9 +27,9 @@ EVAL_SPLITS = ("test", "val", "train")
 HELD_OUT_SPLIT = "test"
 """Test items keep their labels for display but never vote."""
 
-SPLIT_FOLDER_NAMES = {"train": "train", "training": "train", "val": "val",
-                      "validation": "val", "valid": "val", "test": "test", "testing": "test"}
-"""Folder names a class-folder source recognises as a split."""
+SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "valid": "val",
+                 "test": "test", "none": "none", "": "none"}
+"""Split names a source (a manifest's split column) may use, and the split each means."""
 
 # ---- classification ---------------------------------------------------------------------------
 

@@ -24,8 +24,8 @@ import numpy as np
 
 from featurebank.core.errors import InvalidInput, SpecMismatch
 from featurebank.core.spec import Spec
+from featurebank.core.vocabulary import SPLITS
 
-SPLITS = ("train", "val", "test", "none")
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 DELETED = 255
 NO_LABEL = -1

@@ -1,0 +1,16 @@
+"""The proto's enums and the vocabulary's names, mapped in one place (derived, not listed).
+
+Adding a mode to featurebank.core.vocabulary.MODES and `MODE_<NAME>` to the .proto is
+all the wire needs; the servicer and the client both read these tables.
+"""
+
+from __future__ import annotations
+
+from featurebank.core.vocabulary import MODES
+from featurebank.protos.featurebank.v1 import featurebank_pb2 as pb
+
+MODE_VALUES: dict[str, pb.Mode.ValueType] = {m: pb.Mode.Value(f"MODE_{m.upper()}") for m in MODES}
+"""Mode name -> proto enum value."""
+
+MODE_NAMES: dict[int, str] = {v: k for k, v in MODE_VALUES.items()}
+"""Proto enum value -> mode name (MODE_UNSPECIFIED is absent: the server's default)."""
