@@ -2,7 +2,7 @@
 
 Why generations: a build writes everything (index file, fitted transform,
 manifest) into a staging folder beside the generations and only then publishes
-it (rename + atomic CURRENT switch, see embedder/bank.py). A build killed at any
+it (rename + atomic CURRENT switch, see featurebank/core/bank.py). A build killed at any
 point leaves CURRENT on the previous good generation, and searchers switch to a
 new generation whenever they refresh.
 

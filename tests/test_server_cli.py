@@ -57,6 +57,24 @@ def test_labels_set_and_rebuild(served: RunningServer, capsys: pytest.CaptureFix
     assert code == 0 and "rebuilt: index generation" in out
 
 
+def test_labels_set_from_a_csv_file(
+    served: RunningServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The same key,label[,split] format as `featurebank labels import`."""
+    (tmp_path / "labels.csv").write_text("key,label\ncat/1-2,tiger\ncat/1-3,\n")
+    code, out, _ = run(capsys, "labels", "set", "--from-csv", str(tmp_path / "labels.csv"),
+                       "--server", served.target, "--token", "w0")
+    assert code == 0 and "updated 2 labels" in out
+    code, out, _ = run(capsys, "search", "--key", "cat/1-0", "--k", "9", "--json",
+                       "--server", served.target, "--token", "r0")
+    labels = {n["key"]: n.get("label", "") for n in json.loads(out)["neighbors"]}
+    assert labels["cat/1-2"] == "tiger" and labels["cat/1-3"] == ""
+    (tmp_path / "bad.csv").write_text("cat/1-2,a\ncat/1-2,b\n")
+    code, _, err = run(capsys, "labels", "set", "--from-csv", str(tmp_path / "bad.csv"),
+                       "--server", served.target, "--token", "w0")
+    assert code == 2 and "appears twice" in err
+
+
 def test_errors_exit_2_with_the_status(
     served: RunningServer, capsys: pytest.CaptureFixture[str]
 ) -> None:

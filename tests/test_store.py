@@ -440,14 +440,6 @@ def test_put_batch_replace_is_an_atomic_upsert(store: store_mod.Store) -> None:
         store.get([1])
 
 
-def test_store_imports_without_tensorflow() -> None:
-    import subprocess
-    import sys
-
-    code = "import sys, featurebank.store, featurebank.core.spec; assert 'tensorflow' not in sys.modules"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
-
-
 def test_scan_columns_decode_later_from_the_snapshot(store: store_mod.Store) -> None:
     fill(store)
     items = store.to_numpy(split="train")

@@ -16,8 +16,6 @@ from featurebank.cli import Commands
 from featurebank.cli.index import add_index_params
 from featurebank.core.vocabulary import MODES, SPLITS
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
 
 def _connection(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
@@ -126,11 +124,12 @@ def _search(args: argparse.Namespace) -> int:
 
 def _image_paths(paths: list[Path]) -> list[Path]:
     from featurebank.core.errors import NotFound
+    from featurebank.embedder.sources import IMAGE_EXTS
 
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
+            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS))
         elif p.is_file():
             out.append(p)
         else:
@@ -170,9 +169,8 @@ def _upsert(args: argparse.Namespace) -> int:
 
 
 def _labels_set(args: argparse.Namespace) -> int:
-    import csv
-
     from featurebank.core.errors import InvalidInput
+    from featurebank.store.transfer import read_label_csv
 
     mapping: dict[str, str | None] = {}
     for a in args.assignments:
@@ -181,11 +179,7 @@ def _labels_set(args: argparse.Namespace) -> int:
             raise InvalidInput(f"expected KEY=LABEL, got {a!r}")
         mapping[key] = label or None
     if args.from_csv is not None:
-        with open(args.from_csv, newline="") as f:
-            for row in csv.reader(f):
-                if not row or row[0].startswith("#"):
-                    continue
-                mapping[row[0]] = (row[1] if len(row) > 1 else "") or None
+        mapping.update(read_label_csv(args.from_csv)[0])
     if not mapping:
         raise InvalidInput("no labels given: KEY=LABEL arguments or --from-csv")
     with _client(args) as client:

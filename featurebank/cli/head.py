@@ -1,6 +1,6 @@
 """`featurebank head train|info`, `featurebank eval` and `featurebank finetune`.
 
-Thin wrappers: index.heads, index.evaluate/index.report and embedder.finetune do
+Thin wrappers: classify.heads, classify.evaluate/classify.report and classify.finetune do
 the work; TensorFlow and matplotlib are imported inside the handlers only.
 """
 

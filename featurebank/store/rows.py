@@ -1,6 +1,6 @@
 """Rows and blocks inside one transaction: counters, the change log, locating ids, snapshots.
 
-Helpers of `embedder.store`, kept apart so the Store class reads as its operations.
+Helpers of `featurebank.store.store`, kept apart so the Store class reads as its operations.
 """
 
 from __future__ import annotations

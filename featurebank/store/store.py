@@ -3,7 +3,7 @@
 Importable without TensorFlow. Layout and invariants:
 
 - `BANK/store/CURRENT` names the live environment `BANK/store/env-<n>/` (an LMDB env
-  with named sub-databases, see `store_codec` for the records); `writer.lock` admits
+  with named sub-databases, see `codec` for the records); `writer.lock` admits
   one writing process at a time.
 - Ids are sequential uint64, never reused; vectors are packed in blocks keyed by their
   first id and are never rewritten by relabelling or deleting (only `compact()` drops
@@ -12,6 +12,10 @@ Importable without TensorFlow. Layout and invariants:
   so `changes_since(gen)` lets an index catch up.
 - Inputs are checked before a transaction starts, and each call is one transaction,
   so a bad or interrupted batch leaves nothing behind.
+
+Why one module of this size: `Store` is one class whose methods share the transaction
+helpers and the invariants above (ids, blocks, generations, change log); its parts that
+stand alone live beside it (env, codec, rows, items, compact, transfer).
 """
 
 from __future__ import annotations
@@ -862,13 +866,13 @@ class Store:
         call; a crash before the switch leaves the old one live and the new one is
         removed by the next writer.
         """
-        from featurebank.store import compact as store_compact
+        from featurebank.store import compact
 
         self.acquire_writer()
         sh = self._sh()
         sh.require_writer()
         with sh.lock:
-            store_compact.compact(sh, self.block_rows, self.spec.dim * self._dtype.itemsize)
+            compact.compact(sh, self.block_rows, self.spec.dim * self._dtype.itemsize)
 
 
 BankLike: TypeAlias = "str | os.PathLike[str] | Bank | Store"
