@@ -194,3 +194,15 @@ def prepare_array(
     if size is None or rgb.shape[:2] == tuple(size):
         return rgb
     return np.asarray(resize_image(Image.fromarray(rgb, "RGB"), size, resize), dtype=np.uint8)
+
+
+THUMBNAIL_SIZE = 96
+
+
+def thumbnail_jpeg(pixels: np.ndarray, size: int = THUMBNAIL_SIZE, quality: int = 85) -> bytes:
+    """A small JPEG (longest side at most `size`) of uint8 RGB pixels, for pages that show items."""
+    im = Image.fromarray(np.asarray(pixels, dtype=np.uint8), "RGB")
+    im.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

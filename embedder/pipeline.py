@@ -98,6 +98,7 @@ class Loader:
         resize: str,
         max_pixels: int,
         timings: Timings,
+        thumbnails: bool = False,
     ) -> None:
         self.source = source
         self.todo = todo
@@ -107,6 +108,7 @@ class Loader:
         self.timings = timings
         self.meta: dict[int, dict[str, Any]] = {}
         self.failures: dict[int, str] = {}
+        self.thumbs: dict[int, bytes] | None = {} if thumbnails else None
         self._blank = np.zeros((*size, 3), np.uint8)
 
     def __call__(self, i: int) -> tuple[np.ndarray, bool]:
@@ -117,6 +119,8 @@ class Loader:
         try:
             pixels, meta = self.source.load(rec, self.size, self.resize, self.max_pixels)
             self.meta[i] = meta
+            if self.thumbs is not None:
+                self.thumbs[i] = images.thumbnail_jpeg(pixels)
             ok = True
         except images.ImageError as e:
             self.failures[i] = e.reason
@@ -269,8 +273,13 @@ class Writer:
                 labels=[recs[j].label for j in good],
                 splits=[recs[j].split for j in good],
                 meta=[meta.pop(int(positions[j]), None) for j in good],
+                thumbnails=None
+                if self.loader.thumbs is None
+                else [self.loader.thumbs.pop(int(positions[j]), None) for j in good],
             )
         for j in np.flatnonzero(~finite):
+            if self.loader.thumbs is not None:
+                self.loader.thumbs.pop(int(positions[j]), None)
             reason = f"embedding has NaN or infinite values in {self.store.spec.dtype}"
             self.store.record_error(recs[j].key, reason)
             self.failed.append((recs[j].key, reason))
@@ -303,8 +312,12 @@ def run(
     fail_on_error: bool = False,
     progress: bool = True,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    thumbnails: bool = False,
 ) -> dict[str, Any]:
-    """Embed the records of `source` missing from `bank`; returns the summary."""
+    """Embed the records of `source` missing from `bank`; returns the summary.
+
+    `thumbnails`: also keep a small JPEG of each item in the store (for `featurebank ui`).
+    """
     if batch_size < 1:
         raise InvalidInput(f"batch size must be at least 1, got {batch_size}")
     t0 = time.perf_counter()
@@ -335,7 +348,7 @@ def run(
             timings = Timings()
             t_start = time.perf_counter()
             writer = _embed_all(
-                src, p.todo, embedder, st, batch_size, max_pixels, timings, progress
+                src, p.todo, embedder, st, batch_size, max_pixels, timings, progress, thumbnails
             )
             summary.update(
                 embedded=writer.embedded,
@@ -356,10 +369,13 @@ def _embed_all(
     max_pixels: int,
     timings: Timings,
     progress: bool,
+    thumbnails: bool = False,
 ) -> Writer:
     from tqdm import tqdm
 
-    loader = Loader(src, todo, embedder.input_size, embedder.spec.resize, max_pixels, timings)
+    loader = Loader(
+        src, todo, embedder.input_size, embedder.spec.resize, max_pixels, timings, thumbnails
+    )
     # The dataset and its iterator live only in `pipe`, so that `_release` drops them.
     pipe: dict[str, Any] = {"ds": build_dataset(loader, batch_size)}
     bar = tqdm(
@@ -451,6 +467,7 @@ def embed(
     progress: bool = True,
     preprocessing: str | None = None,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    thumbnails: bool = False,
 ) -> dict[str, Any]:
     """Embed every image of `source` into `bank` (created if needed); returns the summary.
 
@@ -465,4 +482,5 @@ def embed(
         fail_on_error=fail_on_error,
         progress=progress,
         max_pixels=max_pixels,
+        thumbnails=thumbnails,
     )

@@ -24,7 +24,10 @@ WRITE = "write"
 ROLES = (READ, WRITE)
 
 SERVICE = "/featurebank.v1.FeatureBank/"
-READ_METHODS = frozenset({"Classify", "ClassifyBatch", "Search", "Embed", "GetInfo"})
+READ_METHODS = frozenset({
+    "Classify", "ClassifyBatch", "Search", "Embed", "GetInfo", "Suggest", "Audit", "GetThumbnails",
+    "GetReport",
+})
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 

@@ -17,7 +17,7 @@ from featurebank.cli.index import add_index_params
 from featurebank.core.vocabulary import MODES, SPLITS
 
 
-def _connection(p: argparse.ArgumentParser) -> None:
+def connection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
     g.add_argument("--server", default=os.environ.get("FEATUREBANK_SERVER", "127.0.0.1:50051"),
                    help="HOST:PORT of the server (default $FEATUREBANK_SERVER or 127.0.0.1:50051)")
@@ -38,7 +38,7 @@ def register(commands: Commands) -> None:
     p.add_argument("--k", type=int, default=0, help="neighbours that vote (0 = server default)")
     p.add_argument("--top-n", type=int, default=3, help="labels to show per image")
     p.add_argument("--neighbors", action="store_true", help="also show the neighbours")
-    _connection(p)
+    connection_args(p)
 
     p = commands.command("search", "nearest stored items of an image or key", _search)
     p.add_argument("image", nargs="?", type=Path, help="image file (or use --key)")
@@ -46,7 +46,7 @@ def register(commands: Commands) -> None:
     p.add_argument("--k", type=int, default=10, help="neighbours to return")
     p.add_argument("--label", action="append", default=[], help="only items with this label")
     p.add_argument("--metadata", action="store_true", help="include source metadata")
-    _connection(p)
+    connection_args(p)
 
     p = commands.command("upsert", "add or replace images in a served bank", _upsert)
     p.add_argument("paths", nargs="+", type=Path, help="image files or folders (recursive)")
@@ -55,12 +55,12 @@ def register(commands: Commands) -> None:
                    help="label each image with the name of its folder")
     p.add_argument("--split", default="none", choices=SPLITS)
     p.add_argument("--chunk", type=int, default=256, help="images per Upsert call")
-    _connection(p)
+    connection_args(p)
 
     p = commands.subcommand("labels", "set", "set or clear labels on a served bank", _labels_set)
     p.add_argument("assignments", nargs="*", help="KEY=LABEL (empty LABEL clears it)")
     p.add_argument("--from-csv", type=Path, default=None, help="CSV file of key,label lines")
-    _connection(p)
+    connection_args(p)
 
     p = commands.command("rebuild", "rebuild the served index in the background", _rebuild)
     add_index_params(p)
@@ -68,10 +68,10 @@ def register(commands: Commands) -> None:
     p.add_argument("--head-hidden", type=int, default=0)
     p.add_argument("--head-epochs", type=int, default=0)
     p.add_argument("--no-wait", action="store_true", help="print the operation id and return")
-    _connection(p)
+    connection_args(p)
 
 
-def _client(args: argparse.Namespace) -> Any:
+def client_from_args(args: argparse.Namespace) -> Any:
     from featurebank.server.client import FeatureBankClient
 
     return FeatureBankClient(
@@ -87,7 +87,7 @@ def _dump(message: Any) -> str:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with client_from_args(args) as client:
         for path in args.images:
             r = client.classify(
                 path, mode=args.mode, k=args.k, top_n=args.top_n,
@@ -108,7 +108,7 @@ def _search(args: argparse.Namespace) -> int:
 
     if (args.image is None) == (args.key is None):
         raise InvalidInput("give exactly one of an image or --key")
-    with _client(args) as client:
+    with client_from_args(args) as client:
         r = client.search(
             args.image, key=args.key, k=args.k, labels=args.label,
             include_metadata=args.metadata,
@@ -147,7 +147,7 @@ def _upsert(args: argparse.Namespace) -> int:
         raise InvalidInput("no images found")
     added = replaced = 0
     size = max(1, args.chunk)
-    with _client(args) as client:
+    with client_from_args(args) as client:
         for start in range(0, len(files), size):
             chunk = files[start : start + size]
             items = [
@@ -182,14 +182,14 @@ def _labels_set(args: argparse.Namespace) -> int:
         mapping.update(read_label_csv(args.from_csv)[0])
     if not mapping:
         raise InvalidInput("no labels given: KEY=LABEL arguments or --from-csv")
-    with _client(args) as client:
+    with client_from_args(args) as client:
         r = client.set_labels(mapping)
     print(f"updated {r.updated} labels (store generation {r.store_generation})")
     return 0
 
 
 def _rebuild(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with client_from_args(args) as client:
         op = client.rebuild_index(
             factory=args.factory, metric=args.metric, transform=args.transform,
             memory_budget=args.memory_budget, target_recall=args.target_recall, k=args.k,

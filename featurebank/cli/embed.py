@@ -71,6 +71,11 @@ def register(commands: Commands) -> None:
     p.add_argument(
         "--fail-on-error", action="store_true", help="exit 1 if any input could not be embedded"
     )
+    p.add_argument(
+        "--thumbnails",
+        action="store_true",
+        help="keep a small JPEG of each image in the bank (shown by `featurebank ui`)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -104,6 +109,7 @@ def _embed(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         preprocessing=args.preprocess,
         max_pixels=args.max_pixels,
+        thumbnails=args.thumbnails,
     )
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DB_NAMES = ("info", "vectors", "rows", "keys", "meta", "key2id", "vocab", "log", "errors")
+DB_NAMES = (
+    "info", "vectors", "rows", "keys", "meta", "key2id", "vocab", "log", "errors", "thumbs",
+)
+ADDED_LATER = ("thumbs",)  # created when a store made before them is opened
 CURRENT = "CURRENT"
 WRITER_LOCK = "writer.lock"
 ENV_PREFIX = "env-"
@@ -89,7 +92,10 @@ class EnvHandle:
         # opened in a read transaction when it ends. It changes nothing, so commits for free.
         txn = self.env.begin(write=True)
         try:
-            dbs = {n: self.env.open_db(n.encode(), txn=txn, create=create) for n in DB_NAMES}
+            dbs = {
+                n: self.env.open_db(n.encode(), txn=txn, create=create or n in ADDED_LATER)
+                for n in DB_NAMES
+            }
         except BaseException:
             txn.abort()
             raise

@@ -65,6 +65,7 @@ from featurebank.store.env import (
     acquire,
     release,
 )
+from featurebank.store import thumbs as thumbs_db
 from featurebank.store.items import Changes, Items, Lazy
 from featurebank.store.rows import (
     Part,
@@ -280,12 +281,13 @@ class Store:
         *,
         spec: Spec | None = None,
         replace: bool = False,
+        thumbnails: Sequence[bytes | None] | None = None,
     ) -> np.ndarray:
         """Add new items in one transaction and return their ids.
 
         Keys already stored are refused (filter with `missing()` to resume a job), unless
         `replace`: then the stored items are deleted and re-added with new ids in the
-        same transaction (an atomic upsert).
+        same transaction (an atomic upsert). `thumbnails`: a small JPEG (or None) per item.
         """
         if spec is not None:
             self.spec.check_same(spec)
@@ -306,6 +308,8 @@ class Store:
         )
         now = time.time()
         metas = check_metas(keys, meta, now)
+        if thumbnails is not None:
+            thumbs_db.check_thumbnails(keys, thumbnails)
         if not len(keys):
             return np.zeros(0, dtype=np.uint64)
         records = key_records(key_bytes)
@@ -321,6 +325,8 @@ class Store:
                 else np.full(len(keys), NO_LABEL, np.int32)
             )
             self._append_rows(txn, h, ids, vecs, codes, states, list(keys), metas)
+            if thumbnails is not None:
+                thumbs_db.put(txn, h.dbs, ids, thumbnails)
             labelled = bool((codes != NO_LABEL).any())
             if replaced is not None:
                 labelled |= replaced[1]
@@ -525,6 +531,7 @@ class Store:
             txn.put(bkey, encode_rows(bids, codes, states), db=h.dbs["rows"])
         for rec in records:
             txn.delete(rec, db=h.dbs["key2id"])
+        thumbs_db.drop(txn, h.dbs, ids)
         put_int(txn, h, "count", get_int(txn, h, "count") - len(ids))
         return labelled
 
@@ -592,6 +599,12 @@ class Store:
         sh = self._sh()
         with sh.read() as (txn, h):
             return self._get_in_txn(txn, h, self._ids_in_txn(txn, h, keys, NotFound), dtype)
+
+    def thumbnails(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The JPEG thumbnail of each key (None where none was kept); NotFound for unknown keys."""
+        sh = self._sh()
+        with sh.read() as (txn, h):
+            return thumbs_db.get(txn, h.dbs, self._ids_in_txn(txn, h, keys, NotFound))
 
     def _get_in_txn(self, txn: Txn, h: EnvHandle, ids: np.ndarray, dtype: Any) -> Items:
         loc = locate(txn, h, ids)

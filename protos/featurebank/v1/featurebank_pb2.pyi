@@ -46,6 +46,33 @@ MODE_HYBRID: Mode.ValueType  # 3
 MODE_STACKED: Mode.ValueType  # 4
 Global___Mode: _TypeAlias = Mode  # noqa: Y015
 
+class _Strategy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Strategy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STRATEGY_UNSPECIFIED: _Strategy.ValueType  # 0
+    """margin"""
+    STRATEGY_MARGIN: _Strategy.ValueType  # 1
+    """1 - (p1 - p2) of the bank's probabilities"""
+    STRATEGY_ENTROPY: _Strategy.ValueType  # 2
+    """entropy of the probabilities"""
+    STRATEGY_DIVERSE: _Strategy.ValueType  # 3
+    """the most uncertain item of each region of the feature space"""
+
+class Strategy(_Strategy, metaclass=_StrategyEnumTypeWrapper): ...
+
+STRATEGY_UNSPECIFIED: Strategy.ValueType  # 0
+"""margin"""
+STRATEGY_MARGIN: Strategy.ValueType  # 1
+"""1 - (p1 - p2) of the bank's probabilities"""
+STRATEGY_ENTROPY: Strategy.ValueType  # 2
+"""entropy of the probabilities"""
+STRATEGY_DIVERSE: Strategy.ValueType  # 3
+"""the most uncertain item of each region of the feature space"""
+Global___Strategy: _TypeAlias = Strategy  # noqa: Y015
+
 @_typing.final
 class Vector(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -902,3 +929,300 @@ class GetInfoResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetInfoResponse: _TypeAlias = GetInfoResponse  # noqa: Y015
+
+@_typing.final
+class SuggestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    N_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    n: _builtins.int
+    """items to return; 0 = 100"""
+    strategy: Global___Strategy.ValueType
+    label: _builtins.str
+    """only items with this label among their two most probable"""
+    def __init__(
+        self,
+        *,
+        n: _builtins.int = ...,
+        strategy: Global___Strategy.ValueType = ...,
+        label: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "n", b"n", "strategy", b"strategy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuggestRequest: _TypeAlias = SuggestRequest  # noqa: Y015
+
+@_typing.final
+class Suggestion(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    score: _builtins.float
+    """uncertainty; higher = a label helps more"""
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelProbability]:
+        """the bank's guesses, most probable first"""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        score: _builtins.float = ...,
+        labels: _abc.Iterable[Global___LabelProbability] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "labels", b"labels", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Suggestion: _TypeAlias = Suggestion  # noqa: Y015
+
+@_typing.final
+class SuggestResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUGGESTIONS_FIELD_NUMBER: _builtins.int
+    INDEX_GENERATION_FIELD_NUMBER: _builtins.int
+    LABELS_GENERATION_FIELD_NUMBER: _builtins.int
+    index_generation: _builtins.int
+    labels_generation: _builtins.int
+    """the labels the ranking saw"""
+    @_builtins.property
+    def suggestions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Suggestion]:
+        """best first"""
+
+    def __init__(
+        self,
+        *,
+        suggestions: _abc.Iterable[Global___Suggestion] | None = ...,
+        index_generation: _builtins.int = ...,
+        labels_generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index_generation", b"index_generation", "labels_generation", b"labels_generation", "suggestions", b"suggestions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuggestResponse: _TypeAlias = SuggestResponse  # noqa: Y015
+
+@_typing.final
+class AuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    N_FIELD_NUMBER: _builtins.int
+    n: _builtins.int
+    """findings to return; 0 = 100"""
+    def __init__(
+        self,
+        *,
+        n: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["n", b"n"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRequest: _TypeAlias = AuditRequest  # noqa: Y015
+
+@_typing.final
+class Finding(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    SUGGESTED_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    P_LABEL_FIELD_NUMBER: _builtins.int
+    P_SUGGESTED_FIELD_NUMBER: _builtins.int
+    HAS_HEAD_FIELD_NUMBER: _builtins.int
+    HEAD_P_LABEL_FIELD_NUMBER: _builtins.int
+    HEAD_P_SUGGESTED_FIELD_NUMBER: _builtins.int
+    NEIGHBORS_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    label: _builtins.str
+    """the stored label"""
+    suggested: _builtins.str
+    """the bank's label, the item left out of its own vote"""
+    confidence: _builtins.float
+    """p(suggested) - p(label)"""
+    p_label: _builtins.float
+    p_suggested: _builtins.float
+    has_head: _builtins.bool
+    """head_p_* are set"""
+    head_p_label: _builtins.float
+    """the live head's probabilities"""
+    head_p_suggested: _builtins.float
+    @_builtins.property
+    def neighbors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Neighbor]:
+        """the evidence"""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        label: _builtins.str = ...,
+        suggested: _builtins.str = ...,
+        confidence: _builtins.float = ...,
+        p_label: _builtins.float = ...,
+        p_suggested: _builtins.float = ...,
+        has_head: _builtins.bool = ...,
+        head_p_label: _builtins.float = ...,
+        head_p_suggested: _builtins.float = ...,
+        neighbors: _abc.Iterable[Global___Neighbor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "has_head", b"has_head", "head_p_label", b"head_p_label", "head_p_suggested", b"head_p_suggested", "key", b"key", "label", b"label", "neighbors", b"neighbors", "p_label", b"p_label", "p_suggested", b"p_suggested", "suggested", b"suggested"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Finding: _TypeAlias = Finding  # noqa: Y015
+
+@_typing.final
+class AuditResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINDINGS_FIELD_NUMBER: _builtins.int
+    INDEX_GENERATION_FIELD_NUMBER: _builtins.int
+    LABELS_GENERATION_FIELD_NUMBER: _builtins.int
+    index_generation: _builtins.int
+    labels_generation: _builtins.int
+    @_builtins.property
+    def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Finding]:
+        """most confident first"""
+
+    def __init__(
+        self,
+        *,
+        findings: _abc.Iterable[Global___Finding] | None = ...,
+        index_generation: _builtins.int = ...,
+        labels_generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["findings", b"findings", "index_generation", b"index_generation", "labels_generation", b"labels_generation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditResponse: _TypeAlias = AuditResponse  # noqa: Y015
+
+@_typing.final
+class GetThumbnailsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetThumbnailsRequest: _TypeAlias = GetThumbnailsRequest  # noqa: Y015
+
+@_typing.final
+class Thumbnail(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    JPEG_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    jpeg: _builtins.bytes
+    """empty when the item has no thumbnail"""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        jpeg: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jpeg", b"jpeg", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Thumbnail: _TypeAlias = Thumbnail  # noqa: Y015
+
+@_typing.final
+class GetThumbnailsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THUMBNAILS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def thumbnails(self) -> _containers.RepeatedCompositeFieldContainer[Global___Thumbnail]:
+        """one per key, same order"""
+
+    def __init__(
+        self,
+        *,
+        thumbnails: _abc.Iterable[Global___Thumbnail] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["thumbnails", b"thumbnails"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetThumbnailsResponse: _TypeAlias = GetThumbnailsResponse  # noqa: Y015
+
+@_typing.final
+class GetReportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReportRequest: _TypeAlias = GetReportRequest  # noqa: Y015
+
+@_typing.final
+class GetReportResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    HTML_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """the report's folder under BANK/reports/"""
+    html: _builtins.str
+    """the self-contained page (figures embedded)"""
+    @_builtins.property
+    def metrics(self) -> _struct_pb2.Struct:
+        """metrics.json"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        html: _builtins.str = ...,
+        metrics: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["html", b"html", "metrics", b"metrics", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReportResponse: _TypeAlias = GetReportResponse  # noqa: Y015

@@ -59,6 +59,26 @@ class FeatureBankStub:
                 request_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
+        self.Suggest = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/Suggest',
+                request_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SuggestRequest.SerializeToString,
+                response_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SuggestResponse.FromString,
+                _registered_method=True)
+        self.Audit = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/Audit',
+                request_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.AuditRequest.SerializeToString,
+                response_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.AuditResponse.FromString,
+                _registered_method=True)
+        self.GetThumbnails = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/GetThumbnails',
+                request_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetThumbnailsRequest.SerializeToString,
+                response_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetThumbnailsResponse.FromString,
+                _registered_method=True)
+        self.GetReport = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/GetReport',
+                request_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetReportRequest.SerializeToString,
+                response_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetReportResponse.FromString,
+                _registered_method=True)
         self.Upsert = channel.stream_unary(
                 '/featurebank.v1.FeatureBank/Upsert',
                 request_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.UpsertItem.SerializeToString,
@@ -119,6 +139,34 @@ class FeatureBankServicer:
 
     def GetInfo(self, request, context):
         """Bank description: spec, counts, generations, index and head (read role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Suggest(self, request, context):
+        """Unlabelled items ranked by how much a label would help (read role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Audit(self, request, context):
+        """Labelled items whose label the bank doubts, each left out of its own vote (read role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetThumbnails(self, request, context):
+        """Small JPEG thumbnails of stored items, kept by `embed --thumbnails` (read role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReport(self, request, context):
+        """The latest evaluation report written by `featurebank eval` (read role).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -186,6 +234,26 @@ def add_FeatureBankServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoRequest.FromString,
                     response_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoResponse.SerializeToString,
+            ),
+            'Suggest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Suggest,
+                    request_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SuggestRequest.FromString,
+                    response_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SuggestResponse.SerializeToString,
+            ),
+            'Audit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Audit,
+                    request_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.AuditRequest.FromString,
+                    response_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.AuditResponse.SerializeToString,
+            ),
+            'GetThumbnails': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetThumbnails,
+                    request_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetThumbnailsRequest.FromString,
+                    response_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetThumbnailsResponse.SerializeToString,
+            ),
+            'GetReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReport,
+                    request_deserializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetReportRequest.FromString,
+                    response_serializer=featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetReportResponse.SerializeToString,
             ),
             'Upsert': grpc.stream_unary_rpc_method_handler(
                     servicer.Upsert,
@@ -348,6 +416,114 @@ class FeatureBank:
             '/featurebank.v1.FeatureBank/GetInfo',
             featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoRequest.SerializeToString,
             featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Suggest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/Suggest',
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SuggestRequest.SerializeToString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.SuggestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Audit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/Audit',
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.AuditRequest.SerializeToString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.AuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetThumbnails(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/GetThumbnails',
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetThumbnailsRequest.SerializeToString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetThumbnailsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/GetReport',
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetReportRequest.SerializeToString,
+            featurebank_dot_protos_dot_featurebank_dot_v1_dot_featurebank__pb2.GetReportResponse.FromString,
             options,
             channel_credentials,
             insecure,
