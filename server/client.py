@@ -182,6 +182,29 @@ class FeatureBankClient:
     def info(self, timeout: float | None = None) -> pb.GetInfoResponse:
         return self._call(self.stub.GetInfo, pb.GetInfoRequest(), timeout)
 
+    def suggest(
+        self, n: int = 0, strategy: str = "margin", label: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.SuggestResponse:
+        """Unlabelled items ranked by how much a label would help (strategy margin|entropy|diverse)."""
+        request = pb.SuggestRequest(n=n, strategy=_strategy(strategy), label=label or "")
+        return self._call(self.stub.Suggest, request, timeout)
+
+    def audit(self, n: int = 0, timeout: float | None = None) -> pb.AuditResponse:
+        """Labelled items whose label the bank doubts, most confident first."""
+        return self._call(self.stub.Audit, pb.AuditRequest(n=n), timeout)
+
+    def thumbnails(self, keys: Sequence[str], timeout: float | None = None) -> dict[str, bytes]:
+        """JPEG thumbnail per key; keys without one are left out."""
+        response = self._call(
+            self.stub.GetThumbnails, pb.GetThumbnailsRequest(keys=list(keys)), timeout
+        )
+        return {t.key: t.jpeg for t in response.thumbnails if t.jpeg}
+
+    def report(self, timeout: float | None = None) -> pb.GetReportResponse:
+        """The latest evaluation report (its page, metrics and folder name)."""
+        return self._call(self.stub.GetReport, pb.GetReportRequest(), timeout)
+
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """SERVING, NOT_SERVING or SERVICE_UNKNOWN (health needs no token)."""
         response = self._call(
@@ -278,6 +301,19 @@ def _mode(mode: str | None) -> pb.Mode.ValueType:
         return MODE_VALUES[mode.lower()]
     except KeyError:
         raise InvalidInput(f"unknown mode {mode!r}: use one of {', '.join(MODE_VALUES)}") from None
+
+
+STRATEGIES = {"margin": pb.STRATEGY_MARGIN, "entropy": pb.STRATEGY_ENTROPY,
+              "diverse": pb.STRATEGY_DIVERSE}
+
+
+def _strategy(strategy: str) -> pb.Strategy.ValueType:
+    try:
+        return STRATEGIES[strategy.lower()]
+    except KeyError:
+        raise InvalidInput(
+            f"unknown strategy {strategy!r}: use {', '.join(STRATEGIES)}"
+        ) from None
 
 
 def _upsert_stream(items: Iterable[pb.UpsertItem | Mapping[str, Any]]) -> Iterator[pb.UpsertItem]:

@@ -122,6 +122,15 @@ class Operation:
 
 
 @dataclass(frozen=True)
+class Labelling:
+    """Suggestions or audit findings, with the generations they were computed on."""
+
+    items: list[Any]
+    index_generation: int
+    labels_generation: int
+
+
+@dataclass(frozen=True)
 class RebuildParams:
     """What RebuildIndex asked for: index overrides (None keeps the live params), head options."""
 
@@ -405,6 +414,45 @@ class Engine:
                 }
         return info
 
+    # ----------------------------------------------------------------- labelling
+
+    async def suggest(self, n: int, strategy: str, label: str | None) -> Labelling:
+        return await self._run(self.compute, self._suggest, n, strategy, label)
+
+    def _suggest(self, n: int, strategy: str, label: str | None) -> Labelling:
+        from featurebank.classify.suggest import suggest
+
+        clf = self._models().classifier
+        labels_gen = int(self.store.labels_generation)
+        out = suggest(clf, n=n, strategy=strategy, label=label)
+        return Labelling(out, int(clf.index_generation), labels_gen)
+
+    async def audit(self, n: int) -> Labelling:
+        return await self._run(self.compute, self._audit, n)
+
+    def _audit(self, n: int) -> Labelling:
+        from featurebank.classify.audit import audit
+
+        clf = self._models().classifier
+        labels_gen = int(self.store.labels_generation)
+        return Labelling(audit(clf, n=n), int(clf.index_generation), labels_gen)
+
+    async def thumbnails(self, keys: Sequence[str]) -> list[bytes | None]:
+        return await self._run(self.compute, self.store.thumbnails, list(keys))
+
+    async def report(self) -> dict[str, Any]:
+        return await self._run(self.compute, self._report)
+
+    def _report(self) -> dict[str, Any]:
+        from featurebank.classify.report import latest_report
+
+        found = latest_report(self.bank.reports_dir)
+        if found is None:
+            raise NotFound(
+                f"no evaluation report in {self.bank.reports_dir}: run `featurebank eval` first"
+            )
+        return found
+
     # ----------------------------------------------------------------- writes
 
     async def upsert(self, rows: Sequence[UpsertRow]) -> dict[str, int]:
@@ -574,6 +622,7 @@ __all__ = [
     "Engine",
     "FeaturebankError",
     "Hit",
+    "Labelling",
     "Operation",
     "RebuildParams",
     "SearchJob",

@@ -31,6 +31,7 @@ from featurebank.server.engine import (
     ClassifyJob,
     Engine,
     Hit,
+    Labelling,
     Operation,
     RebuildParams,
     SearchJob,
@@ -48,6 +49,15 @@ MAX_TOP_N = 1000
 MAX_BATCH_INPUTS = 4096
 MAX_KEY_BYTES = 1024
 MAX_UPSERT_ITEMS = 100_000
+MAX_THUMBNAILS = 1000
+DEFAULT_RANKED = 100
+MAX_RANKED = 10_000
+STRATEGY_NAMES = {
+    pb.STRATEGY_UNSPECIFIED: "margin",
+    pb.STRATEGY_MARGIN: "margin",
+    pb.STRATEGY_ENTROPY: "entropy",
+    pb.STRATEGY_DIVERSE: "diverse",
+}
 
 
 class Unavailable(FeaturebankError):
@@ -92,6 +102,15 @@ def check_top_n(top_n: int) -> int:
     if top_n > MAX_TOP_N:
         raise InvalidInput(f"top_n={top_n} is out of range: use 1..{MAX_TOP_N} (0 = {DEFAULT_TOP_N})")
     return top_n
+
+
+def check_count(n: int, where: str) -> int:
+    """How many items a ranking returns: 0 means DEFAULT_RANKED."""
+    if n == 0:
+        return DEFAULT_RANKED
+    if n > MAX_RANKED:
+        raise InvalidInput(f"{where}={n} is out of range: use 1..{MAX_RANKED} (0 = {DEFAULT_RANKED})")
+    return n
 
 
 def check_mode(mode: int) -> str | None:
@@ -302,6 +321,64 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     ) -> pb.GetInfoResponse:
         return _info(await self.engine.info())
 
+    @_rpc
+    async def Suggest(
+        self, request: pb.SuggestRequest, context: aio.ServicerContext
+    ) -> pb.SuggestResponse:
+        n = check_count(request.n, "n")
+        strategy = STRATEGY_NAMES.get(request.strategy)
+        if strategy is None:
+            raise InvalidInput(f"unknown strategy {request.strategy}: use MARGIN, ENTROPY or DIVERSE")
+        done = await self.engine.suggest(n, strategy, request.label or None)
+        return pb.SuggestResponse(
+            suggestions=[
+                pb.Suggestion(
+                    key=s.key, score=s.score,
+                    labels=[
+                        pb.LabelProbability(label=label, probability=p)
+                        for label, p in zip(s.labels, s.probs, strict=True)
+                    ],
+                )
+                for s in done.items
+            ],
+            index_generation=done.index_generation,
+            labels_generation=done.labels_generation,
+        )
+
+    @_rpc
+    async def Audit(self, request: pb.AuditRequest, context: aio.ServicerContext) -> pb.AuditResponse:
+        done: Labelling = await self.engine.audit(check_count(request.n, "n"))
+        return pb.AuditResponse(
+            findings=[_finding(f) for f in done.items],
+            index_generation=done.index_generation,
+            labels_generation=done.labels_generation,
+        )
+
+    @_rpc
+    async def GetThumbnails(
+        self, request: pb.GetThumbnailsRequest, context: aio.ServicerContext
+    ) -> pb.GetThumbnailsResponse:
+        if not request.keys:
+            raise InvalidInput("GetThumbnails got no keys")
+        if len(request.keys) > MAX_THUMBNAILS:
+            raise InvalidInput(
+                f"GetThumbnails got {len(request.keys)} keys; at most {MAX_THUMBNAILS}"
+            )
+        keys = [check_key(k, f"keys[{i}]") for i, k in enumerate(request.keys)]
+        found = await self.engine.thumbnails(keys)
+        return pb.GetThumbnailsResponse(
+            thumbnails=[pb.Thumbnail(key=k, jpeg=t or b"") for k, t in zip(keys, found, strict=True)]
+        )
+
+    @_rpc
+    async def GetReport(
+        self, request: pb.GetReportRequest, context: aio.ServicerContext
+    ) -> pb.GetReportResponse:
+        found = await self.engine.report()
+        return pb.GetReportResponse(
+            name=found["name"], html=found["html"], metrics=to_struct(found["metrics"])
+        )
+
     # ------------------------------------------------------------- write RPCs
 
     @_rpc
@@ -442,6 +519,16 @@ def _hit(h: Hit) -> pb.Neighbor:
     if h.meta is not None:
         n.metadata.CopyFrom(to_struct(h.meta))
     return n
+
+
+def _finding(f: Any) -> pb.Finding:
+    """An audit finding (featurebank.classify.audit.Finding) as its message."""
+    return pb.Finding(
+        key=f.key, label=f.label, suggested=f.suggested, confidence=f.confidence,
+        p_label=f.p_label, p_suggested=f.p_suggested, has_head=f.head_p_suggested is not None,
+        head_p_label=f.head_p_label or 0.0, head_p_suggested=f.head_p_suggested or 0.0,
+        neighbors=[pb.Neighbor(key=nb.key, label=nb.label or "", score=nb.score) for nb in f.neighbors],
+    )
 
 
 def _operation(op: Operation) -> pb.Operation:

@@ -46,6 +46,25 @@ def report_dir(bank_reports: Path) -> Path:
     return out
 
 
+def latest_report(bank_reports: Path) -> dict[str, Any] | None:
+    """The newest complete report under `bank_reports`: {name, html, metrics}; None if none.
+
+    Folder names are UTC times (see `report_dir`), so the last complete one in name
+    order is the newest; a report still being written has no metrics.json yet.
+    """
+    if not bank_reports.is_dir():
+        return None
+    for folder in sorted((d for d in bank_reports.iterdir() if d.is_dir()), reverse=True):
+        metrics_file, page = folder / "metrics.json", folder / "index.html"
+        if metrics_file.is_file() and page.is_file():
+            return {
+                "name": folder.name,
+                "html": page.read_text(),
+                "metrics": json.loads(metrics_file.read_text()),
+            }
+    return None
+
+
 def write_report(ev: Evaluation, out: str | Path, projection: str = "pca") -> Path:
     """Draw every figure, write PNGs, metrics.json and index.html into `out`; returns the HTML."""
     import matplotlib

@@ -34,6 +34,7 @@ import numpy as np
 from featurebank.core.bank import Bank, write_atomic
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
 from featurebank.core.spec import Spec
+from featurebank.store import thumbs as thumbs_db
 from featurebank.store.codec import (
     DELETED,
     NO_LABEL,
@@ -65,7 +66,6 @@ from featurebank.store.env import (
     acquire,
     release,
 )
-from featurebank.store import thumbs as thumbs_db
 from featurebank.store.items import Changes, Items, Lazy
 from featurebank.store.rows import (
     Part,
