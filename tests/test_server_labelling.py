@@ -1,0 +1,117 @@
+"""Suggest, Audit, GetThumbnails and GetReport on a real server; suggest and audit commands."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from server_fixtures import RunningServer, class_centers, free_port, make_vector_bank
+
+from featurebank.classify.report import latest_report
+from featurebank.cli import main
+from featurebank.server.app import ServeConfig
+from featurebank.server.auth import Tokens
+from featurebank.server.client import FeatureBankClient, RemoteError
+
+DIM = 16
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, Path]]:
+    bank = make_vector_bank(tmp_path_factory.mktemp("labelling") / "bank", dim=DIM,
+                            n_per_class=20, head=True)
+    tokens = Tokens({"read": ["r0"], "write": ["w0"]})
+    with RunningServer(ServeConfig(bank=bank, port=free_port(), tokens=tokens)) as rs:
+        c = class_centers(DIM)
+        rng = np.random.default_rng(5)
+        items = [{"key": f"new/{i}", "vector": c[i % 3] + 0.05 * rng.normal(size=DIM)}
+                 for i in range(6)]
+        items.append({"key": "new/cat-dog", "vector": 0.5 * (c[0] + c[1])})
+        with FeatureBankClient(rs.target, token="w0") as w:
+            w.upsert(items)
+            w.set_labels({"dog/1-3": "fox"})  # a wrong label, through the single writer
+        yield rs, bank
+
+
+def test_suggest_over_grpc_ranks_the_item_between_classes_first(
+    served: tuple[RunningServer, Path],
+) -> None:
+    rs, _ = served
+    with FeatureBankClient(rs.target, token="r0") as c:
+        r = c.suggest(n=3)
+        assert r.suggestions[0].key == "new/cat-dog"
+        assert {x.label for x in r.suggestions[0].labels[:2]} == {"cat", "dog"}
+        assert len(r.suggestions) == 3 and r.labels_generation > 0
+        everyone = c.suggest(n=100, strategy="diverse")
+        assert sorted(s.key for s in everyone.suggestions) == sorted(
+            [f"new/{i}" for i in range(6)] + ["new/cat-dog"]
+        )
+        for bad, message in ((lambda: c.suggest(label="wolf"), "unknown label 'wolf'"),
+                             (lambda: c.suggest(n=20_000), "n=20000 is out of range")):
+            with pytest.raises(RemoteError, match=message) as e:
+                bad()
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_audit_over_grpc_finds_the_label_set_wrong(served: tuple[RunningServer, Path]) -> None:
+    rs, _ = served
+    with FeatureBankClient(rs.target, token="r0") as c:
+        r = c.audit(n=5)
+    top = r.findings[0]
+    assert (top.key, top.label, top.suggested) == ("dog/1-3", "fox", "dog")
+    assert top.confidence > 0.5 and top.has_head
+    assert top.neighbors and "dog/1-3" not in {n.key for n in top.neighbors}
+    assert all(n.label == "dog" for n in top.neighbors)
+
+
+def test_thumbnails_and_report_errors(served: tuple[RunningServer, Path]) -> None:
+    rs, _ = served
+    with FeatureBankClient(rs.target, token="r0") as c:
+        assert c.thumbnails(["cat/1-0"]) == {}  # vectors only: no thumbnails kept
+        with pytest.raises(RemoteError, match="not in bank") as e:
+            c.thumbnails(["nobody"])
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(RemoteError, match="GetThumbnails got no keys"):
+            c.thumbnails([])
+        with pytest.raises(RemoteError, match="run `featurebank eval` first") as e:
+            c.report()
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(RemoteError) as e:  # labelling still needs the write role
+            c.set_labels({"new/0": "cat"})
+        assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_latest_report_is_the_newest_complete_one(tmp_path: Path) -> None:
+    assert latest_report(tmp_path / "reports") is None
+    for name, complete in (("20260101-000000", True), ("20260102-000000", True),
+                           ("20260102-000000-2", True), ("20260103-000000", False)):
+        d = tmp_path / "reports" / name
+        d.mkdir(parents=True)
+        (d / "index.html").write_text(f"<p>{name}</p>")
+        if complete:  # metrics.json is written last: a report being written has none
+            (d / "metrics.json").write_text(json.dumps({"n": name}))
+    found = latest_report(tmp_path / "reports")
+    assert found == {"name": "20260102-000000-2", "html": "<p>20260102-000000-2</p>",
+                     "metrics": {"n": "20260102-000000-2"}}
+
+
+def test_suggest_and_audit_commands(
+    served: tuple[RunningServer, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, bank = served  # read-only beside the running server
+    out_csv = tmp_path / "suggest.csv"
+    assert main(["suggest", "--bank", str(bank), "--n", "2", "--strategy", "entropy",
+                 "--out", str(out_csv)]) == 0
+    rows = list(csv.reader(out_csv.open()))
+    assert rows[0] == ["key", "score", "guesses"] and rows[1][0] == "new/cat-dog"
+    assert len(rows) == 3
+    assert main(["audit", "--bank", str(bank), "--n", "1", "--mode", "knn"]) == 0
+    out, err = capsys.readouterr()
+    assert out.split()[1:4] == ["dog/1-3", "fox", "->"] and "1 labels the bank" in err
+    assert main(["suggest", "--bank", str(bank), "--class", "wolf"]) == 2
+    assert "unknown label 'wolf'" in capsys.readouterr().err
