@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from server_fixtures import RunningServer, class_centers, free_port, make_vector_bank
 
+from featurebank import store as store_mod
 from featurebank.classify.report import latest_report
 from featurebank.cli import main
 from featurebank.server.app import ServeConfig
@@ -115,3 +116,45 @@ def test_suggest_and_audit_commands(
     assert out.split()[1:4] == ["dog/1-3", "fox", "->"] and "1 labels the bank" in err
     assert main(["suggest", "--bank", str(bank), "--class", "wolf"]) == 2
     assert "unknown label 'wolf'" in capsys.readouterr().err
+
+
+def test_page_api_forwards_to_the_server_and_reports_its_errors(
+    served: tuple[RunningServer, Path],
+) -> None:
+    from featurebank.server.ui import create_app
+
+    rs, bank = served
+    with FeatureBankClient(rs.target, token="w0") as c:
+        web = create_app(c).test_client()
+        info = web.get("/api/info").get_json()
+        assert info["labels"] == ["cat", "dog", "fox"] and info["count"] == 67
+        assert web.get("/").status_code == 200 and b"page.js" in web.get("/").data
+        assert web.get("/static/page.js").mimetype == "text/javascript"
+        assert web.get("/static/secret.py").status_code == 404
+        r = web.post("/api/search", data={"key": "cat/1-0"})
+        assert r.status_code == 200 and r.get_json()["neighbors"][0]["label"] == "cat"
+        assert "cat/1-0" not in {n["key"] for n in r.get_json()["neighbors"]}
+        cases = [
+            (web.post("/api/search", data={}), 400, "give an image file or a key"),
+            (web.post("/api/labels", data={"labels": "x"}), 400, "send a JSON body"),
+            (web.post("/api/labels", json={"labels": {"nobody": "cat"}}), 404, "unknown key"),
+            (web.get("/api/suggest?n=lots"), 400, "n must be a whole number"),
+            (web.get("/api/suggest?strategy=random"), 400, "unknown strategy"),
+            (web.get("/api/thumb?key=nobody"), 404, "not in bank"),
+            (web.get("/api/operation/nope"), 404, "no operation"),
+            (web.get("/report"), 404, "run `featurebank eval` first"),
+        ]
+        for response, status, message in cases:
+            assert response.status_code == status, (message, response.data)
+            assert message in response.get_data(as_text=True)
+        assert web.get("/api/thumb?key=cat/1-0").status_code == 404  # none kept
+        r = web.post("/api/labels", json={"labels": {"new/0": "cat", "new/1": None}})
+        assert r.status_code == 200 and r.get_json()["updated"] == 1  # new/1 had none already
+        with store_mod.open(bank, readonly=True) as st:
+            assert st.get_by_keys(["new/0"]).labels == ["cat"]
+        with FeatureBankClient(rs.target, token="r0") as reader:
+            denied = create_app(reader).test_client().post(
+                "/api/labels", json={"labels": {"new/0": "dog"}}
+            )
+        assert denied.status_code == 403
+        c.set_labels({"new/0": None})  # leave the fixture's bank as it was

@@ -130,6 +130,10 @@ def test_suggest_needs_labels(tmp_path: Path) -> None:
     build_index(root, k=5)
     with Classifier(root) as clf, pytest.raises(FailedPrecondition, match="no labels yet"):
         suggest(clf)
+    with store_mod.open(root) as st:
+        st.set_labels({f"k{i}": "x" for i in range(20)})
+    with Classifier(root) as clf, pytest.raises(FailedPrecondition, match="every item"):
+        suggest(clf)
 
 
 def test_audit_finds_flipped_labels_because_items_never_vote_for_themselves(

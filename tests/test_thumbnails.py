@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
+import lmdb
 import numpy as np
 import pytest
-from conftest import make_vectors
+from conftest import make_spec, make_vectors
 from PIL import Image
 
 from featurebank import store as store_mod
@@ -48,3 +50,19 @@ def test_bad_thumbnails_are_refused_before_anything_is_written(store: store_mod.
     with pytest.raises(InvalidInput, match="thumbnail of key 'a' has 70003 bytes"):
         store.put_batch(["a"], make_vectors(1), thumbnails=[big])
     assert store.count == 0
+
+
+def test_a_store_made_before_thumbnails_opens_and_has_none(bank: Path) -> None:
+    with store_mod.create(bank, make_spec()) as st:
+        st.put_batch(["old"], make_vectors(1))
+    env_dir = next((bank / "store").glob("env-*"))
+    env = lmdb.open(str(env_dir), max_dbs=16)  # what an older featurebank wrote: no thumbs
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"thumbs", txn=txn), delete=True)
+    with env.begin() as txn:
+        assert txn.get(b"thumbs") is None
+    env.close()
+    with store_mod.open(bank) as st:
+        assert st.thumbnails(["old"]) == [None]
+        st.put_batch(["new"], make_vectors(1, seed=1), thumbnails=[jpeg(5)])
+        assert st.thumbnails(["new"]) == [jpeg(5)]
