@@ -39,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from classify_quality import backbone_path, digits_pixels  # noqa: E402
 
-STRATEGIES = ("random", "margin", "entropy", "diverse")
+from featurebank.core.vocabulary import SUGGEST_STRATEGIES  # noqa: E402
+
+STRATEGIES = ("random", *SUGGEST_STRATEGIES)
 TEST_FRACTION = 0.3
 
 

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from featurebank.core.errors import FeaturebankError, InvalidInput
 from featurebank.protos.featurebank.v1 import featurebank_pb2 as pb
 from featurebank.protos.featurebank.v1 import featurebank_pb2_grpc as pb_grpc
-from featurebank.server.wire import MODE_VALUES
+from featurebank.server.wire import MODE_VALUES, STRATEGY_VALUES
 
 T = TypeVar("T")
 
@@ -303,16 +303,12 @@ def _mode(mode: str | None) -> pb.Mode.ValueType:
         raise InvalidInput(f"unknown mode {mode!r}: use one of {', '.join(MODE_VALUES)}") from None
 
 
-STRATEGIES = {"margin": pb.STRATEGY_MARGIN, "entropy": pb.STRATEGY_ENTROPY,
-              "diverse": pb.STRATEGY_DIVERSE}
-
-
 def _strategy(strategy: str) -> pb.Strategy.ValueType:
     try:
-        return STRATEGIES[strategy.lower()]
+        return STRATEGY_VALUES[strategy.lower()]
     except KeyError:
         raise InvalidInput(
-            f"unknown strategy {strategy!r}: use {', '.join(STRATEGIES)}"
+            f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGY_VALUES)}"
         ) from None
 
 

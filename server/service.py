@@ -20,7 +20,7 @@ from google.protobuf import struct_pb2
 from grpc import aio
 
 from featurebank.core.errors import FeaturebankError, InvalidInput
-from featurebank.core.vocabulary import MODES, SPLITS
+from featurebank.core.vocabulary import MODES, SPLITS, SUGGEST_STRATEGIES
 from featurebank.protos.featurebank.v1 import featurebank_pb2 as pb
 from featurebank.protos.featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 from featurebank.server.engine import (
@@ -40,7 +40,7 @@ from featurebank.server.engine import (
 )
 from featurebank.server.metrics import Metrics
 from featurebank.server.status import to_status
-from featurebank.server.wire import MODE_NAMES, MODE_VALUES
+from featurebank.server.wire import MODE_NAMES, MODE_VALUES, STRATEGY_NAMES
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -52,12 +52,6 @@ MAX_UPSERT_ITEMS = 100_000
 MAX_THUMBNAILS = 1000
 DEFAULT_RANKED = 100
 MAX_RANKED = 10_000
-STRATEGY_NAMES = {
-    pb.STRATEGY_UNSPECIFIED: "margin",
-    pb.STRATEGY_MARGIN: "margin",
-    pb.STRATEGY_ENTROPY: "entropy",
-    pb.STRATEGY_DIVERSE: "diverse",
-}
 
 
 class Unavailable(FeaturebankError):
@@ -328,7 +322,8 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         n = check_count(request.n, "n")
         strategy = STRATEGY_NAMES.get(request.strategy)
         if strategy is None:
-            raise InvalidInput(f"unknown strategy {request.strategy}: use MARGIN, ENTROPY or DIVERSE")
+            known = ", ".join(s.upper() for s in SUGGEST_STRATEGIES)
+            raise InvalidInput(f"unknown strategy {request.strategy}: use one of {known}")
         done = await self.engine.suggest(n, strategy, request.label or None)
         return pb.SuggestResponse(
             suggestions=[

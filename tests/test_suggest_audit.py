@@ -112,7 +112,7 @@ def test_suggest_never_offers_labelled_items_and_filters_by_class(tmp_path: Path
         assert not any(truth[s.key] == "a|b" for s in only_c)
         with pytest.raises(InvalidInput, match="unknown label 'z'.*a, b, c"):
             suggest(clf, label="z")
-        with pytest.raises(InvalidInput, match="unknown strategy"):
+        with pytest.raises(InvalidInput, match="strategy must be one of margin, entropy, diverse"):
             suggest(clf, strategy="random")
         with pytest.raises(InvalidInput, match="n must be"):
             suggest(clf, n=0)

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.core.vocabulary import SUGGEST_STRATEGIES, check_choice
 
 if TYPE_CHECKING:
     from featurebank.classify.classifier import Classifier
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("margin", "entropy", "diverse")
 DIVERSE_POOL = 10
 BATCH = 4096
 TOP_LABELS = 3
@@ -107,12 +107,6 @@ def diverse_pick(
     return chosen[np.argsort(-u[chosen], kind="stable")]
 
 
-def check_strategy(strategy: str) -> str:
-    if strategy not in STRATEGIES:
-        raise InvalidInput(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
-    return strategy
-
-
 def suggest(
     classifier: Classifier,
     n: int = 100,
@@ -126,7 +120,7 @@ def suggest(
     `label` keeps only items with that label among their two most probable (the edge of
     that class). Raises FailedPrecondition when the bank has no labels or no unlabelled items.
     """
-    check_strategy(strategy)
+    check_choice(strategy, SUGGEST_STRATEGIES, "strategy")
     if n < 1:
         raise InvalidInput(f"n must be at least 1, got {n}")
     store = classifier.store

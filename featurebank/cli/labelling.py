@@ -16,8 +16,7 @@ from typing import Any
 
 from featurebank.cli import Commands
 from featurebank.cli.client import connection_args
-
-MODES = ["knn", "head", "hybrid", "stacked"]
+from featurebank.core.vocabulary import MODES, SPLITS, SUGGEST_STRATEGIES
 
 
 def register(commands: Commands) -> None:
@@ -28,8 +27,8 @@ def register(commands: Commands) -> None:
     p.add_argument("--n", type=int, default=100, help="items to suggest")
     p.add_argument(
         "--strategy",
-        choices=["margin", "entropy", "diverse"],
-        default="margin",
+        choices=SUGGEST_STRATEGIES,
+        default=SUGGEST_STRATEGIES[0],
         help="margin or entropy of the probabilities; diverse: the most uncertain item of "
         "each region of the feature space",
     )
@@ -47,7 +46,7 @@ def register(commands: Commands) -> None:
     p.add_argument("--n", type=int, default=100, help="findings to list")
     p.add_argument("--mode", choices=MODES, default=None, help="default: hybrid if a head exists")
     p.add_argument(
-        "--split", choices=["train", "val", "test", "none"], default=None, help="only this split"
+        "--split", choices=SPLITS, default=None, help="only this split"
     )
     p.add_argument("--out", type=Path, default=None, help="write a CSV file instead of printing")
 

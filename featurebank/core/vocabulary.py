@@ -37,6 +37,8 @@ MODES = ("knn", "head", "hybrid", "stacked")
 VOTE_WEIGHTS = ("uniform", "distance", "softmax")
 UNKNOWN = "unknown"
 """The label answered when a classifier abstains."""
+SUGGEST_STRATEGIES = ("margin", "entropy", "diverse")
+"""How `suggest` ranks unlabelled items; the first is the default."""
 
 # ---- embedding --------------------------------------------------------------------------------
 
