@@ -10,7 +10,7 @@ error with the server's message and a matching HTTP status.
 
 from __future__ import annotations
 
-import logging
+import html
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +23,6 @@ if TYPE_CHECKING:
     from werkzeug.serving import BaseWSGIServer
 
     from featurebank.server.client import FeatureBankClient
-
-log = logging.getLogger(__name__)
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -172,16 +170,10 @@ def create_app(client: FeatureBankClient) -> Flask:
         except RemoteError as e:
             if e.code != grpc.StatusCode.NOT_FOUND:
                 raise
-            return f"<p>{_escape(e.details)}</p>", 404
+            return f"<p>{html.escape(e.details)}</p>", 404
         return app.response_class(r.html, mimetype=types["html"])
 
     return app
-
-
-def _escape(text: str) -> str:
-    import html
-
-    return html.escape(text)
 
 
 def make_ui_server(
