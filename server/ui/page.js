@@ -177,6 +177,7 @@ async function labelCurrent(label) {
     state.pos += 1;
     renderCard();
     showMessage("");
+    if (label !== null) loadInfo();  // the header's labelled count
   } catch (e) {
     showMessage(e.message, true);
   } finally {
@@ -252,6 +253,7 @@ function findingRow(f) {
       row.classList.add("accepted");
       row.querySelectorAll("button").forEach((b) => { b.disabled = true; });
       showMessage(`${f.key} relabelled ${f.label} → ${f.suggested}`);
+      loadInfo();
     } catch (e) { showMessage(e.message, true); }
   } }, `Accept ${f.suggested}`);
   const reject = el("button", { class: "reject", onclick: () => {
