@@ -10,9 +10,17 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import (
+    BmpImagePlugin,
+    GifImagePlugin,
+    Image,
+    ImageOps,
+    JpegImagePlugin,
+    PngImagePlugin,
+)
 
 from featurebank.core.errors import InvalidInput
 from featurebank.core.vocabulary import RESIZE_MODES, check_choice
@@ -47,7 +55,7 @@ def decode(
     except Image.DecompressionBombError as e:
         raise ImageError(f"too large: {e}") from e
     except Exception as e:  # UnidentifiedImageError and friends
-        raise ImageError("not an image (unrecognised format)") from e
+        raise ImageError(_open_failure(data, e)) from e
     fmt = im.format or "unknown"
     if fmt not in SUPPORTED_FORMATS:
         raise ImageError(f"unsupported format {fmt} (supported: JPEG, PNG, GIF, BMP)")
@@ -80,6 +88,40 @@ def decode(
     if size is not None:
         out = resize_image(out, size, resize)
     return np.asarray(out, dtype=np.uint8)
+
+
+def _open_failure(data: bytes, error: Exception) -> str:
+    """Why Pillow could not open `data`.
+
+    Pillow tries every format and, when none accepts the file, reports only "cannot
+    identify image file"; a file that starts like one of the supported formats is
+    opened again by that format alone, which says what is wrong with it (a bad
+    checksum, a text chunk that inflates past Pillow's limit, a truncated header).
+    """
+    for signature, (fmt, opener) in _SIGNATURES.items():
+        if data.startswith(signature):
+            try:
+                opener(io.BytesIO(data))
+            except Exception as e:  # noqa: BLE001 - the reason is the point
+                reason = str(e) or type(e).__name__
+            else:
+                reason = str(error) or type(error).__name__
+            if "decompressed data too large" in reason.lower():
+                return (
+                    f"corrupt {fmt}: a compressed text chunk inflates past "
+                    f"{PngImagePlugin.MAX_TEXT_CHUNK} bytes (decompression bomb)"
+                )
+            return f"corrupt {fmt}: {reason}"
+    return "not an image (unrecognised format)"
+
+
+_SIGNATURES: dict[bytes, tuple[str, Callable[[io.BytesIO], object]]] = {
+    b"\x89PNG\r\n\x1a\n": ("PNG", PngImagePlugin.PngImageFile),
+    b"\xff\xd8\xff": ("JPEG", JpegImagePlugin.JpegImageFile),
+    b"GIF87a": ("GIF", GifImagePlugin.GifImageFile),
+    b"GIF89a": ("GIF", GifImagePlugin.GifImageFile),
+    b"BM": ("BMP", BmpImagePlugin.BmpImageFile),
+}
 
 
 def _orientation(im: Image.Image) -> int | None:

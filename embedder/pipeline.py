@@ -313,6 +313,7 @@ def run(
     progress: bool = True,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
     thumbnails: bool = False,
+    follow_links: bool = False,
 ) -> dict[str, Any]:
     """Embed the records of `source` missing from `bank`; returns the summary.
 
@@ -321,7 +322,7 @@ def run(
     if batch_size < 1:
         raise InvalidInput(f"batch size must be at least 1, got {batch_size}")
     t0 = time.perf_counter()
-    src = sources.open_source(source, labels)
+    src = sources.open_source(source, labels, follow_links)
     try:
         if not backbones.is_model_file(spec.backbone) and not spec.dim:
             import dataclasses
@@ -336,6 +337,7 @@ def run(
             "total": len(src.records),
             "skipped": p.skipped,
             "ignored": src.ignored,
+            "skipped_folders": src.skipped,
         }
         if not p.todo:
             with store_mod.open(bank, readonly=True) as st:
@@ -468,6 +470,7 @@ def embed(
     preprocessing: str | None = None,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
     thumbnails: bool = False,
+    follow_links: bool = False,
 ) -> dict[str, Any]:
     """Embed every image of `source` into `bank` (created if needed); returns the summary.
 
@@ -483,4 +486,5 @@ def embed(
         progress=progress,
         max_pixels=max_pixels,
         thumbnails=thumbnails,
+        follow_links=follow_links,
     )

@@ -18,7 +18,7 @@ import numpy as np
 
 from featurebank.core.errors import InvalidInput, NotFound
 from featurebank.core.vocabulary import LABEL_SOURCES, SPLIT_ALIASES, check_choice
-from featurebank.embedder import images
+from featurebank.embedder import folders, images
 
 # Files the decoder supports, and other image files listed so that they are reported as
 # unsupported rather than dropped silently. Anything else in a folder is ignored (counted).
@@ -46,10 +46,17 @@ class Source:
 
     kind = "files"
 
-    def __init__(self, description: str, records: list[Record], ignored: int = 0) -> None:
+    def __init__(
+        self,
+        description: str,
+        records: list[Record],
+        ignored: int = 0,
+        skipped: list[str] | None = None,
+    ) -> None:
         self.description = description
         self.records = records
         self.ignored = ignored
+        self.skipped = skipped or []  # folders left out of a folder source, with why
         keys = [r.key for r in records]
         if len(set(keys)) != len(keys):
             seen: set[str] = set()
@@ -68,16 +75,22 @@ class Source:
         resize: str,
         max_pixels: int = images.DEFAULT_MAX_PIXELS,
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Pixels (h, w, 3) uint8 and source metadata; ImageError says why an input failed."""
+        """Pixels (h, w, 3) uint8 and source metadata; ImageError says why an input failed.
+
+        Only regular files are read (a FIFO named like an image would block forever),
+        and at most max(64 MiB, 4 bytes per allowed pixel) of them.
+        """
         assert rec.path is not None
         try:
-            with open(rec.path, "rb") as f:
-                data = f.read()
+            data = folders.read_regular_file(rec.path, max(64 << 20, 4 * max_pixels))
         except FileNotFoundError as e:
             raise images.ImageError("file not found (deleted after listing?)") from e
+        except (folders.NotRegularFile, folders.FileTooLarge) as e:
+            raise images.ImageError(str(e)) from e
         except OSError as e:
             raise images.ImageError(f"unreadable: {e.strerror or e}") from e
-        meta = {"uri": rec.path, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        uri = folders.storable_key(rec.path)
+        meta = {"uri": uri, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
         return images.decode(data, size, resize, max_pixels), meta
 
     def close(self) -> None:
@@ -138,11 +151,15 @@ def _float_range(array: Any) -> str:
 # ------------------------------------------------------------------ opening
 
 
-def open_source(source: str | os.PathLike[str], labels: str = "folders") -> Source:
+def open_source(
+    source: str | os.PathLike[str], labels: str = "folders", follow_links: bool = False
+) -> Source:
     """Turn a SOURCE argument into records: folder, manifest, .npy/.npz, or `file.h5:dataset`.
 
     labels: "folders" takes class subfolders (or a manifest's / array file's own labels),
     "manifest" insists on a manifest's label column, "none" stores everything unlabelled.
+    follow_links: walk directory symlinks of a folder source (never into a folder
+    already walked); by default they are left out and listed in `Source.skipped`.
     """
     check_choice(labels, LABEL_SOURCES, "--labels")
     text = os.fspath(source)
@@ -155,7 +172,7 @@ def open_source(source: str | os.PathLike[str], labels: str = "folders") -> Sour
     if path.is_dir():
         if labels == "manifest":
             raise InvalidInput(f"--labels manifest needs a CSV/TSV manifest, {text} is a folder")
-        return _open_directory(path, labels)
+        return _open_directory(path, labels, follow_links)
     ext = path.suffix.lower()
     if ext in (".npy", ".npz"):
         return _open_numpy(path, labels)
@@ -167,28 +184,20 @@ def open_source(source: str | os.PathLike[str], labels: str = "folders") -> Sour
     )
 
 
-def _open_directory(root: Path, labels: str) -> Source:
-    files: list[tuple[str, str]] = []  # (relative posix path, absolute path)
-    ignored = 0
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            full = os.path.join(dirpath, name)
-            if os.path.splitext(name)[1].lower() not in IMAGE_EXTS:
-                ignored += 1
-                continue
-            files.append((Path(os.path.relpath(full, root)).as_posix(), full))
-    files.sort()
-    nested = any("/" in rel for rel, _ in files)
+def _open_directory(root: Path, labels: str, follow_links: bool) -> Source:
+    listing = folders.list_images(root, IMAGE_EXTS, follow_links)
+    nested = any("/" in rel for rel, _ in listing.files)
     records = []
-    for rel, full in files:
+    for rel, full in listing.files:
         label = rel.split("/", 1)[0] if labels == "folders" and nested and "/" in rel else None
         records.append(Record(key=rel, label=label, path=full))
     if not records:
-        raise InvalidInput(f"no image files under {root} ({ignored} other files ignored)")
-    return Source(str(root), records, ignored)
+        raise InvalidInput(
+            f"no image files under {root} ({listing.ignored} other files ignored"
+            + (f", {len(listing.skipped)} folders left out" if listing.skipped else "")
+            + ")"
+        )
+    return Source(str(root), records, listing.ignored, listing.skipped)
 
 
 _PATH_NAMES = {"path", "file", "filename", "image", "uri"}

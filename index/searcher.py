@@ -31,7 +31,7 @@ import numpy as np
 
 from featurebank import store as store_mod
 from featurebank.core.bank import Bank, current_dir, current_generation
-from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
+from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound, shown
 from featurebank.core.rwlock import RWLock
 from featurebank.core.vocabulary import HELD_OUT_SPLIT
 from featurebank.core.vocabulary import metric as metric_named
@@ -498,7 +498,9 @@ def label_codes(view: View, labels: Sequence[str]) -> np.ndarray:
     vocab = {name: i for i, name in enumerate(view.labels.vocabulary)}
     unknown = [name for name in labels if name not in vocab]
     if unknown:
-        raise InvalidInput(f"unknown labels {unknown}: the bank has {len(vocab)} labels")
+        listed = ", ".join(shown(name) for name in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise InvalidInput(f"unknown labels {listed}{more}: the bank has {len(vocab)} labels")
     return np.array(sorted({vocab[name] for name in labels}), dtype=np.int32)
 
 

@@ -19,14 +19,16 @@ from pathlib import Path
 import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
 from featurebank.protos.featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
 from featurebank.server.auth import AuthInterceptor, Tokens
 from featurebank.server.engine import Engine
+from featurebank.server.limits import DEFAULT_STREAM_BYTES, DEFAULT_TOTAL_BYTES, UpsertBudget
 from featurebank.server.metrics import Metrics
+from featurebank.server.reflection import enable_reflection
 from featurebank.server.service import FeatureBankServicer
+from featurebank.server.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ class ServeConfig:
     grace_s: float = 10.0
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0
+    max_upsert_stream_bytes: int = DEFAULT_STREAM_BYTES
+    max_upsert_inflight_bytes: int = DEFAULT_TOTAL_BYTES
 
     def check(self) -> None:
         """Refuse configurations that would expose the bank by accident."""
@@ -69,6 +73,7 @@ class ServeConfig:
             raise InvalidInput(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
         if self.batch_timeout_ms < 0:
             raise InvalidInput(f"--batch-timeout-ms must be >= 0, got {self.batch_timeout_ms}")
+        self.upsert_budget()  # refuses bounds that are not positive or not ordered
         secured = self.tls_cert is not None or (self.tokens is not None and self.tokens.enabled)
         if not is_loopback(self.host) and not secured and not self.insecure:
             raise FailedPrecondition(
@@ -80,6 +85,22 @@ class ServeConfig:
     def tls(self) -> bool:
         return self.tls_cert is not None
 
+    @property
+    def auth(self) -> str:
+        """The authentication mode, as the startup line states it."""
+        if self.tokens is None or not self.tokens.enabled:
+            return "auth off"
+        return f"auth by tokens ({self.tokens.describe()})"
+
+    @property
+    def transport(self) -> str:
+        if not self.tls:
+            return "plaintext"
+        return "mutual TLS" if self.tls_client_ca is not None else "TLS"
+
+    def upsert_budget(self) -> UpsertBudget:
+        return UpsertBudget(self.max_upsert_stream_bytes, self.max_upsert_inflight_bytes)
+
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -88,15 +109,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def server_credentials(config: ServeConfig) -> grpc.ServerCredentials:
-    assert config.tls_cert is not None and config.tls_key is not None
-    key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
-    ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
-    )
 
 
 class FeatureBankServer:
@@ -147,20 +159,21 @@ class FeatureBankServer:
     async def start(self) -> None:
         """Bind and answer health (NOT_SERVING) at once, then load the bank and index."""
         c = self.config
+        credentials = None
+        if c.tls_cert is not None and c.tls_key is not None:  # checked before binding
+            credentials = server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         server = self._grpc_server()
         self._server = server
-        servicer = FeatureBankServicer(self.engine, self.metrics)
+        servicer = FeatureBankServicer(self.engine, self.metrics, c.upsert_budget())
         featurebank_pb2_grpc.add_FeatureBankServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
         await self._set_health(False)
         address = f"{c.host}:{c.port}" if ":" not in c.host else f"[{c.host}]:{c.port}"
-        if c.tls:
-            self.port = server.add_secure_port(address, server_credentials(c))
+        if credentials is not None:
+            self.port = server.add_secure_port(address, credentials)
         else:
             self.port = server.add_insecure_port(address)
         if self.port == 0:
@@ -176,8 +189,8 @@ class FeatureBankServer:
             raise
         await self._set_health(self.engine.ready)
         log.info(
-            "serving %s on %s (tls=%s, auth=%s, ready=%s)", c.bank, address, c.tls,
-            bool(c.tokens and c.tokens.enabled), self.engine.ready,
+            "serving %s on %s (%s, %s, ready=%s)", c.bank, address, c.transport, c.auth,
+            self.engine.ready,
         )
 
     def _ready_changed(self, ready: bool) -> None:

@@ -64,6 +64,10 @@ class Tokens:
     def __repr__(self) -> str:  # never show the secrets themselves
         return f"Tokens(read={len(self._tokens[READ])}, write={len(self._tokens[WRITE])})"
 
+    def describe(self) -> str:
+        """How many tokens of each role, never the tokens: `1 read, 2 write`."""
+        return f"{len(self._tokens[READ])} read, {len(self._tokens[WRITE])} write"
+
     @classmethod
     def load(
         cls, path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
@@ -72,9 +76,13 @@ class Tokens:
         tokens = cls()
         if path is not None:
             try:
-                text = Path(path).read_text()
+                text = Path(path).read_text(encoding="utf-8")
             except FileNotFoundError:
                 raise NotFound(f"tokens file {path} does not exist") from None
+            except UnicodeDecodeError:
+                raise InvalidInput(f"tokens file {path} is not UTF-8 text") from None
+            except OSError as e:
+                raise InvalidInput(f"tokens file {path} cannot be read: {e.strerror or e}") from None
             for lineno, raw in enumerate(text.splitlines(), 1):
                 line = raw.strip()
                 if not line or line.startswith("#"):
@@ -90,6 +98,11 @@ class Tokens:
                         f"{path}:{lineno}: unknown role {parts[0]!r}: expected read or write"
                     )
                 tokens.add(role, parts[1])
+            if not tokens.enabled:
+                raise InvalidInput(
+                    f"tokens file {path} has no tokens: add 'read TOKEN' or 'write TOKEN' "
+                    "lines (an empty file would turn authentication off)"
+                )
         env = os.environ if environ is None else environ
         for role, var in ((READ, "FEATUREBANK_READ_TOKEN"), (WRITE, "FEATUREBANK_WRITE_TOKEN")):
             if env.get(var):

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from featurebank.core.errors import FeaturebankError, InvalidInput
+from featurebank.core.errors import FeaturebankError, InvalidInput, NotFound
 from featurebank.protos.featurebank.v1 import featurebank_pb2 as pb
 from featurebank.protos.featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 from featurebank.server.wire import MODE_VALUES, STRATEGY_VALUES
@@ -57,6 +57,25 @@ def make_input(
     if vector is not None:
         return pb.Input(vector=pb.Vector(values=np.asarray(vector, dtype=np.float32).ravel()))
     return pb.Input(key=str(key))
+
+
+def read_token_file(path: str | os.PathLike[str]) -> str:
+    """The bearer token in a file: its first line that is not blank or a # comment.
+
+    A file (readable only by its owner) keeps the token out of the process list,
+    where `--token VALUE` would show it to every user of the machine.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NotFound(f"token file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"token file {path} cannot be read: {e}") from None
+    for line in text.splitlines():
+        token = line.strip()
+        if token and not token.startswith("#"):
+            return token
+    raise InvalidInput(f"token file {path} holds no token")
 
 
 class FeatureBankClient:

@@ -32,6 +32,7 @@ from featurebank.core.errors import (
     FeaturebankError,
     InvalidInput,
     NotFound,
+    shown,
 )
 from featurebank.server.batching import Batcher, isolate
 
@@ -558,7 +559,7 @@ class Engine:
         try:
             return self.operations[op_id]
         except KeyError:
-            raise NotFound(f"no operation {op_id!r} on this server") from None
+            raise NotFound(f"no operation {shown(op_id)} on this server") from None
 
     def _rebuild_job(self, op: Operation, params: RebuildParams) -> None:
         from featurebank.index import build
@@ -602,9 +603,9 @@ def _build_k(count: int) -> int:
 
 
 def _unknown_keys(keys: Sequence[str]) -> str:
-    shown = ", ".join(repr(k) for k in keys[:5])
+    listed = ", ".join(shown(k) for k in keys[:5])
     more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
-    return f"unknown key{'s' if len(keys) > 1 else ''} {shown}{more}"
+    return f"unknown key{'s' if len(keys) > 1 else ''} {listed}{more}"
 
 
 def image_meta(image: bytes, uri: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import numpy as np
 from google.protobuf import struct_pb2
 from grpc import aio
 
-from featurebank.core.errors import FeaturebankError, InvalidInput
+from featurebank.core.errors import FeaturebankError, InvalidInput, shown
 from featurebank.core.vocabulary import MODES, SPLITS, SUGGEST_STRATEGIES
 from featurebank.protos.featurebank.v1 import featurebank_pb2 as pb
 from featurebank.protos.featurebank.v1 import featurebank_pb2_grpc as pb_grpc
@@ -38,9 +38,11 @@ from featurebank.server.engine import (
     UpsertRow,
     image_meta,
 )
+from featurebank.server.limits import StreamBytes, TooMany, UpsertBudget
 from featurebank.server.metrics import Metrics
 from featurebank.server.status import to_status
 from featurebank.server.wire import MODE_NAMES, MODE_VALUES, STRATEGY_NAMES
+from featurebank.store.codec import MAX_LABEL_BYTES
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -52,18 +54,14 @@ MAX_UPSERT_ITEMS = 100_000
 MAX_THUMBNAILS = 1000
 DEFAULT_RANKED = 100
 MAX_RANKED = 10_000
+MAX_LABEL_FILTER = 1024  # labels in one Search filter
+MAX_OPERATION_ID = 64  # operation ids are 32 hex digits
 
 
 class Unavailable(FeaturebankError):
     """The server is starting or stopping; the client may retry."""
 
     grpc_code = "UNAVAILABLE"
-
-
-class TooMany(FeaturebankError):
-    """A single call asks for more than the server holds in memory at once."""
-
-    grpc_code = "RESOURCE_EXHAUSTED"
 
 
 # --------------------------------------------------------------------- validation
@@ -128,8 +126,22 @@ def check_key(key: str, where: str = "key") -> str:
 def check_split(split: str, where: str) -> str:
     split = split or "none"
     if split not in SPLITS:
-        raise InvalidInput(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
+        raise InvalidInput(f"{where}: split {shown(split)} is not one of {', '.join(SPLITS)}")
     return split
+
+
+def check_label_filter(labels: Sequence[str]) -> tuple[str, ...]:
+    """A Search label filter: at most MAX_LABEL_FILTER labels, each a label the store could hold."""
+    if len(labels) > MAX_LABEL_FILTER:
+        raise InvalidInput(f"labels filter has {len(labels)} labels; at most {MAX_LABEL_FILTER}")
+    for i, label in enumerate(labels):
+        if not label:
+            raise InvalidInput(f"labels filter: label {i} is empty")
+        if len(label.encode()) > MAX_LABEL_BYTES:
+            raise InvalidInput(
+                f"labels filter: label {i} ({shown(label)}) is longer than {MAX_LABEL_BYTES} bytes"
+            )
+    return tuple(labels)
 
 
 def to_struct(data: dict[str, Any] | None) -> struct_pb2.Struct:
@@ -197,9 +209,12 @@ def _rpc(
 class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     """featurebank.v1.FeatureBank over one Engine."""
 
-    def __init__(self, engine: Engine, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, engine: Engine, metrics: Metrics | None = None, upsert_budget: UpsertBudget | None = None
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.upsert_budget = upsert_budget or UpsertBudget()
 
     def _observe(self, method: str, code: str, started: float) -> None:
         if self.metrics is not None:
@@ -290,9 +305,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         self, request: pb.SearchRequest, context: aio.ServicerContext
     ) -> pb.SearchResponse:
         k = check_k(request.k, DEFAULT_SEARCH_K) or DEFAULT_SEARCH_K
-        labels = tuple(request.labels)
-        if any(not label for label in labels):
-            raise InvalidInput("labels filter contains an empty label")
+        labels = check_label_filter(request.labels)
         vectors, own = await self._vectors([request.input])
         job = SearchJob(vectors[0], k, labels, own[0], request.include_metadata)
         hits = (await self.engine.search([job]))[0]
@@ -380,6 +393,18 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     async def Upsert(
         self, request_iterator: AsyncIterator[pb.UpsertItem], context: aio.ServicerContext
     ) -> pb.UpsertResponse:
+        """All or nothing: the stream's items are committed in one transaction, and only
+        when the client completed the stream; the server holds the stream until then,
+        within the bounds of `upsert_budget`."""
+        with self.upsert_budget.stream() as held:
+            return await self._upsert(request_iterator, context, held)
+
+    async def _upsert(
+        self,
+        request_iterator: AsyncIterator[pb.UpsertItem],
+        context: aio.ServicerContext,
+        held: StreamBytes,
+    ) -> pb.UpsertResponse:
         dim = self.engine.dim
         rows: list[UpsertRow | None] = []
         seen: dict[str, int] = {}
@@ -390,8 +415,9 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 raise TooMany(
                     f"Upsert takes at most {MAX_UPSERT_ITEMS} items per call: split the stream"
                 )
-            where = f"item {i} (key {item.key!r})"
+            held.add(item.ByteSize(), i)
             key = check_key(item.key, f"item {i} key")
+            where = f"item {i} (key {shown(key)})"
             if key in seen:
                 raise InvalidInput(f"{where}: key repeats item {seen[key]}")
             seen[key] = i
@@ -409,14 +435,14 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 rows.append(None)
                 pending.append((i, split, item))
             i += 1
-        _check_stream_complete(context)
+        await _check_stream_complete(context)
         if not rows:
             raise InvalidInput("Upsert got no items")
         if pending:
             vectors = await self.engine.embed_each([it.image for _, _, it in pending])
             for (j, split, it), v in zip(pending, vectors, strict=True):
                 if isinstance(v, BaseException):
-                    raise _image_error(v, f"item {j} (key {it.key!r}) image")
+                    raise _image_error(v, f"item {j} (key {shown(it.key)}) image")
                 rows[j] = UpsertRow(
                     it.key, v, it.label or None, split, image_meta(it.image, it.uri)
                 )
@@ -433,7 +459,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         for i, a in enumerate(request.labels):
             key = check_key(a.key, f"labels[{i}].key")
             if key in mapping:
-                raise InvalidInput(f"labels[{i}]: key {key!r} appears twice")
+                raise InvalidInput(f"labels[{i}]: key {shown(key)} appears twice")
             mapping[key] = a.label or None
         return pb.SetLabelsResponse(**await self.engine.set_labels(mapping))
 
@@ -469,18 +495,35 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     ) -> pb.Operation:
         if not request.id:
             raise InvalidInput("operation id is empty")
+        if len(request.id) > MAX_OPERATION_ID:
+            raise InvalidInput(
+                f"operation id {shown(request.id)} is longer than {MAX_OPERATION_ID} characters"
+            )
         return _operation(self.engine.get_operation(request.id))
 
 
-def _check_stream_complete(context: aio.ServicerContext) -> None:
-    """A client stream also ends when the call is cancelled or its deadline passes.
+async def _check_stream_complete(context: aio.ServicerContext) -> None:
+    """Refuse a stream that ended because the call was cancelled, not half-closed.
 
-    Then the items received so far are not the client's whole request and must
-    not be committed.
+    grpcio ends the request iterator the same way on both, and `context.cancelled()`
+    is still false when it does (the cancellation reaches the handler a moment
+    later). Sending the response headers is an operation on the call itself: on a
+    call the client cancelled (or whose deadline passed) it fails or the handler is
+    cancelled while it waits; on a stream the client completed it succeeds. Items
+    of an incomplete stream are not the client's whole request and must not be
+    committed.
     """
     left = context.time_remaining()
-    if context.cancelled() or (left is not None and left <= 0):
-        raise asyncio.CancelledError("Upsert stream cancelled or past its deadline")
+    if left is not None and left <= 0:
+        raise asyncio.CancelledError("Upsert stream past its deadline")
+    try:
+        await context.send_initial_metadata(())
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the call is gone; nobody hears a status
+        raise asyncio.CancelledError(f"Upsert stream did not complete: {e}") from e
+    if context.cancelled():
+        raise asyncio.CancelledError("Upsert stream cancelled")
 
 
 def _image_error(e: BaseException, where: str) -> BaseException:

@@ -3,6 +3,9 @@
 Every handler funnels exceptions through `to_status`, so a client never sees
 UNKNOWN: deliberate errors keep their code and message, anything unexpected is
 INTERNAL with the exception's text (and a logged traceback on the server).
+Messages are cut to MAX_MESSAGE_BYTES: status details travel in a trailer that the
+client's metadata limit (8 KiB by default) must hold, and an over-long one turns the
+real status into RESOURCE_EXHAUSTED "Stream removed".
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import grpc
 from featurebank.core.errors import FeaturebankError
 
 log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 1024  # UTF-8 bytes; percent-encoded, at most 3 KiB on the wire
 
 _CODES: dict[str, grpc.StatusCode] = {
     code.name: code for code in grpc.StatusCode if code is not grpc.StatusCode.UNKNOWN
@@ -28,8 +33,17 @@ def code_of(name: str) -> grpc.StatusCode:
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Status code and message for an exception raised below the servicer."""
     if isinstance(exc, FeaturebankError):
-        return code_of(exc.grpc_code), str(exc) or type(exc).__name__
+        return code_of(exc.grpc_code), bounded(str(exc) or type(exc).__name__)
     if isinstance(exc, MemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "server out of memory"
     log.error("internal error", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    return grpc.StatusCode.INTERNAL, bounded(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def bounded(message: str) -> str:
+    """`message` cut to MAX_MESSAGE_BYTES of UTF-8, saying how much was left out."""
+    data = message.encode("utf-8", "backslashreplace")
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return message
+    head = data[: MAX_MESSAGE_BYTES - 64].decode("utf-8", "ignore")
+    return f"{head}... (message cut: {len(data)} bytes in all)"

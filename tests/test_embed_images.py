@@ -115,7 +115,7 @@ def truncated_jpeg() -> bytes:
         (b"", "empty file"),
         (b"this is not an image at all", "not an image"),
         (None, "truncated"),
-        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "not an image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "corrupt PNG: broken PNG file"),
         (encode(Image.fromarray(gradient()), "TIFF"), "unsupported format TIFF"),
     ],
     ids=["zero-bytes", "text", "truncated", "bad-png-header", "tiff"],

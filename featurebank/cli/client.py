@@ -1,7 +1,7 @@
 """Client commands that talk to a running `featurebank serve`.
 
 `featurebank classify | search | upsert | rebuild` and `featurebank labels set`,
-each with --server, --token and --tls-ca (plus --tls-cert/--tls-key for mutual TLS).
+each with --server, --token (or --token-file) and --tls-ca (plus --tls-cert/--tls-key for mutual TLS).
 """
 
 from __future__ import annotations
@@ -21,8 +21,13 @@ def connection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
     g.add_argument("--server", default=os.environ.get("FEATUREBANK_SERVER", "127.0.0.1:50051"),
                    help="HOST:PORT of the server (default $FEATUREBANK_SERVER or 127.0.0.1:50051)")
-    g.add_argument("--token", default=os.environ.get("FEATUREBANK_TOKEN"),
-                   help="bearer token (default $FEATUREBANK_TOKEN)")
+    token = g.add_mutually_exclusive_group()
+    token.add_argument("--token", default=os.environ.get("FEATUREBANK_TOKEN"),
+                       help="bearer token (default $FEATUREBANK_TOKEN); a value given here "
+                       "shows in `ps` to every user of the machine: prefer the environment "
+                       "variable or --token-file")
+    token.add_argument("--token-file", type=Path, default=None,
+                       help="file whose first line is the bearer token")
     g.add_argument("--tls-ca", type=Path, default=None,
                    help="CA certificate to verify the server (turns TLS on)")
     g.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
@@ -72,10 +77,11 @@ def register(commands: Commands) -> None:
 
 
 def client_from_args(args: argparse.Namespace) -> Any:
-    from featurebank.server.client import FeatureBankClient
+    from featurebank.server.client import FeatureBankClient, read_token_file
 
+    token = read_token_file(args.token_file) if args.token_file else args.token
     return FeatureBankClient(
-        args.server, token=args.token, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+        args.server, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
         tls_key=args.tls_key, timeout=args.timeout,
     )
 

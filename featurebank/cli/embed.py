@@ -69,6 +69,12 @@ def register(commands: Commands) -> None:
     )
     p.add_argument("--max-pixels", type=int, default=100_000_000, help="larger images fail")
     p.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="walk directory symlinks of a folder source (a link back to a folder already "
+        "walked is still left out); by default they are left out and listed",
+    )
+    p.add_argument(
         "--fail-on-error", action="store_true", help="exit 1 if any input could not be embedded"
     )
     p.add_argument(
@@ -110,6 +116,7 @@ def _embed(args: argparse.Namespace) -> int:
         preprocessing=args.preprocess,
         max_pixels=args.max_pixels,
         thumbnails=args.thumbnails,
+        follow_links=args.follow_links,
     )
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -130,6 +137,10 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         f"writing {s['seconds_writing']} s)",
         f"bank {s['bank']}: {s.get('spec', '')}",
     ]
+    for folder in s.get("skipped_folders", [])[:10]:
+        lines.append(f"  left out: {folder}")
+    if len(s.get("skipped_folders", [])) > 10:
+        lines.append(f"  ... {len(s['skipped_folders']) - 10} more folders left out")
     for e in s.get("errors", [])[:10]:
         lines.append(f"  failed: {e['key']}: {e['reason']}")
     if s["failed"] > 10:

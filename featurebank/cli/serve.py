@@ -23,6 +23,11 @@ def register(commands: Commands) -> None:
     p.add_argument("--max-concurrent-rpcs", type=int, default=256,
                    help="calls beyond this get RESOURCE_EXHAUSTED")
     p.add_argument("--max-message-mb", type=float, default=16.0, help="largest message, MiB")
+    p.add_argument("--max-upsert-stream-mb", type=float, default=256.0,
+                   help="most one Upsert stream may hold before it commits, MiB (it commits "
+                   "all at once; past this the call fails with RESOURCE_EXHAUSTED)")
+    p.add_argument("--max-upsert-inflight-mb", type=float, default=1024.0,
+                   help="most all Upsert streams together may hold, MiB")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds in-flight calls get to finish on SIGTERM")
     p.add_argument("--tokens", type=Path, default=None,
@@ -55,6 +60,8 @@ def _serve(args: argparse.Namespace) -> int:
         tls_client_ca=args.tls_client_ca,
         insecure=args.insecure,
         max_message_bytes=int(args.max_message_mb * (1 << 20)),
+        max_upsert_stream_bytes=int(args.max_upsert_stream_mb * (1 << 20)),
+        max_upsert_inflight_bytes=int(args.max_upsert_inflight_mb * (1 << 20)),
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         grace_s=args.grace,
     )
@@ -64,7 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
         state = "serving" if server.engine.ready else "NOT_SERVING until an index is built"
         print(
             f"featurebank: {args.bank} on {args.host}:{server.port} "
-            f"({'tls' if config.tls else 'plaintext'}{metrics}); {state}",
+            f"({config.transport}, {config.auth}{metrics}); {state}",
             flush=True,
         )
 

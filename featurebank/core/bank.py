@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -83,10 +84,20 @@ def current_dir(parent: Path, what: str) -> Path:
     return parent / str(gen)
 
 
+STAGING = ".staging-"
+STALE_STAGING_S = 24 * 3600  # when the owner of a staging folder cannot be asked
+
+
 def staging_dir(parent: Path) -> Path:
-    """A fresh temporary folder beside the generations, to build the next one in."""
+    """A fresh temporary folder beside the generations, to build the next one in.
+
+    Its name carries the building process (host and pid), so the next build removes
+    the staging folders of builds that were killed before they published.
+    """
     parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=parent, prefix=".staging-"))
+    remove_dead_staging(parent)
+    prefix = f"{STAGING}{socket.gethostname()}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
 
 
 def publish(parent: Path, staging: Path, keep: int = 2) -> int:
@@ -113,14 +124,49 @@ def prune(parent: Path, keep: int = 2) -> None:
     for gen in gens[keep:]:
         if gen != live:
             shutil.rmtree(parent / str(gen), ignore_errors=True)
-    for p in parent.glob(".staging-*"):
+    remove_dead_staging(parent)
+
+
+def remove_dead_staging(parent: Path) -> list[Path]:
+    """Remove the staging folders under `parent` whose build no longer runs; returns them."""
+    removed = []
+    for p in parent.glob(f"{STAGING}*"):
         if _owner_dead(p):
             shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def _owner_dead(staging: Path) -> bool:
-    """Staging folders are only removed once old enough that no live build can own them."""
+    """Whether the build that made `staging` has ended without publishing it.
+
+    A folder made on this host names its process: it is dead once that pid is gone.
+    A folder from another host (a bank on shared storage) or an older name is only
+    judged by age: no build takes STALE_STAGING_S.
+    """
+    host, pid = _staging_owner(staging.name)
+    if host == socket.gethostname() and pid is not None:
+        return not _pid_alive(pid)
     try:
-        return time.time() - staging.stat().st_mtime > 24 * 3600
+        return time.time() - staging.stat().st_mtime > STALE_STAGING_S
     except FileNotFoundError:
         return False
+
+
+def _staging_owner(name: str) -> tuple[str | None, int | None]:
+    parts = name[len(STAGING) :].rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None, None
+    return parts[0], int(parts[1])
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another thread of this process may be building
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True

@@ -48,3 +48,15 @@ class StorageFull(FeaturebankError):
     """The disk or the store's map could not take more data; the last commit is intact."""
 
     grpc_code = "RESOURCE_EXHAUSTED"
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """`value` as it may appear in a message: repr'd, cut to `limit` characters.
+
+    Messages echo what the caller sent so they can find it; a value is never copied
+    whole, since a 100k-character key or label would make the message itself the problem.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

@@ -32,7 +32,7 @@ NO_LABEL = -1
 # One packed row per item, so all blocks' rows decode with one np.frombuffer.
 ROW_DTYPE = np.dtype([("id", "<u8"), ("code", "<i4"), ("state", "u1")])
 _MAX_KEY_BYTES = 480  # LMDB keys are limited to 511 bytes; longer keys are stored hashed
-_MAX_LABEL_BYTES = 400  # labels are LMDB keys of the vocabulary
+MAX_LABEL_BYTES = 400  # labels are LMDB keys of the vocabulary
 _BE64 = struct.Struct(">Q")
 
 
@@ -210,8 +210,8 @@ def check_label(key: str, label: Any) -> str | None:
         size = len(label.encode("utf-8"))
     except UnicodeEncodeError:
         raise InvalidInput(f"label for key {key!r} is not valid UTF-8: {label!r}") from None
-    if size > _MAX_LABEL_BYTES:
-        raise InvalidInput(f"label for key {key!r} is longer than {_MAX_LABEL_BYTES} bytes")
+    if size > MAX_LABEL_BYTES:
+        raise InvalidInput(f"label for key {key!r} is longer than {MAX_LABEL_BYTES} bytes")
     return label
 
 
