@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 
 from featurebank.core.bank import Bank, current_dir, current_generation, publish, staging_dir
-from featurebank.core.errors import FailedPrecondition, FeaturebankError, InvalidInput
+from featurebank.core.errors import FailedPrecondition, FeaturebankError, InvalidInput, shown
 from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import metric as metric_named
 from featurebank.index import selection, transforms
@@ -59,13 +59,22 @@ def faiss_reason(e: Exception) -> str:
     return text.split(" at ", 1)[-1].split(": ", 1)[-1]
 
 
+# faiss parses factory strings with std::regex, whose recursion overflows the stack on
+# long input (a 30,000-character string kills the process); real ones are short.
+MAX_FACTORY_CHARS = 256
+
+
 def make_index(factory: str, dim: int, metric: str) -> faiss.Index:
     """faiss.index_factory behind an IndexIDMap2 (ids = store ids); bad strings -> InvalidInput."""
+    if len(factory) > MAX_FACTORY_CHARS:
+        raise InvalidInput(
+            f"faiss factory string {shown(factory)} is longer than {MAX_FACTORY_CHARS} characters"
+        )
     try:
         index = faiss.index_factory(dim, f"IDMap2,{factory}", faiss_metric(metric))
     except RuntimeError as e:
         raise InvalidInput(
-            f"unknown or invalid faiss factory string {factory!r} for dimension {dim}: "
+            f"unknown or invalid faiss factory string {shown(factory)} for dimension {dim}: "
             f"{faiss_reason(e)}"
         ) from e
     return index

@@ -56,7 +56,9 @@ def shown(value: object, limit: int = 64) -> str:
     Messages echo what the caller sent so they can find it; a value is never copied
     whole, since a 100k-character key or label would make the message itself the problem.
     """
-    text = value if isinstance(value, str) else str(value)
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
+    if not isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from featurebank.core.errors import InvalidInput, SpecMismatch
+from featurebank.core.errors import InvalidInput, SpecMismatch, shown
 from featurebank.core.spec import Spec
 from featurebank.core.vocabulary import SPLITS
 
@@ -123,18 +123,18 @@ def check_keys(keys: Sequence[str], *, unique: bool = True) -> list[bytes]:
     seen: set[str] = set()
     for i, key in enumerate(keys):
         if not isinstance(key, str):
-            raise InvalidInput(f"key #{i} must be str, got {type(key).__name__}: {key!r}")
+            raise InvalidInput(f"key #{i} must be str, got {type(key).__name__}: {shown(key)}")
         if not key:
             raise InvalidInput(f"key #{i} is empty")
         if "\0" in key:
-            raise InvalidInput(f"key {key!r} (#{i}) contains a NUL character")
+            raise InvalidInput(f"key {shown(key)} (#{i}) contains a NUL character")
         try:
             out.append(key.encode("utf-8"))
         except UnicodeEncodeError as e:
-            raise InvalidInput(f"key {key!r} (#{i}) is not valid UTF-8: {e.reason}") from None
+            raise InvalidInput(f"key {shown(key)} (#{i}) is not valid UTF-8: {e.reason}") from None
         if unique:
             if key in seen:
-                raise InvalidInput(f"key {key!r} appears twice in the batch")
+                raise InvalidInput(f"key {shown(key)} appears twice in the batch")
             seen.add(key)
     return out
 
@@ -166,7 +166,7 @@ def check_vectors(keys: Sequence[str], vectors: Any, spec: Spec) -> np.ndarray:
         )
     if vectors.shape[0] != len(keys):
         raise InvalidInput(f"{vectors.shape[0]} vectors for {len(keys)} keys")
-    first = f" (first key {keys[0]!r})" if len(keys) else ""
+    first = f" (first key {shown(keys[0])})" if len(keys) else ""
     if vectors.shape[1] != spec.dim:
         raise SpecMismatch(
             f"vectors have dimension {vectors.shape[1]}{first} but the bank's "
@@ -182,7 +182,7 @@ def check_vectors(keys: Sequence[str], vectors: Any, spec: Spec) -> np.ndarray:
     if not _all_finite(out):
         row = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
         why = "NaN or inf" if not np.isfinite(vectors[row]).all() else f"beyond {spec.dtype} range"
-        raise InvalidInput(f"vector for key {keys[row]!r} (#{row}) has {why} values")
+        raise InvalidInput(f"vector for key {shown(keys[row])} (#{row}) has {why} values")
     return out
 
 
@@ -203,22 +203,22 @@ def check_label(key: str, label: Any) -> str | None:
     if label is None:
         return None
     if not isinstance(label, str):
-        raise InvalidInput(f"label for key {key!r} must be str or None, got {label!r}")
+        raise InvalidInput(f"label for key {shown(key)} must be str or None, got {shown(label)}")
     if not label:
-        raise InvalidInput(f"label for key {key!r} is empty (use None for unlabelled)")
+        raise InvalidInput(f"label for key {shown(key)} is empty (use None for unlabelled)")
     try:
         size = len(label.encode("utf-8"))
     except UnicodeEncodeError:
-        raise InvalidInput(f"label for key {key!r} is not valid UTF-8: {label!r}") from None
+        raise InvalidInput(f"label for key {shown(key)} is not valid UTF-8: {shown(label)}") from None
     if size > MAX_LABEL_BYTES:
-        raise InvalidInput(f"label for key {key!r} is longer than {MAX_LABEL_BYTES} bytes")
+        raise InvalidInput(f"label for key {shown(key)} is longer than {MAX_LABEL_BYTES} bytes")
     return label
 
 
 def check_split(key: str, split: Any) -> int:
     code = SPLIT_CODES.get(split) if isinstance(split, str) else None
     if code is None:
-        raise InvalidInput(f"split for key {key!r} must be one of {SPLITS}, got {split!r}")
+        raise InvalidInput(f"split for key {shown(key)} must be one of {SPLITS}, got {shown(split)}")
     return code
 
 
@@ -235,7 +235,7 @@ def check_metas(
     out: list[dict[str, Any]] = []
     for key, m in zip(keys, meta, strict=True):
         if m is not None and not isinstance(m, dict):
-            raise InvalidInput(f"meta for key {key!r} must be a dict, got {type(m).__name__}")
+            raise InvalidInput(f"meta for key {shown(key)} must be a dict, got {type(m).__name__}")
         out.append({"added": added, **(m or {})})
     try:
         _to_json(out)
@@ -244,7 +244,7 @@ def check_metas(
             try:
                 _to_json(m)
             except (TypeError, ValueError, UnicodeEncodeError) as e:
-                raise InvalidInput(f"meta for key {key!r} is not JSON-serialisable: {e}") from None
+                raise InvalidInput(f"meta for key {shown(key)} is not JSON-serialisable: {e}") from None
         raise
     return out
 

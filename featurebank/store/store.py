@@ -32,7 +32,7 @@ from typing import Any, TypeAlias
 import numpy as np
 
 from featurebank.core.bank import Bank, write_atomic
-from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
+from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound, shown
 from featurebank.core.spec import Spec
 from featurebank.store import thumbs as thumbs_db
 from featurebank.store.codec import (
@@ -364,7 +364,7 @@ class Store:
         for key, (rec, value) in zip(keys, pairs, strict=True):
             if bytes(txn.get(rec, db=h.dbs["key2id"])) != value:
                 raise InvalidInput(
-                    f"key {key!r} is already in bank {self.bank.root}; use missing() to skip "
+                    f"key {shown(key)} is already in bank {self.bank.root}; use missing() to skip "
                     "stored keys or delete() it first"
                 )
 
@@ -443,7 +443,7 @@ class Store:
         for i, (key, kb) in enumerate(zip(keys, key_bytes, strict=True)):
             raw = txn.get(key_record(kb), db=h.dbs["key2id"])
             if raw is None:
-                raise exc(f"key {key!r} is not in bank {self.bank.root}")
+                raise exc(f"key {shown(key)} is not in bank {self.bank.root}")
             out[i] = unpack_id(raw)
         return out
 
