@@ -67,8 +67,12 @@ class ServeConfig:
             raise InvalidInput("--tls-client-ca needs --tls-cert and --tls-key")
         for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
                            ("--tls-client-ca", self.tls_client_ca)):
-            if path is not None and not Path(path).is_file():
+            if path is None:
+                continue
+            if not Path(path).exists():
                 raise NotFound(f"{flag} {path} does not exist")
+            if Path(path).is_dir():
+                raise InvalidInput(f"{flag} {path} is a folder, not a PEM file")
         if self.max_batch_size < 1:
             raise InvalidInput(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
         if self.batch_timeout_ms < 0:
