@@ -1,0 +1,341 @@
+"""Bounded soak: many clients against one `featurebank serve` for a fixed time.
+
+N clients (default 64, in several processes so that client-side Python does not limit
+the server) call a mix of Classify, Search, ClassifyBatch and Upsert for T seconds
+(default 60), with a RebuildIndex in the middle. A few calls are wrong on purpose
+(unknown keys, oversized label filters, NaN vectors, unknown operations) so that the
+error paths are soaked too; each of those expects one status code.
+
+Prints calls/s, p50/p99 per method, non-OK statuses by code (expected vs unexpected),
+the server's RSS after warm-up, in the middle and at the end, and whether every
+acknowledged Upsert is in the store at the end. For scale, the same Classify queries
+answered in-process (the library called directly, one query at a time, and in one
+batch: the limit) give the cost of serving as ratios.
+
+Targets: 0 unexpected statuses, every acknowledged item present, RSS at the end within
+1.25x of RSS after warm-up.
+
+    python benchmarks/soak.py [--clients 64] [--seconds 60] [--procs 4] [--items 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from featurebank import store as store_mod  # noqa: E402
+from featurebank.core.spec import Spec  # noqa: E402
+from featurebank.server.client import FeatureBankClient, RemoteError, make_input  # noqa: E402
+
+DIM = 64
+CLASSES = 40
+OK = "OK"
+
+
+# ------------------------------------------------------------------ data shaped like users'
+
+
+def user_like_data(n: int, seed: int = 0) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+    """Clustered classes of Zipf-like sizes, in class order, with sub-clusters, 3% wrong labels.
+
+    Returns keys, vectors, labels and the class centres (queries are drawn near them).
+    """
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, CLASSES + 1) ** 0.8
+    sizes = np.maximum(3, (weights / weights.sum() * n).astype(int))
+    centres = rng.normal(size=(CLASSES, DIM)).astype(np.float32)
+    keys, vecs, labels = [], [], []
+    for c, size in enumerate(sizes):
+        subs = centres[c] + 0.35 * rng.normal(size=(3, DIM))
+        pick = rng.integers(0, 3, size)
+        x = subs[pick] + 0.25 * rng.normal(size=(size, DIM))
+        vecs.append(x.astype(np.float32))
+        for i in range(size):
+            noisy = rng.random() < 0.03
+            labels.append(f"class{rng.integers(CLASSES) if noisy else c:02d}")
+            keys.append(f"c{c:02d}/{i:06d}")
+    return keys, np.concatenate(vecs), labels, centres
+
+
+def make_bank(root: Path, n: int) -> tuple[Path, list[str], np.ndarray]:
+    from featurebank.index.build import build_index
+
+    spec = Spec(backbone="external", weights="external", input_size=None, resize="none",
+                dim=DIM, dtype="float32")  # fmt: skip
+    keys, x, labels, centres = user_like_data(n)
+    splits = ["val" if i % 10 == 0 else "train" for i in range(len(keys))]
+    with store_mod.create(root, spec) as st:
+        st.put_batch(keys, x, labels=labels, splits=splits)
+    build_index(root, k=10)
+    return root, keys, centres
+
+
+# ------------------------------------------------------------------ the server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Server:
+    """`featurebank serve` in its own process, its stderr kept in a file."""
+
+    def __init__(self, bank: Path) -> None:
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in stop()
+        cmd = [sys.executable, "-m", "featurebank", "serve", "--bank", str(bank),
+               "--port", str(self.port), "--grace", "30"]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log)
+        with FeatureBankClient(self.target) as c:
+            c.wait_until_serving(timeout=300)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.log.close()
+        return code
+
+
+# ------------------------------------------------------------------ clients
+
+
+Plan = tuple[str, str, Callable[[], Any], list[str]]
+
+
+def plan_call(c: FeatureBankClient, rng: np.random.Generator, centres: np.ndarray,
+              keys: list[str], tag: str, n: int) -> Plan:
+    """One call of the mix: (method, the status it should get, the call, keys it upserts)."""
+    r = rng.random()
+    q = centres[rng.integers(CLASSES)] + 0.3 * rng.normal(size=DIM)
+    if r < 0.30:
+        return "Classify", OK, lambda: c.classify(vector=q, top_n=3), []
+    if r < 0.40:
+        key = keys[rng.integers(len(keys))]
+        return "Classify", OK, lambda: c.classify(key=key, include_neighbors=True), []
+    if r < 0.62:
+        return "Search", OK, lambda: c.search(vector=q, k=10), []
+    if r < 0.70:
+        label = f"class{rng.integers(CLASSES):02d}"
+        return "Search", OK, lambda: c.search(vector=q, k=5, labels=[label]), []
+    if r < 0.85:
+        batch = centres[rng.integers(CLASSES, size=8)] + 0.3 * rng.normal(size=(8, DIM))
+        inputs = [make_input(vector=v) for v in batch]
+        return "ClassifyBatch", OK, lambda: c.classify_batch(inputs), []
+    if r < 0.95:
+        size = int(rng.integers(1, 9))
+        new = [f"soak/{tag}/{n}/{i}" for i in range(size)]
+        cls = rng.integers(CLASSES, size=size)
+        vecs = centres[cls] + 0.3 * rng.normal(size=(size, DIM))
+        items = [{"key": k, "vector": v, "label": f"class{int(ci):02d}"}
+                 for k, v, ci in zip(new, vecs, cls, strict=True)]  # fmt: skip
+        return "Upsert", OK, lambda: c.upsert(items), new
+    bad = rng.integers(4)  # wrong on purpose: each has exactly one right answer
+    if bad == 0:
+        return "Classify(bad key)", "NOT_FOUND", lambda: c.classify(key=f"nope/{tag}/{n}"), []
+    if bad == 1:
+        labels = [f"l{i}" for i in range(2000)]
+        return ("Search(2000 labels)", "INVALID_ARGUMENT",
+                lambda: c.search(vector=q, labels=labels), [])
+    if bad == 2:
+        nan = [{"key": f"nan/{tag}/{n}", "vector": np.full(DIM, np.nan)}]
+        return "Upsert(NaN)", "INVALID_ARGUMENT", lambda: c.upsert(nan), []
+    return "GetOperation(bad)", "NOT_FOUND", lambda: c.get_operation("0" * 32), []
+
+
+def client_process(args: tuple[int, int, str, float, list[str]]) -> dict[str, Any]:
+    """`threads` clients in one process until `until` (a time.time() value)."""
+    proc_no, threads, target, until, keys = args
+    _, _, _, centres = user_like_data(1)  # the same centres as the bank (same seed)
+    latencies: dict[str, list[float]] = defaultdict(list)
+    statuses: Counter[tuple[str, str, str]] = Counter()  # (method, expected, got)
+    acked: list[str] = []
+    lock = threading.Lock()
+
+    def worker(t: int) -> None:
+        rng = np.random.default_rng(proc_no * 1000 + t)
+        tag = f"{proc_no}-{t}"
+        with FeatureBankClient(target, timeout=30) as c:
+            n = 0
+            while time.time() < until:
+                n += 1
+                method, expected, call, new = plan_call(c, rng, centres, keys, tag, n)
+                start = time.perf_counter()
+                try:
+                    call()
+                    got = OK
+                except RemoteError as e:
+                    got = e.code.name
+                dt = time.perf_counter() - start
+                with lock:
+                    latencies[method.split("(")[0]].append(dt)
+                    statuses[(method, expected, got)] += 1
+                    if got == OK:
+                        acked.extend(new)
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    return {"latencies": dict(latencies), "statuses": statuses, "acked": acked}
+
+
+# ------------------------------------------------------------------ the run
+
+
+def in_process_rates(bank: Path, centres: np.ndarray, seconds: float = 3.0) -> tuple[float, float]:
+    """Classify queries/s with the library called directly: one at a time, and one batch."""
+    from featurebank.classify.classifier import Classifier
+
+    rng = np.random.default_rng(5)
+    q = (centres[rng.integers(CLASSES, size=2000)] + 0.3 * rng.normal(size=(2000, DIM)))
+    q = q.astype(np.float32)
+    with Classifier(bank) as clf:
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            clf.classify(q[n % 2000 : n % 2000 + 1], top_n=3)
+            n += 1
+        single = n / (time.perf_counter() - start)
+        start = time.perf_counter()
+        clf.classify(q, top_n=3)
+        batched = len(q) / (time.perf_counter() - start)
+    return single, batched
+
+
+def pct(values: list[float], p: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1000, p)) if values else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--procs", type=int, default=4, help="client processes the clients share")
+    ap.add_argument("--items", type=int, default=20_000, help="items in the bank at the start")
+    args = ap.parse_args()
+    procs = max(1, min(args.procs, args.clients))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"building a bank of {args.items} items ({CLASSES} classes, dim {DIM}) ...",
+              flush=True)  # fmt: skip
+        bank, keys, centres = make_bank(Path(tmp) / "bank", args.items)
+        single, batched = in_process_rates(bank, centres)
+        server = Server(bank)
+        pid = server.proc.pid
+        print(f"server pid {pid} on {server.target}; {args.clients} clients in {procs} "
+              f"processes for {args.seconds:.0f} s", flush=True)  # fmt: skip
+        start = time.time()
+        until = start + args.seconds
+        per = [args.clients // procs + (1 if i < args.clients % procs else 0) for i in range(procs)]
+        ctx = mp.get_context("spawn")
+        rss: dict[str, float] = {"idle": rss_mib(pid)}
+        rebuild: dict[str, Any] = {}
+        with ctx.Pool(procs) as pool:
+            pending = pool.map_async(client_process,
+                                     [(i, per[i], server.target, until, keys[::4]) for i in range(procs)])
+            time.sleep(min(10.0, args.seconds * 0.15))
+            rss["after warm-up"] = rss_mib(pid)
+            time.sleep(max(0.0, start + args.seconds / 2 - time.time()))
+            rss["middle"] = rss_mib(pid)
+            with FeatureBankClient(server.target, timeout=600) as c:
+                t = time.perf_counter()
+                op = c.rebuild_index()
+                try:
+                    c.rebuild_index()
+                    rebuild["second"] = OK
+                except RemoteError as e:
+                    rebuild["second"] = e.code.name  # one rebuild at a time: FAILED_PRECONDITION
+                done = c.wait_operation(op.id, timeout=600)
+                rebuild["seconds"] = time.perf_counter() - t
+                rebuild["error"] = done.error.message if done.error.code else ""
+                rebuild["generation"] = done.index_generation
+            results = pending.get(timeout=args.seconds + 600)
+        elapsed = time.time() - start
+        rss["end"] = rss_mib(pid)
+        with FeatureBankClient(server.target, timeout=60) as c:
+            count_served = c.info().count
+        code = server.stop()
+
+        latencies: dict[str, list[float]] = defaultdict(list)
+        statuses: Counter[tuple[str, str, str]] = Counter()
+        acked: list[str] = []
+        for r in results:
+            for m, v in r["latencies"].items():
+                latencies[m].extend(v)
+            statuses.update(r["statuses"])
+            acked.extend(r["acked"])
+        with store_mod.open(bank, readonly=True) as st:
+            missing = st.missing(acked)
+            count_stored = st.count
+
+    total = sum(len(v) for v in latencies.values())
+    print(f"\n{total} calls in {elapsed:.1f} s: {total / elapsed:.0f} calls/s")
+    print(f"{'method':<16}{'calls':>9}{'calls/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    for m in sorted(latencies):
+        v = latencies[m]
+        print(f"{m:<16}{len(v):>9}{len(v) / elapsed:>10.1f}{pct(v, 50):>10.2f}{pct(v, 99):>10.2f}")
+    classify_rate = len(latencies.get("Classify", [])) / elapsed
+    print(f"\nin-process Classify (library, no server): {single:.0f}/s one at a time, "
+          f"{batched:.0f}/s in one batch (the limit)")
+    print(f"served Classify share: {classify_rate:.0f}/s = {classify_rate / single:.2f}x one-at-a-time"
+          f", {classify_rate / batched:.3f}x the batch limit (while sharing 2 cores with the mix)")
+
+    print("\nnon-OK statuses:")
+    expected_bad = unexpected = 0
+    for (method, want, got), n in sorted(statuses.items()):
+        if got == OK and want == OK:
+            continue
+        ok = got == want
+        expected_bad += n if ok else 0
+        unexpected += 0 if ok else n
+        print(f"  {method:<24}{got:<22}{n:>7}  {'expected' if ok else 'UNEXPECTED (wanted ' + want + ')'}")
+    print(f"  expected: {expected_bad}, unexpected: {unexpected}")
+    print(f"\nrebuild in the middle: {rebuild.get('seconds', float('nan')):.1f} s, "
+          f"generation {rebuild.get('generation')}, error {rebuild.get('error') or 'none'}; "
+          f"a second rebuild meanwhile got {rebuild.get('second')}")
+    warm = rss["after warm-up"]
+    print("\nserver RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items())
+          + f"; end / after warm-up = {rss['end'] / warm:.2f}x (target <= 1.25x)")
+    expected_count = len(keys) + len(set(acked))
+    print(f"\nacknowledged Upsert items: {len(acked)}; missing from the store at the end: "
+          f"{len(missing)}; store count {count_stored} (server said {count_served}; "
+          f"{len(keys)} at the start + {len(set(acked))} acknowledged = {expected_count})")
+    print(f"server exit code after SIGTERM: {code}")
+    good = (unexpected == 0 and not missing and rss["end"] <= 1.25 * warm and code == 0
+            and not rebuild.get("error") and count_stored == expected_count)
+    print("\nRESULT:", "PASS" if good else "FAIL")
+    return 0 if good else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
