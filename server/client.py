@@ -96,6 +96,7 @@ class FeatureBankClient:
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )

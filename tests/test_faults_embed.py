@@ -176,3 +176,28 @@ def test_embed_command_over_the_hostile_tree(tmp_path: Path) -> None:
     assert "embedded 5, skipped 0 (already in the bank), failed 1 of 6 inputs" in r.stdout
     assert "left out: loop/ (directory symlink to . not followed" in r.stdout
     assert "failed: dogs/pipe.png: not a regular file (a FIFO)" in r.stdout
+
+
+def test_upsert_command_over_the_hostile_tree(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from server_fixtures import RunningServer, free_port, make_image_bank
+
+    from featurebank.cli import main
+    from featurebank.server.app import ServeConfig
+
+    bank, _ = make_image_bank(tmp_path / "bank", n_per_color=2)
+    tree = hostile_tree(tmp_path / "src")
+    with RunningServer(ServeConfig(bank=bank, port=free_port())) as rs:
+        argv = ["upsert", str(tree), "--folder-labels", "--server", rs.target]
+        assert main(argv) == 2  # refused before anything is sent
+        assert "dogs/pipe.png is not a regular file" in capsys.readouterr().err
+        with store_mod.open(bank, readonly=True) as st:
+            before = st.count
+        (tree / "dogs" / "pipe.png").unlink()
+        assert main(argv) == 0
+        out, err = capsys.readouterr()
+        assert "upserted 5 images: 5 added" in out
+        assert "left out" in err and "loop/" in err
+        with store_mod.open(bank, readonly=True) as st:
+            assert st.count == before + 5
+            assert st.has(f"{tree}/{ODD_KEY}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -128,23 +129,36 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_paths(paths: list[Path]) -> list[Path]:
-    from featurebank.core.errors import NotFound
+def _image_paths(paths: list[Path]) -> list[tuple[str, Path]]:
+    """(key, path) of every image file named or found in a folder; the key is the path as
+    given, written so the store can hold it. Directory symlinks are not followed."""
+    import stat
+
+    from featurebank.core.errors import InvalidInput, NotFound
+    from featurebank.embedder import folders
     from featurebank.embedder.sources import IMAGE_EXTS
 
-    out: list[Path] = []
+    out: list[tuple[str, Path]] = []
     for p in paths:
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS))
-        elif p.is_file():
-            out.append(p)
+            listing = folders.list_images(p, IMAGE_EXTS)
+            out.extend((folders.storable_key(str(p / rel)), Path(full))
+                       for rel, full in listing.files)  # fmt: skip
+            for skipped in listing.skipped:
+                print(f"featurebank upsert: left out {p / skipped}", file=sys.stderr)
+        elif p.exists():
+            out.append((folders.storable_key(str(p)), p))
         else:
             raise NotFound(f"no such file or folder: {p}")
+    for key, f in out:  # before anything is sent: a FIFO would block, a device never end
+        if not stat.S_ISREG(f.stat().st_mode):
+            raise InvalidInput(f"{key} is not a regular file")
     return out
 
 
 def _upsert(args: argparse.Namespace) -> int:
     from featurebank.core.errors import InvalidInput
+    from featurebank.embedder import folders
 
     if args.label and args.folder_labels:
         raise InvalidInput("use --label or --folder-labels, not both")
@@ -158,13 +172,14 @@ def _upsert(args: argparse.Namespace) -> int:
             chunk = files[start : start + size]
             items = [
                 {
-                    "key": str(f),
-                    "image": f,
-                    "label": f.parent.name if args.folder_labels else args.label,
+                    "key": key,
+                    "image": folders.read_regular_file(str(f), client.max_message_bytes),
+                    "label": folders.storable_key(f.parent.name) if args.folder_labels
+                    else args.label,
                     "split": args.split,
-                    "uri": str(f.resolve()),
+                    "uri": folders.storable_key(str(f.resolve())),
                 }
-                for f in chunk
+                for key, f in chunk
             ]
             r = client.upsert(items)
             added += r.added
