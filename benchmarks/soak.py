@@ -281,6 +281,8 @@ def main() -> int:
         single, batched = in_process_rates(bank, centres)
         server = Server(bank)
         pid = server.proc.pid
+        with FeatureBankClient(server.target) as c:
+            index_before = c.info().index
         print(f"server pid {pid} on {server.target}; {args.clients} clients in {procs} "
               f"processes for {args.seconds:.0f} s", flush=True)  # fmt: skip
         start = time.time()
@@ -306,7 +308,8 @@ def main() -> int:
         elapsed = time.time() - start
         rss["end"] = rss_mib(pid)
         with FeatureBankClient(server.target, timeout=60) as c:
-            count_served = c.info().count
+            info = c.info()
+            count_served, index_after = info.count, info.index
         code = server.stop()
 
         latencies: dict[str, list[float]] = defaultdict(list)
@@ -348,6 +351,8 @@ def main() -> int:
               f"{rebuild['generation']}, error {rebuild['error'] or 'none'}; a second rebuild "
               f"meanwhile got {rebuild['second']}")
     warm = rss["after warm-up"]
+    print(f"\nindex at the start: {index_before.factory} over {index_before.ntotal}; at the end: "
+          f"{index_after.factory} over {index_after.ntotal}")
     print("\nserver RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items())
           + f"; end / after warm-up = {rss['end'] / warm:.2f}x (target <= 1.25x)")
     expected_count = len(keys) + len(set(acked))
