@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from featurebank.core.errors import InvalidInput
+from featurebank.core.errors import InvalidInput, shown
 from featurebank.core.vocabulary import METRICS
 
 
@@ -26,11 +26,11 @@ def parse_memory(text: str | int) -> int:
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", text)
         if not m:
-            raise InvalidInput(f"memory budget {text!r}: expected a size like 4G, 512M or 1000000")
+            raise InvalidInput(f"memory budget {shown(text)}: expected a size like 4G, 512M or 1000000")
         power = " KMGT".index(m.group(2).upper() or " ")
         value = int(float(m.group(1)) * (1024**power))
     if value <= 0:
-        raise InvalidInput(f"memory budget must be positive, got {text!r}")
+        raise InvalidInput(f"memory budget must be positive, got {shown(text)}")
     return value
 
 
@@ -52,9 +52,9 @@ class IndexParams:
     def __post_init__(self) -> None:
         object.__setattr__(self, "memory_budget", parse_memory(self.memory_budget))
         if not isinstance(self.factory, str) or not self.factory.strip():
-            raise InvalidInput(f"factory must be 'auto' or a faiss factory string, got {self.factory!r}")
+            raise InvalidInput(f"factory must be 'auto' or a faiss factory string, got {shown(self.factory)}")
         if self.metric not in METRICS:
-            raise InvalidInput(f"unknown metric {self.metric!r}: use one of {', '.join(METRICS)}")
+            raise InvalidInput(f"unknown metric {shown(self.metric)}: use one of {', '.join(METRICS)}")
         k = self.k
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise InvalidInput(f"k must be a positive integer, got {k!r}")

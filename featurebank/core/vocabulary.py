@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featurebank.core.errors import InvalidInput
+from featurebank.core.errors import InvalidInput, shown
 
 # ---- splits ---------------------------------------------------------------------------------
 
@@ -52,7 +52,7 @@ LABEL_SOURCES = ("folders", "manifest", "none")
 def check_choice(value: str, choices: tuple[str, ...] | dict[str, object], what: str) -> str:
     """`value` if it is one of `choices`, else InvalidInput naming `what` and the choices."""
     if value not in choices:
-        raise InvalidInput(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+        raise InvalidInput(f"{what} must be one of {', '.join(choices)}, got {shown(value)}")
     return value
 
 
@@ -102,4 +102,4 @@ def metric(name: str) -> Metric:
     try:
         return METRICS[name]
     except KeyError:
-        raise InvalidInput(f"unknown metric {name!r}: use one of {', '.join(METRICS)}") from None
+        raise InvalidInput(f"unknown metric {shown(name)}: use one of {', '.join(METRICS)}") from None
