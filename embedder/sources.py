@@ -207,7 +207,11 @@ _LABEL_NAMES = {"label", "class", "category"}
 def _open_manifest(path: Path, labels: str) -> Source:
     """`path[,label][,split][,key]` rows, with or without a header naming those columns."""
     base = path.parent
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise InvalidInput(f"manifest {path} line {line}: not valid UTF-8 ({e.reason})") from None
     lines = text.splitlines()
     first = next((ln for ln in lines if ln.strip() and not ln.startswith("#")), "")
     ext = path.suffix.lower()

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from featurebank import store as store_mod
+from featurebank.core.errors import InvalidInput
 from featurebank.embedder import folders, images, sources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,3 +202,10 @@ def test_upsert_command_over_the_hostile_tree(tmp_path: Path,
         with store_mod.open(bank, readonly=True) as st:
             assert st.count == before + 5
             assert st.has(f"{tree}/{ODD_KEY}")
+
+
+def test_a_manifest_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"path,label\na.png,cat\ncaf\xe9.png,dog\n")
+    with pytest.raises(InvalidInput, match=r"m.csv line 3: not valid UTF-8"):
+        sources.open_source(manifest)
