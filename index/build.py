@@ -27,6 +27,7 @@ import numpy as np
 
 from featurebank.core.bank import Bank, current_dir, current_generation, publish, staging_dir
 from featurebank.core.errors import FailedPrecondition, FeaturebankError, InvalidInput, shown
+from featurebank.core.memory import release_free_memory
 from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import metric as metric_named
 from featurebank.index import selection, transforms
@@ -204,8 +205,11 @@ def build_index(
             target_recall=target_recall, k=k,
         )
         transforms.parse(params.transform)
-        with omp_threads(threads):
-            return _build(st.bank, st, params, progress)
+        try:
+            with omp_threads(threads):
+                return _build(st.bank, st, params, progress)
+        finally:
+            release_free_memory()  # the build's temporaries are gone; their heap need not stay
 
 
 def _build(bank: Bank, store: Any, params: IndexParams, progress: bool) -> dict[str, Any]:

@@ -44,6 +44,7 @@ def register(commands: Commands) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from featurebank.core.memory import limit_arenas
     from featurebank.server.app import ServeConfig, serve
     from featurebank.server.auth import Tokens
 
@@ -75,6 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    limit_arenas(2)  # resident memory follows what is in use through rebuilds (see memory)
     asyncio.run(serve(config, on_started=started))
     print("featurebank: stopped", file=sys.stderr, flush=True)
     return 0

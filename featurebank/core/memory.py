@@ -1,0 +1,51 @@
+"""Giving freed heap memory back to the operating system after a big temporary job.
+
+glibc keeps memory that a program frees in its allocator arenas. An index build
+allocates far more for a moment (training, tuning, ground truth) than the index it
+leaves; a long-running server that rebuilds would hold about that peak as resident
+memory afterwards, although nothing uses it. `release_free_memory` asks glibc to
+return it (`malloc_trim`); elsewhere it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+from typing import Any
+
+
+@functools.cache
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def release_free_memory() -> bool:
+    """Return freed heap pages to the OS; True when the C library could (glibc)."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def limit_arenas(count: int) -> bool:
+    """At most `count` glibc malloc arenas for this process (call before threads start).
+
+    glibc gives each thread that allocates under contention an arena of its own (up to
+    8 per core) and keeps each arena's freed memory; a server whose many threads take
+    turns building, loading and dropping indexes then holds several copies of that
+    churn. A few shared arenas keep resident memory near what is in use.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(M_ARENA_MAX, count))
