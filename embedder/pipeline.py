@@ -2,7 +2,8 @@
 
 Stages (each a small builder, testable alone, as in clip-retrieval):
 - `plan`: list the source, open the bank, drop keys already stored (resume);
-- `build_dataset`: tf.data over the remaining records: read + decode + resize in a
+- the mapper: `stages.Loader` (shared with the Ray runner, see `stages`); `build_dataset`
+  runs it with tf.data over the remaining records: read + decode + resize in a
   parallel map (Pillow releases the GIL), bad inputs filtered out with their reason
   noted, then batch + prefetch, so decoding runs while the model works;
 - the model: `Embedder.forward`, a frozen graph compiled once;
@@ -15,14 +16,13 @@ transactions are atomic and a rerun embeds exactly the keys still missing.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from featurebank.core.errors import FeaturebankError, InvalidInput, NotFound
 from featurebank.core.spec import Spec
 from featurebank.embedder import backbones, images, sources
 from featurebank.embedder.embedding import Embedder, describe_device, make_spec
+from featurebank.embedder.stages import NONFINITE_REASON, Loader, Timings, finite_rows
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +48,21 @@ class EmbedFailed(InvalidInput):
 
 
 @dataclass
-class Timings:
-    """Seconds spent per stage; reading is summed over the parallel decoders."""
-
-    reading: float = 0.0
-    inferring: float = 0.0
-    writing: float = 0.0
-    waiting: float = 0.0  # the model idle, waiting for decoded batches
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add_reading(self, dt: float) -> None:
-        with self.lock:
-            self.reading += dt
-
-
-@dataclass
 class Plan:
     """What a job has to do: the source, the records still missing, what to skip."""
 
     source: sources.Source
     todo: list[sources.Record]
     skipped: int
+
+
+def with_known_dim(spec: Spec) -> Spec:
+    """The spec with its dimension filled in when the family tells it without a model."""
+    if backbones.is_model_file(spec.backbone) or spec.dim:
+        return spec
+    import dataclasses
+
+    return dataclasses.replace(spec, dim=backbones.family(spec.backbone).dim)
 
 
 def plan(source: sources.Source, bank: str, spec: Spec) -> Plan:
@@ -85,64 +80,6 @@ def plan(source: sources.Source, bank: str, spec: Spec) -> Plan:
 
 
 # ------------------------------------------------------------------ mapper
-
-
-class Loader:
-    """Reads and decodes one record by position; failures are kept, never raised."""
-
-    def __init__(
-        self,
-        source: sources.Source,
-        todo: list[sources.Record],
-        size: tuple[int, int],
-        resize: str,
-        max_pixels: int,
-        timings: Timings,
-        thumbnails: bool = False,
-    ) -> None:
-        self.source = source
-        self.todo = todo
-        self.size = size
-        self.resize = resize
-        self.max_pixels = max_pixels
-        self.timings = timings
-        self.meta: dict[int, dict[str, Any]] = {}
-        self.failures: dict[int, str] = {}
-        self.thumbs: dict[int, bytes] | None = {} if thumbnails else None
-        self._blank = np.zeros((*size, 3), np.uint8)
-
-    def __call__(self, i: int) -> tuple[np.ndarray, bool]:
-        if not getattr(_thread_state, "lowered", False):
-            _lower_thread_priority()
-        t = time.perf_counter()
-        rec = self.todo[i]
-        try:
-            pixels, meta = self.source.load(rec, self.size, self.resize, self.max_pixels)
-            self.meta[i] = meta
-            if self.thumbs is not None:
-                self.thumbs[i] = images.thumbnail_jpeg(pixels)
-            ok = True
-        except images.ImageError as e:
-            self.failures[i] = e.reason
-            pixels, ok = self._blank, False
-        except Exception as e:  # never let one input stop (or hang) the job
-            self.failures[i] = f"could not read: {type(e).__name__}: {e}"
-            pixels, ok = self._blank, False
-        self.timings.add_reading(time.perf_counter() - t)
-        return pixels, ok
-
-
-_thread_state = threading.local()
-DECODE_NICENESS = 5
-
-
-def _lower_thread_priority() -> None:
-    """Decoders yield to the model's threads: decoding needs a few percent of the CPU, and a
-    model thread preempted mid-operation stalls its partner threads too."""
-    _thread_state.lowered = True
-    # Not Linux, or not allowed: decode at normal priority.
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
 
 
 def build_dataset(loader: Loader, batch_size: int) -> Any:
@@ -264,7 +201,7 @@ class Writer:
         vectors = np.concatenate([b.vectors for b in group])
         todo, meta = self.loader.todo, self.loader.meta
         recs = [todo[int(p)] for p in positions]
-        finite = np.isfinite(np.asarray(vectors, self.store.spec.dtype)).all(axis=1)
+        finite = finite_rows(vectors, self.store.spec.dtype)
         good = np.flatnonzero(finite)
         if len(good):
             self.store.put_batch(
@@ -280,7 +217,7 @@ class Writer:
         for j in np.flatnonzero(~finite):
             if self.loader.thumbs is not None:
                 self.loader.thumbs.pop(int(positions[j]), None)
-            reason = f"embedding has NaN or infinite values in {self.store.spec.dtype}"
+            reason = NONFINITE_REASON.format(dtype=self.store.spec.dtype)
             self.store.record_error(recs[j].key, reason)
             self.failed.append((recs[j].key, reason))
         self._record_failures(group[-1].upto)
@@ -324,10 +261,7 @@ def run(
     t0 = time.perf_counter()
     src = sources.open_source(source, labels, follow_links)
     try:
-        if not backbones.is_model_file(spec.backbone) and not spec.dim:
-            import dataclasses
-
-            spec = dataclasses.replace(spec, dim=backbones.family(spec.backbone).dim)
+        spec = with_known_dim(spec)
         p = plan(src, bank, spec)
         device, _ = describe_device()
         summary: dict[str, Any] = {
@@ -450,7 +384,7 @@ def _finish(
     return summary
 
 
-__all__ = ["EmbedFailed", "FeaturebankError", "run"]
+__all__ = ["Batch", "EmbedFailed", "FeaturebankError", "Loader", "Timings", "Writer", "run"]
 
 
 def embed(

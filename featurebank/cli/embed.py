@@ -84,10 +84,25 @@ def register(commands: Commands) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("distributed (--engine ray; needs the ray extra)")
+    g.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process; ray: shards on a Ray cluster, then a commit",
+    )
+    g.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    g.add_argument("--workers", default="1", help="model actors: N or MIN,MAX (autoscaling)")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0)
+    g.add_argument("--gpus-per-worker", type=float, default=0.0)
+    g.add_argument("--staging", help="folder for finished shards (default: BANK/staging)")
+    g.add_argument("--shard-size", type=int, default=1000, help="images per shard")
 
 
 def _embed(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.engine == "ray":
+        return _embed_ray(args)
     from featurebank.embedder.embedding import describe_device
     from featurebank.embedder.pipeline import embed
 
@@ -121,6 +136,43 @@ def _embed(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
+        for line in summary_lines(summary):
+            print(line)
+    return 1 if args.fail_on_error and summary["failed"] else 0
+
+
+def _embed_ray(args: argparse.Namespace) -> int:
+    from featurebank.embedder.embedding import make_spec
+    from featurebank.embedder.ray_cluster import parse_workers
+    from featurebank.embedder.ray_job import run
+
+    spec = make_spec(args.backbone, args.weights, args.layer, args.image_size, args.resize,
+                     args.pooling, args.dtype, args.preprocess)  # fmt: skip
+    summary = run(
+        source=args.source,
+        bank=args.bank,
+        spec=spec,
+        labels=args.labels,
+        batch_size=args.batch_size,
+        staging=args.staging,
+        shard_size=args.shard_size,
+        address=args.address,
+        workers=parse_workers(args.workers),
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        progress=not args.no_progress,
+        max_pixels=args.max_pixels,
+        verbose=args.verbose > 0,
+    )
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        sh = summary["shards"]
+        print(
+            f"featurebank embed: {summary['device']}; shards: {sh['total']} in all, "
+            f"{sh['stored']} already stored, {sh['done_before']} finished before, "
+            f"{sh['run']} run now ({sh['retried']} retried)"
+        )
         for line in summary_lines(summary):
             print(line)
     return 1 if args.fail_on_error and summary["failed"] else 0

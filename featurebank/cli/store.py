@@ -1,4 +1,4 @@
-"""`featurebank store info|export|import` and `featurebank labels import`.
+"""`featurebank store info|export|import|backup|commit` and `featurebank labels import`.
 
 Only numpy and the store are imported (never TensorFlow), so these start fast.
 """
@@ -38,6 +38,19 @@ def register(commands: Commands) -> None:
     _bank_arg(p)
     p.add_argument("--out", required=True, type=Path, help="new bank directory to create")
 
+    p = commands.subcommand(
+        "store", "commit", "commit finished shards of `embed --engine ray` into a bank", _commit
+    )
+    _bank_arg(p)
+    p.add_argument(
+        "--from",
+        dest="staging",
+        required=True,
+        type=Path,
+        help="staging folder of the shards (BANK/staging unless --staging was given)",
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
     p = commands.subcommand("labels", "import", "set labels (and splits) from a CSV", _labels)
     _bank_arg(p)
     p.add_argument("csv", type=Path, help="CSV rows key,label[,split]; empty label = unlabelled")
@@ -45,6 +58,25 @@ def register(commands: Commands) -> None:
 
 def _bank_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bank", required=True, type=Path, help="bank directory")
+
+
+# ---- commit --------------------------------------------------------------------------------
+
+
+def _commit(args: argparse.Namespace) -> int:
+    from featurebank.embedder.commit import commit_shards
+
+    s = commit_shards(args.bank, args.staging, progress=not args.json)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(
+        f"committed {s['committed_shards']} shards of {s['shards']} "
+        f"({s['already_committed']} committed before): +{s['added']} items, "
+        f"{s['failed']} failures recorded, {s['already_stored']} rows already stored; "
+        f"bank {s['bank']} now holds {s['count']} items"
+    )
+    return 0
 
 
 # ---- info ----------------------------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""Committing finished shards from a staging folder into a bank's store, idempotently.
+
+Why it cannot commit twice: every shard is filtered against the keys already stored
+before it is written (one store transaction per shard), and a `.committed` marker is
+written after the transaction only to skip the shard quickly next time. A driver
+killed between the two leaves a shard whose rows are all stored: the rerun finds no
+missing key in it and adds nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurebank import store as store_mod
+from featurebank.core.bank import write_atomic
+from featurebank.core.errors import InvalidInput, NotFound
+from featurebank.core.spec import Spec
+from featurebank.embedder import shards
+
+log = logging.getLogger(__name__)
+
+
+def commit_shards(bank: str | Path, staging: str | Path, progress: bool = False) -> dict[str, Any]:
+    """Move every finished, uncommitted shard into the store, in shard order; a summary back."""
+    t0 = time.perf_counter()
+    staging = Path(staging)
+    markers = shards.done_markers(staging)
+    if not markers:
+        raise NotFound(f"no finished shards in {staging} (run `featurebank embed --engine ray`)")
+    spec = Spec.from_dict(markers[0]["spec"])
+    for m in markers[1:]:
+        other = Spec.from_dict(m["spec"])
+        if other.to_dict() != spec.to_dict():
+            raise InvalidInput(
+                f"staging folder {staging} mixes shards of two specs: shard {m['shard']} is "
+                f"[{other.describe()}], shard {markers[0]['shard']} is [{spec.describe()}]"
+            )
+    summary = {"staging": str(staging), "bank": str(bank), "shards": len(markers),
+               "committed_shards": 0, "already_committed": 0, "added": 0,
+               "already_stored": 0, "failed": 0}  # fmt: skip
+    bar = _bar(len(markers), progress)
+    with store_mod.open_or_create(bank, spec) as st:
+        st.acquire_writer()
+        for m in markers:
+            if shards.is_committed(staging, m["shard"]):
+                summary["already_committed"] += 1
+            else:
+                added, stored, failed = _commit_one(st, staging, m)
+                summary["added"] += added
+                summary["already_stored"] += stored
+                summary["failed"] += failed
+                summary["committed_shards"] += 1
+                marker = {"shard": m["shard"], "added": added, "committed_at": time.time()}
+                write_atomic(
+                    shards.shard_path(staging, m["shard"], shards.COMMITTED),
+                    json.dumps(marker).encode(),
+                )
+            if bar is not None:
+                bar.update(1)
+        summary["count"] = st.count
+    if bar is not None:
+        bar.close()
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    log.info("commit summary: %s", summary)
+    return summary
+
+
+def _commit_one(st: Any, staging: Path, marker: dict[str, Any]) -> tuple[int, int, int]:
+    """Add one shard's missing keys in one transaction; (added, already stored, failed)."""
+    table = shards.read_shard(staging, marker)
+    keys = table.column("key").to_pylist()
+    missing = set(st.missing(keys))
+    errors = table.column("error").to_pylist()
+    good = [i for i, k in enumerate(keys) if k in missing and errors[i] is None]
+    bad = [i for i, k in enumerate(keys) if k in missing and errors[i] is not None]
+    if good:
+        vec_col = table.column("vector").combine_chunks()
+        dim = vec_col.type.list_size
+        # .values keeps the (zero) slots of failed rows, so positions line up with keys
+        values = vec_col.values[vec_col.offset * dim : (vec_col.offset + len(vec_col)) * dim]
+        flat = values.to_numpy(zero_copy_only=False)
+        vectors = flat.reshape(-1, dim)[np.asarray(good)]
+        labels = table.column("label").to_pylist()
+        splits = table.column("split").to_pylist()
+        metas = table.column("metadata").to_pylist()
+        st.put_batch(
+            [keys[i] for i in good],
+            vectors,
+            labels=[labels[i] for i in good],
+            splits=[splits[i] for i in good],
+            meta=[json.loads(metas[i]) if metas[i] else None for i in good],
+        )
+    for i in bad:
+        st.record_error(keys[i], errors[i])
+    return len(good), len(keys) - len(good) - len(bad), len(bad)
+
+
+def _bar(total: int, progress: bool) -> Any:
+    if not progress:
+        return None
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="committing", unit="shard", file=sys.stderr)

@@ -1,0 +1,277 @@
+"""The batch embedding job on a Ray cluster: shards through an actor pool, then a commit.
+
+The driver plans as the local job does (spec check, keys already stored skipped), cuts
+the sorted source into content-addressed shards (`shards.plan_shards`) and feeds the
+shards still to do to a Ray Data actor pool (`map_batches` with `ActorPoolStrategy`):
+each actor loads the model once and, one shard per call, runs the local job's mapper and
+model (`shards.embed_shard`) and writes the shard's Parquet file and done marker itself.
+Ray's own `write_parquet` is not used: it names files with a per-run id, so a rerun would
+duplicate rows. When every shard is done, the driver commits the staging folder into the
+store (`commit.commit_shards`).
+
+Failures: a worker that dies mid-shard is restarted by Ray and the shard's task retried
+(no done marker was written, so nothing partial is ever committed); a rerun of the whole
+command skips finished shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from featurebank import store as store_mod
+from featurebank.core.errors import InvalidInput, NotFound
+from featurebank.core.spec import Spec
+from featurebank.embedder import images, ray_cluster, shards, sources
+from featurebank.embedder.commit import commit_shards
+from featurebank.embedder.pipeline import EmbedFailed, plan, with_known_dim
+from featurebank.embedder.stages import Model, load_model
+
+log = logging.getLogger(__name__)
+
+ERRORS_PER_SHARD = 10  # failures a worker reports back (all are in the shard file)
+
+
+class ShardEmbedder:
+    """The Ray actor: the model built once, then one shard per call, written to staging."""
+
+    def __init__(
+        self,
+        source: str,
+        labels: str,
+        kind: str,
+        spec: dict[str, Any],
+        model: Callable[[Spec], Model],
+        staging: str,
+        batch_size: int,
+        max_pixels: int,
+        verbose: bool,
+    ) -> None:
+        if not verbose:
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # not all of a GPU's memory
+        # File records carry their own paths; only array sources are opened (memory-mapped).
+        self.source = (
+            sources.open_source(source, labels) if kind == "arrays" else sources.Source(source, [])
+        )
+        self.model = model(Spec.from_dict(spec))
+        self.staging = Path(staging)
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {k: [] for k in
+                                     ("shard", "rows", "failed", "errors", "reading",
+                                      "inferring", "writing", "redone")}  # fmt: skip
+        for sid, text in zip(batch["shard"], batch["records"], strict=True):
+            sid = str(sid)
+            marker = shards.read_marker(self.staging, sid)
+            redone = marker is not None  # a retried call whose first attempt finished
+            if marker is None:
+                records = shards.records_from_rows(str(text))
+                shard = shards.Shard(sid, tuple(records))
+                rows = shards.embed_shard(
+                    self.source, records, self.model, self.batch_size, self.max_pixels
+                )
+                t = time.perf_counter()
+                marker = shards.write_shard(self.staging, shard, rows, self.model.spec)
+                errors = [
+                    {"key": k, "reason": e}
+                    for k, e in zip(rows.keys, rows.errors, strict=True)
+                    if e is not None
+                ][:ERRORS_PER_SHARD]
+                times = (rows.timings.reading, rows.timings.inferring, time.perf_counter() - t)
+            else:
+                errors, times = [], (0.0, 0.0, 0.0)
+            for name, value in zip(
+                out,
+                (sid, marker["rows"], marker["failed"], json.dumps(errors), *times, redone),
+                strict=True,
+            ):
+                out[name].append(value)
+        return out
+
+
+def run(
+    source: str,
+    bank: str,
+    spec: Spec,
+    labels: str = "folders",
+    batch_size: int = 64,
+    staging: str | None = None,
+    shard_size: int = shards.DEFAULT_SHARD_SIZE,
+    address: str | None = None,
+    workers: tuple[int, int] = (1, 1),
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
+    fail_on_error: bool = False,
+    progress: bool = True,
+    max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    verbose: bool = False,
+    model: Callable[[Spec], Model] = load_model,
+    commit: bool = True,
+) -> dict[str, Any]:
+    """Embed what `bank` is missing of `source` on Ray, commit it; returns the summary.
+
+    `model` builds the model stage inside each actor (it must be picklable); `commit=False`
+    leaves the finished shards in staging for `featurebank store commit`.
+    """
+    if batch_size < 1:
+        raise InvalidInput(f"batch size must be at least 1, got {batch_size}")
+    t0 = time.perf_counter()
+    src = sources.open_source(source, labels)
+    try:
+        spec = with_known_dim(spec)
+        p = plan(src, bank, spec)
+        kind = src.kind
+    finally:
+        src.close()
+    stage = Path(staging) if staging else Path(bank) / "staging"
+    missing = {r.key for r in p.todo}
+    all_shards = shards.plan_shards(src.records, spec, shard_size)
+    todo = [s for s in all_shards if any(r.key in missing for r in s.records)]
+    done_before = [s for s in todo if shards.read_marker(stage, s.id) is not None]
+    to_run = [s for s in todo if shards.read_marker(stage, s.id) is None]
+    summary: dict[str, Any] = {
+        "engine": "ray",
+        "source": src.description,
+        "bank": str(bank),
+        "staging": str(stage),
+        "total": len(src.records),
+        "skipped": p.skipped,
+        "ignored": src.ignored,
+        "shards": {"total": len(all_shards), "stored": len(all_shards) - len(todo),
+                   "done_before": len(done_before), "run": len(to_run)},
+    }  # fmt: skip
+    t_start = time.perf_counter()
+    results = _Results()
+    summary["device"] = "Ray not started: no shard left to embed"
+    if to_run:
+        with ray_cluster.session(address, verbose) as ray:
+            cpus, gpus = ray_cluster.resources(ray)
+            summary["device"] = f"Ray cluster ({address or 'local'}): {cpus:g} CPUs, {gpus:g} GPUs"
+            results = _run_shards(ray, to_run, missing, source, labels, kind, spec, model, stage,
+                                  batch_size, max_pixels, workers, cpus_per_worker,
+                                  gpus_per_worker, progress, verbose)  # fmt: skip
+    run_s = time.perf_counter() - t_start
+    done = summary["shards"]["done_before"] + len(results.shards)
+    summary["shards"].update(done=done, retried=results.redone)
+    if commit and done:
+        summary["commit"] = commit_shards(bank, stage, progress=False)
+    embedded = summary.get("commit", {}).get("added", 0)
+    summary.update(
+        embedded=embedded,
+        failed=results.failed,
+        errors=results.errors[:50],
+        images_per_s=round(results.rows / run_s, 2) if results.rows and run_s > 0 else 0.0,
+        seconds_total=round(time.perf_counter() - t0, 3),
+        seconds_embedding=round(run_s, 3),
+        seconds_reading=round(results.reading, 3),
+        seconds_inferring=round(results.inferring, 3),
+        seconds_writing=round(results.writing, 3),
+    )
+    with contextlib.suppress(NotFound), store_mod.open(bank, readonly=True) as st:
+        summary["spec"] = st.spec.describe()
+    log.info("embed summary: %s", summary)
+    if fail_on_error and summary["failed"]:
+        raise EmbedFailed(
+            f"{summary['failed']} of {summary['total']} inputs could not be embedded "
+            f"(see `featurebank store info`); first: {summary['errors'][0]}",
+            summary,
+        )
+    return summary
+
+
+class _Results:
+    """What the workers reported, summed as shards finish."""
+
+    def __init__(self) -> None:
+        self.shards: list[str] = []
+        self.rows = self.failed = self.redone = 0
+        self.reading = self.inferring = self.writing = 0.0
+        self.errors: list[dict[str, str]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.shards.append(str(row["shard"]))
+        self.rows += int(row["rows"])
+        self.failed += int(row["failed"])
+        self.redone += int(bool(row["redone"]))
+        self.reading += float(row["reading"])
+        self.inferring += float(row["inferring"])
+        self.writing += float(row["writing"])
+        self.errors.extend(json.loads(row["errors"]))
+
+
+def _run_shards(
+    ray: Any,
+    to_run: list[shards.Shard],
+    missing: set[str],
+    source: str,
+    labels: str,
+    kind: str,
+    spec: Spec,
+    model: Callable[[Spec], Model],
+    stage: Path,
+    batch_size: int,
+    max_pixels: int,
+    workers: tuple[int, int],
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    progress: bool,
+    verbose: bool,
+) -> _Results:
+    import ray.data
+
+    lo, hi = ray_cluster.fit_workers(ray, workers, cpus_per_worker, gpus_per_worker)
+    stage.mkdir(parents=True, exist_ok=True)
+    # A shard keeps the id of all its records but embeds only those not stored yet.
+    parts = [[r for r in s.records if r.key in missing] for s in to_run]
+    items = [{"shard": s.id, "records": shards.records_to_rows(part)}
+             for s, part in zip(to_run, parts, strict=True)]  # fmt: skip
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        ShardEmbedder,
+        batch_size=1,  # one shard per call: the shard is the unit of retry
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        num_cpus=cpus_per_worker,
+        num_gpus=gpus_per_worker or None,
+        fn_constructor_kwargs={
+            "source": str(source), "labels": labels, "kind": kind, "spec": spec.to_dict(),
+            "model": model, "staging": str(stage), "batch_size": batch_size,
+            "max_pixels": max_pixels, "verbose": verbose,
+        },
+    )  # fmt: skip
+    # Ray Data's actor pools restart a dead actor and retry its call without limit by
+    # default (max_restarts=-1, max_task_retries=-1): a killed worker's shard is redone.
+    total_rows = sum(len(part) for part in parts)
+    bar = _bar(total_rows, progress)
+    results = _Results()
+    t = time.perf_counter()
+    for row in ds.iter_rows():
+        results.add(row)
+        done = len(results.shards)
+        rate = results.rows / max(time.perf_counter() - t, 1e-9)
+        log.info("shard %s done: %d/%d shards, %.1f images/s, ETA %.0fs, %d failed",
+                 row["shard"], done, len(to_run), rate,
+                 (total_rows - results.rows) / max(rate, 1e-9), results.failed)  # fmt: skip
+        if bar is not None:
+            bar.set_postfix(shards=f"{done}/{len(to_run)}", failed=results.failed, refresh=False)
+            bar.update(int(row["rows"]))
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def _bar(total: int, progress: bool) -> Any:
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
