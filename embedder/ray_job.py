@@ -69,9 +69,10 @@ class ShardEmbedder:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {k: [] for k in
                                      ("shard", "rows", "failed", "errors", "reading",
-                                      "inferring", "writing", "redone")}  # fmt: skip
+                                      "inferring", "writing", "redone", "started", "ended")}  # fmt: skip
         for sid, text in zip(batch["shard"], batch["records"], strict=True):
             sid = str(sid)
+            started = time.time()
             marker = shards.read_marker(self.staging, sid)
             redone = marker is not None  # a retried call whose first attempt finished
             if marker is None:
@@ -92,7 +93,16 @@ class ShardEmbedder:
                 errors, times = [], (0.0, 0.0, 0.0)
             for name, value in zip(
                 out,
-                (sid, marker["rows"], marker["failed"], json.dumps(errors), *times, redone),
+                (
+                    sid,
+                    marker["rows"],
+                    marker["failed"],
+                    json.dumps(errors),
+                    *times,
+                    redone,
+                    started,
+                    time.time(),
+                ),
                 strict=True,
             ):
                 out[name].append(value)
@@ -173,6 +183,11 @@ def run(
         images_per_s=round(results.rows / run_s, 2) if results.rows and run_s > 0 else 0.0,
         seconds_total=round(time.perf_counter() - t0, 3),
         seconds_embedding=round(run_s, 3),
+        # the pool's own rate, start-up of the cluster and the actors excluded
+        pool_images_per_s=round(results.rows / results.working_seconds, 2)
+        if results.rows and results.working_seconds > 0
+        else 0.0,
+        seconds_working=round(results.working_seconds, 3),
         seconds_reading=round(results.reading, 3),
         seconds_inferring=round(results.inferring, 3),
         seconds_writing=round(results.writing, 3),
@@ -197,6 +212,13 @@ class _Results:
         self.rows = self.failed = self.redone = 0
         self.reading = self.inferring = self.writing = 0.0
         self.errors: list[dict[str, str]] = []
+        self.first_start = float("inf")
+        self.last_end = 0.0
+
+    @property
+    def working_seconds(self) -> float:
+        """Wall time from the first shard started to the last one finished (workers' clocks)."""
+        return max(self.last_end - self.first_start, 0.0)
 
     def add(self, row: dict[str, Any]) -> None:
         self.shards.append(str(row["shard"]))
@@ -207,6 +229,8 @@ class _Results:
         self.inferring += float(row["inferring"])
         self.writing += float(row["writing"])
         self.errors.extend(json.loads(row["errors"]))
+        self.first_start = min(self.first_start, float(row["started"]))
+        self.last_end = max(self.last_end, float(row["ended"]))
 
 
 def _run_shards(
