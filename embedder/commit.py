@@ -41,7 +41,7 @@ def commit_shards(bank: str | Path, staging: str | Path, progress: bool = False)
                 f"staging folder {staging} mixes shards of two specs: shard {m['shard']} is "
                 f"[{other.describe()}], shard {markers[0]['shard']} is [{spec.describe()}]"
             )
-    summary = {"staging": str(staging), "bank": str(bank), "shards": len(markers),
+    summary: dict[str, Any] = {"staging": str(staging), "bank": str(bank), "shards": len(markers),
                "committed_shards": 0, "already_committed": 0, "added": 0,
                "already_stored": 0, "failed": 0}  # fmt: skip
     bar = _bar(len(markers), progress)

@@ -9,6 +9,12 @@ new generation whenever they refresh.
 FAISS ids are store item ids (IndexIDMap2), so relabelling never touches the
 index and `update_index` can add and remove items by id, in time proportional to
 the change (plus rewriting the index file).
+
+The build is split into steps (`prepare`, `build_arrays` or its pieces `train` /
+`tuning_split` / `tune_held_out`, `publish_build`) because the Ray builder
+(`ray_build`) runs the same steps with the adding spread over tasks; they stay in one
+module (over 400 lines) so that both builders visibly share one manifest and one
+publishing path.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import shutil
 import time
 from collections.abc import Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +52,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 HOLDOUT = 1000  # held-out tuning queries (at most 10% of the bank)
-TRAIN_MAX = 262_144  # vectors used to train IVF/PQ/OPQ
+TRAIN_MAX = selection.TRAIN_MAX  # vectors used to train IVF/PQ/OPQ
 ADD_BATCH = 65_536
 
 
@@ -98,13 +105,18 @@ def add_batches(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, progre
             bar.close()
 
 
-def train(index: faiss.Index, vectors: np.ndarray) -> None:
+def training_sample(vectors: np.ndarray, size: int = TRAIN_MAX) -> np.ndarray:
+    """At most `size` vectors, drawn the same way by every builder (same sample, same index)."""
+    if vectors.shape[0] <= size:
+        return vectors
+    pick = np.random.default_rng(1).choice(vectors.shape[0], size, replace=False)
+    return vectors[np.sort(pick)]
+
+
+def train(index: faiss.Index, vectors: np.ndarray, sample_size: int = TRAIN_MAX) -> None:
     if index.is_trained:
         return
-    sample = vectors
-    if vectors.shape[0] > TRAIN_MAX:
-        pick = np.random.default_rng(1).choice(vectors.shape[0], TRAIN_MAX, replace=False)
-        sample = vectors[np.sort(pick)]
+    sample = training_sample(vectors, sample_size)
     try:
         index.train(sample)
     except RuntimeError as e:
@@ -140,26 +152,49 @@ def build_arrays(
     k: int,
     target_recall: float,
     progress: bool = False,
+    train_sample: int = TRAIN_MAX,
 ) -> tuple[faiss.Index, Tuned]:
     """Build and tune an index over already-transformed vectors (no store, no files)."""
     ids = np.asarray(ids, dtype=np.int64)
     index = make_index(factory, vectors.shape[1], metric)
-    train(index, vectors)
-    rest, held = split_holdout(vectors.shape[0], HOLDOUT)
-    if held.size and k > rest.size:
-        rest, held = np.arange(vectors.shape[0]), held[:0]
+    train(index, vectors, train_sample)
+    rest, held = tuning_split(vectors.shape[0], k)
     add_batches(index, vectors[rest], ids[rest], progress)
+    truth = None
     if held.size:
+        truth, _ = exact_search(vectors[rest], ids[rest], vectors[held], k, faiss_metric(metric))
+    tuned = tune_held_out(index, vectors, ids, held, truth, k, target_recall)
+    return index, tuned
+
+
+def tuning_split(count: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`split_holdout` for tuning at k: nothing held out when too few would be left indexed."""
+    rest, held = split_holdout(count, HOLDOUT)
+    if held.size and k > rest.size:
+        rest, held = np.arange(count), held[:0]
+    return rest, held
+
+
+def tune_held_out(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    held: np.ndarray,
+    truth: np.ndarray | None,
+    k: int,
+    target_recall: float,
+) -> Tuned:
+    """Tune on the held-out vectors against `truth`, then add them; with none held out
+    (a tiny bank), only time searches for the record."""
+    if held.size and truth is not None:
         queries = vectors[held]
-        truth, _ = exact_search(vectors[rest], ids[rest], queries, k, faiss_metric(metric))
         tuned = tune(index, queries, truth, k, target_recall)
         add_batches(index, queries, ids[held], progress=False)
-    else:  # too small to hold anything back: time searches for the record
-        queries = vectors[: min(vectors.shape[0], HOLDOUT)]
-        _, secs = timed_search(index, queries, min(k, vectors.shape[0]))
-        n = max(queries.shape[0], 1)
-        tuned = Tuned({}, float("nan"), 1000 * secs / n, n / max(secs, 1e-9), False)
-    return index, tuned
+        return tuned
+    queries = vectors[: min(vectors.shape[0], HOLDOUT)]
+    _, secs = timed_search(index, queries, min(k, vectors.shape[0]))
+    n = max(queries.shape[0], 1)
+    return Tuned({}, float("nan"), 1000 * secs / n, n / max(secs, 1e-9), False)
 
 
 @contextmanager
@@ -212,10 +247,21 @@ def build_index(
             release_free_memory()  # the build's temporaries are gone; their heap need not stay
 
 
-def _build(bank: Bank, store: Any, params: IndexParams, progress: bool) -> dict[str, Any]:
-    started = time.perf_counter()
+@dataclass
+class Prepared:
+    """A bank's vectors ready to index: transformed, with the factory chosen for them."""
+
+    xt: np.ndarray
+    ids: np.ndarray
+    fitted: transforms.Transform
+    choice: selection.Choice
+    store_generation: int
+
+
+def prepare(bank: Bank, store: Any, params: IndexParams, sharded: bool = False) -> Prepared:
+    """Read the store, fit and apply the transform, choose the factory (`sharded`: only
+    indexes that can be built in shards and merged, see selection.choose_factory)."""
     factory, metric, transform, k = params.factory, params.metric, params.transform, params.k
-    target_recall, budget = params.target_recall, params.memory_budget
     dim = int(store.spec.dim)
     transforms.check_fits(transform, dim)
     store_generation = int(store.generation)  # read first: update_index re-adds nothing twice
@@ -231,28 +277,44 @@ def _build(bank: Bank, store: Any, params: IndexParams, progress: bool) -> dict[
     del vectors
     if factory == "auto":
         pca_dim = None
-        if count > selection.FLAT_MAX_COUNT:
+        if count > selection.FLAT_MAX_COUNT and not sharded:
             pca_dim = selection.pca_dim_for(spectrum(xt), fitted.out_dim)
-        choice = selection.choose_factory(count, fitted.out_dim, budget, k, pca_dim, metric)
+        choice = selection.choose_factory(
+            count, fitted.out_dim, params.memory_budget, k, pca_dim, metric, sharded=sharded
+        )
     else:
         choice = selection.Choice(factory, "given by the user", 0)
     log.info("building %s over %d x %d (%s)", choice.factory, count, fitted.out_dim, choice.reason)
-    index, tuned = build_arrays(xt, items.ids, choice.factory, metric, k, target_recall, progress)
+    return Prepared(xt, items.ids, fitted, choice, store_generation)
+
+
+def publish_build(
+    bank: Bank,
+    store: Any,
+    params: IndexParams,
+    prepared: Prepared,
+    index: faiss.Index,
+    tuned: Tuned,
+    started: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the manifest and publish the index as the bank's next generation."""
+    count = len(prepared.ids)
     manifest = {
         "format": FORMAT,
         "index_params": params.to_dict(),
-        "factory": choice.factory,
-        "requested_factory": factory,
-        "selection": choice.to_dict(),
+        "factory": prepared.choice.factory,
+        "requested_factory": params.factory,
+        "selection": prepared.choice.to_dict(),
         "params": tuned.params,
-        "metric": metric,
-        "dim": dim,
-        "index_dim": fitted.out_dim,
-        "transform": fitted.to_dict(),
-        "store_generation": store_generation,
+        "metric": params.metric,
+        "dim": int(store.spec.dim),
+        "index_dim": prepared.fitted.out_dim,
+        "transform": prepared.fitted.to_dict(),
+        "store_generation": prepared.store_generation,
         "ntotal": int(index.ntotal),
-        "k": k,
-        "target_recall": target_recall,
+        "k": params.k,
+        "target_recall": params.target_recall,
         "recall_at_k": tuned.recall,
         "target_reached": tuned.reached,
         "latency_ms": tuned.latency_ms,
@@ -264,12 +326,21 @@ def _build(bank: Bank, store: Any, params: IndexParams, progress: bool) -> dict[
         "built_at": time.time(),
         "build_seconds": 0.0,
         "unremoved_deleted": 0,
-        "memory_budget": budget,
+        "memory_budget": params.memory_budget,
+        **(extra or {}),
     }
     manifest["build_seconds"] = round(time.perf_counter() - started, 3)
-    gen = write_generation(bank, index, manifest, fitted_save=fitted.save)
+    gen = write_generation(bank, index, manifest, fitted_save=prepared.fitted.save)
     log.info("published index generation %d in %.1fs", gen, manifest["build_seconds"])
     return {**manifest, "generation": gen}
+
+
+def _build(bank: Bank, store: Any, params: IndexParams, progress: bool) -> dict[str, Any]:
+    started = time.perf_counter()
+    prep = prepare(bank, store, params)
+    index, tuned = build_arrays(prep.xt, prep.ids, prep.choice.factory, params.metric, params.k,
+                               params.target_recall, progress)  # fmt: skip
+    return publish_build(bank, store, params, prep, index, tuned, started)
 
 
 def write_generation(

@@ -23,6 +23,25 @@ records the choice and the reason). The rules, in order (like autofaiss):
    quantisation with the largest code (``m`` bytes per vector) that fits; OPQ
    rotates the space first so each sub-quantiser gets a fair share of variance.
 5. Nothing fits -> ``InvalidInput`` naming the budget and the smallest need.
+
+Sharded builds (``index build --engine ray``) skip rule 2: a graph cannot be built in
+pieces and merged, inverted lists can. From a million vectors on, ``nlist`` follows faiss's
+guidelines ("Guidelines to choose an index", faiss wiki): 2^16 lists for 1M-10M vectors,
+2^18 for 10M-100M, 2^20 beyond (still at least ``MIN_POINTS_PER_LIST`` points per list),
+trained on ``train_size_for(nlist)`` vectors (faiss asks for 30 to 256 per list).
+
+Memory per vector (bytes; d = dimension, m = PQ code bytes), what the functions below count.
+Every index sits behind an ``IndexIDMap2``: an int64 id per vector plus a reverse hash map,
+measured at about 44 bytes per entry (std::unordered_map node + bucket, libstdc++), so the
+id map alone costs ``ID_MAP_BYTES`` = 52 bytes per vector:
+
+    Flat              4d + 52
+    HNSW32            4d + 52 + 3 * 32 * 4   (level-0 links 2M ints, upper levels ~M ints)
+    IVF{K},Flat       4d + 52 + 8            (+ K * 4d for the centroids)
+    OPQ..,IVF{K},PQm   m + 52 + 8            (+ K * 4D centroids, an HNSW over them from 2^14)
+
+e.g. 10^9 vectors with PQ32 codes need ~92 GB, 60 of them for the ids: at that size the id
+map, not the codes, dominates (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -40,7 +59,12 @@ HNSW_MAX_COUNT = 5_000_000
 HNSW_M = 32
 HNSW_COARSE_MIN_NLIST = 16_384
 MIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per centroid
-ID_BYTES = 8  # IndexIDMap2 keeps an int64 id per vector (+ a reverse map, counted twice)
+ID_BYTES = 8  # an int64 id: IndexIDMap2's id_map, and each inverted-list entry
+REV_MAP_BYTES = 44  # IndexIDMap2's reverse map, per entry (measured, see the docstring)
+ID_MAP_BYTES = ID_BYTES + REV_MAP_BYTES
+FAISS_NLIST = ((1_000_000, 1 << 16), (10_000_000, 1 << 18), (100_000_000, 1 << 20))
+TRAIN_MAX = 262_144  # vectors used to train IVF/PQ/OPQ at most sizes
+TRAIN_PER_LIST = 64  # training vectors per IVF list for larger nlist (faiss: 30 to 256)
 PCA_VARIANCE = 0.99
 PCA_DIMS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 K_FACTORS = [1, 2, 4]
@@ -60,16 +84,25 @@ class Choice:
 
 
 def nlist_for(count: int) -> int:
-    """Number of IVF lists: ~4 sqrt(count) as a power of two, with enough points to train each."""
+    """Number of IVF lists: ~4 sqrt(count) as a power of two (faiss's table from 1M vectors
+    on), with enough points to train each."""
     target = 4 * math.sqrt(max(count, 1))
     nlist = 2 ** max(0, round(math.log2(target)))
+    for lowest, lists in FAISS_NLIST:
+        if count >= lowest:
+            nlist = lists
     while nlist > 1 and count < nlist * MIN_POINTS_PER_LIST:
         nlist //= 2
     return max(nlist, 1)
 
 
+def train_size_for(nlist: int, count: int) -> int:
+    """Training sample for an index of `nlist` lists: TRAIN_MAX, more for many lists."""
+    return min(count, max(TRAIN_MAX, TRAIN_PER_LIST * nlist))
+
+
 def flat_memory(count: int, dim: int) -> int:
-    return count * (dim * 4 + 2 * ID_BYTES)
+    return count * (dim * 4 + ID_MAP_BYTES)
 
 
 def hnsw_memory(count: int, dim: int, m: int = HNSW_M) -> int:
@@ -81,7 +114,7 @@ def hnsw_memory(count: int, dim: int, m: int = HNSW_M) -> int:
 def ivf_memory(count: int, dim: int, nlist: int, code_bytes: int) -> int:
     centroids = nlist * dim * 4
     coarse = hnsw_memory(nlist, dim) if nlist >= HNSW_COARSE_MIN_NLIST else centroids
-    return count * (code_bytes + 2 * ID_BYTES + 8) + coarse
+    return count * (code_bytes + ID_MAP_BYTES + ID_BYTES) + coarse
 
 
 def pq_sizes(dim: int) -> list[tuple[int, int]]:
@@ -123,10 +156,12 @@ def choose_factory(
     k: int = 10,
     pca_dim: int | None = None,
     metric: str = "l2",
+    sharded: bool = False,
 ) -> Choice:
     """Apply the rules in the module docstring; raise InvalidInput when nothing fits.
 
-    `pca_dim` is `pca_dim_for` of the bank's spectrum (None: no useful projection).
+    `pca_dim` is `pca_dim_for` of the bank's spectrum (None: no useful projection);
+    `sharded`: only indexes that can be built in shards and merged (no graph).
     """
     if count <= 0:
         raise InvalidInput("cannot choose an index for an empty bank")
@@ -138,8 +173,9 @@ def choose_factory(
         need = flat_memory(count, dim)
         if need <= memory_budget:
             return Choice("Flat", f"{count} <= {FLAT_MAX_COUNT} vectors: exact search", need)
-    if pca_dim is not None and metric != "ip" and count <= HNSW_MAX_COUNT:
-        need = flat_memory(count, dim) + hnsw_memory(count, pca_dim) - 2 * ID_BYTES * count
+    graph = not sharded and count <= HNSW_MAX_COUNT
+    if pca_dim is not None and metric != "ip" and graph:
+        need = flat_memory(count, dim) + hnsw_memory(count, pca_dim) - ID_MAP_BYTES * count
         if need <= memory_budget:
             return Choice(
                 f"PCA{pca_dim},HNSW{HNSW_M},RFlat",
@@ -149,7 +185,7 @@ def choose_factory(
                 {"efSearch": efsearch_grid(k), "k_factor_rf": K_FACTORS},
             )
     need = hnsw_memory(count, dim)
-    if count <= HNSW_MAX_COUNT and need <= memory_budget:
+    if graph and need <= memory_budget:
         return Choice(
             f"HNSW{HNSW_M}",
             f"HNSW graph fits the budget ({need} <= {memory_budget} bytes)",
@@ -161,7 +197,11 @@ def choose_factory(
     tunable = {"nprobe": nprobe_grid(nlist)}
     need = ivf_memory(count, dim, nlist, dim * 4)
     if need <= memory_budget:
-        why = "too many vectors for an HNSW build" if count > HNSW_MAX_COUNT else "graph too big"
+        why = (
+            "a graph cannot be built in shards" if sharded and count <= HNSW_MAX_COUNT
+            else "too many vectors for an HNSW build" if count > HNSW_MAX_COUNT
+            else "graph too big"
+        )  # fmt: skip
         return Choice(f"{coarse},Flat", f"raw vectors fit, {why}: inverted lists", need, tunable)
     smallest = need
     for m, out in pq_sizes(dim):

@@ -33,6 +33,12 @@ def register(commands: Commands) -> None:
     p.add_argument("--bank", required=True, help="bank directory")
     add_index_params(p)
     p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+    g = p.add_argument_group("distributed (--engine ray; needs the ray extra)")
+    g.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="ray: add shards in parallel Ray tasks and merge (IVF and Flat only)")
+    g.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    g.add_argument("--train-sample", type=int, help="vectors to train on (default: by nlist)")
+    g.add_argument("--shards", type=int, help="add tasks (default: one per cluster CPU)")
 
     p = commands.subcommand("index", "update", "add new and remove deleted items", _update)
     p.add_argument("--bank", required=True, help="bank directory")
@@ -60,6 +66,8 @@ def _summary(m: dict[str, Any]) -> str:
 
 
 def _build(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        return _build_ray(args)
     from featurebank.index.build import build_index
 
     m = build_index(
@@ -74,6 +82,30 @@ def _build(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     print(_summary(m) + f"; built in {m['build_seconds']:.1f}s")
+    return 0
+
+
+def _build_ray(args: argparse.Namespace) -> int:
+    from featurebank.index.ray_build import build_index_ray
+
+    m = build_index_ray(
+        args.bank,
+        factory=args.factory,
+        metric=args.metric,
+        transform=args.transform,
+        memory_budget=args.memory_budget,
+        target_recall=args.target_recall,
+        k=args.k,
+        train_sample=args.train_sample,
+        shards=args.shards,
+        address=args.address,
+        progress=True,
+        verbose=args.verbose > 0,
+    )
+    print(
+        _summary(m) + f"; built in {m['build_seconds']:.1f}s on Ray ({m['shards']} shards, "
+        f"trained on {m['train_sample']} vectors)"
+    )
     return 0
 
 
