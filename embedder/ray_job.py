@@ -147,8 +147,9 @@ def run(
     missing = {r.key for r in p.todo}
     all_shards = shards.plan_shards(src.records, spec, shard_size)
     todo = [s for s in all_shards if any(r.key in missing for r in s.records)]
-    done_before = [s for s in todo if shards.read_marker(stage, s.id) is not None]
-    to_run = [s for s in todo if shards.read_marker(stage, s.id) is None]
+    finished = {s.id for s in todo if shards.read_marker(stage, s.id) is not None}
+    done_before = [s for s in todo if s.id in finished]
+    to_run = [s for s in todo if s.id not in finished]
     summary: dict[str, Any] = {
         "engine": "ray",
         "source": src.description,

@@ -3,6 +3,7 @@ survived, reruns and commits that never duplicate, and an actor pool that scales
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -47,7 +48,10 @@ def stored(bank: Path) -> store_mod.Items:
         return st.to_numpy()
 
 
-def test_ray_path_equals_local_path_on_digits(cluster: None, tmp_path: Path) -> None:
+def test_ray_path_equals_local_path_on_digits(
+    cluster: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from featurebank.cli import main as cli_main
     from featurebank.demo import write_digits
     from featurebank.embedder.embedding import make_spec
     from featurebank.embedder.pipeline import embed
@@ -55,9 +59,11 @@ def test_ray_path_equals_local_path_on_digits(cluster: None, tmp_path: Path) -> 
 
     images_dir = write_digits(tmp_path / "data", labels_per_class=5).images_dir
     local = embed(str(images_dir), str(tmp_path / "local"), str(DIGITS_MODEL), progress=False)
-    spec = make_spec(str(DIGITS_MODEL))
-    summary = run(str(images_dir), str(tmp_path / "ray"), spec, shard_size=400,
-                  workers=(1, 1), cpus_per_worker=1.0, progress=False)  # fmt: skip
+    rc = cli_main(["embed", str(images_dir), "--bank", str(tmp_path / "ray"), "--backbone",
+                   str(DIGITS_MODEL), "--engine", "ray", "--shard-size", "400", "--workers", "1",
+                   "--cpus-per-worker", "1", "--no-progress", "--json"])  # fmt: skip
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
     assert summary["embedded"] == local["embedded"] == summary["total"] > 1700
     assert summary["shards"]["run"] == summary["shards"]["total"] == 5
     a, b = stored(tmp_path / "local"), stored(tmp_path / "ray")
@@ -71,7 +77,8 @@ def test_ray_path_equals_local_path_on_digits(cluster: None, tmp_path: Path) -> 
     meta = b.meta[0]
     assert {"uri", "sha256", "size"} <= set(meta)
 
-    again = run(str(images_dir), str(tmp_path / "ray"), spec, progress=False)
+    again = run(str(images_dir), str(tmp_path / "ray"), make_spec(str(DIGITS_MODEL)),
+                progress=False)  # fmt: skip
     assert again["embedded"] == 0 and again["skipped"] == again["total"]
     assert again["shards"]["run"] == 0 and "not started" in again["device"]
 

@@ -57,6 +57,20 @@ def test_sharded_build_equals_single_build(
     assert m["recall_at_k"] >= 0.95
 
 
+def test_cli_builds_on_ray(
+    cluster: None, world_bank: tuple[Path, np.ndarray], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from featurebank.cli import main as cli_main
+
+    bank, x = world_bank
+    rc = cli_main(["index", "build", "--bank", str(bank), "--engine", "ray", "--metric", "l2",
+                   "--factory", "IVF32,Flat", "--shards", "2"])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "IVF32,Flat {'nprobe'" in out and f"over {len(x)} vectors" in out
+    assert "on Ray (2 shards, trained on" in out
+
+
 def test_graph_factories_are_refused_and_auto_picks_a_mergeable_one(
     cluster: None, world_bank: tuple[Path, np.ndarray]
 ) -> None:
