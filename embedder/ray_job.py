@@ -67,14 +67,14 @@ class ShardEmbedder:
         self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {k: [] for k in
-                                     ("shard", "rows", "failed", "errors", "reading",
-                                      "inferring", "writing", "redone", "started", "ended")}  # fmt: skip
+        columns = ("shard", "rows", "failed", "errors", "reading", "inferring", "writing",
+                   "already_done", "started", "ended")  # fmt: skip
+        out: dict[str, list[Any]] = {k: [] for k in columns}
         for sid, text in zip(batch["shard"], batch["records"], strict=True):
             sid = str(sid)
             started = time.time()
             marker = shards.read_marker(self.staging, sid)
-            redone = marker is not None  # a retried call whose first attempt finished
+            already_done = marker is not None  # a retried call whose first try wrote it
             if marker is None:
                 records = shards.records_from_rows(str(text))
                 shard = shards.Shard(sid, tuple(records))
@@ -99,7 +99,7 @@ class ShardEmbedder:
                     marker["failed"],
                     json.dumps(errors),
                     *times,
-                    redone,
+                    already_done,
                     started,
                     time.time(),
                 ),
@@ -173,7 +173,7 @@ def run(
                                   gpus_per_worker, progress, verbose)  # fmt: skip
     run_s = time.perf_counter() - t_start
     done = summary["shards"]["done_before"] + len(results.shards)
-    summary["shards"].update(done=done, retried=results.redone)
+    summary["shards"].update(done=done, found_done_on_retry=results.already_done)
     if commit and done:
         summary["commit"] = commit_shards(bank, stage, progress=False)
     embedded = summary.get("commit", {}).get("added", 0)
@@ -210,7 +210,7 @@ class _Results:
 
     def __init__(self) -> None:
         self.shards: list[str] = []
-        self.rows = self.failed = self.redone = 0
+        self.rows = self.failed = self.already_done = 0
         self.reading = self.inferring = self.writing = 0.0
         self.errors: list[dict[str, str]] = []
         self.first_start = float("inf")
@@ -225,7 +225,7 @@ class _Results:
         self.shards.append(str(row["shard"]))
         self.rows += int(row["rows"])
         self.failed += int(row["failed"])
-        self.redone += int(bool(row["redone"]))
+        self.already_done += int(bool(row["already_done"]))
         self.reading += float(row["reading"])
         self.inferring += float(row["inferring"])
         self.writing += float(row["writing"])

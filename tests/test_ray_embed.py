@@ -103,15 +103,18 @@ def test_worker_that_kills_itself_is_redone(cluster: None, tmp_path: Path) -> No
 
 
 def test_rerun_skips_finished_shards_and_new_manifest_gives_new_ids(
-    cluster: None, tmp_path: Path
+    cluster: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from featurebank.embedder.ray_job import run
 
     src = write_images(tmp_path / "imgs.npy", 40)
     bank, spec = tmp_path / "bank", stand_in_spec()
     first = run(str(src), str(bank), spec, batch_size=8, shard_size=10, cpus_per_worker=0.5,
-                progress=False, model=SleepingModel(), commit=False)  # fmt: skip
+                progress=True, model=SleepingModel(), commit=False)  # fmt: skip
     assert first["shards"]["run"] == 4 and "commit" not in first
+    progress = capsys.readouterr().err  # images, rate and ETA, shards done / total, failures
+    assert "40/40" in progress and "img/s" in progress
+    assert "shards=4/4" in progress and "failed=0" in progress
     with pytest.raises(NotFound):
         store_mod.open(bank, readonly=True)
     second = run(str(src), str(bank), spec, batch_size=8, shard_size=10, cpus_per_worker=0.5,

@@ -171,7 +171,7 @@ def _embed_ray(args: argparse.Namespace) -> int:
         print(
             f"featurebank embed: {summary['device']}; shards: {sh['total']} in all, "
             f"{sh['stored']} already stored, {sh['done_before']} finished before, "
-            f"{sh['run']} run now ({sh['retried']} retried)"
+            f"{sh['run']} run now"
         )
         for line in summary_lines(summary):
             print(line)
