@@ -89,12 +89,14 @@ def _commit_one(st: Any, staging: Path, marker: dict[str, Any]) -> tuple[int, in
         labels = table.column("label").to_pylist()
         splits = table.column("split").to_pylist()
         metas = table.column("metadata").to_pylist()
+        thumbs = table.column("thumbnail").to_pylist()
         st.put_batch(
             [keys[i] for i in good],
             vectors,
             labels=[labels[i] for i in good],
             splits=[splits[i] for i in good],
             meta=[json.loads(metas[i]) if metas[i] else None for i in good],
+            thumbnails=[thumbs[i] for i in good] if any(thumbs) else None,
         )
     for i in bad:
         st.record_error(keys[i], errors[i])

@@ -53,6 +53,7 @@ class ShardEmbedder:
         batch_size: int,
         max_pixels: int,
         verbose: bool,
+        thumbnails: bool,
     ) -> None:
         if not verbose:
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -65,6 +66,7 @@ class ShardEmbedder:
         self.staging = Path(staging)
         self.batch_size = batch_size
         self.max_pixels = max_pixels
+        self.thumbnails = thumbnails
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         columns = ("shard", "rows", "failed", "errors", "reading", "inferring", "writing",
@@ -79,8 +81,9 @@ class ShardEmbedder:
                 records = shards.records_from_rows(str(text))
                 shard = shards.Shard(sid, tuple(records))
                 rows = shards.embed_shard(
-                    self.source, records, self.model, self.batch_size, self.max_pixels
-                )
+                    self.source, records, self.model, self.batch_size, self.max_pixels,
+                    thumbnails=self.thumbnails,
+                )  # fmt: skip
                 t = time.perf_counter()
                 marker = shards.write_shard(self.staging, shard, rows, self.model.spec)
                 errors = [
@@ -127,11 +130,13 @@ def run(
     verbose: bool = False,
     model: Callable[[Spec], Model] = load_model,
     commit: bool = True,
+    thumbnails: bool = False,
 ) -> dict[str, Any]:
     """Embed what `bank` is missing of `source` on Ray, commit it; returns the summary.
 
     `model` builds the model stage inside each actor (it must be picklable); `commit=False`
-    leaves the finished shards in staging for `featurebank store commit`.
+    leaves the finished shards in staging for `featurebank store commit`; `thumbnails`
+    keeps a small JPEG of each item, as the local job does.
     """
     if batch_size < 1:
         raise InvalidInput(f"batch size must be at least 1, got {batch_size}")
@@ -145,7 +150,7 @@ def run(
         src.close()
     stage = Path(staging) if staging else Path(bank) / "staging"
     missing = {r.key for r in p.todo}
-    all_shards = shards.plan_shards(src.records, spec, shard_size)
+    all_shards = shards.plan_shards(src.records, spec, shard_size, thumbnails)
     todo = [s for s in all_shards if any(r.key in missing for r in s.records)]
     finished = {s.id for s in todo if shards.read_marker(stage, s.id) is not None}
     done_before = [s for s in todo if s.id in finished]
@@ -170,7 +175,7 @@ def run(
             summary["device"] = f"Ray cluster ({address or 'local'}): {cpus:g} CPUs, {gpus:g} GPUs"
             results = _run_shards(ray, to_run, missing, source, labels, kind, spec, model, stage,
                                   batch_size, max_pixels, workers, cpus_per_worker,
-                                  gpus_per_worker, progress, verbose)  # fmt: skip
+                                  gpus_per_worker, progress, verbose, thumbnails)  # fmt: skip
     run_s = time.perf_counter() - t_start
     done = summary["shards"]["done_before"] + len(results.shards)
     summary["shards"].update(done=done, found_done_on_retry=results.already_done)
@@ -251,6 +256,7 @@ def _run_shards(
     gpus_per_worker: float,
     progress: bool,
     verbose: bool,
+    thumbnails: bool,
 ) -> _Results:
     import ray.data
 
@@ -270,7 +276,7 @@ def _run_shards(
         fn_constructor_kwargs={
             "source": str(source), "labels": labels, "kind": kind, "spec": spec.to_dict(),
             "model": model, "staging": str(stage), "batch_size": batch_size,
-            "max_pixels": max_pixels, "verbose": verbose,
+            "max_pixels": max_pixels, "verbose": verbose, "thumbnails": thumbnails,
         },
     )  # fmt: skip
     # Ray Data's actor pools restart a dead actor and retry its call without limit by

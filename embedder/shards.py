@@ -13,7 +13,8 @@ new ids and old files are never mistaken for the new work.
 Staging folder layout (a folder may hold the shards of several runs):
 
     shard-<id>.parquet    key, vector (fixed-size list of the store's dtype; null when the
-                          input failed), label, split, metadata (JSON), error
+                          input failed), label, split, metadata (JSON), error, thumbnail
+                          (JPEG bytes, null unless the job keeps thumbnails)
     shard-<id>.done       JSON marker, written after the Parquet file is renamed into place:
                           rows, bytes, sha256 of the file, first key, the spec it was made with
     shard-<id>.committed  written once the shard's rows are in the store
@@ -64,21 +65,24 @@ class Shard:
         return self.records[0].key
 
 
-def shard_id(spec: Spec, records: Sequence[sources.Record]) -> str:
-    """Hex digest of the spec and the records: same inputs, same id; any edit, a new one."""
-    h = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
+def shard_id(spec: Spec, records: Sequence[sources.Record], thumbnails: bool = False) -> str:
+    """Hex digest of the spec, the job's outputs and the records: same inputs, same id; any
+    edit (or thumbnails asked for now and not before), a new one."""
+    h = hashlib.sha256(json.dumps([spec.to_dict(), thumbnails], sort_keys=True).encode())
     for r in records:
         h.update(json.dumps([r.key, r.label, r.split, r.path, r.row]).encode())
     return h.hexdigest()[:SHARD_ID_CHARS]
 
 
-def plan_shards(records: Sequence[sources.Record], spec: Spec, shard_size: int) -> list[Shard]:
+def plan_shards(
+    records: Sequence[sources.Record], spec: Spec, shard_size: int, thumbnails: bool = False
+) -> list[Shard]:
     """Sort the records by key and cut them into shards of `shard_size` (the last may be short)."""
     if shard_size < 1:
         raise InvalidInput(f"shard size must be at least 1, got {shard_size}")
     ordered = sorted(records, key=lambda r: r.key)
     cuts = [tuple(ordered[s : s + shard_size]) for s in range(0, len(ordered), shard_size)]
-    return [Shard(shard_id(spec, part), part) for part in cuts]
+    return [Shard(shard_id(spec, part, thumbnails), part) for part in cuts]
 
 
 def records_to_rows(records: Sequence[sources.Record]) -> str:
@@ -103,6 +107,7 @@ class ShardRows:
     splits: list[str]
     metas: list[dict[str, Any] | None]
     errors: list[str | None]
+    thumbnails: list[bytes | None] | None = None
     timings: Timings = field(default_factory=Timings)
 
     @property
@@ -117,11 +122,14 @@ def embed_shard(
     batch_size: int = 64,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
     decode_threads: int = 2,
+    thumbnails: bool = False,
 ) -> ShardRows:
     """Decode -> forward over one shard's records (the local job's mapper and model)."""
     todo = list(records)
     timings = Timings()
-    loader = Loader(source, todo, model.input_size, model.spec.resize, max_pixels, timings)
+    loader = Loader(
+        source, todo, model.input_size, model.spec.resize, max_pixels, timings, thumbnails
+    )
     dtype = model.spec.dtype
     vectors: np.ndarray | None = None
     errors: list[str | None] = [None] * len(todo)
@@ -150,6 +158,9 @@ def embed_shard(
         splits=[r.split for r in todo],
         metas=[loader.meta.get(i) for i in range(len(todo))],
         errors=errors,
+        thumbnails=None
+        if loader.thumbs is None
+        else [None if errors[i] else loader.thumbs.get(i) for i in range(len(todo))],
         timings=timings,
     )
 
@@ -188,6 +199,7 @@ def _arrow_schema(dtype: str, dim: int) -> Any:
             ("split", pa.string()),
             ("metadata", pa.string()),
             ("error", pa.string()),
+            ("thumbnail", pa.binary()),
         ]
     )
 
@@ -222,6 +234,7 @@ def write_shard(staging: Path, shard: Shard, rows: ShardRows, spec: Spec) -> dic
             pa.array(rows.splits, pa.string()),
             pa.array([None if m is None else json.dumps(m) for m in rows.metas], pa.string()),
             pa.array(rows.errors, pa.string()),
+            pa.array(rows.thumbnails or [None] * n, pa.binary()),
         ],
         schema=schema,
     )

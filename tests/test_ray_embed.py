@@ -139,7 +139,7 @@ def test_pool_of_two_actors_is_faster_than_one(cluster: None, tmp_path: Path) ->
     for n in (1, 2):
         s = run(str(src), str(tmp_path / f"bank{n}"), stand_in_spec(), batch_size=8,
                 shard_size=8, workers=(n, n), cpus_per_worker=0.5, progress=False,
-                model=SleepingModel(delay=0.25))  # fmt: skip
+                model=SleepingModel(delay=0.5))  # fmt: skip
         assert s["embedded"] == 64
         rates[n] = s["pool_images_per_s"]
     assert rates[2] >= 1.6 * rates[1], rates
@@ -214,7 +214,7 @@ def test_commit_refuses_a_corrupt_shard_and_an_empty_folder(tmp_path: Path) -> N
         commit_shards(tmp_path / "bank", tmp_path / "empty")
 
 
-def test_shard_file_holds_failures_and_typed_vectors(tmp_path: Path) -> None:
+def test_shard_file_holds_failures_typed_vectors_and_thumbnails(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     folder = tmp_path / "imgs" / "cls"
@@ -225,8 +225,9 @@ def test_shard_file_holds_failures_and_typed_vectors(tmp_path: Path) -> None:
     (folder / "b.png").write_bytes(b"not an image")
     src = sources.open_source(tmp_path / "imgs")
     model = SleepingModel()(stand_in_spec("float16"))
-    (shard,) = shards.plan_shards(src.records, model.spec, 10)
-    rows = shards.embed_shard(src, shard.records, model)
+    (shard,) = shards.plan_shards(src.records, model.spec, 10, thumbnails=True)
+    assert shard.id != shards.plan_shards(src.records, model.spec, 10)[0].id
+    rows = shards.embed_shard(src, shard.records, model, thumbnails=True)
     marker = shards.write_shard(tmp_path / "st", shard, rows, model.spec)
     assert marker["rows"] == 2 and marker["failed"] == 1
     table = pq.read_table(shards.shard_path(tmp_path / "st", shard.id, shards.PARQUET))
@@ -239,3 +240,5 @@ def test_shard_file_holds_failures_and_typed_vectors(tmp_path: Path) -> None:
     with store_mod.open(tmp_path / "bank", readonly=True) as st:
         assert [e["key"] for e in st.errors()] == ["cls/b.png"]
         assert st.to_numpy().labels == ["cls"]
+        (thumb,) = st.thumbnails(["cls/a.png"])
+        assert thumb is not None and thumb[:2] == b"\xff\xd8"  # a JPEG

@@ -163,6 +163,7 @@ def _embed_ray(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         max_pixels=args.max_pixels,
         verbose=args.verbose > 0,
+        thumbnails=args.thumbnails,
     )
     if args.json:
         print(json.dumps(summary, indent=2))
