@@ -29,6 +29,7 @@ import faiss
 import numpy as np
 
 from featurebank.core.errors import InvalidInput
+from featurebank.core.memory import release_free_memory
 from featurebank.embedder import ray_cluster
 from featurebank.index import build, selection, transforms
 from featurebank.index.tuning import Tuned, has_refine, unwrap
@@ -69,15 +70,18 @@ def build_index_ray(
             target_recall=target_recall, k=k,
         )  # fmt: skip
         transforms.parse(params.transform)
-        prep = build.prepare(st.bank, st, params, sharded=True)
-        with ray_cluster.session(address, verbose) as ray:
-            index, tuned, info = build_sharded(
-                ray, prep.xt, prep.ids, prep.choice.factory, params.metric, params.k,
-                params.target_recall, train_sample, shards, progress,
-            )  # fmt: skip
-        return build.publish_build(
-            st.bank, st, params, prep, index, tuned, started, extra={"engine": "ray", **info}
-        )
+        try:
+            prep = build.prepare(st.bank, st, params, sharded=True)
+            with ray_cluster.session(address, verbose) as ray:
+                index, tuned, info = build_sharded(
+                    ray, prep.xt, prep.ids, prep.choice.factory, params.metric, params.k,
+                    params.target_recall, train_sample, shards, progress,
+                )  # fmt: skip
+            return build.publish_build(
+                st.bank, st, params, prep, index, tuned, started, extra={"engine": "ray", **info}
+            )
+        finally:
+            release_free_memory()  # as the local build: the temporaries' heap need not stay
 
 
 def check_mergeable(index: faiss.Index, factory: str) -> None:
