@@ -24,7 +24,8 @@ import numpy as np
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.core.spec import Spec
 from featurebank.core.vocabulary import POOLINGS, RESIZE_MODES, check_choice
-from featurebank.embedder import backbones, images
+from featurebank.embedder import backbones, devices, images
+from featurebank.embedder.devices import Placement
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +44,6 @@ def _decode_pool() -> ThreadPoolExecutor:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="decode")
         return _POOL
-
-
-def describe_device() -> tuple[str, int]:
-    """A one-line description of where models run, and the number of visible GPUs."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return "CPU (no GPU visible)", 0
-    names = []
-    for g in gpus:
-        try:
-            names.append(tf.config.experimental.get_device_details(g).get("device_name", g.name))
-        except Exception:
-            names.append(g.name)
-    return f"{len(gpus)} GPU(s): {', '.join(names)}; mixed precision", len(gpus)
 
 
 def make_spec(
@@ -125,37 +110,46 @@ def _size_tuple(image_size: int | tuple[int, int] | Sequence[int] | None) -> tup
 class Embedder:
     """A frozen backbone plus its preprocessing, compiled once; images in, vectors out."""
 
-    def __init__(self, spec: Spec, model: Any, n_gpus: int = 0, freeze: bool = True) -> None:
+    def __init__(
+        self, spec: Spec, model: Any, placement: Placement, freeze: bool = True
+    ) -> None:
         if backbones.is_model_file(spec.backbone) and len(model.outputs[0].shape) == 2:
             spec = dataclasses.replace(spec, pooling="none")  # already one vector per image
         self.spec = spec
         self.model = model
         self.dim = int(spec.dim)
-        self.n_gpus = n_gpus
-        self._strategy: Any = None
+        self.placement = placement
+        self._replicated: Any = None  # the forward pass run on every device at once
+        self._work: dict[str, list[int]] = {}  # device -> [batches, images] it embedded
+        self._work_lock = threading.Lock()
         self._fn = self._compile(freeze)
 
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def from_spec(cls, spec: Spec, freeze: bool = True) -> Embedder:
+    def from_spec(
+        cls, spec: Spec, freeze: bool = True, placement: Placement | None = None
+    ) -> Embedder:
         """Rebuild the exact model a bank was made with (weights file checked by hash).
 
         freeze=False skips folding the weights into the graph: seconds faster to build
-        (useful for a handful of images), slower per image.
+        (useful for a handful of images), slower per image. placement: where to run
+        (default: every local GPU with mixed precision, else the CPU in float32).
         """
-        model, n_gpus, spec = _build_model(spec)
-        return cls(spec, model, n_gpus, freeze)  # _compile refuses a dim other than spec.dim
+        placement = placement or devices.resolve()
+        model, spec, placement = _build_model(spec, placement)
+        return cls(spec, model, placement, freeze)  # _compile refuses a dim other than spec.dim
 
     @classmethod
-    def cached(cls, spec: Spec) -> Embedder:
-        """`from_spec`, reusing the previous model when the spec is the same (repeated jobs)."""
+    def cached(cls, spec: Spec, placement: Placement | None = None) -> Embedder:
+        """`from_spec`, reusing the previous model when spec and placement are the same."""
         global _LAST
-        key = json.dumps(spec.to_dict(), sort_keys=True)
+        placement = placement or devices.resolve()
+        key = json.dumps([spec.to_dict(), placement.to_dict()], sort_keys=True)
         with _POOL_LOCK:
             if _LAST is not None and _LAST[0] == key:
                 return _LAST[1]
-        emb = cls.from_spec(spec)
+        emb = cls.from_spec(spec, placement=placement)
         with _POOL_LOCK:
             _LAST = (key, emb)
         return emb
@@ -172,12 +166,13 @@ class Embedder:
         dtype: str = "float16",
         preprocessing: str | None = None,
         freeze: bool = True,
+        placement: Placement | None = None,
     ) -> Embedder:
         """Build from command-line style options; the spec's dim comes from the model."""
         spec = make_spec(
             backbone, weights, layer, image_size, resize, pooling, dtype, preprocessing
         )
-        return cls.from_spec(spec, freeze)
+        return cls.from_spec(spec, freeze, placement)
 
     # ------------------------------------------------------------ running
 
@@ -199,18 +194,30 @@ class Embedder:
             )
         if len(x) == 0:
             return np.zeros((0, self.dim), np.float32)
-        if self._strategy is not None:
-            return self._forward_replicas(x)
-        import tensorflow as tf
-
-        out = self._fn(tf.constant(x))
-        return np.asarray(out, dtype=np.float32)
+        return self.forward_tensor(x)
 
     def forward_tensor(self, x: Any) -> np.ndarray:
-        """`forward` for a batch that is already a uint8 tensor of the right shape (no checks)."""
-        if self._strategy is not None:
+        """`forward` for a batch already uint8 of the right shape (no checks), on every device."""
+        if self._replicated is not None:
             return self._forward_replicas(np.asarray(x))
-        return np.asarray(self._fn(x), dtype=np.float32)
+        import tensorflow as tf
+
+        with tf.device(self.placement.devices[0]):
+            out = self._fn(tf.convert_to_tensor(x))
+        self._count(out.device, int(out.shape[0]))
+        return np.asarray(out, dtype=np.float32)
+
+    def work_by_device(self) -> dict[str, dict[str, int]]:
+        """Batches and images each device has embedded so far (read from where outputs landed)."""
+        with self._work_lock:
+            return {d: {"batches": b, "images": n} for d, (b, n) in sorted(self._work.items())}
+
+    def _count(self, device: str, images_: int) -> None:
+        name = device[device.find("/device:") :] if "/device:" in device else device
+        with self._work_lock:
+            work = self._work.setdefault(name, [0, 0])
+            work[0] += 1
+            work[1] += images_
 
     def embed_images(self, images_: Sequence[bytes], batch_size: int = 64) -> np.ndarray:
         """Vectors (n, dim) float32 of encoded images; an undecodable one -> InvalidInput."""
@@ -298,10 +305,10 @@ class Embedder:
         if not self.spec.dim:
             self.spec = dataclasses.replace(self.spec, dim=dim)
         self.dim = dim
-        if self.n_gpus > 1:  # the model's variables are mirrored on every local GPU
-            self._strategy = _mirrored()
-            return tf.function(fn, reduce_retracing=True)
         if not freeze or self.model.count_params() > FREEZE_MAX_PARAMS:
+            if self.placement.replicas > 1:  # traced per device: each reads its own variables
+                signature = [tf.TensorSpec([None, h, w, 3], tf.uint8)]
+                return self._replicate(tf.function(fn, input_signature=signature))
             return concrete
         try:
             from tensorflow.python.framework.convert_to_constants import (
@@ -311,35 +318,83 @@ class Embedder:
             frozen = convert_variables_to_constants_v2(concrete)
         except Exception as e:  # exotic layers: run the traced function with variables
             log.info("could not freeze the model graph (%s); running it unfrozen", e)
-            return concrete
+            return self._compile(freeze=False)
 
         def call(x: Any) -> Any:
             out = frozen(x)
             return out[0] if isinstance(out, (list, tuple)) else out
 
-        call(tf.zeros((1, h, w, 3), tf.uint8))  # graph optimisation happens on the first call
-        return call
+        with tf.device(self.placement.devices[0]):
+            call(tf.zeros((1, h, w, 3), tf.uint8))  # graph optimisation happens on the first call
+        return self._replicate(call) if self.placement.replicas > 1 else call
+
+    def _replicate(self, fn: Any) -> Any:
+        """Run `fn` on every device of the placement, one thread per device.
+
+        Each replica's work is one compiled call, so the strategy's eager mode costs
+        little, and each output stays on the device that computed it (which is how work
+        per device is counted); lifted into one tf.function, outputs all come back on the
+        first device.
+        """
+        strategy = devices.strategy(self.placement)
+
+        def replicated(batch: Any) -> Any:
+            return strategy.run(lambda x: fn(x), args=(batch,))  # a plain callable: eager mode
+
+        self._replicated = replicated
+        return fn
 
     def _forward_replicas(self, x: np.ndarray) -> np.ndarray:
-        """Split a batch across all local GPUs and gather the vectors back in order."""
+        """Split a batch across the devices and gather the vectors back in order.
+
+        A batch smaller than the device count is padded with copies of its last image, so
+        every device has a row (an empty one fails in some kernels); the copies are dropped.
+        """
         import tensorflow as tf
 
-        strategy = self._strategy
-        parts = np.array_split(x, strategy.num_replicas_in_sync)
+        strategy = devices.strategy(self.placement)
+        real = len(x)
+        n = self.placement.replicas
+        if real < n:
+            x = np.concatenate([x, np.repeat(x[-1:], n - real, axis=0)])
+        parts = np.array_split(x, n)
 
         def value(ctx: Any) -> Any:
             return tf.constant(parts[ctx.replica_id_in_sync_group])
 
         dist = strategy.experimental_distribute_values_from_function(value)
-        out = strategy.run(self._fn, args=(dist,))
-        return np.asarray(strategy.gather(out, axis=0), dtype=np.float32)
+        outs = strategy.experimental_local_results(self._replicated(dist))
+        start = 0
+        for part, out in zip(parts, outs, strict=True):
+            rows = min(len(part), real - start)
+            start += len(part)
+            if rows > 0:
+                self._count(out.device, rows)
+        return np.concatenate([np.asarray(o, dtype=np.float32) for o in outs])[:real]
 
 
-def _build_model(spec: Spec) -> tuple[Any, int, Spec]:
+def _build_model(spec: Spec, placement: Placement) -> tuple[Any, Spec, Placement]:
+    """The model for a spec, its variables on the placement's devices, at its precision.
+
+    Weights and BatchNorm statistics are always made in float32 (identical to a CPU
+    build); a mixed-precision placement then gets a float16 twin with those weights.
+    """
+    scope: Any = (
+        devices.strategy(placement).scope() if placement.replicas > 1 else contextlib.nullcontext()
+    )
+    with scope:
+        model, spec = _build_float32(spec)
+        if placement.precision == "mixed":
+            try:
+                model = _mixed_twin(model)
+            except Exception as e:  # a user model Keras cannot clone (custom layers)
+                log.warning("model %s runs in float32: no mixed-precision copy (%s)", spec.backbone, e)
+                placement = dataclasses.replace(placement, precision="float32")
+    return model, spec, placement
+
+
+def _build_float32(spec: Spec) -> tuple[Any, Spec]:
     """The Keras model for a spec: a registry family, or the user's own model cut at a layer."""
-    import tensorflow as tf
-
-    n_gpus = len(tf.config.list_physical_devices("GPU"))
     if backbones.is_model_file(spec.backbone) or spec.weights_path == spec.backbone:
         path = backbones.check_weights_file(spec.weights, spec.weights_path or spec.backbone)
         model = backbones.load_user_model(path, spec.layer)
@@ -351,45 +406,39 @@ def _build_model(spec: Spec) -> tuple[Any, int, Spec]:
                 f"model {path} takes {fixed[0]}x{fixed[1]} images, not "
                 f"{spec.input_size[0]}x{spec.input_size[1]}"
             )
-        return model, min(n_gpus, 1), spec  # user models run on one device
+        return model, spec
     size = spec.input_size
     if not spec.has_model or size is None:
         raise FailedPrecondition(
             f"bank holds vectors made elsewhere, there is no model: [{spec.describe()}]"
         )
+    model = backbones.build_family(
+        spec.backbone, size, spec.pooling, spec.weights, spec.weights_path
+    )
+    return model, spec
 
-    def build() -> Any:
-        return backbones.build_family(
-            spec.backbone, size, spec.pooling, spec.weights, spec.weights_path
-        )
 
-    if n_gpus == 0:
-        return build(), 0, spec
+def _mixed_twin(model: Any) -> Any:
+    """A copy of `model` computing in float16 with float32 variables (Keras mixed precision).
+
+    BatchNormalization keeps float32 statistics and computes in float32 by itself under
+    this policy; global pooling layers are made float32 outright, so the mean or max
+    over the feature map is not taken in float16.
+    """
     import keras
 
-    # Statistics and weights are made in float32 (identical to a CPU build), then copied
-    # into a mixed-precision twin that runs in float16 on the GPUs.
-    fp32 = build()
-    scope: Any = _mirrored().scope() if n_gpus > 1 else contextlib.nullcontext()
-    old = keras.mixed_precision.global_policy()
-    try:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-        with scope:
-            model = backbones.build_family(spec.backbone, size, spec.pooling, "none")
-            model.set_weights(fp32.get_weights())
-    finally:
-        keras.mixed_precision.set_global_policy(old)
-    return model, n_gpus, spec
+    pools = (
+        keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
+        keras.layers.GlobalAveragePooling3D, keras.layers.GlobalMaxPooling1D,
+        keras.layers.GlobalMaxPooling2D, keras.layers.GlobalMaxPooling3D,
+    )  # fmt: skip
 
+    def clone(layer: Any) -> Any:
+        config = layer.get_config()
+        config["dtype"] = "float32" if isinstance(layer, pools) else "mixed_float16"
+        return layer.__class__.from_config(config)
 
-_MIRRORED: Any = None
-
-
-def _mirrored() -> Any:
-    """One MirroredStrategy per process, shared by model building and running."""
-    global _MIRRORED
-    import tensorflow as tf
-
-    if _MIRRORED is None:
-        _MIRRORED = tf.distribute.MirroredStrategy()
-    return _MIRRORED
+    twin = keras.models.clone_model(model, clone_function=clone)
+    twin.set_weights(model.get_weights())
+    twin.trainable = False
+    return twin

@@ -22,16 +22,19 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from featurebank import store as store_mod
+from featurebank.core.bank import Bank
 from featurebank.core.errors import FeaturebankError, InvalidInput, NotFound
 from featurebank.core.spec import Spec
-from featurebank.embedder import backbones, images, sources
-from featurebank.embedder.embedding import Embedder, describe_device, make_spec
+from featurebank.embedder import backbones, devices, images, sources
+from featurebank.embedder import batch_size as batch_size_mod
+from featurebank.embedder.embedding import Embedder, make_spec
 from featurebank.embedder.stages import NONFINITE_REASON, Loader, Timings, finite_rows
 
 log = logging.getLogger(__name__)
@@ -245,29 +248,34 @@ def run(
     bank: str,
     spec: Spec,
     labels: str = "folders",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     fail_on_error: bool = False,
     progress: bool = True,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
     thumbnails: bool = False,
     follow_links: bool = False,
+    device: str = "auto",
+    precision: str = "auto",
+    on_start: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Embed the records of `source` missing from `bank`; returns the summary.
 
     `thumbnails`: also keep a small JPEG of each item in the store (for `featurebank ui`).
+    batch_size None: 64 on the CPU, the largest that fits on GPUs (see `batch_size`).
+    on_start gets the device report (devices, precision, batch size) before the first batch.
     """
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise InvalidInput(f"batch size must be at least 1, got {batch_size}")
+    placement = devices.resolve(device, precision)  # an absent GPU fails before any work
     t0 = time.perf_counter()
     src = sources.open_source(source, labels, follow_links)
     try:
         spec = with_known_dim(spec)
         p = plan(src, bank, spec)
-        device, _ = describe_device()
         summary: dict[str, Any] = {
             "source": src.description,
             "bank": str(bank),
-            "device": device,
+            "device": placement.describe(),
             "total": len(src.records),
             "skipped": p.skipped,
             "ignored": src.ignored,
@@ -277,23 +285,60 @@ def run(
             with store_mod.open(bank, readonly=True) as st:
                 summary.update(spec=st.spec.describe(), embedded=0, failed=0, errors=[])
             return _finish(summary, t0, time.perf_counter(), Timings(), 0, fail_on_error)
-        embedder = Embedder.cached(spec)
+        embedder = Embedder.cached(spec, placement)
         with store_mod.open_or_create(bank, embedder.spec) as st:
             st.acquire_writer()
             summary["spec"] = st.spec.describe()
+            size, size_from = batch_size_mod.choose(Bank(bank), embedder, batch_size)
+            report = device_report(embedder, size, size_from)
+            summary.update(report)
+            _remember(Bank(bank), report)
+            log.info("embedding on %s", report["device"])
+            if on_start is not None:
+                on_start(report)
+            before = embedder.work_by_device()
             timings = Timings()
             t_start = time.perf_counter()
             writer = _embed_all(
-                src, p.todo, embedder, st, batch_size, max_pixels, timings, progress, thumbnails
+                src, p.todo, embedder, st, size, max_pixels, timings, progress, thumbnails
             )
             summary.update(
                 embedded=writer.embedded,
                 failed=len(writer.failed),
                 errors=[{"key": k, "reason": r} for k, r in writer.failed[:50]],
+                work_by_device=_work_since(before, embedder.work_by_device()),
             )
             return _finish(summary, t0, t_start, timings, writer.embedded, fail_on_error)
     finally:
         src.close()
+
+
+def device_report(embedder: Embedder, size: int, size_from: str) -> dict[str, Any]:
+    """Where and how a job runs: for its start-up line, its summary and the job record."""
+    placement = embedder.placement
+    return {
+        "device": f"{placement.describe()}; batch {size} ({size_from})",
+        "devices": list(placement.devices),
+        "precision": placement.precision,
+        "batch_size": size,
+        "batch_size_from": size_from,
+    }
+
+
+def _remember(bank: Bank, report: dict[str, Any]) -> None:
+    record = bank.read_job_record(batch_size_mod.JOB)
+    record["last_run"] = dict(report, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    bank.write_job_record(batch_size_mod.JOB, record)
+
+
+def _work_since(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    """Batches and images per device during this job (the model may be reused across jobs)."""
+    zero = {"batches": 0, "images": 0}
+    return {
+        d: {k: v - before.get(d, zero)[k] for k, v in work.items()} for d, work in after.items()
+    }
 
 
 def _embed_all(
@@ -396,7 +441,7 @@ def embed(
     image_size: int | None = None,
     resize: str = "crop",
     pooling: str = "avg",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     dtype: str = "float16",
     labels: str = "folders",
     fail_on_error: bool = False,
@@ -405,6 +450,9 @@ def embed(
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
     thumbnails: bool = False,
     follow_links: bool = False,
+    device: str = "auto",
+    precision: str = "auto",
+    on_start: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Embed every image of `source` into `bank` (created if needed); returns the summary.
 
@@ -421,4 +469,7 @@ def embed(
         max_pixels=max_pixels,
         thumbnails=thumbnails,
         follow_links=follow_links,
+        device=device,
+        precision=precision,
+        on_start=on_start,
     )

@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from featurebank.embedder.devices import NOISE, write_stderr
+
 BANK_DIR = "demo-bank"
 DATA_DIR = "demo-data"
 SUMMARY_FILE = "demo-summary.json"
@@ -174,26 +176,8 @@ def featurebank_command() -> list[str]:
     return [sys.executable, "-m", "featurebank"]
 
 
-# TensorFlow's C++ start-up lines (oneDNN, CUDA probing) are written before its log level is
-# read, so no environment variable hides them; the demo drops them to keep its output readable.
-NOISE = re.compile(
-    rb"^(WARNING: All log messages before absl::InitializeLog\(\)"
-    rb"|[IWE]\d{4} \d\d:\d\d:[\d.]+ +\d+ [\w.]+:\d+\]"
-    rb"|To enable the following instructions:)"
-)
-
-
 def _read_all(src: Any, into: list[bytes]) -> None:
     into.append(src.read())
-
-
-def _write_err(data: bytes) -> None:
-    buffer = getattr(sys.stderr, "buffer", None)
-    if buffer is not None:
-        buffer.write(data)
-    else:
-        sys.stderr.write(data.decode(errors="replace"))
-    sys.stderr.flush()
 
 
 def _copy_filtered(src: Any) -> None:
@@ -205,9 +189,9 @@ def _copy_filtered(src: Any) -> None:
         pending = parts.pop()  # incomplete tail (may be b"")
         out = b"".join(p for p in parts if not NOISE.match(p))
         if out:
-            _write_err(out)
+            write_stderr(out)
     if pending and not NOISE.match(pending):
-        _write_err(pending)
+        write_stderr(pending)
 
 
 class Runner:

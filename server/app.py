@@ -58,6 +58,8 @@ class ServeConfig:
     keepalive_timeout_s: float = 20.0
     max_upsert_stream_bytes: int = DEFAULT_STREAM_BYTES
     max_upsert_inflight_bytes: int = DEFAULT_TOTAL_BYTES
+    device: str = "auto"  # where images are embedded: auto, cpu or gpu
+    precision: str = "auto"  # auto (mixed on GPUs), mixed or float32
 
     def check(self) -> None:
         """Refuse configurations that would expose the bank by accident."""
@@ -127,6 +129,8 @@ class FeatureBankServer:
             max_batch_size=config.max_batch_size,
             batch_timeout_ms=config.batch_timeout_ms,
             metrics=self.metrics,
+            device=config.device,
+            precision=config.precision,
         )
         self.health = health.aio.HealthServicer()
         self.port = 0

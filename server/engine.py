@@ -152,8 +152,11 @@ class Engine:
         batch_timeout_ms: float = 2.0,
         metrics: Metrics | None = None,
         search_threads: int = 2,
+        device: str = "auto",
+        precision: str = "auto",
     ) -> None:
         self.bank = Bank(bank)
+        self.device, self.precision = device, precision
         self.metrics = metrics
         self.store: Any = None
         self.models: Models | None = None
@@ -198,10 +201,28 @@ class Engine:
             self.store = None
             raise
         if self.store.spec.has_model:
+            from featurebank.embedder import devices
             from featurebank.embedder.embedding import Embedder
 
-            self.embedder = Embedder.from_spec(self.store.spec)
+            placement = devices.resolve(self.device, self.precision)
+            self.embedder = Embedder.from_spec(self.store.spec, placement=placement)
+            log.info("images are embedded on %s", self.device_report()["description"])
         self._load_models()
+
+    def device_report(self) -> dict[str, Any]:
+        """Where images are embedded: devices, precision, largest batch, work per device."""
+        if self.embedder is None:
+            return {"description": "no model: the bank holds external vectors"}
+        placement = self.embedder.placement
+        batch = self.embed_batcher.max_batch_size
+        return {
+            "description": f"{placement.describe()}; batches of up to {batch} images",
+            "kind": placement.kind,
+            "devices": list(placement.devices),
+            "precision": placement.precision,
+            "batch_size": batch,
+            "work_by_device": self.embedder.work_by_device(),
+        }
 
     @property
     def ready(self) -> bool:
@@ -289,7 +310,8 @@ class Engine:
 
     def _embed_batch(self, images: list[bytes]) -> list[np.ndarray | BaseException]:
         def run(batch: list[bytes]) -> list[np.ndarray]:
-            vectors = np.asarray(self.embedder.embed_images(batch), dtype=np.float32)
+            size = self.embed_batcher.max_batch_size
+            vectors = np.asarray(self.embedder.embed_images(batch, size), dtype=np.float32)
             return list(vectors)
 
         return isolate(run, images)
@@ -398,6 +420,7 @@ class Engine:
             "index": {},
             "head": {},
             "default_mode": None,
+            "device": self.device_report(),
         }
         if m is not None:
             info["index"] = {

@@ -611,6 +611,15 @@ def _info(info: dict[str, Any]) -> pb.GetInfoResponse:
         out.index.recall = _number(m.get("recall_at_k"))  # None when too few items to measure
         out.index.store_generation = int(m["store_generation"])
         out.index.manifest.CopyFrom(to_struct(m))
+    device = info["device"]
+    out.device.description = device["description"]
+    if "kind" in device:
+        out.device.kind = device["kind"]
+        out.device.devices.extend(device["devices"])
+        out.device.precision = device["precision"]
+        out.device.batch_size = device["batch_size"]
+        for name, work in device["work_by_device"].items():
+            out.device.work.add(device=name, batches=work["batches"], images=work["images"])
     head = info["head"]
     if head:
         m = head["manifest"]

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.core.errors import InvalidInput
 from featurebank.core.vocabulary import (
     LABEL_SOURCES,
     POOLINGS,
@@ -58,7 +59,25 @@ def register(commands: Commands) -> None:
         choices=PREPROCESSINGS,
         help="override the input scaling (default: the family's; raw0-255 for .keras models)",
     )
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per batch (default: 64 on the CPU; on GPUs the largest that fits, found "
+        "once by halving from 512 per GPU and remembered in BANK/jobs/embed.json)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="auto: every local GPU if any, else the CPU; gpu: fail if there is none",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("auto", "mixed", "float32"),
+        default="auto",
+        help="compute precision (auto: mixed on GPUs, float32 on the CPU); the stored "
+        "dtype is --dtype either way",
+    )
     p.add_argument("--dtype", choices=STORE_DTYPES, default="float16")
     p.add_argument(
         "--labels",
@@ -100,20 +119,24 @@ def register(commands: Commands) -> None:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.engine == "ray":
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         return _embed_ray(args)
-    from featurebank.embedder.embedding import describe_device
+    from featurebank.embedder.devices import load_tensorflow
+
+    load_tensorflow(verbose=args.verbose > 0)
     from featurebank.embedder.pipeline import embed
 
-    device, n_gpus = describe_device()
-    print(f"featurebank embed: running on {device}", file=sys.stderr)
-    if n_gpus == 0:
-        print(
-            "featurebank embed: warning: no GPU visible, embedding on the CPU "
-            "(fine for small collections, slow for large ones)",
-            file=sys.stderr,
-        )
+    def started(report: dict[str, Any]) -> None:
+        print(f"featurebank embed: running on {report['device']}", file=sys.stderr, flush=True)
+        if not any("GPU" in d for d in report["devices"]):
+            print(
+                "featurebank embed: warning: no GPU used, embedding on the CPU "
+                "(fine for small collections, slow for large ones)",
+                file=sys.stderr,
+                flush=True,
+            )
+
     summary = embed(
         source=args.source,
         bank=args.bank,
@@ -132,6 +155,9 @@ def _embed(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         thumbnails=args.thumbnails,
         follow_links=args.follow_links,
+        device=args.device,
+        precision=args.precision,
+        on_start=started,
     )
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -142,7 +168,14 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _embed_ray(args: argparse.Namespace) -> int:
+    from featurebank.embedder.batch_size import CPU_BATCH
     from featurebank.embedder.embedding import make_spec
+
+    if args.device != "auto" or args.precision != "auto":
+        raise InvalidInput(
+            "--device and --precision apply to --engine local; Ray workers take GPUs with "
+            "--gpus-per-worker and run each on its own device"
+        )
     from featurebank.embedder.ray_cluster import parse_workers
     from featurebank.embedder.ray_job import run
 
@@ -153,7 +186,7 @@ def _embed_ray(args: argparse.Namespace) -> int:
         bank=args.bank,
         spec=spec,
         labels=args.labels,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or CPU_BATCH,
         staging=args.staging,
         shard_size=args.shard_size,
         address=args.address,
@@ -194,6 +227,12 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         lines.append(f"  left out: {folder}")
     if len(s.get("skipped_folders", [])) > 10:
         lines.append(f"  ... {len(s['skipped_folders']) - 10} more folders left out")
+    work = s.get("work_by_device", {})
+    if len(work) > 1:
+        lines.append(
+            "per device: "
+            + ", ".join(f"{d} {w['images']} images in {w['batches']} batches" for d, w in work.items())
+        )
     for e in s.get("errors", [])[:10]:
         lines.append(f"  failed: {e['key']}: {e['reason']}")
     if s["failed"] > 10:

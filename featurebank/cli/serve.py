@@ -39,12 +39,28 @@ def register(commands: Commands) -> None:
                    help="CA that client certificates must chain to (mutual TLS)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback address without TLS or tokens")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="where images are embedded (auto: every local GPU if any, else the "
+                   "CPU; gpu: fail if there is none)")
+    p.add_argument("--precision", choices=("auto", "mixed", "float32"), default="auto",
+                   help="compute precision for images (auto: mixed on GPUs, float32 on the CPU)")
 
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from featurebank import store as store_mod
     from featurebank.core.memory import limit_arenas
+
+    # Before any thread starts (TensorFlow's included): resident memory follows what is in
+    # use through rebuilds (see memory).
+    limit_arenas(2)
+    with store_mod.open(args.bank, readonly=True) as st:
+        has_model = st.spec.has_model
+    if has_model:  # TensorFlow starts now, quietly, rather than inside the server
+        from featurebank.embedder.devices import load_tensorflow
+
+        load_tensorflow(verbose=args.verbose > 0)
     from featurebank.server.app import ServeConfig, serve
     from featurebank.server.auth import Tokens
 
@@ -65,6 +81,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_upsert_inflight_bytes=int(args.max_upsert_inflight_mb * (1 << 20)),
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         grace_s=args.grace,
+        device=args.device,
+        precision=args.precision,
     )
 
     def started(server: Any) -> None:
@@ -72,11 +90,11 @@ def _serve(args: argparse.Namespace) -> int:
         state = "serving" if server.engine.ready else "NOT_SERVING until an index is built"
         print(
             f"featurebank: {args.bank} on {args.host}:{server.port} "
-            f"({config.transport}, {config.auth}{metrics}); {state}",
+            f"({config.transport}, {config.auth}{metrics}); {state}; images: "
+            f"{server.engine.device_report()['description']}",
             flush=True,
         )
 
-    limit_arenas(2)  # resident memory follows what is in use through rebuilds (see memory)
     asyncio.run(serve(config, on_started=started))
     print("featurebank: stopped", file=sys.stderr, flush=True)
     return 0

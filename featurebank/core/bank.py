@@ -8,12 +8,14 @@ write-temp, fsync, rename, fsync-dir. A process killed at any point leaves
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from featurebank.core.errors import FailedPrecondition
 
@@ -39,6 +41,26 @@ class Bank:
     @property
     def reports_dir(self) -> Path:
         return self.root / "reports"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.root / "jobs"
+
+    def read_job_record(self, job: str) -> dict[str, Any]:
+        """What the last `job` (e.g. "embed") recorded about how it ran; {} if none ran yet.
+
+        The record only saves work (a batch size search), so an unreadable one counts as none.
+        """
+        try:
+            record = json.loads((self.jobs_dir / f"{job}.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def write_job_record(self, job: str, record: dict[str, Any]) -> None:
+        """Replace `job`'s record atomically (the job holds the bank's writer lock meanwhile)."""
+        data = json.dumps(record, indent=2, sort_keys=True).encode()
+        write_atomic(self.jobs_dir / f"{job}.json", data)
 
     def __repr__(self) -> str:
         return f"Bank({str(self.root)!r})"

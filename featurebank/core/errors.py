@@ -38,6 +38,10 @@ class FailedPrecondition(FeaturebankError):
     grpc_code = "FAILED_PRECONDITION"
 
 
+class DeviceUnavailable(FailedPrecondition):
+    """The device a job or server was asked to run on is not there (e.g. no GPU visible)."""
+
+
 class WriterBusy(FeaturebankError):
     """Another process holds the bank's single writer lock."""
 

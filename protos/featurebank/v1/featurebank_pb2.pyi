@@ -879,6 +879,73 @@ class HeadInfo(_message.Message):
 Global___HeadInfo: _TypeAlias = HeadInfo  # noqa: Y015
 
 @_typing.final
+class DeviceWork(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    BATCHES_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    """logical device name, e.g. /device:GPU:0"""
+    batches: _builtins.int
+    """batches (or parts of batches) it embedded since the server started"""
+    images: _builtins.int
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        batches: _builtins.int = ...,
+        images: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "device", b"device", "images", b"images"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceWork: _TypeAlias = DeviceWork  # noqa: Y015
+
+@_typing.final
+class DeviceInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    WORK_FIELD_NUMBER: _builtins.int
+    description: _builtins.str
+    """one line, as printed on start"""
+    kind: _builtins.str
+    """GPU or CPU; empty when the bank has no model (external vectors)"""
+    precision: _builtins.str
+    """mixed or float32"""
+    batch_size: _builtins.int
+    """largest batch of images embedded at once"""
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def work(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceWork]: ...
+    def __init__(
+        self,
+        *,
+        description: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        devices: _abc.Iterable[_builtins.str] | None = ...,
+        precision: _builtins.str = ...,
+        batch_size: _builtins.int = ...,
+        work: _abc.Iterable[Global___DeviceWork] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "description", b"description", "devices", b"devices", "kind", b"kind", "precision", b"precision", "work", b"work"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceInfo: _TypeAlias = DeviceInfo  # noqa: Y015
+
+@_typing.final
 class GetInfoResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -892,6 +959,7 @@ class GetInfoResponse(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     DEFAULT_MODE_FIELD_NUMBER: _builtins.int
     BANK_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     labelled: _builtins.int
     store_generation: _builtins.int
@@ -908,6 +976,10 @@ class GetInfoResponse(_message.Message):
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """label vocabulary"""
 
+    @_builtins.property
+    def device(self) -> Global___DeviceInfo:
+        """where images are embedded"""
+
     def __init__(
         self,
         *,
@@ -921,10 +993,11 @@ class GetInfoResponse(_message.Message):
         labels: _abc.Iterable[_builtins.str] | None = ...,
         default_mode: Global___Mode.ValueType = ...,
         bank: _builtins.str = ...,
+        device: Global___DeviceInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "index", b"index", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "head", b"head", "index", b"index", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "count", b"count", "default_mode", b"default_mode", "head", b"head", "index", b"index", "labelled", b"labelled", "labels", b"labels", "labels_generation", b"labels_generation", "spec", b"spec", "store_generation", b"store_generation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "count", b"count", "default_mode", b"default_mode", "device", b"device", "head", b"head", "index", b"index", "labelled", b"labelled", "labels", b"labels", "labels_generation", b"labels_generation", "spec", b"spec", "store_generation", b"store_generation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

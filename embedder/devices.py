@@ -1,0 +1,192 @@
+"""Where models run: which local devices, at what precision, and TensorFlow's start-up quiet.
+
+One `Placement` is resolved per process from the user's `--device` and `--precision`
+and used by the batch job and the server alike. Several devices of one kind (every
+local GPU, or logical devices a CPU was split into) run through one MirroredStrategy,
+so the code that spreads batches over GPUs is the code tests run on a split CPU.
+TensorFlow is imported only inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from featurebank.core.errors import DeviceUnavailable, InvalidInput
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "gpu")
+PRECISIONS = ("auto", "mixed", "float32")
+
+# TensorFlow's C++ start-up lines (oneDNN, CUDA probing) are written before its log level is
+# read, so no environment variable hides them all.
+NOISE = re.compile(
+    rb"^(WARNING: All log messages before absl::InitializeLog\(\)"
+    rb"|[IWE]\d{4} \d\d:\d\d:[\d.]+ +\d+ [\w.]+:\d+\]"
+    rb"|To enable the following instructions:)"
+)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The devices a model runs on (all of one kind) and the precision it computes in."""
+
+    kind: str  # "GPU" or "CPU"
+    devices: tuple[str, ...]  # logical device names, e.g. /device:GPU:0
+    names: tuple[str, ...]  # what each device is (the GPU's model name), for reports
+    precision: str  # "mixed" (float16 compute, float32 variables) or "float32"
+
+    @property
+    def replicas(self) -> int:
+        return len(self.devices)
+
+    @property
+    def on_accelerator(self) -> bool:
+        """Memory is scarce and fixed here, so the job searches the batch size that fits."""
+        return self.kind == "GPU"
+
+    @property
+    def key(self) -> str:
+        """Identifies the hardware and precision a remembered batch size was found for."""
+        return f"{self.replicas}x {'|'.join(sorted(set(self.names)))} {self.precision}"
+
+    def describe(self) -> str:
+        if self.kind == "CPU" and self.replicas == 1:
+            where = "CPU (no GPU visible)" if self.names == ("CPU",) else "CPU"
+        else:
+            models = ", ".join(sorted(set(self.names)))
+            where = f"{self.replicas} {self.kind}{'s' if self.replicas > 1 else ''} ({models})"
+        precision = "mixed precision" if self.precision == "mixed" else "float32"
+        return f"{where}; {precision}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(devices=list(self.devices), names=list(self.names), description=self.describe())
+        return out
+
+
+def resolve(device: str = "auto", precision: str = "auto") -> Placement:
+    """The placement for `--device` / `--precision`; asking for a GPU that is absent fails.
+
+    auto: every local GPU if there is one, else the CPU (all its logical devices, one
+    unless the process split it). Precision auto: mixed on GPUs, float32 on the CPU.
+    """
+    if device not in DEVICES:
+        raise InvalidInput(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if precision not in PRECISIONS:
+        raise InvalidInput(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if device == "gpu" and not gpus:
+        raise DeviceUnavailable(
+            "--device gpu, but TensorFlow sees no GPU on this machine (check the CUDA "
+            "driver, CUDA_VISIBLE_DEVICES and that the installed TensorFlow has GPU "
+            "support; --verbose shows TensorFlow's device messages); --device cpu or "
+            "auto runs on the CPU"
+        )
+    kind = "GPU" if gpus and device != "cpu" else "CPU"
+    logical = [d.name for d in tf.config.list_logical_devices(kind)]
+    if kind == "GPU":
+        names = tuple(_gpu_name(g) for g in gpus)
+        if len(names) != len(logical):  # a GPU split into logical devices
+            names = tuple(names[0] for _ in logical)
+    else:
+        names = tuple("CPU" if not gpus else "CPU (GPUs not used)" for _ in logical)
+    chosen = precision if precision != "auto" else ("mixed" if kind == "GPU" else "float32")
+    return Placement(kind, tuple(logical), names, chosen)
+
+
+def _gpu_name(gpu: Any) -> str:
+    import tensorflow as tf
+
+    try:
+        return str(tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name))
+    except Exception:  # details are not available on every platform
+        return str(gpu.name)
+
+
+_STRATEGIES: dict[tuple[str, ...], Any] = {}
+_STRATEGY_LOCK = threading.Lock()
+
+
+def strategy(placement: Placement) -> Any:
+    """One MirroredStrategy per set of devices, shared by model building and running."""
+    import tensorflow as tf
+
+    with _STRATEGY_LOCK:
+        if placement.devices not in _STRATEGIES:
+            logging.getLogger("tensorflow").addFilter(_EagerStrategyNote())
+            _STRATEGIES[placement.devices] = tf.distribute.MirroredStrategy(
+                devices=list(placement.devices)
+            )
+        return _STRATEGIES[placement.devices]
+
+
+class _EagerStrategyNote(logging.Filter):
+    """Drops the strategy's advice to wrap `run` in a tf.function: each replica's work is
+    already one compiled call (see `Embedder._replicate`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eagerly has significant overhead" not in record.getMessage()
+
+
+# ---------------------------------------------------------------- start-up noise
+
+
+def load_tensorflow(verbose: bool = False) -> None:
+    """Import TensorFlow and probe the devices with its start-up lines dropped unless verbose.
+
+    For commands (the CLI, benchmarks): it swaps the process's stderr while TensorFlow
+    starts, which a library must not do to its caller.
+    """
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+    with _stderr_filtered(NOISE if not verbose else None):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # CUDA probing logs here
+    if not verbose:
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _stderr_filtered(noise: re.Pattern[bytes] | None) -> Iterator[None]:
+    """Collect what is written to file descriptor 2, then pass on the lines not matching noise."""
+    if noise is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().splitlines(keepends=True) if not noise.match(ln)]
+            if kept:
+                write_stderr(b"".join(kept))
+
+
+def write_stderr(data: bytes) -> None:
+    """Write raw bytes to stderr (its text layer when it has no buffer, as under some hosts)."""
+    buffer = getattr(sys.stderr, "buffer", None)
+    if buffer is not None:
+        buffer.write(data)
+    else:
+        sys.stderr.write(data.decode(errors="replace"))
+    sys.stderr.flush()
