@@ -50,19 +50,29 @@ def largest_batch(try_batch: Callable[[int], Any], start: int) -> tuple[int, lis
 def choose(bank: Bank, embedder: Any, requested: int | None) -> tuple[int, str]:
     """The batch size for a job and where it came from (given, default, searched, remembered).
 
-    Records what a search learnt in the bank's job record; the caller holds the writer lock.
+    The caller holds the bank's writer lock (a search updates the job record).
     """
     if requested is not None and requested < 1:
         raise InvalidInput(f"batch size must be at least 1, got {requested}")
-    placement = embedder.placement
-    if not placement.on_accelerator:
+    if not embedder.placement.on_accelerator:
         return (requested, "given") if requested else (CPU_BATCH, "default")
-    want = requested or DEVICE_START * placement.replicas
+    want = requested or DEVICE_START * embedder.placement.replicas
+    size, source = fitted(bank, embedder, want)
+    return size, "given" if source == "remembered" and size == requested else source
+
+
+def fitted(bank: Bank, embedder: Any, want: int) -> tuple[int, str]:
+    """`want`, or the largest batch below it that fits in the devices' memory.
+
+    Answered from the bank's job record when it settles the question (what fitted before,
+    the smallest size that did not), else searched with `largest_batch` and recorded.
+    """
+    placement = embedder.placement
     record = bank.read_job_record(JOB)
     known = record.get("batch_sizes", {}).get(placement.key, {})
     fits, fails = int(known.get("fits", 0)), known.get("fails")
     if want <= fits:
-        return want, "given" if requested else "remembered"
+        return want, "remembered"
     if fails is not None and want >= int(fails):
         return fits, "remembered"
     h, w = embedder.input_size
@@ -72,8 +82,11 @@ def choose(bank: Bank, embedder: Any, requested: int | None) -> tuple[int, str]:
 
     size, tried = largest_batch(try_batch, want)
     failed = [t for t in tried if t > size]
-    known = {"fits": max(size, fits), "fails": min(failed) if failed else fails}
-    record.setdefault("batch_sizes", {})[placement.key] = known
+    record.setdefault("batch_sizes", {})[placement.key] = {
+        "fits": max(size, fits),
+        "fails": min(failed) if failed else fails,
+        "tried": tried,
+    }
     bank.write_job_record(JOB, record)
     log.info("largest batch that fits on %s: %d (tried %s)", placement.describe(), size, tried)
     return size, "searched"
