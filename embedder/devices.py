@@ -44,6 +44,7 @@ class Placement:
     devices: tuple[str, ...]  # logical device names, e.g. /device:GPU:0
     names: tuple[str, ...]  # what each device is (the GPU's model name), for reports
     precision: str  # "mixed" (float16 compute, float32 variables) or "float32"
+    note: str = ""  # e.g. "no GPU visible", said when it explains the choice
 
     @property
     def replicas(self) -> int:
@@ -60,11 +61,12 @@ class Placement:
         return f"{self.replicas}x {'|'.join(sorted(set(self.names)))} {self.precision}"
 
     def describe(self) -> str:
-        if self.kind == "CPU" and self.replicas == 1:
-            where = "CPU (no GPU visible)" if self.names == ("CPU",) else "CPU"
+        if self.kind == "CPU":
+            where = "CPU" if self.replicas == 1 else f"{self.replicas} logical CPU devices"
         else:
             models = ", ".join(sorted(set(self.names)))
-            where = f"{self.replicas} {self.kind}{'s' if self.replicas > 1 else ''} ({models})"
+            where = f"{self.replicas} GPU{'s' if self.replicas > 1 else ''} ({models})"
+        where += f" ({self.note})" if self.note else ""
         precision = "mixed precision" if self.precision == "mixed" else "float32"
         return f"{where}; {precision}"
 
@@ -101,9 +103,10 @@ def resolve(device: str = "auto", precision: str = "auto") -> Placement:
         if len(names) != len(logical):  # a GPU split into logical devices
             names = tuple(names[0] for _ in logical)
     else:
-        names = tuple("CPU" if not gpus else "CPU (GPUs not used)" for _ in logical)
+        names = tuple("CPU" for _ in logical)
+    note = "" if kind == "GPU" else ("GPUs not used" if gpus else "no GPU visible")
     chosen = precision if precision != "auto" else ("mixed" if kind == "GPU" else "float32")
-    return Placement(kind, tuple(logical), names, chosen)
+    return Placement(kind, tuple(logical), names, chosen, note)
 
 
 def _gpu_name(gpu: Any) -> str:

@@ -117,7 +117,7 @@ def test_job_and_server_across_a_split_cpu_equal_one_device(tmp_path: Path) -> N
     cpus = [f"/device:CPU:{i}" for i in range(SPLIT)]
     assert summary["devices"] == cpus and summary["precision"] == "float32"
     assert summary["batch_size"] == 4 and summary["batch_size_from"] == "given"
-    assert summary["device"].startswith(f"{SPLIT} CPUs") and summary["embedded"] == 14
+    assert summary["device"].startswith(f"{SPLIT} logical CPU devices (no GPU visible)") and summary["embedded"] == 14
     work = summary["work_by_device"]
     # Rows per batch split 2,1,1 three times, then the last batch of 2 goes 1,1,(padding).
     assert work == {
@@ -139,7 +139,7 @@ def test_job_and_server_across_a_split_cpu_equal_one_device(tmp_path: Path) -> N
 
     info = got["info"]
     assert info["kind"] == "CPU" and info["devices"] == cpus and info["precision"] == "float32"
-    assert info["batch_size"] == 8 and "3 CPUs" in info["description"]
+    assert info["batch_size"] == 8 and "3 logical CPU devices" in info["description"]
     assert all(info["work"][d][1] > 0 for d in cpus), info["work"]  # every device served
     assert sum(w[1] for w in info["work"].values()) == 6  # 1 + 5 images, padding not counted
     reference = Embedder.from_spec(spec).embed_images([Path(f).read_bytes() for f in files[:5]])
@@ -224,6 +224,15 @@ def test_device_gpu_without_a_gpu_fails_clearly_and_startup_is_quiet(tmp_path: P
                              timeout=120)  # fmt: skip
     assert verbose.returncode == 2
     assert any(NOISE.match(line) for line in verbose.stderr.splitlines())  # shown when asked
+
+    from server_fixtures import make_image_bank
+
+    image_bank, _ = make_image_bank(tmp_path / "images", n_per_color=2)
+    serve = ["serve", "--bank", str(image_bank), "--port", "0", "--device", "gpu"]
+    served = subprocess.run([*cmd, *serve], capture_output=True, env=env, cwd=ROOT, timeout=120)
+    assert served.returncode == 2 and served.stdout == b""
+    assert served.stderr.decode().startswith("featurebank: error: --device gpu, but TensorFlow")
+    assert not any(NOISE.match(line) for line in served.stderr.splitlines())
 
 
 # The search runs in a child whose address space is capped: TensorFlow's allocator then
@@ -310,6 +319,17 @@ def test_cpu_job_uses_the_given_batch_size_and_records_its_device(tmp_path: Path
     default = embed(str(src), str(tmp_path / "bank2"), "MobileNetV2", weights="none",
                     image_size=SIZE, progress=False)  # fmt: skip
     assert default["batch_size"] == 64 and default["batch_size_from"] == "default"
+
+
+def test_server_asked_for_an_absent_gpu_refuses_to_start(tmp_path: Path) -> None:
+    from server_fixtures import RunningServer, make_image_bank
+
+    from featurebank.core.errors import DeviceUnavailable
+    from featurebank.server.app import ServeConfig
+
+    bank, _ = make_image_bank(tmp_path / "bank", n_per_color=2)
+    with pytest.raises(DeviceUnavailable, match="--device gpu, but TensorFlow sees no GPU"):
+        RunningServer(ServeConfig(bank=bank, device="gpu"))
 
 
 @pytest.mark.parametrize(("device", "precision"), [("tpu", "auto"), ("cpu", "half")])

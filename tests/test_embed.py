@@ -21,6 +21,7 @@ from featurebank import store as store_mod
 from featurebank.cli import main as cli_main
 from featurebank.core.errors import InvalidInput, SpecMismatch
 from featurebank.embedder import backbones, images
+from featurebank.embedder.devices import NOISE
 
 SIZE = 64
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,6 +293,7 @@ def test_resume_after_sigkill_gives_the_same_store(tmp_path: Path, capsys) -> No
 
     err = (tmp_path / "stderr.txt").read_text()
     assert "running on CPU" in err and "no GPU visible" in err
+    assert not any(NOISE.match(line) for line in err.encode().splitlines()), err  # quiet start
 
     # The rerun, through the same command line (in-process: no second TensorFlow start-up).
     code = cli_main(["embed", str(src), "--bank", str(bank), "--json", "--no-progress",
