@@ -142,7 +142,7 @@ def test_job_and_server_across_a_split_cpu_equal_one_device(tmp_path: Path) -> N
     assert info["batch_size"] == 8 and "3 logical CPU devices" in info["description"]
     assert all(info["work"][d][1] > 0 for d in cpus), info["work"]  # every device served
     assert sum(w[1] for w in info["work"].values()) == 6  # 1 + 5 images, padding not counted
-    reference = Embedder.from_spec(spec).embed_images([Path(f).read_bytes() for f in files[:5]])
+    reference = Embedder.cached(spec).embed_images([Path(f).read_bytes() for f in files[:5]])
     np.testing.assert_array_equal(np.asarray(got["one"], np.float32), reference[0])
     np.testing.assert_array_equal(np.asarray(got["five"], np.float32), reference)
 
