@@ -20,12 +20,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from featurebank.core.errors import DeviceUnavailable, InvalidInput
+from featurebank.core.errors import DeviceUnavailable
+from featurebank.core.vocabulary import DEVICES, PRECISIONS, check_choice
 
 log = logging.getLogger(__name__)
-
-DEVICES = ("auto", "cpu", "gpu")
-PRECISIONS = ("auto", "mixed", "float32")
 
 # TensorFlow's C++ start-up lines (oneDNN, CUDA probing) are written before its log level is
 # read, so no environment variable hides them all.
@@ -82,10 +80,8 @@ def resolve(device: str = "auto", precision: str = "auto") -> Placement:
     auto: every local GPU if there is one, else the CPU (all its logical devices, one
     unless the process split it). Precision auto: mixed on GPUs, float32 on the CPU.
     """
-    if device not in DEVICES:
-        raise InvalidInput(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if precision not in PRECISIONS:
-        raise InvalidInput(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_choice(device, DEVICES, "device")
+    check_choice(precision, PRECISIONS, "precision")
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")

@@ -212,7 +212,7 @@ class Engine:
     def device_report(self) -> dict[str, Any]:
         """Where images are embedded: devices, precision, largest batch, work per device."""
         if self.embedder is None:
-            return {"description": "no model: the bank holds external vectors"}
+            return {"description": "no model: the bank holds vectors made elsewhere"}
         placement = self.embedder.placement
         batch = self.embed_batcher.max_batch_size
         return {

@@ -14,8 +14,10 @@ from typing import Any
 from featurebank.cli import Commands
 from featurebank.core.errors import InvalidInput
 from featurebank.core.vocabulary import (
+    DEVICES,
     LABEL_SOURCES,
     POOLINGS,
+    PRECISIONS,
     PREPROCESSINGS,
     RESIZE_MODES,
     STORE_DTYPES,
@@ -67,13 +69,13 @@ def register(commands: Commands) -> None:
     )
     p.add_argument(
         "--device",
-        choices=("auto", "cpu", "gpu"),
+        choices=DEVICES,
         default="auto",
         help="auto: every local GPU if any, else the CPU; gpu: fail if there is none",
     )
     p.add_argument(
         "--precision",
-        choices=("auto", "mixed", "float32"),
+        choices=PRECISIONS,
         default="auto",
         help="compute precision (auto: mixed on GPUs, float32 on the CPU); the stored "
         "dtype is --dtype either way",

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.core.vocabulary import DEVICES, PRECISIONS
 
 
 def register(commands: Commands) -> None:
@@ -39,10 +40,10 @@ def register(commands: Commands) -> None:
                    help="CA that client certificates must chain to (mutual TLS)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback address without TLS or tokens")
-    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="where images are embedded (auto: every local GPU if any, else the "
                    "CPU; gpu: fail if there is none)")
-    p.add_argument("--precision", choices=("auto", "mixed", "float32"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="compute precision for images (auto: mixed on GPUs, float32 on the CPU)")
 
 

@@ -47,6 +47,10 @@ POOLINGS = ("avg", "max", "flatten")
 PREPROCESSINGS = ("tf", "caffe", "torch", "raw0-255", "raw0-1")
 STORE_DTYPES = ("float16", "float32")
 LABEL_SOURCES = ("folders", "manifest", "none")
+DEVICES = ("auto", "cpu", "gpu")
+"""Where models run: auto is every local GPU if there is one, else the CPU."""
+PRECISIONS = ("auto", "mixed", "float32")
+"""What models compute in: auto is mixed on GPUs, float32 on the CPU."""
 
 
 def check_choice(value: str, choices: tuple[str, ...] | dict[str, object], what: str) -> str:
