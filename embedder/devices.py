@@ -139,6 +139,35 @@ class _EagerStrategyNote(logging.Filter):
         return "eagerly has significant overhead" not in record.getMessage()
 
 
+# ---------------------------------------------------------------- precision
+
+
+def mixed_precision_copy(model: Any) -> Any:
+    """A copy of `model` computing in float16 with float32 variables (Keras mixed precision).
+
+    BatchNormalization keeps float32 statistics and computes in float32 by itself under
+    this policy; global pooling layers are made float32 outright, so the mean or max
+    over the feature map is not taken in float16.
+    """
+    import keras
+
+    pools = (
+        keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
+        keras.layers.GlobalAveragePooling3D, keras.layers.GlobalMaxPooling1D,
+        keras.layers.GlobalMaxPooling2D, keras.layers.GlobalMaxPooling3D,
+    )  # fmt: skip
+
+    def clone(layer: Any) -> Any:
+        config = layer.get_config()
+        config["dtype"] = "float32" if isinstance(layer, pools) else "mixed_float16"
+        return layer.__class__.from_config(config)
+
+    twin = keras.models.clone_model(model, clone_function=clone)
+    twin.set_weights(model.get_weights())
+    twin.trainable = False
+    return twin
+
+
 # ---------------------------------------------------------------- start-up noise
 
 

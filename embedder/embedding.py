@@ -386,7 +386,7 @@ def _build_model(spec: Spec, placement: Placement) -> tuple[Any, Spec, Placement
         model, spec = _build_float32(spec)
         if placement.precision == "mixed":
             try:
-                model = _mixed_twin(model)
+                model = devices.mixed_precision_copy(model)
             except Exception as e:  # a user model Keras cannot clone (custom layers)
                 log.warning("model %s runs in float32: no mixed-precision copy (%s)", spec.backbone, e)
                 placement = dataclasses.replace(placement, precision="float32")
@@ -416,29 +416,3 @@ def _build_float32(spec: Spec) -> tuple[Any, Spec]:
         spec.backbone, size, spec.pooling, spec.weights, spec.weights_path
     )
     return model, spec
-
-
-def _mixed_twin(model: Any) -> Any:
-    """A copy of `model` computing in float16 with float32 variables (Keras mixed precision).
-
-    BatchNormalization keeps float32 statistics and computes in float32 by itself under
-    this policy; global pooling layers are made float32 outright, so the mean or max
-    over the feature map is not taken in float16.
-    """
-    import keras
-
-    pools = (
-        keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
-        keras.layers.GlobalAveragePooling3D, keras.layers.GlobalMaxPooling1D,
-        keras.layers.GlobalMaxPooling2D, keras.layers.GlobalMaxPooling3D,
-    )  # fmt: skip
-
-    def clone(layer: Any) -> Any:
-        config = layer.get_config()
-        config["dtype"] = "float32" if isinstance(layer, pools) else "mixed_float16"
-        return layer.__class__.from_config(config)
-
-    twin = keras.models.clone_model(model, clone_function=clone)
-    twin.set_weights(model.get_weights())
-    twin.trainable = False
-    return twin

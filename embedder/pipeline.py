@@ -32,7 +32,7 @@ from featurebank import store as store_mod
 from featurebank.core.bank import Bank
 from featurebank.core.errors import FeaturebankError, InvalidInput, NotFound
 from featurebank.core.spec import Spec
-from featurebank.embedder import backbones, devices, images, sources
+from featurebank.embedder import backbones, devices, images, job_report, sources
 from featurebank.embedder import batch_size as batch_size_mod
 from featurebank.embedder.embedding import Embedder, make_spec
 from featurebank.embedder.stages import NONFINITE_REASON, Loader, Timings, finite_rows
@@ -290,9 +290,9 @@ def run(
             st.acquire_writer()
             summary["spec"] = st.spec.describe()
             size, size_from = batch_size_mod.choose(Bank(bank), embedder, batch_size)
-            report = device_report(embedder, size, size_from)
+            report = job_report.report(embedder, size, size_from)
             summary.update(report)
-            _remember(Bank(bank), report)
+            job_report.remember(Bank(bank), report)
             log.info("embedding on %s", report["device"])
             if on_start is not None:
                 on_start(report)
@@ -306,39 +306,11 @@ def run(
                 embedded=writer.embedded,
                 failed=len(writer.failed),
                 errors=[{"key": k, "reason": r} for k, r in writer.failed[:50]],
-                work_by_device=_work_since(before, embedder.work_by_device()),
+                work_by_device=job_report.work_since(before, embedder.work_by_device()),
             )
             return _finish(summary, t0, t_start, timings, writer.embedded, fail_on_error)
     finally:
         src.close()
-
-
-def device_report(embedder: Embedder, size: int, size_from: str) -> dict[str, Any]:
-    """Where and how a job runs: for its start-up line, its summary and the job record."""
-    placement = embedder.placement
-    return {
-        "device": f"{placement.describe()}; batch {size} ({size_from})",
-        "devices": list(placement.devices),
-        "precision": placement.precision,
-        "batch_size": size,
-        "batch_size_from": size_from,
-    }
-
-
-def _remember(bank: Bank, report: dict[str, Any]) -> None:
-    record = bank.read_job_record(batch_size_mod.JOB)
-    record["last_run"] = dict(report, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    bank.write_job_record(batch_size_mod.JOB, record)
-
-
-def _work_since(
-    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
-) -> dict[str, dict[str, int]]:
-    """Batches and images per device during this job (the model may be reused across jobs)."""
-    zero = {"batches": 0, "images": 0}
-    return {
-        d: {k: v - before.get(d, zero)[k] for k, v in work.items()} for d, work in after.items()
-    }
 
 
 def _embed_all(
