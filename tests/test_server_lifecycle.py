@@ -229,6 +229,7 @@ def test_sigterm_drains_in_flight_calls_and_closes_the_store(tmp_path: Path) -> 
             proc.communicate()
     assert proc.returncode == 0, err
     assert f"127.0.0.1:{port}" in out and "stopped" in err
+    assert "images: no model: the bank holds vectors made elsewhere" in out  # the device report
     from featurebank import store as store_mod
 
     with store_mod.open(bank) as st:
