@@ -179,7 +179,6 @@ def load_tensorflow(verbose: bool = False) -> None:
     """
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
     with _stderr_filtered(NOISE if not verbose else None):
         import tensorflow as tf
 
