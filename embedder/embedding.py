@@ -387,7 +387,7 @@ def _build_model(spec: Spec, placement: Placement) -> tuple[Any, Spec, Placement
         if placement.precision == "mixed":
             try:
                 model = devices.mixed_precision_copy(model)
-            except Exception as e:  # a user model Keras cannot clone (custom layers)
+            except (TypeError, ValueError, NotImplementedError) as e:  # custom layers Keras cannot clone
                 log.warning("model %s runs in float32: no mixed-precision copy (%s)", spec.backbone, e)
                 placement = dataclasses.replace(placement, precision="float32")
     return model, spec, placement
