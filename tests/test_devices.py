@@ -88,10 +88,19 @@ with RunningServer(config) as rs, FeatureBankClient(rs.target, timeout=120) as c
     one = client.embed(images[0])  # a batch of one image on {n} devices
     five = rs.run(rs.server.engine.embed_each(images[:5]))  # one batch of five
     info = client.info().device
+    spec = rs.server.engine.embedder.spec
+
+# Models too large to freeze run unfrozen: traced on each device, reading its own variables.
+from featurebank.embedder import devices
+from featurebank.embedder.embedding import Embedder
+unfrozen = Embedder.from_spec(spec, freeze=False, placement=devices.resolve("cpu"))
+variables = unfrozen.embed_images(images[:5])
 json.dump({{
     "summary": summary,
     "one": one.tolist(),
     "five": [v.tolist() for v in five],
+    "unfrozen": variables.tolist(),
+    "unfrozen_work": unfrozen.work_by_device(),
     "info": {{
         "description": info.description, "kind": info.kind, "devices": list(info.devices),
         "precision": info.precision, "batch_size": info.batch_size,
@@ -145,6 +154,9 @@ def test_job_and_server_across_a_split_cpu_equal_one_device(tmp_path: Path) -> N
     reference = Embedder.cached(spec).embed_images([Path(f).read_bytes() for f in files[:5]])
     np.testing.assert_array_equal(np.asarray(got["one"], np.float32), reference[0])
     np.testing.assert_array_equal(np.asarray(got["five"], np.float32), reference)
+    unfrozen = np.asarray(got["unfrozen"], np.float32)  # BatchNorm not folded: rounding differs
+    np.testing.assert_allclose(unfrozen, reference, rtol=0, atol=2e-3 * np.abs(reference).max())
+    assert sorted(got["unfrozen_work"]) == cpus
 
 
 def test_mixed_precision_job_is_within_the_measured_tolerance(tmp_path: Path) -> None:
