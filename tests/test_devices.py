@@ -353,3 +353,14 @@ def test_bad_device_or_precision_names_the_choices(device: str, precision: str) 
 
     with pytest.raises(InvalidInput, match="must be one of"):
         devices.resolve(device, precision)
+
+
+def test_ray_engine_refuses_device_and_precision(tmp_path: Path, capsys) -> None:
+    from featurebank.cli import main
+
+    args = ["embed", str(tmp_path), "--bank", str(tmp_path / "bank"), "--backbone",
+            "MobileNetV2", "--engine", "ray"]  # fmt: skip
+    assert main([*args, "--device", "gpu"]) == 2
+    assert "--device and --precision apply to --engine local" in capsys.readouterr().err
+    assert main([*args, "--precision", "mixed"]) == 2
+    assert not (tmp_path / "bank").exists()
