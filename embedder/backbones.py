@@ -311,6 +311,25 @@ def model_input_size(model: Any) -> tuple[int, int] | None:
     return (int(h), int(w)) if h is not None and w is not None else None
 
 
+def global_pool(y: Any, pooling: str) -> Any:
+    """Feature maps (batch, ..., channels) -> one vector per image: avg, max or flatten.
+
+    keras.ops act on a functional model's symbolic tensors (fine-tuning) and on the
+    embedder's traced tensors alike, so both pool exactly the same way.
+    """
+    import keras
+
+    if len(y.shape) <= 2:
+        return y
+    if pooling == "flatten":
+        inner = y.shape[1:]
+        if all(d is not None for d in inner):
+            return keras.ops.reshape(y, (-1, int(np.prod(inner))))
+        return keras.ops.reshape(y, (keras.ops.shape(y)[0], -1))
+    axes = tuple(range(1, len(y.shape) - 1))
+    return (keras.ops.max if pooling == "max" else keras.ops.mean)(y, axis=axes)
+
+
 # ---------------------------------------------------------------- preprocessing
 
 CAFFE_MEAN = np.array([103.939, 116.779, 123.68], np.float32)  # BGR

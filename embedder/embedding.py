@@ -274,16 +274,7 @@ class Embedder:
             y = model(y, training=False)
             if isinstance(y, (list, tuple)):
                 y = y[0]
-            y = tf.cast(y, tf.float32)
-            if len(y.shape) > 2:
-                if pooling == "flatten":
-                    inner = y.shape[1:]
-                    width = int(np.prod(inner)) if inner.is_fully_defined() else -1
-                    y = tf.reshape(y, [tf.shape(y)[0], width])
-                else:
-                    axes = list(range(1, len(y.shape) - 1))
-                    y = (tf.reduce_max if pooling == "max" else tf.reduce_mean)(y, axis=axes)
-            return y
+            return backbones.global_pool(tf.cast(y, tf.float32), pooling)
 
         return fn
 

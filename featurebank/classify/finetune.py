@@ -20,7 +20,7 @@ import numpy as np
 
 from featurebank.core.bank import Bank
 from featurebank.core.errors import FailedPrecondition, InvalidInput
-from featurebank.embedder.backbones import PREPROCESSING
+from featurebank.embedder.backbones import PREPROCESSING, global_pool
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +185,9 @@ def finetune(
             x = layer(x)
     feats_in = prep(inp)
     prep.set_weights([kernel[None, None], bias])
-    feats = _pool(backbone(prep(x), training=False), spec.pooling)  # BatchNorm: inference
+    feats = global_pool(backbone(prep(x), training=False), spec.pooling)  # BatchNorm: inference
     exported = keras.Model(
-        inp, _pool(backbone(feats_in, training=False), spec.pooling), name="finetuned_backbone"
+        inp, global_pool(backbone(feats_in, training=False), spec.pooling), name="finetuned_backbone"
     )
     if int(exported.outputs[0].shape[-1]) != loaded.head.input_dim:
         raise FailedPrecondition(
@@ -245,19 +245,6 @@ def finetune(
         out,
     )
     return summary
-
-
-def _pool(y: Any, pooling: str) -> Any:
-    """Global pooling for backbones that end in a feature map (as the embedder does)."""
-    import keras
-
-    if len(y.shape) <= 2:
-        return y
-    if pooling == "flatten":
-        return keras.layers.Flatten()(y)
-    if pooling == "max":
-        return keras.layers.GlobalMaxPooling2D()(y)
-    return keras.layers.GlobalAveragePooling2D()(y)
 
 
 def _accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
