@@ -12,7 +12,7 @@ Measured in one run:
   `Searcher`), hnswlib (M=32, ef tuned to the same recall), usearch (same), and
   scikit-learn NearestNeighbors(algorithm="brute");
 - build times;
-- kNN classification of 10,000 queries: featurebank KnnClassifier on an exact
+- kNN classification of 10,000 queries: featurebank's kNN vote (`Voter`) on an exact
   (Flat) index vs KNeighborsClassifier.predict, with the share of identical
   predictions.
 
@@ -108,7 +108,7 @@ def main() -> None:
     from usearch.index import Index as UIndex
 
     from featurebank import store as store_mod
-    from featurebank.classify.knn import KnnClassifier
+    from featurebank.classify.knn import Voter
     from featurebank.core.spec import Spec
     from featurebank.index.build import build_index
     from featurebank.index.searcher import Searcher
@@ -208,16 +208,19 @@ def main() -> None:
               "queries/s (target >= 10x)")
 
         # -- kNN classification: the auto index (for reference), then an exact index ----------
+        def knn_predict(searcher: Searcher) -> list[str]:
+            voter = Voter(args.knn_k, weights="uniform", metric=searcher.metric)
+            probs, vocab = voter.of(searcher.search(cq, args.knn_k, voters_only=True))
+            return [vocab[i] for i in probs.argmax(axis=1)]
+
         with Searcher.load(bank, threads=threads) as searcher:
-            knn = KnnClassifier(searcher, k=args.knn_k, weights="uniform")
             start = time.perf_counter()
-            approx = knn.predict(cq)
+            approx = knn_predict(searcher)
             auto_secs = time.perf_counter() - start
         build_index(bank, factory="Flat", metric="l2", k=K, threads=threads)
         with Searcher.load(bank, threads=threads) as searcher:
-            knn = KnnClassifier(searcher, k=args.knn_k, weights="uniform")
             start = time.perf_counter()
-            ours = knn.predict(cq)
+            ours = knn_predict(searcher)
             fb_secs = time.perf_counter() - start
         reference = KNeighborsClassifier(n_neighbors=args.knn_k, algorithm="brute",
                                          n_jobs=threads).fit(x, labels)
@@ -228,14 +231,14 @@ def main() -> None:
         truth_labels = np.array([f"class-{c % CLASSES}" for c in cc])
         print(f"\nkNN classification of {len(cq)} queries, k={args.knn_k}, uniform votes, "
               f"{CLASSES} classes, exact index")
-        print(f"featurebank KnnClassifier (Flat): {fb_secs:7.2f} s  "
+        print(f"featurebank kNN vote (Flat):      {fb_secs:7.2f} s  "
               f"accuracy {np.mean(np.array(ours) == truth_labels):.4f}")
         print(f"sklearn KNeighborsClassifier:     {sk_secs:7.2f} s  "
               f"accuracy {np.mean(theirs == truth_labels):.4f}")
         print(f"identical predictions: {same:.4%}")
         print(f"featurebank vs KNeighborsClassifier: {sk_secs / fb_secs:.1f}x (target >= 10x)")
         same_auto = float(np.mean(np.array(approx) == theirs))
-        print(f"featurebank KnnClassifier on the auto index ({manifest['factory']}): "
+        print(f"featurebank kNN vote on the auto index ({manifest['factory']}): "
               f"{auto_secs:.2f} s, {sk_secs / auto_secs:.1f}x KNeighborsClassifier, "
               f"identical predictions {same_auto:.4%}")
         print(f"load average at the end: {os.getloadavg()[0]:.2f}")

@@ -154,11 +154,12 @@ class FeatureBankClient:
         k: int = 0,
         top_n: int = 0,
         include_neighbors: bool = False,
+        abstain_below: float = 0.0,
         timeout: float | None = None,
     ) -> pb.ClassifyResponse:
         request = pb.ClassifyRequest(
             input=make_input(image, vector, key), mode=_mode(mode), k=k, top_n=top_n,
-            include_neighbors=include_neighbors,
+            include_neighbors=include_neighbors, abstain_below=abstain_below,
         )
         return self._call(self.stub.Classify, request, timeout)
 
@@ -170,11 +171,12 @@ class FeatureBankClient:
         k: int = 0,
         top_n: int = 0,
         include_neighbors: bool = False,
+        abstain_below: float = 0.0,
         timeout: float | None = None,
     ) -> list[pb.ClassifyResponse]:
         request = pb.ClassifyBatchRequest(
             inputs=list(inputs), mode=_mode(mode), k=k, top_n=top_n,
-            include_neighbors=include_neighbors,
+            include_neighbors=include_neighbors, abstain_below=abstain_below,
         )
         return list(self._call(self.stub.ClassifyBatch, request, timeout).results)
 
@@ -278,13 +280,15 @@ class FeatureBankClient:
         memory_budget: str | None = None,
         k: int | None = None,
         retrain_head: bool = False,
-        head_hidden: int = 0,
-        head_epochs: int = 0,
+        head_hidden: int | None = None,
+        head_epochs: int | None = None,
         wait: bool = False,
         poll_s: float = 0.2,
         timeout: float | None = None,
     ) -> pb.Operation:
-        """Start a rebuild; with `wait`, poll until it is done and return the final state."""
+        """Start a rebuild; with `wait`, poll until it is done and return the final state.
+
+        `head_hidden` / `head_epochs` left None keep the live head's values."""
         request = pb.RebuildIndexRequest(
             factory=factory or "", metric=metric or "", transform=transform or "",
             target_recall=target_recall or 0.0, memory_budget=memory_budget or "", k=k or 0,

@@ -67,6 +67,7 @@ class ClassifyJob:
     top_n: int
     include_neighbors: bool
     exclude_id: int | None = None  # a stored item's own id: it must not vote for itself
+    abstain_below: float | None = None  # target precision of the calibrated abstention
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Classified:
     mode: str
     index_generation: int
     head_generation: int
+    abstained: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,8 +139,8 @@ class RebuildParams:
 
     index: dict[str, Any] = field(default_factory=dict)
     retrain_head: bool = False
-    head_hidden: int = 0
-    head_epochs: int = 0
+    head_hidden: int | None = None  # None: the live head's (its HeadParams)
+    head_epochs: int | None = None
 
 
 class Engine:
@@ -333,11 +335,16 @@ class Engine:
         models = self._models()
         clf = models.classifier
         out: list[Classified | BaseException | None] = [None] * len(jobs)
-        groups: dict[tuple[str | None, int | None, bool, bool], list[int]] = defaultdict(list)
+        groups: dict[tuple[str | None, int | None, bool, bool, float | None], list[int]] = (
+            defaultdict(list)
+        )
         for i, job in enumerate(jobs):
-            key = (job.mode, job.k, job.include_neighbors, job.exclude_id is not None)
+            key = (
+                job.mode, job.k, job.include_neighbors, job.exclude_id is not None,
+                job.abstain_below,
+            )
             groups[key].append(i)
-        for (mode, k, neighbors, exclude), idx in groups.items():
+        for (mode, k, neighbors, exclude, abstain_below), idx in groups.items():
             try:
                 vectors = np.stack([jobs[i].vector for i in idx])
                 top_n = max(jobs[i].top_n for i in idx)
@@ -346,7 +353,7 @@ class Engine:
                 head_gen = clf.head_generation
                 preds = clf.classify(
                     vectors, mode=mode, k=k, top_n=top_n, include_neighbors=neighbors,
-                    exclude_ids=ex,
+                    exclude_ids=ex, abstain_below=abstain_below,
                 )
                 used = mode or str(clf.default_mode)
                 for i, pred in zip(idx, preds, strict=True):
@@ -358,6 +365,7 @@ class Engine:
                         mode=used,
                         index_generation=index_gen,
                         head_generation=0 if used == "knn" or head_gen is None else int(head_gen),
+                        abstained=pred.abstained,
                     )
             except Exception as e:  # noqa: BLE001 - whole group shares the error
                 for i in idx:
@@ -599,10 +607,10 @@ class Engine:
                     from featurebank.classify import heads
 
                     op.stage, op.progress = "training head", 0.6
-                    kwargs: dict[str, Any] = {"hidden": params.head_hidden}
-                    if params.head_epochs:
-                        kwargs["epochs"] = params.head_epochs
-                    op.result["head"] = heads.train_head(self.bank.root, **kwargs)
+                    # the live head's HeadParams, changed only where the caller named a value
+                    op.result["head"] = heads.train_head(
+                        self.bank.root, hidden=params.head_hidden, epochs=params.head_epochs
+                    )
                 op.stage, op.progress = "swapping", 0.95
                 self._load_models()
             if self.models is None:

@@ -19,6 +19,8 @@ import numpy as np
 from google.protobuf import struct_pb2
 from grpc import aio
 
+from featurebank.classify.abstain import check_precision
+from featurebank.classify.head_generations import hybrid_mode
 from featurebank.core.errors import FeaturebankError, InvalidInput, shown
 from featurebank.core.vocabulary import MODES, SPLITS, SUGGEST_STRATEGIES
 from featurebank.protos.featurebank.v1 import featurebank_pb2 as pb
@@ -268,7 +270,8 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         self, request: pb.ClassifyRequest, context: aio.ServicerContext
     ) -> pb.ClassifyResponse:
         results = await self._classify(
-            [request.input], request.mode, request.k, request.top_n, request.include_neighbors
+            [request.input], request.mode, request.k, request.top_n, request.include_neighbors,
+            request.abstain_below,
         )
         return results[0]
 
@@ -283,19 +286,22 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 f"ClassifyBatch got {len(request.inputs)} inputs; at most {MAX_BATCH_INPUTS}"
             )
         results = await self._classify(
-            list(request.inputs), request.mode, request.k, request.top_n, request.include_neighbors
+            list(request.inputs), request.mode, request.k, request.top_n, request.include_neighbors,
+            request.abstain_below,
         )
         return pb.ClassifyBatchResponse(results=results)
 
     async def _classify(
-        self, inputs: Sequence[pb.Input], mode: int, k: int, top_n: int, neighbors: bool
+        self, inputs: Sequence[pb.Input], mode: int, k: int, top_n: int, neighbors: bool,
+        abstain_below: float = 0.0,
     ) -> list[pb.ClassifyResponse]:
         mode_name = check_mode(mode)
         k_value = check_k(k, None)
         n = check_top_n(top_n)
+        precision = check_precision(abstain_below) if abstain_below else None
         vectors, own = await self._vectors(inputs)
         jobs = [
-            ClassifyJob(v, mode_name, k_value, n, neighbors, item_id)
+            ClassifyJob(v, mode_name, k_value, n, neighbors, item_id, precision)
             for v, item_id in zip(vectors, own, strict=True)
         ]
         return [_classified(c) for c in await self.engine.classify(jobs)]
@@ -484,8 +490,8 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 "k": request.k or None,
             },
             retrain_head=request.retrain_head,
-            head_hidden=request.head_hidden,
-            head_epochs=request.head_epochs,
+            head_hidden=request.head_hidden if request.HasField("head_hidden") else None,
+            head_epochs=request.head_epochs if request.HasField("head_epochs") else None,
         )
         return _operation(self.engine.start_rebuild(params))
 
@@ -549,6 +555,7 @@ def _classified(c: Classified) -> pb.ClassifyResponse:
         index_generation=c.index_generation,
         head_generation=c.head_generation,
         mode=MODE_VALUES.get(c.mode, pb.MODE_UNSPECIFIED),
+        abstained=c.abstained,
     )
 
 
@@ -625,6 +632,7 @@ def _info(info: dict[str, Any]) -> pb.GetInfoResponse:
         m = head["manifest"]
         out.head.generation = head["generation"]
         out.head.stale = head["stale"]
-        out.head.metrics.CopyFrom(to_struct(m.get("val_metrics", {})))
+        out.head.metrics.CopyFrom(to_struct(m.get("cv_metrics") or m.get("val_metrics", {})))
+        out.head.hybrid_acts_as = MODE_VALUES[hybrid_mode(m)]
         out.head.manifest.CopyFrom(to_struct(m))
     return out

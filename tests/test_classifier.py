@@ -14,14 +14,10 @@ from conftest import make_spec
 from featurebank import store as store_mod
 from featurebank.classify import metrics
 from featurebank.classify.classifier import Classifier
-from featurebank.classify.heads import (
-    A_GRID,
-    Neighbours,
-    head_status,
-    load_head,
-    loo_knn_distribution,
-    train_head,
-)
+from featurebank.classify.cross_validation import A_GRID, SHRINK_ITEMS
+from featurebank.classify.head_generations import head_status, load_head
+from featurebank.classify.heads import loo_knn_distribution, train_head
+from featurebank.classify.knn import Neighbours, Voter
 from featurebank.core.bank import Bank, publish, staging_dir
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.index.build import build_index
@@ -100,19 +96,50 @@ def test_a1_reproduces_knn_and_a0_reproduces_head(clf: Classifier, trained: Path
     np.testing.assert_allclose(p, probs["knn"], atol=1e-7)
 
 
-def test_selected_a_is_best_on_val(clf: Classifier, trained: Path) -> None:
+def test_choices_are_cross_validated_and_hybrid_is_never_worst_out_of_fold(
+    clf: Classifier, trained: Path
+) -> None:
     head = load_head(trained)
     assert head is not None
-    chosen = head.hybrid["a"]
-    items = split_items(trained, "val")
-    ids = items.ids.astype(np.int64)
-    losses = {}
-    for a in A_GRID:
-        p, v, _ = clf.predict_modes(items.vectors, ("hybrid",), exclude_ids=ids, hybrid_a=a)
-        losses[a] = metrics.log_loss(codes(items.labels, v["hybrid"]), p["hybrid"])
-    assert losses[chosen] == pytest.approx(min(losses.values()), abs=1e-6)
-    assert losses[chosen] == pytest.approx(head.hybrid["val_log_loss"], abs=1e-5)
-    assert 0.0 < chosen < 1.0  # the two really are mixed on this task
+    m = head.manifest
+    # every labelled item outside test (train and val) took part, in 5 folds
+    assert m["items"] == 480 and m["cv"]["folds"] == 5 and m["cv"]["scored_items"] == 480
+    cv_acc = {mode: row["accuracy"] for mode, row in m["cv_metrics"].items()}
+    assert cv_acc["hybrid"] >= max(cv_acc["knn"], cv_acc["head"]), cv_acc
+    hy = m["hybrid"]
+    assert hy["acts_as"] == "hybrid" and 0.0 < hy["a"] < 1.0  # the two really are mixed here
+    # a is the log-loss optimum pulled towards 0.5, the more the fewer items scored it
+    trust = 480 / (480 + SHRINK_ITEMS)
+    assert hy["a"] == pytest.approx(0.5 + (hy["a_optimum"] - 0.5) * trust, abs=0.006)
+    assert hy["a_optimum"] in A_GRID
+    # the kNN choice of k and T is what the classifier votes with
+    assert clf.voter().k == hy["k"] and clf.voter().temperature == hy["temperature"]
+    assert m["head_params"]["epochs"] == 60 and 1 <= m["cv"]["epochs"] <= 60
+
+
+def test_abstention_is_calibrated_and_reachable_per_call(clf: Classifier, trained: Path) -> None:
+    items = split_items(trained, "test")
+    y = [str(label) for label in items.labels]
+    # the head alone cannot get the XOR half of this task: it has answers to withhold
+    plain = clf.classify(items.vectors, mode="head", top_n=1)
+    assert not any(p.abstained for p in plain)
+    for precision in (0.9, 0.99):
+        preds = clf.classify(items.vectors, mode="head", top_n=1, abstain_below=precision)
+        kept = [p for p in preds if not p.abstained]
+        assert all(p.label == "unknown" for p in preds if p.abstained)
+        # ranked labels stay with an abstained answer
+        assert [p.labels for p in preds] == [p.labels for p in plain]
+        right = np.mean([p.label == t for p, t in zip(preds, y, strict=True) if not p.abstained])
+        assert kept and right >= precision - 0.05, (precision, right)
+    strict = sum(p.abstained for p in clf.classify(items.vectors, "head", abstain_below=0.99))
+    loose = sum(p.abstained for p in clf.classify(items.vectors, "head", abstain_below=0.9))
+    assert strict > loose > 0  # a higher precision costs more abstentions
+    assert clf.abstain_threshold(0.99, "knn") > clf.abstain_threshold(0.5, "knn")
+    assert clf.predict(items.vectors[:3], abstain_below=1.0).count("unknown") >= 0
+    with pytest.raises(FailedPrecondition, match="cross-validated scores for 'stacked'"):
+        clf.classify(items.vectors[:2], mode="stacked", abstain_below=0.9)
+    with pytest.raises(InvalidInput, match="abstain_below"):
+        clf.classify(items.vectors[:2], abstain_below=1.5)
 
 
 def test_hybrid_beats_knn_and_head_when_they_err_differently(
@@ -144,17 +171,18 @@ def test_stacked_never_lets_an_item_vote_for_itself(tmp_path: Path) -> None:
 
     with Searcher.load(bank) as searcher:
         for nb in (exact, Neighbours(vocab, searcher)):
-            loo = loo_knn_distribution(nb, x, ids, k=5, temperature=0.05)
+            loo = loo_knn_distribution(nb, x, ids, Voter(5, 0.05))
             assert loo[0, vocab.index("lonely")] == 0.0
-            codes_, _ = nb.search(x, 5, exclude_ids=ids)
+            found, codes_, _ = nb.search(x, 5, exclude_ids=ids)
+            assert not (found == ids[:, None]).any()
             own = np.array([y[i] for i in range(30)])
             # without leave-one-out the item's own label would top every row
-            codes_self, _ = nb.search(x, 1)
+            _, codes_self, _ = nb.search(x, 1)
             assert (codes_self[:, 0] == own).all()
             assert codes_[0].tolist().count(vocab.index("lonely")) == 0
     # and the trained stacked head saw that distribution: no label leaks into training
     m = train_head(bank, epochs=3, learning_rate=3e-2)
-    assert m["split"]["val_source"].startswith("stratified")
+    assert m["cv"]["scored_items"] == 29  # the lonely label cannot be scored out of sample
 
 
 def test_classify_returns_ranked_labels_and_neighbours(clf: Classifier, trained: Path) -> None:

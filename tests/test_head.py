@@ -9,6 +9,15 @@ import pytest
 from sklearn import metrics as skm
 
 from featurebank.classify import metrics
+from featurebank.classify.cross_validation import (
+    A_GRID,
+    SHRINK_ITEMS,
+    agreement_weights,
+    guard,
+    hybrid,
+    select_a,
+    stratified_folds,
+)
 from featurebank.classify.head import (
     Head,
     apply_transform,
@@ -16,7 +25,6 @@ from featurebank.classify.head import (
     fit_head,
     transform_arrays,
 )
-from featurebank.classify.heads import A_GRID, hybrid, select_hybrid, split_train_val
 from featurebank.core.errors import InvalidInput
 
 
@@ -140,31 +148,50 @@ def test_fit_head_rejects_nan() -> None:
         fit_head(x, y, 2)
 
 
-def test_stratified_split_has_fixed_seed_and_keeps_singletons() -> None:
-    codes = np.array([0] * 10 + [1] * 5 + [2])
-    splits = ["train"] * 16
-    tr, va, source = split_train_val(splits, codes, seed=0)
-    assert "stratified" in source
-    assert sorted(np.r_[tr, va].tolist()) == list(range(16))
-    assert np.bincount(codes[va], minlength=3).tolist() == [2, 1, 0]
-    tr2, va2, _ = split_train_val(splits, codes, seed=0)
-    assert np.array_equal(va, va2) and np.array_equal(tr, tr2)
-    # a store val split wins
-    splits2 = ["train"] * 12 + ["val"] * 3 + ["test"]
-    tr3, va3, source3 = split_train_val(splits2, codes, seed=0)
-    assert source3 == "val split" and va3.tolist() == [12, 13, 14] and 15 not in tr3
+def test_stratified_folds_spread_every_class_with_a_fixed_seed() -> None:
+    codes = np.array([0] * 10 + [1] * 5 + [2] * 2 + [3])
+    folds = stratified_folds(codes, 5, seed=0)
+    assert np.array_equal(folds, stratified_folds(codes, 5, seed=0))
+    for c, n in ((0, 10), (1, 5)):
+        assert np.bincount(folds[codes == c], minlength=5).tolist() == [n // 5] * 5
+    assert len(set(folds[codes == 2].tolist())) == 2  # two items, two folds
+    assert sorted(np.bincount(folds).tolist()) == [3, 3, 4, 4, 4]  # small classes spread too
+    assert stratified_folds(np.array([0, 1]), 5).tolist() in ([0, 1], [1, 0])  # never > n folds
 
 
-def test_hybrid_endpoints_and_grid_selection() -> None:
+def test_a_shrinks_towards_half_when_evidence_is_thin() -> None:
     y, p_head = random_probs(200, 4, seed=1)
-    _, p_a = random_probs(200, 4, seed=2)
-    _, p_b = random_probs(200, 4, seed=3)
-    assert np.allclose(hybrid(p_a, p_head, 1.0), p_a)
-    assert np.allclose(hybrid(p_a, p_head, 0.0), p_head)
-    best, grid = select_hybrid(y, p_head, {(5, 0.1): p_a, (10, 0.1): p_b})
-    assert len(grid) == 2 * len(A_GRID)
-    assert best["val_log_loss"] == pytest.approx(min(g["log_loss"] for g in grid))
-    chosen = p_a if best["k"] == 5 else p_b
-    assert metrics.log_loss(y, hybrid(chosen, p_head, best["a"])) == pytest.approx(
-        best["val_log_loss"]
-    )
+    p_knn = np.eye(4)[y] * 0.9 + 0.025  # kNN is right and confident: the optimum is a = 1
+    a, optimum, grid = select_a(y, p_knn, p_head, evidence=200)
+    assert optimum == 1.0 and len(grid) == len(A_GRID)
+    assert a == pytest.approx(0.5 + 0.5 * 200 / (200 + SHRINK_ITEMS), abs=0.006)
+    thin, optimum_thin, _ = select_a(y, p_knn, p_head, evidence=5)
+    assert optimum_thin == 1.0 and thin == pytest.approx(0.5 + 0.5 * 5 / (5 + SHRINK_ITEMS), abs=0.006)
+    assert select_a(y, p_knn, p_head, evidence=0)[0] == 0.5
+    assert np.allclose(hybrid(p_knn, p_head, 1.0), p_knn)
+    assert np.allclose(hybrid(p_knn, p_head, 0.0), p_head)
+
+
+def test_guard_turns_hybrid_into_the_better_single_mode() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    good = np.eye(3)[y] * 0.7 + 0.1  # always right, moderately sure
+    wrong = np.eye(3)[(y + 1) % 3] * 0.98 + 0.01  # always wrong, very sure
+    # mixing a sure-wrong mode in at a = 0.5 makes hybrid worse than the good mode alone
+    assert guard(y, good, wrong, 0.5) == "knn"
+    assert guard(y, wrong, good, 0.5) == "head"
+    assert guard(y, good, good, 0.5) == "hybrid"  # ties keep the hybrid
+    # a lead of two items out of ten disagreements is not clear enough
+    worse = good.copy()
+    worse[:6] = wrong[:6]  # knn (and the hybrid at a = 1) wrong on 6 items
+    better = good.copy()
+    better[6:10] = wrong[6:10]  # head wrong on 4 others
+    assert guard(y, worse, better, 1.0) == "hybrid"
+    worse[:40] = wrong[:40]  # a lead of 36 items is
+    assert guard(y, worse, better, 1.0) == "head"
+
+
+def test_agreement_weights_down_weight_labels_neighbours_outvote() -> None:
+    p_knn = np.array([[0.8, 0.2], [0.1, 0.9], [0.0, 0.0], [0.5, 0.5]])
+    w = agreement_weights(np.array([0, 0, 0, 1]), p_knn)
+    assert w.tolist() == pytest.approx([1.0, 0.2, 1.0, 1.0])  # floor 0.2; no vote keeps 1

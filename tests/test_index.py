@@ -10,8 +10,9 @@ from index_testdata import World, exact_ids, make_bank
 from sklearn.neighbors import KNeighborsClassifier
 
 from featurebank import store as store_mod
+from featurebank.classify.classifier import Classifier
 from featurebank.classify.evaluate_index import knn_accuracy
-from featurebank.classify.knn import KnnClassifier, vote
+from featurebank.classify.knn import Voter, vote
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.index.build import build_index
 from featurebank.index.searcher import Searcher
@@ -43,9 +44,9 @@ def test_knn_matches_sklearn(tmp_path: Path, metric: str, weights: str) -> None:
         else "cosine"
     ).fit(x, labels)
     with Searcher.load(bank) as searcher:
-        knn = KnnClassifier(searcher, k=7, weights=weights)
-        assert knn.predict(queries) == reference.predict(queries).tolist()
-        probs, vocab, result = knn.predict_proba(queries)
+        result = searcher.search(queries, 7, voters_only=True)
+        probs, vocab = Voter(7, weights=weights, metric=metric).of(result)
+        assert np.asarray(vocab)[probs.argmax(1)].tolist() == reference.predict(queries).tolist()
         assert vocab == reference.classes_.tolist()
         np.testing.assert_allclose(probs, reference.predict_proba(queries), atol=1e-5)
         _, neighbours = reference.kneighbors(queries)
@@ -139,15 +140,17 @@ def test_calibrated_abstention_reaches_target_precision(
 ) -> None:
     bank, x, labels = labelled
     build_index(bank, factory="Flat", metric="cosine", transform="none")
-    with Searcher.load(bank) as searcher:
-        knn = KnnClassifier(searcher, k=20, weights="softmax")
-        threshold = knn.calibrate(precision=0.9)
+    with Classifier(bank, mode="knn", abstain_below=0.9) as clf:
+        threshold = clf.abstain_threshold(0.9)
         val = np.arange(0, len(x), 5)
-        predicted = knn.predict(x[val], exclude_ids=val)
+        predicted = clf.predict(x[val], exclude_ids=val)
         kept = [(p, labels[i]) for p, i in zip(predicted, val, strict=True) if p != "unknown"]
         assert 0 < threshold <= 1 and kept
         assert np.mean([p == t for p, t in kept]) >= 0.9
         assert len(kept) < len(val)  # the classes overlap: some answers are withheld
+        assert clf.predict(x[val], exclude_ids=val, abstain_below=1.0).count("unknown") > (
+            len(val) - len(kept)
+        )  # a stricter precision withholds more
 
 
 def test_vote_softmax_and_missing_labels() -> None:
@@ -180,7 +183,7 @@ def test_bad_inputs_get_clear_errors(
         with pytest.raises(InvalidInput, match="more than the 1500 items"):
             searcher.search(x[:2], 1501)
         with pytest.raises(InvalidInput, match="vote weights"):
-            KnnClassifier(searcher, weights="majority")
+            Voter(5, weights="majority")
     with pytest.raises(InvalidInput, match="unknown or invalid faiss factory string 'IVFoo'"):
         build_index(bank, factory="IVFoo")
     with pytest.raises(InvalidInput, match="'pca:32' does not fit vectors of dimension 16"):
@@ -216,7 +219,8 @@ def test_test_split_items_are_shown_but_never_vote(tmp_path: Path) -> None:
         shown = searcher.search(x[199:], 1)
         assert shown.ids[0, 0] == 199 and shown.labels == [["b"]]  # found and shown
         assert shown.label_codes[0, 0] == -1  # but it cannot vote
-        probs, vocab, result = KnnClassifier(searcher, k=1).predict_proba(x[199:])
+        result = searcher.search(x[199:], 1, voters_only=True)
+        probs, vocab = Voter(1, metric="l2").of(result)
         assert result.ids[0, 0] != 199 and result.labels == [["a"]]  # the vote skips it
         assert vocab == ["a", "b"] and probs[0, 0] == 1
 

@@ -16,7 +16,7 @@ import pytest
 from index_testdata import World, exact_ids, make_bank
 
 from featurebank import store as store_mod
-from featurebank.classify.knn import calibrate_threshold
+from featurebank.classify.abstain import calibrate_threshold
 from featurebank.cli import main
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.core.params import parse_memory

@@ -82,18 +82,28 @@ def test_report_has_every_figure_and_valid_json(bank: Path, tmp_path: Path) -> N
 def test_eval_command_prints_table_and_report_path(
     bank: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["eval", "--bank", str(bank)]) == 0
+    assert main(["eval", "--bank", str(bank), "--abstain", "0.95"]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "sklearn_knn" in out
+    assert "abstention at a requested precision of 0.95" in out
     page = Path(out.strip().splitlines()[-1].removeprefix("report: "))
     assert page.exists() and page.parent.parent == bank / "reports"
-    assert json.loads((page.parent / "metrics.json").read_text())["split"] == "test"
+    data = json.loads((page.parent / "metrics.json").read_text())
+    assert data["split"] == "test"
+    # every mode with cross-validated scores: the rate it abstains and the precision it reaches
+    assert set(data["abstention"]) == {"knn", "head", "hybrid"}
+    for a in data["abstention"].values():
+        assert 0.0 <= a["abstain_rate"] <= 1.0 and a["answered"] <= 30
+        assert a["answered"] == 0 or 0.0 <= a["precision"] <= 1.0
+    assert "Abstention at a requested precision of 0.95" in page.read_text()
 
 
 def test_head_info_command(bank: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["head", "info", "--bank", str(bank)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["generation"] == 1 and info["stale"] is False and info["hidden"] == 8
+    assert info["hybrid_acts_as"] in ("hybrid", "knn", "head")
+    assert set(info["cv_accuracy"]) == {"knn", "head", "hybrid"}
 
 
 def test_eval_without_labelled_split_fails_cleanly(

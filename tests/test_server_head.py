@@ -50,3 +50,31 @@ def test_info_shows_head_and_staleness(client: FeatureBankClient) -> None:
     assert len(info.head.manifest) > 0
     client.set_labels({"cat/1-0": "dog"})
     assert client.info().head.stale
+
+
+def test_retrain_keeps_the_live_head_params_and_abstention_answers(
+    client: FeatureBankClient,
+) -> None:
+    before = client.info().head.manifest
+    assert before["head_params"]["epochs"] == 20  # named by the first rebuild
+    op = client.rebuild_index(retrain_head=True, head_hidden=4, wait=True, poll_s=0.1,
+                              timeout=300)
+    assert op.done and not op.error.code, op.error.message
+    info = client.info()
+    params = info.head.manifest["head_params"]
+    assert params["hidden"] == 4 and params["epochs"] == 20  # only what was named changed
+    assert info.head.hybrid_acts_as in (pb.MODE_HYBRID, pb.MODE_KNN, pb.MODE_HEAD)
+    assert set(info.head.metrics) == {"knn", "head", "hybrid"}
+    plain = client.classify(vector=class_centers(DIM)[0], top_n=2)
+    assert not plain.abstained
+    sure = client.classify(vector=class_centers(DIM)[0], top_n=2, abstain_below=0.9)
+    assert not sure.abstained and sure.labels[0].label == CLASSES[0]  # a class centre is clear
+    between = (class_centers(DIM)[0] + class_centers(DIM)[1]) / 2
+    doubt = client.classify_batch(
+        [pb.Input(vector=pb.Vector(values=between.tolist()))], abstain_below=1.0
+    )[0]
+    assert doubt.abstained and doubt.labels  # "unknown", with the ranked labels kept
+    with pytest.raises(RemoteError) as bad:
+        client.classify(vector=class_centers(DIM)[0], abstain_below=1.5)
+    assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "abstain_below" in bad.value.details

@@ -189,11 +189,13 @@ def test_info_shows_index_and_flags_a_stale_head(
     assert main(["store", "info", "--bank", str(bank)]) == 0
     out = capsys.readouterr().out
     assert "index       generation 1: Flat" in out and "2 classes, current" in out
+    assert "chosen by cross-validation" in out  # the hybrid's weight, or the mode it became
     with store_mod.open(bank) as st:
         st.set_labels({"k0": "b"})
     assert main(["store", "info", "--bank", str(bank), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["head"]["stale"] is True and stats["index"]["generation"] == 1
+    assert stats["head"]["hybrid_acts_as"] in ("hybrid", "knn", "head")
 
 
 def test_backup_is_a_working_bank_taken_while_a_writer_commits(

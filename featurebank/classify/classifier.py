@@ -17,10 +17,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from featurebank import store as store_mod
-from featurebank.classify.heads import DEFAULT_K, DEFAULT_T, LoadedHead, hybrid, is_stale, load_head
-from featurebank.classify.knn import vote
+from featurebank.classify.abstain import (
+    abstained,
+    calibrate_threshold,
+    check_precision,
+    confidence_and_correct,
+    decide,
+)
+from featurebank.classify.cross_validation import hybrid
+from featurebank.classify.head_generations import LoadedHead, is_stale, load_head
+from featurebank.classify.knn import DEFAULT_K, DEFAULT_T, Voter
 from featurebank.core.bank import current_generation
 from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.core.vocabulary import HELD_OUT_SPLIT, MODES, UNKNOWN, check_choice
 from featurebank.index.transforms import as_vectors
 from featurebank.store import BankLike, Store
 
@@ -29,8 +38,6 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
-
-MODES = ("knn", "head", "hybrid", "stacked")
 
 
 @dataclass(frozen=True)
@@ -42,11 +49,22 @@ class Neighbor:
 
 @dataclass
 class Prediction:
-    """Top labels (most probable first) with their probabilities, and optionally neighbours."""
+    """Top labels (most probable first) with their probabilities, and optionally neighbours.
+
+    `abstained` is set when an abstention precision was asked for and the top probability
+    is under its calibrated threshold: the answer is then "unknown" (`label`), and the
+    ranked labels stay for whoever wants to see what was doubted.
+    """
 
     labels: list[str]
     probs: list[float]
     neighbors: list[Neighbor] = field(default_factory=list)
+    abstained: bool = False
+
+    @property
+    def label(self) -> str:
+        """The answer: the top label, or "unknown" when abstaining or nothing voted."""
+        return UNKNOWN if self.abstained or not self.labels else self.labels[0]
 
 
 @dataclass(frozen=True)
@@ -58,20 +76,24 @@ class _Snapshot:
 
 
 def check_mode(mode: str | None) -> str | None:
-    if mode is not None and mode not in MODES:
-        raise InvalidInput(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
-    return mode
+    return None if mode is None else check_choice(mode, MODES, "mode")
 
 
 class Classifier:
     """Classify vectors of a bank's spec by its live index and head generations.
 
     `mode` fixes the default mode; None means hybrid when a head exists, else knn.
-    Raises FailedPrecondition when the bank has no index yet.
+    `abstain_below` (a target precision in (0, 1]) makes "unknown" the answer whenever
+    the top probability is under the threshold calibrated for that precision; each call
+    may set its own. Raises FailedPrecondition when the bank has no index yet.
     """
 
-    def __init__(self, bank: BankLike, mode: str | None = None) -> None:
+    def __init__(
+        self, bank: BankLike, mode: str | None = None, abstain_below: float | None = None
+    ) -> None:
         self._mode = check_mode(mode)
+        self.abstain_below = None if abstain_below is None else check_precision(abstain_below)
+        self._thresholds: dict[tuple[object, ...], float] = {}
         self._own_store = not isinstance(bank, Store)
         self.store: Store = bank if isinstance(bank, Store) else store_mod.open(bank, readonly=True)
         self.bank = self.store.bank
@@ -179,15 +201,22 @@ class Classifier:
         top_n: int = 5,
         include_neighbors: bool = False,
         exclude_ids: np.ndarray | None = None,
+        abstain_below: float | None = None,
     ) -> list[Prediction]:
-        """Top-`top_n` labels with probabilities per row (labels with zero probability omitted)."""
+        """Top-`top_n` labels with probabilities per row (labels with zero probability omitted).
+
+        With `abstain_below` (or the classifier's own) a row whose top probability is
+        under the threshold calibrated for that precision is marked `abstained`.
+        """
         if top_n < 1:
             raise InvalidInput(f"top_n must be at least 1, got {top_n}")
         mode = check_mode(mode) or self.default_mode
+        threshold = self._threshold_for(mode, k, abstain_below)
         probs, vocabs, result = self.predict_modes(
             vectors, (mode,), k=k, exclude_ids=exclude_ids, want_neighbors=include_neighbors
         )
         p, vocab = probs[mode], vocabs[mode]
+        doubt = abstained(p, threshold) if threshold is not None else np.zeros(len(p), bool)
         out: list[Prediction] = []
         order = np.argsort(-p, axis=1, kind="stable")[:, :top_n]
         for r in range(len(p)):
@@ -205,11 +234,33 @@ class Classifier:
                     )
                     if i >= 0
                 ]
-            out.append(Prediction([vocab[c] for c in top], [float(p[r, c]) for c in top], nbs))
+            out.append(
+                Prediction(
+                    [vocab[c] for c in top],
+                    [float(p[r, c]) for c in top],
+                    nbs,
+                    abstained=bool(doubt[r]) and threshold is not None,
+                )
+            )
         return out
 
-    def knn_params(self, k: int | None = None) -> tuple[int, float]:
-        """(k, temperature): the head's tuned values when a head exists, else the defaults."""
+    def predict(
+        self,
+        vectors: np.ndarray,
+        mode: str | None = None,
+        k: int | None = None,
+        exclude_ids: np.ndarray | None = None,
+        abstain_below: float | None = None,
+    ) -> list[str]:
+        """One label per row: the arg-max, or "unknown" when abstaining or nothing voted."""
+        mode = check_mode(mode) or self.default_mode
+        threshold = self._threshold_for(mode, k, abstain_below)
+        p, vocab = self.predict_proba(vectors, mode, k=k, exclude_ids=exclude_ids)
+        return decide(p, vocab, threshold)
+
+    def voter(self, k: int | None = None) -> Voter:
+        """How neighbours vote: the head's cross-validated k and T when a head exists, else
+        the defaults; `k` overrides the number of neighbours."""
         head = self._snap.head
         tuned_k, t = (
             (int(head.hybrid["k"]), float(head.hybrid["temperature"]))
@@ -219,7 +270,67 @@ class Classifier:
         kk = k if k is not None else tuned_k
         if kk < 1:
             raise InvalidInput(f"k must be at least 1, got {kk}")
-        return kk, t
+        return Voter(kk, t, "softmax", self._snap.searcher.metric)
+
+    # ------------------------------------------------------------------ abstention
+
+    def _threshold_for(
+        self, mode: str, k: int | None, abstain_below: float | None
+    ) -> float | None:
+        precision = abstain_below if abstain_below is not None else self.abstain_below
+        return None if precision is None else self.abstain_threshold(precision, mode, k)
+
+    def abstain_threshold(
+        self, precision: float, mode: str | None = None, k: int | None = None
+    ) -> float:
+        """The lowest top probability at which `mode`'s answers reach `precision`.
+
+        Calibrated on scores of items the classifier did not learn from: kNN's
+        leave-one-out votes over the labelled items (computed here, for the live index
+        and labels), the head's and hybrid's out-of-fold probabilities (recorded when
+        the head was trained). The stacked head has none: FailedPrecondition.
+        """
+        check_precision(precision)
+        mode = check_mode(mode) or self.default_mode
+        snap = self._snap
+        if mode == "knn":
+            voter = self.voter(k)
+            key: tuple[object, ...] = (
+                "knn", snap.index_generation, int(self.store.labels_generation), voter, precision
+            )
+            if key not in self._thresholds:
+                conf, ok = self._knn_leave_one_out(voter)
+                self._thresholds[key] = calibrate_threshold(conf, ok, precision)
+            return self._thresholds[key]
+        head = snap.head
+        if head is None:
+            raise FailedPrecondition(f"mode {mode!r} needs a trained head in {self.bank.root}")
+        if mode not in head.calibration:
+            raise FailedPrecondition(
+                f"head generation {snap.head_generation} has no cross-validated scores for "
+                f"{mode!r} to calibrate abstention on (knn, head and hybrid have; retrain the "
+                "head if it predates them)"
+            )
+        conf, ok = head.calibration[mode]
+        return calibrate_threshold(conf, ok, precision)
+
+    def _knn_leave_one_out(self, voter: Voter) -> tuple[np.ndarray, np.ndarray]:
+        """(top probability, correct) of each voting item, voted on by the others."""
+        searcher = self._snap.searcher
+        items = self.store.to_numpy(labelled_only=True)
+        keep = np.flatnonzero(np.asarray(items.splits) != HELD_OUT_SPLIT)
+        if len(keep) == 0 or searcher.ntotal < 2:
+            raise FailedPrecondition(
+                f"no labelled items in {self.bank.root} to calibrate abstention on"
+            )
+        k = max(1, min(voter.k, int(searcher.ntotal) - 1))
+        result = searcher.search(
+            items.vectors[keep], k, exclude_ids=items.ids[keep].astype(np.int64), voters_only=True
+        )
+        probs, vocab = voter.of(result)
+        code = {label: i for i, label in enumerate(vocab)}
+        y = np.array([code.get(str(items.labels[i]), -1) for i in keep], dtype=np.int64)
+        return confidence_and_correct(y, probs)
 
     def predict_modes(
         self,
@@ -245,27 +356,16 @@ class Classifier:
                 raise FailedPrecondition(
                     f"head generation {snap.head_generation} has no stacked head"
                 )
-        kk, temperature = self.knn_params(k)
+        voter = self.voter(k)
         need_knn = want_neighbors or any(m != "head" for m in modes)
         result = None
         knn_p = None
         knn_vocab: list[str] = []
         if need_knn:
-            kk = max(1, min(kk, int(searcher.ntotal) - (0 if exclude_ids is None else 1)))
+            kk = max(1, min(voter.k, int(searcher.ntotal) - (0 if exclude_ids is None else 1)))
             ex = None if exclude_ids is None else np.asarray(exclude_ids, dtype=np.int64)
             result = searcher.search(x, kk, exclude_ids=ex, voters_only=True)
-            knn_vocab = list(result.vocabulary)
-            knn_p = np.asarray(
-                vote(
-                    result.label_codes,
-                    result.scores,
-                    len(knn_vocab),
-                    "softmax",
-                    temperature,
-                    searcher.metric,
-                ),
-                dtype=np.float32,
-            )
+            knn_p, knn_vocab = voter.of(result)
         probs: dict[str, np.ndarray] = {}
         vocabs: dict[str, list[str]] = {}
         if "knn" in modes:

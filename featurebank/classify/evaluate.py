@@ -8,6 +8,7 @@ out (it is in the index with its own label), so no item ever votes for itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featurebank.classify import metrics
+from featurebank.classify.abstain import abstained
 from featurebank.classify.classifier import Classifier, align_columns
-from featurebank.classify.heads import TRAIN_SPLITS
-from featurebank.classify.knn import vote
-from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.core.errors import FailedPrecondition
+from featurebank.core.vocabulary import EVAL_SPLITS, HELD_OUT_SPLIT, TRAIN_SPLITS, check_choice
 
 if TYPE_CHECKING:
     from featurebank.store import BankLike, Items, Store
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 K_VALUES = (1, 3, 5, 10, 20, 50, 100)
-SPLITS = ("test", "val", "train")
 N_MISTAKES = 12
 
 
@@ -49,6 +49,7 @@ class Evaluation:
     neighbor_uris: dict[str, str | None]
     head_manifest: dict[str, Any] | None
     info: dict[str, Any] = field(default_factory=dict)
+    abstention: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def summary(self) -> dict[str, dict[str, float]]:
@@ -86,20 +87,26 @@ class Evaluation:
             "modes": self.summary,
             "accuracy_vs_k": {str(k): v for k, v in self.accuracy_vs_k.items()},
             "mistakes": self.mistakes(),
+            "abstention": self.abstention,
             **self.info,
         }
 
 
 def evaluate(
     bank: BankLike,
-    split: str = "test",
+    split: str = HELD_OUT_SPLIT,
     k: int | None = None,
     sklearn: bool = True,
     progress: bool = False,
+    abstain_below: float | None = None,
 ) -> Evaluation:
-    """Score knn/head/hybrid/stacked (and sklearn baselines) on the bank's `split` items."""
-    if split not in SPLITS:
-        raise InvalidInput(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    """Score knn/head/hybrid/stacked (and sklearn baselines) on the bank's `split` items.
+
+    With `abstain_below` (a target precision), also each mode's calibrated abstention:
+    its threshold, the share of items it answers "unknown" and the precision it reaches
+    on the rest.
+    """
+    check_choice(split, EVAL_SPLITS, "split")
     started = time.time()
     clf = Classifier(bank)
     try:
@@ -151,11 +158,12 @@ def evaluate(
                 "stale": clf.head_stale,
                 "hybrid": head.hybrid,
                 "hidden": head.manifest.get("hidden"),
-                "split": head.manifest.get("split"),
+                "cv": head.manifest.get("cv"),
             },
-            "knn": dict(zip(("k", "temperature"), clf.knn_params(k), strict=True)),
-            "note": "val was used to early-stop the head and choose a, T, k: val numbers are optimistic"
-            if split == "val"
+            "knn": {"k": clf.voter(k).k, "temperature": clf.voter(k).temperature},
+            "note": f"the head was trained and a, T, k chosen on the {split} items: "
+            "these numbers are optimistic"
+            if split != HELD_OUT_SPLIT
             else None,
         }
         ev = Evaluation(
@@ -174,11 +182,40 @@ def evaluate(
             head_manifest=None if head is None else head.manifest,
             info=info,
         )
+        if abstain_below is not None:
+            ev.abstention = _abstention(clf, probs, vocabs, truth, k, abstain_below)
         ev.info["eval_seconds"] = round(time.time() - started, 3)
         log.info("evaluated %d %s items in %.1fs", len(y), split, ev.info["eval_seconds"])
         return ev
     finally:
         clf.close()
+
+
+def _abstention(
+    clf: Classifier,
+    probs: dict[str, np.ndarray],
+    vocabs: dict[str, list[str]],
+    truth: list[str],
+    k: int | None,
+    precision: float,
+) -> dict[str, dict[str, float]]:
+    """Per mode with calibration data: threshold, abstain rate and precision reached."""
+    out: dict[str, dict[str, float]] = {}
+    for mode, p in probs.items():
+        if mode == "stacked":
+            continue  # no cross-validated scores to calibrate on
+        threshold = clf.abstain_threshold(precision, mode, k)
+        kept = ~abstained(p, threshold)
+        pred = np.asarray(vocabs[mode], dtype=object)[p.argmax(axis=1)] if p.shape[1] else None
+        right = (pred == np.asarray(truth, dtype=object)) if pred is not None else np.zeros(0)
+        out[mode] = {
+            "target_precision": precision,
+            "threshold": threshold,
+            "abstain_rate": float(1.0 - kept.mean()),
+            "precision": float(right[kept].mean()) if kept.any() else float("nan"),
+            "answered": int(kept.sum()),
+        }
+    return out
 
 
 def _features(clf: Classifier, vectors: np.ndarray) -> np.ndarray:
@@ -224,18 +261,10 @@ def _accuracy_vs_k(
     avail = int(searcher.ntotal) - 1
     ks = [k for k in K_VALUES if k <= avail] or [max(1, avail)]
     res = searcher.search(vectors, max(ks), exclude_ids=ids, voters_only=True)
-    _, temperature = clf.knn_params()
-    vocab = list(res.vocabulary)
+    tuned = clf.voter()
     out: dict[int, float] = {}
     for k in ks:
-        p = vote(
-            res.label_codes[:, :k],
-            res.scores[:, :k],
-            len(vocab),
-            "softmax",
-            temperature,
-            searcher.metric,
-        )
+        p, vocab = dataclasses.replace(tuned, k=k).of(res)
         pred = [
             vocab[i] if row.max() > 0 else None for i, row in zip(p.argmax(axis=1), p, strict=True)
         ]
@@ -270,4 +299,13 @@ def format_table(ev: Evaluation) -> str:
         mark = " *" if mode == ev.default_mode else ""
         lines.append(f"{mode + mark:<16}" + "".join(f"{m[c]:>10.4f}" for c in TABLE_COLUMNS))
     lines.append("* default mode; knn votes leave each evaluated item out")
+    if ev.abstention:
+        target = next(iter(ev.abstention.values()))["target_precision"]
+        lines.append(f"abstention at a requested precision of {target:g}")
+        lines.append(f"{'mode':<16}{'threshold':>10}{'abstain':>10}{'precision':>10}{'answered':>10}")
+        for mode, a in ev.abstention.items():
+            lines.append(
+                f"{mode:<16}{a['threshold']:>10.4f}{a['abstain_rate']:>10.4f}"
+                f"{a['precision']:>10.4f}{a['answered']:>10d}"
+            )
     return "\n".join(lines)

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from featurebank.classify.knn import WEIGHTS, vote
+from featurebank.classify.knn import Voter
 from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.core.vocabulary import VOTE_WEIGHTS
 from featurebank.index.build import faiss_metric
 from featurebank.index.searcher import Searcher, drop_excluded
 from featurebank.index.tuning import exact_search, recall_at_k
@@ -68,10 +69,10 @@ def evaluate(
 
 def exact_leave_one_out(
     base: np.ndarray, base_ids: np.ndarray, queries: np.ndarray, qids: np.ndarray, k: int,
-    metric: str,
+    metric_name: str,
 ) -> np.ndarray:
     """Exact k nearest ids of each query, its own item (`qids`) left out."""
-    ids, dist = exact_search(base, base_ids, queries, k + 1, faiss_metric(metric))
+    ids, dist = exact_search(base, base_ids, queries, k + 1, faiss_metric(metric_name))
     return drop_excluded(ids, dist, qids, k)[0]
 
 
@@ -89,9 +90,8 @@ def knn_accuracy(
     vocab = result.vocabulary
     truth = np.array([vocab.index(t) if t in vocab else -1 for t in items.labels])
     accuracy = {}
-    for weights in WEIGHTS:
-        probs = vote(result.label_codes, result.scores, len(vocab), weights, temperature,
-                     searcher.metric)
+    for weights in VOTE_WEIGHTS:
+        probs, _ = Voter(k, temperature, weights, searcher.metric).of(result)
         voted = probs.max(axis=1) > 0  # a row with no labelled neighbour predicts nothing
         accuracy[weights] = float((voted & (probs.argmax(axis=1) == truth)).mean())
     return {"split": split, "items": len(items), "k": k, "accuracy": accuracy}

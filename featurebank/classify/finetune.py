@@ -137,7 +137,7 @@ def finetune(
 
     from featurebank import store as store_mod
     from featurebank.classify.head import keras_head
-    from featurebank.classify.heads import load_head
+    from featurebank.classify.head_generations import load_head
     from featurebank.embedder.embedding import Embedder
 
     b = Bank(bank)

@@ -156,6 +156,8 @@ class HeadFit:
     curves: dict[str, list[float]] = field(default_factory=dict)
     best_epoch: int = 0
     epochs_run: int = 0
+    val_probs: list[np.ndarray] = field(default_factory=list)
+    """With `record_val_probs`: the validation items' probabilities after each epoch."""
 
 
 def class_weights(y: np.ndarray, n_classes: int, mode: str) -> dict[int, float] | None:
@@ -190,6 +192,9 @@ def fit_head(
     transform: Mapping[str, np.ndarray] | None = None,
     extra_train: np.ndarray | None = None,
     extra_val: np.ndarray | None = None,
+    sample_weight: np.ndarray | None = None,
+    record_val_probs: bool = False,
+    stop_on_val: bool = True,
     seed: int = 0,
     progress: bool = False,
 ) -> HeadFit:
@@ -197,7 +202,11 @@ def fit_head(
 
     `x_*` are vectors as stored; `transform` (from `transform_arrays`) is applied first
     and saved inside the head. Early-stops on validation loss (restoring the best
-    epoch) when a validation set is given, else on training loss.
+    epoch) when a validation set is given, else on training loss. `sample_weight`
+    scales each training item's loss (on top of the class weights). With
+    `record_val_probs` the validation items' probabilities after every epoch are kept,
+    so that cross-validation can choose one epoch for all folds; `stop_on_val=False`
+    then early-stops on training loss, as a head trained without validation items does.
     """
     _check_fit_args(x_train, y_train, n_classes, hidden, dropout, epochs, label_smoothing)
     tparams: dict[str, np.ndarray] = dict(transform or {"t_name": np.array("none")})
@@ -246,6 +255,12 @@ def fit_head(
     yt = np.eye(n_classes, dtype=np.float32)[y_train]
     cw = class_weights(y_train, n_classes, class_weight)
     sw = np.ones(len(yt), np.float32) if cw is None else np.array([cw[int(c)] for c in y_train])
+    if sample_weight is not None:
+        if np.shape(sample_weight) != (len(yt),):
+            raise InvalidInput(
+                f"sample_weight has shape {np.shape(sample_weight)}, expected ({len(yt)},)"
+            )
+        sw = sw * np.asarray(sample_weight, np.float32)
     bs = min(batch_size, len(zt))
     train_ds = (
         tf.data.Dataset.from_tensor_slices((zt, yt, sw.astype(np.float32)))
@@ -258,15 +273,25 @@ def fit_head(
         assert y_val is not None and zv is not None
         yv = np.eye(n_classes, dtype=np.float32)[y_val]
         val_ds = tf.data.Dataset.from_tensor_slices((zv, yv)).batch(4096).cache()
-    monitor = "val_loss" if has_val else "loss"
+    monitor = "val_loss" if has_val and stop_on_val else "loss"
     stopper = keras.callbacks.EarlyStopping(
         monitor=monitor, patience=patience, restore_best_weights=True
     )
+    val_probs: list[np.ndarray] = []
+    callbacks: list[Any] = [stopper]
+    if record_val_probs and zv is not None:
+        zv_const = zv
+
+        class RecordVal(keras.callbacks.Callback):  # type: ignore[misc]
+            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+                val_probs.append(np.asarray(self.model(zv_const, training=False), np.float32))
+
+        callbacks.insert(0, RecordVal())
     hist = model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=epochs,
-        callbacks=[stopper],
+        callbacks=callbacks,
         verbose=1 if progress else 0,
         shuffle=False,  # the dataset reshuffles itself each epoch
     )
@@ -289,7 +314,7 @@ def fit_head(
         len(mon),
         best,
     )
-    return HeadFit(Head(arrays), curves, best_epoch=best, epochs_run=len(mon))
+    return HeadFit(Head(arrays), curves, best_epoch=best, epochs_run=len(mon), val_probs=val_probs)
 
 
 def _check_fit_args(

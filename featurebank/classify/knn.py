@@ -1,4 +1,4 @@
-"""Nearest-neighbour classification: the neighbours' weighted vote.
+"""Nearest-neighbour classification: the one place neighbours turn into class probabilities.
 
 Why these weights: ``uniform`` and ``distance`` (1/d) match scikit-learn's
 KNeighborsClassifier exactly, so results can be checked against it;
@@ -6,62 +6,52 @@ KNeighborsClassifier exactly, so results can be checked against it;
 uses and is usually best for normalised embeddings, since close neighbours
 dominate without a hard cut-off.
 
-Abstention: when the top probability is below a threshold, the prediction is
-``"unknown"``. The threshold is calibrated on the val split (leave-one-out, each
-val item is searched without itself) as the lowest one whose predictions reach a
-target precision, so the classifier abstains no more than it must.
+`Voter` (k, T, weights, metric) is what the classifier, head training and both
+evaluations share; `Neighbours` finds the labelled neighbours that head training
+votes with, from the live index or, before one is built, by exact search.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.core.errors import InvalidInput
+from featurebank.core.vocabulary import VOTE_WEIGHTS, check_choice, metric
 
 if TYPE_CHECKING:
     from featurebank.index.searcher import Searcher, SearchResult
 
-log = logging.getLogger(__name__)
-
-WEIGHTS = ("uniform", "distance", "softmax")
-UNKNOWN = "unknown"
-
-
-def distances_from_scores(scores: np.ndarray, metric: str) -> np.ndarray:
-    """Back from "higher is more similar" scores to distances (Euclidean, or cosine 1 - s)."""
-    if metric == "l2":
-        return np.maximum(-scores, 0.0)
-    return np.maximum(1.0 - scores, 0.0)
+DEFAULT_K = 20
+DEFAULT_T = 0.07
 
 
 def neighbour_weights(
-    scores: np.ndarray, weights: str, temperature: float, metric: str
+    scores: np.ndarray, weights: str, temperature: float, metric_name: str
 ) -> np.ndarray:
     """Per-neighbour vote weights, (n, k) float64."""
     s = np.asarray(scores, dtype=np.float64)
+    check_choice(weights, VOTE_WEIGHTS, "vote weights")
     if weights == "uniform":
         return np.ones_like(s)
     if weights == "distance":
         # Exactly scikit-learn's rule: 1/d, and rows with an exact match count only those.
-        d = distances_from_scores(s, metric)
+        d = metric(metric_name).distances(s)
         with np.errstate(divide="ignore"):
             w = 1.0 / d
         inf_mask = np.isinf(w)
         inf_row = inf_mask.any(axis=1)
         w[inf_row] = inf_mask[inf_row]
         return w
-    if weights == "softmax":
-        if temperature <= 0:
-            raise InvalidInput(f"temperature must be positive, got {temperature}")
-        finite = np.where(np.isfinite(s), s, -np.inf)
-        top = np.max(finite, axis=1, keepdims=True)
-        top = np.where(np.isfinite(top), top, 0.0)
-        return np.exp((finite - top) / temperature)  # shift cancels after normalising
-    raise InvalidInput(f"unknown vote weights {weights!r}: use one of {', '.join(WEIGHTS)}")
+    if temperature <= 0:
+        raise InvalidInput(f"temperature must be positive, got {temperature}")
+    finite = np.where(np.isfinite(s), s, -np.inf)
+    top = np.max(finite, axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    return np.exp((finite - top) / temperature)  # shift cancels after normalising
 
 
 def vote(
@@ -69,12 +59,12 @@ def vote(
     scores: np.ndarray,
     n_classes: int,
     weights: str = "softmax",
-    temperature: float = 0.07,
-    metric: str = "cosine",
+    temperature: float = DEFAULT_T,
+    metric_name: str = "cosine",
 ) -> np.ndarray:
     """Class probabilities (n, n_classes) from neighbours' label codes (-1 = none) and scores.
 
-    Rows with no labelled neighbour get all zeros. `metric` says how scores map
+    Rows with no labelled neighbour get all zeros. `metric_name` says how scores map
     back to distances for ``distance`` weights (l2: score = -distance).
     """
     codes = np.asarray(label_codes)
@@ -83,7 +73,7 @@ def vote(
     n = codes.shape[0]
     if n_classes <= 0 or n == 0:
         return np.zeros((n, max(n_classes, 0)), dtype=np.float64)
-    w = neighbour_weights(np.asarray(scores), weights, temperature, metric)
+    w = neighbour_weights(np.asarray(scores), weights, temperature, metric_name)
     valid = (codes >= 0) & (codes < n_classes) & np.isfinite(w)
     rows = np.broadcast_to(np.arange(n)[:, None], codes.shape)
     flat = rows[valid] * n_classes + codes[valid]
@@ -94,109 +84,106 @@ def vote(
     return probs
 
 
-def calibrate_threshold(confidence: np.ndarray, correct: np.ndarray, precision: float) -> float:
-    """Lowest confidence threshold whose kept predictions reach `precision`.
+@dataclass(frozen=True)
+class Voter:
+    """How the first k neighbours vote: weighting, softmax temperature, metric of the scores."""
 
-    Keeping everything with confidence >= t; among thresholds meeting the target,
-    the lowest keeps the most. Returns 1.0 + eps (abstain always) if none does.
+    k: int = DEFAULT_K
+    temperature: float = DEFAULT_T
+    weights: str = "softmax"
+    metric: str = "cosine"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise InvalidInput(f"k must be a positive integer, got {self.k!r}")
+        if self.temperature <= 0:
+            raise InvalidInput(f"temperature must be positive, got {self.temperature}")
+        check_choice(self.weights, VOTE_WEIGHTS, "vote weights")
+
+    def probs(self, codes: np.ndarray, scores: np.ndarray, n_classes: int) -> np.ndarray:
+        """(n, n_classes) float32 from the first k columns of neighbour codes and scores."""
+        k = min(self.k, codes.shape[1]) if codes.ndim == 2 else self.k
+        p = vote(codes[:, :k], scores[:, :k], n_classes, self.weights, self.temperature, self.metric)
+        return np.asarray(p, dtype=np.float32)
+
+    def of(self, result: SearchResult) -> tuple[np.ndarray, list[str]]:
+        """(probs, vocabulary) of a Searcher's result, over the labels it reports."""
+        vocabulary = list(result.vocabulary)
+        return self.probs(result.label_codes, result.scores, len(vocabulary)), vocabulary
+
+
+class Neighbours:
+    """Labelled neighbours of query vectors over a fixed vocabulary, searched once at the
+    largest k so that every (k, T) choice is a re-weighting of the same search.
+
+    From the live index when there is one; before an index is built, exactly (the index
+    layer's brute-force search on L2-normalised vectors, the default cosine metric).
+    Codes are indices into `vocabulary` (-1 = unlabelled or a label outside it).
     """
-    if not 0 < precision <= 1:
-        raise InvalidInput(f"target precision must be in (0, 1], got {precision}")
-    conf = np.asarray(confidence, dtype=np.float64)
-    ok = np.asarray(correct, dtype=bool)
-    if conf.size == 0:
-        raise FailedPrecondition("no val items to calibrate the abstention threshold on")
-    order = np.argsort(-conf, kind="stable")
-    conf, ok = conf[order], ok[order]
-    cum_prec = np.cumsum(ok) / np.arange(1, conf.size + 1)
-    # Only cut between different confidences: everything tied with conf[i] is kept with it.
-    last_of_tie = np.r_[conf[1:] != conf[:-1], True]
-    meets = np.flatnonzero(last_of_tie & (cum_prec >= precision))
-    if meets.size == 0:
-        return float(np.nextafter(1.0, 2.0))
-    return float(conf[meets[-1]])
-
-
-class KnnClassifier:
-    """Classify vectors by their k nearest labelled neighbours in a Searcher."""
 
     def __init__(
         self,
-        searcher: Searcher,
-        k: int = 20,
-        weights: str = "softmax",
-        temperature: float = 0.07,
-        threshold: float | None = None,
+        vocabulary: Sequence[str],
+        searcher: Searcher | None = None,
+        bank_ids: np.ndarray | None = None,
+        bank_vectors: np.ndarray | None = None,
+        bank_codes: np.ndarray | None = None,
     ) -> None:
-        if k <= 0:
-            raise InvalidInput(f"k must be positive, got {k}")
-        if weights not in WEIGHTS:
-            raise InvalidInput(f"unknown vote weights {weights!r}: use one of {', '.join(WEIGHTS)}")
-        if temperature <= 0:
-            raise InvalidInput(f"temperature must be positive, got {temperature}")
+        if searcher is None and (bank_ids is None or bank_vectors is None or bank_codes is None):
+            raise InvalidInput("neighbours need a searcher or the bank's ids, vectors and codes")
+        self.vocabulary = list(vocabulary)
+        self._code = {label: i for i, label in enumerate(self.vocabulary)}
         self.searcher = searcher
-        self.k = k
-        self.weights = weights
-        self.temperature = temperature
-        self.threshold = threshold
+        self.metric = searcher.metric if searcher is not None else "cosine"
+        self._ids = bank_ids
+        self._codes = bank_codes
+        self._unit = None if bank_vectors is None else _unit(bank_vectors)
 
-    def predict_proba(
-        self,
-        vectors: np.ndarray,
-        k: int | None = None,
-        exclude_ids: np.ndarray | None = None,
-        labels: Sequence[str] | None = None,
-    ) -> tuple[np.ndarray, list[str], SearchResult]:
-        """(probs (n, C), vocabulary, neighbours); `exclude_ids` drops each row's own item."""
-        k = min(k or self.k, self.searcher.ntotal)
-        result = self.searcher.search(
-            vectors, k, labels=labels, exclude_ids=exclude_ids, voters_only=True
+    @property
+    def ntotal(self) -> int:
+        if self.searcher is not None:
+            return int(self.searcher.ntotal)
+        return 0 if self._ids is None else len(self._ids)
+
+    def search(
+        self, vectors: np.ndarray, k: int, exclude_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, codes (n, k) int64, scores (n, k) float32); `exclude_ids` drops each row's own item."""
+        k = max(1, min(k, self.ntotal - (1 if exclude_ids is not None else 0)))
+        if self.searcher is not None:
+            res = self.searcher.search(vectors, k, exclude_ids=exclude_ids, voters_only=True)
+            remap = np.array(
+                [self._code.get(label, -1) for label in res.vocabulary] + [-1], dtype=np.int64
+            )
+            codes = np.asarray(res.label_codes, dtype=np.int64)
+            codes = remap[np.where(codes < 0, len(remap) - 1, codes)]
+            return np.asarray(res.ids, np.int64), codes, np.asarray(res.scores, dtype=np.float32)
+        return self._exact(vectors, k, exclude_ids)
+
+    def _exact(
+        self, vectors: np.ndarray, k: int, exclude_ids: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import faiss
+
+        from featurebank.index.searcher import drop_excluded
+        from featurebank.index.tuning import exact_search
+
+        assert self._unit is not None and self._ids is not None and self._codes is not None
+        extra = 0 if exclude_ids is None else 1
+        ids, sims = exact_search(
+            self._unit, self._ids, _unit(vectors), k + extra, faiss.METRIC_INNER_PRODUCT
         )
-        vocabulary = result.vocabulary
-        probs = vote(
-            result.label_codes,
-            result.scores,
-            len(vocabulary),
-            self.weights,
-            self.temperature,
-            self.searcher.metric,
-        )
-        return probs, vocabulary, result
-
-    def predict(
-        self, vectors: np.ndarray, exclude_ids: np.ndarray | None = None
-    ) -> list[str]:
-        """Top label per row; "unknown" below the abstention threshold or with no labelled neighbour."""
-        probs, vocabulary, _ = self.predict_proba(vectors, exclude_ids=exclude_ids)
-        return decide(probs, vocabulary, self.threshold)
-
-    def calibrate(self, precision: float = 0.95, split: str = "val") -> float:
-        """Set (and return) the abstention threshold from the store's `split` items."""
-        items = self.searcher.store.to_numpy(split=split, labelled_only=True)
-        if len(items) == 0:
-            raise FailedPrecondition(f"no labelled {split!r} items to calibrate on")
-        probs, vocabulary, _ = self.predict_proba(
-            items.vectors, exclude_ids=items.ids.astype(np.int64)
-        )
-        best = probs.argmax(axis=1)
-        predicted = [vocabulary[i] if probs[r, i] > 0 else None for r, i in enumerate(best)]
-        correct = np.array([p == t for p, t in zip(predicted, items.labels, strict=True)])
-        self.threshold = calibrate_threshold(probs.max(axis=1), correct, precision)
-        log.info(
-            "abstention threshold %.4f for precision %.3f on %d %s items",
-            self.threshold, precision, len(items), split,
-        )
-        return self.threshold
+        if exclude_ids is not None:
+            ids, sims = drop_excluded(ids, sims, np.asarray(exclude_ids, np.int64), k)
+        position = {int(i): p for p, i in enumerate(self._ids.tolist())}
+        codes = np.array(
+            [[self._codes[position[i]] if i >= 0 else -1 for i in row] for row in ids.tolist()],
+            dtype=np.int64,
+        ).reshape(ids.shape)
+        scores = np.where(ids >= 0, sims, -np.inf).astype(np.float32)
+        return ids, codes, scores
 
 
-def decide(probs: np.ndarray, vocabulary: Sequence[str], threshold: float | None) -> list[str]:
-    """Arg-max labels, "unknown" where the top probability is 0 or below `threshold`."""
-    if probs.shape[0] == 0:
-        return []
-    best = probs.argmax(axis=1)
-    top = probs[np.arange(probs.shape[0]), best]
-    cut = 0.0 if threshold is None else threshold
-    return [
-        vocabulary[b] if (t > 0 and t >= cut) else UNKNOWN
-        for b, t in zip(best.tolist(), top.tolist(), strict=True)
-    ]
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))

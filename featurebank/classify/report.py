@@ -7,8 +7,6 @@ PNGs and JSON sit beside it for slides and scripts.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import logging
 import math
@@ -19,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from featurebank.classify import metrics
-from featurebank.classify.evaluate import TABLE_COLUMNS, Evaluation
+from featurebank.classify.evaluate import Evaluation
+from featurebank.classify.report_page import render_page
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def write_report(ev: Evaluation, out: str | Path, projection: str = "pca") -> Pa
     data["generated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     (out / "metrics.json").write_text(json.dumps(data, indent=1, allow_nan=False))
     page = out / "index.html"
-    page.write_text(_html(ev, data, pngs))
+    page.write_text(render_page(ev, data, pngs, FIGURES))
     log.info("report written to %s", page)
     return page
 
@@ -207,16 +206,16 @@ def _training_curves(ev: Evaluation) -> Any:
                         c[key],
                         style,
                         color=f"C{i}",
-                        label=f"{name} {'val' if key.startswith('val') else 'train'}",
+                        label=f"{name} {'held-out fold' if key.startswith('val') else 'train'}",
                     )
         best = (ev.head_manifest or {}).get("best_epoch", {}).get("head")
         if best:
-            ax.axvline(best, color="grey", ls=":", label="head best epoch")
+            ax.axvline(best, color="grey", ls=":", label="epochs chosen by cross-validation")
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Head training curves")
+    fig.suptitle("Head training curves (first cross-validation fold)")
     return fig
 
 
@@ -369,87 +368,3 @@ def _finite(o: Any) -> Any:
     if isinstance(o, float) and not math.isfinite(o):
         return None
     return o
-
-
-def _fmt(v: Any) -> str:
-    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
-
-
-def _html(ev: Evaluation, data: dict[str, Any], pngs: dict[str, bytes]) -> str:
-    esc = html.escape
-    rows = []
-    for mode, m in data["modes"].items():
-        cls = ' class="default"' if mode == ev.default_mode else ""
-        rows.append(
-            f"<tr{cls}><td>{esc(mode)}</td>"
-            + "".join(f"<td>{_fmt(m.get(c))}</td>" for c in TABLE_COLUMNS)
-            + "</tr>"
-        )
-    mistakes = []
-    for m in data["mistakes"]:
-        nbs = ", ".join(
-            f"{esc(str(nb['key']))} ({esc(str(nb['label']))}, {nb['score']:.3f})"
-            for nb in m["neighbors"][:5]
-        )
-        mistakes.append(
-            f"<tr><td>{esc(m['key'])}</td><td>{esc(m['true'])}</td><td>{esc(m['predicted'])}</td>"
-            f"<td>{m['confidence']:.3f}</td><td class=nb>{nbs}</td></tr>"
-        )
-    figures = "".join(
-        f'<figure><img alt="{esc(title)}" src="data:image/png;base64,'
-        f'{base64.b64encode(pngs[name]).decode()}"><figcaption>{esc(title)} '
-        f'(<a href="{name}.png">{name}.png</a>)</figcaption></figure>'
-        for name, title in FIGURES.items()
-    )
-    head = data.get("head") or {}
-    idx = data.get("index") or {}
-    facts = [
-        ("bank", data["bank"]),
-        ("split", f"{data['split']} ({data['n']} items, {data['classes']} classes)"),
-        (
-            "index",
-            f"generation {idx.get('generation')}, {idx.get('factory')}, "
-            f"transform {json.dumps(idx.get('transform', {}).get('spec'))}, "
-            f"metric {idx.get('metric')}",
-        ),
-        (
-            "head",
-            "none"
-            if not head
-            else f"generation {head.get('generation')}, hidden {head.get('hidden')}, "
-            f"hybrid a={head.get('hybrid', {}).get('a')} T={head.get('hybrid', {}).get('temperature')}"
-            f" k={head.get('hybrid', {}).get('k')}"
-            + (" - STALE (labels changed since training)" if head.get("stale") else ""),
-        ),
-        ("generated", data["generated"]),
-    ]
-    if data.get("note"):
-        facts.append(("note", data["note"]))
-    fact_rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in facts)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>featurebank evaluation - {esc(data["split"])}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; }}
-td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: left; font-size: 14px; }}
-tr.default td {{ font-weight: bold; background: #eef5ff; }}
-td.nb {{ font-size: 12px; color: #555; }}
-figure {{ display: inline-block; margin: 1em; vertical-align: top; }}
-figure img {{ max-width: 1000px; }}
-figcaption {{ font-size: 13px; color: #555; }}
-</style></head><body>
-<h1>featurebank evaluation</h1>
-<table>{fact_rows}</table>
-<h2>Metrics</h2>
-<table><tr><th>mode</th>{"".join(f"<th>{c}</th>" for c in TABLE_COLUMNS)}</tr>
-{"".join(rows)}</table>
-<p>Bold: the default mode. kNN votes leave each evaluated item out. sklearn_* are
-scikit-learn's LogisticRegression and KNeighborsClassifier on the same features.</p>
-<h2>Figures</h2>
-{figures}
-<h2>Most confident mistakes</h2>
-<table><tr><th>key</th><th>true</th><th>predicted</th><th>confidence</th><th>neighbours</th></tr>
-{"".join(mistakes)}</table>
-</body></html>
-"""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from featurebank.classify.heads import head_status
+from featurebank.classify.head_generations import head_status
 from featurebank.core.bank import current_generation
 from featurebank.index.searcher import read_manifest
 from featurebank.store import BankLike, borrowed

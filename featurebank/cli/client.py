@@ -15,7 +15,7 @@ from typing import Any
 
 from featurebank.cli import Commands
 from featurebank.cli.index import add_index_params
-from featurebank.core.vocabulary import MODES, SPLITS
+from featurebank.core.vocabulary import MODES, SPLITS, UNKNOWN
 
 
 def connection_args(p: argparse.ArgumentParser) -> None:
@@ -44,6 +44,10 @@ def register(commands: Commands) -> None:
     p.add_argument("--k", type=int, default=0, help="neighbours that vote (0 = server default)")
     p.add_argument("--top-n", type=int, default=3, help="labels to show per image")
     p.add_argument("--neighbors", action="store_true", help="also show the neighbours")
+    p.add_argument(
+        "--abstain", type=float, default=0.0, metavar="PRECISION",
+        help="answer 'unknown' below the confidence that reaches this precision (e.g. 0.98)",
+    )
     connection_args(p)
 
     p = commands.command("search", "nearest stored items of an image or key", _search)
@@ -71,8 +75,8 @@ def register(commands: Commands) -> None:
     p = commands.command("rebuild", "rebuild the served index in the background", _rebuild)
     add_index_params(p)
     p.add_argument("--retrain-head", action="store_true", help="also retrain the head")
-    p.add_argument("--head-hidden", type=int, default=0)
-    p.add_argument("--head-epochs", type=int, default=0)
+    p.add_argument("--head-hidden", type=int, default=None, help="default: the live head's")
+    p.add_argument("--head-epochs", type=int, default=None, help="default: the live head's")
     p.add_argument("--no-wait", action="store_true", help="print the operation id and return")
     connection_args(p)
 
@@ -98,12 +102,14 @@ def _classify(args: argparse.Namespace) -> int:
         for path in args.images:
             r = client.classify(
                 path, mode=args.mode, k=args.k, top_n=args.top_n,
-                include_neighbors=args.neighbors,
+                include_neighbors=args.neighbors, abstain_below=args.abstain,
             )
             if args.json:
                 print(json.dumps({"image": str(path), **json.loads(_dump(r))}))
                 continue
             labels = "  ".join(f"{x.label} {x.probability:.3f}" for x in r.labels)
+            if r.abstained:
+                labels = f"{UNKNOWN} (abstained; ranked: {labels})"
             print(f"{path}\t{labels}")
             for n in r.neighbors:
                 print(f"    {n.score:.4f}  {n.label or '-'}  {n.key}")

@@ -1,7 +1,7 @@
 """`featurebank head train|info`, `featurebank eval` and `featurebank finetune`.
 
-Thin wrappers: classify.heads, classify.evaluate/classify.report and classify.finetune do
-the work; TensorFlow and matplotlib are imported inside the handlers only.
+Thin wrappers: classify.heads, classify.evaluate/classify.report and classify.finetune
+do the work; TensorFlow and matplotlib are imported inside the handlers only.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.core.params import HEAD_CLASS_WEIGHTS
 from featurebank.core.vocabulary import EVAL_SPLITS
 
 
@@ -21,16 +22,25 @@ def register(commands: Commands) -> None:
         "head", "train", "train the head, the stacked head and the hybrid weight", _train
     )
     p.add_argument("--bank", required=True, help="bank directory")
-    p.add_argument("--hidden", type=int, default=0, help="hidden units (0 = softmax regression)")
-    p.add_argument("--dropout", type=float, default=0.2, help="dropout before the output layer")
-    p.add_argument("--epochs", type=int, default=100, help="maximum epochs (early-stops on val)")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (0-1)")
+    # every option defaults to the live head's value (HeadParams' default without one)
+    p.add_argument("--hidden", type=int, default=None, help="hidden units (0 = softmax regression)")
+    p.add_argument("--dropout", type=float, default=None, help="dropout before the output layer")
+    p.add_argument("--epochs", type=int, default=None, help="epoch budget (cross-validation picks)")
+    p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing (0-1)")
     p.add_argument(
-        "--class-weight", choices=["balanced", "none"], default="balanced", help="class weights"
+        "--class-weight", choices=HEAD_CLASS_WEIGHTS, default=None, help="class weights"
     )
-    p.add_argument("--learning-rate", type=float, default=1e-2, help="Adam learning rate")
-    p.add_argument("--no-stacked", action="store_true", help="skip the stacked head")
-    p.add_argument("--seed", type=int, default=0, help="random seed (split, init, dropout)")
+    p.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate")
+    p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default 5)")
+    p.add_argument(
+        "--stacked", action=argparse.BooleanOptionalAction, default=None,
+        help="train the stacked head too (default on)",
+    )
+    p.add_argument(
+        "--denoise", action=argparse.BooleanOptionalAction, default=None,
+        help="down-weight items whose neighbours outvote their label (default on)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="random seed (folds, init, dropout)")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
 
     p = commands.subcommand("head", "info", "the live head: generation, staleness, metrics", _info)
@@ -45,6 +55,10 @@ def register(commands: Commands) -> None:
     p.add_argument("--k", type=int, default=None, help="neighbours (default: the head's tuned k)")
     p.add_argument("--projection", choices=["pca", "tsne"], default="pca", help="2-D projection")
     p.add_argument("--no-sklearn", action="store_true", help="skip the scikit-learn baselines")
+    p.add_argument(
+        "--abstain", type=float, default=None, metavar="PRECISION",
+        help="also show each mode's abstention calibrated to this precision (e.g. 0.98)",
+    )
 
     p = commands.command(
         "finetune",
@@ -71,39 +85,44 @@ def _train(args: argparse.Namespace) -> int:
 
     m = train_head(
         args.bank,
+        progress=sys.stderr.isatty(),
         hidden=args.hidden,
         dropout=args.dropout,
         epochs=args.epochs,
         label_smoothing=args.label_smoothing,
         class_weight=args.class_weight,
-        progress=sys.stderr.isatty(),
-        stacked=not args.no_stacked,
-        seed=args.seed,
         learning_rate=args.learning_rate,
+        folds=args.folds,
+        stacked=args.stacked,
+        denoise=args.denoise,
+        seed=args.seed,
     )
     if args.json:
         print(json.dumps(m, indent=1))
         return 0
-    hy = m["hybrid"]
-    sp = m["split"]
+    hy, cv, hp = m["hybrid"], m["cv"], m["head_params"]
     print(
-        f"head generation {m['generation']}: {len(m['vocabulary'])} classes, "
-        f"{sp['train']} train / {sp['val']} val items ({sp['val_source']}), "
-        f"transform {m['transform']['spec']}, hidden {m['hidden']}, "
+        f"head generation {m['generation']}: {len(m['vocabulary'])} classes, {m['items']} items, "
+        f"transform {m['transform']['spec']}, hidden {hp['hidden']}, {cv['epochs']} epochs, "
         f"{m['train_seconds']:.1f}s"
     )
-    print(f"hybrid: a={hy['a']} (kNN weight), T={hy['temperature']}, k={hy['k']}")
-    if m["val_metrics"]:
-        print(f"{'val':<10}" + "".join(f"{c:>10}" for c in TABLE_COLUMNS))
-        for mode, row in m["val_metrics"].items():
-            print(f"{mode:<10}" + "".join(f"{_fmt(row[c]):>10}" for c in TABLE_COLUMNS))
-    else:
-        print("no validation items: a, T and k are defaults, not tuned")
+    acts = hy["acts_as"]
+    print(
+        f"hybrid: a={hy['a']} (kNN weight; optimum {hy['a_optimum']}), T={hy['temperature']}, "
+        f"k={hy['k']}; "
+        + ("mixes knn and head" if acts == "hybrid" else f"acts as {acts} (better out of fold)")
+    )
+    if hp["denoise"]:
+        print(f"label noise: {cv['down_weighted']} items down-weighted (neighbours disagree)")
+    print(f"{cv['folds']}-fold cv   " + "".join(f"{c:>10}" for c in TABLE_COLUMNS))
+    for mode, row in m["cv_metrics"].items():
+        name = f"{mode} ({acts})" if mode == "hybrid" and acts != "hybrid" else mode
+        print(f"{name:<14}" + "".join(f"{_fmt(row[c]):>10}" for c in TABLE_COLUMNS))
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    from featurebank.classify.heads import head_status
+    from featurebank.classify.head_generations import head_status
 
     status = head_status(args.bank)
     if status is None:
@@ -118,7 +137,10 @@ def _eval(args: argparse.Namespace) -> int:
     from featurebank.classify.report import report_dir, write_report
     from featurebank.core.bank import Bank
 
-    ev = evaluate(args.bank, split=args.split, k=args.k, sklearn=not args.no_sklearn)
+    ev = evaluate(
+        args.bank, split=args.split, k=args.k, sklearn=not args.no_sklearn,
+        abstain_below=args.abstain,
+    )
     print(format_table(ev))
     head = ev.info.get("head")
     if head and head.get("stale"):

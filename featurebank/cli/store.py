@@ -126,6 +126,9 @@ def _info_lines(stats: dict[str, Any], errors: list[dict[str, Any]]) -> Iterator
     else:
         state = "STALE: labels changed since training" if head["stale"] else "current"
         yield f"head        generation {head['generation']}: {head['classes']} classes, {state}"
+        acts = head.get("hybrid_acts_as", "hybrid")
+        mix = f"a={head['hybrid_a']} (kNN weight)" if acts == "hybrid" else f"acts as {acts}"
+        yield f"hybrid      {mix}, chosen by cross-validation"
     yield f"errors      {stats['errors']}"
     for e in errors[:20]:
         yield f"  {e['key']}: {e['reason']}"

@@ -89,3 +89,72 @@ class IndexParams:
             target_recall=manifest.get("target_recall"),
             k=manifest.get("k"),
         )
+
+
+HEAD_CLASS_WEIGHTS = ("balanced", "none")
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """How to train a head: its shape, its optimiser, and how its choices are made.
+
+    A head generation persists its `HeadParams` in its manifest; `head train` and the
+    server's RebuildIndex with retrain_head start from the live generation's params
+    and change only the fields the caller names. `epochs` is the budget: the epochs
+    actually trained are chosen by cross-validation (`folds` stratified folds) within it.
+    `denoise` down-weights, in the head's loss, items whose leave-one-out neighbours
+    vote for another label (a likely wrong label); see classify/cross_validation.py.
+    """
+
+    hidden: int = 0
+    dropout: float = 0.2
+    epochs: int = 100
+    label_smoothing: float = 0.0
+    class_weight: str = "balanced"
+    learning_rate: float = 1e-2
+    stacked: bool = True
+    denoise: bool = True
+    folds: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def whole(name: str, low: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise InvalidInput(f"head {name} must be an integer >= {low}, got {v!r}")
+
+        whole("hidden", 0)
+        whole("epochs", 1)
+        whole("folds", 2)
+        whole("seed", 0)
+        if not 0.0 <= self.dropout < 1.0:
+            raise InvalidInput(f"head dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise InvalidInput(f"head label smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not self.learning_rate > 0:
+            raise InvalidInput(f"head learning rate must be positive, got {self.learning_rate}")
+        if self.class_weight not in HEAD_CLASS_WEIGHTS:
+            raise InvalidInput(
+                f"head class weight must be one of {', '.join(HEAD_CLASS_WEIGHTS)}, "
+                f"got {self.class_weight!r}"
+            )
+
+    def override(self, **changes: Any) -> HeadParams:
+        """A copy with the named fields changed; None (or "" from a proto) means "keep"."""
+        named = {k: v for k, v in changes.items() if v is not None and v != ""}
+        unknown = set(named) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise InvalidInput(f"unknown head parameter(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **named)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any] | None) -> HeadParams:
+        """The params a head generation was trained with (older manifests: their separate keys)."""
+        if not manifest:
+            return cls()
+        saved = manifest.get("head_params")
+        source = saved if isinstance(saved, Mapping) else manifest
+        return cls().override(**{f.name: source.get(f.name) for f in dataclasses.fields(cls)})

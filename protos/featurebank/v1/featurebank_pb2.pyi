@@ -136,12 +136,17 @@ class ClassifyRequest(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     TOP_N_FIELD_NUMBER: _builtins.int
     INCLUDE_NEIGHBORS_FIELD_NUMBER: _builtins.int
+    ABSTAIN_BELOW_FIELD_NUMBER: _builtins.int
     mode: Global___Mode.ValueType
     k: _builtins.int
     """neighbours to vote with; 0 = server default"""
     top_n: _builtins.int
     """labels to return; 0 = 5"""
     include_neighbors: _builtins.bool
+    abstain_below: _builtins.float
+    """Answer "unknown" (abstained) when the top probability is under the threshold
+    calibrated, on cross-validated scores, to reach this precision; 0 = never abstain.
+    """
     @_builtins.property
     def input(self) -> Global___Input: ...
     def __init__(
@@ -152,10 +157,11 @@ class ClassifyRequest(_message.Message):
         k: _builtins.int = ...,
         top_n: _builtins.int = ...,
         include_neighbors: _builtins.bool = ...,
+        abstain_below: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_neighbors", b"include_neighbors", "input", b"input", "k", b"k", "mode", b"mode", "top_n", b"top_n"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstain_below", b"abstain_below", "include_neighbors", b"include_neighbors", "input", b"input", "k", b"k", "mode", b"mode", "top_n", b"top_n"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -225,11 +231,14 @@ class ClassifyResponse(_message.Message):
     INDEX_GENERATION_FIELD_NUMBER: _builtins.int
     HEAD_GENERATION_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    ABSTAINED_FIELD_NUMBER: _builtins.int
     index_generation: _builtins.int
     head_generation: _builtins.int
     """0 when no head was used or none exists"""
     mode: Global___Mode.ValueType
     """the mode actually used"""
+    abstained: _builtins.bool
+    """the answer is "unknown" (labels still ranked)"""
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelProbability]: ...
     @_builtins.property
@@ -242,10 +251,11 @@ class ClassifyResponse(_message.Message):
         index_generation: _builtins.int = ...,
         head_generation: _builtins.int = ...,
         mode: Global___Mode.ValueType = ...,
+        abstained: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_generation", b"head_generation", "index_generation", b"index_generation", "labels", b"labels", "mode", b"mode", "neighbors", b"neighbors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstained", b"abstained", "head_generation", b"head_generation", "index_generation", b"index_generation", "labels", b"labels", "mode", b"mode", "neighbors", b"neighbors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -260,10 +270,13 @@ class ClassifyBatchRequest(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     TOP_N_FIELD_NUMBER: _builtins.int
     INCLUDE_NEIGHBORS_FIELD_NUMBER: _builtins.int
+    ABSTAIN_BELOW_FIELD_NUMBER: _builtins.int
     mode: Global___Mode.ValueType
     k: _builtins.int
     top_n: _builtins.int
     include_neighbors: _builtins.bool
+    abstain_below: _builtins.float
+    """as in ClassifyRequest"""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Input]: ...
     def __init__(
@@ -274,10 +287,11 @@ class ClassifyBatchRequest(_message.Message):
         k: _builtins.int = ...,
         top_n: _builtins.int = ...,
         include_neighbors: _builtins.bool = ...,
+        abstain_below: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_neighbors", b"include_neighbors", "inputs", b"inputs", "k", b"k", "mode", b"mode", "top_n", b"top_n"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstain_below", b"abstain_below", "include_neighbors", b"include_neighbors", "inputs", b"inputs", "k", b"k", "mode", b"mode", "top_n", b"top_n"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -609,9 +623,8 @@ class RebuildIndexRequest(_message.Message):
     """in (0, 1]"""
     retrain_head: _builtins.bool
     head_hidden: _builtins.int
-    """0 = linear softmax head"""
+    """unset = the live head's value (its HeadParams); head_hidden 0 = linear softmax head"""
     head_epochs: _builtins.int
-    """0 = default"""
     memory_budget: _builtins.str
     """e.g. 4G, 512M"""
     k: _builtins.int
@@ -624,16 +637,23 @@ class RebuildIndexRequest(_message.Message):
         transform: _builtins.str = ...,
         target_recall: _builtins.float = ...,
         retrain_head: _builtins.bool = ...,
-        head_hidden: _builtins.int = ...,
-        head_epochs: _builtins.int = ...,
+        head_hidden: _builtins.int | None = ...,
+        head_epochs: _builtins.int | None = ...,
         memory_budget: _builtins.str = ...,
         k: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_head_epochs", b"_head_epochs", "_head_hidden", b"_head_hidden", "head_epochs", b"head_epochs", "head_hidden", b"head_hidden"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["factory", b"factory", "head_epochs", b"head_epochs", "head_hidden", b"head_hidden", "k", b"k", "memory_budget", b"memory_budget", "metric", b"metric", "retrain_head", b"retrain_head", "target_recall", b"target_recall", "transform", b"transform"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_head_epochs", b"_head_epochs", "_head_hidden", b"_head_hidden", "factory", b"factory", "head_epochs", b"head_epochs", "head_hidden", b"head_hidden", "k", b"k", "memory_budget", b"memory_budget", "metric", b"metric", "retrain_head", b"retrain_head", "target_recall", b"target_recall", "transform", b"transform"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__head_epochs: _TypeAlias = _typing.Literal["head_epochs"]  # noqa: Y015
+    _WhichOneofArgType__head_epochs: _TypeAlias = _typing.Literal["_head_epochs", b"_head_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__head_hidden: _TypeAlias = _typing.Literal["head_hidden"]  # noqa: Y015
+    _WhichOneofArgType__head_hidden: _TypeAlias = _typing.Literal["_head_hidden", b"_head_hidden"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__head_epochs) -> _WhichOneofReturnType__head_epochs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__head_hidden) -> _WhichOneofReturnType__head_hidden | None: ...
 
 Global___RebuildIndexRequest: _TypeAlias = RebuildIndexRequest  # noqa: Y015
 
@@ -854,12 +874,17 @@ class HeadInfo(_message.Message):
     STALE_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     MANIFEST_FIELD_NUMBER: _builtins.int
+    HYBRID_ACTS_AS_FIELD_NUMBER: _builtins.int
     generation: _builtins.int
     """0 when no head"""
     stale: _builtins.bool
     """labels changed since it was trained"""
+    hybrid_acts_as: Global___Mode.ValueType
+    """HYBRID, or the single mode cross-validation found better"""
     @_builtins.property
-    def metrics(self) -> _struct_pb2.Struct: ...
+    def metrics(self) -> _struct_pb2.Struct:
+        """cross-validated metrics of knn, head, hybrid"""
+
     @_builtins.property
     def manifest(self) -> _struct_pb2.Struct: ...
     def __init__(
@@ -869,10 +894,11 @@ class HeadInfo(_message.Message):
         stale: _builtins.bool = ...,
         metrics: _struct_pb2.Struct | None = ...,
         manifest: _struct_pb2.Struct | None = ...,
+        hybrid_acts_as: Global___Mode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "manifest", b"manifest", "metrics", b"metrics", "stale", b"stale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "hybrid_acts_as", b"hybrid_acts_as", "manifest", b"manifest", "metrics", b"metrics", "stale", b"stale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
