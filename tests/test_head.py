@@ -195,3 +195,25 @@ def test_agreement_weights_down_weight_labels_neighbours_outvote() -> None:
     p_knn = np.array([[0.8, 0.2], [0.1, 0.9], [0.0, 0.0], [0.5, 0.5]])
     w = agreement_weights(np.array([0, 0, 0, 1]), p_knn)
     assert w.tolist() == pytest.approx([1.0, 0.2, 1.0, 1.0])  # floor 0.2; no vote keeps 1
+
+
+def test_smoothed_calibration_reaches_the_precision_on_new_items() -> None:
+    from featurebank.classify.abstain import calibrate_threshold
+
+    rng = np.random.default_rng(0)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        conf = rng.uniform(0.5, 1.0, n)
+        return conf, rng.uniform(size=n) < conf  # calibrated: right with probability conf
+
+    fresh_conf, fresh_ok = sample(200_000)
+    reached = []
+    for _ in range(40):
+        conf, ok = sample(60)
+        t = calibrate_threshold(conf, ok, 0.9, smooth=True)
+        if t <= 1.0:  # else the sample never reaches 0.9: abstain always
+            reached.append(fresh_ok[fresh_conf >= t].mean())
+    # (the plain rule, picking the lowest of many thresholds, lands 1.2 points short here)
+    assert len(reached) > 30 and abs(np.mean(reached) - 0.9) < 0.01, np.mean(reached)
+    # all right or all wrong: nothing to smooth, the plain rule
+    assert calibrate_threshold(np.array([0.9, 0.6]), np.array([True, True]), 0.99, smooth=True) == 0.6

@@ -27,11 +27,17 @@ def check_precision(precision: float) -> float:
     return float(precision)
 
 
-def calibrate_threshold(confidence: np.ndarray, correct: np.ndarray, precision: float) -> float:
+def calibrate_threshold(
+    confidence: np.ndarray, correct: np.ndarray, precision: float, smooth: bool = False
+) -> float:
     """Lowest confidence threshold whose kept predictions reach `precision`.
 
     Keeping everything with confidence >= t; among thresholds meeting the target,
     the lowest keeps the most. Returns 1.0 + eps (abstain always) if none does.
+    With `smooth`, each item counts as the probability that an answer of its confidence
+    is right (a logistic fit of right/wrong on the confidence's log-odds) instead of
+    its own 0/1: with a few dozen items and a target like 0.98, one mistake otherwise
+    decides the threshold, and it lands far too high.
     """
     check_precision(precision)
     conf = np.asarray(confidence, dtype=np.float64)
@@ -40,13 +46,31 @@ def calibrate_threshold(confidence: np.ndarray, correct: np.ndarray, precision: 
         raise FailedPrecondition("no labelled items to calibrate the abstention threshold on")
     order = np.argsort(-conf, kind="stable")
     conf, ok = conf[order], ok[order]
-    cum_prec = np.cumsum(ok) / np.arange(1, conf.size + 1)
+    right = _right_given_confidence(conf, ok) if smooth and 0 < ok.sum() < ok.size else ok
+    cum_prec = np.cumsum(right) / np.arange(1, conf.size + 1)
     # Only cut between different confidences: everything tied with conf[i] is kept with it.
     last_of_tie = np.r_[conf[1:] != conf[:-1], True]
     meets = np.flatnonzero(last_of_tie & (cum_prec >= precision))
     if meets.size == 0:
         return float(np.nextafter(1.0, 2.0))
     return float(conf[meets[-1]])
+
+
+def _right_given_confidence(conf: np.ndarray, ok: np.ndarray, steps: int = 50) -> np.ndarray:
+    """P(right | confidence) at each item: logistic regression on the log-odds (Newton)."""
+    c = np.clip(conf, 1e-4, 1 - 1e-4)
+    x = np.stack([np.ones_like(c), np.log(c / (1 - c))], axis=1)
+    w = np.zeros(2)
+    ridge = 1e-3 * np.eye(2)
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-(x @ w)))
+        grad = x.T @ (p - ok) + ridge @ w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + ridge
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return np.asarray(1 / (1 + np.exp(-(x @ w))), dtype=np.float64)
 
 
 def confidence_and_correct(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

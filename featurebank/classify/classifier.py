@@ -300,7 +300,7 @@ class Classifier:
             )
             if key not in self._thresholds:
                 conf, ok = self._knn_leave_one_out(voter)
-                self._thresholds[key] = calibrate_threshold(conf, ok, precision)
+                self._thresholds[key] = calibrate_threshold(conf, ok, precision, smooth=True)
             return self._thresholds[key]
         head = snap.head
         if head is None:
@@ -312,7 +312,7 @@ class Classifier:
                 "head if it predates them)"
             )
         conf, ok = head.calibration[mode]
-        return calibrate_threshold(conf, ok, precision)
+        return calibrate_threshold(conf, ok, precision, smooth=True)
 
     def _knn_leave_one_out(self, voter: Voter) -> tuple[np.ndarray, np.ndarray]:
         """(top probability, correct) of each voting item, voted on by the others."""
