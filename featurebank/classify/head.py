@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from featurebank.core.errors import InvalidInput
+from featurebank.index.transforms import l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def apply_transform(params: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarr
     if "t_proj" in params:
         out = out @ params["t_proj"]
     if "t_l2" in params:
-        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), _EPS)
+        out = l2_normalize(out)
     return np.asarray(out, dtype=np.float32)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from featurebank.core.errors import InvalidInput
 from featurebank.core.vocabulary import VOTE_WEIGHTS, check_choice, metric
+from featurebank.index.transforms import l2_normalize
 
 if TYPE_CHECKING:
     from featurebank.index.searcher import Searcher, SearchResult
@@ -185,5 +186,4 @@ class Neighbours:
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+    return np.ascontiguousarray(l2_normalize(np.asarray(x, dtype=np.float32)))
