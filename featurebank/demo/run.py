@@ -27,288 +27,32 @@ current directory).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import re
-import shlex
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from featurebank.embedder.devices import NOISE, write_stderr
+from featurebank.demo.digits import UPSERT_PER_CLASS, write_digits
+from featurebank.demo.processes import (
+    DemoFailed,
+    Runner,
+    free_port,
+    rel,
+    stop_server,
+    wait_serving,
+)
 
 BANK_DIR = "demo-bank"
 DATA_DIR = "demo-data"
 SUMMARY_FILE = "demo-summary.json"
 LABELS_PER_CLASS = 5
-TEST_FRACTION = 0.3
-UPSERT_PER_CLASS = 2
 SHOW_ROWS = 10
-SEED = 0
-STEP_TIMEOUT_S = 600.0
-SERVE_START_TIMEOUT_S = 180.0
-SERVE_STOP_TIMEOUT_S = 60.0
-DIGIT_BOX = 20  # MNIST puts a digit's 20x20 box in the middle of a 28x28 frame
-FRAME = 28
-
-
-class DemoFailed(Exception):
-    """A step exited non-zero or did not produce what the next step needs."""
-
-
-@dataclass
-class Digits:
-    """Where the demo's images went, and what the held-out ones really are."""
-
-    images_dir: Path  # embedded into the bank: train/<digit>/*.png and test/<digit>/*.png
-    new_dir: Path  # upserted over gRPC in step 5: <digit>/*.png
-    labels_csv: Path
-    test_paths: list[Path]  # the held-out images under images_dir/test
-    test_labels: list[str]
-    labelled: int
-    unlabelled: int
-    raw_pixel_1nn: float  # the no-transfer baseline with the same labelled images
-    counts: dict[str, int] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------- step 1: the images
-
-
-def to_mnist_frame(image_8x8: np.ndarray) -> np.ndarray:
-    """An 8x8 scikit-learn digit (0-16) as a 28x28 uint8 image laid out like MNIST.
-
-    Why not leave the 8x8 file to the embedder's resize: upscaled to fill the whole 28x28
-    frame, the strokes sit where MNIST has its black border, and the source backbone never saw
-    that. Scaled to the central 20x20 box with a 4-pixel border, the digits look like the
-    backbone's training data (few-shot 1-NN on the features: about 0.92 versus 0.95).
-    """
-    from PIL import Image
-
-    gray = np.clip(np.rint(image_8x8 * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    box = Image.fromarray(gray).resize((DIGIT_BOX, DIGIT_BOX), Image.Resampling.BILINEAR)
-    frame = np.zeros((FRAME, FRAME), dtype=np.uint8)
-    o = (FRAME - DIGIT_BOX) // 2
-    frame[o : o + DIGIT_BOX, o : o + DIGIT_BOX] = np.asarray(box)
-    return frame
-
-
-def write_digits(data_dir: Path, labels_per_class: int, seed: int = SEED) -> Digits:
-    """Write load_digits as PNGs in class folders, the labels CSV, and the raw-pixel baseline."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from sklearn.neighbors import KNeighborsClassifier
-
-    digits = load_digits()
-    images, target = digits.images, digits.target.astype(int)
-    order = np.arange(len(target))
-    pool, test = train_test_split(
-        order, test_size=TEST_FRACTION, stratify=target, random_state=seed
-    )
-    rng = np.random.default_rng(seed)
-    labelled: list[int] = []
-    new: list[int] = []
-    for c in range(10):
-        members = rng.permutation(pool[target[pool] == c])
-        labelled.extend(members[:labels_per_class].tolist())
-        new.extend(members[labels_per_class : labels_per_class + UPSERT_PER_CLASS].tolist())
-    new_set = set(new)
-    bank_pool = [i for i in pool.tolist() if i not in new_set]
-
-    images_dir, new_dir = data_dir / "images", data_dir / "new"
-
-    def write(i: int, folder: Path) -> Path:
-        path = folder / str(target[i]) / f"{i:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(to_mnist_frame(images[i])).save(path)
-        return path
-
-    for i in bank_pool:
-        write(i, images_dir / "train")
-    test_paths = [write(i, images_dir / "test") for i in test.tolist()]
-    for i in new:
-        write(i, new_dir)
-
-    # keys are paths relative to the embedded folder, as `featurebank embed` names them
-    labels_csv = data_dir / "labels.csv"
-    with open(labels_csv, "w", newline="") as f:
-        w = csv.writer(f)
-        for i in sorted(labelled):
-            w.writerow([f"train/{target[i]}/{i:04d}.png", str(target[i]), "train"])
-        for i in sorted(test.tolist()):
-            w.writerow([f"test/{target[i]}/{i:04d}.png", str(target[i]), "test"])
-
-    flat = images.reshape(len(images), -1)
-    knn = KNeighborsClassifier(n_neighbors=1).fit(flat[labelled], target[labelled])
-    raw_acc = float(knn.score(flat[test], target[test]))
-    return Digits(
-        images_dir=images_dir,
-        new_dir=new_dir,
-        labels_csv=labels_csv,
-        test_paths=test_paths,
-        test_labels=[str(target[i]) for i in test.tolist()],
-        labelled=len(labelled),
-        unlabelled=len(bank_pool) - len(labelled),
-        raw_pixel_1nn=raw_acc,
-        counts={"bank_train": len(bank_pool), "test": len(test), "new": len(new)},
-    )
-
-
-# ---------------------------------------------------------------------- running commands
-
-
-def featurebank_command() -> list[str]:
-    """The installed console script beside this interpreter, else `python -m featurebank`."""
-    script = Path(sys.executable).parent / "featurebank"
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-m", "featurebank"]
-
-
-def _read_all(src: Any, into: list[bytes]) -> None:
-    into.append(src.read())
-
-
-def _copy_filtered(src: Any) -> None:
-    """Copy a child's stderr to ours as it comes (progress bars included), minus NOISE lines."""
-    pending = b""
-    while chunk := os.read(src.fileno(), 65536):
-        pending += chunk
-        parts = re.split(rb"(?<=[\r\n])", pending)
-        pending = parts.pop()  # incomplete tail (may be b"")
-        out = b"".join(p for p in parts if not NOISE.match(p))
-        if out:
-            write_stderr(out)
-    if pending and not NOISE.match(pending):
-        write_stderr(pending)
-
-
-class Runner:
-    """Prints each `featurebank ...` command as a user would type it, then runs it in workdir."""
-
-    def __init__(self, workdir: Path, verbose: bool = False) -> None:
-        self.workdir = workdir
-        self.verbose = verbose
-        self.base = featurebank_command()
-        self.env = dict(os.environ)
-        self.env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's own logging quiet
-        self.env.setdefault("PYTHONUNBUFFERED", "1")
-
-    def show(self, args: Sequence[str], display: str | None = None) -> None:
-        print(f"\n$ {display or shlex.join(['featurebank', *args])}", flush=True)
-
-    def run(self, args: Sequence[str], display: str | None = None, capture: bool = False) -> str:
-        """Run `featurebank ARGS`; stdout is returned when captured, else it goes to ours."""
-        self.show(args, display)
-        proc = subprocess.Popen(
-            [*self.base, *args],
-            cwd=self.workdir,
-            env=self.env,
-            stdout=subprocess.PIPE if capture else None,
-            stderr=None if self.verbose else subprocess.PIPE,
-        )
-        captured: list[bytes] = []
-        readers = []
-        if proc.stdout is not None:
-            readers.append(threading.Thread(target=_read_all, args=(proc.stdout, captured)))
-        if proc.stderr is not None:
-            readers.append(threading.Thread(target=_copy_filtered, args=(proc.stderr,)))
-        for t in readers:
-            t.daemon = True
-            t.start()
-        try:
-            proc.wait(timeout=STEP_TIMEOUT_S)
-        except subprocess.TimeoutExpired as e:
-            proc.kill()
-            proc.wait()
-            raise DemoFailed(f"`featurebank {args[0]}` did not finish in {e.timeout:.0f}s") from e
-        finally:
-            for t in readers:
-                t.join(timeout=10)
-        text = b"".join(captured).decode(errors="replace")
-        if proc.returncode != 0:
-            print(text, end="")
-            raise DemoFailed(f"`featurebank {args[0]}` exited with status {proc.returncode}")
-        return text
-
-    def start(self, args: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
-        """Start a long-running command in the background, its output going to `log_path`."""
-        self.show(args, shlex.join(["featurebank", *args]) + " &")
-        with open(log_path, "wb") as log:
-            return subprocess.Popen(
-                [*self.base, *args],
-                cwd=self.workdir,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-
-def rel(path: Path, workdir: Path) -> str:
-    """`path` as the user would type it from the workdir."""
-    try:
-        return str(path.resolve().relative_to(workdir.resolve()))
-    except ValueError:
-        return str(path.resolve())
-
-
-def free_port() -> int:
-    """A free loopback port (the tiny race before the server binds it is acceptable here)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_serving(address: str, server: subprocess.Popen[bytes], log_path: Path) -> float:
-    """Poll grpc.health.v1 until SERVING; fail fast if the server process dies first."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    start = time.monotonic()
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if server.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-3000:]
-                raise DemoFailed(f"the server exited with status {server.returncode}:\n{tail}")
-            if time.monotonic() - start > SERVE_START_TIMEOUT_S:
-                raise DemoFailed(f"the server was not SERVING after {SERVE_START_TIMEOUT_S:.0f}s")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return time.monotonic() - start
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-
-
-def stop_server(server: subprocess.Popen[bytes]) -> int:
-    """SIGTERM and wait: the server drains in-flight calls and closes the store."""
-    if server.poll() is None:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=SERVE_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-            raise DemoFailed(
-                f"the server ignored SIGTERM for {SERVE_STOP_TIMEOUT_S:.0f}s"
-            ) from None
-    return int(server.returncode)
-
-
-# ---------------------------------------------------------------------- reading results
 
 
 def parse_classify(output: str) -> list[dict[str, Any]]:

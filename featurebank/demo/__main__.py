@@ -1,0 +1,5 @@
+import sys
+
+from featurebank.demo.run import main
+
+sys.exit(main())
