@@ -7,8 +7,7 @@ point leaves CURRENT on the previous good generation, and searchers switch to a
 new generation whenever they refresh.
 
 FAISS ids are store item ids (IndexIDMap2), so relabelling never touches the
-index and `update_index` can add and remove items by id, in time proportional to
-the change (plus rewriting the index file).
+index and a fold (index/fold.py) can add and remove items by id.
 
 The build is split into steps (`prepare`, `build_arrays` or its pieces `train` /
 `tuning_split` / `tune_held_out`, `publish_build`) because the Ray builder
@@ -21,9 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
-from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,20 +31,14 @@ from typing import Any
 import faiss
 import numpy as np
 
-from featurebank.core.bank import Bank, current_dir, current_generation, publish, staging_dir
-from featurebank.core.errors import FailedPrecondition, FeaturebankError, InvalidInput, shown
+from featurebank.core.bank import Bank, current_generation, publish, staging_dir
+from featurebank.core.errors import FailedPrecondition, InvalidInput, RecallBelowTarget, shown
 from featurebank.core.memory import release_free_memory
 from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import metric as metric_named
 from featurebank.index import selection, transforms
-from featurebank.index.searcher import (
-    INDEX_FILE,
-    MANIFEST_FILE,
-    index_any,
-    index_ids,
-    read_manifest,
-)
-from featurebank.index.tuning import Tuned, exact_search, timed_search, tune
+from featurebank.index.searcher import INDEX_FILE, MANIFEST_FILE, read_manifest
+from featurebank.index.tuning import Tuned, exact_search, timed_search, tune, unwrap
 from featurebank.store import BankLike, borrowed
 
 log = logging.getLogger(__name__)
@@ -88,18 +81,31 @@ def make_index(factory: str, dim: int, metric: str) -> faiss.Index:
     return index
 
 
+def is_graph(index: faiss.Index) -> bool:
+    """Whether the searching index is an HNSW graph (behind any wrappers)."""
+    return isinstance(unwrap(index), faiss.IndexHNSW)
+
+
 def add_batches(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, progress: bool) -> None:
-    """Add in chunks, so progress shows and peak memory of conversions stays small."""
+    """Add vectors: graphs in one call, other indexes in chunks (progress, small peak memory).
+
+    An HNSW graph must get its vectors in one `add`: faiss inserts each call's
+    vectors level by level, highest first, and a graph grown chunk by chunk from
+    class-ordered data (what a class-folder embed produces) leaves later clusters
+    badly linked; recall then plateaus far below target at any efSearch
+    (tests/test_index_recall.py measures both ways).
+    """
+    step = max(len(ids), 1) if is_graph(index) else ADD_BATCH
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(ids), desc="indexing", unit="vec", file=None)
     try:
-        for i in range(0, len(ids), ADD_BATCH):
-            index.add_with_ids(vectors[i : i + ADD_BATCH], ids[i : i + ADD_BATCH])
+        for i in range(0, len(ids), step):
+            index.add_with_ids(vectors[i : i + step], ids[i : i + step])
             if bar is not None:
-                bar.update(min(ADD_BATCH, len(ids) - i))
+                bar.update(min(step, len(ids) - i))
     finally:
         if bar is not None:
             bar.close()
@@ -197,6 +203,23 @@ def tune_held_out(
     return Tuned({}, float("nan"), 1000 * secs / n, n / max(secs, 1e-9), False)
 
 
+def check_recall(tuned: Tuned, params: IndexParams, what: str) -> None:
+    """Refuse an index measured below its target, unless the params allow it (then warn)."""
+    if tuned.reached or math.isnan(tuned.recall):  # reached, or too small to measure
+        return
+    message = (
+        f"index {what} reached recall@{params.k} {tuned.recall:.3f} at its best setting, "
+        f"below the target {params.target_recall}"
+    )
+    if params.allow_below_target:
+        log.warning("%s (published: allow_below_target is set)", message)
+        return
+    raise RecallBelowTarget(
+        f"{message}: not published; choose another factory or a larger memory budget, "
+        "lower the target, or allow it explicitly (--allow-below-target)"
+    )
+
+
 @contextmanager
 def omp_threads(threads: int | None) -> Any:
     if threads is None:
@@ -227,17 +250,20 @@ def build_index(
     memory_budget: int | str | None = None,
     target_recall: float | None = None,
     k: int | None = None,
+    allow_below_target: bool | None = None,
     progress: bool = False,
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Build an index over the whole store, tune it, publish it as the next generation.
 
     Starts from the live generation's IndexParams; only the options given change.
+    An index measured below its target recall is not published (RecallBelowTarget)
+    unless the params allow it.
     """
     with borrowed(bank) as st:
         params = live_params(st.bank).override(
             factory=factory, metric=metric, transform=transform, memory_budget=memory_budget,
-            target_recall=target_recall, k=k,
+            target_recall=target_recall, k=k, allow_below_target=allow_below_target,
         )
         transforms.parse(params.transform)
         try:
@@ -264,7 +290,7 @@ def prepare(bank: Bank, store: Any, params: IndexParams, sharded: bool = False) 
     factory, metric, transform, k = params.factory, params.metric, params.transform, params.k
     dim = int(store.spec.dim)
     transforms.check_fits(transform, dim)
-    store_generation = int(store.generation)  # read first: update_index re-adds nothing twice
+    store_generation = int(store.generation)  # read first: a fold re-adds nothing twice
     items = store.to_numpy()
     count = len(items)
     if count == 0:
@@ -298,8 +324,10 @@ def publish_build(
     started: float,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the manifest and publish the index as the bank's next generation."""
+    """Write the manifest and publish the index as the bank's next generation (unless it
+    was measured below its target recall and the params do not allow that)."""
     count = len(prepared.ids)
+    check_recall(tuned, params, f"{prepared.choice.factory} over {count} vectors")
     manifest = {
         "format": FORMAT,
         "index_params": params.to_dict(),
@@ -360,84 +388,3 @@ def write_generation(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def removable(index: faiss.Index) -> bool:
-    """Whether ids can be removed in place: only a plain Flat under the IDMap.
-
-    HNSW cannot remove at all, and IndexIDMap2 renumbers its positions on removal
-    while inverted lists keep the old ones, so those are filtered at search time.
-    """
-    inner = faiss.downcast_index(index_any(index).index)
-    return type(inner) in (faiss.IndexFlat, faiss.IndexFlatL2, faiss.IndexFlatIP)
-
-
-def _as_ids(values: Iterable[int] | np.ndarray) -> np.ndarray:
-    return np.asarray(values, dtype=np.int64).reshape(-1)
-
-
-def update_index(
-    bank: BankLike,
-    progress: bool = False,
-    rebuild_fraction: float = 0.2,
-) -> dict[str, Any]:
-    """Bring the live index up to the store: add new items, remove (or filter) deleted ones.
-
-    The transform is not refitted. When more than `rebuild_fraction` of the
-    index is deleted-but-unremovable (HNSW), the index is rebuilt instead.
-    """
-    with borrowed(bank) as st:
-        return _update(st.bank, st, progress, rebuild_fraction)
-
-
-def _rebuild_like(bank: Bank, store: Any, manifest: dict[str, Any], why: str) -> dict[str, Any]:
-    log.info("rebuilding the index: %s", why)
-    return _build(bank, store, IndexParams.from_manifest(manifest), progress=False)
-
-
-def _update(bank: Bank, store: Any, progress: bool, rebuild_fraction: float) -> dict[str, Any]:
-    started = time.perf_counter()
-    directory = current_dir(bank.indexes_dir, "index")
-    manifest = read_manifest(directory)
-    if int(manifest["dim"]) != int(store.spec.dim):
-        return _rebuild_like(bank, store, manifest, "the store's dimension changed")
-    try:
-        changes = store.changes_since(int(manifest["store_generation"]))
-    except FeaturebankError as e:  # change log compacted past our generation
-        return _rebuild_like(bank, store, manifest, f"no change log since the index: {e}")
-    deleted = _as_ids(changes.deleted)
-    added = np.setdiff1d(_as_ids(changes.added), deleted)
-    if added.size == 0 and deleted.size == 0:
-        log.info("index generation %s already covers the store's items", directory.name)
-        return {**manifest, "generation": int(directory.name), "unchanged": True,
-                "added": 0, "removed": 0}
-    index = faiss.read_index(str(directory / INDEX_FILE))
-    present = index_ids(index)
-    deleted = deleted[np.isin(deleted, present)]
-    added = added[~np.isin(added, present)]
-    removed, unremoved = 0, int(manifest.get("unremoved_deleted", 0))
-    if deleted.size and removable(index):
-        removed = int(index.remove_ids(faiss.IDSelectorBatch(deleted)))
-    elif deleted.size:  # searchers filter these ids out instead
-        unremoved += int(deleted.size)
-    if unremoved > rebuild_fraction * max(index.ntotal, 1):
-        return _rebuild_like(bank, store, manifest, f"{unremoved} deleted items still indexed")
-    fitted = transforms.Transform.load(directory)
-    if added.size:
-        items = store.get(added.astype(np.uint64))
-        vectors = transforms.as_vectors(items.vectors, fitted.in_dim, "added store vectors")
-        add_batches(index, fitted.apply(vectors), _as_ids(items.ids), progress)
-    manifest = {
-        **manifest,
-        "store_generation": int(changes.generation),
-        "ntotal": int(index.ntotal),
-        "unremoved_deleted": unremoved,
-        "updated_from": int(directory.name),
-        "updated_at": time.time(),
-        "update_seconds": round(time.perf_counter() - started, 3),
-        "last_update": {"added": int(added.size), "removed": removed,
-                        "filtered": int(deleted.size) - removed},
-    }
-    gen = write_generation(bank, index, manifest, transform_from=directory)
-    log.info("index generation %d: +%d items, -%d removed", gen, added.size, removed)
-    return {**manifest, "generation": gen, "added": int(added.size), "removed": removed}

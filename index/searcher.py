@@ -10,6 +10,9 @@ Why this shape:
   visible to the next query without touching the index.
 - Items deleted from the store but still in the index (HNSW cannot remove) are
   filtered out at search time with an id selector.
+- Items the store holds beyond the generation live in the view's mutable segment
+  (index/segment.py), searched exactly beside the generation: a committed write is
+  searchable at once, without an index file being written.
 - OpenMP's thread count is per calling thread: each thread sets its own, so
   several server threads do not each use every core.
 """
@@ -35,6 +38,7 @@ from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound, 
 from featurebank.core.rwlock import RWLock
 from featurebank.core.vocabulary import HELD_OUT_SPLIT
 from featurebank.core.vocabulary import metric as metric_named
+from featurebank.index.segment import Segment, member, merge
 from featurebank.index.transforms import Transform, as_vectors
 from featurebank.index.tuning import set_params, tunable, unwrap
 from featurebank.store import BankLike, Store
@@ -133,8 +137,9 @@ class View:
 
     gen: Generation
     labels: Labels
+    segment: Segment  # live store items the generation does not hold
     stale: np.ndarray  # ids in the index that the store no longer has
-    live_count: int
+    live_count: int  # live items a search can return (generation and segment)
     cache: OrderedDict[Any, Any] = field(default_factory=OrderedDict)
     cache_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -207,9 +212,40 @@ def load_labels(store: Any) -> Labels:
     return Labels(generation, ids, codes, list(vocabulary), vote_codes)
 
 
-def make_view(gen: Generation, labels: Labels) -> View:
-    stale = np.setdiff1d(gen.index_ids, labels.ids, assume_unique=True)
-    return View(gen, labels, stale, int(gen.index_ids.size - stale.size))
+def make_view(gen: Generation, labels: Labels, segment: Segment) -> View:
+    stale = gen.index_ids[~member(gen.index_ids, labels.ids)]
+    return View(gen, labels, segment, stale, int(gen.index_ids.size - stale.size) + segment.size)
+
+
+def segment_reader(store: Any, gen: Generation) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Reads stored items as the generation indexes them: (ids, transformed vectors)."""
+
+    def read(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        items = store.get(ids.astype(np.uint64))
+        vectors = as_vectors(items.vectors, gen.dim, "stored vectors")
+        return np.asarray(items.ids, dtype=np.int64), gen.transform.apply(vectors)
+
+    return read
+
+
+def caught_up(
+    store: Any, gen: Generation, labels: Labels | None, segment: Segment | None
+) -> tuple[Labels, Segment]:
+    """Labels at the store's generation and the segment that goes with them.
+
+    `labels` None (or older than the store) reloads them; an item deleted by another
+    writer between reading the labels and the vectors makes it read both again.
+    """
+    if segment is None:
+        segment = Segment.empty(int(gen.index.d), int(gen.index.metric_type))
+    for _ in range(5):
+        if labels is None or labels.store_generation != int(store.generation):
+            labels = load_labels(store)
+        try:
+            return labels, segment.caught_up(labels.ids, gen.index_ids, segment_reader(store, gen))
+        except NotFound:
+            labels = None
+    raise FailedPrecondition("the store changed too fast to catch the index up; retry")
 
 
 def codes_of(labels: Labels, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -269,7 +305,7 @@ class Searcher:
         self.threads = threads
         gen = load_generation(bank)
         self._check_spec(gen)
-        self._view = make_view(gen, load_labels(store))
+        self._view = make_view(gen, *caught_up(store, gen, None, None))
 
     @classmethod
     def load(cls, bank: BankLike, threads: int | None = None) -> Searcher:
@@ -326,8 +362,13 @@ class Searcher:
 
     @property
     def ntotal(self) -> int:
-        """Live items the index can return."""
+        """Live items a search can return (the generation's and the segment's)."""
         return self._view.live_count
+
+    @property
+    def segment(self) -> Segment:
+        """Live items not yet folded into the loaded generation."""
+        return self._view.segment
 
     @property
     def vocabulary(self) -> list[str]:
@@ -347,6 +388,10 @@ class Searcher:
         """Pick up a new CURRENT index generation and label/deletion changes in the store."""
         self._refresh(index_too=True)
 
+    def catch_up(self) -> None:
+        """Make everything committed to the store searchable (labels, deletions, new items)."""
+        self._refresh(index_too=False)
+
     def _refresh(self, index_too: bool) -> None:
         with self._refresh_mutex:
             view = self._view
@@ -356,12 +401,13 @@ class Searcher:
                 if live is not None and live != gen.number:
                     gen = load_generation(self.bank, live)
                     self._check_spec(gen)
-            labels = view.labels
-            if int(self.store.generation) != labels.store_generation:
-                labels = load_labels(self.store)
-            if gen is view.gen and labels is view.labels:
+            same_gen = gen is view.gen
+            labels, segment = caught_up(
+                self.store, gen, view.labels, view.segment if same_gen else None
+            )
+            if same_gen and labels is view.labels and segment is view.segment:
                 return
-            new = make_view(gen, labels)
+            new = make_view(gen, labels, segment)
             with self._lock.exclusive():
                 self._view = new
             log.info(
@@ -410,18 +456,37 @@ class Searcher:
                     raise InvalidInput(
                         f"exclude_ids has {exclude.shape[0]} ids for {x.shape[0]} queries"
                     )
-            kk = k + 1 if exclude is not None and k < view.gen.index_ids.size else k
+            held = view.gen.index_ids.size + view.segment.size
+            kk = k + 1 if exclude is not None and k < held else k
             xt = view.gen.transform.apply(x)
             if labels is not None or voters_only:
                 dist, ids = self._search_subset(view, xt, kk, labels, voters_only)
+                allowed = self._segment_allowed(view, labels, voters_only)
             else:
                 dist, ids = self._search_all(view, xt, kk)
+                allowed = None
+            if view.segment.size:
+                seg = view.segment.search(xt, kk, allowed)
+                scores, ids = merge((dist, ids), seg, kk, view.gen.metric)
+            else:
+                scores = to_scores(dist, ids, view.gen.metric)
             if exclude is not None:
-                ids, dist = drop_excluded(ids, dist, exclude, k)
-            ids, dist = ids[:, :k], dist[:, :k]
-            scores = to_scores(dist, ids, view.gen.metric)
+                ids, scores = drop_excluded(ids, scores, exclude, k)
+            ids, scores = ids[:, :k], scores[:, :k]
             votes, shown = codes_of(view.labels, ids)
             return SearchResult(ids, scores, votes, view.labels.vocabulary, self._keys, shown)
+
+    def _segment_allowed(
+        self, view: View, labels: Sequence[str] | None, voters_only: bool
+    ) -> np.ndarray | None:
+        """Segment ids a filtered search may return (None: all)."""
+        if view.segment.size == 0:
+            return None
+        wanted = None if labels is None else label_codes(view, labels)
+        codes, shown = codes_of(view.labels, view.segment.ids)
+        use = codes if voters_only else shown
+        mask = use >= 0 if wanted is None else np.isin(use, wanted)
+        return np.asarray(view.segment.ids[mask])
 
     def _search_all(self, view: View, xt: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         index = view.gen.index
@@ -445,9 +510,10 @@ class Searcher:
         wanted = None if labels is None else label_codes(view, labels)
         key = ("subset", None if wanted is None else tuple(wanted.tolist()), voters_only)
         allowed = cached(view, key, lambda: allowed_ids(view, wanted, voters_only))
-        if wanted is None and allowed.size == view.live_count:
-            return self._search_all(view, xt, k)  # every live item votes: no filter needed
-        fraction = allowed.size / max(view.live_count, 1)
+        indexed = int(view.gen.index_ids.size - view.stale.size)
+        if wanted is None and allowed.size == indexed:
+            return self._search_all(view, xt, k)  # every indexed item votes: no filter needed
+        fraction = allowed.size / max(indexed, 1)
         n = xt.shape[0]
         if allowed.size == 0:
             return np.full((n, k), np.nan, np.float32), np.full((n, k), -1, np.int64)

@@ -21,7 +21,8 @@ from featurebank.cli import main
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.core.params import parse_memory
 from featurebank.index import selection
-from featurebank.index.build import build_index, update_index
+from featurebank.index.build import build_index
+from featurebank.index.fold import update_index
 from featurebank.index.searcher import Searcher
 from featurebank.index.tuning import recall_at_k
 
@@ -266,11 +267,13 @@ def test_rebuild_keeps_the_live_params_and_changes_only_what_is_named(tmp_path: 
     bank = make_bank(tmp_path / "bank", x, ["a"] * 600)
     first = build_index(bank)  # a bank without an index starts from the defaults
     assert first["index_params"] == {"factory": "auto", "metric": "cosine", "transform": "cl2n",
-                                     "memory_budget": 4 << 30, "target_recall": 0.95, "k": 10}
+                                     "memory_budget": 4 << 30, "target_recall": 0.95, "k": 10,
+                                     "allow_below_target": False}
     build_index(bank, factory="Flat", transform="pca:8", memory_budget="1G", k=5)
     again = build_index(bank, target_recall=0.9)  # only the recall target changes
     assert again["index_params"] == {"factory": "Flat", "metric": "cosine", "transform": "pca:8",
-                                     "memory_budget": 1 << 30, "target_recall": 0.9, "k": 5}
+                                     "memory_budget": 1 << 30, "target_recall": 0.9, "k": 5,
+                                     "allow_below_target": False}
     assert again["transform"]["spec"] == "pca:8" and again["index_dim"] == 8
     with store_mod.open(bank) as st:  # an update's fallback rebuild starts from them too
         st.put_batch(["x"], x[:1], ["b"])

@@ -110,7 +110,7 @@ def _build_ray(args: argparse.Namespace) -> int:
 
 
 def _update(args: argparse.Namespace) -> int:
-    from featurebank.index.build import update_index
+    from featurebank.index.fold import update_index
 
     m = update_index(args.bank, progress=True)
     if m.get("unchanged"):

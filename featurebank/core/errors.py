@@ -42,6 +42,26 @@ class DeviceUnavailable(FailedPrecondition):
     """The device a job or server was asked to run on is not there (e.g. no GPU visible)."""
 
 
+class RecallBelowTarget(FailedPrecondition):
+    """An index measured below its recall target, which the operator did not allow."""
+
+
+class Overloaded(FeaturebankError):
+    """The bank's writer is saturated; the caller should retry after `retry_after_ms`."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class DeadlineExceeded(FeaturebankError):
+    """The caller's deadline passed before the work started; nothing was done."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
 class WriterBusy(FeaturebankError):
     """Another process holds the bank's single writer lock."""
 

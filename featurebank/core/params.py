@@ -38,6 +38,10 @@ def parse_memory(text: str | int) -> int:
 class IndexParams:
     """What to build: factory (or auto), metric, transform, memory budget, recall target.
 
+    A build or fold whose measured recall@k is below `target_recall` is refused
+    (RecallBelowTarget) unless `allow_below_target`; the permission is persisted
+    like the other fields, so later folds of that index inherit it.
+
     `transform` defaults to cl2n (centre on the bank's mean, then L2-normalise):
     measured best for CNN features by benchmarks/classify_quality.py (README table).
     """
@@ -48,6 +52,7 @@ class IndexParams:
     memory_budget: int = 4 << 30
     target_recall: float = 0.95
     k: int = 10
+    allow_below_target: bool = False  # publish an index measured below target_recall
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "memory_budget", parse_memory(self.memory_budget))
@@ -58,6 +63,8 @@ class IndexParams:
         k = self.k
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise InvalidInput(f"k must be a positive integer, got {k!r}")
+        if not isinstance(self.allow_below_target, bool):
+            raise InvalidInput(f"allow_below_target must be true or false, got {self.allow_below_target!r}")
         if not 0 < self.target_recall <= 1:
             raise InvalidInput(f"target recall must be in (0, 1], got {self.target_recall}")
 
