@@ -371,6 +371,11 @@ class Searcher:
         return self._view.segment
 
     @property
+    def stale_count(self) -> int:
+        """Items the loaded generation holds that the store deleted (filtered at search)."""
+        return int(self._view.stale.size)
+
+    @property
     def vocabulary(self) -> list[str]:
         return self._view.labels.vocabulary
 

@@ -3,6 +3,9 @@
 The engine owns the bank's store (the server is its single writer), the live
 Classifier and Searcher, the Embedder for image inputs, the dynamic batchers
 and the executors that keep Keras, FAISS and LMDB work off the event loop.
+Writes go through the group writer (server/writes.py) and only commit to the
+store and catch the live searcher up; index files are written off the write
+path, by checkpoints and rebuilds (server/indexing.py).
 
 Models are swapped, never mutated while in use: every read takes the current
 `Models` snapshot once, so a rebuild that publishes a new generation changes
@@ -14,19 +17,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import threading
-import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from featurebank.core.bank import Bank, current_generation
+from featurebank.core.bank import Bank
 from featurebank.core.errors import (
     FailedPrecondition,
     FeaturebankError,
@@ -34,13 +34,15 @@ from featurebank.core.errors import (
     NotFound,
     shown,
 )
+from featurebank.index.checkpoint import CheckpointPolicy
 from featurebank.server.batching import Batcher, isolate
+from featurebank.server.indexing import IndexKeeper, Operation, RebuildParams
+from featurebank.server.writes import GroupWriter, UpsertRow
 
 if TYPE_CHECKING:
     from featurebank.classify.classifier import Classifier
     from featurebank.index.searcher import Searcher
 from featurebank.server.metrics import Metrics
-from featurebank.server.status import to_status
 
 log = logging.getLogger(__name__)
 
@@ -99,48 +101,12 @@ class Hit:
 
 
 @dataclass(frozen=True)
-class UpsertRow:
-    key: str
-    vector: np.ndarray
-    label: str | None
-    split: str
-    meta: dict[str, Any]
-
-
-@dataclass
-class Operation:
-    """A background job (index rebuild) clients poll with GetOperation."""
-
-    id: str
-    kind: str
-    started: float = field(default_factory=time.time)
-    finished: float = 0.0
-    done: bool = False
-    progress: float = 0.0
-    stage: str = "queued"
-    error: tuple[str, str] | None = None  # (status name, message)
-    result: dict[str, Any] = field(default_factory=dict)
-    index_generation: int = 0
-    head_generation: int = 0
-
-
-@dataclass(frozen=True)
 class Labelling:
     """Suggestions or audit findings, with the generations they were computed on."""
 
     items: list[Any]
     index_generation: int
     labels_generation: int
-
-
-@dataclass(frozen=True)
-class RebuildParams:
-    """What RebuildIndex asked for: index overrides (None keeps the live params), head options."""
-
-    index: dict[str, Any] = field(default_factory=dict)
-    retrain_head: bool = False
-    head_hidden: int | None = None  # None: the live head's (its HeadParams)
-    head_epochs: int | None = None
 
 
 class Engine:
@@ -156,6 +122,8 @@ class Engine:
         search_threads: int = 2,
         device: str = "auto",
         precision: str = "auto",
+        checkpoint: CheckpointPolicy | None = None,
+        max_queued_rows: int = 100_000,
     ) -> None:
         self.bank = Bank(bank)
         self.device, self.precision = device, precision
@@ -164,14 +132,14 @@ class Engine:
         self.models: Models | None = None
         self.embedder: Any = None
         self.load_error: str | None = None
-        self.operations: dict[str, Operation] = {}
-        self._rebuild: Operation | None = None
-        self._index_lock = threading.Lock()  # one index publisher at a time
-        self._state_lock = threading.Lock()
+        self.keeper: IndexKeeper | None = None
+        self.checkpoint_policy = checkpoint or CheckpointPolicy()
         self.compute = ThreadPoolExecutor(search_threads, thread_name_prefix="fb-search")
         self.embed_pool = ThreadPoolExecutor(1, thread_name_prefix="fb-embed")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="fb-writer")
-        self.background = ThreadPoolExecutor(1, thread_name_prefix="fb-rebuild")
+        self.writes = GroupWriter(
+            self.writer, self._commit_upsert, self._after_writes, max_queued_rows
+        )
         on_batch = self._on_batch if metrics is not None else None
         self.embed_batcher: Batcher[bytes, np.ndarray] = Batcher(
             "embed", self._embed_batch, self.embed_pool,
@@ -192,7 +160,13 @@ class Engine:
     # ----------------------------------------------------------------- lifecycle
 
     def open(self) -> None:
-        """Open the store as the bank's writer and load whatever models exist (blocking)."""
+        """Open the store as the bank's writer and load whatever models exist (blocking).
+
+        The index served is caught up with everything the store committed before
+        this returns (the searcher's segment holds what the last generation lacks),
+        so a restarted server never reports SERVING behind its store. A bank without
+        any index stays NOT_SERVING until RebuildIndex or its next write builds one.
+        """
         from featurebank import store as store_mod
 
         self.store = store_mod.open(self.bank.root)
@@ -209,7 +183,11 @@ class Engine:
             placement = devices.resolve(self.device, self.precision)
             self.embedder = Embedder.from_spec(self.store.spec, placement=placement)
             log.info("images are embedded on %s", self.device_report()["description"])
+        self.keeper = IndexKeeper(
+            self.bank, self.store, self._reload, self._searcher, self.checkpoint_policy
+        )
         self._load_models()
+        self.keeper.start()
 
     def device_report(self) -> dict[str, Any]:
         """Where images are embedded: devices, precision, largest batch, work per device."""
@@ -252,6 +230,18 @@ class Engine:
         if self.on_ready is not None:
             self.on_ready(self.ready)
 
+    def _reload(self) -> tuple[int, int]:
+        """Swap to the current generations: (index generation, head generation)."""
+        self._load_models()
+        if self.models is None:
+            raise FailedPrecondition(self.load_error or "the index could not be loaded")
+        clf = self.models.classifier
+        return int(clf.index_generation), int(clf.head_generation or 0)
+
+    def _searcher(self) -> Searcher | None:
+        m = self.models
+        return m.searcher if m is not None else None
+
     def _update_gauges(self) -> None:
         if self.metrics is None or self.store is None:
             return
@@ -276,8 +266,9 @@ class Engine:
         await loop.run_in_executor(None, self._close_sync)
 
     def _close_sync(self) -> None:
-        self.background.shutdown(wait=True)
         self.writer.shutdown(wait=True)
+        if self.keeper is not None:
+            self.keeper.close()
         self.compute.shutdown(wait=True)
         self.embed_pool.shutdown(wait=True)
         if self.store is not None:
@@ -487,15 +478,20 @@ class Engine:
 
     # ----------------------------------------------------------------- writes
 
-    async def upsert(self, rows: Sequence[UpsertRow]) -> dict[str, int]:
-        return await self._run(self.writer, self._upsert, list(rows))
+    async def upsert(self, rows: Sequence[UpsertRow], deadline: float | None = None) -> dict[str, int]:
+        """Commit rows (grouped with concurrent Upserts); see server/writes.py for the contract.
 
-    def _upsert(self, rows: list[UpsertRow]) -> dict[str, int]:
+        `deadline` is a time.monotonic() value: a call whose commit has not started by
+        then is not committed (DeadlineExceeded).
+        """
         if not rows:
             raise InvalidInput("Upsert got no items")
+        return await asyncio.wrap_future(self.writes.submit(list(rows), deadline))
+
+    def _commit_upsert(self, rows: list[UpsertRow]) -> tuple[set[str], int]:
         keys = [r.key for r in rows]
         store = self.store
-        present = sorted(set(keys) - set(store.missing(keys)))
+        present = set(keys) - set(store.missing(keys))
         store.put_batch(  # one commit: replaced items are never missing in between
             keys,
             np.stack([r.vector for r in rows]).astype(np.float32),
@@ -504,13 +500,15 @@ class Engine:
             meta=[r.meta for r in rows],
             replace=True,
         )
-        self._sync_index()
-        return {
-            "added": len(rows) - len(present),
-            "replaced": len(present),
-            "store_generation": int(store.generation),
-            "index_generation": self._index_generation(),
-        }
+        return present, int(store.generation)
+
+    def _after_writes(self) -> int:
+        """Make committed writes searchable: catch the searcher up (or build the first index)."""
+        if self._searcher() is None:
+            assert self.keeper is not None
+            self.keeper.ensure_index()
+        self._catch_up()
+        return self._index_generation()
 
     async def set_labels(self, mapping: dict[str, str | None]) -> dict[str, int]:
         return await self._run(self.writer, self._set_labels, mapping)
@@ -520,8 +518,7 @@ class Engine:
         if missing:
             raise NotFound(_unknown_keys(missing))
         updated = int(self.store.set_labels(mapping))
-        with self._index_lock:
-            self._load_models()
+        self._catch_up()  # labels only: no index is touched, no build is waited for
         return {"updated": updated, "store_generation": int(self.store.generation)}
 
     async def delete(self, keys: Sequence[str], ignore_missing: bool) -> dict[str, int]:
@@ -535,102 +532,35 @@ class Engine:
         present = [k for k in keys if k not in gone]
         deleted = int(self.store.delete(present)) if present else 0
         if deleted:
-            self._sync_index()
+            self._catch_up()
         return {"deleted": deleted, "store_generation": int(self.store.generation)}
+
+    def _catch_up(self) -> None:
+        searcher = self._searcher()
+        if searcher is not None:
+            searcher.catch_up()
+        self._update_gauges()
 
     def _index_generation(self) -> int:
         m = self.models
         return int(m.classifier.index_generation) if m else 0
 
-    def _sync_index(self) -> None:
-        """Make committed changes searchable: update the live index (or build the first).
-
-        The store commit already happened; if the index cannot follow, the error says
-        so, keeping its status code, so the caller knows the items are stored.
-        """
-        from featurebank.index import build
-
-        with self._index_lock:
-            try:
-                if current_generation(self.bank.indexes_dir) is None:
-                    count = int(self.store.count)
-                    if count == 0:
-                        return
-                    build.build_index(self.store, k=_build_k(count))
-                else:
-                    build.update_index(self.store)
-            except FeaturebankError as e:
-                e.args = (
-                    f"committed to the store (generation {self.store.generation}) but the "
-                    f"index was not updated: {e}",
-                )
-                raise
-            finally:
-                self._load_models()
-
-    # ----------------------------------------------------------------- rebuilds
+    # ----------------------------------------------------------------- index upkeep
 
     def start_rebuild(self, params: RebuildParams) -> Operation:
-        from featurebank.index import build
-
-        build.live_params(self.bank).override(**params.index)  # bad options fail the call
-        with self._state_lock:
-            running = self._rebuild
-            if running is not None and not running.done:
-                raise FailedPrecondition(
-                    f"a rebuild is already running (operation {running.id}); poll GetOperation"
-                )
-            op = Operation(id=uuid.uuid4().hex, kind="rebuild")
-            self.operations[op.id] = op
-            self._rebuild = op
-        self.background.submit(self._rebuild_job, op, params)
-        return op
+        return self._keeper().start_rebuild(params)
 
     def get_operation(self, op_id: str) -> Operation:
-        try:
-            return self.operations[op_id]
-        except KeyError:
-            raise NotFound(f"no operation {shown(op_id)} on this server") from None
+        return self._keeper().get_operation(op_id)
 
-    def _rebuild_job(self, op: Operation, params: RebuildParams) -> None:
-        from featurebank.index import build
+    def checkpoint_now(self) -> dict[str, Any] | None:
+        """Fold the searcher's segment into a new generation now (None: nothing pending)."""
+        return self._keeper().checkpoint_now()
 
-        try:
-            with self._index_lock:
-                op.stage, op.progress = "building index", 0.05
-                index = dict(params.index)
-                if build.live_params(self.bank).k > int(self.store.count):
-                    index.setdefault("k", _build_k(int(self.store.count)))
-                manifest = build.build_index(self.store, **index)
-                op.result["index"] = manifest
-                if params.retrain_head:
-                    from featurebank.classify import heads
-
-                    op.stage, op.progress = "training head", 0.6
-                    # the live head's HeadParams, changed only where the caller named a value
-                    op.result["head"] = heads.train_head(
-                        self.bank.root, hidden=params.head_hidden, epochs=params.head_epochs
-                    )
-                op.stage, op.progress = "swapping", 0.95
-                self._load_models()
-            if self.models is None:
-                raise FailedPrecondition(self.load_error or "rebuilt index could not be loaded")
-            op.index_generation = int(self.models.classifier.index_generation)
-            op.head_generation = int(self.models.classifier.head_generation or 0)
-            op.stage, op.progress = "done", 1.0
-        except Exception as e:  # noqa: BLE001 - reported through GetOperation
-            code, message = to_status(e)
-            op.error = (code.name, message)
-            op.stage = "failed"
-            log.warning("rebuild %s failed: %s", op.id, message)
-        finally:
-            op.finished = time.time()
-            op.done = True
-
-
-def _build_k(count: int) -> int:
-    """The k an index is tuned for: 10, or fewer on a tiny bank (a build refuses k > count)."""
-    return max(1, min(10, count))
+    def _keeper(self) -> IndexKeeper:
+        if self.keeper is None:
+            raise FailedPrecondition("the bank is not open yet")
+        return self.keeper
 
 
 def _unknown_keys(keys: Sequence[str]) -> str:

@@ -21,7 +21,7 @@ from grpc import aio
 
 from featurebank.classify.abstain import check_precision
 from featurebank.classify.head_generations import hybrid_mode
-from featurebank.core.errors import FeaturebankError, InvalidInput, shown
+from featurebank.core.errors import FeaturebankError, InvalidInput, Overloaded, shown
 from featurebank.core.vocabulary import MODES, SPLITS, SUGGEST_STRATEGIES
 from featurebank.protos.featurebank.v1 import featurebank_pb2 as pb
 from featurebank.protos.featurebank.v1 import featurebank_pb2_grpc as pb_grpc
@@ -58,6 +58,7 @@ DEFAULT_RANKED = 100
 MAX_RANKED = 10_000
 MAX_LABEL_FILTER = 1024  # labels in one Search filter
 MAX_OPERATION_ID = 64  # operation ids are 32 hex digits
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of RESOURCE_EXHAUSTED from a busy writer
 
 
 class Unavailable(FeaturebankError):
@@ -197,6 +198,8 @@ def _rpc(
         except Exception as e:  # noqa: BLE001 - mapped to a status, never UNKNOWN
             code, message = to_status(e)
             self._observe(name, code.name, started)
+            if isinstance(e, Overloaded):  # machine-readable retry hint beside the message
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(e.retry_after_ms)),))
             await context.abort(code, message)
             raise  # unreachable: abort raises
         finally:
@@ -452,7 +455,9 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 rows[j] = UpsertRow(
                     it.key, v, it.label or None, split, image_meta(it.image, it.uri)
                 )
-        done = await self.engine.upsert([r for r in rows if r is not None])
+        left = context.time_remaining()
+        deadline = None if left is None else time.monotonic() + left
+        done = await self.engine.upsert([r for r in rows if r is not None], deadline)
         return pb.UpsertResponse(**done)
 
     @_rpc

@@ -51,7 +51,7 @@ class Overloaded(FeaturebankError):
 
     grpc_code = "RESOURCE_EXHAUSTED"
 
-    def __init__(self, message: str, retry_after_ms: int) -> None:
+    def __init__(self, message: str, retry_after_ms: int = 1000) -> None:
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
 
