@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -21,6 +21,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
+from featurebank.index.checkpoint import CheckpointPolicy
 from featurebank.protos.featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
 from featurebank.server.auth import AuthInterceptor, Tokens
 from featurebank.server.engine import Engine
@@ -60,6 +61,8 @@ class ServeConfig:
     max_upsert_inflight_bytes: int = DEFAULT_TOTAL_BYTES
     device: str = "auto"  # where images are embedded: auto, cpu or gpu
     precision: str = "auto"  # auto (mixed on GPUs), mixed or float32
+    checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    max_queued_rows: int = 100_000
 
     def check(self) -> None:
         """Refuse configurations that would expose the bank by accident."""
@@ -80,6 +83,8 @@ class ServeConfig:
         if self.batch_timeout_ms < 0:
             raise InvalidInput(f"--batch-timeout-ms must be >= 0, got {self.batch_timeout_ms}")
         self.upsert_budget()  # refuses bounds that are not positive or not ordered
+        if self.max_queued_rows < 1:
+            raise InvalidInput(f"--max-queued-items must be >= 1, got {self.max_queued_rows}")
         secured = self.tls_cert is not None or (self.tokens is not None and self.tokens.enabled)
         if not is_loopback(self.host) and not secured and not self.insecure:
             raise FailedPrecondition(
@@ -131,6 +136,8 @@ class FeatureBankServer:
             metrics=self.metrics,
             device=config.device,
             precision=config.precision,
+            checkpoint=config.checkpoint,
+            max_queued_rows=config.max_queued_rows,
         )
         self.health = health.aio.HealthServicer()
         self.port = 0

@@ -279,6 +279,7 @@ class FeatureBankClient:
         target_recall: float | None = None,
         memory_budget: str | None = None,
         k: int | None = None,
+        allow_below_target: bool = False,
         retrain_head: bool = False,
         head_hidden: int | None = None,
         head_epochs: int | None = None,
@@ -293,6 +294,7 @@ class FeatureBankClient:
             factory=factory or "", metric=metric or "", transform=transform or "",
             target_recall=target_recall or 0.0, memory_budget=memory_budget or "", k=k or 0,
             retrain_head=retrain_head, head_hidden=head_hidden, head_epochs=head_epochs,
+            allow_below_target=allow_below_target,
         )
         op = self._call(self.stub.RebuildIndex, request, timeout)
         if wait:

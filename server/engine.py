@@ -426,6 +426,8 @@ class Engine:
                 "generation": int(m.classifier.index_generation),
                 "ntotal": int(m.searcher.ntotal),
                 "manifest": dict(m.searcher.manifest),
+                "pending_items": int(m.searcher.segment.size + m.searcher.stale_count),
+                "checkpoint_error": self.keeper.checkpointer.last_error if self.keeper else None,
             }
             info["default_mode"] = str(m.classifier.default_mode)
             head = m.classifier.head

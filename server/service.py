@@ -493,6 +493,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 "memory_budget": request.memory_budget or None,
                 "target_recall": request.target_recall or None,
                 "k": request.k or None,
+                "allow_below_target": True if request.allow_below_target else None,
             },
             retrain_head=request.retrain_head,
             head_hidden=request.head_hidden if request.HasField("head_hidden") else None,
@@ -623,6 +624,10 @@ def _info(info: dict[str, Any]) -> pb.GetInfoResponse:
         out.index.recall = _number(m.get("recall_at_k"))  # None when too few items to measure
         out.index.store_generation = int(m["store_generation"])
         out.index.manifest.CopyFrom(to_struct(m))
+        out.index.target_recall = float(m.get("target_recall") or 0.0)
+        out.index.target_reached = bool(m.get("target_reached"))
+        out.index.pending_items = index["pending_items"]
+        out.index.checkpoint_error = index["checkpoint_error"] or ""
     device = info["device"]
     out.device.description = device["description"]
     if "kind" in device:

@@ -26,6 +26,9 @@ def add_index_params(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-recall", type=float, help="recall@k to tune for; "
                    + KEEP.format(d.target_recall))
     p.add_argument("--k", type=int, help="k of the recall target; " + KEEP.format(d.k))
+    p.add_argument("--allow-below-target", action="store_true", default=None,
+                   help="publish the index even if its measured recall is below the target "
+                   "(also for later folds); without it such an index is refused")
 
 
 def register(commands: Commands) -> None:
@@ -78,6 +81,7 @@ def _build(args: argparse.Namespace) -> int:
         memory_budget=args.memory_budget,
         target_recall=args.target_recall,
         k=args.k,
+        allow_below_target=args.allow_below_target,
         progress=True,
         threads=args.threads,
     )

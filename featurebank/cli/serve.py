@@ -38,6 +38,16 @@ def register(commands: Commands) -> None:
     p.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, default=None,
                    help="CA that client certificates must chain to (mutual TLS)")
+    p.add_argument("--checkpoint-items", type=int, default=20_000,
+                   help="fold items written since the index into a new generation once this "
+                   "many are pending (0: no item limit)")
+    p.add_argument("--checkpoint-mb", type=float, default=64.0,
+                   help="... or once they take this many MiB in memory (0: no limit)")
+    p.add_argument("--checkpoint-seconds", type=float, default=300.0,
+                   help="... or once the oldest is this old (0: no time limit)")
+    p.add_argument("--max-queued-items", type=int, default=100_000,
+                   help="items waiting for the writer beyond which Upserts get "
+                   "RESOURCE_EXHAUSTED with a retry hint")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback address without TLS or tokens")
     p.add_argument("--device", choices=DEVICES, default="auto",
@@ -52,6 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from featurebank import store as store_mod
     from featurebank.core.memory import limit_arenas
+    from featurebank.index.checkpoint import CheckpointPolicy
 
     # Before any thread starts (TensorFlow's included): resident memory follows what is in
     # use through rebuilds (see memory).
@@ -84,6 +95,11 @@ def _serve(args: argparse.Namespace) -> int:
         grace_s=args.grace,
         device=args.device,
         precision=args.precision,
+        checkpoint=CheckpointPolicy(
+            max_items=args.checkpoint_items, max_bytes=int(args.checkpoint_mb * (1 << 20)),
+            max_seconds=args.checkpoint_seconds,
+        ),
+        max_queued_rows=args.max_queued_items,
     )
 
     def started(server: Any) -> None:

@@ -116,9 +116,13 @@ def _info_lines(stats: dict[str, Any], errors: list[dict[str, Any]]) -> Iterator
     else:
         behind = stats["generation"] - index["store_generation"]
         lag = f", {behind} store generations behind" if behind > 0 else ""
+        recall = index["recall_at_k"]
+        measured = f"{recall:.3f}" if isinstance(recall, float) and recall == recall else "n/a"
+        met = "met" if index.get("target_reached") else "NOT met"
         yield (
             f"index       generation {index['generation']}: {index['factory']}, "
-            f"{index['ntotal']} vectors, recall@{index['k']} {index['recall_at_k']:.3f}{lag}"
+            f"{index['ntotal']} vectors, recall@{index['k']} {measured} "
+            f"(target {index['target_recall']}: {met}){lag}"
         )
     head = stats.get("head")
     if head is None:

@@ -613,6 +613,7 @@ class RebuildIndexRequest(_message.Message):
     HEAD_EPOCHS_FIELD_NUMBER: _builtins.int
     MEMORY_BUDGET_FIELD_NUMBER: _builtins.int
     K_FIELD_NUMBER: _builtins.int
+    ALLOW_BELOW_TARGET_FIELD_NUMBER: _builtins.int
     factory: _builtins.str
     """FAISS factory string or "auto" """
     metric: _builtins.str
@@ -629,6 +630,8 @@ class RebuildIndexRequest(_message.Message):
     """e.g. 4G, 512M"""
     k: _builtins.int
     """k of the recall target"""
+    allow_below_target: _builtins.bool
+    """publish even when measured below target_recall"""
     def __init__(
         self,
         *,
@@ -641,10 +644,11 @@ class RebuildIndexRequest(_message.Message):
         head_epochs: _builtins.int | None = ...,
         memory_budget: _builtins.str = ...,
         k: _builtins.int = ...,
+        allow_below_target: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_head_epochs", b"_head_epochs", "_head_hidden", b"_head_hidden", "head_epochs", b"head_epochs", "head_hidden", b"head_hidden"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_head_epochs", b"_head_epochs", "_head_hidden", b"_head_hidden", "factory", b"factory", "head_epochs", b"head_epochs", "head_hidden", b"head_hidden", "k", b"k", "memory_budget", b"memory_budget", "metric", b"metric", "retrain_head", b"retrain_head", "target_recall", b"target_recall", "transform", b"transform"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_head_epochs", b"_head_epochs", "_head_hidden", b"_head_hidden", "allow_below_target", b"allow_below_target", "factory", b"factory", "head_epochs", b"head_epochs", "head_hidden", b"head_hidden", "k", b"k", "memory_budget", b"memory_budget", "metric", b"metric", "retrain_head", b"retrain_head", "target_recall", b"target_recall", "transform", b"transform"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__head_epochs: _TypeAlias = _typing.Literal["head_epochs"]  # noqa: Y015
     _WhichOneofArgType__head_epochs: _TypeAlias = _typing.Literal["_head_epochs", b"_head_epochs"]  # noqa: Y015
@@ -834,6 +838,10 @@ class IndexInfo(_message.Message):
     RECALL_FIELD_NUMBER: _builtins.int
     STORE_GENERATION_FIELD_NUMBER: _builtins.int
     MANIFEST_FIELD_NUMBER: _builtins.int
+    TARGET_RECALL_FIELD_NUMBER: _builtins.int
+    TARGET_REACHED_FIELD_NUMBER: _builtins.int
+    PENDING_ITEMS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ERROR_FIELD_NUMBER: _builtins.int
     generation: _builtins.int
     """0 when no index yet"""
     factory: _builtins.str
@@ -841,9 +849,17 @@ class IndexInfo(_message.Message):
     transform: _builtins.str
     ntotal: _builtins.int
     recall: _builtins.float
-    """measured recall at build time (0 when not measured)"""
+    """measured recall@k of the live generation (build or last fold; 0 when not measured)"""
     store_generation: _builtins.int
-    """store generation the index covers"""
+    """store generation the index file covers"""
+    target_recall: _builtins.float
+    """the recall@k target it was built for"""
+    target_reached: _builtins.bool
+    """whether the measured recall met the target"""
+    pending_items: _builtins.int
+    """committed items searched from memory, not yet folded into a generation"""
+    checkpoint_error: _builtins.str
+    """why the last checkpoint was not published ("" when it was)"""
     @_builtins.property
     def manifest(self) -> _struct_pb2.Struct: ...
     def __init__(
@@ -857,10 +873,14 @@ class IndexInfo(_message.Message):
         recall: _builtins.float = ...,
         store_generation: _builtins.int = ...,
         manifest: _struct_pb2.Struct | None = ...,
+        target_recall: _builtins.float = ...,
+        target_reached: _builtins.bool = ...,
+        pending_items: _builtins.int = ...,
+        checkpoint_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["factory", b"factory", "generation", b"generation", "manifest", b"manifest", "metric", b"metric", "ntotal", b"ntotal", "recall", b"recall", "store_generation", b"store_generation", "transform", b"transform"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_error", b"checkpoint_error", "factory", b"factory", "generation", b"generation", "manifest", b"manifest", "metric", b"metric", "ntotal", b"ntotal", "pending_items", b"pending_items", "recall", b"recall", "store_generation", b"store_generation", "target_reached", b"target_reached", "target_recall", b"target_recall", "transform", b"transform"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
