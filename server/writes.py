@@ -10,8 +10,9 @@ Back-pressure: at most `max_queued_rows` items wait for the writer; beyond that 
 call fails at once with Overloaded (RESOURCE_EXHAUSTED) and a retry hint from the
 measured commit rate, instead of waiting minutes in a queue.
 
-Deadline contract of Upsert: a call whose deadline has passed when its commit
-starts is not committed (DEADLINE_EXCEEDED, nothing stored); once the commit has
+Deadline contract of Upsert: a call whose deadline has passed (or that was
+cancelled) when its commit starts is not committed (DEADLINE_EXCEEDED or
+CANCELLED, nothing stored); once the commit has
 started it completes and stands, even if the deadline passes meanwhile (the client
 then sees DEADLINE_EXCEEDED for a stored item, and a retry is harmless because
 Upsert replaces by key).
@@ -124,7 +125,12 @@ class GroupWriter:
         done: list[tuple[_Request, dict[str, int]]] = []
         try:
             while group := self._take():
-                done.extend(self._commit_group(group))
+                try:
+                    done.extend(self._commit_group(group))
+                except BaseException as e:  # noqa: BLE001 - never leave a caller waiting
+                    for req in group:
+                        if not req.future.done():
+                            req.future.set_exception(e)
         finally:
             if done:
                 try:
@@ -142,6 +148,8 @@ class GroupWriter:
         now = time.monotonic()
         live: list[_Request] = []
         for req in group:
+            if not req.future.set_running_or_notify_cancel():
+                continue  # the caller went away before its commit started: not committed
             if req.deadline is not None and now >= req.deadline:
                 req.future.set_exception(DeadlineExceeded(
                     f"the deadline passed before the commit of {len(req.rows)} items "
