@@ -19,6 +19,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +35,13 @@ import numpy as np
 
 from featurebank import store as store_mod
 from featurebank.core.bank import Bank, current_dir, current_generation
-from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound, shown
+from featurebank.core.errors import (
+    FailedPrecondition,
+    FeaturebankError,
+    InvalidInput,
+    NotFound,
+    shown,
+)
 from featurebank.core.rwlock import RWLock
 from featurebank.core.vocabulary import HELD_OUT_SPLIT
 from featurebank.core.vocabulary import metric as metric_named
@@ -228,6 +235,57 @@ def segment_reader(store: Any, gen: Generation) -> Callable[[np.ndarray], tuple[
     return read
 
 
+def advanced(store: Any, view: View) -> View | None:
+    """The view moved forward by the store's change log, in time proportional to the changes.
+
+    None when only a full reload will do: a relabel, a label new to the vocabulary,
+    or a change log compacted past the view's generation.
+    """
+    labels, gen = view.labels, view.gen
+    try:
+        changes = store.changes_since(labels.store_generation)
+    except FeaturebankError:
+        return None
+    if changes.relabelled.size:
+        return None
+    added = np.asarray(changes.added, dtype=np.int64)
+    deleted = np.asarray(changes.deleted, dtype=np.int64)
+    if added.size and labels.ids.size and added.min() <= labels.ids[-1]:
+        return None
+    same = labels.vote_codes is labels.codes  # no held-out items: one array serves both
+    ids, codes, votes = labels.ids, labels.codes, labels.vote_codes
+    if deleted.size:
+        keep = ~member(ids, deleted)
+        ids, codes = ids[keep], codes[keep]
+        votes = codes if same else votes[keep]
+    seg_ids = np.zeros(0, np.int64)
+    seg_vectors = np.zeros((0, view.segment.vectors.shape[1]), np.float32)
+    if added.size:
+        items = store.get(added.astype(np.uint64))  # NotFound: deleted meanwhile (caller retries)
+        vocab = {name: i for i, name in enumerate(labels.vocabulary)}
+        if any(lab is not None and lab not in vocab for lab in items.labels):
+            return None
+        new_codes = np.array([-1 if lab is None else vocab[lab] for lab in items.labels], np.int32)
+        held = np.array([sp == HELD_OUT_SPLIT for sp in items.splits], dtype=bool)
+        ids = np.concatenate([ids, added])
+        old_codes, codes = codes, np.concatenate([codes, new_codes])
+        if same and not held.any():
+            votes = codes
+        else:
+            old_votes = old_codes if same else votes
+            votes = np.concatenate([old_votes, np.where(held, -1, new_codes).astype(np.int32)])
+        fresh = ~member(added, gen.index_ids)
+        seg_ids = added[fresh]
+        if seg_ids.size:
+            vectors = as_vectors(items.vectors[fresh], gen.dim, "stored vectors")
+            seg_vectors = gen.transform.apply(vectors)
+    new_labels = Labels(int(changes.generation), ids, codes, labels.vocabulary, votes)
+    segment = view.segment.applied(seg_ids, seg_vectors, deleted)
+    gone = deleted[member(deleted, gen.index_ids)] if deleted.size else deleted
+    stale = np.union1d(view.stale, gone) if gone.size else view.stale
+    return View(gen, new_labels, segment, stale, int(gen.index_ids.size - stale.size) + segment.size)
+
+
 def caught_up(
     store: Any, gen: Generation, labels: Labels | None, segment: Segment | None
 ) -> tuple[Labels, Segment]:
@@ -407,17 +465,23 @@ class Searcher:
                     gen = load_generation(self.bank, live)
                     self._check_spec(gen)
             same_gen = gen is view.gen
-            labels, segment = caught_up(
-                self.store, gen, view.labels, view.segment if same_gen else None
-            )
-            if same_gen and labels is view.labels and segment is view.segment:
+            if same_gen and int(self.store.generation) == view.labels.store_generation:
                 return
-            new = make_view(gen, labels, segment)
+            new = None
+            if same_gen:
+                with contextlib.suppress(NotFound):
+                    new = advanced(self.store, view)
+            if new is None:
+                labels, segment = caught_up(
+                    self.store, gen, view.labels, view.segment if same_gen else None
+                )
+                new = make_view(gen, labels, segment)
             with self._lock.exclusive():
                 self._view = new
-            log.info(
-                "searcher now on index generation %d, store generation %d",
-                gen.number, labels.store_generation,
+            log.log(
+                logging.DEBUG if same_gen else logging.INFO,
+                "searcher now on index generation %d, store generation %d (%d pending)",
+                gen.number, new.labels.store_generation, new.segment.size,
             )
 
     def _labels_current(self) -> None:

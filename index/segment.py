@@ -89,6 +89,18 @@ class Segment:
             since = time.time()
         return Segment(ids, np.ascontiguousarray(vectors), self.metric_type, since)
 
+    def applied(self, ids: np.ndarray, vectors: np.ndarray, deleted: np.ndarray) -> Segment:
+        """This segment without `deleted`, plus new items (ids above every id it holds)."""
+        keep = ~member(self.ids, deleted) if deleted.size else np.ones(self.size, dtype=bool)
+        if ids.size == 0 and keep.all():
+            return self
+        out_ids = np.concatenate([self.ids[keep], ids.astype(np.int64)])
+        out = np.concatenate([self.vectors[keep], vectors.astype(np.float32, copy=False)])
+        since = self.since if keep.any() else 0.0
+        if ids.size and not since:
+            since = time.time()
+        return Segment(out_ids, np.ascontiguousarray(out), self.metric_type, since if out_ids.size else 0.0)
+
     def _index(self) -> faiss.Index:
         if not self._flat:  # built once per segment value (a benign race builds it twice)
             flat = faiss.IndexFlat(self.vectors.shape[1], self.metric_type)
