@@ -179,3 +179,33 @@ def test_readers_in_other_processes_see_unindexed_items(tmp_path: Path) -> None:
         only = searcher.search(centers[2][None], 1, labels=["fresh-label"])
         assert only.keys == [["fresh"]]
         assert searcher.ntotal == 10 * len(CLASSES)
+
+
+def test_a_searcher_caught_up_from_the_change_log_equals_a_fresh_one(tmp_path: Path) -> None:
+    bank = make_vector_bank(tmp_path / "bank", dim=DIM, n_per_class=30)
+    centers = class_centers(DIM)
+    rng = np.random.default_rng(9)
+    queries = np.stack([near(centers[i % 3], 500 + i) for i in range(30)])
+    with store_mod.open(bank) as st, Searcher.load(st) as live:
+        steps = [
+            lambda: st.put_batch([f"a/{i}" for i in range(5)], queries[:5] + 0.001,
+                                 [CLASSES[0]] * 5),  # known label: appended from the log
+            lambda: st.put_batch(["t/0"], queries[5:6] + 0.001, [CLASSES[1]], ["test"]),  # held out
+            lambda: st.delete([f"{CLASSES[2]}/1-{i}" for i in range(4)] + ["a/1"]),
+            lambda: st.put_batch(["n/0"], queries[6:7] + 0.001, ["brand-new"]),  # new label
+            lambda: st.set_labels({"a/0": CLASSES[2]}),  # relabel: full reload
+            lambda: st.put_batch(["a/2"], rng.normal(size=(1, DIM)).astype(np.float32),
+                                 [None], replace=True),
+        ]
+        for step in steps:
+            step()
+            live.catch_up()
+            with Searcher.load(bank) as fresh:
+                for voters in (False, True):
+                    got = live.search(queries, 8, voters_only=voters)
+                    want = fresh.search(queries, 8, voters_only=voters)
+                    np.testing.assert_array_equal(got.ids, want.ids)
+                    np.testing.assert_array_equal(got.label_codes, want.label_codes)
+                    assert got.labels == want.labels
+                assert live.ntotal == fresh.ntotal
+        assert live.segment.size == 6  # unindexed: a/0, a/2 (its new id), a/3, a/4, t/0, n/0
