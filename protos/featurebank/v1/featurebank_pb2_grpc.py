@@ -174,6 +174,10 @@ class FeatureBankServicer:
 
     def Upsert(self, request_iterator, context):
         """Add or replace items; committed and searchable when the call returns (write role).
+        Concurrent calls are committed together. A call whose deadline passed (or that was
+        cancelled) before its commit started stores nothing (DEADLINE_EXCEEDED / CANCELLED);
+        once its commit started it stands, and a retry is harmless (Upsert replaces by key).
+        RESOURCE_EXHAUSTED with trailing metadata "retry-after-ms" when the writer is saturated.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
