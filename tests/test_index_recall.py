@@ -94,3 +94,22 @@ def test_an_index_below_its_target_is_refused_unless_allowed(tmp_path: Path) -> 
     assert folded["last_update"]["measured"] and not folded["target_reached"]
     with pytest.raises(RecallBelowTarget, match="below the target 0.99"):  # a rebuild does not
         build_index(bank, allow_below_target=False)
+
+
+def test_a_fold_measured_below_target_is_not_published_but_rebuilt(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    base = rng.uniform(0, 1, size=(2000, 16)).astype(np.float32)
+    bank = make_bank(tmp_path / "bank", base)
+    built = build_index(bank, factory="IVF4,SQ4", metric="l2", transform="none",
+                        target_recall=0.5)
+    assert built["target_reached"]
+    # New items outside the range the scalar quantiser was trained on: their codes clip,
+    # so among themselves they are nearly indistinguishable.
+    new = rng.uniform(5, 6, size=(400, 16)).astype(np.float32)
+    with store_mod.open(bank) as st:
+        st.put_batch([f"new-{i}" for i in range(len(new))], new)
+    folded = update_index(bank)
+    assert folded["rebuilt"].startswith("the fold measured recall@10 0.")
+    assert "below the target 0.5" in folded["rebuilt"]
+    assert folded["target_reached"] and folded["ntotal"] == 2400
+    assert folded["generation"] == built["generation"] + 1  # only the rebuild was published
