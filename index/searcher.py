@@ -528,15 +528,14 @@ class Searcher:
             held = view.gen.index_ids.size + view.segment.size
             kk = k + 1 if exclude is not None and k < held else k
             xt = view.gen.transform.apply(x)
+            segment = view.segment
             if labels is not None or voters_only:
                 dist, ids = self._search_subset(view, xt, kk, labels, voters_only)
-                allowed = self._segment_allowed(view, labels, voters_only)
+                segment = self._segment_for(view, labels, voters_only)
             else:
                 dist, ids = self._search_all(view, xt, kk)
-                allowed = None
-            if view.segment.size:
-                seg = view.segment.search(xt, kk, allowed)
-                scores, ids = merge((dist, ids), seg, kk, view.gen.metric)
+            if segment.size:
+                scores, ids = merge((dist, ids), segment.search(xt, kk), kk, view.gen.metric)
             else:
                 scores = to_scores(dist, ids, view.gen.metric)
             if exclude is not None:
@@ -545,17 +544,22 @@ class Searcher:
             votes, shown = codes_of(view.labels, ids)
             return SearchResult(ids, scores, votes, view.labels.vocabulary, self._keys, shown)
 
-    def _segment_allowed(
+    def _segment_for(
         self, view: View, labels: Sequence[str] | None, voters_only: bool
-    ) -> np.ndarray | None:
-        """Segment ids a filtered search may return (None: all)."""
+    ) -> Segment:
+        """The part of the segment a filtered search may return (memoised per view)."""
         if view.segment.size == 0:
-            return None
+            return view.segment
         wanted = None if labels is None else label_codes(view, labels)
-        codes, shown = codes_of(view.labels, view.segment.ids)
-        use = codes if voters_only else shown
-        mask = use >= 0 if wanted is None else np.isin(use, wanted)
-        return np.asarray(view.segment.ids[mask])
+
+        def make() -> Segment:
+            votes, shown = codes_of(view.labels, view.segment.ids)
+            use = votes if voters_only else shown
+            return view.segment.subset(use >= 0 if wanted is None else np.isin(use, wanted))
+
+        key = ("segment", None if wanted is None else tuple(wanted.tolist()), voters_only)
+        segment: Segment = cached(view, key, make)
+        return segment
 
     def _search_all(self, view: View, xt: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         index = view.gen.index
@@ -646,7 +650,7 @@ def allowed_ids(
     codes = view.labels.vote_codes if voters_only else view.labels.codes
     mask = codes >= 0 if wanted_codes is None else np.isin(codes, wanted_codes)
     ids = view.labels.ids[mask]
-    return ids[np.isin(ids, view.gen.index_ids, assume_unique=True)]
+    return ids[member(ids, view.gen.index_ids)]
 
 
 def exact_subset(

@@ -29,9 +29,18 @@ from featurebank.core.vocabulary import metric as metric_named
 
 
 def member(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
-    """Boolean mask: which of `values` (int64 ids) are in `sorted_ids` (unique, sorted)."""
+    """Boolean mask: which of `values` (int64 ids) are in `sorted_ids` (unique, sorted).
+
+    Store ids are dense (sequential, with the gaps deletions leave), so a bitmap over
+    the id range answers in linear time; sparse ranges fall back to a binary search.
+    """
     if sorted_ids.size == 0 or values.size == 0:
         return np.zeros(values.shape, dtype=bool)
+    top = int(max(int(values.max()), int(sorted_ids[-1])))
+    if int(values.min()) >= 0 and top < 8 * (values.size + sorted_ids.size) + 4096:
+        bitmap = np.zeros(top + 1, dtype=bool)
+        bitmap[sorted_ids] = True
+        return np.asarray(bitmap[values])
     pos = np.minimum(np.searchsorted(sorted_ids, values), sorted_ids.size - 1)
     return np.asarray(sorted_ids[pos] == values)
 
@@ -108,25 +117,20 @@ class Segment:
             self._flat.append(flat)
         return self._flat[0]
 
-    def search(
-        self, xt: np.ndarray, k: int, allowed: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact (distances, ids) of the k nearest segment items, optionally only `allowed` ids."""
+    def subset(self, mask: np.ndarray) -> Segment:
+        """The items where `mask` is true (what a label-filtered search looks at)."""
+        if mask.all():
+            return self
+        return Segment(self.ids[mask], np.ascontiguousarray(self.vectors[mask]), self.metric_type,
+                       self.since)
+
+    def search(self, xt: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact (distances, ids) of the k nearest segment items (-1 padding)."""
         n = xt.shape[0]
-        if allowed is not None:
-            mask = member(self.ids, allowed)
-            ids, vectors = self.ids[mask], self.vectors[mask]
-            if ids.size == 0:
-                return np.full((n, k), np.nan, np.float32), np.full((n, k), -1, np.int64)
-            sub = faiss.IndexFlat(vectors.shape[1], self.metric_type)
-            sub.add(np.ascontiguousarray(vectors))
-            dist, pos = sub.search(xt, min(k, ids.size))
-        else:
-            if self.size == 0:
-                return np.full((n, k), np.nan, np.float32), np.full((n, k), -1, np.int64)
-            ids = self.ids
-            dist, pos = self._index().search(xt, min(k, self.size))
-        found = np.where(pos >= 0, ids[np.maximum(pos, 0)], -1).astype(np.int64)
+        if self.size == 0:
+            return np.full((n, k), np.nan, np.float32), np.full((n, k), -1, np.int64)
+        dist, pos = self._index().search(xt, min(k, self.size))
+        found = np.where(pos >= 0, self.ids[np.maximum(pos, 0)], -1).astype(np.int64)
         return dist, found
 
 
