@@ -37,8 +37,8 @@ from featurebank.core.memory import release_free_memory
 from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import metric as metric_named
 from featurebank.index import selection, transforms
-from featurebank.index.searcher import INDEX_FILE, MANIFEST_FILE, read_manifest
 from featurebank.index.tuning import Tuned, exact_search, timed_search, tune, unwrap
+from featurebank.index.views import INDEX_FILE, MANIFEST_FILE, read_manifest
 from featurebank.store import BankLike, borrowed
 
 log = logging.getLogger(__name__)

@@ -40,8 +40,8 @@ from featurebank.index.build import (
     faiss_metric,
     write_generation,
 )
-from featurebank.index.searcher import INDEX_FILE, index_any, index_ids, read_manifest
 from featurebank.index.tuning import Tuned, exact_search, tune
+from featurebank.index.views import INDEX_FILE, index_any, index_ids, read_manifest
 from featurebank.store import BankLike, borrowed
 
 log = logging.getLogger(__name__)

@@ -20,41 +20,38 @@ Why this shape:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
 from featurebank import store as store_mod
-from featurebank.core.bank import Bank, current_dir, current_generation
-from featurebank.core.errors import (
-    FailedPrecondition,
-    FeaturebankError,
-    InvalidInput,
-    NotFound,
-    shown,
-)
+from featurebank.core.bank import Bank, current_generation
+from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound, shown
 from featurebank.core.rwlock import RWLock
-from featurebank.core.vocabulary import HELD_OUT_SPLIT
 from featurebank.core.vocabulary import metric as metric_named
 from featurebank.index.segment import Segment, member, merge
-from featurebank.index.transforms import Transform, as_vectors
-from featurebank.index.tuning import set_params, tunable, unwrap
+from featurebank.index.transforms import as_vectors
+from featurebank.index.tuning import tunable
+from featurebank.index.views import (
+    Generation,
+    View,
+    advanced,
+    caught_up,
+    codes_of,
+    index_any,
+    load_generation,
+    make_view,
+)
 from featurebank.store import BankLike, Store
 
 log = logging.getLogger(__name__)
 FAISS: Any = faiss  # faiss' bundled stubs miss SearchParametersHNSW and keyword constructors
 
-INDEX_FILE = "index.faiss"
-MANIFEST_FILE = "manifest.json"
 EXACT_FILTER_MAX = 20_000  # label filters this selective are searched exactly
 MAX_EF_SEARCH = 2048
 SELECTOR_CACHE = 16
@@ -104,220 +101,6 @@ class SearchResult:
             names = self._key_lookup(self.ids)
             self._keys = [[names.get(i, "") for i in row] for row in self.ids.tolist()]
         return self._keys
-
-
-@dataclass
-class Generation:
-    """One loaded index generation (immutable once loaded)."""
-
-    number: int
-    directory: Path
-    manifest: dict[str, Any]
-    index: faiss.Index
-    transform: Transform
-    index_ids: np.ndarray  # sorted int64 ids held by the index
-    kind: str  # flat | hnsw | ivf | other
-
-    @property
-    def metric(self) -> str:
-        return str(self.manifest["metric"])
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["dim"])
-
-
-@dataclass
-class Labels:
-    """The store's label table at one store generation."""
-
-    store_generation: int
-    ids: np.ndarray  # sorted int64 ids of live items
-    codes: np.ndarray  # int32, -1 = unlabelled
-    vocabulary: list[str]
-    vote_codes: np.ndarray  # codes, with -1 for held-out (test split) items
-
-
-@dataclass
-class View:
-    """A generation with the labels it is searched with, and what follows from both."""
-
-    gen: Generation
-    labels: Labels
-    segment: Segment  # live store items the generation does not hold
-    stale: np.ndarray  # ids in the index that the store no longer has
-    live_count: int  # live items a search can return (generation and segment)
-    cache: OrderedDict[Any, Any] = field(default_factory=OrderedDict)
-    cache_lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    try:
-        manifest: dict[str, Any] = json.loads((directory / MANIFEST_FILE).read_text())
-    except FileNotFoundError as e:
-        raise FailedPrecondition(f"index generation {directory} has no {MANIFEST_FILE}") from e
-    return manifest
-
-
-def index_kind(index: faiss.Index) -> str:
-    if faiss.try_extract_index_ivf(index) is not None:
-        return "ivf"
-    inner = unwrap(index)
-    if isinstance(inner, faiss.IndexHNSW):
-        return "hnsw"
-    if isinstance(inner, faiss.IndexFlat):
-        return "flat"
-    return "other"
-
-
-def index_any(index: faiss.Index) -> Any:
-    return index
-
-
-def index_ids(index: faiss.Index) -> np.ndarray:
-    """Sorted external ids of an IndexIDMap2 (what the builder always writes)."""
-    return np.sort(faiss.vector_to_array(index_any(index).id_map).astype(np.int64))
-
-
-def load_generation(bank: Bank, number: int | None = None) -> Generation:
-    """Read one generation (default: CURRENT) from disk; FailedPrecondition if there is none."""
-    directory = (
-        current_dir(bank.indexes_dir, "index")
-        if number is None
-        else bank.indexes_dir / str(number)
-    )
-    if not directory.is_dir():
-        raise FailedPrecondition(f"index generation {directory} is missing")
-    manifest = read_manifest(directory)
-    index = faiss.read_index(str(directory / INDEX_FILE))
-    if not isinstance(index, faiss.IndexIDMap2):
-        raise FailedPrecondition(f"{directory / INDEX_FILE} is not an id-mapped featurebank index")
-    params = {k: int(v) for k, v in manifest.get("params", {}).items()}
-    if params:
-        set_params(index, params)
-    return Generation(
-        number=int(directory.name),
-        directory=directory,
-        manifest=manifest,
-        index=index,
-        transform=Transform.load(directory),
-        index_ids=index_ids(index),
-        kind=index_kind(index),
-    )
-
-
-def load_labels(store: Any) -> Labels:
-    """The label table; test-split items keep their labels for display but never vote."""
-    generation = int(store.generation)
-    ids, codes, vocabulary = store.label_table()
-    ids = np.asarray(ids, dtype=np.int64)
-    codes = np.asarray(codes, dtype=np.int32)
-    vote_codes = codes
-    held = np.asarray(store.ids_in_split(HELD_OUT_SPLIT), dtype=np.int64)
-    if held.size:
-        vote_codes = np.where(np.isin(ids, held), -1, codes).astype(np.int32)
-    return Labels(generation, ids, codes, list(vocabulary), vote_codes)
-
-
-def make_view(gen: Generation, labels: Labels, segment: Segment) -> View:
-    stale = gen.index_ids[~member(gen.index_ids, labels.ids)]
-    return View(gen, labels, segment, stale, int(gen.index_ids.size - stale.size) + segment.size)
-
-
-def segment_reader(store: Any, gen: Generation) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Reads stored items as the generation indexes them: (ids, transformed vectors)."""
-
-    def read(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        items = store.get(ids.astype(np.uint64))
-        vectors = as_vectors(items.vectors, gen.dim, "stored vectors")
-        return np.asarray(items.ids, dtype=np.int64), gen.transform.apply(vectors)
-
-    return read
-
-
-def advanced(store: Any, view: View) -> View | None:
-    """The view moved forward by the store's change log, in time proportional to the changes.
-
-    None when only a full reload will do: a relabel, a label new to the vocabulary,
-    or a change log compacted past the view's generation.
-    """
-    labels, gen = view.labels, view.gen
-    try:
-        changes = store.changes_since(labels.store_generation)
-    except FeaturebankError:
-        return None
-    if changes.relabelled.size:
-        return None
-    added = np.asarray(changes.added, dtype=np.int64)
-    deleted = np.asarray(changes.deleted, dtype=np.int64)
-    if added.size and labels.ids.size and added.min() <= labels.ids[-1]:
-        return None
-    same = labels.vote_codes is labels.codes  # no held-out items: one array serves both
-    ids, codes, votes = labels.ids, labels.codes, labels.vote_codes
-    if deleted.size:
-        keep = ~member(ids, deleted)
-        ids, codes = ids[keep], codes[keep]
-        votes = codes if same else votes[keep]
-    seg_ids = np.zeros(0, np.int64)
-    seg_vectors = np.zeros((0, view.segment.vectors.shape[1]), np.float32)
-    if added.size:
-        items = store.get(added.astype(np.uint64))  # NotFound: deleted meanwhile (caller retries)
-        vocab = {name: i for i, name in enumerate(labels.vocabulary)}
-        if any(lab is not None and lab not in vocab for lab in items.labels):
-            return None
-        new_codes = np.array([-1 if lab is None else vocab[lab] for lab in items.labels], np.int32)
-        held = np.array([sp == HELD_OUT_SPLIT for sp in items.splits], dtype=bool)
-        ids = np.concatenate([ids, added])
-        old_codes, codes = codes, np.concatenate([codes, new_codes])
-        if same and not held.any():
-            votes = codes
-        else:
-            old_votes = old_codes if same else votes
-            votes = np.concatenate([old_votes, np.where(held, -1, new_codes).astype(np.int32)])
-        fresh = ~member(added, gen.index_ids)
-        seg_ids = added[fresh]
-        if seg_ids.size:
-            vectors = as_vectors(items.vectors[fresh], gen.dim, "stored vectors")
-            seg_vectors = gen.transform.apply(vectors)
-    new_labels = Labels(int(changes.generation), ids, codes, labels.vocabulary, votes)
-    segment = view.segment.applied(seg_ids, seg_vectors, deleted)
-    gone = deleted[member(deleted, gen.index_ids)] if deleted.size else deleted
-    stale = np.union1d(view.stale, gone) if gone.size else view.stale
-    return View(gen, new_labels, segment, stale, int(gen.index_ids.size - stale.size) + segment.size)
-
-
-def caught_up(
-    store: Any, gen: Generation, labels: Labels | None, segment: Segment | None
-) -> tuple[Labels, Segment]:
-    """Labels at the store's generation and the segment that goes with them.
-
-    `labels` None (or older than the store) reloads them; an item deleted by another
-    writer between reading the labels and the vectors makes it read both again.
-    """
-    if segment is None:
-        segment = Segment.empty(int(gen.index.d), int(gen.index.metric_type))
-    for _ in range(5):
-        if labels is None or labels.store_generation != int(store.generation):
-            labels = load_labels(store)
-        try:
-            return labels, segment.caught_up(labels.ids, gen.index_ids, segment_reader(store, gen))
-        except NotFound:
-            labels = None
-    raise FailedPrecondition("the store changed too fast to catch the index up; retry")
-
-
-def codes_of(labels: Labels, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(voting, shown) label code of each id (-1: unlabelled, deleted, padding; held out)."""
-    if labels.ids.size == 0:
-        none = np.full(ids.shape, -1, dtype=np.int32)
-        return none, none
-    pos = np.searchsorted(labels.ids, ids)
-    pos = np.minimum(pos, labels.ids.size - 1)
-    found = (labels.ids[pos] == ids) & (ids >= 0)
-    shown = np.where(found, labels.codes[pos], -1).astype(np.int32)
-    if labels.vote_codes is labels.codes:
-        return shown, shown
-    return np.where(found, labels.vote_codes[pos], -1).astype(np.int32), shown
 
 
 def drop_excluded(
@@ -541,8 +324,8 @@ class Searcher:
             if exclude is not None:
                 ids, scores = drop_excluded(ids, scores, exclude, k)
             ids, scores = ids[:, :k], scores[:, :k]
-            votes, shown = codes_of(view.labels, ids)
-            return SearchResult(ids, scores, votes, view.labels.vocabulary, self._keys, shown)
+            votes, display = codes_of(view.labels, ids)
+            return SearchResult(ids, scores, votes, view.labels.vocabulary, self._keys, display)
 
     def _segment_for(
         self, view: View, labels: Sequence[str] | None, voters_only: bool
@@ -553,8 +336,8 @@ class Searcher:
         wanted = None if labels is None else label_codes(view, labels)
 
         def make() -> Segment:
-            votes, shown = codes_of(view.labels, view.segment.ids)
-            use = votes if voters_only else shown
+            votes, display = codes_of(view.labels, view.segment.ids)
+            use = votes if voters_only else display
             return view.segment.subset(use >= 0 if wanted is None else np.isin(use, wanted))
 
         key = ("segment", None if wanted is None else tuple(wanted.tolist()), voters_only)

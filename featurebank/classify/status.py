@@ -9,7 +9,7 @@ from typing import Any
 
 from featurebank.classify.head_generations import head_status
 from featurebank.core.bank import current_generation
-from featurebank.index.searcher import read_manifest
+from featurebank.index.views import read_manifest
 from featurebank.store import BankLike, borrowed
 
 INDEX_FIELDS = ("factory", "metric", "ntotal", "k", "recall_at_k", "target_recall",
