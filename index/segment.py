@@ -31,13 +31,15 @@ from featurebank.core.vocabulary import metric as metric_named
 def member(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
     """Boolean mask: which of `values` (int64 ids) are in `sorted_ids` (unique, sorted).
 
-    Store ids are dense (sequential, with the gaps deletions leave), so a bitmap over
-    the id range answers in linear time; sparse ranges fall back to a binary search.
+    Store ids are dense (sequential, with the gaps deletions leave), so for many values
+    a bitmap over the id range answers in linear time; a few values (or sparse ids)
+    are looked up by binary search.
     """
     if sorted_ids.size == 0 or values.size == 0:
         return np.zeros(values.shape, dtype=bool)
     top = int(max(int(values.max()), int(sorted_ids[-1])))
-    if int(values.min()) >= 0 and top < 8 * (values.size + sorted_ids.size) + 4096:
+    dense = top < 8 * (values.size + sorted_ids.size) + 4096
+    if dense and values.size * 16 >= sorted_ids.size and int(values.min()) >= 0:
         bitmap = np.zeros(top + 1, dtype=bool)
         bitmap[sorted_ids] = True
         return np.asarray(bitmap[values])

@@ -14,6 +14,7 @@ happens here, off the writer thread, one publisher at a time (`publish_lock`):
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -58,6 +59,11 @@ class RebuildParams:
     retrain_head: bool = False
     head_hidden: int | None = None  # None: the live head's (its HeadParams)
     head_epochs: int | None = None
+
+
+def background_threads() -> int:
+    """Threads for builds and folds: all cores but one, so serving keeps a core to itself."""
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def build_k(count: int) -> int:
@@ -111,14 +117,15 @@ class IndexKeeper:
             count = int(self.store.count)
             if count == 0:
                 return False
-            build.build_index(self.store, k=build_k(count))
+            build.build_index(self.store, k=build_k(count), threads=background_threads())
         self._reload()
         return True
 
     def _fold(self, why: str) -> dict[str, Any]:
+        from featurebank.index.build import omp_threads
         from featurebank.index.fold import update_index
 
-        with self.publish_lock:
+        with self.publish_lock, omp_threads(background_threads()):
             manifest = update_index(self.store)
         self._reload()
         log.info("checkpoint (%s) published index generation %s", why, manifest["generation"])
@@ -161,7 +168,9 @@ class IndexKeeper:
                 index = dict(params.index)
                 if build.live_params(self.bank).k > int(self.store.count):
                     index.setdefault("k", build_k(int(self.store.count)))
-                op.result["index"] = build.build_index(self.store, **index)
+                op.result["index"] = build.build_index(
+                    self.store, threads=background_threads(), **index
+                )
                 if params.retrain_head:
                     from featurebank.classify import heads
 
