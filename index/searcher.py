@@ -1,10 +1,11 @@
 """Searching the live index generation, with labels held in memory.
 
 Why this shape:
-- The loaded index generation and the label table form one immutable *view*;
-  a search takes the read lock and uses one view from start to end, a refresh
-  builds the next view outside the lock and swaps it under the write lock, so a
-  search never sees half an update and searches never wait for a load.
+- The loaded index generation, the label table and the segment form one immutable
+  *view*; a search takes the current view once and uses it from start to end, a
+  refresh builds the next view and swaps the reference (one atomic assignment), so
+  a search never sees half an update and neither waits for the other (a lock here
+  made every search queue behind each write's swap).
 - FAISS ids are store item ids, so labels come from the store's label table
   (one array, refreshed when the store's generation moves): a relabel is
   visible to the next query without touching the index.
@@ -32,7 +33,6 @@ import numpy as np
 from featurebank import store as store_mod
 from featurebank.core.bank import Bank, current_generation
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound, shown
-from featurebank.core.rwlock import RWLock
 from featurebank.core.vocabulary import metric as metric_named
 from featurebank.index.segment import Segment, member, merge
 from featurebank.index.transforms import as_vectors
@@ -140,7 +140,6 @@ class Searcher:
         self.bank = bank
         self.store = store
         self._owns_store = owns_store
-        self._lock = RWLock(prefer_writers=True)
         self._refresh_mutex = threading.Lock()
         self._local = threading.local()
         self.threads = threads
@@ -240,36 +239,49 @@ class Searcher:
 
     def _refresh(self, index_too: bool) -> None:
         with self._refresh_mutex:
-            view = self._view
-            gen = view.gen
-            if index_too:
-                live = current_generation(self.bank.indexes_dir)
-                if live is not None and live != gen.number:
-                    gen = load_generation(self.bank, live)
-                    self._check_spec(gen)
-            same_gen = gen is view.gen
-            if same_gen and int(self.store.generation) == view.labels.store_generation:
-                return
-            new = None
-            if same_gen:
-                with contextlib.suppress(NotFound):
-                    new = advanced(self.store, view)
-            if new is None:
-                labels, segment = caught_up(
-                    self.store, gen, view.labels, view.segment if same_gen else None
-                )
-                new = make_view(gen, labels, segment)
-            with self._lock.exclusive():
-                self._view = new
-            log.log(
-                logging.DEBUG if same_gen else logging.INFO,
-                "searcher now on index generation %d, store generation %d (%d pending)",
-                gen.number, new.labels.store_generation, new.segment.size,
+            self._refresh_locked(index_too)
+
+    def _refresh_locked(self, index_too: bool) -> None:
+        view = self._view
+        gen = view.gen
+        if index_too:
+            live = current_generation(self.bank.indexes_dir)
+            if live is not None and live != gen.number:
+                gen = load_generation(self.bank, live)
+                self._check_spec(gen)
+        same_gen = gen is view.gen
+        if same_gen and int(self.store.generation) == view.labels.store_generation:
+            return
+        new = None
+        if same_gen:
+            with contextlib.suppress(NotFound):
+                new = advanced(self.store, view)
+        if new is None:
+            labels, segment = caught_up(
+                self.store, gen, view.labels, view.segment if same_gen else None
             )
+            new = make_view(gen, labels, segment)
+        self._view = new
+        log.log(
+            logging.DEBUG if same_gen else logging.INFO,
+            "searcher now on index generation %d, store generation %d (%d pending)",
+            gen.number, new.labels.store_generation, new.segment.size,
+        )
 
     def _labels_current(self) -> None:
-        if int(self.store.generation) != self._view.labels.store_generation:
-            self._refresh(index_too=False)
+        """Catch up before a search, unless another thread is catching up right now.
+
+        A writer catches up before it acknowledges a write, so a search skipping a
+        catch-up in progress still sees every acknowledged write; it only does not
+        wait for writes still being committed.
+        """
+        if int(self.store.generation) == self._view.labels.store_generation:
+            return
+        if self._refresh_mutex.acquire(blocking=False):
+            try:
+                self._refresh_locked(index_too=False)
+            finally:
+                self._refresh_mutex.release()
 
     # -- searching -------------------------------------------------------------
     def _set_threads(self) -> None:
@@ -297,35 +309,34 @@ class Searcher:
         """
         self._labels_current()
         self._set_threads()
-        with self._lock.shared():
-            view = self._view
-            x = as_vectors(vectors, view.gen.dim, "query vectors")
-            k = check_k(k, view.live_count)
-            exclude = None
-            if exclude_ids is not None:
-                exclude = np.asarray(exclude_ids, dtype=np.int64).reshape(-1)
-                if exclude.shape[0] != x.shape[0]:
-                    raise InvalidInput(
-                        f"exclude_ids has {exclude.shape[0]} ids for {x.shape[0]} queries"
-                    )
-            held = view.gen.index_ids.size + view.segment.size
-            kk = k + 1 if exclude is not None and k < held else k
-            xt = view.gen.transform.apply(x)
-            segment = view.segment
-            if labels is not None or voters_only:
-                dist, ids = self._search_subset(view, xt, kk, labels, voters_only)
-                segment = self._segment_for(view, labels, voters_only)
-            else:
-                dist, ids = self._search_all(view, xt, kk)
-            if segment.size:
-                scores, ids = merge((dist, ids), segment.search(xt, kk), kk, view.gen.metric)
-            else:
-                scores = to_scores(dist, ids, view.gen.metric)
-            if exclude is not None:
-                ids, scores = drop_excluded(ids, scores, exclude, k)
-            ids, scores = ids[:, :k], scores[:, :k]
-            votes, display = codes_of(view.labels, ids)
-            return SearchResult(ids, scores, votes, view.labels.vocabulary, self._keys, display)
+        view = self._view
+        x = as_vectors(vectors, view.gen.dim, "query vectors")
+        k = check_k(k, view.live_count)
+        exclude = None
+        if exclude_ids is not None:
+            exclude = np.asarray(exclude_ids, dtype=np.int64).reshape(-1)
+            if exclude.shape[0] != x.shape[0]:
+                raise InvalidInput(
+                    f"exclude_ids has {exclude.shape[0]} ids for {x.shape[0]} queries"
+                )
+        held = view.gen.index_ids.size + view.segment.size
+        kk = k + 1 if exclude is not None and k < held else k
+        xt = view.gen.transform.apply(x)
+        segment = view.segment
+        if labels is not None or voters_only:
+            dist, ids = self._search_subset(view, xt, kk, labels, voters_only)
+            segment = self._segment_for(view, labels, voters_only)
+        else:
+            dist, ids = self._search_all(view, xt, kk)
+        if segment.size:
+            scores, ids = merge((dist, ids), segment.search(xt, kk), kk, view.gen.metric)
+        else:
+            scores = to_scores(dist, ids, view.gen.metric)
+        if exclude is not None:
+            ids, scores = drop_excluded(ids, scores, exclude, k)
+        ids, scores = ids[:, :k], scores[:, :k]
+        votes, display = codes_of(view.labels, ids)
+        return SearchResult(ids, scores, votes, view.labels.vocabulary, self._keys, display)
 
     def _segment_for(
         self, view: View, labels: Sequence[str] | None, voters_only: bool
