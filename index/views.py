@@ -62,6 +62,33 @@ class Labels:
     codes: np.ndarray  # int32, -1 = unlabelled
     vocabulary: list[str]
     vote_codes: np.ndarray  # codes, with -1 for held-out (test split) items
+    spare: dict[str, Spare] = field(default_factory=dict, repr=False, compare=False)
+
+
+class Spare:
+    """Capacity behind a label array, so appending new items copies only the new part.
+
+    Older views keep their own (shorter) slice of the same buffer, which later
+    appends never write into; only the array that ends at `used` grows in place.
+    """
+
+    __slots__ = ("buf", "used")
+
+    def __init__(self, buf: np.ndarray, used: int) -> None:
+        self.buf, self.used = buf, used
+
+
+def appended(arr: np.ndarray, extra: np.ndarray, spare: Spare | None) -> tuple[np.ndarray, Spare]:
+    """`arr` + `extra` (amortised: in place when `arr` ends where its spare buffer is used)."""
+    n, m = arr.size, extra.size
+    if (spare is not None and spare.used == n and spare.buf.size >= n + m
+            and arr.ctypes.data == spare.buf.ctypes.data):
+        spare.buf[n : n + m] = extra
+        spare.used = n + m
+        return spare.buf[: n + m], spare
+    buf = np.empty(max(2 * (n + m), 1024), dtype=arr.dtype)
+    buf[:n], buf[n : n + m] = arr, extra
+    return buf[: n + m], Spare(buf, n + m)
 
 
 @dataclass
@@ -186,6 +213,7 @@ def advanced(store: Any, view: View) -> View | None:
         votes = codes if same else votes[keep]
     seg_ids = np.zeros(0, np.int64)
     seg_vectors = np.zeros((0, view.segment.vectors.shape[1]), np.float32)
+    spare: dict[str, Spare] = {}
     if added.size:
         items = store.get(added.astype(np.uint64))  # NotFound: deleted meanwhile (caller retries)
         vocab = {name: i for i, name in enumerate(labels.vocabulary)}
@@ -193,19 +221,23 @@ def advanced(store: Any, view: View) -> View | None:
             return None
         new_codes = np.array([-1 if lab is None else vocab[lab] for lab in items.labels], np.int32)
         held = np.array([sp == HELD_OUT_SPLIT for sp in items.splits], dtype=bool)
-        ids = np.concatenate([ids, added])
-        old_codes, codes = codes, np.concatenate([codes, new_codes])
+        grow = labels.spare if not deleted.size else {}
+        ids, spare["ids"] = appended(ids, added, grow.get("ids"))
+        old_codes = codes
+        codes, spare["codes"] = appended(codes, new_codes, grow.get("codes"))
         if same and not held.any():
             votes = codes
         else:
             old_votes = old_codes if same else votes
-            votes = np.concatenate([old_votes, np.where(held, -1, new_codes).astype(np.int32)])
+            new_votes = np.where(held, -1, new_codes).astype(np.int32)
+            votes, spare["votes"] = appended(old_votes, new_votes, grow.get("votes"))
         fresh = ~member(added, gen.index_ids)
         seg_ids = added[fresh]
         if seg_ids.size:
             vectors = as_vectors(items.vectors[fresh], gen.dim, "stored vectors")
             seg_vectors = gen.transform.apply(vectors)
-    new_labels = Labels(int(changes.generation), ids, codes, labels.vocabulary, votes)
+    new_labels = Labels(int(changes.generation), ids, codes, labels.vocabulary, votes,
+                        spare if added.size else {})
     segment = view.segment.applied(seg_ids, seg_vectors, deleted)
     gone = deleted[member(deleted, gen.index_ids)] if deleted.size else deleted
     stale = np.union1d(view.stale, gone) if gone.size else view.stale

@@ -191,6 +191,7 @@ def test_a_searcher_caught_up_from_the_change_log_equals_a_fresh_one(tmp_path: P
             lambda: st.put_batch([f"a/{i}" for i in range(5)], queries[:5] + 0.001,
                                  [CLASSES[0]] * 5),  # known label: appended from the log
             lambda: st.put_batch(["t/0"], queries[5:6] + 0.001, [CLASSES[1]], ["test"]),  # held out
+            lambda: st.put_batch(["b/0", "b/1"], queries[7:9] + 0.001, [CLASSES[1], None]),
             lambda: st.delete([f"{CLASSES[2]}/1-{i}" for i in range(4)] + ["a/1"]),
             lambda: st.put_batch(["n/0"], queries[6:7] + 0.001, ["brand-new"]),  # new label
             lambda: st.set_labels({"a/0": CLASSES[2]}),  # relabel: full reload
@@ -208,4 +209,4 @@ def test_a_searcher_caught_up_from_the_change_log_equals_a_fresh_one(tmp_path: P
                     np.testing.assert_array_equal(got.label_codes, want.label_codes)
                     assert got.labels == want.labels
                 assert live.ntotal == fresh.ntotal
-        assert live.segment.size == 6  # unindexed: a/0, a/2 (its new id), a/3, a/4, t/0, n/0
+        assert live.segment.size == 8  # unindexed: a/0, a/2 (new id), a/3, a/4, t/0, b/*, n/0
