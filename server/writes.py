@@ -57,7 +57,7 @@ class GroupWriter:
     """Queues Upserts and commits them in groups on the writer executor.
 
     `commit(rows)` stores the rows in one transaction and returns (keys replaced,
-    store generation); `after()` runs once per drained queue (the searcher's
+    store generation); `after()` runs once per group (the searcher's
     catch-up) and returns the index generation to report.
     """
 
@@ -122,27 +122,19 @@ class GroupWriter:
             return group
 
     def _drain(self) -> None:
-        done: list[tuple[_Request, dict[str, int]]] = []
-        try:
-            while group := self._take():
-                try:
-                    done.extend(self._commit_group(group))
-                except BaseException as e:  # noqa: BLE001 - never leave a caller waiting
-                    for req in group:
-                        if not req.future.done():
-                            req.future.set_exception(e)
-        finally:
-            if done:
-                try:
-                    index_generation = self._after()
-                except BaseException as e:  # noqa: BLE001 - the commits stand; report it
-                    log.exception("catching the searcher up failed")
-                    index_generation = 0
-                    for req, _ in done:
+        """Commit queued calls group by group; a group is acknowledged once searchable."""
+        while group := self._take():
+            try:
+                done = self._commit_group(group)
+                index_generation = self._after() if done else 0
+            except BaseException as e:  # noqa: BLE001 - never leave a caller waiting
+                log.exception("a group commit or the catch-up after it failed")
+                for req in group:
+                    if not req.future.done():
                         req.future.set_exception(e)
-                    done = []
-                for req, result in done:
-                    req.future.set_result({**result, "index_generation": index_generation})
+                continue
+            for req, result in done:
+                req.future.set_result({**result, "index_generation": index_generation})
 
     def _commit_group(self, group: list[_Request]) -> list[tuple[_Request, dict[str, int]]]:
         now = time.monotonic()
