@@ -153,7 +153,7 @@ def index(work: Path, n: int, dim: int, factory: str, shards: int) -> dict[str, 
     from featurebank.core.spec import Spec
     from featurebank.index import build
     from featurebank.index.ray_build import build_index_ray
-    from featurebank.index.searcher import INDEX_FILE
+    from featurebank.index.views import INDEX_FILE
 
     rng = np.random.default_rng(7)
     centres = rng.standard_normal((200, 24))

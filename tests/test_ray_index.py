@@ -13,8 +13,8 @@ from index_testdata import World, make_bank
 from featurebank.core.errors import InvalidInput
 from featurebank.index import build, selection
 from featurebank.index.ray_build import build_index_ray, merge_topk
-from featurebank.index.searcher import INDEX_FILE
 from featurebank.index.tuning import exact_search, set_params
+from featurebank.index.views import INDEX_FILE
 
 ray = pytest.importorskip("ray")
 
