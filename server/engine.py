@@ -6,7 +6,7 @@ and the executors that keep Keras, FAISS and LMDB work off the event loop.
 Writes go through the group writer (server/writes.py) and only commit to the
 store and catch the live searcher up; index files are written off the write
 path, by checkpoints and rebuilds (server/indexing.py).
-It stays one module of about 500 lines because the read paths (classify, search,
+It stays one module (over 400 lines) because the read paths (classify, search,
 info) share the Models snapshot and the batchers defined here.
 
 Models are swapped, never mutated while in use: every read takes the current
