@@ -1,40 +1,33 @@
-"""The FeatureBank servicer: validation at the edge, the engine's plain functions below.
+"""The FeatureBank servicer: one method per RPC, the engine's plain functions below.
 
 Every RPC goes through `_rpc`, which records metrics and turns exceptions into
 status codes via `server.status` (so nothing reaches the client as UNKNOWN).
+Request checks live in `validation`, proto building in `responses`; what stays here
+is the servicer class itself, one short method per RPC, hence its length.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
-import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
-from google.protobuf import struct_pb2
 from grpc import aio
 
 from featurebank.classify.abstain import check_precision
-from featurebank.classify.head_generations import hybrid_mode
 from featurebank.core.errors import FeaturebankError, InvalidInput, Overloaded, shown
-from featurebank.core.vocabulary import MODES, SPLITS, SUGGEST_STRATEGIES
+from featurebank.core.vocabulary import SUGGEST_STRATEGIES
 from featurebank.protos.featurebank.v1 import featurebank_pb2 as pb
 from featurebank.protos.featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 from featurebank.server.engine import (
     DEFAULT_SEARCH_K,
-    DEFAULT_TOP_N,
-    MAX_K,
-    Classified,
     ClassifyJob,
     Engine,
-    Hit,
     Labelling,
-    Operation,
     RebuildParams,
     SearchJob,
     UpsertRow,
@@ -42,21 +35,33 @@ from featurebank.server.engine import (
 )
 from featurebank.server.limits import StreamBytes, TooMany, UpsertBudget
 from featurebank.server.metrics import Metrics
+from featurebank.server.responses import (
+    classified,
+    finding,
+    hit,
+    info_response,
+    operation,
+    to_struct,
+)
 from featurebank.server.status import to_status
-from featurebank.server.wire import MODE_NAMES, MODE_VALUES, STRATEGY_NAMES
-from featurebank.store.codec import MAX_LABEL_BYTES
+from featurebank.server.validation import (
+    check_count,
+    check_k,
+    check_key,
+    check_label_filter,
+    check_mode,
+    check_split,
+    check_top_n,
+    check_vector,
+)
+from featurebank.server.wire import STRATEGY_NAMES
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
-MAX_TOP_N = 1000
 MAX_BATCH_INPUTS = 4096
-MAX_KEY_BYTES = 1024
 MAX_UPSERT_ITEMS = 100_000
 MAX_THUMBNAILS = 1000
-DEFAULT_RANKED = 100
-MAX_RANKED = 10_000
-MAX_LABEL_FILTER = 1024  # labels in one Search filter
 MAX_OPERATION_ID = 64  # operation ids are 32 hex digits
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of RESOURCE_EXHAUSTED from a busy writer
 
@@ -65,110 +70,6 @@ class Unavailable(FeaturebankError):
     """The server is starting or stopping; the client may retry."""
 
     grpc_code = "UNAVAILABLE"
-
-
-# --------------------------------------------------------------------- validation
-
-
-def check_vector(values: Sequence[float], dim: int, where: str = "vector") -> np.ndarray:
-    """A float32 vector of the bank's dimension with only finite values."""
-    if len(values) == 0:
-        raise InvalidInput(f"{where} is empty")
-    if len(values) != dim:
-        raise InvalidInput(f"{where} has {len(values)} values; the bank's vectors have dim {dim}")
-    v = np.asarray(values, dtype=np.float32)
-    bad = np.flatnonzero(~np.isfinite(v))
-    if bad.size:
-        raise InvalidInput(f"{where} has NaN or infinity at position {int(bad[0])}")
-    return v
-
-
-def check_k(k: int, default: int | None, where: str = "k") -> int | None:
-    if k == 0:
-        return default
-    if not 1 <= k <= MAX_K:
-        raise InvalidInput(f"{where}={k} is out of range: use 1..{MAX_K} (0 = default)")
-    return k
-
-
-def check_top_n(top_n: int) -> int:
-    if top_n == 0:
-        return DEFAULT_TOP_N
-    if top_n > MAX_TOP_N:
-        raise InvalidInput(f"top_n={top_n} is out of range: use 1..{MAX_TOP_N} (0 = {DEFAULT_TOP_N})")
-    return top_n
-
-
-def check_count(n: int, where: str) -> int:
-    """How many items a ranking returns: 0 means DEFAULT_RANKED."""
-    if n == 0:
-        return DEFAULT_RANKED
-    if n > MAX_RANKED:
-        raise InvalidInput(f"{where}={n} is out of range: use 1..{MAX_RANKED} (0 = {DEFAULT_RANKED})")
-    return n
-
-
-def check_mode(mode: int) -> str | None:
-    if mode == pb.MODE_UNSPECIFIED:
-        return None
-    try:
-        return MODE_NAMES[mode]
-    except KeyError:
-        known = ", ".join(m.upper() for m in MODES)
-        raise InvalidInput(f"unknown mode {mode}: use {known}") from None
-
-
-def check_key(key: str, where: str = "key") -> str:
-    if not key:
-        raise InvalidInput(f"{where} is empty")
-    if len(key.encode()) > MAX_KEY_BYTES:
-        raise InvalidInput(f"{where} is longer than {MAX_KEY_BYTES} bytes")
-    return key
-
-
-def check_split(split: str, where: str) -> str:
-    split = split or "none"
-    if split not in SPLITS:
-        raise InvalidInput(f"{where}: split {shown(split)} is not one of {', '.join(SPLITS)}")
-    return split
-
-
-def check_label_filter(labels: Sequence[str]) -> tuple[str, ...]:
-    """A Search label filter: at most MAX_LABEL_FILTER labels, each a label the store could hold."""
-    if len(labels) > MAX_LABEL_FILTER:
-        raise InvalidInput(f"labels filter has {len(labels)} labels; at most {MAX_LABEL_FILTER}")
-    for i, label in enumerate(labels):
-        if not label:
-            raise InvalidInput(f"labels filter: label {i} is empty")
-        if len(label.encode()) > MAX_LABEL_BYTES:
-            raise InvalidInput(
-                f"labels filter: label {i} ({shown(label)}) is longer than {MAX_LABEL_BYTES} bytes"
-            )
-    return tuple(labels)
-
-
-def to_struct(data: dict[str, Any] | None) -> struct_pb2.Struct:
-    """A Struct from any JSON-able dict (numpy scalars and paths become plain values)."""
-    s = struct_pb2.Struct()
-    if data:
-        s.update(json.loads(json.dumps(data, default=_jsonable)))
-    return s
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
-
-
-def _number(x: Any) -> float:
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return 0.0
-    return f if math.isfinite(f) else 0.0
 
 
 # --------------------------------------------------------------------- servicer
@@ -307,7 +208,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
             ClassifyJob(v, mode_name, k_value, n, neighbors, item_id, precision)
             for v, item_id in zip(vectors, own, strict=True)
         ]
-        return [_classified(c) for c in await self.engine.classify(jobs)]
+        return [classified(c) for c in await self.engine.classify(jobs)]
 
     @_rpc
     async def Search(
@@ -320,7 +221,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         hits = (await self.engine.search([job]))[0]
         models = self.engine.models
         gen = int(models.classifier.index_generation) if models else 0
-        return pb.SearchResponse(neighbors=[_hit(h) for h in hits], index_generation=gen)
+        return pb.SearchResponse(neighbors=[hit(h) for h in hits], index_generation=gen)
 
     @_rpc
     async def Embed(self, request: pb.EmbedRequest, context: aio.ServicerContext) -> pb.EmbedResponse:
@@ -335,7 +236,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: aio.ServicerContext
     ) -> pb.GetInfoResponse:
-        return _info(await self.engine.info())
+        return info_response(await self.engine.info())
 
     @_rpc
     async def Suggest(
@@ -366,7 +267,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     async def Audit(self, request: pb.AuditRequest, context: aio.ServicerContext) -> pb.AuditResponse:
         done: Labelling = await self.engine.audit(check_count(request.n, "n"))
         return pb.AuditResponse(
-            findings=[_finding(f) for f in done.items],
+            findings=[finding(f) for f in done.items],
             index_generation=done.index_generation,
             labels_generation=done.labels_generation,
         )
@@ -499,7 +400,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
             head_hidden=request.head_hidden if request.HasField("head_hidden") else None,
             head_epochs=request.head_epochs if request.HasField("head_epochs") else None,
         )
-        return _operation(self.engine.start_rebuild(params))
+        return operation(self.engine.start_rebuild(params))
 
     @_rpc
     async def GetOperation(
@@ -511,7 +412,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
             raise InvalidInput(
                 f"operation id {shown(request.id)} is longer than {MAX_OPERATION_ID} characters"
             )
-        return _operation(self.engine.get_operation(request.id))
+        return operation(self.engine.get_operation(request.id))
 
 
 async def _check_stream_complete(context: aio.ServicerContext) -> None:
@@ -546,103 +447,3 @@ def _image_error(e: BaseException, where: str) -> BaseException:
 
 
 _IMAGE_POS = re.compile(r"^image \d+: ")
-
-
-# --------------------------------------------------------------------- responses
-
-
-def _classified(c: Classified) -> pb.ClassifyResponse:
-    return pb.ClassifyResponse(
-        labels=[
-            pb.LabelProbability(label=label, probability=p)
-            for label, p in zip(c.labels, c.probs, strict=True)
-        ],
-        neighbors=[pb.Neighbor(key=k, label=lb or "", score=s) for k, lb, s in c.neighbors],
-        index_generation=c.index_generation,
-        head_generation=c.head_generation,
-        mode=MODE_VALUES.get(c.mode, pb.MODE_UNSPECIFIED),
-        abstained=c.abstained,
-    )
-
-
-def _hit(h: Hit) -> pb.Neighbor:
-    n = pb.Neighbor(key=h.key, label=h.label or "", score=h.score)
-    if h.meta is not None:
-        n.metadata.CopyFrom(to_struct(h.meta))
-    return n
-
-
-def _finding(f: Any) -> pb.Finding:
-    """An audit finding (featurebank.classify.audit.Finding) as its message."""
-    return pb.Finding(
-        key=f.key, label=f.label, suggested=f.suggested, confidence=f.confidence,
-        p_label=f.p_label, p_suggested=f.p_suggested, has_head=f.head_p_suggested is not None,
-        head_p_label=f.head_p_label or 0.0, head_p_suggested=f.head_p_suggested or 0.0,
-        neighbors=[pb.Neighbor(key=nb.key, label=nb.label or "", score=nb.score) for nb in f.neighbors],
-    )
-
-
-def _operation(op: Operation) -> pb.Operation:
-    out = pb.Operation(
-        id=op.id, kind=op.kind, done=op.done, progress=op.progress, stage=op.stage,
-        started=op.started, finished=op.finished,
-        index_generation=op.index_generation, head_generation=op.head_generation,
-    )
-    if op.error is not None:
-        out.error.code, out.error.message = op.error
-    if op.done and op.result:
-        out.result.CopyFrom(to_struct(op.result))
-    return out
-
-
-def _info(info: dict[str, Any]) -> pb.GetInfoResponse:
-    spec = info["spec"]
-    size = spec.input_size or (0, 0)
-    out = pb.GetInfoResponse(
-        bank=info["bank"],
-        spec=pb.Spec(
-            backbone=spec.backbone, weights=spec.weights,
-            input_height=int(size[0]), input_width=int(size[1]),
-            resize=spec.resize, preprocessing=spec.preprocessing, pooling=spec.pooling,
-            dim=int(spec.dim), dtype=spec.dtype, layer=spec.layer or "",
-        ),
-        count=info["count"],
-        labelled=info["labelled"],
-        store_generation=info["store_generation"],
-        labels_generation=info["labels_generation"],
-        labels=info["labels"],
-        default_mode=MODE_VALUES.get(info["default_mode"] or "", pb.MODE_UNSPECIFIED),
-    )
-    index = info["index"]
-    if index:
-        m = index["manifest"]
-        out.index.generation = index["generation"]
-        out.index.ntotal = index["ntotal"]
-        out.index.factory = str(m.get("factory", ""))
-        out.index.metric = str(m.get("metric", ""))
-        out.index.transform = str(m["transform"]["spec"])
-        out.index.recall = _number(m.get("recall_at_k"))  # None when too few items to measure
-        out.index.store_generation = int(m["store_generation"])
-        out.index.manifest.CopyFrom(to_struct(m))
-        out.index.target_recall = float(m.get("target_recall") or 0.0)
-        out.index.target_reached = bool(m.get("target_reached"))
-        out.index.pending_items = index["pending_items"]
-        out.index.checkpoint_error = index["checkpoint_error"] or ""
-    device = info["device"]
-    out.device.description = device["description"]
-    if "kind" in device:
-        out.device.kind = device["kind"]
-        out.device.devices.extend(device["devices"])
-        out.device.precision = device["precision"]
-        out.device.batch_size = device["batch_size"]
-        for name, work in device["work_by_device"].items():
-            out.device.work.add(device=name, batches=work["batches"], images=work["images"])
-    head = info["head"]
-    if head:
-        m = head["manifest"]
-        out.head.generation = head["generation"]
-        out.head.stale = head["stale"]
-        out.head.metrics.CopyFrom(to_struct(m.get("cv_metrics") or m.get("val_metrics", {})))
-        out.head.hybrid_acts_as = MODE_VALUES[hybrid_mode(m)]
-        out.head.manifest.CopyFrom(to_struct(m))
-    return out

@@ -16,8 +16,14 @@ from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
 from featurebank.server.app import ServeConfig, is_loopback
 from featurebank.server.auth import READ, WRITE, Tokens, required_role
 from featurebank.server.batching import Batcher, isolate
-from featurebank.server.service import check_k, check_mode, check_split, check_top_n, check_vector
 from featurebank.server.status import to_status
+from featurebank.server.validation import (
+    check_k,
+    check_mode,
+    check_split,
+    check_top_n,
+    check_vector,
+)
 
 
 def test_tokens_from_file_and_environment(tmp_path: Path) -> None:
