@@ -15,6 +15,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -28,6 +29,7 @@ from featurebank.server.engine import Engine
 from featurebank.server.limits import DEFAULT_STREAM_BYTES, DEFAULT_TOTAL_BYTES, UpsertBudget
 from featurebank.server.metrics import Metrics
 from featurebank.server.reflection import enable_reflection
+from featurebank.server.replica import DEFAULT_FOLLOW_INTERVAL_S, ReadOnlyInterceptor, ReplicaEngine
 from featurebank.server.service import FeatureBankServicer
 from featurebank.server.tls import server_credentials
 
@@ -63,6 +65,9 @@ class ServeConfig:
     precision: str = "auto"  # auto (mixed on GPUs), mixed or float32
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     max_queued_rows: int = 100_000
+    replica: bool = False  # open the bank read-only and follow its primary
+    primary: str | None = None  # the primary's address, named when a replica refuses a write
+    follow_interval_s: float = DEFAULT_FOLLOW_INTERVAL_S
 
     def check(self) -> None:
         """Refuse configurations that would expose the bank by accident."""
@@ -78,6 +83,10 @@ class ServeConfig:
                 raise NotFound(f"{flag} {path} does not exist")
             if Path(path).is_dir():
                 raise InvalidInput(f"{flag} {path} is a folder, not a PEM file")
+        if self.primary is not None and not self.replica:
+            raise InvalidInput("--primary names the primary of a read replica: add --replica")
+        if self.follow_interval_s <= 0:
+            raise InvalidInput(f"--follow-interval must be > 0 seconds, got {self.follow_interval_s}")
         if self.max_batch_size < 1:
             raise InvalidInput(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
         if self.batch_timeout_ms < 0:
@@ -129,15 +138,23 @@ class FeatureBankServer:
         config.check()
         self.config = config
         self.metrics = Metrics()
-        self.engine = Engine(
-            config.bank,
-            max_batch_size=config.max_batch_size,
-            batch_timeout_ms=config.batch_timeout_ms,
-            metrics=self.metrics,
-            device=config.device,
-            precision=config.precision,
-            checkpoint=config.checkpoint,
-            max_queued_rows=config.max_queued_rows,
+        engine_options: dict[str, Any] = {
+            "max_batch_size": config.max_batch_size,
+            "batch_timeout_ms": config.batch_timeout_ms,
+            "metrics": self.metrics,
+            "device": config.device,
+            "precision": config.precision,
+        }
+        self.engine: Engine = (
+            ReplicaEngine(
+                config.bank, primary=config.primary,
+                follow_interval_s=config.follow_interval_s, **engine_options,
+            )
+            if config.replica
+            else Engine(
+                config.bank, checkpoint=config.checkpoint,
+                max_queued_rows=config.max_queued_rows, **engine_options,
+            )
         )
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -152,6 +169,8 @@ class FeatureBankServer:
         interceptors = []
         if c.tokens is not None and c.tokens.enabled:
             interceptors.append(AuthInterceptor(c.tokens, on_denied=self._denied))
+        if c.replica:
+            interceptors.append(ReadOnlyInterceptor(c.primary, on_refused=self._denied))
         options = [
             ("grpc.max_send_message_length", c.max_message_bytes),
             ("grpc.max_receive_message_length", c.max_message_bytes),
@@ -204,8 +223,8 @@ class FeatureBankServer:
             raise
         await self._set_health(self.engine.ready)
         log.info(
-            "serving %s on %s (%s, %s, ready=%s)", c.bank, address, c.transport, c.auth,
-            self.engine.ready,
+            "serving %s on %s (%s, %s, ready=%s, %s)", c.bank, address, c.transport, c.auth,
+            self.engine.ready, "read replica" if c.replica else "primary",
         )
 
     def _ready_changed(self, ready: bool) -> None:

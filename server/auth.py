@@ -130,7 +130,7 @@ def _bearer(metadata: Any) -> str | None:
     return None
 
 
-def _deny(
+def aborting_handler(
     handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str
 ) -> grpc.RpcMethodHandler:
     """A handler of the same streaming shape that only aborts."""
@@ -199,4 +199,4 @@ class AuthInterceptor(aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         if self.on_denied is not None:
             self.on_denied(method, code)
-        return _deny(handler, code, details)
+        return aborting_handler(handler, code, details)

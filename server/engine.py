@@ -178,6 +178,15 @@ class Engine:
             self.store.close()
             self.store = None
             raise
+        self._open_embedder()
+        self.keeper = IndexKeeper(
+            self.bank, self.store, self._reload, self._searcher, self.checkpoint_policy
+        )
+        self._load_models()
+        self.keeper.start()
+
+    def _open_embedder(self) -> None:
+        """The model that embeds image inputs, when the bank's spec has one."""
         if self.store.spec.has_model:
             from featurebank.embedder import devices
             from featurebank.embedder.embedding import Embedder
@@ -185,11 +194,6 @@ class Engine:
             placement = devices.resolve(self.device, self.precision)
             self.embedder = Embedder.from_spec(self.store.spec, placement=placement)
             log.info("images are embedded on %s", self.device_report()["description"])
-        self.keeper = IndexKeeper(
-            self.bank, self.store, self._reload, self._searcher, self.checkpoint_policy
-        )
-        self._load_models()
-        self.keeper.start()
 
     def device_report(self) -> dict[str, Any]:
         """Where images are embedded: devices, precision, largest batch, work per device."""

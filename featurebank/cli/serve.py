@@ -55,6 +55,13 @@ def register(commands: Commands) -> None:
                    "CPU; gpu: fail if there is none)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="compute precision for images (auto: mixed on GPUs, float32 on the CPU)")
+    p.add_argument("--replica", action="store_true",
+                   help="read replica: open the bank read-only, follow its primary, refuse writes")
+    p.add_argument("--primary", default=None,
+                   help="a replica's primary (host:port), named when it refuses a write")
+    p.add_argument("--follow-interval", type=float, default=None,
+                   help="seconds between a replica's looks for new commits and generations; "
+                   "bounds its staleness (see README, Read replicas)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -100,13 +107,18 @@ def _serve(args: argparse.Namespace) -> int:
             max_seconds=args.checkpoint_seconds,
         ),
         max_queued_rows=args.max_queued_items,
+        replica=args.replica,
+        primary=args.primary,
     )
+    if args.follow_interval is not None:
+        config.follow_interval_s = args.follow_interval
 
     def started(server: Any) -> None:
         metrics = f", metrics on port {server.metrics_port}" if server.metrics_port else ""
         state = "serving" if server.engine.ready else "NOT_SERVING until an index is built"
+        role = f"read replica of {args.primary or 'its primary'} " if args.replica else ""
         print(
-            f"featurebank: {args.bank} on {args.host}:{server.port} "
+            f"featurebank: {role}{args.bank} on {args.host}:{server.port} "
             f"({config.transport}, {config.auth}{metrics}); {state}; images: "
             f"{server.engine.device_report()['description']}",
             flush=True,

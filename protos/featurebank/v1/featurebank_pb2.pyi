@@ -1006,6 +1006,7 @@ class GetInfoResponse(_message.Message):
     DEFAULT_MODE_FIELD_NUMBER: _builtins.int
     BANK_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     labelled: _builtins.int
     store_generation: _builtins.int
@@ -1026,6 +1027,10 @@ class GetInfoResponse(_message.Message):
     def device(self) -> Global___DeviceInfo:
         """where images are embedded"""
 
+    @_builtins.property
+    def replica(self) -> Global___ReplicaInfo:
+        """set only when this server is a read replica"""
+
     def __init__(
         self,
         *,
@@ -1040,14 +1045,73 @@ class GetInfoResponse(_message.Message):
         default_mode: Global___Mode.ValueType = ...,
         bank: _builtins.str = ...,
         device: Global___DeviceInfo | None = ...,
+        replica: Global___ReplicaInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "head", b"head", "index", b"index", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "head", b"head", "index", b"index", "replica", b"replica", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "count", b"count", "default_mode", b"default_mode", "device", b"device", "head", b"head", "index", b"index", "labelled", b"labelled", "labels", b"labels", "labels_generation", b"labels_generation", "spec", b"spec", "store_generation", b"store_generation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "count", b"count", "default_mode", b"default_mode", "device", b"device", "head", b"head", "index", b"index", "labelled", b"labelled", "labels", b"labels", "labels_generation", b"labels_generation", "replica", b"replica", "spec", b"spec", "store_generation", b"store_generation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetInfoResponse: _TypeAlias = GetInfoResponse  # noqa: Y015
+
+@_typing.final
+class ReplicaInfo(_message.Message):
+    """How far a read replica is behind the bank its primary writes to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    BANK_STORE_GENERATION_FIELD_NUMBER: _builtins.int
+    APPLIED_STORE_GENERATION_FIELD_NUMBER: _builtins.int
+    GENERATIONS_BEHIND_FIELD_NUMBER: _builtins.int
+    BANK_INDEX_GENERATION_FIELD_NUMBER: _builtins.int
+    BANK_HEAD_GENERATION_FIELD_NUMBER: _builtins.int
+    SECONDS_BEHIND_FIELD_NUMBER: _builtins.int
+    FOLLOW_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    HEALTHY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    primary: _builtins.str
+    """the primary's address as configured ("" when not given)"""
+    bank_store_generation: _builtins.int
+    """last generation committed to the store (by the primary)"""
+    applied_store_generation: _builtins.int
+    """store generation this replica answers from"""
+    generations_behind: _builtins.int
+    """bank_store_generation - applied_store_generation"""
+    bank_index_generation: _builtins.int
+    """index generation published in the bank (0: none)"""
+    bank_head_generation: _builtins.int
+    """head generation published in the bank (0: none)"""
+    seconds_behind: _builtins.float
+    """0 when caught up, else seconds since it last was"""
+    follow_interval_s: _builtins.float
+    """how often the replica looks for new commits"""
+    healthy: _builtins.bool
+    """false while the bank cannot be read (health NOT_SERVING)"""
+    error: _builtins.str
+    """why it is not healthy"""
+    def __init__(
+        self,
+        *,
+        primary: _builtins.str = ...,
+        bank_store_generation: _builtins.int = ...,
+        applied_store_generation: _builtins.int = ...,
+        generations_behind: _builtins.int = ...,
+        bank_index_generation: _builtins.int = ...,
+        bank_head_generation: _builtins.int = ...,
+        seconds_behind: _builtins.float = ...,
+        follow_interval_s: _builtins.float = ...,
+        healthy: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_store_generation", b"applied_store_generation", "bank_head_generation", b"bank_head_generation", "bank_index_generation", b"bank_index_generation", "bank_store_generation", b"bank_store_generation", "error", b"error", "follow_interval_s", b"follow_interval_s", "generations_behind", b"generations_behind", "healthy", b"healthy", "primary", b"primary", "seconds_behind", b"seconds_behind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaInfo: _TypeAlias = ReplicaInfo  # noqa: Y015
 
 @_typing.final
 class SuggestRequest(_message.Message):

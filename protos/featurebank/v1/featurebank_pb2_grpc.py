@@ -173,7 +173,8 @@ class FeatureBankServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Upsert(self, request_iterator, context):
-        """Add or replace items; committed and searchable when the call returns (write role).
+        """Writes below: a read replica answers them with FAILED_PRECONDITION naming its primary.
+        Add or replace items; committed and searchable when the call returns (write role).
         Concurrent calls are committed together. A call whose deadline passed (or that was
         cancelled) before its commit started stores nothing (DEADLINE_EXCEEDED / CANCELLED);
         once its commit started it stands, and a retry is harmless (Upsert replaces by key).

@@ -1,0 +1,242 @@
+"""Read replicas: a server that opens a bank read-only and follows what its primary publishes.
+
+A replica answers Classify, ClassifyBatch, Search, Embed and GetInfo from the same bank
+directory the primary writes (same host, local filesystem: see docs/scale.md), and
+refuses every write RPC with FAILED_PRECONDITION naming the primary.
+
+Following: a `Follower` thread polls, every `follow_interval_s`, the three things that
+change a bank's answers: the store's committed generation (labels, upserts, deletes, read
+through LMDB, whose readers in another process see each commit as a consistent
+snapshot), `indexes/CURRENT` and `heads/CURRENT` (published generations, switched
+atomically). When any of them moved, the engine reloads the way the primary does after a
+publish: the classifier swaps index and head at once, the searcher takes the new label
+table; calls in flight keep the snapshot they started with.
+
+Freshness bound: a commit the primary has acknowledged is answered by a replica after at
+most one follow interval plus the time to load what changed (the label table: a
+read of the store's label records; a new index generation: reading its file), and
+`GetInfo.replica` reports how far behind it is at any moment.
+
+Health: if the bank cannot be read (its directory gone, a generation missing, the store
+failing) for `FAILURES_BEFORE_NOT_SERVING` polls in a row, the replica goes NOT_SERVING
+and answers reads with UNAVAILABLE instead of answering from a bank it can no longer
+see; it returns to SERVING at the first poll that reads the bank again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from featurebank.core.bank import current_generation
+from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.server.auth import WRITE, aborting_handler, required_role
+from featurebank.server.engine import Engine, Models
+from featurebank.server.service import Unavailable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FOLLOW_INTERVAL_S = 0.2
+FAILURES_BEFORE_NOT_SERVING = 3
+
+
+def refusal(method: str, primary: str | None) -> str:
+    """What a replica answers to a call only the primary serves: where to send it."""
+    where = f"the primary at {primary}" if primary else "the primary (address not configured: --primary)"
+    return f"{method} is served by the primary only; this server is a read replica: send it to {where}"
+
+
+@dataclass(frozen=True)
+class BankState:
+    """What a replica compares between polls: the generations that change answers."""
+
+    store_generation: int
+    index_generation: int  # 0 = none published
+    head_generation: int  # 0 = none published
+
+
+def read_bank_state(engine: Engine) -> BankState:
+    """The bank's committed and published generations, read fresh from disk.
+
+    Raises when the bank cannot be read (its folder gone, the store failing); a published
+    index generation whose folder is missing counts as unreadable too.
+    """
+    bank = engine.bank
+    store_gen = int(engine.store.generation)
+    index_gen = current_generation(bank.indexes_dir) or 0
+    if index_gen and not (bank.indexes_dir / str(index_gen)).is_dir():
+        raise FailedPrecondition(f"index generation {index_gen} of {bank.root} is missing")
+    head_gen = current_generation(bank.heads_dir) or 0
+    return BankState(store_gen, index_gen, head_gen)
+
+
+class ReplicaEngine(Engine):
+    """An Engine over a bank opened read-only, kept current by a `Follower`."""
+
+    def __init__(
+        self,
+        bank: str | Path,
+        *,
+        primary: str | None = None,
+        follow_interval_s: float = DEFAULT_FOLLOW_INTERVAL_S,
+        **kwargs: Any,
+    ) -> None:
+        if follow_interval_s <= 0:
+            raise InvalidInput(f"--follow-interval must be > 0 seconds, got {follow_interval_s}")
+        super().__init__(bank, **kwargs)
+        self.primary = primary
+        self.failure: str | None = None  # why the bank cannot be read now
+        self.follower = Follower(self, follow_interval_s)
+
+    def open(self) -> None:
+        """Open the store read-only (no writer lock), load the models, start following."""
+        from featurebank import store as store_mod
+
+        self.store = store_mod.open(self.bank.root, readonly=True)
+        self._open_embedder()
+        self.follower.start()  # its first step loads the models
+
+    @property
+    def ready(self) -> bool:
+        return self.models is not None and self.failure is None
+
+    def _models(self) -> Models:
+        if self.failure is not None:
+            raise Unavailable(f"read replica cannot read its bank {self.bank.root}: {self.failure}")
+        return super()._models()
+
+    def set_failure(self, failure: str | None) -> None:
+        """Record whether the bank is readable; health follows when that changes."""
+        if failure == self.failure:
+            return
+        was_ready = self.ready
+        self.failure = failure
+        if failure is None:
+            log.info("replica reads %s again", self.bank.root)
+        else:
+            log.warning("replica cannot read %s: %s", self.bank.root, failure)
+        if self.ready != was_ready and self.on_ready is not None:
+            self.on_ready(self.ready)
+
+    def reload(self) -> None:
+        """Swap to the bank's current generations, as the primary does after publishing."""
+        with self._index_lock:
+            self._load_models()
+        if self.load_error is not None and self.models is not None:
+            raise FailedPrecondition(self.load_error)  # serving the old models, but failing
+
+    def applied_store_generation(self) -> int:
+        m = self.models
+        return int(m.searcher.store_generation) if m is not None else 0
+
+    def _info(self) -> dict[str, Any]:
+        if self.failure is not None:
+            raise Unavailable(f"read replica cannot read its bank {self.bank.root}: {self.failure}")
+        info = super()._info()
+        info["replica"] = self.follower.lag()
+        return info
+
+    def _close_sync(self) -> None:
+        self.follower.stop()
+        super()._close_sync()
+
+
+class Follower:
+    """The thread that keeps a ReplicaEngine on the bank's latest generations."""
+
+    def __init__(self, engine: ReplicaEngine, interval_s: float) -> None:
+        self.engine = engine
+        self.interval_s = interval_s
+        self.applied: BankState | None = None
+        self.seen: BankState | None = None
+        self.caught_up_at = time.monotonic()
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fb-follower", daemon=True)
+
+    def start(self) -> None:
+        self.step()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.step()
+
+    def step(self) -> None:
+        """One poll: read the bank's generations, reload if they moved, update health."""
+        engine = self.engine
+        try:
+            state = read_bank_state(engine)
+            self.seen = state
+            if state != self.applied:
+                engine.reload()
+                self.applied = state
+            self.caught_up_at = time.monotonic()
+            self.failures = 0
+            engine.set_failure(None)
+        except Exception as e:  # noqa: BLE001 - any failure to read the bank counts
+            self.failures += 1
+            log.debug("follow step failed (%d in a row): %s", self.failures, e)
+            if self.failures >= FAILURES_BEFORE_NOT_SERVING:
+                engine.set_failure(f"{type(e).__name__}: {e}")
+
+    def lag(self) -> dict[str, Any]:
+        """How far the replica is behind the bank right now (for GetInfo)."""
+        engine = self.engine
+        bank = read_bank_state(engine)
+        applied = engine.applied_store_generation()
+        behind = max(0, bank.store_generation - applied)
+        m = engine.models
+        index_behind = m is None or int(m.classifier.index_generation) != bank.index_generation
+        head_behind = ((m.classifier.head_generation if m else None) or 0) != bank.head_generation
+        caught_up = behind == 0 and not index_behind and not head_behind
+        return {
+            "primary": engine.primary or "",
+            "bank_store_generation": bank.store_generation,
+            "applied_store_generation": applied,
+            "generations_behind": behind,
+            "bank_index_generation": bank.index_generation,
+            "bank_head_generation": bank.head_generation,
+            "seconds_behind": 0.0 if caught_up else time.monotonic() - self.caught_up_at,
+            "follow_interval_s": self.interval_s,
+            "healthy": engine.failure is None,
+            "error": engine.failure or "",
+        }
+
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
+OnRefused = Callable[[str, grpc.StatusCode], None]
+
+
+class ReadOnlyInterceptor(aio.ServerInterceptor):
+    """Refuses write RPCs before their request is read (a replica never embeds an Upsert)."""
+
+    def __init__(self, primary: str | None, on_refused: OnRefused | None = None) -> None:
+        self.primary = primary
+        self.on_refused = on_refused
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or required_role(method) != WRITE:
+            return handler
+        code = grpc.StatusCode.FAILED_PRECONDITION
+        if self.on_refused is not None:
+            self.on_refused(method, code)
+        name = method.rsplit("/", 1)[-1]
+        return aborting_handler(handler, code, refusal(name, self.primary))
