@@ -325,8 +325,13 @@ class Engine:
         return await self._run(self.compute, lookup)
 
     async def classify(self, jobs: Sequence[ClassifyJob]) -> list[Classified]:
+        """One call's results, all from one index and head generation."""
         self._models()  # fail fast with FAILED_PRECONDITION when nothing is loaded
-        return await self.classify_batcher.submit_many(jobs)
+        while True:
+            results = await self.classify_batcher.submit_many(jobs)
+            if len({(r.index_generation, r.head_generation) for r in results}) <= 1:
+                return results
+            # a swap landed between the batches this call was split into: answer it again
 
     def _classify_batch(self, jobs: list[ClassifyJob]) -> list[Classified | BaseException]:
         models = self._models()
@@ -346,12 +351,16 @@ class Engine:
                 vectors = np.stack([jobs[i].vector for i in idx])
                 top_n = max(jobs[i].top_n for i in idx)
                 ex = np.array([jobs[i].exclude_id for i in idx], dtype=np.int64) if exclude else None
-                index_gen = int(clf.index_generation)
-                head_gen = clf.head_generation
-                preds = clf.classify(
-                    vectors, mode=mode, k=k, top_n=top_n, include_neighbors=neighbors,
-                    exclude_ids=ex, abstain_below=abstain_below,
-                )
+                generations = (clf.index_generation, clf.head_generation)
+                while True:  # the generations reported are the ones the answer came from
+                    preds = clf.classify(
+                        vectors, mode=mode, k=k, top_n=top_n, include_neighbors=neighbors,
+                        exclude_ids=ex, abstain_below=abstain_below,
+                    )
+                    seen, generations = generations, (clf.index_generation, clf.head_generation)
+                    if seen == generations:  # generations only grow: no swap in between
+                        break
+                index_gen, head_gen = int(generations[0]), generations[1]
                 used = mode or str(clf.default_mode)
                 for i, pred in zip(idx, preds, strict=True):
                     n = jobs[i].top_n

@@ -356,3 +356,41 @@ def test_sixteen_clients_for_thirty_seconds_survive_a_replica_kill(cluster: Clus
     assert seen.failures == [], seen.failures
     assert seen.mixed == []
     assert len(seen.generations) > 1, seen
+
+
+# ------------------------------------------------------------------- one generation per call
+
+
+def test_a_call_split_across_batches_is_answered_from_one_generation(tmp_path: Path) -> None:
+    """A swap between the batches of one ClassifyBatch must not show in its results."""
+    import asyncio
+
+    from featurebank.index.build import build_index
+    from featurebank.server.engine import ClassifyJob, Engine
+
+    bank = make_vector_bank(tmp_path / "bank", dim=DIM, n_per_class=5)
+
+    class SwapAfterFirstBatch(Engine):
+        batches = 0
+
+        def _classify_batch(self, jobs: list[ClassifyJob]) -> list[object]:  # type: ignore[override]
+            out = super()._classify_batch(jobs)
+            self.batches += 1
+            if self.batches == 1:  # what a replica's follower does when the primary publishes
+                build_index(bank)
+                self._load_models()
+            return out  # type: ignore[return-value]
+
+    async def run() -> tuple[list[tuple[int, int]], int]:
+        engine = SwapAfterFirstBatch(bank, max_batch_size=2, search_threads=1)
+        engine.open()
+        try:
+            jobs = [ClassifyJob(center(c), None, None, 1, False) for c in (*CLASSES, "cat")]
+            results = await engine.classify(jobs)
+            return [(r.index_generation, r.head_generation) for r in results], engine.batches
+        finally:
+            await engine.close()
+
+    generations, batches = asyncio.run(run())
+    assert generations == [(2, 0)] * 4
+    assert batches == 4  # split in two, and answered again (in two) after the swap
