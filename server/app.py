@@ -85,8 +85,6 @@ class ServeConfig:
                 raise InvalidInput(f"{flag} {path} is a folder, not a PEM file")
         if self.primary is not None and not self.replica:
             raise InvalidInput("--primary names the primary of a read replica: add --replica")
-        if self.follow_interval_s <= 0:
-            raise InvalidInput(f"--follow-interval must be > 0 seconds, got {self.follow_interval_s}")
         if self.max_batch_size < 1:
             raise InvalidInput(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
         if self.batch_timeout_ms < 0:

@@ -28,12 +28,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc import aio
 
 from featurebank.core.bank import current_generation
@@ -108,10 +109,18 @@ class ReplicaEngine(Engine):
     def ready(self) -> bool:
         return self.models is not None and self.failure is None
 
-    def _models(self) -> Models:
+    def _check_readable(self) -> None:
+        """UNAVAILABLE (the client retries elsewhere) while the bank cannot be read."""
         if self.failure is not None:
             raise Unavailable(f"read replica cannot read its bank {self.bank.root}: {self.failure}")
+
+    def _models(self) -> Models:
+        self._check_readable()
         return super()._models()
+
+    async def vectors_of_keys(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        self._check_readable()
+        return await super().vectors_of_keys(keys)
 
     def set_failure(self, failure: str | None) -> None:
         """Record whether the bank is readable; health follows when that changes."""
@@ -138,8 +147,7 @@ class ReplicaEngine(Engine):
         return int(m.searcher.store_generation) if m is not None else 0
 
     def _info(self) -> dict[str, Any]:
-        if self.failure is not None:
-            raise Unavailable(f"read replica cannot read its bank {self.bank.root}: {self.failure}")
+        self._check_readable()
         info = super()._info()
         info["replica"] = self.follower.lag()
         return info

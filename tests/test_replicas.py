@@ -25,7 +25,7 @@ import pytest
 from server_fixtures import CLASSES, RunningServer, class_centers, free_port, make_vector_bank
 
 from featurebank.core.errors import InvalidInput
-from featurebank.server.app import ServeConfig
+from featurebank.server.app import FeatureBankServer, ServeConfig
 from featurebank.server.client import FeatureBankClient, RemoteError, make_input
 from featurebank.server.targets import MultiTargetClient
 
@@ -194,7 +194,7 @@ def test_replica_options_are_checked(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="--replica"):
         ServeConfig(bank=bank, primary="127.0.0.1:1").check()
     with pytest.raises(InvalidInput, match="--follow-interval"):
-        ServeConfig(bank=bank, replica=True, follow_interval_s=0).check()
+        FeatureBankServer(ServeConfig(bank=bank, replica=True, follow_interval_s=0))
 
 
 # ------------------------------------------------------------------- health
@@ -209,7 +209,8 @@ def test_replica_goes_not_serving_while_the_bank_is_unreadable(tmp_path: Path) -
         assert c.classify(vector=center("fox")).labels[0].label == "fox"
         bank.rename(moved)  # e.g. the volume holding the bank went away
         until(lambda: c.health() == "NOT_SERVING", 10)
-        for call in (lambda: c.classify(vector=center("fox")), c.info):
+        for call in (lambda: c.classify(vector=center("fox")), lambda: c.search(key="fox/1-0"),
+                     c.info):
             with pytest.raises(RemoteError) as err:
                 call()
             assert err.value.code == grpc.StatusCode.UNAVAILABLE
