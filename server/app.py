@@ -3,6 +3,8 @@
 Health (grpc.health.v1) means something: NOT_SERVING while the store and index
 load, SERVING once classification can be answered, NOT_SERVING again as soon as
 shutdown starts, so a load balancer drains the server before it goes away.
+With `replica`, the server is a read replica of the bank (server/replica.py): a
+read-only engine that follows the primary, and write RPCs refused before they are read.
 """
 
 from __future__ import annotations
