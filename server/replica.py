@@ -136,9 +136,11 @@ class ReplicaEngine(Engine):
             self.on_ready(self.ready)
 
     def reload(self) -> None:
-        """Swap to the bank's current generations, as the primary does after publishing."""
-        with self._index_lock:
-            self._load_models()
+        """Swap to the bank's current generations, as the primary does after publishing.
+
+        Only the follower's thread reloads: a replica has no other publisher to exclude.
+        """
+        self._load_models()
         if self.load_error is not None and self.models is not None:
             raise FailedPrecondition(self.load_error)  # serving the old models, but failing
 

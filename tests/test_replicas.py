@@ -312,8 +312,8 @@ def run_load_with_replica_kill(
                 with lock:
                     calls[0] += 1
 
-        def writer() -> None:  # new generations while the load runs
-            with FeatureBankClient(cluster.primary.target) as p:
+        def writer() -> None:  # commits and published generations while the load runs
+            with FeatureBankClient(cluster.primary.target, timeout=60) as p:
                 i = 0
                 while not stop.wait(0.3):
                     label = CLASSES[i % len(CLASSES)]
@@ -321,6 +321,8 @@ def run_load_with_replica_kill(
                         p.upsert([{"key": f"load/{i}", "vector": centers[i % len(CLASSES)],
                                    "label": label}])
                         p.set_labels({f"load/{i}": label})
+                        if i % 2 == 0:
+                            assert not p.rebuild_index(wait=True).error.code
                     except BaseException as e:  # noqa: BLE001
                         with lock:
                             failures.append(e)
