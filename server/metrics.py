@@ -49,6 +49,15 @@ class Metrics:
         self.head_generation = Gauge(
             "featurebank_head_generation", "Head generation being served (0 = none)", registry=r
         )
+        self.replica_generations_behind = Gauge(
+            "featurebank_replica_generations_behind",
+            "Store generations a read replica has not applied yet (replicas only)", registry=r,
+        )
+        self.replica_seconds_behind = Gauge(
+            "featurebank_replica_seconds_behind",
+            "Seconds since a read replica was last caught up with its bank, 0 when it is "
+            "(replicas only)", registry=r,
+        )
         self._server: Any = None
 
     def observe(self, method: str, code: str, seconds: float) -> None:

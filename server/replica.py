@@ -197,16 +197,27 @@ class Follower:
             self.caught_up_at = time.monotonic()
             self.failures = 0
             engine.set_failure(None)
+            lag = self.lag(state)
+            self._export(lag["generations_behind"], lag["seconds_behind"])
         except Exception as e:  # noqa: BLE001 - any failure to read the bank counts
             self.failures += 1
             log.debug("follow step failed (%d in a row): %s", self.failures, e)
             if self.failures >= FAILURES_BEFORE_NOT_SERVING:
                 engine.set_failure(f"{type(e).__name__}: {e}")
+            self._export(None, time.monotonic() - self.caught_up_at)
 
-    def lag(self) -> dict[str, Any]:
-        """How far the replica is behind the bank right now (for GetInfo)."""
+    def _export(self, generations_behind: int | None, seconds_behind: float) -> None:
+        metrics = self.engine.metrics
+        if metrics is None:
+            return
+        if generations_behind is not None:
+            metrics.replica_generations_behind.set(generations_behind)
+        metrics.replica_seconds_behind.set(seconds_behind)
+
+    def lag(self, bank: BankState | None = None) -> dict[str, Any]:
+        """How far the replica is behind `bank` (default: the bank as it is now; for GetInfo)."""
         engine = self.engine
-        bank = read_bank_state(engine)
+        bank = bank or read_bank_state(engine)
         applied = engine.applied_store_generation()
         behind = max(0, bank.store_generation - applied)
         m = engine.models

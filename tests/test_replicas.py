@@ -209,6 +209,8 @@ def test_replica_goes_not_serving_while_the_bank_is_unreadable(tmp_path: Path) -
         assert c.classify(vector=center("fox")).labels[0].label == "fox"
         bank.rename(moved)  # e.g. the volume holding the bank went away
         until(lambda: c.health() == "NOT_SERVING", 10)
+        behind = rs.server.metrics.replica_seconds_behind
+        until(lambda: behind._value.get() > 0, 10)  # type: ignore[attr-defined]
         for call in (lambda: c.classify(vector=center("fox")), lambda: c.search(key="fox/1-0"),
                      c.info):
             with pytest.raises(RemoteError) as err:
@@ -219,6 +221,7 @@ def test_replica_goes_not_serving_while_the_bank_is_unreadable(tmp_path: Path) -
         until(lambda: c.health() == "SERVING", 10)
         assert c.classify(vector=center("fox")).labels[0].label == "fox"
         assert c.info().replica.healthy
+        until(lambda: behind._value.get() == 0, 10)  # type: ignore[attr-defined]
 
 
 def test_replica_started_before_the_first_index_serves_once_it_is_published(
