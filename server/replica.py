@@ -166,7 +166,6 @@ class Follower:
         self.engine = engine
         self.interval_s = interval_s
         self.applied: BankState | None = None
-        self.seen: BankState | None = None
         self.caught_up_at = time.monotonic()
         self.failures = 0
         self._stop = threading.Event()
@@ -190,7 +189,6 @@ class Follower:
         engine = self.engine
         try:
             state = read_bank_state(engine)
-            self.seen = state
             if state != self.applied:
                 engine.reload()
                 self.applied = state
@@ -221,9 +219,12 @@ class Follower:
         applied = engine.applied_store_generation()
         behind = max(0, bank.store_generation - applied)
         m = engine.models
-        index_behind = m is None or int(m.classifier.index_generation) != bank.index_generation
-        head_behind = ((m.classifier.head_generation if m else None) or 0) != bank.head_generation
-        caught_up = behind == 0 and not index_behind and not head_behind
+        served = (
+            (int(m.classifier.index_generation), int(m.classifier.head_generation or 0))
+            if m is not None
+            else (0, 0)
+        )
+        caught_up = behind == 0 and served == (bank.index_generation, bank.head_generation)
         return {
             "primary": engine.primary or "",
             "bank_store_generation": bank.store_generation,

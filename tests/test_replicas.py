@@ -197,6 +197,22 @@ def test_replica_options_are_checked(tmp_path: Path) -> None:
         FeatureBankServer(ServeConfig(bank=bank, replica=True, follow_interval_s=0))
 
 
+def test_get_info_says_how_far_behind_a_replica_is(tmp_path: Path) -> None:
+    from featurebank import store as store_mod
+
+    bank = make_vector_bank(tmp_path / "bank", dim=DIM, n_per_class=5)
+    config = ServeConfig(bank=bank, port=free_port(), replica=True, follow_interval_s=3600)
+    with RunningServer(config) as rs, FeatureBankClient(rs.target) as c:
+        r = c.info().replica
+        assert (r.generations_behind, r.seconds_behind) == (0, 0.0)
+        with store_mod.open(bank) as st:  # the primary commits; the next poll is an hour away
+            st.set_labels({"cat/1-0": "dog"})
+            st.set_labels({"cat/1-1": "dog"})
+        r = c.info().replica
+        assert r.bank_store_generation == r.applied_store_generation + 2
+        assert r.generations_behind == 2 and r.seconds_behind > 0 and r.healthy
+
+
 # ------------------------------------------------------------------- health
 
 
