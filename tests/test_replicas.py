@@ -281,6 +281,28 @@ def test_multi_target_client_skips_a_dead_target_and_gives_up_when_all_are(
         MultiTargetClient([])
 
 
+def test_multi_target_client_reads_only_from_serving_targets_and_writes_to_the_primary(
+    tmp_path: Path,
+) -> None:
+    bank = make_vector_bank(tmp_path / "bank", dim=DIM, n_per_class=5)
+    empty = make_vector_bank(tmp_path / "empty", dim=DIM, n_per_class=5, index=False)
+    with RunningServer(ServeConfig(bank=bank, port=free_port())) as rs, \
+            RunningServer(ServeConfig(bank=empty, port=free_port())) as loading:
+        with FeatureBankClient(loading.target) as c:
+            assert c.health() == "NOT_SERVING"  # no index yet
+        with MultiTargetClient([loading.target, rs.target], primary=rs.target,
+                               health_interval_s=0.05) as mc:
+            until(lambda: mc.serving() == [rs.target], 5)
+            # the NOT_SERVING target would answer FAILED_PRECONDITION, which is never retried
+            for _ in range(6):
+                assert mc.classify(vector=center("fox")).labels[0].label == "fox"
+            with pytest.raises(RemoteError) as err:  # the caller's mistake: no retry
+                mc.classify(vector=np.zeros(DIM + 1))
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and mc.retries == 0
+            assert mc.primary.set_labels({"fox/1-0": "cat"}).updated == 1
+            assert mc.search(key="fox/1-1", k=20, labels=["cat"]).neighbors[0].key == "fox/1-0"
+
+
 # ------------------------------------------------------------------- load with a SIGKILL
 
 
