@@ -31,7 +31,7 @@ from featurebank.server.engine import Engine
 from featurebank.server.limits import DEFAULT_STREAM_BYTES, DEFAULT_TOTAL_BYTES, UpsertBudget
 from featurebank.server.metrics import Metrics
 from featurebank.server.reflection import enable_reflection
-from featurebank.server.replica import DEFAULT_FOLLOW_INTERVAL_S, ReadOnlyInterceptor, ReplicaEngine
+from featurebank.server.replica import DEFAULT_FOLLOW_INTERVAL_S, ReplicaEngine, ReplicaInterceptor
 from featurebank.server.service import FeatureBankServicer
 from featurebank.server.tls import server_credentials
 
@@ -169,8 +169,8 @@ class FeatureBankServer:
         interceptors = []
         if c.tokens is not None and c.tokens.enabled:
             interceptors.append(AuthInterceptor(c.tokens, on_denied=self._denied))
-        if c.replica:
-            interceptors.append(ReadOnlyInterceptor(c.primary, on_refused=self._denied))
+        if isinstance(self.engine, ReplicaEngine):
+            interceptors.append(ReplicaInterceptor(self.engine, on_refused=self._denied))
         options = [
             ("grpc.max_send_message_length", c.max_message_bytes),
             ("grpc.max_receive_message_length", c.max_message_bytes),

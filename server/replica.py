@@ -2,7 +2,9 @@
 
 A replica answers Classify, ClassifyBatch, Search, Embed and GetInfo from the same bank
 directory the primary writes (same host, local filesystem: see docs/scale.md), and
-refuses every write RPC with FAILED_PRECONDITION naming the primary.
+refuses every write RPC with FAILED_PRECONDITION naming the primary. The other read RPCs
+(Suggest, Audit, GetThumbnails, GetReport) are served too: only what changes the bank, or
+follows a job of the primary (GetOperation), is refused.
 
 Following: a `Follower` thread polls, every `follow_interval_s`, the three things that
 change a bank's answers: the store's committed generation (labels, upserts, deletes, read
@@ -19,8 +21,8 @@ read of the store's label records; a new index generation: reading its file), an
 
 Health: if the bank cannot be read (its directory gone, a generation missing, the store
 failing) for `FAILURES_BEFORE_NOT_SERVING` polls in a row, the replica goes NOT_SERVING
-and answers reads with UNAVAILABLE instead of answering from a bank it can no longer
-see; it returns to SERVING at the first poll that reads the bank again.
+and answers every call with UNAVAILABLE instead of answering from a bank it can no
+longer see; it returns to SERVING at the first poll that reads the bank again.
 """
 
 from __future__ import annotations
@@ -28,20 +30,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 from grpc import aio
 
 from featurebank.core.bank import current_generation
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.server.auth import WRITE, aborting_handler, required_role
-from featurebank.server.engine import Engine, Models
-from featurebank.server.service import Unavailable
+from featurebank.server.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +109,11 @@ class ReplicaEngine(Engine):
     def ready(self) -> bool:
         return self.models is not None and self.failure is None
 
-    def _check_readable(self) -> None:
-        """UNAVAILABLE (the client retries elsewhere) while the bank cannot be read."""
-        if self.failure is not None:
-            raise Unavailable(f"read replica cannot read its bank {self.bank.root}: {self.failure}")
-
-    def _models(self) -> Models:
-        self._check_readable()
-        return super()._models()
-
-    async def vectors_of_keys(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        self._check_readable()
-        return await super().vectors_of_keys(keys)
+    def unreadable(self) -> str | None:
+        """Why a call must not be answered now (the bank cannot be read), or None."""
+        if self.failure is None:
+            return None
+        return f"read replica cannot read its bank {self.bank.root}: {self.failure}"
 
     def set_failure(self, failure: str | None) -> None:
         """Record whether the bank is readable; health follows when that changes."""
@@ -149,7 +142,6 @@ class ReplicaEngine(Engine):
         return int(m.searcher.store_generation) if m is not None else 0
 
     def _info(self) -> dict[str, Any]:
-        self._check_readable()
         info = super()._info()
         info["replica"] = self.follower.lag()
         return info
@@ -243,11 +235,13 @@ Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandl
 OnRefused = Callable[[str, grpc.StatusCode], None]
 
 
-class ReadOnlyInterceptor(aio.ServerInterceptor):
-    """Refuses write RPCs before their request is read (a replica never embeds an Upsert)."""
+class ReplicaInterceptor(aio.ServerInterceptor):
+    """Refuses write RPCs before their request is read (a replica never embeds an Upsert),
+    and every featurebank call with UNAVAILABLE while the bank cannot be read (clients and
+    load balancers retry elsewhere); health and reflection always pass."""
 
-    def __init__(self, primary: str | None, on_refused: OnRefused | None = None) -> None:
-        self.primary = primary
+    def __init__(self, engine: ReplicaEngine, on_refused: OnRefused | None = None) -> None:
+        self.engine = engine
         self.on_refused = on_refused
 
     async def intercept_service(
@@ -255,10 +249,21 @@ class ReadOnlyInterceptor(aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or required_role(method) != WRITE:
+        role = required_role(method)
+        if handler is None or role is None:
             return handler
-        code = grpc.StatusCode.FAILED_PRECONDITION
+        name = method.rsplit("/", 1)[-1]
+        if role == WRITE:
+            return self._refused(handler, method, grpc.StatusCode.FAILED_PRECONDITION,
+                                 refusal(name, self.engine.primary))
+        why = self.engine.unreadable()
+        if why is not None:
+            return self._refused(handler, method, grpc.StatusCode.UNAVAILABLE, why)
+        return handler
+
+    def _refused(
+        self, handler: grpc.RpcMethodHandler, method: str, code: grpc.StatusCode, details: str
+    ) -> grpc.RpcMethodHandler:
         if self.on_refused is not None:
             self.on_refused(method, code)
-        name = method.rsplit("/", 1)[-1]
-        return aborting_handler(handler, code, refusal(name, self.primary))
+        return aborting_handler(handler, code, details)

@@ -181,6 +181,7 @@ def test_replica_refuses_every_write_naming_the_primary(cluster: Cluster) -> Non
             assert cluster.primary.target in err.value.details
         # reads are answered, and the refused writes changed nothing
         assert c.classify(vector=center("dog")).labels[0].label == "dog"
+        assert len(c.audit(n=2).findings) == 2  # the labelling reads are served as well
         with pytest.raises(RemoteError) as err:  # Embed is a read: this bank just has no model
             c.embed(b"not an image")
         assert "read replica" not in err.value.details
@@ -228,7 +229,7 @@ def test_replica_goes_not_serving_while_the_bank_is_unreadable(tmp_path: Path) -
         behind = rs.server.metrics.replica_seconds_behind
         until(lambda: behind._value.get() > 0, 10)  # type: ignore[attr-defined]
         for call in (lambda: c.classify(vector=center("fox")), lambda: c.search(key="fox/1-0"),
-                     c.info):
+                     c.info, lambda: c.thumbnails(["fox/1-0"]), c.report):
             with pytest.raises(RemoteError) as err:
                 call()
             assert err.value.code == grpc.StatusCode.UNAVAILABLE
