@@ -6,18 +6,19 @@ refuses every write RPC with FAILED_PRECONDITION naming the primary. The other r
 (Suggest, Audit, GetThumbnails, GetReport) are served too: only what changes the bank, or
 follows a job of the primary (GetOperation), is refused.
 
-Following: a `Follower` thread polls, every `follow_interval_s`, the three things that
-change a bank's answers: the store's committed generation (labels, upserts, deletes, read
-through LMDB, whose readers in another process see each commit as a consistent
-snapshot), `indexes/CURRENT` and `heads/CURRENT` (published generations, switched
-atomically). When any of them moved, the engine reloads the way the primary does after a
-publish: the classifier swaps index and head at once, the searcher takes the new label
-table; calls in flight keep the snapshot they started with.
+Following, the way a restarting primary catches up: a `Follower` thread polls, every
+`follow_interval_s`, the store's committed generation (LMDB readers in another process see
+each commit as a consistent snapshot), `indexes/CURRENT` and `heads/CURRENT` (published
+generations, switched atomically). When any of them moved, the engine reloads as the
+primary does after a publish: the classifier swaps index and head at once, and the
+searcher catches up from the store's change log (new items into its in-memory segment,
+deletions filtered, labels swapped); calls in flight keep the snapshot they started with.
+Each search also catches the searcher up with the store before it runs.
 
-Freshness bound: a commit the primary has acknowledged is answered by a replica after at
-most one follow interval plus the time to load what changed (the label table: a
-read of the store's label records; a new index generation: reading its file), and
-`GetInfo.replica` reports how far behind it is at any moment.
+Freshness bound: a commit the primary has acknowledged is answered by a replica at its
+next search, at the latest one follow interval later, plus the time to apply it
+(proportional to the changes); a published generation within one interval plus the time
+to load its index. `GetInfo.replica` reports how far behind the replica is at any moment.
 
 Health: if the bank cannot be read (its directory gone, a generation missing, the store
 failing) for `FAILURES_BEFORE_NOT_SERVING` polls in a row, the replica goes NOT_SERVING
