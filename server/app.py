@@ -87,6 +87,11 @@ class ServeConfig:
                 raise InvalidInput(f"{flag} {path} is a folder, not a PEM file")
         if self.primary is not None and not self.replica:
             raise InvalidInput("--primary names the primary of a read replica: add --replica")
+        if self.replica and self.checkpoint != CheckpointPolicy():
+            raise InvalidInput(
+                "--checkpoint-* options are the primary's: a read replica publishes nothing, "
+                "it loads the generations its primary's checkpoints publish"
+            )
         if self.max_batch_size < 1:
             raise InvalidInput(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
         if self.batch_timeout_ms < 0:

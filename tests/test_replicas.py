@@ -25,6 +25,7 @@ import pytest
 from server_fixtures import CLASSES, RunningServer, class_centers, free_port, make_vector_bank
 
 from featurebank.core.errors import InvalidInput
+from featurebank.index.checkpoint import CheckpointPolicy
 from featurebank.server.app import FeatureBankServer, ServeConfig
 from featurebank.server.client import FeatureBankClient, RemoteError, make_input
 from featurebank.server.targets import MultiTargetClient
@@ -194,6 +195,8 @@ def test_replica_options_are_checked(tmp_path: Path) -> None:
     bank = make_vector_bank(tmp_path / "bank", dim=DIM, n_per_class=2, index=False)
     with pytest.raises(InvalidInput, match="--replica"):
         ServeConfig(bank=bank, primary="127.0.0.1:1").check()
+    with pytest.raises(InvalidInput, match="--checkpoint"):
+        ServeConfig(bank=bank, replica=True, checkpoint=CheckpointPolicy(max_items=5)).check()
     with pytest.raises(InvalidInput, match="--follow-interval"):
         FeatureBankServer(ServeConfig(bank=bank, replica=True, follow_interval_s=0))
 
