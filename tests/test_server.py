@@ -186,12 +186,16 @@ def test_deadline_is_honoured(client: FeatureBankClient, served: RunningServer) 
     finally:
         release.set()
     assert client.health() == "SERVING"
-    expired = served.server.metrics.requests.labels("Upsert", "DEADLINE_EXCEEDED")
-    for _ in range(100):  # the server side notices the expiry asynchronously
-        if expired._value.get() >= 1:  # type: ignore[attr-defined]
+    # The server notices the end asynchronously: as its own deadline passing or, when the
+    # client's cancel at its deadline arrives first (the server's clock starts on receipt,
+    # later on a loaded machine), as a cancel. Either way the call ended without OK.
+    ended = [served.server.metrics.requests.labels("Upsert", code)
+             for code in ("DEADLINE_EXCEEDED", "CANCELLED")]
+    for _ in range(200):
+        if sum(c._value.get() for c in ended) >= 1:  # type: ignore[attr-defined]
             break
         time.sleep(0.05)
-    assert expired._value.get() >= 1  # type: ignore[attr-defined]
+    assert sum(c._value.get() for c in ended) >= 1  # type: ignore[attr-defined]
     expect(grpc.StatusCode.NOT_FOUND, client.classify, key="late/0")  # partial stream not committed
 
 
