@@ -242,29 +242,17 @@ def live_params(bank: Bank) -> IndexParams:
 
 
 def build_index(
-    bank: BankLike,
-    *,
-    factory: str | None = None,
-    metric: str | None = None,
-    transform: str | None = None,
-    memory_budget: int | str | None = None,
-    target_recall: float | None = None,
-    k: int | None = None,
-    allow_below_target: bool | None = None,
-    progress: bool = False,
-    threads: int | None = None,
+    bank: BankLike, *, progress: bool = False, threads: int | None = None, **overrides: Any
 ) -> dict[str, Any]:
     """Build an index over the whole store, tune it, publish it as the next generation.
 
-    Starts from the live generation's IndexParams; only the options given change.
-    An index measured below its target recall is not published (RecallBelowTarget)
-    unless the params allow it.
+    Starts from the live generation's IndexParams; only the fields named in `overrides`
+    (factory, metric, transform, memory_budget, target_recall, k, allow_below_target;
+    None keeps the live value) change. An index measured below its target recall is not
+    published (RecallBelowTarget) unless the params allow it.
     """
     with borrowed(bank) as st:
-        params = live_params(st.bank).override(
-            factory=factory, metric=metric, transform=transform, memory_budget=memory_budget,
-            target_recall=target_recall, k=k, allow_below_target=allow_below_target,
-        )
+        params = live_params(st.bank).override(**overrides)
         transforms.parse(params.transform)
         try:
             with omp_threads(threads):

@@ -43,17 +43,12 @@ MIN_SHARD_ROWS = 1000  # below this a task costs more than the adding it saves
 def build_index_ray(
     bank: BankLike,
     *,
-    factory: str | None = None,
-    metric: str | None = None,
-    transform: str | None = None,
-    memory_budget: int | str | None = None,
-    target_recall: float | None = None,
-    k: int | None = None,
     train_sample: int | None = None,
     shards: int | None = None,
     address: str | None = None,
     progress: bool = False,
     verbose: bool = False,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """`build.build_index` with the adding and the ground truth done in Ray tasks.
 
@@ -65,10 +60,7 @@ def build_index_ray(
     if train_sample is not None and train_sample < 1:
         raise InvalidInput(f"--train-sample must be at least 1, got {train_sample}")
     with borrowed(bank) as st:
-        params = build.live_params(st.bank).override(
-            factory=factory, metric=metric, transform=transform, memory_budget=memory_budget,
-            target_recall=target_recall, k=k,
-        )  # fmt: skip
+        params = build.live_params(st.bank).override(**overrides)
         transforms.parse(params.transform)
         try:
             prep = build.prepare(st.bank, st, params, sharded=True)

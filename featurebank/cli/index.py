@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -11,6 +12,11 @@ from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import METRICS
 
 KEEP = "default: the live index's, else {}"
+
+
+def index_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The IndexParams fields the command line named (None: keep the live generation's)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(IndexParams)}
 
 
 def add_index_params(p: argparse.ArgumentParser) -> None:
@@ -73,18 +79,7 @@ def _build(args: argparse.Namespace) -> int:
         return _build_ray(args)
     from featurebank.index.build import build_index
 
-    m = build_index(
-        args.bank,
-        factory=args.factory,
-        metric=args.metric,
-        transform=args.transform,
-        memory_budget=args.memory_budget,
-        target_recall=args.target_recall,
-        k=args.k,
-        allow_below_target=args.allow_below_target,
-        progress=True,
-        threads=args.threads,
-    )
+    m = build_index(args.bank, progress=True, threads=args.threads, **index_overrides(args))
     print(_summary(m) + f"; built in {m['build_seconds']:.1f}s")
     return 0
 
@@ -94,12 +89,7 @@ def _build_ray(args: argparse.Namespace) -> int:
 
     m = build_index_ray(
         args.bank,
-        factory=args.factory,
-        metric=args.metric,
-        transform=args.transform,
-        memory_budget=args.memory_budget,
-        target_recall=args.target_recall,
-        k=args.k,
+        **index_overrides(args),
         train_sample=args.train_sample,
         shards=args.shards,
         address=args.address,
