@@ -16,6 +16,9 @@ Why this shape:
   searchable at once, without an index file being written.
 - OpenMP's thread count is per calling thread: each thread sets its own, so
   several server threads do not each use every core.
+
+It is over 400 lines because the view, its refresh and the search that reads it must
+be read together to see why a search never needs a lock.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Why one object: the server, `featurebank eval` and library users all want "the
 bank's current answer" without knowing which generation of index and head is
 live. `reload()` swaps both to the current generations at once; a call in flight
 keeps the snapshot it started with, so answers never mix generations.
+
+(Just over 400 lines: the one path to every mode's probabilities, abstention included.)
 """
 
 from __future__ import annotations
