@@ -43,5 +43,5 @@ def test_release_free_memory_returns_freed_heap_to_the_os() -> None:
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=120).stdout  # fmt: skip
     base, held, after = map(int, out.split())
-    assert held - base > 150, (base, held, after)  # glibc kept the freed blocks
+    assert held - base > 100, (base, held, after)  # glibc kept (most of) the freed blocks
     assert after - base < 30, (base, held, after)  # and gave them back when asked
