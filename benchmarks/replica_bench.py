@@ -23,7 +23,6 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from serve_bench import Served, fmt, summary  # noqa: E402
+from serve_bench import Served, fmt, load  # noqa: E402
 
 from featurebank import store as store_mod  # noqa: E402
 from featurebank.core.spec import Spec  # noqa: E402
@@ -78,37 +77,7 @@ def cpu_seconds(pid: int) -> float:
 
 def hammer(call: Reader, queries: np.ndarray, calls: int, clients: int) -> dict[str, float]:
     """`calls` reads spread over `clients` threads; throughput and latency percentiles."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    counter = iter(range(calls))
-    errors: list[BaseException] = []
-
-    def worker() -> None:
-        mine: list[float] = []
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                break
-            t0 = time.perf_counter()
-            try:
-                call(queries[i % len(queries)])
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-            mine.append(time.perf_counter() - t0)
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(f"{len(errors)} calls failed, first: {errors[0]}")
-    return summary(latencies, wall)
+    return load(lambda i: call(queries[i % len(queries)]), calls, clients)
 
 
 @dataclass

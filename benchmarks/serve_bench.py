@@ -85,41 +85,46 @@ class Served:
         self.close()
 
 
-def hammer(target: str, n: int, call: Callable[[FeatureBankClient, int], object]) -> dict[str, float]:
-    """`n` calls spread over CLIENTS threads sharing one channel; qps and latency percentiles."""
+def load(call: Callable[[int], object], n: int, clients: int) -> dict[str, float]:
+    """Calls 0..n-1 spread over `clients` threads; qps and latency percentiles."""
     latencies: list[float] = []
     lock = threading.Lock()
     counter = iter(range(n))
     errors: list[BaseException] = []
-    with FeatureBankClient(target, timeout=600) as client:
-        call(client, 0)  # warm up the channel and the server's first batch
 
-        def worker() -> None:
-            mine: list[float] = []
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    break
-                t0 = time.perf_counter()
-                try:
-                    call(client, i)
-                except BaseException as e:  # noqa: BLE001
-                    errors.append(e)
-                mine.append(time.perf_counter() - t0)
+    def worker() -> None:
+        mine: list[float] = []
+        while True:
             with lock:
-                latencies.extend(mine)
+                i = next(counter, None)
+            if i is None:
+                break
+            t0 = time.perf_counter()
+            try:
+                call(i)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            latencies.extend(mine)
 
-        threads = [threading.Thread(target=worker) for _ in range(CLIENTS)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
     if errors:
         raise RuntimeError(f"{len(errors)} calls failed, first: {errors[0]}")
     return summary(latencies, wall)
+
+
+def hammer(target: str, n: int, call: Callable[[FeatureBankClient, int], object]) -> dict[str, float]:
+    """`n` calls spread over CLIENTS threads sharing one channel; qps and latency percentiles."""
+    with FeatureBankClient(target, timeout=600) as client:
+        call(client, 0)  # warm up the channel and the server's first batch
+        return load(lambda i: call(client, i), n, CLIENTS)
 
 
 def summary(latencies: Sequence[float], wall: float) -> dict[str, float]:

@@ -49,6 +49,7 @@ from featurebank.server.validation import (
     check_k,
     check_key,
     check_label_filter,
+    check_many,
     check_mode,
     check_split,
     check_top_n,
@@ -183,12 +184,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     async def ClassifyBatch(
         self, request: pb.ClassifyBatchRequest, context: aio.ServicerContext
     ) -> pb.ClassifyBatchResponse:
-        if not request.inputs:
-            raise InvalidInput("ClassifyBatch got no inputs")
-        if len(request.inputs) > MAX_BATCH_INPUTS:
-            raise InvalidInput(
-                f"ClassifyBatch got {len(request.inputs)} inputs; at most {MAX_BATCH_INPUTS}"
-            )
+        check_many(request.inputs, "ClassifyBatch", "inputs", MAX_BATCH_INPUTS)
         results = await self._classify(
             list(request.inputs), request.mode, request.k, request.top_n, request.include_neighbors,
             request.abstain_below,
@@ -276,12 +272,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     async def GetThumbnails(
         self, request: pb.GetThumbnailsRequest, context: aio.ServicerContext
     ) -> pb.GetThumbnailsResponse:
-        if not request.keys:
-            raise InvalidInput("GetThumbnails got no keys")
-        if len(request.keys) > MAX_THUMBNAILS:
-            raise InvalidInput(
-                f"GetThumbnails got {len(request.keys)} keys; at most {MAX_THUMBNAILS}"
-            )
+        check_many(request.keys, "GetThumbnails", "keys", MAX_THUMBNAILS)
         keys = [check_key(k, f"keys[{i}]") for i, k in enumerate(request.keys)]
         found = await self.engine.thumbnails(keys)
         return pb.GetThumbnailsResponse(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -101,6 +102,9 @@ def check_label_filter(labels: Sequence[str]) -> tuple[str, ...]:
     return tuple(labels)
 
 
-
-
-
+def check_many(items: Sequence[Any], method: str, what: str, most: int) -> None:
+    """A repeated request field holds at least one and at most `most` entries."""
+    if not items:
+        raise InvalidInput(f"{method} got no {what}")
+    if len(items) > most:
+        raise InvalidInput(f"{method} got {len(items)} {what}; at most {most}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from featurebank.classify.head_generations import head_status
-from featurebank.core.bank import current_generation
+from featurebank.core.bank import Bank, current_generation
 from featurebank.index.views import read_manifest
 from featurebank.store import BankLike, borrowed
 
@@ -16,10 +16,9 @@ INDEX_FIELDS = ("factory", "metric", "ntotal", "k", "recall_at_k", "target_recal
                 "target_reached", "store_generation", "index_params")
 
 
-def index_status(bank: BankLike) -> dict[str, Any] | None:
+def index_status(bank: Bank) -> dict[str, Any] | None:
     """The live index generation's manifest fields users read; None before the first build."""
-    with borrowed(bank) as st:
-        indexes = st.bank.indexes_dir
+    indexes = bank.indexes_dir
     gen = current_generation(indexes)
     if gen is None:
         return None
@@ -32,6 +31,6 @@ def bank_status(bank: BankLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     with borrowed(bank) as st:
         stats = st.stats()
         errors = st.errors()
-        stats["index"] = index_status(st)
+        stats["index"] = index_status(st.bank)
         stats["head"] = head_status(st)
     return stats, errors
