@@ -11,9 +11,13 @@ Targets, both shipped inside packages (no download):
 - far: scikit-image's lfw_subset (200 25x25 crops, face / not a face), a domain far
   from the digits the backbone learnt; 5 and 10 labels per class.
 
-The labelled items of each draw go into a fresh bank (the rest are queries); it
+The labelled items of each draw go into a fresh bank (the rest are queries). A case
+with few queries gets more draws, about as many query answers as a digits case (the
+face set answers 180 queries a draw, the digits about 1,700): with 3 draws of 180, one
+lucky draw moves a mean by more than the half-point checked below. It
 prints accuracy for 1-NN on raw pixels (no transfer), featurebank's knn with
-none/l2/cl2n transforms (balanced case), knn (cl2n), head, hybrid and stacked, and
+none/l2/cl2n transforms (balanced case), knn (cl2n), head, hybrid and stacked, head and
+hybrid retrained without denoising (noisy cases, and 5 and 10 clean labels per class), and
 scikit-learn's LogisticRegression on the same features, averaged over draws. Then
 it checks, for every case: hybrid >= max(knn, head) - 0.5 point, and hybrid >= the
 hybrid of the recorded "before" run (``--before FILE``; ``--record FILE`` writes one).
@@ -47,10 +51,12 @@ KNN_SETUPS = {  # name -> (transform, metric); only in the balanced case
     "knn l2": ("l2", "cosine"),
 }
 MODES = ("knn", "head", "hybrid", "stacked")
-ROWS = ("raw 1-NN", *KNN_SETUPS, *MODES, "sklearn logreg")
+PLAIN_MODES = ("head", "hybrid")  # retrained without denoising, in the cases that compare it
+ROWS = ("raw 1-NN", *KNN_SETUPS, *MODES, *(f"{m} no denoise" for m in PLAIN_MODES), "sklearn logreg")
 ABSTAIN_PRECISION = 0.98
 ABSTAIN_CASE = "balanced 5"
 TOLERANCE = 0.005  # hybrid may sit half a point under the better single mode
+QUERIES_PER_DRAW = 1000  # a case answering fewer queries a draw gets ceil(1000 / queries) times the draws
 
 
 @dataclass(frozen=True)
@@ -62,16 +68,25 @@ class Case:
     counts: Callable[[int], int]  # class -> labelled items
     noise: float = 0.0
     transforms: bool = False  # also compare the knn transforms
+    plain: bool = False  # also retrain the head without denoising, to measure what it does
 
 
 def cases() -> list[Case]:
-    out = [Case(f"balanced {c}", "digits", lambda _, c=c: c, transforms=True) for c in (1, 5, 10, 20)]
+    out = [
+        Case(f"balanced {c}", "digits", lambda _, c=c: c, transforms=True, plain=c in (5, 10))
+        for c in (1, 5, 10, 20)
+    ]
     out.append(Case("imbalanced 2|15", "digits", lambda cls: 2 if cls % 2 else 15))
-    out.append(Case("noisy 10% at 10", "digits", lambda _: 10, noise=0.1))
-    out.append(Case("noisy 20% at 5", "digits", lambda _: 5, noise=0.2))
-    out.append(Case("noisy 20% at 10", "digits", lambda _: 10, noise=0.2))
+    out.append(Case("noisy 10% at 10", "digits", lambda _: 10, noise=0.1, plain=True))
+    out.append(Case("noisy 20% at 5", "digits", lambda _: 5, noise=0.2, plain=True))
+    out.append(Case("noisy 20% at 10", "digits", lambda _: 10, noise=0.2, plain=True))
     out += [Case(f"far {c}", "far", lambda _, c=c: c) for c in (5, 10)]
     return out
+
+
+def draws_factor(queries: int) -> int:
+    """How many times the draws a case gets: enough for about QUERIES_PER_DRAW answers each."""
+    return max(1, -(-QUERIES_PER_DRAW // max(queries, 1)))
 
 
 def backbone_path() -> Path:
@@ -184,13 +199,20 @@ def run_draw(
             right = np.array([bool(p.labels) and p.labels[0] == t for p, t in zip(preds, truth, strict=True)])
             acc["abstain rate"] = float(1.0 - kept.mean())
             acc["precision kept"] = float(right[kept].mean()) if kept.any() else float("nan")
+    if case.plain:  # the same labels, the head trained as if every label were right
+        train_head(bank, denoise=False)
+        with Classifier(bank) as clf:
+            probs, vocabs, _ = clf.predict_modes(feats[qry], PLAIN_MODES)
+            for mode in PLAIN_MODES:
+                acc[f"{mode} no denoise"] = score(np.asarray(vocabs[mode])[probs[mode].argmax(axis=1)])
     return acc
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 draw per case instead of 3")
-    parser.add_argument("--draws", type=int, default=None, help="random draws per case")
+    parser.add_argument("--draws", type=int, default=None,
+                        help="random draws per digits case (a case with fewer queries gets more)")
     parser.add_argument("--only", default=None, help="run only the cases whose name has this")
     parser.add_argument("--before", type=Path, default=DEFAULT_BEFORE,
                         help="hybrid means of an earlier run to compare with (JSON)")
@@ -211,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"backbone {path.name} (frozen, layer 'features', {data['digits'][0].shape[1]}-d); "
         f"targets: sklearn load_digits ({len(data['digits'][2])} images, 8x8 -> 28x28), "
-        f"skimage lfw_subset ({len(data['far'][2])} face / non-face crops); {draws} draws per case",
+        f"skimage lfw_subset ({len(data['far'][2])} face / non-face crops); {draws} draws per "
+        f"case, times ceil({QUERIES_PER_DRAW} / queries) where a draw has fewer queries",
         flush=True,
     )
 
@@ -220,28 +243,31 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fb-quality-") as tmp:
         for i, (n, case) in enumerate(todo):
             feats, raw, y = data[case.data]
-            for d in range(draws):  # seeds depend on the case, not on which cases run
+            case_draws = draws * draws_factor(len(y) - sum(case.counts(int(c)) for c in np.unique(y)))
+            for d in range(case_draws):  # seeds depend on the case, not on which cases run
                 acc = run_draw(feats, raw, y, case, seed=1000 * (n + 1) + d, tmp=Path(tmp))
                 for r, v in acc.items():
                     results.setdefault(case.name, {}).setdefault(r, []).append(v)
             elapsed = time.time() - started
             eta = elapsed / (i + 1) * (len(todo) - i - 1)
-            print(f"  [{i + 1}/{len(todo)}] {case.name} done ({elapsed:.0f}s, ETA {eta:.0f}s)",
+            print(f"  [{i + 1}/{len(todo)}] {case.name}: {case_draws} draws done "
+                  f"({elapsed:.0f}s, ETA {eta:.0f}s)",
                   flush=True)
 
     mean = {c: {r: float(np.mean(v)) for r, v in rows.items()} for c, rows in results.items()}
     std = {c: {r: float(np.std(v)) for r, v in rows.items()} for c, rows in results.items()}
     before = json.loads(args.before.read_text()) if args.before and args.before.exists() else {}
 
-    print(f"\naccuracy on the queries (mean +- std over {draws} draws)")
+    print(f"\naccuracy on the queries (mean +- std over the draws: {draws} per digits case, "
+          f"more where there are fewer queries)")
     cols = [c.name for _, c in todo]
-    print(f"{'case':<16}" + "".join(f"{c:>18}" for c in cols))
+    print(f"{'case':<18}" + "".join(f"{c:>18}" for c in cols))
     for r in ROWS:
         cells = [
             f"{mean[c][r]:>10.4f} +-{std[c][r]:.3f}" if r in mean[c] else f"{'-':>17}" for c in cols
         ]
-        print(f"{r:<16}" + " ".join(cells))
-    print(f"{'hybrid before':<16}" + " ".join(
+        print(f"{r:<18}" + " ".join(cells))
+    print(f"{'hybrid before':<18}" + " ".join(
         f"{before[c]['hybrid']:>17.4f}" if c in before else f"{'-':>17}" for c in cols))
     print()
     checks: list[tuple[str, float, float, bool]] = []
