@@ -12,9 +12,9 @@ Targets, both shipped inside packages (no download):
   from the digits the backbone learnt; 5 and 10 labels per class.
 
 The labelled items of each draw go into a fresh bank (the rest are queries). A case
-with few queries gets more draws, about as many query answers as a digits case (the
-face set answers 180 queries a draw, the digits about 1,700): with 3 draws of 180, one
-lucky draw moves a mean by more than the half-point checked below. It
+whose draw answers fewer than 1,000 queries gets that many more draws (the face set
+answers 180 a draw, so 6 times as many; the digits about 1,700): with 3 draws of 180,
+one lucky draw moves a mean by more than the half-point checked below. It
 prints accuracy for 1-NN on raw pixels (no transfer), featurebank's knn with
 none/l2/cl2n transforms (balanced case), knn (cl2n), head, hybrid and stacked, head and
 hybrid retrained without denoising (noisy cases, and 5 and 10 clean labels per class), and
