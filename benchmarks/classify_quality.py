@@ -293,12 +293,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{ABSTAIN_PRECISION} ({ABSTAIN_CASE}/class, default mode): precision reached "
             f"{m['precision kept']:.4f} (within 1 pt), abstain rate {m['abstain rate']:.3f}"
         )
+        checks.append(("abstention", m["precision kept"], ABSTAIN_PRECISION, ok))
     if args.record:
         args.record.write_text(json.dumps(mean, indent=1, sort_keys=True) + "\n")
         print(f"\nmeans written to {args.record}")
     print(f"\n(knn = cl2n index, the one the head is trained beside; "
           f"{time.time() - started:.0f}s total)")
-    return 0
+    failed = sum(not ok for *_, ok in checks)
+    print(f"{len(checks) - failed} of {len(checks)} checks passed")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
