@@ -11,13 +11,13 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from featurebank.core.errors import InvalidInput, NotFound
+from featurebank.core.errors import InvalidInput
+from featurebank.core.files import read_named_text
 
 READ = "read"
 WRITE = "write"
@@ -75,14 +75,7 @@ class Tokens:
         """Tokens from `path` (if given) plus the environment variables."""
         tokens = cls()
         if path is not None:
-            try:
-                text = Path(path).read_text(encoding="utf-8")
-            except FileNotFoundError:
-                raise NotFound(f"tokens file {path} does not exist") from None
-            except UnicodeDecodeError:
-                raise InvalidInput(f"tokens file {path} is not UTF-8 text") from None
-            except OSError as e:
-                raise InvalidInput(f"tokens file {path} cannot be read: {e.strerror or e}") from None
+            text = read_named_text("tokens file", path)
             for lineno, raw in enumerate(text.splitlines(), 1):
                 line = raw.strip()
                 if not line or line.startswith("#"):

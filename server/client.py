@@ -17,7 +17,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from featurebank.core.errors import FeaturebankError, InvalidInput, NotFound
+from featurebank.core.errors import FeaturebankError, InvalidInput
+from featurebank.core.files import read_named_text
 from featurebank.protos.featurebank.v1 import featurebank_pb2 as pb
 from featurebank.protos.featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 from featurebank.server.wire import MODE_VALUES, STRATEGY_VALUES
@@ -65,13 +66,7 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
     A file (readable only by its owner) keeps the token out of the process list,
     where `--token VALUE` would show it to every user of the machine.
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise NotFound(f"token file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"token file {path} cannot be read: {e}") from None
-    for line in text.splitlines():
+    for line in read_named_text("token file", path).splitlines():
         token = line.strip()
         if token and not token.startswith("#"):
             return token

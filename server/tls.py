@@ -13,20 +13,10 @@ from pathlib import Path
 
 import grpc
 
-from featurebank.core.errors import InvalidInput, NotFound
+from featurebank.core.errors import InvalidInput
+from featurebank.core.files import read_named_file
 
 _CERT = "-----BEGIN CERTIFICATE-----"
-
-
-def _read(flag: str, path: Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise NotFound(f"{flag} {path} does not exist") from None
-    except IsADirectoryError:
-        raise InvalidInput(f"{flag} {path} is a folder, not a PEM file") from None
-    except OSError as e:
-        raise InvalidInput(f"{flag} {path} cannot be read: {e.strerror or e}") from None
 
 
 def _check_certificates(flag: str, path: Path, data: bytes) -> None:
@@ -70,13 +60,13 @@ def server_credentials(
     cert: Path, key: Path, client_ca: Path | None = None
 ) -> grpc.ServerCredentials:
     """Credentials from checked PEM files; a bad file is an InvalidInput naming it."""
-    cert_data = _read("--tls-cert", cert)
-    key_data = _read("--tls-key", key)
+    cert_data = read_named_file("--tls-cert", cert)
+    key_data = read_named_file("--tls-key", key)
     _check_certificates("--tls-cert", cert, cert_data)
     _check_key(cert, key, key_data)
     ca_data = None
     if client_ca is not None:
-        ca_data = _read("--tls-client-ca", client_ca)
+        ca_data = read_named_file("--tls-client-ca", client_ca)
         _check_certificates("--tls-client-ca", client_ca, ca_data)
     return grpc.ssl_server_credentials(
         [(key_data, cert_data)], root_certificates=ca_data, require_client_auth=ca_data is not None
