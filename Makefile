@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-PROTO  := featurebank/protos/featurebank/v1/featurebank.proto
+PROTO  := protos/featurebank/v1/featurebank.proto
 
 .PHONY: install test test-all lint bench demo protos source-model clean
 
@@ -30,7 +30,7 @@ bench: install
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 protos: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --mypy_out=. $(PROTO)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --mypy_out=. $(PROTO)
 
 source-model: install
 	$(BIN)/python -m featurebank.embedder.source_model

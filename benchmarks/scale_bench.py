@@ -37,9 +37,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the stand-in model stage the tests use
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(ROOT), str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
 )
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -126,9 +125,8 @@ def embedding(work: Path, n: int) -> dict[str, Any]:
 
 
 def scaling(work: Path, delay: float, batch: int, shards_per_actor: int) -> dict[str, Any]:
-    from ray_models import SleepingModel, stand_in_spec, write_images
-
     from featurebank.embedder.ray_job import run
+    from tests.support.ray_models import SleepingModel, stand_in_spec, write_images
 
     rows = {}
     for actors in (1, 2, 4):

@@ -40,13 +40,19 @@ def test_import_contracts_hold() -> None:
     assert "0 broken" in result.stdout
 
 
-def test_installed_names_live_under_featurebank() -> None:
-    """The repository's embedder/, index/, server/ and protos/ are featurebank subpackages."""
+def test_one_tree_without_links_inside_the_package() -> None:
+    """Every file has one path: the package holds no links; the root's links point into it."""
     import featurebank.embedder
     import featurebank.index
-    import featurebank.protos
     import featurebank.server
+    import featurebank.v1
 
+    package = ROOT / "featurebank"
+    assert not [p for p in package.rglob("*") if p.is_symlink()]
     for module, folder in ((featurebank.embedder, "embedder"), (featurebank.index, "index"),
-                           (featurebank.server, "server"), (featurebank.protos, "protos")):
-        assert Path(module.__file__).resolve().parent == ROOT / folder
+                           (featurebank.server, "server"), (featurebank.v1, "v1")):
+        assert Path(module.__file__).parent == package / folder  # imported from the real tree
+    for link in ("embedder", "index", "server"):
+        assert (ROOT / link).is_symlink() and (ROOT / link).resolve() == package / link
+    assert (ROOT / "protos" / "featurebank" / "v1" / "featurebank.proto").is_file()
+    assert not (ROOT / "protos" / "__init__.py").exists()  # the contract, not a package

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROTO = "featurebank/protos/featurebank/v1/featurebank.proto"
+PROTO = "protos/featurebank/v1/featurebank.proto"
 GENERATED = ["featurebank_pb2.py", "featurebank_pb2_grpc.py", "featurebank_pb2.pyi"]
 
 
@@ -19,20 +19,21 @@ def test_generated_modules_match_proto(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     result = subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I.", f"--python_out={tmp_path}",
+        [sys.executable, "-m", "grpc_tools.protoc", "-Iprotos", f"--python_out={tmp_path}",
          f"--grpc_python_out={tmp_path}", f"--mypy_out={tmp_path}", PROTO],
         cwd=ROOT, env=env, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr
     for name in GENERATED:
-        fresh = (tmp_path / "featurebank/protos/featurebank/v1" / name).read_text()
-        committed = (ROOT / "protos/featurebank/v1" / name).read_text()
+        fresh = (tmp_path / "featurebank/v1" / name).read_text()
+        committed = (ROOT / "featurebank/v1" / name).read_text()
         assert fresh == committed, f"{name} is out of date with {PROTO}: run `make protos`"
 
 
 def test_generated_modules_import_and_describe_the_service() -> None:
-    from featurebank.protos.featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
+    from featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
 
+    assert featurebank_pb2.DESCRIPTOR.name == "featurebank/v1/featurebank.proto"
     service = featurebank_pb2.DESCRIPTOR.services_by_name["FeatureBank"]
     assert service.full_name == "featurebank.v1.FeatureBank"
     assert {m.name for m in service.methods} == {

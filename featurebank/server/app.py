@@ -1,0 +1,296 @@
+"""The grpc.aio server around the servicer: limits, TLS, auth, health, reflection, shutdown.
+
+Health (grpc.health.v1) means something: NOT_SERVING while the store and index
+load, SERVING once classification can be answered, NOT_SERVING again as soon as
+shutdown starts, so a load balancer drains the server before it goes away.
+With `replica`, the server is a read replica of the bank (server/replica.py): a
+read-only engine that follows the primary, and write RPCs refused before they are read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
+from featurebank.index.checkpoint import CheckpointPolicy
+from featurebank.server.auth import AuthInterceptor, Tokens
+from featurebank.server.engine import Engine
+from featurebank.server.limits import DEFAULT_STREAM_BYTES, DEFAULT_TOTAL_BYTES, UpsertBudget
+from featurebank.server.metrics import Metrics
+from featurebank.server.reflection import enable_reflection
+from featurebank.server.replica import DEFAULT_FOLLOW_INTERVAL_S, ReplicaEngine, ReplicaInterceptor
+from featurebank.server.service import FeatureBankServicer
+from featurebank.server.tls import server_credentials
+from featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = featurebank_pb2.DESCRIPTOR.services_by_name["FeatureBank"].full_name
+MiB = 1 << 20
+
+
+@dataclass
+class ServeConfig:
+    """Everything `featurebank serve` can set; defaults are safe for a laptop."""
+
+    bank: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = None
+    max_batch_size: int = 64
+    batch_timeout_ms: float = 2.0
+    tokens: Tokens | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    insecure: bool = False
+    max_message_bytes: int = 16 * MiB
+    max_concurrent_rpcs: int = 256
+    grace_s: float = 10.0
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    max_upsert_stream_bytes: int = DEFAULT_STREAM_BYTES
+    max_upsert_inflight_bytes: int = DEFAULT_TOTAL_BYTES
+    device: str = "auto"  # where images are embedded: auto, cpu or gpu
+    precision: str = "auto"  # auto (mixed on GPUs), mixed or float32
+    checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    max_queued_rows: int = 100_000
+    replica: bool = False  # open the bank read-only and follow its primary
+    primary: str | None = None  # the primary's address, named when a replica refuses a write
+    follow_interval_s: float = DEFAULT_FOLLOW_INTERVAL_S
+
+    def check(self) -> None:
+        """Refuse configurations that would expose the bank by accident."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidInput("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidInput("--tls-client-ca needs --tls-cert and --tls-key")
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                           ("--tls-client-ca", self.tls_client_ca)):
+            if path is None:
+                continue
+            if not Path(path).exists():
+                raise NotFound(f"{flag} {path} does not exist")
+            if Path(path).is_dir():
+                raise InvalidInput(f"{flag} {path} is a folder, not a PEM file")
+        if self.primary is not None and not self.replica:
+            raise InvalidInput("--primary names the primary of a read replica: add --replica")
+        if self.replica and self.checkpoint != CheckpointPolicy():
+            raise InvalidInput(
+                "--checkpoint-* options are the primary's: a read replica publishes nothing, "
+                "it loads the generations its primary's checkpoints publish"
+            )
+        if self.max_batch_size < 1:
+            raise InvalidInput(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
+        if self.batch_timeout_ms < 0:
+            raise InvalidInput(f"--batch-timeout-ms must be >= 0, got {self.batch_timeout_ms}")
+        self.upsert_budget()  # refuses bounds that are not positive or not ordered
+        if self.max_queued_rows < 1:
+            raise InvalidInput(f"--max-queued-items must be >= 1, got {self.max_queued_rows}")
+        secured = self.tls_cert is not None or (self.tokens is not None and self.tokens.enabled)
+        if not is_loopback(self.host) and not secured and not self.insecure:
+            raise FailedPrecondition(
+                f"refusing to listen on {self.host} without TLS or tokens: pass "
+                "--tls-cert/--tls-key or --tokens (or FEATUREBANK_*_TOKEN), or --insecure"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def auth(self) -> str:
+        """The authentication mode, as the startup line states it."""
+        if self.tokens is None or not self.tokens.enabled:
+            return "auth off"
+        return f"auth by tokens ({self.tokens.describe()})"
+
+    @property
+    def transport(self) -> str:
+        if not self.tls:
+            return "plaintext"
+        return "mutual TLS" if self.tls_client_ca is not None else "TLS"
+
+    def upsert_budget(self) -> UpsertBudget:
+        return UpsertBudget(self.max_upsert_stream_bytes, self.max_upsert_inflight_bytes)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class FeatureBankServer:
+    """One running server: `await start()`, then `await stop()` (or run `serve`)."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        config.check()
+        self.config = config
+        self.metrics = Metrics()
+        engine_options: dict[str, Any] = {
+            "max_batch_size": config.max_batch_size,
+            "batch_timeout_ms": config.batch_timeout_ms,
+            "metrics": self.metrics,
+            "device": config.device,
+            "precision": config.precision,
+        }
+        self.engine: Engine = (
+            ReplicaEngine(
+                config.bank, primary=config.primary,
+                follow_interval_s=config.follow_interval_s, **engine_options,
+            )
+            if config.replica
+            else Engine(
+                config.bank, checkpoint=config.checkpoint,
+                max_queued_rows=config.max_queued_rows, **engine_options,
+            )
+        )
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._server: aio.Server | None = None
+        self._stopping: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
+
+    def _grpc_server(self) -> aio.Server:
+        c = self.config
+        interceptors = []
+        if c.tokens is not None and c.tokens.enabled:
+            interceptors.append(AuthInterceptor(c.tokens, on_denied=self._denied))
+        if isinstance(self.engine, ReplicaEngine):
+            interceptors.append(ReplicaInterceptor(self.engine, on_refused=self._denied))
+        options = [
+            ("grpc.max_send_message_length", c.max_message_bytes),
+            ("grpc.max_receive_message_length", c.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(c.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(c.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.so_reuseport", 0),
+        ]
+        return aio.server(
+            interceptors=interceptors,
+            options=options,
+            maximum_concurrent_rpcs=c.max_concurrent_rpcs,
+        )
+
+    def _denied(self, method: str, code: grpc.StatusCode) -> None:
+        self.metrics.observe(method.rsplit("/", 1)[-1], code.name, 0.0)
+
+    async def start(self) -> None:
+        """Bind and answer health (NOT_SERVING) at once, then load the bank and index."""
+        c = self.config
+        credentials = None
+        if c.tls_cert is not None and c.tls_key is not None:  # checked before binding
+            credentials = server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        server = self._grpc_server()
+        self._server = server
+        servicer = FeatureBankServicer(self.engine, self.metrics, c.upsert_budget())
+        featurebank_pb2_grpc.add_FeatureBankServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
+        await self._set_health(False)
+        address = f"{c.host}:{c.port}" if ":" not in c.host else f"[{c.host}]:{c.port}"
+        if credentials is not None:
+            self.port = server.add_secure_port(address, credentials)
+        else:
+            self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise FailedPrecondition(f"could not bind {address}")
+        await server.start()
+        if c.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(c.metrics_port, host=c.host)
+        self.engine.on_ready = self._ready_changed
+        try:
+            await self._loop.run_in_executor(None, self.engine.open)
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        await self._set_health(self.engine.ready)
+        log.info(
+            "serving %s on %s (%s, %s, ready=%s, %s)", c.bank, address, c.transport, c.auth,
+            self.engine.ready, "read replica" if c.replica else "primary",
+        )
+
+    def _ready_changed(self, ready: bool) -> None:
+        """Called from engine threads after a (re)load; health follows on the loop."""
+        loop = self._loop
+        if loop is None or self._stopped or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            asyncio.run_coroutine_threadsafe(self._set_health(ready), loop)
+
+    async def _set_health(self, serving: bool) -> None:
+        if self._stopped:
+            serving = False
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, let in-flight calls finish within the grace period, close the store."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.engine.close()
+        self.metrics.close()
+        if self._stopping is not None:
+            self._stopping.set()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        """Until `stop` has finished."""
+        assert self._stopping is not None
+        await self._stopping.wait()
+
+
+async def serve(config: ServeConfig, on_started: Callable[[FeatureBankServer], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = FeatureBankServer(config)
+    loop = asyncio.get_running_loop()
+    stop_task: list[asyncio.Task[None]] = []
+
+    def on_signal(signum: int) -> None:
+        log.info("signal %d: shutting down (grace %.1fs)", signum, config.grace_s)
+        if not stop_task:
+            stop_task.append(loop.create_task(server.stop()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await server.start()
+        if on_started is not None:
+            on_started(server)
+        await server.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await server.stop(grace=0)
