@@ -100,6 +100,8 @@ def as_query(x: Any) -> Query:
         return _array(x)
     if isinstance(x, list | tuple):
         return _sequence(x)
+    if _is_number(x) or x is None:
+        raise InvalidInput(f"x: got {shown(x)}; expected {INPUT_FORMS}")
     q = _sequence([x])
     q.batched = len(q) != 1 or _is_folder(x)
     return q
