@@ -28,8 +28,10 @@ class Result:
         return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
 
     def rows(self) -> list[dict[str, Any]]:
-        """Its rows in a DataFrame of many results: one, unless it holds a list of hits."""
-        return [self.to_dict()]
+        """Its rows in a DataFrame of many results: one, without the neighbours' list."""
+        row = self.to_dict()
+        row.pop("neighbors", None)
+        return [row]
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,6 @@ class Classification(Result):
 
     numpy_field: ClassVar[str] = "label"
 
-    def rows(self) -> list[dict[str, Any]]:
-        row = self.to_dict()
-        row.pop("neighbors")
-        return [row]
-
 
 @dataclass(frozen=True)
 class Hits(Result):
@@ -94,6 +91,7 @@ class Hits(Result):
         return [n.label for n in self.neighbors]
 
     def rows(self) -> list[dict[str, Any]]:
+        """One row per neighbour, with its rank (0 = closest)."""
         return [
             {"rank": r, **n.to_dict(), "index_generation": self.index_generation}
             for r, n in enumerate(self.neighbors)
@@ -127,11 +125,6 @@ class Finding(Result):
     head_p_label: float | None
     head_p_suggested: float | None
     neighbors: list[Neighbor] = field(default_factory=list)
-
-    def rows(self) -> list[dict[str, Any]]:
-        row = self.to_dict()
-        row.pop("neighbors")
-        return [row]
 
 
 @dataclass(frozen=True)
