@@ -118,7 +118,9 @@ class FeatureBank(abc.ABC):
         labels: str | Sequence[str | None] | None = None,
         splits: str | Sequence[str] | None = None,
     ) -> Written:
-        """Add or replace items (images or vectors); searchable when the call returns.
+        """Add or replace items (images or vectors), searchable when the call returns (once
+        the bank has an index: a server builds the first one itself, in process call
+        `build_index`).
 
         `keys` default to the files' paths relative to the folder given (or their names);
         arrays and bytes need them. `labels` default to the class subfolders of a folder;
@@ -207,6 +209,13 @@ class FeatureBank(abc.ABC):
 
     @abc.abstractmethod
     def _delete(self, keys: list[str], ignore_missing: bool) -> Written: ...
+
+
+def check_options(given: Mapping[str, Any], allowed: Iterable[str], what: str) -> None:
+    """Options passed on by name (to a server's config, a client) that it does not have."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise InvalidInput(f"unknown {what} option(s): {', '.join(unknown)}")
 
 
 def _shaped(q: Query, answer: Any) -> Any:

@@ -7,15 +7,17 @@ the dataclasses of featurebank.api.results.
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
-from featurebank.api.base import FeatureBank
+from featurebank.api.base import FeatureBank, check_options
 from featurebank.api.inputs import IMAGES, KEYS, VECTORS, Query, check_dim, encoded
 from featurebank.api.results import (
     Classification,
@@ -35,6 +37,8 @@ from featurebank.v1 import featurebank_pb2 as pb
 # One request carries at most this many inputs or bytes (well under the 16 MiB message limit).
 CHUNK_ITEMS = 256
 CHUNK_BYTES = 4 << 20
+# Calls with one input each (Search, Embed) go out this many at a time: the server batches them.
+CONCURRENT_CALLS = 8
 INDEX_PARAMS = ("factory", "metric", "transform", "target_recall", "memory_budget", "k",
                 "allow_below_target")  # fmt: skip
 HEAD_PARAMS = {"hidden": "head_hidden", "epochs": "head_epochs"}  # HeadParams -> RebuildIndex
@@ -80,14 +84,14 @@ class RemoteBank(FeatureBank):
             )
         if q.kind == VECTORS:
             return self._vectors(q)
-        return np.stack([self.client.embed(encoded(item)) for item in q.images])
+        return np.stack(_each(lambda item: self.client.embed(encoded(item)), q.images))
 
     def _search(self, q: Query, k: int, labels: list[str] | None) -> list[Hits]:
-        out = []
-        for given in self._inputs(q):
+        def one(given: dict[str, Any]) -> Hits:
             response = self.client.search(**given, k=k, labels=labels or ())
-            out.append(Hits([_neighbor(n) for n in response.neighbors], response.index_generation))
-        return out
+            return Hits([_neighbor(n) for n in response.neighbors], response.index_generation)
+
+        return _each(one, self._inputs(q))
 
     def _classify(self, q: Query, options: dict[str, Any]) -> list[Classification]:
         out: list[Classification] = []
@@ -233,6 +237,14 @@ def _classification(r: pb.ClassifyResponse) -> Classification:
     )
 
 
+def _each(call: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """`call` on every item, a few calls in flight at once, results in the items' order."""
+    if len(items) == 1:
+        return [call(items[0])]
+    with ThreadPoolExecutor(min(CONCURRENT_CALLS, len(items)), thread_name_prefix="fb-call") as pool:
+        return list(pool.map(call, items))
+
+
 def _chunks(items: list[Any]) -> Iterator[list[Any]]:
     """Requests of at most CHUNK_ITEMS inputs and about CHUNK_BYTES."""
     chunk: list[Any] = []
@@ -269,6 +281,8 @@ def connect(
     """
     if not isinstance(target, str) or ":" not in target:
         raise InvalidInput(f"connect takes 'host:port', got {target!r}")
+    fixed = {"self", "target", "token", "tls", "tls_ca", "timeout"}
+    check_options(options, set(inspect.signature(FeatureBankClient).parameters) - fixed, "connect")
     ca = None if isinstance(tls, bool) else tls
     client = FeatureBankClient(target, token=token, tls_ca=ca, tls=bool(tls), timeout=timeout,
                                **options)  # fmt: skip

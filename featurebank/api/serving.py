@@ -7,10 +7,12 @@ the caller's code, so a notebook can serve its bank and connect to it in the nex
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any
 
+from featurebank.api.base import check_options
 from featurebank.server.app import FeatureBankServer, ServeConfig
 from featurebank.server.auth import Tokens
 
@@ -34,6 +36,8 @@ class Served:
         cls, bank: Path, host: str, port: int, token: str | None, options: dict[str, Any]
     ) -> Served:
         """Bind, load the bank and wait until it answers (SERVING when it has an index)."""
+        fixed = {"bank", "host", "port", "tokens"}
+        check_options(options, {f.name for f in dataclasses.fields(ServeConfig)} - fixed, "serve")
         tokens = Tokens({"write": [token]}) if token else None
         config = ServeConfig(bank=Path(bank), host=host, port=port, tokens=tokens, **options)
         loop = asyncio.new_event_loop()

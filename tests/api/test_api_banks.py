@@ -128,6 +128,10 @@ def test_a_token_is_asked_for_and_given(tmp_path: Path) -> None:
             assert remote.upsert(vectors[:1], keys=["t"]).added == 1
     with pytest.raises(InvalidInput, match="host:port"):
         fb.connect("nowhere")
+    with pytest.raises(InvalidInput, match="unknown connect option.*: colour"):
+        fb.connect("127.0.0.1:1", colour="red")
+    with pytest.raises(InvalidInput, match="unknown serve option.*: colour"):
+        bank.serve(colour="red")
     bank.close()
 
 
