@@ -28,10 +28,9 @@ import numpy as np
 from featurebank.core.errors import InvalidInput, NotFound, shown
 from featurebank.embedder import folders
 from featurebank.embedder.images import array_to_rgb, png_bytes
+from featurebank.embedder.sources import DECODABLE_EXTS
 
 IMAGES, VECTORS, KEYS = "images", "vectors", "keys"
-# The extensions a folder's images are listed by: those the decoder reads.
-FOLDER_EXTS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib"}
 INPUT_FORMS = (
     "a path, a folder, a list of paths, image bytes, a PIL image, an image array "
     "(H,W,C) or (N,H,W,C), a vector or (N,D) array, or featurebank.keys(...)"
@@ -112,7 +111,7 @@ def _is_folder(x: Any) -> bool:
 
 
 def _array(a: np.ndarray) -> Query:
-    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) and a.dtype.kind != "c"):
+    if not np.issubdtype(a.dtype, np.number) or a.dtype.kind == "c":
         raise InvalidInput(f"x: an array of {a.dtype} is neither images nor vectors")
     if a.size == 0:
         raise InvalidInput(f"x: the array is empty (shape {a.shape})")
@@ -213,7 +212,7 @@ def _add_image(q: Query, item: Any, where: str) -> None:
 
 def _add_path(q: Query, path: Path, where: str) -> None:
     if path.is_dir():
-        listing = folders.list_images(path, FOLDER_EXTS)
+        listing = folders.list_images(path, DECODABLE_EXTS)
         if not listing.files:
             raise InvalidInput(f"{where}: no image files under folder {path}")
         nested = any("/" in key for key, _ in listing.files)

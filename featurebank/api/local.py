@@ -190,7 +190,7 @@ class LocalBank(FeatureBank):
             default_mode = str(self._live().default_mode)
         return Info(
             bank=str(self.path),
-            spec=spec_dict(st.spec),
+            spec=st.spec.identity(),  # as GetInfo reports it: no file locations
             dim=int(st.spec.dim),
             count=int(st.count),
             labelled=int(np.count_nonzero(np.asarray(codes) >= 0)),
@@ -292,11 +292,6 @@ class LocalBank(FeatureBank):
             self._classifier.close()
             self._classifier = None
         self.store.close()
-
-
-def spec_dict(spec: Spec) -> dict[str, Any]:
-    """The spec's identity as GetInfo reports it (no file locations)."""
-    return spec.identity()
 
 
 def _refuse_missing(st: store_mod.Store, keys: list[str]) -> None:
