@@ -120,7 +120,9 @@ class Classifier:
             )
         if old is not None and old.index_generation == index_gen:
             searcher = old.searcher
-            searcher.refresh()  # picks up label changes
+            # labels, deletions and new items; a new index generation always gets its own
+            # Searcher, so the searcher of a snapshot in use never changes generation
+            searcher.catch_up()
         else:
             from featurebank.index.searcher import Searcher
 
