@@ -16,6 +16,7 @@ from featurebank.server.wire import MODE_VALUES
 from featurebank.v1 import featurebank_pb2 as pb
 
 if TYPE_CHECKING:
+    from featurebank.classify.audit import Finding
     from featurebank.classify.classifier import Prediction
     from featurebank.classify.suggest import Suggestion
 
@@ -52,7 +53,7 @@ def hit(h: Hit) -> pb.Neighbor:
     return n
 
 
-def finding(f: Any) -> pb.Finding:
+def finding(f: Finding) -> pb.Finding:
     """An audit finding (featurebank.classify.audit.Finding) as its message."""
     return pb.Finding(
         key=f.key, label=f.label, suggested=f.suggested, confidence=f.confidence,
