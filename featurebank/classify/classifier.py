@@ -230,7 +230,7 @@ class Classifier:
                     snap.index_generation,
                     head_generation,
                     nbs,
-                    abstained=bool(doubt[r]) and threshold is not None,
+                    abstained=bool(doubt[r]),
                 )
             )
         return out
@@ -306,7 +306,7 @@ class Classifier:
 
     def _modes(self, snap: _Snapshot, names: Sequence[str | None]) -> list[Mode]:
         """The modes called `names` (None: the default); InvalidInput for an unknown one."""
-        return [mode_named(n or self._default_mode(snap)) for n in names]
+        return [mode_named(n if n is not None else self._default_mode(snap)) for n in names]
 
     def _needs(self, snap: _Snapshot, ms: Sequence[Mode]) -> None:
         """FailedPrecondition when `snap` lacks what one of the modes needs."""
