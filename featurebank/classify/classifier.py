@@ -24,7 +24,7 @@ from featurebank import store as store_mod
 from featurebank.classify.abstain import abstained, calibrate_threshold, check_precision, decide
 from featurebank.classify.head_generations import LoadedHead, is_stale, load_head
 from featurebank.classify.knn import DEFAULT_K, DEFAULT_T, Voter
-from featurebank.classify.modes import Calibrating, Evidence, Mode, align_columns
+from featurebank.classify.modes import Calibrating, Evidence, Mode
 from featurebank.classify.modes import mode as mode_named
 from featurebank.core.bank import current_generation
 from featurebank.core.errors import FailedPrecondition, InvalidInput
@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
-
-__all__ = ["Classifier", "Neighbor", "Prediction", "align_columns"]
 
 
 @dataclass(frozen=True)

@@ -91,10 +91,6 @@ class Engine:
     def dim(self) -> int:
         return int(self.live.opened().spec.dim)
 
-    def index_generation(self) -> int:
-        """The live index generation (0: none loaded)."""
-        return self.live.index_generation()
-
     @property
     def store(self) -> Store | None:
         return self.live.store

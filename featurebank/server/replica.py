@@ -207,7 +207,7 @@ class Follower:
         bank = bank or read_bank_state(engine)
         applied = engine.applied_store_generation()
         behind = max(0, bank.store_generation - applied)
-        served = (engine.index_generation(), engine.live.head_generation())
+        served = (engine.live.index_generation(), engine.live.head_generation())
         caught_up = behind == 0 and served == (bank.index_generation, bank.head_generation)
         return {
             "primary": engine.primary or "",
