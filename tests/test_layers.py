@@ -15,7 +15,7 @@ SEARCH_ONLY = [
     "featurebank.core.vocabulary", "featurebank.core.params", "featurebank.store",
     "featurebank.store.transfer", "featurebank.index.build", "featurebank.index.searcher",
     "featurebank.classify.classifier", "featurebank.classify.evaluate",
-    "featurebank.classify.status", "featurebank.server.client", "featurebank.cli",
+    "featurebank.server.summary", "featurebank.server.client", "featurebank.cli",
     "featurebank.api",
 ]
 

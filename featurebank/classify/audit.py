@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from featurebank.classify.classifier import Neighbor, align_columns
+from featurebank.classify.classifier import Neighbor
+from featurebank.classify.modes import align_columns
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 
 if TYPE_CHECKING:

@@ -2,10 +2,12 @@
 
 Why one object: the server, `featurebank eval` and library users all want "the
 bank's current answer" without knowing which generation of index and head is
-live. `reload()` swaps both to the current generations at once; a call in flight
-keeps the snapshot it started with, so answers never mix generations.
+live. `reload()` swaps both to the current generations at once; a call takes the
+snapshot once and answers wholly from it, and its Predictions say which
+generations those were, so answers never mix generations.
 
-(Just over 400 lines: the one path to every mode's probabilities, abstention included.)
+The modes themselves are rows of `classify.modes.MODE_TABLE`; this module checks a
+call's inputs once, takes the snapshot and asks the table.
 """
 
 from __future__ import annotations
@@ -13,25 +15,20 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from featurebank import store as store_mod
-from featurebank.classify.abstain import (
-    abstained,
-    calibrate_threshold,
-    check_precision,
-    confidence_and_correct,
-    decide,
-)
-from featurebank.classify.cross_validation import hybrid
+from featurebank.classify.abstain import abstained, calibrate_threshold, check_precision, decide
 from featurebank.classify.head_generations import LoadedHead, is_stale, load_head
 from featurebank.classify.knn import DEFAULT_K, DEFAULT_T, Voter
+from featurebank.classify.modes import Calibrating, Evidence, Mode
+from featurebank.classify.modes import mode as mode_named
 from featurebank.core.bank import current_generation
 from featurebank.core.errors import FailedPrecondition, InvalidInput
-from featurebank.core.vocabulary import HELD_OUT_SPLIT, MODES, UNKNOWN, check_choice
+from featurebank.core.vocabulary import MODES, UNKNOWN
 from featurebank.index.transforms import as_vectors
 from featurebank.store import BankLike, Store
 
@@ -49,17 +46,22 @@ class Neighbor:
     score: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prediction:
-    """Top labels (most probable first) with their probabilities, and optionally neighbours.
+    """One row's answer: top labels (most probable first) with their probabilities, the mode
+    and the generations it came from, and optionally the neighbours.
 
     `abstained` is set when an abstention precision was asked for and the top probability
     is under its calibrated threshold: the answer is then "unknown" (`label`), and the
-    ranked labels stay for whoever wants to see what was doubted.
+    ranked labels stay for whoever wants to see what was doubted. `head_generation` is
+    None when the mode used no head (knn).
     """
 
     labels: list[str]
     probs: list[float]
+    mode: str
+    index_generation: int
+    head_generation: int | None
     neighbors: list[Neighbor] = field(default_factory=list)
     abstained: bool = False
 
@@ -68,6 +70,10 @@ class Prediction:
         """The answer: the top label, or "unknown" when abstaining or nothing voted."""
         return UNKNOWN if self.abstained or not self.labels else self.labels[0]
 
+    def top(self, n: int) -> Prediction:
+        """The same answer with only the `n` most probable labels."""
+        return replace(self, labels=self.labels[:n], probs=self.probs[:n])
+
 
 @dataclass(frozen=True)
 class _Snapshot:
@@ -75,10 +81,6 @@ class _Snapshot:
     head: LoadedHead | None
     index_generation: int
     head_generation: int | None
-
-
-def check_mode(mode: str | None) -> str | None:
-    return None if mode is None else check_choice(mode, MODES, "mode")
 
 
 class Classifier:
@@ -93,7 +95,7 @@ class Classifier:
     def __init__(
         self, bank: BankLike, mode: str | None = None, abstain_below: float | None = None
     ) -> None:
-        self._mode = check_mode(mode)
+        self._mode = None if mode is None else mode_named(mode).name
         self.abstain_below = None if abstain_below is None else check_precision(abstain_below)
         self._thresholds: dict[tuple[object, ...], float] = {}
         self._own_store = not isinstance(bank, Store)
@@ -116,7 +118,9 @@ class Classifier:
             )
         if old is not None and old.index_generation == index_gen:
             searcher = old.searcher
-            searcher.refresh()  # picks up label changes
+            # labels, deletions and new items; a new index generation always gets its own
+            # Searcher, so the searcher of a snapshot in use never changes generation
+            searcher.catch_up()
         else:
             from featurebank.index.searcher import Searcher
 
@@ -169,9 +173,7 @@ class Classifier:
 
     @property
     def default_mode(self) -> str:
-        if self._mode is not None:
-            return self._mode
-        return "hybrid" if self._snap.head is not None else "knn"
+        return self._default_mode(self._snap)
 
     @property
     def head_stale(self) -> bool:
@@ -181,19 +183,13 @@ class Classifier:
             return False
         return is_stale(head.manifest, int(self.store.labels_generation))
 
-    # ------------------------------------------------------------------ inference
+    def voter(self, k: int | None = None) -> Voter:
+        """How neighbours vote: the head's cross-validated k and T when a head exists, else
+        the defaults; `k` overrides the number of neighbours."""
+        return _voter(self._snap, k)
 
-    def predict_proba(
-        self,
-        vectors: np.ndarray,
-        mode: str | None = None,
-        k: int | None = None,
-        exclude_ids: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, list[str]]:
-        """(probs (n, C), vocabulary) in one mode; `exclude_ids` leaves each row's own item out."""
-        mode = check_mode(mode) or self.default_mode
-        probs, vocab, _ = self.predict_modes(vectors, (mode,), k=k, exclude_ids=exclude_ids)
-        return probs[mode], vocab[mode]
+    # ------------------------------------------------------------------ public entries
+    # Each checks its inputs once, takes the snapshot once and answers from it alone.
 
     def classify(
         self,
@@ -212,36 +208,27 @@ class Classifier:
         """
         if top_n < 1:
             raise InvalidInput(f"top_n must be at least 1, got {top_n}")
-        mode = check_mode(mode) or self.default_mode
-        threshold = self._threshold_for(mode, k, abstain_below)
-        probs, vocabs, result = self.predict_modes(
-            vectors, (mode,), k=k, exclude_ids=exclude_ids, want_neighbors=include_neighbors
-        )
-        p, vocab = probs[mode], vocabs[mode]
+        precision = self._precision(abstain_below)
+        snap, (m,), x = self._start(vectors, (mode,))
+        threshold = None if precision is None else self._threshold(snap, m, k, precision)
+        probs, vocabs, result = self._score(snap, x, (m,), k, exclude_ids, include_neighbors)
+        p, vocab = probs[m.name], vocabs[m.name]
         doubt = abstained(p, threshold) if threshold is not None else np.zeros(len(p), bool)
-        out: list[Prediction] = []
+        head_generation = snap.head_generation if m.head else None
         order = np.argsort(-p, axis=1, kind="stable")[:, :top_n]
+        out: list[Prediction] = []
         for r in range(len(p)):
             top = [int(c) for c in order[r] if p[r, c] > 0]
-            nbs: list[Neighbor] = []
-            if include_neighbors and result is not None:
-                nbs = [
-                    Neighbor(str(key), label, float(score))
-                    for key, label, score, i in zip(
-                        result.keys[r],
-                        result.labels[r],
-                        result.scores[r],
-                        result.ids[r],
-                        strict=True,
-                    )
-                    if i >= 0
-                ]
+            nbs = _neighbors(result, r) if include_neighbors and result is not None else []
             out.append(
                 Prediction(
                     [vocab[c] for c in top],
                     [float(p[r, c]) for c in top],
+                    m.name,
+                    snap.index_generation,
+                    head_generation,
                     nbs,
-                    abstained=bool(doubt[r]) and threshold is not None,
+                    abstained=bool(doubt[r]),
                 )
             )
         return out
@@ -255,84 +242,23 @@ class Classifier:
         abstain_below: float | None = None,
     ) -> list[str]:
         """One label per row: the arg-max, or "unknown" when abstaining or nothing voted."""
-        mode = check_mode(mode) or self.default_mode
-        threshold = self._threshold_for(mode, k, abstain_below)
-        p, vocab = self.predict_proba(vectors, mode, k=k, exclude_ids=exclude_ids)
-        return decide(p, vocab, threshold)
+        precision = self._precision(abstain_below)
+        snap, (m,), x = self._start(vectors, (mode,))
+        threshold = None if precision is None else self._threshold(snap, m, k, precision)
+        probs, vocabs, _ = self._score(snap, x, (m,), k, exclude_ids)
+        return decide(probs[m.name], vocabs[m.name], threshold)
 
-    def voter(self, k: int | None = None) -> Voter:
-        """How neighbours vote: the head's cross-validated k and T when a head exists, else
-        the defaults; `k` overrides the number of neighbours."""
-        head = self._snap.head
-        tuned_k, t = (
-            (int(head.hybrid["k"]), float(head.hybrid["temperature"]))
-            if head is not None
-            else (DEFAULT_K, DEFAULT_T)
-        )
-        kk = k if k is not None else tuned_k
-        if kk < 1:
-            raise InvalidInput(f"k must be at least 1, got {kk}")
-        return Voter(kk, t, "softmax", self._snap.searcher.metric)
-
-    # ------------------------------------------------------------------ abstention
-
-    def _threshold_for(
-        self, mode: str, k: int | None, abstain_below: float | None
-    ) -> float | None:
-        precision = abstain_below if abstain_below is not None else self.abstain_below
-        return None if precision is None else self.abstain_threshold(precision, mode, k)
-
-    def abstain_threshold(
-        self, precision: float, mode: str | None = None, k: int | None = None
-    ) -> float:
-        """The lowest top probability at which `mode`'s answers reach `precision`.
-
-        Calibrated on scores of items the classifier did not learn from: kNN's
-        leave-one-out votes over the labelled items (computed here, for the live index
-        and labels), the head's and hybrid's out-of-fold probabilities (recorded when
-        the head was trained). The stacked head has none: FailedPrecondition.
-        """
-        check_precision(precision)
-        mode = check_mode(mode) or self.default_mode
-        snap = self._snap
-        if mode == "knn":
-            voter = self.voter(k)
-            key: tuple[object, ...] = (
-                "knn", snap.index_generation, int(self.store.labels_generation), voter, precision
-            )
-            if key not in self._thresholds:
-                conf, ok = self._knn_leave_one_out(voter)
-                self._thresholds[key] = calibrate_threshold(conf, ok, precision, smooth=True)
-            return self._thresholds[key]
-        head = snap.head
-        if head is None:
-            raise FailedPrecondition(f"mode {mode!r} needs a trained head in {self.bank.root}")
-        if mode not in head.calibration:
-            raise FailedPrecondition(
-                f"head generation {snap.head_generation} has no cross-validated scores for "
-                f"{mode!r} to calibrate abstention on (knn, head and hybrid have; retrain the "
-                "head if it predates them)"
-            )
-        conf, ok = head.calibration[mode]
-        return calibrate_threshold(conf, ok, precision, smooth=True)
-
-    def _knn_leave_one_out(self, voter: Voter) -> tuple[np.ndarray, np.ndarray]:
-        """(top probability, correct) of each voting item, voted on by the others."""
-        searcher = self._snap.searcher
-        items = self.store.to_numpy(labelled_only=True)
-        keep = np.flatnonzero(np.asarray(items.splits) != HELD_OUT_SPLIT)
-        if len(keep) == 0 or searcher.ntotal < 2:
-            raise FailedPrecondition(
-                f"no labelled items in {self.bank.root} to calibrate abstention on"
-            )
-        k = max(1, min(voter.k, int(searcher.ntotal) - 1))
-        result = searcher.search(
-            items.vectors[keep], k, exclude_ids=items.ids[keep].astype(np.int64), voters_only=True
-        )
-        probs, vocab = voter.of(result)
-        code = {label: i for i, label in enumerate(vocab)}
-        y = np.array([code.get(str(items.labels[i]), -1) for i in keep], dtype=np.int64)
-        return confidence_and_correct(y, probs)
+    def predict_proba(
+        self,
+        vectors: np.ndarray,
+        mode: str | None = None,
+        k: int | None = None,
+        exclude_ids: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, list[str]]:
+        """(probs (n, C), vocabulary) in one mode; `exclude_ids` leaves each row's own item out."""
+        snap, (m,), x = self._start(vectors, (mode,))
+        probs, vocabs, _ = self._score(snap, x, (m,), k, exclude_ids)
+        return probs[m.name], vocabs[m.name]
 
     def predict_modes(
         self,
@@ -344,65 +270,118 @@ class Classifier:
         hybrid_a: float | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, list[str]], SearchResult | None]:
         """Probabilities of several modes from one search (what eval and reports use)."""
+        snap, ms, x = self._start(vectors, modes)
+        return self._score(snap, x, ms, k, exclude_ids, want_neighbors, hybrid_a)
+
+    def abstain_threshold(
+        self, precision: float, mode: str | None = None, k: int | None = None
+    ) -> float:
+        """The lowest top probability at which `mode`'s answers reach `precision`.
+
+        Calibrated on scores of items the classifier did not learn from, as the mode's
+        row of the mode table says: kNN's leave-one-out votes over the labelled items
+        (computed here, for the live index and labels), the head's and hybrid's
+        out-of-fold probabilities (recorded when the head was trained). The stacked
+        head has none: FailedPrecondition.
+        """
+        check_precision(precision)
+        snap = self._snap
+        ms = self._modes(snap, (mode,))
+        self._needs(snap, ms)
+        return self._threshold(snap, ms[0], k, precision)
+
+    # ------------------------------------------------------------------ below the entries
+
+    def _precision(self, abstain_below: float | None) -> float | None:
+        if abstain_below is not None:
+            return check_precision(abstain_below)
+        return self.abstain_below
+
+    def _default_mode(self, snap: _Snapshot) -> str:
+        if self._mode is not None:
+            return self._mode
+        return "hybrid" if snap.head is not None else "knn"
+
+    def _modes(self, snap: _Snapshot, names: Sequence[str | None]) -> list[Mode]:
+        """The modes called `names` (None: the default); InvalidInput for an unknown one."""
+        return [mode_named(n if n is not None else self._default_mode(snap)) for n in names]
+
+    def _needs(self, snap: _Snapshot, ms: Sequence[Mode]) -> None:
+        """FailedPrecondition when `snap` lacks what one of the modes needs."""
+        for m in ms:
+            m.check(snap.head, snap.head_generation, self.bank.root)
+
+    def _start(
+        self, vectors: np.ndarray, names: Sequence[str | None]
+    ) -> tuple[_Snapshot, list[Mode], np.ndarray]:
+        """The snapshot, the modes and the checked vectors of one call: bad input is
+        InvalidInput before the snapshot is asked for what a mode needs."""
         snap = self._snap  # one snapshot for the whole call
-        searcher, head = snap.searcher, snap.head
-        x = as_vectors(vectors, searcher.dim)
-        for m in modes:
-            check_mode(m)
-            if m != "knn" and head is None:
-                raise FailedPrecondition(
-                    f"mode {m!r} needs a trained head in {self.bank.root}: "
-                    "run `featurebank head train` first"
-                )
-            if m == "stacked" and head is not None and head.stacked is None:
-                raise FailedPrecondition(
-                    f"head generation {snap.head_generation} has no stacked head"
-                )
-        voter = self.voter(k)
-        need_knn = want_neighbors or any(m != "head" for m in modes)
+        ms = self._modes(snap, names)
+        x = as_vectors(vectors, snap.searcher.dim)
+        self._needs(snap, ms)
+        return snap, ms, x
+
+    def _threshold(self, snap: _Snapshot, m: Mode, k: int | None, precision: float) -> float:
+        voter = _voter(snap, k)
+        key: tuple[object, ...] = (
+            m.name, snap.index_generation, snap.head_generation,
+            int(self.store.labels_generation), voter, precision,
+        )
+        if key not in self._thresholds:
+            conf, ok = m.calibration(
+                Calibrating(m.name, self.store, snap.searcher, snap.head, snap.head_generation, voter)
+            )
+            self._thresholds[key] = calibrate_threshold(conf, ok, precision, smooth=True)
+        return self._thresholds[key]
+
+    def _score(
+        self,
+        snap: _Snapshot,
+        x: np.ndarray,
+        ms: Sequence[Mode],
+        k: int | None,
+        exclude_ids: np.ndarray | None,
+        want_neighbors: bool = False,
+        hybrid_a: float | None = None,
+    ) -> tuple[dict[str, np.ndarray], dict[str, list[str]], SearchResult | None]:
+        """Each mode's probabilities from one search of `snap` (inputs already checked)."""
+        searcher = snap.searcher
+        voter = _voter(snap, k)
         result = None
-        knn_p = None
-        knn_vocab: list[str] = []
-        if need_knn:
+        votes = None
+        if want_neighbors or any(m.votes for m in ms):
             kk = max(1, min(voter.k, int(searcher.ntotal) - (0 if exclude_ids is None else 1)))
             ex = None if exclude_ids is None else np.asarray(exclude_ids, dtype=np.int64)
             result = searcher.search(x, kk, exclude_ids=ex, voters_only=True)
-            knn_p, knn_vocab = voter.of(result)
-        probs: dict[str, np.ndarray] = {}
-        vocabs: dict[str, list[str]] = {}
-        if "knn" in modes:
-            assert knn_p is not None
-            probs["knn"], vocabs["knn"] = knn_p, knn_vocab
-        if head is not None and any(m != "knn" for m in modes):
-            hv = head.vocabulary
-            p_head = head.head.predict_proba(x)
-            if "head" in modes:
-                probs["head"], vocabs["head"] = p_head, hv
-            if "hybrid" in modes:
-                assert knn_p is not None
-                union = sorted(set(hv) | set(knn_vocab))
-                a = float(head.hybrid["a"]) if hybrid_a is None else hybrid_a
-                probs["hybrid"] = hybrid(
-                    align_columns(knn_p, knn_vocab, union), align_columns(p_head, hv, union), a
-                )
-                vocabs["hybrid"] = union
-            if "stacked" in modes:
-                assert knn_p is not None and head.stacked is not None
-                extra = align_columns(knn_p, knn_vocab, hv)
-                probs["stacked"] = head.stacked.predict_proba(x, extra)
-                vocabs["stacked"] = hv
-        return probs, vocabs, result
+            votes = voter.of(result)
+        evidence = Evidence(x, snap.head, votes, hybrid_a)
+        scored = {m.name: m.score(evidence) for m in ms}
+        return (
+            {name: s[0] for name, s in scored.items()},
+            {name: s[1] for name, s in scored.items()},
+            result,
+        )
 
 
-def align_columns(p: np.ndarray, vocab: Sequence[str], target: Sequence[str]) -> np.ndarray:
-    """Columns of p (over vocab) rearranged to `target`; labels not in vocab get 0."""
-    if list(vocab) == list(target):
-        return p
-    pos = {label: i for i, label in enumerate(vocab)}
-    out = np.zeros((p.shape[0], len(target)), dtype=np.float32)
-    for j, label in enumerate(target):
-        i = pos.get(label)
-        if i is not None:
-            out[:, j] = p[:, i]
-    return out
+def _voter(snap: _Snapshot, k: int | None) -> Voter:
+    head = snap.head
+    tuned_k, t = (
+        (int(head.hybrid["k"]), float(head.hybrid["temperature"]))
+        if head is not None
+        else (DEFAULT_K, DEFAULT_T)
+    )
+    kk = k if k is not None else tuned_k
+    if kk < 1:
+        raise InvalidInput(f"k must be at least 1, got {kk}")
+    return Voter(kk, t, "softmax", snap.searcher.metric)
 
+
+def _neighbors(result: SearchResult, r: int) -> list[Neighbor]:
+    return [
+        Neighbor(str(key), label, float(score))
+        for key, label, score, i in zip(
+            result.keys[r], result.labels[r], result.scores[r], result.ids[r], strict=True
+        )
+        if i >= 0
+    ]

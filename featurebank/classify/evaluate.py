@@ -18,7 +18,8 @@ import numpy as np
 
 from featurebank.classify import metrics
 from featurebank.classify.abstain import abstained
-from featurebank.classify.classifier import Classifier, align_columns
+from featurebank.classify.classifier import Classifier
+from featurebank.classify.modes import MODE_TABLE, align_columns
 from featurebank.core.errors import FailedPrecondition
 from featurebank.core.vocabulary import EVAL_SPLITS, HELD_OUT_SPLIT, TRAIN_SPLITS, check_choice
 
@@ -202,7 +203,7 @@ def _abstention(
     """Per mode with calibration data: threshold, abstain rate and precision reached."""
     out: dict[str, dict[str, float]] = {}
     for mode, p in probs.items():
-        if mode == "stacked":
+        if MODE_TABLE[mode].calibrate is None:
             continue  # no cross-validated scores to calibrate on
         threshold = clf.abstain_threshold(precision, mode, k)
         kept = ~abstained(p, threshold)

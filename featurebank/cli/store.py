@@ -83,7 +83,7 @@ def _commit(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from featurebank.classify.status import bank_status
+    from featurebank.server.summary import bank_status
 
     stats, errors = bank_status(args.bank)
     if args.json:

@@ -26,8 +26,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
 from featurebank.index.checkpoint import CheckpointPolicy
 from featurebank.server.auth import AuthInterceptor, Tokens
+from featurebank.server.bounds import (
+    DEFAULT_BATCH_TIMEOUT_MS,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_QUEUED_ROWS,
+    DEFAULT_STREAM_BYTES,
+    DEFAULT_TOTAL_BYTES,
+)
 from featurebank.server.engine import Engine
-from featurebank.server.limits import DEFAULT_STREAM_BYTES, DEFAULT_TOTAL_BYTES, UpsertBudget
+from featurebank.server.limits import UpsertBudget
 from featurebank.server.metrics import Metrics
 from featurebank.server.reflection import enable_reflection
 from featurebank.server.replica import DEFAULT_FOLLOW_INTERVAL_S, ReplicaEngine, ReplicaInterceptor
@@ -38,7 +46,6 @@ from featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = featurebank_pb2.DESCRIPTOR.services_by_name["FeatureBank"].full_name
-MiB = 1 << 20
 
 
 @dataclass
@@ -49,14 +56,14 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None
-    max_batch_size: int = 64
-    batch_timeout_ms: float = 2.0
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    batch_timeout_ms: float = DEFAULT_BATCH_TIMEOUT_MS
     tokens: Tokens | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     insecure: bool = False
-    max_message_bytes: int = 16 * MiB
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_concurrent_rpcs: int = 256
     grace_s: float = 10.0
     keepalive_time_s: float = 60.0
@@ -66,7 +73,7 @@ class ServeConfig:
     device: str = "auto"  # where images are embedded: auto, cpu or gpu
     precision: str = "auto"  # auto (mixed on GPUs), mixed or float32
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
-    max_queued_rows: int = 100_000
+    max_queued_rows: int = DEFAULT_MAX_QUEUED_ROWS
     replica: bool = False  # open the bank read-only and follow its primary
     primary: str | None = None  # the primary's address, named when a replica refuses a write
     follow_interval_s: float = DEFAULT_FOLLOW_INTERVAL_S

@@ -175,3 +175,8 @@ def isolate(fn: Callable[[list[T]], Sequence[R]], items: list[T]) -> list[R | Ba
         except Exception as e:  # noqa: BLE001 - each caller gets its own error
             out.append(e)
     return out
+
+
+async def run_in(executor: Executor, fn: Callable[..., R], *args: object) -> R:
+    """`fn(*args)` on `executor`, awaited from the event loop (never blocking it)."""
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)

@@ -30,6 +30,7 @@ from featurebank.server.status import to_status
 
 if TYPE_CHECKING:
     from featurebank.index.searcher import Searcher
+    from featurebank.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class IndexKeeper:
     def __init__(
         self,
         bank: Bank,
-        store: Any,
+        store: Store,
         reload: Callable[[], tuple[int, int]],
         searcher: Callable[[], Searcher | None],
         policy: CheckpointPolicy,

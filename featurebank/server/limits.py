@@ -13,10 +13,7 @@ Everything here runs on the server's event loop, so plain integers need no lock.
 from __future__ import annotations
 
 from featurebank.core.errors import FeaturebankError, InvalidInput
-
-MiB = 1 << 20
-DEFAULT_STREAM_BYTES = 256 * MiB
-DEFAULT_TOTAL_BYTES = 1024 * MiB
+from featurebank.server.bounds import DEFAULT_STREAM_BYTES, DEFAULT_TOTAL_BYTES, MiB
 
 
 class TooMany(FeaturebankError):

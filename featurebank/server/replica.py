@@ -72,7 +72,7 @@ def read_bank_state(engine: Engine) -> BankState:
     index generation whose folder is missing counts as unreadable too.
     """
     bank = engine.bank
-    store_gen = int(engine.store.generation)
+    store_gen = int(engine.live.opened().generation)
     index_gen = current_generation(bank.indexes_dir) or 0
     if index_gen and not (bank.indexes_dir / str(index_gen)).is_dir():
         raise FailedPrecondition(f"index generation {index_gen} of {bank.root} is missing")
@@ -97,12 +97,13 @@ class ReplicaEngine(Engine):
         self.primary = primary
         self.failure: str | None = None  # why the bank cannot be read now
         self.follower = Follower(self, follow_interval_s)
+        self.info.extra = lambda: {"replica": self.follower.lag()}
 
     def open(self) -> None:
         """Open the store read-only (no writer lock), load the models, start following."""
         from featurebank import store as store_mod
 
-        self.store = store_mod.open(self.bank.root, readonly=True)
+        self.live.store = store_mod.open(self.bank.root, readonly=True)
         self._open_embedder()
         self.follower.start()  # its first step loads the models
 
@@ -135,17 +136,12 @@ class ReplicaEngine(Engine):
         Only the follower's thread reloads: a replica has no other publisher to exclude.
         """
         self._load_models()
-        if self.load_error is not None and self.models is not None:
-            raise FailedPrecondition(self.load_error)  # serving the old models, but failing
+        if self.live.load_error is not None and self.models is not None:
+            raise FailedPrecondition(self.live.load_error)  # serving the old models, but failing
 
     def applied_store_generation(self) -> int:
         m = self.models
         return int(m.searcher.store_generation) if m is not None else 0
-
-    def _info(self) -> dict[str, Any]:
-        info = super()._info()
-        info["replica"] = self.follower.lag()
-        return info
 
     def _close_sync(self) -> None:
         self.follower.stop()
@@ -211,12 +207,7 @@ class Follower:
         bank = bank or read_bank_state(engine)
         applied = engine.applied_store_generation()
         behind = max(0, bank.store_generation - applied)
-        m = engine.models
-        served = (
-            (int(m.classifier.index_generation), int(m.classifier.head_generation or 0))
-            if m is not None
-            else (0, 0)
-        )
+        served = (engine.live.index_generation(), engine.live.head_generation())
         caught_up = behind == 0 and served == (bank.index_generation, bank.head_generation)
         return {
             "primary": engine.primary or "",

@@ -4,32 +4,45 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from google.protobuf import struct_pb2
 
 from featurebank.classify.head_generations import hybrid_mode
-from featurebank.server.engine import (
-    Classified,
-    Hit,
-    Operation,
-)
+from featurebank.server.indexing import Operation
+from featurebank.server.reads import Hit
 from featurebank.server.wire import MODE_VALUES
 from featurebank.v1 import featurebank_pb2 as pb
 
+if TYPE_CHECKING:
+    from featurebank.classify.audit import Finding
+    from featurebank.classify.classifier import Prediction
+    from featurebank.classify.suggest import Suggestion
 
-def classified(c: Classified) -> pb.ClassifyResponse:
+
+def prediction(p: Prediction) -> pb.ClassifyResponse:
+    """The classifier's answer as it is: its labels, neighbours, mode and generations."""
     return pb.ClassifyResponse(
         labels=[
-            pb.LabelProbability(label=label, probability=p)
-            for label, p in zip(c.labels, c.probs, strict=True)
+            pb.LabelProbability(label=label, probability=prob)
+            for label, prob in zip(p.labels, p.probs, strict=True)
         ],
-        neighbors=[pb.Neighbor(key=k, label=lb or "", score=s) for k, lb, s in c.neighbors],
-        index_generation=c.index_generation,
-        head_generation=c.head_generation,
-        mode=MODE_VALUES.get(c.mode, pb.MODE_UNSPECIFIED),
-        abstained=c.abstained,
+        neighbors=[pb.Neighbor(key=n.key, label=n.label or "", score=n.score) for n in p.neighbors],
+        index_generation=p.index_generation,
+        head_generation=p.head_generation or 0,  # 0: the mode used no head
+        mode=MODE_VALUES[p.mode],
+        abstained=p.abstained,
+    )
+
+
+def suggestion(s: Suggestion) -> pb.Suggestion:
+    return pb.Suggestion(
+        key=s.key, score=s.score,
+        labels=[
+            pb.LabelProbability(label=label, probability=p)
+            for label, p in zip(s.labels, s.probs, strict=True)
+        ],
     )
 
 
@@ -40,7 +53,7 @@ def hit(h: Hit) -> pb.Neighbor:
     return n
 
 
-def finding(f: Any) -> pb.Finding:
+def finding(f: Finding) -> pb.Finding:
     """An audit finding (featurebank.classify.audit.Finding) as its message."""
     return pb.Finding(
         key=f.key, label=f.label, suggested=f.suggested, confidence=f.confidence,

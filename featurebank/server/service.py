@@ -1,16 +1,15 @@
-"""The FeatureBank servicer: one method per RPC, the engine's plain functions below.
+"""The FeatureBank servicer: one method per RPC, the engine's parts below.
 
 Every RPC goes through `_rpc`, which records metrics and turns exceptions into
 status codes via `server.status` (so nothing reaches the client as UNKNOWN).
 Request checks live in `validation`, proto building in `responses`; what stays here
-is the servicer class itself, one short method per RPC, hence its length.
+is the servicer class itself, one short method per RPC.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -18,52 +17,52 @@ from typing import TypeVar
 import numpy as np
 from grpc import aio
 
-from featurebank.classify.abstain import check_precision
-from featurebank.core.errors import FeaturebankError, InvalidInput, Overloaded, shown
-from featurebank.core.vocabulary import SUGGEST_STRATEGIES
-from featurebank.server.engine import (
+from featurebank.core.errors import FeaturebankError, InvalidInput, Overloaded
+from featurebank.server.bounds import (
     DEFAULT_SEARCH_K,
-    ClassifyJob,
-    Engine,
-    Labelling,
-    RebuildParams,
-    SearchJob,
-    UpsertRow,
-    image_meta,
+    MAX_BATCH_INPUTS,
+    MAX_THUMBNAILS,
+    MAX_UPSERT_ITEMS,
 )
+from featurebank.server.engine import Engine
+from featurebank.server.group_commit import UpsertRow
 from featurebank.server.limits import StreamBytes, TooMany, UpsertBudget
 from featurebank.server.metrics import Metrics
+from featurebank.server.reads import ClassifyJob, SearchJob
 from featurebank.server.responses import (
-    classified,
     finding,
     hit,
     info_response,
     operation,
+    prediction,
+    suggestion,
     to_struct,
 )
 from featurebank.server.status import to_status
 from featurebank.server.validation import (
+    Inputs,
+    UpsertImage,
+    check_classify,
     check_count,
+    check_inputs,
     check_k,
-    check_key,
+    check_keys,
     check_label_filter,
+    check_labels,
     check_many,
-    check_mode,
-    check_split,
-    check_top_n,
-    check_vector,
+    check_operation_id,
+    check_rebuild,
+    check_strategy,
+    check_upsert_item,
+    image_error,
 )
-from featurebank.server.wire import STRATEGY_NAMES
+from featurebank.server.writes import image_meta
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
-MAX_BATCH_INPUTS = 4096
-MAX_UPSERT_ITEMS = 100_000
-MAX_THUMBNAILS = 1000
-MAX_OPERATION_ID = 64  # operation ids are 32 hex digits
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of RESOURCE_EXHAUSTED from a busy writer
 
 
@@ -89,7 +88,7 @@ def _rpc(
         if in_flight is not None:
             in_flight.inc()
         try:
-            if self.engine.store is None:
+            if not self.engine.is_open:
                 raise Unavailable("the bank is still loading (or shutting down); retry shortly")
             response = await fn(self, request, context)
         except asyncio.CancelledError:  # the client went away or its deadline passed
@@ -120,6 +119,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         self, engine: Engine, metrics: Metrics | None = None, upsert_budget: UpsertBudget | None = None
     ) -> None:
         self.engine = engine
+        self.reads, self.writes, self.info = engine.reads, engine.writes, engine.info
         self.metrics = metrics
         self.upsert_budget = upsert_budget or UpsertBudget()
 
@@ -127,43 +127,25 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         if self.metrics is not None:
             self.metrics.observe(method, code, time.perf_counter() - started)
 
-    async def _vectors(self, inputs: Sequence[pb.Input]) -> tuple[np.ndarray, list[int | None]]:
+    async def _vectors(self, inputs: Inputs) -> tuple[np.ndarray, list[int | None]]:
         """Vectors of images, vectors and keys (images batched with other calls).
 
         Also the stored id of each key input, so a stored item is left out of its own
         neighbours (leave-one-out) when classifying or searching by key.
         """
-        dim = self.engine.dim
-        out: list[np.ndarray | None] = [None] * len(inputs)
-        own: list[int | None] = [None] * len(inputs)
-        images: list[tuple[int, bytes]] = []
-        keys: list[tuple[int, str]] = []
-
-        def name(i: int) -> str:
-            return f"inputs[{i}]" if len(inputs) > 1 else "input"
-
-        for i, inp in enumerate(inputs):
-            where = name(i)
-            kind = inp.WhichOneof("input")
-            if kind is None:
-                raise InvalidInput(f"{where} is empty: set image, vector or key")
-            if kind == "image":
-                if not inp.image:
-                    raise InvalidInput(f"{where}.image is empty")
-                images.append((i, inp.image))
-            elif kind == "vector":
-                out[i] = check_vector(inp.vector.values, dim, f"{where}.vector")
-            else:
-                keys.append((i, check_key(inp.key, f"{where}.key")))
-        if images:
-            vectors = await self.engine.embed_each([b for _, b in images])
-            for (i, _), v in zip(images, vectors, strict=True):
-                if isinstance(v, BaseException):
-                    raise _image_error(v, f"{name(i)}.image")
-                out[i] = v
-        if keys:
-            vectors2, ids = await self.engine.vectors_of_keys([k for _, k in keys])
-            for (i, _), v, item_id in zip(keys, vectors2, ids, strict=True):
+        out: list[np.ndarray | None] = [None] * inputs.count
+        own: list[int | None] = [None] * inputs.count
+        for i, checked in inputs.vectors:
+            out[i] = checked
+        if inputs.images:
+            embedded = await self.reads.embed_each([b for _, b in inputs.images])
+            for (i, _), e in zip(inputs.images, embedded, strict=True):
+                if isinstance(e, BaseException):
+                    raise image_error(e, f"{inputs.where(i)}.image")
+                out[i] = e
+        if inputs.keys:
+            found, ids = await self.reads.vectors_of_keys([k for _, k in inputs.keys])
+            for (i, _), v, item_id in zip(inputs.keys, found, ids, strict=True):
                 out[i] = v
                 own[i] = int(item_id)
         return np.stack([v for v in out if v is not None]), own
@@ -193,18 +175,12 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
 
     async def _classify(
         self, inputs: Sequence[pb.Input], mode: int, k: int, top_n: int, neighbors: bool,
-        abstain_below: float = 0.0,
+        abstain_below: float,
     ) -> list[pb.ClassifyResponse]:
-        mode_name = check_mode(mode)
-        k_value = check_k(k, None)
-        n = check_top_n(top_n)
-        precision = check_precision(abstain_below) if abstain_below else None
-        vectors, own = await self._vectors(inputs)
-        jobs = [
-            ClassifyJob(v, mode_name, k_value, n, neighbors, item_id, precision)
-            for v, item_id in zip(vectors, own, strict=True)
-        ]
-        return [classified(c) for c in await self.engine.classify(jobs)]
+        options = check_classify(mode, k, top_n, neighbors, abstain_below)
+        vectors, own = await self._vectors(check_inputs(inputs, self.engine.dim))
+        jobs = [ClassifyJob(v, options, item_id) for v, item_id in zip(vectors, own, strict=True)]
+        return [prediction(p) for p in await self.reads.classify(jobs)]
 
     @_rpc
     async def Search(
@@ -212,56 +188,43 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     ) -> pb.SearchResponse:
         k = check_k(request.k, DEFAULT_SEARCH_K) or DEFAULT_SEARCH_K
         labels = check_label_filter(request.labels)
-        vectors, own = await self._vectors([request.input])
+        vectors, own = await self._vectors(check_inputs([request.input], self.engine.dim))
         job = SearchJob(vectors[0], k, labels, own[0], request.include_metadata)
-        hits = (await self.engine.search([job]))[0]
-        models = self.engine.models
-        gen = int(models.classifier.index_generation) if models else 0
-        return pb.SearchResponse(neighbors=[hit(h) for h in hits], index_generation=gen)
+        found = (await self.reads.search([job]))[0]
+        return pb.SearchResponse(
+            neighbors=[hit(h) for h in found.hits], index_generation=found.index_generation
+        )
 
     @_rpc
     async def Embed(self, request: pb.EmbedRequest, context: aio.ServicerContext) -> pb.EmbedResponse:
         if not request.image:
             raise InvalidInput("image is empty")
-        vector = (await self.engine.embed_each([request.image]))[0]
+        vector = (await self.reads.embed_each([request.image]))[0]
         if isinstance(vector, BaseException):
-            raise _image_error(vector, "image")
+            raise image_error(vector, "image")
         return pb.EmbedResponse(vector=pb.Vector(values=vector.tolist()), dim=int(vector.shape[0]))
 
     @_rpc
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: aio.ServicerContext
     ) -> pb.GetInfoResponse:
-        return info_response(await self.engine.info())
+        return info_response(await self.info.bank())
 
     @_rpc
     async def Suggest(
         self, request: pb.SuggestRequest, context: aio.ServicerContext
     ) -> pb.SuggestResponse:
         n = check_count(request.n, "n")
-        strategy = STRATEGY_NAMES.get(request.strategy)
-        if strategy is None:
-            known = ", ".join(s.upper() for s in SUGGEST_STRATEGIES)
-            raise InvalidInput(f"unknown strategy {request.strategy}: use one of {known}")
-        done = await self.engine.suggest(n, strategy, request.label or None)
+        done = await self.info.suggest(n, check_strategy(request.strategy), request.label or None)
         return pb.SuggestResponse(
-            suggestions=[
-                pb.Suggestion(
-                    key=s.key, score=s.score,
-                    labels=[
-                        pb.LabelProbability(label=label, probability=p)
-                        for label, p in zip(s.labels, s.probs, strict=True)
-                    ],
-                )
-                for s in done.items
-            ],
+            suggestions=[suggestion(s) for s in done.items],
             index_generation=done.index_generation,
             labels_generation=done.labels_generation,
         )
 
     @_rpc
     async def Audit(self, request: pb.AuditRequest, context: aio.ServicerContext) -> pb.AuditResponse:
-        done: Labelling = await self.engine.audit(check_count(request.n, "n"))
+        done = await self.info.audit(check_count(request.n, "n"))
         return pb.AuditResponse(
             findings=[finding(f) for f in done.items],
             index_generation=done.index_generation,
@@ -273,8 +236,8 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         self, request: pb.GetThumbnailsRequest, context: aio.ServicerContext
     ) -> pb.GetThumbnailsResponse:
         check_many(request.keys, "GetThumbnails", "keys", MAX_THUMBNAILS)
-        keys = [check_key(k, f"keys[{i}]") for i, k in enumerate(request.keys)]
-        found = await self.engine.thumbnails(keys)
+        keys = check_keys(request.keys, "GetThumbnails")
+        found = await self.reads.thumbnails(keys)
         return pb.GetThumbnailsResponse(
             thumbnails=[pb.Thumbnail(key=k, jpeg=t or b"") for k, t in zip(keys, found, strict=True)]
         )
@@ -283,7 +246,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     async def GetReport(
         self, request: pb.GetReportRequest, context: aio.ServicerContext
     ) -> pb.GetReportResponse:
-        found = await self.engine.report()
+        found = await self.info.report()
         return pb.GetReportResponse(
             name=found["name"], html=found["html"], metrics=to_struct(found["metrics"])
         )
@@ -307,103 +270,54 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         held: StreamBytes,
     ) -> pb.UpsertResponse:
         dim = self.engine.dim
-        rows: list[UpsertRow | None] = []
+        rows: list[UpsertRow | UpsertImage] = []
         seen: dict[str, int] = {}
-        pending: list[tuple[int, str, pb.UpsertItem]] = []
-        i = 0
         async for item in request_iterator:
-            if i >= MAX_UPSERT_ITEMS:
+            if len(rows) >= MAX_UPSERT_ITEMS:
                 raise TooMany(
                     f"Upsert takes at most {MAX_UPSERT_ITEMS} items per call: split the stream"
                 )
-            held.add(item.ByteSize(), i)
-            key = check_key(item.key, f"item {i} key")
-            where = f"item {i} (key {shown(key)})"
-            if key in seen:
-                raise InvalidInput(f"{where}: key repeats item {seen[key]}")
-            seen[key] = i
-            split = check_split(item.split, where)
-            kind = item.WhichOneof("data")
-            if kind is None:
-                raise InvalidInput(f"{where} has neither image nor vector")
-            if kind == "vector":
-                vec = check_vector(item.vector.values, dim, f"{where} vector")
-                meta = {"uri": item.uri} if item.uri else {}
-                rows.append(UpsertRow(key, vec, item.label or None, split, meta))
-            else:
-                if not item.image:
-                    raise InvalidInput(f"{where} image is empty")
-                rows.append(None)
-                pending.append((i, split, item))
-            i += 1
+            held.add(item.ByteSize(), len(rows))
+            rows.append(check_upsert_item(item, len(rows), dim, seen))
         await _check_stream_complete(context)
         if not rows:
             raise InvalidInput("Upsert got no items")
-        if pending:
-            vectors = await self.engine.embed_each([it.image for _, _, it in pending])
-            for (j, split, it), v in zip(pending, vectors, strict=True):
+        images = [r for r in rows if isinstance(r, UpsertImage)]
+        if images:
+            vectors = await self.reads.embed_each([p.item.image for p in images])
+            for p, v in zip(images, vectors, strict=True):
                 if isinstance(v, BaseException):
-                    raise _image_error(v, f"item {j} (key {shown(it.key)}) image")
-                rows[j] = UpsertRow(
-                    it.key, v, it.label or None, split, image_meta(it.image, it.uri)
+                    raise image_error(v, p.where)
+                rows[p.position] = UpsertRow(
+                    p.key, v, p.item.label or None, p.split, image_meta(p.item.image, p.item.uri)
                 )
         left = context.time_remaining()
         deadline = None if left is None else time.monotonic() + left
-        done = await self.engine.upsert([r for r in rows if r is not None], deadline)
+        done = await self.writes.upsert([r for r in rows if isinstance(r, UpsertRow)], deadline)
         return pb.UpsertResponse(**done)
 
     @_rpc
     async def SetLabels(
         self, request: pb.SetLabelsRequest, context: aio.ServicerContext
     ) -> pb.SetLabelsResponse:
-        if not request.labels:
-            raise InvalidInput("SetLabels got no labels")
-        mapping: dict[str, str | None] = {}
-        for i, a in enumerate(request.labels):
-            key = check_key(a.key, f"labels[{i}].key")
-            if key in mapping:
-                raise InvalidInput(f"labels[{i}]: key {shown(key)} appears twice")
-            mapping[key] = a.label or None
-        return pb.SetLabelsResponse(**await self.engine.set_labels(mapping))
+        return pb.SetLabelsResponse(**await self.writes.set_labels(check_labels(request.labels)))
 
     @_rpc
     async def Delete(self, request: pb.DeleteRequest, context: aio.ServicerContext) -> pb.DeleteResponse:
-        if not request.keys:
-            raise InvalidInput("Delete got no keys")
-        keys = [check_key(k, f"keys[{i}]") for i, k in enumerate(request.keys)]
-        return pb.DeleteResponse(**await self.engine.delete(keys, request.ignore_missing))
+        keys = check_keys(request.keys, "Delete")
+        return pb.DeleteResponse(**await self.writes.delete(keys, request.ignore_missing))
 
     @_rpc
     async def RebuildIndex(
         self, request: pb.RebuildIndexRequest, context: aio.ServicerContext
     ) -> pb.Operation:
-        params = RebuildParams(
-            index={
-                "factory": request.factory or None,
-                "metric": request.metric or None,
-                "transform": request.transform or None,
-                "memory_budget": request.memory_budget or None,
-                "target_recall": request.target_recall or None,
-                "k": request.k or None,
-                "allow_below_target": True if request.allow_below_target else None,
-            },
-            retrain_head=request.retrain_head,
-            head_hidden=request.head_hidden if request.HasField("head_hidden") else None,
-            head_epochs=request.head_epochs if request.HasField("head_epochs") else None,
-        )
-        return operation(self.engine.start_rebuild(params))
+        return operation(self.engine.start_rebuild(check_rebuild(request)))
 
     @_rpc
     async def GetOperation(
         self, request: pb.GetOperationRequest, context: aio.ServicerContext
     ) -> pb.Operation:
-        if not request.id:
-            raise InvalidInput("operation id is empty")
-        if len(request.id) > MAX_OPERATION_ID:
-            raise InvalidInput(
-                f"operation id {shown(request.id)} is longer than {MAX_OPERATION_ID} characters"
-            )
-        return operation(self.engine.get_operation(request.id))
+        return operation(self.engine.get_operation(check_operation_id(request.id)))
 
 
 async def _check_stream_complete(context: aio.ServicerContext) -> None:
@@ -429,12 +343,3 @@ async def _check_stream_complete(context: aio.ServicerContext) -> None:
     if context.cancelled():
         raise asyncio.CancelledError("Upsert stream cancelled")
 
-
-def _image_error(e: BaseException, where: str) -> BaseException:
-    """Name the request field of a bad image (the embedder only knows its batch position)."""
-    if isinstance(e, InvalidInput):
-        return InvalidInput(f"{where}: {_IMAGE_POS.sub('', str(e), count=1)}")
-    return e
-
-
-_IMAGE_POS = re.compile(r"^image \d+: ")

@@ -200,6 +200,24 @@ def test_classify_returns_ranked_labels_and_neighbours(clf: Classifier, trained:
     assert abs(sum(head_only[0].probs) - 1.0) < 1e-5
 
 
+def test_predictions_say_which_mode_and_generations_answered(
+    clf: Classifier, trained: Path
+) -> None:
+    x = split_items(trained, "test").vectors[:3]
+    answered = {
+        mode: {(p.mode, p.index_generation, p.head_generation) for p in clf.classify(x, mode)}
+        for mode in (None, "knn", "head", "stacked")
+    }
+    assert answered == {
+        None: {("hybrid", 1, 1)},  # the default with a head
+        "knn": {("knn", 1, None)},  # no head took part
+        "head": {("head", 1, 1)},
+        "stacked": {("stacked", 1, 1)},
+    }
+    with pytest.raises(InvalidInput, match="mode"):
+        clf.classify(x, mode="")
+
+
 def test_bad_inputs(clf: Classifier) -> None:
     with pytest.raises(InvalidInput, match="mode"):
         clf.classify(np.zeros((1, DIM), np.float32), mode="svm")
@@ -257,6 +275,8 @@ def test_reload_swaps_index_and_head_while_classifying(trained: Path, tmp_path: 
                     before = (c.index_generation, c.head_generation)
                     preds = c.classify(x, top_n=1)
                     assert len(preds) == 8
+                    # one snapshot per call: every row names the same generations
+                    assert len({(p.index_generation, p.head_generation) for p in preds}) == 1
                     seen.add(before)
                 except BaseException as e:  # noqa: BLE001 - reported below
                     errors.append(e)
@@ -274,11 +294,13 @@ def test_reload_swaps_index_and_head_while_classifying(trained: Path, tmp_path: 
         publish(heads, staging)
         c.reload()
         after = (c.index_generation, c.head_generation)
+        answered = {(p.index_generation, p.head_generation) for p in c.classify(x, top_n=1)}
         stop.set()
         for t in threads:
             t.join()
     assert not errors, errors
     assert after == (2, 2)
+    assert answered == {(2, 2)}  # the answer says it came from the new generations
     assert (1, 1) in seen
 
 

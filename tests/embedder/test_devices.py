@@ -86,7 +86,7 @@ images = [open(p, "rb").read() for p in sys.argv[4:]]
 config = ServeConfig(bank=bank, port=free_port(), device="cpu", max_batch_size=8)
 with RunningServer(config) as rs, FeatureBankClient(rs.target, timeout=120) as client:
     one = client.embed(images[0])  # a batch of one image on {n} devices
-    five = rs.run(rs.server.engine.embed_each(images[:5]))  # one batch of five
+    five = rs.run(rs.server.engine.reads.embed_each(images[:5]))  # one batch of five
     info = client.info().device
     spec = rs.server.engine.embedder.spec
 

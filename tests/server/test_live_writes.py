@@ -16,7 +16,8 @@ from featurebank.index.checkpoint import CheckpointPolicy
 from featurebank.index.searcher import Searcher
 from featurebank.server.app import ServeConfig
 from featurebank.server.client import FeatureBankClient, RemoteError
-from featurebank.server.engine import Engine, UpsertRow
+from featurebank.server.engine import Engine
+from featurebank.server.group_commit import UpsertRow
 from featurebank.server.service import RETRY_AFTER_KEY
 from featurebank.v1 import featurebank_pb2 as pb
 from tests.support.server import CLASSES, RunningServer, class_centers, free_port, make_vector_bank
@@ -69,7 +70,7 @@ def test_concurrent_upserts_are_searchable_at_once_then_folded(tmp_path: Path) -
             info = client.info()
             assert info.index.pending_items == len(acked) == 96
             assert info.count == 20 * len(CLASSES) + 96
-            writes = rs.server.engine.writes
+            writes = rs.server.engine.writes.group
             assert writes.commits == 32 and writes.groups <= 32
             # replacing and deleting are searchable at once too
             key = "w0/0/0"
@@ -158,9 +159,9 @@ def test_a_deadline_passed_before_the_commit_starts_stores_nothing(tmp_path: Pat
     try:
         row = UpsertRow("expired", class_centers(DIM)[0], None, "none", {})
         with pytest.raises(DeadlineExceeded, match="nothing was stored"):
-            asyncio.run(engine.upsert([row], deadline=time.monotonic() - 1))
+            asyncio.run(engine.writes.upsert([row], deadline=time.monotonic() - 1))
         assert engine.store.missing(["expired"]) == ["expired"]
-        done = asyncio.run(engine.upsert([row], deadline=time.monotonic() + 60))
+        done = asyncio.run(engine.writes.upsert([row], deadline=time.monotonic() + 60))
         assert done["added"] == 1
     finally:
         asyncio.run(engine.close())

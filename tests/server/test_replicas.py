@@ -414,31 +414,36 @@ def test_a_call_split_across_batches_is_answered_from_one_generation(tmp_path: P
     import asyncio
 
     from featurebank.index.build import build_index
-    from featurebank.server.engine import ClassifyJob, Engine
+    from featurebank.server.engine import Engine
+    from featurebank.server.reads import ClassifyJob, ClassifyOptions
 
     bank = make_vector_bank(tmp_path / "bank", dim=DIM, n_per_class=5)
 
-    class SwapAfterFirstBatch(Engine):
+    async def run() -> tuple[list[tuple[int, int | None]], int]:
+        engine = Engine(bank, max_batch_size=2, search_threads=1)
+        batcher = engine.reads.classify_batcher
+        answer = batcher.run
         batches = 0
 
-        def _classify_batch(self, jobs: list[ClassifyJob]) -> list[object]:  # type: ignore[override]
-            out = super()._classify_batch(jobs)
-            self.batches += 1
-            if self.batches == 1:  # what a replica's follower does when the primary publishes
+        def swap_after_first_batch(jobs: list[ClassifyJob]) -> list[object]:
+            nonlocal batches
+            out = answer(jobs)
+            batches += 1
+            if batches == 1:  # what a replica's follower does when the primary publishes
                 build_index(bank)
-                self._load_models()
+                engine._load_models()
             return out  # type: ignore[return-value]
 
-    async def run() -> tuple[list[tuple[int, int]], int]:
-        engine = SwapAfterFirstBatch(bank, max_batch_size=2, search_threads=1)
+        batcher.run = swap_after_first_batch  # type: ignore[assignment]
         engine.open()
         try:
-            jobs = [ClassifyJob(center(c), None, None, 1, False) for c in (*CLASSES, "cat")]
-            results = await engine.classify(jobs)
-            return [(r.index_generation, r.head_generation) for r in results], engine.batches
+            options = ClassifyOptions(None, None, 1, False, None)
+            jobs = [ClassifyJob(center(c), options) for c in (*CLASSES, "cat")]
+            results = await engine.reads.classify(jobs)
+            return [(r.index_generation, r.head_generation) for r in results], batches
         finally:
             await engine.close()
 
     generations, batches = asyncio.run(run())
-    assert generations == [(2, 0)] * 4
+    assert generations == [(2, None)] * 4  # knn: no head generation used
     assert batches == 4  # split in two, and answered again (in two) after the swap

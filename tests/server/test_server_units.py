@@ -16,14 +16,24 @@ from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
 from featurebank.server.app import ServeConfig, is_loopback
 from featurebank.server.auth import READ, WRITE, Tokens, required_role
 from featurebank.server.batching import Batcher, isolate
+from featurebank.server.bounds import DEFAULT_TOP_N
+from featurebank.server.group_commit import UpsertRow
+from featurebank.server.reads import ClassifyOptions
 from featurebank.server.status import to_status
 from featurebank.server.validation import (
+    UpsertImage,
+    check_classify,
+    check_inputs,
     check_k,
+    check_labels,
     check_mode,
+    check_operation_id,
     check_split,
     check_top_n,
+    check_upsert_item,
     check_vector,
 )
+from featurebank.v1 import featurebank_pb2 as pb
 
 
 def test_tokens_from_file_and_environment(tmp_path: Path) -> None:
@@ -178,3 +188,37 @@ def test_validation_messages() -> None:
     assert check_split("", "x") == "none"
     with pytest.raises(InvalidInput, match="split 'holdout'"):
         check_split("holdout", "item 0")
+
+
+def test_edge_checks_tell_oneofs_apart_and_fill_defaults() -> None:
+    assert check_classify(pb.MODE_KNN, 0, 0, True, 0.0) == ClassifyOptions(
+        "knn", None, DEFAULT_TOP_N, True, None
+    )
+    assert check_classify(0, 3, 2, False, 0.9).abstain_below == 0.9
+    with pytest.raises(InvalidInput, match="abstain_below"):
+        check_classify(0, 0, 0, False, 1.5)
+    inputs = check_inputs(
+        [pb.Input(key="a"), pb.Input(vector=pb.Vector(values=[1.0, 2.0])), pb.Input(image=b"x")], 2
+    )
+    assert inputs.keys == [(0, "a")] and inputs.images == [(2, b"x")]
+    assert [i for i, _ in inputs.vectors] == [1] and inputs.where(1) == "inputs[1]"
+    with pytest.raises(InvalidInput, match=r"^input is empty: set image, vector or key$"):
+        check_inputs([pb.Input()], 2)
+    with pytest.raises(InvalidInput, match=r"inputs\[1\]\.vector has 1 values"):
+        check_inputs([pb.Input(key="a"), pb.Input(vector=pb.Vector(values=[1.0]))], 2)
+    seen: dict[str, int] = {}
+    row = check_upsert_item(pb.UpsertItem(key="a", vector=pb.Vector(values=[1, 2]), uri="u"), 0, 2, seen)
+    assert isinstance(row, UpsertRow) and row.meta == {"uri": "u"} and row.split == "none"
+    image = check_upsert_item(pb.UpsertItem(key="b", image=b"png", split="val"), 1, 2, seen)
+    assert isinstance(image, UpsertImage) and image.where == "item 1 (key 'b') image"
+    with pytest.raises(InvalidInput, match="item 2 \\(key 'a'\\): key repeats item 0"):
+        check_upsert_item(pb.UpsertItem(key="a", image=b"png"), 2, 2, seen)
+    with pytest.raises(InvalidInput, match="has neither image nor vector"):
+        check_upsert_item(pb.UpsertItem(key="c"), 3, 2, seen)
+    assert check_labels([pb.LabelAssignment(key="a", label=""), pb.LabelAssignment(key="b", label="x")]) == {
+        "a": None, "b": "x"
+    }
+    with pytest.raises(InvalidInput, match="appears twice"):
+        check_labels([pb.LabelAssignment(key="a"), pb.LabelAssignment(key="a")])
+    with pytest.raises(InvalidInput, match="longer than 64 characters"):
+        check_operation_id("f" * 65)

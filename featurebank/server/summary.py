@@ -1,6 +1,9 @@
-"""What a bank holds, in brief: store counts, the live index and the live head.
+"""What a bank holds, in brief: store counts, the live index and the live head, read from disk.
 
 `featurebank store info` prints it; one function, so the CLI reads no manifest itself.
+It sits in the server layer beside the served bank's `info` (the layer that sees both the
+index and the head) and imports neither gRPC nor TensorFlow, so the CLI reads a bank
+with no server running.
 """
 
 from __future__ import annotations
