@@ -24,9 +24,9 @@ import numpy as np
 from featurebank.core.bank import Bank, current_dir
 from featurebank.core.errors import FailedPrecondition, FeaturebankError, NotFound
 from featurebank.core.vocabulary import HELD_OUT_SPLIT
+from featurebank.index.families import Family, family_of, set_params
 from featurebank.index.segment import Segment, member
 from featurebank.index.transforms import Transform, as_vectors
-from featurebank.index.tuning import set_params, unwrap
 
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
@@ -42,7 +42,7 @@ class Generation:
     index: faiss.Index
     transform: Transform
     index_ids: np.ndarray  # sorted int64 ids held by the index
-    kind: str  # flat | hnsw | ivf | other
+    family: Family  # what kind of index it is (flat, hnsw, ivf, other)
 
     @property
     def metric(self) -> str:
@@ -112,17 +112,6 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def index_kind(index: faiss.Index) -> str:
-    if faiss.try_extract_index_ivf(index) is not None:
-        return "ivf"
-    inner = unwrap(index)
-    if isinstance(inner, faiss.IndexHNSW):
-        return "hnsw"
-    if isinstance(inner, faiss.IndexFlat):
-        return "flat"
-    return "other"
-
-
 def index_any(index: faiss.Index) -> Any:
     return index
 
@@ -155,7 +144,7 @@ def load_generation(bank: Bank, number: int | None = None) -> Generation:
         index=index,
         transform=Transform.load(directory),
         index_ids=index_ids(index),
-        kind=index_kind(index),
+        family=family_of(index),
     )
 
 
