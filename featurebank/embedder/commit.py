@@ -22,6 +22,7 @@ from featurebank.core.bank import write_atomic
 from featurebank.core.errors import InvalidInput, NotFound
 from featurebank.core.spec import Spec
 from featurebank.embedder import shards
+from featurebank.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def commit_shards(bank: str | Path, staging: str | Path, progress: bool = False)
     return summary
 
 
-def _commit_one(st: Any, staging: Path, marker: dict[str, Any]) -> tuple[int, int, int]:
+def _commit_one(st: Store, staging: Path, marker: dict[str, Any]) -> tuple[int, int, int]:
     """Add one shard's missing keys in one transaction; (added, already stored, failed)."""
     table = shards.read_shard(staging, marker)
     keys = table.column("key").to_pylist()

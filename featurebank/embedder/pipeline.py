@@ -39,6 +39,7 @@ from featurebank.embedder import backbones, devices, images, job_report, sources
 from featurebank.embedder import batch_size as batch_size_mod
 from featurebank.embedder.embedding import Embedder, make_spec
 from featurebank.embedder.stages import NONFINITE_REASON, Loader, Timings, finite_rows
+from featurebank.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class Writer:
 
     def __init__(
         self,
-        store: Any,
+        store: Store,
         loader: Loader,
         timings: Timings,
         bar: Any,
@@ -319,8 +320,8 @@ def run(
 def _embed_all(
     src: sources.Source,
     todo: list[sources.Record],
-    embedder: Any,
-    st: Any,
+    embedder: Embedder,
+    st: Store,
     batch_size: int,
     max_pixels: int,
     timings: Timings,

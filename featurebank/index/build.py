@@ -40,7 +40,7 @@ from featurebank.index import selection, transforms
 from featurebank.index.families import family_of
 from featurebank.index.tuning import Tuned, exact_search, timed_search, tune
 from featurebank.index.views import INDEX_FILE, MANIFEST_FILE, read_manifest
-from featurebank.store import BankLike, borrowed
+from featurebank.store import BankLike, Store, borrowed
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class Prepared:
     store_generation: int
 
 
-def prepare(bank: Bank, store: Any, params: IndexParams, sharded: bool = False) -> Prepared:
+def prepare(bank: Bank, store: Store, params: IndexParams, sharded: bool = False) -> Prepared:
     """Read the store, fit and apply the transform, choose the factory (`sharded`: only
     indexes that can be built in shards and merged, see selection.choose_factory)."""
     factory, metric, transform, k = params.factory, params.metric, params.transform, params.k
@@ -300,7 +300,7 @@ def prepare(bank: Bank, store: Any, params: IndexParams, sharded: bool = False) 
 
 def publish_build(
     bank: Bank,
-    store: Any,
+    store: Store,
     params: IndexParams,
     prepared: Prepared,
     index: faiss.Index,
@@ -347,7 +347,7 @@ def publish_build(
     return {**manifest, "generation": gen}
 
 
-def _build(bank: Bank, store: Any, params: IndexParams, progress: bool) -> dict[str, Any]:
+def _build(bank: Bank, store: Store, params: IndexParams, progress: bool) -> dict[str, Any]:
     started = time.perf_counter()
     prep = prepare(bank, store, params)
     index, tuned = build_arrays(prep.xt, prep.ids, prep.choice.factory, params.metric, params.k,

@@ -137,7 +137,7 @@ class Searcher:
     """Thread-safe search over a bank's live index generation."""
 
     def __init__(
-        self, bank: Bank, store: Any, owns_store: bool, threads: int | None = None
+        self, bank: Bank, store: Store, owns_store: bool, threads: int | None = None
     ) -> None:
         self.bank = bank
         self.store = store
