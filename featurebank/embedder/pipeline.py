@@ -1,7 +1,8 @@
 """The batch embedding job: reader -> mapper -> model -> writer, overlapped.
 
 Stages (each a small builder, testable alone, as in clip-retrieval):
-- `plan`: list the source, open the bank, drop keys already stored (resume);
+- `opened` + `plan`: open the bank's store once for the job (every stage uses that handle),
+  list the source, drop keys already stored (resume);
 - the mapper: `stages.Loader` (shared with the Ray runner, see `stages`); `build_dataset`
   runs it with tf.data over the remaining records: read + decode + resize in a
   parallel map (Pillow releases the GIL), bad inputs filtered out with their reason
