@@ -16,6 +16,7 @@ SEARCH_ONLY = [
     "featurebank.store.transfer", "featurebank.index.build", "featurebank.index.searcher",
     "featurebank.classify.classifier", "featurebank.classify.evaluate",
     "featurebank.classify.status", "featurebank.server.client", "featurebank.cli",
+    "featurebank.api",
 ]
 
 

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from featurebank.core.errors import FeaturebankError, InvalidInput
+from featurebank.core.errors import FeaturebankError, InvalidInput, NotFound
 from featurebank.core.files import read_named_text
 from featurebank.server.wire import MODE_VALUES, STRATEGY_VALUES
 from featurebank.v1 import featurebank_pb2 as pb
@@ -25,7 +25,7 @@ from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
-ImageLike = bytes | str | os.PathLike[str]
+ImageLike = bytes | str | os.PathLike[str] | np.ndarray
 MiB = 1 << 20
 
 
@@ -40,9 +40,30 @@ class RemoteError(FeaturebankError):
 
 
 def _image_bytes(image: ImageLike) -> bytes:
+    """An encoded image file, its path, or an image array (H, W[, C]) sent as lossless PNG."""
     if isinstance(image, bytes):
         return image
-    return Path(image).read_bytes()
+    if isinstance(image, np.ndarray):
+        from featurebank.embedder.images import png_bytes
+
+        return png_bytes(image)
+    if isinstance(image, str | os.PathLike):
+        path = Path(image)
+        if not path.is_file():
+            raise NotFound(f"image file {path} does not exist")
+        return path.read_bytes()
+    raise InvalidInput(
+        f"image must be bytes, a file path or an image array, got {type(image).__name__}"
+    )
+
+
+def as_input(value: pb.Input | ImageLike | Sequence[float]) -> pb.Input:
+    """An Input from an Input, image bytes, a path, an image array, or a 1-d vector."""
+    if isinstance(value, pb.Input):
+        return value
+    if isinstance(value, np.ndarray | list | tuple) and np.ndim(value) == 1:
+        return make_input(vector=value)
+    return make_input(image=value)  # type: ignore[arg-type]
 
 
 def make_input(
@@ -160,7 +181,7 @@ class FeatureBankClient:
 
     def classify_batch(
         self,
-        inputs: Iterable[pb.Input],
+        inputs: Iterable[pb.Input | ImageLike | Sequence[float]],
         *,
         mode: str | None = None,
         k: int = 0,
@@ -170,7 +191,7 @@ class FeatureBankClient:
         timeout: float | None = None,
     ) -> list[pb.ClassifyResponse]:
         request = pb.ClassifyBatchRequest(
-            inputs=list(inputs), mode=_mode(mode), k=k, top_n=top_n,
+            inputs=[as_input(i) for i in inputs], mode=_mode(mode), k=k, top_n=top_n,
             include_neighbors=include_neighbors, abstain_below=abstain_below,
         )
         return list(self._call(self.stub.ClassifyBatch, request, timeout).results)

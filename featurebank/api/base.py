@@ -1,0 +1,263 @@
+"""One set of calls for a bank, whether it is open in this process or served over gRPC.
+
+`FeatureBank` checks the arguments and shapes the answers (one result for one input, a
+`Batch` for a batch); `LocalBank` and `RemoteBank` implement the few primitives below it,
+so the two cannot drift apart in what they accept or return.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from featurebank.api.inputs import KEYS, Keys, Query, as_query
+from featurebank.api.results import (
+    Batch,
+    Classification,
+    Finding,
+    Hits,
+    Info,
+    Published,
+    Suggestion,
+    Written,
+)
+from featurebank.core.errors import InvalidInput, shown
+
+DEFAULT_K = 10
+DEFAULT_TOP_N = 5
+DEFAULT_LIST_N = 10
+
+
+class FeatureBank(abc.ABC):
+    """A bank: embed, search and classify anything `x` can be; write items, labels and indexes.
+
+    `x` is a path, a folder, a list of paths, image bytes, a PIL image, an image array
+    (H,W,C) / (N,H,W,C), a vector / (N,D) array, or `featurebank.keys(...)`; one input gives
+    one result, a batch a `Batch` in the same order. Use as a context manager or `close()`.
+    """
+
+    # ------------------------------------------------------------------ reads
+
+    def embed(self, x: Any) -> np.ndarray:
+        """The bank's vector of each input: (D,) for one, (N, D) for a batch (float32)."""
+        q = as_query(x)
+        vectors = self._embed(q)
+        return vectors if q.batched else vectors[0]
+
+    def search(
+        self, x: Any, k: int = DEFAULT_K, *, labels: Sequence[str] | None = None
+    ) -> Hits | Batch[Hits]:
+        """The `k` nearest stored items of each input, optionally only those with `labels`.
+
+        A stored item given by key is left out of its own neighbours.
+        """
+        _check_int("k", k)
+        wanted = _labels_filter(labels)
+        return _shaped(as_query(x), lambda q: self._search(q, k, wanted))
+
+    def classify(
+        self,
+        x: Any,
+        *,
+        mode: str | None = None,
+        top_n: int = DEFAULT_TOP_N,
+        abstain_below: float | None = None,
+        k: int | None = None,
+        include_neighbors: bool = False,
+    ) -> Classification | Batch[Classification]:
+        """Labels with probabilities for each input.
+
+        `mode`: knn, head, hybrid or stacked (None: the bank's default, hybrid when a head
+        exists); `top_n` labels are ranked; `abstain_below` (a target precision in (0, 1])
+        answers "unknown" under the threshold calibrated for it; `k` neighbours vote
+        (None: the bank's choice); `include_neighbors` returns them.
+        """
+        _check_int("top_n", top_n)
+        if k is not None:
+            _check_int("k", k)
+        if abstain_below is not None and not (
+            isinstance(abstain_below, int | float) and 0 < abstain_below <= 1
+        ):
+            raise InvalidInput(f"abstain_below must be a precision in (0, 1], got {shown(abstain_below)}")
+        if mode is not None and not isinstance(mode, str):
+            raise InvalidInput(f"mode must be a string, got {type(mode).__name__}")
+        options = {"mode": mode, "top_n": top_n, "abstain_below": abstain_below, "k": k,
+                   "include_neighbors": bool(include_neighbors)}  # fmt: skip
+        return _shaped(as_query(x), lambda q: self._classify(q, options))
+
+    def suggest(
+        self, n: int = DEFAULT_LIST_N, *, strategy: str = "margin", label: str | None = None
+    ) -> Batch[Suggestion]:
+        """The `n` unlabelled items whose label would help most, best first.
+
+        `strategy`: margin, entropy or diverse; `label` keeps items with that label among
+        their two most probable (the edge of that class).
+        """
+        _check_int("n", n)
+        return Batch(self._suggest(n, strategy, label))
+
+    def audit(self, n: int = DEFAULT_LIST_N) -> Batch[Finding]:
+        """The `n` labelled items whose label the bank most confidently doubts."""
+        _check_int("n", n)
+        return Batch(self._audit(n))
+
+    @abc.abstractmethod
+    def info(self) -> Info:
+        """The bank's spec, counts, labels and live generations."""
+
+    # ------------------------------------------------------------------ writes
+
+    def upsert(
+        self,
+        x: Any,
+        *,
+        keys: Sequence[str] | None = None,
+        labels: str | Sequence[str | None] | None = None,
+        splits: str | Sequence[str] | None = None,
+    ) -> Written:
+        """Add or replace items (images or vectors), searchable when the call returns (once
+        the bank has an index: a server builds the first one itself, in process call
+        `build_index`).
+
+        `keys` default to the files' paths relative to the folder given (or their names);
+        arrays and bytes need them. `labels` default to the class subfolders of a folder;
+        one string labels every item. `splits`: train, val, test or none.
+        """
+        q = as_query(x)
+        if q.kind == KEYS:
+            raise InvalidInput("upsert takes images or vectors; stored keys are already stored")
+        names = _keys_for(q, keys)
+        if labels is None and any(q.folder_labels):
+            labels = q.folder_labels
+        return self._upsert(
+            q, names, _per_item("labels", labels, len(names)), _per_item("splits", splits, len(names))
+        )
+
+    def set_labels(self, labels: Mapping[str, str | None]) -> Written:
+        """Set (or, with None, clear) the labels of stored items: {key: label}."""
+        if not isinstance(labels, Mapping) or not labels:
+            raise InvalidInput("set_labels takes a non-empty mapping {key: label or None}")
+        for k, v in labels.items():
+            if not isinstance(k, str) or not (v is None or isinstance(v, str)):
+                raise InvalidInput(f"set_labels: {shown(k)} -> {shown(v)} is not key -> label")
+        return self._set_labels(dict(labels))
+
+    def delete(self, keys: str | Keys | Iterable[str], *, ignore_missing: bool = False) -> Written:
+        """Remove stored items; an unknown key is NotFound (nothing deleted) unless `ignore_missing`."""
+        if isinstance(keys, str):
+            names = [keys]
+        elif isinstance(keys, Keys):
+            names = list(keys.values)
+        else:
+            names = list(keys)
+        if not names or not all(isinstance(k, str) and k for k in names):
+            raise InvalidInput("delete takes one or more non-empty keys")
+        return self._delete(names, ignore_missing)
+
+    @abc.abstractmethod
+    def build_index(self, **params: Any) -> Published:
+        """Build and publish a new index generation over every stored item.
+
+        `params` (factory, metric, transform, target_recall, memory_budget, k,
+        allow_below_target) change only what they name; the rest stays as the live index
+        was built. On a server this is RebuildIndex: reads and writes go on meanwhile.
+        """
+
+    @abc.abstractmethod
+    def train_head(self, **params: Any) -> Published:
+        """Train and publish a head on the labelled items (hybrid and stacked modes use it)."""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the bank (its store, or the connection)."""
+
+    def __enter__(self) -> FeatureBank:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ primitives
+
+    @abc.abstractmethod
+    def _embed(self, q: Query) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _search(self, q: Query, k: int, labels: list[str] | None) -> list[Hits]: ...
+
+    @abc.abstractmethod
+    def _classify(self, q: Query, options: dict[str, Any]) -> list[Classification]: ...
+
+    @abc.abstractmethod
+    def _suggest(self, n: int, strategy: str, label: str | None) -> list[Suggestion]: ...
+
+    @abc.abstractmethod
+    def _audit(self, n: int) -> list[Finding]: ...
+
+    @abc.abstractmethod
+    def _upsert(
+        self, q: Query, keys: list[str], labels: list[str | None] | None, splits: list[str] | None
+    ) -> Written: ...
+
+    @abc.abstractmethod
+    def _set_labels(self, labels: dict[str, str | None]) -> Written: ...
+
+    @abc.abstractmethod
+    def _delete(self, keys: list[str], ignore_missing: bool) -> Written: ...
+
+
+def check_options(given: Mapping[str, Any], allowed: Iterable[str], what: str) -> None:
+    """Options passed on by name (to a server's config, a client) that it does not have."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise InvalidInput(f"unknown {what} option(s): {', '.join(unknown)}")
+
+
+def _shaped(q: Query, answer: Any) -> Any:
+    out = answer(q)
+    return Batch(out) if q.batched else out[0]
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise InvalidInput(f"{name} must be a positive integer, got {shown(value)}")
+
+
+def _labels_filter(labels: Sequence[str] | None) -> list[str] | None:
+    if labels is None:
+        return None
+    if isinstance(labels, str):
+        return [labels]
+    out = list(labels)
+    if not out or not all(isinstance(v, str) and v for v in out):
+        raise InvalidInput(f"labels must be one or more non-empty strings, got {shown(labels)}")
+    return out
+
+
+def _keys_for(q: Query, keys: Sequence[str] | None) -> list[str]:
+    if keys is None:
+        if q.kind != "images" or any(n is None for n in q.names):
+            raise InvalidInput(
+                "upsert needs keys=[...]: arrays, vectors and bytes carry no file name to key them by"
+            )
+        return [str(n) for n in q.names]
+    names = [keys] if isinstance(keys, str) else list(keys)
+    if len(names) != len(q):
+        raise InvalidInput(f"upsert got {len(names)} keys for {len(q)} items")
+    return names
+
+
+def _per_item(name: str, values: Any, n: int) -> Any:
+    if values is None:
+        return None
+    if isinstance(values, str):
+        return [values] * n
+    out = list(values)
+    if len(out) != n:
+        raise InvalidInput(f"upsert got {len(out)} {name} for {n} items")
+    return out
