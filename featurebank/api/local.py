@@ -335,8 +335,9 @@ def create(
     else:
         from featurebank.embedder.embedding import Embedder, make_spec
 
-        wanted = make_spec(backbone, weights, layer, image_size, resize, pooling,
-                           dtype or "float16", preprocessing)  # fmt: skip
+        wanted = make_spec(backbone, weights=weights, layer=layer, image_size=image_size,
+                           resize=resize, pooling=pooling, dtype=dtype or "float16",
+                           preprocessing=preprocessing)  # fmt: skip
         embedder = Embedder.from_spec(wanted)
         spec = embedder.spec
     try:

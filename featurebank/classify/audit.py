@@ -2,7 +2,7 @@
 
 Why leave-one-out: an item's own label would otherwise vote for itself and hide
 every mistake, so each labelled item is classified without itself (its
-neighbours' vote excludes it, as in `evaluate_index.knn_accuracy`). The head, when
+neighbours' vote excludes it, as in `knn.knn_accuracy`). The head, when
 one exists, was trained on the item's label, so its probability pulls towards the
 stored label: the hybrid's disagreement is conservative and flags fewer items
 than the neighbours alone would.

@@ -7,7 +7,7 @@ uses and is usually best for normalised embeddings, since close neighbours
 dominate without a hard cut-off.
 
 `Voter` (k, T, weights, metric) is what the classifier, head training and both
-evaluations share; `Neighbours` finds the labelled neighbours that head training
+evaluations share (`knn_accuracy` measures it leave-one-out); `Neighbours` finds the labelled neighbours that head training
 votes with, from the live index or, before one is built, by exact search.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -187,3 +187,22 @@ class Neighbours:
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(l2_normalize(np.asarray(x, dtype=np.float32)))
+
+
+def knn_accuracy(searcher: Searcher, k: int, temperature: float, split: str) -> dict[str, Any]:
+    """Leave-one-out kNN accuracy of each vote weighting on the labelled `split` items."""
+    items = searcher.store.to_numpy(split=split, labelled_only=True)
+    if len(items) == 0:
+        return {"split": split, "items": 0, "accuracy": None}
+    k = min(k, max(searcher.ntotal - 1, 1))
+    result = searcher.search(
+        items.vectors, k, exclude_ids=items.ids.astype(np.int64), voters_only=True
+    )
+    vocab = result.vocabulary
+    truth = np.array([vocab.index(t) if t in vocab else -1 for t in items.labels])
+    accuracy = {}
+    for weights in VOTE_WEIGHTS:
+        probs, _ = Voter(k, temperature, weights, searcher.metric).of(result)
+        voted = probs.max(axis=1) > 0  # a row with no labelled neighbour predicts nothing
+        accuracy[weights] = float((voted & (probs.argmax(axis=1) == truth)).mean())
+    return {"split": split, "items": len(items), "k": k, "accuracy": accuracy}

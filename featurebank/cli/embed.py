@@ -6,6 +6,7 @@ TensorFlow is imported inside the handler only, so other commands start fast.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 
 from featurebank.cli import Commands
 from featurebank.core.errors import InvalidInput
+from featurebank.core.params import EmbedParams
 from featurebank.core.vocabulary import (
     DEVICES,
     LABEL_SOURCES,
@@ -23,19 +25,17 @@ from featurebank.core.vocabulary import (
     STORE_DTYPES,
 )
 
+KEEP = "default: the bank's last embed job's, else {}"
 
-def register(commands: Commands) -> None:
-    p = commands.command(
-        "embed",
-        "embed a folder, manifest or array file of images into a bank (resumable)",
-        _embed,
-    )
-    p.add_argument(
-        "source",
-        help="folder (class subfolders = labels), CSV/TSV manifest path[,label][,split][,key], "
-        ".npy/.npz (N,H,W,C) array, or file.h5:dataset",
-    )
-    p.add_argument("--bank", required=True, help="bank directory (created if missing)")
+
+def embed_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The EmbedParams fields the command line named (None: keep the bank's last job's)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EmbedParams)}
+
+
+def add_embed_params(p: argparse.ArgumentParser) -> None:
+    """The EmbedParams options; each left out keeps what the bank's last embed job used."""
+    d = EmbedParams()
     p.add_argument(
         "--backbone",
         required=True,
@@ -44,23 +44,61 @@ def register(commands: Commands) -> None:
     )
     p.add_argument(
         "--weights",
-        default="imagenet",
-        help="imagenet (from the Keras cache), none (seeded random init), or a weights file",
+        help="imagenet (from the Keras cache), none (seeded random init), or a weights file; "
+        + KEEP.format(d.weights),
     )
     p.add_argument("--layer", help="feature layer of a .keras backbone (default: its output)")
     p.add_argument("--image-size", type=int, help="input size in pixels (default: the family's)")
-    p.add_argument("--resize", choices=RESIZE_MODES, default="crop")
+    p.add_argument("--resize", choices=RESIZE_MODES, help=KEEP.format(d.resize))
     p.add_argument(
         "--pooling",
         choices=POOLINGS,
-        default="avg",
-        help="global pooling (flatten: .keras backbones with spatial outputs only)",
+        help="global pooling (flatten: .keras backbones with spatial outputs only); "
+        + KEEP.format(d.pooling),
     )
     p.add_argument(
         "--preprocess",
+        dest="preprocessing",
         choices=PREPROCESSINGS,
         help="override the input scaling (default: the family's; raw0-255 for .keras models)",
     )
+    p.add_argument("--dtype", choices=STORE_DTYPES, help=KEEP.format(d.dtype))
+    p.add_argument(
+        "--labels",
+        choices=LABEL_SOURCES,
+        help="where labels come from (folders: class subfolders, or a manifest's/array "
+        "file's own labels); " + KEEP.format(d.labels),
+    )
+    p.add_argument(
+        "--max-pixels", type=int, help="larger images fail; " + KEEP.format(f"{d.max_pixels:_}")
+    )
+    p.add_argument(
+        "--follow-links",
+        action=argparse.BooleanOptionalAction,
+        help="walk directory symlinks of a folder source (a link back to a folder already "
+        "walked is still left out); by default they are left out and listed",
+    )
+    p.add_argument(
+        "--thumbnails",
+        action=argparse.BooleanOptionalAction,
+        help="keep a small JPEG of each image in the bank (shown by `featurebank ui`)",
+    )
+
+
+def register(commands: Commands) -> None:
+    p = commands.command(
+        "embed",
+        "embed a folder, manifest or array file of images into a bank (resumable); options "
+        "left out keep what the bank's last embed job used",
+        _embed,
+    )
+    p.add_argument(
+        "source",
+        help="folder (class subfolders = labels), CSV/TSV manifest path[,label][,split][,key], "
+        ".npy/.npz (N,H,W,C) array, or file.h5:dataset",
+    )
+    p.add_argument("--bank", required=True, help="bank directory (created if missing)")
+    add_embed_params(p)
     p.add_argument(
         "--batch-size",
         type=int,
@@ -80,28 +118,8 @@ def register(commands: Commands) -> None:
         help="compute precision (auto: mixed on GPUs, float32 on the CPU); the stored "
         "dtype is --dtype either way",
     )
-    p.add_argument("--dtype", choices=STORE_DTYPES, default="float16")
-    p.add_argument(
-        "--labels",
-        choices=LABEL_SOURCES,
-        default="folders",
-        help="where labels come from (folders: class subfolders, or a manifest's/array "
-        "file's own labels)",
-    )
-    p.add_argument("--max-pixels", type=int, default=100_000_000, help="larger images fail")
-    p.add_argument(
-        "--follow-links",
-        action="store_true",
-        help="walk directory symlinks of a folder source (a link back to a folder already "
-        "walked is still left out); by default they are left out and listed",
-    )
     p.add_argument(
         "--fail-on-error", action="store_true", help="exit 1 if any input could not be embedded"
-    )
-    p.add_argument(
-        "--thumbnails",
-        action="store_true",
-        help="keep a small JPEG of each image in the bank (shown by `featurebank ui`)",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -140,26 +158,14 @@ def _embed(args: argparse.Namespace) -> int:
             )
 
     summary = embed(
-        source=args.source,
-        bank=args.bank,
-        backbone=args.backbone,
-        weights=args.weights,
-        layer=args.layer,
-        image_size=args.image_size,
-        resize=args.resize,
-        pooling=args.pooling,
+        args.source,
+        args.bank,
         batch_size=args.batch_size,
-        dtype=args.dtype,
-        labels=args.labels,
-        fail_on_error=False,
-        progress=not args.no_progress,
-        preprocessing=args.preprocess,
-        max_pixels=args.max_pixels,
-        thumbnails=args.thumbnails,
-        follow_links=args.follow_links,
         device=args.device,
         precision=args.precision,
+        progress=not args.no_progress,
         on_start=started,
+        **embed_overrides(args),
     )
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -171,7 +177,6 @@ def _embed(args: argparse.Namespace) -> int:
 
 def _embed_ray(args: argparse.Namespace) -> int:
     from featurebank.embedder.batch_size import CPU_BATCH
-    from featurebank.embedder.embedding import make_spec
 
     if args.device != "auto" or args.precision != "auto":
         raise InvalidInput(
@@ -181,13 +186,9 @@ def _embed_ray(args: argparse.Namespace) -> int:
     from featurebank.embedder.ray_cluster import parse_workers
     from featurebank.embedder.ray_job import run
 
-    spec = make_spec(args.backbone, args.weights, args.layer, args.image_size, args.resize,
-                     args.pooling, args.dtype, args.preprocess)  # fmt: skip
     summary = run(
-        source=args.source,
-        bank=args.bank,
-        spec=spec,
-        labels=args.labels,
+        args.source,
+        args.bank,
         batch_size=args.batch_size or CPU_BATCH,
         staging=args.staging,
         shard_size=args.shard_size,
@@ -196,9 +197,8 @@ def _embed_ray(args: argparse.Namespace) -> int:
         cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker,
         progress=not args.no_progress,
-        max_pixels=args.max_pixels,
         verbose=args.verbose > 0,
-        thumbnails=args.thumbnails,
+        **embed_overrides(args),
     )
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -1,4 +1,5 @@
-"""`featurebank index build|update|eval`: thin wrappers over index.build and classify.evaluate_index."""
+"""`featurebank index build|update|eval`: thin wrappers over index.build, index.evaluate and
+classify.knn."""
 
 from __future__ import annotations
 
@@ -115,9 +116,13 @@ def _update(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from featurebank.classify.evaluate_index import evaluate
+    from featurebank.classify.knn import DEFAULT_T, knn_accuracy
+    from featurebank.index.evaluate import evaluate
+    from featurebank.index.searcher import Searcher
 
-    r = evaluate(args.bank, k=args.k, queries=args.queries, knn_k=args.knn_k, split=args.split)
+    with Searcher.load(args.bank) as searcher:
+        r = evaluate(searcher, k=args.k, queries=args.queries)
+        r["knn"] = knn_accuracy(searcher, args.knn_k, DEFAULT_T, args.split)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0

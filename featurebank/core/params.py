@@ -1,4 +1,4 @@
-"""The settings of an index build, in one type with the defaults in one place.
+"""The settings of an index build, a head and an embed job: one type each, defaults in one place.
 
 A build persists its `IndexParams` in the generation's manifest; every later
 rebuild (the CLI's `index build` and `rebuild`, the server's RebuildIndex, an
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from featurebank.core.errors import InvalidInput, shown
-from featurebank.core.vocabulary import METRICS
+from featurebank.core.vocabulary import METRICS, POOLINGS, RESIZE_MODES, check_choice
 
 
 def parse_memory(text: str | int) -> int:
@@ -165,3 +165,64 @@ class HeadParams:
         saved = manifest.get("head_params")
         source = saved if isinstance(saved, Mapping) else manifest
         return cls().override(**{f.name: source.get(f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class EmbedParams:
+    """What an embed job makes of its source: the extractor (what the bank's spec records)
+    and how the source is read.
+
+    A job persists its `EmbedParams` in the bank's job record (`BANK/jobs/embed.json`); the
+    next job into that bank (`featurebank embed`, `pipeline.embed`, the Ray job) starts from
+    them and changes only the fields the caller names, so a resumed or extended bank keeps
+    the options it was made with. `backbone` has no default: a new bank must name one.
+    None for `layer`, `image_size` and `preprocessing` means the backbone's own.
+    """
+
+    backbone: str | None = None
+    weights: str = "imagenet"
+    layer: str | None = None
+    image_size: tuple[int, int] | None = None
+    resize: str = "crop"
+    pooling: str = "avg"
+    preprocessing: str | None = None
+    dtype: str = "float16"
+    labels: str = "folders"
+    max_pixels: int = 100_000_000  # larger images fail, before they are decoded
+    follow_links: bool = False
+    thumbnails: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice(self.resize, RESIZE_MODES, "resize")
+        check_choice(self.pooling, POOLINGS, "pooling")
+        size = self.image_size
+        if size is not None:
+            pair = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+            if min(pair) < 1:
+                raise InvalidInput(f"image size must be positive, got {size}")
+            object.__setattr__(self, "image_size", pair)
+        for name in ("follow_links", "thumbnails"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInput(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    def override(self, **changes: Any) -> EmbedParams:
+        """A copy with the named fields changed; None (or "") means "keep"."""
+        named = {k: v for k, v in changes.items() if v is not None and v != ""}
+        unknown = set(named) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise InvalidInput(f"unknown embed option(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **named)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any] | None) -> EmbedParams:
+        """The params the bank's last embed job used (a record without them: the defaults)."""
+        saved = (record or {}).get(EMBED_RECORD_KEY)
+        if not isinstance(saved, Mapping):
+            return cls()
+        return cls().override(**{f.name: saved.get(f.name) for f in dataclasses.fields(cls)})
+
+
+EMBED_RECORD_KEY = "embed_params"  # where a job record keeps its EmbedParams

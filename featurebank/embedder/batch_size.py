@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from featurebank.core.bank import Bank
 from featurebank.core.errors import DeviceUnavailable, InvalidInput
+
+if TYPE_CHECKING:
+    from featurebank.embedder.embedding import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ def largest_batch(try_batch: Callable[[int], Any], start: int) -> tuple[int, lis
             n //= 2
 
 
-def choose(bank: Bank, embedder: Any, requested: int | None) -> tuple[int, str]:
+def choose(bank: Bank, embedder: Embedder, requested: int | None) -> tuple[int, str]:
     """The batch size for a job and where it came from (given, default, searched, remembered).
 
     The caller holds the bank's writer lock (a search updates the job record).
@@ -61,7 +64,7 @@ def choose(bank: Bank, embedder: Any, requested: int | None) -> tuple[int, str]:
     return size, "given" if source == "remembered" and size == requested else source
 
 
-def fitted(bank: Bank, embedder: Any, want: int) -> tuple[int, str]:
+def fitted(bank: Bank, embedder: Embedder, want: int) -> tuple[int, str]:
     """`want`, or the largest batch below it that fits in the devices' memory.
 
     Answered from the bank's job record when it settles the question (what fitted before,

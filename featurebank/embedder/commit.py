@@ -9,6 +9,7 @@ missing key in it and adds nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -22,14 +23,17 @@ from featurebank.core.bank import write_atomic
 from featurebank.core.errors import InvalidInput, NotFound
 from featurebank.core.spec import Spec
 from featurebank.embedder import shards
+from featurebank.store import Store
 
 log = logging.getLogger(__name__)
 
 
-def commit_shards(bank: str | Path, staging: str | Path, progress: bool = False) -> dict[str, Any]:
-    """Move every finished, uncommitted shard into the store, in shard order; a summary back."""
-    t0 = time.perf_counter()
-    staging = Path(staging)
+def staged_spec(staging: str | Path) -> Spec:
+    """The spec of the finished shards in `staging` (refused when they mix two)."""
+    return _finished(Path(staging))[1]
+
+
+def _finished(staging: Path) -> tuple[list[dict[str, Any]], Spec]:
     markers = shards.done_markers(staging)
     if not markers:
         raise NotFound(f"no finished shards in {staging} (run `featurebank embed --engine ray`)")
@@ -41,11 +45,31 @@ def commit_shards(bank: str | Path, staging: str | Path, progress: bool = False)
                 f"staging folder {staging} mixes shards of two specs: shard {m['shard']} is "
                 f"[{other.describe()}], shard {markers[0]['shard']} is [{spec.describe()}]"
             )
-    summary: dict[str, Any] = {"staging": str(staging), "bank": str(bank), "shards": len(markers),
+    return markers, spec
+
+
+def commit_shards(
+    bank: str | Path | Store, staging: str | Path, progress: bool = False
+) -> dict[str, Any]:
+    """Move every finished, uncommitted shard into the store, in shard order; a summary back.
+
+    `bank`: a path (its store is opened, or created for the shards' spec) or the caller's
+    open store (the Ray job's, which stays open).
+    """
+    t0 = time.perf_counter()
+    staging = Path(staging)
+    markers, spec = _finished(staging)
+    root = bank.bank.root if isinstance(bank, Store) else bank
+    summary: dict[str, Any] = {"staging": str(staging), "bank": str(root), "shards": len(markers),
                "committed_shards": 0, "already_committed": 0, "added": 0,
                "already_stored": 0, "failed": 0}  # fmt: skip
     bar = _bar(len(markers), progress)
-    with store_mod.open_or_create(bank, spec) as st:
+    with contextlib.ExitStack() as stack:
+        if isinstance(bank, Store):
+            st = bank
+            st.spec.check_same(spec)
+        else:
+            st = stack.enter_context(store_mod.open_or_create(bank, spec))
         st.acquire_writer()
         for m in markers:
             if shards.is_committed(staging, m["shard"]):
@@ -71,7 +95,7 @@ def commit_shards(bank: str | Path, staging: str | Path, progress: bool = False)
     return summary
 
 
-def _commit_one(st: Any, staging: Path, marker: dict[str, Any]) -> tuple[int, int, int]:
+def _commit_one(st: Store, staging: Path, marker: dict[str, Any]) -> tuple[int, int, int]:
     """Add one shard's missing keys in one transaction; (added, already stored, failed)."""
     table = shards.read_shard(staging, marker)
     keys = table.column("key").to_pylist()

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.core.params import EmbedParams
 from featurebank.core.spec import Spec
-from featurebank.core.vocabulary import POOLINGS, RESIZE_MODES, check_choice
 from featurebank.embedder import backbones, devices, images
 from featurebank.embedder.devices import Placement
 
@@ -49,20 +49,12 @@ def _decode_pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-def make_spec(
-    backbone: str,
-    weights: str = "imagenet",
-    layer: str | None = None,
-    image_size: int | tuple[int, int] | None = None,
-    resize: str = "crop",
-    pooling: str = "avg",
-    dtype: str = "float16",
-    preprocessing: str | None = None,
-) -> Spec:
-    """The spec a job with these options produces (dim filled in once the model is built)."""
-    check_choice(resize, RESIZE_MODES, "resize")
-    check_choice(pooling, POOLINGS, "pooling")
-    size = _size_tuple(image_size)
+def spec_for(params: EmbedParams) -> Spec:
+    """The spec a job with these params produces (dim filled in once the model is built)."""
+    backbone, weights, layer, size = params.backbone, params.weights, params.layer, params.image_size
+    preprocessing = params.preprocessing
+    if backbone is None:
+        raise InvalidInput("name a backbone (--backbone): a keras.applications family or a .keras file")
     if backbones.is_model_file(backbone):
         path = Path(backbone).expanduser()
         if not path.is_file():
@@ -75,10 +67,10 @@ def make_spec(
             backbone=str(path.resolve()),
             weights=f"sha256:{backbones.sha256_file(path)}",
             input_size=size,
-            resize=resize,
+            resize=params.resize,
             preprocessing=preprocessing or "raw0-255",
-            pooling=pooling,
-            dtype=dtype,
+            pooling=params.pooling,
+            dtype=params.dtype,
             weights_path=str(path.resolve()),
             layer=layer,
         )
@@ -90,24 +82,17 @@ def make_spec(
         backbone=fam.name,
         weights=identity,
         input_size=size or (fam.default_size, fam.default_size),
-        resize=resize,
+        resize=params.resize,
         preprocessing=preprocessing or fam.preprocessing,
-        pooling=pooling,
-        dtype=dtype,
+        pooling=params.pooling,
+        dtype=params.dtype,
         weights_path=path_s,
     )
 
 
-def _size_tuple(image_size: int | tuple[int, int] | Sequence[int] | None) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    if isinstance(image_size, int):
-        size = (image_size, image_size)
-    else:
-        size = (int(image_size[0]), int(image_size[1]))
-    if min(size) < 1:
-        raise InvalidInput(f"image size must be positive, got {image_size}")
-    return size
+def make_spec(backbone: str, **options: Any) -> Spec:
+    """`spec_for` with the options by name (EmbedParams fields), the others at their defaults."""
+    return spec_for(EmbedParams(backbone=backbone).override(**options))
 
 
 class Embedder:
@@ -159,23 +144,11 @@ class Embedder:
 
     @classmethod
     def create(
-        cls,
-        backbone: str,
-        weights: str = "imagenet",
-        layer: str | None = None,
-        image_size: int | tuple[int, int] | None = None,
-        resize: str = "crop",
-        pooling: str = "avg",
-        dtype: str = "float16",
-        preprocessing: str | None = None,
-        freeze: bool = True,
-        placement: Placement | None = None,
+        cls, backbone: str, freeze: bool = True, placement: Placement | None = None, **options: Any
     ) -> Embedder:
-        """Build from command-line style options; the spec's dim comes from the model."""
-        spec = make_spec(
-            backbone, weights, layer, image_size, resize, pooling, dtype, preprocessing
-        )
-        return cls.from_spec(spec, freeze, placement)
+        """Build from command-line style options (EmbedParams fields by name); the spec's dim
+        comes from the model."""
+        return cls.from_spec(make_spec(backbone, **options), freeze, placement)
 
     # ------------------------------------------------------------ running
 

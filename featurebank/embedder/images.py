@@ -23,10 +23,11 @@ from PIL import (
 )
 
 from featurebank.core.errors import InvalidInput
+from featurebank.core.params import EmbedParams
 from featurebank.core.vocabulary import RESIZE_MODES, check_choice
 
 SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "BMP"}
-DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_PIXELS = EmbedParams.max_pixels  # the default lives with the other embed options
 
 # Orientations (EXIF tag 274) that swap width and height.
 _TRANSPOSED = {5, 6, 7, 8}

@@ -1,8 +1,9 @@
-"""What a job says about where it ran: its device report and the bank's job record.
+"""What a job says about where it ran, and the bank's job record of how it ran.
 
 The report (devices, precision, batch size and where that size came from) is printed
 when the job starts, merged into its summary, and kept in `BANK/jobs/embed.json` beside
-the batch sizes found to fit; the work per device shows that every device took part.
+the batch sizes found to fit and the job's `EmbedParams` (the next job starts from them);
+the work per device shows that every device took part.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import time
 from typing import Any
 
 from featurebank.core.bank import Bank
+from featurebank.core.errors import InvalidInput
+from featurebank.core.params import EMBED_RECORD_KEY, EmbedParams
 from featurebank.embedder.batch_size import JOB
 from featurebank.embedder.embedding import Embedder
 
@@ -27,10 +30,24 @@ def report(embedder: Embedder, size: int, size_from: str) -> dict[str, Any]:
     }
 
 
-def remember(bank: Bank, started: dict[str, Any]) -> None:
-    """Keep the report of the job starting now in the bank's job record (as `last_run`)."""
+def recorded(bank: Bank) -> EmbedParams:
+    """The EmbedParams the bank's last embed job used (the defaults before any job ran)."""
+    try:
+        return EmbedParams.from_record(bank.read_job_record(JOB))
+    except (InvalidInput, TypeError) as e:
+        raise InvalidInput(
+            f"{bank.jobs_dir / (JOB + '.json')}: damaged {EMBED_RECORD_KEY}: {e} "
+            "(remove the file to start from the defaults)"
+        ) from e
+
+
+def remember(bank: Bank, params: EmbedParams, started: dict[str, Any] | None = None) -> None:
+    """Keep the params of the job writing now, and its report (as `last_run`), in the bank's
+    job record; the caller holds the bank's writer lock."""
     record = bank.read_job_record(JOB)
-    record["last_run"] = dict(started, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    record[EMBED_RECORD_KEY] = params.to_dict()
+    if started is not None:
+        record["last_run"] = dict(started, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     bank.write_job_record(JOB, record)
 
 

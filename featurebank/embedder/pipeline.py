@@ -1,7 +1,8 @@
 """The batch embedding job: reader -> mapper -> model -> writer, overlapped.
 
 Stages (each a small builder, testable alone, as in clip-retrieval):
-- `plan`: list the source, open the bank, drop keys already stored (resume);
+- `opened` + `plan`: open the bank's store once for the job (every stage uses that handle),
+  list the source, drop keys already stored (resume);
 - the mapper: `stages.Loader` (shared with the Ray runner, see `stages`); `build_dataset`
   runs it with tf.data over the remaining records: read + decode + resize in a
   parallel map (Pillow releases the GIL), bad inputs filtered out with their reason
@@ -19,13 +20,14 @@ the Timings and progress they report; the decoding stages live in `stages`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +36,13 @@ import numpy as np
 from featurebank import store as store_mod
 from featurebank.core.bank import Bank
 from featurebank.core.errors import FeaturebankError, InvalidInput, NotFound
+from featurebank.core.params import EmbedParams
 from featurebank.core.spec import Spec
-from featurebank.embedder import backbones, devices, images, job_report, sources
+from featurebank.embedder import backbones, devices, job_report, sources
 from featurebank.embedder import batch_size as batch_size_mod
-from featurebank.embedder.embedding import Embedder, make_spec
+from featurebank.embedder.embedding import Embedder, spec_for
 from featurebank.embedder.stages import NONFINITE_REASON, Loader, Timings, finite_rows
+from featurebank.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +75,33 @@ def with_known_dim(spec: Spec) -> Spec:
     return dataclasses.replace(spec, dim=backbones.family(spec.backbone).dim)
 
 
-def plan(source: sources.Source, bank: str, spec: Spec) -> Plan:
-    """Check the bank's spec before any model is built, and find what is left to embed."""
-    try:
-        st = store_mod.open(bank, readonly=True)
-    except NotFound:
+def plan(source: sources.Source, store: Store | None, spec: Spec) -> Plan:
+    """Check the bank's spec before any model is built, and find what is left to embed.
+
+    `store`: the bank's open store, None when the bank has none yet (everything is left).
+    """
+    if store is None:
         return Plan(source, list(source.records), 0)
-    with st:
-        if spec.dim:  # known without building the model: refuse a mismatch right away
-            st.spec.check_same(spec)
-        missing = set(st.missing([r.key for r in source.records]))
+    if spec.dim:  # known without building the model: refuse a mismatch right away
+        store.spec.check_same(spec)
+    missing = set(store.missing([r.key for r in source.records]))
     todo = [r for r in source.records if r.key in missing]
     return Plan(source, todo, len(source.records) - len(todo))
+
+
+@contextlib.contextmanager
+def opened(bank: str | os.PathLike[str]) -> Iterator[tuple[Bank, Store | None]]:
+    """The bank and its store, opened once for the whole job (None: the bank has no store
+    yet). The job's stages all use this one handle, so the store is never opened twice."""
+    try:
+        store: Store | None = store_mod.open(bank)
+    except NotFound:
+        store = None
+    try:
+        yield (store.bank if store is not None else Bank(bank)), store
+    finally:
+        if store is not None:
+            store.close()
 
 
 # ------------------------------------------------------------------ mapper
@@ -136,7 +155,7 @@ class Writer:
 
     def __init__(
         self,
-        store: Any,
+        store: Store,
         loader: Loader,
         timings: Timings,
         bar: Any,
@@ -246,24 +265,23 @@ class Writer:
 # ------------------------------------------------------------------ the job
 
 
-def run(
+def embed(
     source: str,
     bank: str,
-    spec: Spec,
-    labels: str = "folders",
+    backbone: str | None = None,
+    *,
     batch_size: int | None = None,
-    fail_on_error: bool = False,
-    progress: bool = True,
-    max_pixels: int = images.DEFAULT_MAX_PIXELS,
-    thumbnails: bool = False,
-    follow_links: bool = False,
     device: str = "auto",
     precision: str = "auto",
+    fail_on_error: bool = False,
+    progress: bool = True,
     on_start: Callable[[dict[str, Any]], None] | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Embed the records of `source` missing from `bank`; returns the summary.
+    """Embed the records of `source` missing from `bank` (created if needed); the summary back.
 
-    `thumbnails`: also keep a small JPEG of each item in the store (for `featurebank ui`).
+    `backbone` and `options` are `EmbedParams` fields (the options of `featurebank embed`);
+    each one left out keeps what the bank's last embed job used, else its default.
     batch_size None: 64 on the CPU, the largest that fits on GPUs (see `batch_size`).
     on_start gets the device report (devices, precision, batch size) before the first batch.
     """
@@ -271,10 +289,13 @@ def run(
         raise InvalidInput(f"batch size must be at least 1, got {batch_size}")
     placement = devices.resolve(device, precision)  # an absent GPU fails before any work
     t0 = time.perf_counter()
-    src = sources.open_source(source, labels, follow_links)
-    try:
-        spec = with_known_dim(spec)
-        p = plan(src, bank, spec)
+    with opened(bank) as (b, st), contextlib.ExitStack() as stack:
+        params = job_report.recorded(b).override(backbone=backbone, **options)
+        spec = with_known_dim(spec_for(params))
+        src = stack.enter_context(
+            contextlib.closing(sources.open_source(source, params.labels, params.follow_links))
+        )
+        p = plan(src, st, spec)
         summary: dict[str, Any] = {
             "source": src.description,
             "bank": str(bank),
@@ -285,53 +306,52 @@ def run(
             "skipped_folders": src.skipped,
         }
         if not p.todo:
-            with store_mod.open(bank, readonly=True) as st:
-                summary.update(spec=st.spec.describe(), embedded=0, failed=0, errors=[])
+            if st is None:
+                raise NotFound(f"no store in bank {b.root}: {src.description} has nothing to embed")
+            summary.update(spec=st.spec.describe(), embedded=0, failed=0, errors=[])
             return _finish(summary, t0, time.perf_counter(), Timings(), 0, fail_on_error)
         embedder = Embedder.cached(spec, placement)
-        with store_mod.open_or_create(bank, embedder.spec) as st:
+        if st is None:  # the bank's first job: its store is made for the model's spec
+            st = stack.enter_context(store_mod.create(b, embedder.spec, exist_ok=True))
+        else:
+            st.spec.check_same(embedder.spec)
             st.acquire_writer()
-            summary["spec"] = st.spec.describe()
-            size, size_from = batch_size_mod.choose(Bank(bank), embedder, batch_size)
-            report = job_report.report(embedder, size, size_from)
-            summary.update(report)
-            job_report.remember(Bank(bank), report)
-            log.info("embedding on %s", report["device"])
-            if on_start is not None:
-                on_start(report)
-            before = embedder.work_by_device()
-            timings = Timings()
-            t_start = time.perf_counter()
-            writer = _embed_all(
-                src, p.todo, embedder, st, size, max_pixels, timings, progress, thumbnails
-            )
-            summary.update(
-                embedded=writer.embedded,
-                failed=len(writer.failed),
-                errors=[{"key": k, "reason": r} for k, r in writer.failed[:50]],
-                work_by_device=job_report.work_since(before, embedder.work_by_device()),
-            )
-            return _finish(summary, t0, t_start, timings, writer.embedded, fail_on_error)
-    finally:
-        src.close()
+        summary["spec"] = st.spec.describe()
+        size, size_from = batch_size_mod.choose(b, embedder, batch_size)
+        report = job_report.report(embedder, size, size_from)
+        summary.update(report)
+        job_report.remember(b, params, report)
+        log.info("embedding on %s", report["device"])
+        if on_start is not None:
+            on_start(report)
+        before = embedder.work_by_device()
+        timings = Timings()
+        t_start = time.perf_counter()
+        writer = _embed_all(p, embedder, st, params, size, timings, progress)
+        summary.update(
+            embedded=writer.embedded,
+            failed=len(writer.failed),
+            errors=[{"key": k, "reason": r} for k, r in writer.failed[:50]],
+            work_by_device=job_report.work_since(before, embedder.work_by_device()),
+        )
+        return _finish(summary, t0, t_start, timings, writer.embedded, fail_on_error)
 
 
 def _embed_all(
-    src: sources.Source,
-    todo: list[sources.Record],
-    embedder: Any,
-    st: Any,
+    p: Plan,
+    embedder: Embedder,
+    st: Store,
+    params: EmbedParams,
     batch_size: int,
-    max_pixels: int,
     timings: Timings,
     progress: bool,
-    thumbnails: bool = False,
 ) -> Writer:
+    """Reader (the plan) -> mapper (Loader in tf.data) -> model -> writer (into `st`)."""
     from tqdm import tqdm
 
-    loader = Loader(
-        src, todo, embedder.input_size, embedder.spec.resize, max_pixels, timings, thumbnails
-    )
+    todo = p.todo
+    loader = Loader(p.source, todo, embedder.input_size, embedder.spec.resize,
+                    params.max_pixels, timings, params.thumbnails)  # fmt: skip
     # The dataset and its iterator live only in `pipe`, so that `_release` drops them.
     pipe: dict[str, Any] = {"ds": build_dataset(loader, batch_size)}
     bar = tqdm(
@@ -404,47 +424,4 @@ def _finish(
     return summary
 
 
-__all__ = ["Batch", "EmbedFailed", "FeaturebankError", "Loader", "Timings", "Writer", "run"]
-
-
-def embed(
-    source: str,
-    bank: str,
-    backbone: str,
-    weights: str = "imagenet",
-    layer: str | None = None,
-    image_size: int | None = None,
-    resize: str = "crop",
-    pooling: str = "avg",
-    batch_size: int | None = None,
-    dtype: str = "float16",
-    labels: str = "folders",
-    fail_on_error: bool = False,
-    progress: bool = True,
-    preprocessing: str | None = None,
-    max_pixels: int = images.DEFAULT_MAX_PIXELS,
-    thumbnails: bool = False,
-    follow_links: bool = False,
-    device: str = "auto",
-    precision: str = "auto",
-    on_start: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Embed every image of `source` into `bank` (created if needed); returns the summary.
-
-    Same options as `featurebank embed`. Rerunning skips what is stored already.
-    """
-    return run(
-        source=source,
-        bank=bank,
-        spec=make_spec(backbone, weights, layer, image_size, resize, pooling, dtype, preprocessing),
-        labels=labels,
-        batch_size=batch_size,
-        fail_on_error=fail_on_error,
-        progress=progress,
-        max_pixels=max_pixels,
-        thumbnails=thumbnails,
-        follow_links=follow_links,
-        device=device,
-        precision=precision,
-        on_start=on_start,
-    )
+__all__ = ["Batch", "EmbedFailed", "FeaturebankError", "Loader", "Timings", "Writer", "embed"]

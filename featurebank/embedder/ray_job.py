@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from featurebank import store as store_mod
-from featurebank.core.errors import InvalidInput, NotFound
+from featurebank.core.errors import InvalidInput
+from featurebank.core.params import EmbedParams
 from featurebank.core.spec import Spec
-from featurebank.embedder import images, ray_cluster, shards, sources
-from featurebank.embedder.commit import commit_shards
-from featurebank.embedder.pipeline import EmbedFailed, plan, with_known_dim
+from featurebank.embedder import job_report, pipeline, ray_cluster, shards, sources
+from featurebank.embedder.commit import commit_shards, staged_spec
+from featurebank.embedder.embedding import spec_for
+from featurebank.embedder.pipeline import EmbedFailed, with_known_dim
 from featurebank.embedder.stages import Model, load_model
 
 log = logging.getLogger(__name__)
@@ -45,28 +47,27 @@ class ShardEmbedder:
     def __init__(
         self,
         source: str,
-        labels: str,
         kind: str,
+        params: EmbedParams,
         spec: dict[str, Any],
         model: Callable[[Spec], Model],
         staging: str,
         batch_size: int,
-        max_pixels: int,
         verbose: bool,
-        thumbnails: bool,
     ) -> None:
         if not verbose:
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # not all of a GPU's memory
         # File records carry their own paths; only array sources are opened (memory-mapped).
         self.source = (
-            sources.open_source(source, labels) if kind == "arrays" else sources.Source(source, [])
+            sources.open_source(source, params.labels)
+            if kind == "arrays"
+            else sources.Source(source, [])
         )
         self.model = model(Spec.from_dict(spec))
         self.staging = Path(staging)
         self.batch_size = batch_size
-        self.max_pixels = max_pixels
-        self.thumbnails = thumbnails
+        self.params = params
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         columns = ("shard", "rows", "failed", "errors", "reading", "inferring", "writing",
@@ -81,8 +82,8 @@ class ShardEmbedder:
                 records = shards.records_from_rows(str(text))
                 shard = shards.Shard(sid, tuple(records))
                 rows = shards.embed_shard(
-                    self.source, records, self.model, self.batch_size, self.max_pixels,
-                    thumbnails=self.thumbnails,
+                    self.source, records, self.model, self.batch_size, self.params.max_pixels,
+                    thumbnails=self.params.thumbnails,
                 )  # fmt: skip
                 t = time.perf_counter()
                 marker = shards.write_shard(self.staging, shard, rows, self.model.spec)
@@ -115,8 +116,8 @@ class ShardEmbedder:
 def run(
     source: str,
     bank: str,
-    spec: Spec,
-    labels: str = "folders",
+    spec: Spec | None = None,
+    *,
     batch_size: int = 64,
     staging: str | None = None,
     shard_size: int = shards.DEFAULT_SHARD_SIZE,
@@ -126,80 +127,90 @@ def run(
     gpus_per_worker: float = 0.0,
     fail_on_error: bool = False,
     progress: bool = True,
-    max_pixels: int = images.DEFAULT_MAX_PIXELS,
     verbose: bool = False,
     model: Callable[[Spec], Model] = load_model,
     commit: bool = True,
-    thumbnails: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
     """Embed what `bank` is missing of `source` on Ray, commit it; returns the summary.
 
-    `model` builds the model stage inside each actor (it must be picklable); `commit=False`
-    leaves the finished shards in staging for `featurebank store commit`; `thumbnails`
-    keeps a small JPEG of each item, as the local job does.
+    `options` are `EmbedParams` fields, each left out kept from the bank's last embed job
+    (as the local job does). `spec` and `model` stand in for the extractor the options
+    describe (a model built inside each actor; it must be picklable); then the options'
+    extractor is neither built nor recorded. `commit=False` leaves the finished shards in
+    staging for `featurebank store commit`.
     """
     if batch_size < 1:
         raise InvalidInput(f"batch size must be at least 1, got {batch_size}")
     t0 = time.perf_counter()
-    src = sources.open_source(source, labels)
-    try:
-        spec = with_known_dim(spec)
-        p = plan(src, bank, spec)
-        kind = src.kind
-    finally:
-        src.close()
-    stage = Path(staging) if staging else Path(bank) / "staging"
-    missing = {r.key for r in p.todo}
-    all_shards = shards.plan_shards(src.records, spec, shard_size, thumbnails)
-    todo = [s for s in all_shards if any(r.key in missing for r in s.records)]
-    finished = {s.id for s in todo if shards.read_marker(stage, s.id) is not None}
-    done_before = [s for s in todo if s.id in finished]
-    to_run = [s for s in todo if s.id not in finished]
-    summary: dict[str, Any] = {
-        "engine": "ray",
-        "source": src.description,
-        "bank": str(bank),
-        "staging": str(stage),
-        "total": len(src.records),
-        "skipped": p.skipped,
-        "ignored": src.ignored,
-        "shards": {"total": len(all_shards), "stored": len(all_shards) - len(todo),
-                   "done_before": len(done_before), "run": len(to_run)},
-    }  # fmt: skip
-    t_start = time.perf_counter()
-    results = _Results()
-    summary["device"] = "Ray not started: no shard left to embed"
-    if to_run:
-        with ray_cluster.session(address, verbose) as ray:
-            cpus, gpus = ray_cluster.resources(ray)
-            summary["device"] = f"Ray cluster ({address or 'local'}): {cpus:g} CPUs, {gpus:g} GPUs"
-            results = _run_shards(ray, to_run, missing, source, labels, kind, spec, model, stage,
-                                  batch_size, max_pixels, workers, cpus_per_worker,
-                                  gpus_per_worker, progress, verbose, thumbnails)  # fmt: skip
-    run_s = time.perf_counter() - t_start
-    done = summary["shards"]["done_before"] + len(results.shards)
-    summary["shards"].update(done=done, found_done_on_retry=results.already_done)
-    if commit and done:
-        summary["commit"] = commit_shards(bank, stage, progress=False)
-    embedded = summary.get("commit", {}).get("added", 0)
-    summary.update(
-        embedded=embedded,
-        failed=results.failed,
-        errors=results.errors[:50],
-        images_per_s=round(results.rows / run_s, 2) if results.rows and run_s > 0 else 0.0,
-        seconds_total=round(time.perf_counter() - t0, 3),
-        seconds_embedding=round(run_s, 3),
-        # the pool's own rate, start-up of the cluster and the actors excluded
-        pool_images_per_s=round(results.rows / results.working_seconds, 2)
-        if results.rows and results.working_seconds > 0
-        else 0.0,
-        seconds_working=round(results.working_seconds, 3),
-        seconds_reading=round(results.reading, 3),
-        seconds_inferring=round(results.inferring, 3),
-        seconds_writing=round(results.writing, 3),
-    )
-    with contextlib.suppress(NotFound), store_mod.open(bank, readonly=True) as st:
-        summary["spec"] = st.spec.describe()
+    with pipeline.opened(bank) as (b, st), contextlib.ExitStack() as stack:
+        params = job_report.recorded(b).override(**options)
+        chosen = spec is None
+        spec = with_known_dim(spec_for(params) if spec is None else spec)
+        src = sources.open_source(source, params.labels, params.follow_links)
+        try:
+            p = pipeline.plan(src, st, spec)
+            kind = src.kind
+        finally:
+            src.close()
+        stage = Path(staging) if staging else b.root / "staging"
+        missing = {r.key for r in p.todo}
+        all_shards = shards.plan_shards(src.records, spec, shard_size, params.thumbnails)
+        todo = [s for s in all_shards if any(r.key in missing for r in s.records)]
+        finished = {s.id for s in todo if shards.read_marker(stage, s.id) is not None}
+        done_before = [s for s in todo if s.id in finished]
+        to_run = [s for s in todo if s.id not in finished]
+        summary: dict[str, Any] = {
+            "engine": "ray",
+            "source": src.description,
+            "bank": str(bank),
+            "staging": str(stage),
+            "total": len(src.records),
+            "skipped": p.skipped,
+            "ignored": src.ignored,
+            "shards": {"total": len(all_shards), "stored": len(all_shards) - len(todo),
+                       "done_before": len(done_before), "run": len(to_run)},
+        }  # fmt: skip
+        t_start = time.perf_counter()
+        results = _Results()
+        summary["device"] = "Ray not started: no shard left to embed"
+        if to_run:
+            with ray_cluster.session(address, verbose) as ray:
+                cpus, gpus = ray_cluster.resources(ray)
+                summary["device"] = (
+                    f"Ray cluster ({address or 'local'}): {cpus:g} CPUs, {gpus:g} GPUs"
+                )
+                results = _run_shards(ray, to_run, missing, source, kind, params, spec, model,
+                                      stage, batch_size, workers, cpus_per_worker,
+                                      gpus_per_worker, progress, verbose)  # fmt: skip
+        run_s = time.perf_counter() - t_start
+        done = summary["shards"]["done_before"] + len(results.shards)
+        summary["shards"].update(done=done, found_done_on_retry=results.already_done)
+        if commit and done:
+            if st is None:  # the bank's first commit: its store is made for the shards' spec
+                st = stack.enter_context(store_mod.create(b, staged_spec(stage), exist_ok=True))
+            summary["commit"] = commit_shards(st, stage, progress=False)
+            if chosen:
+                job_report.remember(b, params)
+        embedded = summary.get("commit", {}).get("added", 0)
+        summary.update(
+            embedded=embedded,
+            failed=results.failed,
+            errors=results.errors[:50],
+            images_per_s=round(results.rows / run_s, 2) if results.rows and run_s > 0 else 0.0,
+            seconds_total=round(time.perf_counter() - t0, 3),
+            seconds_embedding=round(run_s, 3),
+            # the pool's own rate, start-up of the cluster and the actors excluded
+            pool_images_per_s=round(results.rows / results.working_seconds, 2)
+            if results.rows and results.working_seconds > 0
+            else 0.0,
+            seconds_working=round(results.working_seconds, 3),
+            seconds_reading=round(results.reading, 3),
+            seconds_inferring=round(results.inferring, 3),
+            seconds_writing=round(results.writing, 3),
+        )
+        if st is not None:
+            summary["spec"] = st.spec.describe()
     log.info("embed summary: %s", summary)
     if fail_on_error and summary["failed"]:
         raise EmbedFailed(
@@ -244,19 +255,17 @@ def _run_shards(
     to_run: list[shards.Shard],
     missing: set[str],
     source: str,
-    labels: str,
     kind: str,
+    params: EmbedParams,
     spec: Spec,
     model: Callable[[Spec], Model],
     stage: Path,
     batch_size: int,
-    max_pixels: int,
     workers: tuple[int, int],
     cpus_per_worker: float,
     gpus_per_worker: float,
     progress: bool,
     verbose: bool,
-    thumbnails: bool,
 ) -> _Results:
     import ray.data
 
@@ -274,9 +283,9 @@ def _run_shards(
         num_cpus=cpus_per_worker,
         num_gpus=gpus_per_worker or None,
         fn_constructor_kwargs={
-            "source": str(source), "labels": labels, "kind": kind, "spec": spec.to_dict(),
+            "source": str(source), "kind": kind, "params": params, "spec": spec.to_dict(),
             "model": model, "staging": str(stage), "batch_size": batch_size,
-            "max_pixels": max_pixels, "verbose": verbose, "thumbnails": thumbnails,
+            "verbose": verbose,
         },
     )  # fmt: skip
     # Ray Data's actor pools restart a dead actor and retry its call without limit by

@@ -37,9 +37,10 @@ from featurebank.core.memory import release_free_memory
 from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import metric as metric_named
 from featurebank.index import selection, transforms
-from featurebank.index.tuning import Tuned, exact_search, timed_search, tune, unwrap
+from featurebank.index.families import family_of
+from featurebank.index.tuning import Tuned, exact_search, timed_search, tune
 from featurebank.index.views import INDEX_FILE, MANIFEST_FILE, read_manifest
-from featurebank.store import BankLike, borrowed
+from featurebank.store import BankLike, Store, borrowed
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,6 @@ def make_index(factory: str, dim: int, metric: str) -> faiss.Index:
     return index
 
 
-def is_graph(index: faiss.Index) -> bool:
-    """Whether the searching index is an HNSW graph (behind any wrappers)."""
-    return isinstance(unwrap(index), faiss.IndexHNSW)
-
-
 def add_batches(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, progress: bool) -> None:
     """Add vectors: graphs in one call, other indexes in chunks (progress, small peak memory).
 
@@ -95,7 +91,7 @@ def add_batches(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, progre
     badly linked; recall then plateaus far below target at any efSearch
     (tests/test_index_recall.py measures both ways).
     """
-    step = max(len(ids), 1) if is_graph(index) else ADD_BATCH
+    step = max(len(ids), 1) if family_of(index).graph else ADD_BATCH
     bar = None
     if progress:
         from tqdm import tqdm
@@ -272,7 +268,7 @@ class Prepared:
     store_generation: int
 
 
-def prepare(bank: Bank, store: Any, params: IndexParams, sharded: bool = False) -> Prepared:
+def prepare(bank: Bank, store: Store, params: IndexParams, sharded: bool = False) -> Prepared:
     """Read the store, fit and apply the transform, choose the factory (`sharded`: only
     indexes that can be built in shards and merged, see selection.choose_factory)."""
     factory, metric, transform, k = params.factory, params.metric, params.transform, params.k
@@ -304,7 +300,7 @@ def prepare(bank: Bank, store: Any, params: IndexParams, sharded: bool = False) 
 
 def publish_build(
     bank: Bank,
-    store: Any,
+    store: Store,
     params: IndexParams,
     prepared: Prepared,
     index: faiss.Index,
@@ -351,7 +347,7 @@ def publish_build(
     return {**manifest, "generation": gen}
 
 
-def _build(bank: Bank, store: Any, params: IndexParams, progress: bool) -> dict[str, Any]:
+def _build(bank: Bank, store: Store, params: IndexParams, progress: bool) -> dict[str, Any]:
     started = time.perf_counter()
     prep = prepare(bank, store, params)
     index, tuned = build_arrays(prep.xt, prep.ids, prep.choice.factory, params.metric, params.k,

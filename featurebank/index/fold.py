@@ -42,7 +42,7 @@ from featurebank.index.build import (
 )
 from featurebank.index.tuning import Tuned, exact_search, tune
 from featurebank.index.views import INDEX_FILE, index_any, index_ids, read_manifest
-from featurebank.store import BankLike, borrowed
+from featurebank.store import BankLike, Store, borrowed
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,13 @@ def update_index(
         raise AssertionError("unreachable")
 
 
-def _rebuild_like(bank: Bank, store: Any, manifest: dict[str, Any], why: str) -> dict[str, Any]:
+def _rebuild_like(bank: Bank, store: Store, manifest: dict[str, Any], why: str) -> dict[str, Any]:
     log.info("rebuilding the index: %s", why)
     out = _build(bank, store, IndexParams.from_manifest(manifest), progress=False)
     return {**out, "rebuilt": why}
 
 
-def _update(bank: Bank, store: Any, progress: bool, rebuild_fraction: float) -> dict[str, Any]:
+def _update(bank: Bank, store: Store, progress: bool, rebuild_fraction: float) -> dict[str, Any]:
     started = time.perf_counter()
     directory = current_dir(bank.indexes_dir, "index")
     manifest = read_manifest(directory)
@@ -160,7 +160,7 @@ def _update(bank: Bank, store: Any, progress: bool, rebuild_fraction: float) -> 
 
 def _add_measured(
     index: faiss.Index,
-    store: Any,
+    store: Store,
     fitted: transforms.Transform,
     manifest: dict[str, Any],
     xt: np.ndarray,
@@ -184,7 +184,7 @@ def _add_measured(
 
 
 def _indexed_vectors(
-    store: Any, fitted: transforms.Transform, indexed: np.ndarray
+    store: Store, fitted: transforms.Transform, indexed: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids, transformed vectors) of the live items the index holds: the exact search's base."""
     items = store.to_numpy()

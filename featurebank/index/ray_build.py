@@ -32,7 +32,8 @@ from featurebank.core.errors import InvalidInput
 from featurebank.core.memory import release_free_memory
 from featurebank.embedder import ray_cluster
 from featurebank.index import build, selection, transforms
-from featurebank.index.tuning import Tuned, has_refine, unwrap
+from featurebank.index.families import family_of, has_refine
+from featurebank.index.tuning import Tuned
 from featurebank.store import BankLike, borrowed
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,7 @@ def build_index_ray(
 
 def check_mergeable(index: faiss.Index, factory: str) -> None:
     """Refuse indexes that cannot be built in shards and merged (graphs, re-ranking)."""
-    inner = unwrap(index)
-    ivf = faiss.try_extract_index_ivf(index)
-    if has_refine(index) or (ivf is None and not isinstance(inner, faiss.IndexFlatCodes)):
+    if has_refine(index) or not family_of(index).mergeable:
         raise InvalidInput(
             f"factory {factory!r} cannot be built in shards and merged (graph indexes such as "
             "HNSW, and re-ranking, are built in one process): use an IVF or Flat factory, "

@@ -37,9 +37,10 @@ from featurebank import store as store_mod
 from featurebank.core.bank import Bank, current_generation
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound, shown
 from featurebank.core.vocabulary import metric as metric_named
+from featurebank.index import families
+from featurebank.index.families import FAISS
 from featurebank.index.segment import Segment, member, merge
 from featurebank.index.transforms import as_vectors
-from featurebank.index.tuning import tunable
 from featurebank.index.views import (
     Generation,
     View,
@@ -53,10 +54,8 @@ from featurebank.index.views import (
 from featurebank.store import BankLike, Store
 
 log = logging.getLogger(__name__)
-FAISS: Any = faiss  # faiss' bundled stubs miss SearchParametersHNSW and keyword constructors
 
 EXACT_FILTER_MAX = 20_000  # label filters this selective are searched exactly
-MAX_EF_SEARCH = 2048
 SELECTOR_CACHE = 16
 
 
@@ -138,7 +137,7 @@ class Searcher:
     """Thread-safe search over a bank's live index generation."""
 
     def __init__(
-        self, bank: Bank, store: Any, owns_store: bool, threads: int | None = None
+        self, bank: Bank, store: Store, owns_store: bool, threads: int | None = None
     ) -> None:
         self.bank = bank
         self.store = store
@@ -387,7 +386,7 @@ class Searcher:
         n = xt.shape[0]
         if allowed.size == 0:
             return np.full((n, k), np.nan, np.float32), np.full((n, k), -1, np.int64)
-        if view.gen.kind == "hnsw" and allowed.size <= EXACT_FILTER_MAX:
+        if view.gen.family.graph and allowed.size <= EXACT_FILTER_MAX:
             sub = cached(view, ("exact",) + key, lambda: exact_subset(view, allowed))
             return sub(xt, k)
         sel = cached(view, ("sel",) + key, lambda: faiss.IDSelectorBatch(allowed))
@@ -475,29 +474,7 @@ def search_params(view: View, sel: faiss.IDSelector, fraction: float) -> tuple[A
     """
     gen = view.gen
     tuned = {k: int(v) for k, v in gen.manifest.get("params", {}).items()}
-    boost = 1.0 / max(fraction, 1e-6)
     translated = FAISS.IDSelectorTranslated(index_any(gen.index).id_map, sel)
-    keep: list[Any] = [sel, translated]
-
-    def nested(index: Any) -> Any:
-        if isinstance(index, faiss.IndexRefine):
-            inner = nested(faiss.downcast_index(index.base_index))
-            p = FAISS.IndexRefineSearchParameters(
-                k_factor=float(tuned.get("k_factor_rf", 1)), base_index_params=inner
-            )
-        elif isinstance(index, faiss.IndexPreTransform):
-            inner = nested(faiss.downcast_index(index.index))
-            p = FAISS.SearchParametersPreTransform(index_params=inner)
-        elif isinstance(index, faiss.IndexHNSW):
-            ef = min(tuned.get("efSearch", 16) * boost, MAX_EF_SEARCH)
-            p = FAISS.SearchParametersHNSW(sel=translated, efSearch=int(ef))
-        elif faiss.try_extract_index_ivf(index) is not None:
-            grid = tunable(index, 1).get("nprobe", [1])
-            nprobe = min(tuned.get("nprobe", 1) * boost, grid[-1])
-            p = FAISS.SearchParametersIVF(sel=translated, nprobe=int(nprobe))
-        else:
-            p = FAISS.SearchParameters(sel=translated)
-        keep.append(p)
-        return p
-
-    return nested(faiss.downcast_index(index_any(gen.index).index)), keep
+    inner = faiss.downcast_index(index_any(gen.index).index)
+    params, made = families.search_parameters(inner, translated, tuned, 1.0 / max(fraction, 1e-6))
+    return params, [sel, translated, *made]

@@ -30,18 +30,7 @@ guidelines ("Guidelines to choose an index", faiss wiki): 2^16 lists for 1M-10M 
 2^18 for 10M-100M, 2^20 beyond (still at least ``MIN_POINTS_PER_LIST`` points per list),
 trained on ``train_size_for(nlist)`` vectors (faiss asks for 30 to 256 per list).
 
-Memory per vector (bytes; d = dimension, m = PQ code bytes), what the functions below count.
-Every index sits behind an ``IndexIDMap2``: an int64 id per vector plus a reverse hash map,
-measured at about 44 bytes per entry (std::unordered_map node + bucket, libstdc++), so the
-id map alone costs ``ID_MAP_BYTES`` = 52 bytes per vector:
-
-    Flat              4d + 52
-    HNSW32            4d + 52 + 3 * 32 * 4   (level-0 links 2M ints, upper levels ~M ints)
-    IVF{K},Flat       4d + 52 + 8            (+ K * 4d for the centroids)
-    OPQ..,IVF{K},PQm   m + 52 + 8            (+ K * 4D centroids, an HNSW over them from 2^14)
-
-e.g. 10^9 vectors with PQ32 codes need ~92 GB, 60 of them for the ids: at that size the id
-map, not the codes, dominates (docs/scale.md).
+What each index needs in memory is its family's (`families`).
 """
 
 from __future__ import annotations
@@ -53,21 +42,24 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from featurebank.core.errors import InvalidInput
+from featurebank.index.families import (
+    HNSW,
+    HNSW_COARSE_MIN_NLIST,
+    HNSW_M,
+    ID_MAP_BYTES,
+    IVF,
+    K_FACTORS,
+    Flat,
+)
 
 FLAT_MAX_COUNT = 20_000
 HNSW_MAX_COUNT = 5_000_000
-HNSW_M = 32
-HNSW_COARSE_MIN_NLIST = 16_384
 MIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per centroid
-ID_BYTES = 8  # an int64 id: IndexIDMap2's id_map, and each inverted-list entry
-REV_MAP_BYTES = 44  # IndexIDMap2's reverse map, per entry (measured, see the docstring)
-ID_MAP_BYTES = ID_BYTES + REV_MAP_BYTES
 FAISS_NLIST = ((1_000_000, 1 << 16), (10_000_000, 1 << 18), (100_000_000, 1 << 20))
 TRAIN_MAX = 262_144  # vectors used to train IVF/PQ/OPQ at most sizes
 TRAIN_PER_LIST = 64  # training vectors per IVF list for larger nlist (faiss: 30 to 256)
 PCA_VARIANCE = 0.99
 PCA_DIMS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-K_FACTORS = [1, 2, 4]
 
 
 @dataclass(frozen=True)
@@ -101,22 +93,6 @@ def train_size_for(nlist: int, count: int) -> int:
     return min(count, max(TRAIN_MAX, TRAIN_PER_LIST * nlist))
 
 
-def flat_memory(count: int, dim: int) -> int:
-    return count * (dim * 4 + ID_MAP_BYTES)
-
-
-def hnsw_memory(count: int, dim: int, m: int = HNSW_M) -> int:
-    """Raw vectors + level-0 links (2M ints) + M ints for upper levels (a bound: ~M/(M-1) used)."""
-    links = count * (2 * m + m) * 4
-    return flat_memory(count, dim) + links
-
-
-def ivf_memory(count: int, dim: int, nlist: int, code_bytes: int) -> int:
-    centroids = nlist * dim * 4
-    coarse = hnsw_memory(nlist, dim) if nlist >= HNSW_COARSE_MIN_NLIST else centroids
-    return count * (code_bytes + ID_MAP_BYTES + ID_BYTES) + coarse
-
-
 def pq_sizes(dim: int) -> list[tuple[int, int]]:
     """(m bytes per vector, OPQ output dimension) candidates, largest code first."""
     ms = {m for m in (128, 96, 64, 48, 32, 24, 16, 8, 4) if m <= max(4, dim // 2)}
@@ -136,17 +112,6 @@ def pca_dim_for(eigenvalues: Sequence[float] | np.ndarray, dim: int) -> int | No
         if d <= len(kept) and kept[d - 1] >= PCA_VARIANCE:
             return d
     return None
-
-
-def efsearch_grid(k: int) -> list[int]:
-    steps = (16, 20, 24, 28, 32, 36, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 256, 320, 384,
-             512, 768, 1024)
-    return sorted({max(k, v) for v in steps})
-
-
-def nprobe_grid(nlist: int) -> list[int]:
-    grid = [1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048]
-    return [p for p in grid if p < nlist] + [nlist]
 
 
 def choose_factory(
@@ -170,32 +135,32 @@ def choose_factory(
     if memory_budget <= 0:
         raise InvalidInput(f"memory budget must be positive, got {memory_budget}")
     if count <= FLAT_MAX_COUNT:
-        need = flat_memory(count, dim)
+        need = Flat.memory(count, dim)
         if need <= memory_budget:
             return Choice("Flat", f"{count} <= {FLAT_MAX_COUNT} vectors: exact search", need)
     graph = not sharded and count <= HNSW_MAX_COUNT
     if pca_dim is not None and metric != "ip" and graph:
-        need = flat_memory(count, dim) + hnsw_memory(count, pca_dim) - ID_MAP_BYTES * count
+        need = Flat.memory(count, dim) + HNSW.memory(count, pca_dim) - ID_MAP_BYTES * count
         if need <= memory_budget:
             return Choice(
                 f"PCA{pca_dim},HNSW{HNSW_M},RFlat",
                 f"HNSW fits the budget and {PCA_VARIANCE:.0%} of the variance lies in "
                 f"{pca_dim} of {dim} dimensions: graph on the projection, exact re-ranking",
                 need,
-                {"efSearch": efsearch_grid(k), "k_factor_rf": K_FACTORS},
+                {"efSearch": HNSW.grid(k), "k_factor_rf": K_FACTORS},
             )
-    need = hnsw_memory(count, dim)
+    need = HNSW.memory(count, dim)
     if graph and need <= memory_budget:
         return Choice(
             f"HNSW{HNSW_M}",
             f"HNSW graph fits the budget ({need} <= {memory_budget} bytes)",
             need,
-            {"efSearch": efsearch_grid(k)},
+            {"efSearch": HNSW.grid(k)},
         )
     nlist = nlist_for(count)
     coarse = f"IVF{nlist}_HNSW32" if nlist >= HNSW_COARSE_MIN_NLIST else f"IVF{nlist}"
-    tunable = {"nprobe": nprobe_grid(nlist)}
-    need = ivf_memory(count, dim, nlist, dim * 4)
+    tunable = {"nprobe": IVF.grid(nlist)}
+    need = IVF.memory(count, dim, nlist, dim * 4)
     if need <= memory_budget:
         why = (
             "a graph cannot be built in shards" if sharded and count <= HNSW_MAX_COUNT
@@ -205,7 +170,7 @@ def choose_factory(
         return Choice(f"{coarse},Flat", f"raw vectors fit, {why}: inverted lists", need, tunable)
     smallest = need
     for m, out in pq_sizes(dim):
-        need = ivf_memory(count, out, nlist, m)
+        need = IVF.memory(count, out, nlist, m)
         smallest = min(smallest, need)
         if need <= memory_budget:
             return Choice(

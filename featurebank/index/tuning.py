@@ -12,7 +12,6 @@ finds it in a few searches.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import faiss
 import numpy as np
 
-from featurebank.index.selection import K_FACTORS, efsearch_grid, nprobe_grid
+from featurebank.index.families import set_params, tunable
 
 log = logging.getLogger(__name__)
 
@@ -59,47 +58,6 @@ def exact_search(
     dist, pos = flat.search(queries, min(k, base.shape[0]))
     ids = np.where(pos >= 0, base_ids[np.maximum(pos, 0)], -1).astype(np.int64)
     return ids, dist
-
-
-def unwrap(index: faiss.Index) -> faiss.Index:
-    """The searching index inside IDMap / PreTransform / Refine wrappers, downcast."""
-    while True:
-        if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
-            index = faiss.downcast_index(index.index)
-        elif isinstance(index, faiss.IndexRefine):
-            index = faiss.downcast_index(index.base_index)
-        else:
-            return index
-
-
-def has_refine(index: faiss.Index) -> bool:
-    while isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
-        index = faiss.downcast_index(index.index)
-    return isinstance(index, faiss.IndexRefine)
-
-
-def tunable(index: faiss.Index, k: int) -> dict[str, list[int]]:
-    """What this index type trades recall for speed with, and the grids (main knob first)."""
-    grid: dict[str, list[int]] = {}
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        grid["nprobe"] = nprobe_grid(int(ivf.nlist))
-    elif isinstance(unwrap(index), faiss.IndexHNSW):
-        grid["efSearch"] = efsearch_grid(k)
-    if grid and has_refine(index):
-        grid["k_factor_rf"] = list(K_FACTORS)
-    return grid
-
-
-def set_params(index: faiss.Index, params: dict[str, int]) -> None:
-    """Set tuned parameters on the index (through IDMap/PreTransform wrappers)."""
-    space = faiss.ParameterSpace()
-    for name, value in params.items():
-        space.set_index_parameter(index, name, value)
-        if name == "nprobe":
-            # An HNSW coarse quantiser must explore at least as many lists as it probes.
-            with contextlib.suppress(RuntimeError):
-                space.set_index_parameter(index, "quantizer_efSearch", max(2 * value, 64))
 
 
 def timed_search(

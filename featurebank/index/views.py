@@ -24,9 +24,10 @@ import numpy as np
 from featurebank.core.bank import Bank, current_dir
 from featurebank.core.errors import FailedPrecondition, FeaturebankError, NotFound
 from featurebank.core.vocabulary import HELD_OUT_SPLIT
+from featurebank.index.families import Family, family_of, set_params
 from featurebank.index.segment import Segment, member
 from featurebank.index.transforms import Transform, as_vectors
-from featurebank.index.tuning import set_params, unwrap
+from featurebank.store import Store
 
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
@@ -42,7 +43,7 @@ class Generation:
     index: faiss.Index
     transform: Transform
     index_ids: np.ndarray  # sorted int64 ids held by the index
-    kind: str  # flat | hnsw | ivf | other
+    family: Family  # what kind of index it is (flat, hnsw, ivf, other)
 
     @property
     def metric(self) -> str:
@@ -112,17 +113,6 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def index_kind(index: faiss.Index) -> str:
-    if faiss.try_extract_index_ivf(index) is not None:
-        return "ivf"
-    inner = unwrap(index)
-    if isinstance(inner, faiss.IndexHNSW):
-        return "hnsw"
-    if isinstance(inner, faiss.IndexFlat):
-        return "flat"
-    return "other"
-
-
 def index_any(index: faiss.Index) -> Any:
     return index
 
@@ -155,11 +145,11 @@ def load_generation(bank: Bank, number: int | None = None) -> Generation:
         index=index,
         transform=Transform.load(directory),
         index_ids=index_ids(index),
-        kind=index_kind(index),
+        family=family_of(index),
     )
 
 
-def load_labels(store: Any) -> Labels:
+def load_labels(store: Store) -> Labels:
     """The label table; test-split items keep their labels for display but never vote."""
     generation = int(store.generation)
     ids, codes, vocabulary = store.label_table()
@@ -177,7 +167,7 @@ def make_view(gen: Generation, labels: Labels, segment: Segment) -> View:
     return View(gen, labels, segment, stale, int(gen.index_ids.size - stale.size) + segment.size)
 
 
-def segment_reader(store: Any, gen: Generation) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def segment_reader(store: Store, gen: Generation) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Reads stored items as the generation indexes them: (ids, transformed vectors)."""
 
     def read(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +178,7 @@ def segment_reader(store: Any, gen: Generation) -> Callable[[np.ndarray], tuple[
     return read
 
 
-def advanced(store: Any, view: View) -> View | None:
+def advanced(store: Store, view: View) -> View | None:
     """The view moved forward by the store's change log, in time proportional to the changes.
 
     None when only a full reload will do: a relabel, a label new to the vocabulary,
@@ -245,7 +235,7 @@ def advanced(store: Any, view: View) -> View | None:
 
 
 def caught_up(
-    store: Any, gen: Generation, labels: Labels | None, segment: Segment | None
+    store: Store, gen: Generation, labels: Labels | None, segment: Segment | None
 ) -> tuple[Labels, Segment]:
     """Labels at the store's generation and the segment that goes with them.
 

@@ -10,8 +10,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from featurebank import store as store_mod
 from featurebank.classify.classifier import Classifier
-from featurebank.classify.evaluate_index import knn_accuracy
-from featurebank.classify.knn import Voter, vote
+from featurebank.classify.knn import Voter, knn_accuracy, vote
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.index.build import build_index
 from featurebank.index.searcher import Searcher

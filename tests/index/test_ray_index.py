@@ -11,8 +11,9 @@ import pytest
 
 from featurebank.core.errors import InvalidInput
 from featurebank.index import build, selection
+from featurebank.index.families import HNSW, ID_BYTES, ID_MAP_BYTES, set_params
 from featurebank.index.ray_build import build_index_ray, merge_topk
-from featurebank.index.tuning import exact_search, set_params
+from featurebank.index.tuning import exact_search
 from featurebank.index.views import INDEX_FILE
 from tests.support.index_data import World, make_bank
 
@@ -99,8 +100,8 @@ def test_selection_reaches_billion_scale_with_id_overhead() -> None:
     big = selection.choose_factory(10**9, 768, 200 << 30, sharded=True)
     assert big.factory == "OPQ128_768,IVF1048576_HNSW32,PQ128"
     # the id map (8-byte id + reverse map entry) is counted for every vector
-    per_vector = (big.memory_bytes - selection.hnsw_memory(1 << 20, 768)) / 10**9
-    assert per_vector == 128 + selection.ID_MAP_BYTES + selection.ID_BYTES
+    per_vector = (big.memory_bytes - HNSW.memory(1 << 20, 768)) / 10**9
+    assert per_vector == 128 + ID_MAP_BYTES + ID_BYTES
 
 
 def test_store_index_server_and_cli_import_without_ray() -> None:
