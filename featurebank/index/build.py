@@ -31,7 +31,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from featurebank.core.bank import Bank, current_generation, publish, staging_dir
+from featurebank.core.bank import Bank, current_generation, publish_files
 from featurebank.core.errors import FailedPrecondition, InvalidInput, RecallBelowTarget, shown
 from featurebank.core.memory import release_free_memory
 from featurebank.core.params import IndexParams
@@ -364,15 +364,13 @@ def write_generation(
     transform_from: Path | None = None,
 ) -> int:
     """Write index + transform + manifest into staging, then publish atomically."""
-    staging = staging_dir(bank.indexes_dir)
-    try:
+
+    def write(staging: Path) -> None:
         faiss.write_index(index, str(staging / INDEX_FILE))
         if fitted_save is not None:
             fitted_save(staging)
         elif transform_from is not None:
             shutil.copyfile(transform_from / transforms.FILE_NAME, staging / transforms.FILE_NAME)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=float))
-        return publish(bank.indexes_dir, staging, keep=2)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    return publish_files(bank.indexes_dir, write, "index", keep=2)
