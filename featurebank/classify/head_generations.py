@@ -21,7 +21,7 @@ from featurebank.classify.abstain import CALIBRATION_FILE, load_calibration, sav
 from featurebank.classify.head import Head
 from featurebank.core.bank import Bank, current_generation, load_newest_intact, publish_files
 from featurebank.core.errors import DamagedFile
-from featurebank.core.integrity import read_json
+from featurebank.core.integrity import read_json, require_intact
 from featurebank.store import BankLike, Store, borrowed
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def live_manifest(bank: str | Path | Bank) -> dict[str, Any] | None:
     gen = current_generation(b.heads_dir)
     if gen is None:
         return None
-    manifest: dict[str, Any] = json.loads((b.heads_dir / str(gen) / MANIFEST).read_text())
+    manifest = read_json(b.heads_dir / str(gen) / MANIFEST, "the head manifest")
     manifest["generation"] = gen
     return manifest
 
@@ -144,7 +144,13 @@ def head_status(bank: BankLike) -> dict[str, Any] | None:
     labels_generation moved past the one recorded in the head's manifest).
     """
     with borrowed(bank) as st:
-        manifest = live_manifest(st.bank)
+        try:
+            gen = current_generation(st.bank.heads_dir)
+            if gen is not None:
+                require_intact(st.bank.heads_dir / str(gen))
+            manifest = live_manifest(st.bank)
+        except DamagedFile as e:
+            return {"damaged": str(e)}
         if manifest is None:
             return None
         store_labels = int(st.labels_generation)
