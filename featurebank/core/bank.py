@@ -180,6 +180,7 @@ def load_newest_intact(
 
 
 STAGING = ".staging-"
+DAMAGED = ".damaged-"  # a generation `store repair` set aside: .damaged-<gen>-<time>
 STALE_STAGING_S = 24 * 3600  # when the owner of a staging folder cannot be asked
 
 
@@ -232,7 +233,8 @@ def publish_files(parent: Path, write: Callable[[Path], None], what: str, keep: 
 
 def publish(parent: Path, staging: Path, keep: int = 2) -> int:
     """Turn `staging` into the next generation, make it live, and prune old ones."""
-    gen = max(generations(parent), default=0) + 1
+    aside = [int(p.name.split("-")[1]) for p in parent.glob(f"{DAMAGED}*-*") if p.is_dir()]
+    gen = max([*generations(parent), *aside], default=0) + 1  # numbers are never reused
     write_checksums(staging)
     for f in staging.iterdir():
         if f.is_file():
