@@ -26,7 +26,7 @@ from featurebank.core.bank import (
     write_atomic,
 )
 from featurebank.core.errors import DamagedFile, FailedPrecondition
-from featurebank.core.integrity import problems, read_json
+from featurebank.core.integrity import CHECKSUMS, problems, read_json, write_checksums
 from featurebank.store.env import CURRENT, ENV_PREFIX, EnvHandle
 from featurebank.store.rows import get_int
 from featurebank.store.verify import Verification, verify
@@ -96,6 +96,12 @@ def _newest_environment(store_dir: Path) -> str | None:
 def _repair_generations(b: Bank, what: str, parent: Path, actions: list[str]) -> None:
     order, pointer_damage = candidates(parent)
     damaged = [g for g in order if problems(parent / str(g), deep=True)]
+    for gen in [g for g in order if g not in damaged and not (parent / str(g) / CHECKSUMS).exists()]:
+        if _loads(b, what, gen):
+            write_checksums(parent / str(gen))
+            actions.append(f"checked that {what} generation {gen} loads and wrote its {CHECKSUMS}")
+        else:
+            damaged.append(gen)
     if not pointer_damage and not damaged:
         return
     recorded = _recorded_manifest(parent, order)
@@ -116,6 +122,22 @@ def _repair_generations(b: Bank, what: str, parent: Path, actions: list[str]) ->
         return
     (parent / "CURRENT").unlink(missing_ok=True)  # it names a generation set aside
     actions.append(_rebuild(b, what, recorded))
+
+
+def _loads(b: Bank, what: str, gen: int) -> bool:
+    """Whether a generation without checksums loads (what sealing it vouches for)."""
+    try:
+        if what == "index":
+            from featurebank.index.views import load_generation
+
+            load_generation(b, gen)
+        else:
+            from featurebank.classify.head_generations import load_head
+
+            load_head(b, gen)
+    except DamagedFile:
+        return False
+    return True
 
 
 def _recorded_manifest(parent: Path, order: list[int]) -> dict[str, Any] | None:

@@ -33,6 +33,7 @@ from featurebank.server.metrics import Metrics
 from featurebank.server.reflection import enable_reflection
 from featurebank.server.replica import DEFAULT_FOLLOW_INTERVAL_S, ReplicaEngine, ReplicaInterceptor
 from featurebank.server.service import FeatureBankServicer
+from featurebank.server.status import hide_path
 from featurebank.server.tls import server_credentials
 from featurebank.store.env import read_only_fs
 from featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
@@ -143,6 +144,7 @@ class FeatureBankServer:
 
     def __init__(self, config: ServeConfig) -> None:
         config.check()
+        hide_path(config.bank)
         if not config.replica and read_only_fs(Bank(config.bank).store_dir):
             log.warning("bank %s is on a read-only file system: serving it read-only "
                         "(writes are refused)", config.bank)

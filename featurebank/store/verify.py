@@ -17,7 +17,7 @@ import numpy as np
 
 from featurebank.core.bank import Bank, candidates, generations
 from featurebank.core.errors import FeaturebankError
-from featurebank.core.integrity import problems
+from featurebank.core.integrity import CHECKSUMS, problems
 
 SEVERITY = {"ok": 0, "derived": 1, "store": 2}
 """Exit codes of `store verify`: the worst finding's severity."""
@@ -62,10 +62,15 @@ def verify(bank: str | Path | Bank, deep: bool = True) -> Verification:
         order, damaged = candidates(parent)
         report.findings += [Finding("derived", m) for m in damaged]
         for gen in order:
+            directory = parent / str(gen)
             report.findings += [
-                Finding("derived", f"{what} generation {gen}: {m}")
-                for m in problems(parent / str(gen), deep)
+                Finding("derived", f"{what} generation {gen}: {m}") for m in problems(directory, deep)
             ]
+            if directory.is_dir() and not (directory / CHECKSUMS).exists():
+                report.findings.append(Finding(
+                    "derived", f"{what} generation {gen}: {directory / CHECKSUMS} is missing, so "
+                    "its files cannot be checked (`store repair` checks they load and seals them)"
+                ))
     return report
 
 
