@@ -139,6 +139,8 @@ def candidates(parent: Path) -> tuple[list[int], list[str]]:
     if live is not None and live not in published:
         damaged.append(f"{parent / 'CURRENT'} names generation {live}, which is missing")
         live = None
+    elif live is None and published and not damaged:
+        damaged.append(f"{parent / 'CURRENT'} is missing, though generation {published[0]} is published")
     order = ([live] if live is not None else []) + [g for g in published if g != live]
     return order, damaged
 
