@@ -209,6 +209,41 @@ def staging_dir(parent: Path) -> Path:
         raise
 
 
+def _full_or_read_only(e: BaseException, where: Path, what: str) -> BaseException | None:
+    """The featurebank error a failed write means (disk full, read-only), or None."""
+    code = getattr(e, "errno", None)
+    if code in _FULL or any(os.strerror(c) in str(e) for c in _FULL):
+        return StorageFull(
+            f"could not write the {what} into {where} (disk full): what was there is unchanged; "
+            "free space and run it again"
+        )
+    if code == errno.EROFS:
+        return ReadOnlyBank(f"could not write the {what} into {where}: read-only file system")
+    return None
+
+
+def replace_folder(out: Path, write: Callable[[Path], None], what: str) -> None:
+    """Write a folder's files with `write(tmp)`, then swap it in for `out`, all or nothing."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    try:
+        write(tmp)
+        if out.exists():
+            os.rename(out, old)
+        os.rename(tmp, out)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        known = _full_or_read_only(e, out, what)
+        if known is not None:
+            raise known from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def publish_files(parent: Path, write: Callable[[Path], None], what: str, keep: int = 2) -> int:
     """Write a generation's files with `write(staging)` and publish them, all or nothing.
 
@@ -221,12 +256,9 @@ def publish_files(parent: Path, write: Callable[[Path], None], what: str, keep: 
         return publish(parent, staging, keep=keep)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(staging, ignore_errors=True)
-        errno_ = getattr(e, "errno", None)
-        if errno_ in _FULL or any(os.strerror(c) in str(e) for c in _FULL):
-            raise StorageFull(
-                f"could not write the {what} into {parent} (disk full): the live generation "
-                "is unchanged; free space and run it again"
-            ) from None
+        known = _full_or_read_only(e, parent, what)
+        if known is not None:
+            raise known from None
         raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
