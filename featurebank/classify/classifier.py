@@ -22,12 +22,12 @@ import numpy as np
 
 from featurebank import store as store_mod
 from featurebank.classify.abstain import abstained, calibrate_threshold, check_precision, decide
-from featurebank.classify.head_generations import LoadedHead, is_stale, load_head
+from featurebank.classify.head_generations import LoadedHead, is_stale, load_live_head
 from featurebank.classify.knn import DEFAULT_K, DEFAULT_T, Voter
 from featurebank.classify.modes import Calibrating, Evidence, Mode
 from featurebank.classify.modes import mode as mode_named
-from featurebank.core.bank import current_generation
-from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.core.bank import candidates
+from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput
 from featurebank.core.vocabulary import MODES, UNKNOWN
 from featurebank.index.transforms import as_vectors
 from featurebank.store import BankLike, Store
@@ -111,11 +111,12 @@ class Classifier:
     # ------------------------------------------------------------------ state
 
     def _load(self, old: _Snapshot | None) -> _Snapshot:
-        index_gen = current_generation(self.bank.indexes_dir)
-        if index_gen is None:
+        order, damaged = candidates(self.bank.indexes_dir)
+        if not order and not damaged:
             raise FailedPrecondition(
                 f"no index yet in {self.bank.root}: run `featurebank index build` first"
             )
+        index_gen = order[0] if order and not damaged else None  # None: the searcher falls back
         if old is not None and old.index_generation == index_gen:
             searcher = old.searcher
             # labels, deletions and new items; a new index generation always gets its own
@@ -125,11 +126,17 @@ class Classifier:
             from featurebank.index.searcher import Searcher
 
             searcher = Searcher.load(self.store)
-        head_gen = current_generation(self.bank.heads_dir)
-        if old is not None and old.head_generation == head_gen:
+        head_order, head_damaged = candidates(self.bank.heads_dir)
+        head_gen = head_order[0] if head_order and not head_damaged else None
+        if old is not None and head_gen is not None and old.head_generation == head_gen:
             head = old.head
         else:
-            head = load_head(self.bank, head_gen) if head_gen is not None else None
+            try:
+                head = load_live_head(self.bank)
+            except DamagedFile as e:  # classify by the neighbours alone until a repair
+                log.warning("%s; classifying without a head", e)
+                head = None
+            head_gen = head.generation if head is not None else None
             if head is not None and int(head.manifest.get("dim", searcher.dim)) != searcher.dim:
                 log.warning(
                     "head generation %s expects dimension %s, index has %d: head ignored",

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,9 @@ import numpy as np
 
 from featurebank.classify.abstain import CALIBRATION_FILE, load_calibration, save_calibration
 from featurebank.classify.head import Head
-from featurebank.core.bank import Bank, current_generation, publish, staging_dir
-from featurebank.core.errors import NotFound
+from featurebank.core.bank import Bank, current_generation, load_newest_intact, publish_files
+from featurebank.core.errors import DamagedFile
+from featurebank.core.integrity import read_json, require_intact
 from featurebank.store import BankLike, Store, borrowed
 
 log = logging.getLogger(__name__)
@@ -57,17 +58,28 @@ def _bank(bank: BankLike) -> Bank:
 def load_head(bank: BankLike, generation: int | None = None) -> LoadedHead | None:
     """The live (or given) head generation, or None when no head was ever trained."""
     b = _bank(bank)
-    gen = generation if generation is not None else current_generation(b.heads_dir)
-    if gen is None:
-        return None
-    d = b.heads_dir / str(gen)
+    if generation is None:
+        return load_live_head(b)
+    d = b.heads_dir / str(generation)
+    if not d.is_dir():
+        raise DamagedFile(f"head generation {d} is missing")
+    manifest = read_json(d / MANIFEST, "the head manifest")
     try:
-        manifest = json.loads((d / MANIFEST).read_text())
         head = Head.load(d / HEAD_FILE)
+        stacked = Head.load(d / STACKED_FILE) if (d / STACKED_FILE).exists() else None
+        calibration = load_calibration(d / CALIBRATION_FILE)
     except FileNotFoundError as e:
-        raise NotFound(f"head generation {gen} in {b.heads_dir} is incomplete: {e}") from e
-    stacked = Head.load(d / STACKED_FILE) if (d / STACKED_FILE).exists() else None
-    return LoadedHead(gen, manifest, head, stacked, load_calibration(d / CALIBRATION_FILE))
+        raise DamagedFile(f"head generation {d} is incomplete ({e.filename} is missing)") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise DamagedFile(f"head generation {d} is damaged ({e})") from None
+    return LoadedHead(generation, manifest, head, stacked, calibration)
+
+
+def load_live_head(bank: BankLike) -> LoadedHead | None:
+    """The live head, or the newest intact one when it is damaged; None if none was trained."""
+    b = _bank(bank)
+    found = load_newest_intact(b.heads_dir, lambda n: load_head(b, n), "head")
+    return None if found is None else found[1]
 
 
 def publish_head(
@@ -79,8 +91,8 @@ def publish_head(
     keep: int = 2,
 ) -> int:
     """Write a generation's files into staging and make it the live one, all or nothing."""
-    staging = staging_dir(b.heads_dir)
-    try:
+
+    def write(staging: Path) -> None:
         head.save(staging / HEAD_FILE)
         files = {"head": HEAD_FILE}
         if stacked is not None:
@@ -91,10 +103,8 @@ def publish_head(
             files["calibration"] = CALIBRATION_FILE
         manifest["files"] = files
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default))
-        return publish(b.heads_dir, staging, keep=keep)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    return publish_files(b.heads_dir, write, "head", keep=keep)
 
 
 def now() -> str:
@@ -122,7 +132,7 @@ def live_manifest(bank: str | Path | Bank) -> dict[str, Any] | None:
     gen = current_generation(b.heads_dir)
     if gen is None:
         return None
-    manifest: dict[str, Any] = json.loads((b.heads_dir / str(gen) / MANIFEST).read_text())
+    manifest = read_json(b.heads_dir / str(gen) / MANIFEST, "the head manifest")
     manifest["generation"] = gen
     return manifest
 
@@ -134,7 +144,13 @@ def head_status(bank: BankLike) -> dict[str, Any] | None:
     labels_generation moved past the one recorded in the head's manifest).
     """
     with borrowed(bank) as st:
-        manifest = live_manifest(st.bank)
+        try:
+            gen = current_generation(st.bank.heads_dir)
+            if gen is not None:
+                require_intact(st.bank.heads_dir / str(gen))
+            manifest = live_manifest(st.bank)
+        except DamagedFile as e:
+            return {"damaged": str(e)}
         if manifest is None:
             return None
         store_labels = int(st.labels_generation)

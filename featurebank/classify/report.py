@@ -19,6 +19,8 @@ import numpy as np
 from featurebank.classify import metrics
 from featurebank.classify.evaluate import Evaluation
 from featurebank.classify.report_page import render_page
+from featurebank.core.bank import replace_folder
+from featurebank.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,6 @@ def write_report(ev: Evaluation, out: str | Path, projection: str = "pca") -> Pa
 
     matplotlib.use("Agg")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     drawers = {
         "accuracy_vs_k": _accuracy_vs_k,
         "confusion": _confusion,
@@ -79,17 +80,22 @@ def write_report(ev: Evaluation, out: str | Path, projection: str = "pca") -> Pa
         "projection": lambda e: _projection(e, projection),
         "mistakes": _mistakes,
     }
-    pngs: dict[str, bytes] = {}
-    for name, draw in drawers.items():
-        fig = draw(ev)
-        pngs[name] = _png(fig)
-        (out / f"{name}.png").write_bytes(pngs[name])
+    pngs = {name: _png(draw(ev)) for name, draw in drawers.items()}
     data = _finite(ev.to_json())
     data["figures"] = {name: f"{name}.png" for name in FIGURES}
     data["generated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    (out / "metrics.json").write_text(json.dumps(data, indent=1, allow_nan=False))
+
+    def write(folder: Path) -> None:
+        for name, png in pngs.items():
+            (folder / f"{name}.png").write_bytes(png)
+        (folder / "metrics.json").write_text(json.dumps(data, indent=1, allow_nan=False))
+        (folder / "index.html").write_text(render_page(ev, data, pngs, FIGURES))
+
+    ours = {f"{name}.png" for name in pngs} | {"metrics.json", "index.html"}
+    if out.is_dir() and {p.name for p in out.iterdir()} - ours or out.is_file():
+        raise InvalidInput(f"{out} holds other files than a report: name a new folder for it")
+    replace_folder(out, write, "report")
     page = out / "index.html"
-    page.write_text(render_page(ev, data, pngs, FIGURES))
     log.info("report written to %s", page)
     return page
 

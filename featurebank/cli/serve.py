@@ -115,7 +115,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     def started(server: Any) -> None:
         metrics = f", metrics on port {server.metrics_port}" if server.metrics_port else ""
-        state = "serving" if server.engine.ready else "NOT_SERVING until an index is built"
+        state = (
+            "serving" if server.engine.ready
+            else f"NOT_SERVING: {server.engine.load_error}" if "damaged" in str(server.engine.load_error)
+            else "NOT_SERVING until an index is built"
+        )
         role = f"read replica of {args.primary or 'its primary'} " if args.replica else ""
         print(
             f"featurebank: {role}{args.bank} on {args.host}:{server.port} "

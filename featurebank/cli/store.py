@@ -113,6 +113,8 @@ def _info_lines(stats: dict[str, Any], errors: list[dict[str, Any]]) -> Iterator
     index = stats.get("index")
     if index is None:
         yield "index       none (featurebank index build)"
+    elif "damaged" in index:
+        yield f"index       DAMAGED: {index['damaged']} (featurebank store repair)"
     else:
         behind = stats["generation"] - index["store_generation"]
         lag = f", {behind} store generations behind" if behind > 0 else ""
@@ -127,6 +129,8 @@ def _info_lines(stats: dict[str, Any], errors: list[dict[str, Any]]) -> Iterator
     head = stats.get("head")
     if head is None:
         yield "head        none (featurebank head train)"
+    elif "damaged" in head:
+        yield f"head        DAMAGED: {head['damaged']} (featurebank store repair)"
     else:
         state = "STALE: labels changed since training" if head["stale"] else "current"
         yield f"head        generation {head['generation']}: {head['classes']} classes, {state}"

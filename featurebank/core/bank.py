@@ -8,16 +8,30 @@ write-temp, fsync, rename, fsync-dir. A process killed at any point leaves
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from featurebank.core.errors import FailedPrecondition
+from featurebank.core.errors import (
+    DamagedFile,
+    FailedPrecondition,
+    ReadOnlyBank,
+    StorageFull,
+    shown,
+)
+from featurebank.core.integrity import require_intact, write_checksums
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Bank:
@@ -92,10 +106,43 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def current_generation(parent: Path) -> int | None:
     """The live generation under `parent` (indexes/ or heads/), or None if none was published."""
+    path = parent / "CURRENT"
     try:
-        return int((parent / "CURRENT").read_text().strip())
+        text = path.read_text(errors="replace").strip()
     except FileNotFoundError:
         return None
+    if not text.isdigit():
+        raise DamagedFile(f"{path} is damaged (it holds {shown(text)}, not a generation number)")
+    return int(text)
+
+
+def generations(parent: Path) -> list[int]:
+    """The published generation numbers under `parent`, newest first."""
+    if not parent.is_dir():
+        return []
+    return sorted((int(p.name) for p in parent.iterdir() if p.name.isdigit()), reverse=True)
+
+
+def candidates(parent: Path) -> tuple[list[int], list[str]]:
+    """The generations to try loading, best first: the live one, then the others newest first.
+
+    Also returns what is wrong with `CURRENT` itself (damaged, or naming a missing
+    generation), so a loader that falls back can say why.
+    """
+    damaged: list[str] = []
+    try:
+        live = current_generation(parent)
+    except DamagedFile as e:
+        damaged.append(str(e))
+        live = None
+    published = generations(parent)
+    if live is not None and live not in published:
+        damaged.append(f"{parent / 'CURRENT'} names generation {live}, which is missing")
+        live = None
+    elif live is None and published and not damaged:
+        damaged.append(f"{parent / 'CURRENT'} is missing, though generation {published[0]} is published")
+    order = ([live] if live is not None else []) + [g for g in published if g != live]
+    return order, damaged
 
 
 def current_dir(parent: Path, what: str) -> Path:
@@ -106,8 +153,41 @@ def current_dir(parent: Path, what: str) -> Path:
     return parent / str(gen)
 
 
+def load_newest_intact(
+    parent: Path, load: Callable[[int], T], what: str
+) -> tuple[int, T, list[str]] | None:
+    """Load the live generation under `parent`, or else the newest one that is intact.
+
+    `load(gen)` raises DamagedFile for a file it cannot read. Returns (generation, value,
+    what was found damaged on the way), None when nothing was ever published, and raises
+    DamagedFile naming every damaged file when no generation is intact.
+    """
+    order, damaged = candidates(parent)
+    for gen in order:
+        try:
+            require_intact(parent / str(gen))
+            value = load(gen)
+        except DamagedFile as e:
+            damaged.append(str(e))
+            continue
+        if damaged:
+            log.warning("%s; serving %s generation %d instead", "; ".join(damaged), what, gen)
+        return gen, value, damaged
+    if damaged:
+        raise DamagedFile(
+            f"no intact {what} generation in {parent}: {'; '.join(damaged)}; "
+            f"run `featurebank store repair --bank {parent.parent}`"
+        )
+    return None
+
+
 STAGING = ".staging-"
+DAMAGED = ".damaged-"  # a generation `store repair` set aside: .damaged-<gen>-<time>
 STALE_STAGING_S = 24 * 3600  # when the owner of a staging folder cannot be asked
+
+
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def staging_dir(parent: Path) -> Path:
@@ -116,16 +196,80 @@ def staging_dir(parent: Path) -> Path:
     Its name carries the building process (host and pid), so the next build removes
     the staging folders of builds that were killed before they published.
     """
-    parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_staging(parent)
-    prefix = f"{STAGING}{socket.gethostname()}-{os.getpid()}-"
-    return Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_staging(parent)
+        prefix = f"{STAGING}{socket.gethostname()}-{os.getpid()}-"
+        return Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    except OSError as e:
+        if e.errno in _READ_ONLY:
+            raise ReadOnlyBank(f"bank {parent.parent} is read-only ({parent}: {e.strerror})") from None
+        if e.errno in _FULL:
+            raise StorageFull(f"could not write {parent} ({e.strerror})") from None
+        raise
+
+
+def _full_or_read_only(e: BaseException, where: Path, what: str) -> BaseException | None:
+    """The featurebank error a failed write means (disk full, read-only), or None."""
+    code = getattr(e, "errno", None)
+    if code in _FULL or any(os.strerror(c) in str(e) for c in _FULL):
+        return StorageFull(
+            f"could not write the {what} into {where} (disk full): what was there is unchanged; "
+            "free space and run it again"
+        )
+    if code == errno.EROFS:
+        return ReadOnlyBank(f"could not write the {what} into {where}: read-only file system")
+    return None
+
+
+def replace_folder(out: Path, write: Callable[[Path], None], what: str) -> None:
+    """Write a folder's files with `write(tmp)`, then swap it in for `out`, all or nothing."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    try:
+        write(tmp)
+        if out.exists():
+            os.rename(out, old)
+        os.rename(tmp, out)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        known = _full_or_read_only(e, out, what)
+        if known is not None:
+            raise known from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_files(parent: Path, write: Callable[[Path], None], what: str, keep: int = 2) -> int:
+    """Write a generation's files with `write(staging)` and publish them, all or nothing.
+
+    A failure (a full disk included) removes the staging folder and leaves the live
+    generation as it was; a full disk is reported as StorageFull naming the folder.
+    """
+    staging = staging_dir(parent)
+    try:
+        write(staging)
+        return publish(parent, staging, keep=keep)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        known = _full_or_read_only(e, parent, what)
+        if known is not None:
+            raise known from None
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def publish(parent: Path, staging: Path, keep: int = 2) -> int:
     """Turn `staging` into the next generation, make it live, and prune old ones."""
-    existing = [int(p.name) for p in parent.iterdir() if p.name.isdigit()]
-    gen = max(existing, default=0) + 1
+    aside = [int(p.name.split("-")[1]) for p in parent.glob(f"{DAMAGED}*-*") if p.is_dir()]
+    gen = max([*generations(parent), *aside], default=0) + 1  # numbers are never reused
+    write_checksums(staging)
     for f in staging.iterdir():
         if f.is_file():
             with open(f, "rb") as fh:
@@ -141,9 +285,11 @@ def publish(parent: Path, staging: Path, keep: int = 2) -> int:
 
 def prune(parent: Path, keep: int = 2) -> None:
     """Drop all but the newest `keep` generations (never the live one) and dead staging folders."""
-    live = current_generation(parent)
-    gens = sorted((int(p.name) for p in parent.iterdir() if p.name.isdigit()), reverse=True)
-    for gen in gens[keep:]:
+    try:
+        live = current_generation(parent)
+    except DamagedFile:
+        return  # keep everything a repair may fall back to
+    for gen in generations(parent)[keep:]:
         if gen != live:
             shutil.rmtree(parent / str(gen), ignore_errors=True)
     remove_dead_staging(parent)

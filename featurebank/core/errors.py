@@ -38,6 +38,20 @@ class FailedPrecondition(FeaturebankError):
     grpc_code = "FAILED_PRECONDITION"
 
 
+class DamagedFile(FailedPrecondition):
+    """A file of the bank is damaged or missing: the message names the file and what is wrong.
+
+    Derived files (indexes, heads, thumbnails) are rebuilt by `featurebank store repair`;
+    the store itself is salvaged by it into a fresh environment.
+    """
+
+    grpc_code = "DATA_LOSS"
+
+
+class ReadOnlyBank(FailedPrecondition):
+    """A write was asked of a bank on a read-only file system (it can still be read)."""
+
+
 class DeviceUnavailable(FailedPrecondition):
     """The device a job or server was asked to run on is not there (e.g. no GPU visible)."""
 

@@ -31,8 +31,14 @@ from typing import Any
 import faiss
 import numpy as np
 
-from featurebank.core.bank import Bank, current_generation, publish, staging_dir
-from featurebank.core.errors import FailedPrecondition, InvalidInput, RecallBelowTarget, shown
+from featurebank.core.bank import Bank, load_newest_intact, publish_files
+from featurebank.core.errors import (
+    DamagedFile,
+    FailedPrecondition,
+    InvalidInput,
+    RecallBelowTarget,
+    shown,
+)
 from featurebank.core.memory import release_free_memory
 from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import metric as metric_named
@@ -231,10 +237,14 @@ def omp_threads(threads: int | None) -> Any:
 
 def live_params(bank: Bank) -> IndexParams:
     """The params the live generation was built with (the defaults when there is none)."""
-    gen = current_generation(bank.indexes_dir)
-    if gen is None:
-        return IndexParams()
-    return IndexParams.from_manifest(read_manifest(bank.indexes_dir / str(gen)))
+    try:
+        found = load_newest_intact(
+            bank.indexes_dir, lambda n: read_manifest(bank.indexes_dir / str(n)), "index"
+        )
+    except DamagedFile as e:
+        log.warning("%s: building with the default params", e)
+        found = None
+    return IndexParams() if found is None else IndexParams.from_manifest(found[1])
 
 
 def build_index(
@@ -360,15 +370,13 @@ def write_generation(
     transform_from: Path | None = None,
 ) -> int:
     """Write index + transform + manifest into staging, then publish atomically."""
-    staging = staging_dir(bank.indexes_dir)
-    try:
+
+    def write(staging: Path) -> None:
         faiss.write_index(index, str(staging / INDEX_FILE))
         if fitted_save is not None:
             fitted_save(staging)
         elif transform_from is not None:
             shutil.copyfile(transform_from / transforms.FILE_NAME, staging / transforms.FILE_NAME)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=float))
-        return publish(bank.indexes_dir, staging, keep=2)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    return publish_files(bank.indexes_dir, write, "index", keep=2)

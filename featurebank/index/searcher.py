@@ -35,7 +35,7 @@ import numpy as np
 
 from featurebank import store as store_mod
 from featurebank.core.bank import Bank, current_generation
-from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound, shown
+from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput, NotFound, shown
 from featurebank.core.vocabulary import metric as metric_named
 from featurebank.index import families
 from featurebank.index.families import FAISS
@@ -49,6 +49,7 @@ from featurebank.index.views import (
     codes_of,
     index_any,
     load_generation,
+    load_live_generation,
     make_view,
 )
 from featurebank.store import BankLike, Store
@@ -145,7 +146,7 @@ class Searcher:
         self._refresh_mutex = threading.Lock()
         self._local = threading.local()
         self.threads = threads
-        gen = load_generation(bank)
+        gen, self.damaged = load_live_generation(bank)
         self._check_spec(gen)
         self._view = make_view(gen, *caught_up(store, gen, None, None))
 
@@ -247,10 +248,15 @@ class Searcher:
         view = self._view
         gen = view.gen
         if index_too:
-            live = current_generation(self.bank.indexes_dir)
-            if live is not None and live != gen.number:
-                gen = load_generation(self.bank, live)
-                self._check_spec(gen)
+            try:
+                live = current_generation(self.bank.indexes_dir)
+                if live is not None and live != gen.number:
+                    gen = load_generation(self.bank, live)
+                    self._check_spec(gen)
+            except DamagedFile as e:  # keep answering from the generation already loaded
+                log.warning("%s; still serving index generation %d", e, view.gen.number)
+                self.damaged = [str(e)]
+                gen = view.gen
         same_gen = gen is view.gen
         if same_gen and int(self.store.generation) == view.labels.store_generation:
             return

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput
 
 FILE_NAME = "transform.npz"
 PCA_MAX_SAMPLE = 200_000
@@ -123,8 +124,10 @@ class Transform:
                 meta = json.loads(str(z["meta"]))
                 mean = z["mean"] if "mean" in z.files else None
                 matrix = z["matrix"] if "matrix" in z.files else None
-        except FileNotFoundError as e:
-            raise FailedPrecondition(f"index generation {directory} has no {FILE_NAME}") from e
+        except FileNotFoundError:
+            raise DamagedFile(f"{path} is missing (index generation {directory.name})") from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise DamagedFile(f"{path} is damaged ({e})") from None
         return cls(
             spec=meta["spec"],
             in_dim=int(meta["in_dim"]),

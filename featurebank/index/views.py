@@ -10,7 +10,6 @@ new label names, a compacted change log, a new generation).
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,8 +20,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from featurebank.core.bank import Bank, current_dir
-from featurebank.core.errors import FailedPrecondition, FeaturebankError, NotFound
+from featurebank.core.bank import Bank, load_newest_intact
+from featurebank.core.errors import DamagedFile, FailedPrecondition, FeaturebankError, NotFound
+from featurebank.core.integrity import read_json
 from featurebank.core.vocabulary import HELD_OUT_SPLIT
 from featurebank.index.families import Family, family_of, set_params
 from featurebank.index.segment import Segment, member
@@ -106,11 +106,8 @@ class View:
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
-    try:
-        manifest: dict[str, Any] = json.loads((directory / MANIFEST_FILE).read_text())
-    except FileNotFoundError as e:
-        raise FailedPrecondition(f"index generation {directory} has no {MANIFEST_FILE}") from e
-    return manifest
+    """An index generation's manifest (DamagedFile when missing or unreadable)."""
+    return read_json(directory / MANIFEST_FILE, "the index manifest")
 
 
 def index_any(index: faiss.Index) -> Any:
@@ -122,19 +119,19 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     return np.sort(faiss.vector_to_array(index_any(index).id_map).astype(np.int64))
 
 
-def load_generation(bank: Bank, number: int | None = None) -> Generation:
-    """Read one generation (default: CURRENT) from disk; FailedPrecondition if there is none."""
-    directory = (
-        current_dir(bank.indexes_dir, "index")
-        if number is None
-        else bank.indexes_dir / str(number)
-    )
+def load_generation(bank: Bank, number: int) -> Generation:
+    """Read one index generation from disk; DamagedFile naming a file that cannot be read."""
+    directory = bank.indexes_dir / str(number)
     if not directory.is_dir():
-        raise FailedPrecondition(f"index generation {directory} is missing")
+        raise DamagedFile(f"index generation {directory} is missing")
     manifest = read_manifest(directory)
-    index = faiss.read_index(str(directory / INDEX_FILE))
+    try:
+        index = faiss.read_index(str(directory / INDEX_FILE))
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
+        raise DamagedFile(f"{directory / INDEX_FILE} is damaged ({reason})") from None
     if not isinstance(index, faiss.IndexIDMap2):
-        raise FailedPrecondition(f"{directory / INDEX_FILE} is not an id-mapped featurebank index")
+        raise DamagedFile(f"{directory / INDEX_FILE} is not an id-mapped featurebank index")
     params = {k: int(v) for k, v in manifest.get("params", {}).items()}
     if params:
         set_params(index, params)
@@ -147,6 +144,19 @@ def load_generation(bank: Bank, number: int | None = None) -> Generation:
         index_ids=index_ids(index),
         family=family_of(index),
     )
+
+
+def load_live_generation(bank: Bank) -> tuple[Generation, list[str]]:
+    """The live index generation, or the newest intact one when it is damaged.
+
+    Returns it with what was found damaged on the way ([] normally); FailedPrecondition
+    when no index was ever built, DamagedFile when none is intact.
+    """
+    found = load_newest_intact(bank.indexes_dir, lambda n: load_generation(bank, n), "index")
+    if found is None:
+        raise FailedPrecondition(f"no index yet in {bank.root}: build one first")
+    _, gen, damaged = found
+    return gen, damaged
 
 
 def load_labels(store: Store) -> Labels:

@@ -23,6 +23,7 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from featurebank.core.bank import Bank
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
 from featurebank.index.checkpoint import CheckpointPolicy
 from featurebank.server.auth import AuthInterceptor, Tokens
@@ -40,7 +41,9 @@ from featurebank.server.metrics import Metrics
 from featurebank.server.reflection import enable_reflection
 from featurebank.server.replica import DEFAULT_FOLLOW_INTERVAL_S, ReplicaEngine, ReplicaInterceptor
 from featurebank.server.service import FeatureBankServicer
+from featurebank.server.status import hide_path
 from featurebank.server.tls import server_credentials
+from featurebank.store.env import read_only_fs
 from featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -148,6 +151,11 @@ class FeatureBankServer:
 
     def __init__(self, config: ServeConfig) -> None:
         config.check()
+        hide_path(config.bank)
+        if not config.replica and read_only_fs(Bank(config.bank).store_dir):
+            log.warning("bank %s is on a read-only file system: serving it read-only "
+                        "(writes are refused)", config.bank)
+            config.replica = True
         self.config = config
         self.metrics = Metrics()
         engine_options: dict[str, Any] = {

@@ -11,6 +11,9 @@ real status into RESOURCE_EXHAUSTED "Stream removed".
 from __future__ import annotations
 
 import logging
+import os
+import re
+import threading
 
 import grpc
 
@@ -25,6 +28,27 @@ _CODES: dict[str, grpc.StatusCode] = {
 }
 
 
+_HIDDEN: dict[str, re.Pattern[str]] = {}  # bank folders a client is never told
+_HIDDEN_LOCK = threading.Lock()
+
+
+def hide_path(folder: str | os.PathLike[str]) -> None:
+    """Say "this bank" instead of `folder` in every status message: a client needs the
+    bank's name, not where it lies on the server's disk."""
+    with _HIDDEN_LOCK:
+        for form in {os.fspath(folder), os.path.realpath(folder), os.path.abspath(folder)}:
+            if form and form not in ("/", "."):
+                _HIDDEN[form] = re.compile(r"(?:bank )?" + re.escape(form.rstrip("/")) + r"(/|(?=\W|$))")
+
+
+def redacted(message: str) -> str:
+    """`message` with every hidden bank folder (and what lies under it) named by role."""
+    for form, pattern in sorted(_HIDDEN.items(), key=lambda kv: -len(kv[0])):
+        if form in message:
+            message = pattern.sub(lambda m: "this bank's " if m.group(1) else "this bank", message)
+    return message
+
+
 def code_of(name: str) -> grpc.StatusCode:
     """The StatusCode called `name`; unknown names become INTERNAL rather than UNKNOWN."""
     return _CODES.get(name, grpc.StatusCode.INTERNAL)
@@ -33,11 +57,11 @@ def code_of(name: str) -> grpc.StatusCode:
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Status code and message for an exception raised below the servicer."""
     if isinstance(exc, FeaturebankError):
-        return code_of(exc.grpc_code), bounded(str(exc) or type(exc).__name__)
+        return code_of(exc.grpc_code), bounded(redacted(str(exc) or type(exc).__name__))
     if isinstance(exc, MemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "server out of memory"
     log.error("internal error", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, bounded(f"internal error: {type(exc).__name__}: {exc}")
+    return grpc.StatusCode.INTERNAL, bounded(redacted(f"internal error: {type(exc).__name__}: {exc}"))
 
 
 def bounded(message: str) -> str:

@@ -12,6 +12,8 @@ from typing import Any
 
 from featurebank.classify.head_generations import head_status
 from featurebank.core.bank import Bank, current_generation
+from featurebank.core.errors import DamagedFile
+from featurebank.core.integrity import require_intact
 from featurebank.index.views import read_manifest
 from featurebank.store import BankLike, borrowed
 
@@ -22,10 +24,14 @@ INDEX_FIELDS = ("factory", "metric", "ntotal", "k", "recall_at_k", "target_recal
 def index_status(bank: Bank) -> dict[str, Any] | None:
     """The live index generation's manifest fields users read; None before the first build."""
     indexes = bank.indexes_dir
-    gen = current_generation(indexes)
-    if gen is None:
-        return None
-    manifest = read_manifest(indexes / str(gen))
+    try:
+        gen = current_generation(indexes)
+        if gen is None:
+            return None
+        require_intact(indexes / str(gen))
+        manifest = read_manifest(indexes / str(gen))
+    except DamagedFile as e:
+        return {"damaged": str(e)}
     return {"generation": gen, **{k: manifest.get(k) for k in INDEX_FIELDS}}
 
 

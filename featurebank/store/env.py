@@ -26,6 +26,7 @@ import fcntl
 import logging
 import os
 import shutil
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +34,14 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from featurebank.core.errors import FeaturebankError, NotFound, StorageFull, WriterBusy
+from featurebank.core.errors import (
+    DamagedFile,
+    FeaturebankError,
+    NotFound,
+    ReadOnlyBank,
+    StorageFull,
+    WriterBusy,
+)
 from featurebank.core.rwlock import RWLock
 
 log = logging.getLogger(__name__)
@@ -53,6 +61,47 @@ MAX_MAP_SIZE = 1 << 42
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO)
 
 
+_META_MAGIC = 0xBEEFC0DE
+_PAGE_HEADER = 16  # the meta pages' layout on 64-bit builds (lmdb's mdb.c: MDB_meta)
+
+
+def check_data_file(env_dir: Path) -> None:
+    """Compare data.mdb with its own header before mapping it: a short file would SIGBUS.
+
+    An LMDB file starts with two meta pages; the newer one (by transaction id) names the
+    last page in use, so the file must be at least that long.
+    """
+    path = env_dir / "data.mdb"
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(_PAGE_HEADER + 160)
+            psize = struct.unpack_from("<I", head, _PAGE_HEADER + 24)[0] if len(head) >= 44 else 0
+            f.seek(psize)
+            second = f.read(_PAGE_HEADER + 160) if 0 < psize <= 1 << 16 else b""
+    except FileNotFoundError:
+        raise DamagedFile(f"{path} is missing (the store's environment)") from None
+    metas = [m for m in (head, second) if len(m) >= _PAGE_HEADER + 136]
+    valid = [m for m in metas if struct.unpack_from("<I", m, _PAGE_HEADER)[0] == _META_MAGIC]
+    if not valid:
+        raise DamagedFile(f"{path} is damaged (not an LMDB environment: no valid header)")
+    newest = max(valid, key=lambda m: struct.unpack_from("<Q", m, _PAGE_HEADER + 128)[0])
+    last_page = struct.unpack_from("<Q", newest, _PAGE_HEADER + 120)[0]
+    needed = (last_page + 1) * psize
+    if size < needed:
+        raise DamagedFile(
+            f"{path} is truncated ({size} bytes; its header says at least {needed})"
+        )
+
+
+def read_only_fs(path: Path) -> bool:
+    """Whether `path` is on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except FileNotFoundError:
+        return False
+
+
 def is_disk_full(e: BaseException) -> bool:
     """LMDB reports write failures as lmdb.Error carrying the errno text; OSError as errno."""
     if isinstance(e, OSError) and e.errno in _DISK_FULL:
@@ -64,30 +113,51 @@ def is_disk_full(e: BaseException) -> bool:
 class EnvHandle:
     """One open LMDB environment and its named databases."""
 
-    def __init__(self, path: Path, create: bool, map_size: int = INITIAL_MAP_SIZE) -> None:
+    def __init__(
+        self, path: Path, create: bool, map_size: int = INITIAL_MAP_SIZE, frozen: bool = False
+    ) -> None:
+        """`frozen`: the file system is read-only, so nothing can write the environment:
+        it is opened read-only without LMDB's lock file (which could not be created)."""
         self.path = path
         self.name = path.name
         self.pins = 0
         self.closed = False
-        self.env = lmdb.open(
-            str(path),
-            subdir=True,
-            create=create,
-            map_size=map_size,
-            max_dbs=len(DB_NAMES) + 2,
-            max_readers=1022,
-            meminit=False,
-        )
+        if not create:
+            check_data_file(path)
         try:
-            stale = self.env.reader_check()
-            if stale:
-                log.info("cleared %d stale LMDB readers in %s", stale, path)
-            self.dbs = self._open_dbs(create)
+            self.env = lmdb.open(
+                str(path),
+                subdir=True,
+                create=create,
+                map_size=map_size,
+                max_dbs=len(DB_NAMES) + 2,
+                max_readers=1022,
+                meminit=False,
+                readonly=frozen,
+                lock=not frozen,
+            )
+        except lmdb.Error as e:
+            if create or is_disk_full(e):
+                raise
+            raise DamagedFile(f"{path / 'data.mdb'} is damaged ({e})") from None
+        try:
+            if not frozen:
+                stale = self.env.reader_check()
+                if stale:
+                    log.info("cleared %d stale LMDB readers in %s", stale, path)
+            self.dbs = self._open_dbs(create, frozen)
+        except lmdb.Error as e:
+            self.env.close()
+            raise DamagedFile(f"{path / 'data.mdb'} is damaged ({e})") from None
         except BaseException:
             self.env.close()
             raise
 
-    def _open_dbs(self, create: bool) -> dict[str, Any]:
+    def _open_dbs(self, create: bool, frozen: bool = False) -> dict[str, Any]:
+        if frozen:  # nothing can write: py-lmdb opens each handle in its own read transaction
+            with self.env.begin() as txn:
+                present = [n for n in DB_NAMES if txn.get(n.encode()) is not None]
+            return {n: self.env.open_db(n.encode(), create=False) for n in present}
         # A write transaction even to open existing databases: py-lmdb drops handles
         # opened in a read transaction when it ends. It changes nothing, so commits for free.
         txn = self.env.begin(write=True)
@@ -127,6 +197,7 @@ class SharedStore:
         self.writer_fd: int | None = None
         self.writer_refs = 0
         self.vocab: dict[int, str] = {}  # label codes never change meaning, so this only grows
+        self.frozen = read_only_fs(path)  # on a read-only mount: readers only
 
     # ---- which environment is current ---------------------------------------------------
 
@@ -145,12 +216,17 @@ class SharedStore:
 
     def _read_current(self) -> tuple[tuple[int, int, int], str]:
         """CURRENT's identity and content, read from one open file so they agree."""
+        path = self.path / CURRENT
         try:
-            with (self.path / CURRENT).open("rb") as f:
+            with path.open("rb") as f:
                 st = os.fstat(f.fileno())
-                name = f.read().decode().strip()
+                name = f.read(256).decode(errors="replace").strip()
         except FileNotFoundError:
             raise NotFound(f"no store in {self.path.parent} (missing {self.path})") from None
+        if not name.startswith(ENV_PREFIX) or "/" in name:
+            raise DamagedFile(f"{path} is damaged (it names {name[:40]!r}, not an environment)")
+        if not (self.path / name).is_dir():
+            raise DamagedFile(f"{path} names {name}, which does not exist in {self.path}")
         return (st.st_ino, st.st_mtime_ns, st.st_size), name
 
     def _switch(self) -> EnvHandle:
@@ -166,8 +242,8 @@ class SharedStore:
                 self._sig = sig
                 return h
             try:
-                new = EnvHandle(self.path / name, create=False)
-            except lmdb.Error:
+                new = EnvHandle(self.path / name, create=False, frozen=self.frozen)
+            except (lmdb.Error, DamagedFile):
                 if self._read_current()[0] != sig:
                     continue  # compacted away while opening: follow CURRENT
                 raise
@@ -257,9 +333,21 @@ class SharedStore:
             if self.writer_fd is not None:
                 self.writer_refs += 1
                 return
+            if self.frozen:
+                raise ReadOnlyBank(
+                    f"bank {self.path.parent} is read-only (its file system is mounted "
+                    "read-only): it can be read, searched and served, not written"
+                )
             self.path.mkdir(parents=True, exist_ok=True)
             lock_path = self.path / WRITER_LOCK
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    raise ReadOnlyBank(
+                        f"bank {self.path.parent} is read-only ({lock_path}: {e.strerror})"
+                    ) from None
+                raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

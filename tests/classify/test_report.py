@@ -136,3 +136,38 @@ def test_eval_and_report_without_a_head(tmp_path: Path) -> None:
     assert data["head"] is None and data["mistakes"] == []
     for name in FIGURES:
         assert (page.parent / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_on_a_full_disk_leaves_the_last_one_whole(tmp_path: Path) -> None:
+    """A report is written beside its folder and swapped in: a full disk changes nothing."""
+    import os
+    import subprocess
+
+    from featurebank.core.errors import InvalidInput, StorageFull
+
+    rng = np.random.default_rng(2)
+    y = np.arange(40) % 2
+    x = rng.normal(size=(2, 6)).astype(np.float32)[y] + 0.3 * rng.normal(size=(40, 6)).astype(np.float32)
+    b = tmp_path / "bank"
+    with store_mod.create(b, make_spec(6)) as st:
+        st.put_batch([f"k{i}" for i in range(40)], x, [f"c{c}" for c in y], ["train"] * 30 + ["test"] * 10)
+    build_index(b)
+    ev = evaluate(b, "test")
+    with pytest.raises(InvalidInput, match="holds other files than a report"):
+        write_report(ev, b)  # never swaps away a folder that is not a report
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here (needs root where mount is permitted)")
+    try:
+        page = write_report(ev, small / "report")
+        before = {p.name: p.read_bytes() for p in page.parent.iterdir()}
+        free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
+        (small / "filler").write_bytes(bytes(max(0, free - 8192)))
+        with pytest.raises(StorageFull, match="disk full"):
+            write_report(ev, small / "report")
+        assert {p.name: p.read_bytes() for p in page.parent.iterdir()} == before
+        assert sorted(p.name for p in small.iterdir()) == ["filler", "report"]  # no staging left
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

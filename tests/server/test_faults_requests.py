@@ -61,7 +61,7 @@ CASES: dict[str, tuple[Callable[[FeatureBankClient], Any], grpc.StatusCode | Non
     "classify key unknown": (lambda c: c.classify(key="z" * 1000), NOT_FOUND, "z"),
     "classify batch 1000 unknown keys": (
         lambda c: c.classify_batch([pb.Input(key=f"{i}" + "q" * 1000) for i in range(1000)]),
-        NOT_FOUND, "is not in bank",
+        NOT_FOUND, "is not in this bank",
     ),
     "upsert key 100k": (upsert(key=HUGE), INVALID, "item 0 key"),
     "upsert split 100k": (upsert(split=HUGE), INVALID, "split"),

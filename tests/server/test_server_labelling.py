@@ -88,7 +88,7 @@ def test_thumbnails_and_report_errors(served: tuple[RunningServer, Path]) -> Non
     rs, _ = served
     with FeatureBankClient(rs.target, token="r0") as c:
         assert c.thumbnails(["cat/1-0"]) == {}  # vectors only: no thumbnails kept
-        with pytest.raises(RemoteError, match="not in bank") as e:
+        with pytest.raises(RemoteError, match="not in this bank") as e:
             c.thumbnails(["nobody"])
         assert e.value.code == grpc.StatusCode.NOT_FOUND
         with pytest.raises(RemoteError, match="GetThumbnails got no keys"):
@@ -155,7 +155,7 @@ def test_page_api_forwards_to_the_server_and_reports_its_errors(
             (web.post("/api/labels", json={"labels": {"nobody": "cat"}}), 404, "unknown key"),
             (web.get("/api/suggest?n=lots"), 400, "n must be a whole number"),
             (web.get("/api/suggest?strategy=random"), 400, "unknown strategy"),
-            (web.get("/api/thumb?key=nobody"), 404, "not in bank"),
+            (web.get("/api/thumb?key=nobody"), 404, "not in this bank"),
             (web.get("/api/operation/nope"), 404, "no operation"),
             (web.get("/report"), 404, "run `featurebank eval` first"),
         ]

@@ -1,0 +1,178 @@
+"""`featurebank store repair`: rebuild what is derived from the store, and say what was done.
+
+Indexes and heads are derived state, so no damage to them loses an item: a damaged
+generation is set aside (renamed `.damaged-<gen>`, kept for inspection, never loaded);
+a broken CURRENT is pointed at the newest intact generation; when no intact generation
+is left, one is rebuilt from the store with the params the damaged one recorded. A
+store CURRENT naming a missing environment is pointed at the environment that holds
+the newest commit. Damage inside the store's data file is reported, not rewritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from featurebank.core.bank import (
+    DAMAGED,
+    Bank,
+    candidates,
+    current_generation,
+    generations,
+    write_atomic,
+)
+from featurebank.core.errors import DamagedFile, FailedPrecondition
+from featurebank.core.integrity import CHECKSUMS, problems, read_json, write_checksums
+from featurebank.store.env import CURRENT, ENV_PREFIX, EnvHandle
+from featurebank.store.rows import get_int
+from featurebank.store.verify import Verification, verify
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def repair(bank: str | Path | Bank) -> dict[str, Any]:
+    """Repair `bank` as far as the store allows; returns what was found, done and left."""
+    b = Bank(bank)
+    before = verify(b, deep=True)
+    actions: list[str] = []
+    _repair_store_pointer(b, actions)
+    for what, parent in (("index", b.indexes_dir), ("head", b.heads_dir)):
+        _repair_generations(b, what, parent, actions)
+    after = verify(b, deep=True)
+    return {
+        "bank": str(b.root),
+        "found": [f.message for f in before.findings],
+        "actions": actions,
+        "left": [f.message for f in after.findings],
+        "items_before": before.items,
+        "items_after": after.items,
+        "severity": after.severity,
+    }
+
+
+def _repair_store_pointer(b: Bank, actions: list[str]) -> None:
+    """Point store/CURRENT at the intact environment holding the newest commit."""
+    store_dir = b.store_dir
+    pointer = store_dir / CURRENT
+    try:
+        name = pointer.read_text(errors="replace").strip()
+    except FileNotFoundError:
+        return  # no store at all: nothing to point at
+    if name.startswith(ENV_PREFIX) and (store_dir / name).is_dir():
+        return
+    best = _newest_environment(store_dir)
+    if best is None:
+        return
+    write_atomic(pointer, f"{best}\n".encode())
+    actions.append(f"pointed {pointer} at {best} (it named {name[:40]!r})")
+
+
+def _newest_environment(store_dir: Path) -> str | None:
+    """The environment whose data file is intact and holds the highest store generation."""
+    import lmdb
+
+    best: tuple[int, str] | None = None
+    for env in store_dir.glob(ENV_PREFIX + "*"):
+        try:
+            handle = EnvHandle(env, create=False, frozen=True)
+        except (DamagedFile, lmdb.Error, OSError):
+            continue
+        try:
+            with handle.env.begin() as txn:
+                gen = get_int(txn, handle, "generation")
+        finally:
+            handle.close()
+        if best is None or gen > best[0]:
+            best = (gen, env.name)
+    return None if best is None else best[1]
+
+
+def _repair_generations(b: Bank, what: str, parent: Path, actions: list[str]) -> None:
+    order, pointer_damage = candidates(parent)
+    damaged = [g for g in order if problems(parent / str(g), deep=True)]
+    for gen in [g for g in order if g not in damaged and not (parent / str(g) / CHECKSUMS).exists()]:
+        if _loads(b, what, gen):
+            write_checksums(parent / str(gen))
+            actions.append(f"checked that {what} generation {gen} loads and wrote its {CHECKSUMS}")
+        else:
+            damaged.append(gen)
+    if not pointer_damage and not damaged:
+        return
+    recorded = _recorded_manifest(parent, order)
+    for gen in damaged:
+        aside = parent / f"{DAMAGED}{gen}-{int(time.time())}"
+        os.rename(parent / str(gen), aside)
+        actions.append(f"set aside damaged {what} generation {gen} as {aside}")
+    intact = generations(parent)
+    try:
+        live = current_generation(parent)
+    except DamagedFile:
+        live = None
+    if live in intact:
+        return
+    if intact:
+        write_atomic(parent / "CURRENT", f"{intact[0]}\n".encode())
+        actions.append(f"pointed {parent / 'CURRENT'} at intact {what} generation {intact[0]}")
+        return
+    (parent / "CURRENT").unlink(missing_ok=True)  # it names a generation set aside
+    actions.append(_rebuild(b, what, recorded))
+
+
+def _loads(b: Bank, what: str, gen: int) -> bool:
+    """Whether a generation without checksums loads (what sealing it vouches for)."""
+    try:
+        if what == "index":
+            from featurebank.index.views import load_generation
+
+            load_generation(b, gen)
+        else:
+            from featurebank.classify.head_generations import load_head
+
+            load_head(b, gen)
+    except DamagedFile:
+        return False
+    return True
+
+
+def _recorded_manifest(parent: Path, order: list[int]) -> dict[str, Any] | None:
+    """The newest manifest still readable (a damaged generation's params are worth keeping)."""
+    for gen in order:
+        try:
+            return read_json(parent / str(gen) / MANIFEST, f"the {parent.name} manifest")
+        except DamagedFile:
+            continue
+    return None
+
+
+def _rebuild(b: Bank, what: str, manifest: dict[str, Any] | None) -> str:
+    if what == "index":
+        from featurebank.core.params import IndexParams
+        from featurebank.index.build import build_index
+
+        params = IndexParams.from_manifest(manifest)
+        out = build_index(b, **dataclasses.asdict(params))
+        return f"rebuilt the index from the store as generation {out['generation']}"
+    from featurebank.classify.heads import train_head
+    from featurebank.core.params import HeadParams
+
+    try:
+        out = train_head(b, HeadParams.from_manifest(manifest))
+    except FailedPrecondition as e:
+        return f"could not retrain the head: {e}"
+    return f"retrained the head from the store's labels as generation {out['generation']}"
+
+
+def print_lines(report: Verification) -> list[str]:
+    """`store verify`'s lines: one per finding, then a summary."""
+    lines = [f"{f.severity.upper():8} {f.message}" for f in report.findings]
+    gens = ", ".join(f"{w} {g or 'none'}" for w, g in report.generations.items())
+    items = "unreadable" if report.items is None else f"{report.items} items read back"
+    state = "intact" if not report.findings else f"{len(report.findings)} damaged"
+    lines.append(f"{report.bank}: {state}; store {items}; generations: {gens}")
+    return lines
