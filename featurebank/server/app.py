@@ -43,7 +43,7 @@ from featurebank.server.replica import DEFAULT_FOLLOW_INTERVAL_S, ReplicaEngine,
 from featurebank.server.service import FeatureBankServicer
 from featurebank.server.status import hide_path
 from featurebank.server.tls import server_credentials
-from featurebank.store.env import read_only_fs
+from featurebank.store.header import read_only_fs
 from featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -88,6 +88,11 @@ class Engine:
         return self.live.models is not None
 
     @property
+    def load_error(self) -> str | None:
+        """Why classification cannot be answered (no index yet, or none intact); None if ready."""
+        return self.live.load_error
+
+    @property
     def dim(self) -> int:
         return int(self.live.opened().spec.dim)
 
