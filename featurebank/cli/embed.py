@@ -47,7 +47,11 @@ def register(commands: Commands) -> None:
         default="imagenet",
         help="imagenet (from the Keras cache), none (seeded random init), or a weights file",
     )
-    p.add_argument("--layer", help="feature layer of a .keras backbone (default: its output)")
+    p.add_argument(
+        "--layer",
+        help="feature layer of a .keras backbone (default: its output, or the input of its "
+        "classifier when it ends in a softmax/sigmoid Dense)",
+    )
     p.add_argument("--image-size", type=int, help="input size in pixels (default: the family's)")
     p.add_argument("--resize", choices=RESIZE_MODES, default="crop")
     p.add_argument(
@@ -131,6 +135,14 @@ def _embed(args: argparse.Namespace) -> int:
 
     def started(report: dict[str, Any]) -> None:
         print(f"featurebank embed: running on {report['device']}", file=sys.stderr, flush=True)
+        if report.get("layer") and args.layer is None:
+            print(
+                f"featurebank embed: features from layer {report['layer']}, the input of the "
+                "model's classifier (a last softmax/sigmoid Dense is left out; --layer to "
+                "choose another)",
+                file=sys.stderr,
+                flush=True,
+            )
         if not any("GPU" in d for d in report["devices"]):
             print(
                 "featurebank embed: warning: no GPU used, embedding on the CPU "

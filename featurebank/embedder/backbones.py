@@ -283,14 +283,24 @@ def _all_layers(model: Any) -> list[Any]:
     return out
 
 
-def load_user_model(path: str, layer: str | None) -> Any:
-    """The user's own saved Keras model, cut at `layer` (default: its output)."""
+CLASSIFIER_ACTIVATIONS = ("softmax", "sigmoid")
+"""A last Dense layer with one of these is a classifier, not a feature layer."""
+
+
+def load_user_model(path: str, layer: str | None, cut_classifier: bool = False) -> tuple[Any, str | None]:
+    """The user's own saved Keras model cut at `layer`, and the layer it was cut at.
+
+    Without `layer` the model's output is used, unless `cut_classifier` and the model ends
+    in a classifier (see `classifier_input`): then the layer feeding the classifier.
+    """
     import keras
 
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as e:
         raise InvalidInput(f"could not load Keras model {path}: {e}") from e
+    if layer is None and cut_classifier:
+        layer = classifier_input(model)
     if layer is not None:
         try:
             out = model.get_layer(layer).output
@@ -299,7 +309,33 @@ def load_user_model(path: str, layer: str | None) -> Any:
             raise InvalidInput(f"model {path} has no layer {layer!r}; layers: {names}") from e
         model = keras.Model(model.inputs, out)
     model.trainable = False
-    return model
+    return model, layer
+
+
+def classifier_input(model: Any) -> str | None:
+    """The layer feeding a last softmax/sigmoid Dense (class scores, not features), else None.
+
+    That is where `include_top=False` cuts the keras.applications families; Dropout
+    between them is skipped (it does nothing at inference).
+    """
+    import keras
+
+    last = model.layers[-1]
+    activation = getattr(getattr(last, "activation", None), "__name__", "")
+    if not isinstance(last, keras.layers.Dense) or activation not in CLASSIFIER_ACTIVATIONS:
+        return None
+    feeding = _producer(last)
+    while isinstance(feeding, keras.layers.Dropout):
+        feeding = _producer(feeding)
+    if feeding is None or isinstance(feeding, keras.layers.InputLayer):
+        return None
+    return str(feeding.name)
+
+
+def _producer(layer: Any) -> Any:
+    """The layer whose output feeds `layer` (None when several or unknown)."""
+    history = getattr(layer.input, "_keras_history", None)
+    return history[0] if history else None
 
 
 def model_input_size(model: Any) -> tuple[int, int] | None:

@@ -286,6 +286,8 @@ def run(
         }
         if not p.todo:
             with store_mod.open(bank, readonly=True) as st:
+                if not spec.dim:  # only the model tells the rest (dim, layer, size, pooling)
+                    st.spec.check_same(Embedder.cached(spec, placement).spec)
                 summary.update(spec=st.spec.describe(), embedded=0, failed=0, errors=[])
             return _finish(summary, t0, time.perf_counter(), Timings(), 0, fail_on_error)
         embedder = Embedder.cached(spec, placement)
