@@ -9,7 +9,6 @@ this module stays cheap.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from featurebank.core.bank_models import sha256_file
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
 from featurebank.core.vocabulary import PREPROCESSINGS
 
@@ -117,15 +117,6 @@ def is_model_file(backbone: str) -> bool:
     return backbone.endswith((".keras", ".h5")) or Path(backbone).is_file()
 
 
-def sha256_file(path: str | Path) -> str:
-    """Content identity of a weights/model file, so a moved file still matches its bank."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def weights_identity(weights: str) -> tuple[str, str | None]:
     """Map a --weights value to (identity recorded in the spec, absolute file path or None)."""
     if weights in ("imagenet", "none"):
@@ -139,7 +130,11 @@ def weights_identity(weights: str) -> tuple[str, str | None]:
 def check_weights_file(identity: str, path: str | None) -> str:
     """The file a spec's weights point to, after checking it still has the recorded content."""
     if path is None or not Path(path).is_file():
-        raise FailedPrecondition(f"weights file {path!r} recorded in the bank's spec is missing")
+        raise FailedPrecondition(
+            f"model file {path} recorded in the bank's spec is missing and the bank keeps no "
+            f"copy of {identity} in its models/ folder; point it to a file with that content: "
+            "featurebank store relink --bank BANK --model FILE"
+        )
     digest = sha256_file(path)
     if f"sha256:{digest}" != identity:
         raise FailedPrecondition(

@@ -22,6 +22,8 @@ from featurebank.store.store import BankLike, borrowed, open_or_create
 from featurebank.store.store import open as open_store
 
 IMPORT_BATCH = 8192
+FOLDERS_COPIED = ("models", "reports")
+"""Bank folders a backup copies whole: the model file by content hash, evaluation reports."""
 
 
 def backup(bank: BankLike, out: str | Path) -> dict[str, Any]:
@@ -41,7 +43,13 @@ def backup(bank: BankLike, out: str | Path) -> dict[str, Any]:
         shutil.copytree(parent / str(gen), target / str(gen))
         write_atomic(target / "CURRENT", f"{gen}\n".encode())
         copied[name] = gen
-    return {"bank": str(src.root), "out": str(dst.root), "items": count, "generations": copied}
+    folders = []
+    for name in FOLDERS_COPIED:  # what the bank needs to embed, and what it has reported
+        if (src.root / name).is_dir():
+            shutil.copytree(src.root / name, dst.root / name, dirs_exist_ok=True)
+            folders.append(name)
+    return {"bank": str(src.root), "out": str(dst.root), "items": count, "generations": copied,
+            "folders": folders}  # fmt: skip
 
 
 def export(bank: BankLike, out: str | Path, fmt: str = "npy") -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,62 @@ def test_rerun_with_another_resize_is_refused_without_new_images(
     assert embed(images, bank, "--resize", "pad") == 2
     err = capsys.readouterr().err
     assert "spec mismatch" in err and "resize: 'crop' vs 'pad'" in err
+
+
+def test_a_bank_keeps_its_model_when_the_file_and_the_bank_move(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from featurebank.server.app import ServeConfig
+    from tests.support.server import RunningServer, free_port
+
+    model = tmp_path / "models" / "digits.keras"
+    model.parent.mkdir()
+    shutil.copyfile(DIGITS_MODEL, model)
+    bank = tmp_path / "bank"
+    assert embed(images, bank, model=model) == 0
+    assert main(["index", "build", "--bank", str(bank), "--factory", "Flat", "--k", "3"]) == 0
+    moved_model = tmp_path / "elsewhere.keras"
+    model.rename(moved_model)
+    moved_bank = tmp_path / "copied" / "bank"
+    shutil.copytree(bank, moved_bank)
+    shutil.rmtree(bank)
+
+    more = write_digits(tmp_path / "more", n=8)  # the model at its new place embeds more
+    capsys.readouterr()
+    assert embed(more, moved_bank, model=moved_model) == 0
+    assert "embedded 2, skipped 6" in capsys.readouterr().out
+    moved_model.unlink()
+
+    with RunningServer(ServeConfig(bank=moved_bank, port=free_port())) as rs:
+        code = main(["classify", str(images / "class0" / "000.png"), "--server", rs.target])
+    out = capsys.readouterr().out
+    assert code == 0 and "class0" in out
+
+
+def test_relink_and_the_error_when_no_model_is_left(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "digits.keras"
+    shutil.copyfile(DIGITS_MODEL, model)
+    bank = tmp_path / "bank"
+    assert embed(images, bank, model=model) == 0
+    model.unlink()
+    shutil.rmtree(bank / "models")  # a bank made before banks kept their model
+    more = write_digits(tmp_path / "more", n=8)
+    capsys.readouterr()
+    assert main(["store", "relink", "--bank", str(bank), "--model", str(more / "class0" / "000.png")]) == 2
+    assert "does not match" in capsys.readouterr().err
+    from featurebank.embedder.embedding import Embedder
+
+    with store_mod.open(bank, readonly=True) as st, pytest.raises(Exception) as failed:
+        Embedder.from_spec(st.spec)
+    assert "store relink" in str(failed.value) and str(model) in str(failed.value)
+
+    again = tmp_path / "found" / "digits.keras"
+    again.parent.mkdir()
+    shutil.copyfile(DIGITS_MODEL, again)
+    assert main(["store", "relink", "--bank", str(bank), "--model", str(again)]) == 0
+    assert "relinked" in capsys.readouterr().out
+    again.unlink()  # the bank holds its copy now
+    with store_mod.open(bank, readonly=True) as st:
+        assert Embedder.from_spec(st.spec, freeze=False).dim == 128
