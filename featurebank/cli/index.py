@@ -74,7 +74,40 @@ def _summary(m: dict[str, Any]) -> str:
     )
 
 
+def refuse_while_held(bank: str) -> None:
+    """Refuse to publish an index beside the bank's writer (a running server, most often).
+
+    A server keeps serving its own index until its next rebuild, while replicas would switch
+    to the generation published here, so the two would answer from different indexes; a
+    server rebuilds in the background without that (`featurebank rebuild --server`).
+    """
+    from featurebank import store as store_mod
+    from featurebank.core.errors import WriterBusy
+
+    with store_mod.open(bank, readonly=True) as st:
+        pid = st.writer_pid()
+    if pid is None:
+        return
+    what = f"process {pid}" + (f" ({_command_line(pid)})" if pid > 0 else "")
+    raise WriterBusy(
+        f"bank {bank} is held by {what}; an index built offline would not be the one its "
+        "server answers from: rebuild through the server (featurebank rebuild --server "
+        "HOST:PORT), or build once that process has finished"
+    )
+
+
+def _command_line(pid: int) -> str:
+    """What the process is (e.g. `featurebank serve --bank b --port 4464`), where readable."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return "its command line is not readable"
+    return " ".join(w for w in words if w)[:200]
+
+
 def _build(args: argparse.Namespace) -> int:
+    refuse_while_held(args.bank)
     if args.engine == "ray":
         return _build_ray(args)
     from featurebank.index.build import build_index
@@ -105,6 +138,8 @@ def _build_ray(args: argparse.Namespace) -> int:
 
 def _update(args: argparse.Namespace) -> int:
     from featurebank.index.fold import update_index
+
+    refuse_while_held(args.bank)
 
     m = update_index(args.bank, progress=True)
     if m.get("unchanged"):

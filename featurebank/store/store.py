@@ -250,6 +250,10 @@ class Store:
                 sh.acquire_writer()
                 self._writer = True
 
+    def writer_pid(self) -> int | None:
+        """Which process holds the bank's writer lock now (-1: unknown), None when none does."""
+        return self._sh().holder()
+
     def _write(self, fn: Any) -> Any:
         self.acquire_writer()
         return self._sh().write(fn)
