@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.cli import args as args_
 from featurebank.cli.index import add_index_params
 from featurebank.core.vocabulary import MODES, SPLITS, UNKNOWN
 
 
 def connection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
-    g.add_argument("--server", default=os.environ.get("FEATUREBANK_SERVER", "127.0.0.1:50051"),
+    g.add_argument("--server", type=args_.server_address, default=os.environ.get("FEATUREBANK_SERVER", "127.0.0.1:50051"),
                    help="HOST:PORT of the server (default $FEATUREBANK_SERVER or 127.0.0.1:50051)")
     token = g.add_mutually_exclusive_group()
     token.add_argument("--token", default=os.environ.get("FEATUREBANK_TOKEN"),
@@ -41,8 +42,9 @@ def register(commands: Commands) -> None:
     p = commands.command("classify", "classify images with a running server", _classify)
     p.add_argument("images", nargs="+", type=Path, help="image files")
     p.add_argument("--mode", choices=MODES, default=None)
-    p.add_argument("--k", type=int, default=0, help="neighbours that vote (0 = server default)")
-    p.add_argument("--top-n", type=int, default=3, help="labels to show per image")
+    p.add_argument("--k", type=args_.non_negative, default=0,
+                   help="neighbours that vote (0 = server default)")
+    p.add_argument("--top-n", type=args_.positive, default=3, help="labels to show per image")
     p.add_argument("--neighbors", action="store_true", help="also show the neighbours")
     p.add_argument(
         "--abstain", type=float, default=0.0, metavar="PRECISION",
@@ -53,7 +55,7 @@ def register(commands: Commands) -> None:
     p = commands.command("search", "nearest stored items of an image or key", _search)
     p.add_argument("image", nargs="?", type=Path, help="image file (or use --key)")
     p.add_argument("--key", default=None, help="key of a stored item to search from")
-    p.add_argument("--k", type=int, default=10, help="neighbours to return")
+    p.add_argument("--k", type=args_.positive, default=10, help="neighbours to return")
     p.add_argument("--label", action="append", default=[], help="only items with this label")
     p.add_argument("--metadata", action="store_true", help="include source metadata")
     connection_args(p)
@@ -64,7 +66,7 @@ def register(commands: Commands) -> None:
     p.add_argument("--folder-labels", action="store_true",
                    help="label each image with the name of its folder")
     p.add_argument("--split", default="none", choices=SPLITS)
-    p.add_argument("--chunk", type=int, default=256, help="images per Upsert call")
+    p.add_argument("--chunk", type=args_.positive, default=256, help="images per Upsert call")
     connection_args(p)
 
     p = commands.subcommand("labels", "set", "set or clear labels on a served bank", _labels_set)
@@ -97,11 +99,19 @@ def _dump(message: Any) -> str:
     return json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2)
 
 
+def _read_image(path: Path) -> bytes:
+    """The bytes of an image file named on the command line (a folder is an error here)."""
+    from featurebank.core.files import read_named_file
+
+    return read_named_file("image", path)
+
+
 def _classify(args: argparse.Namespace) -> int:
+    images = [_read_image(path) for path in args.images]  # every one, before any call
     with client_from_args(args) as client:
-        for path in args.images:
+        for path, image in zip(args.images, images, strict=True):
             r = client.classify(
-                path, mode=args.mode, k=args.k, top_n=args.top_n,
+                image, mode=args.mode, k=args.k, top_n=args.top_n,
                 include_neighbors=args.neighbors, abstain_below=args.abstain,
             )
             if args.json:
@@ -121,9 +131,10 @@ def _search(args: argparse.Namespace) -> int:
 
     if (args.image is None) == (args.key is None):
         raise InvalidInput("give exactly one of an image or --key")
+    image = None if args.image is None else _read_image(args.image)
     with client_from_args(args) as client:
         r = client.search(
-            args.image, key=args.key, k=args.k, labels=args.label,
+            image, key=args.key, k=args.k, labels=args.label,
             include_metadata=args.metadata,
         )
     if args.json:

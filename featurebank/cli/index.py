@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.cli import args as args_
 from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import METRICS
 
@@ -31,7 +32,7 @@ def add_index_params(p: argparse.ArgumentParser) -> None:
                    + KEEP.format("4G"))
     p.add_argument("--target-recall", type=float, help="recall@k to tune for; "
                    + KEEP.format(d.target_recall))
-    p.add_argument("--k", type=int, help="k of the recall target; " + KEEP.format(d.k))
+    p.add_argument("--k", type=args_.positive, help="k of the recall target; " + KEEP.format(d.k))
     p.add_argument("--allow-below-target", action="store_true", default=None,
                    help="publish the index even if its measured recall is below the target "
                    "(also for later folds); without it such an index is refused")
