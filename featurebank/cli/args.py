@@ -54,5 +54,12 @@ def server_address(text: str) -> str:
     return text
 
 
+def show_progress(asked: bool = True) -> bool:
+    """Progress bars only on a terminal: in a log file each redraw is a line of its own."""
+    import sys
+
+    return asked and sys.stderr.isatty()
+
+
 positive = at_least(1)
 non_negative = at_least(0)

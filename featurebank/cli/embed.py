@@ -9,9 +9,11 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.cli.args import show_progress
 from featurebank.core.errors import InvalidInput
 from featurebank.core.vocabulary import (
     DEVICES,
@@ -124,7 +126,30 @@ def register(commands: Commands) -> None:
     g.add_argument("--shard-size", type=int, default=1000, help="images per shard")
 
 
+def check_before_tensorflow(args: argparse.Namespace) -> None:
+    """What can be checked in milliseconds is, before TensorFlow takes seconds to start: the
+    source and the backbone exist; and a randomly initialised family gets its warning."""
+    from featurebank.core.errors import NotFound
+    from featurebank.embedder import backbones, sources
+
+    sources.check_exists(args.source)
+    if backbones.is_model_file(args.backbone):
+        if not Path(args.backbone).expanduser().is_file():
+            raise NotFound(f"backbone model file {args.backbone} does not exist")
+        return
+    backbones.family(args.backbone)  # NotFound lists the known families
+    if args.weights == "none":
+        print(
+            "featurebank embed: warning: --weights none: the backbone is randomly initialised "
+            "(seeded), so its vectors say little about the images; use imagenet weights (from "
+            "the Keras cache), a weights file, or your own trained .keras model",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def _embed(args: argparse.Namespace) -> int:
+    check_before_tensorflow(args)
     if args.engine == "ray":
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         return _embed_ray(args)
@@ -164,7 +189,7 @@ def _embed(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         labels=args.labels,
         fail_on_error=False,
-        progress=not args.no_progress,
+        progress=show_progress(not args.no_progress),
         preprocessing=args.preprocess,
         max_pixels=args.max_pixels,
         thumbnails=args.thumbnails,
@@ -207,7 +232,7 @@ def _embed_ray(args: argparse.Namespace) -> int:
         workers=parse_workers(args.workers),
         cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker,
-        progress=not args.no_progress,
+        progress=show_progress(not args.no_progress),
         max_pixels=args.max_pixels,
         verbose=args.verbose > 0,
         thumbnails=args.thumbnails,

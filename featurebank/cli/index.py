@@ -113,7 +113,9 @@ def _build(args: argparse.Namespace) -> int:
         return _build_ray(args)
     from featurebank.index.build import build_index
 
-    m = build_index(args.bank, progress=True, threads=args.threads, **index_overrides(args))
+    m = build_index(
+        args.bank, progress=args_.show_progress(), threads=args.threads, **index_overrides(args)
+    )
     print(_summary(m) + f"; built in {m['build_seconds']:.1f}s")
     return 0
 
@@ -127,7 +129,7 @@ def _build_ray(args: argparse.Namespace) -> int:
         train_sample=args.train_sample,
         shards=args.shards,
         address=args.address,
-        progress=True,
+        progress=args_.show_progress(),
         verbose=args.verbose > 0,
     )
     print(
@@ -142,7 +144,7 @@ def _update(args: argparse.Namespace) -> int:
 
     refuse_while_held(args.bank)
 
-    m = update_index(args.bank, progress=True)
+    m = update_index(args.bank, progress=args_.show_progress())
     if m.get("unchanged"):
         print(f"index generation {m['generation']} is up to date")
     else:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.cli.args import show_progress
 
 
 def register(commands: Commands) -> None:
@@ -93,7 +94,7 @@ def _bank_arg(p: argparse.ArgumentParser) -> None:
 def _commit(args: argparse.Namespace) -> int:
     from featurebank.embedder.commit import commit_shards
 
-    s = commit_shards(args.bank, args.staging, progress=not args.json)
+    s = commit_shards(args.bank, args.staging, progress=show_progress(not args.json))
     if args.json:
         print(json.dumps(s, indent=2))
         return 0

@@ -151,6 +151,17 @@ def _float_range(array: Any) -> str:
 # ------------------------------------------------------------------ opening
 
 
+def check_exists(source: str | os.PathLike[str]) -> Path:
+    """The file or folder a SOURCE argument names (an HDF5 file without its dataset part),
+    or NotFound: cheap, so a command checks it before it starts a model."""
+    text = os.fspath(source)
+    h5 = _split_hdf5(text)
+    path = h5[0] if h5 is not None else Path(text).expanduser()
+    if not path.exists():
+        raise NotFound(f"source {text} does not exist")
+    return path
+
+
 def open_source(
     source: str | os.PathLike[str], labels: str = "folders", follow_links: bool = False
 ) -> Source:
@@ -166,9 +177,7 @@ def open_source(
     h5 = _split_hdf5(text)
     if h5 is not None:
         return _open_hdf5(h5[0], h5[1], h5[2], labels)
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise NotFound(f"source {text} does not exist")
+    path = check_exists(text)
     if path.is_dir():
         if labels == "manifest":
             raise InvalidInput(f"--labels manifest needs a CSV/TSV manifest, {text} is a folder")
