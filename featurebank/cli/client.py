@@ -66,6 +66,9 @@ def register(commands: Commands) -> None:
     p.add_argument("--folder-labels", action="store_true",
                    help="label each image with the name of its folder")
     p.add_argument("--split", default="none", choices=SPLITS)
+    p.add_argument("--key-prefix", default="",
+                   help="put before every key (keys are paths relative to the folder given, as "
+                   "`featurebank embed` makes them; a file given alone is keyed by its name)")
     p.add_argument("--chunk", type=args_.positive, default=256, help="images per Upsert call")
     connection_args(p)
 
@@ -146,9 +149,10 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_paths(paths: list[Path]) -> list[tuple[str, Path]]:
-    """(key, path) of every image file named or found in a folder; the key is the path as
-    given, written so the store can hold it. Directory symlinks are not followed."""
+def _image_paths(paths: list[Path], prefix: str = "") -> list[tuple[str, Path]]:
+    """(key, path) of every image file named or found in a folder. Keys are made as `embed`
+    makes them: relative to the folder given (a file alone: its name), after `prefix`,
+    written so the store can hold them. Directory symlinks are not followed."""
     import stat
 
     from featurebank.core.errors import InvalidInput, NotFound
@@ -159,14 +163,22 @@ def _image_paths(paths: list[Path]) -> list[tuple[str, Path]]:
     for p in paths:
         if p.is_dir():
             listing = folders.list_images(p, IMAGE_EXTS)
-            out.extend((folders.storable_key(str(p / rel)), Path(full))
+            out.extend((folders.storable_key(prefix + rel), Path(full))
                        for rel, full in listing.files)  # fmt: skip
             for skipped in listing.skipped:
                 print(f"featurebank upsert: left out {p / skipped}", file=sys.stderr)
         elif p.exists():
-            out.append((folders.storable_key(str(p)), p))
+            out.append((folders.storable_key(prefix + p.name), p))
         else:
             raise NotFound(f"no such file or folder: {p}")
+    seen: dict[str, Path] = {}
+    for key, f in out:
+        if key in seen:
+            raise InvalidInput(
+                f"key {key!r} would be given to {seen[key]} and {f}: upsert them separately "
+                "with a --key-prefix each"
+            )
+        seen[key] = f
     for key, f in out:  # before anything is sent: a FIFO would block, a device never end
         if not stat.S_ISREG(f.stat().st_mode):
             raise InvalidInput(f"{key} is not a regular file")
@@ -179,7 +191,7 @@ def _upsert(args: argparse.Namespace) -> int:
 
     if args.label and args.folder_labels:
         raise InvalidInput("use --label or --folder-labels, not both")
-    files = _image_paths(args.paths)
+    files = _image_paths(args.paths, args.key_prefix)
     if not files:
         raise InvalidInput("no images found")
     added = replaced = 0
