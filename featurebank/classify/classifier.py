@@ -308,10 +308,14 @@ class Classifier:
         if head is None:
             raise FailedPrecondition(f"mode {mode!r} needs a trained head in {self.bank.root}")
         if mode not in head.calibration:
+            cause = (  # stacked scores are never cross-validated: retraining cannot help
+                "no mode but knn, head and hybrid has them; abstain with one of those"
+                if mode == "stacked"
+                else "knn, head and hybrid have; retrain the head if it predates them"
+            )
             raise FailedPrecondition(
                 f"head generation {snap.head_generation} has no cross-validated scores for "
-                f"{mode!r} to calibrate abstention on (knn, head and hybrid have; retrain the "
-                "head if it predates them)"
+                f"{mode!r} to calibrate abstention on ({cause})"
             )
         conf, ok = head.calibration[mode]
         return calibrate_threshold(conf, ok, precision, smooth=True)

@@ -143,6 +143,7 @@ def _search(args: argparse.Namespace) -> int:
     if args.json:
         print(_dump(r))
         return 0
+    print("score   label  key" + ("  metadata" if args.metadata else ""))
     for n in r.neighbors:
         meta = f"  {dict(n.metadata)}" if args.metadata else ""
         print(f"{n.score:.4f}  {n.label or '-'}  {n.key}{meta}")

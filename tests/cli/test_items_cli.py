@@ -123,3 +123,13 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and err == "", err
+
+
+def test_suggest_prints_a_header(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bank = make_vector_bank(tmp_path / "bank", dim=8, n_per_class=10)
+    with store_mod.open(bank) as st:
+        st.set_labels({"cat/1-1": None, "dog/1-1": None})
+    code, out, _ = run(capsys, "suggest", "--bank", str(bank), "--n", "2", "--mode", "knn")
+    header, *rows = out.splitlines()
+    assert code == 0 and header.split()[:3] == ["score", "key", "guesses"]
+    assert sorted(r.split()[1] for r in rows) == ["cat/1-1", "dog/1-1"]
