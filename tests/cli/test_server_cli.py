@@ -143,9 +143,12 @@ def test_stacked_abstention_error_does_not_suggest_retraining(tmp_path: Path) ->
 
     bank = make_vector_bank(tmp_path / "bank", dim=DIM, n_per_class=10)
     train_head(bank, epochs=5, folds=2, stacked=True)
-    with RunningServer(ServeConfig(bank=bank, port=free_port())) as rs:
-        with FeatureBankClient(rs.target) as client, pytest.raises(RemoteError) as e:
-            client.classify(key="cat/1-0", mode="stacked", abstain_below=0.9)
+    with (
+        RunningServer(ServeConfig(bank=bank, port=free_port())) as rs,
+        FeatureBankClient(rs.target) as client,
+        pytest.raises(RemoteError) as e,
+    ):
+        client.classify(key="cat/1-0", mode="stacked", abstain_below=0.9)
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "'stacked'" in e.value.details and "retrain" not in e.value.details
     assert "abstain with one of those" in e.value.details
