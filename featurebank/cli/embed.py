@@ -34,7 +34,7 @@ def register(commands: Commands) -> None:
     )
     p.add_argument(
         "source",
-        help="folder (class subfolders = labels), CSV/TSV manifest path[,label][,split][,key], "
+        help="folder (class subfolders = labels; train/ val/ test/ top folders = splits), CSV/TSV manifest path[,label][,split][,key], "
         ".npy/.npz (N,H,W,C) array, or file.h5:dataset",
     )
     p.add_argument("--bank", required=True, help="bank directory (created if missing)")

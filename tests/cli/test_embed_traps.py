@@ -128,3 +128,17 @@ def test_relink_and_the_error_when_no_model_is_left(
     again.unlink()  # the bank holds its copy now
     with store_mod.open(bank, readonly=True) as st:
         assert Embedder.from_spec(st.spec, freeze=False).dim == 128
+
+
+def test_train_val_test_folders_are_splits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for split in ("train", "val", "test"):
+        write_digits(tmp_path / "images" / split, n=4)
+    bank = tmp_path / "bank"
+    assert embed(tmp_path / "images", bank) == 0
+    with store_mod.open(bank, readonly=True) as st:
+        items = st.to_numpy()
+    got = {(k.split("/")[0], label, split) for k, label, split in
+           zip(items.keys, items.labels, items.splits, strict=True)}  # fmt: skip
+    assert got == {(s, f"class{c}", s) for s in ("train", "val", "test") for c in (0, 1)}
