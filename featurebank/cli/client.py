@@ -61,7 +61,10 @@ def register(commands: Commands) -> None:
     connection_args(p)
 
     p = commands.command("upsert", "add or replace images in a served bank", _upsert)
-    p.add_argument("paths", nargs="+", type=Path, help="image files or folders (recursive)")
+    p.add_argument("paths", nargs="*", type=Path, help="image files or folders (recursive)")
+    p.add_argument("--manifest", type=Path, default=None,
+                   help="CSV/TSV of path[,label][,split][,key] rows, as `featurebank embed` "
+                   "reads (explicit keys; paths relative to the manifest)")
     p.add_argument("--label", default=None, help="label for every image")
     p.add_argument("--folder-labels", action="store_true",
                    help="label each image with the name of its folder")
@@ -186,13 +189,35 @@ def _image_paths(paths: list[Path], prefix: str = "") -> list[tuple[str, Path]]:
     return out
 
 
+def _manifest_entries(path: Path, prefix: str) -> list[tuple[str, Path, str | None, str]]:
+    """(key, file, label, split) of each manifest row, read as `embed` reads a manifest."""
+    from featurebank.embedder import folders
+    from featurebank.embedder.sources import open_source
+
+    source = open_source(path, labels="folders")
+    try:
+        return [(folders.storable_key(prefix + r.key), Path(r.path or ""), r.label, r.split)
+                for r in source.records]  # fmt: skip
+    finally:
+        source.close()
+
+
 def _upsert(args: argparse.Namespace) -> int:
     from featurebank.core.errors import InvalidInput
     from featurebank.embedder import folders
 
     if args.label and args.folder_labels:
         raise InvalidInput("use --label or --folder-labels, not both")
-    files = _image_paths(args.paths, args.key_prefix)
+    if args.manifest is not None and args.paths:
+        raise InvalidInput("give image files and folders, or --manifest, not both")
+    if args.manifest is not None:
+        files = _manifest_entries(args.manifest, args.key_prefix)
+    else:
+        files = [
+            (key, f, folders.storable_key(f.parent.name) if args.folder_labels else args.label,
+             args.split)
+            for key, f in _image_paths(args.paths, args.key_prefix)
+        ]  # fmt: skip
     if not files:
         raise InvalidInput("no images found")
     added = replaced = 0
@@ -204,12 +229,11 @@ def _upsert(args: argparse.Namespace) -> int:
                 {
                     "key": key,
                     "image": folders.read_regular_file(str(f), client.max_message_bytes),
-                    "label": folders.storable_key(f.parent.name) if args.folder_labels
-                    else args.label,
-                    "split": args.split,
+                    "label": label,
+                    "split": split,
                     "uri": folders.storable_key(str(f.resolve())),
                 }
-                for key, f in chunk
+                for key, f, label, split in chunk
             ]
             r = client.upsert(items)
             added += r.added

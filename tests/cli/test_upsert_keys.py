@@ -62,3 +62,21 @@ def test_two_folders_giving_one_key_are_refused(
     assert main(["upsert", str(a), str(b), "--server", served.target]) == 2
     err = capsys.readouterr().err
     assert "key 'blue/2.png' would be given to" in err and "--key-prefix" in err
+
+
+def test_upsert_from_a_manifest_with_explicit_keys(
+    served: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = write_folder(tmp_path / "imgs", seed=43)
+    (tmp_path / "list.csv").write_text(
+        "\ufeffpath,label,split,key\nimgs/red/0.png,red,val,photo-17\nimgs/blue/2.png,,,photo-18\n"
+    )
+    assert main(["upsert", "--manifest", str(tmp_path / "list.csv"), "--server", served.target]) == 0
+    assert "upserted 2 images: 2 added" in capsys.readouterr().out
+    assert stored(served, ["photo-17", "photo-18"], capsys) == ["photo-17", "photo-18"]
+    assert main(["items", "--bank", str(served.server.config.bank), "--format", "csv"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert "photo-17,red,val" in rows and "photo-18,,none" in rows
+    assert main(["upsert", str(folder), "--manifest", str(tmp_path / "list.csv"),
+                 "--server", served.target]) == 2  # fmt: skip
+    assert "not both" in capsys.readouterr().err
