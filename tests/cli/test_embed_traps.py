@@ -119,6 +119,9 @@ def test_relink_and_the_error_when_no_model_is_left(
     with store_mod.open(bank, readonly=True) as st, pytest.raises(Exception) as failed:
         Embedder.from_spec(st.spec)
     assert "store relink" in str(failed.value) and str(model) in str(failed.value)
+    assert main(["serve", "--bank", str(bank), "--port", "0"]) == 2  # refused in one line
+    err = capsys.readouterr().err
+    assert "store relink" in err and len(err.strip().splitlines()) == 1, err
 
     again = tmp_path / "found" / "digits.keras"
     again.parent.mkdir()
