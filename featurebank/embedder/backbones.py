@@ -282,7 +282,9 @@ CLASSIFIER_ACTIVATIONS = ("softmax", "sigmoid")
 """A last Dense layer with one of these is a classifier, not a feature layer."""
 
 
-def load_user_model(path: str, layer: str | None, cut_classifier: bool = False) -> tuple[Any, str | None]:
+def load_user_model(
+    path: str, layer: str | None, cut_classifier: bool = False
+) -> tuple[Any, str | None]:
     """The user's own saved Keras model cut at `layer`, and the layer it was cut at.
 
     Without `layer` the model's output is used, unless `cut_classifier` and the model ends

@@ -35,7 +35,10 @@ def test_serving_on_a_port_in_use(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         line = one_error_line(cli("serve", "--bank", str(bank), "--port", str(port)))
-    assert f"could not listen on 127.0.0.1:{port}: the port is in use" in line
+        assert f"could not listen on 127.0.0.1:{port}: the port is in use" in line
+        line = one_error_line(cli("serve", "--bank", str(bank), "--port", "0",
+                                  "--metrics-port", str(port)))  # fmt: skip
+    assert f"could not serve metrics on 127.0.0.1:{port}" in line
 
 
 @pytest.mark.parametrize(
