@@ -21,8 +21,8 @@ from featurebank.core.vocabulary import MODES, SPLITS, UNKNOWN
 
 def connection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
-    g.add_argument("--server", type=args_.server_address, default=os.environ.get("FEATUREBANK_SERVER", "127.0.0.1:50051"),
-                   help="HOST:PORT of the server (default $FEATUREBANK_SERVER or 127.0.0.1:50051)")
+    g.add_argument("--server", type=args_.server_address,
+                   default=os.environ.get("FEATUREBANK_SERVER", "127.0.0.1:50051"), help="HOST:PORT of the server (default $FEATUREBANK_SERVER or 127.0.0.1:50051)")
     token = g.add_mutually_exclusive_group()
     token.add_argument("--token", default=os.environ.get("FEATUREBANK_TOKEN"),
                        help="bearer token (default $FEATUREBANK_TOKEN); a value given here "

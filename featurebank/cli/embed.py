@@ -34,8 +34,9 @@ def register(commands: Commands) -> None:
     )
     p.add_argument(
         "source",
-        help="folder (class subfolders = labels; train/ val/ test/ top folders = splits), CSV/TSV manifest path[,label][,split][,key], "
-        ".npy/.npz (N,H,W,C) array, or file.h5:dataset",
+        help="folder (class subfolders = labels; top folders train/ val/ test/ = splits), "
+        "CSV/TSV manifest path[,label][,split][,key], .npy/.npz (N,H,W,C) array, or "
+        "file.h5:dataset",
     )
     p.add_argument("--bank", required=True, help="bank directory (created if missing)")
     p.add_argument(
@@ -148,7 +149,19 @@ def check_before_tensorflow(args: argparse.Namespace) -> None:
         )
 
 
+def _layer_used(used: str | None, asked: str | None) -> str:
+    """Which layer of the user's model gives the features, and why that one."""
+    if asked is not None:
+        return f"features from layer {used}"
+    if used is not None:
+        return (f"features from layer {used}, the input of the model's classifier (a last "
+                "softmax/sigmoid Dense is left out; --layer to choose another)")  # fmt: skip
+    return "features from the model's output (--layer to choose another)"
+
+
 def _embed(args: argparse.Namespace) -> int:
+    from featurebank.embedder import backbones
+
     check_before_tensorflow(args)
     if args.engine == "ray":
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -160,14 +173,9 @@ def _embed(args: argparse.Namespace) -> int:
 
     def started(report: dict[str, Any]) -> None:
         print(f"featurebank embed: running on {report['device']}", file=sys.stderr, flush=True)
-        if report.get("layer") and args.layer is None:
-            print(
-                f"featurebank embed: features from layer {report['layer']}, the input of the "
-                "model's classifier (a last softmax/sigmoid Dense is left out; --layer to "
-                "choose another)",
-                file=sys.stderr,
-                flush=True,
-            )
+        if backbones.is_model_file(args.backbone):
+            print(f"featurebank embed: {_layer_used(report.get('layer'), args.layer)}",
+                  file=sys.stderr, flush=True)  # fmt: skip
         if not any("GPU" in d for d in report["devices"]):
             print(
                 "featurebank embed: warning: no GPU used, embedding on the CPU "

@@ -52,7 +52,7 @@ def test_rerun_with_another_layer_is_refused_without_new_images(
     images: Path, bank: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert embed(images, bank, "--layer", "digit") == 0  # the softmax output, dim 10
-    capsys.readouterr()
+    assert "features from layer digit\n" in capsys.readouterr().err
     assert embed(images, bank, "--layer", "features") == 2
     err = capsys.readouterr().err
     assert "spec mismatch" in err and "layer=digit" in err and "layer=features" in err
