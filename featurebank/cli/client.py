@@ -185,7 +185,7 @@ def _image_paths(paths: list[Path], prefix: str = "") -> list[tuple[str, Path]]:
         seen[key] = f
     for key, f in out:  # before anything is sent: a FIFO would block, a device never end
         if not stat.S_ISREG(f.stat().st_mode):
-            raise InvalidInput(f"{key} is not a regular file")
+            raise InvalidInput(f"{f} is not a regular file")
     return out
 
 

@@ -129,7 +129,7 @@ def register(commands: Commands) -> None:
 
 def check_before_tensorflow(args: argparse.Namespace) -> None:
     """What can be checked in milliseconds is, before TensorFlow takes seconds to start: the
-    source and the backbone exist; and a randomly initialised family gets its warning."""
+    source and the backbone exist."""
     from featurebank.core.errors import NotFound
     from featurebank.embedder import backbones, sources
 
@@ -139,14 +139,6 @@ def check_before_tensorflow(args: argparse.Namespace) -> None:
             raise NotFound(f"backbone model file {args.backbone} does not exist")
         return
     backbones.family(args.backbone)  # NotFound lists the known families
-    if args.weights == "none":
-        print(
-            "featurebank embed: warning: --weights none: the backbone is randomly initialised "
-            "(seeded), so its vectors say little about the images; use imagenet weights (from "
-            "the Keras cache), a weights file, or your own trained .keras model",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 def _layer_used(used: str | None, asked: str | None) -> str:
@@ -176,6 +168,14 @@ def _embed(args: argparse.Namespace) -> int:
         if backbones.is_model_file(args.backbone):
             print(f"featurebank embed: {_layer_used(report.get('layer'), args.layer)}",
                   file=sys.stderr, flush=True)  # fmt: skip
+        elif args.weights == "none":
+            print(
+                "featurebank embed: warning: --weights none: the backbone is randomly "
+                "initialised (seeded), so its vectors say little about the images; use imagenet "
+                "weights (from the Keras cache), a weights file, or your own trained .keras model",
+                file=sys.stderr,
+                flush=True,
+            )
         if not any("GPU" in d for d in report["devices"]):
             print(
                 "featurebank embed: warning: no GPU used, embedding on the CPU "

@@ -7,7 +7,7 @@ store refuses anything made under another spec and says which two differ.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ class Spec:
     pooling: str = "avg"
     dim: int = 0
     dtype: str = "float32"
-    weights_path: str | None = None
+    weights_path: str | None = field(default=None, compare=False)  # where, not what: not equality
     layer: str | None = None
 
     def __post_init__(self) -> None:
