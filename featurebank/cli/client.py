@@ -176,16 +176,15 @@ def _image_paths(paths: list[Path], prefix: str = "") -> list[tuple[str, Path]]:
         else:
             raise NotFound(f"no such file or folder: {p}")
     seen: dict[str, Path] = {}
-    for key, f in out:
+    for key, f in out:  # before anything is sent: a FIFO would block, a device never end
+        if not stat.S_ISREG(f.stat().st_mode):
+            raise InvalidInput(f"{f} is not a regular file")
         if key in seen:
             raise InvalidInput(
                 f"key {key!r} would be given to {seen[key]} and {f}: upsert them separately "
                 "with a --key-prefix each"
             )
         seen[key] = f
-    for key, f in out:  # before anything is sent: a FIFO would block, a device never end
-        if not stat.S_ISREG(f.stat().st_mode):
-            raise InvalidInput(f"{f} is not a regular file")
     return out
 
 

@@ -72,7 +72,13 @@ def with_known_dim(spec: Spec) -> Spec:
 
 
 def plan(source: sources.Source, bank: str, spec: Spec) -> Plan:
-    """Check the bank's spec before any model is built, and find what is left to embed."""
+    """Check the bank's spec before any model is built, and find what is left to embed.
+
+    A spec that only the model completes (a .keras model: its dim, layer and size) is
+    checked when the job opens the bank to write; with nothing left to write, the model is
+    built here on the CPU, so a re-run with other options is refused either way (the local
+    and the Ray job both plan here).
+    """
     try:
         st = store_mod.open(bank, readonly=True)
     except NotFound:
@@ -81,7 +87,9 @@ def plan(source: sources.Source, bank: str, spec: Spec) -> Plan:
         if spec.dim:  # known without building the model: refuse a mismatch right away
             st.spec.check_same(spec)
         missing = set(st.missing([r.key for r in source.records]))
-    todo = [r for r in source.records if r.key in missing]
+        todo = [r for r in source.records if r.key in missing]
+        if not todo and not spec.dim:
+            st.spec.check_same(Embedder.cached(spec, devices.resolve("cpu")).spec)
     return Plan(source, todo, len(source.records) - len(todo))
 
 
@@ -286,8 +294,6 @@ def run(
         }
         if not p.todo:
             with store_mod.open(bank, readonly=True) as st:
-                if not spec.dim:  # only the model tells the rest (dim, layer, size, pooling)
-                    st.spec.check_same(Embedder.cached(spec, placement).spec)
                 summary.update(spec=st.spec.describe(), embedded=0, failed=0, errors=[])
             return _finish(summary, t0, time.perf_counter(), Timings(), 0, fail_on_error)
         embedder = Embedder.cached(spec, placement)
