@@ -155,7 +155,8 @@ def _delete(args: argparse.Namespace) -> int:
 
     with store_mod.open(args.bank) as st:
         if args.ignore_missing:
-            keys = [k for k in keys if k not in set(st.missing(keys))]
+            absent = set(st.missing(keys))
+            keys = [k for k in keys if k not in absent]
         deleted = st.delete(keys) if keys else 0
         generation = st.generation
     print(f"deleted {deleted} keys (store generation {generation}); "
