@@ -114,9 +114,10 @@ def test_relink_and_the_error_when_no_model_is_left(
     capsys.readouterr()
     assert main(["store", "relink", "--bank", str(bank), "--model", str(more / "class0" / "000.png")]) == 2
     assert "does not match" in capsys.readouterr().err
+    from featurebank.core.errors import FailedPrecondition
     from featurebank.embedder.embedding import Embedder
 
-    with store_mod.open(bank, readonly=True) as st, pytest.raises(Exception) as failed:
+    with store_mod.open(bank, readonly=True) as st, pytest.raises(FailedPrecondition) as failed:
         Embedder.from_spec(st.spec)
     assert "store relink" in str(failed.value) and str(model) in str(failed.value)
     assert main(["serve", "--bank", str(bank), "--port", "0"]) == 2  # refused in one line
