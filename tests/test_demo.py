@@ -57,6 +57,7 @@ def test_prints_every_command_and_leaves_its_files(demo: DemoRun) -> None:
     ):
         assert command in demo.stdout
     assert "server stopped cleanly" in demo.stdout
+    assert demo.stdout.count("report:") == 1  # `featurebank eval` says where; the demo not again
     assert Path(demo.summary["report"]).is_file()
     assert (demo.workdir / "demo-bank" / "store").is_dir()
     assert len(list((demo.workdir / "demo-data" / "images").rglob("*.png"))) == 1777

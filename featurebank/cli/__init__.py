@@ -10,15 +10,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from featurebank.core.errors import FeaturebankError
 
-AREAS = ["store", "repair", "embed", "index", "head", "serve", "client", "labelling"]
+AREAS = ["store", "repair", "items", "embed", "index", "head", "serve", "client", "labelling"]
 
 Handler = Callable[[argparse.Namespace], "int | None"]
 
@@ -49,8 +50,15 @@ class Commands:
         return parser
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a wrong argument told in one line (and where the usage is)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="featurebank",
         description="Feature-embedding store with similarity search and hybrid classification.",
     )
@@ -67,7 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         with logging_redirect_tqdm():  # a log line clears the progress bar, never shares its line
-            return int(args.handler(args) or 0)
+            code = int(args.handler(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+            return code
+    except BrokenPipeError:  # the reader (`| head`) has all it wanted: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
+        return 141  # as a process stopped by SIGPIPE
     except FeaturebankError as e:
         print(f"featurebank: error: {e}", file=sys.stderr)
         return 2

@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.cli import args as args_
 from featurebank.cli.index import add_index_params
 from featurebank.core.vocabulary import MODES, SPLITS, UNKNOWN
 
 
 def connection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
-    g.add_argument("--server", default=os.environ.get("FEATUREBANK_SERVER", "127.0.0.1:50051"),
-                   help="HOST:PORT of the server (default $FEATUREBANK_SERVER or 127.0.0.1:50051)")
+    g.add_argument("--server", type=args_.server_address,
+                   default=os.environ.get("FEATUREBANK_SERVER", "127.0.0.1:50051"), help="HOST:PORT of the server (default $FEATUREBANK_SERVER or 127.0.0.1:50051)")
     token = g.add_mutually_exclusive_group()
     token.add_argument("--token", default=os.environ.get("FEATUREBANK_TOKEN"),
                        help="bearer token (default $FEATUREBANK_TOKEN); a value given here "
@@ -41,8 +42,9 @@ def register(commands: Commands) -> None:
     p = commands.command("classify", "classify images with a running server", _classify)
     p.add_argument("images", nargs="+", type=Path, help="image files")
     p.add_argument("--mode", choices=MODES, default=None)
-    p.add_argument("--k", type=int, default=0, help="neighbours that vote (0 = server default)")
-    p.add_argument("--top-n", type=int, default=3, help="labels to show per image")
+    p.add_argument("--k", type=args_.non_negative, default=0,
+                   help="neighbours that vote (0 = server default)")
+    p.add_argument("--top-n", type=args_.positive, default=3, help="labels to show per image")
     p.add_argument("--neighbors", action="store_true", help="also show the neighbours")
     p.add_argument(
         "--abstain", type=float, default=0.0, metavar="PRECISION",
@@ -53,18 +55,24 @@ def register(commands: Commands) -> None:
     p = commands.command("search", "nearest stored items of an image or key", _search)
     p.add_argument("image", nargs="?", type=Path, help="image file (or use --key)")
     p.add_argument("--key", default=None, help="key of a stored item to search from")
-    p.add_argument("--k", type=int, default=10, help="neighbours to return")
+    p.add_argument("--k", type=args_.positive, default=10, help="neighbours to return")
     p.add_argument("--label", action="append", default=[], help="only items with this label")
     p.add_argument("--metadata", action="store_true", help="include source metadata")
     connection_args(p)
 
     p = commands.command("upsert", "add or replace images in a served bank", _upsert)
-    p.add_argument("paths", nargs="+", type=Path, help="image files or folders (recursive)")
+    p.add_argument("paths", nargs="*", type=Path, help="image files or folders (recursive)")
+    p.add_argument("--manifest", type=Path, default=None,
+                   help="CSV/TSV of path[,label][,split][,key] rows, as `featurebank embed` "
+                   "reads (explicit keys; paths relative to the manifest)")
     p.add_argument("--label", default=None, help="label for every image")
     p.add_argument("--folder-labels", action="store_true",
                    help="label each image with the name of its folder")
     p.add_argument("--split", default="none", choices=SPLITS)
-    p.add_argument("--chunk", type=int, default=256, help="images per Upsert call")
+    p.add_argument("--key-prefix", default="",
+                   help="put before every key (keys are paths relative to the folder given, as "
+                   "`featurebank embed` makes them; a file given alone is keyed by its name)")
+    p.add_argument("--chunk", type=args_.positive, default=256, help="images per Upsert call")
     connection_args(p)
 
     p = commands.subcommand("labels", "set", "set or clear labels on a served bank", _labels_set)
@@ -97,11 +105,19 @@ def _dump(message: Any) -> str:
     return json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2)
 
 
+def _read_image(path: Path) -> bytes:
+    """The bytes of an image file named on the command line (a folder is an error here)."""
+    from featurebank.core.files import read_named_file
+
+    return read_named_file("image", path)
+
+
 def _classify(args: argparse.Namespace) -> int:
+    images = [_read_image(path) for path in args.images]  # every one, before any call
     with client_from_args(args) as client:
-        for path in args.images:
+        for path, image in zip(args.images, images, strict=True):
             r = client.classify(
-                path, mode=args.mode, k=args.k, top_n=args.top_n,
+                image, mode=args.mode, k=args.k, top_n=args.top_n,
                 include_neighbors=args.neighbors, abstain_below=args.abstain,
             )
             if args.json:
@@ -121,23 +137,26 @@ def _search(args: argparse.Namespace) -> int:
 
     if (args.image is None) == (args.key is None):
         raise InvalidInput("give exactly one of an image or --key")
+    image = None if args.image is None else _read_image(args.image)
     with client_from_args(args) as client:
         r = client.search(
-            args.image, key=args.key, k=args.k, labels=args.label,
+            image, key=args.key, k=args.k, labels=args.label,
             include_metadata=args.metadata,
         )
     if args.json:
         print(_dump(r))
         return 0
+    print("score   label  key" + ("  metadata" if args.metadata else ""))
     for n in r.neighbors:
         meta = f"  {dict(n.metadata)}" if args.metadata else ""
         print(f"{n.score:.4f}  {n.label or '-'}  {n.key}{meta}")
     return 0
 
 
-def _image_paths(paths: list[Path]) -> list[tuple[str, Path]]:
-    """(key, path) of every image file named or found in a folder; the key is the path as
-    given, written so the store can hold it. Directory symlinks are not followed."""
+def _image_paths(paths: list[Path], prefix: str = "") -> list[tuple[str, Path]]:
+    """(key, path) of every image file named or found in a folder. Keys are made as `embed`
+    makes them: relative to the folder given (a file alone: its name), after `prefix`,
+    written so the store can hold them. Directory symlinks are not followed."""
     import stat
 
     from featurebank.core.errors import InvalidInput, NotFound
@@ -148,18 +167,38 @@ def _image_paths(paths: list[Path]) -> list[tuple[str, Path]]:
     for p in paths:
         if p.is_dir():
             listing = folders.list_images(p, IMAGE_EXTS)
-            out.extend((folders.storable_key(str(p / rel)), Path(full))
+            out.extend((folders.storable_key(prefix + rel), Path(full))
                        for rel, full in listing.files)  # fmt: skip
             for skipped in listing.skipped:
                 print(f"featurebank upsert: left out {p / skipped}", file=sys.stderr)
         elif p.exists():
-            out.append((folders.storable_key(str(p)), p))
+            out.append((folders.storable_key(prefix + p.name), p))
         else:
             raise NotFound(f"no such file or folder: {p}")
+    seen: dict[str, Path] = {}
     for key, f in out:  # before anything is sent: a FIFO would block, a device never end
         if not stat.S_ISREG(f.stat().st_mode):
-            raise InvalidInput(f"{key} is not a regular file")
+            raise InvalidInput(f"{f} is not a regular file")
+        if key in seen:
+            raise InvalidInput(
+                f"key {key!r} would be given to {seen[key]} and {f}: upsert them separately "
+                "with a --key-prefix each"
+            )
+        seen[key] = f
     return out
+
+
+def _manifest_entries(path: Path, prefix: str) -> list[tuple[str, Path, str | None, str]]:
+    """(key, file, label, split) of each manifest row, read as `embed` reads a manifest."""
+    from featurebank.embedder import folders
+    from featurebank.embedder.sources import open_source
+
+    source = open_source(path, labels="folders")
+    try:
+        return [(folders.storable_key(prefix + r.key), Path(r.path or ""), r.label, r.split)
+                for r in source.records]  # fmt: skip
+    finally:
+        source.close()
 
 
 def _upsert(args: argparse.Namespace) -> int:
@@ -168,7 +207,16 @@ def _upsert(args: argparse.Namespace) -> int:
 
     if args.label and args.folder_labels:
         raise InvalidInput("use --label or --folder-labels, not both")
-    files = _image_paths(args.paths)
+    if args.manifest is not None and args.paths:
+        raise InvalidInput("give image files and folders, or --manifest, not both")
+    if args.manifest is not None:
+        files = _manifest_entries(args.manifest, args.key_prefix)
+    else:
+        files = [
+            (key, f, folders.storable_key(f.parent.name) if args.folder_labels else args.label,
+             args.split)
+            for key, f in _image_paths(args.paths, args.key_prefix)
+        ]  # fmt: skip
     if not files:
         raise InvalidInput("no images found")
     added = replaced = 0
@@ -180,12 +228,11 @@ def _upsert(args: argparse.Namespace) -> int:
                 {
                     "key": key,
                     "image": folders.read_regular_file(str(f), client.max_message_bytes),
-                    "label": folders.storable_key(f.parent.name) if args.folder_labels
-                    else args.label,
-                    "split": args.split,
+                    "label": label,
+                    "split": split,
                     "uri": folders.storable_key(str(f.resolve())),
                 }
-                for key, f in chunk
+                for key, f, label, split in chunk
             ]
             r = client.upsert(items)
             added += r.added

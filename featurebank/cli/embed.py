@@ -10,9 +10,11 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.cli.args import show_progress
 from featurebank.core.errors import InvalidInput
 from featurebank.core.params import EmbedParams
 from featurebank.core.vocabulary import (
@@ -47,7 +49,11 @@ def add_embed_params(p: argparse.ArgumentParser) -> None:
         help="imagenet (from the Keras cache), none (seeded random init), or a weights file; "
         + KEEP.format(d.weights),
     )
-    p.add_argument("--layer", help="feature layer of a .keras backbone (default: its output)")
+    p.add_argument(
+        "--layer",
+        help="feature layer of a .keras backbone (default: its output, or the input of its "
+        "classifier when it ends in a softmax/sigmoid Dense)",
+    )
     p.add_argument("--image-size", type=int, help="input size in pixels (default: the family's)")
     p.add_argument("--resize", choices=RESIZE_MODES, help=KEEP.format(d.resize))
     p.add_argument(
@@ -94,8 +100,9 @@ def register(commands: Commands) -> None:
     )
     p.add_argument(
         "source",
-        help="folder (class subfolders = labels), CSV/TSV manifest path[,label][,split][,key], "
-        ".npy/.npz (N,H,W,C) array, or file.h5:dataset",
+        help="folder (class subfolders = labels; top folders train/ val/ test/ = splits), "
+        "CSV/TSV manifest path[,label][,split][,key], .npy/.npz (N,H,W,C) array, or "
+        "file.h5:dataset",
     )
     p.add_argument("--bank", required=True, help="bank directory (created if missing)")
     add_embed_params(p)
@@ -138,7 +145,34 @@ def register(commands: Commands) -> None:
     g.add_argument("--shard-size", type=int, default=1000, help="images per shard")
 
 
+def check_before_tensorflow(args: argparse.Namespace) -> None:
+    """What can be checked in milliseconds is, before TensorFlow takes seconds to start: the
+    source and the backbone exist."""
+    from featurebank.core.errors import NotFound
+    from featurebank.embedder import backbones, sources
+
+    sources.check_exists(args.source)
+    if backbones.is_model_file(args.backbone):
+        if not Path(args.backbone).expanduser().is_file():
+            raise NotFound(f"backbone model file {args.backbone} does not exist")
+        return
+    backbones.family(args.backbone)  # NotFound lists the known families
+
+
+def _layer_used(used: str | None, asked: str | None) -> str:
+    """Which layer of the user's model gives the features, and why that one."""
+    if asked is not None:
+        return f"features from layer {used}"
+    if used is not None:
+        return (f"features from layer {used}, the input of the model's classifier (a last "
+                "softmax/sigmoid Dense is left out; --layer to choose another)")  # fmt: skip
+    return "features from the model's output (--layer to choose another)"
+
+
 def _embed(args: argparse.Namespace) -> int:
+    from featurebank.embedder import backbones
+
+    check_before_tensorflow(args)
     if args.engine == "ray":
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         return _embed_ray(args)
@@ -149,6 +183,17 @@ def _embed(args: argparse.Namespace) -> int:
 
     def started(report: dict[str, Any]) -> None:
         print(f"featurebank embed: running on {report['device']}", file=sys.stderr, flush=True)
+        if backbones.is_model_file(args.backbone):
+            print(f"featurebank embed: {_layer_used(report.get('layer'), args.layer)}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        elif args.weights == "none":
+            print(
+                "featurebank embed: warning: --weights none: the backbone is randomly "
+                "initialised (seeded), so its vectors say little about the images; use imagenet "
+                "weights (from the Keras cache), a weights file, or your own trained .keras model",
+                file=sys.stderr,
+                flush=True,
+            )
         if not any("GPU" in d for d in report["devices"]):
             print(
                 "featurebank embed: warning: no GPU used, embedding on the CPU "
@@ -163,7 +208,7 @@ def _embed(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         precision=args.precision,
-        progress=not args.no_progress,
+        progress=show_progress(not args.no_progress),
         on_start=started,
         **embed_overrides(args),
     )
@@ -196,7 +241,7 @@ def _embed_ray(args: argparse.Namespace) -> int:
         workers=parse_workers(args.workers),
         cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker,
-        progress=not args.no_progress,
+        progress=show_progress(not args.no_progress),
         verbose=args.verbose > 0,
         **embed_overrides(args),
     )

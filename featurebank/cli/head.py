@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.cli.args import show_progress
 from featurebank.core.params import HEAD_CLASS_WEIGHTS
 from featurebank.core.vocabulary import EVAL_SPLITS
 
@@ -79,13 +79,23 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
+def quiet_keras(args: argparse.Namespace) -> None:
+    """Start TensorFlow now with its start-up lines dropped (unless -v): the head's Keras
+    would start it later and print them (CUDA probing, "failed call to cuInit")."""
+    from featurebank.embedder.devices import load_tensorflow
+
+    load_tensorflow(verbose=args.verbose > 0)
+
+
 def _train(args: argparse.Namespace) -> int:
     from featurebank.classify.evaluate import TABLE_COLUMNS
     from featurebank.classify.heads import train_head
 
+    quiet_keras(args)
+
     m = train_head(
         args.bank,
-        progress=sys.stderr.isatty(),
+        progress=show_progress(),
         hidden=args.hidden,
         dropout=args.dropout,
         epochs=args.epochs,
@@ -137,6 +147,7 @@ def _eval(args: argparse.Namespace) -> int:
     from featurebank.classify.report import report_dir, write_report
     from featurebank.core.bank import Bank
 
+    quiet_keras(args)
     ev = evaluate(
         args.bank, split=args.split, k=args.k, sklearn=not args.no_sklearn,
         abstain_below=args.abstain,
@@ -156,6 +167,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from featurebank.classify.finetune import finetune
 
+    quiet_keras(args)
     s = finetune(
         args.images,
         args.bank,
@@ -165,7 +177,7 @@ def _finetune(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         augment=args.augment,
         batch_size=args.batch_size,
-        progress=sys.stderr.isatty(),
+        progress=show_progress(),
     )
     print(
         f"fine-tuned {len(s['unfrozen'])} layers ({', '.join(s['unfrozen']) or 'head only'}) "

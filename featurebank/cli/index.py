@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.cli import args as args_
 from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import METRICS
 
@@ -32,7 +33,7 @@ def add_index_params(p: argparse.ArgumentParser) -> None:
                    + KEEP.format("4G"))
     p.add_argument("--target-recall", type=float, help="recall@k to tune for; "
                    + KEEP.format(d.target_recall))
-    p.add_argument("--k", type=int, help="k of the recall target; " + KEEP.format(d.k))
+    p.add_argument("--k", type=args_.positive, help="k of the recall target; " + KEEP.format(d.k))
     p.add_argument("--allow-below-target", action="store_true", default=None,
                    help="publish the index even if its measured recall is below the target "
                    "(also for later folds); without it such an index is refused")
@@ -75,12 +76,47 @@ def _summary(m: dict[str, Any]) -> str:
     )
 
 
+def refuse_while_held(bank: str) -> None:
+    """Refuse to publish an index beside the bank's writer (a running server, most often).
+
+    A server keeps serving its own index until its next rebuild, while replicas would switch
+    to the generation published here, so the two would answer from different indexes; a
+    server rebuilds in the background without that (`featurebank rebuild --server`).
+    """
+    from featurebank import store as store_mod
+    from featurebank.core.errors import WriterBusy
+
+    with store_mod.open(bank, readonly=True) as st:
+        pid = st.writer_pid()
+    if pid is None:
+        return
+    what = f"process {pid}" + (f" ({_command_line(pid)})" if pid > 0 else "")
+    raise WriterBusy(
+        f"bank {bank} is held by {what}; an index built offline would not be the one its "
+        "server answers from: rebuild through the server (featurebank rebuild --server "
+        "HOST:PORT), or build once that process has finished"
+    )
+
+
+def _command_line(pid: int) -> str:
+    """What the process is (e.g. `featurebank serve --bank b --port 4464`), where readable."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return "its command line is not readable"
+    return " ".join(w for w in words if w)[:200]
+
+
 def _build(args: argparse.Namespace) -> int:
+    refuse_while_held(args.bank)
     if args.engine == "ray":
         return _build_ray(args)
     from featurebank.index.build import build_index
 
-    m = build_index(args.bank, progress=True, threads=args.threads, **index_overrides(args))
+    m = build_index(
+        args.bank, progress=args_.show_progress(), threads=args.threads, **index_overrides(args)
+    )
     print(_summary(m) + f"; built in {m['build_seconds']:.1f}s")
     return 0
 
@@ -94,7 +130,7 @@ def _build_ray(args: argparse.Namespace) -> int:
         train_sample=args.train_sample,
         shards=args.shards,
         address=args.address,
-        progress=True,
+        progress=args_.show_progress(),
         verbose=args.verbose > 0,
     )
     print(
@@ -107,7 +143,9 @@ def _build_ray(args: argparse.Namespace) -> int:
 def _update(args: argparse.Namespace) -> int:
     from featurebank.index.fold import update_index
 
-    m = update_index(args.bank, progress=True)
+    refuse_while_held(args.bank)
+
+    m = update_index(args.bank, progress=args_.show_progress())
     if m.get("unchanged"):
         print(f"index generation {m['generation']} is up to date")
     else:

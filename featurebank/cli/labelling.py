@@ -83,6 +83,7 @@ def _suggest(args: argparse.Namespace) -> int:
         _write_csv(args.out, ["key", "score", "guesses"], rows)
         print(f"wrote {len(rows)} suggestions ({args.strategy}) to {args.out}", file=sys.stderr)
         return 0
+    print("score   key  guesses (label:probability)")
     for key, score, guesses in rows:
         print(f"{score}  {key}  {guesses}")
     print(f"{len(rows)} suggestions ({args.strategy})", file=sys.stderr)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.cli import args as args_
 from featurebank.core.vocabulary import DEVICES, PRECISIONS
 
 
@@ -15,8 +16,8 @@ def register(commands: Commands) -> None:
     p = commands.command("serve", "serve a bank over gRPC (classify, search, upsert, rebuild)", _serve)
     p.add_argument("--bank", required=True, type=Path, help="bank directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
-    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port")
+    p.add_argument("--port", type=args_.port, default=50051, help="gRPC port (0 = any free port)")
+    p.add_argument("--metrics-port", type=args_.port, default=None, help="Prometheus metrics port")
     p.add_argument("--max-batch-size", type=int, default=64,
                    help="largest dynamic batch (1 turns batching off)")
     p.add_argument("--batch-timeout-ms", type=float, default=2.0,
@@ -66,6 +67,11 @@ def register(commands: Commands) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
+    import os
+
+    # gRPC's core repeats in its own words what the error line says (a port in use); -v
+    # shows it. Read once, when grpc is first imported below.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR" if args.verbose else "NONE")
 
     from featurebank import store as store_mod
     from featurebank.core.memory import limit_arenas

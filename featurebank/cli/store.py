@@ -1,4 +1,4 @@
-"""`featurebank store info|export|import|backup|commit` and `featurebank labels import`.
+"""`featurebank store info|export|import|backup|commit|relink` and `featurebank labels import`.
 
 Only numpy and the store are imported (never TensorFlow), so these start fast.
 """
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from featurebank.cli import Commands
+from featurebank.cli.args import show_progress
 
 
 def register(commands: Commands) -> None:
@@ -51,9 +52,36 @@ def register(commands: Commands) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    p = commands.subcommand(
+        "store", "relink", "give a bank its model file again (one with the recorded sha256)",
+        _relink,
+    )  # fmt: skip
+    _bank_arg(p)
+    p.add_argument("--model", required=True, type=Path, help="the .keras model or weights file")
+
     p = commands.subcommand("labels", "import", "set labels (and splits) from a CSV", _labels)
     _bank_arg(p)
     p.add_argument("csv", type=Path, help="CSV rows key,label[,split]; empty label = unlabelled")
+
+
+def _relink(args: argparse.Namespace) -> int:
+    from featurebank import store as store_mod
+    from featurebank.core import bank_models
+    from featurebank.core.errors import InvalidInput, NotFound
+
+    with store_mod.open(args.bank, readonly=True) as st:
+        spec, bank = st.spec, st.bank
+    if not spec.weights.startswith(bank_models.HASHED):
+        raise InvalidInput(f"bank {args.bank} records no model file (weights {spec.weights})")
+    if not args.model.is_file():
+        raise NotFound(f"--model {args.model} is not a file")
+    had = bank_models.copy_of(bank, spec)
+    kept = bank_models.keep(bank, spec, args.model)
+    if had is not None:
+        print(f"bank {args.bank} already keeps its model: {had}")
+    else:
+        print(f"relinked: bank {args.bank} keeps {args.model} as {kept}")
+    return 0
 
 
 def _bank_arg(p: argparse.ArgumentParser) -> None:
@@ -66,7 +94,7 @@ def _bank_arg(p: argparse.ArgumentParser) -> None:
 def _commit(args: argparse.Namespace) -> int:
     from featurebank.embedder.commit import commit_shards
 
-    s = commit_shards(args.bank, args.staging, progress=not args.json)
+    s = commit_shards(args.bank, args.staging, progress=show_progress(not args.json))
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
@@ -156,7 +184,8 @@ def _backup(args: argparse.Namespace) -> int:
 
     done = backup(args.bank, args.out)
     copied = [f"{what} generation {gen}" for what, gen in done["generations"].items()]
-    extra = f" with {' and '.join(copied)}" if copied else ""
+    copied += [f"{name}/" for name in done["folders"]]
+    extra = f" with {', '.join(copied)}" if copied else ""
     print(f"backed up {done['items']} items of {done['bank']} to {done['out']}{extra}")
     return 0
 

@@ -7,7 +7,8 @@ store refuses anything made under another spec and says which two differ.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from featurebank.core.errors import InvalidInput, SpecMismatch
@@ -31,7 +32,7 @@ class Spec:
     pooling: str = "avg"
     dim: int = 0
     dtype: str = "float32"
-    weights_path: str | None = None
+    weights_path: str | None = field(default=None, compare=False)  # where, not what: not equality
     layer: str | None = None
 
     def __post_init__(self) -> None:
@@ -80,11 +81,22 @@ class Spec:
             f"dim={self.dim} {self.dtype}"
         )
 
+    @property
+    def model_file(self) -> bool:
+        """Whether the backbone is the user's own model file (named by its path)."""
+        return self.weights.startswith("sha256:") and Path(self.backbone).is_absolute()
+
     def identity(self) -> dict[str, Any]:
-        """The fields that must match (file locations may differ between machines)."""
+        """The fields that must match (file locations may differ between machines).
+
+        A model file's path is where it was, not what it is: its sha256 (the weights
+        identity) says that, so a moved model still matches its bank.
+        """
         d = self.to_dict()
         for name in _LOCATION_FIELDS:
             d.pop(name)
+        if self.model_file:
+            d["backbone"] = "model file"
         return d
 
     def check_same(self, other: Spec) -> None:

@@ -187,7 +187,7 @@ def run_demo(
         + ", ".join(f"{m} {acc[m]:.4f}" for m in ("knn", "head", "hybrid", "stacked") if m in acc)
         + f"; raw-pixel 1-NN {digits.raw_pixel_1nn:.4f}"
     )
-    print(f"report: {rel(report_html, workdir)}")
+    # (`featurebank eval` has printed where the report is)
 
     print("\n== 5. serve over gRPC, classify, add 20 labels, rebuild, classify again")
     port = free_port()

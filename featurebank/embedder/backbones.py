@@ -9,7 +9,6 @@ this module stays cheap.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from featurebank.core.bank_models import sha256_file
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
 from featurebank.core.vocabulary import PREPROCESSINGS
 
@@ -117,15 +117,6 @@ def is_model_file(backbone: str) -> bool:
     return backbone.endswith((".keras", ".h5")) or Path(backbone).is_file()
 
 
-def sha256_file(path: str | Path) -> str:
-    """Content identity of a weights/model file, so a moved file still matches its bank."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def weights_identity(weights: str) -> tuple[str, str | None]:
     """Map a --weights value to (identity recorded in the spec, absolute file path or None)."""
     if weights in ("imagenet", "none"):
@@ -139,7 +130,11 @@ def weights_identity(weights: str) -> tuple[str, str | None]:
 def check_weights_file(identity: str, path: str | None) -> str:
     """The file a spec's weights point to, after checking it still has the recorded content."""
     if path is None or not Path(path).is_file():
-        raise FailedPrecondition(f"weights file {path!r} recorded in the bank's spec is missing")
+        raise FailedPrecondition(
+            f"model file {path} recorded in the bank's spec is missing and the bank keeps no "
+            f"copy of {identity} in its models/ folder; point it to a file with that content: "
+            "featurebank store relink --bank BANK --model FILE"
+        )
     digest = sha256_file(path)
     if f"sha256:{digest}" != identity:
         raise FailedPrecondition(
@@ -283,14 +278,26 @@ def _all_layers(model: Any) -> list[Any]:
     return out
 
 
-def load_user_model(path: str, layer: str | None) -> Any:
-    """The user's own saved Keras model, cut at `layer` (default: its output)."""
+CLASSIFIER_ACTIVATIONS = ("softmax", "sigmoid")
+"""A last Dense layer with one of these is a classifier, not a feature layer."""
+
+
+def load_user_model(
+    path: str, layer: str | None, cut_classifier: bool = False
+) -> tuple[Any, str | None]:
+    """The user's own saved Keras model cut at `layer`, and the layer it was cut at.
+
+    Without `layer` the model's output is used, unless `cut_classifier` and the model ends
+    in a classifier (see `classifier_input`): then the layer feeding the classifier.
+    """
     import keras
 
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as e:
         raise InvalidInput(f"could not load Keras model {path}: {e}") from e
+    if layer is None and cut_classifier:
+        layer = classifier_input(model)
     if layer is not None:
         try:
             out = model.get_layer(layer).output
@@ -299,7 +306,33 @@ def load_user_model(path: str, layer: str | None) -> Any:
             raise InvalidInput(f"model {path} has no layer {layer!r}; layers: {names}") from e
         model = keras.Model(model.inputs, out)
     model.trainable = False
-    return model
+    return model, layer
+
+
+def classifier_input(model: Any) -> str | None:
+    """The layer feeding a last softmax/sigmoid Dense (class scores, not features), else None.
+
+    That is where `include_top=False` cuts the keras.applications families; Dropout
+    between them is skipped (it does nothing at inference).
+    """
+    import keras
+
+    last = model.layers[-1]
+    activation = getattr(getattr(last, "activation", None), "__name__", "")
+    if not isinstance(last, keras.layers.Dense) or activation not in CLASSIFIER_ACTIVATIONS:
+        return None
+    feeding = _producer(last)
+    while isinstance(feeding, keras.layers.Dropout):
+        feeding = _producer(feeding)
+    if feeding is None or isinstance(feeding, keras.layers.InputLayer):
+        return None
+    return str(feeding.name)
+
+
+def _producer(layer: Any) -> Any:
+    """The layer whose output feeds `layer` (None when several or unknown)."""
+    history = getattr(layer.input, "_keras_history", None)
+    return history[0] if history else None
 
 
 def model_input_size(model: Any) -> tuple[int, int] | None:

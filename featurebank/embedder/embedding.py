@@ -364,7 +364,10 @@ def _build_float32(spec: Spec) -> tuple[Any, Spec]:
     """The Keras model for a spec: a registry family, or the user's own model cut at a layer."""
     if backbones.is_model_file(spec.backbone) or spec.weights_path == spec.backbone:
         path = backbones.check_weights_file(spec.weights, spec.weights_path or spec.backbone)
-        model = backbones.load_user_model(path, spec.layer)
+        # A new job (no dim yet) without --layer is cut before a classifier; a bank's own
+        # spec is rebuilt exactly as recorded.
+        model, layer = backbones.load_user_model(path, spec.layer, cut_classifier=not spec.dim)
+        spec = dataclasses.replace(spec, layer=layer)
         fixed = backbones.model_input_size(model)
         if spec.input_size is None:  # a new job: the model's own size, else 224
             spec = dataclasses.replace(spec, input_size=fixed or (224, 224))

@@ -27,6 +27,7 @@ def report(embedder: Embedder, size: int, size_from: str) -> dict[str, Any]:
         "precision": placement.precision,
         "batch_size": size,
         "batch_size_from": size_from,
+        "layer": embedder.spec.layer,
     }
 
 

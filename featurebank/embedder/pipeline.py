@@ -79,6 +79,10 @@ def plan(source: sources.Source, store: Store | None, spec: Spec) -> Plan:
     """Check the bank's spec before any model is built, and find what is left to embed.
 
     `store`: the bank's open store, None when the bank has none yet (everything is left).
+    A spec that only the model completes (a .keras model: its dim, layer and size) is
+    checked when the job writes; with nothing left to write, the model is built here on
+    the CPU, so a re-run with other options is refused either way (the local and the Ray
+    job both plan here).
     """
     if store is None:
         return Plan(source, list(source.records), 0)
@@ -86,6 +90,8 @@ def plan(source: sources.Source, store: Store | None, spec: Spec) -> Plan:
         store.spec.check_same(spec)
     missing = set(store.missing([r.key for r in source.records]))
     todo = [r for r in source.records if r.key in missing]
+    if not todo and not spec.dim:
+        store.spec.check_same(Embedder.cached(spec, devices.resolve("cpu")).spec)
     return Plan(source, todo, len(source.records) - len(todo))
 
 

@@ -151,6 +151,17 @@ def _float_range(array: Any) -> str:
 # ------------------------------------------------------------------ opening
 
 
+def check_exists(source: str | os.PathLike[str]) -> Path:
+    """The file or folder a SOURCE argument names (an HDF5 file without its dataset part),
+    or NotFound: cheap, so a command checks it before it starts a model."""
+    text = os.fspath(source)
+    h5 = _split_hdf5(text)
+    path = h5[0] if h5 is not None else Path(text).expanduser()
+    if not path.exists():
+        raise NotFound(f"source {text} does not exist")
+    return path
+
+
 def open_source(
     source: str | os.PathLike[str], labels: str = "folders", follow_links: bool = False
 ) -> Source:
@@ -166,9 +177,7 @@ def open_source(
     h5 = _split_hdf5(text)
     if h5 is not None:
         return _open_hdf5(h5[0], h5[1], h5[2], labels)
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise NotFound(f"source {text} does not exist")
+    path = check_exists(text)
     if path.is_dir():
         if labels == "manifest":
             raise InvalidInput(f"--labels manifest needs a CSV/TSV manifest, {text} is a folder")
@@ -184,13 +193,26 @@ def open_source(
     )
 
 
+SPLIT_FOLDERS = {name for name, split in SPLIT_ALIASES.items() if split != "none"}
+"""Top folders that name splits (`train/ val/ test/`, as image_dataset_from_directory users
+lay data out); class folders sit inside them."""
+
+
 def _open_directory(root: Path, labels: str, follow_links: bool) -> Source:
     listing = folders.list_images(root, IMAGE_EXTS, follow_links)
     nested = any("/" in rel for rel, _ in listing.files)
+    by_split = bool(listing.files) and all(
+        "/" in rel and rel.split("/", 1)[0].lower() in SPLIT_FOLDERS for rel, _ in listing.files
+    )
     records = []
     for rel, full in listing.files:
-        label = rel.split("/", 1)[0] if labels == "folders" and nested and "/" in rel else None
-        records.append(Record(key=rel, label=label, path=full))
+        split, inner = "none", rel
+        if by_split:
+            top, inner = rel.split("/", 1)
+            split = SPLIT_ALIASES[top.lower()]
+        deep = (nested and not by_split) or "/" in inner
+        label = inner.split("/", 1)[0] if labels == "folders" and deep and "/" in inner else None
+        records.append(Record(key=rel, label=label, split=split, path=full))
     if not records:
         raise InvalidInput(
             f"no image files under {root} ({listing.ignored} other files ignored"

@@ -226,15 +226,28 @@ class FeatureBankServer:
         enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
         await self._set_health(False)
         address = f"{c.host}:{c.port}" if ":" not in c.host else f"[{c.host}]:{c.port}"
-        if credentials is not None:
-            self.port = server.add_secure_port(address, credentials)
-        else:
-            self.port = server.add_insecure_port(address)
+        try:
+            if credentials is not None:
+                self.port = server.add_secure_port(address, credentials)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:  # gRPC says only "Failed to bind"
+            self.port = 0
         if self.port == 0:
-            raise FailedPrecondition(f"could not bind {address}")
+            raise FailedPrecondition(
+                f"could not listen on {address}: the port is in use, or the host is not an "
+                "address of this machine (--host, --port)"
+            )
         await server.start()
         if c.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(c.metrics_port, host=c.host)
+            try:
+                self.metrics_port = self.metrics.serve(c.metrics_port, host=c.host)
+            except OSError as e:
+                await self.stop(grace=0)
+                raise FailedPrecondition(
+                    f"could not serve metrics on {c.host}:{c.metrics_port}: {e.strerror or e} "
+                    "(--metrics-port)"
+                ) from None
         self.engine.on_ready = self._ready_changed
         try:
             await self._loop.run_in_executor(None, self.engine.open)

@@ -325,6 +325,30 @@ class SharedStore:
             self.writer_fd, self.writer_refs = fd, 1
             self._remove_orphan_envs()
 
+    def holder(self) -> int | None:
+        """The pid of the process holding the bank's writer lock, or None when nobody does.
+
+        Probed with a lock of its own (a second open file conflicts with any holder, this
+        process included) and released at once.
+        """
+        if self.writer_fd is not None:
+            return os.getpid()
+        lock_path = self.path / WRITER_LOCK
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def require_writer(self) -> None:
         if self.writer_fd is None:
             raise FeaturebankError(f"this process does not hold the writer lock of {self.path}")

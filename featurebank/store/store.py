@@ -31,6 +31,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
+from featurebank.core import bank_models
 from featurebank.core.bank import Bank, write_atomic
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound, shown
 from featurebank.core.spec import Spec
@@ -119,6 +120,7 @@ def create(
                 store = Store(b, shared, readonly=False, writer=True)
                 store.spec.check_same(spec)
                 return store
+            bank_models.keep(b, spec)  # before the store exists: a bank never lacks its model
             _init_env(b.store_dir, spec, rows, map_size)
             return Store(b, shared, readonly=False, writer=True)
         except BaseException:
@@ -176,6 +178,10 @@ def open_or_create(bank: str | os.PathLike[str] | Bank, spec: Spec, **kwargs: An
         return create(bank, spec, exist_ok=True, **kwargs)
     try:
         store.spec.check_same(spec)
+        if bank_models.copy_of(store.bank, store.spec) is None and spec.weights_path:
+            # a bank made before banks kept their model: keep the file this job was given
+            bank_models.keep(store.bank, store.spec, spec.weights_path)
+            store.spec = bank_models.locate(store.bank, store.spec)
     except BaseException:
         store.close()
         raise
@@ -199,7 +205,8 @@ class Store:
             raw = txn.get(b"spec", db=h.dbs["info"])
             if raw is None:
                 raise FailedPrecondition(f"store {self.path} has no spec record")
-            self.spec = Spec.from_dict(json.loads(bytes(raw)))
+            # the bank's own copy of its model file, wherever the recorded path points now
+            self.spec = bank_models.locate(bank, Spec.from_dict(json.loads(bytes(raw))))
             self.block_rows = get_int(txn, h, "block_rows")
         self._dtype = np.dtype(self.spec.dtype)
 
@@ -242,6 +249,10 @@ class Store:
             if not self._writer:
                 sh.acquire_writer()
                 self._writer = True
+
+    def writer_pid(self) -> int | None:
+        """Which process holds the bank's writer lock now (-1: unknown), None when none does."""
+        return self._sh().holder()
 
     def _write(self, fn: Any) -> Any:
         self.acquire_writer()

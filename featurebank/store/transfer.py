@@ -7,6 +7,7 @@ the CLI only parses arguments and prints the returned summaries.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +23,8 @@ from featurebank.store.store import BankLike, borrowed, open_or_create
 from featurebank.store.store import open as open_store
 
 IMPORT_BATCH = 8192
+FOLDERS_COPIED = ("models", "reports")
+"""Bank folders a backup copies whole: the model file by content hash, evaluation reports."""
 
 
 def backup(bank: BankLike, out: str | Path) -> dict[str, Any]:
@@ -41,7 +44,13 @@ def backup(bank: BankLike, out: str | Path) -> dict[str, Any]:
         shutil.copytree(parent / str(gen), target / str(gen))
         write_atomic(target / "CURRENT", f"{gen}\n".encode())
         copied[name] = gen
-    return {"bank": str(src.root), "out": str(dst.root), "items": count, "generations": copied}
+    folders = []
+    for name in FOLDERS_COPIED:  # what the bank needs to embed, and what it has reported
+        if (src.root / name).is_dir():
+            shutil.copytree(src.root / name, dst.root / name, dirs_exist_ok=True)
+            folders.append(name)
+    return {"bank": str(src.root), "out": str(dst.root), "items": count, "generations": copied,
+            "folders": folders}  # fmt: skip
 
 
 def export(bank: BankLike, out: str | Path, fmt: str = "npy") -> int:
@@ -98,28 +107,52 @@ def readable(path: str | Path) -> Path:
     return p
 
 
+KEY_NAMES = {"key", "path", "file", "filename", "image", "uri", "id"}
+LABEL_NAMES = {"label", "class", "category"}
+"""Header names of a labels file's first two columns (`key,label`, `path,class`, ...)."""
+
+
+def read_text(path: str | Path) -> str:
+    """A user's text file as UTF-8, a byte-order mark (Excel's "CSV UTF-8") left out; another
+    encoding is refused naming the line."""
+    data = readable(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InvalidInput(
+            f"{path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as "
+            "UTF-8 (in Excel: CSV UTF-8)"
+        ) from None
+
+
 def read_keys(path: str | Path) -> list[str]:
-    """One key per line (LF or CRLF: text mode reads both); blank lines are skipped."""
-    text = readable(path).read_text(encoding="utf-8")
-    return [line for line in text.split("\n") if line]
+    """One key per line (LF or CRLF); blank lines are skipped."""
+    return [line for line in read_text(path).replace("\r\n", "\n").split("\n") if line]
+
+
+def is_header(row: list[str]) -> bool:
+    """Whether a first row names columns (`key,label[,split]`, `path,class`) rather than data."""
+    cells = [c.strip().lower() for c in row]
+    return len(cells) >= 2 and cells[0] in KEY_NAMES and cells[1] in LABEL_NAMES
 
 
 def read_label_csv(path: str | Path) -> tuple[dict[str, str | None], dict[str, str]]:
-    """key -> label (empty = None) and key -> split, skipping a `key,label` header row."""
+    """key -> label (empty = None) and key -> split, skipping a header row."""
     labels: dict[str, str | None] = {}
     splits: dict[str, str] = {}
-    with open(readable(path), newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.reader(f), start=1):
-            if not row or (n == 1 and [c.strip().lower() for c in row[:2]] == ["key", "label"]):
-                continue
-            if len(row) not in (2, 3):
-                raise InvalidInput(f"{path}:{n}: expected key,label[,split], got {row!r}")
-            key = row[0]
-            if key in labels:
-                raise InvalidInput(f"{path}:{n}: key {key!r} appears twice")
-            labels[key] = row[1].strip() or None
-            if len(row) == 3 and row[2].strip():
-                splits[key] = row[2].strip()
+    text = read_text(path)
+    for n, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+        if not row or (n == 1 and is_header(row)):
+            continue
+        if len(row) not in (2, 3):
+            raise InvalidInput(f"{path}:{n}: expected key,label[,split], got {row!r}")
+        key = row[0]
+        if key in labels:
+            raise InvalidInput(f"{path}:{n}: key {key!r} appears twice")
+        labels[key] = row[1].strip() or None
+        if len(row) == 3 and row[2].strip():
+            splits[key] = row[2].strip()
     return labels, splits
 
 

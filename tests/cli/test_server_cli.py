@@ -41,7 +41,8 @@ def test_search_by_key(served: RunningServer, capsys: pytest.CaptureFixture[str]
     code, out, _ = run(capsys, "search", "--key", "dog/1-0", "--k", "3",
                        "--server", served.target, "--token", "r0")
     assert code == 0
-    lines = out.strip().splitlines()
+    header, *lines = out.strip().splitlines()
+    assert header.split() == ["score", "label", "key"]
     assert len(lines) == 3 and all(" dog " in line for line in lines)
     code, out, _ = run(capsys, "search", "--key", "dog/1-0", "--k", "2", "--json",
                        "--server", served.target, "--token", "r0")
@@ -135,3 +136,19 @@ def test_an_imported_bank_serves_vectors_and_keys_and_refuses_images(tmp_path: P
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "there is no model" not in err
+
+
+def test_stacked_abstention_error_does_not_suggest_retraining(tmp_path: Path) -> None:
+    from featurebank.classify.heads import train_head
+
+    bank = make_vector_bank(tmp_path / "bank", dim=DIM, n_per_class=10)
+    train_head(bank, epochs=5, folds=2, stacked=True)
+    with (
+        RunningServer(ServeConfig(bank=bank, port=free_port())) as rs,
+        FeatureBankClient(rs.target) as client,
+        pytest.raises(RemoteError) as e,
+    ):
+        client.classify(key="cat/1-0", mode="stacked", abstain_below=0.9)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'stacked'" in e.value.details and "retrain" not in e.value.details
+    assert "abstain with one of those" in e.value.details

@@ -228,3 +228,17 @@ def test_import_reads_keys_from_crlf_files(bank: Path, tmp_path: Path) -> None:
     assert main(argv) == 0
     with store_mod.open(bank, readonly=True) as st:
         assert st.to_numpy().keys == ["a.jpg", "b.jpg"]
+
+
+def test_backup_copies_the_model_and_the_reports(
+    store: store_mod.Store, bank: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store.put_batch(["k0"], make_vectors(1))
+    (bank / "reports").mkdir()
+    (bank / "reports" / "report.json").write_text("{}")
+    (bank / "models").mkdir()
+    (bank / "models" / "ab12.keras").write_bytes(b"model")
+    assert main(["store", "backup", "--bank", str(bank), "--out", str(tmp_path / "b")]) == 0
+    assert "models/, reports/" in capsys.readouterr().out
+    assert (tmp_path / "b" / "reports" / "report.json").read_text() == "{}"
+    assert (tmp_path / "b" / "models" / "ab12.keras").read_bytes() == b"model"

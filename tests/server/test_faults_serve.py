@@ -185,7 +185,7 @@ def test_client_commands_take_a_token_file(served: RunningServer, tmp_path: Path
     code = main(["search", "--key", "dog/1-0", "--k", "2", "--server", served.target,
                  "--token-file", str(token)])  # fmt: skip
     out, err = capsys.readouterr()
-    assert code == 0 and len(out.strip().splitlines()) == 2, err
+    assert code == 0 and len(out.strip().splitlines()) == 1 + 2, err  # a header, 2 neighbours
     token.write_text("# nothing here\n")
     code = main(["search", "--key", "dog/1-0", "--server", served.target,
                  "--token-file", str(token)])  # fmt: skip
