@@ -17,7 +17,7 @@ import numpy as np
 
 from featurebank.core.bank import Bank, candidates, generations
 from featurebank.core.errors import FeaturebankError
-from featurebank.core.integrity import CHECKSUMS, problems
+from featurebank.core.integrity import CHECKSUMS, problems, sha256_of
 
 SEVERITY = {"ok": 0, "derived": 1, "store": 2}
 """Exit codes of `store verify`: the worst finding's severity."""
@@ -71,7 +71,24 @@ def verify(bank: str | Path | Bank, deep: bool = True) -> Verification:
                     "derived", f"{what} generation {gen}: {directory / CHECKSUMS} is missing, so "
                     "its files cannot be checked (`store repair` checks they load and seals them)"
                 ))
+    if deep:
+        report.findings += _check_models(b)
     return report
+
+
+def _check_models(b: Bank) -> list[Finding]:
+    """The bank's copies of its model files are named by their sha256: they must still match.
+
+    A damaged copy is "store" severity: vectors can still be served, but nothing can embed
+    until `store relink --model FILE` brings a good copy back.
+    """
+    found = []
+    for path in sorted((b.root / "models").glob("*")):
+        digest = path.name.split(".", 1)[0]
+        if path.is_file() and len(digest) == 64 and sha256_of(path) != digest:
+            found.append(Finding("store", f"{path} is damaged (its content no longer matches "
+                                          "its name; `store relink --model FILE` restores it)"))
+    return found
 
 
 def _check_store(b: Bank, findings: list[Finding]) -> int | None:

@@ -275,3 +275,18 @@ def test_damaged_head_serves_without_it_until_repaired(
     with Classifier(bank) as clf:
         assert clf.head_generation == 2
     assert items_of(bank) == ITEMS
+
+
+def test_damaged_model_copy_is_named(bank: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The bank's copy of its backbone is named by its sha256; verify checks it still is."""
+    import hashlib
+
+    content = b"a model file the bank keeps"
+    copy = bank / "models" / f"{hashlib.sha256(content).hexdigest()}.keras"
+    copy.parent.mkdir()
+    copy.write_bytes(content)
+    code, text = cli(capsys, "store", "verify", "--bank", str(bank))
+    assert code == 0, text
+    DAMAGE["truncated"](copy)
+    code, text = cli(capsys, "store", "verify", "--bank", str(bank))
+    assert code == 2 and str(copy) in text and "store relink" in text, text
