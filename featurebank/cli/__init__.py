@@ -18,7 +18,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from featurebank.core.errors import FeaturebankError
 
-AREAS = ["store", "embed", "index", "head", "serve", "client", "labelling"]
+AREAS = ["store", "embed", "index", "head", "serve", "client", "labelling", "quality"]
 
 Handler = Callable[[argparse.Namespace], "int | None"]
 
