@@ -49,7 +49,7 @@ class Report:
 
 def check_limit(limit: int) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise InvalidInput(f"limit must be a positive integer, got {limit!r}")
+        raise InvalidInput(f"n must be a positive integer, got {limit!r}")
     return limit
 
 
