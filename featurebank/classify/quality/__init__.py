@@ -65,23 +65,29 @@ def run(clf: Classifier, precision: float | None = None, limit: int = LIMIT) -> 
     ids = np.asarray(items.ids, np.int64)
     keys, splits, labs = items.keys, items.splits, items.labels
     shas = [m.get("sha256") if isinstance(m.get("sha256"), str) else None for m in items.meta]
-    everything = neighbours(searcher, items.vectors, ids, NEIGHBOURS)
     voters = np.array(
-        [lab is not None and sp != HELD_OUT_SPLIT for lab, sp in zip(labs, splits, strict=True)]
+        [lab is not None and sp != HELD_OUT_SPLIT for lab, sp in zip(labs, splits, strict=True)],
+        dtype=bool,
     )
-    ref = (
-        neighbours(searcher, items.vectors, ids, NEIGHBOURS, voters_only=True)
-        if voters.sum() > NEIGHBOURS
-        else everything
+    voter = clf.voter()
+    ref = None
+    if voters.sum() > 1:  # one search serves the label votes and the outliers
+        # when every item votes, the voters' graph is the whole bank's (and needs no filter)
+        ref = neighbours(searcher, items.vectors, ids, max(NEIGHBOURS, voter.k),
+                         voters_only=not voters.all())
+    everything = ref if ref is not None and voters.all() else neighbours(
+        searcher, items.vectors, ids, NEIGHBOURS
     )
-    dups = duplicates.find(everything, keys, splits, labs, shas)
-    found, _, cut = outliers.find(ref, keys)
+    dups = duplicates.find(everything.first(NEIGHBOURS), keys, splits, labs, shas)
+    # a handful of labelled items is no reference for a domain: then every item is
+    reference = ref if ref is not None and voters.sum() > NEIGHBOURS else everything
+    found, _, cut = outliers.find(reference.first(NEIGHBOURS), keys)
     labelled = np.flatnonzero([lab is not None for lab in labs])
     errors = None
-    if labelled.size and voters.sum() > 1:
+    if labelled.size and ref is not None:
         errors = labels.find(
-            clf, ids[labelled], items.vectors[labelled], [keys[i] for i in labelled],
-            [str(labs[i]) for i in labelled], precision,
+            voter, ref, labelled, [keys[i] for i in labelled], [str(labs[i]) for i in labelled],
+            precision,
         )
         errors.findings = errors.findings[:limit]
     counts = {

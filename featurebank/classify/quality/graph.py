@@ -1,4 +1,4 @@
-"""The neighbour graph every quality finding reads: one search of the bank's own index.
+"""The neighbour graphs the quality findings read: searches of the bank's own index.
 
 Why the live index and not a fresh exact search: the pass must answer on a bank of a
 million items in seconds, and the index already holds the transform and metric the
@@ -7,7 +7,7 @@ bank classifies with; distances here are what `Classify` and `Search` see.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,7 +15,8 @@ import numpy as np
 from featurebank.core.vocabulary import metric as metric_named
 
 if TYPE_CHECKING:
-    from featurebank.index.searcher import Searcher
+    from featurebank.classify.classifier import Neighbor
+    from featurebank.index.searcher import Searcher, SearchResult
 
 BATCH = 8192
 
@@ -28,6 +29,29 @@ class Graph:
     ids: np.ndarray  # store ids of the neighbours, -1 = none
     pos: np.ndarray  # row of each neighbour among the queried items, -1 = not queried
     dist: np.ndarray  # float64, inf where there is no neighbour
+    scores: np.ndarray  # the index's scores (higher = closer), what votes weigh
+    codes: np.ndarray  # voting label codes into `vocabulary` (-1 = none)
+    vocabulary: list[str]
+    results: list[SearchResult] = field(default_factory=list)  # per batch, for keys
+
+    def first(self, k: int) -> Graph:
+        """The same graph with only each row's k nearest (a view, no copy of the results)."""
+        return Graph(
+            self.ids[:, :k], self.pos[:, :k], self.dist[:, :k], self.scores[:, :k],
+            self.codes[:, :k], self.vocabulary, self.results,
+        )
+
+    def evidence(self, row: int, n: int) -> list[Neighbor]:
+        """The first n neighbours of a row with their keys, labels and scores."""
+        from featurebank.classify.classifier import Neighbor
+
+        res, r = self.results[row // BATCH], row % BATCH
+        return [
+            Neighbor(str(k), lab, float(sc))
+            for k, lab, sc, i in zip(res.keys[r], res.labels[r], res.scores[r], res.ids[r],
+                                     strict=True)
+            if i >= 0
+        ][:n]
 
 
 def neighbours(
@@ -42,7 +66,9 @@ def neighbours(
     k = max(1, min(k, int(searcher.ntotal) - 1))
     to_dist = metric_named(searcher.metric).distances
     out_ids = np.full((n, k), -1, np.int64)
-    out_dist = np.full((n, k), np.inf)
+    out_scores = np.full((n, k), -np.inf, np.float32)
+    out_codes = np.full((n, k), -1, np.int64)
+    results = []
     for s in range(0, n, BATCH):
         e = min(n, s + BATCH)
         res = searcher.search(
@@ -50,9 +76,15 @@ def neighbours(
         )
         got = res.ids.shape[1]
         out_ids[s:e, :got] = res.ids
-        d = to_dist(np.asarray(res.scores, np.float64))
-        out_dist[s:e, :got] = np.where(res.ids >= 0, d, np.inf)
-    return Graph(out_ids, positions(ids, out_ids), out_dist)
+        out_scores[s:e, :got] = res.scores
+        out_codes[s:e, :got] = res.label_codes
+        results.append(res)
+    with np.errstate(invalid="ignore"):
+        dist = np.where(out_ids >= 0, to_dist(out_scores.astype(np.float64)), np.inf)
+    vocabulary = list(results[0].vocabulary) if results else []
+    return Graph(
+        out_ids, positions(ids, out_ids), dist, out_scores, out_codes, vocabulary, results
+    )
 
 
 def positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from featurebank.classify.audit import EVIDENCE, Finding
-from featurebank.classify.classifier import Classifier, Neighbor
-from featurebank.classify.quality.graph import BATCH
+from featurebank.classify.knn import Voter
+from featurebank.classify.quality.graph import Graph
 
 if TYPE_CHECKING:
-    from featurebank.index.searcher import SearchResult
+    from featurebank.classify.classifier import Neighbor
 
 SWAPS = 5  # class pairs listed
 
@@ -59,36 +59,12 @@ class LabelErrors:
     estimated_precision: float  # of the list as cut
 
 
-def out_of_fold(
-    clf: Classifier, ids: np.ndarray, vectors: np.ndarray
-) -> tuple[np.ndarray, list[str], Callable[[int], list[Neighbor]]]:
-    """(kNN probabilities of each item with itself left out, vocabulary, row -> neighbours).
-
-    Neighbours are read only for the rows asked for: keys and labels cost a lookup each.
-    """
-    probs: list[np.ndarray] = []
-    vocab: list[str] = []
-    results: list[SearchResult] = []
-    for s in range(0, len(ids), BATCH):
-        p, pv, res = clf.predict_modes(
-            vectors[s : s + BATCH], ("knn",), exclude_ids=ids[s : s + BATCH].astype(np.int64),
-            want_neighbors=True,
-        )
-        assert res is not None
-        probs.append(p["knn"])
-        vocab = pv["knn"]
-        results.append(res)
-
-    def evidence(row: int) -> list[Neighbor]:
-        res, r = results[row // BATCH], row % BATCH
-        return [
-            Neighbor(str(k), lab, float(sc))
-            for k, lab, sc, i in zip(res.keys[r], res.labels[r], res.scores[r], res.ids[r],
-                                     strict=True)
-            if i >= 0
-        ][:EVIDENCE]
-
-    return np.concatenate(probs) if probs else np.zeros((0, 0)), vocab, evidence
+def out_of_fold(voter: Voter, graph: Graph, rows: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """(kNN probabilities of the rows, each voted on by its voting neighbours without
+    itself, vocabulary): the classifier's vote over the pass's voters graph."""
+    vocab = graph.vocabulary
+    p = voter.probs(graph.codes[rows], graph.scores[rows], len(vocab))
+    return np.asarray(p, np.float64), vocab
 
 
 def confident_joint(p: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -111,15 +87,20 @@ def confident_joint(p: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def find(
-    clf: Classifier,
-    ids: np.ndarray,
-    vectors: np.ndarray,
+    voter: Voter,
+    graph: Graph,
+    rows: np.ndarray,
     keys: Sequence[str],
     labels: Sequence[str],
     precision: float | None = None,
 ) -> LabelErrors:
-    """Label findings with their evidence, the per-class estimate and the swapped pairs."""
-    p, vocab, evidence = out_of_fold(clf, ids, vectors)
+    """Label findings of the labelled `rows` of the voters graph (`keys`, `labels`: theirs)
+    with their evidence, the per-class estimate and the swapped pairs."""
+    p, vocab = out_of_fold(voter, graph, rows)
+
+    def evidence(r: int) -> list[Neighbor]:
+        return graph.evidence(int(rows[r]), EVIDENCE)
+
     col = {lab: j for j, lab in enumerate(vocab)}
     y = np.array([col.get(lab, -1) for lab in labels], np.int64)
     scored = np.flatnonzero(y >= 0)
