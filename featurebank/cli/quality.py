@@ -71,7 +71,8 @@ def lines(report: Any) -> list[str]:
     d = report.duplicates
     out.append(
         f"duplicates: {report.counts['duplicate_groups']} groups "
-        f"({report.counts['exact_groups']} exact), near below distance {d.threshold:.4g}"
+        f"({report.counts['exact_groups']} exact), near: below distance {d.threshold:.4g}, "
+        "or far closer to each other than to anything else"
     )
     for g in d.groups:
         kind = "exact" if g.exact else f"near {min(p.distance for p in g.pairs):.4g}"

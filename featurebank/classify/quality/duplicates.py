@@ -1,12 +1,21 @@
 """Duplicates and leaks: the same content stored twice, and copies across splits.
 
 Exact duplicates come first, from the content sha256 the store records for every
-image it embedded (no vectors needed). Near duplicates are pairs closer than a
-distance calibrated on the bank itself: distances to the nearest neighbour are
-compared on a log scale, and a pair counts when it lies `DUPLICATE_Z` robust
-standard deviations below the bank's typical nearest-neighbour distance. Why
-relative: a fixed cosine cut means different things for different backbones and
-transforms; the bank's own spread of neighbour distances does not.
+image it embedded (no vectors needed). Near duplicates are calibrated on the bank
+itself, two ways:
+
+- globally: a pair closer than `DUPLICATE_Z` robust standard deviations below the
+  bank's typical nearest-neighbour distance (on a log scale);
+- locally: an item and its nearest neighbour closer than `LOCAL_RATIO` times the
+  distance of either one's next neighbour, and under `LOCAL_CAP` times the bank's
+  typical nearest-neighbour distance. A resized copy is often further from its
+  original than two crisp look-alikes are, yet much closer than anything else.
+
+Why relative: a fixed cosine cut means different things for different backbones and
+transforms; the bank's own spread of neighbour distances does not. Measured on the
+digits CNN (benchmarks/quality_bench.py): byte-identical and re-encoded copies are all
+found, copies saved at twice the size mostly, copies cropped by a pixel a side rarely
+(that backbone moves them as far as two different scans of one digit).
 
 A leak is a duplicate pair with one item in `train` and the other in `val` or
 `test`: the held-out score then measures memory, not generalisation.
@@ -22,6 +31,8 @@ import numpy as np
 from featurebank.classify.quality.graph import Graph, robust_log_scale
 
 DUPLICATE_Z = 3.0  # robust standard deviations below the typical nearest-neighbour distance
+LOCAL_RATIO = 0.25  # a pair this much closer than either item's next neighbour
+LOCAL_CAP = 0.5  # ... and closer than this fraction of the typical nearest-neighbour distance
 TRAIN, HELD_OUT = "train", ("val", "test")
 
 
@@ -86,15 +97,30 @@ def sha_pairs(shas: Sequence[str | None]) -> list[tuple[int, int]]:
     return out
 
 
-def near_threshold(graph: Graph, exact_rows: np.ndarray, z: float = DUPLICATE_Z) -> float:
-    """The distance below which a pair is a near duplicate, from the bank's own spread
-    of nearest-neighbour distances (exact copies left out of the calibration)."""
+def near_threshold(
+    graph: Graph, exact_rows: np.ndarray, z: float = DUPLICATE_Z
+) -> tuple[float, float]:
+    """(the distance below which any pair is a near duplicate, the typical nearest-
+    neighbour distance), from the bank's own spread of nearest-neighbour distances
+    (exact copies left out of the calibration)."""
     d1 = graph.dist[:, 0].copy()
     d1[exact_rows] = np.inf
     med, spread = robust_log_scale(d1)
-    if spread == 0.0:
-        return 0.0
-    return float(np.exp(med - z * spread))
+    return (float(np.exp(med - z * spread)) if spread > 0 else 0.0), float(np.exp(med))
+
+
+def locally_close(graph: Graph, typical: float) -> np.ndarray:
+    """Rows whose nearest neighbour is far closer to them than either one's next one."""
+    if graph.dist.shape[1] < 2:
+        return np.zeros(len(graph.dist), bool)
+    o = graph.pos[:, 0]
+    ok = o >= 0
+    oo = np.maximum(o, 0)
+    d = graph.dist[:, 0]
+    next_r = graph.dist[:, 1]
+    next_o = np.where(graph.pos[oo, 0] == np.arange(len(o)), graph.dist[oo, 1], graph.dist[oo, 0])
+    with np.errstate(invalid="ignore"):
+        return ok & (d < LOCAL_CAP * typical) & (d < LOCAL_RATIO * np.minimum(next_r, next_o))
 
 
 def find(
@@ -108,11 +134,13 @@ def find(
     """Exact (same sha256) and near duplicate groups, and the leaks among their pairs."""
     exact = sha_pairs(shas)
     exact_rows = np.array(sorted({r for p in exact for r in p}), np.int64)
-    threshold = near_threshold(graph, exact_rows, z)
+    threshold, typical = near_threshold(graph, exact_rows, z)
     pairs: dict[tuple[int, int], Pair] = {}
     for a, b in exact:
         pairs[(a, b)] = Pair(keys[a], keys[b], 0.0, True)
-    rows, cols = np.nonzero((graph.dist < threshold) & (graph.pos >= 0))
+    close = (graph.dist < threshold) & (graph.pos >= 0)
+    close[:, 0] |= locally_close(graph, typical)
+    rows, cols = np.nonzero(close)
     for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
         o = int(graph.pos[r, c])
         a, b = min(r, o), max(r, o)
