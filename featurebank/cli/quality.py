@@ -27,14 +27,24 @@ def register(commands: Commands) -> None:
     )
     p.add_argument("--n", type=int, default=100, help="findings listed per kind")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    p.add_argument(
+        "--keep", nargs="+", action="append", default=[], metavar=("KIND", "KEY"),
+        help="remember in the bank that a finding was looked at and kept, so it is not "
+        "listed again: label KEY | duplicate KEY KEY | outlier KEY (repeatable)",
+    )
 
 
 def _quality(args: argparse.Namespace) -> int:
     from featurebank.classify.classifier import Classifier
     from featurebank.classify.quality import check_limit, run
+    from featurebank.classify.quality.decisions import keep
 
     check_limit(args.n)
     with Classifier(args.bank, mode="knn") as clf:
+        for kind, *keys in args.keep:
+            kept = keep(clf.store, kind, keys)
+            print(f"kept {kind} {' '.join(kept.keys)}" + (f" = {kept.label}" if kept.label else ""),
+                  file=sys.stderr)
         report = run(clf, precision=args.precision, limit=args.n)
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=1)
@@ -83,6 +93,8 @@ def lines(report: Any) -> list[str]:
         kind = "exact" if leak.exact else f"near {leak.distance:.4g}"
         out.append(f"  leak {kind}: {leak.train}[train] ~ {leak.held_out}[{leak.split}]")
     out.append(f"outliers: {report.counts['outliers']} above {report.outlier_cut:.3g}")
+    if report.counts["kept"]:
+        out.append(f"(and {report.counts['kept']} findings kept earlier, not listed)")
     for o in report.outliers:
         nbs = " ".join(f"{k}:{dist:.3f}" for k, dist in o.neighbors)
         out.append(f"  outlier {o.score:.3f}  {o.key}  neighbours: {nbs}")

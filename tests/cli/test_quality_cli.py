@@ -222,3 +222,50 @@ def test_a_bank_without_an_index_is_named(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "no index yet" in proc.stderr and "featurebank index build" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_kept_findings_are_remembered_in_the_bank(tmp_path: Path) -> None:
+    """Keep a label, a duplicate pair and an outlier: the next pass lists none of them,
+    a copied bank remembers them, and relabelling the kept item makes its finding new."""
+    rng = np.random.default_rng(3)
+    centres = 3 * rng.normal(size=(3, 16))
+    x = np.concatenate([c + 0.3 * rng.normal(size=(40, 16)) for c in centres])
+    x = np.concatenate([x, x[[7]], 8 * rng.normal(size=(1, 16))]).astype(np.float32)
+    keys = [f"v{i}" for i in range(120)] + ["copy7", "far"]
+    labels: list[str | None] = [str(i // 40) for i in range(120)] + [None, None]
+    labels[5] = "2"  # wrong
+    bank = tmp_path / "b"
+    with store_mod.create(bank, make_spec(16)) as st:
+        st.put_batch(keys, x, labels=labels, splits=["train"] * 120 + ["test", "none"])
+    assert main(["index", "build", "--bank", str(bank), "--factory", "Flat"]) == 0
+    before = run_json(bank)
+    assert [f["key"] for f in before["labels"]["findings"]] == ["v5"]
+    assert [(x["train"], x["held_out"]) for x in before["duplicates"]["leaks"]] == [("v7", "copy7")]
+    assert before["outliers"][0]["key"] == "far"
+    proc = cli("quality", "--bank", str(bank), "--keep", "label", "v5",
+               "--keep", "duplicate", "copy7", "v7", "--keep", "outlier", "far", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "kept label v5 = 2" in proc.stderr
+    after = json.loads(proc.stdout)
+    assert after["labels"]["findings"] == [] and after["labels"]["kept"] == 1
+    assert after["duplicates"]["groups"] == [] and after["duplicates"]["leaks"] == []
+    assert "far" not in {o["key"] for o in after["outliers"]}
+    assert after["counts"]["kept"] == 4  # the label, the group, its leak and the outlier
+    shutil.copytree(bank, tmp_path / "copy")
+    assert run_json(tmp_path / "copy")["counts"]["kept"] == 4
+    with store_mod.open(bank) as st:
+        st.set_labels({"v5": "1"})  # still wrong, but not the label that was kept
+    again = run_json(bank)
+    assert [f["key"] for f in again["labels"]["findings"]] == ["v5"]
+    for args, message in (
+        (["--keep", "typo", "v1"], "unknown finding kind 'typo'"),
+        (["--keep", "duplicate", "v1"], "a kept duplicate names 2 different key(s), got ['v1']"),
+        (["--keep", "outlier", "nope"], "key 'nope' is not in bank"),
+        (["--keep", "label", "far"], "key 'far' has no label to keep"),
+    ):
+        proc = cli("quality", "--bank", str(bank), *args)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    (bank / "quality" / "decisions.json").write_text("{not json")
+    proc = cli("quality", "--bank", str(bank))
+    assert proc.returncode == 2
+    assert f"quality decisions file {bank / 'quality' / 'decisions.json'} is damaged" in proc.stderr

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from featurebank.classify.classifier import Classifier
-from featurebank.classify.quality import duplicates, labels, outliers
+from featurebank.classify.quality import decisions, duplicates, labels, outliers
 from featurebank.classify.quality.graph import neighbours
 from featurebank.core.errors import InvalidInput
 from featurebank.core.vocabulary import HELD_OUT_SPLIT
@@ -78,17 +78,23 @@ def run(clf: Classifier, precision: float | None = None, limit: int = LIMIT) -> 
     everything = ref if ref is not None and voters.all() else neighbours(
         searcher, items.vectors, ids, NEIGHBOURS
     )
+    kept = decisions.load(clf.bank)
     dups = duplicates.find(everything.first(NEIGHBOURS), keys, splits, labs, shas)
+    hidden = forget_kept(kept, dups)
     # a handful of labelled items is no reference for a domain: then every item is
     reference = ref if ref is not None and voters.sum() > NEIGHBOURS else everything
     found, _, cut = outliers.find(reference.first(NEIGHBOURS), keys)
+    kept_outliers = {k.keys[0] for k in kept if k.kind == "outlier"}
+    hidden += sum(o.key in kept_outliers for o in found)
+    found = [o for o in found if o.key not in kept_outliers]
     labelled = np.flatnonzero([lab is not None for lab in labs])
     errors = None
     if labelled.size and ref is not None:
         errors = labels.find(
             voter, ref, labelled, [keys[i] for i in labelled], [str(labs[i]) for i in labelled],
-            precision,
+            precision, {(k.keys[0], k.label) for k in kept if k.kind == "label"},
         )
+        hidden += errors.kept
         errors.findings = errors.findings[:limit]
     counts = {
         "label_errors": 0 if errors is None else errors.candidates,
@@ -96,6 +102,7 @@ def run(clf: Classifier, precision: float | None = None, limit: int = LIMIT) -> 
         "exact_groups": sum(g.exact for g in dups.groups),
         "leaks": len(dups.leaks),
         "outliers": len(found),
+        "kept": hidden,  # findings left out because a person kept them
     }
     dups.groups, dups.leaks = dups.groups[:limit], dups.leaks[:limit]
     seconds = time.perf_counter() - started
@@ -105,3 +112,18 @@ def run(clf: Classifier, precision: float | None = None, limit: int = LIMIT) -> 
         labels_generation=labels_gen, labels=errors, duplicates=dups, outliers=found[:limit],
         outlier_cut=cut, counts=counts, seconds=seconds,
     )
+
+
+def forget_kept(kept: set[decisions.Kept], dups: duplicates.Duplicates) -> int:
+    """Drop kept duplicate pairs (and their leaks) from `dups`; how many findings went."""
+    pairs = {k.keys for k in kept if k.kind == "duplicate"}
+    if not pairs:
+        return 0
+    before = len(dups.groups) + len(dups.leaks)
+    for g in dups.groups:
+        g.pairs = [p for p in g.pairs if tuple(sorted((p.a, p.b))) not in pairs]
+        linked = {k for p in g.pairs for k in (p.a, p.b)}
+        g.members = [m for m in g.members if m.key in linked]
+    dups.groups = [g for g in dups.groups if g.pairs]
+    dups.leaks = [x for x in dups.leaks if tuple(sorted((x.train, x.held_out))) not in pairs]
+    return before - len(dups.groups) - len(dups.leaks)

@@ -54,9 +54,10 @@ class LabelErrors:
     swaps: list[Swap]
     findings: list[Finding]  # cut as asked, most confident first
     selected: int  # findings the cut keeps (the list may be shortened further for display)
-    candidates: int  # items the vote relabels, before the cut
+    candidates: int  # items the vote relabels, before the cut (kept ones left out)
     cut: str  # what chose the cut: "estimate" or "precision P"
     estimated_precision: float  # of the list as cut
+    kept: int = 0  # findings left out because a person kept the label
 
 
 def out_of_fold(voter: Voter, graph: Graph, rows: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -93,6 +94,7 @@ def find(
     keys: Sequence[str],
     labels: Sequence[str],
     precision: float | None = None,
+    kept: set[tuple[str, str | None]] | None = None,
 ) -> LabelErrors:
     """Label findings of the labelled `rows` of the voters graph (`keys`, `labels`: theirs)
     with their evidence, the per-class estimate and the swapped pairs."""
@@ -123,15 +125,20 @@ def find(
         if pair[iu[o], ju[o]] >= 0.5
     ]
     findings = _findings(p, vocab, y, keys, labels, evidence)
+    n_found = len(findings)
+    if kept:
+        findings = [f for f in findings if (f.key, f.label) not in kept]
     estimate = float(off.sum())
     if precision is None:
-        n_cut, how = int(round(estimate)), "estimate"
+        # labels a person kept are right: the estimate's remainder is still to be found
+        n_cut, how = max(0, int(round(estimate)) - (n_found - len(findings))), "estimate"
     else:
         n_cut, how = _precision_cut(findings, precision), f"precision {precision:g}"
-    kept = findings[: min(n_cut, len(findings))]
-    est_precision = float(np.mean([1.0 - f.p_label for f in kept])) if kept else 1.0
+    listed = findings[: min(n_cut, len(findings))]
+    est_precision = float(np.mean([1.0 - f.p_label for f in listed])) if listed else 1.0
     return LabelErrors(
-        estimate, classes, swaps, kept, len(kept), len(findings), how, est_precision
+        estimate, classes, swaps, listed, len(listed), len(findings), how, est_precision,
+        n_found - len(findings),
     )
 
 
