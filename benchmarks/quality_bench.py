@@ -5,7 +5,8 @@ MNIST backbone (embedder/models/digits_cnn.keras, layer `features`), as in
 classify_quality.py. Every system sees the same features.
 
 - Label errors: every digit labelled, 5 / 10 / 20 % of the labels flipped, uniformly
-  or by swapping planted class pairs (1<->7, 3<->8). Scored: top-N recall (N = the
+  (of all items) or by swapping planted class pairs (of the items of 1, 7, 3 and 8:
+  1<->7, 3<->8). Scored: top-N recall (N = the
   number flipped), AUPRC over every labelled item, the default cut's size and precision,
   the estimated number wrong, and whether the top swapped pairs are the planted ones.
 - Duplicates and leaks: copies of 120 digits (byte-identical, re-encoded as JPEG,
@@ -111,7 +112,7 @@ def flip(y: np.ndarray, noise: float, kind: str, rng: np.random.Generator) -> np
         return noisy
     partner = {a: b for a, b in SWAPPED} | {b: a for a, b in SWAPPED}
     pool = np.flatnonzero(np.isin(y, list(partner)))
-    idx = rng.choice(pool, min(len(pool), round(noise * len(y))), replace=False)
+    idx = rng.choice(pool, round(noise * len(pool)), replace=False)
     noisy[idx] = [partner[int(c)] for c in y[idx]]
     return noisy
 
