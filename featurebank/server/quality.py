@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from featurebank.core.errors import InvalidInput
 from featurebank.server.responses import finding
 from featurebank.server.validation import check_count
 from featurebank.v1 import featurebank_pb2 as pb
@@ -22,9 +21,7 @@ if TYPE_CHECKING:
 async def quality(engine: Engine, request: pb.QualityRequest) -> pb.QualityResponse:
     """Validate the request, run the pass on the compute pool, convert the report."""
     n = check_count(request.n, "n")
-    precision = float(request.precision) if request.precision else None
-    if precision is not None and not 0 < precision <= 1:
-        raise InvalidInput(f"precision must be in (0, 1], got {precision:g}")
+    precision = float(request.precision) if request.precision else None  # checked by the pass
     loop = asyncio.get_running_loop()
     report = await loop.run_in_executor(engine.compute, _run, engine, precision, n)
     return response(report)

@@ -57,7 +57,7 @@ def run(clf: Classifier, precision: float | None = None, limit: int = LIMIT) -> 
     """Every finding type over the live items; lists cut to `limit` each (counts are whole)."""
     check_limit(limit)
     if precision is not None and not 0 < precision <= 1:
-        raise InvalidInput(f"precision must be in (0, 1], got {precision}")
+        raise InvalidInput(f"precision must be in (0, 1], got {precision:g}")
     started = time.perf_counter()
     store, searcher = clf.store, clf.searcher
     labels_gen = int(store.labels_generation)
