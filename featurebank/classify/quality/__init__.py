@@ -1,7 +1,7 @@
 """The data-quality pass: wrong labels, duplicates, leaks and outliers from the bank's
 index, without training anything.
 
-One module per finding type (labels, duplicates, outliers) over one neighbour graph
+One module per finding type (labels, duplicates, outliers) over the neighbour graphs
 (graph); this module reads the bank once and puts the findings into one `Report`.
 A bank without labels still gets duplicates, leaks and outliers.
 """
