@@ -19,7 +19,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from featurebank.core.errors import FeaturebankError
 
-AREAS = ["store", "repair", "items", "embed", "index", "head", "serve", "client", "labelling"]
+AREAS = [
+    "store", "repair", "items", "embed", "index", "head", "serve", "client", "labelling", "quality",
+]
 
 Handler = Callable[[argparse.Namespace], "int | None"]
 

@@ -232,6 +232,12 @@ class FeatureBankClient:
         """Labelled items whose label the bank doubts, most confident first."""
         return self._call(self.stub.Audit, pb.AuditRequest(n=n), timeout)
 
+    def quality(
+        self, precision: float = 0.0, n: int = 0, timeout: float | None = None
+    ) -> pb.QualityResponse:
+        """Wrong labels, duplicates, leaks and outliers of the served bank."""
+        return self._call(self.stub.Quality, pb.QualityRequest(precision=precision, n=n), timeout)
+
     def thumbnails(self, keys: Sequence[str], timeout: float | None = None) -> dict[str, bytes]:
         """JPEG thumbnail per key; keys without one are left out."""
         response = self._call(

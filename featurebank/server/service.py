@@ -232,6 +232,14 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         )
 
     @_rpc
+    async def Quality(
+        self, request: pb.QualityRequest, context: aio.ServicerContext
+    ) -> pb.QualityResponse:
+        from featurebank.server.quality import quality
+
+        return await quality(self.engine, request)
+
+    @_rpc
     async def GetThumbnails(
         self, request: pb.GetThumbnailsRequest, context: aio.ServicerContext
     ) -> pb.GetThumbnailsResponse:

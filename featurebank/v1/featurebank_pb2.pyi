@@ -1409,3 +1409,366 @@ class GetReportResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetReportResponse: _TypeAlias = GetReportResponse  # noqa: Y015
+
+@_typing.final
+class QualityRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRECISION_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
+    precision: _builtins.float
+    """cut the label list at this estimated precision; 0 = at the estimated count"""
+    n: _builtins.int
+    """findings listed per kind; 0 = 100"""
+    def __init__(
+        self,
+        *,
+        precision: _builtins.float = ...,
+        n: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["n", b"n", "precision", b"precision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QualityRequest: _TypeAlias = QualityRequest  # noqa: Y015
+
+@_typing.final
+class ClassEstimate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    WRONG_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    items: _builtins.int
+    """items labelled `label`"""
+    wrong: _builtins.float
+    """estimated wrong labels among them"""
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        items: _builtins.int = ...,
+        wrong: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "label", b"label", "wrong", b"wrong"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassEstimate: _TypeAlias = ClassEstimate  # noqa: Y015
+
+@_typing.final
+class SwappedPair(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    A_FIELD_NUMBER: _builtins.int
+    B_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    a: _builtins.str
+    b: _builtins.str
+    count: _builtins.float
+    """estimated items labelled a that are b, plus b that are a"""
+    def __init__(
+        self,
+        *,
+        a: _builtins.str = ...,
+        b: _builtins.str = ...,
+        count: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["a", b"a", "b", b"b", "count", b"count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SwappedPair: _TypeAlias = SwappedPair  # noqa: Y015
+
+@_typing.final
+class DuplicateMember(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    split: _builtins.str
+    label: _builtins.str
+    """empty when unlabelled"""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        split: _builtins.str = ...,
+        label: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "label", b"label", "split", b"split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DuplicateMember: _TypeAlias = DuplicateMember  # noqa: Y015
+
+@_typing.final
+class DuplicatePair(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    A_FIELD_NUMBER: _builtins.int
+    B_FIELD_NUMBER: _builtins.int
+    DISTANCE_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
+    a: _builtins.str
+    b: _builtins.str
+    distance: _builtins.float
+    """in the index's metric; 0 for exact copies"""
+    exact: _builtins.bool
+    """same content sha256"""
+    def __init__(
+        self,
+        *,
+        a: _builtins.str = ...,
+        b: _builtins.str = ...,
+        distance: _builtins.float = ...,
+        exact: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["a", b"a", "b", b"b", "distance", b"distance", "exact", b"exact"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DuplicatePair: _TypeAlias = DuplicatePair  # noqa: Y015
+
+@_typing.final
+class DuplicateGroup(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    PAIRS_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
+    exact: _builtins.bool
+    """every pair is an exact copy"""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___DuplicateMember]: ...
+    @_builtins.property
+    def pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___DuplicatePair]:
+        """the evidence"""
+
+    def __init__(
+        self,
+        *,
+        members: _abc.Iterable[Global___DuplicateMember] | None = ...,
+        pairs: _abc.Iterable[Global___DuplicatePair] | None = ...,
+        exact: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exact", b"exact", "members", b"members", "pairs", b"pairs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DuplicateGroup: _TypeAlias = DuplicateGroup  # noqa: Y015
+
+@_typing.final
+class Leak(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRAIN_FIELD_NUMBER: _builtins.int
+    HELD_OUT_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    DISTANCE_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
+    train: _builtins.str
+    """the train item"""
+    held_out: _builtins.str
+    """its copy in val or test"""
+    split: _builtins.str
+    distance: _builtins.float
+    exact: _builtins.bool
+    def __init__(
+        self,
+        *,
+        train: _builtins.str = ...,
+        held_out: _builtins.str = ...,
+        split: _builtins.str = ...,
+        distance: _builtins.float = ...,
+        exact: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["distance", b"distance", "exact", b"exact", "held_out", b"held_out", "split", b"split", "train", b"train"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Leak: _TypeAlias = Leak  # noqa: Y015
+
+@_typing.final
+class NearItem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    DISTANCE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    distance: _builtins.float
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        distance: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["distance", b"distance", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NearItem: _TypeAlias = NearItem  # noqa: Y015
+
+@_typing.final
+class Outlier(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    DISTANCE_FIELD_NUMBER: _builtins.int
+    NEIGHBORS_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    score: _builtins.float
+    """its distance to its reference neighbours over theirs to their own"""
+    distance: _builtins.float
+    """mean distance to its reference neighbours"""
+    @_builtins.property
+    def neighbors(self) -> _containers.RepeatedCompositeFieldContainer[Global___NearItem]: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        score: _builtins.float = ...,
+        distance: _builtins.float = ...,
+        neighbors: _abc.Iterable[Global___NearItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["distance", b"distance", "key", b"key", "neighbors", b"neighbors", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Outlier: _TypeAlias = Outlier  # noqa: Y015
+
+@_typing.final
+class QualityResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    LABELLED_FIELD_NUMBER: _builtins.int
+    HAS_LABELS_FIELD_NUMBER: _builtins.int
+    ESTIMATED_WRONG_FIELD_NUMBER: _builtins.int
+    CLASSES_FIELD_NUMBER: _builtins.int
+    SWAPS_FIELD_NUMBER: _builtins.int
+    LABEL_ERRORS_FIELD_NUMBER: _builtins.int
+    LABEL_CANDIDATES_FIELD_NUMBER: _builtins.int
+    LABEL_SELECTED_FIELD_NUMBER: _builtins.int
+    LABEL_CUT_FIELD_NUMBER: _builtins.int
+    LABEL_ESTIMATED_PRECISION_FIELD_NUMBER: _builtins.int
+    DUPLICATE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    LEAKS_FIELD_NUMBER: _builtins.int
+    OUTLIERS_FIELD_NUMBER: _builtins.int
+    OUTLIER_CUT_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    INDEX_GENERATION_FIELD_NUMBER: _builtins.int
+    LABELS_GENERATION_FIELD_NUMBER: _builtins.int
+    items: _builtins.int
+    labelled: _builtins.int
+    has_labels: _builtins.bool
+    """the label fields below are set"""
+    estimated_wrong: _builtins.float
+    label_candidates: _builtins.int
+    """items the neighbours relabel, before the cut"""
+    label_selected: _builtins.int
+    """items the cut keeps"""
+    label_cut: _builtins.str
+    """"estimate" or "precision P" """
+    label_estimated_precision: _builtins.float
+    duplicate_threshold: _builtins.float
+    """distance under which a pair is a near duplicate"""
+    outlier_cut: _builtins.float
+    seconds: _builtins.float
+    index_generation: _builtins.int
+    labels_generation: _builtins.int
+    @_builtins.property
+    def classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassEstimate]: ...
+    @_builtins.property
+    def swaps(self) -> _containers.RepeatedCompositeFieldContainer[Global___SwappedPair]: ...
+    @_builtins.property
+    def label_errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Finding]:
+        """most confident first, cut as asked"""
+
+    @_builtins.property
+    def duplicates(self) -> _containers.RepeatedCompositeFieldContainer[Global___DuplicateGroup]: ...
+    @_builtins.property
+    def leaks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Leak]: ...
+    @_builtins.property
+    def outliers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Outlier]:
+        """most extreme first"""
+
+    @_builtins.property
+    def counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """findings of each kind before the lists were cut"""
+
+    def __init__(
+        self,
+        *,
+        items: _builtins.int = ...,
+        labelled: _builtins.int = ...,
+        has_labels: _builtins.bool = ...,
+        estimated_wrong: _builtins.float = ...,
+        classes: _abc.Iterable[Global___ClassEstimate] | None = ...,
+        swaps: _abc.Iterable[Global___SwappedPair] | None = ...,
+        label_errors: _abc.Iterable[Global___Finding] | None = ...,
+        label_candidates: _builtins.int = ...,
+        label_selected: _builtins.int = ...,
+        label_cut: _builtins.str = ...,
+        label_estimated_precision: _builtins.float = ...,
+        duplicate_threshold: _builtins.float = ...,
+        duplicates: _abc.Iterable[Global___DuplicateGroup] | None = ...,
+        leaks: _abc.Iterable[Global___Leak] | None = ...,
+        outliers: _abc.Iterable[Global___Outlier] | None = ...,
+        outlier_cut: _builtins.float = ...,
+        counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        seconds: _builtins.float = ...,
+        index_generation: _builtins.int = ...,
+        labels_generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "counts", b"counts", "duplicate_threshold", b"duplicate_threshold", "duplicates", b"duplicates", "estimated_wrong", b"estimated_wrong", "has_labels", b"has_labels", "index_generation", b"index_generation", "items", b"items", "label_candidates", b"label_candidates", "label_cut", b"label_cut", "label_errors", b"label_errors", "label_estimated_precision", b"label_estimated_precision", "label_selected", b"label_selected", "labelled", b"labelled", "labels_generation", b"labels_generation", "leaks", b"leaks", "outlier_cut", b"outlier_cut", "outliers", b"outliers", "seconds", b"seconds", "swaps", b"swaps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QualityResponse: _TypeAlias = QualityResponse  # noqa: Y015

@@ -79,6 +79,11 @@ class FeatureBankStub:
                 request_serializer=featurebank_dot_v1_dot_featurebank__pb2.GetReportRequest.SerializeToString,
                 response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.GetReportResponse.FromString,
                 _registered_method=True)
+        self.Quality = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/Quality',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.QualityRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.QualityResponse.FromString,
+                _registered_method=True)
         self.Upsert = channel.stream_unary(
                 '/featurebank.v1.FeatureBank/Upsert',
                 request_serializer=featurebank_dot_v1_dot_featurebank__pb2.UpsertItem.SerializeToString,
@@ -172,6 +177,13 @@ class FeatureBankServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Quality(self, request, context):
+        """Wrong labels (counted per class), duplicates, train/test leaks and outliers (read role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Upsert(self, request_iterator, context):
         """Writes below: a read replica answers them with FAILED_PRECONDITION naming its primary.
         Add or replace items; committed and searchable when the call returns (write role).
@@ -259,6 +271,11 @@ def add_FeatureBankServicer_to_server(servicer, server):
                     servicer.GetReport,
                     request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.GetReportRequest.FromString,
                     response_serializer=featurebank_dot_v1_dot_featurebank__pb2.GetReportResponse.SerializeToString,
+            ),
+            'Quality': grpc.unary_unary_rpc_method_handler(
+                    servicer.Quality,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.QualityRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.QualityResponse.SerializeToString,
             ),
             'Upsert': grpc.stream_unary_rpc_method_handler(
                     servicer.Upsert,
@@ -529,6 +546,33 @@ class FeatureBank:
             '/featurebank.v1.FeatureBank/GetReport',
             featurebank_dot_v1_dot_featurebank__pb2.GetReportRequest.SerializeToString,
             featurebank_dot_v1_dot_featurebank__pb2.GetReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Quality(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/Quality',
+            featurebank_dot_v1_dot_featurebank__pb2.QualityRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.QualityResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,78 @@
+"""Remembered decisions: findings a person looked at and kept, never suggested again.
+
+Stored in the bank (`BANK/quality/decisions.json`, replaced atomically), so a copied
+bank and a server over it remember them too. A decision names what was judged, not
+a row: a kept label is (key, the label it had), so relabelling the item makes its
+finding new again; a kept duplicate is the pair of keys; a kept outlier is its key.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from featurebank.core.bank import Bank, write_atomic
+from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound, shown
+
+if TYPE_CHECKING:
+    from featurebank.store import Store
+
+FILE = Path("quality") / "decisions.json"
+KEYS_PER_KIND = {"label": 1, "duplicate": 2, "outlier": 1}  # how many keys a decision names
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What a person judged and kept."""
+
+    kind: str
+    keys: tuple[str, ...]  # sorted
+    label: str | None = None  # a kept label: the label it was kept with
+
+
+def path_of(bank: Bank) -> Path:
+    return bank.root / FILE
+
+
+def load(bank: Bank) -> set[Kept]:
+    """Every remembered decision of the bank (none when it has none)."""
+    path = path_of(bank)
+    if not path.exists():
+        return set()
+    try:
+        rows = json.loads(path.read_text())["kept"]
+        return {Kept(r["kind"], tuple(sorted(r["keys"])), r.get("label")) for r in rows}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FailedPrecondition(
+            f"quality decisions file {path} is damaged ({e}); move it away to start afresh"
+        ) from None
+
+
+def keep(store: Store, kind: str, keys: Sequence[str]) -> Kept:
+    """Remember that the finding of `kind` about `keys` was looked at and kept."""
+    want = KEYS_PER_KIND.get(kind)
+    if want is None:
+        raise InvalidInput(f"unknown finding kind {shown(kind)}: use one of {sorted(KEYS_PER_KIND)}")
+    if len(keys) != want or len(set(keys)) != want:
+        raise InvalidInput(f"a kept {kind} names {want} different key(s), got {list(keys)}")
+    missing = store.missing(list(keys))
+    if missing:
+        raise NotFound(f"key {shown(missing[0])} is not in bank {store.bank.root}")
+    label = None
+    if kind == "label":
+        label = store.get_by_keys(list(keys)).labels[0]
+        if label is None:
+            raise InvalidInput(f"key {shown(keys[0])} has no label to keep")
+    kept = Kept(kind, tuple(sorted(keys)), label)
+    decided = load(store.bank) | {kept}
+    rows: list[dict[str, Any]] = [
+        {"kind": k.kind, "keys": list(k.keys), **({"label": k.label} if k.label else {})}
+        for k in sorted(decided, key=lambda k: (k.kind, k.keys))
+    ]
+    data = json.dumps({"format": 1, "updated": time.time(), "kept": rows}, indent=1)
+    write_atomic(path_of(store.bank), data.encode())
+    return kept

@@ -1,0 +1,178 @@
+"""Wrong labels: which items, how many per class, and which classes are swapped.
+
+The evidence is out of fold: every labelled item's kNN vote over the other items
+(leave-one-out, as in `classify.audit`), so an item's own label never votes for itself.
+
+How many (a confident joint, as in Northcutt et al., "Confident Learning"): class j's
+threshold is the mean probability of j over the items labelled j; an item counts
+towards (given i, true j) for the most probable class whose probability reaches its
+threshold. Each row is rescaled to the number of items labelled i, and the
+off-diagonal mass is the estimated number of wrong labels (per class: its row; per
+swapped pair: both cells).
+
+The list: the items the vote relabels, most confident first, cut at the estimated
+count by default; with a precision P, at the longest head of the list whose
+estimated precision (the mean of 1 - p(given label) over it) is at least P.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from featurebank.classify.audit import EVIDENCE, Finding
+from featurebank.classify.knn import Voter
+from featurebank.classify.quality.graph import Graph
+
+if TYPE_CHECKING:
+    from featurebank.classify.classifier import Neighbor
+
+SWAPS = 5  # class pairs listed
+
+
+@dataclass(frozen=True)
+class ClassCount:
+    label: str
+    items: int
+    wrong: float  # estimated wrong labels among the items labelled `label`
+
+
+@dataclass(frozen=True)
+class Swap:
+    a: str
+    b: str
+    count: float  # estimated items labelled a that are b, plus b that are a
+
+
+@dataclass
+class LabelErrors:
+    estimated_wrong: float
+    classes: list[ClassCount]
+    swaps: list[Swap]
+    findings: list[Finding]  # cut as asked, most confident first
+    selected: int  # findings the cut keeps (the list may be shortened further for display)
+    candidates: int  # items the vote relabels, before the cut (kept ones left out)
+    cut: str  # what chose the cut: "estimate" or "precision P"
+    estimated_precision: float  # of the list as cut
+    kept: int = 0  # findings left out because a person kept the label
+
+
+def out_of_fold(voter: Voter, graph: Graph, rows: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """(kNN probabilities of the rows, each voted on by its voting neighbours without
+    itself, vocabulary): the classifier's vote over the pass's voters graph."""
+    vocab = graph.vocabulary
+    p = voter.probs(graph.codes[rows], graph.scores[rows], len(vocab))
+    return np.asarray(p, np.float64), vocab
+
+
+def confident_joint(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(C, C) estimated counts of (given, true), rows summing to each class's items."""
+    c = p.shape[1]
+    counts = np.bincount(y, minlength=c).astype(np.float64)
+    thresholds = np.array(
+        [p[y == j, j].mean() if counts[j] else np.inf for j in range(c)], np.float64
+    )
+    above = p >= thresholds[None, :]
+    masked = np.where(above, p, -1.0)
+    true = masked.argmax(axis=1)
+    keep = above.any(axis=1)
+    joint = np.zeros((c, c), np.float64)
+    np.add.at(joint, (y[keep], true[keep]), 1.0)
+    rows = joint.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scaled = np.where(rows > 0, joint * counts[:, None] / rows, 0.0)
+    return scaled
+
+
+def find(
+    voter: Voter,
+    graph: Graph,
+    rows: np.ndarray,
+    keys: Sequence[str],
+    labels: Sequence[str],
+    precision: float | None = None,
+    kept: set[tuple[str, str | None]] | None = None,
+) -> LabelErrors:
+    """Label findings of the labelled `rows` of the voters graph (`keys`, `labels`: theirs)
+    with their evidence, the per-class estimate and the swapped pairs."""
+    p, vocab = out_of_fold(voter, graph, rows)
+
+    def evidence(r: int) -> list[Neighbor]:
+        return graph.evidence(int(rows[r]), EVIDENCE)
+
+    col = {lab: j for j, lab in enumerate(vocab)}
+    y = np.array([col.get(lab, -1) for lab in labels], np.int64)
+    scored = np.flatnonzero(y >= 0)
+    joint = (
+        confident_joint(p[scored], y[scored])
+        if scored.size and p.shape[1]
+        else np.zeros((len(vocab), len(vocab)))
+    )
+    off = joint - np.diag(np.diag(joint))
+    counts = np.bincount(y[scored], minlength=len(vocab))
+    classes = [
+        ClassCount(vocab[j], int(counts[j]), float(off[j].sum())) for j in range(len(vocab))
+    ]
+    pair = off + off.T
+    iu, ju = np.triu_indices(len(vocab), 1)
+    order = np.argsort(-pair[iu, ju], kind="stable")[:SWAPS]
+    swaps = [
+        Swap(vocab[iu[o]], vocab[ju[o]], float(pair[iu[o], ju[o]]))
+        for o in order
+        if pair[iu[o], ju[o]] >= 0.5
+    ]
+    findings = _findings(p, vocab, y, keys, labels, evidence)
+    n_found = len(findings)
+    if kept:
+        findings = [f for f in findings if (f.key, f.label) not in kept]
+    estimate = float(off.sum())
+    if precision is None:
+        # labels a person kept are right: the estimate's remainder is still to be found
+        n_cut, how = max(0, int(round(estimate)) - (n_found - len(findings))), "estimate"
+    else:
+        n_cut, how = _precision_cut(findings, precision), f"precision {precision:g}"
+    listed = findings[: min(n_cut, len(findings))]
+    est_precision = float(np.mean([1.0 - f.p_label for f in listed])) if listed else 1.0
+    return LabelErrors(
+        estimate, classes, swaps, listed, len(listed), len(findings), how, est_precision,
+        n_found - len(findings),
+    )
+
+
+def _findings(
+    p: np.ndarray,
+    vocab: list[str],
+    y: np.ndarray,
+    keys: Sequence[str],
+    labels: Sequence[str],
+    evidence: Callable[[int], list[Neighbor]],
+) -> list[Finding]:
+    if not p.size:
+        return []
+    best = p.argmax(axis=1)
+    p_best = p[np.arange(len(p)), best]
+    p_given = np.where(y >= 0, p[np.arange(len(p)), np.maximum(y, 0)], 0.0)
+    doubt = np.flatnonzero((p_best > 0) & (best != y))
+    out = [
+        Finding(
+            key=keys[r], label=labels[r], suggested=vocab[int(best[r])],
+            confidence=float(p_best[r] - p_given[r]), p_label=float(p_given[r]),
+            p_suggested=float(p_best[r]), neighbors=evidence(r),
+        )
+        for r in doubt.tolist()
+    ]
+    out.sort(key=lambda f: (-f.confidence, f.key))
+    return out
+
+
+def _precision_cut(findings: list[Finding], precision: float) -> int:
+    """The longest head of the list whose mean estimated chance of being wrong >= precision."""
+    if not findings:
+        return 0
+    wrong = 1.0 - np.array([f.p_label for f in findings])
+    running = np.cumsum(wrong) / np.arange(1, len(wrong) + 1)
+    ok = np.flatnonzero(running >= precision)
+    return int(ok[-1]) + 1 if ok.size else 0

@@ -1,0 +1,66 @@
+"""Outliers: items far from every reference neighbour, relative to how far those
+neighbours are from theirs.
+
+The reference is the labelled items that vote (the bank's notion of its domain); a
+bank without labels uses every item. Why relative (a local-outlier-factor style
+ratio): a sparse class is not an outlier just because its items are far apart, and
+a tight cluster of off-domain images (a dozen face crops among digits) is still far
+from the labelled digits even though its members are each other's neighbours.
+An item is listed when its log ratio lies `OUTLIER_Z` robust standard deviations
+above the bank's median.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from featurebank.classify.quality.graph import Graph, robust_log_scale
+
+OUTLIER_Z = 3.0
+
+
+@dataclass(frozen=True)
+class Outlier:
+    key: str
+    score: float  # mean distance to its reference neighbours / theirs to their own
+    distance: float  # mean distance to its reference neighbours
+    neighbors: list[tuple[str, float]]  # the nearest reference items (key, distance)
+
+
+def scores(ref: Graph) -> tuple[np.ndarray, np.ndarray]:
+    """(ratio, mean distance) of every row of the reference graph."""
+    d = np.where(np.isfinite(ref.dist), ref.dist, np.nan)
+    with np.errstate(all="ignore"):
+        mean = np.nanmean(d, axis=1)
+    mean = np.where(np.isfinite(mean), mean, np.inf)
+    own = np.where(ref.pos >= 0, mean[np.maximum(ref.pos, 0)], np.nan)
+    with np.errstate(all="ignore"):
+        local = np.nanmedian(np.where(np.isfinite(own), own, np.nan), axis=1)
+    local = np.where(np.isfinite(local) & (local > 0), local, np.nan)
+    fallback = float(np.nanmedian(mean[np.isfinite(mean)])) if np.isfinite(mean).any() else 1.0
+    local = np.where(np.isnan(local), max(fallback, 1e-12), local)
+    return mean / local, mean
+
+
+def find(
+    ref: Graph, keys: Sequence[str], n_evidence: int = 5, z: float = OUTLIER_Z
+) -> tuple[list[Outlier], np.ndarray, float]:
+    """(outliers most extreme first, every row's score, the score above which a row is
+    listed)."""
+    ratio, mean = scores(ref)
+    med, spread = robust_log_scale(ratio)
+    cut = float(np.exp(med + z * spread)) if spread > 0 else float("inf")
+    rows = np.flatnonzero(ratio > cut)
+    rows = rows[np.argsort(-ratio[rows], kind="stable")]
+    out = []
+    for r in rows.tolist():
+        nbs = [
+            (keys[int(p)] if p >= 0 else str(int(i)), float(d))
+            for p, i, d in zip(ref.pos[r], ref.ids[r], ref.dist[r], strict=True)
+            if i >= 0
+        ][:n_evidence]
+        out.append(Outlier(keys[r], float(ratio[r]), float(mean[r]), nbs))
+    return out, ratio, cut

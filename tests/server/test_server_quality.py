@@ -1,0 +1,83 @@
+"""The Quality call on a real server over a loopback port, over a real bank."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from featurebank import store as store_mod
+from featurebank.server.app import ServeConfig
+from featurebank.server.auth import Tokens
+from featurebank.server.client import FeatureBankClient, RemoteError
+from tests.support.server import RunningServer, clustered, free_port
+from tests.support.specs import make_spec
+
+DIM = 16
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """Three clusters of 40 with two labels flipped, a train item copied into test, and
+    two items far from every cluster."""
+    from featurebank.index.build import build_index
+
+    bank = tmp_path_factory.mktemp("quality") / "bank"
+    keys, vectors, labels = clustered(40, DIM, noise=0.15)
+    labels[3], labels[50] = "dog", "cat"  # a cat called dog, a dog called cat
+    far = 3 * np.random.default_rng(9).normal(size=(2, DIM)).astype(np.float32)
+    with store_mod.create(bank, make_spec(DIM)) as st:
+        st.put_batch(keys, vectors, labels=labels, splits=["train"] * len(keys))
+        st.put_batch(["copy-of-7", "far/0", "far/1"], np.concatenate([vectors[7:8], far]),
+                     splits=["test", "none", "none"])
+    build_index(bank, factory="Flat")
+    tokens = Tokens({"read": ["r0"], "write": ["w0"]})
+    with RunningServer(ServeConfig(bank=bank, port=free_port(), tokens=tokens)) as rs:
+        yield rs
+
+
+def test_quality_over_grpc_reports_every_finding_type(served: RunningServer) -> None:
+    keys, _, _ = clustered(40, DIM, noise=0.15)
+    with FeatureBankClient(served.target, token="r0") as c:
+        r = c.quality()
+    assert r.items == 123 and r.labelled == 120 and r.has_labels
+    wrong = {f.key for f in r.label_errors}
+    assert {keys[3], keys[50]} <= wrong and len(wrong) <= 3
+    assert r.label_cut == "estimate" and r.label_selected == len(r.label_errors)
+    assert abs(r.estimated_wrong - 2) <= 1
+    assert r.label_errors[0].neighbors and r.label_errors[0].suggested != r.label_errors[0].label
+    assert {(s.a, s.b) for s in r.swaps} == {("cat", "dog")}
+    assert {c.label: c.items for c in r.classes} == {"cat": 40, "dog": 40, "fox": 40}
+    assert [(x.train, x.held_out, x.split) for x in r.leaks] == [(keys[7], "copy-of-7", "test")]
+    assert [sorted(m.key for m in g.members) for g in r.duplicates] == [
+        sorted([keys[7], "copy-of-7"])
+    ]
+    assert {o.key for o in r.outliers[:2]} == {"far/0", "far/1"}
+    assert len(r.outliers[0].neighbors) == 5
+    assert r.counts["leaks"] == 1 and r.counts["outliers"] == len(r.outliers)
+
+
+def test_quality_sees_an_upsert_at_once(served: RunningServer) -> None:
+    keys, vectors, _ = clustered(40, DIM, noise=0.15)
+    with FeatureBankClient(served.target, token="w0") as w:
+        w.upsert([{"key": "copy-of-90", "vector": vectors[90], "split": "val"}])
+        r = w.quality(n=5)
+        w.delete(["copy-of-90"])
+    assert (keys[90], "copy-of-90", "val") in {(x.train, x.held_out, x.split) for x in r.leaks}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"precision": 1.5}, "precision must be in (0, 1], got 1.5"),
+     ({"n": 20_000}, "n=20000 is out of range")],
+)
+def test_bad_quality_requests_are_invalid_argument(
+    served: RunningServer, kwargs: dict[str, float], message: str
+) -> None:
+    with FeatureBankClient(served.target, token="r0") as c, pytest.raises(
+        RemoteError, match=message.replace("(", r"\(").replace(")", r"\)")
+    ) as e:
+        c.quality(**kwargs)  # type: ignore[arg-type]
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
