@@ -19,7 +19,7 @@ Measured in one run:
   (e) the index: a sharded build on Ray against the single-process build of the same
       factory and training sample (equal bytes checked), on clustered vectors.
 
-Run: python benchmarks/scale_bench.py [--n N] [--vectors N] [--json]
+Run: python benchmarks/scale_bench.py [--quick] [--n N] [--vectors N] [--json]
 """
 
 from __future__ import annotations
@@ -191,7 +191,11 @@ def main() -> None:
     parser.add_argument("--factory", default="IVF512,Flat")
     parser.add_argument("--delay", type=float, default=0.2, help="stand-in seconds per batch")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="300 images, 10,000 vectors with IVF64,Flat, 0.05 s stand-in delay")
     args = parser.parse_args()
+    if args.quick:
+        args.n, args.vectors, args.factory, args.delay = 300, 10_000, "IVF64,Flat", 0.05
 
     from featurebank.embedder.ray_cluster import session
 

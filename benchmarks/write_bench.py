@@ -15,6 +15,7 @@ clusters (Zipf class sizes, noise), stored class by class. For each bank size:
 (4) At --rebuild-size: Upsert and SetLabels p99 while RebuildIndex runs. Target < 250 ms.
 
     python benchmarks/write_bench.py                      # 10k and 100k, rebuild at 100k
+    python benchmarks/write_bench.py --quick              # 2k and 5k: a smoke run
     python benchmarks/write_bench.py --sizes 10000,100000,500000 --rebuild-size 200000
 """
 
@@ -263,7 +264,11 @@ def main() -> None:
     p.add_argument("--rebuild-size", type=int, default=100_000,
                    help="bank size at which a rebuild runs under writes (one of --sizes)")
     p.add_argument("--calls", type=int, default=200, help="1-item Upserts timed per size")
+    p.add_argument("--quick", action="store_true",
+                   help="banks of 2,000 and 5,000, rebuild at 5,000, 30 calls: a smoke run")
     args = p.parse_args()
+    if args.quick:
+        args.sizes, args.rebuild_size, args.calls = "2000,5000", 5_000, 30
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.rebuild_size not in sizes:
         sizes = sorted([*sizes, args.rebuild_size])
