@@ -25,8 +25,9 @@ def add_index_params(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factory", help="'auto' or a faiss index_factory string; "
                    + KEEP.format(d.factory))
     p.add_argument("--metric", choices=list(METRICS), help=KEEP.format(d.metric))
-    p.add_argument("--transform", help="none | l2 | cl2n | pca:D | pca-whiten:D; "
-                   + KEEP.format(f"{d.transform}, measured best for CNN features"))
+    p.add_argument("--transform", help="auto | none | l2 | cl2n | pca:D | pca-whiten:D; "
+                   + KEEP.format(f"{d.transform}: cl2n for metric cosine, measured best for "
+                                 "CNN features; none for l2 and ip, the nearest by that metric"))
     p.add_argument("--memory-budget", help="memory for the index, e.g. 4G, 512M; "
                    + KEEP.format("4G"))
     p.add_argument("--target-recall", type=float, help="recall@k to tune for; "
@@ -78,7 +79,8 @@ def _summary(m: dict[str, Any]) -> str:
     return (
         f"index generation {m['generation']}: {m['factory']} {m.get('params') or ''} "
         f"over {m['ntotal']} vectors, metric {m['metric']}, transform "
-        f"{m['transform']['spec']}; recall@{m['k']} {recall_text(m)}, "
+        f"{m['transform']['spec']} ({m.get('transform_source', 'as given')}); "
+        f"recall@{m['k']} {recall_text(m)}, "
         f"{m.get('latency_ms', 0):.3f} ms/query, store generation {m['store_generation']}"
     )
 

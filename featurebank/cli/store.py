@@ -120,7 +120,9 @@ def _info_lines(stats: dict[str, Any], errors: list[dict[str, Any]]) -> Iterator
         met = "met" if index.get("target_reached") else "NOT met"
         yield (
             f"index       generation {index['generation']}: {index['factory']}, "
-            f"{index['ntotal']} vectors, recall@{index['k']} {recall_text(index, 3)} "
+            f"{index['ntotal']} vectors, metric {index['metric']}, transform "
+            f"{(index.get('transform') or {}).get('spec', 'n/a')}, "
+            f"recall@{index['k']} {recall_text(index, 3)} "
             f"(target {index['target_recall']}: {met}){lag}"
         )
     head = stats.get("head")

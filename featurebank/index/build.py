@@ -253,7 +253,7 @@ def build_index(
     """
     with borrowed(bank) as st:
         params = live_params(st.bank).override(**overrides)
-        transforms.parse(params.transform)
+        transforms.parse(params.resolved_transform)
         try:
             with omp_threads(threads):
                 return _build(st.bank, st, params, progress)
@@ -275,7 +275,7 @@ class Prepared:
 def prepare(bank: Bank, store: Any, params: IndexParams, sharded: bool = False) -> Prepared:
     """Read the store, fit and apply the transform, choose the factory (`sharded`: only
     indexes that can be built in shards and merged, see selection.choose_factory)."""
-    factory, metric, transform, k = params.factory, params.metric, params.transform, params.k
+    factory, metric, transform, k = params.factory, params.metric, params.resolved_transform, params.k
     dim = int(store.spec.dim)
     transforms.check_fits(transform, dim)
     store_generation = int(store.generation)  # read first: a fold re-adds nothing twice
@@ -326,6 +326,7 @@ def publish_build(
         "dim": int(store.spec.dim),
         "index_dim": prepared.fitted.out_dim,
         "transform": prepared.fitted.to_dict(),
+        "transform_source": params.transform_source,
         "store_generation": prepared.store_generation,
         "ntotal": int(index.ntotal),
         "k": params.k,
