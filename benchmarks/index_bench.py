@@ -50,9 +50,9 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _checks import Checks  # noqa: E402
+from benchmarks._checks import Checks  # noqa: E402
 
 K = 10
 TARGET = 0.95

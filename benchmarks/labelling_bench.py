@@ -171,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds of added labels")
     parser.add_argument("--batch", type=int, default=20, help="labels added per round")
     parser.add_argument("--noise", type=float, default=0.05, help="fraction of labels flipped")
-    parser.add_argument("--quick", action="store_true", help="1 draw of 2 rounds, for a smoke run")
+    parser.add_argument("--quick", action="store_true", help="1 draw of 1 round, for a smoke run")
     args = parser.parse_args(argv)
     if args.quick:
-        args.draws, args.rounds = 1, 2
+        args.draws, args.rounds = 1, 1
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.ERROR)
 

@@ -44,6 +44,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 MODEL = ROOT / "embedder" / "models" / "digits_cnn.keras"
 
+from benchmarks._checks import Checks  # noqa: E402
+
 
 def make_images(root: Path, n: int, seed: int = 0) -> int:
     """n jittered digit PNGs in class folders, imbalanced, 1% corrupt; returns corrupt count."""
@@ -183,7 +185,7 @@ def index(work: Path, n: int, dim: int, factory: str, shards: int) -> dict[str, 
             "recall_at_10": m["recall_at_k"], "nprobe": m["params"].get("nprobe")}  # fmt: skip
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20_000, help="images to embed")
     parser.add_argument("--vectors", type=int, default=100_000, help="vectors to index")
@@ -206,9 +208,23 @@ def main() -> None:
         results["embedding"] = embedding(work, args.n)
         results["scaling"] = scaling(work, args.delay, batch=16, shards_per_actor=6)
         results["index"] = index(work, args.vectors, args.dim, args.factory, shards=cpus)
+    checks = Checks()
     if args.json:
         print(json.dumps(results, indent=2))
-        return
+    else:
+        report(results)
+    ix = results["index"]
+    checks.check(ix["identical_bytes"], "the sharded Ray build wrote the same index bytes as the "
+                 "single-process build (same factory, same training sample)")
+    if not args.quick:
+        ratio = results["embedding"]["overhead_ratio_end_to_end"]
+        checks.check(ratio >= 0.8, f"Ray job end to end / local {ratio} >= 0.8")
+    return checks.exit_code()
+
+
+def report(results: dict[str, Any]) -> None:
+    """The figures in words (--json prints them as they are)."""
+    cpus = results["cpus"]
     e, sc, ix = results["embedding"], results["scaling"], results["index"]
     print(f"machine: {cpus} CPUs; {e['images']} digit PNGs ({e['corrupt']} corrupt), "
           "class-ordered, imbalanced")  # fmt: skip
@@ -235,4 +251,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -36,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._checks import Checks  # noqa: E402
 from benchmarks.serve_bench import Served  # noqa: E402
 from featurebank import store as store_mod  # noqa: E402
 from featurebank.core.spec import Spec  # noqa: E402
@@ -258,7 +259,7 @@ def show_size(n: int, r: dict[str, float]) -> None:
               f"{r['rebuild_setlabels_p99']:.1f} ms (target < 250 ms)")
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10000,100000", help="bank sizes, comma-separated")
     p.add_argument("--rebuild-size", type=int, default=100_000,
@@ -291,7 +292,26 @@ def main() -> None:
           f"at {sizes[0]}, {big['wchar_100'] / big['wchar_1']:.1f}x at {sizes[-1]}; "
           f"1 item at {sizes[-1]} / at {sizes[0]}: {big['wchar_1'] / small['wchar_1']:.2f}x "
           "(target: follows the items, not the bank)")
+    print()
+    checks = Checks()
+    for n, r in out.items():  # the recall the build promised holds on queries it never saw
+        checks.check(r["recall_fresh"] >= r["target"], f"recall@10 on fresh queries at {n}: "
+                     f"{r['recall_fresh']:.3f} >= the target {r['target']}")
+    if args.quick:
+        print("(--quick: latency targets not checked; banks this small say nothing about them)")
+        return checks.exit_code()
+    for size in (1, 100):
+        ratio = big[f"p50_{size}"] / small[f"p50_{size}"]
+        checks.check(ratio <= 1.5, f"Upsert {size} p50 at {sizes[-1]} / at {sizes[0]} "
+                     f"{ratio:.2f}x <= 1.5x")
+    busy = big["classify_p99_busy"] / big["classify_p99_quiet"]
+    checks.check(busy <= 2.0, f"Classify p99 under 4 writers at {sizes[-1]} {busy:.2f}x <= 2x")
+    for n, r in out.items():
+        if "rebuild_upsert_p99" in r:
+            worst = max(r["rebuild_upsert_p99"], r["rebuild_setlabels_p99"])
+            checks.check(worst < 250, f"writes during a rebuild at {n}: p99 {worst:.0f} ms < 250 ms")
+    return checks.exit_code()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
