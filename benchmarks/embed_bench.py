@@ -141,7 +141,7 @@ class Baseline:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="200 images instead of 2,000")
+    ap.add_argument("--quick", action="store_true", help="64 images instead of 2,000")
     ap.add_argument("--n", type=int, help="number of images")
     ap.add_argument("--shards", type=int, help="rounds to split the images into")
     ap.add_argument("--workdir", type=Path, help="keep data and banks here")
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.split_child:
         return split_child(Path(args.split_child[0]), Path(args.split_child[1]))
-    n = args.n or (200 if args.quick else 2000)
+    n = args.n or (64 if args.quick else 2000)
     shards = args.shards or (2 if n < 1000 else 4)
     load_tensorflow()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="embed_bench-"))

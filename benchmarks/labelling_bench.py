@@ -18,7 +18,7 @@ than N). Beside it, what a user would otherwise do: rank by the out-of-fold
 probability of the given label from scikit-learn's standardised LogisticRegression
 (5-fold cross_val_predict, confident-learning style). Target: recall >= 0.8 at precision >= 0.5.
 
-    python benchmarks/labelling_bench.py [--draws N] [--rounds R] [--batch B] [--noise F]
+    python benchmarks/labelling_bench.py [--quick] [--draws N] [--rounds R] [--batch B] [--noise F]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from classify_quality import backbone_path, digits_pixels  # noqa: E402
+from classify_quality import backbone_path, digits_data  # noqa: E402
 
 from featurebank.core.vocabulary import SUGGEST_STRATEGIES  # noqa: E402
 
@@ -171,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds of added labels")
     parser.add_argument("--batch", type=int, default=20, help="labels added per round")
     parser.add_argument("--noise", type=float, default=0.05, help="fraction of labels flipped")
+    parser.add_argument("--quick", action="store_true", help="1 draw of 1 round, for a smoke run")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.draws, args.rounds = 1, 1
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.ERROR)
 
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     path = backbone_path()
-    pixels, _, y = digits_pixels()
+    pixels, _, y = digits_data()
     emb = Embedder.create(str(path), layer="features", image_size=28, dtype="float32")
     feats = emb.forward(pixels)
     print(f"backbone {path.name} (frozen, {feats.shape[1]}-d); sklearn load_digits, {len(y)} "

@@ -14,7 +14,7 @@
 The bank is shaped like users' data: clustered classes of very different sizes (Zipf),
 stored class by class, noisy vectors and a few wrong labels.
 
-    python benchmarks/replica_bench.py [--items 20000 --dim 128 --calls 3000 --trials 40]
+    python benchmarks/replica_bench.py [--quick] [--items 20000 --dim 128 --calls 3000 --trials 40]
 """
 
 from __future__ import annotations
@@ -207,7 +207,11 @@ def main() -> None:
                         help="alternating throughput rounds; the best of each is shown")
     parser.add_argument("--follow-interval", type=float, default=0.2,
                         help="the replicas' --follow-interval, seconds")
+    parser.add_argument("--quick", action="store_true",
+                        help="2,000 items, 300 calls, 4 clients, 5 trials, 1 round: a smoke run")
     args = parser.parse_args()
+    if args.quick:
+        args.items, args.calls, args.clients, args.trials, args.rounds = 2_000, 300, 4, 5, 1
     print(f"replica_bench: bank {args.items} x {args.dim} ({args.classes} Zipf-sized classes), "
           f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
           f"load average {os.getloadavg()[0]:.1f}")

@@ -19,7 +19,7 @@ Measured in one run:
   (e) the index: a sharded build on Ray against the single-process build of the same
       factory and training sample (equal bytes checked), on clustered vectors.
 
-Run: python benchmarks/scale_bench.py [--n N] [--vectors N] [--json]
+Run: python benchmarks/scale_bench.py [--quick] [--n N] [--vectors N] [--json]
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 MODEL = ROOT / "embedder" / "models" / "digits_cnn.keras"
+
+from benchmarks._checks import Checks  # noqa: E402
 
 
 def make_images(root: Path, n: int, seed: int = 0) -> int:
@@ -183,7 +185,7 @@ def index(work: Path, n: int, dim: int, factory: str, shards: int) -> dict[str, 
             "recall_at_10": m["recall_at_k"], "nprobe": m["params"].get("nprobe")}  # fmt: skip
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20_000, help="images to embed")
     parser.add_argument("--vectors", type=int, default=100_000, help="vectors to index")
@@ -191,7 +193,11 @@ def main() -> None:
     parser.add_argument("--factory", default="IVF512,Flat")
     parser.add_argument("--delay", type=float, default=0.2, help="stand-in seconds per batch")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="300 images, 10,000 vectors with IVF64,Flat, 0.05 s stand-in delay")
     args = parser.parse_args()
+    if args.quick:
+        args.n, args.vectors, args.factory, args.delay = 300, 10_000, "IVF64,Flat", 0.05
 
     from featurebank.embedder.ray_cluster import session
 
@@ -202,9 +208,23 @@ def main() -> None:
         results["embedding"] = embedding(work, args.n)
         results["scaling"] = scaling(work, args.delay, batch=16, shards_per_actor=6)
         results["index"] = index(work, args.vectors, args.dim, args.factory, shards=cpus)
+    checks = Checks()
     if args.json:
         print(json.dumps(results, indent=2))
-        return
+    else:
+        report(results)
+    ix = results["index"]
+    checks.check(ix["identical_bytes"], "the sharded Ray build wrote the same index bytes as the "
+                 "single-process build (same factory, same training sample)")
+    if not args.quick:
+        ratio = results["embedding"]["overhead_ratio_end_to_end"]
+        checks.check(ratio >= 0.8, f"Ray job end to end / local {ratio} >= 0.8")
+    return checks.exit_code()
+
+
+def report(results: dict[str, Any]) -> None:
+    """The figures in words (--json prints them as they are)."""
+    cpus = results["cpus"]
     e, sc, ix = results["embedding"], results["scaling"], results["index"]
     print(f"machine: {cpus} CPUs; {e['images']} digit PNGs ({e['corrupt']} corrupt), "
           "class-ordered, imbalanced")  # fmt: skip
@@ -231,4 +251,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

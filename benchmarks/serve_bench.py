@@ -30,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._checks import Checks  # noqa: E402
 from featurebank import store as store_mod  # noqa: E402
 from featurebank.core.spec import Spec  # noqa: E402
 from featurebank.server.client import FeatureBankClient  # noqa: E402
@@ -237,7 +238,7 @@ def image_bank(root: Path, n: int, quick: bool) -> Path:
     return root
 
 
-def bench_images(tmp: Path, quick: bool) -> None:
+def bench_images(tmp: Path, quick: bool, checks: Checks) -> None:
     n_bank, calls = (64, 96) if quick else (256, 640)
     print(f"\n(2) Classify by image: MobileNetV2 224 (weights none, CPU), {calls} calls, "
           f"{CLIENTS} clients")
@@ -253,11 +254,14 @@ def bench_images(tmp: Path, quick: bool) -> None:
         print(f"  {name}: {fmt(results[name])}")
     off, on = results.values()
     ratio = on["qps"] / off["qps"]
-    print(f"  dynamic batching throughput ratio: {ratio:.2f}x (target >= 2.5x: "
-          f"{'met' if ratio >= 2.5 else 'NOT met'})")
+    print(f"  dynamic batching throughput ratio: {ratio:.2f}x (target >= 2.5x)")
+    if quick:
+        print("  (--quick: the target is not checked on 96 calls)")
+    else:
+        checks.check(ratio >= 2.5, f"dynamic batching throughput {ratio:.2f}x >= 2.5x")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--only", choices=["vectors", "images"], default=None)
@@ -265,13 +269,15 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     print(f"serve_bench ({'quick' if args.quick else 'full'}), {os.cpu_count()} CPUs, "
           f"python {sys.version.split()[0]}")
+    checks = Checks()
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as d:
         tmp = Path(d)
         if args.only in (None, "vectors"):
             bench_vectors(tmp, args.quick)
         if args.only in (None, "images"):
-            bench_images(tmp, args.quick)
+            bench_images(tmp, args.quick, checks)
+    return checks.exit_code()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,7 +15,7 @@ batch: the limit) give the cost of serving as ratios.
 Targets: 0 unexpected statuses, every acknowledged item present, RSS at the end within
 1.25x of RSS after warm-up.
 
-    python benchmarks/soak.py [--clients 64] [--seconds 60] [--procs 4] [--items 20000]
+    python benchmarks/soak.py [--quick] [--clients 64] [--seconds 60] [--procs 4] [--items 20000]
 """
 
 from __future__ import annotations
@@ -271,7 +271,11 @@ def main() -> int:
     ap.add_argument("--items", type=int, default=20_000, help="items in the bank at the start")
     ap.add_argument("--no-rebuild", dest="rebuild", action="store_false",
                     help="leave out the RebuildIndex in the middle (to tell its memory apart)")
+    ap.add_argument("--quick", action="store_true",
+                    help="8 clients in 2 processes for 10 s on 2,000 items: a smoke run")
     args = ap.parse_args()
+    if args.quick:
+        args.clients, args.seconds, args.procs, args.items = 8, 10.0, 2, 2_000
     procs = max(1, min(args.procs, args.clients))
 
     with tempfile.TemporaryDirectory() as tmp:

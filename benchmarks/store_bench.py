@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._checks import Checks  # noqa: E402
 from featurebank import store as store_mod  # noqa: E402
 from featurebank.core.spec import Spec  # noqa: E402
 
@@ -121,12 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     n = args.n or (20_000 if args.quick else 200_000)
     work = Path(tempfile.mkdtemp(prefix="store-bench-", dir=args.dir))
     try:
-        return run(work, n, args.batch)
+        return run(work, n, args.batch, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run(work: Path, n: int, batch: int) -> int:
+def run(work: Path, n: int, batch: int, quick: bool = False) -> int:
     vectors, keys = make_data(n)
     raw_bytes = vectors.nbytes
     mib = raw_bytes / (1 << 20)
@@ -202,7 +203,14 @@ def run(work: Path, n: int, batch: int) -> int:
         f"lookups: labels_of(10 random ids) {t_labels / len(probes) * 1e6:.0f} us, "
         f"get(1 id) {t_get / len(probes) * 1e6:.0f} us"
     )
-    return 0
+    checks = Checks()  # bytes on disk do not depend on the machine's load: always checked
+    checks.check(size_ratio <= 1.15, f"store size {size_ratio:.3f}x raw vector bytes <= 1.15x")
+    if quick:
+        print("(--quick: speed targets not checked)")
+    else:
+        checks.check(ingest_ratio >= 0.8, f"ingest {ingest_ratio:.2f}x raw LMDB >= 0.80x")
+        checks.check(scan_ratio >= 0.5, f"scan {scan_ratio:.2f}x np.load >= 0.50x")
+    return checks.exit_code()
 
 
 if __name__ == "__main__":

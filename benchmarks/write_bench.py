@@ -15,6 +15,7 @@ clusters (Zipf class sizes, noise), stored class by class. For each bank size:
 (4) At --rebuild-size: Upsert and SetLabels p99 while RebuildIndex runs. Target < 250 ms.
 
     python benchmarks/write_bench.py                      # 10k and 100k, rebuild at 100k
+    python benchmarks/write_bench.py --quick              # 2k and 5k: a smoke run
     python benchmarks/write_bench.py --sizes 10000,100000,500000 --rebuild-size 200000
 """
 
@@ -35,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._checks import Checks  # noqa: E402
 from benchmarks.serve_bench import Served  # noqa: E402
 from featurebank import store as store_mod  # noqa: E402
 from featurebank.core.spec import Spec  # noqa: E402
@@ -257,13 +259,17 @@ def show_size(n: int, r: dict[str, float]) -> None:
               f"{r['rebuild_setlabels_p99']:.1f} ms (target < 250 ms)")
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10000,100000", help="bank sizes, comma-separated")
     p.add_argument("--rebuild-size", type=int, default=100_000,
                    help="bank size at which a rebuild runs under writes (one of --sizes)")
     p.add_argument("--calls", type=int, default=200, help="1-item Upserts timed per size")
+    p.add_argument("--quick", action="store_true",
+                   help="banks of 2,000 and 5,000, rebuild at 5,000, 30 calls: a smoke run")
     args = p.parse_args()
+    if args.quick:
+        args.sizes, args.rebuild_size, args.calls = "2000,5000", 5_000, 30
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.rebuild_size not in sizes:
         sizes = sorted([*sizes, args.rebuild_size])
@@ -286,7 +292,26 @@ def main() -> None:
           f"at {sizes[0]}, {big['wchar_100'] / big['wchar_1']:.1f}x at {sizes[-1]}; "
           f"1 item at {sizes[-1]} / at {sizes[0]}: {big['wchar_1'] / small['wchar_1']:.2f}x "
           "(target: follows the items, not the bank)")
+    print()
+    checks = Checks()
+    for n, r in out.items():  # the recall the build promised holds on queries it never saw
+        checks.check(r["recall_fresh"] >= r["target"], f"recall@10 on fresh queries at {n}: "
+                     f"{r['recall_fresh']:.3f} >= the target {r['target']}")
+    if args.quick:
+        print("(--quick: latency targets not checked; banks this small say nothing about them)")
+        return checks.exit_code()
+    for size in (1, 100):
+        ratio = big[f"p50_{size}"] / small[f"p50_{size}"]
+        checks.check(ratio <= 1.5, f"Upsert {size} p50 at {sizes[-1]} / at {sizes[0]} "
+                     f"{ratio:.2f}x <= 1.5x")
+    busy = big["classify_p99_busy"] / big["classify_p99_quiet"]
+    checks.check(busy <= 2.0, f"Classify p99 under 4 writers at {sizes[-1]} {busy:.2f}x <= 2x")
+    for n, r in out.items():
+        if "rebuild_upsert_p99" in r:
+            worst = max(r["rebuild_upsert_p99"], r["rebuild_setlabels_p99"])
+            checks.check(worst < 250, f"writes during a rebuild at {n}: p99 {worst:.0f} ms < 250 ms")
+    return checks.exit_code()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,6 +13,7 @@ from typing import Any
 
 from featurebank.cli import Commands
 from featurebank.cli.args import show_progress
+from featurebank.cli.index import recall_text
 
 
 def register(commands: Commands) -> None:
@@ -146,12 +147,12 @@ def _info_lines(stats: dict[str, Any], errors: list[dict[str, Any]]) -> Iterator
     else:
         behind = stats["generation"] - index["store_generation"]
         lag = f", {behind} store generations behind" if behind > 0 else ""
-        recall = index["recall_at_k"]
-        measured = f"{recall:.3f}" if isinstance(recall, float) and recall == recall else "n/a"
         met = "met" if index.get("target_reached") else "NOT met"
         yield (
             f"index       generation {index['generation']}: {index['factory']}, "
-            f"{index['ntotal']} vectors, recall@{index['k']} {measured} "
+            f"{index['ntotal']} vectors, metric {index['metric']}, transform "
+            f"{(index.get('transform') or {}).get('spec', 'n/a')}, "
+            f"recall@{index['k']} {recall_text(index, 3)} "
             f"(target {index['target_recall']}: {met}){lag}"
         )
     head = stats.get("head")

@@ -18,6 +18,8 @@ from typing import Any
 from featurebank.core.errors import InvalidInput, shown
 from featurebank.core.vocabulary import METRICS, POOLINGS, RESIZE_MODES, check_choice
 
+AUTO_TRANSFORM = "auto"  # IndexParams.transform: the metric's default transform
+
 
 def parse_memory(text: str | int) -> int:
     """'4G', '512M', '100k', '123' -> bytes (binary units), for --memory-budget."""
@@ -42,13 +44,16 @@ class IndexParams:
     (RecallBelowTarget) unless `allow_below_target`; the permission is persisted
     like the other fields, so later folds of that index inherit it.
 
-    `transform` defaults to cl2n (centre on the bank's mean, then L2-normalise):
-    measured best for CNN features by benchmarks/classify_quality.py (README table).
+    `transform` "auto" is the metric's default (`Metric.default_transform`): cl2n (centre
+    on the bank's mean, then L2-normalise; measured best for CNN features by
+    benchmarks/classify_quality.py) for cosine, none for l2 and ip, whose users ask for
+    the nearest by that metric. "auto" is persisted, so a rebuild with another metric
+    gets that metric's default; a transform the caller names is kept.
     """
 
     factory: str = "auto"
     metric: str = "cosine"
-    transform: str = "cl2n"
+    transform: str = AUTO_TRANSFORM
     memory_budget: int = 4 << 30
     target_recall: float = 0.95
     k: int = 10
@@ -67,6 +72,20 @@ class IndexParams:
             raise InvalidInput(f"allow_below_target must be true or false, got {self.allow_below_target!r}")
         if not 0 < self.target_recall <= 1:
             raise InvalidInput(f"target recall must be in (0, 1], got {self.target_recall}")
+
+    @property
+    def resolved_transform(self) -> str:
+        """The transform a build applies: the one named, or the metric's default."""
+        if self.transform == AUTO_TRANSFORM:
+            return METRICS[self.metric].default_transform
+        return self.transform
+
+    @property
+    def transform_source(self) -> str:
+        """Why that transform, in words (index build's summary and the manifest)."""
+        if self.transform == AUTO_TRANSFORM:
+            return f"the default for metric {self.metric}"
+        return "as given"
 
     def override(self, **changes: Any) -> IndexParams:
         """A copy with the named fields changed; None (or "" from a proto) means "keep"."""

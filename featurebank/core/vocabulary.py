@@ -75,6 +75,10 @@ class Metric:
     name: str
     faiss_kind: str  # "l2" or "ip": the FAISS metric the index is built with
     unit_vectors: bool  # vectors are L2-normalised before indexing
+    # The transform an index gets when none is named: cosine, the default metric, is for
+    # classification (cl2n measured best for CNN features); l2 and ip are asked for to get
+    # the nearest by that metric of the vectors as given, so nothing changes them.
+    default_transform: str = "none"
 
     def scores(self, dist: np.ndarray) -> np.ndarray:
         """FAISS distances -> similarity scores (higher = closer).
@@ -95,7 +99,7 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {
-    "cosine": Metric("cosine", "l2", unit_vectors=True),
+    "cosine": Metric("cosine", "l2", unit_vectors=True, default_transform="cl2n"),
     "ip": Metric("ip", "ip", unit_vectors=False),
     "l2": Metric("l2", "l2", unit_vectors=False),
 }

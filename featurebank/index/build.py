@@ -259,7 +259,7 @@ def build_index(
     """
     with borrowed(bank) as st:
         params = live_params(st.bank).override(**overrides)
-        transforms.parse(params.transform)
+        transforms.parse(params.resolved_transform)
         try:
             with omp_threads(threads):
                 return _build(st.bank, st, params, progress)
@@ -281,7 +281,7 @@ class Prepared:
 def prepare(bank: Bank, store: Store, params: IndexParams, sharded: bool = False) -> Prepared:
     """Read the store, fit and apply the transform, choose the factory (`sharded`: only
     indexes that can be built in shards and merged, see selection.choose_factory)."""
-    factory, metric, transform, k = params.factory, params.metric, params.transform, params.k
+    factory, metric, transform, k = params.factory, params.metric, params.resolved_transform, params.k
     dim = int(store.spec.dim)
     transforms.check_fits(transform, dim)
     store_generation = int(store.generation)  # read first: a fold re-adds nothing twice
@@ -328,21 +328,16 @@ def publish_build(
         "factory": prepared.choice.factory,
         "requested_factory": params.factory,
         "selection": prepared.choice.to_dict(),
-        "params": tuned.params,
         "metric": params.metric,
         "dim": int(store.spec.dim),
         "index_dim": prepared.fitted.out_dim,
         "transform": prepared.fitted.to_dict(),
+        "transform_source": params.transform_source,
         "store_generation": prepared.store_generation,
         "ntotal": int(index.ntotal),
         "k": params.k,
         "target_recall": params.target_recall,
-        "recall_at_k": tuned.recall,
-        "target_reached": tuned.reached,
-        "latency_ms": tuned.latency_ms,
-        "qps": tuned.qps,
-        "tuning": tuned.trace,
-        "tuning_queries": min(HOLDOUT, count // 10),
+        **tuned.manifest_fields(),
         "threads": faiss.omp_get_max_threads(),
         "spec": store.spec.to_dict(),
         "built_at": time.time(),

@@ -135,11 +135,7 @@ def _update(bank: Bank, store: Store, progress: bool, rebuild_fraction: float) -
                 f"below the target {params.target_recall}",
             )
         check_recall(tuned, params, f"generation {directory.name} + {added.size} items")
-    measured = {} if tuned is None else {
-        "params": tuned.params, "recall_at_k": tuned.recall, "target_reached": tuned.reached,
-        "latency_ms": tuned.latency_ms, "qps": tuned.qps, "tuning": tuned.trace,
-        "tuning_queries": int(min(HOLDOUT, added.size // 2)),
-    }
+    measured = {} if tuned is None else tuned.manifest_fields()
     manifest = {
         **manifest,
         **measured,

@@ -62,7 +62,7 @@ def build_index_ray(
         raise InvalidInput(f"--train-sample must be at least 1, got {train_sample}")
     with borrowed(bank) as st:
         params = build.live_params(st.bank).override(**overrides)
-        transforms.parse(params.transform)
+        transforms.parse(params.resolved_transform)
         try:
             prep = build.prepare(st.bank, st, params, sharded=True)
             with ray_cluster.session(address, verbose) as ray:

@@ -5,6 +5,12 @@ and sits next to its own graph links, so tuning on indexed vectors overstates
 recall. The builder holds a sample of the bank back from the index, tunes on it
 against exact search over what was indexed, and only then adds the sample.
 
+Why a lower bound: the tuning queries are a sample, and the lowest setting whose
+*mean* recall on them meets the target misses it on fresh queries about half the
+time (the choice stops where the sample happened to be kind). A setting counts as
+reaching the target only when the lower confidence bound of its recall (normal, over
+per-query recall, one-sided 95%) does; the manifest publishes that bound.
+
 Latency grows with efSearch/nprobe and recall (almost always) does too, so the
 lowest value reaching the target is the fastest one; a bisection over the grid
 finds it in a few searches.
@@ -23,6 +29,9 @@ from featurebank.index.families import set_params, tunable
 
 log = logging.getLogger(__name__)
 
+CONFIDENCE = 0.95  # the published lower bound holds with this confidence (one-sided)
+CONFIDENCE_Z = 1.6449  # the normal quantile of CONFIDENCE
+
 
 @dataclass
 class Tuned:
@@ -32,11 +41,22 @@ class Tuned:
     recall: float
     latency_ms: float  # per query, in batches, with the build's thread count
     qps: float
-    reached: bool
+    reached: bool  # the recall's lower confidence bound met the target
     trace: list[dict[str, float]] = field(default_factory=list)
+    recall_lower_bound: float = float("nan")
+    queries: int = 0  # tuning queries the recall was measured on
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    def manifest_fields(self) -> dict[str, object]:
+        """What a build or fold publishes of this measurement (one set of keys for both)."""
+        return {
+            "params": self.params, "recall_at_k": self.recall,
+            "recall_lower_bound": self.recall_lower_bound, "recall_confidence": CONFIDENCE,
+            "target_reached": self.reached, "latency_ms": self.latency_ms, "qps": self.qps,
+            "tuning": self.trace, "tuning_queries": self.queries,
+        }
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -47,6 +67,26 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     for f, t in zip(found, truth, strict=True):
         hits += np.intersect1d(f[f >= 0], t[t >= 0]).size
     return hits / max(int((truth >= 0).sum()), 1)
+
+
+def recall_per_query(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Each query's share of its true k nearest neighbours found (ids; -1 never counts)."""
+    out = np.ones(truth.shape[0])
+    for i, (f, t) in enumerate(zip(found, truth, strict=True)):
+        t = t[t >= 0]
+        if t.size:
+            out[i] = np.intersect1d(f[f >= 0], t).size / t.size
+    return out
+
+
+def recall_bound(per_query: np.ndarray, z: float = CONFIDENCE_Z) -> float:
+    """Lower confidence bound of the mean recall (normal, over per-query recall)."""
+    n = per_query.size
+    if n == 0:
+        return 1.0
+    if n == 1:
+        return float(per_query[0])
+    return float(per_query.mean() - z * per_query.std(ddof=1) / np.sqrt(n))
 
 
 def exact_search(
@@ -78,7 +118,8 @@ def tune(
     k: int,
     target_recall: float,
 ) -> Tuned:
-    """Fastest setting reaching `target_recall` on `queries` (held out of `index`).
+    """Fastest setting whose recall's lower confidence bound on `queries` (held out of
+    `index`) reaches `target_recall`.
 
     The main knob (efSearch/nprobe) is bisected for each value of the secondary
     one (re-ranking factor), and the fastest of those winners is kept.
@@ -87,49 +128,49 @@ def tune(
     n = max(queries.shape[0], 1)
     trace: list[dict[str, float]] = []
 
-    def measure(params: dict[str, int]) -> tuple[float, float]:
+    def measure(params: dict[str, int]) -> Tuned:
         set_params(index, params)
         found, secs = timed_search(index, queries, k)
         recall = recall_at_k(found, truth)
-        trace.append({**params, "recall": recall, "latency_ms": 1000 * secs / n})
-        log.debug("tuning %s: recall@%d %.4f in %.3fs", params, k, recall, secs)
-        return recall, secs
+        bound = recall_bound(recall_per_query(found, truth))
+        trace.append({**params, "recall": recall, "recall_lower_bound": bound,
+                      "latency_ms": 1000 * secs / n})
+        log.debug("tuning %s: recall@%d %.4f (>= %.4f) in %.3fs", params, k, recall, bound, secs)
+        return Tuned(params, recall, 1000 * secs / n, n / max(secs, 1e-9),
+                     bound >= target_recall, trace, bound, queries.shape[0])
 
     if not grid:
-        recall, secs = measure({})
-        return Tuned({}, recall, 1000 * secs / n, n / max(secs, 1e-9), recall >= target_recall)
+        return measure({})
     names = list(grid)
     main, values = names[0], grid[names[0]]
     extra = [{names[1]: v} for v in grid[names[1]]] if len(names) > 1 else [{}]
-    winners: list[tuple[float, float, dict[str, int]]] = []  # secs, recall, params
-    fallback: tuple[float, float, dict[str, int]] | None = None
+    winners: list[Tuned] = []
+    fallback: Tuned | None = None
     for base in extra:
         lo, hi, best = 0, len(values) - 1, None
         while lo <= hi:  # bisection: recall is (near) monotone in the parameter
             mid = (lo + hi) // 2
-            recall, secs = measure({**base, main: values[mid]})
-            if recall >= target_recall:
-                best, hi = (secs, recall, {**base, main: values[mid]}), mid - 1
+            m = measure({**base, main: values[mid]})
+            if m.reached:
+                best, hi = m, mid - 1
             else:
                 lo = mid + 1
         if best is not None:
             winners.append(best)
-        elif fallback is None or recall > fallback[1]:
-            params = {**base, main: values[-1]}
-            recall, secs = measure(params)
-            fallback = (secs, recall, params)
-    reached = bool(winners)
+        elif fallback is None or m.recall > fallback.recall:
+            m = measure({**base, main: values[-1]})
+            fallback = m if fallback is None or m.recall > fallback.recall else fallback
     if winners:  # re-time each winner once more (machines are noisy) and keep the fastest
-        retimed = []
-        for secs, recall, params in winners:
-            set_params(index, params)
+        for w in winners:
+            set_params(index, w.params)
             _, again = timed_search(index, queries, k)
-            retimed.append((min(secs, again), recall, params))
-        secs, recall, params = min(retimed, key=lambda w: w[0])
+            w.latency_ms = min(w.latency_ms, 1000 * again / n)
+            w.qps = 1000 / max(w.latency_ms, 1e-9)
+        chosen = min(winners, key=lambda w: w.latency_ms)
     else:
         assert fallback is not None
-        secs, recall, params = fallback
-        log.warning("target recall@%d %.3f not reached: %s gives %.4f",
-                    k, target_recall, params, recall)
-    set_params(index, params)
-    return Tuned(params, recall, 1000 * secs / n, n / max(secs, 1e-9), reached, trace)
+        chosen = fallback
+        log.warning("target recall@%d %.3f not reached: %s gives %.4f (lower bound %.4f)",
+                    k, target_recall, chosen.params, chosen.recall, chosen.recall_lower_bound)
+    set_params(index, chosen.params)
+    return chosen

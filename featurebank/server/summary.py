@@ -17,8 +17,9 @@ from featurebank.core.integrity import require_intact
 from featurebank.index.views import read_manifest
 from featurebank.store import BankLike, borrowed
 
-INDEX_FIELDS = ("factory", "metric", "ntotal", "k", "recall_at_k", "target_recall",
-                "target_reached", "store_generation", "index_params")
+INDEX_FIELDS = ("factory", "metric", "ntotal", "k", "recall_at_k", "recall_lower_bound",
+                "recall_confidence", "target_recall", "target_reached", "store_generation",
+                "index_params", "transform")
 
 
 def index_status(bank: Bank) -> dict[str, Any] | None:

@@ -266,9 +266,10 @@ def test_rebuild_keeps_the_live_params_and_changes_only_what_is_named(tmp_path: 
     x, _ = world.sample(600, seed=32)
     bank = make_bank(tmp_path / "bank", x, ["a"] * 600)
     first = build_index(bank)  # a bank without an index starts from the defaults
-    assert first["index_params"] == {"factory": "auto", "metric": "cosine", "transform": "cl2n",
+    assert first["index_params"] == {"factory": "auto", "metric": "cosine", "transform": "auto",
                                      "memory_budget": 4 << 30, "target_recall": 0.95, "k": 10,
                                      "allow_below_target": False}
+    assert first["transform"]["spec"] == "cl2n"  # auto: the default for metric cosine
     build_index(bank, factory="Flat", transform="pca:8", memory_budget="1G", k=5)
     again = build_index(bank, target_recall=0.9)  # only the recall target changes
     assert again["index_params"] == {"factory": "Flat", "metric": "cosine", "transform": "pca:8",
