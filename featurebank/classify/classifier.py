@@ -27,8 +27,8 @@ from featurebank.classify.abstain import (
     decide,
 )
 from featurebank.classify.cross_validation import hybrid
-from featurebank.classify.head_generations import LoadedHead, is_stale, load_head
 from featurebank.classify.knn import DEFAULT_K, DEFAULT_T, Voter
+from featurebank.classify.published_heads import LoadedHead, is_stale, load_head
 from featurebank.core.bank import current_generation
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.core.vocabulary import HELD_OUT_SPLIT, MODES, UNKNOWN, check_choice

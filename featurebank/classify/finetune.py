@@ -136,8 +136,8 @@ def finetune(
     import keras
 
     from featurebank import store as store_mod
-    from featurebank.classify.head import keras_head
-    from featurebank.classify.head_generations import load_head
+    from featurebank.classify.head_model import keras_head
+    from featurebank.classify.published_heads import load_head
     from featurebank.embedder.embedding import Embedder
 
     b = Bank(bank)

@@ -1,6 +1,6 @@
 """`featurebank head train|info`, `featurebank eval` and `featurebank finetune`.
 
-Thin wrappers: classify.heads, classify.evaluate/classify.report and classify.finetune
+Thin wrappers: classify.head_training, classify.evaluate/classify.report and classify.finetune
 do the work; TensorFlow and matplotlib are imported inside the handlers only.
 """
 
@@ -23,9 +23,9 @@ def register(commands: Commands) -> None:
     )
     p.add_argument("--bank", required=True, help="bank directory")
     # every option defaults to the live head's value (HeadParams' default without one)
-    p.add_argument("--hidden", type=int, default=None, help="hidden units (0 = softmax regression)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden units (0 = the linear probe; > 0 trains with Keras)")
     p.add_argument("--dropout", type=float, default=None, help="dropout before the output layer")
-    p.add_argument("--epochs", type=int, default=None, help="epoch budget (cross-validation picks)")
+    p.add_argument("--epochs", type=int, default=None, help="epoch budget of a hidden-layer head (cross-validation picks)")
     p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing (0-1)")
     p.add_argument(
         "--class-weight", choices=HEAD_CLASS_WEIGHTS, default=None, help="class weights"
@@ -81,7 +81,7 @@ def _fmt(v: Any) -> str:
 
 def _train(args: argparse.Namespace) -> int:
     from featurebank.classify.evaluate import TABLE_COLUMNS
-    from featurebank.classify.heads import train_head
+    from featurebank.classify.head_training import train_head
 
     m = train_head(
         args.bank,
@@ -101,10 +101,13 @@ def _train(args: argparse.Namespace) -> int:
         print(json.dumps(m, indent=1))
         return 0
     hy, cv, hp = m["hybrid"], m["cv"], m["head_params"]
+    chose = (
+        f"{cv['epochs']} epochs" if "epochs" in cv else f"C={cv['C']:g} on the {cv['input']} vectors"
+    )
     print(
         f"head generation {m['generation']}: {len(m['vocabulary'])} classes, {m['items']} items, "
-        f"transform {m['transform']['spec']}, hidden {hp['hidden']}, {cv['epochs']} epochs, "
-        f"{m['train_seconds']:.1f}s"
+        f"{m.get('head_kind', 'hidden layer')} (index transform {m['transform']['spec']}, "
+        f"hidden {hp['hidden']}), {chose}, {m['train_seconds']:.1f}s"
     )
     acts = hy["acts_as"]
     print(
@@ -122,7 +125,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from featurebank.classify.head_generations import head_status
+    from featurebank.classify.published_heads import head_status
 
     status = head_status(args.bank)
     if status is None:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from featurebank import store as store_mod
 from featurebank.classify.finetune import finetune, preprocessing_affine
-from featurebank.classify.heads import train_head
+from featurebank.classify.head_training import train_head
 from featurebank.cli import main
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 

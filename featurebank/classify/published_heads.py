@@ -1,8 +1,10 @@
-"""Head generations on disk: publishing one, loading the live one, and what `info` shows.
+"""Published head generations on disk: publishing one, loading the live one, what `info` shows.
 
 Why one module: the files of a generation (heads/<gen>/: head, stacked head,
-calibration, manifest) are written and read in one place, so a server swapping
-heads and a command describing them agree on what a generation holds.
+calibration, out-of-fold probabilities, manifest) are written and read in one place, so
+a server swapping heads and a command describing them agree on what a generation holds.
+The manifest's `format` says which layout a generation has (absent: the Keras heads
+of format 1, which still load); a newer one than this code reads gets a one-line error.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from featurebank.classify.abstain import CALIBRATION_FILE, load_calibration, save_calibration
-from featurebank.classify.head import Head
+from featurebank.classify.head_model import FORMAT, Head
 from featurebank.core.bank import Bank, current_generation, publish, staging_dir
-from featurebank.core.errors import NotFound
+from featurebank.core.errors import FailedPrecondition, NotFound
 from featurebank.store import BankLike, Store, borrowed
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 HEAD_FILE = "head.npz"
 STACKED_FILE = "stacked.npz"
 MANIFEST = "manifest.json"
+OUT_OF_FOLD_FILE = "out_of_fold.npz"
 
 
 @dataclass
@@ -39,6 +42,8 @@ class LoadedHead:
     head: Head
     stacked: Head | None
     calibration: dict[str, tuple[np.ndarray, np.ndarray]]
+    out_of_fold: dict[str, np.ndarray] | None = None
+    """Per labelled item (ids, codes, scored) each mode's out-of-fold probabilities."""
 
     @property
     def vocabulary(self) -> list[str]:
@@ -63,11 +68,25 @@ def load_head(bank: BankLike, generation: int | None = None) -> LoadedHead | Non
     d = b.heads_dir / str(gen)
     try:
         manifest = json.loads((d / MANIFEST).read_text())
-        head = Head.load(d / HEAD_FILE)
     except FileNotFoundError as e:
         raise NotFound(f"head generation {gen} in {b.heads_dir} is incomplete: {e}") from e
+    except ValueError as e:
+        raise FailedPrecondition(f"head generation {gen}: {d / MANIFEST} is damaged: {e}") from e
+    version = int(manifest.get("format", 1))
+    if version > FORMAT:
+        raise FailedPrecondition(
+            f"head generation {gen} in {b.heads_dir} has format {version}; this featurebank "
+            f"reads formats up to {FORMAT}: upgrade featurebank or retrain the head"
+        )
+    if not (d / HEAD_FILE).exists():
+        raise NotFound(f"head generation {gen} in {b.heads_dir} is incomplete: no {HEAD_FILE}")
+    head = Head.load(d / HEAD_FILE)
     stacked = Head.load(d / STACKED_FILE) if (d / STACKED_FILE).exists() else None
-    return LoadedHead(gen, manifest, head, stacked, load_calibration(d / CALIBRATION_FILE))
+    oof = None
+    if (d / OUT_OF_FOLD_FILE).exists():
+        with np.load(d / OUT_OF_FOLD_FILE, allow_pickle=False) as z:
+            oof = {k: z[k] for k in z.files}
+    return LoadedHead(gen, manifest, head, stacked, load_calibration(d / CALIBRATION_FILE), oof)
 
 
 def publish_head(
@@ -76,6 +95,7 @@ def publish_head(
     head: Head,
     stacked: Head | None,
     calibration: dict[str, tuple[np.ndarray, np.ndarray]],
+    out_of_fold: dict[str, np.ndarray] | None = None,
     keep: int = 2,
 ) -> int:
     """Write a generation's files into staging and make it the live one, all or nothing."""
@@ -89,6 +109,9 @@ def publish_head(
         if calibration:
             save_calibration(staging / CALIBRATION_FILE, calibration)
             files["calibration"] = CALIBRATION_FILE
+        if out_of_fold is not None:
+            np.savez(staging / OUT_OF_FOLD_FILE, **out_of_fold)  # type: ignore[arg-type]
+            files["out_of_fold"] = OUT_OF_FOLD_FILE
         manifest["files"] = files
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default))
         return publish(b.heads_dir, staging, keep=keep)

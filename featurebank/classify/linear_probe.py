@@ -1,0 +1,173 @@
+"""The default head: multinomial logistic regression on the stored vectors, solved exactly.
+
+Why: a linear probe on frozen features is the strong, convex baseline (what a user gets
+from `LogisticRegression().fit(X, y)`); solved to its optimum by L-BFGS it needs no
+epochs, no learning rate and no TensorFlow, and it trains in well under a second.
+
+What cross-validation chooses (stratified folds over every labelled item, the folds of
+classify/cross_validation.py): the L2 strength, over a path of `C_PATH` values fitted
+from strong to weak regularisation, each fit warm-started from the previous one; and
+the input, the index's fitted transform or the vectors as stored (`INPUTS`), whichever
+gives the lower out-of-fold log-loss. With no item that can be scored out of fold
+(a single label per class) it keeps `DEFAULT_C` on the vectors as stored, which is
+scikit-learn's default model. The out-of-fold probabilities at the choice are what the
+hybrid weight, its guard and abstention are calibrated on.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from featurebank.classify import metrics
+from featurebank.classify.head_model import (
+    Head,
+    check_training_set,
+    item_weights,
+    standardisation,
+)
+from featurebank.index.transforms import Transform
+
+log = logging.getLogger(__name__)
+
+C_PATH = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)  # inverse L2 strength, strong to weak
+DEFAULT_C = 1.0
+MAX_ITER = 1000
+TOL = 1e-6  # scikit-learn stops at 1e-4, a few percent short of the optimum at large C
+INPUTS = ("index transform", "as stored")
+
+
+@dataclass
+class OutOfFold:
+    """Out-of-fold probabilities at the chosen settings, what was chosen, and the path."""
+
+    p: np.ndarray
+    chosen: dict[str, Any]
+    curves: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _solver(c: float, seed: int) -> Any:
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=c, max_iter=MAX_ITER, tol=TOL, warm_start=True, random_state=seed)
+
+
+def _fit(model: Any, z: np.ndarray, y: np.ndarray, w: np.ndarray) -> Any:
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
+
+    # one BLAS thread: these are small problems, and threads fighting for shared cores
+    # make a 50 ms fit take seconds
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return model.fit(z, y, sample_weight=w)
+
+
+def _proba(model: Any, z: np.ndarray, n_classes: int) -> np.ndarray:
+    """Probabilities over all n_classes (a class absent from the fold's training gets 0)."""
+    out = np.zeros((len(z), n_classes), np.float32)
+    out[:, model.classes_] = model.predict_proba(z)
+    return out
+
+
+def _dense(model: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel (d, n_classes), bias (n_classes,)) of a fitted model, as softmax logits."""
+    coef, bias = np.asarray(model.coef_), np.asarray(model.intercept_)
+    if coef.shape[0] == 1:  # binary: logits (0, w.x + b) give the same probabilities
+        coef, bias = np.vstack([np.zeros_like(coef), coef]), np.r_[0.0, bias]
+    kernel = np.zeros((coef.shape[1], n_classes), np.float32)
+    full_bias = np.full(n_classes, -1e4, np.float32)  # a class never seen is never predicted
+    kernel[:, model.classes_] = coef.T
+    full_bias[model.classes_] = bias
+    return kernel, full_bias
+
+
+class LinearProbe:
+    """Fits the linear-probe head; `out_of_fold` chooses C and the input, `fit` uses them."""
+
+    def __init__(self, transform: Transform, class_weight: str = "balanced", seed: int = 0) -> None:
+        self.inputs = {INPUTS[0]: transform, INPUTS[1]: Transform.identity(transform.in_dim)}
+        if transform.spec == "none" and not transform.normalize:
+            del self.inputs[INPUTS[0]]  # the same input twice
+        self.class_weight = class_weight
+        self.seed = seed
+        self.c = DEFAULT_C
+        self.input = INPUTS[1]
+
+    def out_of_fold(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        n_classes: int,
+        folds: np.ndarray,
+        fold_weights: dict[int, np.ndarray | None],
+    ) -> OutOfFold:
+        """Every (input, C) scored out of fold; keeps the lowest log-loss on scorable items."""
+        scorable = np.bincount(y, minlength=n_classes)[y] >= 2
+        path: dict[str, np.ndarray] = {}
+        curves: dict[str, list[float]] = {}
+        for name, transform in self.inputs.items():
+            xt = transform.apply(np.asarray(x, np.float32))
+            p = np.zeros((len(C_PATH), len(y), n_classes), np.float32)
+            for f in np.unique(folds).tolist():
+                held, train = folds == f, folds != f
+                if not train.any():
+                    continue
+                m, s = standardisation(xt[train])
+                zt, zh = (xt[train] - m) / s, (xt[held] - m) / s
+                w = item_weights(y[train], n_classes, self.class_weight, fold_weights.get(f))
+                if len(np.unique(y[train])) < 2:  # one class: it is all the fold can say
+                    p[:, held, int(y[train][0])] = 1.0
+                    continue
+                model = _solver(C_PATH[0], self.seed)
+                for j, c in enumerate(C_PATH):  # strong to weak, each from the last optimum
+                    model.set_params(C=c)
+                    p[j, held] = _proba(_fit(model, zt, y[train], w), zh, n_classes)
+            path[name] = p
+            curves[f"log_loss {name}"] = [
+                metrics.log_loss(y[scorable], pj[scorable]) if scorable.any() else float("nan")
+                for pj in p
+            ]
+        if scorable.any():
+            best = min(
+                ((ll, name, j) for name in path for j, ll in enumerate(curves[f"log_loss {name}"])),
+                key=lambda t: t[0],
+            )
+            _, self.input, j = best
+            self.c = C_PATH[j]
+        else:  # nothing to choose on: scikit-learn's default model
+            self.input, self.c = INPUTS[1], DEFAULT_C
+            j = C_PATH.index(DEFAULT_C)
+        log.info("linear probe: C=%g on the %s vectors (out-of-fold log-loss)", self.c, self.input)
+        chosen = {"C": self.c, "input": self.input, "c_path": list(C_PATH)}
+        return OutOfFold(path[self.input][j], chosen, curves)
+
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        n_classes: int,
+        sample_weight: np.ndarray | None = None,
+        extra: np.ndarray | None = None,
+    ) -> Head:
+        """The head on every item at the chosen C and input (`extra`: a stacked head's input)."""
+        x = np.asarray(x, np.float32)
+        check_training_set(x, y, n_classes)
+        transform = self.inputs[self.input]
+        xt = transform.apply(x)
+        weights: dict[str, np.ndarray] = {}
+        if extra is not None:
+            xt = np.concatenate([xt, np.asarray(extra, np.float32)], axis=1)
+            weights["n_extra"] = np.array(extra.shape[1])
+        m, s = standardisation(xt)
+        w = item_weights(y, n_classes, self.class_weight, sample_weight)
+        if len(np.unique(y)) < 2:
+            raise ValueError("a linear probe needs items of two classes")  # checked upstream
+        model = _fit(_solver(self.c, self.seed), (xt - m) / s, y, w)
+        kernel, bias = _dense(model, n_classes)
+        weights.update(in_mean=m, in_scale=np.asarray(s, np.float32), kernel_0=kernel, bias_0=bias)
+        return Head(transform, weights)
