@@ -71,7 +71,7 @@ def make_bank(root: Path, feats: np.ndarray, keys: list[str], labels: list[str |
 
 def retrain_and_score(bank: Path, x_test: np.ndarray, y_test: list[str]) -> float:
     from featurebank.classify.classifier import Classifier
-    from featurebank.classify.heads import train_head
+    from featurebank.classify.head_training import train_head
 
     train_head(bank, stacked=False)
     with Classifier(bank) as clf:
@@ -125,7 +125,7 @@ def audit_run(
 
     from featurebank.classify.audit import audit
     from featurebank.classify.classifier import Classifier
-    from featurebank.classify.heads import train_head
+    from featurebank.classify.head_training import train_head
 
     rng = np.random.default_rng(seed)
     yp = y[pool].copy()

@@ -172,8 +172,8 @@ def suggest(
     store = classifier.store
     ids, codes, vocab = store.label_table()
     if label is not None and label not in vocab:
-        known = ", ".join(vocab) if vocab else "none yet"
-        raise InvalidInput(f"unknown label {label!r}: the bank's labels are {known}")
+        listed = ", ".join(vocab) if vocab else "none yet"
+        raise InvalidInput(f"unknown label {label!r}: the bank's labels are {listed}")
     unlabelled = ids[codes < 0]
     if unlabelled.size == 0:
         raise FailedPrecondition(f"every item of bank {classifier.bank.root} is labelled")
