@@ -73,6 +73,10 @@ def register(commands: Commands) -> None:
     p.add_argument("--epochs", type=int, default=5, help="epochs")
     p.add_argument("--augment", action="store_true", help="light shifts, rotations and zooms")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    p.add_argument(
+        "--force", action="store_true",
+        help="write the backbone even when it is worse on the held-out images than before",
+    )
 
 
 def _fmt(v: Any) -> str:
@@ -169,6 +173,7 @@ def _finetune(args: argparse.Namespace) -> int:
         augment=args.augment,
         batch_size=args.batch_size,
         progress=sys.stderr.isatty(),
+        force=args.force,
     )
     print(
         f"fine-tuned {len(s['unfrozen'])} layers ({', '.join(s['unfrozen']) or 'head only'}) "
@@ -176,6 +181,10 @@ def _finetune(args: argparse.Namespace) -> int:
         f"{s['seconds']:.1f}s; val accuracy {_fmt(s['val_accuracy_before'])} -> "
         f"{_fmt(s['val_accuracy_after'])}"
     )
+    if not s["published"]:
+        print(f"not written: the tuned backbone is worse on the {s['val']} held-out images than "
+              f"the frozen backbone with its probe; --force writes it anyway", file=sys.stderr)
+        return 1
     print(f"backbone: {s['out']}")
     print(f"next: {s['next']}  (a new bank: the features changed)")
     return 0
