@@ -5,13 +5,16 @@ from `LogisticRegression().fit(X, y)`); solved to its optimum by L-BFGS it needs
 epochs, no learning rate and no TensorFlow, and it trains in well under a second.
 
 What cross-validation chooses (stratified folds over every labelled item, the folds of
-classify/cross_validation.py): the L2 strength, over a path of `C_PATH` values fitted
-from strong to weak regularisation, each fit warm-started from the previous one; and
-the input, the index's fitted transform or the vectors as stored (`INPUTS`), whichever
-gives the lower out-of-fold log-loss. With no item that can be scored out of fold
-(a single label per class) it keeps `DEFAULT_C` on the vectors as stored, which is
-scikit-learn's default model. The out-of-fold probabilities at the choice are what the
-hybrid weight, its guard and abstention are calibrated on.
+classify/cross_validation.py), by the lowest out-of-fold log-loss: the L2 strength, over
+a path of `C_PATH` values fitted from strong to weak regularisation, each fit
+warm-started from the previous one; the input, the index's fitted transform (centred on
+the training items and scaled to unit variance on average) or the vectors as stored
+(untouched, as a user would pass them to scikit-learn) (`INPUTS`); and, when denoising
+weights are given, whether to use them (on clean labels they cost a little, on noisy
+ones they gain a lot). With no item that can be scored out of fold (a single label per
+class) it keeps `DEFAULT_C` on the vectors as stored, unweighted: scikit-learn's default
+model. The out-of-fold probabilities at the choice are what the hybrid weight, its
+guard and abstention are calibrated on.
 """
 
 from __future__ import annotations
@@ -97,6 +100,13 @@ class LinearProbe:
         self.seed = seed
         self.c = DEFAULT_C
         self.input = INPUTS[1]
+        self.weighted = False
+
+    def _scaled(self, name: str, xt: np.ndarray) -> tuple[np.ndarray, np.float32]:
+        """Standardisation of an input: none for the vectors as stored."""
+        if name == INPUTS[1]:
+            return np.zeros(xt.shape[1], np.float32), np.float32(1.0)
+        return standardisation(xt)
 
     def out_of_fold(
         self,
@@ -108,43 +118,57 @@ class LinearProbe:
     ) -> OutOfFold:
         """Every (input, C) scored out of fold; keeps the lowest log-loss on scorable items."""
         scorable = np.bincount(y, minlength=n_classes)[y] >= 2
-        path: dict[str, np.ndarray] = {}
+        weightings = {"plain": False}
+        if any(w is not None for w in fold_weights.values()):
+            weightings["denoised"] = True
+        path: dict[tuple[str, str], np.ndarray] = {}
         curves: dict[str, list[float]] = {}
         for name, transform in self.inputs.items():
             xt = transform.apply(np.asarray(x, np.float32))
-            p = np.zeros((len(C_PATH), len(y), n_classes), np.float32)
-            for f in np.unique(folds).tolist():
-                held, train = folds == f, folds != f
-                if not train.any():
-                    continue
-                m, s = standardisation(xt[train])
-                zt, zh = (xt[train] - m) / s, (xt[held] - m) / s
-                w = item_weights(y[train], n_classes, self.class_weight, fold_weights.get(f))
-                if len(np.unique(y[train])) < 2:  # one class: it is all the fold can say
-                    p[:, held, int(y[train][0])] = 1.0
-                    continue
-                model = _solver(C_PATH[0], self.seed)
-                for j, c in enumerate(C_PATH):  # strong to weak, each from the last optimum
-                    model.set_params(C=c)
-                    p[j, held] = _proba(_fit(model, zt, y[train], w), zh, n_classes)
-            path[name] = p
-            curves[f"log_loss {name}"] = [
-                metrics.log_loss(y[scorable], pj[scorable]) if scorable.any() else float("nan")
-                for pj in p
-            ]
-        if scorable.any():
-            best = min(
-                ((ll, name, j) for name in path for j, ll in enumerate(curves[f"log_loss {name}"])),
-                key=lambda t: t[0],
+            for wname, weighted in weightings.items():
+                p = self._path(xt, name, y, n_classes, folds, fold_weights if weighted else {})
+                path[(name, wname)] = p
+                curves[f"log_loss {name}, {wname}"] = [
+                    metrics.log_loss(y[scorable], pj[scorable]) if scorable.any() else float("nan")
+                    for pj in p
+                ]
+        key, j = (INPUTS[1], "plain"), C_PATH.index(DEFAULT_C)
+        if scorable.any():  # else nothing to choose on: scikit-learn's default model
+            _, key, j = min(
+                (ll, k, jj) for k in path for jj, ll in enumerate(curves[f"log_loss {k[0]}, {k[1]}"])
             )
-            _, self.input, j = best
-            self.c = C_PATH[j]
-        else:  # nothing to choose on: scikit-learn's default model
-            self.input, self.c = INPUTS[1], DEFAULT_C
-            j = C_PATH.index(DEFAULT_C)
-        log.info("linear probe: C=%g on the %s vectors (out-of-fold log-loss)", self.c, self.input)
-        chosen = {"C": self.c, "input": self.input, "c_path": list(C_PATH)}
-        return OutOfFold(path[self.input][j], chosen, curves)
+        self.input, self.weighted, self.c = key[0], weightings[key[1]], C_PATH[j]
+        log.info("linear probe: C=%g on the %s vectors, %s (out-of-fold log-loss)",
+                 self.c, self.input, key[1])
+        chosen = {"C": self.c, "input": self.input, "weights": key[1], "c_path": list(C_PATH)}
+        return OutOfFold(path[key][j], chosen, curves)
+
+    def _path(
+        self,
+        xt: np.ndarray,
+        name: str,
+        y: np.ndarray,
+        n_classes: int,
+        folds: np.ndarray,
+        fold_weights: dict[int, np.ndarray | None],
+    ) -> np.ndarray:
+        """Out-of-fold probabilities (len(C_PATH), n, n_classes) along the path."""
+        p = np.zeros((len(C_PATH), len(y), n_classes), np.float32)
+        for f in np.unique(folds).tolist():
+            held, train = folds == f, folds != f
+            if not train.any():
+                continue
+            m, s = self._scaled(name, xt[train])
+            zt, zh = (xt[train] - m) / s, (xt[held] - m) / s
+            w = item_weights(y[train], n_classes, self.class_weight, fold_weights.get(f))
+            if len(np.unique(y[train])) < 2:  # one class: it is all the fold can say
+                p[:, held, int(y[train][0])] = 1.0
+                continue
+            model = _solver(C_PATH[0], self.seed)
+            for j, c in enumerate(C_PATH):  # strong to weak, each from the last optimum
+                model.set_params(C=c)
+                p[j, held] = _proba(_fit(model, zt, y[train], w), zh, n_classes)
+        return p
 
     def fit(
         self,
@@ -154,7 +178,9 @@ class LinearProbe:
         sample_weight: np.ndarray | None = None,
         extra: np.ndarray | None = None,
     ) -> Head:
-        """The head on every item at the chosen C and input (`extra`: a stacked head's input)."""
+        """The head on every item at the chosen C, input and weighting (`sample_weight`, the
+        denoising weights, counts only when cross-validation chose them; `extra`: the
+        input a stacked head joins to the vectors)."""
         x = np.asarray(x, np.float32)
         check_training_set(x, y, n_classes)
         transform = self.inputs[self.input]
@@ -163,8 +189,10 @@ class LinearProbe:
         if extra is not None:
             xt = np.concatenate([xt, np.asarray(extra, np.float32)], axis=1)
             weights["n_extra"] = np.array(extra.shape[1])
-        m, s = standardisation(xt)
-        w = item_weights(y, n_classes, self.class_weight, sample_weight)
+        m, s = self._scaled(self.input, xt)
+        w = item_weights(y, n_classes, self.class_weight, sample_weight)  # checks its shape
+        if not self.weighted:
+            w = item_weights(y, n_classes, self.class_weight)
         if len(np.unique(y)) < 2:
             raise ValueError("a linear probe needs items of two classes")  # checked upstream
         model = _fit(_solver(self.c, self.seed), (xt - m) / s, y, w)

@@ -121,7 +121,8 @@ def test_linear_probe_is_the_exact_optimum_at_the_c_cross_validation_chose() -> 
     assert oof.chosen["C"] in C_PATH and oof.chosen["input"] in INPUTS
     # the choice is the lowest out-of-fold log-loss over the path and both inputs
     lowest = min(min(v) for v in oof.curves.values())
-    assert oof.curves[f"log_loss {oof.chosen['input']}"][C_PATH.index(oof.chosen["C"])] == lowest
+    key = f"log_loss {oof.chosen['input']}, {oof.chosen['weights']}"
+    assert oof.curves[key][C_PATH.index(oof.chosen["C"])] == lowest
     assert metrics.log_loss(y, oof.p) == pytest.approx(lowest, rel=1e-4)
     head = probe.fit(x, y, 4)
     xt = probe.inputs[oof.chosen["input"]].apply(x)
