@@ -59,13 +59,18 @@ def _solver(c: float, seed: int) -> Any:
     return LogisticRegression(C=c, max_iter=MAX_ITER, tol=TOL, warm_start=True, random_state=seed)
 
 
-def _fit(model: Any, z: np.ndarray, y: np.ndarray, w: np.ndarray) -> Any:
-    from sklearn.exceptions import ConvergenceWarning
+def _one_thread() -> Any:
+    """One BLAS thread, set once per training (setting it costs ~20 ms): these are small
+    problems, and BLAS threads competing for shared cores make a 50 ms fit take seconds."""
     from threadpoolctl import threadpool_limits
 
-    # one BLAS thread: these are small problems, and threads fighting for shared cores
-    # make a 50 ms fit take seconds
-    with threadpool_limits(1), warnings.catch_warnings():
+    return threadpool_limits(1)
+
+
+def _fit(model: Any, z: np.ndarray, y: np.ndarray, w: np.ndarray) -> Any:
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         return model.fit(z, y, sample_weight=w)
 
@@ -117,6 +122,17 @@ class LinearProbe:
         fold_weights: dict[int, np.ndarray | None],
     ) -> OutOfFold:
         """Every (input, C) scored out of fold; keeps the lowest log-loss on scorable items."""
+        with _one_thread():
+            return self._out_of_fold(x, y, n_classes, folds, fold_weights)
+
+    def _out_of_fold(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        n_classes: int,
+        folds: np.ndarray,
+        fold_weights: dict[int, np.ndarray | None],
+    ) -> OutOfFold:
         scorable = np.bincount(y, minlength=n_classes)[y] >= 2
         weightings = {"plain": False}
         if any(w is not None for w in fold_weights.values()):
@@ -195,7 +211,8 @@ class LinearProbe:
             w = item_weights(y, n_classes, self.class_weight)
         if len(np.unique(y)) < 2:
             raise ValueError("a linear probe needs items of two classes")  # checked upstream
-        model = _fit(_solver(self.c, self.seed), (xt - m) / s, y, w)
+        with _one_thread():
+            model = _fit(_solver(self.c, self.seed), (xt - m) / s, y, w)
         kernel, bias = _dense(model, n_classes)
         weights.update(in_mean=m, in_scale=np.asarray(s, np.float32), kernel_0=kernel, bias_0=bias)
         return Head(transform, weights)
