@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -40,7 +40,8 @@ from featurebank.classify import metrics
 from featurebank.classify.knn import DEFAULT_K, DEFAULT_T, Voter
 
 if TYPE_CHECKING:
-    from featurebank.classify.head_training import Trainer
+    from featurebank.classify.head_model import Head
+    from featurebank.classify.linear_probe import OutOfFold
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,28 @@ DEFAULT_A = 0.5
 SHRINK_ITEMS = 100  # with n scored items, a moves n / (n + 100) of the way from 0.5 to its optimum
 GUARD_SIGMAS = 2.0  # how clearly a single mode must beat the hybrid to replace it
 MIN_WEIGHT = 0.2  # the least an item whose neighbours outvote its label counts in the head's loss
+
+
+class Trainer(Protocol):
+    """Fits one kind of head: chooses its settings out of fold, then fits on every item."""
+
+    def out_of_fold(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        n_classes: int,
+        folds: np.ndarray,
+        fold_weights: dict[int, np.ndarray | None],
+    ) -> OutOfFold: ...
+
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        n_classes: int,
+        sample_weight: np.ndarray | None = None,
+        extra: np.ndarray | None = None,
+    ) -> Head: ...
 
 
 @dataclass

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from featurebank.classify import cross_validation as cv
 from featurebank.classify.abstain import confidence_and_correct
+from featurebank.classify.cross_validation import Trainer
 from featurebank.classify.head_model import FORMAT as HEAD_FORMAT
-from featurebank.classify.head_model import Head
 from featurebank.classify.knn import Neighbours, Voter
-from featurebank.classify.linear_probe import LinearProbe, OutOfFold
+from featurebank.classify.linear_probe import LinearProbe
 from featurebank.classify.published_heads import live_manifest, now, publish_head
 from featurebank.core.bank import Bank, current_generation
 from featurebank.core.errors import FailedPrecondition
@@ -40,28 +40,6 @@ if TYPE_CHECKING:
     from featurebank.store import BankLike, Store
 
 log = logging.getLogger(__name__)
-
-
-class Trainer(Protocol):
-    """Fits one kind of head: chooses its settings out of fold, then fits on every item."""
-
-    def out_of_fold(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        n_classes: int,
-        folds: np.ndarray,
-        fold_weights: dict[int, np.ndarray | None],
-    ) -> OutOfFold: ...
-
-    def fit(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        n_classes: int,
-        sample_weight: np.ndarray | None = None,
-        extra: np.ndarray | None = None,
-    ) -> Head: ...
 
 
 def _linear(transform: Transform, hp: HeadParams, progress: bool) -> Trainer:
