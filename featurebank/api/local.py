@@ -257,7 +257,7 @@ class LocalBank(FeatureBank):
 
     def train_head(self, **params: Any) -> Published:
         """Train and publish a head; `params` are HeadParams fields (hidden, epochs, ...)."""
-        from featurebank.classify.heads import train_head
+        from featurebank.classify.head_training import train_head
 
         manifest = train_head(self._writable(), **params)
         if current_generation(self.store.bank.indexes_dir) is not None:

@@ -9,6 +9,13 @@ than the neighbours alone would.
 
 A finding is ranked by its confidence, p(suggested) - p(stored label): how much
 more the bank believes in another label than in the one it holds.
+
+`precision`: cut the list where the out-of-fold evidence says the findings kept are
+wrong labels at that rate, as abstention cuts answers. The evidence is the probability
+the out-of-fold predictions recorded with the live head generation put off an item's
+stored label (1 - p(label), out of fold: an estimate of the chance the label is wrong);
+for an item the head has not seen, the leave-one-out vote's. The list keeps the longest
+run of findings, best first, whose mean estimate reaches `precision`. Nothing retrains.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from featurebank.classify.abstain import check_precision
 from featurebank.classify.classifier import Neighbor
 from featurebank.classify.modes import align_columns
 from featurebank.core.errors import FailedPrecondition, InvalidInput
@@ -53,8 +61,12 @@ def audit(
     mode: str | None = None,
     split: str | None = None,
     min_confidence: float = 0.0,
+    precision: float | None = None,
 ) -> list[Finding]:
-    """The `n` labelled items (of `split`, or all) the bank most confidently relabels."""
+    """The `n` labelled items (of `split`, or all) the bank most confidently relabels,
+    cut where the out-of-fold estimate of the list's precision falls under `precision`."""
+    if precision is not None:
+        check_precision(precision)
     if n < 1:
         raise InvalidInput(f"n must be at least 1, got {n}")
     if not 0.0 <= min_confidence < 1.0:
@@ -119,4 +131,36 @@ def audit(
             )
     found.sort(key=lambda f: (-f.confidence, f.key))
     log.info("audit: %d of %d labelled items disagree with the bank", len(found), labelled.size)
-    return found[:n]
+    found = found[:n]
+    if precision is not None:
+        found = found[: _cut(found, wrong_label_estimates(classifier, found, mode), precision)]
+    return found
+
+
+def wrong_label_estimates(classifier: Classifier, found: list[Finding], mode: str) -> np.ndarray:
+    """Each finding's chance that its stored label is wrong, from out-of-fold evidence."""
+    est = np.array([1.0 - f.p_label for f in found], np.float64)
+    head = classifier.head
+    oof = head.out_of_fold if head is not None else None
+    if oof is None or not found:
+        return est
+    p = oof.get(mode if mode in oof else "hybrid")
+    if p is None:
+        return est
+    row = {int(i): r for r, i in enumerate(oof["ids"].tolist())}
+    col = {label: j for j, label in enumerate(head.vocabulary)}  # type: ignore[union-attr]
+    ids = classifier.store.get_by_keys([f.key for f in found]).ids
+    for i, (f, item) in enumerate(zip(found, ids, strict=True)):
+        r, c = row.get(int(item)), col.get(f.label)
+        if r is not None and c is not None and bool(oof["scored"][r]):
+            est[i] = 1.0 - float(p[r, c])
+    return est
+
+
+def _cut(found: list[Finding], estimate: np.ndarray, precision: float) -> int:
+    """Length of the longest prefix whose mean estimate reaches `precision`."""
+    if not len(found):
+        return 0
+    mean = np.cumsum(estimate) / np.arange(1, len(estimate) + 1)
+    meets = np.flatnonzero(mean >= precision - 1e-12)
+    return int(meets[-1]) + 1 if meets.size else 0

@@ -22,10 +22,10 @@ import numpy as np
 
 from featurebank import store as store_mod
 from featurebank.classify.abstain import abstained, calibrate_threshold, check_precision, decide
-from featurebank.classify.head_generations import LoadedHead, is_stale, load_live_head
 from featurebank.classify.knn import DEFAULT_K, DEFAULT_T, Voter
 from featurebank.classify.modes import Calibrating, Evidence, Mode
 from featurebank.classify.modes import mode as mode_named
+from featurebank.classify.published_heads import LoadedHead, is_stale, load_live_head
 from featurebank.core.bank import candidates
 from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput
 from featurebank.core.vocabulary import MODES, UNKNOWN

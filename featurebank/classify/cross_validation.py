@@ -1,4 +1,4 @@
-"""Choosing k, T, the hybrid weight a and the head's epochs by cross-validation over every label.
+"""Choosing k, T, the hybrid weight a and the head's settings by cross-validation over every label.
 
 Why not one validation split: with few labels per class a 20 % split holds a
 handful of items, and whatever a, k and T it picks are noise, frozen into the head.
@@ -7,8 +7,10 @@ Here every labelled item scores every choice once, out of sample:
 - kNN side, leave-one-out: the neighbours of all items are searched once (each
   without itself) at the largest k; every (k, T) is a re-weighting of that search.
 - Head side, stratified k-fold: each fold's items are predicted by a head trained
-  on the other folds; one epoch for all folds is chosen by the accuracy over every
-  item (the last epoch at the best), and the refit on everything trains that long.
+  on the other folds; what the head's trainer chooses on them (the linear probe's L2
+  strength and input, classify/linear_probe.py; the hidden-layer head's epochs,
+  classify/hidden_layer_head.py) is used by the head trained on everything, and its
+  out-of-fold probabilities are what a, the guard and abstention are calibrated on.
 - a: minimises the out-of-fold log-loss of a * p_knn + (1 - a) * p_head, then shrinks
   towards 0.5 in proportion to how little evidence there is (items whose class has
   another labelled item, the only ones cross-validation can score).
@@ -30,13 +32,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from featurebank.classify import metrics
-from featurebank.classify.head import HeadFit, fit_head
 from featurebank.classify.knn import DEFAULT_K, DEFAULT_T, Voter
+
+if TYPE_CHECKING:
+    from featurebank.classify.head_model import Head
+    from featurebank.classify.linear_probe import OutOfFold
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,28 @@ DEFAULT_A = 0.5
 SHRINK_ITEMS = 100  # with n scored items, a moves n / (n + 100) of the way from 0.5 to its optimum
 GUARD_SIGMAS = 2.0  # how clearly a single mode must beat the hybrid to replace it
 MIN_WEIGHT = 0.2  # the least an item whose neighbours outvote its label counts in the head's loss
+
+
+class Trainer(Protocol):
+    """Fits one kind of head: chooses its settings out of fold, then fits on every item."""
+
+    def out_of_fold(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        n_classes: int,
+        folds: np.ndarray,
+        fold_weights: dict[int, np.ndarray | None],
+    ) -> OutOfFold: ...
+
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        n_classes: int,
+        sample_weight: np.ndarray | None = None,
+        extra: np.ndarray | None = None,
+    ) -> Head: ...
 
 
 @dataclass
@@ -71,8 +98,8 @@ class Choices:
     a: float
     a_optimum: float
     acts_as: str
-    epochs: int
-    fold_epochs: list[int]
+    head_choice: dict[str, Any]
+    """What the head's cross-validation chose (the probe's C and input, or the epochs)."""
     p_knn: np.ndarray
     p_head: np.ndarray
     metrics: dict[str, dict[str, float]]
@@ -162,66 +189,20 @@ def agreement_weights(y: np.ndarray, p_knn: np.ndarray) -> np.ndarray:
     return np.clip(w, MIN_WEIGHT, 1.0).astype(np.float32)
 
 
-def head_out_of_fold(
-    x: np.ndarray,
-    y: np.ndarray,
-    n_classes: int,
-    folds: np.ndarray,
-    loo: LeaveOneOut,
-    voter: Voter,
-    fit_kw: dict[str, Any],
-    denoise: bool,
-) -> tuple[np.ndarray, int, list[int], dict[str, list[float]]]:
-    """Out-of-fold head probabilities at one epoch chosen for all folds, that epoch, each
-    fold's own best epoch, and the first fold's curves.
-
-    Why one epoch for all folds: a fold's own early-stopping epoch is chosen on the very
-    items it then predicts, which flatters the head; the last epoch with the best
-    accuracy over all folds is one choice scored on every item.
-    """
-    per_fold: list[tuple[np.ndarray, list[np.ndarray]]] = []
-    fold_best: list[int] = []
-    curves: dict[str, list[float]] = {}
+def fold_weights(
+    y: np.ndarray, folds: np.ndarray, loo: LeaveOneOut, voter: Voter, n_classes: int, denoise: bool
+) -> dict[int, np.ndarray | None]:
+    """Each fold's training items' weights in the head's loss (None without `denoise`),
+    from the votes of that fold's training items only."""
+    out: dict[int, np.ndarray | None] = {}
     for f in np.unique(folds).tolist():
         held, train = folds == f, folds != f
-        if not train.any():
+        if not denoise:
+            out[f] = None
             continue
-        weight = None
-        if denoise:
-            codes = loo.without(loo.ids[held])
-            weight = agreement_weights(y[train], voter.probs(codes[train], loo.scores[train], n_classes))
-        # trained as the published head will be (stopping on training loss), so the
-        # held-out fold's probabilities after each epoch show what each epoch count gives
-        fit: HeadFit = fit_head(
-            x[train], y[train], n_classes, x[held], y[held],
-            sample_weight=weight, record_val_probs=True, stop_on_val=False, **fit_kw,
-        )
-        per_fold.append((np.flatnonzero(held), fit.val_probs))
-        fold_best.append(max(1, fit.best_epoch))
-        curves = curves or fit.curves
-        log.info("fold %d of %d: best epoch %d", f + 1, folds.max() + 1, fit.best_epoch)
-    p = np.zeros((len(y), n_classes), np.float32)
-    scorable = np.bincount(y, minlength=n_classes)[y] >= 2
-    if not per_fold or not scorable.any():  # nothing to choose on: the whole budget
-        for rows, probs in per_fold:
-            p[rows] = probs[-1]
-        return p, int(fit_kw["epochs"]), fold_best, curves
-    longest = max(len(probs) for _, probs in per_fold)
-
-    def at(probs: list[np.ndarray], epoch: int) -> np.ndarray:  # a fold that stopped keeps its last
-        return probs[min(epoch, len(probs)) - 1]
-
-    accuracy = []
-    for e in range(1, longest + 1):
-        for rows, probs in per_fold:
-            p[rows] = at(probs, e)
-        accuracy.append(metrics.accuracy(y[scorable], p[scorable]))
-    # the last epoch at the best accuracy: log-loss would stop early on a few items
-    # (under-confident is cheap), and accuracy is what the answers are judged by
-    epoch = int(np.flatnonzero(np.asarray(accuracy) >= max(accuracy) - 1e-12)[-1]) + 1
-    for rows, probs in per_fold:
-        p[rows] = at(probs, epoch)
-    return p, epoch, fold_best, curves
+        codes = loo.without(loo.ids[held])
+        out[f] = agreement_weights(y[train], voter.probs(codes[train], loo.scores[train], n_classes))
+    return out
 
 
 def select_a(
@@ -265,7 +246,7 @@ def choose(
     y: np.ndarray,
     n_classes: int,
     loo: LeaveOneOut,
-    fit_kw: dict[str, Any],
+    trainer: Trainer,
     n_folds: int,
     denoise: bool,
     seed: int,
@@ -275,9 +256,10 @@ def choose(
     s = np.bincount(y, minlength=n_classes)[y] >= 2
     voter, p_knn, knn_grid = select_voter(y, loo, n_classes, s)
     folds = stratified_folds(y, n_folds, seed)
-    p_head, epochs, fold_epochs, curves = head_out_of_fold(
-        x, y, n_classes, folds, loo, voter, fit_kw, denoise
+    oof = trainer.out_of_fold(
+        x, y, n_classes, folds, fold_weights(y, folds, loo, voter, n_classes, denoise)
     )
+    p_head = oof.p
     evidence = int(s.sum())
     a, a_opt, a_grid = select_a(y[s], p_knn[s], p_head[s], evidence)
     acts_as = guard(y[s], p_knn[s], p_head[s], a)
@@ -290,23 +272,22 @@ def choose(
     down = int((agreement_weights(y, p_knn) < 1.0).sum()) if denoise else 0
     log.info(
         "cross-validation over %d items (%d folds): k=%d T=%.3f a=%.2f (optimum %.2f) acts as %s, "
-        "%d epochs",
+        "head %s",
         len(y), folds.max() + 1 if len(y) else 0, voter.k, voter.temperature, final_a, a_opt,
-        acts_as, epochs,
+        acts_as, oof.chosen,
     )
     return Choices(
         voter=voter,
         a=final_a,
         a_optimum=a_opt,
         acts_as=acts_as,
-        epochs=max(1, epochs),
-        fold_epochs=fold_epochs,
+        head_choice=oof.chosen,
         p_knn=p_knn,
         p_head=p_head,
         metrics=scores,
         grid=[*({"k": g["k"], "temperature": g["temperature"], "log_loss": g["log_loss"]}
                 for g in knn_grid), *a_grid],
-        curves=curves,
+        curves=oof.curves,
         down_weighted=down,
         scored=s,
     )

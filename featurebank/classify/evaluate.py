@@ -222,7 +222,7 @@ def _abstention(
 def _features(clf: Classifier, vectors: np.ndarray) -> np.ndarray:
     """The features the head sees (its transform), else what the index stores."""
     if clf.head is not None:
-        return clf.head.head.transform(vectors)
+        return clf.head.head.transform.apply(np.asarray(vectors, np.float32))
     return np.asarray(clf.searcher.transform(vectors))
 
 

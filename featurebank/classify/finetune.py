@@ -1,12 +1,15 @@
-"""Fine-tuning the top of a bank's backbone together with its trained head.
+"""Fine-tuning the top of a bank's backbone together with its trained head (LP-FT).
 
-The Keras transfer-learning recipe: start from the frozen backbone plus the head
-already trained on its features (so the first gradients are small and sensible),
+The Keras transfer-learning recipe, in the order of Kumar et al. (ICLR 2022, "linear
+probe, then fine-tune"): start from the frozen backbone plus the linear probe already
+solved on its features (a random head's first gradients would distort the features),
 unfreeze only the top N layers, keep BatchNorm in inference mode (its statistics
 were fitted on far more data than we have), recompile with a low learning rate,
 and train with light augmentation. What comes out is a *backbone* (image ->
 feature vector, preprocessing folded in) that `featurebank embed --backbone
 X.keras` accepts; its features differ from the bank's, so it goes into a new bank.
+The held-out accuracy is measured before (backbone + probe) and after tuning; a tuned
+backbone that is worse is not written unless `force` says so.
 """
 
 from __future__ import annotations
@@ -131,13 +134,18 @@ def finetune(
     val_fraction: float = 0.2,
     seed: int = 0,
     progress: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune the bank's backbone + head on labelled IMAGES; save the backbone to `out`."""
+    """Fine-tune the bank's backbone + head on labelled IMAGES; save the backbone to `out`.
+
+    `published` in the summary says whether `out` was written: not when the held-out
+    accuracy after tuning is under the one before, unless `force`.
+    """
     import keras
 
     from featurebank import store as store_mod
-    from featurebank.classify.head import keras_head
-    from featurebank.classify.head_generations import load_head
+    from featurebank.classify.head_model import keras_head
+    from featurebank.classify.published_heads import load_head
     from featurebank.embedder.embedding import Embedder
 
     b = Bank(bank)
@@ -216,10 +224,18 @@ def finetune(
     )
     after = _accuracy(model, xf[va], y[va]) if len(va) else None
     backbone.trainable = False
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.keras")
-    exported.save(tmp)
-    tmp.replace(out)
+    worse = before is not None and after is not None and after < before
+    published = force or not worse
+    if published:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp.keras")
+        exported.save(tmp)
+        tmp.replace(out)
+    else:
+        log.warning(
+            "fine-tuned backbone is worse on the held-out images (%.4f -> %.4f): %s not written",
+            before, after, out,
+        )
     summary = {
         "out": str(out),
         "images": int(len(y)),
@@ -233,6 +249,7 @@ def finetune(
         "augment": augment,
         "val_accuracy_before": before,
         "val_accuracy_after": after,
+        "published": published,
         "curves": {k: [float(v) for v in vals] for k, vals in hist.history.items()},
         "seconds": round(time.time() - started, 2),
         "next": f"featurebank embed IMAGES --bank NEW_BANK --backbone {out}",

@@ -20,8 +20,8 @@ from featurebank.core.errors import FailedPrecondition
 from featurebank.core.vocabulary import HELD_OUT_SPLIT, MODES, check_choice
 
 if TYPE_CHECKING:
-    from featurebank.classify.head_generations import LoadedHead
     from featurebank.classify.knn import Voter
+    from featurebank.classify.published_heads import LoadedHead
     from featurebank.index.searcher import Searcher
     from featurebank.store import Store
 

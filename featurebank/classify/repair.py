@@ -132,7 +132,7 @@ def _loads(b: Bank, what: str, gen: int) -> bool:
 
             load_generation(b, gen)
         else:
-            from featurebank.classify.head_generations import load_head
+            from featurebank.classify.published_heads import load_head
 
             load_head(b, gen)
     except DamagedFile:
@@ -158,7 +158,7 @@ def _rebuild(b: Bank, what: str, manifest: dict[str, Any] | None) -> str:
         params = IndexParams.from_manifest(manifest)
         out = build_index(b, **dataclasses.asdict(params))
         return f"rebuilt the index from the store as generation {out['generation']}"
-    from featurebank.classify.heads import train_head
+    from featurebank.classify.head_training import train_head
     from featurebank.core.params import HeadParams
 
     try:

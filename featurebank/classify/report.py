@@ -28,7 +28,7 @@ FIGURES = {
     "accuracy_vs_k": "Accuracy versus k",
     "confusion": "Confusion matrix",
     "reliability": "Reliability diagram",
-    "training_curves": "Head training curves",
+    "training_curves": "Head training: the linear probe's L2 path or the epochs",
     "projection": "2-D projection of the embeddings",
     "mistakes": "Most confident mistakes and their neighbours",
 }
@@ -203,6 +203,20 @@ def _training_curves(ev: Evaluation) -> Any:
             ax.text(0.5, 0.5, "no head trained", ha="center", va="center", transform=ax.transAxes)
             ax.set_axis_off()
         return fig
+    cv = (ev.head_manifest or {}).get("cv", {})
+    if "c_path" in cv:  # the linear probe: out-of-fold log-loss along its L2 path
+        ax = axes[0]
+        for name, c in curves.get("head", {}).items():
+            ax.plot(cv["c_path"], c, marker="o", label=name.removeprefix("log_loss "))
+        ax.axvline(cv["C"], color="grey", ls=":", label="C chosen by cross-validation")
+        ax.set_xscale("log")
+        ax.set_xlabel("C (inverse L2 strength)")
+        ax.set_ylabel("out-of-fold log-loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        axes[1].set_axis_off()
+        fig.suptitle("Linear probe: the regularisation path")
+        return fig
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
         for i, (name, c) in enumerate(curves.items()):
             for key, style in ((metric, "-"), (f"val_{metric}", "--")):
@@ -214,7 +228,7 @@ def _training_curves(ev: Evaluation) -> Any:
                         color=f"C{i}",
                         label=f"{name} {'held-out fold' if key.startswith('val') else 'train'}",
                     )
-        best = (ev.head_manifest or {}).get("best_epoch", {}).get("head")
+        best = cv.get("epochs")
         if best:
             ax.axvline(best, color="grey", ls=":", label="epochs chosen by cross-validation")
         ax.set_xlabel("epoch")

@@ -15,6 +15,12 @@ mode: hybrid when a head exists, else the neighbours' vote):
 
 An item with no labelled neighbour and no head has all-zero probabilities and
 counts as fully uncertain. Unlabelled items never vote, so no item votes for itself.
+
+Cold start: a bank with no label at all has no uncertainty to rank by, so `suggest`
+covers the feature space instead (`cold_start_pick`): n k-means clusters over the
+unlabelled items (in the index's transformed space), and of each the item nearest its
+centre (the most typical one), largest cluster first. The first round of labels then
+spans the classes instead of landing wherever the storage order puts them.
 """
 
 from __future__ import annotations
@@ -107,6 +113,44 @@ def diverse_pick(
     return chosen[np.argsort(-u[chosen], kind="stable")]
 
 
+def cold_start_pick(vectors: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, cluster share) of the item nearest each of n k-means centres, largest first."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if n <= 0 or len(x) == 0:
+        return np.zeros(0, np.int64), np.zeros(0)
+    if len(x) <= n:
+        return np.arange(len(x), dtype=np.int64), np.full(len(x), 1.0 / len(x))
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    # k-means++ starts: a random start often splits a big cluster and merges two small ones
+    with threadpool_limits(1):
+        km = KMeans(n, n_init=3, random_state=seed).fit(x)
+    sizes = np.bincount(km.labels_, minlength=n)
+    nearest = np.array([
+        int(members[np.argmin(((x[members] - km.cluster_centers_[c]) ** 2).sum(axis=1))])
+        if (members := np.flatnonzero(km.labels_ == c)).size else -1
+        for c in range(n)
+    ])
+    picked: list[int] = []
+    shares: list[float] = []
+    for c in np.argsort(-sizes, kind="stable").tolist():
+        i = int(nearest[c])
+        if sizes[c] > 0 and i >= 0 and i not in picked:
+            picked.append(i)
+            shares.append(float(sizes[c]) / len(x))
+    return np.array(picked, np.int64), np.array(shares)
+
+
+def _cold_start(classifier: Classifier, ids: np.ndarray, n: int, seed: int) -> list[Suggestion]:
+    store = classifier.store
+    items = store.to_numpy(ids=ids)
+    picks, shares = cold_start_pick(classifier.searcher.transform(items.vectors), n, seed)
+    out = [Suggestion(items.keys[i], float(sh), [], []) for i, sh in zip(picks, shares, strict=True)]
+    log.info("no labels yet: suggested %d cluster representatives of %d items", len(out), len(ids))
+    return out
+
+
 def suggest(
     classifier: Classifier,
     n: int = 100,
@@ -118,22 +162,23 @@ def suggest(
     """The `n` unlabelled items whose label would help most, best first.
 
     `label` keeps only items with that label among their two most probable (the edge of
-    that class). Raises FailedPrecondition when the bank has no labels or no unlabelled items.
+    that class). With no label in the bank yet, the representatives of n clusters (cold
+    start; their score is the share of the bank their cluster holds). Raises
+    FailedPrecondition when every item is labelled.
     """
     check_choice(strategy, SUGGEST_STRATEGIES, "strategy")
     if n < 1:
         raise InvalidInput(f"n must be at least 1, got {n}")
     store = classifier.store
     ids, codes, vocab = store.label_table()
-    if not vocab:
-        raise FailedPrecondition(
-            f"bank {classifier.bank.root} has no labels yet: label a few items of each class first"
-        )
     if label is not None and label not in vocab:
-        raise InvalidInput(f"unknown label {label!r}: the bank's labels are {', '.join(vocab)}")
+        listed = ", ".join(vocab) if vocab else "none yet"
+        raise InvalidInput(f"unknown label {label!r}: the bank's labels are {listed}")
     unlabelled = ids[codes < 0]
     if unlabelled.size == 0:
         raise FailedPrecondition(f"every item of bank {classifier.bank.root} is labelled")
+    if not vocab:
+        return _cold_start(classifier, unlabelled, n, seed)
     scores: list[np.ndarray] = []
     keep: list[np.ndarray] = []
     tops: list[np.ndarray] = []

@@ -1,6 +1,6 @@
 """`featurebank head train|info`, `featurebank eval` and `featurebank finetune`.
 
-Thin wrappers: classify.heads, classify.evaluate/classify.report and classify.finetune
+Thin wrappers: classify.head_training, classify.evaluate/classify.report and classify.finetune
 do the work; TensorFlow and matplotlib are imported inside the handlers only.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,9 @@ def register(commands: Commands) -> None:
     )
     p.add_argument("--bank", required=True, help="bank directory")
     # every option defaults to the live head's value (HeadParams' default without one)
-    p.add_argument("--hidden", type=int, default=None, help="hidden units (0 = softmax regression)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden units (0 = the linear probe; > 0 trains with Keras)")
     p.add_argument("--dropout", type=float, default=None, help="dropout before the output layer")
-    p.add_argument("--epochs", type=int, default=None, help="epoch budget (cross-validation picks)")
+    p.add_argument("--epochs", type=int, default=None, help="epoch budget of a hidden-layer head (cross-validation picks)")
     p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing (0-1)")
     p.add_argument(
         "--class-weight", choices=HEAD_CLASS_WEIGHTS, default=None, help="class weights"
@@ -73,6 +74,10 @@ def register(commands: Commands) -> None:
     p.add_argument("--epochs", type=int, default=5, help="epochs")
     p.add_argument("--augment", action="store_true", help="light shifts, rotations and zooms")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    p.add_argument(
+        "--force", action="store_true",
+        help="write the backbone even when it is worse on the held-out images than before",
+    )
 
 
 def _fmt(v: Any) -> str:
@@ -89,9 +94,10 @@ def quiet_keras(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from featurebank.classify.evaluate import TABLE_COLUMNS
-    from featurebank.classify.heads import train_head
+    from featurebank.classify.head_training import train_head
 
-    quiet_keras(args)
+    if args.hidden:  # the one-hidden-layer head is Keras; the linear probe never starts it
+        quiet_keras(args)
 
     m = train_head(
         args.bank,
@@ -111,10 +117,13 @@ def _train(args: argparse.Namespace) -> int:
         print(json.dumps(m, indent=1))
         return 0
     hy, cv, hp = m["hybrid"], m["cv"], m["head_params"]
+    chose = (
+        f"{cv['epochs']} epochs" if "epochs" in cv else f"C={cv['C']:g} on the {cv['input']} vectors"
+    )
     print(
         f"head generation {m['generation']}: {len(m['vocabulary'])} classes, {m['items']} items, "
-        f"transform {m['transform']['spec']}, hidden {hp['hidden']}, {cv['epochs']} epochs, "
-        f"{m['train_seconds']:.1f}s"
+        f"{m.get('head_kind', 'hidden layer')} (index transform {m['transform']['spec']}, "
+        f"hidden {hp['hidden']}), {chose}, {m['train_seconds']:.1f}s"
     )
     acts = hy["acts_as"]
     print(
@@ -132,7 +141,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from featurebank.classify.head_generations import head_status
+    from featurebank.classify.published_heads import head_status
 
     status = head_status(args.bank)
     if status is None:
@@ -178,6 +187,7 @@ def _finetune(args: argparse.Namespace) -> int:
         augment=args.augment,
         batch_size=args.batch_size,
         progress=show_progress(),
+        force=args.force,
     )
     print(
         f"fine-tuned {len(s['unfrozen'])} layers ({', '.join(s['unfrozen']) or 'head only'}) "
@@ -185,6 +195,10 @@ def _finetune(args: argparse.Namespace) -> int:
         f"{s['seconds']:.1f}s; val accuracy {_fmt(s['val_accuracy_before'])} -> "
         f"{_fmt(s['val_accuracy_after'])}"
     )
+    if not s["published"]:
+        print(f"not written: the tuned backbone is worse on the {s['val']} held-out images than "
+              f"the frozen backbone with its probe; --force writes it anyway", file=sys.stderr)
+        return 1
     print(f"backbone: {s['out']}")
     print(f"next: {s['next']}  (a new bank: the features changed)")
     return 0

@@ -48,6 +48,10 @@ def register(commands: Commands) -> None:
     p.add_argument(
         "--split", choices=SPLITS, default=None, help="only this split"
     )
+    p.add_argument(
+        "--precision", type=float, default=None, metavar="P",
+        help="cut the list where out-of-fold evidence says P of the findings are wrong labels",
+    )
     p.add_argument("--out", type=Path, default=None, help="write a CSV file instead of printing")
 
     p = commands.command("ui", "serve the labelling page for a running server", _ui)
@@ -94,7 +98,7 @@ def _audit(args: argparse.Namespace) -> int:
     from featurebank.classify.audit import audit
 
     with _classifier(args) as clf:
-        found = audit(clf, n=args.n, split=args.split)
+        found = audit(clf, n=args.n, split=args.split, precision=args.precision)
 
     def head(v: float | None) -> str:
         return "" if v is None else f"{v:.4f}"

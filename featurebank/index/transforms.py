@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,35 +108,47 @@ class Transform:
             "file": FILE_NAME if (self.mean is not None or self.matrix is not None) else None,
         }
 
-    def save(self, directory: Path) -> None:
-        arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(self.to_dict()))}
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """The transform as named arrays: what `save` writes, and what a head embeds."""
+        arrays: dict[str, np.ndarray] = {f"{prefix}meta": np.array(json.dumps(self.to_dict()))}
         if self.mean is not None:
-            arrays["mean"] = self.mean
+            arrays[f"{prefix}mean"] = np.asarray(self.mean, np.float32)
         if self.matrix is not None:
-            arrays["matrix"] = self.matrix
+            arrays[f"{prefix}matrix"] = np.asarray(self.matrix, np.float32)
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str = "") -> Transform:
+        """What `to_arrays` wrote (KeyError when its meta is missing)."""
+        meta = json.loads(str(arrays[f"{prefix}meta"]))
+        return cls(
+            spec=meta["spec"],
+            in_dim=int(meta["in_dim"]),
+            out_dim=int(meta["out_dim"]),
+            normalize=bool(meta["normalize"]),
+            mean=arrays.get(f"{prefix}mean"),
+            matrix=arrays.get(f"{prefix}matrix"),
+        )
+
+    @classmethod
+    def identity(cls, dim: int) -> Transform:
+        """The transform that changes nothing ("none", no normalisation)."""
+        return cls("none", dim, dim, False)
+
+    def save(self, directory: Path) -> None:
         with open(directory / FILE_NAME, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
+            np.savez(f, **self.to_arrays())  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, directory: Path) -> Transform:
         path = directory / FILE_NAME
         try:
             with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                mean = z["mean"] if "mean" in z.files else None
-                matrix = z["matrix"] if "matrix" in z.files else None
+                return cls.from_arrays({k: z[k] for k in z.files})
         except FileNotFoundError:
             raise DamagedFile(f"{path} is missing (index generation {directory.name})") from None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise DamagedFile(f"{path} is damaged ({e})") from None
-        return cls(
-            spec=meta["spec"],
-            in_dim=int(meta["in_dim"]),
-            out_dim=int(meta["out_dim"]),
-            normalize=bool(meta["normalize"]),
-            mean=mean,
-            matrix=matrix,
-        )
 
 
 def fit(spec: str, sample: np.ndarray, normalize_output: bool = False) -> Transform:

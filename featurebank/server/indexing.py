@@ -173,11 +173,11 @@ class IndexKeeper:
                     self.store, threads=background_threads(), **index
                 )
                 if params.retrain_head:
-                    from featurebank.classify import heads
+                    from featurebank.classify import head_training
 
                     op.stage, op.progress = "training head", 0.6
                     # the live head's HeadParams, changed only where the caller named a value
-                    op.result["head"] = heads.train_head(
+                    op.result["head"] = head_training.train_head(
                         self.bank.root, hidden=params.head_hidden, epochs=params.head_epochs
                     )
                 op.stage, op.progress = "catching up and swapping", 0.95

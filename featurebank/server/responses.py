@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from google.protobuf import struct_pb2
 
-from featurebank.classify.head_generations import hybrid_mode
+from featurebank.classify.published_heads import hybrid_mode
 from featurebank.server.indexing import Operation
 from featurebank.server.reads import Hit
 from featurebank.server.wire import MODE_VALUES

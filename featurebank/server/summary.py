@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from featurebank.classify.head_generations import head_status
+from featurebank.classify.published_heads import head_status
 from featurebank.core.bank import Bank, current_generation
 from featurebank.core.errors import DamagedFile
 from featurebank.core.integrity import require_intact

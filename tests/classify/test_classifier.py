@@ -14,9 +14,10 @@ from featurebank import store as store_mod
 from featurebank.classify import metrics
 from featurebank.classify.classifier import Classifier
 from featurebank.classify.cross_validation import A_GRID, SHRINK_ITEMS
-from featurebank.classify.head_generations import head_status, load_head
-from featurebank.classify.heads import loo_knn_distribution, train_head
+from featurebank.classify.head_training import loo_knn_distribution, train_head
 from featurebank.classify.knn import Neighbours, Voter
+from featurebank.classify.linear_probe import C_PATH, INPUTS
+from featurebank.classify.published_heads import head_status, load_head
 from featurebank.core.bank import Bank, publish, staging_dir
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.index.build import build_index
@@ -114,7 +115,9 @@ def test_choices_are_cross_validated_and_hybrid_is_never_worst_out_of_fold(
     assert hy["a_optimum"] in A_GRID
     # the kNN choice of k and T is what the classifier votes with
     assert clf.voter().k == hy["k"] and clf.voter().temperature == hy["temperature"]
-    assert m["head_params"]["epochs"] == 60 and 1 <= m["cv"]["epochs"] <= 60
+    # the linear probe's L2 strength and input were chosen on the same folds
+    assert m["head_params"]["epochs"] == 60 and m["head_kind"] == "linear probe"
+    assert m["cv"]["C"] in C_PATH and m["cv"]["input"] in INPUTS
 
 
 def test_abstention_is_calibrated_and_reachable_per_call(clf: Classifier, trained: Path) -> None:

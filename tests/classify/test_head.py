@@ -1,4 +1,4 @@
-"""The head on arrays (Keras training, numpy inference), metrics and the hybrid maths."""
+"""The head on arrays (linear probe, Keras hidden layer, numpy inference), metrics, hybrid maths."""
 
 from __future__ import annotations
 
@@ -18,14 +18,11 @@ from featurebank.classify.cross_validation import (
     select_a,
     stratified_folds,
 )
-from featurebank.classify.head import (
-    Head,
-    apply_transform,
-    class_weights,
-    fit_head,
-    transform_arrays,
-)
-from featurebank.core.errors import InvalidInput
+from featurebank.classify.head_model import Head, class_weights
+from featurebank.classify.hidden_layer_head import fit_head
+from featurebank.classify.linear_probe import C_PATH, DEFAULT_C, INPUTS, LinearProbe
+from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.index import transforms
 
 
 def blobs(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -66,14 +63,135 @@ def test_ece_zero_when_calibrated_and_large_when_overconfident() -> None:
     assert sum(r["count"]) == 400
 
 
-def test_transform_arrays_apply() -> None:
-    x = np.array([[3.0, 4.0], [1.0, 1.0]], np.float32)
-    assert np.allclose(apply_transform(transform_arrays("none"), x), x)
-    unit = apply_transform(transform_arrays("l2", normalize=True), x)
-    assert np.allclose(np.linalg.norm(unit, axis=1), 1.0)
-    mean = x.mean(axis=0)
-    c = apply_transform(transform_arrays("cl2n", mean=mean, normalize=True), x)
-    assert np.allclose(c, (x - mean) / np.linalg.norm(x - mean, axis=1, keepdims=True))
+def cl2n_of(x: np.ndarray) -> transforms.Transform:
+    return transforms.fit("cl2n", x)
+
+
+def test_head_file_keeps_the_index_encoding_of_its_transform(tmp_path: Path) -> None:
+    x, y = blobs(120, 6, 3)
+    probe = LinearProbe(cl2n_of(x))
+    probe.out_of_fold(x, y, 3, stratified_folds(y, 5), {})
+    head = probe.fit(x, y, 3)
+    head.save(tmp_path / "h.npz")
+    with np.load(tmp_path / "h.npz") as z:
+        assert int(z["format"]) == 2 and not any(k.startswith("t_") for k in z.files)
+        again = transforms.Transform.from_arrays({k: z[k] for k in z.files}, "transform_")
+    assert again.to_dict() == head.transform.to_dict()
+    loaded = Head.load(tmp_path / "h.npz")
+    assert np.array_equal(loaded.predict_proba(x), head.predict_proba(x))
+
+
+def test_a_format_1_head_still_loads_and_bad_files_get_one_line_errors(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=4).astype(np.float32)
+    kernel, bias = rng.normal(size=(4, 3)).astype(np.float32), np.zeros(3, np.float32)
+    old = tmp_path / "old.npz"  # what a Keras head generation of format 1 wrote
+    np.savez(old, t_name=np.array("cl2n"), t_mean=mean, t_l2=np.array(1),
+             in_mean=np.zeros(4, np.float32), in_scale=np.array(0.5, np.float32),
+             kernel_0=kernel, bias_0=bias)
+    head = Head.load(old)
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+    z = (x - mean) / np.linalg.norm(x - mean, axis=1, keepdims=True) / 0.5
+    logits = z @ kernel
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(head.predict_proba(x), expected / expected.sum(1, keepdims=True),
+                               rtol=1e-5)
+    assert head.transform.spec == "cl2n" and head.input_dim == 4
+    newer = tmp_path / "newer.npz"
+    with np.load(old) as z_old:
+        np.savez(newer, format=np.array(99), **{k: z_old[k] for k in z_old.files})
+    with pytest.raises(FailedPrecondition, match="format 99"):
+        Head.load(newer)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(FailedPrecondition, match="damaged"):
+        Head.load(tmp_path / "bad.npz")
+    np.savez(tmp_path / "part.npz", format=np.array(2), in_mean=np.zeros(4))
+    with pytest.raises(FailedPrecondition, match="incomplete"):
+        Head.load(tmp_path / "part.npz")
+
+
+def test_linear_probe_is_the_exact_optimum_at_the_c_cross_validation_chose() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = blobs(300, 10, 4, seed=2)
+    t = cl2n_of(x)
+    probe = LinearProbe(t, class_weight="none")
+    folds = stratified_folds(y, 5)
+    oof = probe.out_of_fold(x, y, 4, folds, {})
+    assert oof.chosen["C"] in C_PATH and oof.chosen["input"] in INPUTS
+    # the choice is the lowest out-of-fold log-loss over the path and both inputs
+    lowest = min(min(v) for v in oof.curves.values())
+    key = f"log_loss {oof.chosen['input']}, {oof.chosen['weights']}"
+    assert oof.curves[key][C_PATH.index(oof.chosen["C"])] == lowest
+    assert metrics.log_loss(y, oof.p) == pytest.approx(lowest, rel=1e-4)
+    head = probe.fit(x, y, 4)
+    xt = probe.inputs[oof.chosen["input"]].apply(x)
+    z = (xt - head.weights["in_mean"]) / head.weights["in_scale"]
+    c = oof.chosen["C"]
+    ref = LogisticRegression(C=c, max_iter=5000, tol=1e-10).fit(z, y)
+
+    def objective(p: np.ndarray, kernel: np.ndarray) -> float:  # what L-BFGS minimises
+        return c * len(y) * metrics.log_loss(y, p) + 0.5 * float((kernel**2).sum())
+
+    ours = objective(head.predict_proba(x), head.weights["kernel_0"])
+    best = objective(ref.predict_proba(z), ref.coef_.T)
+    assert best <= ours <= best * (1 + 1e-3) + 1e-6, (ours, best)
+    assert (head.predict_proba(x).argmax(1) == ref.predict(z)).mean() > 0.99
+    # deterministic: the same data gives the same head
+    again = LinearProbe(t, class_weight="none")
+    again.out_of_fold(x, y, 4, folds, {})
+    assert np.array_equal(again.fit(x, y, 4).predict_proba(x), head.predict_proba(x))
+
+
+def test_linear_probe_without_evidence_is_sklearns_default_model() -> None:
+    x, _ = blobs(4, 6, 4, seed=3)
+    y = np.arange(4)  # one item per class: nothing can be scored out of fold
+    probe = LinearProbe(cl2n_of(x))
+    oof = probe.out_of_fold(x, y, 4, stratified_folds(y, 5), {})
+    assert (oof.chosen["C"], oof.chosen["input"]) == (DEFAULT_C, "as stored")
+    assert probe.fit(x, y, 4).predict_proba(x).argmax(1).tolist() == [0, 1, 2, 3]
+
+
+def test_linear_probe_binary_and_weights() -> None:
+    x, y = blobs(80, 5, 2, seed=4)
+    probe = LinearProbe(transforms.Transform.identity(5))
+    assert list(probe.inputs) == ["as stored"]  # the identity is not tried twice
+    oof = probe.out_of_fold(x, y, 2, stratified_folds(y, 4), {})
+    head = probe.fit(x, y, 2, sample_weight=np.ones(80))
+    assert head.n_classes == 2 and metrics.accuracy(y, head.predict_proba(x)) > 0.9
+    assert oof.p.shape == (80, 2)
+    with pytest.raises(InvalidInput, match="sample_weight"):
+        probe.fit(x, y, 2, sample_weight=np.ones(3))
+
+
+def test_training_the_default_head_never_imports_tensorflow(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = """
+import sys, numpy as np
+from featurebank import store
+from featurebank.classify.head_training import train_head
+from featurebank.classify.classifier import Classifier
+from featurebank.index.build import build_index
+from tests.support.specs import make_spec
+rng = np.random.default_rng(0)
+y = np.repeat(np.arange(3), 20)
+x = (rng.normal(size=(3, 8))[y] * 3 + rng.normal(size=(60, 8))).astype(np.float32)
+with store.create(sys.argv[1], make_spec(8)) as st:
+    st.put_batch([f"k{i}" for i in range(60)], x, [f"c{c}" for c in y], ["train"] * 60)
+build_index(sys.argv[1])
+m = train_head(sys.argv[1])
+with Classifier(sys.argv[1]) as clf:
+    clf.predict(x[:5])
+heavy = sorted(n for n in ("tensorflow", "keras") if n in sys.modules)
+print(m["head_kind"], heavy)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "bank")],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2],
+    ).stdout
+    assert out.strip().splitlines()[-1] == "linear probe []", out
 
 
 def test_class_weights() -> None:
@@ -99,7 +217,7 @@ def test_head_trains_and_numpy_inference_matches_keras(tmp_path: Path) -> None:
         epochs=15,
         label_smoothing=0.1,
         class_weight="none",
-        transform=transform_arrays("cl2n", mean=mean, normalize=True),
+        transform=transforms.Transform("cl2n", 12, 12, True, mean=mean),
     )
     assert {"loss", "val_loss", "accuracy", "val_accuracy"} <= set(fit.curves)
     assert 1 <= fit.best_epoch <= fit.epochs_run <= 15
@@ -109,7 +227,7 @@ def test_head_trains_and_numpy_inference_matches_keras(tmp_path: Path) -> None:
     assert np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
     assert metrics.accuracy(y[180:], p) > 0.9
 
-    from featurebank.classify.head import keras_head
+    from featurebank.classify.head_model import keras_head
 
     keras_p = np.asarray(keras_head(head)(x[180:]))
     assert np.allclose(keras_p, p, atol=1e-5)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from featurebank import store as store_mod
 from featurebank.classify.finetune import finetune, preprocessing_affine
-from featurebank.classify.heads import train_head
+from featurebank.classify.head_training import train_head
 from featurebank.cli import main
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 
@@ -92,8 +92,8 @@ def test_finetune_exports_a_backbone_that_embeds(
     images, bank = bank_with_head
     # unfreeze 0: only the head moves, so the exported backbone reproduces the bank's vectors
     same = tmp_path / "same.keras"
-    s = finetune(str(images), bank, same, unfreeze=0, epochs=1, lr=1e-3)
-    assert s["unfrozen"] == [] and s["images"] == 36 and same.exists()
+    s = finetune(str(images), bank, same, unfreeze=0, epochs=1, lr=1e-3, force=True)
+    assert s["unfrozen"] == [] and s["images"] == 36 and same.exists() and s["published"]
     embed(
         str(images),
         str(tmp_path / "bank_same"),
@@ -135,6 +135,7 @@ def test_finetune_command_trains_top_layers(
             "--lr",
             "1e-2",
             "--augment",
+            "--force",
         ]
     )
     assert rc == 0
@@ -152,3 +153,20 @@ def test_finetune_command_trains_top_layers(
     moved = vectors(tmp_path / "bank_tuned")
     assert all(v.shape == (8,) for v in moved.values())
     assert max(float(np.abs(moved[k] - before[k]).max()) for k in before) > 1e-3
+
+
+def test_finetune_refuses_to_write_a_backbone_worse_than_the_probe(
+    bank_with_head: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images, bank = bank_with_head
+    wrecked = tmp_path / "wrecked.keras"
+    # a step size far too large: the tuned backbone loses what the probe had
+    args = ["finetune", str(images), "--bank", str(bank), "--out", str(wrecked),
+            "--unfreeze", "3", "--epochs", "3", "--lr", "30"]
+    assert main(args) == 1
+    assert not wrecked.exists()
+    captured = capsys.readouterr()
+    assert "not written" in captured.err and "--force" in captured.err
+    before, after = captured.out.split("val accuracy ")[1].split(";")[0].split(" -> ")
+    assert float(after) < float(before)
+    assert main([*args, "--force"]) == 0 and wrecked.exists()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from featurebank import store as store_mod
-from featurebank.classify.head_generations import live_manifest
+from featurebank.classify.published_heads import live_manifest
 from featurebank.cli import main
 from featurebank.core.errors import InvalidInput
 from featurebank.core.params import HeadParams

@@ -123,13 +123,30 @@ def _labels(clf: Classifier) -> tuple[list[str], list[str | None]]:
     return items.keys, items.labels
 
 
+def test_cold_start_covers_every_cluster_where_storage_order_would_not(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    c = centers()
+    sizes = (60, 30, 10)  # stored class by class: the first 20 keys are all "a"
+    vecs = np.concatenate([c[i] + 0.05 * rng.normal(size=(n, DIM)) for i, n in enumerate(sizes)])
+    keys = [f"{CLASSES[i]}{j:02d}" for i, n in enumerate(sizes) for j in range(n)]
+    root = tmp_path / "bank"
+    with store_mod.create(root, make_spec(DIM)) as st:
+        st.put_batch(keys, vecs.astype(np.float32))
+    build_index(root, k=5)
+    with Classifier(root) as clf:
+        picks = suggest(clf, n=3)
+    assert sorted(s.key[0] for s in picks) == ["a", "b", "c"]  # one of each cluster
+    assert [s.key[0] for s in picks] == ["a", "b", "c"]  # largest cluster first
+    assert [round(s.score, 2) for s in picks] == [0.6, 0.3, 0.1] and not picks[0].labels
+
+
 def test_suggest_needs_labels(tmp_path: Path) -> None:
     root = tmp_path / "bank"
     with store_mod.create(root, make_spec(DIM)) as st:
         st.put_batch([f"k{i}" for i in range(20)], np.eye(20, DIM, dtype=np.float32) + 0.1)
     build_index(root, k=5)
-    with Classifier(root) as clf, pytest.raises(FailedPrecondition, match="no labels yet"):
-        suggest(clf)
+    with Classifier(root) as clf:  # no labels yet: cold start, not an error
+        assert len(suggest(clf, n=4)) == 4
     with store_mod.open(root) as st:
         st.set_labels({f"k{i}": "x" for i in range(20)})
     with Classifier(root) as clf, pytest.raises(FailedPrecondition, match="every item"):
@@ -151,6 +168,30 @@ def test_audit_finds_flipped_labels_because_items_never_vote_for_themselves(
         assert f.key not in {nb.key for nb in f.neighbors}  # never its own evidence
         assert f.neighbors and all(nb.label == f.suggested for nb in f.neighbors)
     assert [f.confidence for f in found] == sorted((f.confidence for f in found), reverse=True)
+
+
+def test_audit_precision_cuts_where_the_out_of_fold_evidence_says(tmp_path: Path) -> None:
+    from featurebank.classify.audit import wrong_label_estimates
+    from featurebank.classify.head_training import train_head
+
+    flips = {3: "b", 55: "c", 110: "a", 7: "c"}
+    root, truth = make_bank(tmp_path / "bank", flip=flips)
+    train_head(root, stacked=False)
+    with Classifier(root) as clf:
+        everything = audit(clf, n=50)
+        est = wrong_label_estimates(clf, everything, clf.default_mode)
+        assert len(est) == len(everything) and ((est >= 0) & (est <= 1)).all()
+        wrong = {f.key for f in everything if truth[f.key] != f.label}
+        assert wrong == {"a03", "a07", "b05", "c10"}
+        for p in (0.5, 0.9):
+            kept = audit(clf, n=50, precision=p)
+            assert kept == everything[: len(kept)]  # a prefix of the ranked list
+            assert np.mean(est[: len(kept)]) >= p
+            assert len(kept) == len(everything) or np.mean(est[: len(kept) + 1]) < p
+        assert len(audit(clf, n=50, precision=0.5)) >= len(audit(clf, n=50, precision=0.9))
+        assert {f.key for f in audit(clf, n=50, precision=0.9)} <= wrong
+        with pytest.raises(InvalidInput, match="precision"):
+            audit(clf, precision=1.5)
 
 
 def test_audit_of_a_clean_bank_finds_nothing_and_checks_input(tmp_path: Path) -> None:

@@ -139,7 +139,7 @@ def test_an_imported_bank_serves_vectors_and_keys_and_refuses_images(tmp_path: P
 
 
 def test_stacked_abstention_error_does_not_suggest_retraining(tmp_path: Path) -> None:
-    from featurebank.classify.heads import train_head
+    from featurebank.classify.head_training import train_head
 
     bank = make_vector_bank(tmp_path / "bank", dim=DIM, n_per_class=10)
     train_head(bank, epochs=5, folds=2, stacked=True)

@@ -172,7 +172,7 @@ def test_missing_files_are_clear_errors(
 def test_info_shows_index_and_flags_a_stale_head(
     bank: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from featurebank.classify.heads import train_head
+    from featurebank.classify.head_training import train_head
     from featurebank.index.build import build_index
     from tests.support.specs import make_spec
 

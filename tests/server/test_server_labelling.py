@@ -25,7 +25,7 @@ DIM = 16
 
 def make_bank(root: Path) -> Path:
     """Three overlapping-enough clusters that the tuned vote is not all-or-nothing."""
-    from featurebank.classify.heads import train_head
+    from featurebank.classify.head_training import train_head
     from featurebank.index.build import build_index
 
     keys, vectors, labels = clustered(20, DIM, noise=0.15)

@@ -69,7 +69,7 @@ def make_vector_bank(
 
         build_index(root)
     if head:
-        from featurebank.classify.heads import train_head
+        from featurebank.classify.head_training import train_head
 
         train_head(root, epochs=30)
     return root

@@ -3,9 +3,10 @@
 Why all three in one step: the hybrid weight `a`, the kNN's k and temperature and
 the stacked head all depend on the same kNN votes over the same labelled items, so
 they are chosen together (classify/cross_validation.py) and published as one
-generation (classify/head_generations.py), which a server swaps in one go.
+generation (classify/published_heads.py), which a server swaps in one go.
 
-- head: softmax regression / one hidden layer on the (transformed) stored vectors.
+- head: the linear probe (classify/linear_probe.py, no TensorFlow), or with
+  `hidden` > 0 one hidden layer trained with Keras (classify/hidden_layer_head.py).
 - hybrid: p = a * p_knn + (1 - a) * p_head, with a, k and T chosen by cross-validation
   over every labelled item, or the single mode that cross-validation found better.
 - stacked: a second head on [vector, kNN label distribution]; the distribution of a
@@ -22,13 +23,16 @@ import numpy as np
 
 from featurebank.classify import cross_validation as cv
 from featurebank.classify.abstain import confidence_and_correct
-from featurebank.classify.head import apply_transform, fit_head, transform_arrays
-from featurebank.classify.head_generations import live_manifest, now, publish_head
+from featurebank.classify.cross_validation import Trainer
+from featurebank.classify.head_model import FORMAT as HEAD_FORMAT
 from featurebank.classify.knn import Neighbours, Voter
+from featurebank.classify.linear_probe import LinearProbe
+from featurebank.classify.published_heads import live_manifest, now, publish_head
 from featurebank.core.bank import Bank, current_generation
 from featurebank.core.errors import FailedPrecondition
 from featurebank.core.params import HeadParams
 from featurebank.core.vocabulary import HELD_OUT_SPLIT
+from featurebank.index.transforms import Transform
 from featurebank.store import borrowed
 
 if TYPE_CHECKING:
@@ -36,6 +40,24 @@ if TYPE_CHECKING:
     from featurebank.store import BankLike, Store
 
 log = logging.getLogger(__name__)
+
+
+def _linear(transform: Transform, hp: HeadParams, progress: bool) -> Trainer:
+    return LinearProbe(transform, hp.class_weight, hp.seed)
+
+
+def _hidden_layer(transform: Transform, hp: HeadParams, progress: bool) -> Trainer:
+    from featurebank.classify.hidden_layer_head import HiddenLayerHead  # imports TensorFlow
+
+    return HiddenLayerHead(transform, hp, progress)
+
+
+TRAINERS = {"linear probe": _linear, "hidden layer": _hidden_layer}
+
+
+def head_kind(hp: HeadParams) -> str:
+    """Which trainer a head's params ask for: a hidden layer when `hidden` > 0."""
+    return "hidden layer" if hp.hidden > 0 else "linear probe"
 
 
 def loo_knn_distribution(
@@ -53,19 +75,13 @@ def loo_knn_distribution(
     return voter.probs(codes, scores, len(neighbours.vocabulary))
 
 
-def _index_transform(b: Bank) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The live index's fitted transform as head arrays (its own 'none' if no index)."""
+def _index_transform(b: Bank, dim: int) -> tuple[Transform, dict[str, Any]]:
+    """The live index's fitted transform (the identity if no index) and what to record."""
     gen = current_generation(b.indexes_dir)
     if gen is None:
-        return transform_arrays("none"), {"spec": "none", "index_generation": None}
-    from featurebank.index.transforms import Transform
-
+        return Transform.identity(dim), {"spec": "none", "index_generation": None}
     t = Transform.load(b.indexes_dir / str(gen))
-    return transform_arrays(t.spec, t.mean, t.matrix, t.normalize), {
-        "spec": t.spec,
-        "normalize": t.normalize,
-        "index_generation": gen,
-    }
+    return t, {"spec": t.spec, "normalize": t.normalize, "index_generation": gen}
 
 
 def _searcher(store: Store) -> Searcher | None:
@@ -88,7 +104,9 @@ def train_head(
 
     `params` defaults to the live head's (or the defaults); `changes` override the named
     fields (None keeps). Every labelled item outside the test split is used: to choose
-    k, T, a and the epochs by cross-validation, then to train the published heads.
+    k, T, a and the head's settings by cross-validation, then to train the published
+    heads. The out-of-fold probabilities of every item are published with the heads, so
+    abstention and the audit never retrain.
     Returns the manifest written to heads/<gen>/manifest.json.
     """
     started = time.time()
@@ -114,34 +132,23 @@ def train_head(
         y = np.array([code_of[label] for label in labels], dtype=np.int64)
         x = np.asarray(items.vectors[keep_rows], dtype=np.float32)
         ids = items.ids[keep_rows].astype(np.int64)
-        tparams, tinfo = _index_transform(b)
+        transform, tinfo = _index_transform(b, x.shape[1])
         searcher = _searcher(st)
         try:
             neighbours = (
                 Neighbours(vocabulary, searcher)
                 if searcher is not None
-                else Neighbours(vocabulary, None, ids, apply_transform(tparams, x), y)
+                else Neighbours(vocabulary, None, ids, transform.apply(x), y)
             )
             kmax = min(max(cv.K_GRID), max(1, neighbours.ntotal - 1))
             loo = cv.LeaveOneOut(*neighbours.search(x, kmax, exclude_ids=ids), neighbours.metric)
-            fit_kw: dict[str, Any] = dict(
-                hidden=hp.hidden,
-                dropout=hp.dropout,
-                epochs=hp.epochs,
-                label_smoothing=hp.label_smoothing,
-                class_weight=hp.class_weight,
-                transform=tparams,
-                seed=hp.seed,
-                progress=progress,
-                learning_rate=hp.learning_rate,
-            )
             n_cls = len(vocabulary)
-            choices = cv.choose(x, y, n_cls, loo, fit_kw, hp.folds, hp.denoise, hp.seed)
+            trainer = TRAINERS[head_kind(hp)](transform, hp, progress)
+            choices = cv.choose(x, y, n_cls, loo, trainer, hp.folds, hp.denoise, hp.seed)
             voter = choices.voter
-            # refit on everything for the epochs cross-validation chose
-            final_kw = {**fit_kw, "epochs": choices.epochs}
+            # the head on everything, with what cross-validation chose
             weight = cv.agreement_weights(y, choices.p_knn) if hp.denoise else None
-            plain = fit_head(x, y, n_cls, sample_weight=weight, **final_kw)
+            plain = trainer.fit(x, y, n_cls, sample_weight=weight)
             stacked = None
             if hp.stacked:
                 if np.bincount(y, minlength=n_cls).min() < 2:
@@ -151,7 +158,7 @@ def train_head(
                         b.root,
                     )
                 extra = loo_knn_distribution(neighbours, x, ids, voter)
-                stacked = fit_head(x, y, n_cls, extra_train=extra, **final_kw).head
+                stacked = trainer.fit(x, y, n_cls, extra=extra)
         finally:
             if searcher is not None:
                 searcher.close()
@@ -162,6 +169,7 @@ def train_head(
         for mode, p in (("head", choices.p_head), ("hybrid", choices.p_hybrid))
     } if sc.any() else {}
     manifest: dict[str, Any] = {
+        "format": HEAD_FORMAT,
         "created": now(),
         "vocabulary": vocabulary,
         "dim": int(x.shape[1]),
@@ -170,15 +178,14 @@ def train_head(
         "head_params": hp.to_dict(),
         **{k: v for k, v in hp.to_dict().items() if k not in ("stacked", "denoise", "folds")},
         "items": int(len(y)),
+        "head_kind": head_kind(hp),
         "cv": {
             "folds": int(min(hp.folds, len(y))),
-            "fold_epochs": choices.fold_epochs,
-            "epochs": choices.epochs,
+            **choices.head_choice,
             "scored_items": cv.scored_items(y),
             "down_weighted": choices.down_weighted,
         },
         "curves": {"head": choices.curves},
-        "best_epoch": {"head": choices.epochs},
         "cv_metrics": choices.metrics,
         "hybrid": {**choices.to_dict(), "knn_source": "index" if searcher is not None else "exact cosine"},
         "hybrid_grid": choices.grid,
@@ -187,7 +194,11 @@ def train_head(
         "index_generation": tinfo["index_generation"],
     }
     manifest["train_seconds"] = round(time.time() - started, 3)
-    gen = publish_head(b, manifest, plain.head, stacked, calibration, keep=keep)
+    out_of_fold = {
+        "ids": ids, "codes": y, "scored": sc,
+        "knn": choices.p_knn, "head": choices.p_head, "hybrid": choices.p_hybrid,
+    }
+    gen = publish_head(b, manifest, plain, stacked, calibration, out_of_fold, keep=keep)
     manifest["generation"] = gen
     log.info(
         "head generation %d: %d items, %d classes, a=%.2f T=%.3f k=%d, hybrid acts as %s",

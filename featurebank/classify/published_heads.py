@@ -1,8 +1,10 @@
-"""Head generations on disk: publishing one, loading the live one, and what `info` shows.
+"""Published head generations on disk: publishing one, loading the live one, what `info` shows.
 
 Why one module: the files of a generation (heads/<gen>/: head, stacked head,
-calibration, manifest) are written and read in one place, so a server swapping
-heads and a command describing them agree on what a generation holds.
+calibration, out-of-fold probabilities, manifest) are written and read in one place, so
+a server swapping heads and a command describing them agree on what a generation holds.
+The manifest's `format` says which layout a generation has (absent: the Keras heads
+of format 1, which still load); a newer one than this code reads gets a one-line error.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from featurebank.classify.abstain import CALIBRATION_FILE, load_calibration, save_calibration
-from featurebank.classify.head import Head
+from featurebank.classify.head_model import FORMAT, Head
 from featurebank.core.bank import Bank, current_generation, load_newest_intact, publish_files
 from featurebank.core.errors import DamagedFile
 from featurebank.core.integrity import read_json, require_intact
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 HEAD_FILE = "head.npz"
 STACKED_FILE = "stacked.npz"
 MANIFEST = "manifest.json"
+OUT_OF_FOLD_FILE = "out_of_fold.npz"
 
 
 @dataclass
@@ -40,6 +43,8 @@ class LoadedHead:
     head: Head
     stacked: Head | None
     calibration: dict[str, tuple[np.ndarray, np.ndarray]]
+    out_of_fold: dict[str, np.ndarray] | None = None
+    """Per labelled item (ids, codes, scored) each mode's out-of-fold probabilities."""
 
     @property
     def vocabulary(self) -> list[str]:
@@ -65,14 +70,24 @@ def load_head(bank: BankLike, generation: int | None = None) -> LoadedHead | Non
         raise DamagedFile(f"head generation {d} is missing")
     manifest = read_json(d / MANIFEST, "the head manifest")
     try:
+        version = int(manifest.get("format", 1))
+        if version > FORMAT:
+            raise DamagedFile(
+                f"head generation {d} has format {version}; this featurebank reads formats up "
+                f"to {FORMAT}: upgrade featurebank or retrain the head"
+            )
         head = Head.load(d / HEAD_FILE)
         stacked = Head.load(d / STACKED_FILE) if (d / STACKED_FILE).exists() else None
         calibration = load_calibration(d / CALIBRATION_FILE)
+        oof = None
+        if (d / OUT_OF_FOLD_FILE).exists():
+            with np.load(d / OUT_OF_FOLD_FILE, allow_pickle=False) as z:
+                oof = {k: z[k] for k in z.files}
     except FileNotFoundError as e:
         raise DamagedFile(f"head generation {d} is incomplete ({e.filename} is missing)") from None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise DamagedFile(f"head generation {d} is damaged ({e})") from None
-    return LoadedHead(generation, manifest, head, stacked, calibration)
+    return LoadedHead(generation, manifest, head, stacked, calibration, oof)
 
 
 def load_live_head(bank: BankLike) -> LoadedHead | None:
@@ -88,6 +103,7 @@ def publish_head(
     head: Head,
     stacked: Head | None,
     calibration: dict[str, tuple[np.ndarray, np.ndarray]],
+    out_of_fold: dict[str, np.ndarray] | None = None,
     keep: int = 2,
 ) -> int:
     """Write a generation's files into staging and make it the live one, all or nothing."""
@@ -101,6 +117,9 @@ def publish_head(
         if calibration:
             save_calibration(staging / CALIBRATION_FILE, calibration)
             files["calibration"] = CALIBRATION_FILE
+        if out_of_fold is not None:
+            np.savez(staging / OUT_OF_FOLD_FILE, **out_of_fold)  # type: ignore[arg-type]
+            files["out_of_fold"] = OUT_OF_FOLD_FILE
         manifest["files"] = files
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default))
 
