@@ -73,6 +73,8 @@ def register(commands: Commands) -> None:
                    help="put before every key (keys are paths relative to the folder given, as "
                    "`featurebank embed` makes them; a file given alone is keyed by its name)")
     p.add_argument("--chunk", type=args_.positive, default=256, help="images per Upsert call")
+    p.add_argument("--thumbnails", action="store_true",
+                   help="keep a small JPEG of each image in the bank (shown on the labelling page)")
     connection_args(p)
 
     p = commands.subcommand("labels", "set", "set or clear labels on a served bank", _labels_set)
@@ -231,6 +233,7 @@ def _upsert(args: argparse.Namespace) -> int:
                     "label": label,
                     "split": split,
                     "uri": folders.storable_key(str(f.resolve())),
+                    "thumbnail": args.thumbnails,
                 }
                 for key, f, label, split in chunk
             ]

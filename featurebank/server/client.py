@@ -367,7 +367,7 @@ def _upsert_stream(items: Iterable[pb.UpsertItem | Mapping[str, Any]]) -> Iterat
             continue
         out = pb.UpsertItem(
             key=str(item["key"]), label=item.get("label") or "", split=item.get("split") or "",
-            uri=item.get("uri") or "",
+            uri=item.get("uri") or "", thumbnail=bool(item.get("thumbnail")),
         )
         if item.get("image") is not None:
             out.image = _image_bytes(item["image"])

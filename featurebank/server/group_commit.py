@@ -44,6 +44,7 @@ class UpsertRow:
     label: str | None
     split: str
     meta: dict[str, Any]
+    thumbnail: bytes | None = None  # a small JPEG to keep, when the caller asked for one
 
 
 @dataclass

@@ -56,7 +56,7 @@ from featurebank.server.validation import (
     check_upsert_item,
     image_error,
 )
-from featurebank.server.writes import image_meta
+from featurebank.server.writes import image_meta, thumbnail_of
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 
@@ -297,7 +297,8 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
                 if isinstance(v, BaseException):
                     raise image_error(v, p.where)
                 rows[p.position] = UpsertRow(
-                    p.key, v, p.item.label or None, p.split, image_meta(p.item.image, p.item.uri)
+                    p.key, v, p.item.label or None, p.split, image_meta(p.item.image, p.item.uri),
+                    thumbnail_of(p.item.image) if p.item.thumbnail else None,
                 )
         left = context.time_remaining()
         deadline = None if left is None else time.monotonic() + left

@@ -52,6 +52,7 @@ class Writes:
             splits=[r.split for r in rows],
             meta=[r.meta for r in rows],
             replace=True,
+            thumbnails=[r.thumbnail for r in rows] if any(r.thumbnail for r in rows) else None,
         )
         return present, int(store.generation)
 
@@ -96,6 +97,14 @@ def image_meta(image: bytes, uri: str) -> dict[str, Any]:
     if uri:
         meta["uri"] = uri
     return meta
+
+
+def thumbnail_of(image: bytes) -> bytes:
+    """The small JPEG the labelling page shows for an upserted image (decoded once more:
+    the embedder keeps only the model's input)."""
+    from featurebank.embedder.images import decode, thumbnail_jpeg
+
+    return thumbnail_jpeg(decode(image))
 
 
 def _unknown_keys(keys: Sequence[str]) -> str:

@@ -427,6 +427,7 @@ class UpsertItem(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     URI_FIELD_NUMBER: _builtins.int
+    THUMBNAIL_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     image: _builtins.bytes
     label: _builtins.str
@@ -435,6 +436,8 @@ class UpsertItem(_message.Message):
     """train | val | test | none; empty = none"""
     uri: _builtins.str
     """where the item came from (optional metadata)"""
+    thumbnail: _builtins.bool
+    """keep a small JPEG of the image (shown on the labelling page)"""
     @_builtins.property
     def vector(self) -> Global___Vector: ...
     def __init__(
@@ -446,10 +449,11 @@ class UpsertItem(_message.Message):
         label: _builtins.str = ...,
         split: _builtins.str = ...,
         uri: _builtins.str = ...,
+        thumbnail: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "image", b"image", "vector", b"vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "image", b"image", "key", b"key", "label", b"label", "split", b"split", "uri", b"uri", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "image", b"image", "key", b"key", "label", b"label", "split", b"split", "thumbnail", b"thumbnail", "uri", b"uri", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_data: _TypeAlias = _typing.Literal["image", "vector"]  # noqa: Y015
     _WhichOneofArgType_data: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015

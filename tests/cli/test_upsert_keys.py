@@ -80,3 +80,19 @@ def test_upsert_from_a_manifest_with_explicit_keys(
     assert main(["upsert", str(folder), "--manifest", str(tmp_path / "list.csv"),
                  "--server", served.target]) == 2  # fmt: skip
     assert "not both" in capsys.readouterr().err
+
+
+def test_upsert_with_thumbnails_shows_on_the_page(
+    served: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`upsert --thumbnails` keeps a JPEG per image, as `embed --thumbnails` does."""
+    from featurebank.server.client import FeatureBankClient
+
+    folder = write_folder(tmp_path / "thumbs", seed=43)
+    assert main(["upsert", str(folder), "--key-prefix", "t/", "--server", served.target,
+                 "--thumbnails"]) == 0  # fmt: skip
+    assert main(["upsert", str(folder), "--key-prefix", "plain/", "--server", served.target]) == 0
+    with FeatureBankClient(served.target) as client:
+        thumbs = client.thumbnails(["t/red/0.png", "t/blue/2.png", "plain/red/0.png"])
+    assert sorted(thumbs) == ["t/blue/2.png", "t/red/0.png"]  # only those asked for
+    assert all(t[:3] == b"\xff\xd8\xff" for t in thumbs.values())  # JPEG
