@@ -9,6 +9,7 @@ re-points an older bank (made before banks kept their model) to a file with that
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 import shutil
@@ -16,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from featurebank.core.bank import Bank, fsync_dir
-from featurebank.core.errors import InvalidInput
+from featurebank.core.errors import InvalidInput, StorageFull
 from featurebank.core.spec import Spec
 
 HASHED = "sha256:"
@@ -74,7 +75,15 @@ def keep(bank: Bank, spec: Spec, source: str | os.PathLike[str] | None = None) -
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".copy.")
     os.close(fd)
     try:
-        shutil.copyfile(path, tmp)
+        try:
+            shutil.copyfile(path, tmp)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise StorageFull(
+                    f"could not keep a copy of {path} in {dest_dir} (disk full): free space and "
+                    "run it again"
+                ) from None
+            raise
         digest = sha256_file(tmp)
         if f"{HASHED}{digest}" != spec.weights:
             raise InvalidInput(

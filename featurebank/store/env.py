@@ -100,7 +100,9 @@ class EnvHandle:
                 lock=not frozen,
             )
         except lmdb.Error as e:
-            if create or is_disk_full(e):
+            if is_disk_full(e):
+                raise StorageFull(f"could not open {path} (disk full: {e})") from None
+            if create:
                 raise
             raise DamagedFile(f"{path / 'data.mdb'} is damaged ({e})") from None
         try:
@@ -111,6 +113,8 @@ class EnvHandle:
             self.dbs = self._open_dbs(create, frozen)
         except lmdb.Error as e:
             self.env.close()
+            if is_disk_full(e):
+                raise StorageFull(f"could not write {path} (disk full: {e})") from None
             raise DamagedFile(f"{path / 'data.mdb'} is damaged ({e})") from None
         except BaseException:
             self.env.close()

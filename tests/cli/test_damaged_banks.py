@@ -290,3 +290,36 @@ def test_damaged_model_copy_is_named(bank: Path, capsys: pytest.CaptureFixture[s
     DAMAGE["truncated"](copy)
     code, text = cli(capsys, "store", "verify", "--bank", str(bank))
     assert code == 2 and str(copy) in text and "store relink" in text, text
+
+
+def test_full_disk_during_head_training_and_embedding(
+    pristine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A head that cannot be written leaves none half-published; an embed job that cannot
+    commit says the disk is full and loses nothing it had committed."""
+    from PIL import Image
+
+    with mounted("-t", "tmpfs", "-o", "size=4m", "tmpfs", target=tmp_path / "small") as fs:
+        bank = fs / "bank"
+        shutil.copytree(pristine, bank)
+        filler = fs / "filler"
+        filler.write_bytes(bytes(max(0, os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize - 4096)))
+        code, text = cli(capsys, "head", "train", "--bank", str(bank))
+        assert code == 2 and "disk full" in text and "Traceback" not in text, text
+        assert not (bank / "heads").exists() or not list((bank / "heads").glob(".staging-*"))
+        assert not (bank / "heads" / "CURRENT").exists()
+        filler.unlink()
+
+        images = tmp_path / "images"
+        for i in range(12):
+            (images / str(i % 2)).mkdir(parents=True, exist_ok=True)
+            pixels = np.random.default_rng(i).integers(0, 255, (28, 28, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(images / str(i % 2) / f"{i}.png")
+        model = Path(__file__).resolve().parents[2] / "featurebank/embedder/models/digits_cnn.keras"
+        fresh = fs / "embedded"
+        room = -(-model.stat().st_size // 4096) * 4096 + 8192  # the model's copy fits, the store not
+        filler.write_bytes(bytes(max(0, os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize - room)))
+        code, text = cli(capsys, "embed", str(images), "--bank", str(fresh), "--backbone", str(model),
+                         "--layer", "features", "--no-progress")  # fmt: skip
+        assert code == 2 and ("disk full" in text or "could not write" in text), text
+        assert "Traceback" not in text
