@@ -253,7 +253,6 @@ def test_full_disk_during_index_build_and_writes(
         assert code == 0, text
 
 
-@pytest.mark.slow  # trains a head twice per case (TensorFlow)
 @pytest.mark.parametrize("name", ["head.npz", "manifest.json"])
 def test_damaged_head_serves_without_it_until_repaired(
     tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
