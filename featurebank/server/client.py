@@ -109,8 +109,10 @@ class FeatureBankClient:
         tls_server_name: str | None = None,
         timeout: float | None = 60.0,
         max_message_bytes: int = 16 * MiB,
+        bank: str = "",
     ) -> None:
         self.target = target
+        self.bank = bank  # the bank (or alias) every request names; "" = the server's default
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         self._metadata: tuple[tuple[str, str], ...] = (
@@ -146,6 +148,8 @@ class FeatureBankClient:
         self.channel.close()
 
     def _call(self, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
+        if self.bank:
+            request = self._named(request)
         try:
             return method(
                 request, timeout=timeout if timeout is not None else self.timeout,
@@ -157,6 +161,14 @@ class FeatureBankClient:
             name = getattr(method, "_method", b"")
             label = name.decode().rsplit("/", 1)[-1] if isinstance(name, bytes) else ""
             raise RemoteError(code, details or "", label) from None
+
+    def _named(self, request: Any) -> Any:
+        """`request` (or each message of a stream) naming this client's bank, unless it names one."""
+        if isinstance(request, Iterable) and not hasattr(request, "DESCRIPTOR"):
+            return (self._named(item) for item in request)
+        if "bank" in request.DESCRIPTOR.fields_by_name and not request.bank:
+            request.bank = self.bank
+        return request
 
     # ------------------------------------------------------------------ reads
 

@@ -32,6 +32,7 @@ from featurebank.server.info import Info
 from featurebank.server.live import Live, Models
 from featurebank.server.metrics import Metrics
 from featurebank.server.reads import Reads
+from featurebank.server.shared_models import ModelPool, SharedModel
 from featurebank.server.writes import Writes
 
 if TYPE_CHECKING:
@@ -56,8 +57,11 @@ class Engine:
         precision: str = "auto",
         checkpoint: CheckpointPolicy | None = None,
         max_queued_rows: int = DEFAULT_MAX_QUEUED_ROWS,
+        models: ModelPool | None = None,
     ) -> None:
         self.bank = Bank(bank)
+        self.model_pool = models  # shared with other banks of the server (same backbone)
+        self._shared: SharedModel | None = None
         self.device, self.precision = device, precision
         self.metrics = metrics
         self.live = Live(self.bank, metrics)
@@ -86,6 +90,11 @@ class Engine:
     def ready(self) -> bool:
         """Classification can be answered (health reports SERVING)."""
         return self.live.models is not None
+
+    @property
+    def load_error(self) -> str | None:
+        """Why no models are loaded (None when serving)."""
+        return self.live.load_error
 
     @property
     def dim(self) -> int:
@@ -141,7 +150,12 @@ class Engine:
             from featurebank.embedder.embedding import Embedder
 
             placement = devices.resolve(self.device, self.precision)
-            self.live.embedder = Embedder.from_spec(spec, placement=placement)
+            if self.model_pool is not None:
+                self._shared = self.model_pool.take(spec, placement)
+                self.live.embedder = self._shared.embedder
+                self.reads.embed_batcher.executor = self._shared.executor
+            else:
+                self.live.embedder = Embedder.from_spec(spec, placement=placement)
             log.info("images are embedded on %s", self.device_report()["description"])
 
     def _load_models(self) -> None:
@@ -188,6 +202,10 @@ class Engine:
         store, self.live.store = self.live.store, None
         if store is not None:
             store.close()
+        shared, self._shared = self._shared, None
+        if shared is not None and self.model_pool is not None:
+            self.live.embedder = None
+            self.model_pool.give_back(shared)
 
     # ----------------------------------------------------------------- index upkeep
 

@@ -115,7 +115,7 @@ class ReplicaEngine(Engine):
         """Why a call must not be answered now (the bank cannot be read), or None."""
         if self.failure is None:
             return None
-        return f"read replica cannot read its bank {self.bank.root}: {self.failure}"
+        return f"read replica cannot read its bank ({self.failure})"
 
     def set_failure(self, failure: str | None) -> None:
         """Record whether the bank is readable; health follows when that changes."""
@@ -228,12 +228,12 @@ OnRefused = Callable[[str, grpc.StatusCode], None]
 
 
 class ReplicaInterceptor(aio.ServerInterceptor):
-    """Refuses write RPCs before their request is read (a replica never embeds an Upsert),
-    and every featurebank call with UNAVAILABLE while the bank cannot be read (clients and
-    load balancers retry elsewhere); health and reflection always pass."""
+    """Refuses write RPCs before their request is read (a replica never embeds an Upsert);
+    health and reflection always pass. (A bank that cannot be read answers UNAVAILABLE
+    from the router, server/router.py: only the call names which bank it asks.)"""
 
-    def __init__(self, engine: ReplicaEngine, on_refused: OnRefused | None = None) -> None:
-        self.engine = engine
+    def __init__(self, primary: str | None, on_refused: OnRefused | None = None) -> None:
+        self.primary = primary
         self.on_refused = on_refused
 
     async def intercept_service(
@@ -247,10 +247,7 @@ class ReplicaInterceptor(aio.ServerInterceptor):
         name = method.rsplit("/", 1)[-1]
         if role == WRITE:
             return self._refused(handler, method, grpc.StatusCode.FAILED_PRECONDITION,
-                                 refusal(name, self.engine.primary))
-        why = self.engine.unreadable()
-        if why is not None:
-            return self._refused(handler, method, grpc.StatusCode.UNAVAILABLE, why)
+                                 refusal(name, self.primary))
         return handler
 
     def _refused(

@@ -1,0 +1,118 @@
+"""The servicer a multi-bank server exposes: each call goes to the bank its `bank` field names.
+
+Why a router in front of the per-bank servicers: a bank's servicer (server/service.py)
+answers over one engine and stays as it is; the router resolves the name (alias or bank,
+empty = the default), holds the bank open for the call (server/banks.py) and hands the
+call to that bank's servicer. Errors of its own (unknown bank, a bank that fails to
+open) are mapped to status codes the same way as every other error.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from grpc import aio
+
+from featurebank.core.errors import InvalidInput
+from featurebank.server.banks import Banks, Entry
+from featurebank.server.engine import Engine
+from featurebank.server.metrics import Metrics
+from featurebank.server.replica import ReplicaEngine
+from featurebank.server.service import FeatureBankServicer, Unavailable
+from featurebank.server.status import to_status
+from featurebank.v1 import featurebank_pb2 as pb
+from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
+
+ROUTED = (
+    "Classify", "ClassifyBatch", "Search", "Embed", "Suggest", "Audit", "GetThumbnails",
+    "GetReport", "SetLabels", "Delete", "RebuildIndex", "GetOperation",
+)
+
+MakeServicer = Callable[[Engine], FeatureBankServicer]
+
+
+class BankRouter(pb_grpc.FeatureBankServicer):
+    """featurebank.v1.FeatureBank over many banks, one FeatureBankServicer per open bank."""
+
+    def __init__(self, banks: Banks, make_servicer: MakeServicer, metrics: Metrics | None = None) -> None:
+        self.banks = banks
+        self.make_servicer = make_servicer
+        self.metrics = metrics
+
+    def _servicer(self, entry: Entry, engine: Engine) -> FeatureBankServicer:
+        servicer = entry.servicer
+        if servicer is None or servicer.engine is not engine:
+            servicer = entry.servicer = self.make_servicer(engine)
+        return servicer  # type: ignore[no-any-return]
+
+    async def _route(
+        self, method: str, name: str, request: Any, context: aio.ServicerContext,
+        named: bool = False,
+    ) -> Any:
+        """The bank's servicer's answer (with `named`, the answer and the bank's name)."""
+        started = time.perf_counter()
+        try:
+            async with self.banks.using(name) as (entry, engine):
+                why = engine.unreadable() if isinstance(engine, ReplicaEngine) else None
+                if why is not None:  # clients and load balancers retry elsewhere
+                    raise Unavailable(why)
+                response = await getattr(self._servicer(entry, engine), method)(request, context)
+                return (response, entry.name) if named else response
+        except aio.AbortError:
+            raise  # the bank's servicer already answered with a status
+        except Exception as e:  # noqa: BLE001 - mapped to a status, never UNKNOWN
+            code, message = to_status(e)
+            if self.metrics is not None:
+                self.metrics.observe(method, code.name, time.perf_counter() - started)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context: aio.ServicerContext) -> pb.GetInfoResponse:
+        response = pb.GetInfoResponse()  # no default bank and none named: the list alone
+        if request.bank or self.banks.default is not None:
+            response, name = await self._route("GetInfo", request.bank, request, context, named=True)
+            response.bank = name  # the bank's name, never its folder on the server
+        response.banks.extend(pb.BankState(**s) for s in self.banks.states())
+        return response
+
+    async def Upsert(
+        self, request_iterator: AsyncIterator[pb.UpsertItem], context: aio.ServicerContext
+    ) -> pb.UpsertResponse:
+        """The stream's first item names the bank; later items repeat it or leave it empty."""
+        first = await anext(aiter(request_iterator), None)
+        name = first.bank if first is not None else ""
+
+        async def items() -> AsyncIterator[pb.UpsertItem]:
+            if first is None:
+                return
+            yield first
+            async for n, item in _numbered(request_iterator, 1):
+                if item.bank and item.bank != name:
+                    raise InvalidInput(
+                        f"items[{n}].bank is {item.bank!r} but the stream's first item named "
+                        f"{name!r}: one Upsert writes to one bank"
+                    )
+                yield item
+
+        return await self._route("Upsert", name, items(), context)  # type: ignore[no-any-return]
+
+
+async def _numbered(items: AsyncIterator[Any], start: int) -> AsyncIterator[tuple[int, Any]]:
+    n = start
+    async for item in items:
+        yield n, item
+        n += 1
+
+
+def _routed(method: str) -> Callable[..., Any]:
+    async def call(self: BankRouter, request: Any, context: aio.ServicerContext) -> Any:
+        return await self._route(method, request.bank, request, context)
+
+    call.__name__ = method
+    return call
+
+
+for _method in ROUTED:
+    setattr(BankRouter, _method, _routed(_method))
