@@ -168,15 +168,14 @@ class Banks:
     def aliases_of(self, name: str) -> list[str]:
         return sorted(a for a, b in self.aliases.items() if b == name)
 
+    def state(self, entry: Entry) -> dict[str, Any]:
+        """One bank's state as GetInfo lists it (BankState's fields)."""
+        return {**entry.describe(time.monotonic()), "is_default": entry.name == self.default,
+                "aliases": self.aliases_of(entry.name)}
+
     def states(self) -> list[dict[str, Any]]:
         """Every bank's state, without opening any (GetInfo)."""
-        now = time.monotonic()
-        out = []
-        for name in sorted(self.entries):
-            e = self.entries[name]
-            out.append({**e.describe(now), "is_default": name == self.default,
-                        "aliases": self.aliases_of(name)})
-        return out
+        return [self.state(self.entries[name]) for name in sorted(self.entries)]
 
     # ------------------------------------------------------------------ aliases
 
@@ -200,7 +199,7 @@ class Banks:
     def set_alias(self, alias: str, bank: str) -> str:
         """Point `alias` at `bank` ("" removes it), saved, then switched: the previous target."""
         check_name(alias, "alias")
-        path = self._lifecycle_root("SetAlias") / ALIASES_FILE
+        path = self.lifecycle_root("SetAlias") / ALIASES_FILE
         if alias in self.entries:
             raise FailedPrecondition(f"alias {alias!r} is the name of a bank: choose another name")
         if bank and bank not in self.entries:
@@ -214,7 +213,7 @@ class Banks:
         log.info("alias %s -> %s (was %s)", alias, bank or "(removed)", previous or "(new)")
         return previous
 
-    def _lifecycle_root(self, what: str) -> Path:
+    def lifecycle_root(self, what: str) -> Path:
         if self.root is None:
             raise FailedPrecondition(f"{what} needs a server started with --banks DIR")
         return self.root
@@ -240,7 +239,7 @@ class Banks:
                 await asyncio.sleep(0.01)
             await self._close(entry)
         if any(b == name for b in self.aliases.values()):
-            root = self._lifecycle_root("DropBank")
+            root = self.lifecycle_root("DropBank")
             aliases = {a: b for a, b in self.aliases.items() if b != name}
             write_atomic(root / ALIASES_FILE, json.dumps(aliases, indent=1, sort_keys=True).encode())
             self.aliases = aliases

@@ -43,6 +43,7 @@ from featurebank.core.bank import current_generation
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.server.auth import WRITE, aborting_handler, required_role
 from featurebank.server.engine import Engine
+from featurebank.server.following import follow, unfollow
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class ReplicaEngine(Engine):
         self.primary = primary
         self.failure: str | None = None  # why the bank cannot be read now
         self.follower = Follower(self, follow_interval_s)
+        self._follow_mark: int | None = None
         self.info.extra = lambda: {"replica": self.follower.lag()}
 
     def open(self) -> None:
@@ -104,6 +106,7 @@ class ReplicaEngine(Engine):
         from featurebank import store as store_mod
 
         self.live.store = store_mod.open(self.bank.root, readonly=True)
+        self._follow_mark = follow(self.bank.root)  # DropBank on the primary sees it
         self._open_embedder()
         self.follower.start()  # its first step loads the models
 
@@ -146,6 +149,8 @@ class ReplicaEngine(Engine):
     def _close_sync(self) -> None:
         self.follower.stop()
         super()._close_sync()
+        unfollow(self._follow_mark)
+        self._follow_mark = None
 
 
 class Follower:

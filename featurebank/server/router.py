@@ -10,7 +10,7 @@ open) are mapped to status codes the same way as every other error.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from grpc import aio
@@ -18,6 +18,7 @@ from grpc import aio
 from featurebank.core.errors import InvalidInput
 from featurebank.server.banks import Banks, Entry
 from featurebank.server.engine import Engine
+from featurebank.server.lifecycle import Lifecycle
 from featurebank.server.metrics import Metrics
 from featurebank.server.replica import ReplicaEngine
 from featurebank.server.service import FeatureBankServicer, Unavailable
@@ -40,6 +41,7 @@ class BankRouter(pb_grpc.FeatureBankServicer):
         self.banks = banks
         self.make_servicer = make_servicer
         self.metrics = metrics
+        self.lifecycle = Lifecycle(banks)
 
     def _servicer(self, entry: Entry, engine: Engine) -> FeatureBankServicer:
         servicer = entry.servicer
@@ -47,19 +49,12 @@ class BankRouter(pb_grpc.FeatureBankServicer):
             servicer = entry.servicer = self.make_servicer(engine)
         return servicer  # type: ignore[no-any-return]
 
-    async def _route(
-        self, method: str, name: str, request: Any, context: aio.ServicerContext,
-        named: bool = False,
-    ) -> Any:
-        """The bank's servicer's answer (with `named`, the answer and the bank's name)."""
+    async def _answer(self, method: str, call: Callable[[], Awaitable[Any]],
+                      context: aio.ServicerContext) -> Any:
+        """`call()`'s answer, or its error as a status (never UNKNOWN)."""
         started = time.perf_counter()
         try:
-            async with self.banks.using(name) as (entry, engine):
-                why = engine.unreadable() if isinstance(engine, ReplicaEngine) else None
-                if why is not None:  # clients and load balancers retry elsewhere
-                    raise Unavailable(why)
-                response = await getattr(self._servicer(entry, engine), method)(request, context)
-                return (response, entry.name) if named else response
+            return await call()
         except aio.AbortError:
             raise  # the bank's servicer already answered with a status
         except Exception as e:  # noqa: BLE001 - mapped to a status, never UNKNOWN
@@ -68,6 +63,51 @@ class BankRouter(pb_grpc.FeatureBankServicer):
                 self.metrics.observe(method, code.name, time.perf_counter() - started)
             await context.abort(code, message)
             raise  # unreachable: abort raises
+
+    async def _route(
+        self, method: str, name: str, request: Any, context: aio.ServicerContext,
+        named: bool = False,
+    ) -> Any:
+        """The bank's servicer's answer (with `named`, the answer and the bank's name)."""
+
+        async def call() -> Any:
+            async with self.banks.using(name) as (entry, engine):
+                why = engine.unreadable() if isinstance(engine, ReplicaEngine) else None
+                if why is not None:  # clients and load balancers retry elsewhere
+                    raise Unavailable(why)
+                response = await getattr(self._servicer(entry, engine), method)(request, context)
+                return (response, entry.name) if named else response
+
+        return await self._answer(method, call, context)
+
+    # ------------------------------------------------------------- lifecycle (write role)
+
+    async def CreateBank(self, request: pb.CreateBankRequest, context: aio.ServicerContext) -> pb.BankState:
+        async def call() -> pb.BankState:
+            entry = await self.lifecycle.create(request.name, request.spec)
+            return pb.BankState(**self.banks.state(entry))
+
+        return await self._answer("CreateBank", call, context)  # type: ignore[no-any-return]
+
+    async def DropBank(
+        self, request: pb.DropBankRequest, context: aio.ServicerContext
+    ) -> pb.DropBankResponse:
+        async def call() -> pb.DropBankResponse:
+            await self.lifecycle.drop(request.name, request.force)
+            return pb.DropBankResponse(name=request.name)
+
+        return await self._answer("DropBank", call, context)  # type: ignore[no-any-return]
+
+    async def SetAlias(
+        self, request: pb.SetAliasRequest, context: aio.ServicerContext
+    ) -> pb.SetAliasResponse:
+        async def call() -> pb.SetAliasResponse:
+            previous = self.lifecycle.set_alias(request.alias, request.bank)
+            return pb.SetAliasResponse(alias=request.alias, bank=request.bank, previous=previous)
+
+        return await self._answer("SetAlias", call, context)  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------- the banks' own RPCs
 
     async def GetInfo(self, request: pb.GetInfoRequest, context: aio.ServicerContext) -> pb.GetInfoResponse:
         response = pb.GetInfoResponse()  # no default bank and none named: the list alone
