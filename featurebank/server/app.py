@@ -264,7 +264,7 @@ class FeatureBankServer:
         budget = c.upsert_budget()  # one budget for the streams of every bank
         router = BankRouter(
             self.banks, lambda engine: FeatureBankServicer(engine, self.metrics, budget),
-            self.metrics,
+            self.metrics, c.tokens,
         )
         featurebank_pb2_grpc.add_FeatureBankServicer_to_server(router, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -16,6 +16,7 @@ from typing import Any
 from grpc import aio
 
 from featurebank.core.errors import InvalidInput
+from featurebank.server.auth import Grant, OutOfScope, Tokens, bearer
 from featurebank.server.banks import Banks, Entry
 from featurebank.server.engine import Engine
 from featurebank.server.lifecycle import Lifecycle
@@ -37,10 +38,14 @@ MakeServicer = Callable[[Engine], FeatureBankServicer]
 class BankRouter(pb_grpc.FeatureBankServicer):
     """featurebank.v1.FeatureBank over many banks, one FeatureBankServicer per open bank."""
 
-    def __init__(self, banks: Banks, make_servicer: MakeServicer, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, banks: Banks, make_servicer: MakeServicer, metrics: Metrics | None = None,
+        tokens: Tokens | None = None,
+    ) -> None:
         self.banks = banks
         self.make_servicer = make_servicer
         self.metrics = metrics
+        self.tokens = tokens if tokens is not None and tokens.enabled else None
         self.lifecycle = Lifecycle(banks)
 
     def _servicer(self, entry: Entry, engine: Engine) -> FeatureBankServicer:
@@ -64,6 +69,24 @@ class BankRouter(pb_grpc.FeatureBankServicer):
             await context.abort(code, message)
             raise  # unreachable: abort raises
 
+    def _grant(self, context: aio.ServicerContext) -> Grant | None:
+        """The caller's token's grant where tokens are scoped (the interceptor checked it)."""
+        if self.tokens is None or not self.tokens.scoped:
+            return None
+        token = bearer(context.invocation_metadata())
+        return self.tokens.grant(token) if token else None
+
+    def _check_reach(self, context: aio.ServicerContext, method: str, *names: str) -> None:
+        """PERMISSION_DENIED unless the token reaches each named bank (or the bank an alias
+        names); checked before the name is looked up, so a token learns of no other bank."""
+        grant = self._grant(context)
+        if grant is None:
+            return
+        for name in names:
+            asked = name or self.banks.default or ""
+            if asked and not grant.reaches(asked, self.banks.aliases.get(asked, asked)):
+                raise OutOfScope(f"{method}: this token does not reach bank {asked!r}")
+
     async def _route(
         self, method: str, name: str, request: Any, context: aio.ServicerContext,
         named: bool = False,
@@ -71,6 +94,7 @@ class BankRouter(pb_grpc.FeatureBankServicer):
         """The bank's servicer's answer (with `named`, the answer and the bank's name)."""
 
         async def call() -> Any:
+            self._check_reach(context, method, name)
             async with self.banks.using(name) as (entry, engine):
                 why = engine.unreadable() if isinstance(engine, ReplicaEngine) else None
                 if why is not None:  # clients and load balancers retry elsewhere
@@ -84,6 +108,7 @@ class BankRouter(pb_grpc.FeatureBankServicer):
 
     async def CreateBank(self, request: pb.CreateBankRequest, context: aio.ServicerContext) -> pb.BankState:
         async def call() -> pb.BankState:
+            self._check_reach(context, "CreateBank", request.name)
             entry = await self.lifecycle.create(request.name, request.spec)
             return pb.BankState(**self.banks.state(entry))
 
@@ -93,6 +118,7 @@ class BankRouter(pb_grpc.FeatureBankServicer):
         self, request: pb.DropBankRequest, context: aio.ServicerContext
     ) -> pb.DropBankResponse:
         async def call() -> pb.DropBankResponse:
+            self._check_reach(context, "DropBank", request.name)
             await self.lifecycle.drop(request.name, request.force)
             return pb.DropBankResponse(name=request.name)
 
@@ -102,6 +128,7 @@ class BankRouter(pb_grpc.FeatureBankServicer):
         self, request: pb.SetAliasRequest, context: aio.ServicerContext
     ) -> pb.SetAliasResponse:
         async def call() -> pb.SetAliasResponse:
+            self._check_reach(context, "SetAlias", request.alias, *([request.bank] if request.bank else []))
             previous = self.lifecycle.set_alias(request.alias, request.bank)
             return pb.SetAliasResponse(alias=request.alias, bank=request.bank, previous=previous)
 
@@ -114,7 +141,15 @@ class BankRouter(pb_grpc.FeatureBankServicer):
         if request.bank or self.banks.default is not None:
             response, name = await self._route("GetInfo", request.bank, request, context, named=True)
             response.bank = name  # the bank's name, never its folder on the server
-        response.banks.extend(pb.BankState(**s) for s in self.banks.states())
+        grant = self._grant(context)
+        response.banks.extend(
+            pb.BankState(**s) for s in self.banks.states()
+            if grant is None or grant.reaches(s["name"], *s["aliases"])
+        )
+        if self.tokens is not None:
+            response.roles.extend(
+                pb.RoleReach(role=role, banks=banks) for role, banks in self.tokens.reach().items()
+            )
         return response
 
     async def Upsert(

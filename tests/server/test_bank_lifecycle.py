@@ -16,7 +16,13 @@ import pytest
 from featurebank.cli import main
 from featurebank.server.app import ServeConfig
 from featurebank.server.client import FeatureBankClient, RemoteError
-from tests.support.server import RunningServer, class_centers, clustered, free_port, make_vector_bank
+from tests.support.server import (
+    RunningServer,
+    class_centers,
+    clustered,
+    free_port,
+    make_vector_bank,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,70 +57,76 @@ def test_create_an_empty_bank_fill_it_and_serve_it(tmp_path: Path) -> None:
             assert c.search(vector=class_centers(12)[1], k=1).neighbors[0].key in keys
             assert c.classify(vector=class_centers(12)[1]).labels[0].label == "dog"
     assert (root / "fresh" / "store").is_dir() and not list(root.glob(".creating-*"))
-    with RunningServer(ServeConfig(banks_dir=root, port=free_port())) as rs:  # found again on restart
-        with FeatureBankClient(rs.target, timeout=30, bank="fresh") as c:
-            assert c.info().count == 18
+    with (
+        RunningServer(ServeConfig(banks_dir=root, port=free_port())) as rs,  # found again on restart
+        FeatureBankClient(rs.target, timeout=30, bank="fresh") as c,
+    ):
+        assert c.info().count == 18
 
 
 def test_lifecycle_needs_a_banks_folder(tmp_path: Path) -> None:
     bank = make_vector_bank(tmp_path / "one", dim=8, n_per_class=4)
-    with RunningServer(ServeConfig(bank=bank, port=free_port())) as rs:
-        with FeatureBankClient(rs.target, timeout=30) as c:
-            for call in (lambda: c.create_bank("x", dim=8), lambda: c.set_alias("prod", "one")):
-                with pytest.raises(RemoteError) as err:
-                    call()
-                assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
-                assert "--banks DIR" in err.value.details
+    with (
+        RunningServer(ServeConfig(bank=bank, port=free_port())) as rs,
+        FeatureBankClient(rs.target, timeout=30) as c,
+    ):
+        for call in (lambda: c.create_bank("x", dim=8), lambda: c.set_alias("prod", "one")):
+            with pytest.raises(RemoteError) as err:
+                call()
+            assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "--banks DIR" in err.value.details
 
 
 def test_alias_switched_during_traffic_every_answer_from_one_bank(tmp_path: Path) -> None:
     root = tmp_path / "banks"
     make_vector_bank(root / "bank-a", dim=8, n_per_class=10)
-    with RunningServer(ServeConfig(banks_dir=root, port=free_port())) as rs:
+    with (
+        RunningServer(ServeConfig(banks_dir=root, port=free_port())) as rs,
+        FeatureBankClient(rs.target, timeout=60) as admin,
+    ):
+        admin.create_bank("bank-b", dim=8)
         with FeatureBankClient(rs.target, timeout=60, bank="bank-b") as c:
-            pass
-        with FeatureBankClient(rs.target, timeout=60) as admin:
-            admin.create_bank("bank-b", dim=8)
-            with FeatureBankClient(rs.target, timeout=60, bank="bank-b") as c:
-                b_keys = set(_upsert_clusters(c, 8, seed=9))
-                c.rebuild_index(wait=True, timeout=60)
-            assert admin.set_alias("prod", "bank-a") == ""
-            a_keys = set(clustered(10, 8)[0])
-            assert not a_keys & b_keys
-            failures: list[BaseException] = []
-            answers: list[str] = []
-            stop = threading.Event()
+            b_keys = set(_upsert_clusters(c, 8, seed=9))
+            c.rebuild_index(wait=True, timeout=60)
+        assert admin.set_alias("prod", "bank-a") == ""
+        a_keys = set(clustered(10, 8)[0])
+        assert not a_keys & b_keys
+        failures: list[BaseException] = []
+        answers: list[str] = []
+        stop = threading.Event()
 
-            def traffic() -> None:
-                with FeatureBankClient(rs.target, timeout=30, bank="prod") as own:
-                    while not stop.is_set():
-                        try:
-                            keys = {n.key for n in own.search(vector=class_centers(8)[0], k=5).neighbors}
-                            assert keys <= a_keys or keys <= b_keys, keys
-                            answers.append("a" if keys <= a_keys else "b")
-                        except BaseException as e:  # noqa: BLE001 - collected for the assertion
-                            failures.append(e)
+        def traffic() -> None:
+            with FeatureBankClient(rs.target, timeout=30, bank="prod") as own:
+                while not stop.is_set():
+                    try:
+                        keys = {n.key for n in own.search(vector=class_centers(8)[0], k=5).neighbors}
+                        assert keys <= a_keys or keys <= b_keys, keys
+                        answers.append("a" if keys <= a_keys else "b")
+                    except BaseException as e:  # noqa: BLE001 - collected for the assertion
+                        failures.append(e)
 
-            threads = [threading.Thread(target=traffic) for _ in range(4)]
-            for t in threads:
-                t.start()
-            time.sleep(1.0)
-            assert admin.set_alias("prod", "bank-b") == "bank-a"
-            switched = len(answers)
-            time.sleep(1.0)
-            stop.set()
-            for t in threads:
-                t.join(30)
-            assert not failures, failures[:3]
-            assert "a" in answers[:switched] and answers[-1] == "b"
-            assert "a" not in answers[switched + 4:]  # at most the calls in flight at the switch
-            assert {b.name: list(b.aliases) for b in admin.banks()} == {"bank-a": [], "bank-b": ["prod"]}
-            with pytest.raises(RemoteError) as err:
-                admin.set_alias("bank-a", "bank-b")  # an alias cannot shadow a bank
-            assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
-    with RunningServer(ServeConfig(banks_dir=root, port=free_port())) as rs:  # aliases persist
-        with FeatureBankClient(rs.target, timeout=30, bank="prod") as c:
-            assert c.info().bank == "bank-b"
+        threads = [threading.Thread(target=traffic) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        assert admin.set_alias("prod", "bank-b") == "bank-a"
+        switched = len(answers)
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert not failures, failures[:3]
+        assert "a" in answers[:switched] and answers[-1] == "b"
+        assert "a" not in answers[switched + 4:]  # at most the calls in flight at the switch
+        assert {b.name: list(b.aliases) for b in admin.banks()} == {"bank-a": [], "bank-b": ["prod"]}
+        with pytest.raises(RemoteError) as err:
+            admin.set_alias("bank-a", "bank-b")  # an alias cannot shadow a bank
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    with (
+        RunningServer(ServeConfig(banks_dir=root, port=free_port())) as rs,  # aliases persist
+        FeatureBankClient(rs.target, timeout=30, bank="prod") as c,
+    ):
+        assert c.info().bank == "bank-b"
 
 
 def test_drop_is_refused_while_a_replica_follows_unless_forced(tmp_path: Path) -> None:
@@ -131,21 +143,23 @@ def test_drop_is_refused_while_a_replica_follows_unless_forced(tmp_path: Path) -
         with FeatureBankClient(f"127.0.0.1:{port}", timeout=30) as follower:
             follower.wait_until_serving(timeout=120)
             assert follower.search(vector=class_centers(8)[0], k=1).neighbors
-        with RunningServer(ServeConfig(banks_dir=root, port=free_port())) as rs:
-            with FeatureBankClient(rs.target, timeout=30) as c:
-                with pytest.raises(RemoteError) as err:
-                    c.drop_bank("followed")
-                assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
-                assert "read replicas" in err.value.details and str(root) not in err.value.details
-                assert followed.is_dir()
-                c.drop_bank("lonely")  # nobody follows this one
-                assert not (root / "lonely").exists()
-                c.drop_bank("followed", force=True)
-                assert not followed.exists() and not list(root.glob(".dropped-*"))
-                assert c.banks() == []
-                with pytest.raises(RemoteError) as err:
-                    c.drop_bank("followed")
-                assert err.value.code == grpc.StatusCode.NOT_FOUND and "followed" in err.value.details
+        with (
+            RunningServer(ServeConfig(banks_dir=root, port=free_port())) as rs,
+            FeatureBankClient(rs.target, timeout=30) as c,
+        ):
+            with pytest.raises(RemoteError) as err:
+                c.drop_bank("followed")
+            assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "read replicas" in err.value.details and str(root) not in err.value.details
+            assert followed.is_dir()
+            c.drop_bank("lonely")  # nobody follows this one
+            assert not (root / "lonely").exists()
+            c.drop_bank("followed", force=True)
+            assert not followed.exists() and not list(root.glob(".dropped-*"))
+            assert c.banks() == []
+            with pytest.raises(RemoteError) as err:
+                c.drop_bank("followed")
+            assert err.value.code == grpc.StatusCode.NOT_FOUND and "followed" in err.value.details
     finally:
         replica.send_signal(signal.SIGTERM)
         replica.communicate(timeout=60)
