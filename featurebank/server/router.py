@@ -139,8 +139,10 @@ class BankRouter(pb_grpc.FeatureBankServicer):
     async def GetInfo(self, request: pb.GetInfoRequest, context: aio.ServicerContext) -> pb.GetInfoResponse:
         response = pb.GetInfoResponse()  # no default bank and none named: the list alone
         if request.bank or self.banks.default is not None:
-            response, name = await self._route("GetInfo", request.bank, request, context, named=True)
-            response.bank = name  # the bank's name, never its folder on the server
+            response, response_name = await self._route(
+                "GetInfo", request.bank, request, context, named=True
+            )
+            response.name = response_name
         grant = self._grant(context)
         response.banks.extend(
             pb.BankState(**s) for s in self.banks.states()

@@ -1050,12 +1050,15 @@ class GetInfoResponse(_message.Message):
     REPLICA_FIELD_NUMBER: _builtins.int
     BANKS_FIELD_NUMBER: _builtins.int
     ROLES_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     labelled: _builtins.int
     store_generation: _builtins.int
     labels_generation: _builtins.int
     default_mode: Global___Mode.ValueType
     bank: _builtins.str
+    name: _builtins.str
+    """the name of the bank that answered (`bank` is its folder)"""
     @_builtins.property
     def spec(self) -> Global___Spec: ...
     @_builtins.property
@@ -1099,10 +1102,11 @@ class GetInfoResponse(_message.Message):
         replica: Global___ReplicaInfo | None = ...,
         banks: _abc.Iterable[Global___BankState] | None = ...,
         roles: _abc.Iterable[Global___RoleReach] | None = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "head", b"head", "index", b"index", "replica", b"replica", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "banks", b"banks", "count", b"count", "default_mode", b"default_mode", "device", b"device", "head", b"head", "index", b"index", "labelled", b"labelled", "labels", b"labels", "labels_generation", b"labels_generation", "replica", b"replica", "roles", b"roles", "spec", b"spec", "store_generation", b"store_generation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "banks", b"banks", "count", b"count", "default_mode", b"default_mode", "device", b"device", "head", b"head", "index", b"index", "labelled", b"labelled", "labels", b"labels", "labels_generation", b"labels_generation", "name", b"name", "replica", b"replica", "roles", b"roles", "spec", b"spec", "store_generation", b"store_generation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

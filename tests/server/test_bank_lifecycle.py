@@ -126,7 +126,7 @@ def test_alias_switched_during_traffic_every_answer_from_one_bank(tmp_path: Path
         RunningServer(ServeConfig(banks_dir=root, port=free_port())) as rs,  # aliases persist
         FeatureBankClient(rs.target, timeout=30, bank="prod") as c,
     ):
-        assert c.info().bank == "bank-b"
+        assert c.info().name == "bank-b"
 
 
 def test_drop_is_refused_while_a_replica_follows_unless_forced(tmp_path: Path) -> None:

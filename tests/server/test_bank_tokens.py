@@ -101,7 +101,7 @@ def test_an_alias_in_scope_reaches_its_bank_and_unknown_banks_reveal_nothing(
     served: RunningServer,
 ) -> None:
     with FeatureBankClient(served.target, token="r-prod", timeout=30, bank="prod") as c:
-        assert c.info().bank == "small"
+        assert c.info().name == "small"
     for token in ("r-small", "r-prod"):
         assert call(served, token, "Search", requests("secret")["Search"]) == \
             grpc.StatusCode.PERMISSION_DENIED  # not NOT_FOUND listing the server's banks

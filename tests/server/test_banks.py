@@ -58,7 +58,7 @@ def test_every_bank_under_dir_answers_by_name_and_never_mixes(two_dims: Path) ->
         for name, (dim, count) in sizes.items():
             with FeatureBankClient(rs.target, timeout=30, bank=name) as c:
                 info = c.info()
-                assert (info.bank, info.spec.dim, info.count) == (name, dim, count)
+                assert (info.name, info.spec.dim, info.count) == (name, dim, count)
                 center = class_centers(dim)[1]
                 found = c.search(vector=center, k=count)
                 assert len(found.neighbors) == count  # every item of this bank, none of the other
@@ -95,7 +95,7 @@ def test_default_bank_answers_requests_naming_none(two_dims: Path, tmp_path: Pat
         with FeatureBankClient(rs.target, timeout=30) as c:  # a client that knows no banks
             c.wait_until_serving(10)
             info = c.info()
-            assert (info.bank, info.spec.dim, info.count) == ("main", 16, 15)
+            assert (info.name, info.spec.dim, info.count) == ("main", 16, 15)
             assert {b.name: b.is_default for b in info.banks} == {"main": True, "other": False}
             assert c.classify(vector=class_centers(16)[2]).labels[0].label == "fox"
             up = c.upsert([{"key": "new", "vector": class_centers(16)[0], "label": "cat"}])
