@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import signal
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from featurebank.server.bounds import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_QUEUED_ROWS,
+    DEFAULT_SEARCH_THREADS,
     DEFAULT_STREAM_BYTES,
     DEFAULT_TOTAL_BYTES,
 )
@@ -192,6 +194,7 @@ class FeatureBankServer:
         self.config = config
         self.metrics = Metrics()
         self.models = ModelPool()  # banks of one backbone share its model
+        self.compute = ThreadPoolExecutor(DEFAULT_SEARCH_THREADS, thread_name_prefix="fb-search")
         self.banks = Banks(
             table, self._make_engine, default=default, root=config.banks_dir,
             idle_close_s=config.idle_close_s,
@@ -218,6 +221,7 @@ class FeatureBankServer:
             "device": c.device,
             "precision": c.precision,
             "models": self.models,
+            "compute": self.compute,
         }
         if c.replica:
             return ReplicaEngine(
@@ -328,6 +332,7 @@ class FeatureBankServer:
         if self._server is not None:
             await self._server.stop(grace)
         await self.banks.close()
+        self.compute.shutdown(wait=True)
         self.metrics.close()
         if self._stopping is not None:
             self._stopping.set()

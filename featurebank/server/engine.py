@@ -58,6 +58,7 @@ class Engine:
         checkpoint: CheckpointPolicy | None = None,
         max_queued_rows: int = DEFAULT_MAX_QUEUED_ROWS,
         models: ModelPool | None = None,
+        compute: ThreadPoolExecutor | None = None,
     ) -> None:
         self.bank = Bank(bank)
         self.model_pool = models  # shared with other banks of the server (same backbone)
@@ -66,7 +67,10 @@ class Engine:
         self.metrics = metrics
         self.live = Live(self.bank, metrics)
         self.checkpoint_policy = checkpoint or CheckpointPolicy()
-        self.compute = ThreadPoolExecutor(search_threads, thread_name_prefix="fb-search")
+        # Banks of one server share its search threads: FAISS work of many banks at once
+        # would otherwise oversubscribe the cores (each search also runs threads of its own).
+        self._own_compute = compute is None
+        self.compute = compute or ThreadPoolExecutor(search_threads, thread_name_prefix="fb-search")
         self.embed_pool = ThreadPoolExecutor(1, thread_name_prefix="fb-embed")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="fb-writer")
         self.reads = Reads(
@@ -197,7 +201,8 @@ class Engine:
         self.writer.shutdown(wait=True)
         if self.live.keeper is not None:
             self.live.keeper.close()
-        self.compute.shutdown(wait=True)
+        if self._own_compute:
+            self.compute.shutdown(wait=True)
         self.embed_pool.shutdown(wait=True)
         store, self.live.store = self.live.store, None
         if store is not None:
