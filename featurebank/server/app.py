@@ -45,6 +45,7 @@ from featurebank.server.reflection import enable_reflection
 from featurebank.server.replica import DEFAULT_FOLLOW_INTERVAL_S, ReplicaEngine, ReplicaInterceptor
 from featurebank.server.router import BankRouter
 from featurebank.server.service import FeatureBankServicer
+from featurebank.server.shared_batches import SharedBatches
 from featurebank.server.shared_models import ModelPool
 from featurebank.server.tls import server_credentials
 from featurebank.store.env import read_only_fs
@@ -195,6 +196,11 @@ class FeatureBankServer:
         self.metrics = Metrics()
         self.models = ModelPool()  # banks of one backbone share its model
         self.compute = ThreadPoolExecutor(DEFAULT_SEARCH_THREADS, thread_name_prefix="fb-search")
+        self.batches = SharedBatches(  # calls of all banks batch together
+            self.compute, max_batch_size=config.max_batch_size,
+            batch_timeout_ms=config.batch_timeout_ms, search_threads=DEFAULT_SEARCH_THREADS,
+            on_batch=lambda kind, size: self.metrics.batch_size.labels(kind).observe(size),
+        )
         self.banks = Banks(
             table, self._make_engine, default=default, root=config.banks_dir,
             idle_close_s=config.idle_close_s,
@@ -222,6 +228,7 @@ class FeatureBankServer:
             "precision": c.precision,
             "models": self.models,
             "compute": self.compute,
+            "batches": self.batches,
         }
         if c.replica:
             return ReplicaEngine(
@@ -332,6 +339,7 @@ class FeatureBankServer:
         if self._server is not None:
             await self._server.stop(grace)
         await self.banks.close()
+        await self.batches.close()
         self.compute.shutdown(wait=True)
         self.metrics.close()
         if self._stopping is not None:

@@ -32,6 +32,7 @@ from featurebank.server.info import Info
 from featurebank.server.live import Live, Models
 from featurebank.server.metrics import Metrics
 from featurebank.server.reads import Reads
+from featurebank.server.shared_batches import SharedBatches
 from featurebank.server.shared_models import ModelPool, SharedModel
 from featurebank.server.writes import Writes
 
@@ -59,6 +60,7 @@ class Engine:
         max_queued_rows: int = DEFAULT_MAX_QUEUED_ROWS,
         models: ModelPool | None = None,
         compute: ThreadPoolExecutor | None = None,
+        batches: SharedBatches | None = None,
     ) -> None:
         self.bank = Bank(bank)
         self.model_pool = models  # shared with other banks of the server (same backbone)
@@ -77,7 +79,7 @@ class Engine:
             self.live, self.compute, self.embed_pool,
             max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms,
             search_threads=search_threads,
-            on_batch=self._on_batch if metrics is not None else None,
+            on_batch=self._on_batch if metrics is not None else None, shared=batches,
         )
         self.writes = Writes(self.live, self.writer, max_queued_rows)
         self.info = Info(self.live, self.compute, self.reads.device_report)
