@@ -200,3 +200,28 @@ def test_banks_of_one_backbone_share_one_model(tmp_path: Path) -> None:
                 c.search(image)
             assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
             assert c.search(vector=class_centers(8)[0], k=12).neighbors[0].key.startswith("cat/")
+
+
+def test_a_replica_follows_several_banks(two_dims: Path) -> None:
+    primary = RunningServer(ServeConfig(banks_dir=two_dims, port=free_port()))
+    try:
+        replica_config = ServeConfig(banks_dir=two_dims, port=free_port(), replica=True,
+                                     follow_interval_s=0.05, idle_close_s=0.5)
+        with RunningServer(replica_config) as replica:
+            for name, dim in (("small", 8), ("wide", 24)):
+                with FeatureBankClient(primary.target, timeout=30, bank=name) as c:
+                    c.upsert([{"key": f"{name}-new", "vector": class_centers(dim)[2] * 2, "label": "fox"}])
+                with FeatureBankClient(replica.target, timeout=30, bank=name) as r:
+                    until(lambda r=r, name=name, dim=dim: r.search(
+                        vector=class_centers(dim)[2] * 2, k=1).neighbors[0].key == f"{name}-new", 10)
+                    with pytest.raises(RemoteError) as err:
+                        r.set_labels({f"{name}-new": "cat"})
+                    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            with FeatureBankClient(replica.target, timeout=30) as lister:
+                until(lambda: set(states(lister).values()) == {"idle"}, 10)  # followers stop when idle
+            with FeatureBankClient(primary.target, timeout=30, bank="small") as c:
+                c.upsert([{"key": "later", "vector": class_centers(8)[1] * 3}])
+            with FeatureBankClient(replica.target, timeout=30, bank="small") as r:  # reopened, caught up
+                assert r.search(vector=class_centers(8)[1] * 3, k=1).neighbors[0].key == "later"
+    finally:
+        primary.stop()
