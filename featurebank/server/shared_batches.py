@@ -11,16 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 from featurebank.server.batching import Batcher
 
-if TYPE_CHECKING:
-    from featurebank.server.reads import Reads
-
-J = TypeVar("J")
-
-Run = Callable[["Reads", list[Any]], Sequence[Any]]
+Reads = Any  # a bank's server/reads.Reads (not imported: it imports this module)
+Run = Callable[[Reads, list[Any]], Sequence[Any]]
 
 
 def by_bank(run: Run, items: list[tuple[Reads, Any]]) -> list[Any]:
