@@ -209,12 +209,14 @@ def staging_dir(parent: Path) -> Path:
         raise
 
 
-def _full_or_read_only(e: BaseException, where: Path, what: str) -> BaseException | None:
+def _full_or_read_only(
+    e: BaseException, where: Path, what: str, kept: str = "what was there"
+) -> BaseException | None:
     """The featurebank error a failed write means (disk full, read-only), or None."""
     code = getattr(e, "errno", None)
     if code in _FULL or any(os.strerror(c) in str(e) for c in _FULL):
         return StorageFull(
-            f"could not write the {what} into {where} (disk full): what was there is unchanged; "
+            f"could not write the {what} into {where} (disk full): {kept} is unchanged; "
             "free space and run it again"
         )
     if code == errno.EROFS:
@@ -256,7 +258,7 @@ def publish_files(parent: Path, write: Callable[[Path], None], what: str, keep: 
         return publish(parent, staging, keep=keep)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(staging, ignore_errors=True)
-        known = _full_or_read_only(e, parent, what)
+        known = _full_or_read_only(e, parent, what, kept="the live generation")
         if known is not None:
             raise known from None
         raise

@@ -48,7 +48,7 @@ from featurebank.server.service import FeatureBankServicer
 from featurebank.server.shared_batches import SharedBatches
 from featurebank.server.shared_models import ModelPool
 from featurebank.server.tls import server_credentials
-from featurebank.store.env import read_only_fs
+from featurebank.store.header import read_only_fs
 from featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -99,7 +99,7 @@ class Engine:
 
     @property
     def load_error(self) -> str | None:
-        """Why no models are loaded (None when serving)."""
+        """Why classification cannot be answered (no index yet, or none intact); None if ready."""
         return self.live.load_error
 
     @property

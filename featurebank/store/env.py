@@ -15,7 +15,11 @@ LMDB's rules, and how they are kept here:
 
 `compact()` writes a fresh environment (`env-<n>/`) and switches `CURRENT` to it
 atomically; readers notice on their next call and the old directory is removed.
-Only the holder of `writer.lock` (fcntl.flock, non-blocking) may write.
+Only the holder of `writer.lock` (fcntl.flock, non-blocking) may write. A store on a
+read-only mount is opened read-only without LMDB's lock file, and refuses writers.
+
+One module, over 400 lines, because every rule above constrains the same handles and
+locks; split, each invariant would be kept in one file and broken in another.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import fcntl
 import logging
 import os
 import shutil
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,6 +46,7 @@ from featurebank.core.errors import (
     WriterBusy,
 )
 from featurebank.core.rwlock import RWLock
+from featurebank.store.header import check_data_file, read_only_fs
 
 log = logging.getLogger(__name__)
 
@@ -59,47 +63,6 @@ INITIAL_MAP_SIZE = 64 << 20
 MAX_MAP_SIZE = 1 << 42
 # LMDB reports a short write (the usual first sign of a full disk) as EIO.
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO)
-
-
-_META_MAGIC = 0xBEEFC0DE
-_PAGE_HEADER = 16  # the meta pages' layout on 64-bit builds (lmdb's mdb.c: MDB_meta)
-
-
-def check_data_file(env_dir: Path) -> None:
-    """Compare data.mdb with its own header before mapping it: a short file would SIGBUS.
-
-    An LMDB file starts with two meta pages; the newer one (by transaction id) names the
-    last page in use, so the file must be at least that long.
-    """
-    path = env_dir / "data.mdb"
-    try:
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(_PAGE_HEADER + 160)
-            psize = struct.unpack_from("<I", head, _PAGE_HEADER + 24)[0] if len(head) >= 44 else 0
-            f.seek(psize)
-            second = f.read(_PAGE_HEADER + 160) if 0 < psize <= 1 << 16 else b""
-    except FileNotFoundError:
-        raise DamagedFile(f"{path} is missing (the store's environment)") from None
-    metas = [m for m in (head, second) if len(m) >= _PAGE_HEADER + 136]
-    valid = [m for m in metas if struct.unpack_from("<I", m, _PAGE_HEADER)[0] == _META_MAGIC]
-    if not valid:
-        raise DamagedFile(f"{path} is damaged (not an LMDB environment: no valid header)")
-    newest = max(valid, key=lambda m: struct.unpack_from("<Q", m, _PAGE_HEADER + 128)[0])
-    last_page = struct.unpack_from("<Q", newest, _PAGE_HEADER + 120)[0]
-    needed = (last_page + 1) * psize
-    if size < needed:
-        raise DamagedFile(
-            f"{path} is truncated ({size} bytes; its header says at least {needed})"
-        )
-
-
-def read_only_fs(path: Path) -> bool:
-    """Whether `path` is on a file system mounted read-only."""
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except FileNotFoundError:
-        return False
 
 
 def is_disk_full(e: BaseException) -> bool:
