@@ -340,7 +340,7 @@ class FeatureBankServer:
             await self._server.stop(grace)
         await self.banks.close()
         await self.batches.close()
-        self.compute.shutdown(wait=True)
+        await asyncio.get_running_loop().run_in_executor(None, self.compute.shutdown)
         self.metrics.close()
         if self._stopping is not None:
             self._stopping.set()
