@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ALIASES_FILE = "aliases.json"
 DEFAULT_IDLE_CLOSE_S = 300.0
-STATES = ("open", "loading", "idle", "failed")
 MAX_NAMED = 10  # unknown-bank errors list at most this many of the server's names
 
 
@@ -133,7 +132,6 @@ class Banks:
             self._add(name, path, pinned=name == default)
         self.aliases: dict[str, str] = self._load_aliases()
         self._sweeper: asyncio.Task[None] | None = None
-        self.on_change: Callable[[], None] | None = None  # a bank opened or closed
 
     def _add(self, name: str, path: Path, pinned: bool = False) -> Entry:
         hide_path(path)
@@ -179,11 +177,8 @@ class Banks:
 
     # ------------------------------------------------------------------ aliases
 
-    def _aliases_path(self) -> Path | None:
-        return None if self.root is None else self.root / ALIASES_FILE
-
     def _load_aliases(self) -> dict[str, str]:
-        path = self._aliases_path()
+        path = None if self.root is None else self.root / ALIASES_FILE
         if path is None or not path.exists():
             return {}
         try:
@@ -199,7 +194,7 @@ class Banks:
     def set_alias(self, alias: str, bank: str) -> str:
         """Point `alias` at `bank` ("" removes it), saved, then switched: the previous target."""
         check_name(alias, "alias")
-        path = self.lifecycle_root("SetAlias") / ALIASES_FILE
+        self.lifecycle_root("SetAlias")
         if alias in self.entries:
             raise FailedPrecondition(f"alias {alias!r} is the name of a bank: choose another name")
         if bank and bank not in self.entries:
@@ -208,10 +203,16 @@ class Banks:
         previous = aliases.pop(alias, "")
         if bank:
             aliases[alias] = bank
-        write_atomic(path, json.dumps(aliases, indent=1, sort_keys=True).encode())
-        self.aliases = aliases  # one assignment: a call resolves against the old or the new map
+        self._save_aliases(aliases, "SetAlias")
         log.info("alias %s -> %s (was %s)", alias, bank or "(removed)", previous or "(new)")
         return previous
+
+    def _save_aliases(self, aliases: dict[str, str], what: str) -> None:
+        """Write the aliases file, then switch: one assignment, so a call resolves against
+        the old map or the new one, never a mix."""
+        path = self.lifecycle_root(what) / ALIASES_FILE
+        write_atomic(path, json.dumps(aliases, indent=1, sort_keys=True).encode())
+        self.aliases = aliases
 
     def lifecycle_root(self, what: str) -> Path:
         if self.root is None:
@@ -239,10 +240,7 @@ class Banks:
                 await asyncio.sleep(0.01)
             await self._close(entry)
         if any(b == name for b in self.aliases.values()):
-            root = self.lifecycle_root("DropBank")
-            aliases = {a: b for a, b in self.aliases.items() if b != name}
-            write_atomic(root / ALIASES_FILE, json.dumps(aliases, indent=1, sort_keys=True).encode())
-            self.aliases = aliases
+            self._save_aliases({a: b for a, b in self.aliases.items() if b != name}, "DropBank")
         return entry
 
     @contextlib.asynccontextmanager
@@ -279,7 +277,6 @@ class Banks:
         entry.opens += 1
         entry.last_used = time.monotonic()
         log.info("bank %s opened", entry.name)
-        self._changed()
 
     async def _close(self, entry: Entry) -> None:
         engine, entry.engine, entry.servicer = entry.engine, None, None
@@ -288,11 +285,6 @@ class Banks:
             log.info("bank %s closed", entry.name)
         if entry.state != "failed":
             entry.state = "idle"
-        self._changed()
-
-    def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change()
 
     def pin(self, engine: Engine) -> None:
         """Serve the default bank with `engine`, opened by `open_pinned` at start and kept
