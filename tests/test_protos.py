@@ -39,7 +39,7 @@ def test_generated_modules_import_and_describe_the_service() -> None:
     assert {m.name for m in service.methods} == {
         "Classify", "ClassifyBatch", "Search", "Embed", "Upsert", "SetLabels", "Delete",
         "RebuildIndex", "GetOperation", "GetInfo", "Suggest", "Audit", "GetThumbnails", "GetReport",
-        "Quality",
+        "Quality", "CreateBank", "DropBank", "SetAlias",
     }
     assert service.methods_by_name["Upsert"].client_streaming
     assert hasattr(featurebank_pb2_grpc, "FeatureBankStub")

@@ -57,7 +57,8 @@ class RemoteBank(FeatureBank):
         self._dim: int | None = None
 
     def __repr__(self) -> str:
-        return f"RemoteBank({self.address!r})"
+        bank = f", bank={self.client.bank!r}" if self.client.bank else ""
+        return f"RemoteBank({self.address!r}{bank})"
 
     @property
     def dim(self) -> int:
@@ -271,19 +272,21 @@ def connect(
     token: str | None = None,
     tls: bool | str | os.PathLike[str] = False,
     timeout: float | None = 60.0,
+    bank: str = "",
     **options: Any,
 ) -> RemoteBank:
     """A client of the featurebank server at `target` ("host:port").
 
     `token`: the bearer token the server asks for; `tls`: True for TLS with the system's
     roots, or the path of a CA certificate (PEM) to trust; `timeout`: seconds per call;
+    `bank`: the bank (or alias) to use on a server of many banks ("": its default bank);
     `options`: FeatureBankClient's (tls_cert, tls_key, tls_server_name, max_message_bytes).
     """
     if not isinstance(target, str) or ":" not in target:
         raise InvalidInput(f"connect takes 'host:port', got {target!r}")
-    fixed = {"self", "target", "token", "tls", "tls_ca", "timeout"}
+    fixed = {"self", "target", "token", "tls", "tls_ca", "timeout", "bank"}
     check_options(options, set(inspect.signature(FeatureBankClient).parameters) - fixed, "connect")
     ca = None if isinstance(tls, bool) else tls
     client = FeatureBankClient(target, token=token, tls_ca=ca, tls=bool(tls), timeout=timeout,
-                               **options)  # fmt: skip
+                               bank=bank, **options)  # fmt: skip
     return RemoteBank(client)

@@ -35,6 +35,9 @@ def connection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
     g.add_argument("--tls-key", type=Path, default=None, help="client key (mutual TLS)")
     g.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    g.add_argument("--bank", dest="server_bank", default=os.environ.get("FEATUREBANK_BANK", ""),
+                   metavar="NAME", help="the served bank (or alias) to ask; default "
+                   "$FEATUREBANK_BANK or the server's default bank")
     g.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -97,7 +100,7 @@ def client_from_args(args: argparse.Namespace) -> Any:
     token = read_token_file(args.token_file) if args.token_file else args.token
     return FeatureBankClient(
         args.server, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, timeout=args.timeout,
+        tls_key=args.tls_key, timeout=args.timeout, bank=args.server_bank,
     )
 
 

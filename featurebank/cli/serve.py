@@ -1,9 +1,10 @@
-"""`featurebank serve`: run the gRPC service over one bank until SIGTERM."""
+"""`featurebank serve`: run the gRPC service over one bank, or many by name, until SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,16 @@ from featurebank.core.vocabulary import DEVICES, PRECISIONS
 
 def register(commands: Commands) -> None:
     p = commands.command("serve", "serve a bank over gRPC (classify, search, upsert, rebuild)", _serve)
-    p.add_argument("--bank", required=True, type=Path, help="bank directory")
+    p.add_argument("--bank", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a bank directory: PATH is the default bank (requests naming no bank), "
+                   "NAME=PATH serves it by NAME; repeat for more")
+    p.add_argument("--banks", type=Path, default=None, metavar="DIR",
+                   help="serve every bank under DIR by its folder name (and CreateBank there)")
+    p.add_argument("--default-bank", default=None, metavar="NAME",
+                   help="which named bank answers requests that name none")
+    p.add_argument("--idle-close-s", type=float, default=300.0,
+                   help="close a bank no call has named for this many seconds (the default "
+                   "bank stays open)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=args_.port, default=50051, help="gRPC port (0 = any free port)")
     p.add_argument("--metrics-port", type=args_.port, default=None, help="Prometheus metrics port")
@@ -74,23 +84,40 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR" if args.verbose else "NONE")
 
     from featurebank import store as store_mod
+    from featurebank.core.errors import InvalidInput
     from featurebank.core.memory import limit_arenas
     from featurebank.index.checkpoint import CheckpointPolicy
+    from featurebank.server.app import ServeConfig, serve
+    from featurebank.server.banks import parse_bank_option
 
     # Before any thread starts (TensorFlow's included): resident memory follows what is in
     # use through rebuilds (see memory).
     limit_arenas(2)
-    with store_mod.open(args.bank, readonly=True) as st:
-        has_model = st.spec.has_model
+    default, named = None, {}
+    for value in args.bank:
+        name, path = parse_bank_option(value)
+        if name is None:
+            if default is not None:
+                raise InvalidInput(f"--bank {value}: only one --bank PATH is the default bank "
+                                   "(name the others: --bank NAME=PATH)")
+            default = path
+        else:
+            named[name] = path
+    config = ServeConfig(bank=default, named_banks=named, banks_dir=args.banks,
+                         default_bank=args.default_bank, idle_close_s=args.idle_close_s)
+    table, default_name = config.bank_table()
+    has_model = False
+    for path in table.values():
+        with store_mod.open(path, readonly=True) as st:
+            has_model = has_model or st.spec.has_model
     if has_model:  # TensorFlow starts now, quietly, rather than inside the server
         from featurebank.embedder.devices import load_tensorflow
 
         load_tensorflow(verbose=args.verbose > 0)
-    from featurebank.server.app import ServeConfig, serve
     from featurebank.server.auth import Tokens
 
-    config = ServeConfig(
-        bank=args.bank,
+    config = replace(
+        config,
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
@@ -121,16 +148,25 @@ def _serve(args: argparse.Namespace) -> int:
 
     def started(server: Any) -> None:
         metrics = f", metrics on port {server.metrics_port}" if server.metrics_port else ""
-        state = (
-            "serving" if server.engine.ready
-            else f"NOT_SERVING: {server.engine.load_error}" if "damaged" in str(server.engine.load_error)
-            else "NOT_SERVING until an index is built"
-        )
         role = f"read replica of {args.primary or 'its primary'} " if args.replica else ""
+        engine = server.engine
+        if engine is None:
+            what = f"{len(table)} banks from {args.banks}" if args.banks else f"{len(table)} banks"
+            state = "no default bank (requests name one); banks open on first use"
+            images = ""
+        else:
+            what = str(table[str(default_name)])
+            if len(table) > 1:
+                what += f" (default) and {len(table) - 1} more bank(s)"
+            state = (
+                "serving" if engine.ready
+                else f"NOT_SERVING: {engine.load_error}" if "damaged" in str(engine.load_error)
+                else "NOT_SERVING until an index is built"
+            )
+            images = f"; images: {engine.device_report()['description']}"
         print(
-            f"featurebank: {role}{args.bank} on {args.host}:{server.port} "
-            f"({config.transport}, {config.auth}{metrics}); {state}; images: "
-            f"{server.engine.device_report()['description']}",
+            f"featurebank: {role}{what} on {args.host}:{server.port} "
+            f"({config.transport}, {config.auth}{metrics}); {state}{images}",
             flush=True,
         )
 

@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import signal
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,13 @@ from featurebank.core.bank import Bank
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
 from featurebank.index.checkpoint import CheckpointPolicy
 from featurebank.server.auth import AuthInterceptor, Tokens
+from featurebank.server.banks import DEFAULT_IDLE_CLOSE_S, Banks, check_name, discover, is_bank
 from featurebank.server.bounds import (
     DEFAULT_BATCH_TIMEOUT_MS,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_QUEUED_ROWS,
+    DEFAULT_SEARCH_THREADS,
     DEFAULT_STREAM_BYTES,
     DEFAULT_TOTAL_BYTES,
 )
@@ -40,8 +43,10 @@ from featurebank.server.limits import UpsertBudget
 from featurebank.server.metrics import Metrics
 from featurebank.server.reflection import enable_reflection
 from featurebank.server.replica import DEFAULT_FOLLOW_INTERVAL_S, ReplicaEngine, ReplicaInterceptor
+from featurebank.server.router import BankRouter
 from featurebank.server.service import FeatureBankServicer
-from featurebank.server.status import hide_path
+from featurebank.server.shared_batches import SharedBatches
+from featurebank.server.shared_models import ModelPool
 from featurebank.server.tls import server_credentials
 from featurebank.store.header import read_only_fs
 from featurebank.v1 import featurebank_pb2, featurebank_pb2_grpc
@@ -55,7 +60,7 @@ SERVICE_NAME = featurebank_pb2.DESCRIPTOR.services_by_name["FeatureBank"].full_n
 class ServeConfig:
     """Everything `featurebank serve` can set; defaults are safe for a laptop."""
 
-    bank: Path
+    bank: Path | None = None  # the default bank (answers requests that name none)
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None
@@ -80,6 +85,36 @@ class ServeConfig:
     replica: bool = False  # open the bank read-only and follow its primary
     primary: str | None = None  # the primary's address, named when a replica refuses a write
     follow_interval_s: float = DEFAULT_FOLLOW_INTERVAL_S
+    banks_dir: Path | None = None  # serve every bank under this folder, by folder name
+    named_banks: dict[str, Path] = field(default_factory=dict)  # --bank NAME=PATH
+    default_bank: str | None = None  # which named bank answers requests that name none
+    idle_close_s: float = DEFAULT_IDLE_CLOSE_S  # close a bank no call named for this long
+
+    def bank_table(self) -> tuple[dict[str, Path], str | None]:
+        """name -> folder of every bank served, and the default bank's name (None: none)."""
+        table: dict[str, Path] = {}
+        if self.banks_dir is not None:
+            table.update(discover(Path(self.banks_dir)))
+        for name, path in self.named_banks.items():
+            if name in table and Path(table[name]).resolve() != Path(path).resolve():
+                raise InvalidInput(f"--bank {name}={path}: a bank named {name!r} is already under --banks")
+            table[name] = Path(path)
+        default = self.default_bank
+        if self.bank is not None:
+            name = check_name(Path(self.bank).resolve().name, "the default bank's folder name")
+            if name in table and Path(table[name]).resolve() != Path(self.bank).resolve():
+                raise InvalidInput(f"--bank {self.bank}: a bank named {name!r} is already served")
+            table[name], default = Path(self.bank), name
+        if default is None and len(table) == 1 and self.banks_dir is None:
+            default = next(iter(table))
+        if default is not None and default not in table:
+            raise NotFound(f"--default-bank {default}: no bank of that name is served")
+        for name, path in table.items():
+            if not is_bank(path):
+                raise NotFound(f"bank {name!r}: {path} holds no bank (no store/ folder)")
+        if not table and self.banks_dir is None:
+            raise InvalidInput("serve needs --bank PATH, --bank NAME=PATH or --banks DIR")
+        return table, default
 
     def check(self) -> None:
         """Refuse configurations that would expose the bank by accident."""
@@ -151,31 +186,29 @@ class FeatureBankServer:
 
     def __init__(self, config: ServeConfig) -> None:
         config.check()
-        hide_path(config.bank)
-        if not config.replica and read_only_fs(Bank(config.bank).store_dir):
+        table, default = config.bank_table()
+        if (not config.replica and len(table) == 1 and default is not None
+                and read_only_fs(Bank(table[default]).store_dir)):
             log.warning("bank %s is on a read-only file system: serving it read-only "
-                        "(writes are refused)", config.bank)
+                        "(writes are refused)", table[default])
             config.replica = True
         self.config = config
         self.metrics = Metrics()
-        engine_options: dict[str, Any] = {
-            "max_batch_size": config.max_batch_size,
-            "batch_timeout_ms": config.batch_timeout_ms,
-            "metrics": self.metrics,
-            "device": config.device,
-            "precision": config.precision,
-        }
-        self.engine: Engine = (
-            ReplicaEngine(
-                config.bank, primary=config.primary,
-                follow_interval_s=config.follow_interval_s, **engine_options,
-            )
-            if config.replica
-            else Engine(
-                config.bank, checkpoint=config.checkpoint,
-                max_queued_rows=config.max_queued_rows, **engine_options,
-            )
+        self.models = ModelPool()  # banks of one backbone share its model
+        self.compute = ThreadPoolExecutor(DEFAULT_SEARCH_THREADS, thread_name_prefix="fb-search")
+        self.batches = SharedBatches(  # calls of all banks batch together
+            self.compute, max_batch_size=config.max_batch_size,
+            batch_timeout_ms=config.batch_timeout_ms, search_threads=DEFAULT_SEARCH_THREADS,
+            on_batch=lambda kind, size: self.metrics.batch_size.labels(kind).observe(size),
         )
+        self.banks = Banks(
+            table, self._make_engine, default=default, root=config.banks_dir,
+            idle_close_s=config.idle_close_s,
+        )
+        self.engine: Engine | None = None  # the default bank's, opened at start
+        if default is not None:
+            self.engine = self._make_engine(table[default])
+            self.banks.pin(self.engine)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -184,13 +217,32 @@ class FeatureBankServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
 
+    def _make_engine(self, path: Path) -> Engine:
+        """An engine for one bank, not yet open: a replica's or a primary's."""
+        c = self.config
+        options: dict[str, Any] = {
+            "max_batch_size": c.max_batch_size,
+            "batch_timeout_ms": c.batch_timeout_ms,
+            "metrics": self.metrics,
+            "device": c.device,
+            "precision": c.precision,
+            "models": self.models,
+            "compute": self.compute,
+            "batches": self.batches,
+        }
+        if c.replica:
+            return ReplicaEngine(
+                path, primary=c.primary, follow_interval_s=c.follow_interval_s, **options
+            )
+        return Engine(path, checkpoint=c.checkpoint, max_queued_rows=c.max_queued_rows, **options)
+
     def _grpc_server(self) -> aio.Server:
         c = self.config
         interceptors = []
         if c.tokens is not None and c.tokens.enabled:
             interceptors.append(AuthInterceptor(c.tokens, on_denied=self._denied))
-        if isinstance(self.engine, ReplicaEngine):
-            interceptors.append(ReplicaInterceptor(self.engine, on_refused=self._denied))
+        if c.replica:
+            interceptors.append(ReplicaInterceptor(c.primary, on_refused=self._denied))
         options = [
             ("grpc.max_send_message_length", c.max_message_bytes),
             ("grpc.max_receive_message_length", c.max_message_bytes),
@@ -220,8 +272,12 @@ class FeatureBankServer:
         self._stopping = asyncio.Event()
         server = self._grpc_server()
         self._server = server
-        servicer = FeatureBankServicer(self.engine, self.metrics, c.upsert_budget())
-        featurebank_pb2_grpc.add_FeatureBankServicer_to_server(servicer, server)
+        budget = c.upsert_budget()  # one budget for the streams of every bank
+        router = BankRouter(
+            self.banks, lambda engine: FeatureBankServicer(engine, self.metrics, budget),
+            self.metrics, c.tokens,
+        )
+        featurebank_pb2_grpc.add_FeatureBankServicer_to_server(router, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
         await self._set_health(False)
@@ -248,17 +304,24 @@ class FeatureBankServer:
                     f"could not serve metrics on {c.host}:{c.metrics_port}: {e.strerror or e} "
                     "(--metrics-port)"
                 ) from None
-        self.engine.on_ready = self._ready_changed
+        if self.engine is not None:
+            self.engine.on_ready = self._ready_changed
         try:
-            await self._loop.run_in_executor(None, self.engine.open)
+            await self.banks.open_pinned()
         except BaseException:
             await self.stop(grace=0)
             raise
-        await self._set_health(self.engine.ready)
+        self.banks.start()
+        await self._set_health(self.ready)
         log.info(
-            "serving %s on %s (%s, %s, ready=%s, %s)", c.bank, address, c.transport, c.auth,
-            self.engine.ready, "read replica" if c.replica else "primary",
+            "serving %d bank(s) on %s (%s, %s, ready=%s, %s)", len(self.banks.entries), address,
+            c.transport, c.auth, self.ready, "read replica" if c.replica else "primary",
         )
+
+    @property
+    def ready(self) -> bool:
+        """The default bank can classify; without a default bank, once started."""
+        return self.engine.ready if self.engine is not None else self._server is not None
 
     def _ready_changed(self, ready: bool) -> None:
         """Called from engine threads after a (re)load; health follows on the loop."""
@@ -288,7 +351,9 @@ class FeatureBankServer:
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
-        await self.engine.close()
+        await self.banks.close()
+        await self.batches.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.compute.shutdown)
         self.metrics.close()
         if self._stopping is not None:
             self._stopping.set()

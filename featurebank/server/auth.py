@@ -1,7 +1,9 @@
 """Bearer-token auth with two roles, as a grpc.aio server interceptor.
 
-Tokens come from a file of `ROLE TOKEN` lines or the environment
+Tokens come from a file of `ROLE TOKEN [BANKS]` lines or the environment
 (FEATUREBANK_READ_TOKEN / FEATUREBANK_WRITE_TOKEN). A write token may also read.
+BANKS (`bank1,bank2`, or `*`, the default) limits the banks a token reaches on a server of
+many banks; the router (server/router.py) checks it, since only the request names its bank.
 Tokens are compared in constant time and never logged. Health and reflection
 stay open so load balancers and tooling can probe without credentials.
 """
@@ -11,12 +13,13 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from featurebank.core.errors import InvalidInput
+from featurebank.core.errors import FeaturebankError, InvalidInput
 from featurebank.core.files import read_named_text
 
 READ = "read"
@@ -31,42 +34,103 @@ READ_METHODS = frozenset({
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
+EVERY_BANK = "*"
+
+
+class OutOfScope(FeaturebankError):
+    """A valid token used on a bank outside the banks it reaches."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+Scope = frozenset[str] | None  # the banks a token reaches; None = every bank
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a presented token allows: its role and the banks it reaches."""
+
+    role: str
+    banks: Scope = None
+
+    def reaches(self, *names: str) -> bool:
+        """Whether any of `names` (a bank or the alias it was asked by) is in scope."""
+        return self.banks is None or any(n in self.banks for n in names)
+
+
+def parse_scope(text: str, where: str) -> Scope:
+    """`*` or `bank1,bank2` (bank or alias names)."""
+    if text == EVERY_BANK:
+        return None
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise InvalidInput(f"{where}: empty bank name in {text!r}: expected 'bank1,bank2' or '*'")
+    return frozenset(names)
+
+
 class Tokens:
-    """Role -> set of tokens; `role_of` answers which role a presented token grants."""
+    """Role -> tokens (each with its scope); `grant` answers what a presented token allows."""
 
     def __init__(self, tokens: Mapping[str, list[str]] | None = None) -> None:
-        self._tokens: dict[str, list[bytes]] = {r: [] for r in ROLES}
+        self._tokens: dict[str, list[tuple[bytes, Scope]]] = {r: [] for r in ROLES}
         for role, values in (tokens or {}).items():
             for value in values:
                 self.add(role, value)
 
-    def add(self, role: str, token: str) -> None:
+    def add(self, role: str, token: str, banks: Scope = None) -> None:
         if role not in ROLES:
             raise InvalidInput(f"unknown token role {role!r}: expected 'read' or 'write'")
         if not token:
             raise InvalidInput(f"empty {role} token")
-        self._tokens[role].append(token.encode())
+        self._tokens[role].append((token.encode(), banks))
 
     @property
     def enabled(self) -> bool:
         return any(self._tokens.values())
 
-    def role_of(self, token: str) -> str | None:
-        """`write`, `read` or None; checks every token so timing does not reveal which matched."""
+    @property
+    def scoped(self) -> bool:
+        """Some token reaches only some banks."""
+        return any(scope is not None for ts in self._tokens.values() for _, scope in ts)
+
+    def grant(self, token: str) -> Grant | None:
+        """Role and banks of `token`, or None; checks every token so timing does not reveal
+        which matched (a write match wins over a read one)."""
         presented = token.encode()
-        found: str | None = None
+        found: Grant | None = None
         for role in (READ, WRITE):
-            for known in self._tokens[role]:
+            for known, scope in self._tokens[role]:
                 if hmac.compare_digest(presented, known):
-                    found = role
+                    found = Grant(role, scope)
         return found
+
+    def role_of(self, token: str) -> str | None:
+        """`write`, `read` or None."""
+        found = self.grant(token)
+        return found.role if found is not None else None
+
+    def reach(self) -> dict[str, list[str]]:
+        """role -> the banks its tokens reach (`*`: every bank); never the tokens."""
+        out: dict[str, list[str]] = {}
+        for role, tokens in self._tokens.items():
+            if not tokens:
+                continue
+            scopes = [scope for _, scope in tokens]
+            if any(scope is None for scope in scopes):
+                out[role] = [EVERY_BANK]
+            else:
+                out[role] = sorted(set().union(*(s for s in scopes if s is not None)))
+        return out
 
     def __repr__(self) -> str:  # never show the secrets themselves
         return f"Tokens(read={len(self._tokens[READ])}, write={len(self._tokens[WRITE])})"
 
     def describe(self) -> str:
-        """How many tokens of each role, never the tokens: `1 read, 2 write`."""
-        return f"{len(self._tokens[READ])} read, {len(self._tokens[WRITE])} write"
+        """How many tokens of each role (and, when scoped, the banks each role reaches),
+        never the tokens: `1 read, 2 write` or `1 read, 2 write; read reaches a, b; write *`."""
+        out = f"{len(self._tokens[READ])} read, {len(self._tokens[WRITE])} write"
+        if self.scoped:
+            out += "".join(f"; {role} reaches {', '.join(banks)}" for role, banks in self.reach().items())
+        return out
 
     @classmethod
     def load(
@@ -81,16 +145,18 @@ class Tokens:
                 if not line or line.startswith("#"):
                     continue
                 parts = line.split()
-                if len(parts) != 2:
+                if len(parts) not in (2, 3):
                     raise InvalidInput(
-                        f"{path}:{lineno}: expected 'ROLE TOKEN' (role read or write)"
+                        f"{path}:{lineno}: expected 'ROLE TOKEN' or 'ROLE TOKEN BANKS' (role "
+                        "read or write; BANKS 'bank1,bank2' or '*')"
                     )
                 role = parts[0].lower()
                 if role not in ROLES:
                     raise InvalidInput(
                         f"{path}:{lineno}: unknown role {parts[0]!r}: expected read or write"
                     )
-                tokens.add(role, parts[1])
+                scope = parse_scope(parts[2], f"{path}:{lineno}") if len(parts) == 3 else None
+                tokens.add(role, parts[1], scope)
             if not tokens.enabled:
                 raise InvalidInput(
                     f"tokens file {path} has no tokens: add 'read TOKEN' or 'write TOKEN' "
@@ -112,7 +178,7 @@ def required_role(method: str) -> str | None:
     return WRITE  # anything unlisted needs the stronger role
 
 
-def _bearer(metadata: Any) -> str | None:
+def bearer(metadata: Any) -> str | None:
     for key, value in metadata or ():
         if key == "authorization":
             text = value.decode() if isinstance(value, bytes) else str(value)
@@ -168,7 +234,7 @@ class AuthInterceptor(aio.ServerInterceptor):
         need = required_role(method)
         if handler is None or need is None or not self.tokens.enabled:
             return handler
-        token = _bearer(handler_call_details.invocation_metadata)
+        token = bearer(handler_call_details.invocation_metadata)
         if token is None:
             return self._denied(
                 handler, method, grpc.StatusCode.UNAUTHENTICATED,

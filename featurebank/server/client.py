@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 ImageLike = bytes | str | os.PathLike[str] | np.ndarray
 MiB = 1 << 20
+BANK_FIELD = 100  # the number of the `bank` field every per-bank request carries
 
 
 class RemoteError(FeaturebankError):
@@ -109,8 +110,10 @@ class FeatureBankClient:
         tls_server_name: str | None = None,
         timeout: float | None = 60.0,
         max_message_bytes: int = 16 * MiB,
+        bank: str = "",
     ) -> None:
         self.target = target
+        self.bank = bank  # the bank (or alias) every request names; "" = the server's default
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         self._metadata: tuple[tuple[str, str], ...] = (
@@ -146,6 +149,8 @@ class FeatureBankClient:
         self.channel.close()
 
     def _call(self, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
+        if self.bank:
+            request = self._named(request)
         try:
             return method(
                 request, timeout=timeout if timeout is not None else self.timeout,
@@ -157,6 +162,15 @@ class FeatureBankClient:
             name = getattr(method, "_method", b"")
             label = name.decode().rsplit("/", 1)[-1] if isinstance(name, bytes) else ""
             raise RemoteError(code, details or "", label) from None
+
+    def _named(self, request: Any) -> Any:
+        """`request` (or each message of a stream) naming this client's bank, unless it names one."""
+        if isinstance(request, Iterable) and not hasattr(request, "DESCRIPTOR"):
+            return (self._named(item) for item in request)
+        field = request.DESCRIPTOR.fields_by_name.get("bank")
+        if field is not None and field.number == BANK_FIELD and not request.bank:
+            request.bank = self.bank  # (SetAliasRequest.bank, the alias's target, is another field)
+        return request
 
     # ------------------------------------------------------------------ reads
 
@@ -269,6 +283,30 @@ class FeatureBankClient:
                 last = str(e)
             time.sleep(0.05)
         raise RemoteError(grpc.StatusCode.DEADLINE_EXCEEDED, f"not serving after {timeout}s: {last}")
+
+    # ------------------------------------------------------------------ banks
+
+    def banks(self, timeout: float | None = None) -> list[pb.BankState]:
+        """Every bank the server serves, with its state (opens none of them)."""
+        return list(self._call(self.stub.GetInfo, pb.GetInfoRequest(), timeout).banks)
+
+    def create_bank(
+        self, name: str, *, dim: int = 0, backbone: str = "", weights: str = "",
+        dtype: str = "", image_size: int = 0, timeout: float | None = None, **spec: Any,
+    ) -> pb.BankState:
+        """A new bank on the server: of `dim` imported vectors, or of `backbone`'s features."""
+        message = pb.Spec(backbone=backbone, weights=weights, dim=dim, dtype=dtype,
+                          input_height=image_size, input_width=image_size, **spec)
+        return self._call(self.stub.CreateBank, pb.CreateBankRequest(name=name, spec=message), timeout)
+
+    def drop_bank(self, name: str, force: bool = False, timeout: float | None = None) -> None:
+        """Remove a bank and its folder (refused while replicas follow it, unless `force`)."""
+        self._call(self.stub.DropBank, pb.DropBankRequest(name=name, force=force), timeout)
+
+    def set_alias(self, alias: str, bank: str, timeout: float | None = None) -> str:
+        """Point `alias` at `bank` ("" removes it); what it pointed to before."""
+        request = pb.SetAliasRequest(alias=alias, bank=bank)
+        return self._call(self.stub.SetAlias, request, timeout).previous
 
     # ------------------------------------------------------------------ writes
 

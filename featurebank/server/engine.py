@@ -32,6 +32,8 @@ from featurebank.server.info import Info
 from featurebank.server.live import Live, Models
 from featurebank.server.metrics import Metrics
 from featurebank.server.reads import Reads
+from featurebank.server.shared_batches import SharedBatches
+from featurebank.server.shared_models import ModelPool, SharedModel
 from featurebank.server.writes import Writes
 
 if TYPE_CHECKING:
@@ -56,20 +58,28 @@ class Engine:
         precision: str = "auto",
         checkpoint: CheckpointPolicy | None = None,
         max_queued_rows: int = DEFAULT_MAX_QUEUED_ROWS,
+        models: ModelPool | None = None,
+        compute: ThreadPoolExecutor | None = None,
+        batches: SharedBatches | None = None,
     ) -> None:
         self.bank = Bank(bank)
+        self.model_pool = models  # shared with other banks of the server (same backbone)
+        self._shared: SharedModel | None = None
         self.device, self.precision = device, precision
         self.metrics = metrics
         self.live = Live(self.bank, metrics)
         self.checkpoint_policy = checkpoint or CheckpointPolicy()
-        self.compute = ThreadPoolExecutor(search_threads, thread_name_prefix="fb-search")
+        # Banks of one server share its search threads: FAISS work of many banks at once
+        # would otherwise oversubscribe the cores (each search also runs threads of its own).
+        self._own_compute = compute is None
+        self.compute = compute or ThreadPoolExecutor(search_threads, thread_name_prefix="fb-search")
         self.embed_pool = ThreadPoolExecutor(1, thread_name_prefix="fb-embed")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="fb-writer")
         self.reads = Reads(
             self.live, self.compute, self.embed_pool,
             max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms,
             search_threads=search_threads,
-            on_batch=self._on_batch if metrics is not None else None,
+            on_batch=self._on_batch if metrics is not None else None, shared=batches,
         )
         self.writes = Writes(self.live, self.writer, max_queued_rows)
         self.info = Info(self.live, self.compute, self.reads.device_report)
@@ -146,7 +156,12 @@ class Engine:
             from featurebank.embedder.embedding import Embedder
 
             placement = devices.resolve(self.device, self.precision)
-            self.live.embedder = Embedder.from_spec(spec, placement=placement)
+            if self.model_pool is not None:
+                self._shared = self.model_pool.take(spec, placement)
+                self.live.embedder = self._shared.embedder
+                self.reads.embed_batcher.executor = self._shared.executor
+            else:
+                self.live.embedder = Embedder.from_spec(spec, placement=placement)
             log.info("images are embedded on %s", self.device_report()["description"])
 
     def _load_models(self) -> None:
@@ -188,11 +203,16 @@ class Engine:
         self.writer.shutdown(wait=True)
         if self.live.keeper is not None:
             self.live.keeper.close()
-        self.compute.shutdown(wait=True)
+        if self._own_compute:
+            self.compute.shutdown(wait=True)
         self.embed_pool.shutdown(wait=True)
         store, self.live.store = self.live.store, None
         if store is not None:
             store.close()
+        shared, self._shared = self._shared, None
+        if shared is not None and self.model_pool is not None:
+            self.live.embedder = None
+            self.model_pool.give_back(shared)
 
     # ----------------------------------------------------------------- index upkeep
 

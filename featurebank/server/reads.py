@@ -23,6 +23,7 @@ from featurebank.server.live import Live
 
 if TYPE_CHECKING:
     from featurebank.classify.classifier import Prediction
+    from featurebank.server.shared_batches import SharedBatches
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -84,8 +85,10 @@ class Reads:
         batch_timeout_ms: float,
         search_threads: int,
         on_batch: Callable[[str, int], None] | None,
+        shared: SharedBatches | None = None,
     ) -> None:
         self.live = live
+        self.shared = shared  # the server's batchers, shared with its other banks
         self.compute = compute
         self.embed_batcher: Batcher[bytes, np.ndarray] = Batcher(
             "embed", self._embed_batch, embed_pool,
@@ -170,7 +173,10 @@ class Reads:
         """
         self.live.current()  # fail fast with FAILED_PRECONDITION when nothing is loaded
         while True:
-            results = await self.classify_batcher.submit_many(jobs)
+            if self.shared is not None:
+                results = await self.shared.classify.submit_many([(self, j) for j in jobs])
+            else:
+                results = await self.classify_batcher.submit_many(jobs)
             if len({(r.index_generation, r.head_generation) for r in results}) <= 1:
                 return results
 
@@ -196,6 +202,8 @@ class Reads:
 
     async def search(self, jobs: Sequence[SearchJob]) -> list[Found]:
         self.live.current()
+        if self.shared is not None:
+            return await self.shared.search.submit_many([(self, j) for j in jobs])
         return await self.search_batcher.submit_many(jobs)
 
     def _search_batch(self, jobs: list[SearchJob]) -> list[Found | BaseException]:

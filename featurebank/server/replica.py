@@ -43,6 +43,7 @@ from featurebank.core.bank import current_generation
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.server.auth import WRITE, aborting_handler, required_role
 from featurebank.server.engine import Engine
+from featurebank.server.following import follow, unfollow
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class ReplicaEngine(Engine):
         self.primary = primary
         self.failure: str | None = None  # why the bank cannot be read now
         self.follower = Follower(self, follow_interval_s)
+        self._follow_mark: int | None = None
         self.info.extra = lambda: {"replica": self.follower.lag()}
 
     def open(self) -> None:
@@ -104,6 +106,7 @@ class ReplicaEngine(Engine):
         from featurebank import store as store_mod
 
         self.live.store = store_mod.open(self.bank.root, readonly=True)
+        self._follow_mark = follow(self.bank.root)  # DropBank on the primary sees it
         self._open_embedder()
         self.follower.start()  # its first step loads the models
 
@@ -115,7 +118,7 @@ class ReplicaEngine(Engine):
         """Why a call must not be answered now (the bank cannot be read), or None."""
         if self.failure is None:
             return None
-        return f"read replica cannot read its bank {self.bank.root}: {self.failure}"
+        return f"read replica cannot read its bank ({self.failure})"
 
     def set_failure(self, failure: str | None) -> None:
         """Record whether the bank is readable; health follows when that changes."""
@@ -146,6 +149,8 @@ class ReplicaEngine(Engine):
     def _close_sync(self) -> None:
         self.follower.stop()
         super()._close_sync()
+        unfollow(self._follow_mark)
+        self._follow_mark = None
 
 
 class Follower:
@@ -228,12 +233,12 @@ OnRefused = Callable[[str, grpc.StatusCode], None]
 
 
 class ReplicaInterceptor(aio.ServerInterceptor):
-    """Refuses write RPCs before their request is read (a replica never embeds an Upsert),
-    and every featurebank call with UNAVAILABLE while the bank cannot be read (clients and
-    load balancers retry elsewhere); health and reflection always pass."""
+    """Refuses write RPCs before their request is read (a replica never embeds an Upsert);
+    health and reflection always pass. (A bank that cannot be read answers UNAVAILABLE
+    from the router, server/router.py: only the call names which bank it asks.)"""
 
-    def __init__(self, engine: ReplicaEngine, on_refused: OnRefused | None = None) -> None:
-        self.engine = engine
+    def __init__(self, primary: str | None, on_refused: OnRefused | None = None) -> None:
+        self.primary = primary
         self.on_refused = on_refused
 
     async def intercept_service(
@@ -247,10 +252,7 @@ class ReplicaInterceptor(aio.ServerInterceptor):
         name = method.rsplit("/", 1)[-1]
         if role == WRITE:
             return self._refused(handler, method, grpc.StatusCode.FAILED_PRECONDITION,
-                                 refusal(name, self.engine.primary))
-        why = self.engine.unreadable()
-        if why is not None:
-            return self._refused(handler, method, grpc.StatusCode.UNAVAILABLE, why)
+                                 refusal(name, self.primary))
         return handler
 
     def _refused(

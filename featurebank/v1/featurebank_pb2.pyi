@@ -137,6 +137,7 @@ class ClassifyRequest(_message.Message):
     TOP_N_FIELD_NUMBER: _builtins.int
     INCLUDE_NEIGHBORS_FIELD_NUMBER: _builtins.int
     ABSTAIN_BELOW_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
     mode: Global___Mode.ValueType
     k: _builtins.int
     """neighbours to vote with; 0 = server default"""
@@ -147,6 +148,8 @@ class ClassifyRequest(_message.Message):
     """Answer "unknown" (abstained) when the top probability is under the threshold
     calibrated, on cross-validated scores, to reach this precision; 0 = never abstain.
     """
+    bank: _builtins.str
+    """The bank to ask, by name or alias; empty = the server's default bank."""
     @_builtins.property
     def input(self) -> Global___Input: ...
     def __init__(
@@ -158,10 +161,11 @@ class ClassifyRequest(_message.Message):
         top_n: _builtins.int = ...,
         include_neighbors: _builtins.bool = ...,
         abstain_below: _builtins.float = ...,
+        bank: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstain_below", b"abstain_below", "include_neighbors", b"include_neighbors", "input", b"input", "k", b"k", "mode", b"mode", "top_n", b"top_n"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstain_below", b"abstain_below", "bank", b"bank", "include_neighbors", b"include_neighbors", "input", b"input", "k", b"k", "mode", b"mode", "top_n", b"top_n"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -271,11 +275,14 @@ class ClassifyBatchRequest(_message.Message):
     TOP_N_FIELD_NUMBER: _builtins.int
     INCLUDE_NEIGHBORS_FIELD_NUMBER: _builtins.int
     ABSTAIN_BELOW_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
     mode: Global___Mode.ValueType
     k: _builtins.int
     top_n: _builtins.int
     include_neighbors: _builtins.bool
     abstain_below: _builtins.float
+    """as in ClassifyRequest"""
+    bank: _builtins.str
     """as in ClassifyRequest"""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Input]: ...
@@ -288,10 +295,11 @@ class ClassifyBatchRequest(_message.Message):
         top_n: _builtins.int = ...,
         include_neighbors: _builtins.bool = ...,
         abstain_below: _builtins.float = ...,
+        bank: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstain_below", b"abstain_below", "include_neighbors", b"include_neighbors", "inputs", b"inputs", "k", b"k", "mode", b"mode", "top_n", b"top_n"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstain_below", b"abstain_below", "bank", b"bank", "include_neighbors", b"include_neighbors", "inputs", b"inputs", "k", b"k", "mode", b"mode", "top_n", b"top_n"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -327,9 +335,12 @@ class SearchRequest(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     INCLUDE_METADATA_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """0 = 10"""
     include_metadata: _builtins.bool
+    bank: _builtins.str
+    """as in ClassifyRequest"""
     @_builtins.property
     def input(self) -> Global___Input: ...
     @_builtins.property
@@ -343,10 +354,11 @@ class SearchRequest(_message.Message):
         k: _builtins.int = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
         include_metadata: _builtins.bool = ...,
+        bank: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_metadata", b"include_metadata", "input", b"input", "k", b"k", "labels", b"labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "include_metadata", b"include_metadata", "input", b"input", "k", b"k", "labels", b"labels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -380,15 +392,19 @@ class EmbedRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     IMAGE_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
     image: _builtins.bytes
+    bank: _builtins.str
+    """as in ClassifyRequest"""
     def __init__(
         self,
         *,
         image: _builtins.bytes = ...,
+        bank: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "image", b"image"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -428,6 +444,7 @@ class UpsertItem(_message.Message):
     SPLIT_FIELD_NUMBER: _builtins.int
     URI_FIELD_NUMBER: _builtins.int
     THUMBNAIL_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     image: _builtins.bytes
     label: _builtins.str
@@ -438,6 +455,8 @@ class UpsertItem(_message.Message):
     """where the item came from (optional metadata)"""
     thumbnail: _builtins.bool
     """keep a small JPEG of the image (shown on the labelling page)"""
+    bank: _builtins.str
+    """as in ClassifyRequest; later items of the stream repeat it or leave it empty"""
     @_builtins.property
     def vector(self) -> Global___Vector: ...
     def __init__(
@@ -450,10 +469,11 @@ class UpsertItem(_message.Message):
         split: _builtins.str = ...,
         uri: _builtins.str = ...,
         thumbnail: _builtins.bool = ...,
+        bank: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "image", b"image", "vector", b"vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "image", b"image", "key", b"key", "label", b"label", "split", b"split", "thumbnail", b"thumbnail", "uri", b"uri", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "data", b"data", "image", b"image", "key", b"key", "label", b"label", "split", b"split", "thumbnail", b"thumbnail", "uri", b"uri", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_data: _TypeAlias = _typing.Literal["image", "vector"]  # noqa: Y015
     _WhichOneofArgType_data: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
@@ -517,16 +537,20 @@ class SetLabelsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LABELS_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
+    bank: _builtins.str
+    """as in ClassifyRequest"""
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelAssignment]: ...
     def __init__(
         self,
         *,
         labels: _abc.Iterable[Global___LabelAssignment] | None = ...,
+        bank: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "labels", b"labels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -560,8 +584,11 @@ class DeleteRequest(_message.Message):
 
     KEYS_FIELD_NUMBER: _builtins.int
     IGNORE_MISSING_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
     ignore_missing: _builtins.bool
     """otherwise an unknown key is NOT_FOUND and nothing is deleted"""
+    bank: _builtins.str
+    """as in ClassifyRequest"""
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -569,10 +596,11 @@ class DeleteRequest(_message.Message):
         *,
         keys: _abc.Iterable[_builtins.str] | None = ...,
         ignore_missing: _builtins.bool = ...,
+        bank: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_missing", b"ignore_missing", "keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "ignore_missing", b"ignore_missing", "keys", b"keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -618,6 +646,7 @@ class RebuildIndexRequest(_message.Message):
     MEMORY_BUDGET_FIELD_NUMBER: _builtins.int
     K_FIELD_NUMBER: _builtins.int
     ALLOW_BELOW_TARGET_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
     factory: _builtins.str
     """FAISS factory string or "auto" """
     metric: _builtins.str
@@ -636,6 +665,8 @@ class RebuildIndexRequest(_message.Message):
     """k of the recall target"""
     allow_below_target: _builtins.bool
     """publish even when measured below target_recall"""
+    bank: _builtins.str
+    """as in ClassifyRequest"""
     def __init__(
         self,
         *,
@@ -649,10 +680,11 @@ class RebuildIndexRequest(_message.Message):
         memory_budget: _builtins.str = ...,
         k: _builtins.int = ...,
         allow_below_target: _builtins.bool = ...,
+        bank: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_head_epochs", b"_head_epochs", "_head_hidden", b"_head_hidden", "head_epochs", b"head_epochs", "head_hidden", b"head_hidden"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_head_epochs", b"_head_epochs", "_head_hidden", b"_head_hidden", "allow_below_target", b"allow_below_target", "factory", b"factory", "head_epochs", b"head_epochs", "head_hidden", b"head_hidden", "k", b"k", "memory_budget", b"memory_budget", "metric", b"metric", "retrain_head", b"retrain_head", "target_recall", b"target_recall", "transform", b"transform"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_head_epochs", b"_head_epochs", "_head_hidden", b"_head_hidden", "allow_below_target", b"allow_below_target", "bank", b"bank", "factory", b"factory", "head_epochs", b"head_epochs", "head_hidden", b"head_hidden", "k", b"k", "memory_budget", b"memory_budget", "metric", b"metric", "retrain_head", b"retrain_head", "target_recall", b"target_recall", "transform", b"transform"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__head_epochs: _TypeAlias = _typing.Literal["head_epochs"]  # noqa: Y015
     _WhichOneofArgType__head_epochs: _TypeAlias = _typing.Literal["_head_epochs", b"_head_epochs"]  # noqa: Y015
@@ -670,15 +702,19 @@ class GetOperationRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    bank: _builtins.str
+    """as in ClassifyRequest"""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        bank: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "id", b"id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -772,12 +808,17 @@ Global___Operation: _TypeAlias = Operation  # noqa: Y015
 class GetInfoRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    BANK_FIELD_NUMBER: _builtins.int
+    bank: _builtins.str
+    """as in ClassifyRequest; on a server without a default bank, empty lists the banks only"""
     def __init__(
         self,
+        *,
+        bank: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1011,12 +1052,17 @@ class GetInfoResponse(_message.Message):
     BANK_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     REPLICA_FIELD_NUMBER: _builtins.int
+    BANKS_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     labelled: _builtins.int
     store_generation: _builtins.int
     labels_generation: _builtins.int
     default_mode: Global___Mode.ValueType
     bank: _builtins.str
+    name: _builtins.str
+    """the name of the bank that answered (`bank` is its folder)"""
     @_builtins.property
     def spec(self) -> Global___Spec: ...
     @_builtins.property
@@ -1035,6 +1081,14 @@ class GetInfoResponse(_message.Message):
     def replica(self) -> Global___ReplicaInfo:
         """set only when this server is a read replica"""
 
+    @_builtins.property
+    def banks(self) -> _containers.RepeatedCompositeFieldContainer[Global___BankState]:
+        """Every bank this server serves, with its state; no bank is opened to list them."""
+
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoleReach]:
+        """which banks each role's tokens reach (never the tokens)"""
+
     def __init__(
         self,
         *,
@@ -1050,14 +1104,204 @@ class GetInfoResponse(_message.Message):
         bank: _builtins.str = ...,
         device: Global___DeviceInfo | None = ...,
         replica: Global___ReplicaInfo | None = ...,
+        banks: _abc.Iterable[Global___BankState] | None = ...,
+        roles: _abc.Iterable[Global___RoleReach] | None = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "head", b"head", "index", b"index", "replica", b"replica", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "count", b"count", "default_mode", b"default_mode", "device", b"device", "head", b"head", "index", b"index", "labelled", b"labelled", "labels", b"labels", "labels_generation", b"labels_generation", "replica", b"replica", "spec", b"spec", "store_generation", b"store_generation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "banks", b"banks", "count", b"count", "default_mode", b"default_mode", "device", b"device", "head", b"head", "index", b"index", "labelled", b"labelled", "labels", b"labels", "labels_generation", b"labels_generation", "name", b"name", "replica", b"replica", "roles", b"roles", "spec", b"spec", "store_generation", b"store_generation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetInfoResponse: _TypeAlias = GetInfoResponse  # noqa: Y015
+
+@_typing.final
+class BankState(_message.Message):
+    """One bank of a server, as GetInfo lists it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    IDLE_S_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    state: _builtins.str
+    """open | loading | idle | failed"""
+    error: _builtins.str
+    """why it failed, or why an open bank does not serve yet"""
+    is_default: _builtins.bool
+    """answers requests that name no bank"""
+    idle_s: _builtins.float
+    """seconds since its last call (0 while calls are in flight)"""
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """names that point to it"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        state: _builtins.str = ...,
+        error: _builtins.str = ...,
+        is_default: _builtins.bool = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
+        idle_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "error", b"error", "idle_s", b"idle_s", "is_default", b"is_default", "name", b"name", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BankState: _TypeAlias = BankState  # noqa: Y015
+
+@_typing.final
+class RoleReach(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    BANKS_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """read | write"""
+    @_builtins.property
+    def banks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"*" = every bank"""
+
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        banks: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["banks", b"banks", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoleReach: _TypeAlias = RoleReach  # noqa: Y015
+
+@_typing.final
+class CreateBankRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def spec(self) -> Global___Spec:
+        """What the vectors mean. Only dim set (backbone empty): a bank of vectors made
+        elsewhere (imported); otherwise a backbone featurebank can build.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        spec: Global___Spec | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBankRequest: _TypeAlias = CreateBankRequest  # noqa: Y015
+
+@_typing.final
+class DropBankRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    force: _builtins.bool
+    """drop even while read replicas follow it"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropBankRequest: _TypeAlias = DropBankRequest  # noqa: Y015
+
+@_typing.final
+class DropBankResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropBankResponse: _TypeAlias = DropBankResponse  # noqa: Y015
+
+@_typing.final
+class SetAliasRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    bank: _builtins.str
+    """the bank it points to; empty removes the alias"""
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+        bank: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "bank", b"bank"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAliasRequest: _TypeAlias = SetAliasRequest  # noqa: Y015
+
+@_typing.final
+class SetAliasResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
+    PREVIOUS_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    bank: _builtins.str
+    previous: _builtins.str
+    """what it pointed to before ("" when new)"""
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+        bank: _builtins.str = ...,
+        previous: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "bank", b"bank", "previous", b"previous"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAliasResponse: _TypeAlias = SetAliasResponse  # noqa: Y015
 
 @_typing.final
 class ReplicaInfo(_message.Message):
@@ -1124,21 +1368,25 @@ class SuggestRequest(_message.Message):
     N_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
     n: _builtins.int
     """items to return; 0 = 100"""
     strategy: Global___Strategy.ValueType
     label: _builtins.str
     """only items with this label among their two most probable"""
+    bank: _builtins.str
+    """as in ClassifyRequest"""
     def __init__(
         self,
         *,
         n: _builtins.int = ...,
         strategy: Global___Strategy.ValueType = ...,
         label: _builtins.str = ...,
+        bank: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "n", b"n", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "label", b"label", "n", b"n", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1207,16 +1455,20 @@ class AuditRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     N_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
     n: _builtins.int
     """findings to return; 0 = 100"""
+    bank: _builtins.str
+    """as in ClassifyRequest"""
     def __init__(
         self,
         *,
         n: _builtins.int = ...,
+        bank: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["n", b"n"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "n", b"n"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1309,16 +1561,20 @@ class GetThumbnailsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
+    bank: _builtins.str
+    """as in ClassifyRequest"""
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         keys: _abc.Iterable[_builtins.str] | None = ...,
+        bank: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "keys", b"keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1373,12 +1629,17 @@ Global___GetThumbnailsResponse: _TypeAlias = GetThumbnailsResponse  # noqa: Y015
 class GetReportRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    BANK_FIELD_NUMBER: _builtins.int
+    bank: _builtins.str
+    """as in ClassifyRequest"""
     def __init__(
         self,
+        *,
+        bank: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1420,19 +1681,23 @@ class QualityRequest(_message.Message):
 
     PRECISION_FIELD_NUMBER: _builtins.int
     N_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
     precision: _builtins.float
     """cut the label list at this estimated precision; 0 = at the estimated count"""
     n: _builtins.int
     """findings listed per kind; 0 = 100"""
+    bank: _builtins.str
+    """as in ClassifyRequest"""
     def __init__(
         self,
         *,
         precision: _builtins.float = ...,
         n: _builtins.int = ...,
+        bank: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["n", b"n", "precision", b"precision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "n", b"n", "precision", b"precision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -109,6 +109,21 @@ class FeatureBankStub:
                 request_serializer=featurebank_dot_v1_dot_featurebank__pb2.GetOperationRequest.SerializeToString,
                 response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.Operation.FromString,
                 _registered_method=True)
+        self.CreateBank = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/CreateBank',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.CreateBankRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.BankState.FromString,
+                _registered_method=True)
+        self.DropBank = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/DropBank',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.DropBankRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.DropBankResponse.FromString,
+                _registered_method=True)
+        self.SetAlias = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/SetAlias',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.SetAliasRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SetAliasResponse.FromString,
+                _registered_method=True)
 
 
 class FeatureBankServicer:
@@ -224,6 +239,30 @@ class FeatureBankServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateBank(self, request, context):
+        """Bank lifecycle on a server started with --banks DIR (write role).
+        A new bank under DIR: from a spec, or vectors-only when the spec gives only dim.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropBank(self, request, context):
+        """Remove a bank and its folder; refused (FAILED_PRECONDITION) while read replicas
+        follow it, unless forced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAlias(self, request, context):
+        """Point an alias at a bank (or remove it), atomically: every later call naming the
+        alias is answered by the new bank, calls in flight finish on the old one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureBankServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -301,6 +340,21 @@ def add_FeatureBankServicer_to_server(servicer, server):
                     servicer.GetOperation,
                     request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.GetOperationRequest.FromString,
                     response_serializer=featurebank_dot_v1_dot_featurebank__pb2.Operation.SerializeToString,
+            ),
+            'CreateBank': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBank,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.CreateBankRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.BankState.SerializeToString,
+            ),
+            'DropBank': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropBank,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.DropBankRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.DropBankResponse.SerializeToString,
+            ),
+            'SetAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAlias,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SetAliasRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.SetAliasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -708,6 +762,87 @@ class FeatureBank:
             '/featurebank.v1.FeatureBank/GetOperation',
             featurebank_dot_v1_dot_featurebank__pb2.GetOperationRequest.SerializeToString,
             featurebank_dot_v1_dot_featurebank__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/CreateBank',
+            featurebank_dot_v1_dot_featurebank__pb2.CreateBankRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.BankState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropBank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/DropBank',
+            featurebank_dot_v1_dot_featurebank__pb2.DropBankRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.DropBankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/SetAlias',
+            featurebank_dot_v1_dot_featurebank__pb2.SetAliasRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.SetAliasResponse.FromString,
             options,
             channel_credentials,
             insecure,

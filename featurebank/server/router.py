@@ -1,0 +1,195 @@
+"""The servicer a multi-bank server exposes: each call goes to the bank its `bank` field names.
+
+Why a router in front of the per-bank servicers: a bank's servicer (server/service.py)
+answers over one engine and stays as it is; the router resolves the name (alias or bank,
+empty = the default), holds the bank open for the call (server/banks.py) and hands the
+call to that bank's servicer. Errors of its own (unknown bank, a bank that fails to
+open) are mapped to status codes the same way as every other error.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from grpc import aio
+
+from featurebank.core.errors import InvalidInput
+from featurebank.server.auth import Grant, OutOfScope, Tokens, bearer
+from featurebank.server.banks import Banks, Entry
+from featurebank.server.engine import Engine
+from featurebank.server.lifecycle import Lifecycle
+from featurebank.server.metrics import Metrics
+from featurebank.server.replica import ReplicaEngine
+from featurebank.server.service import FeatureBankServicer, Unavailable
+from featurebank.server.status import to_status
+from featurebank.v1 import featurebank_pb2 as pb
+from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
+
+ROUTED = (
+    "Classify", "ClassifyBatch", "Search", "Embed", "Suggest", "Audit", "GetThumbnails",
+    "GetReport", "Quality", "SetLabels", "Delete", "RebuildIndex", "GetOperation",
+)
+
+MakeServicer = Callable[[Engine], FeatureBankServicer]
+
+
+class BankRouter(pb_grpc.FeatureBankServicer):
+    """featurebank.v1.FeatureBank over many banks, one FeatureBankServicer per open bank."""
+
+    def __init__(
+        self, banks: Banks, make_servicer: MakeServicer, metrics: Metrics | None = None,
+        tokens: Tokens | None = None,
+    ) -> None:
+        self.banks = banks
+        self.make_servicer = make_servicer
+        self.metrics = metrics
+        self.tokens = tokens if tokens is not None and tokens.enabled else None
+        self.lifecycle = Lifecycle(banks)
+
+    def _servicer(self, entry: Entry, engine: Engine) -> FeatureBankServicer:
+        servicer = entry.servicer
+        if servicer is None or servicer.engine is not engine:
+            servicer = entry.servicer = self.make_servicer(engine)
+        return servicer  # type: ignore[no-any-return]
+
+    async def _answer(self, method: str, call: Callable[[], Awaitable[Any]],
+                      context: aio.ServicerContext) -> Any:
+        """`call()`'s answer, or its error as a status (never UNKNOWN)."""
+        started = time.perf_counter()
+        try:
+            return await call()
+        except aio.AbortError:
+            raise  # the bank's servicer already answered with a status
+        except Exception as e:  # noqa: BLE001 - mapped to a status, never UNKNOWN
+            code, message = to_status(e)
+            if self.metrics is not None:
+                self.metrics.observe(method, code.name, time.perf_counter() - started)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+
+    def _grant(self, context: aio.ServicerContext) -> Grant | None:
+        """The caller's token's grant where tokens are scoped (the interceptor checked it)."""
+        if self.tokens is None or not self.tokens.scoped:
+            return None
+        token = bearer(context.invocation_metadata())
+        return self.tokens.grant(token) if token else None
+
+    def _check_reach(self, context: aio.ServicerContext, method: str, *names: str) -> None:
+        """PERMISSION_DENIED unless the token reaches each named bank (or the bank an alias
+        names); checked before the name is looked up, so a token learns of no other bank."""
+        grant = self._grant(context)
+        if grant is None:
+            return
+        for name in names:
+            asked = name or self.banks.default or ""
+            if asked and not grant.reaches(asked, self.banks.aliases.get(asked, asked)):
+                raise OutOfScope(f"{method}: this token does not reach bank {asked!r}")
+
+    async def _route(
+        self, method: str, name: str, request: Any, context: aio.ServicerContext,
+        named: bool = False,
+    ) -> Any:
+        """The bank's servicer's answer (with `named`, the answer and the bank's name)."""
+
+        async def call() -> Any:
+            self._check_reach(context, method, name)
+            async with self.banks.using(name) as (entry, engine):
+                why = engine.unreadable() if isinstance(engine, ReplicaEngine) else None
+                if why is not None:  # clients and load balancers retry elsewhere
+                    raise Unavailable(why)
+                response = await getattr(self._servicer(entry, engine), method)(request, context)
+                return (response, entry.name) if named else response
+
+        return await self._answer(method, call, context)
+
+    # ------------------------------------------------------------- lifecycle (write role)
+
+    async def CreateBank(self, request: pb.CreateBankRequest, context: aio.ServicerContext) -> pb.BankState:
+        async def call() -> pb.BankState:
+            self._check_reach(context, "CreateBank", request.name)
+            entry = await self.lifecycle.create(request.name, request.spec)
+            return pb.BankState(**self.banks.state(entry))
+
+        return await self._answer("CreateBank", call, context)  # type: ignore[no-any-return]
+
+    async def DropBank(
+        self, request: pb.DropBankRequest, context: aio.ServicerContext
+    ) -> pb.DropBankResponse:
+        async def call() -> pb.DropBankResponse:
+            self._check_reach(context, "DropBank", request.name)
+            await self.lifecycle.drop(request.name, request.force)
+            return pb.DropBankResponse(name=request.name)
+
+        return await self._answer("DropBank", call, context)  # type: ignore[no-any-return]
+
+    async def SetAlias(
+        self, request: pb.SetAliasRequest, context: aio.ServicerContext
+    ) -> pb.SetAliasResponse:
+        async def call() -> pb.SetAliasResponse:
+            self._check_reach(context, "SetAlias", request.alias, *([request.bank] if request.bank else []))
+            previous = self.lifecycle.set_alias(request.alias, request.bank)
+            return pb.SetAliasResponse(alias=request.alias, bank=request.bank, previous=previous)
+
+        return await self._answer("SetAlias", call, context)  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------- the banks' own RPCs
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context: aio.ServicerContext) -> pb.GetInfoResponse:
+        response = pb.GetInfoResponse()  # no default bank and none named: the list alone
+        if request.bank or self.banks.default is not None:
+            response, response_name = await self._route(
+                "GetInfo", request.bank, request, context, named=True
+            )
+            response.name = response_name
+        grant = self._grant(context)
+        response.banks.extend(
+            pb.BankState(**s) for s in self.banks.states()
+            if grant is None or grant.reaches(s["name"], *s["aliases"])
+        )
+        if self.tokens is not None:
+            response.roles.extend(
+                pb.RoleReach(role=role, banks=banks) for role, banks in self.tokens.reach().items()
+            )
+        return response
+
+    async def Upsert(
+        self, request_iterator: AsyncIterator[pb.UpsertItem], context: aio.ServicerContext
+    ) -> pb.UpsertResponse:
+        """The stream's first item names the bank; later items repeat it or leave it empty."""
+        first = await anext(aiter(request_iterator), None)
+        name = first.bank if first is not None else ""
+
+        async def items() -> AsyncIterator[pb.UpsertItem]:
+            if first is None:
+                return
+            yield first
+            async for n, item in _numbered(request_iterator, 1):
+                if item.bank and item.bank != name:
+                    raise InvalidInput(
+                        f"items[{n}].bank is {item.bank!r} but the stream's first item named "
+                        f"{name!r}: one Upsert writes to one bank"
+                    )
+                yield item
+
+        return await self._route("Upsert", name, items(), context)  # type: ignore[no-any-return]
+
+
+async def _numbered(items: AsyncIterator[Any], start: int) -> AsyncIterator[tuple[int, Any]]:
+    n = start
+    async for item in items:
+        yield n, item
+        n += 1
+
+
+def _routed(method: str) -> Callable[..., Any]:
+    async def call(self: BankRouter, request: Any, context: aio.ServicerContext) -> Any:
+        return await self._route(method, request.bank, request, context)
+
+    call.__name__ = method
+    return call
+
+
+for _method in ROUTED:
+    setattr(BankRouter, _method, _routed(_method))
