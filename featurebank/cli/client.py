@@ -19,7 +19,9 @@ from featurebank.cli.index import add_index_params
 from featurebank.core.vocabulary import MODES, SPLITS, UNKNOWN
 
 
-def connection_args(p: argparse.ArgumentParser) -> None:
+def connection_args(p: argparse.ArgumentParser, bank_name: bool = True) -> None:
+    """--server, token and TLS options; `bank_name`: also --bank NAME, the served bank (a
+    command whose --bank is a bank directory leaves it out and asks $FEATUREBANK_BANK's)."""
     g = p.add_argument_group("connection")
     g.add_argument("--server", type=args_.server_address,
                    default=os.environ.get("FEATUREBANK_SERVER", "127.0.0.1:50051"), help="HOST:PORT of the server (default $FEATUREBANK_SERVER or 127.0.0.1:50051)")
@@ -35,9 +37,12 @@ def connection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
     g.add_argument("--tls-key", type=Path, default=None, help="client key (mutual TLS)")
     g.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
-    g.add_argument("--bank", dest="server_bank", default=os.environ.get("FEATUREBANK_BANK", ""),
-                   metavar="NAME", help="the served bank (or alias) to ask; default "
-                   "$FEATUREBANK_BANK or the server's default bank")
+    if bank_name:
+        g.add_argument("--bank", dest="server_bank", default=os.environ.get("FEATUREBANK_BANK", ""),
+                       metavar="NAME", help="the served bank (or alias) to ask; default "
+                       "$FEATUREBANK_BANK or the server's default bank")
+    else:
+        p.set_defaults(server_bank=os.environ.get("FEATUREBANK_BANK", ""))
     g.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 

@@ -50,7 +50,7 @@ def register(commands: Commands) -> None:
     p.add_argument("--bank", type=Path,
                    help="delete from this bank directory (no server may hold it); without "
                    "it, through the server at --server")  # fmt: skip
-    connection_args(p)
+    connection_args(p, bank_name=False)
 
     p = commands.subcommand(
         "store", "compact", "rewrite the store without its deleted rows (gives space back)",
