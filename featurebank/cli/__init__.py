@@ -18,7 +18,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from featurebank.core.errors import FeaturebankError
 
-AREAS = ["store", "repair", "embed", "index", "head", "serve", "client", "labelling"]
+AREAS = ["store", "repair", "embed", "index", "head", "serve", "client", "queries", "labelling"]
 
 Handler = Callable[[argparse.Namespace], "int | None"]
 
