@@ -39,6 +39,7 @@ def test_generated_modules_import_and_describe_the_service() -> None:
     assert {m.name for m in service.methods} == {
         "Classify", "ClassifyBatch", "Search", "Embed", "Upsert", "SetLabels", "Delete",
         "RebuildIndex", "GetOperation", "GetInfo", "Suggest", "Audit", "GetThumbnails", "GetReport",
+        "SearchBatch", "Recommend", "Scroll", "Count", "SetMetadata",
     }
     assert service.methods_by_name["Upsert"].client_streaming
     assert hasattr(featurebank_pb2_grpc, "FeatureBankStub")
