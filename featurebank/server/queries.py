@@ -190,17 +190,17 @@ def scroll_page(tables: Tables, store: Store, where: filters.Node | None, limit:
     return Page(page, encode_token(page[-1]) if more and page else "", table.generation)
 
 
-def scroll_items(store: Store, page: Page, include_vectors: bool) -> list[pb.Item]:
+def page_items(store: Store, page: Page) -> Any:
     """The page's items as they are stored now (one deleted meanwhile is left out)."""
-    if not page.keys:
-        return []
-    gone = set(store.missing(page.keys))
+    gone = set(store.missing(page.keys)) if page.keys else set()
     keys = [k for k in page.keys if k not in gone]
-    items = store.get_by_keys(keys) if keys else None
+    return store.get_by_keys(keys) if keys else None
+
+
+def scroll_items(store: Store, page: Page, include_vectors: bool) -> list[pb.Item]:
+    items = page_items(store, page)
     out: list[pb.Item] = []
-    if items is None:
-        return out
-    for i, key in enumerate(items.keys):
+    for i, key in enumerate([] if items is None else items.keys):
         item = pb.Item(key=key, label=items.labels[i] or "", split=items.splits[i])
         item.metadata.update(items.meta[i])
         if include_vectors:
@@ -314,36 +314,45 @@ class Queries:
         self, pos: np.ndarray, neg: np.ndarray, own: Sequence[int], strategy: str, k: int,
         where: filters.Node | None, threshold: float | None, include_metadata: bool,
     ) -> tuple[list[Hit], int]:
-        """Hits like the positives and unlike the negatives, the examples themselves left out."""
-        from featurebank.server.reads import Hit
-
         searcher = self.engine.live.current().searcher
-        store: Store = self.engine.live.opened()
-        mine = set(own)
-        want = max(1, min(int(searcher.ntotal), k + len(mine), MAX_CANDIDATES))
-        if strategy == "average":
-            res = searcher.search(average_query(pos, neg)[None, :], want, where=where)
-            ids, scores = res.ids[0], res.scores[0]
-        else:  # best_score: candidates near each positive, rescored against every example
-            res = searcher.search(pos, min(int(searcher.ntotal), want * 4), where=where)
-            ids = np.unique(res.ids[res.ids >= 0])
-            if ids.size:
-                vectors = store.get(ids.astype(np.uint64)).vectors
-                scores = best_scores(similarities(searcher, pos, vectors),
-                                     similarities(searcher, neg, vectors) if len(neg) else np.zeros((0, ids.size)))
-                order = np.argsort(-scores, kind="stable")
-                ids, scores = ids[order], scores[order]
-            else:
-                scores = np.zeros(0, np.float32)
-        keep = [i for i in range(len(ids)) if ids[i] >= 0 and int(ids[i]) not in mine]
-        if threshold is not None:
-            keep = [i for i in keep if scores[i] >= threshold]
-        keep = keep[:k]
-        chosen = ids[keep].astype(np.uint64)
-        items = store.get(chosen) if len(chosen) else None
-        hits = [] if items is None else [
-            Hit(items.keys[j], items.labels[j], float(scores[i]),
-                dict(items.meta[j]) if include_metadata else None)
-            for j, i in enumerate(keep)
-        ]
+        hits = recommend(searcher, self.engine.live.opened(), pos, neg, own, strategy, k, where,
+                         threshold, include_metadata)
         return hits, int(searcher.generation)
+
+
+def recommend(
+    searcher: Searcher, store: Store, pos: np.ndarray, neg: np.ndarray, own: Sequence[int],
+    strategy: str, k: int, where: filters.Node | None, threshold: float | None,
+    include_metadata: bool,
+) -> list[Hit]:
+    """Hits like the positives and unlike the negatives, the examples themselves left out."""
+    from featurebank.server.reads import Hit
+
+    mine = set(own)
+    want = max(1, min(int(searcher.ntotal), k + len(mine), MAX_CANDIDATES))
+    if strategy == "average":
+        res = searcher.search(average_query(pos, neg)[None, :], want, where=where)
+        ids, scores = res.ids[0], res.scores[0]
+    else:  # best_score: candidates near each positive, rescored against every example
+        res = searcher.search(pos, min(int(searcher.ntotal), want * 4), where=where)
+        ids = np.unique(res.ids[res.ids >= 0])
+        scores = np.zeros(0, np.float32)
+        if ids.size:
+            vectors = store.get(ids.astype(np.uint64)).vectors
+            against = similarities(searcher, neg, vectors) if len(neg) else np.zeros((0, ids.size))
+            scores = best_scores(similarities(searcher, pos, vectors), against)
+            order = np.argsort(-scores, kind="stable")
+            ids, scores = ids[order], scores[order]
+    keep = [i for i in range(len(ids)) if ids[i] >= 0 and int(ids[i]) not in mine]
+    if threshold is not None:
+        keep = [i for i in keep if scores[i] >= threshold]
+    keep = keep[:k]
+    chosen = ids[keep].astype(np.uint64)
+    if not len(chosen):
+        return []
+    items = store.get(chosen)
+    return [
+        Hit(items.keys[j], items.labels[j], float(scores[i]),
+            dict(items.meta[j]) if include_metadata else None)
+        for j, i in enumerate(keep)
+    ]

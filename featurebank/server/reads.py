@@ -215,47 +215,54 @@ class Reads:
                     job.group_size)
 
         def answer(group: list[SearchJob]) -> list[Found]:
-            job0 = group[0]
-            ex = _exclude_ids(group)
-            available = max(1, int(searcher.ntotal) - (1 if ex is not None else 0))
-            want = selection.candidates_for(job0, available)
-            vectors = np.stack([j.vector for j in group])
-            while True:
-                rows = self._hits(searcher, store, vectors, want, group, ex)
-                done = [selection.select_hits(r, j) for r, j in zip(rows, group, strict=True)]
-                short = any(len(d) < j.k and len(r) == want for d, r, j in zip(done, rows, group, strict=True))
-                if job0.group_by is None or not short or want >= min(available, selection.MAX_CANDIDATES):
-                    return [Found(d, generation) for d in done]
-                want = min(available, selection.MAX_CANDIDATES, want * 4)
+            return [Found(hits, generation) for hits in search_jobs(searcher, store, group)]
 
         return _grouped(jobs, key, answer)
 
-    @staticmethod
-    def _hits(
-        searcher: Any, store: Any, vectors: np.ndarray, k: int, group: list[SearchJob],
-        ex: np.ndarray | None,
-    ) -> list[list[Hit]]:
-        """Each job's neighbours, best first, with metadata when asked for or grouped by."""
-        job0 = group[0]
-        res = searcher.search(
-            vectors, k, labels=list(job0.labels) if job0.labels else None, exclude_ids=ex,
-            where=job0.where,
-        )
-        keys, labs = res.keys, res.labels
-        out = []
-        for row, job in enumerate(group):
-            hits = [
-                Hit(keys[row][col], labs[row][col], float(res.scores[row, col]), None)
-                for col in range(res.ids.shape[1])
-                if int(res.ids[row, col]) >= 0
-            ]
-            need_meta = job.include_metadata or (job.group_by or "").startswith("meta.")
-            if need_meta and hits:
-                found = res.ids[row][res.ids[row] >= 0].astype(np.uint64)
-                metas = store.get(found).meta
-                hits = [Hit(h.key, h.label, h.score, dict(m)) for h, m in zip(hits, metas, strict=True)]
-            out.append(hits)
-        return out
+
+def search_jobs(searcher: Any, store: Any, group: list[SearchJob]) -> list[list[Hit]]:
+    """Hits of search jobs asking the same (k, labels, filter, groups), one search for all;
+    grouped searches fetch more neighbours until every group is full or none are left."""
+    job0 = group[0]
+    ex = _exclude_ids(group)
+    available = max(1, int(searcher.ntotal) - (1 if ex is not None else 0))
+    want = selection.candidates_for(job0, available)
+    vectors = np.stack([j.vector for j in group])
+    most = min(available, selection.MAX_CANDIDATES)
+    while True:
+        rows = _hits(searcher, store, vectors, want, group, ex)
+        done = [selection.select_hits(r, j) for r, j in zip(rows, group, strict=True)]
+        short = any(len(d) < j.k and len(r) == want for d, r, j in zip(done, rows, group, strict=True))
+        if job0.group_by is None or not short or want >= most:
+            return done
+        want = min(most, want * 4)
+
+
+def _hits(
+    searcher: Any, store: Any, vectors: np.ndarray, k: int, group: list[SearchJob],
+    ex: np.ndarray | None,
+) -> list[list[Hit]]:
+    """Each job's neighbours, best first, with metadata when asked for or grouped by."""
+    job0 = group[0]
+    res = searcher.search(
+        vectors, k, labels=list(job0.labels) if job0.labels else None, exclude_ids=ex,
+        where=job0.where,
+    )
+    keys, labs = res.keys, res.labels
+    out = []
+    for row, job in enumerate(group):
+        hits = [
+            Hit(keys[row][col], labs[row][col], float(res.scores[row, col]), None)
+            for col in range(res.ids.shape[1])
+            if int(res.ids[row, col]) >= 0
+        ]
+        need_meta = job.include_metadata or (job.group_by or "").startswith("meta.")
+        if need_meta and hits:
+            found = res.ids[row][res.ids[row] >= 0].astype(np.uint64)
+            metas = store.get(found).meta
+            hits = [Hit(h.key, h.label, h.score, dict(m)) for h, m in zip(hits, metas, strict=True)]
+        out.append(hits)
+    return out
 
 
 def _exclude_ids(group: Sequence[ClassifyJob | SearchJob]) -> np.ndarray | None:
