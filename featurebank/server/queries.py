@@ -232,7 +232,9 @@ def best_scores(sim_pos: np.ndarray, sim_neg: np.ndarray) -> np.ndarray:
     best positive (scaled to (0.5, 1)); otherwise minus its best negative (below 0)."""
     best_p = sim_pos.max(axis=0)
     best_n = sim_neg.max(axis=0) if len(sim_neg) else np.full_like(best_p, -np.inf)
-    return np.where(best_p > best_n, _sigmoid(best_p), -_sigmoid(best_n)).astype(np.float32)
+    finite = np.finfo(np.float32).max
+    p, n = np.clip(best_p, -finite, finite), np.clip(best_n, -finite, finite)
+    return np.where(best_p > best_n, _sigmoid(p), -_sigmoid(n)).astype(np.float32)
 
 
 def similarities(searcher: Searcher, examples: np.ndarray, vectors: np.ndarray) -> np.ndarray:
