@@ -277,3 +277,40 @@ def test_scroll_returns_every_item_once_while_upserts_land(tmp_path: Path) -> No
         assert set(start_keys) <= set(seen)  # none of those present at the start skipped
         assert seen == sorted(seen)
         assert s.Count(pb.CountRequest()).count >= n
+
+
+def test_filters_hold_during_a_rebuild_and_on_a_replica(tmp_path: Path) -> None:
+    import time
+
+    from featurebank.server.client import FeatureBankClient, RemoteError
+    from tests.support.server import make_vector_bank
+
+    bank = make_vector_bank(tmp_path / "bank", dim=DIM, n_per_class=40)
+    with store_mod.open(bank) as st:
+        keys = st.item_table().keys
+        st.set_meta({k: {"odd": i % 2 == 1} for i, k in enumerate(keys)})
+    odd = {k for i, k in enumerate(keys) if i % 2 == 1}
+    with RunningServer(ServeConfig(bank=bank, port=free_port())) as rs, FeatureBankClient(rs.target) as c:
+        query = np.asarray(c.scroll(limit=1, include_vectors=True).items[0].vector.values)
+        op = c.rebuild_index(factory="HNSW16", allow_below_target=True)
+        seen = 0
+        while not c.get_operation(op.id).done or seen == 0:
+            hits = c.search(vector=query, k=10, filter="meta.odd == true").neighbors
+            assert len(hits) == 10 and {h.key for h in hits} <= odd
+            seen += 1
+        assert c.get_operation(op.id).error.code == ""
+        probe = [h.key for h in c.search(vector=query, k=10, filter="meta.odd == true").neighbors]
+    replica = ServeConfig(bank=bank, port=free_port(), replica=True, follow_interval_s=0.05)
+    with RunningServer(replica) as rs, FeatureBankClient(rs.target) as c:
+        c.wait_until_serving(10)
+        assert [h.key for h in c.search(vector=query, k=10, filter="meta.odd == true").neighbors] == probe
+        assert c.count("meta.odd == true") == len(odd)
+        with pytest.raises(RemoteError) as e:
+            c.set_metadata({keys[0]: {"odd": True}})
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        with store_mod.open(bank) as st:  # what the primary writes, the replica follows
+            st.set_meta({keys[0]: {"odd": True}})
+        deadline = time.monotonic() + 10
+        while c.count("meta.odd == true") != len(odd) + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.count("meta.odd == true") == len(odd) + 1
