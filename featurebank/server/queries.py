@@ -132,43 +132,48 @@ def decode_token(token: str) -> str | None:
 # ---- the item table, once per store generation ---------------------------------------------
 
 
+@dataclass
+class _Snapshot:
+    table: filters.Table
+    order: np.ndarray  # positions of the table's rows in key order
+    sorted_keys: list[str]
+    matched: dict[filters.Node | None, np.ndarray]
+
+
 class Tables:
-    """The filter table of the live store and its key order, rebuilt when the store moves."""
+    """The filter table of the live store and its key order, rebuilt when the store moves
+    (one snapshot swapped whole, so a reader never mixes two generations)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._table: filters.Table | None = None
-        self._order: list[int] = []
-        self._sorted_keys: list[str] = []
-        self._matched: dict[filters.Node | None, np.ndarray] = {}
+        self._snap: _Snapshot | None = None
 
-    def get(self, store: Store) -> filters.Table:
+    def snapshot(self, store: Store) -> _Snapshot:
         gen = int(store.generation)
-        with self._lock:
-            if self._table is not None and self._table.generation == gen:
-                return self._table
+        snap = self._snap
+        if snap is not None and snap.table.generation == gen:
+            return snap
         table = filters.Table.of_store(store)
         keys = table.column("key")
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        with self._lock:
-            self._table, self._order = table, order
-            self._sorted_keys = [keys[i] for i in order]
-            self._matched = {}
-        return table
+        order = np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
+        snap = _Snapshot(table, order, [keys[i] for i in order.tolist()], {})
+        self._snap = snap
+        return snap
 
-    def in_key_order(self, store: Store, where: filters.Node | None) -> tuple[filters.Table, list[str], np.ndarray]:
-        """(table, sorted keys, positions into them that pass `where`)."""
-        table = self.get(store)
+    def get(self, store: Store) -> filters.Table:
+        return self.snapshot(store).table
+
+    def in_key_order(self, store: Store, where: filters.Node | None) -> tuple[_Snapshot, np.ndarray]:
+        """(snapshot, positions into its sorted keys that pass `where`)."""
+        snap = self.snapshot(store)
         with self._lock:
-            found = self._matched.get(where)
-            order, keys = self._order, self._sorted_keys
-        if found is None or table is not self._table:
-            mask = np.ones(len(table.ids), bool) if where is None else table.mask(where)
-            found = np.flatnonzero(mask[np.asarray(order, dtype=np.int64)]) if order else np.zeros(0, np.int64)
+            found = snap.matched.get(where)
+        if found is None:
+            mask = np.ones(len(snap.table.ids), bool) if where is None else snap.table.mask(where)
+            found = np.flatnonzero(mask[snap.order])
             with self._lock:
-                if table is self._table:
-                    self._matched[where] = found
-        return table, keys, found
+                snap.matched[where] = found
+        return snap, found
 
 
 @dataclass(frozen=True)
@@ -181,13 +186,14 @@ class Page:
 def scroll_page(tables: Tables, store: Store, where: filters.Node | None, limit: int,
                 after: str | None) -> Page:
     """One page of passing keys after `after`, in key order."""
-    table, keys, passing = tables.in_key_order(store, where)
+    snap, passing = tables.in_key_order(store, where)
+    keys = snap.sorted_keys
     start = 0 if after is None else bisect.bisect_right(keys, after)
     first = int(np.searchsorted(passing, start))
     chosen = passing[first : first + limit]
     page = [keys[int(i)] for i in chosen]
     more = first + limit < len(passing)
-    return Page(page, encode_token(page[-1]) if more and page else "", table.generation)
+    return Page(page, encode_token(page[-1]) if more and page else "", snap.table.generation)
 
 
 def page_items(store: Store, page: Page) -> Any:
