@@ -337,14 +337,16 @@ class Table:
 # ---- planning a filtered search ------------------------------------------------------------
 
 EXACT_MAX = 20_000  # matching sets this small are scanned exactly
-PROBE_MAX = 1024  # most candidates an unfiltered probe fetches before scanning exactly
+PROBE_MIN_FRACTION = 0.2  # below this, unfiltered candidates cost more than they find
+EXACT_SCAN_MAX = 100_000  # a tighter filter matching up to this many is scanned exactly too
+PROBE_MAX = 1024  # most candidates an unfiltered probe fetches
 
 
 def probe_k(k: int, fraction: float) -> int:
     """Candidates to fetch unfiltered so that k of them pass a filter of this selectivity
     (about twice the expected need), or 0 when the filter is too tight for that to pay."""
     want = int(np.ceil(2.0 * k / max(fraction, 1e-9))) + k
-    return want if want <= PROBE_MAX else 0
+    return want if fraction >= PROBE_MIN_FRACTION and want <= PROBE_MAX else 0
 
 
 def first_passing(

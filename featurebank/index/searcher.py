@@ -434,9 +434,10 @@ class Searcher:
         self, view: View, xt: np.ndarray, k: int, matching: np.ndarray, key: Any
     ) -> tuple[np.ndarray, np.ndarray]:
         """Search only `matching` ids, planned by the filter's selectivity (filters.py):
-        small sets are scanned exactly; large ones fetch unfiltered candidates and keep
-        those passing, and queries left with fewer than k (a filter excluding the query's
-        own region) are scanned exactly, so recall holds whatever the filter lines up with.
+        small sets, and tight filters matching up to EXACT_SCAN_MAX, are scanned exactly;
+        loose filters fetch unfiltered candidates and keep those passing, and queries left
+        with fewer than k (a filter excluding the query's own region) are scanned exactly,
+        so recall holds whatever the filter lines up with. Larger tight sets use a selector.
         """
         make = lambda: matching[member(matching, view.gen.index_ids)]  # noqa: E731
         allowed: np.ndarray = cached(view, ("allowed", *key), make)
@@ -459,6 +460,8 @@ class Searcher:
                     rest = np.flatnonzero(~done)
                     dist[rest], ids[rest] = cached(view, ("exact", *key), exact)(xt[rest], k)
                 return dist, ids
+            if allowed.size <= filters.EXACT_SCAN_MAX:
+                return cached(view, ("exact", *key), exact)(xt, k)
         sel = cached(view, ("sel", *key), lambda: faiss.IDSelectorBatch(allowed))
         params, keep = search_params(view, sel, fraction)
         dist, ids = view.gen.index.search(xt, k, params=params)
