@@ -21,9 +21,11 @@ if TYPE_CHECKING:
         Finding,
         Hits,
         Info,
+        Item,
         Keys,
         LocalBank,
         Neighbor,
+        Page,
         Published,
         RemoteBank,
         Served,
@@ -36,8 +38,8 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
-    "Batch", "Classification", "FeatureBank", "Finding", "Hits", "Info", "Keys", "LocalBank",
-    "Neighbor", "Published", "RemoteBank", "Served", "Suggestion", "Written", "connect",
+    "Batch", "Classification", "FeatureBank", "Finding", "Hits", "Info", "Item", "Keys", "LocalBank",
+    "Neighbor", "Page", "Published", "RemoteBank", "Served", "Suggestion", "Written", "connect",
     "create", "keys", "open",
 ]  # fmt: skip
 

@@ -6,7 +6,8 @@
     bank = fb.connect("host:4464", token="...")                          # over gRPC
 
 Both answer `embed`, `search`, `classify`, `suggest`, `audit`, `info`, `upsert`,
-`set_labels`, `delete`, `build_index` and `train_head` with the same result types
+`set_labels`, `delete`, `build_index`, `train_head`, and the queries `recommend`, `scroll`,
+`count` and `set_metadata` (filters on search and classify) with the same result types
 (featurebank.api.results). See docs/python.md.
 """
 
@@ -21,7 +22,9 @@ from featurebank.api.results import (
     Finding,
     Hits,
     Info,
+    Item,
     Neighbor,
+    Page,
     Published,
     Suggestion,
     Written,
@@ -29,7 +32,7 @@ from featurebank.api.results import (
 from featurebank.api.serving import Served
 
 __all__ = [
-    "Batch", "Classification", "FeatureBank", "Finding", "Hits", "Info", "Keys", "LocalBank",
-    "Neighbor", "Published", "RemoteBank", "Served", "Suggestion", "Written", "connect",
+    "Batch", "Classification", "FeatureBank", "Finding", "Hits", "Info", "Item", "Keys", "LocalBank",
+    "Neighbor", "Page", "Published", "RemoteBank", "Served", "Suggestion", "Written", "connect",
     "create", "keys", "open",
 ]  # fmt: skip

@@ -20,6 +20,7 @@ from featurebank.api.results import (
     Finding,
     Hits,
     Info,
+    Page,
     Published,
     Suggestion,
     Written,
@@ -48,15 +49,87 @@ class FeatureBank(abc.ABC):
         return vectors if q.batched else vectors[0]
 
     def search(
-        self, x: Any, k: int = DEFAULT_K, *, labels: Sequence[str] | None = None
+        self,
+        x: Any,
+        k: int = DEFAULT_K,
+        *,
+        labels: Sequence[str] | None = None,
+        filter: str | None = None,  # noqa: A002 - the name every vector database uses
+        score_threshold: float | None = None,
+        group_by: str | None = None,
+        group_size: int | None = None,
+        include_metadata: bool = False,
     ) -> Hits | Batch[Hits]:
         """The `k` nearest stored items of each input, optionally only those with `labels`.
 
-        A stored item given by key is left out of its own neighbours.
+        `filter`: an expression such as 'meta.camera == 4 and label != "cat"' (README:
+        Filters); `score_threshold`: only hits at least this similar (maybe fewer than k);
+        `group_by` ("label" or "meta.NAME"): at most `group_size` (default 1) hits per value;
+        `include_metadata`: each hit's metadata. A stored item given by key is left out of
+        its own neighbours.
         """
         _check_int("k", k)
         wanted = _labels_filter(labels)
-        return _shaped(as_query(x), lambda q: self._search(q, k, wanted))
+        options = {
+            "filter": check_filter(filter), "score_threshold": _threshold(score_threshold),
+            **_groups(group_by, group_size), "include_metadata": bool(include_metadata),
+        }
+        return _shaped(as_query(x), lambda q: self._search(q, k, wanted, options))
+
+    def recommend(
+        self,
+        positive: Any,
+        negative: Any = None,
+        *,
+        k: int = DEFAULT_K,
+        strategy: str = "average",
+        filter: str | None = None,  # noqa: A002 - the name every vector database uses
+        score_threshold: float | None = None,
+        include_metadata: bool = False,
+    ) -> Hits:
+        """Items like the `positive` inputs and unlike the `negative` ones (any inputs `x`
+        can be; `featurebank.keys(...)` for stored items, which are left out of the hits).
+
+        `strategy`: "average" searches from avg(pos) + (avg(pos) - avg(neg)); "best_score"
+        ranks candidates by their best positive unless a negative is nearer (Qdrant's).
+        """
+        _check_int("k", k)
+        from featurebank.server.queries import check_strategy
+
+        options = {"k": k, "strategy": check_strategy(strategy), "filter": check_filter(filter),
+                   "score_threshold": _threshold(score_threshold),
+                   "include_metadata": bool(include_metadata)}  # fmt: skip
+        pos = as_query(positive)
+        neg = as_query(negative) if negative is not None else None
+        return self._recommend(pos, neg, options)
+
+    def scroll(
+        self,
+        filter: str | None = None,  # noqa: A002 - the name every vector database uses
+        *,
+        limit: int = 100,
+        page_token: str | None = None,
+        include_vectors: bool = False,
+    ) -> Page:
+        """One page of stored items passing `filter`, in key order; pass the page's
+        `next_page_token` back for the next (items added meanwhile may or may not appear;
+        none present at the start is skipped or repeated)."""
+        _check_int("limit", limit)
+        if page_token is not None and not isinstance(page_token, str):
+            raise InvalidInput(f"page_token must be a string, got {shown(page_token)}")
+        return self._scroll(check_filter(filter), limit, page_token or "", bool(include_vectors))
+
+    def count(self, filter: str | None = None) -> int:  # noqa: A002
+        """How many stored items pass `filter` (all when None)."""
+        return self._count(check_filter(filter))
+
+    def set_metadata(self, metadata: Mapping[str, Mapping[str, Any]], *, replace: bool = False) -> Written:
+        """Set fields of stored items' user metadata, {key: {field: value}} (a None value
+        removes the field); `replace` replaces each item's whole user map. Vectors are not
+        touched."""
+        if not isinstance(metadata, Mapping) or not metadata:
+            raise InvalidInput("set_metadata takes a non-empty mapping {key: {field: value}}")
+        return self._set_metadata({str(k): dict(v) for k, v in metadata.items()}, bool(replace))
 
     def classify(
         self,
@@ -67,13 +140,15 @@ class FeatureBank(abc.ABC):
         abstain_below: float | None = None,
         k: int | None = None,
         include_neighbors: bool = False,
+        filter: str | None = None,  # noqa: A002 - the name every vector database uses
     ) -> Classification | Batch[Classification]:
         """Labels with probabilities for each input.
 
         `mode`: knn, head, hybrid or stacked (None: the bank's default, hybrid when a head
         exists); `top_n` labels are ranked; `abstain_below` (a target precision in (0, 1])
         answers "unknown" under the threshold calibrated for it; `k` neighbours vote
-        (None: the bank's choice); `include_neighbors` returns them.
+        (None: the bank's choice); `include_neighbors` returns them; with `filter` only
+        labelled items passing it vote.
         """
         _check_int("top_n", top_n)
         if k is not None:
@@ -85,7 +160,8 @@ class FeatureBank(abc.ABC):
         if mode is not None and not isinstance(mode, str):
             raise InvalidInput(f"mode must be a string, got {type(mode).__name__}")
         options = {"mode": mode, "top_n": top_n, "abstain_below": abstain_below, "k": k,
-                   "include_neighbors": bool(include_neighbors)}  # fmt: skip
+                   "include_neighbors": bool(include_neighbors),
+                   "filter": check_filter(filter)}  # fmt: skip
         return _shaped(as_query(x), lambda q: self._classify(q, options))
 
     def suggest(
@@ -117,6 +193,7 @@ class FeatureBank(abc.ABC):
         keys: Sequence[str] | None = None,
         labels: str | Sequence[str | None] | None = None,
         splits: str | Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,
     ) -> Written:
         """Add or replace items (images or vectors), searchable when the call returns (once
         the bank has an index: a server builds the first one itself, in process call
@@ -124,7 +201,8 @@ class FeatureBank(abc.ABC):
 
         `keys` default to the files' paths relative to the folder given (or their names);
         arrays and bytes need them. `labels` default to the class subfolders of a folder;
-        one string labels every item. `splits`: train, val, test or none.
+        one string labels every item. `splits`: train, val, test or none. `metadata`: a map of
+        string, number and boolean values for every item, or one map (or None) per item.
         """
         q = as_query(x)
         if q.kind == KEYS:
@@ -132,8 +210,10 @@ class FeatureBank(abc.ABC):
         names = _keys_for(q, keys)
         if labels is None and any(q.folder_labels):
             labels = q.folder_labels
+        metas = [metadata] * len(names) if isinstance(metadata, Mapping) else metadata
         return self._upsert(
-            q, names, _per_item("labels", labels, len(names)), _per_item("splits", splits, len(names))
+            q, names, _per_item("labels", labels, len(names)), _per_item("splits", splits, len(names)),
+            _per_item("metadata", metas, len(names)),
         )
 
     def set_labels(self, labels: Mapping[str, str | None]) -> Written:
@@ -188,7 +268,21 @@ class FeatureBank(abc.ABC):
     def _embed(self, q: Query) -> np.ndarray: ...
 
     @abc.abstractmethod
-    def _search(self, q: Query, k: int, labels: list[str] | None) -> list[Hits]: ...
+    def _search(
+        self, q: Query, k: int, labels: list[str] | None, options: dict[str, Any]
+    ) -> list[Hits]: ...
+
+    @abc.abstractmethod
+    def _recommend(self, pos: Query, neg: Query | None, options: dict[str, Any]) -> Hits: ...
+
+    @abc.abstractmethod
+    def _scroll(self, filter_text: str, limit: int, token: str, vectors: bool) -> Page: ...
+
+    @abc.abstractmethod
+    def _count(self, filter_text: str) -> int: ...
+
+    @abc.abstractmethod
+    def _set_metadata(self, metadata: dict[str, dict[str, Any]], replace: bool) -> Written: ...
 
     @abc.abstractmethod
     def _classify(self, q: Query, options: dict[str, Any]) -> list[Classification]: ...
@@ -201,7 +295,8 @@ class FeatureBank(abc.ABC):
 
     @abc.abstractmethod
     def _upsert(
-        self, q: Query, keys: list[str], labels: list[str | None] | None, splits: list[str] | None
+        self, q: Query, keys: list[str], labels: list[str | None] | None, splits: list[str] | None,
+        metadata: list[Mapping[str, Any] | None] | None,
     ) -> Written: ...
 
     @abc.abstractmethod
@@ -216,6 +311,33 @@ def check_options(given: Mapping[str, Any], allowed: Iterable[str], what: str) -
     unknown = sorted(set(given) - set(allowed))
     if unknown:
         raise InvalidInput(f"unknown {what} option(s): {', '.join(unknown)}")
+
+
+def check_filter(text: str | None) -> str:
+    """A filter string, parsed once here so a bad one fails the same in process and remotely."""
+    if text is None:
+        return ""
+    from featurebank.index.filters import parse
+
+    parse(text)
+    return text
+
+
+def _threshold(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+        raise InvalidInput(f"score_threshold must be a finite number, got {shown(value)}")
+    return float(value)
+
+
+def _groups(group_by: str | None, group_size: int | None) -> dict[str, Any]:
+    from featurebank.server.queries import check_group
+
+    if group_size is not None:
+        _check_int("group_size", group_size)
+    field, size = check_group(group_by or "", group_size or 0)
+    return {"group_by": field, "group_size": size}
 
 
 def _shaped(q: Query, answer: Any) -> Any:

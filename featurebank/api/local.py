@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,7 +22,9 @@ from featurebank.api.results import (
     Finding,
     Hits,
     Info,
+    Item,
     Neighbor,
+    Page,
     Published,
     Suggestion,
     Written,
@@ -29,10 +32,12 @@ from featurebank.api.results import (
 from featurebank.core.bank import current_generation
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound, shown
 from featurebank.core.spec import Spec
+from featurebank.store.metadata import check_user_meta
 
 if TYPE_CHECKING:
     from featurebank.api.serving import Served
     from featurebank.classify.classifier import Classifier
+    from featurebank.server.queries import Tables
 
 
 class LocalBank(FeatureBank):
@@ -44,6 +49,7 @@ class LocalBank(FeatureBank):
         self._embedder = embedder
         self._classifier: Classifier | None = None
         self._served: Served | None = None
+        self._filter_tables: Tables | None = None
 
     def __repr__(self) -> str:
         return f"LocalBank({str(self.path)!r}, {self.store.spec.describe()!r})"
@@ -117,33 +123,81 @@ class LocalBank(FeatureBank):
             return np.asarray(items.vectors, np.float32), np.asarray(items.ids, np.int64)
         return self._embed(q), None
 
-    def _search(self, q: Query, k: int, labels: list[str] | None) -> list[Hits]:
+    def _search(
+        self, q: Query, k: int, labels: list[str] | None, options: dict[str, Any]
+    ) -> list[Hits]:
+        from featurebank.server.queries import check_filter
+        from featurebank.server.reads import SearchJob, search_jobs
+
         clf = self._live()
         vectors, exclude = self._query(q)
-        searcher = clf.searcher
-        k = min(k, max(1, int(searcher.ntotal) - (1 if exclude is not None else 0)))
-        res = searcher.search(vectors, k, labels=labels, exclude_ids=exclude)
-        generation = int(clf.index_generation)
-        return [
-            Hits(
-                [
-                    Neighbor(str(key), label, float(score))
-                    for key, label, score, i in zip(keys, labs, scores, ids, strict=True)
-                    if int(i) >= 0
-                ],
-                generation,
-            )
-            for keys, labs, scores, ids in zip(res.keys, res.labels, res.scores, res.ids, strict=True)
+        where = check_filter(options["filter"])
+        jobs = [
+            SearchJob(v, k, tuple(labels or ()), None if exclude is None else int(exclude[i]),
+                      options["include_metadata"], where, options["score_threshold"],
+                      options["group_by"], options["group_size"])
+            for i, v in enumerate(vectors)
         ]
+        generation = int(clf.index_generation)
+        return [Hits([_neighbor(h) for h in hits], generation)
+                for hits in search_jobs(clf.searcher, self.store, jobs)]
+
+    def _recommend(self, pos: Query, neg: Query | None, options: dict[str, Any]) -> Hits:
+        from featurebank.server.queries import check_filter, recommend
+
+        clf = self._live()
+        p, p_ids = self._query(pos)
+        n, n_ids = self._query(neg) if neg is not None else (np.zeros((0, p.shape[1]), np.float32), None)
+        own = [int(i) for ids in (p_ids, n_ids) if ids is not None for i in ids]
+        hits = recommend(clf.searcher, self.store, p, n, own, options["strategy"], options["k"],
+                         check_filter(options["filter"]), options["score_threshold"],
+                         options["include_metadata"])
+        return Hits([_neighbor(h) for h in hits], int(clf.index_generation))
+
+    def _scroll(self, filter_text: str, limit: int, token: str, vectors: bool) -> Page:
+        from featurebank.server import queries
+
+        if limit > queries.MAX_SCROLL_LIMIT:
+            raise InvalidInput(f"limit={limit} is out of range: use 1..{queries.MAX_SCROLL_LIMIT}")
+        page = queries.scroll_page(self._tables, self.store, queries.check_filter(filter_text),
+                                   limit, queries.decode_token(token))
+        items = queries.page_items(self.store, page)
+        found = [] if items is None else [
+            Item(key, items.labels[i], items.splits[i], dict(items.meta[i]),
+                 np.asarray(items.vectors[i], np.float32).tolist() if vectors else None)
+            for i, key in enumerate(items.keys)
+        ]
+        return Page(found, page.next_token or None, page.generation)
+
+    @property
+    def _tables(self) -> Tables:
+        """The table filters are applied to, read once per store generation."""
+        from featurebank.server.queries import Tables
+
+        if self._filter_tables is None:
+            self._filter_tables = Tables()
+        return self._filter_tables
+
+    def _count(self, filter_text: str) -> int:
+        from featurebank.server import queries
+
+        return queries.count(self._tables, self.store, queries.check_filter(filter_text))[0]
+
+    def _set_metadata(self, metadata: dict[str, dict[str, Any]], replace: bool) -> Written:
+        st = self._writable()
+        _refuse_missing(st, list(metadata))
+        return self._written(updated=int(st.set_meta(metadata, merge=not replace)))
 
     def _classify(self, q: Query, options: dict[str, Any]) -> list[Classification]:
+        from featurebank.index.filters import parse
+
         clf = self._live()
         vectors, exclude = self._query(q)
         mode = options["mode"]
         preds = clf.classify(
             vectors, mode=mode, k=options["k"], top_n=options["top_n"],
             include_neighbors=options["include_neighbors"], exclude_ids=exclude,
-            abstain_below=options["abstain_below"],
+            abstain_below=options["abstain_below"], where=parse(options["filter"]),
         )
         used = mode.lower() if mode else str(clf.default_mode)
         head = clf.head_generation if used != "knn" else None
@@ -213,15 +267,19 @@ class LocalBank(FeatureBank):
         return self.store
 
     def _upsert(
-        self, q: Query, keys: list[str], labels: list[str | None] | None, splits: list[str] | None
+        self, q: Query, keys: list[str], labels: list[str | None] | None, splits: list[str] | None,
+        metadata: list[Mapping[str, Any] | None] | None,
     ) -> Written:
         st = self._writable()
         vectors = self._embed(q)
-        meta = [
+        meta: list[dict[str, Any] | None] | None = [
             {"sha256": hashlib.sha256(item).hexdigest(), "size": len(item)}
             if isinstance(item, bytes) else None
             for item in q.images
         ] if q.kind == IMAGES else None  # fmt: skip
+        if metadata is not None:
+            user = [check_user_meta(k, m) for k, m in zip(keys, metadata, strict=True)]
+            meta = [{**(m or {}), **u} for m, u in zip(meta or [None] * len(keys), user, strict=True)]
         present = set(keys) - set(st.missing(keys))
         st.put_batch(keys, vectors, labels=labels, splits=splits, meta=meta, replace=True)
         return self._written(added=len(keys) - len(present), replaced=len(present))
@@ -292,6 +350,10 @@ class LocalBank(FeatureBank):
             self._classifier.close()
             self._classifier = None
         self.store.close()
+
+
+def _neighbor(h: Any) -> Neighbor:
+    return Neighbor(h.key, h.label, float(h.score), h.meta)
 
 
 def _refuse_missing(st: store_mod.Store, keys: list[str]) -> None:

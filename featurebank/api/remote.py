@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,7 +24,9 @@ from featurebank.api.results import (
     Finding,
     Hits,
     Info,
+    Item,
     Neighbor,
+    Page,
     Published,
     Suggestion,
     Written,
@@ -87,12 +89,44 @@ class RemoteBank(FeatureBank):
             return self._vectors(q)
         return np.stack(_each(lambda item: self.client.embed(encoded(item)), q.images))
 
-    def _search(self, q: Query, k: int, labels: list[str] | None) -> list[Hits]:
+    def _search(
+        self, q: Query, k: int, labels: list[str] | None, options: dict[str, Any]
+    ) -> list[Hits]:
         def one(given: dict[str, Any]) -> Hits:
-            response = self.client.search(**given, k=k, labels=labels or ())
+            response = self.client.search(
+                **given, k=k, labels=labels or (), filter=options["filter"],
+                score_threshold=options["score_threshold"], group_by=options["group_by"] or "",
+                group_size=options["group_size"] if options["group_by"] else 0,
+                include_metadata=options["include_metadata"],
+            )
             return Hits([_neighbor(n) for n in response.neighbors], response.index_generation)
 
         return _each(one, self._inputs(q))
+
+    def _recommend(self, pos: Query, neg: Query | None, options: dict[str, Any]) -> Hits:
+        negatives = [] if neg is None else [make_input(**g) for g in self._inputs(neg)]
+        r = self.client.recommend(
+            [make_input(**g) for g in self._inputs(pos)], negatives, strategy=options["strategy"],
+            k=options["k"], filter=options["filter"], score_threshold=options["score_threshold"],
+            include_metadata=options["include_metadata"],
+        )
+        return Hits([_neighbor(n) for n in r.neighbors], r.index_generation)
+
+    def _scroll(self, filter_text: str, limit: int, token: str, vectors: bool) -> Page:
+        r = self.client.scroll(filter_text, limit=limit, page_token=token, include_vectors=vectors)
+        items = [
+            Item(i.key, i.label or None, i.split, MessageToDict(i.metadata),
+                 list(i.vector.values) if vectors else None)
+            for i in r.items
+        ]
+        return Page(items, r.next_page_token or None, int(r.store_generation))
+
+    def _count(self, filter_text: str) -> int:
+        return self.client.count(filter_text)
+
+    def _set_metadata(self, metadata: dict[str, dict[str, Any]], replace: bool) -> Written:
+        r = self.client.set_metadata(metadata, replace=replace)
+        return Written(r.store_generation, updated=r.updated)
 
     def _classify(self, q: Query, options: dict[str, Any]) -> list[Classification]:
         out: list[Classification] = []
@@ -100,7 +134,7 @@ class RemoteBank(FeatureBank):
             responses = self.client.classify_batch(
                 chunk, mode=options["mode"], k=options["k"] or 0, top_n=options["top_n"],
                 include_neighbors=options["include_neighbors"],
-                abstain_below=options["abstain_below"] or 0.0,
+                abstain_below=options["abstain_below"] or 0.0, filter=options["filter"],
             )
             out.extend(_classification(r) for r in responses)
         return out
@@ -149,7 +183,8 @@ class RemoteBank(FeatureBank):
     # ------------------------------------------------------------------ writes
 
     def _upsert(
-        self, q: Query, keys: list[str], labels: list[str | None] | None, splits: list[str] | None
+        self, q: Query, keys: list[str], labels: list[str | None] | None, splits: list[str] | None,
+        metadata: list[Mapping[str, Any] | None] | None,
     ) -> Written:
         items: list[dict[str, Any]] = []
         data: list[Any] = (
@@ -158,7 +193,8 @@ class RemoteBank(FeatureBank):
         field = "image" if q.kind == IMAGES else "vector"
         for i, (key, value) in enumerate(zip(keys, data, strict=True)):
             items.append({"key": key, field: value, "label": labels[i] if labels else None,
-                          "split": splits[i] if splits else None})  # fmt: skip
+                          "split": splits[i] if splits else None,
+                          "metadata": metadata[i] if metadata else None})  # fmt: skip
         added = replaced = 0
         store_gen, index_gen = 0, 0
         for chunk in _chunks(items):
@@ -219,7 +255,8 @@ class RemoteBank(FeatureBank):
 
 
 def _neighbor(n: pb.Neighbor) -> Neighbor:
-    return Neighbor(n.key, n.label or None, n.score)
+    meta = MessageToDict(n.metadata) if n.HasField("metadata") else None
+    return Neighbor(n.key, n.label or None, n.score, meta)
 
 
 def _classification(r: pb.ClassifyResponse) -> Classification:

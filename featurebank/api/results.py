@@ -24,14 +24,24 @@ class Result:
     numpy_field: ClassVar[str] = "key"  # what `Batch.to_numpy()` stacks by default
 
     def to_dict(self) -> dict[str, Any]:
-        """The result as plain Python values (JSON-ready), nested results included."""
-        return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
+        """The result as plain Python values (JSON-ready), nested results included (a
+        neighbour's metadata only when it was asked for)."""
+        out: dict[str, Any] = _unset_dropped(dataclasses.asdict(self))  # type: ignore[call-overload]
+        return out
 
     def rows(self) -> list[dict[str, Any]]:
         """Its rows in a DataFrame of many results: one, without the neighbours' list."""
         row = self.to_dict()
         row.pop("neighbors", None)
         return [row]
+
+
+def _unset_dropped(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _unset_dropped(v) for k, v in value.items() if not (k == "metadata" and v is None)}
+    if isinstance(value, list):
+        return [_unset_dropped(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,36 @@ class Neighbor(Result):
     key: str
     label: str | None
     score: float
+    metadata: dict[str, Any] | None = None  # with include_metadata
+
+
+@dataclass(frozen=True)
+class Item(Result):
+    """A stored item as `scroll` lists it: key, label, split, metadata (and vector if asked)."""
+
+    key: str
+    label: str | None
+    split: str
+    metadata: dict[str, Any]
+    vector: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class Page(Result):
+    """One page of `scroll`: items in key order, and the token of the next page (None: last)."""
+
+    items: list[Item]
+    next_page_token: str | None
+    store_generation: int
+
+    @property
+    def keys(self) -> list[str]:
+        """The page's keys, in order."""
+        return [i.key for i in self.items]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per item."""
+        return [i.to_dict() for i in self.items]
 
 
 @dataclass(frozen=True)

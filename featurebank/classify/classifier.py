@@ -33,6 +33,7 @@ from featurebank.index.transforms import as_vectors
 from featurebank.store import BankLike, Store
 
 if TYPE_CHECKING:
+    from featurebank.index.filters import Node
     from featurebank.index.searcher import Searcher, SearchResult
 
 
@@ -207,18 +208,22 @@ class Classifier:
         include_neighbors: bool = False,
         exclude_ids: np.ndarray | None = None,
         abstain_below: float | None = None,
+        where: Node | None = None,
     ) -> list[Prediction]:
         """Top-`top_n` labels with probabilities per row (labels with zero probability omitted).
 
         With `abstain_below` (or the classifier's own) a row whose top probability is
         under the threshold calibrated for that precision is marked `abstained`.
+        `where` (a parsed filter): only labelled items passing it vote (the head is unchanged).
         """
         if top_n < 1:
             raise InvalidInput(f"top_n must be at least 1, got {top_n}")
         precision = self._precision(abstain_below)
         snap, (m,), x = self._start(vectors, (mode,))
         threshold = None if precision is None else self._threshold(snap, m, k, precision)
-        probs, vocabs, result = self._score(snap, x, (m,), k, exclude_ids, include_neighbors)
+        probs, vocabs, result = self._score(
+            snap, x, (m,), k, exclude_ids, include_neighbors, where=where
+        )
         p, vocab = probs[m.name], vocabs[m.name]
         doubt = abstained(p, threshold) if threshold is not None else np.zeros(len(p), bool)
         head_generation = snap.head_generation if m.head else None
@@ -275,6 +280,7 @@ class Classifier:
         exclude_ids: np.ndarray | None = None,
         want_neighbors: bool = False,
         hybrid_a: float | None = None,
+        where: Node | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, list[str]], SearchResult | None]:
         """Probabilities of several modes from one search (what eval and reports use)."""
         snap, ms, x = self._start(vectors, modes)
@@ -351,6 +357,7 @@ class Classifier:
         exclude_ids: np.ndarray | None,
         want_neighbors: bool = False,
         hybrid_a: float | None = None,
+        where: Node | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, list[str]], SearchResult | None]:
         """Each mode's probabilities from one search of `snap` (inputs already checked)."""
         searcher = snap.searcher
@@ -360,7 +367,7 @@ class Classifier:
         if want_neighbors or any(m.votes for m in ms):
             kk = max(1, min(voter.k, int(searcher.ntotal) - (0 if exclude_ids is None else 1)))
             ex = None if exclude_ids is None else np.asarray(exclude_ids, dtype=np.int64)
-            result = searcher.search(x, kk, exclude_ids=ex, voters_only=True)
+            result = searcher.search(x, kk, exclude_ids=ex, voters_only=True, where=where)
             votes = voter.of(result)
         evidence = Evidence(x, snap.head, votes, hybrid_a)
         scored = {m.name: m.score(evidence) for m in ms}

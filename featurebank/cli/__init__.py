@@ -20,8 +20,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from featurebank.core.errors import FeaturebankError
 
 AREAS = [
-    "store", "repair", "items", "embed", "index", "head", "serve", "client", "banks", "labelling",
-    "quality",
+    "store", "repair", "items", "embed", "index", "head", "serve", "client", "banks", "queries",
+    "labelling", "quality",
 ]
 
 Handler = Callable[[argparse.Namespace], "int | None"]

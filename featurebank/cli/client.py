@@ -46,6 +46,24 @@ def connection_args(p: argparse.ArgumentParser, bank_name: bool = True) -> None:
     g.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+def query_args(p: argparse.ArgumentParser, groups: bool = True) -> None:
+    """--filter, --score-threshold and (with `groups`) --group-by, --group-size."""
+    p.add_argument("--filter", default="", metavar="EXPR",
+                   help='only items passing it, e.g. \'meta.camera == 4 and label != "cat"\'')
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help="only hits at least this similar (maybe fewer than k)")
+    if groups:
+        p.add_argument("--group-by", default="", metavar="FIELD", help="label or meta.NAME")
+        p.add_argument("--group-size", type=int, default=0, help="hits per group (default 1)")
+
+
+def query_options(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"filter": args.filter, "score_threshold": args.score_threshold}
+    if hasattr(args, "group_by"):
+        out.update(group_by=args.group_by, group_size=args.group_size)
+    return out
+
+
 def register(commands: Commands) -> None:
     p = commands.command("classify", "classify images with a running server", _classify)
     p.add_argument("images", nargs="+", type=Path, help="image files")
@@ -58,6 +76,8 @@ def register(commands: Commands) -> None:
         "--abstain", type=float, default=0.0, metavar="PRECISION",
         help="answer 'unknown' below the confidence that reaches this precision (e.g. 0.98)",
     )
+    p.add_argument("--filter", default="", metavar="EXPR",
+                   help="only labelled items passing this filter vote (README: Filters)")
     connection_args(p)
 
     p = commands.command("search", "nearest stored items of an image or key", _search)
@@ -66,6 +86,7 @@ def register(commands: Commands) -> None:
     p.add_argument("--k", type=args_.positive, default=10, help="neighbours to return")
     p.add_argument("--label", action="append", default=[], help="only items with this label")
     p.add_argument("--metadata", action="store_true", help="include source metadata")
+    query_args(p)
     connection_args(p)
 
     p = commands.command("upsert", "add or replace images in a served bank", _upsert)
@@ -128,7 +149,7 @@ def _classify(args: argparse.Namespace) -> int:
         for path, image in zip(args.images, images, strict=True):
             r = client.classify(
                 image, mode=args.mode, k=args.k, top_n=args.top_n,
-                include_neighbors=args.neighbors, abstain_below=args.abstain,
+                include_neighbors=args.neighbors, abstain_below=args.abstain, filter=args.filter,
             )
             if args.json:
                 print(json.dumps({"image": str(path), **json.loads(_dump(r))}))
@@ -151,7 +172,7 @@ def _search(args: argparse.Namespace) -> int:
     with client_from_args(args) as client:
         r = client.search(
             image, key=args.key, k=args.k, labels=args.label,
-            include_metadata=args.metadata,
+            include_metadata=args.metadata, **query_options(args),
         )
     if args.json:
         print(_dump(r))

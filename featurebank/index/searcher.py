@@ -37,7 +37,7 @@ from featurebank import store as store_mod
 from featurebank.core.bank import Bank, current_generation
 from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput, NotFound, shown
 from featurebank.core.vocabulary import metric as metric_named
-from featurebank.index import families
+from featurebank.index import families, filters
 from featurebank.index.families import FAISS
 from featurebank.index.segment import Segment, member, merge
 from featurebank.index.transforms import as_vectors
@@ -56,7 +56,6 @@ from featurebank.store import BankLike, Store
 
 log = logging.getLogger(__name__)
 
-EXACT_FILTER_MAX = 20_000  # label filters this selective are searched exactly
 SELECTOR_CACHE = 16
 
 
@@ -146,6 +145,9 @@ class Searcher:
         self._refresh_mutex = threading.Lock()
         self._local = threading.local()
         self.threads = threads
+        self._table: filters.Table | None = None
+        self._table_mutex = threading.Lock()
+        self._matched: dict[Any, np.ndarray] = {}
         gen, self.damaged = load_live_generation(bank)
         self._check_spec(gen)
         self._view = make_view(gen, *caught_up(store, gen, None, None))
@@ -308,12 +310,14 @@ class Searcher:
         labels: Sequence[str] | None = None,
         exclude_ids: np.ndarray | None = None,
         voters_only: bool = False,
+        where: filters.Node | None = None,
     ) -> SearchResult:
         """k nearest live items of each row of `vectors`, optionally only items with `labels`.
 
         `exclude_ids` (one id per row) leaves each row's own item out (leave-one-out).
         `voters_only` searches only the items whose label votes (labelled, not held out), so
         the unlabelled majority of a few-shot bank never crowds the vote out.
+        `where`: a parsed filter (index/filters.py); only items passing it are returned.
         """
         self._labels_current()
         self._set_threads()
@@ -331,9 +335,10 @@ class Searcher:
         kk = k + 1 if exclude is not None and k < held else k
         xt = view.gen.transform.apply(x)
         segment = view.segment
-        if labels is not None or voters_only:
-            dist, ids = self._search_subset(view, xt, kk, labels, voters_only)
-            segment = self._segment_for(view, labels, voters_only)
+        if labels is not None or voters_only or where is not None:
+            key, matching = self._matching(view, labels, voters_only, where)
+            dist, ids = self._search_subset(view, xt, kk, matching, key)
+            segment = self._segment_for(view, matching, key)
         else:
             dist, ids = self._search_all(view, xt, kk)
         if segment.size:
@@ -346,21 +351,57 @@ class Searcher:
         votes, display = codes_of(view.labels, ids)
         return SearchResult(ids, scores, votes, view.labels.vocabulary, self._keys, display)
 
-    def _segment_for(
-        self, view: View, labels: Sequence[str] | None, voters_only: bool
-    ) -> Segment:
+    def matching_ids(self, where: filters.Node | None) -> np.ndarray:
+        """Sorted ids of the live items passing `where` (all when None), at the store's
+        current generation (the table of columns is read once per store generation)."""
+        table = self._table
+        gen = int(self.store.generation)
+        if table is None or table.generation != gen:
+            with self._table_mutex:
+                table = self._table
+                if table is None or table.generation != gen:
+                    table = self._table = filters.Table.of_store(self.store)
+                    self._matched.clear()
+        if where is None:
+            return table.ids
+        with self._table_mutex:
+            found = self._matched.get((table.generation, where))
+        if found is None:
+            found = table.matching(where)
+            with self._table_mutex:
+                self._matched[(table.generation, where)] = found
+                while len(self._matched) > SELECTOR_CACHE:
+                    self._matched.pop(next(iter(self._matched)))
+        return found
+
+    def _matching(
+        self,
+        view: View,
+        labels: Sequence[str] | None,
+        voters_only: bool,
+        where: filters.Node | None,
+    ) -> tuple[Any, np.ndarray]:
+        """(cache key, sorted live ids) of what a filtered search may return."""
+        wanted = None if labels is None else label_codes(view, labels)
+        passing = None if where is None else self.matching_ids(where)
+        key = (None if wanted is None else tuple(wanted.tolist()), voters_only, where)
+
+        def make() -> np.ndarray:
+            ids = view.labels.ids
+            if wanted is not None or voters_only:
+                codes = view.labels.vote_codes if voters_only else view.labels.codes
+                ids = ids[codes >= 0 if wanted is None else np.isin(codes, wanted)]
+            return ids if passing is None else ids[member(ids, passing)]
+
+        matching: np.ndarray = cached(view, ("matching", *key), make)
+        return key, matching
+
+    def _segment_for(self, view: View, matching: np.ndarray, key: Any) -> Segment:
         """The part of the segment a filtered search may return (memoised per view)."""
         if view.segment.size == 0:
             return view.segment
-        wanted = None if labels is None else label_codes(view, labels)
-
-        def make() -> Segment:
-            votes, display = codes_of(view.labels, view.segment.ids)
-            use = votes if voters_only else display
-            return view.segment.subset(use >= 0 if wanted is None else np.isin(use, wanted))
-
-        key = ("segment", None if wanted is None else tuple(wanted.tolist()), voters_only)
-        segment: Segment = cached(view, key, make)
+        make = lambda: view.segment.subset(member(view.segment.ids, matching))  # noqa: E731
+        segment: Segment = cached(view, ("segment", *key), make)
         return segment
 
     def _search_all(self, view: View, xt: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -374,28 +415,54 @@ class Searcher:
         del keep
         return dist, ids
 
-    def _search_subset(
-        self,
-        view: View,
-        xt: np.ndarray,
-        k: int,
-        labels: Sequence[str] | None,
-        voters_only: bool,
+    def _search_wide(
+        self, view: View, xt: np.ndarray, k: int, fraction: float
     ) -> tuple[np.ndarray, np.ndarray]:
-        wanted = None if labels is None else label_codes(view, labels)
-        key = ("subset", None if wanted is None else tuple(wanted.tolist()), voters_only)
-        allowed = cached(view, key, lambda: allowed_ids(view, wanted, voters_only))
+        """Every live item, exploring 1/fraction more (efSearch, nprobe): the candidates a
+        filter of that selectivity keeps must be as exact as the unfiltered top k."""
+        if view.stale.size:
+            inner = cached(view, "not-stale", lambda: faiss.IDSelectorBatch(view.stale))
+            sel: Any = faiss.IDSelectorNot(inner)
+        else:
+            sel = faiss.IDSelectorAll()
+        params, keep = search_params(view, sel, fraction)
+        dist, ids = view.gen.index.search(xt, k, params=params)
+        del keep
+        return dist, ids
+
+    def _search_subset(
+        self, view: View, xt: np.ndarray, k: int, matching: np.ndarray, key: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search only `matching` ids, planned by the filter's selectivity (filters.py):
+        small sets, and tight filters matching up to EXACT_SCAN_MAX, are scanned exactly;
+        loose filters fetch unfiltered candidates and keep those passing, and queries left
+        with fewer than k (a filter excluding the query's own region) are scanned exactly,
+        so recall holds whatever the filter lines up with. Larger tight sets use a selector.
+        """
+        make = lambda: matching[member(matching, view.gen.index_ids)]  # noqa: E731
+        allowed: np.ndarray = cached(view, ("allowed", *key), make)
         indexed = int(view.gen.index_ids.size - view.stale.size)
-        if wanted is None and allowed.size == indexed:
-            return self._search_all(view, xt, k)  # every indexed item votes: no filter needed
-        fraction = allowed.size / max(indexed, 1)
+        if allowed.size == indexed:
+            return self._search_all(view, xt, k)  # every indexed item passes
         n = xt.shape[0]
         if allowed.size == 0:
             return np.full((n, k), np.nan, np.float32), np.full((n, k), -1, np.int64)
-        if view.gen.family.graph and allowed.size <= EXACT_FILTER_MAX:
-            sub = cached(view, ("exact",) + key, lambda: exact_subset(view, allowed))
-            return sub(xt, k)
-        sel = cached(view, ("sel",) + key, lambda: faiss.IDSelectorBatch(allowed))
+        fraction = allowed.size / max(indexed, 1)
+        exact = lambda: exact_subset(view, allowed)  # noqa: E731
+        if view.gen.family.name != "flat":
+            if allowed.size <= filters.EXACT_MAX:
+                return cached(view, ("exact", *key), exact)(xt, k)
+            kp = min(filters.probe_k(k, fraction), indexed)
+            if kp:
+                dist, ids = self._search_wide(view, xt, kp, fraction)
+                ids, dist, done = filters.first_passing(ids, dist, allowed, k)
+                if not done.all():
+                    rest = np.flatnonzero(~done)
+                    dist[rest], ids[rest] = cached(view, ("exact", *key), exact)(xt[rest], k)
+                return dist, ids
+            if allowed.size <= filters.EXACT_SCAN_MAX:
+                return cached(view, ("exact", *key), exact)(xt, k)
+        sel = cached(view, ("sel", *key), lambda: faiss.IDSelectorBatch(allowed))
         params, keep = search_params(view, sel, fraction)
         dist, ids = view.gen.index.search(xt, k, params=params)
         del keep
@@ -443,16 +510,6 @@ def label_codes(view: View, labels: Sequence[str]) -> np.ndarray:
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         raise InvalidInput(f"unknown labels {listed}{more}: the bank has {len(vocab)} labels")
     return np.array(sorted({vocab[name] for name in labels}), dtype=np.int32)
-
-
-def allowed_ids(
-    view: View, wanted_codes: np.ndarray | None, voters_only: bool = False
-) -> np.ndarray:
-    """Live ids the index holds that carry one of the wanted labels (any label if None)."""
-    codes = view.labels.vote_codes if voters_only else view.labels.codes
-    mask = codes >= 0 if wanted_codes is None else np.isin(codes, wanted_codes)
-    ids = view.labels.ids[mask]
-    return ids[member(ids, view.gen.index_ids)]
 
 
 def exact_subset(

@@ -29,7 +29,7 @@ ROLES = (READ, WRITE)
 SERVICE = "/featurebank.v1.FeatureBank/"
 READ_METHODS = frozenset({
     "Classify", "ClassifyBatch", "Search", "Embed", "GetInfo", "Suggest", "Audit", "GetThumbnails",
-    "GetReport", "Quality",
+    "GetReport", "Quality", "SearchBatch", "Recommend", "Scroll", "Count",
 })
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 

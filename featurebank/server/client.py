@@ -185,11 +185,12 @@ class FeatureBankClient:
         top_n: int = 0,
         include_neighbors: bool = False,
         abstain_below: float = 0.0,
+        filter: str = "",  # noqa: A002 - the request field's name
         timeout: float | None = None,
     ) -> pb.ClassifyResponse:
         request = pb.ClassifyRequest(
             input=make_input(image, vector, key), mode=_mode(mode), k=k, top_n=top_n,
-            include_neighbors=include_neighbors, abstain_below=abstain_below,
+            include_neighbors=include_neighbors, abstain_below=abstain_below, filter=filter,
         )
         return self._call(self.stub.Classify, request, timeout)
 
@@ -202,11 +203,12 @@ class FeatureBankClient:
         top_n: int = 0,
         include_neighbors: bool = False,
         abstain_below: float = 0.0,
+        filter: str = "",  # noqa: A002 - the request field's name
         timeout: float | None = None,
     ) -> list[pb.ClassifyResponse]:
         request = pb.ClassifyBatchRequest(
             inputs=[as_input(i) for i in inputs], mode=_mode(mode), k=k, top_n=top_n,
-            include_neighbors=include_neighbors, abstain_below=abstain_below,
+            include_neighbors=include_neighbors, abstain_below=abstain_below, filter=filter,
         )
         return list(self._call(self.stub.ClassifyBatch, request, timeout).results)
 
@@ -219,13 +221,76 @@ class FeatureBankClient:
         k: int = 0,
         labels: Sequence[str] = (),
         include_metadata: bool = False,
+        filter: str = "",  # noqa: A002 - the request field's name
+        score_threshold: float | None = None,
+        group_by: str = "",
+        group_size: int = 0,
         timeout: float | None = None,
     ) -> pb.SearchResponse:
-        request = pb.SearchRequest(
-            input=make_input(image, vector, key), k=k, labels=list(labels),
-            include_metadata=include_metadata,
+        request = search_request(
+            make_input(image, vector, key), k=k, labels=labels, include_metadata=include_metadata,
+            filter=filter, score_threshold=score_threshold, group_by=group_by, group_size=group_size,
         )
         return self._call(self.stub.Search, request, timeout)
+
+    def search_batch(
+        self, requests: Iterable[pb.SearchRequest], timeout: float | None = None
+    ) -> list[pb.SearchBatchResult]:
+        """Many searches in one call (see `search_request`); each result holds its
+        response or its own error."""
+        request = pb.SearchBatchRequest(requests=list(requests))
+        return list(self._call(self.stub.SearchBatch, request, timeout).results)
+
+    def recommend(
+        self,
+        positives: Iterable[pb.Input | ImageLike | Sequence[float]],
+        negatives: Iterable[pb.Input | ImageLike | Sequence[float]] = (),
+        *,
+        strategy: str = "average",
+        k: int = 0,
+        filter: str = "",  # noqa: A002 - the request field's name
+        score_threshold: float | None = None,
+        include_metadata: bool = False,
+        timeout: float | None = None,
+    ) -> pb.SearchResponse:
+        """Items like the positives and unlike the negatives (pb.Input(key=...) for stored items)."""
+        request = pb.RecommendRequest(
+            positives=[as_input(i) for i in positives], negatives=[as_input(i) for i in negatives],
+            strategy=strategy, k=k, filter=filter, score_threshold=score_threshold,
+            include_metadata=include_metadata,
+        )
+        return self._call(self.stub.Recommend, request, timeout)
+
+    def scroll(
+        self,
+        filter: str = "",  # noqa: A002 - the request field's name
+        *,
+        limit: int = 0,
+        page_token: str = "",
+        include_vectors: bool = False,
+        timeout: float | None = None,
+    ) -> pb.ScrollResponse:
+        """One page of items in key order; pass `next_page_token` back for the next."""
+        request = pb.ScrollRequest(
+            filter=filter, limit=limit, page_token=page_token, include_vectors=include_vectors
+        )
+        return self._call(self.stub.Scroll, request, timeout)
+
+    def count(self, filter: str = "", timeout: float | None = None) -> int:  # noqa: A002
+        return int(self._call(self.stub.Count, pb.CountRequest(filter=filter), timeout).count)
+
+    def set_metadata(
+        self, metadata: Mapping[str, Mapping[str, Any]], replace: bool = False,
+        timeout: float | None = None,
+    ) -> pb.SetMetadataResponse:
+        """Set fields of items' user metadata (None removes a field); `replace` the whole map."""
+        items = []
+        for key, fields in metadata.items():
+            a = pb.MetadataAssignment(key=key)
+            a.metadata.update(dict(fields))
+            items.append(a)
+        request = pb.SetMetadataRequest(items=items, replace=replace)
+        return self._call(self.stub.SetMetadata, request, timeout)
 
     def embed(self, image: ImageLike, timeout: float | None = None) -> np.ndarray:
         response = self._call(self.stub.Embed, pb.EmbedRequest(image=_image_bytes(image)), timeout)
@@ -313,7 +378,7 @@ class FeatureBankClient:
     def upsert(
         self, items: Iterable[pb.UpsertItem | Mapping[str, Any]], timeout: float | None = None
     ) -> pb.UpsertResponse:
-        """Items as UpsertItem or dicts {key, image|vector, label?, split?, uri?}."""
+        """Items as UpsertItem or dicts {key, image|vector, label?, split?, uri?, metadata?}."""
         return self._call(self.stub.Upsert, _upsert_stream(items), timeout)
 
     def set_labels(
@@ -380,6 +445,24 @@ class FeatureBankClient:
             time.sleep(poll_s)
 
 
+def search_request(
+    input: pb.Input,  # noqa: A002 - the request field's name
+    *,
+    k: int = 0,
+    labels: Sequence[str] = (),
+    include_metadata: bool = False,
+    filter: str = "",  # noqa: A002 - the request field's name
+    score_threshold: float | None = None,
+    group_by: str = "",
+    group_size: int = 0,
+) -> pb.SearchRequest:
+    """A SearchRequest (for `search` and `search_batch`)."""
+    return pb.SearchRequest(
+        input=input, k=k, labels=list(labels), include_metadata=include_metadata, filter=filter,
+        score_threshold=score_threshold, group_by=group_by, group_size=group_size,
+    )
+
+
 def _mode(mode: str | None) -> pb.Mode.ValueType:
     if mode is None or mode == "":
         return pb.MODE_UNSPECIFIED
@@ -407,6 +490,8 @@ def _upsert_stream(items: Iterable[pb.UpsertItem | Mapping[str, Any]]) -> Iterat
             key=str(item["key"]), label=item.get("label") or "", split=item.get("split") or "",
             uri=item.get("uri") or "", thumbnail=bool(item.get("thumbnail")),
         )
+        if item.get("metadata"):
+            out.metadata.update(dict(item["metadata"]))
         if item.get("image") is not None:
             out.image = _image_bytes(item["image"])
         elif item.get("vector") is not None:

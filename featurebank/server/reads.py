@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from featurebank.core.errors import FailedPrecondition
+from featurebank.index.filters import Node
+from featurebank.server import hits as selection
 from featurebank.server.batching import Batcher, isolate, run_in
 from featurebank.server.live import Live
 
@@ -38,6 +40,7 @@ class ClassifyOptions:
     top_n: int
     include_neighbors: bool
     abstain_below: float | None  # target precision of the calibrated abstention
+    where: Node | None = None  # only labelled items passing this filter vote
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,10 @@ class SearchJob:
     labels: tuple[str, ...]
     exclude_id: int | None
     include_metadata: bool
+    where: Node | None = None
+    score_threshold: float | None = None
+    group_by: str | None = None  # label or meta.NAME
+    group_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -185,14 +192,14 @@ class Reads:
 
         def key(job: ClassifyJob) -> Hashable:
             o = job.options
-            return o.mode, o.k, o.include_neighbors, o.abstain_below, job.exclude_id is not None
+            return o.mode, o.k, o.include_neighbors, o.abstain_below, job.exclude_id is not None, o.where
 
         def answer(group: list[ClassifyJob]) -> list[Prediction]:
             o = group[0].options
             preds = clf.classify(
                 np.stack([j.vector for j in group]), mode=o.mode, k=o.k,
                 top_n=max(j.options.top_n for j in group), include_neighbors=o.include_neighbors,
-                exclude_ids=_exclude_ids(group), abstain_below=o.abstain_below,
+                exclude_ids=_exclude_ids(group), abstain_below=o.abstain_below, where=o.where,
             )  # one classifier call: one snapshot, its generations in every Prediction
             return [p.top(j.options.top_n) for j, p in zip(group, preds, strict=True)]
 
@@ -212,34 +219,58 @@ class Reads:
         store = self.live.opened()
 
         def key(job: SearchJob) -> Hashable:
-            return job.k, job.labels, job.exclude_id is not None
+            return (job.k, job.labels, job.exclude_id is not None, job.where, job.group_by,
+                    job.group_size)
 
         def answer(group: list[SearchJob]) -> list[Found]:
-            job0 = group[0]
-            ex = _exclude_ids(group)
-            k = min(job0.k, max(1, int(searcher.ntotal) - (1 if ex is not None else 0)))
-            res = searcher.search(
-                np.stack([j.vector for j in group]), k,
-                labels=list(job0.labels) if job0.labels else None, exclude_ids=ex,
-            )
-            keys, labs = res.keys, res.labels
-            out = []
-            for row, job in enumerate(group):
-                hits = [
-                    Hit(keys[row][col], labs[row][col], float(res.scores[row, col]), None)
-                    for col in range(res.ids.shape[1])
-                    if int(res.ids[row, col]) >= 0
-                ]
-                if job.include_metadata and hits:
-                    metas = store.get_by_keys([h.key for h in hits]).meta
-                    hits = [
-                        Hit(h.key, h.label, h.score, dict(m))
-                        for h, m in zip(hits, metas, strict=True)
-                    ]
-                out.append(Found(hits, generation))
-            return out
+            return [Found(hits, generation) for hits in search_jobs(searcher, store, group)]
 
         return _grouped(jobs, key, answer)
+
+
+def search_jobs(searcher: Any, store: Any, group: list[SearchJob]) -> list[list[Hit]]:
+    """Hits of search jobs asking the same (k, labels, filter, groups), one search for all;
+    grouped searches fetch more neighbours until every group is full or none are left."""
+    job0 = group[0]
+    ex = _exclude_ids(group)
+    available = max(1, int(searcher.ntotal) - (1 if ex is not None else 0))
+    want = selection.candidates_for(job0, available)
+    vectors = np.stack([j.vector for j in group])
+    most = min(available, selection.MAX_CANDIDATES)
+    while True:
+        rows = _hits(searcher, store, vectors, want, group, ex)
+        done = [selection.select_hits(r, j) for r, j in zip(rows, group, strict=True)]
+        short = any(len(d) < j.k and len(r) == want for d, r, j in zip(done, rows, group, strict=True))
+        if job0.group_by is None or not short or want >= most:
+            return done
+        want = min(most, want * 4)
+
+
+def _hits(
+    searcher: Any, store: Any, vectors: np.ndarray, k: int, group: list[SearchJob],
+    ex: np.ndarray | None,
+) -> list[list[Hit]]:
+    """Each job's neighbours, best first, with metadata when asked for or grouped by."""
+    job0 = group[0]
+    res = searcher.search(
+        vectors, k, labels=list(job0.labels) if job0.labels else None, exclude_ids=ex,
+        where=job0.where,
+    )
+    keys, labs = res.keys, res.labels
+    out = []
+    for row, job in enumerate(group):
+        hits = [
+            Hit(keys[row][col], labs[row][col], float(res.scores[row, col]), None)
+            for col in range(res.ids.shape[1])
+            if int(res.ids[row, col]) >= 0
+        ]
+        need_meta = job.include_metadata or (job.group_by or "").startswith("meta.")
+        if need_meta and hits:
+            found = res.ids[row][res.ids[row] >= 0].astype(np.uint64)
+            metas = store.get(found).meta
+            hits = [Hit(h.key, h.label, h.score, dict(m)) for h, m in zip(hits, metas, strict=True)]
+        out.append(hits)
+    return out
 
 
 def _exclude_ids(group: Sequence[ClassifyJob | SearchJob]) -> np.ndarray | None:

@@ -30,6 +30,7 @@ from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 ROUTED = (
     "Classify", "ClassifyBatch", "Search", "Embed", "Suggest", "Audit", "GetThumbnails",
     "GetReport", "Quality", "SetLabels", "Delete", "RebuildIndex", "GetOperation",
+    "SearchBatch", "Recommend", "Scroll", "Count", "SetMetadata",
 )
 
 MakeServicer = Callable[[Engine], FeatureBankServicer]

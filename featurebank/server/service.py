@@ -12,12 +12,15 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 import numpy as np
 from grpc import aio
 
 from featurebank.core.errors import FeaturebankError, InvalidInput, Overloaded
+from featurebank.server import queries
+from featurebank.server.batching import run_in
 from featurebank.server.bounds import (
     DEFAULT_SEARCH_K,
     MAX_BATCH_INPUTS,
@@ -28,7 +31,7 @@ from featurebank.server.engine import Engine
 from featurebank.server.group_commit import UpsertRow
 from featurebank.server.limits import StreamBytes, TooMany, UpsertBudget
 from featurebank.server.metrics import Metrics
-from featurebank.server.reads import ClassifyJob, SearchJob
+from featurebank.server.reads import ClassifyJob
 from featurebank.server.responses import (
     finding,
     hit,
@@ -120,6 +123,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     ) -> None:
         self.engine = engine
         self.reads, self.writes, self.info = engine.reads, engine.writes, engine.info
+        self.queries = queries.Queries(engine)
         self.metrics = metrics
         self.upsert_budget = upsert_budget or UpsertBudget()
 
@@ -158,7 +162,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     ) -> pb.ClassifyResponse:
         results = await self._classify(
             [request.input], request.mode, request.k, request.top_n, request.include_neighbors,
-            request.abstain_below,
+            request.abstain_below, request.filter,
         )
         return results[0]
 
@@ -169,15 +173,16 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         check_many(request.inputs, "ClassifyBatch", "inputs", MAX_BATCH_INPUTS)
         results = await self._classify(
             list(request.inputs), request.mode, request.k, request.top_n, request.include_neighbors,
-            request.abstain_below,
+            request.abstain_below, request.filter,
         )
         return pb.ClassifyBatchResponse(results=results)
 
     async def _classify(
         self, inputs: Sequence[pb.Input], mode: int, k: int, top_n: int, neighbors: bool,
-        abstain_below: float,
+        abstain_below: float, filter_text: str = "",
     ) -> list[pb.ClassifyResponse]:
         options = check_classify(mode, k, top_n, neighbors, abstain_below)
+        options = replace(options, where=queries.check_filter(filter_text))
         vectors, own = await self._vectors(check_inputs(inputs, self.engine.dim))
         jobs = [ClassifyJob(v, options, item_id) for v, item_id in zip(vectors, own, strict=True)]
         return [prediction(p) for p in await self.reads.classify(jobs)]
@@ -186,14 +191,66 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     async def Search(
         self, request: pb.SearchRequest, context: aio.ServicerContext
     ) -> pb.SearchResponse:
-        k = check_k(request.k, DEFAULT_SEARCH_K) or DEFAULT_SEARCH_K
+        return await self._search(request)
+
+    async def _search(self, request: pb.SearchRequest, where: str = "") -> pb.SearchResponse:
+        k = check_k(request.k, DEFAULT_SEARCH_K, f"{where}k") or DEFAULT_SEARCH_K
         labels = check_label_filter(request.labels)
+        job0 = queries.search_job(request, np.zeros(0), None, labels, k, where)  # checks first
         vectors, own = await self._vectors(check_inputs([request.input], self.engine.dim))
-        job = SearchJob(vectors[0], k, labels, own[0], request.include_metadata)
+        job = replace(job0, vector=vectors[0], exclude_id=own[0])
         found = (await self.reads.search([job]))[0]
         return pb.SearchResponse(
             neighbors=[hit(h) for h in found.hits], index_generation=found.index_generation
         )
+
+    @_rpc
+    async def SearchBatch(
+        self, request: pb.SearchBatchRequest, context: aio.ServicerContext
+    ) -> pb.SearchBatchResponse:
+        check_many(request.requests, "SearchBatch", "requests", queries.MAX_SEARCH_BATCH)
+        done = await asyncio.gather(
+            *(self._search(r, f"requests[{i}].") for i, r in enumerate(request.requests)),
+            return_exceptions=True,
+        )
+        results = []
+        for d in done:
+            if isinstance(d, BaseException):
+                if not isinstance(d, Exception):
+                    raise d
+                code, message = to_status(d)
+                results.append(pb.SearchBatchResult(error=pb.OperationError(code=code.name, message=message)))
+            else:
+                results.append(pb.SearchBatchResult(response=d))
+        return pb.SearchBatchResponse(results=results)
+
+    @_rpc
+    async def Recommend(
+        self, request: pb.RecommendRequest, context: aio.ServicerContext
+    ) -> pb.SearchResponse:
+        check_many(request.positives, "Recommend", "positives", queries.MAX_EXAMPLES)
+        if len(request.positives) + len(request.negatives) > queries.MAX_EXAMPLES:
+            raise InvalidInput(f"Recommend takes at most {queries.MAX_EXAMPLES} examples in all")
+        strategy = queries.check_strategy(request.strategy)
+        k = check_k(request.k, DEFAULT_SEARCH_K) or DEFAULT_SEARCH_K
+        where = queries.check_filter(request.filter)
+        threshold = queries.check_threshold(request.HasField("score_threshold"), request.score_threshold)
+        examples = [*request.positives, *request.negatives]
+        vectors, own = await self._vectors(check_inputs(examples, self.engine.dim))
+        n = len(request.positives)
+        hits, generation = await run_in(
+            self.reads.compute, self.queries.recommend, vectors[:n], vectors[n:],
+            [i for i in own if i is not None], strategy, k, where, threshold, request.include_metadata,
+        )
+        return pb.SearchResponse(neighbors=[hit(h) for h in hits], index_generation=generation)
+
+    @_rpc
+    async def Scroll(self, request: pb.ScrollRequest, context: aio.ServicerContext) -> pb.ScrollResponse:
+        return await self.queries.scroll(request)
+
+    @_rpc
+    async def Count(self, request: pb.CountRequest, context: aio.ServicerContext) -> pb.CountResponse:
+        return await self.queries.count(request)
 
     @_rpc
     async def Embed(self, request: pb.EmbedRequest, context: aio.ServicerContext) -> pb.EmbedResponse:
@@ -296,8 +353,10 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
             for p, v in zip(images, vectors, strict=True):
                 if isinstance(v, BaseException):
                     raise image_error(v, p.where)
+                meta = image_meta(p.item.image, p.item.uri)
+                meta.update(queries.struct_meta(p.item.metadata, p.key))
                 rows[p.position] = UpsertRow(
-                    p.key, v, p.item.label or None, p.split, image_meta(p.item.image, p.item.uri),
+                    p.key, v, p.item.label or None, p.split, meta,
                     thumbnail_of(p.item.image) if p.item.thumbnail else None,
                 )
         left = context.time_remaining()
@@ -310,6 +369,12 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         self, request: pb.SetLabelsRequest, context: aio.ServicerContext
     ) -> pb.SetLabelsResponse:
         return pb.SetLabelsResponse(**await self.writes.set_labels(check_labels(request.labels)))
+
+    @_rpc
+    async def SetMetadata(
+        self, request: pb.SetMetadataRequest, context: aio.ServicerContext
+    ) -> pb.SetMetadataResponse:
+        return await self.queries.set_metadata(request)
 
     @_rpc
     async def Delete(self, request: pb.DeleteRequest, context: aio.ServicerContext) -> pb.DeleteResponse:

@@ -29,6 +29,7 @@ from featurebank.server.bounds import (
 )
 from featurebank.server.group_commit import UpsertRow
 from featurebank.server.indexing import RebuildParams
+from featurebank.server.queries import struct_meta
 from featurebank.server.reads import ClassifyOptions
 from featurebank.server.wire import MODE_NAMES, STRATEGY_NAMES
 from featurebank.store.codec import MAX_LABEL_BYTES
@@ -227,7 +228,9 @@ def check_upsert_item(
         raise InvalidInput(f"{where} has neither image nor vector")
     if kind == "vector":
         vec = check_vector(item.vector.values, dim, f"{where} vector")
-        return UpsertRow(key, vec, item.label or None, split, {"uri": item.uri} if item.uri else {})
+        meta: dict[str, Any] = {"uri": item.uri} if item.uri else {}
+        meta.update(struct_meta(item.metadata, key))
+        return UpsertRow(key, vec, item.label or None, split, meta)
     if not item.image:
         raise InvalidInput(f"{where} image is empty")
     return UpsertImage(i, key, split, item)

@@ -35,6 +35,7 @@ from featurebank.core import bank_models
 from featurebank.core.bank import Bank, write_atomic
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound, shown
 from featurebank.core.spec import Spec
+from featurebank.store import metadata
 from featurebank.store import thumbs as thumbs_db
 from featurebank.store.codec import (
     DELETED,
@@ -545,6 +546,44 @@ class Store:
         thumbs_db.drop(txn, h.dbs, ids)
         put_int(txn, h, "count", get_int(txn, h, "count") - len(ids))
         return labelled
+
+    def set_meta(self, mapping: Mapping[str, Mapping[str, Any] | None], merge: bool = True) -> int:
+        """Change items' user metadata without touching vectors; returns how many changed.
+
+        `merge`: the given fields are set (None removes one) and the others kept; otherwise
+        the user map is replaced. Unknown keys raise NotFound and nothing changes.
+        """
+        keys = list(mapping)
+        check_keys(keys)
+        updates = [metadata.check_user_meta(k, mapping[k]) for k in keys]
+        if not keys:
+            return 0
+
+        def fn(txn: Txn, h: EnvHandle) -> int:
+            ids = self._ids_in_txn(txn, h, keys, NotFound)
+            changed = metadata.set_in_txn(txn, h, ids, updates, merge)
+            if changed:
+                commit_generation(txn, h, labels_changed=False)
+            return changed
+
+        n: int = self._write(fn)
+        return n
+
+    def item_table(self) -> Items:
+        """Every live item's id, key, label, split and metadata, without vectors (for filters)."""
+        sh = self._sh()
+        with sh.read() as (txn, h):
+            snap, sel, keys, metas = metadata.columns(txn, h)
+            codes, states = snap.codes[sel], snap.states[sel]
+            vocab = self._vocab(txn, h, np.unique(codes).tolist())
+        return Items(
+            ids=snap.ids[sel].astype(np.uint64),
+            keys=keys,
+            vectors=np.zeros((len(sel), 0), np.float32),
+            labels=Lazy(lambda: labels_of_codes(codes, vocab)),
+            splits=Lazy(lambda: _SPLIT_NAMES[states].tolist()),
+            meta=metas,
+        )
 
     # ---- errors ---------------------------------------------------------------------------
 

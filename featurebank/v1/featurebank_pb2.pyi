@@ -138,6 +138,7 @@ class ClassifyRequest(_message.Message):
     INCLUDE_NEIGHBORS_FIELD_NUMBER: _builtins.int
     ABSTAIN_BELOW_FIELD_NUMBER: _builtins.int
     BANK_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     mode: Global___Mode.ValueType
     k: _builtins.int
     """neighbours to vote with; 0 = server default"""
@@ -150,6 +151,8 @@ class ClassifyRequest(_message.Message):
     """
     bank: _builtins.str
     """The bank to ask, by name or alias; empty = the server's default bank."""
+    filter: _builtins.str
+    """only labelled items passing this filter vote (README "Filters")"""
     @_builtins.property
     def input(self) -> Global___Input: ...
     def __init__(
@@ -162,10 +165,11 @@ class ClassifyRequest(_message.Message):
         include_neighbors: _builtins.bool = ...,
         abstain_below: _builtins.float = ...,
         bank: _builtins.str = ...,
+        filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstain_below", b"abstain_below", "bank", b"bank", "include_neighbors", b"include_neighbors", "input", b"input", "k", b"k", "mode", b"mode", "top_n", b"top_n"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstain_below", b"abstain_below", "bank", b"bank", "filter", b"filter", "include_neighbors", b"include_neighbors", "input", b"input", "k", b"k", "mode", b"mode", "top_n", b"top_n"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -276,6 +280,7 @@ class ClassifyBatchRequest(_message.Message):
     INCLUDE_NEIGHBORS_FIELD_NUMBER: _builtins.int
     ABSTAIN_BELOW_FIELD_NUMBER: _builtins.int
     BANK_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     mode: Global___Mode.ValueType
     k: _builtins.int
     top_n: _builtins.int
@@ -283,6 +288,8 @@ class ClassifyBatchRequest(_message.Message):
     abstain_below: _builtins.float
     """as in ClassifyRequest"""
     bank: _builtins.str
+    """as in ClassifyRequest"""
+    filter: _builtins.str
     """as in ClassifyRequest"""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Input]: ...
@@ -296,10 +303,11 @@ class ClassifyBatchRequest(_message.Message):
         include_neighbors: _builtins.bool = ...,
         abstain_below: _builtins.float = ...,
         bank: _builtins.str = ...,
+        filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstain_below", b"abstain_below", "bank", b"bank", "include_neighbors", b"include_neighbors", "inputs", b"inputs", "k", b"k", "mode", b"mode", "top_n", b"top_n"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstain_below", b"abstain_below", "bank", b"bank", "filter", b"filter", "include_neighbors", b"include_neighbors", "inputs", b"inputs", "k", b"k", "mode", b"mode", "top_n", b"top_n"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -336,11 +344,23 @@ class SearchRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     INCLUDE_METADATA_FIELD_NUMBER: _builtins.int
     BANK_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    SCORE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    GROUP_SIZE_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """0 = 10"""
     include_metadata: _builtins.bool
     bank: _builtins.str
     """as in ClassifyRequest"""
+    filter: _builtins.str
+    """e.g. label in ("cat", "dog") and meta.camera == 4"""
+    score_threshold: _builtins.float
+    """only hits at least this similar (maybe fewer than k)"""
+    group_by: _builtins.str
+    """"label" or "meta.NAME": at most group_size hits per value"""
+    group_size: _builtins.int
+    """0 = 1"""
     @_builtins.property
     def input(self) -> Global___Input: ...
     @_builtins.property
@@ -355,12 +375,18 @@ class SearchRequest(_message.Message):
         labels: _abc.Iterable[_builtins.str] | None = ...,
         include_metadata: _builtins.bool = ...,
         bank: _builtins.str = ...,
+        filter: _builtins.str = ...,
+        score_threshold: _builtins.float | None = ...,
+        group_by: _builtins.str = ...,
+        group_size: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold", "input", b"input", "score_threshold", b"score_threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "include_metadata", b"include_metadata", "input", b"input", "k", b"k", "labels", b"labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold", "bank", b"bank", "filter", b"filter", "group_by", b"group_by", "group_size", b"group_size", "include_metadata", b"include_metadata", "input", b"input", "k", b"k", "labels", b"labels", "score_threshold", b"score_threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__score_threshold: _TypeAlias = _typing.Literal["score_threshold"]  # noqa: Y015
+    _WhichOneofArgType__score_threshold: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__score_threshold) -> _WhichOneofReturnType__score_threshold | None: ...
 
 Global___SearchRequest: _TypeAlias = SearchRequest  # noqa: Y015
 
@@ -445,6 +471,7 @@ class UpsertItem(_message.Message):
     URI_FIELD_NUMBER: _builtins.int
     THUMBNAIL_FIELD_NUMBER: _builtins.int
     BANK_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     image: _builtins.bytes
     label: _builtins.str
@@ -459,6 +486,10 @@ class UpsertItem(_message.Message):
     """as in ClassifyRequest; later items of the stream repeat it or leave it empty"""
     @_builtins.property
     def vector(self) -> Global___Vector: ...
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
+        """user metadata: string, number and boolean values that filters test (meta.NAME)"""
+
     def __init__(
         self,
         *,
@@ -470,10 +501,11 @@ class UpsertItem(_message.Message):
         uri: _builtins.str = ...,
         thumbnail: _builtins.bool = ...,
         bank: _builtins.str = ...,
+        metadata: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "image", b"image", "vector", b"vector"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "image", b"image", "metadata", b"metadata", "vector", b"vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "data", b"data", "image", b"image", "key", b"key", "label", b"label", "split", b"split", "thumbnail", b"thumbnail", "uri", b"uri", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "data", b"data", "image", b"image", "key", b"key", "label", b"label", "metadata", b"metadata", "split", b"split", "thumbnail", b"thumbnail", "uri", b"uri", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_data: _TypeAlias = _typing.Literal["image", "vector"]  # noqa: Y015
     _WhichOneofArgType_data: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
@@ -2041,3 +2073,345 @@ class QualityResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QualityResponse: _TypeAlias = QualityResponse  # noqa: Y015
+
+@_typing.final
+class SearchBatchRequest(_message.Message):
+    """---- queries over filters and several examples"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
+    bank: _builtins.str
+    """as in ClassifyRequest"""
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___SearchRequest] | None = ...,
+        bank: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchBatchRequest: _TypeAlias = SearchBatchRequest  # noqa: Y015
+
+@_typing.final
+class SearchBatchResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> Global___SearchResponse: ...
+    @_builtins.property
+    def error(self) -> Global___OperationError:
+        """this request's status; the others are unaffected"""
+
+    def __init__(
+        self,
+        *,
+        response: Global___SearchResponse | None = ...,
+        error: Global___OperationError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___SearchBatchResult: _TypeAlias = SearchBatchResult  # noqa: Y015
+
+@_typing.final
+class SearchBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchBatchResult]:
+        """one per request, same order"""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SearchBatchResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchBatchResponse: _TypeAlias = SearchBatchResponse  # noqa: Y015
+
+@_typing.final
+class RecommendRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITIVES_FIELD_NUMBER: _builtins.int
+    NEGATIVES_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    SCORE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    INCLUDE_METADATA_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
+    strategy: _builtins.str
+    """average (default) | best_score"""
+    k: _builtins.int
+    """0 = 10"""
+    filter: _builtins.str
+    score_threshold: _builtins.float
+    include_metadata: _builtins.bool
+    bank: _builtins.str
+    """as in ClassifyRequest"""
+    @_builtins.property
+    def positives(self) -> _containers.RepeatedCompositeFieldContainer[Global___Input]:
+        """at least one"""
+
+    @_builtins.property
+    def negatives(self) -> _containers.RepeatedCompositeFieldContainer[Global___Input]: ...
+    def __init__(
+        self,
+        *,
+        positives: _abc.Iterable[Global___Input] | None = ...,
+        negatives: _abc.Iterable[Global___Input] | None = ...,
+        strategy: _builtins.str = ...,
+        k: _builtins.int = ...,
+        filter: _builtins.str = ...,
+        score_threshold: _builtins.float | None = ...,
+        include_metadata: _builtins.bool = ...,
+        bank: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold", "score_threshold", b"score_threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold", "bank", b"bank", "filter", b"filter", "include_metadata", b"include_metadata", "k", b"k", "negatives", b"negatives", "positives", b"positives", "score_threshold", b"score_threshold", "strategy", b"strategy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__score_threshold: _TypeAlias = _typing.Literal["score_threshold"]  # noqa: Y015
+    _WhichOneofArgType__score_threshold: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__score_threshold) -> _WhichOneofReturnType__score_threshold | None: ...
+
+Global___RecommendRequest: _TypeAlias = RecommendRequest  # noqa: Y015
+
+@_typing.final
+class ScrollRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_VECTORS_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
+    filter: _builtins.str
+    limit: _builtins.int
+    """items per page; 0 = 100"""
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty = first page"""
+    include_vectors: _builtins.bool
+    bank: _builtins.str
+    """as in ClassifyRequest"""
+    def __init__(
+        self,
+        *,
+        filter: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        include_vectors: _builtins.bool = ...,
+        bank: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "filter", b"filter", "include_vectors", b"include_vectors", "limit", b"limit", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScrollRequest: _TypeAlias = ScrollRequest  # noqa: Y015
+
+@_typing.final
+class Item(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    VECTOR_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    label: _builtins.str
+    """empty when unlabelled"""
+    split: _builtins.str
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct: ...
+    @_builtins.property
+    def vector(self) -> Global___Vector:
+        """only with include_vectors"""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        label: _builtins.str = ...,
+        split: _builtins.str = ...,
+        metadata: _struct_pb2.Struct | None = ...,
+        vector: Global___Vector | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "vector", b"vector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "label", b"label", "metadata", b"metadata", "split", b"split", "vector", b"vector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Item: _TypeAlias = Item  # noqa: Y015
+
+@_typing.final
+class ScrollResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STORE_GENERATION_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """empty on the last page"""
+    store_generation: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___Item] | None = ...,
+        next_page_token: _builtins.str = ...,
+        store_generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "next_page_token", b"next_page_token", "store_generation", b"store_generation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScrollResponse: _TypeAlias = ScrollResponse  # noqa: Y015
+
+@_typing.final
+class CountRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
+    filter: _builtins.str
+    bank: _builtins.str
+    """as in ClassifyRequest"""
+    def __init__(
+        self,
+        *,
+        filter: _builtins.str = ...,
+        bank: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "filter", b"filter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountRequest: _TypeAlias = CountRequest  # noqa: Y015
+
+@_typing.final
+class CountResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    STORE_GENERATION_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    store_generation: _builtins.int
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        store_generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "store_generation", b"store_generation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountResponse: _TypeAlias = CountResponse  # noqa: Y015
+
+@_typing.final
+class MetadataAssignment(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
+        """a null value removes that field"""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        metadata: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "metadata", b"metadata"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetadataAssignment: _TypeAlias = MetadataAssignment  # noqa: Y015
+
+@_typing.final
+class SetMetadataRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    REPLACE_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
+    replace: _builtins.bool
+    """replace each item's whole user map instead of merging into it"""
+    bank: _builtins.str
+    """as in ClassifyRequest"""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetadataAssignment]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___MetadataAssignment] | None = ...,
+        replace: _builtins.bool = ...,
+        bank: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "items", b"items", "replace", b"replace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetMetadataRequest: _TypeAlias = SetMetadataRequest  # noqa: Y015
+
+@_typing.final
+class SetMetadataResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATED_FIELD_NUMBER: _builtins.int
+    STORE_GENERATION_FIELD_NUMBER: _builtins.int
+    updated: _builtins.int
+    store_generation: _builtins.int
+    def __init__(
+        self,
+        *,
+        updated: _builtins.int = ...,
+        store_generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["store_generation", b"store_generation", "updated", b"updated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetMetadataResponse: _TypeAlias = SetMetadataResponse  # noqa: Y015

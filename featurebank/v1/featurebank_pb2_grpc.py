@@ -124,6 +124,31 @@ class FeatureBankStub:
                 request_serializer=featurebank_dot_v1_dot_featurebank__pb2.SetAliasRequest.SerializeToString,
                 response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SetAliasResponse.FromString,
                 _registered_method=True)
+        self.SearchBatch = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/SearchBatch',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.SearchBatchRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SearchBatchResponse.FromString,
+                _registered_method=True)
+        self.Recommend = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/Recommend',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.RecommendRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SearchResponse.FromString,
+                _registered_method=True)
+        self.Scroll = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/Scroll',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.ScrollRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.ScrollResponse.FromString,
+                _registered_method=True)
+        self.Count = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/Count',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.CountRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.CountResponse.FromString,
+                _registered_method=True)
+        self.SetMetadata = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/SetMetadata',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.SetMetadataRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SetMetadataResponse.FromString,
+                _registered_method=True)
 
 
 class FeatureBankServicer:
@@ -263,6 +288,42 @@ class FeatureBankServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchBatch(self, request, context):
+        """Queries over filters and several examples (docs: README "Filters").
+        Many Search requests in one call, answered in order; a bad one fails alone (read role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Recommend(self, request, context):
+        """Items like the positives and unlike the negatives (read role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Scroll(self, request, context):
+        """Pages of items in key order, with a filter and an opaque next-page token (read role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Count(self, request, context):
+        """How many items pass a filter (read role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMetadata(self, request, context):
+        """Set or replace items' user metadata without touching their vectors (write role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureBankServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -355,6 +416,31 @@ def add_FeatureBankServicer_to_server(servicer, server):
                     servicer.SetAlias,
                     request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SetAliasRequest.FromString,
                     response_serializer=featurebank_dot_v1_dot_featurebank__pb2.SetAliasResponse.SerializeToString,
+            ),
+            'SearchBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchBatch,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SearchBatchRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.SearchBatchResponse.SerializeToString,
+            ),
+            'Recommend': grpc.unary_unary_rpc_method_handler(
+                    servicer.Recommend,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.RecommendRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.SearchResponse.SerializeToString,
+            ),
+            'Scroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scroll,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.ScrollRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.ScrollResponse.SerializeToString,
+            ),
+            'Count': grpc.unary_unary_rpc_method_handler(
+                    servicer.Count,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.CountRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.CountResponse.SerializeToString,
+            ),
+            'SetMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMetadata,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SetMetadataRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.SetMetadataResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -843,6 +929,141 @@ class FeatureBank:
             '/featurebank.v1.FeatureBank/SetAlias',
             featurebank_dot_v1_dot_featurebank__pb2.SetAliasRequest.SerializeToString,
             featurebank_dot_v1_dot_featurebank__pb2.SetAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/SearchBatch',
+            featurebank_dot_v1_dot_featurebank__pb2.SearchBatchRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.SearchBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Recommend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/Recommend',
+            featurebank_dot_v1_dot_featurebank__pb2.RecommendRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/Scroll',
+            featurebank_dot_v1_dot_featurebank__pb2.ScrollRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.ScrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Count(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/Count',
+            featurebank_dot_v1_dot_featurebank__pb2.CountRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.CountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/SetMetadata',
+            featurebank_dot_v1_dot_featurebank__pb2.SetMetadataRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.SetMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
