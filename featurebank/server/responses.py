@@ -82,7 +82,7 @@ def info_response(info: dict[str, Any]) -> pb.GetInfoResponse:
     out = pb.GetInfoResponse(
         bank=info["bank"],
         spec=pb.Spec(
-            backbone=spec.backbone, weights=spec.weights,
+            backbone=spec.identity()["backbone"], weights=spec.weights,  # never a server path
             input_height=int(size[0]), input_width=int(size[1]),
             resize=spec.resize, preprocessing=spec.preprocessing, pooling=spec.pooling,
             dim=int(spec.dim), dtype=spec.dtype, layer=spec.layer or "",
