@@ -160,7 +160,8 @@ class Mode:
         if self.calibrate is None:
             raise FailedPrecondition(
                 f"head generation {c.head_generation} has no cross-validated scores for "
-                f"{self.name!r} to calibrate abstention on (knn, head and hybrid have)"
+                f"{self.name!r} to calibrate abstention on (knn, head and hybrid have them; "
+                "abstain with one of those)"
             )
         return self.calibrate(c)
 
