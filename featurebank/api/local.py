@@ -3,6 +3,9 @@
 The model (TensorFlow) is built the first time an image is embedded, the classifier the
 first time something is searched or classified; every read first catches up with what
 was committed and published since (by this process or another), as a server does.
+
+Over 400 lines because it is one class answering the whole API (reads, writes, queries)
+over one set of lazily built parts; split, each half would reach into the other's state.
 """
 
 from __future__ import annotations
