@@ -209,7 +209,7 @@ def staging_dir(parent: Path) -> Path:
         raise
 
 
-def _full_or_read_only(
+def full_or_read_only(
     e: BaseException, where: Path, what: str, kept: str = "what was there"
 ) -> BaseException | None:
     """The featurebank error a failed write means (disk full, read-only), or None."""
@@ -236,7 +236,7 @@ def replace_folder(out: Path, write: Callable[[Path], None], what: str) -> None:
         os.rename(tmp, out)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        known = _full_or_read_only(e, out, what)
+        known = full_or_read_only(e, out, what)
         if known is not None:
             raise known from None
         raise
@@ -258,7 +258,7 @@ def publish_files(parent: Path, write: Callable[[Path], None], what: str, keep: 
         return publish(parent, staging, keep=keep)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(staging, ignore_errors=True)
-        known = _full_or_read_only(e, parent, what, kept="the live generation")
+        known = full_or_read_only(e, parent, what, kept="the live generation")
         if known is not None:
             raise known from None
         raise

@@ -9,27 +9,21 @@ re-points an older bank (made before banks kept their model) to a file with that
 from __future__ import annotations
 
 import dataclasses
-import errno
-import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from featurebank.core.bank import Bank, fsync_dir
-from featurebank.core.errors import InvalidInput, StorageFull
+from featurebank.core.bank import Bank, fsync_dir, full_or_read_only
+from featurebank.core.errors import InvalidInput
+from featurebank.core.integrity import sha256_of
 from featurebank.core.spec import Spec
 
 HASHED = "sha256:"
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Content identity of a model/weights file, so a moved file still matches its bank."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = sha256_of
+"""Content identity of a model/weights file, so a moved file still matches its bank."""
 
 
 def models_dir(bank: Bank) -> Path:
@@ -78,11 +72,9 @@ def keep(bank: Bank, spec: Spec, source: str | os.PathLike[str] | None = None) -
         try:
             shutil.copyfile(path, tmp)
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise StorageFull(
-                    f"could not keep a copy of {path} in {dest_dir} (disk full): free space and "
-                    "run it again"
-                ) from None
+            known = full_or_read_only(e, dest_dir, f"copy of {path}")
+            if known is not None:
+                raise known from None
             raise
         digest = sha256_file(tmp)
         if f"{HASHED}{digest}" != spec.weights:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,10 @@ CHECKSUMS = "checksums.json"
 _CHUNK = 1 << 20
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(path: str | os.PathLike[str]) -> str:
     """The hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
