@@ -121,6 +121,8 @@ class BankRouter(pb_grpc.FeatureBankServicer):
         async def call() -> pb.DropBankResponse:
             self._check_reach(context, "DropBank", request.name)
             await self.lifecycle.drop(request.name, request.force)
+            if self.metrics is not None:
+                self.metrics.for_bank(request.name).forget_bank()
             return pb.DropBankResponse(name=request.name)
 
         return await self._answer("DropBank", call, context)  # type: ignore[no-any-return]
