@@ -9,6 +9,7 @@ batch sizes are the server's own, since all banks batch together.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -98,10 +99,8 @@ class Metrics:
         for gauge in (self.bank_items, self.index_items, self.store_generation,
                       self.index_generation, self.head_generation,
                       self.replica_generations_behind, self.replica_seconds_behind):
-            try:
+            with contextlib.suppress(KeyError):  # never set for this bank
                 gauge.remove(self.bank)
-            except KeyError:
-                pass
 
     def set_sizes(
         self,
