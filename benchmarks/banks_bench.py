@@ -9,7 +9,8 @@ served three ways, each a real `featurebank serve` subprocess measured from /pro
 - one server of all N banks (`--banks DIR`): RSS with every bank idle at start, the first
   query on each idle bank (open + search, p50/p99), RSS again once every bank was opened
   and closed by the idle sweep; then throughput of 32 client threads spread over 10 banks
-  against the same 32 threads on one bank.
+  against the same 32 threads on one bank, every call a fresh query drawn from its bank's
+  own clusters.
 
 Checks (exit 1 when one fails): every answer's keys belong to the bank asked (precondition),
 RSS with all N banks idle <= 1.2x one served bank (at start and after all were opened and
@@ -59,6 +60,19 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+def centers_of(b: int) -> np.ndarray:
+    """The cluster centres of bank number b (its vectors and its queries are drawn around them)."""
+    return np.random.default_rng(b).normal(size=(10, DIM)).astype(np.float32)
+
+
+def fresh_queries(bank: str, count: int, seed: int) -> np.ndarray:
+    """`count` new query vectors from the bank's own distribution, none of them stored."""
+    rng = np.random.default_rng(10_000 + seed)
+    centers = centers_of(int(bank.rsplit("-", 1)[1]))
+    picks = rng.integers(0, len(centers), size=count)
+    return (centers[picks] + 0.3 * rng.normal(size=(count, DIM))).astype(np.float32)
+
+
 def make_banks(root: Path, count: int, items: int) -> list[str]:
     from featurebank import store as store_mod
     from featurebank.core.spec import Spec
@@ -68,7 +82,7 @@ def make_banks(root: Path, count: int, items: int) -> list[str]:
     for b in range(count):
         name = f"bank-{b:03d}"
         rng = np.random.default_rng(b)
-        centers = rng.normal(size=(10, DIM)).astype(np.float32)
+        centers = centers_of(b)
         labels = rng.integers(0, 10, size=items)
         vectors = centers[labels] + 0.3 * rng.normal(size=(items, DIM)).astype(np.float32)
         keys = [f"{name}/{i}" for i in range(items)]
@@ -126,22 +140,23 @@ def query(target: str, bank: str, seed: int, expect: str = "") -> float:
 
 
 def throughput(target: str, banks: list[str], seconds: float) -> float:
-    """Searches per second of CLIENTS threads, thread i asking banks[i % len(banks)]."""
+    """Searches per second of CLIENTS threads, thread i asking banks[i % len(banks)] fresh
+    queries from that bank's own distribution (the same per thread in every run)."""
     from featurebank.server.client import FeatureBankClient
 
     stop = threading.Event()
     counts = [0] * CLIENTS
     failures: list[BaseException] = []
-    vector = np.random.default_rng(7).normal(size=DIM).astype(np.float32)
 
     def run(i: int) -> None:
         bank = banks[i % len(banks)]
+        queries = fresh_queries(bank, 512, seed=i)  # every call a new query, as in production
         with FeatureBankClient(target, timeout=30, bank=bank) as c:
-            c.search(vector=vector, k=10)  # connected and warm before the clock starts
+            c.search(vector=queries[-1], k=10)  # connected and warm before the clock starts
             barrier.wait()
             while not stop.is_set():
                 try:
-                    hits = c.search(vector=vector, k=10).neighbors
+                    hits = c.search(vector=queries[counts[i] % len(queries)], k=10).neighbors
                     if any(not h.key.startswith(f"{bank}/") for h in hits):
                         raise AssertionError(f"{bank} answered another bank's keys")
                     counts[i] += 1
