@@ -10,7 +10,9 @@ served three ways, each a real `featurebank serve` subprocess measured from /pro
   query on each idle bank (open + search, p50/p99), RSS again once every bank was opened
   and closed by the idle sweep; then throughput of 32 client threads spread over 10 banks
   against the same 32 threads on one bank, every call a fresh query drawn from its bank's
-  own clusters.
+  own clusters; beside it, the same comparison for the indexes alone (in process, no
+  gRPC), the ceiling for the served ratio: a batch spread over 10 banks scans 10 indexes
+  where one bank's batch scans one.
 
 Checks (exit 1 when one fails): every answer's keys belong to the bank asked (precondition),
 RSS with all N banks idle <= 1.2x one served bank (at start and after all were opened and
@@ -139,6 +141,36 @@ def query(target: str, bank: str, seed: int, expect: str = "") -> float:
     return took
 
 
+def search_limit(root: Path, banks: list[str], rounds: int = 30) -> tuple[float, float]:
+    """Searches per second of the indexes alone (in process, one thread, no gRPC): the
+    same CLIENTS fresh queries a batch, asked of one bank in one call, or spread over
+    `banks` in one call per bank, as the server's shared batch does. It is the part of a
+    served search that spreading over banks makes dearer: each call scans its own index."""
+    from featurebank.index.searcher import Searcher
+
+    searchers = [Searcher.load(root / b, threads=1) for b in banks]
+    try:
+        share = [np.array_split(np.arange(CLIENTS), len(banks))[i] for i in range(len(banks))]
+        spread_q = [fresh_queries(b, CLIENTS * rounds, seed=99) for b in banks]
+        one_q = spread_q[0]
+        for s, b in zip(searchers, banks, strict=True):  # warm: hits' keys cached, as when served
+            s.search(fresh_queries(b, 2_000, seed=98), 10).keys  # noqa: B018
+        rates = []
+        for spread in (False, True):
+            started = time.perf_counter()
+            for r in range(rounds):
+                if spread:
+                    for s, q, rows in zip(searchers, spread_q, share, strict=True):
+                        s.search(q[r * CLIENTS + rows], 10).keys  # noqa: B018 - keys are the answer
+                else:
+                    searchers[0].search(one_q[r * CLIENTS:(r + 1) * CLIENTS], 10).keys  # noqa: B018
+            rates.append(rounds * CLIENTS / (time.perf_counter() - started))
+        return rates[0], rates[1]
+    finally:
+        for s in searchers:
+            s.close()
+
+
 def throughput(target: str, banks: list[str], seconds: float) -> float:
     """Searches per second of CLIENTS threads, thread i asking banks[i % len(banks)] fresh
     queries from that bank's own distribution (the same per thread in every run)."""
@@ -234,6 +266,7 @@ def main() -> int:
                            throughput(many.target, names[:1], seconds)))
         many.stop()
         spread, single = (float(np.median([r[i] for r in rounds])) for i in (0, 1))
+        limit_one, limit_spread = search_limit(root, names[:SPREAD])
 
     p50, p99 = float(np.percentile(first, 50)), float(np.percentile(first, 99))
     print("\nRSS (MiB, from /proc/PID/status VmRSS):")
@@ -250,6 +283,9 @@ def main() -> int:
     print(f"throughput, {CLIENTS} clients, median of {ROUNDS} alternated rounds: {SPREAD} banks "
           f"{spread:.0f}/s vs one bank {single:.0f}/s = {spread / single:.2f}x (limit {THROUGHPUT_RATIO}x)")
     print("  rounds: " + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in rounds))
+    print(f"  the indexes alone (one thread, batches of {CLIENTS} fresh queries): {SPREAD} banks "
+          f"{limit_spread:.0f}/s vs one bank {limit_one:.0f}/s = {limit_spread / limit_one:.2f}x "
+          "(spread over banks, every batch scans 10 indexes instead of one)")
     checks = {
         f"RSS of {count} idle banks at start <= {IDLE_RSS_RATIO}x one bank": idle_at_start <= IDLE_RSS_RATIO * one_rss,
         f"RSS of {count} banks idle again <= {IDLE_RSS_RATIO}x one bank": idle_after <= IDLE_RSS_RATIO * one_rss,
