@@ -56,7 +56,7 @@ def verify(bank: str | Path | Bank, deep: bool = True) -> Verification:
     them) and every published generation (checksums; `deep` hashes the contents)."""
     b = Bank(bank)
     report = Verification(bank=str(b.root))
-    report.items = _check_store(b, report.findings)
+    report.items = _read_back(b, report.findings)
     for what, parent in (("index", b.indexes_dir), ("head", b.heads_dir)):
         report.generations[what] = generations(parent)
         order, damaged = candidates(parent)
@@ -91,7 +91,13 @@ def _check_models(b: Bank) -> list[Finding]:
     return found
 
 
-def _check_store(b: Bank, findings: list[Finding]) -> int | None:
+def check_store(b: Bank, findings: list[Finding]) -> list[Finding]:
+    """Read every live item back, adding what is wrong to `findings` (also returned)."""
+    _read_back(b, findings)
+    return findings
+
+
+def _read_back(b: Bank, findings: list[Finding]) -> int | None:
     """Read every live item back; returns how many, or None when the store cannot be read."""
     from featurebank import store as store_mod
 
@@ -108,9 +114,21 @@ def _check_store(b: Bank, findings: list[Finding]) -> int | None:
                 ))
             _check_log(st, findings)
             return seen
-    except (FeaturebankError, lmdb.Error) as e:
+    except FeaturebankError as e:
         findings.append(Finding("store", str(e)))
         return None
+    except lmdb.Error as e:  # a damaged page LMDB noticed: name the file it is in
+        findings.append(Finding("store", f"{_data_file(b)} is damaged ({e})"))
+        return None
+
+
+def _data_file(b: Bank) -> Path:
+    """The live environment's data file (as store/CURRENT names it)."""
+    try:
+        name = (b.store_dir / "CURRENT").read_text(errors="replace").strip()
+    except OSError:
+        name = "env-?"
+    return b.store_dir / name / "data.mdb"
 
 
 def _check_batch(st: Any, items: Any, findings: list[Finding]) -> None:
