@@ -72,34 +72,26 @@ class _File:
         return data if len(data) == length else None
 
 
-def read_environment(path: Path) -> Environment:
-    """Every record still readable in `path` (an LMDB data file), newest commit first."""
-    env = Environment(path)
+def read_environment(path: Path) -> list[Environment]:
+    """Every record still readable in `path` (an LMDB data file) as of each of its two
+    commits (LMDB keeps the previous one intact until the next), newest first."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
-        env.problem = f"{path} cannot be read ({e.strerror})"
-        return env
+        return [Environment(path, problem=f"{path} cannot be read ({e.strerror})")]
     try:
         size = os.fstat(fd).st_size
         metas = _metas(fd)
         if not metas:
-            env.problem = f"{path} has no valid LMDB header (both meta pages are damaged)"
-            return env
-        best: Environment | None = None
-        for psize, txnid, main in metas:  # the newest commit, then the one before it
-            tried = Environment(path, txnid)
-            _read_all(_File(fd, psize, size), main, tried)
-            if best is None or _count(tried) > _count(best):
-                best = tried
-        assert best is not None
-        return best
+            return [Environment(path, problem=f"{path} has no valid LMDB header (both meta pages are damaged)")]
+        out = []
+        for psize, txnid, main in metas:
+            env = Environment(path, txnid)
+            _read_all(_File(fd, psize, size), main, env)
+            out.append(env)
+        return out
     finally:
         os.close(fd)
-
-
-def _count(env: Environment) -> int:
-    return sum(len(db.records) for db in env.databases.values())
 
 
 def _metas(fd: int) -> list[tuple[int, int, tuple[int, ...]]]:

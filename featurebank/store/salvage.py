@@ -52,6 +52,7 @@ _INFO_NAMES = (
     b"next_id", b"next_code",
 )  # fmt: skip
 _LOG_KINDS = (b"a", b"r", b"d")
+_DB_NAMES = ("info", "vocab", "log", "key2id", "vectors", "rows", "keys", "meta", "errors", "thumbs")
 _SHOWN = 20  # lost ids and keys listed in the report; the counts are always exact
 _CHILD_TIMEOUT_S = 3600
 
@@ -64,7 +65,7 @@ class Row:
     code: int
     state: int
     key: str
-    meta: Any
+    meta: Any  # None: its metadata record is lost (it is salvaged without)
 
 
 @dataclass
@@ -170,20 +171,24 @@ def _read_sources(store_dir: Path) -> list[Source]:
         live = ""
     sources = []
     for name in _environments(store_dir):
-        tree = read_environment(store_dir / name / "data.mdb")
-        src = Source(name, tree, {n: db.records for n, db in tree.databases.items()})
-        for n in ("info", "vocab", "log", "key2id", "vectors", "rows", "keys", "meta", "errors", "thumbs"):
-            src.db.setdefault(n, {})
-        if tree.problem is None and any(db.lost for db in tree.databases.values()) or (
-            tree.problem is None and "rows" not in tree.databases
-        ):
-            src.scanned = _classify(scan_leaves(store_dir / name / "data.mdb"))
-            for n in ("info", "vocab", "log", "key2id"):
-                for k, values in src.scanned.get(n, {}).items():
-                    src.db[n].setdefault(k, values[-1])
-        sources.append(src)
-    # the environment CURRENT names first, then the others by their newest commit
-    return sorted(sources, key=lambda s: (s.name != live, -(s.int(b"generation") or 0)))
+        data = store_dir / name / "data.mdb"
+        scanned: dict[str, dict[bytes, list[bytes]]] | None = None
+        for n, tree in enumerate(read_environment(data)):
+            src = Source(name if n == 0 else f"{name} (its previous commit)", tree,
+                         {n: dict(db.records) for n, db in tree.databases.items()})  # fmt: skip
+            for db in _DB_NAMES:
+                src.db.setdefault(db, {})
+            if tree.problem is None and (any(db.lost for db in tree.databases.values())
+                                         or "rows" not in tree.databases):  # fmt: skip
+                scanned = scanned if scanned is not None else _classify(scan_leaves(data))
+                src.scanned = scanned
+                for db in ("info", "vocab", "log", "key2id"):
+                    for k, values in scanned.get(db, {}).items():
+                        src.db[db].setdefault(k, values[-1])
+            sources.append(src)
+    # the environment CURRENT names first (its last commit, then the one before), then the
+    # others by their newest commit
+    return sorted(sources, key=lambda s: (s.name.split()[0] != live, -(s.int(b"generation") or 0)))
 
 
 def _classify(records: list[tuple[bytes, bytes]]) -> dict[str, dict[bytes, list[bytes]]]:
@@ -211,8 +216,11 @@ def _classify(records: list[tuple[bytes, bytes]]) -> dict[str, dict[bytes, list[
     return out
 
 
-def _block_rows(src: Source, key: bytes, row_bytes: int) -> list[tuple[int, Row | None]] | None:
-    """The rows of one block: (id, item) for live rows, item None when it is unreadable."""
+def _block_rows(
+    src: Source, key: bytes, row_bytes: int, key_of: dict[int, str]
+) -> list[tuple[int, Row | None]] | None:
+    """The rows of one block: (id, item) for live rows, item None when it is unreadable.
+    A lost keys record is made good from the key table (`key_of`: id -> key)."""
     first = unpack_id(key)
     rows = _rows_of(src.db["rows"].get(key), first)
     scanned = src.scanned.get("block", {}).get(key, [])
@@ -220,7 +228,8 @@ def _block_rows(src: Source, key: bytes, row_bytes: int) -> list[tuple[int, Row 
         candidates = [r for r in (_rows_of(v, first) for v in scanned) if r is not None]
         if not candidates:
             return None
-        rows = max(candidates, key=lambda r: len(r[0]))
+        # deletes are final and blocks only grow, so the newest version has the most of both
+        rows = max(candidates, key=lambda r: (len(r[0]), int((r[2] == DELETED).sum())))
     ids, codes, states = rows
     n = len(ids)
     vectors = _pick(src.db["vectors"].get(key), scanned, lambda v: len(v) == n * row_bytes)
@@ -232,13 +241,13 @@ def _block_rows(src: Source, key: bytes, row_bytes: int) -> list[tuple[int, Row 
     for i in range(n):
         if states[i] == DELETED:
             continue
-        name = names[i] if names is not None else None
+        name = names[i] if names is not None else key_of.get(int(ids[i]))
         if vectors is None or name is None:
             out.append((int(ids[i]), None))
             continue
         out.append((int(ids[i]), Row(
             vectors[i * row_bytes : (i + 1) * row_bytes], int(codes[i]), int(states[i]), name,
-            metas[i] if metas is not None else {},
+            metas[i] if metas is not None else None,
         )))  # fmt: skip
     return out
 
@@ -290,12 +299,19 @@ def assemble(store_dir: Path) -> tuple[list[Source], dict[str, Any], dict[int, R
     if spec is None:
         return sources, {}, items, {}
     row_bytes = int(spec["dim"]) * np.dtype(spec["dtype"]).itemsize
+    mapped = _complete_key_map(sources[0]) if sources else None  # the newest commit's keys
+    key_of: dict[int, str] = {}
+    for src in reversed(sources):  # the newest commit's mapping wins
+        key_of.update((unpack_id(v), k.decode()) for k, v in src.db["key2id"].items()
+                      if len(v) == 8 and k[:1] != b"\xff")  # fmt: skip
     for src in sources:
         keys = set(src.db["rows"]) | set(src.scanned.get("block", {}))
         for key in sorted(keys):
-            for i, row in _block_rows(src, key, row_bytes) or ():
+            for i, row in _block_rows(src, key, row_bytes, key_of) or ():
                 if i in items or i in deleted:  # ids are never reused: a logged delete is final
                     continue
+                if row is not None and mapped is not None and mapped.get(row.key) != i:
+                    continue  # its key no longer names it: deleted or replaced since
                 if row is None:
                     unreadable.add(i)
                 else:
@@ -308,6 +324,14 @@ def assemble(store_dir: Path) -> tuple[list[Source], dict[str, Any], dict[int, R
                 lost_keys.setdefault(i, k.decode(errors="replace"))
     lost_keys.update((i, "") for i in unreadable - deleted - set(items) - set(lost_keys))
     return sources, spec, items, lost_keys
+
+
+def _complete_key_map(src: Source) -> dict[str, int] | None:
+    """key -> id from an environment's key table when it was read whole (None otherwise)."""
+    table = src.tree.databases.get("key2id")
+    if table is None or table.lost or len(table.records) != table.entries:
+        return None
+    return {k.decode(errors="replace"): unpack_id(v) for k, v in table.records.items()}
 
 
 def _json(raw: bytes) -> dict[str, Any] | None:
@@ -355,8 +379,9 @@ def _expected(sources: list[Source]) -> set[int]:
 def run_child(store_dir: Path, new: str, report_path: Path) -> None:
     """Read every environment of `store_dir`, write the salvaged items into `new`."""
     sources, spec, items, lost_keys = assemble(store_dir)
-    first = sources[0] if sources else None
-    count = first.int(b"count") if first else None
+    info = sources[0].tree.databases.get("info") if sources else None
+    raw = info.records.get(b"count") if info is not None else None  # as last committed, not a stale copy
+    count = int.from_bytes(raw, "big") if raw is not None and len(raw) == 8 else None
     expected = _expected(sources)
     lost = sorted((expected | set(lost_keys)) - set(items))
     problems = [f"{s.name}: {s.tree.problem}" for s in sources if s.tree.problem]
@@ -372,6 +397,7 @@ def run_child(store_dir: Path, new: str, report_path: Path) -> None:
         "lost": len(lost) if expected or lost_keys else None,  # None: the logs are gone too
         "lost_ids": lost[:_SHOWN],
         "lost_keys": [lost_keys[i] for i in lost if lost_keys.get(i)][:_SHOWN],
+        "without_meta": sorted(i for i, row in items.items() if row.meta is None),
         "spec_lost": not spec,
         "new_environment": new,
     }
@@ -436,7 +462,7 @@ def _blocks(items: dict[int, Row], ids: list[int], block_rows: int) -> Iterator[
             "rows": encode_rows(np.array(part, np.uint64), np.array([r.code for r in rows], np.int32),
                                 np.array([r.state for r in rows], np.uint8)),  # fmt: skip
             "keys": encode_keys([r.key for r in rows]),
-            "meta": encode_json_list([r.meta for r in rows]),
+            "meta": encode_json_list([r.meta or {} for r in rows]),
         }
 
 
@@ -458,8 +484,20 @@ def describe(report: dict[str, Any], store_dir: Path) -> list[str]:
         more = " (first ones)" if report["lost"] > len(report["lost_ids"]) else ""
         lines.append(f"could not recover {report['lost']} items: ids "
                      f"{', '.join(map(str, report['lost_ids']))}{more}{keys}")  # fmt: skip
+    counted = report["counted"]
+    if counted is None and report["problems"]:
+        lines.append("the store's own count is lost with its last commit, so items that "
+                     "neither the change log nor the key table still names may be missing too")  # fmt: skip
+    elif counted is not None and counted > report["recovered"] + (report["lost"] or 0):
+        lines.append(f"the store counted {counted} live items: "
+                     f"{counted - report['recovered']} are not recovered, not all of them "
+                     "named above (their log entries are lost too)")  # fmt: skip
     else:
         lines.append("every item the change log names was recovered")
+    if report["without_meta"]:
+        ids = report["without_meta"]
+        lines.append(f"{len(ids)} items were recovered without their metadata (ids "
+                     f"{', '.join(map(str, ids[:_SHOWN]))}{' ...' if len(ids) > _SHOWN else ''})")  # fmt: skip
     return lines
 
 
