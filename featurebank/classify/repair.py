@@ -47,8 +47,7 @@ def repair(bank: str | Path | Bank) -> dict[str, Any]:
     lost: list[str] = []
     _repair_store_pointer(b, actions)
     salvaged = _salvage_store(b, actions, lost)
-    rebuilt = {what: _repair_generations(b, what, parent, actions)
-               for what, parent in (("index", b.indexes_dir), ("head", b.heads_dir))}  # fmt: skip
+    rebuilt = repair_derived(b, actions)
     if salvaged and not rebuilt["index"] and generations(b.indexes_dir):
         recorded = _recorded_manifest(b.indexes_dir, generations(b.indexes_dir))
         actions.append(_rebuild(b, "index", recorded) + " (it held items the store lost)")
@@ -63,6 +62,15 @@ def repair(bank: str | Path | Bank) -> dict[str, Any]:
         "items_after": after.items,
         "severity": "store" if lost else after.severity,
     }
+
+
+def repair_derived(bank: str | Path | Bank, actions: list[str]) -> dict[str, bool]:
+    """Set damaged index and head generations aside, mend their CURRENT, and rebuild what
+    has no intact generation left (what a server runs in the background while it serves
+    from a fallback); returns which of "index" and "head" were rebuilt."""
+    b = Bank(bank)
+    return {what: _repair_generations(b, what, parent, actions)
+            for what, parent in (("index", b.indexes_dir), ("head", b.heads_dir))}  # fmt: skip
 
 
 def _salvage_store(b: Bank, actions: list[str], lost: list[str]) -> bool:
