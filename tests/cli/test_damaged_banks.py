@@ -25,7 +25,7 @@ from featurebank.cli import main
 from featurebank.index.build import build_index
 from featurebank.index.searcher import Searcher
 from featurebank.server.app import ServeConfig
-from featurebank.server.client import FeatureBankClient
+from featurebank.server.client import FeatureBankClient, RemoteError
 from tests.support.server import RunningServer, make_vector_bank
 
 ITEMS = 120  # make_vector_bank: 3 classes x 40
@@ -370,3 +370,35 @@ def test_full_disk_during_head_training_and_embedding(
                          "--layer", "features", "--no-progress")  # fmt: skip
         assert code == 2 and ("disk full" in text or "could not write" in text), text
         assert "Traceback" not in text
+
+
+def test_several_banks_a_damaged_one_fails_alone_a_read_only_one_is_read(
+    pristine: Path, tmp_path: Path
+) -> None:
+    """`serve --banks DIR`: a bank whose store is damaged shows `failed` with its one line
+    while the others serve; one on a read-only mount is served read-only."""
+    root = tmp_path / "banks"
+    for name in ("good", "damaged", "ro"):
+        shutil.copytree(pristine, root / name)
+    data = root / "damaged" / "store" / "env-1" / "data.mdb"
+    DAMAGE["truncated"](data)
+    vector = np.ones(16, np.float32).tolist()
+    with read_only_view(root / "ro", root / "ro"), RunningServer(ServeConfig(banks_dir=root)) as rs:
+        with FeatureBankClient(rs.target, bank="good") as client:
+            assert client.classify(vector=vector).labels[0].label
+        with FeatureBankClient(rs.target, bank="ro") as client:
+            assert client.classify(vector=vector).labels[0].label
+            with pytest.raises(RemoteError, match="read-only") as refused:
+                client.upsert([{"key": "new/1", "vector": vector}])
+            assert refused.value.code.name == "FAILED_PRECONDITION"
+        with FeatureBankClient(rs.target, bank="damaged") as client:
+            with pytest.raises(RemoteError, match="data.mdb is truncated") as failed:
+                client.classify(vector=vector)
+            assert str(root) not in str(failed.value)
+        with FeatureBankClient(rs.target, bank="good") as client:
+            states = {b.name: b for b in client.info().banks}
+            assert states["damaged"].state == "failed"
+            assert "this bank's store/env-1/data.mdb is truncated" in states["damaged"].error
+            assert states["ro"].state == "open" and states["good"].state == "open"
+            assert client.classify(vector=vector).labels[0].label  # the others still serve
+    assert items_of(root / "ro") == ITEMS
