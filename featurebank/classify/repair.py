@@ -29,7 +29,14 @@ from featurebank.core.bank import (
     write_atomic,
 )
 from featurebank.core.errors import DamagedFile, FailedPrecondition
-from featurebank.core.integrity import CHECKSUMS, problems, read_json, write_checksums
+from featurebank.core.integrity import (
+    CHECKSUMS,
+    STAGING,
+    problems,
+    read_json,
+    shard_problems,
+    write_checksums,
+)
 from featurebank.store.env import CURRENT, ENV_PREFIX, EnvHandle
 from featurebank.store.rows import get_int
 from featurebank.store.verify import Verification, verify
@@ -48,6 +55,7 @@ def repair(bank: str | Path | Bank) -> dict[str, Any]:
     _repair_store_pointer(b, actions)
     salvaged = _salvage_store(b, actions, lost)
     rebuilt = repair_derived(b, actions)
+    _set_aside_shards(b, actions)
     if salvaged and not rebuilt["index"] and generations(b.indexes_dir):
         recorded = _recorded_manifest(b.indexes_dir, generations(b.indexes_dir))
         actions.append(_rebuild(b, "index", recorded) + " (it held items the store lost)")
@@ -71,6 +79,18 @@ def repair_derived(bank: str | Path | Bank, actions: list[str]) -> dict[str, boo
     b = Bank(bank)
     return {what: _repair_generations(b, what, parent, actions)
             for what, parent in (("index", b.indexes_dir), ("head", b.heads_dir))}  # fmt: skip
+
+
+def _set_aside_shards(b: Bank, actions: list[str]) -> None:
+    """Damaged shards of an embed job: renamed aside (kept), so the job embeds them again."""
+    staging = b.root / STAGING
+    if not staging.is_dir():
+        return
+    stamp = int(time.time())
+    for sid in shard_problems(staging, deep=True):
+        for path in staging.glob(f"shard-{sid}.*"):
+            os.rename(path, staging / f"{DAMAGED}{stamp}-{path.name}")
+        actions.append(f"set aside damaged shard {sid} in {staging} (`embed --engine ray` redoes it)")
 
 
 def _salvage_store(b: Bank, actions: list[str], lost: list[str]) -> bool:

@@ -20,7 +20,8 @@ import numpy as np
 
 from featurebank import store as store_mod
 from featurebank.core.bank import write_atomic
-from featurebank.core.errors import InvalidInput, NotFound
+from featurebank.core.errors import DamagedFile, InvalidInput, NotFound
+from featurebank.core.integrity import shard_problems
 from featurebank.core.spec import Spec
 from featurebank.embedder import shards
 from featurebank.store import Store
@@ -35,6 +36,9 @@ def staged_spec(staging: str | Path) -> Spec:
 
 def _finished(staging: Path) -> tuple[list[dict[str, Any]], Spec]:
     markers = shards.done_markers(staging)
+    damaged = shard_problems(staging)
+    if not markers and damaged:
+        raise DamagedFile(f"no intact finished shard in {staging}: {'; '.join(damaged.values())}")
     if not markers:
         raise NotFound(f"no finished shards in {staging} (run `featurebank embed --engine ray`)")
     spec = Spec.from_dict(markers[0]["spec"])
@@ -59,10 +63,12 @@ def commit_shards(
     t0 = time.perf_counter()
     staging = Path(staging)
     markers, spec = _finished(staging)
+    damaged = [line for sid, line in shard_problems(staging).items()
+               if not shards.is_committed(staging, sid)]  # fmt: skip
     root = bank.bank.root if isinstance(bank, Store) else bank
     summary: dict[str, Any] = {"staging": str(staging), "bank": str(root), "shards": len(markers),
                "committed_shards": 0, "already_committed": 0, "added": 0,
-               "already_stored": 0, "failed": 0}  # fmt: skip
+               "already_stored": 0, "failed": 0, "damaged": damaged}  # fmt: skip
     bar = _bar(len(markers), progress)
     with contextlib.ExitStack() as stack:
         if isinstance(bank, Store):

@@ -17,7 +17,7 @@ import numpy as np
 
 from featurebank.core.bank import Bank, candidates, generations
 from featurebank.core.errors import FeaturebankError
-from featurebank.core.integrity import CHECKSUMS, problems, sha256_of
+from featurebank.core.integrity import CHECKSUMS, STAGING, problems, sha256_of, shard_problems
 
 SEVERITY = {"ok": 0, "derived": 1, "store": 2}
 """Exit codes of `store verify`: the worst finding's severity."""
@@ -71,6 +71,13 @@ def verify(bank: str | Path | Bank, deep: bool = True) -> Verification:
                     "derived", f"{what} generation {gen}: {directory / CHECKSUMS} is missing, so "
                     "its files cannot be checked (`store repair` checks they load and seals them)"
                 ))
+    staging = b.root / STAGING
+    if staging.is_dir():
+        report.findings += [
+            Finding("derived", f"{line} (an embedding shard: `store repair` sets it aside and "
+                               "`embed --engine ray` embeds it again)")
+            for line in shard_problems(staging, deep).values()
+        ]  # fmt: skip
     if deep:
         report.findings += _check_models(b)
     return report
