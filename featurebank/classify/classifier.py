@@ -25,8 +25,8 @@ from featurebank.classify.abstain import abstained, calibrate_threshold, check_p
 from featurebank.classify.knn import DEFAULT_K, DEFAULT_T, Voter
 from featurebank.classify.modes import Calibrating, Evidence, Mode
 from featurebank.classify.modes import mode as mode_named
-from featurebank.classify.published_heads import LoadedHead, is_stale, load_live_head
-from featurebank.core.bank import candidates
+from featurebank.classify.published_heads import LoadedHead, is_stale, load_head
+from featurebank.core.bank import candidates, load_newest_intact
 from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput
 from featurebank.core.vocabulary import MODES, UNKNOWN
 from featurebank.index.transforms import as_vectors
@@ -143,14 +143,16 @@ class Classifier:
             head, head_damaged = old.head, old.head_damaged
         else:
             try:
-                head = load_live_head(self.bank)
+                found = load_newest_intact(
+                    self.bank.heads_dir, lambda n: load_head(self.bank, n), "head"
+                )
             except DamagedFile as e:  # classify by the neighbours alone until a repair
                 log.warning("%s; classifying without a head", e)
-                head, head_damaged = None, f"{e}; classifying by the neighbours alone"
+                found, head_damaged = None, f"{e}; classifying by the neighbours alone"
+            head = found[1] if found is not None else None
             head_gen = head.generation if head is not None else None
-            if head is not None and (head_damage or head_order[0] != head_gen):
-                why = "; ".join(head_damage) or f"head generation {head_order[0]} is damaged"
-                head_damaged = f"{why}; serving head generation {head_gen}"
+            if found is not None and found[2]:
+                head_damaged = f"{'; '.join(found[2])}; serving head generation {head_gen}"
             if head is not None and int(head.manifest.get("dim", searcher.dim)) != searcher.dim:
                 log.warning(
                     "head generation %s expects dimension %s, index has %d: head ignored",

@@ -1,0 +1,199 @@
+"""The fault matrix: every file of a bank damaged four ways, from one table.
+
+Each row names a file and what must follow when it is truncated, zeroed, overwritten
+with random bytes or deleted: the exit code of `store info` (never a traceback), what
+`store verify` says (its exit code and the file named), what a server serves through
+(`Classifier(exact_fallback=True)`, what the server loads; the slow variant starts a
+real gRPC server and reads GetInfo), what `store repair` does, and how many of the
+committed items are still there afterwards, each vector as committed.
+
+The default run damages every file one way (truncated); `-m slow` runs the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featurebank import store as store_mod
+from featurebank.classify.classifier import Classifier
+from featurebank.classify.head_training import train_head
+from featurebank.cli import main
+from featurebank.core.errors import FeaturebankError
+from featurebank.index.build import build_index
+from featurebank.server.app import ServeConfig
+from featurebank.server.client import FeatureBankClient
+from tests.support.server import RunningServer, make_vector_bank
+
+ITEMS = 120  # make_vector_bank: 3 classes x 40
+
+DAMAGE = {
+    "truncated": lambda p: os.truncate(p, p.stat().st_size // 3),
+    "zeroed": lambda p: p.write_bytes(bytes(p.stat().st_size)),
+    "random": lambda p: p.write_bytes(np.random.default_rng(1).bytes(p.stat().st_size)),
+    "deleted": lambda p: p.unlink(),
+}
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What must follow when the file is damaged (see the module docstring)."""
+
+    verify: int  # exit code: 1 derived files only, 2 the store
+    served: str  # "index N" / "head N" / "exact" (from the store) / "refused"
+    repair: int = 0  # exit code of `store repair`
+    lost: int = 0  # committed items missing after the repair
+    info: int = 0  # exit code of `store info`
+
+
+DERIVED = Expect(verify=1, served="index 1")
+HEAD = Expect(verify=1, served="head 1")
+POINTER = Expect(verify=1, served="index 2")
+STORE_POINTER = Expect(verify=2, served="refused", info=2)
+STORE_DATA = Expect(verify=2, served="refused", repair=2, lost=ITEMS, info=2)
+
+FILES: dict[str, Expect] = {
+    "indexes/2/index.faiss": DERIVED,
+    "indexes/2/manifest.json": DERIVED,
+    "indexes/2/transform.npz": DERIVED,
+    "indexes/2/checksums.json": DERIVED,
+    "indexes/CURRENT": POINTER,
+    "heads/2/head.npz": HEAD,
+    "heads/2/manifest.json": HEAD,
+    "heads/2/calibration.npz": HEAD,
+    "heads/2/stacked.npz": HEAD,
+    "heads/2/out_of_fold.npz": HEAD,
+    "heads/2/checksums.json": HEAD,
+    "heads/CURRENT": Expect(verify=1, served="head 2"),
+    "store/CURRENT": STORE_POINTER,
+    "store/env-1/data.mdb": STORE_DATA,  # 120 items fill a few pages: a third keeps none
+    "store/env-1/lock.mdb": Expect(verify=0, served="index 2"),  # LMDB rebuilds it
+}
+EXCEPTIONS: dict[tuple[str, str], Expect] = {
+    # a generation without its checksums still loads (verify says it cannot be checked)
+    ("indexes/2/checksums.json", "deleted"): Expect(verify=1, served="index 2"),
+    ("heads/2/checksums.json", "deleted"): Expect(verify=1, served="head 2"),
+}
+
+
+def expected(name: str, how: str) -> Expect:
+    return EXCEPTIONS.get((name, how), FILES[name])
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, store_mod.Items]:
+    """Two index and two head generations (2 live), and the items committed."""
+    bank = make_vector_bank(tmp_path_factory.mktemp("matrix") / "bank")
+    train_head(bank, epochs=3)
+    build_index(bank, transform="l2")
+    train_head(bank, epochs=3)
+    with store_mod.open(bank, readonly=True) as st:
+        return bank, st.to_numpy()
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "Traceback" not in text, text
+    return code, text
+
+
+def served_through(bank: Path) -> str:
+    """What a server loads: the index and head generations, or the one-line refusal."""
+    try:
+        with Classifier(bank, exact_fallback=True) as clf:
+            assert clf.classify(np.ones((1, 16), np.float32), mode="knn")[0].labels
+            index = "exact" if clf.index_generation == 0 else f"index {clf.index_generation}"
+            return f"{index}, head {clf.head_generation}"
+    except FeaturebankError as e:
+        return f"refused: {e}"
+
+
+def committed_items_left(bank: Path, held: store_mod.Items) -> int:
+    """How many committed items the store still holds exactly as committed."""
+    try:
+        with store_mod.open(bank, readonly=True) as st:
+            got = st.to_numpy()
+    except FeaturebankError:
+        return 0
+    where = {int(i): j for j, i in enumerate(held.ids)}
+    same = 0
+    for j, i in enumerate(got.ids):
+        k = where.get(int(i))
+        same += k is not None and bool(np.array_equal(got.vectors[j], held.vectors[k]))
+    return same
+
+
+def cases() -> list[object]:
+    return [
+        pytest.param(name, how, marks=() if how == "truncated" else pytest.mark.slow)
+        for name in FILES
+        for how in DAMAGE
+    ]
+
+
+@pytest.mark.parametrize(("name", "how"), cases())
+def test_fault_matrix(
+    pristine: tuple[Path, store_mod.Items], tmp_path: Path, name: str, how: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    want = expected(name, how)
+    bank = tmp_path / "bank"
+    shutil.copytree(pristine[0], bank)
+    path = bank / name
+    DAMAGE[how](path)
+
+    code, text = cli(capsys, "store", "info", "--bank", str(bank))
+    assert code == want.info, text
+    if want.info:
+        assert str(path.parent) in text, text  # one line naming the file (or its folder)
+
+    code, text = cli(capsys, "store", "verify", "--bank", str(bank))
+    assert code == want.verify, text
+    if want.verify:
+        assert name.split("/")[-1] in text and str(path.parent) in text, text
+
+    served = served_through(bank)
+    if want.served == "refused":
+        assert served.startswith("refused") and str(path.parent) in served, served
+    else:
+        what, gen = want.served.split()
+        assert f"{what} {gen}" in served, served
+
+    code, text = cli(capsys, "store", "repair", "--bank", str(bank))
+    assert code == want.repair, text
+    assert committed_items_left(bank, pristine[1]) == ITEMS - want.lost
+    if want.lost:
+        assert "store backup" in text, text  # nothing recoverable: restore a copy
+        return
+    code, text = cli(capsys, "store", "verify", "--bank", str(bank))
+    assert code == 0 and "intact" in text, text
+    with Classifier(bank) as clf:  # served from intact generations, nothing in its place
+        assert clf.index_damaged is None and clf.head_damaged is None
+        assert clf.head_generation is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n, e in FILES.items() if e.served != "refused"])
+def test_fault_matrix_over_grpc(
+    pristine: tuple[Path, store_mod.Items], tmp_path: Path, name: str
+) -> None:
+    """A real server on each damaged file: it serves, and GetInfo says what is served instead."""
+    bank = tmp_path / "bank"
+    shutil.copytree(pristine[0], bank)
+    DAMAGE["truncated"](bank / name)
+    with (RunningServer(ServeConfig(bank=str(bank), replica=True)) as served,
+          FeatureBankClient(served.target) as client):  # fmt: skip
+        answer = client.classify(vector=np.ones(16, np.float32).tolist())
+        assert answer.labels[0].label
+        info = client.info()
+        damaged = info.index.damaged + info.head.damaged
+        if FILES[name].verify:
+            assert name.split("/")[-1] in damaged or "CURRENT" in damaged, damaged
+        assert len(client.search(vector=np.ones(16, np.float32).tolist(), k=ITEMS).neighbors) == ITEMS
