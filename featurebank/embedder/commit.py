@@ -58,7 +58,8 @@ def commit_shards(
     """Move every finished, uncommitted shard into the store, in shard order; a summary back.
 
     `bank`: a path (its store is opened, or created for the shards' spec) or the caller's
-    open store (the Ray job's, which stays open).
+    open store (the Ray job's, which stays open). A damaged shard is not committed: the
+    intact ones are, then DamagedFile names every damaged one.
     """
     t0 = time.perf_counter()
     staging = Path(staging)
@@ -68,7 +69,7 @@ def commit_shards(
     root = bank.bank.root if isinstance(bank, Store) else bank
     summary: dict[str, Any] = {"staging": str(staging), "bank": str(root), "shards": len(markers),
                "committed_shards": 0, "already_committed": 0, "added": 0,
-               "already_stored": 0, "failed": 0, "damaged": damaged}  # fmt: skip
+               "already_stored": 0, "failed": 0}  # fmt: skip
     bar = _bar(len(markers), progress)
     with contextlib.ExitStack() as stack:
         if isinstance(bank, Store):
@@ -81,7 +82,11 @@ def commit_shards(
             if shards.is_committed(staging, m["shard"]):
                 summary["already_committed"] += 1
             else:
-                added, stored, failed = _commit_one(st, staging, m)
+                try:
+                    added, stored, failed = _commit_one(st, staging, m)
+                except DamagedFile as e:  # same size, other content: found by its checksum
+                    damaged.append(str(e))
+                    continue
                 summary["added"] += added
                 summary["already_stored"] += stored
                 summary["failed"] += failed
@@ -98,6 +103,13 @@ def commit_shards(
         bar.close()
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     log.info("commit summary: %s", summary)
+    if damaged:
+        raise DamagedFile(
+            f"{len(damaged)} damaged shards not committed ({'; '.join(damaged)}); "
+            f"{summary['committed_shards']} others were (the bank now holds {summary['count']} "
+            "items): `featurebank store repair` sets the damaged ones aside and the embed job "
+            "then redoes them"
+        )
     return summary
 
 

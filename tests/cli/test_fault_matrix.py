@@ -197,3 +197,58 @@ def test_fault_matrix_over_grpc(
         if FILES[name].verify:
             assert name.split("/")[-1] in damaged or "CURRENT" in damaged, damaged
         assert len(client.search(vector=np.ones(16, np.float32).tolist(), k=ITEMS).neighbors) == ITEMS
+
+
+# ---- shard files of `embed --engine ray`, before they are committed ---------------------------
+
+
+def stage_shards(staging: Path, n: int = 20, shard_size: int = 10) -> list[str]:
+    """What the Ray job's workers write: finished shards of n stand-in images (no Ray)."""
+    from featurebank.embedder import shards, sources
+    from tests.support.ray_models import SleepingModel, stand_in_spec, write_images
+
+    staging.mkdir(parents=True, exist_ok=True)
+    src = sources.open_source(write_images(staging.parents[1] / "imgs.npy", n))
+    model = SleepingModel(delay=0.0)(stand_in_spec())
+    plan = shards.plan_shards(src.records, model.spec, shard_size)
+    for shard in plan:
+        if shards.read_marker(staging, shard.id) is None:  # a rerun redoes only what is missing
+            shards.write_shard(staging, shard, shards.embed_shard(src, shard.records, model), model.spec)
+    return [s.id for s in plan]
+
+
+@pytest.mark.parametrize("how", [
+    pytest.param(how, marks=() if how == "truncated" else pytest.mark.slow) for how in DAMAGE
+])  # fmt: skip
+@pytest.mark.parametrize("kind", [".parquet", ".done"])
+def test_damaged_shard(tmp_path: Path, kind: str, how: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """verify names the damaged shard, commit commits the others and says which it did not,
+    repair sets it aside, and the job's rerun embeds it again: every item arrives once."""
+    bank, staging = tmp_path / "bank", tmp_path / "bank" / "staging"
+    first = stage_shards(staging)[0]
+    path = staging / f"shard-{first}{kind}"
+    DAMAGE[how](path)
+    unfinished = kind == ".done" and how == "deleted"  # no marker: a shard still to be done
+
+    code, text = cli(capsys, "store", "commit", "--bank", str(bank), "--from", str(staging))
+    assert code == (0 if unfinished else 2), text
+    assert unfinished or (str(path) in text and "1 damaged shards not committed" in text), text
+    assert committed_count(bank) == 10  # the intact shard
+    code, text = cli(capsys, "store", "verify", "--bank", str(bank))
+    assert code == (0 if unfinished else 1) and (unfinished or str(path) in text), text
+
+    code, text = cli(capsys, "store", "repair", "--bank", str(bank))
+    assert code == 0 and (unfinished or f"set aside damaged shard {first}" in text), text
+    code, text = cli(capsys, "store", "verify", "--bank", str(bank))
+    assert code == 0, text
+    stage_shards(staging)  # the embed job's rerun
+    code, text = cli(capsys, "store", "commit", "--bank", str(bank), "--from", str(staging))
+    assert code == 0, text
+    assert committed_count(bank) == 20
+
+
+def committed_count(bank: Path) -> int:
+    with store_mod.open(bank, readonly=True) as st:
+        keys = st.to_numpy().keys
+        assert len(keys) == len(set(keys))
+        return len(keys)
