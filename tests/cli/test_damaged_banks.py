@@ -402,3 +402,27 @@ def test_several_banks_a_damaged_one_fails_alone_a_read_only_one_is_read(
             assert states["ro"].state == "open" and states["good"].state == "open"
             assert client.classify(vector=vector).labels[0].label  # the others still serve
     assert items_of(root / "ro") == ITEMS
+
+
+def test_full_disk_during_upsert_over_grpc(pristine: Path, tmp_path: Path) -> None:
+    """Upsert on a full disk: RESOURCE_EXHAUSTED in one line, nothing half-written, the
+    server keeps serving, and writes succeed again once there is room."""
+    vector = np.ones(16, np.float32).tolist()
+    with mounted("-t", "tmpfs", "-o", "size=2m", "tmpfs", target=tmp_path / "small") as fs:
+        bank = fs / "bank"
+        shutil.copytree(pristine, bank)
+        with (RunningServer(ServeConfig(bank=str(bank))) as served,
+              FeatureBankClient(served.target) as client):  # fmt: skip
+            client.upsert([{"key": "before/0", "vector": vector}])
+            filler = fs / "filler"
+            filler.write_bytes(bytes(max(0, os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize - 4096)))
+            with pytest.raises(RemoteError) as full:
+                client.upsert([{"key": f"full/{i}", "vector": vector} for i in range(3000)])
+            assert full.value.code.name == "RESOURCE_EXHAUSTED", full.value
+            assert "disk full" in full.value.details and str(bank) not in full.value.details
+            assert client.classify(vector=vector).labels[0].label  # still serving
+            filler.unlink()
+            client.upsert([{"key": "after/0", "vector": vector}])
+            keys = {n.key for n in client.search(vector=vector, k=ITEMS + 2).neighbors}
+            assert {"before/0", "after/0"} <= keys and not any(k.startswith("full/") for k in keys)
+        assert items_of(bank) == ITEMS + 2  # acknowledged items, and only those
