@@ -18,7 +18,6 @@ from featurebank.cli import args as args_
 from featurebank.cli.index import add_index_params
 from featurebank.core.vocabulary import MODES, SPLITS, UNKNOWN
 
-
 TOKEN_VARIABLE = "FEATUREBANK_TOKEN"
 
 
@@ -124,9 +123,8 @@ def register(commands: Commands) -> None:
 
 
 def client_from_args(args: argparse.Namespace) -> Any:
-    from featurebank.server.client import FeatureBankClient, read_token_file
-
     from featurebank.core.errors import InvalidInput
+    from featurebank.server.client import FeatureBankClient, read_token_file
 
     env = os.environ.get(TOKEN_VARIABLE)
     if args.token is not None and env:
