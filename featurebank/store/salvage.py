@@ -14,10 +14,12 @@ Then CURRENT is switched atomically and the old environments are set aside, neve
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -97,11 +99,16 @@ def salvage(bank: str | Path | Bank) -> dict[str, Any]:
         new = f"{ENV_PREFIX}{max(int(n[len(ENV_PREFIX):]) for n in names) + 1}"
         report_path = store_dir / f".{REPORT}.{os.getpid()}"
         cmd = [sys.executable, "-m", __name__, str(store_dir), new, str(report_path)]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=_CHILD_TIMEOUT_S)
-        if r.returncode != 0 or not report_path.exists():
-            _remove(store_dir / new)
-            why = f"signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
-            last = (r.stderr.strip().splitlines() or [""])[-1]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=_CHILD_TIMEOUT_S)
+            code, stderr = r.returncode, r.stderr
+        except subprocess.TimeoutExpired:
+            code, stderr = 1, f"still reading after {_CHILD_TIMEOUT_S} s"
+        if code != 0 or not report_path.exists():
+            shutil.rmtree(store_dir / new, ignore_errors=True)
+            report_path.unlink(missing_ok=True)
+            why = f"signal {-code}" if code < 0 else f"exit {code}"
+            last = (stderr.strip().splitlines() or [""])[-1]
             raise DamagedFile(
                 f"reading the damaged store {store_dir} failed ({why}: {last[:300]}); "
                 "nothing was changed"
@@ -109,7 +116,7 @@ def salvage(bank: str | Path | Bank) -> dict[str, Any]:
         report: dict[str, Any] = json.loads(report_path.read_text())
         report_path.unlink()
         if report["recovered"] == 0:
-            _remove(store_dir / new)
+            shutil.rmtree(store_dir / new, ignore_errors=True)
             report["switched"] = False
             return report
         write_atomic(store_dir / CURRENT, f"{new}\n".encode())
@@ -128,7 +135,11 @@ def salvage(bank: str | Path | Bank) -> dict[str, Any]:
 
 
 def _lock(store_dir: Path) -> int:
-    """The bank's writer lock, so no writer commits into the environment being replaced."""
+    """The bank's writer lock, so no writer commits into the environment being replaced.
+
+    Taken here rather than by `SharedStore.acquire_writer`, which removes every
+    environment CURRENT does not name: the very ones a salvage reads.
+    """
     path = store_dir / WRITER_LOCK
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -153,12 +164,6 @@ def _environments(store_dir: Path) -> list[str]:
          if p.is_dir() and p.name[len(ENV_PREFIX):].isdigit()),
         key=lambda n: int(n[len(ENV_PREFIX):]),
     )  # fmt: skip
-
-
-def _remove(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # ---- the child: read every environment, assemble, write ---------------------------------------
@@ -294,16 +299,17 @@ def assemble(store_dir: Path) -> tuple[list[Source], dict[str, Any], dict[int, R
     spec = spec or _spec_from_manifests(store_dir.parent)
     items: dict[int, Row] = {}
     unreadable: set[int] = set()
-    deleted = {int(i) for s in sources for k, v in s.db["log"].items() if k[8:] == b"d"
-               for i in np.frombuffer(v, "<u8")}  # fmt: skip
+    deleted = _logged(sources, b"d")
     if spec is None:
         return sources, {}, items, {}
     row_bytes = int(spec["dim"]) * np.dtype(spec["dtype"]).itemsize
     mapped = _complete_key_map(sources[0]) if sources else None  # the newest commit's keys
     key_of: dict[int, str] = {}
     for src in reversed(sources):  # the newest commit's mapping wins
-        key_of.update((unpack_id(v), k.decode()) for k, v in src.db["key2id"].items()
-                      if len(v) == 8 and k[:1] != b"\xff")  # fmt: skip
+        for k, v in src.db["key2id"].items():
+            if len(v) == 8 and k[:1] != b"\xff":  # 0xFF: a long key, stored hashed
+                with contextlib.suppress(UnicodeDecodeError):
+                    key_of[unpack_id(v)] = k.decode()
     for src in sources:
         keys = set(src.db["rows"]) | set(src.scanned.get("block", {}))
         for key in sorted(keys):
@@ -316,12 +322,7 @@ def assemble(store_dir: Path) -> tuple[list[Source], dict[str, Any], dict[int, R
                     unreadable.add(i)
                 else:
                     items[i] = row
-    lost_keys: dict[int, str] = {}
-    for src in sources:
-        for k, v in src.db["key2id"].items():
-            i = unpack_id(v)
-            if i not in items and i not in deleted and k[:1] != b"\xff":
-                lost_keys.setdefault(i, k.decode(errors="replace"))
+    lost_keys = {i: k for i, k in key_of.items() if i not in items and i not in deleted}
     lost_keys.update((i, "") for i in unreadable - deleted - set(items) - set(lost_keys))
     return sources, spec, items, lost_keys
 
@@ -362,18 +363,10 @@ def _spec_from_manifests(bank_root: Path) -> dict[str, Any] | None:
     return None
 
 
-def _expected(sources: list[Source]) -> set[int]:
-    """The ids the change logs say are live: added, not deleted since."""
-    added: set[int] = set()
-    deleted: set[int] = set()
-    for s in sources:
-        for k, v in s.db["log"].items():
-            ids = {int(i) for i in np.frombuffer(v, "<u8")} if len(v) % 8 == 0 else set()
-            if k[8:] == b"a":
-                added |= ids
-            elif k[8:] == b"d":
-                deleted |= ids
-    return added - deleted
+def _logged(sources: list[Source], kind: bytes) -> set[int]:
+    """The ids the change logs record as added (b"a") or deleted (b"d")."""
+    return {int(i) for s in sources for k, v in s.db["log"].items()
+            if k[8:] == kind and len(v) % 8 == 0 for i in np.frombuffer(v, "<u8")}  # fmt: skip
 
 
 def run_child(store_dir: Path, new: str, report_path: Path) -> None:
@@ -382,7 +375,7 @@ def run_child(store_dir: Path, new: str, report_path: Path) -> None:
     info = sources[0].tree.databases.get("info") if sources else None
     raw = info.records.get(b"count") if info is not None else None  # as last committed, not a stale copy
     count = int.from_bytes(raw, "big") if raw is not None and len(raw) == 8 else None
-    expected = _expected(sources)
+    expected = _logged(sources, b"a") - _logged(sources, b"d")  # what the logs say is live
     lost = sorted((expected | set(lost_keys)) - set(items))
     problems = [f"{s.name}: {s.tree.problem}" for s in sources if s.tree.problem]
     problems += [
@@ -420,7 +413,7 @@ def _write(path: Path, sources: list[Source], spec: dict[str, Any], items: dict[
               + [unpack_id(k[:8]) for s in sources for k in s.db["log"]]
               + [g for g in covered if isinstance(g, int)]) + 1  # never behind what was derived  # fmt: skip
     log = {k: v for s in reversed(sources) for k, v in s.db["log"].items() if len(v) % 8 == 0}
-    logged = {int(i) for k, v in log.items() if k[8:] == b"a" for i in np.frombuffer(v, "<u8")}
+    logged = _logged(sources, b"a")
     unlogged = np.array([i for i in ids if i not in logged], dtype="<u8")
     if unlogged.size:
         log[pack_id(gen) + b"a"] = unlogged.tobytes()

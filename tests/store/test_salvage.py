@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from featurebank import store as store_mod
-from featurebank.core.errors import WriterBusy
+from featurebank.core.errors import DamagedFile, WriterBusy
 from featurebank.store.pages import read_environment
 from featurebank.store.salvage import describe, salvage
 from featurebank.store.verify import verify
@@ -169,3 +169,15 @@ def test_salvage_waits_for_no_writer(bank: Path) -> None:
         st.acquire_writer()
         with pytest.raises(WriterBusy, match="stop it before repairing"):
             salvage(bank)
+
+
+def test_a_failing_reader_changes_nothing(bank: Path) -> None:
+    """The damaged file is read in a child process: whatever kills it (here a data file
+    that is a folder), the parent says so in one line and leaves the store as it was."""
+    data = data_file(bank)
+    data.unlink()
+    data.mkdir()
+    with pytest.raises(DamagedFile, match="reading the damaged store .* failed .*nothing was changed"):
+        salvage(bank)
+    assert (bank / "store" / "CURRENT").read_text().strip() == "env-1"
+    assert sorted(p.name for p in (bank / "store").iterdir()) == ["CURRENT", "env-1", "writer.lock"]
