@@ -110,12 +110,12 @@ def _salvage_store(b: Bank, actions: list[str], lost: list[str]) -> bool:
 
 
 def _store_unreadable(b: Bank) -> bool:
-    """Whether the store's items cannot all be read back (what verify's store check finds)."""
-    from featurebank.store.verify import check_store
+    """Whether some committed item cannot be read back: what a salvage is for."""
+    from featurebank.store.verify import unreadable
 
     if not b.store_dir.is_dir() or not any(b.store_dir.glob(ENV_PREFIX + "*")):
         return False
-    return bool(check_store(b, []))
+    return unreadable(b)
 
 
 def _repair_store_pointer(b: Bank, actions: list[str]) -> None:

@@ -31,6 +31,7 @@ class Finding:
 
     severity: str  # "derived" or "store" (a key of SEVERITY)
     message: str
+    unreadable: bool = False  # committed items cannot be read back: `store repair` salvages
 
 
 @dataclass
@@ -98,10 +99,12 @@ def _check_models(b: Bank) -> list[Finding]:
     return found
 
 
-def check_store(b: Bank, findings: list[Finding]) -> list[Finding]:
-    """Read every live item back, adding what is wrong to `findings` (also returned)."""
+def unreadable(b: Bank) -> bool:
+    """Whether some committed item cannot be read back (the store needs a salvage), as
+    opposed to items that read back with something wrong in them."""
+    findings: list[Finding] = []
     _read_back(b, findings)
-    return findings
+    return any(f.unreadable for f in findings)
 
 
 def _read_back(b: Bank, findings: list[Finding]) -> int | None:
@@ -117,15 +120,15 @@ def _read_back(b: Bank, findings: list[Finding]) -> int | None:
                 _check_batch(st, items, findings)
             if seen != expected:
                 findings.append(Finding(
-                    "store", f"{st.path}: {seen} items read back, the store counts {expected}"
+                    "store", f"{st.path}: {seen} items read back, the store counts {expected}", True
                 ))
             _check_log(st, findings)
             return seen
     except FeaturebankError as e:
-        findings.append(Finding("store", str(e)))
+        findings.append(Finding("store", str(e), True))
         return None
     except lmdb.Error as e:  # a damaged page LMDB noticed: name the file it is in
-        findings.append(Finding("store", f"{_data_file(b)} is damaged ({e})"))
+        findings.append(Finding("store", f"{_data_file(b)} is damaged ({e})", True))
         return None
 
 
