@@ -24,7 +24,9 @@ from featurebank import store as store_mod
 from featurebank.classify.classifier import Classifier
 from featurebank.classify.head_training import train_head
 from featurebank.cli import main
+from featurebank.core.bank import publish_files
 from featurebank.core.errors import FeaturebankError
+from featurebank.core.integrity import CHECKSUMS
 from featurebank.index.build import build_index
 from featurebank.server.app import ServeConfig
 from featurebank.server.client import FeatureBankClient
@@ -87,11 +89,14 @@ def expected(name: str, how: str) -> Expect:
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, store_mod.Items]:
-    """Two index and two head generations (2 live), and the items committed."""
+    """Two index and two head generations (2 live), and the items committed. Head 2 is
+    head 1 published again (a second training would only cost time)."""
     bank = make_vector_bank(tmp_path_factory.mktemp("matrix") / "bank")
     train_head(bank, epochs=3)
     build_index(bank, transform="l2")
-    train_head(bank, epochs=3)
+    heads = bank / "heads"
+    publish_files(heads, lambda staging: [shutil.copy(p, staging) for p in (heads / "1").iterdir()
+                                          if p.name != CHECKSUMS], "head")  # fmt: skip
     with store_mod.open(bank, readonly=True) as st:
         return bank, st.to_numpy()
 
