@@ -90,6 +90,8 @@ def _transform(
                 return fitted, f"the transform of index generation {recorded[0]}"
         except DamagedFile:
             pass
+    if not len(vectors):  # nothing to fit on, and nothing to search either
+        return transforms.Transform.identity(vectors.shape[1]), "no transform (the store is empty)"
     spec = params.resolved_transform
     unit = metric_named(params.metric).unit_vectors
     return transforms.fit(spec, vectors, normalize_output=unit), f"transform {spec} fitted on the store"
