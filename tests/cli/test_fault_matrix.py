@@ -40,6 +40,10 @@ DAMAGE = {
     "random": lambda p: p.write_bytes(np.random.default_rng(1).bytes(p.stat().st_size)),
     "deleted": lambda p: p.unlink(),
 }
+# a CURRENT pointer naming a generation (or an environment) that does not exist
+NOWHERE = {
+    "nowhere": lambda p: p.write_text("env-9\n" if p.parent.name == "store" else "7\n"),
+}
 
 
 @dataclass(frozen=True)
@@ -137,9 +141,9 @@ def committed_items_left(bank: Path, held: store_mod.Items) -> int:
 
 def cases() -> list[object]:
     return [
-        pytest.param(name, how, marks=() if how == "truncated" else pytest.mark.slow)
+        pytest.param(name, how, marks=() if how in ("truncated", "nowhere") else pytest.mark.slow)
         for name in FILES
-        for how in DAMAGE
+        for how in [*DAMAGE, *(NOWHERE if name.endswith("CURRENT") else ())]
     ]
 
 
@@ -152,7 +156,7 @@ def test_fault_matrix(
     bank = tmp_path / "bank"
     shutil.copytree(pristine[0], bank)
     path = bank / name
-    DAMAGE[how](path)
+    {**DAMAGE, **NOWHERE}[how](path)
 
     code, text = cli(capsys, "store", "info", "--bank", str(bank))
     assert code == want.info, text
