@@ -26,6 +26,7 @@ from featurebank.core.bank import (
     candidates,
     current_generation,
     generations,
+    newest_manifest,
     write_atomic,
 )
 from featurebank.core.errors import DamagedFile, FailedPrecondition
@@ -33,7 +34,6 @@ from featurebank.core.integrity import (
     CHECKSUMS,
     STAGING,
     problems,
-    read_json,
     shard_problems,
     write_checksums,
 )
@@ -42,8 +42,6 @@ from featurebank.store.rows import get_int
 from featurebank.store.verify import Verification, verify
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
 
 
 def repair(bank: str | Path | Bank) -> dict[str, Any]:
@@ -57,7 +55,7 @@ def repair(bank: str | Path | Bank) -> dict[str, Any]:
     rebuilt = repair_derived(b, actions)
     _set_aside_shards(b, actions)
     if salvaged and not rebuilt["index"] and generations(b.indexes_dir):
-        recorded = _recorded_manifest(b.indexes_dir, generations(b.indexes_dir))
+        recorded = newest_manifest(b.indexes_dir)
         actions.append(_rebuild(b, "index", recorded) + " (it held items the store lost)")
     after = verify(b, deep=True)
     return {
@@ -167,7 +165,7 @@ def _repair_generations(b: Bank, what: str, parent: Path, actions: list[str]) ->
             damaged.append(gen)
     if not pointer_damage and not damaged:
         return False
-    recorded = _recorded_manifest(parent, order)
+    recorded = newest_manifest(parent)
     for gen in damaged:
         aside = parent / f"{DAMAGED}{gen}-{int(time.time())}"
         os.rename(parent / str(gen), aside)
@@ -204,17 +202,9 @@ def _loads(b: Bank, what: str, gen: int) -> bool:
     return True
 
 
-def _recorded_manifest(parent: Path, order: list[int]) -> dict[str, Any] | None:
-    """The newest manifest still readable (a damaged generation's params are worth keeping)."""
-    for gen in order:
-        try:
-            return read_json(parent / str(gen) / MANIFEST, f"the {parent.name} manifest")
-        except DamagedFile:
-            continue
-    return None
-
-
-def _rebuild(b: Bank, what: str, manifest: dict[str, Any] | None) -> str:
+def _rebuild(b: Bank, what: str, recorded: tuple[int, dict[str, Any]] | None) -> str:
+    """Build `what` again from the store, with the params `recorded` (generation, manifest) kept."""
+    manifest = recorded[1] if recorded else None
     if what == "index":
         from featurebank.core.params import IndexParams
         from featurebank.index.build import build_index

@@ -17,14 +17,13 @@ from typing import Any
 import faiss
 import numpy as np
 
-from featurebank.core.bank import Bank, candidates
+from featurebank.core.bank import Bank, newest_manifest
 from featurebank.core.errors import DamagedFile
-from featurebank.core.integrity import read_json
 from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import metric as metric_named
 from featurebank.index import transforms
 from featurebank.index.families import family_of
-from featurebank.index.views import MANIFEST_FILE, Generation
+from featurebank.index.views import Generation
 from featurebank.store import Store
 
 log = logging.getLogger(__name__)
@@ -32,21 +31,9 @@ log = logging.getLogger(__name__)
 EXACT_GENERATION = 0
 
 
-def recorded_manifest(bank: Bank) -> tuple[int, dict[str, Any]] | None:
-    """The newest index manifest still readable, with its generation (a damaged
-    generation's params are worth keeping)."""
-    order, _ = candidates(bank.indexes_dir)
-    for gen in order:
-        try:
-            return gen, read_json(bank.indexes_dir / str(gen) / MANIFEST_FILE, "the index manifest")
-        except DamagedFile:
-            continue
-    return None
-
-
 def exact_generation(bank: Bank, store: Store, reason: str) -> Generation:
     """A flat in-memory index over every live store vector, searched like a generation."""
-    recorded = recorded_manifest(bank)
+    recorded = newest_manifest(bank.indexes_dir)
     params = IndexParams.from_manifest(recorded[1] if recorded else None)
     metric = metric_named(params.metric)
     items = store.to_numpy()
