@@ -25,8 +25,8 @@ from featurebank.classify.abstain import abstained, calibrate_threshold, check_p
 from featurebank.classify.knn import DEFAULT_K, DEFAULT_T, Voter
 from featurebank.classify.modes import Calibrating, Evidence, Mode
 from featurebank.classify.modes import mode as mode_named
-from featurebank.classify.published_heads import LoadedHead, is_stale, load_live_head
-from featurebank.core.bank import candidates
+from featurebank.classify.published_heads import LoadedHead, is_stale, load_head
+from featurebank.core.bank import candidates, load_newest_intact
 from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput
 from featurebank.core.vocabulary import MODES, UNKNOWN
 from featurebank.index.transforms import as_vectors
@@ -82,6 +82,7 @@ class _Snapshot:
     head: LoadedHead | None
     index_generation: int
     head_generation: int | None
+    head_damaged: str | None = None  # why the live head generation is not the one served
 
 
 class Classifier:
@@ -94,8 +95,15 @@ class Classifier:
     """
 
     def __init__(
-        self, bank: BankLike, mode: str | None = None, abstain_below: float | None = None
+        self,
+        bank: BankLike,
+        mode: str | None = None,
+        abstain_below: float | None = None,
+        exact_fallback: bool = False,
     ) -> None:
+        """`exact_fallback`: when no index generation is intact, search exactly from the
+        store (what a server does) instead of raising DamagedFile."""
+        self.exact_fallback = exact_fallback
         self._mode = None if mode is None else mode_named(mode).name
         self.abstain_below = None if abstain_below is None else check_precision(abstain_below)
         self._thresholds: dict[tuple[object, ...], float] = {}
@@ -118,7 +126,8 @@ class Classifier:
                 f"no index yet in {self.bank.root}: run `featurebank index build` first"
             )
         index_gen = order[0] if order and not damaged else None  # None: the searcher falls back
-        if old is not None and old.index_generation == index_gen:
+        # a searcher that fell back is replaced: what it fell back from may be repaired now
+        if old is not None and old.index_generation == index_gen and not old.searcher.damaged:
             searcher = old.searcher
             # labels, deletions and new items; a new index generation always gets its own
             # Searcher, so the searcher of a snapshot in use never changes generation
@@ -126,18 +135,24 @@ class Classifier:
         else:
             from featurebank.index.searcher import Searcher
 
-            searcher = Searcher.load(self.store)
-        head_order, head_damaged = candidates(self.bank.heads_dir)
-        head_gen = head_order[0] if head_order and not head_damaged else None
+            searcher = Searcher.load(self.store, exact_fallback=self.exact_fallback)
+        head_order, head_damage = candidates(self.bank.heads_dir)
+        head_gen = head_order[0] if head_order and not head_damage else None
+        head_damaged = None
         if old is not None and head_gen is not None and old.head_generation == head_gen:
-            head = old.head
+            head, head_damaged = old.head, old.head_damaged
         else:
             try:
-                head = load_live_head(self.bank)
+                found = load_newest_intact(
+                    self.bank.heads_dir, lambda n: load_head(self.bank, n), "head"
+                )
             except DamagedFile as e:  # classify by the neighbours alone until a repair
                 log.warning("%s; classifying without a head", e)
-                head = None
+                found, head_damaged = None, f"{e}; classifying by the neighbours alone"
+            head = found[1] if found is not None else None
             head_gen = head.generation if head is not None else None
+            if found is not None and found[2]:
+                head_damaged = f"{'; '.join(found[2])}; serving head generation {head_gen}"
             if head is not None and int(head.manifest.get("dim", searcher.dim)) != searcher.dim:
                 log.warning(
                     "head generation %s expects dimension %s, index has %d: head ignored",
@@ -146,7 +161,7 @@ class Classifier:
                     searcher.dim,
                 )
                 head, head_gen = None, None
-        return _Snapshot(searcher, head, int(searcher.generation), head_gen)
+        return _Snapshot(searcher, head, int(searcher.generation), head_gen, head_damaged)
 
     def reload(self) -> None:
         """Swap to the current index and head generations (thread-safe, all at once)."""
@@ -174,6 +189,23 @@ class Classifier:
     @property
     def head_generation(self) -> int | None:
         return self._snap.head_generation
+
+    @property
+    def index_damaged(self) -> str | None:
+        """Why the live index generation is not the one searched, and what is instead (an
+        older generation, or exact search from the store); None when it is intact."""
+        searcher = self._snap.searcher
+        if not searcher.damaged:
+            return None
+        served = ("exact search from the store (no index generation is intact)"
+                  if searcher.manifest.get("exact_from_store")
+                  else f"index generation {searcher.generation}")  # fmt: skip
+        return f"{'; '.join(searcher.damaged)}; serving {served}"
+
+    @property
+    def head_damaged(self) -> str | None:
+        """Why the live head generation is not the one used (an older one, or none)."""
+        return self._snap.head_damaged
 
     @property
     def head(self) -> LoadedHead | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput
 from featurebank.index.transforms import Transform
 
 FORMAT = 2
@@ -115,7 +115,7 @@ class Head:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-            raise FailedPrecondition(f"head file {path} is damaged: {e}") from e
+            raise DamagedFile(f"head file {path} is damaged: {e}") from e
         version = int(arrays.pop("format", np.array(1)))
         if version > FORMAT:
             raise FailedPrecondition(
@@ -132,7 +132,7 @@ class Head:
             head = cls(transform, weights)
             head.n_classes  # noqa: B018 - every layer must be there
         except (KeyError, ValueError, IndexError) as e:
-            raise FailedPrecondition(f"head file {path} is incomplete: missing {e}") from e
+            raise DamagedFile(f"head file {path} is incomplete: missing {e}") from e
         return head
 
 

@@ -18,6 +18,8 @@ from featurebank.cli import args as args_
 from featurebank.cli.index import add_index_params
 from featurebank.core.vocabulary import MODES, SPLITS, UNKNOWN
 
+TOKEN_VARIABLE = "FEATUREBANK_TOKEN"
+
 
 def connection_args(p: argparse.ArgumentParser, bank_name: bool = True) -> None:
     """--server, token and TLS options; `bank_name`: also --bank NAME, the served bank (a
@@ -26,10 +28,10 @@ def connection_args(p: argparse.ArgumentParser, bank_name: bool = True) -> None:
     g.add_argument("--server", type=args_.server_address,
                    default=os.environ.get("FEATUREBANK_SERVER", "127.0.0.1:50051"), help="HOST:PORT of the server (default $FEATUREBANK_SERVER or 127.0.0.1:50051)")
     token = g.add_mutually_exclusive_group()
-    token.add_argument("--token", default=os.environ.get("FEATUREBANK_TOKEN"),
+    token.add_argument("--token", default=None,
                        help="bearer token (default $FEATUREBANK_TOKEN); a value given here "
-                       "shows in `ps` to every user of the machine: prefer the environment "
-                       "variable or --token-file")
+                       "shows in `ps` to every user of the machine, so it is refused when "
+                       "the environment variable is set: prefer it or --token-file")
     token.add_argument("--token-file", type=Path, default=None,
                        help="file whose first line is the bearer token")
     g.add_argument("--tls-ca", type=Path, default=None,
@@ -121,9 +123,14 @@ def register(commands: Commands) -> None:
 
 
 def client_from_args(args: argparse.Namespace) -> Any:
+    from featurebank.core.errors import InvalidInput
     from featurebank.server.client import FeatureBankClient, read_token_file
 
-    token = read_token_file(args.token_file) if args.token_file else args.token
+    env = os.environ.get(TOKEN_VARIABLE)
+    if args.token is not None and env:
+        raise InvalidInput(f"--token and ${TOKEN_VARIABLE} are both given: drop --token (its "
+                           "value shows in `ps` to every user of the machine)")  # fmt: skip
+    token = read_token_file(args.token_file) if args.token_file else (args.token or env)
     return FeatureBankClient(
         args.server, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
         tls_key=args.tls_key, timeout=args.timeout, bank=args.server_bank,

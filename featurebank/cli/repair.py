@@ -2,6 +2,8 @@
 
 `verify` exits 0 when the bank is intact, 1 when only derived files (indexes, heads)
 are damaged, 2 when the store itself is; `--json` prints the same for monitoring.
+`repair` exits with the severity of what is left, and 2 when a salvage of the store
+could not recover every item (the lines starting LOST say which).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ def register(commands: Commands) -> None:
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
 
     p = commands.subcommand(
-        "store", "repair", "rebuild damaged indexes and heads from the store; mend CURRENT pointers",
+        "store", "repair",
+        "rebuild damaged indexes and heads from the store; mend CURRENT pointers; salvage a "
+        "damaged store into a fresh environment",
         _repair,
     )  # fmt: skip
     p.add_argument("--bank", required=True, type=Path, help="bank directory")
@@ -54,12 +58,15 @@ def _repair(args: argparse.Namespace) -> int:
         return SEVERITY[out["severity"]]
     for line in out["actions"]:
         print(f"repaired  {line}")
+    for line in out["lost"]:
+        print(f"LOST  {line}")
     for line in out["left"]:
         print(f"NOT REPAIRED  {line}")
     if not out["found"]:
         print(f"{out['bank']}: nothing to repair")
     else:
-        items = f"{out['items_before']} -> {out['items_after']} items readable"
+        before, after = (("unreadable" if n is None else n) for n in (out["items_before"], out["items_after"]))
+        items = f"items readable: {before} before, {after} after"
         print(f"{out['bank']}: {len(out['actions'])} repairs, {len(out['left'])} left; {items}")
     return SEVERITY[out["severity"]]
 

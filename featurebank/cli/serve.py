@@ -163,6 +163,8 @@ def _serve(args: argparse.Namespace) -> int:
                 else f"NOT_SERVING: {engine.load_error}" if "damaged" in str(engine.load_error)
                 else "NOT_SERVING until an index is built"
             )
+            if engine.ready and engine.degraded:
+                state += f" DEGRADED: {'; '.join(engine.degraded)} ({engine.repair_state})"
             images = f"; images: {engine.device_report()['description']}"
         print(
             f"featurebank: {role}{what} on {args.host}:{server.port} "

@@ -27,7 +27,7 @@ from featurebank.core.errors import (
     StorageFull,
     shown,
 )
-from featurebank.core.integrity import require_intact, write_checksums
+from featurebank.core.integrity import read_json, require_intact, write_checksums
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,20 @@ def candidates(parent: Path) -> tuple[list[int], list[str]]:
         damaged.append(f"{parent / 'CURRENT'} is missing, though generation {published[0]} is published")
     order = ([live] if live is not None else []) + [g for g in published if g != live]
     return order, damaged
+
+
+MANIFEST = "manifest.json"  # every index and head generation has one
+
+
+def newest_manifest(parent: Path) -> tuple[int, dict[str, Any]] | None:
+    """The best generation under `parent` whose manifest is still readable, with that
+    manifest (a damaged generation's params are worth keeping); None if there is none."""
+    for gen in candidates(parent)[0]:
+        try:
+            return gen, read_json(parent / str(gen) / MANIFEST, f"the {parent.name} manifest")
+        except DamagedFile:
+            continue
+    return None
 
 
 def current_dir(parent: Path, what: str) -> Path:

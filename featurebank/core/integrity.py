@@ -18,6 +18,8 @@ from typing import Any
 from featurebank.core.errors import DamagedFile
 
 CHECKSUMS = "checksums.json"
+STAGING = "staging"  # BANK/staging: shards of `embed --engine ray` before they are committed
+SHARD_FILE, SHARD_MARKER = ".parquet", ".done"  # shard-<id>.parquet, vouched for by shard-<id>.done
 _CHUNK = 1 << 20
 
 
@@ -99,3 +101,36 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise DamagedFile(f"{path} is damaged ({what} is not a JSON object)")
     return value
+
+
+def marked_file_problems(marker: Path, data: Path, deep: bool = False) -> list[str]:
+    """What is wrong with a file and the JSON marker that records its size ("bytes") and
+    sha256 (how a finished embedding shard vouches for its Parquet file); [] if intact."""
+    try:
+        record = json.loads(marker.read_text())
+        size, digest = int(record["bytes"]), str(record["sha256"])
+    except FileNotFoundError:
+        return [f"{marker} is missing"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        return [f"{marker} is damaged ({type(e).__name__}: {e})"]
+    try:
+        found = data.stat().st_size
+    except FileNotFoundError:
+        return [f"{data} is missing (its marker {marker.name} says it was written)"]
+    if found != size:
+        return [f"{data} is damaged ({found} bytes, {size} written)"]
+    if deep and sha256_of(data) != digest:
+        return [f"{data} is damaged (its content no longer matches its checksum)"]
+    return []
+
+
+def shard_problems(staging: Path, deep: bool = False) -> dict[str, str]:
+    """shard id -> what is wrong, for each finished shard in a staging folder whose done
+    marker or Parquet file is damaged or missing (`deep`: content hashes too)."""
+    found = {}
+    for marker in sorted(staging.glob(f"shard-*{SHARD_MARKER}")):
+        sid = marker.name[len("shard-") : -len(SHARD_MARKER)]
+        lines = marked_file_problems(marker, marker.with_name(f"shard-{sid}{SHARD_FILE}"), deep)
+        if lines:
+            found[sid] = lines[0]
+    return found

@@ -20,7 +20,8 @@ import numpy as np
 
 from featurebank import store as store_mod
 from featurebank.core.bank import write_atomic
-from featurebank.core.errors import InvalidInput, NotFound
+from featurebank.core.errors import DamagedFile, InvalidInput, NotFound
+from featurebank.core.integrity import shard_problems
 from featurebank.core.spec import Spec
 from featurebank.embedder import shards
 from featurebank.store import Store
@@ -35,6 +36,9 @@ def staged_spec(staging: str | Path) -> Spec:
 
 def _finished(staging: Path) -> tuple[list[dict[str, Any]], Spec]:
     markers = shards.done_markers(staging)
+    damaged = shard_problems(staging)
+    if not markers and damaged:
+        raise DamagedFile(f"no intact finished shard in {staging}: {'; '.join(damaged.values())}")
     if not markers:
         raise NotFound(f"no finished shards in {staging} (run `featurebank embed --engine ray`)")
     spec = Spec.from_dict(markers[0]["spec"])
@@ -54,11 +58,14 @@ def commit_shards(
     """Move every finished, uncommitted shard into the store, in shard order; a summary back.
 
     `bank`: a path (its store is opened, or created for the shards' spec) or the caller's
-    open store (the Ray job's, which stays open).
+    open store (the Ray job's, which stays open). A damaged shard is not committed: the
+    intact ones are, then DamagedFile names every damaged one.
     """
     t0 = time.perf_counter()
     staging = Path(staging)
     markers, spec = _finished(staging)
+    damaged = [line for sid, line in shard_problems(staging).items()
+               if not shards.is_committed(staging, sid)]  # fmt: skip
     root = bank.bank.root if isinstance(bank, Store) else bank
     summary: dict[str, Any] = {"staging": str(staging), "bank": str(root), "shards": len(markers),
                "committed_shards": 0, "already_committed": 0, "added": 0,
@@ -75,7 +82,11 @@ def commit_shards(
             if shards.is_committed(staging, m["shard"]):
                 summary["already_committed"] += 1
             else:
-                added, stored, failed = _commit_one(st, staging, m)
+                try:
+                    added, stored, failed = _commit_one(st, staging, m)
+                except DamagedFile as e:  # same size, other content: found by its checksum
+                    damaged.append(str(e))
+                    continue
                 summary["added"] += added
                 summary["already_stored"] += stored
                 summary["failed"] += failed
@@ -92,6 +103,13 @@ def commit_shards(
         bar.close()
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     log.info("commit summary: %s", summary)
+    if damaged:
+        raise DamagedFile(
+            f"{len(damaged)} damaged shards not committed ({'; '.join(damaged)}); "
+            f"{summary['committed_shards']} others were (the bank now holds {summary['count']} "
+            "items): `featurebank store repair` sets the damaged ones aside and the embed job "
+            "then redoes them"
+        )
     return summary
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from featurebank import store as store_mod
 from featurebank.core.errors import InvalidInput
+from featurebank.core.integrity import STAGING
 from featurebank.core.params import EmbedParams
 from featurebank.core.spec import Spec
 from featurebank.embedder import job_report, pipeline, ray_cluster, shards, sources
@@ -153,7 +154,7 @@ def run(
             kind = src.kind
         finally:
             src.close()
-        stage = Path(staging) if staging else b.root / "staging"
+        stage = Path(staging) if staging else b.root / STAGING
         missing = {r.key for r in p.todo}
         all_shards = shards.plan_shards(src.records, spec, shard_size, params.thumbnails)
         todo = [s for s in all_shards if any(r.key in missing for r in s.records)]

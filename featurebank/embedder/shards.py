@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -36,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from featurebank.core.bank import write_atomic
-from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput
+from featurebank.core.integrity import SHARD_FILE, SHARD_MARKER, marked_file_problems, sha256_of
 from featurebank.core.spec import Spec
 from featurebank.embedder import images, sources
 from featurebank.embedder.stages import (
@@ -48,9 +50,11 @@ from featurebank.embedder.stages import (
     finite_rows,
 )
 
+log = logging.getLogger(__name__)
+
 DEFAULT_SHARD_SIZE = 1000
 SHARD_ID_CHARS = 16
-PARQUET, DONE, COMMITTED = ".parquet", ".done", ".committed"
+PARQUET, DONE, COMMITTED = SHARD_FILE, SHARD_MARKER, ".committed"
 
 
 @dataclass(frozen=True)
@@ -173,13 +177,16 @@ def shard_path(staging: Path, sid: str, kind: str) -> Path:
 
 
 def read_marker(staging: Path, sid: str) -> dict[str, Any] | None:
-    """The shard's done marker if it is finished (marker and file of the recorded size)."""
-    try:
-        marker: dict[str, Any] = json.loads(shard_path(staging, sid, DONE).read_text())
-        if shard_path(staging, sid, PARQUET).stat().st_size != marker["bytes"]:
-            return None
-    except (FileNotFoundError, ValueError, KeyError):
+    """The shard's done marker if it is finished (marker and file of the recorded size);
+    None when it is not, or when either is damaged (said in the log: it is done again)."""
+    done, data = shard_path(staging, sid, DONE), shard_path(staging, sid, PARQUET)
+    if not done.exists():
         return None
+    found = marked_file_problems(done, data)
+    if found:
+        log.warning("%s: the shard counts as not finished", found[0])
+        return None
+    marker: dict[str, Any] = json.loads(done.read_text())
     return marker
 
 
@@ -202,14 +209,6 @@ def _arrow_schema(dtype: str, dim: int) -> Any:
             ("thumbnail", pa.binary()),
         ]
     )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_shard(staging: Path, shard: Shard, rows: ShardRows, spec: Spec) -> dict[str, Any]:
@@ -253,7 +252,7 @@ def write_shard(staging: Path, shard: Shard, rows: ShardRows, spec: Spec) -> dic
         "rows": n,
         "failed": int(failed.sum()),
         "bytes": final.stat().st_size,
-        "sha256": _sha256(final),
+        "sha256": sha256_of(final),
         "first_key": shard.first_key,
         "spec": spec.to_dict(),
         "written_at": time.time(),
@@ -281,14 +280,16 @@ def read_shard(staging: Path, marker: dict[str, Any]) -> Any:
     import pyarrow.parquet as pq
 
     path = shard_path(staging, marker["shard"], PARQUET)
-    if _sha256(path) != marker["sha256"]:
-        raise FailedPrecondition(
-            f"shard file {path} does not match its done marker (checksum differs): "
-            f"delete it and its .done file, then rerun the embed job to redo the shard"
-        )
-    table = pq.read_table(path)
+    redo = "`featurebank store repair` sets it aside, and the embed job then redoes the shard"
+    if sha256_of(path) != marker["sha256"]:
+        raise DamagedFile(f"shard file {path} is damaged (its content no longer matches "
+                          f"its done marker's checksum): {redo}")  # fmt: skip
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as e:  # pyarrow's errors are both
+        raise DamagedFile(f"shard file {path} is damaged ({e}): {redo}") from None
     if table.num_rows != marker["rows"]:
-        raise FailedPrecondition(
+        raise DamagedFile(
             f"shard file {path} has {table.num_rows} rows, its done marker says {marker['rows']}"
         )
     return table

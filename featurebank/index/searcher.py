@@ -138,7 +138,12 @@ class Searcher:
     """Thread-safe search over a bank's live index generation."""
 
     def __init__(
-        self, bank: Bank, store: Store, owns_store: bool, threads: int | None = None
+        self,
+        bank: Bank,
+        store: Store,
+        owns_store: bool,
+        threads: int | None = None,
+        exact_fallback: bool = False,
     ) -> None:
         self.bank = bank
         self.store = store
@@ -150,23 +155,33 @@ class Searcher:
         self._table: filters.Table | None = None
         self._table_mutex = threading.Lock()
         self._matched: dict[Any, np.ndarray] = {}
-        gen, self.damaged = load_live_generation(bank)
+        try:
+            gen, self.damaged = load_live_generation(bank)
+        except DamagedFile as e:  # every generation damaged: the store still holds each vector
+            if not exact_fallback:
+                raise
+            from featurebank.index.exact import exact_generation
+
+            gen, self.damaged = exact_generation(bank, store, str(e)), [str(e)]
         self._check_spec(gen)
         self._view = make_view(gen, *caught_up(store, gen, None, None))
 
     @classmethod
-    def load(cls, bank: BankLike, threads: int | None = None) -> Searcher:
+    def load(
+        cls, bank: BankLike, threads: int | None = None, exact_fallback: bool = False
+    ) -> Searcher:
         """Open the live index of `bank` (FailedPrecondition if none was built yet).
 
         An open Store is used as it is (and stays open after close()); a path is
         opened read-only and closed with the searcher. `threads`: OpenMP threads per
         search call; None = all cores when called from the main thread, 1 from other
-        threads (servers run many at once).
+        threads (servers run many at once). `exact_fallback`: when no generation is
+        intact, search exactly from the store (index/exact.py) instead of raising.
         """
         owns = not isinstance(bank, Store)
         store = bank if isinstance(bank, Store) else store_mod.open(bank, readonly=True)
         try:
-            return cls(store.bank, store, owns, threads)
+            return cls(store.bank, store, owns, threads, exact_fallback)
         except BaseException:
             if owns:
                 store.close()

@@ -230,7 +230,10 @@ class FeatureBankServer:
             "compute": self.compute,
             "batches": self.batches,
         }
-        if c.replica:
+        read_only = not c.replica and read_only_fs(Bank(path).store_dir)
+        if read_only:  # one of several banks on a read-only mount: read it, refuse writes
+            log.warning("bank %s is on a read-only file system: serving it read-only", path)
+        if c.replica or read_only:
             return ReplicaEngine(
                 path, primary=c.primary, follow_interval_s=c.follow_interval_s, **options
             )

@@ -83,6 +83,7 @@ class Engine:
         )
         self.writes = Writes(self.live, self.writer, max_queued_rows)
         self.info = Info(self.live, self.compute, self.reads.device_report)
+        self.info.repair_state = lambda: self.repair_state
         self.on_ready: Callable[[bool], None] | None = None  # called from any thread
 
     # ----------------------------------------------------------------- what callers ask
@@ -101,6 +102,23 @@ class Engine:
     def load_error(self) -> str | None:
         """Why classification cannot be answered (no index yet, or none intact); None if ready."""
         return self.live.load_error
+
+    @property
+    def degraded(self) -> list[str]:
+        """What is served in place of a damaged live generation, one line each ([] if none)."""
+        m = self.live.models
+        if m is None:
+            return []
+        return [d for d in (m.classifier.index_damaged, m.classifier.head_damaged) if d]
+
+    @property
+    def repair_state(self) -> str | None:
+        """How the background repair of damaged generations went (None: none was needed);
+        a replica leaves repairs to its primary."""
+        keeper = self.live.keeper
+        if keeper is not None:
+            return keeper.repair_state
+        return "run `featurebank store repair` on the primary" if self.degraded else None
 
     @property
     def dim(self) -> int:
@@ -170,7 +188,7 @@ class Engine:
         live = self.live
         try:
             if live.models is None:
-                classifier = Classifier(live.opened())
+                classifier = Classifier(live.opened(), exact_fallback=True)
             else:
                 classifier = live.models.classifier
                 classifier.reload()  # atomic: calls in flight keep their snapshot
@@ -180,6 +198,8 @@ class Engine:
             live.load_error = str(e)
             log.info("not serving yet: %s", e)
         live.update_gauges()
+        if self.degraded and live.keeper is not None:
+            live.keeper.start_repair()
         if self.on_ready is not None:
             self.on_ready(self.ready)
 

@@ -96,6 +96,7 @@ class IndexKeeper:
         self._rebuild: Operation | None = None
         self.background = ThreadPoolExecutor(1, thread_name_prefix="fb-rebuild")
         self.checkpointer = Checkpointer(policy, searcher, self._fold)
+        self.repair_state: str | None = None  # set once a background repair starts
 
     def start(self) -> None:
         self.checkpointer.start()
@@ -153,6 +154,30 @@ class IndexKeeper:
             self._rebuild = op
         self.background.submit(self._rebuild_job, op, params)
         return op
+
+    def start_repair(self) -> None:
+        """Rebuild damaged index and head generations from the store in the background,
+        once (the server serves its fallback meanwhile); `repair_state` says how it went."""
+        with self._state_lock:
+            if self.repair_state is not None:
+                return
+            self.repair_state = "rebuilding the damaged generations in the background"
+        self.background.submit(self._repair_job)
+
+    def _repair_job(self) -> None:
+        from featurebank.classify.repair import repair_derived
+
+        actions: list[str] = []
+        try:
+            with self.publish_lock:
+                repair_derived(self.bank, actions)
+            self._reload()
+            self.repair_state = f"repaired in the background: {'; '.join(actions) or 'nothing to do'}"
+            log.info("%s", self.repair_state)
+        except Exception as e:  # noqa: BLE001 - reported in GetInfo and the log
+            _, message = to_status(e)
+            self.repair_state = f"the background repair failed ({message}): run `featurebank store repair`"
+            log.warning("%s", self.repair_state)
 
     def get_operation(self, op_id: str) -> Operation:
         try:

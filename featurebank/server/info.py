@@ -16,6 +16,7 @@ import numpy as np
 from featurebank.core.errors import NotFound
 from featurebank.server.batching import run_in
 from featurebank.server.live import Live
+from featurebank.server.status import redacted
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Info:
         self.compute = compute
         self.device_report = device_report
         self.extra: Callable[[], dict[str, Any]] | None = None
+        self.repair_state: Callable[[], str | None] = lambda: None  # the engine's, once set
 
     async def bank(self) -> dict[str, Any]:
         """Counts, labels, the live index and head, and the embedding device (GetInfo)."""
@@ -65,6 +67,7 @@ class Info:
             "head": {},
             "default_mode": None,
             "device": self.device_report(),
+            "damaged": {"index": "", "head": ""},
         }
         if m is not None:
             keeper = self.live.keeper
@@ -83,6 +86,11 @@ class Info:
                     "stale": bool(m.classifier.head_stale),
                     "manifest": dict(head.manifest),
                 }
+            repair = self.repair_state()
+            for what, found in (("index", m.classifier.index_damaged),
+                                ("head", m.classifier.head_damaged)):  # fmt: skip
+                if found:
+                    info["damaged"][what] = redacted(f"{found} ({repair or 'run `featurebank store repair`'})")
         if self.extra is not None:
             info.update(self.extra())
         return info

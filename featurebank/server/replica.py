@@ -40,7 +40,7 @@ import grpc
 from grpc import aio
 
 from featurebank.core.bank import current_generation
-from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput
 from featurebank.server.auth import WRITE, aborting_handler, required_role
 from featurebank.server.engine import Engine
 from featurebank.server.following import follow, unfollow
@@ -74,11 +74,19 @@ def read_bank_state(engine: Engine) -> BankState:
     """
     bank = engine.bank
     store_gen = int(engine.live.opened().generation)
-    index_gen = current_generation(bank.indexes_dir) or 0
-    if index_gen and not (bank.indexes_dir / str(index_gen)).is_dir():
+    index_gen = _published(bank.indexes_dir)
+    if index_gen > 0 and not (bank.indexes_dir / str(index_gen)).is_dir():
         raise FailedPrecondition(f"index generation {index_gen} of {bank.root} is missing")
-    head_gen = current_generation(bank.heads_dir) or 0
-    return BankState(store_gen, index_gen, head_gen)
+    return BankState(store_gen, index_gen, _published(bank.heads_dir))
+
+
+def _published(parent: Path) -> int:
+    """CURRENT's generation (0: none); -1 when CURRENT is damaged, which the models are
+    loaded around (the newest intact generation is served), not waited on."""
+    try:
+        return current_generation(parent) or 0
+    except DamagedFile:
+        return -1
 
 
 class ReplicaEngine(Engine):

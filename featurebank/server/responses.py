@@ -126,6 +126,8 @@ def info_response(info: dict[str, Any]) -> pb.GetInfoResponse:
         out.head.metrics.CopyFrom(to_struct(m.get("cv_metrics") or m.get("val_metrics", {})))
         out.head.hybrid_acts_as = MODE_VALUES[hybrid_mode(m)]
         out.head.manifest.CopyFrom(to_struct(m))
+    out.index.damaged = info["damaged"]["index"]
+    out.head.damaged = info["damaged"]["head"]
     if "replica" in info:  # only a read replica reports how far behind it is
         out.replica.CopyFrom(pb.ReplicaInfo(**info["replica"]))
     return out

@@ -55,9 +55,9 @@ def compact(sh: SharedStore, block_rows: int, row_bytes: int) -> None:
         with sh.read(old) as (txn, _):
             for db in DB_NAMES:
                 if db not in _BLOCK_DBS:
-                    _write_chunks(new, db, _copy(txn.cursor(db=old.dbs[db])))
+                    write_chunks(new, db, _copy(txn.cursor(db=old.dbs[db])))
             blocks = _repack(txn, old, block_rows, row_bytes)
-            _write_blocks(new, blocks)
+            write_blocks(new, blocks)
         new.env.sync(True)
     except BaseException as e:
         new.close()
@@ -100,12 +100,14 @@ def _commit(new: EnvHandle, fn: Any) -> None:
             new.env.set_mapsize(new.map_size * 2)
 
 
-def _write_chunks(new: EnvHandle, db: str, items: Iterable[tuple[bytes, bytes]]) -> None:
+def write_chunks(new: EnvHandle, db: str, items: Iterable[tuple[bytes, bytes]]) -> None:
+    """Append sorted records to `db` of a fresh environment, committed in chunks."""
     for chunk in _chunks(items, lambda kv: len(kv[0]) + len(kv[1])):
         _commit(new, lambda txn, c=chunk: txn.cursor(db=new.dbs[db]).putmulti(c, append=True))
 
 
-def _write_blocks(new: EnvHandle, blocks: Iterable[Record]) -> None:
+def write_blocks(new: EnvHandle, blocks: Iterable[Record]) -> None:
+    """Append blocks (key, {db: record}) in id order to a fresh environment."""
     def put(txn: Any, chunk: list[Record]) -> None:
         for key, values in chunk:
             for db, value in values.items():

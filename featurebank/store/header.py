@@ -15,7 +15,7 @@ from pathlib import Path
 
 from featurebank.core.errors import DamagedFile
 
-_META_MAGIC = 0xBEEFC0DE
+META_MAGIC = 0xBEEFC0DE
 _PAGE_HEADER = 16  # the meta pages' layout on 64-bit builds (lmdb's mdb.c: MDB_meta)
 
 
@@ -36,7 +36,7 @@ def check_data_file(env_dir: Path) -> None:
     except FileNotFoundError:
         raise DamagedFile(f"{path} is missing (the store's environment)") from None
     metas = [m for m in (head, second) if len(m) >= _PAGE_HEADER + 136]
-    valid = [m for m in metas if struct.unpack_from("<I", m, _PAGE_HEADER)[0] == _META_MAGIC]
+    valid = [m for m in metas if struct.unpack_from("<I", m, _PAGE_HEADER)[0] == META_MAGIC]
     if not valid:
         raise DamagedFile(f"{path} is damaged (not an LMDB environment: no valid header)")
     newest = max(valid, key=lambda m: struct.unpack_from("<Q", m, _PAGE_HEADER + 128)[0])

@@ -151,6 +151,10 @@ def open(bank: str | os.PathLike[str] | Bank, readonly: bool = False) -> Store: 
     """Open an existing store; a writable one takes the writer lock at its first write."""
     b = Bank(bank)
     if not (b.store_dir / CURRENT).exists():
+        envs = sorted(p.name for p in b.store_dir.glob(f"{ENV_PREFIX}*")) if b.store_dir.is_dir() else []
+        if envs:  # NotFound still: a create interrupted before CURRENT is simply redone
+            raise NotFound(f"{b.store_dir / CURRENT} is missing, though {', '.join(envs)} is "
+                           "there: `featurebank store repair` points it back")  # fmt: skip
         raise NotFound(f"no store in bank {b.root}: create one first (e.g. featurebank embed)")
     shared = acquire(b.store_dir)
     try:

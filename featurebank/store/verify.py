@@ -17,7 +17,7 @@ import numpy as np
 
 from featurebank.core.bank import Bank, candidates, generations
 from featurebank.core.errors import FeaturebankError
-from featurebank.core.integrity import CHECKSUMS, problems, sha256_of
+from featurebank.core.integrity import CHECKSUMS, STAGING, problems, sha256_of, shard_problems
 
 SEVERITY = {"ok": 0, "derived": 1, "store": 2}
 """Exit codes of `store verify`: the worst finding's severity."""
@@ -31,6 +31,7 @@ class Finding:
 
     severity: str  # "derived" or "store" (a key of SEVERITY)
     message: str
+    unreadable: bool = False  # committed items cannot be read back: `store repair` salvages
 
 
 @dataclass
@@ -56,7 +57,7 @@ def verify(bank: str | Path | Bank, deep: bool = True) -> Verification:
     them) and every published generation (checksums; `deep` hashes the contents)."""
     b = Bank(bank)
     report = Verification(bank=str(b.root))
-    report.items = _check_store(b, report.findings)
+    report.items = _read_back(b, report.findings)
     for what, parent in (("index", b.indexes_dir), ("head", b.heads_dir)):
         report.generations[what] = generations(parent)
         order, damaged = candidates(parent)
@@ -71,6 +72,13 @@ def verify(bank: str | Path | Bank, deep: bool = True) -> Verification:
                     "derived", f"{what} generation {gen}: {directory / CHECKSUMS} is missing, so "
                     "its files cannot be checked (`store repair` checks they load and seals them)"
                 ))
+    staging = b.root / STAGING
+    if staging.is_dir():
+        report.findings += [
+            Finding("derived", f"{line} (an embedding shard: `store repair` sets it aside and "
+                               "`embed --engine ray` embeds it again)")
+            for line in shard_problems(staging, deep).values()
+        ]  # fmt: skip
     if deep:
         report.findings += _check_models(b)
     return report
@@ -91,7 +99,15 @@ def _check_models(b: Bank) -> list[Finding]:
     return found
 
 
-def _check_store(b: Bank, findings: list[Finding]) -> int | None:
+def unreadable(b: Bank) -> bool:
+    """Whether some committed item cannot be read back (the store needs a salvage), as
+    opposed to items that read back with something wrong in them."""
+    findings: list[Finding] = []
+    _read_back(b, findings)
+    return any(f.unreadable for f in findings)
+
+
+def _read_back(b: Bank, findings: list[Finding]) -> int | None:
     """Read every live item back; returns how many, or None when the store cannot be read."""
     from featurebank import store as store_mod
 
@@ -104,13 +120,25 @@ def _check_store(b: Bank, findings: list[Finding]) -> int | None:
                 _check_batch(st, items, findings)
             if seen != expected:
                 findings.append(Finding(
-                    "store", f"{st.path}: {seen} items read back, the store counts {expected}"
+                    "store", f"{st.path}: {seen} items read back, the store counts {expected}", True
                 ))
             _check_log(st, findings)
             return seen
-    except (FeaturebankError, lmdb.Error) as e:
-        findings.append(Finding("store", str(e)))
+    except FeaturebankError as e:
+        findings.append(Finding("store", str(e), True))
         return None
+    except lmdb.Error as e:  # a damaged page LMDB noticed: name the file it is in
+        findings.append(Finding("store", f"{_data_file(b)} is damaged ({e})", True))
+        return None
+
+
+def _data_file(b: Bank) -> Path:
+    """The live environment's data file (as store/CURRENT names it)."""
+    try:
+        name = (b.store_dir / "CURRENT").read_text(errors="replace").strip()
+    except OSError:
+        name = "env-?"
+    return b.store_dir / name / "data.mdb"
 
 
 def _check_batch(st: Any, items: Any, findings: list[Finding]) -> None:

@@ -919,6 +919,7 @@ class IndexInfo(_message.Message):
     TARGET_REACHED_FIELD_NUMBER: _builtins.int
     PENDING_ITEMS_FIELD_NUMBER: _builtins.int
     CHECKPOINT_ERROR_FIELD_NUMBER: _builtins.int
+    DAMAGED_FIELD_NUMBER: _builtins.int
     generation: _builtins.int
     """0 when no index yet"""
     factory: _builtins.str
@@ -937,6 +938,10 @@ class IndexInfo(_message.Message):
     """committed items searched from memory, not yet folded into a generation"""
     checkpoint_error: _builtins.str
     """why the last checkpoint was not published ("" when it was)"""
+    damaged: _builtins.str
+    """What was found damaged and what is served instead: an older generation, or
+    (generation 0) exact search from the store while a real index is rebuilt ("" when intact).
+    """
     @_builtins.property
     def manifest(self) -> _struct_pb2.Struct: ...
     def __init__(
@@ -954,10 +959,11 @@ class IndexInfo(_message.Message):
         target_reached: _builtins.bool = ...,
         pending_items: _builtins.int = ...,
         checkpoint_error: _builtins.str = ...,
+        damaged: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_error", b"checkpoint_error", "factory", b"factory", "generation", b"generation", "manifest", b"manifest", "metric", b"metric", "ntotal", b"ntotal", "pending_items", b"pending_items", "recall", b"recall", "store_generation", b"store_generation", "target_reached", b"target_reached", "target_recall", b"target_recall", "transform", b"transform"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_error", b"checkpoint_error", "damaged", b"damaged", "factory", b"factory", "generation", b"generation", "manifest", b"manifest", "metric", b"metric", "ntotal", b"ntotal", "pending_items", b"pending_items", "recall", b"recall", "store_generation", b"store_generation", "target_reached", b"target_reached", "target_recall", b"target_recall", "transform", b"transform"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -972,12 +978,15 @@ class HeadInfo(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     MANIFEST_FIELD_NUMBER: _builtins.int
     HYBRID_ACTS_AS_FIELD_NUMBER: _builtins.int
+    DAMAGED_FIELD_NUMBER: _builtins.int
     generation: _builtins.int
     """0 when no head"""
     stale: _builtins.bool
     """labels changed since it was trained"""
     hybrid_acts_as: Global___Mode.ValueType
     """HYBRID, or the single mode cross-validation found better"""
+    damaged: _builtins.str
+    """a damaged live head: the older generation served, or none ("" when intact)"""
     @_builtins.property
     def metrics(self) -> _struct_pb2.Struct:
         """cross-validated metrics of knn, head, hybrid"""
@@ -992,10 +1001,11 @@ class HeadInfo(_message.Message):
         metrics: _struct_pb2.Struct | None = ...,
         manifest: _struct_pb2.Struct | None = ...,
         hybrid_acts_as: Global___Mode.ValueType = ...,
+        damaged: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "hybrid_acts_as", b"hybrid_acts_as", "manifest", b"manifest", "metrics", b"metrics", "stale", b"stale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["damaged", b"damaged", "generation", b"generation", "hybrid_acts_as", b"hybrid_acts_as", "manifest", b"manifest", "metrics", b"metrics", "stale", b"stale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

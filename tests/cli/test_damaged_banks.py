@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -160,21 +161,68 @@ def test_damaged_store_file_is_named_not_mapped(bank: Path, how: str) -> None:
     assert "data.mdb is " in r.stderr
 
 
-def test_server_falls_back_then_refuses_in_one_line(bank: Path) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_server_falls_back_to_an_older_generation_then_to_exact_search(bank: Path) -> None:
+    """A damaged live generation: the newest intact one is served, and said so. None intact:
+    exact search from the store, said so in GetInfo, while the server rebuilds an index in
+    the background; both times every committed item stays searchable."""
     DAMAGE["truncated"](bank / "indexes" / "2" / "index.faiss")
     with RunningServer(ServeConfig(bank=str(bank))) as served:
-        assert served.server.engine.ready
+        engine = served.server.engine
+        assert engine.ready
         with FeatureBankClient(served.target) as client:
             answer = client.classify(vector=np.ones(16, np.float32).tolist())
-            assert answer.labels[0].label
-            assert answer.index_generation == 1
-    DAMAGE["truncated"](bank / "indexes" / "1" / "index.faiss")
-    with RunningServer(ServeConfig(bank=str(bank))) as served:
-        assert not served.server.engine.ready
-        assert "no intact index generation" in str(served.server.engine.load_error)
-        with FeatureBankClient(served.target) as client, pytest.raises(RemoteError) as info:
-            client.classify(vector=np.ones(16, np.float32).tolist())
-        assert str(bank) not in str(info.value), info.value  # "this bank", not the server's path
+            assert answer.labels[0].label and answer.index_generation == 1
+            wait_for(lambda: "repaired" in str(engine.repair_state))
+            assert "set aside damaged index generation 2" in str(engine.repair_state)
+            assert client.info().index.damaged == ""  # the repair left generation 1 live and intact
+    assert (bank / "indexes" / "CURRENT").read_text().strip() == "1"
+
+    DAMAGE["truncated"](bank / "indexes" / "1" / "index.faiss")  # now none is intact
+    vector = np.ones(16, np.float32).tolist()
+    with RunningServer(ServeConfig(bank=str(bank), replica=True)) as served:  # repairs nothing
+        assert served.server.engine.ready  # serving, not refusing
+        with FeatureBankClient(served.target) as client:
+            assert client.classify(vector=vector).index_generation == 0
+            info = client.info().index
+            assert info.generation == 0 and info.factory == "Flat"
+            assert info.transform == "cl2n"  # generation 1's, the newest manifest left
+            assert "indexes/1/index.faiss is damaged" in info.damaged, info.damaged
+            assert "exact search from the store" in info.damaged and "on the primary" in info.damaged
+            assert str(bank) not in info.damaged  # "this bank", not the server's path
+            assert len(client.search(vector=vector, k=ITEMS).neighbors) == ITEMS
+
+    with (RunningServer(ServeConfig(bank=str(bank))) as served,  # the primary rebuilds one
+          FeatureBankClient(served.target) as client):  # fmt: skip
+        assert client.classify(vector=vector).index_generation in (0, 3)
+        wait_for(lambda: client.info().index.generation == 3)
+        assert client.info().index.damaged == ""
+        assert "rebuilt the index from the store" in str(served.server.engine.repair_state)
+        assert len(client.search(vector=vector, k=ITEMS).neighbors) == ITEMS
+    assert items_of(bank) == ITEMS
+
+
+def test_exact_search_from_the_store_matches_a_flat_index(bank: Path) -> None:
+    """The fallback searches the store's vectors with the bank's transform: the same
+    neighbours as an exact index built by `index build`."""
+    for gen in ("1", "2"):
+        DAMAGE["zeroed"](bank / "indexes" / gen / "index.faiss")
+    with Searcher.load(bank, exact_fallback=True) as s:
+        assert s.generation == 0 and "no intact index generation" in s.manifest["exact_from_store"]
+        assert s.manifest["transform"]["spec"] == "l2"  # the damaged generation's params
+        queries = np.random.default_rng(3).standard_normal((5, 16)).astype(np.float32)
+        exact = s.search(queries, k=10)
+    build_index(bank, factory="Flat", transform="l2")
+    with Searcher.load(bank) as s:
+        built = s.search(queries, k=10)
+    assert np.array_equal(exact.ids, built.ids)
+    np.testing.assert_allclose(exact.scores, built.scores, rtol=1e-5, atol=1e-5)
 
 
 # ---- mounts: read-only and full -----------------------------------------------------------
@@ -322,3 +370,59 @@ def test_full_disk_during_head_training_and_embedding(
                          "--layer", "features", "--no-progress")  # fmt: skip
         assert code == 2 and ("disk full" in text or "could not write" in text), text
         assert "Traceback" not in text
+
+
+def test_several_banks_a_damaged_one_fails_alone_a_read_only_one_is_read(
+    pristine: Path, tmp_path: Path
+) -> None:
+    """`serve --banks DIR`: a bank whose store is damaged shows `failed` with its one line
+    while the others serve; one on a read-only mount is served read-only."""
+    root = tmp_path / "banks"
+    for name in ("good", "damaged", "ro"):
+        shutil.copytree(pristine, root / name)
+    data = root / "damaged" / "store" / "env-1" / "data.mdb"
+    DAMAGE["truncated"](data)
+    vector = np.ones(16, np.float32).tolist()
+    with read_only_view(root / "ro", root / "ro"), RunningServer(ServeConfig(banks_dir=root)) as rs:
+        with FeatureBankClient(rs.target, bank="good") as client:
+            assert client.classify(vector=vector).labels[0].label
+        with FeatureBankClient(rs.target, bank="ro") as client:
+            assert client.classify(vector=vector).labels[0].label
+            with pytest.raises(RemoteError, match="read-only") as refused:
+                client.upsert([{"key": "new/1", "vector": vector}])
+            assert refused.value.code.name == "FAILED_PRECONDITION"
+        with FeatureBankClient(rs.target, bank="damaged") as client:
+            with pytest.raises(RemoteError, match="data.mdb is truncated") as failed:
+                client.classify(vector=vector)
+            assert str(root) not in str(failed.value)
+        with FeatureBankClient(rs.target, bank="good") as client:
+            states = {b.name: b for b in client.info().banks}
+            assert states["damaged"].state == "failed"
+            assert "this bank's store/env-1/data.mdb is truncated" in states["damaged"].error
+            assert states["ro"].state == "open" and states["good"].state == "open"
+            assert client.classify(vector=vector).labels[0].label  # the others still serve
+    assert items_of(root / "ro") == ITEMS
+
+
+def test_full_disk_during_upsert_over_grpc(pristine: Path, tmp_path: Path) -> None:
+    """Upsert on a full disk: RESOURCE_EXHAUSTED in one line, nothing half-written, the
+    server keeps serving, and writes succeed again once there is room."""
+    vector = np.ones(16, np.float32).tolist()
+    with mounted("-t", "tmpfs", "-o", "size=2m", "tmpfs", target=tmp_path / "small") as fs:
+        bank = fs / "bank"
+        shutil.copytree(pristine, bank)
+        with (RunningServer(ServeConfig(bank=str(bank))) as served,
+              FeatureBankClient(served.target) as client):  # fmt: skip
+            client.upsert([{"key": "before/0", "vector": vector}])
+            filler = fs / "filler"
+            filler.write_bytes(bytes(max(0, os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize - 4096)))
+            with pytest.raises(RemoteError) as full:
+                client.upsert([{"key": f"full/{i}", "vector": vector} for i in range(3000)])
+            assert full.value.code.name == "RESOURCE_EXHAUSTED", full.value
+            assert "disk full" in full.value.details and str(bank) not in full.value.details
+            assert client.classify(vector=vector).labels[0].label  # still serving
+            filler.unlink()
+            client.upsert([{"key": "after/0", "vector": vector}])
+            keys = {n.key for n in client.search(vector=vector, k=ITEMS + 2).neighbors}
+            assert {"before/0", "after/0"} <= keys and not any(k.startswith("full/") for k in keys)
+        assert items_of(bank) == ITEMS + 2  # acknowledged items, and only those

@@ -152,3 +152,15 @@ def test_stacked_abstention_error_does_not_suggest_retraining(tmp_path: Path) ->
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "'stacked'" in e.value.details and "retrain" not in e.value.details
     assert "abstain with one of those" in e.value.details
+
+
+def test_token_on_the_command_line_is_refused_beside_the_variable(
+    served: RunningServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--token VALUE` shows in `ps`: with $FEATUREBANK_TOKEN set it is refused, not preferred."""
+    monkeypatch.setenv("FEATUREBANK_TOKEN", "r0")
+    code, _, err = run(capsys, "search", "--key", "dog/1-0", "--k", "1",
+                       "--server", served.target, "--token", "r0")  # fmt: skip
+    assert code == 2 and "drop --token" in err and "r0" not in err, err
+    code, out, _ = run(capsys, "search", "--key", "dog/1-0", "--k", "1", "--server", served.target)
+    assert code == 0 and " dog " in out  # the variable alone
