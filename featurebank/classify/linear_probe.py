@@ -260,7 +260,8 @@ class LinearProbe:
                 fits[f] = None
                 continue
             model = sr.fit(fold.zt, fold.yt, cand.effective_c(fold.scale), weights[f],
-                           init=start.get(f), tol=PATH_TOL, max_iter=PATH_MAX_ITER)
+                           init=start.get(f), tol=PATH_TOL, max_iter=PATH_MAX_ITER,
+                           dtype=np.float32)
             p[fold.held] = model.proba(fold.zh, n_classes)
             fits[f] = model
         return p, fits
@@ -292,7 +293,7 @@ class LinearProbe:
         m, s = standardisation(xt)
         with _one_thread():
             model = sr.fit((xt - m) / s, y, self.choice.effective_c(float(s)), w,
-                           init=self._start, tol=TOL, max_iter=MAX_ITER)
+                           init=self._start, tol=TOL, max_iter=MAX_ITER, dtype=np.float32)
         kernel = np.zeros((xt.shape[1], n_classes), np.float32)
         bias = np.full(n_classes, -1e4, np.float32)  # a class never seen is never predicted
         kernel[:, model.classes] = model.kernel
