@@ -24,7 +24,7 @@ path's minimum moves with every draw, and following it (on log-loss alone, or at
 standard error) cost up to a point of accuracy against scikit-learn's default on
 benchmarks/classify_quality.py; a clear win (denoising noisy labels: 2 to 4 standard
 errors there) still wins. With no item that can be scored out of fold (a single label
-per class) the reference is kept. The out-of-fold probabilities at the choice are what
+per class) or fewer than `MIN_SCORED` the reference is kept. The out-of-fold probabilities at the choice are what
 the hybrid weight, its guard and abstention are calibrated on.
 """
 
@@ -55,6 +55,7 @@ PATH_TOL, PATH_MAX_ITER = 1e-4, 100  # choosing along the path: scikit-learn's d
 INPUTS = ("index transform", "as stored")
 REFERENCE = "scikit-learn's default"  # DEFAULT_C on the vectors as stored, unscaled, unweighted
 STANDARD_ERRORS = 2.0  # how clearly a candidate must beat the reference to replace it
+MIN_SCORED = 20  # fewer scored items: their standard error is itself noise; keep the reference
 DENOISE_ERRORS = 1.0  # how clearly denoising must beat the same model unweighted
 PATIENCE = 1  # rises of the log-loss past a path's best before the path stops
 
@@ -198,7 +199,7 @@ class LinearProbe:
         """The lowest out-of-fold log-loss among the candidates that beat the reference
         clearly (by STANDARD_ERRORS, and right on at least as many items), else the reference."""
         ref = REFERENCE_CANDIDATE
-        if not scorable.any() or ref not in scored:
+        if scorable.sum() < MIN_SCORED or ref not in scored:
             return ref
         ys = y[scorable]
         loss = {c: _per_item_loss(ys, p[scorable]) for c, (p, _) in scored.items()}
