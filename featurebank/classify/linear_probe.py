@@ -18,8 +18,8 @@ ends, weak regularisation above all, are the slow fits).
 
 Which one: the reference, unless a candidate's out-of-fold log-loss is lower by more
 than `STANDARD_ERRORS` standard errors of the per-item difference and it is right on at
-least as many items (a denoised one, also than the same model unweighted, by
-`DENOISE_ERRORS`); then the lowest log-loss of those. With a few labels per class the
+least as many items (a denoised one must also be lower and as often right as the same
+model unweighted); then the lowest log-loss of those. With a few labels per class the
 path's minimum moves with every draw, and following it (on log-loss alone, or at one
 standard error) cost up to a point of accuracy against scikit-learn's default on
 benchmarks/classify_quality.py; a clear win (denoising noisy labels: 2 to 4 standard
@@ -56,7 +56,6 @@ INPUTS = ("index transform", "as stored")
 REFERENCE = "scikit-learn's default"  # DEFAULT_C on the vectors as stored, unscaled, unweighted
 STANDARD_ERRORS = 2.0  # how clearly a candidate must beat the reference to replace it
 MIN_SCORED = 20  # fewer scored items: their standard error is itself noise; keep the reference
-DENOISE_ERRORS = 1.0  # how clearly denoising must beat the same model unweighted
 PATIENCE = 1  # rises of the log-loss past a path's best before the path stops
 
 
@@ -205,14 +204,14 @@ class LinearProbe:
         loss = {c: _per_item_loss(ys, p[scorable]) for c, (p, _) in scored.items()}
         right = {c: int((p[scorable].argmax(axis=1) == ys).sum()) for c, (p, _) in scored.items()}
 
-        def clear(c: Candidate, over: Candidate, sigmas: float) -> bool:
+        def beats(c: Candidate, over: Candidate, sigmas: float) -> bool:
             return over not in loss or (
                 right[c] >= right[over] and clearly_better(loss[over], loss[c]) > sigmas)
 
-        # a denoised model must also beat the same model unweighted (by DENOISE_ERRORS): on
-        # clean labels the weights only take evidence away
-        better = [c for c in loss if c != ref and clear(c, ref, STANDARD_ERRORS) and (
-            c.weights == "plain" or clear(c, replace(c, weights="plain"), DENOISE_ERRORS))]
+        # a denoised model must also beat the same model unweighted: on clean labels the
+        # weights only take evidence away
+        better = [c for c in loss if c != ref and beats(c, ref, STANDARD_ERRORS) and (
+            c.weights == "plain" or beats(c, replace(c, weights="plain"), 0.0))]
         return min(better, key=lambda c: float(loss[c].mean())) if better else ref
 
     def _folds(self, xt: np.ndarray, y: np.ndarray, folds: np.ndarray) -> dict[int, _Fold]:
