@@ -16,7 +16,8 @@ Here every labelled item scores every choice once, out of sample:
   another labelled item, the only ones cross-validation can score).
 - the guard: when either single mode is clearly more accurate out of fold than the
   hybrid (McNemar's test at two standard deviations), the hybrid becomes that mode
-  (a = 1 for knn, 0 for head) and the manifest says which. Measured on
+  (a = 1 for knn, 0 for head) and the manifest says which; with no item to score it
+  on (a single label per class) the hybrid is the head. Measured on
   benchmarks/classify_quality.py: a strict "any lead" guard and a lightly shrunk a
   (n / (n + 20)) followed noise in a few dozen labels and cost up to a point of
   accuracy; the strong shrinkage and the clear-lead guard did not.
@@ -78,12 +79,14 @@ class Trainer(Protocol):
 
 @dataclass
 class LeaveOneOut:
-    """Every labelled item's neighbours among the others: ids, codes and scores (n, k_max)."""
+    """Every labelled item's neighbours among the others: ids, codes and scores (n, k_max),
+    and the items' own ids (`items`, n), which a fold removes from its neighbours."""
 
     ids: np.ndarray
     codes: np.ndarray
     scores: np.ndarray
     metric: str
+    items: np.ndarray
 
     def without(self, held_out_ids: np.ndarray) -> np.ndarray:
         """The codes with `held_out_ids`' votes removed (what a fold's training items see)."""
@@ -200,7 +203,7 @@ def fold_weights(
         if not denoise:
             out[f] = None
             continue
-        codes = loo.without(loo.ids[held])
+        codes = loo.without(loo.items[held])
         out[f] = agreement_weights(y[train], voter.probs(codes[train], loo.scores[train], n_classes))
     return out
 
@@ -262,7 +265,9 @@ def choose(
     p_head = oof.p
     evidence = int(s.sum())
     a, a_opt, a_grid = select_a(y[s], p_knn[s], p_head[s], evidence)
-    acts_as = guard(y[s], p_knn[s], p_head[s], a)
+    # nothing to weigh the two on (one label per class): the head, scikit-learn's default
+    # model there, which beat the half-and-half mix on every such case measured
+    acts_as = guard(y[s], p_knn[s], p_head[s], a) if evidence else "head"
     final_a = {"knn": 1.0, "head": 0.0}.get(acts_as, a)
     scores = {
         "knn": metrics.summary(y[s], p_knn[s]),

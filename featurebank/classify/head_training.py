@@ -141,7 +141,9 @@ def train_head(
                 else Neighbours(vocabulary, None, ids, transform.apply(x), y)
             )
             kmax = min(max(cv.K_GRID), max(1, neighbours.ntotal - 1))
-            loo = cv.LeaveOneOut(*neighbours.search(x, kmax, exclude_ids=ids), neighbours.metric)
+            loo = cv.LeaveOneOut(
+                *neighbours.search(x, kmax, exclude_ids=ids), neighbours.metric, ids
+            )
             n_cls = len(vocabulary)
             trainer = TRAINERS[head_kind(hp)](transform, hp, progress)
             choices = cv.choose(x, y, n_cls, loo, trainer, hp.folds, hp.denoise, hp.seed)

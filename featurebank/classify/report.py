@@ -207,8 +207,10 @@ def _training_curves(ev: Evaluation) -> Any:
     if "c_path" in cv:  # the linear probe: out-of-fold log-loss along its L2 path
         ax = axes[0]
         for name, c in curves.get("head", {}).items():
-            ax.plot(cv["c_path"], c, marker="o", label=name.removeprefix("log_loss "))
-        ax.axvline(cv["C"], color="grey", ls=":", label="C chosen by cross-validation")
+            if len(c) == len(cv["c_path"]):  # not the single point of scikit-learn's default
+                ax.plot(cv["c_path"], c, marker="o", label=name.removeprefix("log_loss "))
+        if cv.get("scaled", True):  # else scikit-learn's default, at the vectors' own scale
+            ax.axvline(cv["C"], color="grey", ls=":", label="C chosen by cross-validation")
         ax.set_xscale("log")
         ax.set_xlabel("C (inverse L2 strength)")
         ax.set_ylabel("out-of-fold log-loss")

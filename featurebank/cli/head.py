@@ -118,7 +118,9 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     hy, cv, hp = m["hybrid"], m["cv"], m["head_params"]
     chose = (
-        f"{cv['epochs']} epochs" if "epochs" in cv else f"C={cv['C']:g} on the {cv['input']} vectors"
+        f"{cv['epochs']} epochs" if "epochs" in cv
+        else f"C={cv['C']:g} on the {cv['input']} vectors"
+        + ("" if cv.get("scaled", True) else ", unscaled (scikit-learn's default)")
     )
     print(
         f"head generation {m['generation']}: {len(m['vocabulary'])} classes, {m['items']} items, "
