@@ -2579,7 +2579,7 @@ class FollowRequest(_message.Message):
     REPLICA_ID_FIELD_NUMBER: _builtins.int
     BANK_FIELD_NUMBER: _builtins.int
     after_generation: _builtins.int
-    """the store generation the replica holds"""
+    """the store generation the replica holds (applied)"""
     store_epoch: _builtins.str
     """the epoch it copied (SnapshotChunk.store_epoch)"""
     replica_id: _builtins.str

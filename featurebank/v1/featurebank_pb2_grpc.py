@@ -154,7 +154,7 @@ class FeatureBankStub:
                 request_serializer=featurebank_dot_v1_dot_featurebank__pb2.SnapshotRequest.SerializeToString,
                 response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SnapshotChunk.FromString,
                 _registered_method=True)
-        self.FollowStore = channel.unary_stream(
+        self.FollowStore = channel.stream_stream(
                 '/featurebank.v1.FeatureBank/FollowStore',
                 request_serializer=featurebank_dot_v1_dot_featurebank__pb2.FollowRequest.SerializeToString,
                 response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.StoreDelta.FromString,
@@ -343,8 +343,9 @@ class FeatureBankServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def FollowStore(self, request, context):
-        """The store's commits after a generation, as records, then each new commit as it lands.
+    def FollowStore(self, request_iterator, context):
+        """The store's commits after a generation, as records, then each new commit as it lands;
+        the replica sends FollowRequests back as it applies them (its progress, for retention).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -473,7 +474,7 @@ def add_FeatureBankServicer_to_server(servicer, server):
                     request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SnapshotRequest.FromString,
                     response_serializer=featurebank_dot_v1_dot_featurebank__pb2.SnapshotChunk.SerializeToString,
             ),
-            'FollowStore': grpc.unary_stream_rpc_method_handler(
+            'FollowStore': grpc.stream_stream_rpc_method_handler(
                     servicer.FollowStore,
                     request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.FollowRequest.FromString,
                     response_serializer=featurebank_dot_v1_dot_featurebank__pb2.StoreDelta.SerializeToString,
@@ -1138,7 +1139,7 @@ class FeatureBank:
             _registered_method=True)
 
     @staticmethod
-    def FollowStore(request,
+    def FollowStore(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -1148,8 +1149,8 @@ class FeatureBank:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/featurebank.v1.FeatureBank/FollowStore',
             featurebank_dot_v1_dot_featurebank__pb2.FollowRequest.SerializeToString,
