@@ -17,21 +17,10 @@ from featurebank import store as store_mod
 from featurebank.core.errors import FailedPrecondition
 from featurebank.store import replication
 from featurebank.store.rows import LogTrimmed
+from tests.support.replication import dump
 from tests.support.server import make_vector_bank
 
 JPEG = b"\xff\xd8\xff" + b"\0" * 20
-
-
-def dump(st: store_mod.Store) -> dict[str, list[tuple[bytes, bytes]]]:
-    """Every record of every database a replica copies (the log_start counter aside)."""
-    out: dict[str, list[tuple[bytes, bytes]]] = {}
-    with st._sh().read() as (txn, h):
-        for db in h.dbs:
-            if db in replication.NOT_COPIED:
-                continue
-            out[db] = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=h.dbs[db])
-                       if (db, bytes(k)) != ("info", b"log_start")]
-    return out
 
 
 @pytest.fixture()
