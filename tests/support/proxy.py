@@ -130,6 +130,12 @@ class Serving:
                 self.proc.wait()
         self.log.close()
 
+    def __enter__(self) -> Serving:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 class Nginx:
     """nginx running the config above until `stop()`."""
