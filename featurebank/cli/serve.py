@@ -43,8 +43,8 @@ def register(commands: Commands) -> None:
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds in-flight calls get to finish on SIGTERM")
     p.add_argument("--tokens", type=Path, default=None,
-                   help="file of 'ROLE TOKEN' lines (roles read, write); "
-                   "also FEATUREBANK_READ_TOKEN / FEATUREBANK_WRITE_TOKEN")
+                   help="file of 'ROLE TOKEN' lines (roles read, write, replicate); also "
+                   "FEATUREBANK_READ_TOKEN / FEATUREBANK_WRITE_TOKEN / FEATUREBANK_REPLICATE_TOKEN")
     p.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM)")
     p.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, default=None,

@@ -263,7 +263,8 @@ def bootstrap(
     state = read_state(data)
     if state is not None:
         return state
-    if data.exists() and any(p.name not in (STAGING,) for p in data.iterdir()):
+    resuming = (data / STAGING / "state.json").exists()
+    if data.exists() and not resuming and any(p.name != STAGING for p in data.iterdir()):
         raise FailedPrecondition(
             f"--data {data} is not empty and holds no replica ({STATE} missing): give an empty "
             "folder, or the folder this replica used before"
@@ -273,6 +274,7 @@ def bootstrap(
     header = download.run(on_progress)
     for name in ("store", "models", "indexes", "heads"):
         if (data / STAGING / name).exists():
+            shutil.rmtree(data / name, ignore_errors=True)  # left by a start that stopped here
             os.replace(data / STAGING / name, data / name)
     state = {
         "replica_id": uuid.uuid4().hex[:12], "primary": link.address, "bank": link.bank,
