@@ -1,4 +1,4 @@
-"""Bearer-token auth with two roles, as a grpc.aio server interceptor.
+"""Bearer-token auth with three roles, as a grpc.aio server interceptor.
 
 Tokens come from a file of `ROLE TOKEN [BANKS]` lines or the environment
 (FEATUREBANK_READ_TOKEN / FEATUREBANK_WRITE_TOKEN / FEATUREBANK_REPLICATE_TOKEN). A write

@@ -5,7 +5,8 @@ Two RPCs, both for the write or the replicate role (server/auth.py):
 - `ReplicaSnapshot`: a consistent copy of the store (LMDB's hot copy in one read
   transaction) and the published index and head generations (hard links: published
   folders never change), kept in `BANK/.snapshots/<id>/` with a manifest of every file's
-  size and sha256. Streamed in chunks, each with its crc32; a replica whose connection
+  size. Streamed in chunks, each with its crc32, a file's last one with the crc32 of the
+  whole file; a replica whose connection
   dropped asks for the same snapshot from the file and offset it holds, so nothing is sent
   twice. A snapshot is kept `SNAPSHOT_TTL_S` after its last use, across restarts.
 - `FollowStore`: the store's records changed after the replica's generation
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 SNAPSHOTS = ".snapshots"
 MANIFEST = "manifest.json"
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 4 << 20
 SNAPSHOT_TTL_S = 3600.0
 POLL_S = 0.005
 HEARTBEAT_S = 1.0
@@ -67,12 +67,13 @@ DEFAULT_REPLICA_GRACE_S = 600.0  # a replica not seen for this long no longer ho
 # ---------------------------------------------------------------- snapshots
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+def crc32_prefix(path: Path, size: int) -> int:
+    """zlib.crc32 of a file's first `size` bytes (where a resumed stream starts)."""
+    crc, left = 0, size
     with path.open("rb") as f:
-        while chunk := f.read(CHUNK_BYTES * 8):
-            h.update(chunk)
-    return h.hexdigest()
+        while left > 0 and (block := f.read(min(left, 8 << 20))):
+            crc, left = zlib.crc32(block, crc), left - len(block)
+    return crc
 
 
 def _link_tree(src: Path, dest: Path) -> None:
@@ -109,7 +110,7 @@ def make_snapshot(store: Store, bank: Bank, generations_only: bool) -> dict[str,
             (staging / parent.name / "CURRENT").write_text(f"{live}\n")
             manifest[f"{what}_generation"] = live
         manifest["files"] = [
-            {"path": str(p.relative_to(staging)), "size": p.stat().st_size, "sha256": sha256_file(p)}
+            {"path": str(p.relative_to(staging)), "size": p.stat().st_size}
             for p in records.files_of(staging)
         ]
         (staging / MANIFEST).write_text(json.dumps(manifest))
@@ -185,12 +186,17 @@ async def snapshot_stream(engine: Engine, request: pb.SnapshotRequest) -> AsyncI
         offset = request.offset if i == start and request.path else 0
         if not 0 <= offset <= f["size"]:
             raise InvalidInput(f"offset {offset} is outside {f['path']} ({f['size']} bytes)")
-        while offset < f["size"] or (offset == 0 and f["size"] == 0):
-            data = await loop.run_in_executor(None, _read_chunk, folder / f["path"], offset)
-            yield pb.SnapshotChunk(path=f["path"], offset=offset, data=data, crc32=zlib.crc32(data))
-            offset += len(data)
-            if not data:
+        path = folder / f["path"]
+        whole = await loop.run_in_executor(None, crc32_prefix, path, offset) if offset else 0
+        while True:
+            data = await loop.run_in_executor(None, _read_chunk, path, offset)
+            chunk = pb.SnapshotChunk(path=f["path"], offset=offset, data=data, crc32=zlib.crc32(data))
+            whole, offset = zlib.crc32(data, whole), offset + len(data)
+            if offset >= f["size"] or not data:
+                chunk.file_crc32 = whole
+                yield chunk
                 break
+            yield chunk
 
 
 # ---------------------------------------------------------------- read-your-writes

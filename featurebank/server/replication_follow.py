@@ -5,7 +5,7 @@ only this process writes, and serves it as a same-host replica serves its bank
 (server/replica.py polls DIR and reloads what moved):
 
 - bootstrap: an empty DIR copies a snapshot (`ReplicaSnapshot`) into `DIR/.bootstrap/`,
-  checking each chunk's crc32 and each file's sha256; a dropped connection resumes from
+  checking each chunk's crc32 and each file's whole crc32; a dropped connection resumes from
   the file and offset already on disk (the state lives in `.bootstrap/state.json`), then
   the folders are moved into place and `DIR/replica.json` is written last.
 - following: a `Puller` thread holds `FollowStore` open from the store's generation (the
@@ -20,7 +20,6 @@ only this process writes, and serves it as a same-host replica serves its bank
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ import grpc
 from featurebank.core.bank import Bank, current_generation, prune, write_atomic
 from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput, NotFound
 from featurebank.server.replica import BankState, ReplicaEngine
+from featurebank.server.replication import crc32_prefix
 from featurebank.store import replication as records
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
@@ -52,6 +52,7 @@ GENERATIONS_STAGING = ".generations"
 RETRY_S = (0.05, 0.2, 0.5, 1.0, 2.0)  # reconnect backoff
 SNAPSHOT_ATTEMPTS = 30
 MAX_MESSAGE_BYTES = 64 << 20
+WRITE_BYTES = 256 << 10  # each write() of a chunk (4 MiB writes measured 5x slower on ext4)
 
 Progress = Callable[[int, int], None]  # (bytes held, bytes in the snapshot)
 
@@ -162,8 +163,7 @@ class Download:
                         writer.sizes = {f["path"]: f for f in self.header["files"]}  # type: ignore[index]
                         self.resumed_at = writer.held()
                         continue
-                    writer.write(chunk)
-                    self.received += len(chunk.data)
+                    self.received += writer.write(chunk)
                     if on_progress is not None:
                         on_progress(writer.held(), writer.total())
             finally:
@@ -180,7 +180,7 @@ class Download:
                 "id": chunk.snapshot_id, "store_generation": chunk.store_generation,
                 "store_epoch": chunk.store_epoch, "index_generation": chunk.index_generation,
                 "head_generation": chunk.head_generation,
-                "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in chunk.files],
+                "files": [{"path": f.path, "size": f.size} for f in chunk.files],
             }
             for f in self.header["files"]:
                 _safe(f["path"])
@@ -196,12 +196,12 @@ def _safe(path: str) -> str:
 
 
 class _Files:
-    """Appends chunks to the files they belong to, checking crc32, offsets and sha256."""
+    """Appends chunks to the files they belong to, checking offsets and crc32s."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.sizes: dict[str, dict[str, Any]] = {}
-        self._open: tuple[str, Any, Any] | None = None  # path, file, running sha256
+        self._open: tuple[str, Any, int] | None = None  # path, file, crc32 so far
 
     def held(self) -> int:
         return sum(min(f["size"], _size(self.folder / p)) for p, f in self.sizes.items())
@@ -209,8 +209,10 @@ class _Files:
     def total(self) -> int:
         return sum(f["size"] for f in self.sizes.values())
 
-    def write(self, chunk: pb.SnapshotChunk) -> None:
-        if zlib.crc32(chunk.data) != chunk.crc32:
+    def write(self, chunk: pb.SnapshotChunk) -> int:
+        """Append one chunk; returns its size."""
+        data = chunk.data  # each access to a bytes field copies it
+        if zlib.crc32(data) != chunk.crc32:
             raise FailedPrecondition(f"chunk of {chunk.path} at {chunk.offset} fails its crc32")
         f = self.sizes.get(chunk.path)
         if f is None:
@@ -218,30 +220,30 @@ class _Files:
         if self._open is None or self._open[0] != chunk.path:
             self.close()
             self._open = self._begin(chunk.path)
-        path, out, digest = self._open
+        path, out, crc = self._open
         if out.tell() != chunk.offset:
             raise FailedPrecondition(f"{path}: chunk at {chunk.offset}, but {out.tell()} bytes held")
-        out.write(chunk.data)
-        digest.update(chunk.data)
+        view = memoryview(data)
+        for s in range(0, len(view), WRITE_BYTES):  # large writes are several times slower
+            out.write(view[s : s + WRITE_BYTES])
+        crc = zlib.crc32(data, crc)
+        self._open = (path, out, crc)
         if out.tell() >= f["size"]:
             out.flush()
             os.fsync(out.fileno())
-            if digest.hexdigest() != f["sha256"]:
+            if crc != chunk.file_crc32:
                 out.close()
-                (self.folder / path).unlink()
+                (self.folder / path).unlink()  # copied again from its start
                 self._open = None
-                raise FailedPrecondition(f"{path} copied from the primary fails its sha256")
+                raise FailedPrecondition(f"{path} copied from the primary fails its crc32")
             self.close()
+        return len(data)
 
-    def _begin(self, path: str) -> tuple[str, Any, Any]:
+    def _begin(self, path: str) -> tuple[str, Any, int]:
         target = self.folder / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        if target.exists():  # resuming: what is on disk counts
-            with target.open("rb") as f:
-                while block := f.read(8 << 20):
-                    digest.update(block)
-        return path, target.open("ab"), digest
+        held = target.stat().st_size if target.exists() else 0  # resuming: what is on disk counts
+        return path, target.open("ab"), crc32_prefix(target, held) if held else 0
 
     def close(self) -> None:
         if self._open is not None:

@@ -26,11 +26,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmdb
 import numpy as np
 
 from featurebank.core.errors import FailedPrecondition
 from featurebank.store.codec import decode_keys, decode_rows, key_record, pack_id, pack_ids
-from featurebank.store.env import EnvHandle
+from featurebank.store.env import DB_NAMES, EnvHandle
 from featurebank.store.rows import LOG_START, check_reaches, get_int, put_int
 from featurebank.store.store import Store, Txn
 
@@ -73,15 +74,21 @@ def log_start(store: Store) -> int:
 
 
 def copy_to(store: Store, folder: Path) -> tuple[int, str]:
-    """A consistent copy of the store's environment into `folder/<env>/` (LMDB's hot copy, as
-    `store backup` makes) plus `folder/CURRENT`; returns (generation copied, epoch)."""
-    with store._sh().read() as (txn, h):
-        generation = get_int(txn, h, "generation")
+    """A consistent copy of the store's environment into `folder/<env>/` (LMDB's hot copy,
+    page by page: as fast as copying the file, while writers go on) plus `folder/CURRENT`;
+    returns (generation copied, epoch)."""
+    with store._sh().read() as (_txn, h):  # the read pins the environment against compaction
         (folder / h.name).mkdir(parents=True)
-        h.env.copy(str(folder / h.name), compact=True, txn=txn)
+        h.env.copy(str(folder / h.name))  # its own read transaction: one consistent snapshot
         name = h.name
     (folder / "CURRENT").write_text(f"{name}\n")
-    return generation, name
+    copied = lmdb.open(str(folder / name), readonly=True, lock=False, max_dbs=len(DB_NAMES) + 2)
+    try:
+        with copied.begin() as txn:
+            raw = txn.get(b"generation", db=copied.open_db(b"info", txn=txn, create=False))
+    finally:
+        copied.close()
+    return (int.from_bytes(raw, "big") if raw else 0), name
 
 
 def delta_after(store: Store, generation: int) -> Delta:

@@ -2496,22 +2496,18 @@ class SnapshotFile(_message.Message):
 
     PATH_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
-    SHA256_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """relative to the bank folder, e.g. store/env-1/data.mdb"""
     size: _builtins.int
-    sha256: _builtins.str
-    """hex digest of the whole file"""
     def __init__(
         self,
         *,
         path: _builtins.str = ...,
         size: _builtins.int = ...,
-        sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2531,6 +2527,7 @@ class SnapshotChunk(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     CRC32_FIELD_NUMBER: _builtins.int
+    FILE_CRC32_FIELD_NUMBER: _builtins.int
     snapshot_id: _builtins.str
     """First message of every stream: what the snapshot holds."""
     store_generation: _builtins.int
@@ -2546,6 +2543,8 @@ class SnapshotChunk(_message.Message):
     data: _builtins.bytes
     crc32: _builtins.int
     """zlib.crc32 of data"""
+    file_crc32: _builtins.int
+    """on a file's last chunk: zlib.crc32 of the whole file"""
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotFile]: ...
     def __init__(
@@ -2561,10 +2560,11 @@ class SnapshotChunk(_message.Message):
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
         crc32: _builtins.int = ...,
+        file_crc32: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32", b"crc32", "data", b"data", "files", b"files", "head_generation", b"head_generation", "index_generation", b"index_generation", "offset", b"offset", "path", b"path", "snapshot_id", b"snapshot_id", "store_epoch", b"store_epoch", "store_generation", b"store_generation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32", b"crc32", "data", b"data", "file_crc32", b"file_crc32", "files", b"files", "head_generation", b"head_generation", "index_generation", b"index_generation", "offset", b"offset", "path", b"path", "snapshot_id", b"snapshot_id", "store_epoch", b"store_epoch", "store_generation", b"store_generation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -128,23 +128,30 @@ def test_read_your_writes_waits_for_the_generation_or_answers_unavailable(
 # ------------------------------------------------------------------- cuts
 
 
+def cut_after(n: int) -> Callable[[int, int], None]:
+    """A progress callback that drops the stream at its n-th chunk."""
+    seen = [0]
+
+    def progress(held: int, total: int) -> None:
+        seen[0] += 1
+        if seen[0] == n:
+            raise ConnectionAbortedError("the test drops the connection")
+
+    return progress
+
+
+def same_files(copy: Path, bank: Path, header: dict[str, Any]) -> bool:
+    kept = bank / replication.SNAPSHOTS / header["id"]
+    return all((copy / f["path"]).read_bytes() == (kept / f["path"]).read_bytes()
+               for f in header["files"])
+
+
 def test_a_snapshot_cut_midway_resumes_from_its_offset_even_across_a_primary_restart(
     fresh_bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(replication, "CHUNK_BYTES", 4096)  # many chunks from a small bank
     port = free_port()
     folder = tmp_path / "staging"
-
-    def cut_after(n: int) -> Callable[[int, int], None]:
-        seen = [0]
-
-        def progress(held: int, total: int) -> None:
-            seen[0] += 1
-            if seen[0] == n:
-                raise ConnectionAbortedError("the test drops the connection")
-
-        return progress
-
     with primary(fresh_bank, port) as p:
         link = PrimaryLink(p.target)
         first = Download(link, folder)
@@ -159,7 +166,34 @@ def test_a_snapshot_cut_midway_resumes_from_its_offset_even_across_a_primary_res
         assert header["id"] == first.header["id"]  # type: ignore[index]
         assert 0 < held < total
         assert second.resumed_at == held and second.received == total - held
-        assert records.files_of(folder)  # every file checked against its sha256
+        assert same_files(folder, fresh_bank, header)
+
+
+def test_a_damaged_partial_file_fails_its_crc32_and_is_copied_again(
+    fresh_bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replication, "CHUNK_BYTES", 4096)
+    folder = tmp_path / "staging"
+    with primary(fresh_bank) as p:
+        link = PrimaryLink(p.target)
+        first = Download(link, folder)
+        def cut_halfway(held: int, total: int) -> None:  # inside the largest file
+            if held >= total // 2:
+                raise ConnectionAbortedError("the test drops the connection")
+
+        with pytest.raises(ConnectionAbortedError):
+            first.run(cut_halfway)
+        path, held = first._where()
+        assert held > 0
+        with (folder / path).open("r+b") as f:  # a torn write on the replica's disk
+            f.seek(held // 2)
+            byte = f.read(1)
+            f.seek(held // 2)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        with pytest.raises(FailedPrecondition, match=f"{path} copied from the primary fails its crc32"):
+            Download(link, folder).run()
+        header = Download(link, folder).run()
+        assert same_files(folder, fresh_bank, header)
 
 
 def test_a_follow_stream_cut_resumes_from_the_applied_generation_without_a_new_snapshot(
