@@ -114,6 +114,9 @@ class Download:
                 self._stream(on_progress)
                 assert self.header is not None
                 return self.header
+            except BadChunk as e:  # the damaged file was removed: copied again from its start
+                log.warning("%s: copying it again", e)
+                continue
             except grpc.RpcError as e:
                 code = e.code()  # type: ignore[attr-defined]
                 if code == grpc.StatusCode.NOT_FOUND and self.header is not None:
@@ -187,10 +190,14 @@ class Download:
             write_atomic(self.state_path, json.dumps(self.header).encode())
 
 
+class BadChunk(FailedPrecondition):
+    """A chunk or a file that does not match its crc32 (or its offset)."""
+
+
 def _safe(path: str) -> str:
     """A snapshot's path must stay inside the folder it is copied into."""
     parts = Path(path).parts
-    if not parts or Path(path).is_absolute() or ".." in parts or parts[0] in (STAGING, STATE):
+    if not parts or Path(path).is_absolute() or ".." in parts or parts[0] in (STAGING, STATE, "state.json"):
         raise InvalidInput(f"the primary sent a file path outside the bank: {path!r}")
     return path
 
@@ -213,7 +220,7 @@ class _Files:
         """Append one chunk; returns its size."""
         data = chunk.data  # each access to a bytes field copies it
         if zlib.crc32(data) != chunk.crc32:
-            raise FailedPrecondition(f"chunk of {chunk.path} at {chunk.offset} fails its crc32")
+            raise BadChunk(f"chunk of {chunk.path} at {chunk.offset} fails its crc32")
         f = self.sizes.get(chunk.path)
         if f is None:
             raise FailedPrecondition(f"the primary sent {chunk.path!r}, not in its snapshot")
@@ -222,7 +229,7 @@ class _Files:
             self._open = self._begin(chunk.path)
         path, out, crc = self._open
         if out.tell() != chunk.offset:
-            raise FailedPrecondition(f"{path}: chunk at {chunk.offset}, but {out.tell()} bytes held")
+            raise BadChunk(f"{path}: chunk at {chunk.offset}, but {out.tell()} bytes held")
         view = memoryview(data)
         for s in range(0, len(view), WRITE_BYTES):  # large writes are several times slower
             out.write(view[s : s + WRITE_BYTES])
@@ -235,7 +242,7 @@ class _Files:
                 out.close()
                 (self.folder / path).unlink()  # copied again from its start
                 self._open = None
-                raise FailedPrecondition(f"{path} copied from the primary fails its crc32")
+                raise BadChunk(f"{path} copied from the primary fails its crc32")
             self.close()
         return len(data)
 
