@@ -341,7 +341,9 @@ class Puller:
         self._channel: grpc.Channel | None = None
         self._thread = threading.Thread(target=self._run, name="fb-puller", daemon=True)
         from featurebank import store as store_mod
+        from featurebank.store import env
 
+        env.SYNC_META = False  # what a crash undoes here is copied again from the primary
         self.store = store_mod.open(data)  # the replica's only writer
         self.primary_generation = int(self.store.generation)
 
