@@ -302,11 +302,16 @@ class Hub:
         floor = generation - self.retention
         return max(0, min(own_need, max(floor, min(needs, default=generation))))
 
-    def maybe_trim(self, store: Store, bank: Bank) -> None:
+    def trim_due(self) -> bool:
+        """At most one trim every TRIM_EVERY_S, whichever stream asks."""
         now = time.monotonic()
-        if now - self._trimmed_at < TRIM_EVERY_S:
-            return
-        self._trimmed_at = now
+        with self._lock:
+            if now - self._trimmed_at < TRIM_EVERY_S:
+                return False
+            self._trimmed_at = now
+            return True
+
+    def trim(self, store: Store, bank: Bank) -> None:
         point = self.trim_point(int(store.generation), published_need(bank))
         if point > records.log_start(store):
             dropped = records.trim_log(store, point)
@@ -395,7 +400,8 @@ async def follow_stream(
                 yield pb.StoreDelta(primary_store_generation=sent, index_generation=published[0],
                                     head_generation=published[1])
                 beat, announced = time.monotonic(), published
-                await run_in(engine.compute, hub.maybe_trim, store, bank)
+            if hub.trim_due():
+                await run_in(engine.compute, hub.trim, store, bank)
             await asyncio.sleep(POLL_S)
     finally:
         ack_task.cancel()
