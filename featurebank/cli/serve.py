@@ -197,14 +197,10 @@ def _bootstrap(args: argparse.Namespace, token: str | None) -> Path:
     """Copy the primary's bank into --data (resuming a copy left half done), with progress."""
     import time
 
-    from featurebank.core.errors import InvalidInput
+    from featurebank.server.app import check_data_options
     from featurebank.server.replication_follow import PrimaryLink, bootstrap, read_state
 
-    if not args.replica or not args.primary:
-        raise InvalidInput("--data DIR is a replica's own copy of its primary's bank: add "
-                           "--replica --primary HOST:PORT")
-    if args.bank or args.banks:
-        raise InvalidInput("--data DIR is the bank a replica serves: give no --bank or --banks")
+    check_data_options(args.replica, args.primary, bool(args.bank or args.banks))
     if read_state(args.data) is not None:
         return Path(args.data)
     shown = [0.0]

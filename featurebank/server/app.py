@@ -139,12 +139,9 @@ class ServeConfig:
         if self.primary is not None and not self.replica:
             raise InvalidInput("--primary names the primary of a read replica: add --replica")
         if self.data is not None:
-            if not self.replica or not self.primary:
-                raise InvalidInput("--data DIR is a replica's own copy of its primary's bank: "
-                                   "add --replica --primary HOST:PORT")
-            if self.banks_dir is not None or self.named_banks or (
-                    self.bank is not None and Path(self.bank).resolve() != Path(self.data).resolve()):
-                raise InvalidInput("--data DIR is the bank a replica serves: give no --bank or --banks")
+            other = self.banks_dir is not None or bool(self.named_banks) or (
+                self.bank is not None and Path(self.bank).resolve() != Path(self.data).resolve())
+            check_data_options(self.replica, self.primary, other)
         if self.replica and self.checkpoint != CheckpointPolicy():
             raise InvalidInput(
                 "--checkpoint-* options are the primary's: a read replica publishes nothing, "
@@ -183,6 +180,15 @@ class ServeConfig:
 
     def upsert_budget(self) -> UpsertBudget:
         return UpsertBudget(self.max_upsert_stream_bytes, self.max_upsert_inflight_bytes)
+
+
+def check_data_options(replica: bool, primary: str | None, other_banks: bool) -> None:
+    """--data (a replica on another host) goes with --replica --primary, and no other bank."""
+    if not replica or not primary:
+        raise InvalidInput("--data DIR is a replica's own copy of its primary's bank: "
+                           "add --replica --primary HOST:PORT")
+    if other_banks:
+        raise InvalidInput("--data DIR is the bank a replica serves: give no --bank or --banks")
 
 
 def primary_link(config: ServeConfig) -> PrimaryLink:
