@@ -32,13 +32,23 @@ import numpy as np
 from featurebank.core.errors import FailedPrecondition
 from featurebank.store.codec import decode_keys, decode_rows, key_record, pack_id, pack_ids
 from featurebank.store.env import DB_NAMES, EnvHandle
-from featurebank.store.rows import LOG_START, check_reaches, get_int, put_int
+from featurebank.store.rows import (
+    LOG_ADDED,
+    LOG_DELETED,
+    LOG_META,
+    LOG_RELABELLED,
+    LOG_START,
+    check_reaches,
+    get_int,
+    put_int,
+)
 from featurebank.store.store import Store, Txn
 
-ADDED, RELABELLED, DELETED, META = b"a", b"r", b"d", b"m"
 BLOCK_DBS = ("vectors", "rows", "keys", "meta")
-DBS_OF_KIND = {ADDED: BLOCK_DBS, RELABELLED: ("rows",), DELETED: ("rows",), META: ("meta",)}
-KEYED_KINDS = (ADDED, DELETED)  # kinds that change key2id and thumbs
+DBS_OF_KIND = {LOG_ADDED: BLOCK_DBS, LOG_RELABELLED: ("rows",), LOG_DELETED: ("rows",),
+               LOG_META: ("meta",)}
+"""The block databases each kind of change rewrites."""
+KEYED_KINDS = (LOG_ADDED, LOG_DELETED)  # kinds that change key2id and thumbs
 NOT_COPIED = ("errors",)
 
 

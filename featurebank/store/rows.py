@@ -44,6 +44,8 @@ def commit_generation(txn: Txn, h: EnvHandle, labels_changed: bool) -> int:
 
 
 LOG_START = "log_start"  # info counter: the log holds every change after this generation
+# What a change log entry (generation + kind -> ids) says happened to its ids.
+LOG_ADDED, LOG_RELABELLED, LOG_DELETED, LOG_META = b"a", b"r", b"d", b"m"
 
 
 class LogTrimmed(FailedPrecondition):

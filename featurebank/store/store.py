@@ -70,6 +70,10 @@ from featurebank.store.env import (
 )
 from featurebank.store.items import Changes, Items, Lazy
 from featurebank.store.rows import (
+    LOG_ADDED,
+    LOG_DELETED,
+    LOG_META,
+    LOG_RELABELLED,
     Part,
     Snapshot,
     as_ids,
@@ -90,7 +94,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 _SPLIT_NAMES = np.array([*SPLITS, *[""] * (256 - len(SPLITS))], dtype=object)
-_ADDED, _RELABELLED, _DELETED, _META = b"a", b"r", b"d", b"m"
+_ADDED, _RELABELLED, _DELETED, _META = LOG_ADDED, LOG_RELABELLED, LOG_DELETED, LOG_META
 Txn = Any  # lmdb.Transaction
 
 
