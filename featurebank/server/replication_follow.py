@@ -16,6 +16,8 @@ only this process writes, and serves it as a same-host replica serves its bank
   installed once the store has reached the generation it covers.
 - too far behind (the primary trimmed its log) or the primary compacted: a new snapshot
   is copied and swapped in as compaction swaps environments, and the log says why.
+- its own change log is kept back to what its published indexes catch up from, as the
+  primary's is (the primary's trims are not copied: each keeps what it needs).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import grpc
 from featurebank.core.bank import Bank, current_generation, prune, write_atomic
 from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput, NotFound
 from featurebank.server.replica import BankState, ReplicaEngine
-from featurebank.server.replication import crc32_prefix
+from featurebank.server.replication import TRIM_EVERY_S, crc32_prefix, published_need
 from featurebank.store import replication as records
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
@@ -337,6 +339,7 @@ class Puller:
         self.primary_head = current_generation(self.bank.heads_dir) or 0
         self.connected = False
         self.error = ""
+        self._trimmed_at = 0.0
         self._stop = threading.Event()
         self._channel: grpc.Channel | None = None
         self._thread = threading.Thread(target=self._run, name="fb-puller", daemon=True)
@@ -413,10 +416,21 @@ class Puller:
                     parts = []
                     acks.put(pb.FollowRequest(after_generation=msg.generation))
                 self._fetch_generations()
+                self._trim_log()
         finally:
             acks.put(None)
             channel.close()
             self._channel = None
+
+    def _trim_log(self) -> None:
+        """Keep the local change log back to what the local indexes catch up from only."""
+        now = time.monotonic()
+        if now - self._trimmed_at < TRIM_EVERY_S:
+            return
+        self._trimmed_at = now
+        need = min(published_need(self.bank), int(self.store.generation))
+        if need > records.log_start(self.store):
+            records.trim_log(self.store, need)
 
     def _fetch_generations(self) -> None:
         """Copy and install the primary's published generations this replica lacks."""

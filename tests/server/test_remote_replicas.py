@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from featurebank.core.errors import FailedPrecondition
-from featurebank.server import replication
+from featurebank.server import replication, replication_follow
 from featurebank.server.app import ServeConfig
 from featurebank.server.auth import Tokens
 from featurebank.server.client import FeatureBankClient, RemoteError
@@ -229,6 +229,7 @@ def test_a_replica_behind_the_retained_log_copies_a_new_snapshot_saying_so(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(replication, "TRIM_EVERY_S", 0.05)
+    monkeypatch.setattr(replication_follow, "TRIM_EVERY_S", 0.05)
     monkeypatch.setattr(replication, "HEARTBEAT_S", 0.05)
     with primary(fresh_bank, log_retention=3) as p, FeatureBankClient(p.target) as pc:
         with replica(tmp_path / "a", p.target):
@@ -246,6 +247,14 @@ def test_a_replica_behind_the_retained_log_copies_a_new_snapshot_saying_so(
             until(lambda: rc.info().replica.bootstraps == 2)
             until(lambda: rc.info().store_generation == pc.info().store_generation)
             assert top_key(rc, FAR + 9) == "new/9"
+            local = r.server.engine.live.opened()
+            copied_start = records.log_start(local)  # the snapshot's copy of the primary's log
+            for i in range(2):  # newer indexes: the replica's own log is trimmed to them
+                pc.upsert([{"key": f"after/{i}", "vector": -FAR - i}])
+                assert not pc.rebuild_index(wait=True).error.code
+            pc.upsert([{"key": "after/2", "vector": -FAR - 2}])
+            until(lambda: records.log_start(local) == replication.published_need(local.bank)
+                  > copied_start)
         assert "bootstrapping again" in caplog.text and "too far behind" in caplog.text
 
 

@@ -22,6 +22,6 @@ def dump(st: Any, log_after: int = 0) -> dict[str, list[tuple[bytes, bytes]]]:
 
 
 def same_records(replica: Any, primary: Any) -> bool:
-    """The replica's store holds the primary's records (the log from where the primary keeps it)."""
-    start = replication.log_start(primary)
+    """The replica's store holds the primary's records (the log from where both keep it)."""
+    start = max(replication.log_start(primary), replication.log_start(replica))
     return dump(replica, start) == dump(primary, start)
