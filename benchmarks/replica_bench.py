@@ -52,9 +52,8 @@ from featurebank.server.client import (  # noqa: E402
     search_request,
 )
 from featurebank.server.replication_follow import PrimaryLink, bootstrap  # noqa: E402
-from tests.support.proxy import Nginx, Serving, nginx_binary  # noqa: E402
+from tests.support.proxy import RETRIES, Nginx, Serving, backoff, nginx_binary  # noqa: E402
 
-RETRIES = 5  # the readers' retry policy: UNAVAILABLE retried this many times
 WRITERS = 8  # threads sending the paced Upserts of (2), so one slow commit delays no other
 
 
@@ -120,11 +119,13 @@ def bench_bootstrap(bank: Path, work: Path, checks: Targets) -> None:
     print(f"\n(1) Bootstrap of {bank} over gRPC vs cp -r of the same bytes")
     with Serving("--bank", str(bank)) as primary, FeatureBankClient(primary.target) as c:
         info = c.info()
+        os.sync()  # both copies start with no dirty pages of earlier work to write back
         started = time.perf_counter()
         state = bootstrap(PrimaryLink(primary.target), work / "replica")
         took = time.perf_counter() - started
     snapshot = next((bank / ".snapshots").iterdir())
     copied = state["bootstrap_bytes"]
+    os.sync()
     started = time.perf_counter()
     subprocess.run(["cp", "-r", str(snapshot), str(work / "cp")], check=True)
     cp_s = time.perf_counter() - started
@@ -256,7 +257,7 @@ def bench_proxy(bank: Path, work: Path, centers: np.ndarray, clients: int, secon
                                         with lock:
                                             failures.append(e)
                                         break
-                                    time.sleep(0.05 * (attempt + 1))
+                                    time.sleep(backoff(attempt))
 
                 threads = [threading.Thread(target=reader, args=(s,)) for s in range(clients)]
                 before = [cpu_seconds(r.proc.pid) for r in replicas if r.proc]  # type: ignore[union-attr]
@@ -283,6 +284,8 @@ def bench_proxy(bank: Path, work: Path, centers: np.ndarray, clients: int, secon
     qps = calls / wall
     print(f"  {calls} calls ({qps:.0f}/s through nginx), {counts['retries']} retries, "
           f"{len(failures)} failed beyond {RETRIES} retries, {mixed[0]} answers mixing generations")
+    if failures:
+        print(f"  first failure: {failures[0]}")
     checks.check(calls > 0 and not failures, f"0 failed calls beyond the retry bound ({len(failures)})")
     checks.check(mixed[0] == 0, "every answer from one generation")
     checks.check(resumed, "the restarted replica resumed following without a new snapshot")

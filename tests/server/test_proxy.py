@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 
 from featurebank.server.client import FeatureBankClient, RemoteError, make_input
-from tests.support.proxy import Nginx, Serving, nginx_binary, primary_methods
+from tests.support.proxy import RETRIES, Nginx, Serving, backoff, nginx_binary, primary_methods
 from tests.support.server import CLASSES, class_centers, make_vector_bank
 
 pytestmark = pytest.mark.skipif(nginx_binary() is None,
                                 reason="nginx is not installed (.ci/run installs it)")
 
 DIM = 8
-RETRIES = 5  # the clients' retry policy: UNAVAILABLE is retried this many times
 RETRIED = ("UNAVAILABLE",)
 
 
@@ -60,7 +59,7 @@ def call(fn: object, *args: object, **kw: object) -> tuple[object, int]:
         except RemoteError as e:
             if e.code.name not in RETRIED or attempt == RETRIES:
                 raise
-            time.sleep(0.05 * (attempt + 1))
+            time.sleep(backoff(attempt))
     raise AssertionError("unreachable")
 
 

@@ -26,6 +26,17 @@ NGINX_PATHS = ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
 ROOT = Path(__file__).resolve().parents[2]
 
 
+RETRIES = 5
+"""The clients' retry policy in the tests and the benchmark: UNAVAILABLE is retried this many
+times, each after `backoff(attempt)` seconds."""
+
+
+def backoff(attempt: int) -> float:
+    """0.1, 0.2, 0.4, 0.8, 1.6 s: 3.1 s in all, longer than nginx's fail_timeout (when every
+    replica was marked failed at once, nginx answers 502, which gRPC clients see as UNAVAILABLE)."""
+    return float(0.1 * 2**attempt)
+
+
 def nginx_binary() -> str | None:
     found = shutil.which("nginx")
     return found or next((p for p in NGINX_PATHS if Path(p).exists()), None)
@@ -39,9 +50,9 @@ def primary_methods() -> list[str]:
 
 def nginx_config(folder: Path, listen: int, primary: str, replicas: Sequence[str]) -> str:
     """nginx.conf for `nginx -p folder -c nginx.conf`: reads to the replicas, writes to the
-    primary; a replica that refuses connections is skipped for `fail_timeout`, and a call
-    it could not answer is sent to the next one."""
-    servers = "\n".join(f"        server {r} max_fails=1 fail_timeout=2s;" for r in replicas)
+    primary; a replica that fails `max_fails` times is skipped for `fail_timeout`, and a
+    call it could not answer is sent to the next one."""
+    servers = "\n".join(f"        server {r} max_fails=3 fail_timeout=1s;" for r in replicas)
     writes = "|".join(primary_methods())
     return f"""daemon off;
 worker_processes 1;
@@ -75,7 +86,7 @@ http {{
             grpc_pass grpc://featurebank_replicas;
             grpc_next_upstream error timeout http_502 http_503 non_idempotent;
             grpc_next_upstream_tries 3;
-            grpc_connect_timeout 1s;
+            grpc_connect_timeout 5s;
         }}
     }}
 }}
