@@ -43,8 +43,8 @@ def register(commands: Commands) -> None:
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds in-flight calls get to finish on SIGTERM")
     p.add_argument("--tokens", type=Path, default=None,
-                   help="file of 'ROLE TOKEN' lines (roles read, write); "
-                   "also FEATUREBANK_READ_TOKEN / FEATUREBANK_WRITE_TOKEN")
+                   help="file of 'ROLE TOKEN' lines (roles read, write, replicate); also "
+                   "FEATUREBANK_READ_TOKEN / FEATUREBANK_WRITE_TOKEN / FEATUREBANK_REPLICATE_TOKEN")
     p.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM)")
     p.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, default=None,
@@ -70,6 +70,16 @@ def register(commands: Commands) -> None:
                    help="read replica: open the bank read-only, follow its primary, refuse writes")
     p.add_argument("--primary", default=None,
                    help="a replica's primary (host:port), named when it refuses a write")
+    p.add_argument("--data", type=Path, default=None, metavar="DIR",
+                   help="a replica on another host: its own folder, copied from --primary over "
+                   "gRPC when empty, then kept on the primary's commits (docs/scale.md); token "
+                   "for the primary from FEATUREBANK_PRIMARY_TOKEN (replicate or write role)")
+    p.add_argument("--primary-bank", default="", metavar="NAME",
+                   help="with --data: the bank to copy, by its name on the primary (default: "
+                   "the primary's default bank)")
+    p.add_argument("--log-retention", type=int, default=None, metavar="GENERATIONS",
+                   help="a primary keeps its change log for replicas on other hosts at most "
+                   "this many generations back (older ones copy a snapshot again)")
     p.add_argument("--follow-interval", type=float, default=None,
                    help="seconds between a replica's looks for new commits and generations; "
                    "bounds its staleness (see README, Read replicas)")
@@ -94,6 +104,9 @@ def _serve(args: argparse.Namespace) -> int:
     # use through rebuilds (see memory).
     limit_arenas(2)
     default, named = None, {}
+    primary_token = os.environ.get("FEATUREBANK_PRIMARY_TOKEN") or None
+    if args.data is not None:
+        default = _bootstrap(args, primary_token)
     for value in args.bank:
         name, path = parse_bank_option(value)
         if name is None:
@@ -142,7 +155,12 @@ def _serve(args: argparse.Namespace) -> int:
         max_queued_rows=args.max_queued_items,
         replica=args.replica,
         primary=args.primary,
+        data=args.data,
+        primary_bank=args.primary_bank,
+        primary_token=primary_token,
     )
+    if args.log_retention is not None:
+        config.log_retention = args.log_retention
     if args.follow_interval is not None:
         config.follow_interval_s = args.follow_interval
 
@@ -175,3 +193,27 @@ def _serve(args: argparse.Namespace) -> int:
     asyncio.run(serve(config, on_started=started))
     print("featurebank: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _bootstrap(args: argparse.Namespace, token: str | None) -> Path:
+    """Copy the primary's bank into --data (resuming a copy left half done), with progress."""
+    import time
+
+    from featurebank.server.app import check_data_options
+    from featurebank.server.replication_follow import PrimaryLink, bootstrap, read_state
+
+    check_data_options(args.replica, args.primary, bool(args.bank or args.banks))
+    if read_state(args.data) is not None:
+        return Path(args.data)
+    shown = [0.0]
+
+    def progress(held: int, total: int) -> None:
+        if time.monotonic() - shown[0] >= 2 or held == total:
+            shown[0] = time.monotonic()
+            print(f"featurebank: copying from {args.primary}: {held / 2**20:.1f} of "
+                  f"{total / 2**20:.1f} MiB", flush=True)
+
+    state = bootstrap(PrimaryLink(args.primary, args.primary_bank, token), args.data, progress)
+    print(f"featurebank: copied {state['bootstrap_bytes'] / 2**20:.1f} MiB from {args.primary} "
+          f"in {state['bootstrap_seconds']:.2f}s into {args.data}", flush=True)
+    return Path(args.data)

@@ -43,6 +43,8 @@ from featurebank.server.limits import UpsertBudget
 from featurebank.server.metrics import Metrics
 from featurebank.server.reflection import enable_reflection
 from featurebank.server.replica import DEFAULT_FOLLOW_INTERVAL_S, ReplicaEngine, ReplicaInterceptor
+from featurebank.server.replication import DEFAULT_LOG_RETENTION
+from featurebank.server.replication_follow import PrimaryLink, RemoteReplicaEngine, bootstrap
 from featurebank.server.router import BankRouter
 from featurebank.server.service import FeatureBankServicer
 from featurebank.server.shared_batches import SharedBatches
@@ -85,6 +87,10 @@ class ServeConfig:
     replica: bool = False  # open the bank read-only and follow its primary
     primary: str | None = None  # the primary's address, named when a replica refuses a write
     follow_interval_s: float = DEFAULT_FOLLOW_INTERVAL_S
+    data: Path | None = None  # a replica on another host: its own copy of the primary's bank
+    primary_bank: str = ""  # the bank it copies, by its name on the primary ("" = its default)
+    primary_token: str | None = None  # what it presents to the primary (replicate or write role)
+    log_retention: int = DEFAULT_LOG_RETENTION  # change log generations kept at most for replicas
     banks_dir: Path | None = None  # serve every bank under this folder, by folder name
     named_banks: dict[str, Path] = field(default_factory=dict)  # --bank NAME=PATH
     default_bank: str | None = None  # which named bank answers requests that name none
@@ -132,6 +138,10 @@ class ServeConfig:
                 raise InvalidInput(f"{flag} {path} is a folder, not a PEM file")
         if self.primary is not None and not self.replica:
             raise InvalidInput("--primary names the primary of a read replica: add --replica")
+        if self.data is not None:
+            other = self.banks_dir is not None or bool(self.named_banks) or (
+                self.bank is not None and Path(self.bank).resolve() != Path(self.data).resolve())
+            check_data_options(self.replica, self.primary, other)
         if self.replica and self.checkpoint != CheckpointPolicy():
             raise InvalidInput(
                 "--checkpoint-* options are the primary's: a read replica publishes nothing, "
@@ -172,6 +182,21 @@ class ServeConfig:
         return UpsertBudget(self.max_upsert_stream_bytes, self.max_upsert_inflight_bytes)
 
 
+def check_data_options(replica: bool, primary: str | None, other_banks: bool) -> None:
+    """--data (a replica on another host) goes with --replica --primary, and no other bank."""
+    if not replica or not primary:
+        raise InvalidInput("--data DIR is a replica's own copy of its primary's bank: "
+                           "add --replica --primary HOST:PORT")
+    if other_banks:
+        raise InvalidInput("--data DIR is the bank a replica serves: give no --bank or --banks")
+
+
+def primary_link(config: ServeConfig) -> PrimaryLink:
+    """How a replica on another host reaches its primary."""
+    assert config.primary is not None
+    return PrimaryLink(config.primary, config.primary_bank, config.primary_token)
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -186,6 +211,9 @@ class FeatureBankServer:
 
     def __init__(self, config: ServeConfig) -> None:
         config.check()
+        if config.data is not None:  # copy the primary's bank first (no-op once copied)
+            bootstrap(primary_link(config), Path(config.data))
+            config.bank = Path(config.data)
         table, default = config.bank_table()
         if (not config.replica and len(table) == 1 and default is not None
                 and read_only_fs(Bank(table[default]).store_dir)):
@@ -230,6 +258,10 @@ class FeatureBankServer:
             "compute": self.compute,
             "batches": self.batches,
         }
+        if c.replica and c.data is not None:
+            return RemoteReplicaEngine(
+                path, link=primary_link(c), follow_interval_s=c.follow_interval_s, **options
+            )
         read_only = not c.replica and read_only_fs(Bank(path).store_dir)
         if read_only:  # one of several banks on a read-only mount: read it, refuse writes
             log.warning("bank %s is on a read-only file system: serving it read-only", path)
@@ -278,7 +310,7 @@ class FeatureBankServer:
         budget = c.upsert_budget()  # one budget for the streams of every bank
         router = BankRouter(
             self.banks, lambda engine: FeatureBankServicer(engine, engine.metrics, budget),
-            self.metrics, c.tokens,
+            self.metrics, c.tokens, log_retention=c.log_retention,
         )
         featurebank_pb2_grpc.add_FeatureBankServicer_to_server(router, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -1,7 +1,9 @@
-"""Bearer-token auth with two roles, as a grpc.aio server interceptor.
+"""Bearer-token auth with three roles, as a grpc.aio server interceptor.
 
 Tokens come from a file of `ROLE TOKEN [BANKS]` lines or the environment
-(FEATUREBANK_READ_TOKEN / FEATUREBANK_WRITE_TOKEN). A write token may also read.
+(FEATUREBANK_READ_TOKEN / FEATUREBANK_WRITE_TOKEN / FEATUREBANK_REPLICATE_TOKEN). A write
+token may also read and replicate; a replicate token (what a replica on another host
+presents to its primary) may only call the replication RPCs.
 BANKS (`bank1,bank2`, or `*`, the default) limits the banks a token reaches on a server of
 many banks; the router (server/router.py) checks it, since only the request names its bank.
 Tokens are compared in constant time and never logged. Health and reflection
@@ -24,13 +26,19 @@ from featurebank.core.files import read_named_text
 
 READ = "read"
 WRITE = "write"
-ROLES = (READ, WRITE)
+REPLICATE = "replicate"
+ROLES = (READ, WRITE, REPLICATE)
+GRANTED_BY = {READ: (READ, WRITE), WRITE: (WRITE,), REPLICATE: (REPLICATE, WRITE)}
+"""The token roles that may call a method needing each role."""
+ENV_VARS = {READ: "FEATUREBANK_READ_TOKEN", WRITE: "FEATUREBANK_WRITE_TOKEN",
+            REPLICATE: "FEATUREBANK_REPLICATE_TOKEN"}
 
 SERVICE = "/featurebank.v1.FeatureBank/"
 READ_METHODS = frozenset({
     "Classify", "ClassifyBatch", "Search", "Embed", "GetInfo", "Suggest", "Audit", "GetThumbnails",
     "GetReport", "Quality", "SearchBatch", "Recommend", "Scroll", "Count",
 })
+REPLICATION_METHODS = frozenset({"ReplicaSnapshot", "FollowStore"})
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
@@ -78,7 +86,7 @@ class Tokens:
 
     def add(self, role: str, token: str, banks: Scope = None) -> None:
         if role not in ROLES:
-            raise InvalidInput(f"unknown token role {role!r}: expected 'read' or 'write'")
+            raise InvalidInput(f"unknown token role {role!r}: expected {', '.join(ROLES)}")
         if not token:
             raise InvalidInput(f"empty {role} token")
         self._tokens[role].append((token.encode(), banks))
@@ -97,7 +105,7 @@ class Tokens:
         which matched (a write match wins over a read one)."""
         presented = token.encode()
         found: Grant | None = None
-        for role in (READ, WRITE):
+        for role in (READ, REPLICATE, WRITE):
             for known, scope in self._tokens[role]:
                 if hmac.compare_digest(presented, known):
                     found = Grant(role, scope)
@@ -128,6 +136,8 @@ class Tokens:
         """How many tokens of each role (and, when scoped, the banks each role reaches),
         never the tokens: `1 read, 2 write` or `1 read, 2 write; read reaches a, b; write *`."""
         out = f"{len(self._tokens[READ])} read, {len(self._tokens[WRITE])} write"
+        if self._tokens[REPLICATE]:
+            out += f", {len(self._tokens[REPLICATE])} replicate"
         if self.scoped:
             out += "".join(f"; {role} reaches {', '.join(banks)}" for role, banks in self.reach().items())
         return out
@@ -153,7 +163,7 @@ class Tokens:
                 role = parts[0].lower()
                 if role not in ROLES:
                     raise InvalidInput(
-                        f"{path}:{lineno}: unknown role {parts[0]!r}: expected read or write"
+                        f"{path}:{lineno}: unknown role {parts[0]!r}: expected {', '.join(ROLES)}"
                     )
                 scope = parse_scope(parts[2], f"{path}:{lineno}") if len(parts) == 3 else None
                 tokens.add(role, parts[1], scope)
@@ -163,7 +173,7 @@ class Tokens:
                     "lines (an empty file would turn authentication off)"
                 )
         env = os.environ if environ is None else environ
-        for role, var in ((READ, "FEATUREBANK_READ_TOKEN"), (WRITE, "FEATUREBANK_WRITE_TOKEN")):
+        for role, var in ENV_VARS.items():
             if env.get(var):
                 tokens.add(role, env[var])
         return tokens
@@ -173,8 +183,11 @@ def required_role(method: str) -> str | None:
     """The role a full method name needs; None for open services (health, reflection)."""
     if method.startswith(OPEN_PREFIXES):
         return None
-    if method.startswith(SERVICE) and method[len(SERVICE) :] in READ_METHODS:
+    name = method[len(SERVICE) :] if method.startswith(SERVICE) else ""
+    if name in READ_METHODS:
         return READ
+    if name in REPLICATION_METHODS:
+        return REPLICATE
     return WRITE  # anything unlisted needs the stronger role
 
 
@@ -245,11 +258,12 @@ class AuthInterceptor(aio.ServerInterceptor):
             return self._denied(
                 handler, method, grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token"
             )
-        if need == WRITE and role != WRITE:
+        if role not in GRANTED_BY[need]:
             name = method.rsplit("/", 1)[-1]
+            needs = " or ".join(GRANTED_BY[need])
             return self._denied(
                 handler, method, grpc.StatusCode.PERMISSION_DENIED,
-                f"{name} needs a write token; this token only grants read",
+                f"{name} needs a {needs} token; this token only grants {role}",
             )
         return handler
 

@@ -198,10 +198,12 @@ class FeatureBankClient:
         abstain_below: float = 0.0,
         filter: str = "",  # noqa: A002 - the request field's name
         timeout: float | None = None,
+        min_store_generation: int = 0,  # read-your-writes: an Upsert's store_generation
     ) -> pb.ClassifyResponse:
         request = pb.ClassifyRequest(
             input=make_input(image, vector, key), mode=_mode(mode), k=k, top_n=top_n,
             include_neighbors=include_neighbors, abstain_below=abstain_below, filter=filter,
+            min_store_generation=min_store_generation,
         )
         return self._call(self.stub.Classify, request, timeout)
 
@@ -237,11 +239,13 @@ class FeatureBankClient:
         group_by: str = "",
         group_size: int = 0,
         timeout: float | None = None,
+        min_store_generation: int = 0,  # read-your-writes: an Upsert's store_generation
     ) -> pb.SearchResponse:
         request = search_request(
             make_input(image, vector, key), k=k, labels=labels, include_metadata=include_metadata,
             filter=filter, score_threshold=score_threshold, group_by=group_by, group_size=group_size,
         )
+        request.min_store_generation = min_store_generation
         return self._call(self.stub.Search, request, timeout)
 
     def search_batch(

@@ -69,6 +69,11 @@ class Metrics:
             "Seconds since a read replica was last caught up with its bank, 0 when it is "
             "(replicas only)", ["bank"], registry=r,
         )
+        self.follower_generations_behind = Gauge(
+            "featurebank_follower_generations_behind",
+            "Store generations a replica on another host has not applied yet (primaries only)",
+            ["replica"], registry=r,
+        )
         self._server: Any = None
 
     def for_bank(self, name: str) -> Metrics:

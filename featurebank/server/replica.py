@@ -41,7 +41,7 @@ from grpc import aio
 
 from featurebank.core.bank import current_generation
 from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput
-from featurebank.server.auth import WRITE, aborting_handler, required_role
+from featurebank.server.auth import REPLICATE, WRITE, aborting_handler, required_role
 from featurebank.server.engine import Engine
 from featurebank.server.following import follow, unfollow
 
@@ -150,6 +150,11 @@ class ReplicaEngine(Engine):
         if self.live.load_error is not None and self.models is not None:
             raise FailedPrecondition(self.live.load_error)  # serving the old models, but failing
 
+    def upstream(self, local: BankState) -> BankState:
+        """The generations this replica follows: its bank's own (a replica on another host
+        reports its primary's)."""
+        return local
+
     def applied_store_generation(self) -> int:
         m = self.models
         return int(m.searcher.store_generation) if m is not None else 0
@@ -215,7 +220,7 @@ class Follower:
     def lag(self, bank: BankState | None = None) -> dict[str, Any]:
         """How far the replica is behind `bank` (default: the bank as it is now; for GetInfo)."""
         engine = self.engine
-        bank = bank or read_bank_state(engine)
+        bank = engine.upstream(bank or read_bank_state(engine))
         applied = engine.applied_store_generation()
         behind = max(0, bank.store_generation - applied)
         served = (engine.live.index_generation(), engine.live.head_generation())
@@ -256,7 +261,7 @@ class ReplicaInterceptor(aio.ServerInterceptor):
         if handler is None or role is None:
             return handler
         name = method.rsplit("/", 1)[-1]
-        if role == WRITE:
+        if role in (WRITE, REPLICATE):  # replicas do not feed other replicas
             return self._refused(handler, method, grpc.StatusCode.FAILED_PRECONDITION,
                                  refusal(name, self.primary))
         return handler

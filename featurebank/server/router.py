@@ -9,6 +9,7 @@ open) are mapped to status codes the same way as every other error.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,6 +23,13 @@ from featurebank.server.engine import Engine
 from featurebank.server.lifecycle import Lifecycle
 from featurebank.server.metrics import Metrics
 from featurebank.server.replica import ReplicaEngine
+from featurebank.server.replication import (
+    DEFAULT_LOG_RETENTION,
+    Hub,
+    follow_stream,
+    reach_generation,
+    snapshot_stream,
+)
 from featurebank.server.service import FeatureBankServicer, Unavailable
 from featurebank.server.status import to_status
 from featurebank.v1 import featurebank_pb2 as pb
@@ -41,9 +49,11 @@ class BankRouter(pb_grpc.FeatureBankServicer):
 
     def __init__(
         self, banks: Banks, make_servicer: MakeServicer, metrics: Metrics | None = None,
-        tokens: Tokens | None = None,
+        tokens: Tokens | None = None, log_retention: int = DEFAULT_LOG_RETENTION,
     ) -> None:
         self.banks = banks
+        self.log_retention = log_retention
+        self.hubs: dict[str, Hub] = {}  # bank folder -> the replicas following it
         self.make_servicer = make_servicer
         self.metrics = metrics
         self.tokens = tokens if tokens is not None and tokens.enabled else None
@@ -100,6 +110,9 @@ class BankRouter(pb_grpc.FeatureBankServicer):
                 why = engine.unreadable() if isinstance(engine, ReplicaEngine) else None
                 if why is not None:  # clients and load balancers retry elsewhere
                     raise Unavailable(why)
+                if getattr(request, "min_store_generation", 0) > 0:  # read-your-writes
+                    await reach_generation(engine, request.min_store_generation,
+                                           context.time_remaining())
                 response = await getattr(self._servicer(entry, engine), method)(request, context)
                 return (response, entry.name) if named else response
 
@@ -146,6 +159,11 @@ class BankRouter(pb_grpc.FeatureBankServicer):
                 "GetInfo", request.bank, request, context, named=True
             )
             response.name = response_name
+        hub = self.hubs.get(response.bank)
+        if hub is not None:
+            response.followers.extend(
+                pb.FollowerInfo(**f) for f in hub.describe(response.store_generation)
+            )
         grant = self._grant(context)
         response.banks.extend(
             pb.BankState(**s) for s in self.banks.states()
@@ -177,6 +195,60 @@ class BankRouter(pb_grpc.FeatureBankServicer):
                 yield item
 
         return await self._route("Upsert", name, items(), context)  # type: ignore[no-any-return]
+
+
+    # ------------------------------------------------------------- replication (server/replication.py)
+
+    def _hub(self, engine: Engine) -> Hub:
+        key = str(engine.bank.root)
+        hub = self.hubs.get(key)
+        if hub is None:
+            hub = self.hubs[key] = Hub(self.log_retention, metrics=self.metrics)
+        return hub
+
+    async def _stream(
+        self, method: str, name: str, context: aio.ServicerContext,
+        answer: Callable[[Engine], AsyncIterator[Any]],
+    ) -> AsyncIterator[Any]:
+        """A server stream from the bank `name`, its errors mapped to a status."""
+        try:
+            self._check_reach(context, method, name)
+            async with self.banks.using(name) as (_entry, engine):
+                async for message in answer(engine):
+                    yield message
+        except (aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # noqa: BLE001 - mapped to a status, never UNKNOWN
+            code, message = to_status(e)
+            if self.metrics is not None:
+                self.metrics.observe(method, code.name, 0.0)
+            await context.abort(code, message)
+
+    async def ReplicaSnapshot(
+        self, request: pb.SnapshotRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.SnapshotChunk]:
+        async for chunk in self._stream("ReplicaSnapshot", request.bank, context,
+                                        lambda engine: snapshot_stream(engine, request)):
+            yield chunk
+
+    async def FollowStore(
+        self, request_iterator: AsyncIterator[pb.FollowRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.StoreDelta]:
+        """The first request names the bank and where the replica is; later ones its progress."""
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+
+        async def requests() -> AsyncIterator[pb.FollowRequest]:
+            yield first
+            async for r in request_iterator:
+                yield r
+
+        async for delta in self._stream(
+            "FollowStore", first.bank, context,
+            lambda engine: follow_stream(engine, self._hub(engine), requests(), context.peer()),
+        ):
+            yield delta
 
 
 async def _numbered(items: AsyncIterator[Any], start: int) -> AsyncIterator[tuple[int, Any]]:

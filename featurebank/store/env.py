@@ -60,6 +60,9 @@ CURRENT = "CURRENT"
 WRITER_LOCK = "writer.lock"
 ENV_PREFIX = "env-"
 INITIAL_MAP_SIZE = 64 << 20
+# False in a replica's process: commits skip LMDB's second fsync (of the meta page); a system
+# crash may undo the last commits but never breaks the store, and the replica re-fetches them.
+SYNC_META = True
 MAX_MAP_SIZE = 1 << 42
 # LMDB reports a short write (the usual first sign of a full disk) as EIO.
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO)
@@ -98,6 +101,7 @@ class EnvHandle:
                 meminit=False,
                 readonly=frozen,
                 lock=not frozen,
+                metasync=SYNC_META,
             )
         except lmdb.Error as e:
             if is_disk_full(e):

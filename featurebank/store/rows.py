@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from featurebank.core.errors import InvalidInput
+from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.store.codec import (
     DELETED,
     NO_LABEL,
@@ -41,6 +41,25 @@ def commit_generation(txn: Txn, h: EnvHandle, labels_changed: bool) -> int:
     if labels_changed:
         put_int(txn, h, "labels_generation", gen)
     return gen
+
+
+LOG_START = "log_start"  # info counter: the log holds every change after this generation
+# What a change log entry (generation + kind -> ids) says happened to its ids.
+LOG_ADDED, LOG_RELABELLED, LOG_DELETED, LOG_META = b"a", b"r", b"d", b"m"
+
+
+class LogTrimmed(FailedPrecondition):
+    """The change log no longer reaches back to the generation asked for."""
+
+
+def check_reaches(txn: Txn, h: EnvHandle, generation: int, where: object) -> None:
+    """LogTrimmed unless the log holds every change after `generation`."""
+    start = get_int(txn, h, LOG_START)
+    if generation < start:
+        raise LogTrimmed(
+            f"the change log of {where} starts after generation {start}; generation "
+            f"{generation} is older (trimmed): copy the store again"
+        )
 
 
 def log_ids(txn: Txn, h: EnvHandle, gen: int, kind: bytes, ids: np.ndarray) -> None:

@@ -71,11 +71,16 @@ from featurebank.store.env import (
 )
 from featurebank.store.items import Changes, Items, Lazy
 from featurebank.store.rows import (
+    LOG_ADDED,
+    LOG_DELETED,
+    LOG_META,
+    LOG_RELABELLED,
     Part,
     Snapshot,
     as_ids,
     assemble_keys,
     assemble_meta,
+    check_reaches,
     commit_generation,
     get_int,
     labels_of_codes,
@@ -90,7 +95,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 _SPLIT_NAMES = np.array([*SPLITS, *[""] * (256 - len(SPLITS))], dtype=object)
-_ADDED, _RELABELLED, _DELETED = b"a", b"r", b"d"
+_ADDED, _RELABELLED, _DELETED, _META = LOG_ADDED, LOG_RELABELLED, LOG_DELETED, LOG_META
 Txn = Any  # lmdb.Transaction
 
 
@@ -568,7 +573,8 @@ class Store:
             ids = self._ids_in_txn(txn, h, keys, NotFound)
             changed = metadata.set_in_txn(txn, h, ids, updates, merge)
             if changed:
-                commit_generation(txn, h, labels_changed=False)
+                gen = commit_generation(txn, h, labels_changed=False)
+                log_ids(txn, h, gen, _META, np.unique(ids))  # what replicas on other hosts copy
             return changed
 
         n: int = self._write(fn)
@@ -926,11 +932,14 @@ class Store:
         parts: dict[bytes, list[np.ndarray]] = {_ADDED: [], _RELABELLED: [], _DELETED: []}
         sh = self._sh()
         with sh.read() as (txn, h):
+            check_reaches(txn, h, generation, self.bank.root)
             current = get_int(txn, h, "generation")
             cur = txn.cursor(db=h.dbs["log"])
             if cur.set_range(pack_id(generation + 1)):
                 for k, v in cur:
-                    parts[bytes(k)[8:]].append(np.frombuffer(v, dtype="<u8").copy())
+                    kind = bytes(k)[8:]
+                    if kind in parts:  # metadata changes (_META) move no index row
+                        parts[kind].append(np.frombuffer(v, dtype="<u8").copy())
         added, relabelled, deleted = (
             np.unique(np.concatenate(parts[kind])) if parts[kind] else np.zeros(0, np.uint64)
             for kind in (_ADDED, _RELABELLED, _DELETED)

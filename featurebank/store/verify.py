@@ -18,6 +18,7 @@ import numpy as np
 from featurebank.core.bank import Bank, candidates, generations
 from featurebank.core.errors import FeaturebankError
 from featurebank.core.integrity import CHECKSUMS, STAGING, problems, sha256_of, shard_problems
+from featurebank.store.rows import LogTrimmed
 
 SEVERITY = {"ok": 0, "derived": 1, "store": 2}
 """Exit codes of `store verify`: the worst finding's severity."""
@@ -159,7 +160,10 @@ def _check_batch(st: Any, items: Any, findings: list[Finding]) -> None:
 
 def _check_log(st: Any, findings: list[Finding]) -> None:
     """Every live item was added by a logged commit (what catch-up and replicas replay)."""
-    changes = st.changes_since(0)
+    try:
+        changes = st.changes_since(0)
+    except LogTrimmed:
+        return  # trimmed for replicas: the items it no longer names were logged before
     live = np.asarray(st.label_table()[0], dtype=np.uint64)
     added = np.asarray(changes.added, dtype=np.uint64)
     missing = np.setdiff1d(live, np.union1d(added, np.asarray(changes.relabelled, np.uint64)))

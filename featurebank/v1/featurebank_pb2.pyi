@@ -139,6 +139,7 @@ class ClassifyRequest(_message.Message):
     ABSTAIN_BELOW_FIELD_NUMBER: _builtins.int
     BANK_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
+    MIN_STORE_GENERATION_FIELD_NUMBER: _builtins.int
     mode: Global___Mode.ValueType
     k: _builtins.int
     """neighbours to vote with; 0 = server default"""
@@ -153,6 +154,10 @@ class ClassifyRequest(_message.Message):
     """The bank to ask, by name or alias; empty = the server's default bank."""
     filter: _builtins.str
     """only labelled items passing this filter vote (README "Filters")"""
+    min_store_generation: _builtins.int
+    """Read-your-writes: answer only from store generation >= this (an Upsert's
+    store_generation); a replica behind waits up to the deadline, then UNAVAILABLE.
+    """
     @_builtins.property
     def input(self) -> Global___Input: ...
     def __init__(
@@ -166,10 +171,11 @@ class ClassifyRequest(_message.Message):
         abstain_below: _builtins.float = ...,
         bank: _builtins.str = ...,
         filter: _builtins.str = ...,
+        min_store_generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstain_below", b"abstain_below", "bank", b"bank", "filter", b"filter", "include_neighbors", b"include_neighbors", "input", b"input", "k", b"k", "mode", b"mode", "top_n", b"top_n"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstain_below", b"abstain_below", "bank", b"bank", "filter", b"filter", "include_neighbors", b"include_neighbors", "input", b"input", "k", b"k", "min_store_generation", b"min_store_generation", "mode", b"mode", "top_n", b"top_n"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -281,6 +287,7 @@ class ClassifyBatchRequest(_message.Message):
     ABSTAIN_BELOW_FIELD_NUMBER: _builtins.int
     BANK_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
+    MIN_STORE_GENERATION_FIELD_NUMBER: _builtins.int
     mode: Global___Mode.ValueType
     k: _builtins.int
     top_n: _builtins.int
@@ -290,6 +297,8 @@ class ClassifyBatchRequest(_message.Message):
     bank: _builtins.str
     """as in ClassifyRequest"""
     filter: _builtins.str
+    """as in ClassifyRequest"""
+    min_store_generation: _builtins.int
     """as in ClassifyRequest"""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Input]: ...
@@ -304,10 +313,11 @@ class ClassifyBatchRequest(_message.Message):
         abstain_below: _builtins.float = ...,
         bank: _builtins.str = ...,
         filter: _builtins.str = ...,
+        min_store_generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstain_below", b"abstain_below", "bank", b"bank", "filter", b"filter", "include_neighbors", b"include_neighbors", "inputs", b"inputs", "k", b"k", "mode", b"mode", "top_n", b"top_n"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstain_below", b"abstain_below", "bank", b"bank", "filter", b"filter", "include_neighbors", b"include_neighbors", "inputs", b"inputs", "k", b"k", "min_store_generation", b"min_store_generation", "mode", b"mode", "top_n", b"top_n"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -348,6 +358,7 @@ class SearchRequest(_message.Message):
     SCORE_THRESHOLD_FIELD_NUMBER: _builtins.int
     GROUP_BY_FIELD_NUMBER: _builtins.int
     GROUP_SIZE_FIELD_NUMBER: _builtins.int
+    MIN_STORE_GENERATION_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """0 = 10"""
     include_metadata: _builtins.bool
@@ -361,6 +372,8 @@ class SearchRequest(_message.Message):
     """"label" or "meta.NAME": at most group_size hits per value"""
     group_size: _builtins.int
     """0 = 1"""
+    min_store_generation: _builtins.int
+    """as in ClassifyRequest"""
     @_builtins.property
     def input(self) -> Global___Input: ...
     @_builtins.property
@@ -379,10 +392,11 @@ class SearchRequest(_message.Message):
         score_threshold: _builtins.float | None = ...,
         group_by: _builtins.str = ...,
         group_size: _builtins.int = ...,
+        min_store_generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold", "input", b"input", "score_threshold", b"score_threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold", "bank", b"bank", "filter", b"filter", "group_by", b"group_by", "group_size", b"group_size", "include_metadata", b"include_metadata", "input", b"input", "k", b"k", "labels", b"labels", "score_threshold", b"score_threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold", "bank", b"bank", "filter", b"filter", "group_by", b"group_by", "group_size", b"group_size", "include_metadata", b"include_metadata", "input", b"input", "k", b"k", "labels", b"labels", "min_store_generation", b"min_store_generation", "score_threshold", b"score_threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__score_threshold: _TypeAlias = _typing.Literal["score_threshold"]  # noqa: Y015
     _WhichOneofArgType__score_threshold: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold"]  # noqa: Y015
@@ -840,17 +854,21 @@ Global___Operation: _TypeAlias = Operation  # noqa: Y015
 class GetInfoRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    MIN_STORE_GENERATION_FIELD_NUMBER: _builtins.int
     BANK_FIELD_NUMBER: _builtins.int
+    min_store_generation: _builtins.int
+    """as in SearchRequest"""
     bank: _builtins.str
     """as in ClassifyRequest; on a server without a default bank, empty lists the banks only"""
     def __init__(
         self,
         *,
+        min_store_generation: _builtins.int = ...,
         bank: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "min_store_generation", b"min_store_generation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1097,6 +1115,7 @@ class GetInfoResponse(_message.Message):
     BANKS_FIELD_NUMBER: _builtins.int
     ROLES_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    FOLLOWERS_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     labelled: _builtins.int
     store_generation: _builtins.int
@@ -1131,6 +1150,10 @@ class GetInfoResponse(_message.Message):
     def roles(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoleReach]:
         """which banks each role's tokens reach (never the tokens)"""
 
+    @_builtins.property
+    def followers(self) -> _containers.RepeatedCompositeFieldContainer[Global___FollowerInfo]:
+        """replicas on other hosts following this primary"""
+
     def __init__(
         self,
         *,
@@ -1149,10 +1172,11 @@ class GetInfoResponse(_message.Message):
         banks: _abc.Iterable[Global___BankState] | None = ...,
         roles: _abc.Iterable[Global___RoleReach] | None = ...,
         name: _builtins.str = ...,
+        followers: _abc.Iterable[Global___FollowerInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "head", b"head", "index", b"index", "replica", b"replica", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "banks", b"banks", "count", b"count", "default_mode", b"default_mode", "device", b"device", "head", b"head", "index", b"index", "labelled", b"labelled", "labels", b"labels", "labels_generation", b"labels_generation", "name", b"name", "replica", b"replica", "roles", b"roles", "spec", b"spec", "store_generation", b"store_generation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "banks", b"banks", "count", b"count", "default_mode", b"default_mode", "device", b"device", "followers", b"followers", "head", b"head", "index", b"index", "labelled", b"labelled", "labels", b"labels", "labels_generation", b"labels_generation", "name", b"name", "replica", b"replica", "roles", b"roles", "spec", b"spec", "store_generation", b"store_generation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1361,6 +1385,9 @@ class ReplicaInfo(_message.Message):
     FOLLOW_INTERVAL_S_FIELD_NUMBER: _builtins.int
     HEALTHY_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    FOLLOWS_FIELD_NUMBER: _builtins.int
+    PRIMARY_STORE_GENERATION_FIELD_NUMBER: _builtins.int
+    BOOTSTRAPS_FIELD_NUMBER: _builtins.int
     primary: _builtins.str
     """the primary's address as configured ("" when not given)"""
     bank_store_generation: _builtins.int
@@ -1381,6 +1408,12 @@ class ReplicaInfo(_message.Message):
     """false while the bank cannot be read (health NOT_SERVING)"""
     error: _builtins.str
     """why it is not healthy"""
+    follows: _builtins.str
+    """"bank folder" (same host) or "primary over gRPC" (another host)"""
+    primary_store_generation: _builtins.int
+    """the primary's latest commit, as its stream last said"""
+    bootstraps: _builtins.int
+    """snapshots this replica copied (1 after its first start)"""
     def __init__(
         self,
         *,
@@ -1394,10 +1427,13 @@ class ReplicaInfo(_message.Message):
         follow_interval_s: _builtins.float = ...,
         healthy: _builtins.bool = ...,
         error: _builtins.str = ...,
+        follows: _builtins.str = ...,
+        primary_store_generation: _builtins.int = ...,
+        bootstraps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_store_generation", b"applied_store_generation", "bank_head_generation", b"bank_head_generation", "bank_index_generation", b"bank_index_generation", "bank_store_generation", b"bank_store_generation", "error", b"error", "follow_interval_s", b"follow_interval_s", "generations_behind", b"generations_behind", "healthy", b"healthy", "primary", b"primary", "seconds_behind", b"seconds_behind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_store_generation", b"applied_store_generation", "bank_head_generation", b"bank_head_generation", "bank_index_generation", b"bank_index_generation", "bank_store_generation", b"bank_store_generation", "bootstraps", b"bootstraps", "error", b"error", "follow_interval_s", b"follow_interval_s", "follows", b"follows", "generations_behind", b"generations_behind", "healthy", b"healthy", "primary", b"primary", "primary_store_generation", b"primary_store_generation", "seconds_behind", b"seconds_behind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2425,3 +2461,264 @@ class SetMetadataResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetMetadataResponse: _TypeAlias = SetMetadataResponse  # noqa: Y015
+
+@_typing.final
+class SnapshotRequest(_message.Message):
+    """---------------------------------------------------------------- replication"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    GENERATIONS_ONLY_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
+    snapshot_id: _builtins.str
+    """empty: a new snapshot; else resume this one"""
+    path: _builtins.str
+    """resume from this file (empty: from the first)"""
+    offset: _builtins.int
+    """bytes of `path` already held"""
+    generations_only: _builtins.bool
+    """only the published index and head generations (no store)"""
+    bank: _builtins.str
+    """as in ClassifyRequest"""
+    def __init__(
+        self,
+        *,
+        snapshot_id: _builtins.str = ...,
+        path: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        generations_only: _builtins.bool = ...,
+        bank: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "generations_only", b"generations_only", "offset", b"offset", "path", b"path", "snapshot_id", b"snapshot_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotRequest: _TypeAlias = SnapshotRequest  # noqa: Y015
+
+@_typing.final
+class SnapshotFile(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """relative to the bank folder, e.g. store/env-1/data.mdb"""
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotFile: _TypeAlias = SnapshotFile  # noqa: Y015
+
+@_typing.final
+class SnapshotChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    STORE_GENERATION_FIELD_NUMBER: _builtins.int
+    STORE_EPOCH_FIELD_NUMBER: _builtins.int
+    INDEX_GENERATION_FIELD_NUMBER: _builtins.int
+    HEAD_GENERATION_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    CRC32_FIELD_NUMBER: _builtins.int
+    FILE_CRC32_FIELD_NUMBER: _builtins.int
+    snapshot_id: _builtins.str
+    """First message of every stream: what the snapshot holds."""
+    store_generation: _builtins.int
+    """the generation the store copy holds (0: no store in it)"""
+    store_epoch: _builtins.str
+    """the store environment copied; compaction changes it"""
+    index_generation: _builtins.int
+    """published generations in the snapshot (0: none)"""
+    head_generation: _builtins.int
+    path: _builtins.str
+    """Then the data: `data` is bytes [offset, offset + len) of `path`."""
+    offset: _builtins.int
+    data: _builtins.bytes
+    crc32: _builtins.int
+    """zlib.crc32 of data"""
+    file_crc32: _builtins.int
+    """on a file's last chunk: zlib.crc32 of the whole file"""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotFile]: ...
+    def __init__(
+        self,
+        *,
+        snapshot_id: _builtins.str = ...,
+        files: _abc.Iterable[Global___SnapshotFile] | None = ...,
+        store_generation: _builtins.int = ...,
+        store_epoch: _builtins.str = ...,
+        index_generation: _builtins.int = ...,
+        head_generation: _builtins.int = ...,
+        path: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        crc32: _builtins.int = ...,
+        file_crc32: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32", b"crc32", "data", b"data", "file_crc32", b"file_crc32", "files", b"files", "head_generation", b"head_generation", "index_generation", b"index_generation", "offset", b"offset", "path", b"path", "snapshot_id", b"snapshot_id", "store_epoch", b"store_epoch", "store_generation", b"store_generation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotChunk: _TypeAlias = SnapshotChunk  # noqa: Y015
+
+@_typing.final
+class FollowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_GENERATION_FIELD_NUMBER: _builtins.int
+    STORE_EPOCH_FIELD_NUMBER: _builtins.int
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
+    after_generation: _builtins.int
+    """the store generation the replica holds (applied)"""
+    store_epoch: _builtins.str
+    """the epoch it copied (SnapshotChunk.store_epoch)"""
+    replica_id: _builtins.str
+    """names the replica in the primary's GetInfo and metrics"""
+    bank: _builtins.str
+    """as in ClassifyRequest"""
+    def __init__(
+        self,
+        *,
+        after_generation: _builtins.int = ...,
+        store_epoch: _builtins.str = ...,
+        replica_id: _builtins.str = ...,
+        bank: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_generation", b"after_generation", "bank", b"bank", "replica_id", b"replica_id", "store_epoch", b"store_epoch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FollowRequest: _TypeAlias = FollowRequest  # noqa: Y015
+
+@_typing.final
+class StoreRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DB_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    db: _builtins.str
+    """the store database"""
+    key: _builtins.bytes
+    value: _builtins.bytes
+    deleted: _builtins.bool
+    """remove the record (value unset)"""
+    def __init__(
+        self,
+        *,
+        db: _builtins.str = ...,
+        key: _builtins.bytes = ...,
+        value: _builtins.bytes = ...,
+        deleted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["db", b"db", "deleted", b"deleted", "key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreRecord: _TypeAlias = StoreRecord  # noqa: Y015
+
+@_typing.final
+class StoreDelta(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_GENERATION_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    PRIMARY_STORE_GENERATION_FIELD_NUMBER: _builtins.int
+    INDEX_GENERATION_FIELD_NUMBER: _builtins.int
+    HEAD_GENERATION_FIELD_NUMBER: _builtins.int
+    REBOOTSTRAP_FIELD_NUMBER: _builtins.int
+    after_generation: _builtins.int
+    """the records apply to a store at this generation..."""
+    generation: _builtins.int
+    """...and take it to this one; both 0: a heartbeat"""
+    complete: _builtins.bool
+    """the delta's last part: apply all its parts in one transaction"""
+    primary_store_generation: _builtins.int
+    """the primary's latest commit"""
+    index_generation: _builtins.int
+    """published on the primary now"""
+    head_generation: _builtins.int
+    rebootstrap: _builtins.str
+    """non-empty: the replica must copy a new snapshot, and why"""
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoreRecord]: ...
+    def __init__(
+        self,
+        *,
+        after_generation: _builtins.int = ...,
+        generation: _builtins.int = ...,
+        records: _abc.Iterable[Global___StoreRecord] | None = ...,
+        complete: _builtins.bool = ...,
+        primary_store_generation: _builtins.int = ...,
+        index_generation: _builtins.int = ...,
+        head_generation: _builtins.int = ...,
+        rebootstrap: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_generation", b"after_generation", "complete", b"complete", "generation", b"generation", "head_generation", b"head_generation", "index_generation", b"index_generation", "primary_store_generation", b"primary_store_generation", "rebootstrap", b"rebootstrap", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreDelta: _TypeAlias = StoreDelta  # noqa: Y015
+
+@_typing.final
+class FollowerInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    APPLIED_STORE_GENERATION_FIELD_NUMBER: _builtins.int
+    GENERATIONS_BEHIND_FIELD_NUMBER: _builtins.int
+    SECONDS_SINCE_SEEN_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    replica_id: _builtins.str
+    peer: _builtins.str
+    applied_store_generation: _builtins.int
+    generations_behind: _builtins.int
+    seconds_since_seen: _builtins.float
+    connected: _builtins.bool
+    def __init__(
+        self,
+        *,
+        replica_id: _builtins.str = ...,
+        peer: _builtins.str = ...,
+        applied_store_generation: _builtins.int = ...,
+        generations_behind: _builtins.int = ...,
+        seconds_since_seen: _builtins.float = ...,
+        connected: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_store_generation", b"applied_store_generation", "connected", b"connected", "generations_behind", b"generations_behind", "peer", b"peer", "replica_id", b"replica_id", "seconds_since_seen", b"seconds_since_seen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FollowerInfo: _TypeAlias = FollowerInfo  # noqa: Y015

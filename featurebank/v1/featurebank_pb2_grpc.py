@@ -149,6 +149,16 @@ class FeatureBankStub:
                 request_serializer=featurebank_dot_v1_dot_featurebank__pb2.SetMetadataRequest.SerializeToString,
                 response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SetMetadataResponse.FromString,
                 _registered_method=True)
+        self.ReplicaSnapshot = channel.unary_stream(
+                '/featurebank.v1.FeatureBank/ReplicaSnapshot',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
+        self.FollowStore = channel.stream_stream(
+                '/featurebank.v1.FeatureBank/FollowStore',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.FollowRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.StoreDelta.FromString,
+                _registered_method=True)
 
 
 class FeatureBankServicer:
@@ -324,6 +334,23 @@ class FeatureBankServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReplicaSnapshot(self, request, context):
+        """Replication to read replicas on other hosts (write or replicate role; docs/scale.md).
+        A consistent copy of the store and the published generations, as files in chunks
+        with checksums; resumable: name the snapshot, the file and the offset already held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FollowStore(self, request_iterator, context):
+        """The store's commits after a generation, as records, then each new commit as it lands;
+        the replica sends FollowRequests back as it applies them (its progress, for retention).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureBankServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -441,6 +468,16 @@ def add_FeatureBankServicer_to_server(servicer, server):
                     servicer.SetMetadata,
                     request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SetMetadataRequest.FromString,
                     response_serializer=featurebank_dot_v1_dot_featurebank__pb2.SetMetadataResponse.SerializeToString,
+            ),
+            'ReplicaSnapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReplicaSnapshot,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SnapshotRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.SnapshotChunk.SerializeToString,
+            ),
+            'FollowStore': grpc.stream_stream_rpc_method_handler(
+                    servicer.FollowStore,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.FollowRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.StoreDelta.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1064,6 +1101,60 @@ class FeatureBank:
             '/featurebank.v1.FeatureBank/SetMetadata',
             featurebank_dot_v1_dot_featurebank__pb2.SetMetadataRequest.SerializeToString,
             featurebank_dot_v1_dot_featurebank__pb2.SetMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplicaSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/ReplicaSnapshot',
+            featurebank_dot_v1_dot_featurebank__pb2.SnapshotRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.SnapshotChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FollowStore(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/featurebank.v1.FeatureBank/FollowStore',
+            featurebank_dot_v1_dot_featurebank__pb2.FollowRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.StoreDelta.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,408 @@
+"""The primary's side of replication to read replicas on other hosts (docs/scale.md).
+
+Two RPCs, both for the write or the replicate role (server/auth.py):
+
+- `ReplicaSnapshot`: a consistent copy of the store (LMDB's hot copy in one read
+  transaction) and the published index and head generations (hard links: published
+  folders never change), kept in `BANK/.snapshots/<id>/` with a manifest of every file's
+  size. Streamed in chunks, each with its crc32, a file's last one with the crc32 of the
+  whole file; a replica whose connection
+  dropped asks for the same snapshot from the file and offset it holds, so nothing is sent
+  twice. A snapshot is kept `SNAPSHOT_TTL_S` after its last use, across restarts.
+- `FollowStore`: the store's records changed after the replica's generation
+  (store/replication.py), then each new commit as it lands (the stream looks every
+  `POLL_S`), plus a heartbeat with the published generations every `HEARTBEAT_S`. The
+  replica answers with the generation it applied: that is its lag here, and what the
+  change log is kept for.
+
+Retention: the log is trimmed, at most every `TRIM_EVERY_S` while replicas follow, to the
+oldest generation a replica seen in the last `grace_s` still needs, but never more than
+`retention` generations back, and never past what this server's own published indexes
+need to catch up from after a restart. A replica further behind is told to bootstrap again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from featurebank.core.bank import Bank, current_generation, generations
+from featurebank.core.errors import FeaturebankError, InvalidInput, NotFound
+from featurebank.server.batching import run_in
+from featurebank.store import replication as records
+from featurebank.store.rows import LogTrimmed
+from featurebank.v1 import featurebank_pb2 as pb
+
+if TYPE_CHECKING:
+    from featurebank.server.engine import Engine
+    from featurebank.server.metrics import Metrics
+    from featurebank.store import Store
+
+log = logging.getLogger(__name__)
+
+SNAPSHOTS = ".snapshots"
+MANIFEST = "manifest.json"
+CHUNK_BYTES = 4 << 20
+SNAPSHOT_TTL_S = 3600.0
+POLL_S = 0.005
+HEARTBEAT_S = 1.0
+TRIM_EVERY_S = 5.0
+DELTA_PART_BYTES = 4 << 20
+DEFAULT_LOG_RETENTION = 100_000  # generations of change log kept at most for replicas
+DEFAULT_REPLICA_GRACE_S = 600.0  # a replica not seen for this long no longer holds the log
+
+
+# ---------------------------------------------------------------- snapshots
+
+
+def crc32_prefix(path: Path, size: int) -> int:
+    """zlib.crc32 of a file's first `size` bytes (where a resumed stream starts)."""
+    crc, left = 0, size
+    with path.open("rb") as f:
+        while left > 0 and (block := f.read(min(left, 8 << 20))):
+            crc, left = zlib.crc32(block, crc), left - len(block)
+    return crc
+
+
+def _link_tree(src: Path, dest: Path) -> None:
+    """Hard links of a published (never rewritten) folder; a copy where links fail."""
+    shutil.copytree(src, dest, copy_function=_link_or_copy)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def make_snapshot(store: Store, bank: Bank, generations_only: bool) -> dict[str, Any]:
+    """Write a snapshot folder and its manifest; returns the manifest."""
+    root = bank.root / SNAPSHOTS
+    sid = uuid.uuid4().hex[:16]
+    staging, folder = root / f".{sid}", root / sid
+    staging.mkdir(parents=True)
+    try:
+        manifest: dict[str, Any] = {"id": sid, "store_generation": 0, "store_epoch": "",
+                                    "index_generation": 0, "head_generation": 0}
+        if not generations_only:
+            gen, epoch = records.copy_to(store, staging / "store")
+            manifest.update(store_generation=gen, store_epoch=epoch)
+            if bank.root.joinpath("models").is_dir():
+                _link_tree(bank.root / "models", staging / "models")
+        for what, parent in (("index", bank.indexes_dir), ("head", bank.heads_dir)):
+            live = current_generation(parent)
+            if live is None or not (parent / str(live)).is_dir():
+                continue
+            _link_tree(parent / str(live), staging / parent.name / str(live))
+            (staging / parent.name / "CURRENT").write_text(f"{live}\n")
+            manifest[f"{what}_generation"] = live
+        manifest["files"] = [
+            {"path": str(p.relative_to(staging)), "size": p.stat().st_size}
+            for p in records.files_of(staging)
+        ]
+        (staging / MANIFEST).write_text(json.dumps(manifest))
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("snapshot %s of %s: %d files, %.1f MiB", sid, bank.root, len(manifest["files"]),
+             sum(f["size"] for f in manifest["files"]) / 2**20)
+    return manifest
+
+
+def open_snapshot(bank: Bank, sid: str) -> dict[str, Any]:
+    """The manifest of a kept snapshot; NotFound once it expired (the replica starts over)."""
+    if not sid.isalnum():
+        raise InvalidInput(f"snapshot_id {sid!r} is not a snapshot id")
+    path = bank.root / SNAPSHOTS / sid / MANIFEST
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotFound(f"snapshot {sid} is no longer kept by the primary: start a new one") from None
+    os.utime(path)  # in use: kept another SNAPSHOT_TTL_S
+    return manifest
+
+
+def expire_snapshots(bank: Bank, ttl_s: float = SNAPSHOT_TTL_S) -> None:
+    root = bank.root / SNAPSHOTS
+    if not root.is_dir():
+        return
+    now = time.time()
+    for folder in root.iterdir():
+        manifest = folder / MANIFEST
+        age = now - (manifest.stat().st_mtime if manifest.exists() else folder.stat().st_mtime)
+        if age > ttl_s:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _header(manifest: dict[str, Any]) -> pb.SnapshotChunk:
+    return pb.SnapshotChunk(
+        snapshot_id=manifest["id"],
+        files=[pb.SnapshotFile(**f) for f in manifest["files"]],
+        store_generation=manifest["store_generation"], store_epoch=manifest["store_epoch"],
+        index_generation=manifest["index_generation"], head_generation=manifest["head_generation"],
+    )
+
+
+def _read_chunk(path: Path, offset: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(CHUNK_BYTES)
+
+
+async def snapshot_stream(engine: Engine, request: pb.SnapshotRequest) -> AsyncIterator[pb.SnapshotChunk]:
+    """The ReplicaSnapshot stream: the manifest, then the files from where the replica is."""
+    bank, store = engine.bank, engine.live.opened()
+    await run_in(engine.compute, expire_snapshots, bank)
+    if request.snapshot_id:
+        manifest = open_snapshot(bank, request.snapshot_id)
+    else:
+        manifest = await asyncio.get_running_loop().run_in_executor(
+            None, make_snapshot, store, bank, request.generations_only
+        )
+    yield _header(manifest)
+    folder = bank.root / SNAPSHOTS / manifest["id"]
+    paths = [f["path"] for f in manifest["files"]]
+    start = 0
+    if request.path:
+        if request.path not in paths:
+            raise InvalidInput(f"snapshot {manifest['id']} has no file {request.path!r}")
+        start = paths.index(request.path)
+    loop = asyncio.get_running_loop()
+    for i, f in enumerate(manifest["files"][start:], start):
+        offset = request.offset if i == start and request.path else 0
+        if not 0 <= offset <= f["size"]:
+            raise InvalidInput(f"offset {offset} is outside {f['path']} ({f['size']} bytes)")
+        path = folder / f["path"]
+        whole = await loop.run_in_executor(None, crc32_prefix, path, offset) if offset else 0
+        while True:
+            data = await loop.run_in_executor(None, _read_chunk, path, offset)
+            chunk = pb.SnapshotChunk(path=f["path"], offset=offset, data=data, crc32=zlib.crc32(data))
+            whole, offset = zlib.crc32(data, whole), offset + len(data)
+            if offset >= f["size"] or not data:
+                chunk.file_crc32 = whole
+                yield chunk
+                break
+            yield chunk
+
+
+# ---------------------------------------------------------------- read-your-writes
+
+MAX_WAIT_S = 10.0  # how long a read without a deadline waits for min_store_generation
+
+
+def searchable_generation(engine: Engine) -> int:
+    """The store generation reads answer from now: the searcher's (it may trail the store
+    while a replica's follower applies a commit), or the store's when there is no index."""
+    searcher = engine.live.searcher()
+    if searcher is None:
+        return int(engine.live.opened().generation)
+    return int(searcher.store_generation)
+
+
+async def reach_generation(engine: Engine, generation: int, time_left: float | None) -> None:
+    """Return once reads answer from store `generation` or later; GenerationNotReached
+    (UNAVAILABLE) at the deadline, so the client retries elsewhere."""
+    store = engine.live.opened()
+    deadline = time.monotonic() + min(MAX_WAIT_S, time_left if time_left is not None else MAX_WAIT_S)
+    while (held := searchable_generation(engine)) < generation:
+        if time.monotonic() >= deadline:
+            raise GenerationNotReached(
+                f"min_store_generation {generation} not reached before the deadline: this server "
+                f"holds store generation {held}; retry, or ask the primary"
+            )
+        if int(store.generation) >= generation:  # committed here: make it searchable now
+            await run_in(engine.compute, engine.live.catch_up)
+        else:
+            await asyncio.sleep(POLL_S)
+
+
+class GenerationNotReached(FeaturebankError):
+    """A read asked for a store generation this server has not applied yet."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+# ---------------------------------------------------------------- following
+
+
+@dataclass
+class Follower:
+    """A replica as the primary sees it."""
+
+    replica_id: str
+    peer: str
+    applied: int
+    seen: float = field(default_factory=time.monotonic)
+    connected: bool = True
+
+
+class Hub:
+    """The replicas following one bank, and the change log kept for them."""
+
+    def __init__(self, retention: int = DEFAULT_LOG_RETENTION,
+                 grace_s: float = DEFAULT_REPLICA_GRACE_S, metrics: Metrics | None = None) -> None:
+        if retention < 1:
+            raise InvalidInput(f"--log-retention must be >= 1 generation, got {retention}")
+        self.retention = retention
+        self.grace_s = grace_s
+        self.metrics = metrics
+        self.followers: dict[str, Follower] = {}
+        self._lock = threading.Lock()
+        self._trimmed_at = 0.0
+
+    def seen(self, replica_id: str, peer: str, applied: int, primary: int) -> None:
+        """A replica reported the generation it applied (`primary`: this store's now)."""
+        with self._lock:
+            f = self.followers.get(replica_id)
+            if f is None:
+                f = self.followers[replica_id] = Follower(replica_id, peer, applied)
+            f.peer, f.applied, f.seen, f.connected = peer, applied, time.monotonic(), True
+        if self.metrics is not None:
+            self.metrics.follower_generations_behind.labels(replica_id).set(max(0, primary - applied))
+
+    def gone(self, replica_id: str) -> None:
+        """Its stream ended: it still holds the log for `grace_s`."""
+        with self._lock:
+            f = self.followers.get(replica_id)
+            if f is not None:
+                f.connected, f.seen = False, time.monotonic()
+
+    def describe(self, store_generation: int) -> list[dict[str, Any]]:
+        """Each replica's lag, for GetInfo and the metrics."""
+        now = time.monotonic()
+        with self._lock:
+            return [
+                {"replica_id": f.replica_id, "peer": f.peer, "applied_store_generation": f.applied,
+                 "generations_behind": max(0, store_generation - f.applied),
+                 "seconds_since_seen": 0.0 if f.connected else now - f.seen,
+                 "connected": f.connected}
+                for f in self.followers.values()
+            ]
+
+    def trim_point(self, generation: int, own_need: int) -> int:
+        """The generation the log may be trimmed to now (see the module docstring)."""
+        now = time.monotonic()
+        with self._lock:
+            needs = [f.applied for f in self.followers.values()
+                     if f.connected or now - f.seen < self.grace_s]
+        floor = generation - self.retention
+        return max(0, min(own_need, max(floor, min(needs, default=generation))))
+
+    def trim_due(self) -> bool:
+        """At most one trim every TRIM_EVERY_S, whichever stream asks."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._trimmed_at < TRIM_EVERY_S:
+                return False
+            self._trimmed_at = now
+            return True
+
+    def trim(self, store: Store, bank: Bank) -> None:
+        point = self.trim_point(int(store.generation), published_need(bank))
+        if point > records.log_start(store):
+            dropped = records.trim_log(store, point)
+            log.info("change log of %s trimmed through generation %d (%d entries)",
+                     bank.root, point, dropped)
+
+
+def published_need(bank: Bank) -> int:
+    """The oldest store generation a published index of this bank catches up from."""
+    needs = []
+    for gen in generations(bank.indexes_dir):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            manifest = json.loads((bank.indexes_dir / str(gen) / "manifest.json").read_text())
+            needs.append(int(manifest["store_generation"]))
+    return min(needs, default=1 << 62)
+
+
+def _published(bank: Bank) -> tuple[int, int]:
+    out = []
+    for parent in (bank.indexes_dir, bank.heads_dir):
+        try:
+            out.append(current_generation(parent) or 0)
+        except Exception:  # noqa: BLE001 - a damaged CURRENT publishes nothing
+            out.append(0)
+    return out[0], out[1]
+
+
+def _parts(delta: records.Delta) -> list[pb.StoreDelta]:
+    """The delta in messages of at most DELTA_PART_BYTES; the last one says complete."""
+    parts, current, size = [], pb.StoreDelta(), 0
+    for r in delta.records:
+        current.records.add(db=r.db, key=r.key, value=r.value or b"", deleted=r.value is None)
+        size += len(r.key) + len(r.value or b"") + 16
+        if size >= DELTA_PART_BYTES:
+            parts.append(current)
+            current, size = pb.StoreDelta(), 0
+    parts.append(current)
+    for p in parts:
+        p.after_generation, p.generation = delta.after, delta.generation
+    parts[-1].complete = True
+    return parts
+
+
+async def follow_stream(
+    engine: Engine, hub: Hub, requests: AsyncIterator[pb.FollowRequest], peer: str
+) -> AsyncIterator[pb.StoreDelta]:
+    """The FollowStore stream: deltas as commits land, heartbeats between them."""
+    first = await anext(aiter(requests), None)
+    if first is None:
+        return
+    store, bank = engine.live.opened(), engine.bank
+    replica_id = first.replica_id or peer
+    sent = first.after_generation
+    hub.seen(replica_id, peer, sent, int(store.generation))
+
+    async def acks() -> None:
+        async for ack in requests:
+            hub.seen(replica_id, peer, ack.after_generation, int(store.generation))
+
+    ack_task = asyncio.ensure_future(acks())
+    try:
+        epoch = records.epoch(store)
+        if first.store_epoch != epoch:
+            yield pb.StoreDelta(rebootstrap=(
+                f"the primary's store is environment {epoch}, not {first.store_epoch or 'none'} "
+                "(compacted since the replica copied it)"))
+            return
+        beat, announced = 0.0, (0, 0)
+        while True:
+            published = _published(bank)
+            if int(store.generation) > sent:
+                try:
+                    delta = await run_in(engine.compute, records.delta_after, store, sent)
+                except LogTrimmed as e:
+                    yield pb.StoreDelta(rebootstrap=f"the replica is too far behind: {e}")
+                    return
+                if delta.epoch != epoch:
+                    yield pb.StoreDelta(rebootstrap=f"the primary's store was compacted ({delta.epoch})")
+                    return
+                for part in _parts(delta):
+                    part.primary_store_generation = delta.generation
+                    part.index_generation, part.head_generation = published
+                    yield part
+                sent, beat, announced = delta.generation, time.monotonic(), published
+            elif published != announced or time.monotonic() - beat >= HEARTBEAT_S:
+                yield pb.StoreDelta(primary_store_generation=sent, index_generation=published[0],
+                                    head_generation=published[1])
+                beat, announced = time.monotonic(), published
+            if hub.trim_due():
+                await run_in(engine.compute, hub.trim, store, bank)
+            await asyncio.sleep(POLL_S)
+    finally:
+        ack_task.cancel()
+        hub.gone(replica_id)
