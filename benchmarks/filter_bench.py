@@ -18,10 +18,13 @@ Searcher with `where=`); faiss by hand (the same HNSW32 graph parameters, efSear
 the same unfiltered recall, SearchParametersHNSW with an IDSelectorBatch); hnswlib (M=32,
 ef tuned the same way, knn_query with a Python filter function, one thread as its filter
 requires the GIL, on the first 200 queries: its filter function costs a Python call per
-visited node). milvus-lite is not installed here and is not measured.
+visited node); milvus-lite (pymilvus's embedded engine, a local file behind the MilvusClient
+API, not the Milvus server), HNSW M=32 with ef tuned the same way, when it is importable
+(otherwise the run says "milvus-lite not installed: skipped" and goes on without it).
 
-Each row times featurebank's unfiltered search again beside its filtered one, so the
-ratio to the unfiltered rate is measured under the same machine load.
+Each row times featurebank's unfiltered search again beside its filtered one, alternating
+the two (best of PAIRED_ROUNDS each), so the ratio to the unfiltered rate is measured under
+the same machine load.
 
 Targets (exit 1 when one fails): featurebank's recall@10 against exact filtered search is at
 least the index's target at every selectivity, and its queries/s at least 0.5x its own
@@ -44,6 +47,7 @@ import numpy as np
 
 K = 10
 ROUNDS = 2
+PAIRED_ROUNDS = 5
 HNSWLIB_QUERIES = 200
 EF_GRID = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
 
@@ -93,6 +97,20 @@ def timed(search: Callable[[np.ndarray], np.ndarray], q: np.ndarray, rounds: int
     return len(q) / best, found
 
 
+def paired(a: Callable[[np.ndarray], np.ndarray], b: Callable[[np.ndarray], np.ndarray],
+           q: np.ndarray, rounds: int = PAIRED_ROUNDS) -> tuple[float, np.ndarray, float]:
+    """Rates of `a` and `b` timed in turns (best of `rounds` each), and what `a` found."""
+    found = a(q)
+    b(q)
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, f in enumerate((a, b)):
+            t = time.perf_counter()
+            f(q)
+            best[i] = min(best[i], time.perf_counter() - t)
+    return len(q) / best[0], found, len(q) / best[1]
+
+
 def exact(x: np.ndarray, q: np.ndarray, mask: np.ndarray) -> np.ndarray:
     ids = np.flatnonzero(mask)
     flat = faiss.IndexFlatL2(x.shape[1])
@@ -109,6 +127,58 @@ def tune_ef(set_ef: Callable[[int], None], search: Callable[[np.ndarray], np.nda
         if r >= target:
             return ef, r
     return EF_GRID[-1], r
+
+
+class Milvus:
+    """milvus-lite over the same vectors and metadata, when pymilvus and milvus-lite are there."""
+
+    def __init__(self, path: Path, x: np.ndarray, u: np.ndarray, cluster: np.ndarray) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        self.client = MilvusClient(str(path))
+        schema = MilvusClient.create_schema(auto_id=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("vec", DataType.FLOAT_VECTOR, dim=x.shape[1])
+        schema.add_field("u", DataType.INT64)
+        schema.add_field("cluster", DataType.INT64)
+        params = self.client.prepare_index_params()
+        params.add_index(field_name="vec", index_type="HNSW", metric_type="L2",
+                         params={"M": 32, "efConstruction": 100})
+        self.client.create_collection("bench", schema=schema, index_params=params)
+        for start in range(0, len(x), 10_000):
+            rows = range(start, min(start + 10_000, len(x)))
+            self.client.insert("bench", [{"id": i, "vec": x[i].tolist(), "u": int(u[i]),
+                                          "cluster": int(cluster[i])} for i in rows])
+        self.ef = 64
+
+    def set_ef(self, ef: int) -> None:
+        self.ef = ef
+
+    def search(self, b: np.ndarray, expr: str = "") -> np.ndarray:
+        res = self.client.search("bench", data=b.tolist(), limit=K, filter=expr.replace("meta.", ""),
+                                 search_params={"metric_type": "L2", "params": {"ef": max(self.ef, K)}})
+        out = np.full((len(b), K), -1, np.int64)
+        for r, hits in enumerate(res):
+            ids = [int(h["id"]) for h in hits][:K]
+            out[r, : len(ids)] = ids
+        return out
+
+
+def open_milvus(path: Path, x: np.ndarray, u: np.ndarray, cluster: np.ndarray) -> Milvus | None:
+    try:
+        import milvus_lite  # noqa: F401
+        import pymilvus  # noqa: F401
+    except ImportError:
+        print("milvus-lite not installed: skipped", flush=True)
+        return None
+    t = time.perf_counter()
+    try:
+        m = Milvus(path, x, u, cluster)
+    except Exception as e:  # a comparison, not a target: report and go on without it
+        print(f"milvus-lite failed to load the data ({type(e).__name__}: {e}): skipped", flush=True)
+        return None
+    print(f"milvus-lite HNSW M=32 loaded: {time.perf_counter() - t:.1f}s", flush=True)
+    return m
 
 
 def main() -> int:
@@ -171,6 +241,12 @@ def main() -> int:
                              q, truth_all, target)
         h_qps0, _ = timed(lambda b: hl.knn_query(b, K)[0].astype(np.int64), q)
 
+        mv = open_milvus(work / "milvus.db", x, u, xc)
+        if mv is not None:
+            m_ef, m_r0 = tune_ef(mv.set_ef, mv.search, q, truth_all, target)
+            m_qps0, _ = timed(mv.search, q, rounds=1)
+            print(f"milvus-lite unfiltered: ef={m_ef} {m_qps0:,.0f} q/s (recall {m_r0:.3f})")
+
         if min(fb_r0, f_r0, h_r0) < target:
             print(f"PRECONDITION FAILED: unfiltered recall below {target}: featurebank {fb_r0:.3f}, "
                   f"faiss {f_r0:.3f}, hnswlib {h_r0:.3f}", file=sys.stderr)
@@ -178,7 +254,7 @@ def main() -> int:
         print(f"\nunfiltered: featurebank {fb_qps0:,.0f} q/s (recall {fb_r0:.3f}); faiss ef={f_ef} "
               f"{f_qps0:,.0f} q/s ({f_r0:.3f}); hnswlib ef={h_ef} {h_qps0:,.0f} q/s ({h_r0:.3f})\n")
         header = (f"{'filter':<11} {'match':>7}  {'featurebank':>20}  {'faiss IDSelector':>20}  "
-                  f"{'hnswlib filter':>20}  {'fb/unfilt':>9} {'fb/faiss':>8}")
+                  f"{'hnswlib filter':>20}  {'milvus-lite':>20}  {'fb/unfilt':>9} {'fb/faiss':>8}")
         print(header)
         print("-" * len(header))
         failed: list[str] = []
@@ -187,7 +263,9 @@ def main() -> int:
             mask = make_mask(u, xc)
             truth = exact(x, q, mask)
             where = filters.parse(expr)
-            fb_qps, fb_found = timed(lambda b, w=where: searcher.search(b, K, where=w).ids, q)
+            fb_qps, fb_found, base_qps = paired(
+                lambda b, w=where: searcher.search(b, K, where=w).ids,
+                lambda b: searcher.search(b, K).ids, q)
             ids = np.flatnonzero(mask).astype(np.int64)
             selector = faiss.IDSelectorBatch(ids)
             params = faiss.SearchParametersHNSW(sel=selector, efSearch=f_ef)
@@ -207,7 +285,14 @@ def main() -> int:
                     return out
 
             h_qps, h_found = timed(hl_search, q[:HNSWLIB_QUERIES], rounds=1)
-            base_qps, _ = timed(lambda b: searcher.search(b, K).ids, q)
+            m_cell = f"{'skipped':>20}"
+            if mv is not None:
+                try:
+                    m_qps, m_found = timed(lambda b, e=expr: mv.search(b, e), q, rounds=1)
+                    m_cell = f"{recall(m_found, truth):>6.3f} {m_qps:>9,.0f} q/s"
+                except Exception as e:  # a comparison, not a target
+                    m_cell = f"{'failed':>20}"
+                    print(f"milvus-lite {name}: {type(e).__name__}: {e}", flush=True)
             fb_r, f_r = recall(fb_found, truth), recall(f_found, truth)
             h_r = recall(h_found, truth[:HNSWLIB_QUERIES])
             if np.isin(fb_found[fb_found >= 0], ids, invert=True).any():
@@ -221,7 +306,7 @@ def main() -> int:
                 else:
                     failed.append(slow)
             print(f"{name:<11} {int(mask.sum()):>7}  {fb_r:>6.3f} {fb_qps:>9,.0f} q/s  "
-                  f"{f_r:>6.3f} {f_qps:>9,.0f} q/s  {h_r:>6.3f} {h_qps:>9,.0f} q/s  "
+                  f"{f_r:>6.3f} {f_qps:>9,.0f} q/s  {h_r:>6.3f} {h_qps:>9,.0f} q/s  {m_cell}  "
                   f"{fb_qps / base_qps:>8.2f}x {fb_qps / f_qps:>7.2f}x", flush=True)
         searcher.close()
         if failed:

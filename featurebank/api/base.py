@@ -165,20 +165,22 @@ class FeatureBank(abc.ABC):
         return _shaped(as_query(x), lambda q: self._classify(q, options))
 
     def suggest(
-        self, n: int = DEFAULT_LIST_N, *, strategy: str = "margin", label: str | None = None
+        self, n: int = DEFAULT_LIST_N, *, strategy: str = "margin", label: str | None = None,
+        filter: str | None = None,
     ) -> Batch[Suggestion]:
         """The `n` unlabelled items whose label would help most, best first.
 
         `strategy`: margin, entropy or diverse; `label` keeps items with that label among
-        their two most probable (the edge of that class).
+        their two most probable (the edge of that class); `filter` keeps items passing it.
         """
         _check_int("n", n)
-        return Batch(self._suggest(n, strategy, label))
+        return Batch(self._suggest(n, strategy, label, check_filter(filter)))
 
-    def audit(self, n: int = DEFAULT_LIST_N) -> Batch[Finding]:
-        """The `n` labelled items whose label the bank most confidently doubts."""
+    def audit(self, n: int = DEFAULT_LIST_N, *, filter: str | None = None) -> Batch[Finding]:
+        """The `n` labelled items (passing `filter`) whose label the bank most confidently
+        doubts."""
         _check_int("n", n)
-        return Batch(self._audit(n))
+        return Batch(self._audit(n, check_filter(filter)))
 
     @abc.abstractmethod
     def info(self) -> Info:
@@ -288,10 +290,12 @@ class FeatureBank(abc.ABC):
     def _classify(self, q: Query, options: dict[str, Any]) -> list[Classification]: ...
 
     @abc.abstractmethod
-    def _suggest(self, n: int, strategy: str, label: str | None) -> list[Suggestion]: ...
+    def _suggest(
+        self, n: int, strategy: str, label: str | None, filter: str
+    ) -> list[Suggestion]: ...
 
     @abc.abstractmethod
-    def _audit(self, n: int) -> list[Finding]: ...
+    def _audit(self, n: int, filter: str) -> list[Finding]: ...
 
     @abc.abstractmethod
     def _upsert(

@@ -219,14 +219,16 @@ class LocalBank(FeatureBank):
             for p in preds
         ]
 
-    def _suggest(self, n: int, strategy: str, label: str | None) -> list[Suggestion]:
+    def _suggest(self, n: int, strategy: str, label: str | None, filter: str) -> list[Suggestion]:
         from featurebank.classify.suggest import suggest
+        from featurebank.index.filters import parse
 
-        found = suggest(self._live(), n=n, strategy=strategy, label=label)
+        found = suggest(self._live(), n=n, strategy=strategy, label=label, where=parse(filter))
         return [Suggestion(s.key, float(s.score), list(s.labels), list(s.probs)) for s in found]
 
-    def _audit(self, n: int) -> list[Finding]:
+    def _audit(self, n: int, filter: str) -> list[Finding]:
         from featurebank.classify.audit import audit
+        from featurebank.index.filters import parse
 
         return [
             Finding(
@@ -234,7 +236,7 @@ class LocalBank(FeatureBank):
                 float(f.p_suggested), f.head_p_label, f.head_p_suggested,
                 [Neighbor(nb.key, nb.label, float(nb.score)) for nb in f.neighbors],
             )
-            for f in audit(self._live(), n=n)
+            for f in audit(self._live(), n=n, where=parse(filter))
         ]
 
     def info(self) -> Info:

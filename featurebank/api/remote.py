@@ -139,21 +139,21 @@ class RemoteBank(FeatureBank):
             out.extend(_classification(r) for r in responses)
         return out
 
-    def _suggest(self, n: int, strategy: str, label: str | None) -> list[Suggestion]:
-        response = self.client.suggest(n, strategy=strategy, label=label)
+    def _suggest(self, n: int, strategy: str, label: str | None, filter: str) -> list[Suggestion]:
+        response = self.client.suggest(n, strategy=strategy, label=label, filter=filter)
         return [
             Suggestion(s.key, s.score, [p.label for p in s.labels], [p.probability for p in s.labels])
             for s in response.suggestions
         ]
 
-    def _audit(self, n: int) -> list[Finding]:
+    def _audit(self, n: int, filter: str) -> list[Finding]:
         return [
             Finding(
                 f.key, f.label, f.suggested, f.confidence, f.p_label, f.p_suggested,
                 f.head_p_label if f.has_head else None, f.head_p_suggested if f.has_head else None,
                 [_neighbor(nb) for nb in f.neighbors],
             )
-            for f in self.client.audit(n).findings
+            for f in self.client.audit(n, filter=filter).findings
         ]
 
     def info(self) -> Info:

@@ -30,6 +30,7 @@ from featurebank.classify.abstain import check_precision
 from featurebank.classify.classifier import Neighbor
 from featurebank.classify.modes import align_columns
 from featurebank.core.errors import FailedPrecondition, InvalidInput
+from featurebank.index import filters
 
 if TYPE_CHECKING:
     from featurebank.classify.classifier import Classifier
@@ -62,9 +63,11 @@ def audit(
     split: str | None = None,
     min_confidence: float = 0.0,
     precision: float | None = None,
+    where: filters.Node | None = None,
 ) -> list[Finding]:
-    """The `n` labelled items (of `split`, or all) the bank most confidently relabels,
-    cut where the out-of-fold estimate of the list's precision falls under `precision`."""
+    """The `n` labelled items (of `split`, or all; passing `where`, or all) the bank most
+    confidently relabels, cut where the out-of-fold estimate of the list's precision falls
+    under `precision`. Every labelled item still votes, whatever `where` leaves out."""
     if precision is not None:
         check_precision(precision)
     if n < 1:
@@ -81,6 +84,11 @@ def audit(
             f"bank {classifier.bank.root} has no labelled items"
             + (f" in split {split!r}" if split else "")
         )
+    if where is not None:
+        passing = classifier.searcher.matching_ids(where)
+        labelled = labelled[np.isin(labelled.astype(np.int64), passing)]
+        if labelled.size == 0:
+            return []
     mode = mode or classifier.default_mode
     modes = (mode,) if mode in ("knn", "head") or classifier.head is None else (mode, "head")
     found: list[Finding] = []

@@ -33,6 +33,7 @@ import numpy as np
 
 from featurebank.core.errors import FailedPrecondition, InvalidInput
 from featurebank.core.vocabulary import SUGGEST_STRATEGIES, check_choice
+from featurebank.index import filters
 
 if TYPE_CHECKING:
     from featurebank.classify.classifier import Classifier
@@ -158,13 +159,15 @@ def suggest(
     label: str | None = None,
     mode: str | None = None,
     seed: int = 0,
+    where: filters.Node | None = None,
 ) -> list[Suggestion]:
     """The `n` unlabelled items whose label would help most, best first.
 
     `label` keeps only items with that label among their two most probable (the edge of
     that class). With no label in the bank yet, the representatives of n clusters (cold
-    start; their score is the share of the bank their cluster holds). Raises
-    FailedPrecondition when every item is labelled.
+    start; their score is the share of the bank their cluster holds). `where`: only
+    items passing this filter are suggested. Raises FailedPrecondition when every item
+    is labelled.
     """
     check_choice(strategy, SUGGEST_STRATEGIES, "strategy")
     if n < 1:
@@ -177,6 +180,11 @@ def suggest(
     unlabelled = ids[codes < 0]
     if unlabelled.size == 0:
         raise FailedPrecondition(f"every item of bank {classifier.bank.root} is labelled")
+    if where is not None:
+        passing = classifier.searcher.matching_ids(where)
+        unlabelled = unlabelled[np.isin(unlabelled.astype(np.int64), passing)]
+        if unlabelled.size == 0:
+            return []
     if not vocab:
         return _cold_start(classifier, unlabelled, n, seed)
     scores: list[np.ndarray] = []

@@ -105,6 +105,13 @@ def register(commands: Commands) -> None:
         "file.h5:dataset",
     )
     p.add_argument("--bank", required=True, help="bank directory (created if missing)")
+    p.add_argument(
+        "--meta",
+        action="append",
+        metavar="KEY=VALUE",
+        help="user metadata on every item added (repeatable; numbers and true/false are typed, "
+        'a quoted "4" stays text); a manifest\'s meta.KEY columns or JSON metadata column win',
+    )
     add_embed_params(p)
     p.add_argument(
         "--batch-size",
@@ -151,6 +158,7 @@ def check_before_tensorflow(args: argparse.Namespace) -> None:
     from featurebank.core.errors import NotFound
     from featurebank.embedder import backbones, sources
 
+    args.meta = sources.parse_meta_args(args.meta)
     sources.check_exists(args.source)
     if backbones.is_model_file(args.backbone):
         if not Path(args.backbone).expanduser().is_file():
@@ -210,6 +218,7 @@ def _embed(args: argparse.Namespace) -> int:
         precision=args.precision,
         progress=show_progress(not args.no_progress),
         on_start=started,
+        meta=args.meta,
         **embed_overrides(args),
     )
     if args.json:
@@ -243,6 +252,7 @@ def _embed_ray(args: argparse.Namespace) -> int:
         gpus_per_worker=args.gpus_per_worker,
         progress=show_progress(not args.no_progress),
         verbose=args.verbose > 0,
+        meta=args.meta,
         **embed_overrides(args),
     )
     if args.json:

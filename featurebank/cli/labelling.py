@@ -17,6 +17,9 @@ from typing import Any
 from featurebank.cli import Commands
 from featurebank.cli.client import connection_args
 from featurebank.core.vocabulary import MODES, SPLITS, SUGGEST_STRATEGIES
+from featurebank.index.filters import parse
+
+FILTER_HELP = "only items passing this filter are {} (README: Filters), e.g. 'meta.camera == 4'"
 
 
 def register(commands: Commands) -> None:
@@ -36,6 +39,7 @@ def register(commands: Commands) -> None:
         "--class", dest="label", default=None, metavar="LABEL",
         help="only items with LABEL among their two most probable labels",
     )
+    p.add_argument("--filter", default="", metavar="EXPR", help=FILTER_HELP.format("suggested"))
     p.add_argument("--mode", choices=MODES, default=None, help="default: hybrid if a head exists")
     p.add_argument("--out", type=Path, default=None, help="write a CSV file instead of printing")
 
@@ -52,6 +56,7 @@ def register(commands: Commands) -> None:
         "--precision", type=float, default=None, metavar="P",
         help="cut the list where out-of-fold evidence says P of the findings are wrong labels",
     )
+    p.add_argument("--filter", default="", metavar="EXPR", help=FILTER_HELP.format("audited"))
     p.add_argument("--out", type=Path, default=None, help="write a CSV file instead of printing")
 
     p = commands.command("ui", "serve the labelling page for a running server", _ui)
@@ -77,7 +82,8 @@ def _suggest(args: argparse.Namespace) -> int:
     from featurebank.classify.suggest import suggest
 
     with _classifier(args) as clf:
-        out = suggest(clf, n=args.n, strategy=args.strategy, label=args.label)
+        out = suggest(clf, n=args.n, strategy=args.strategy, label=args.label,
+                      where=parse(args.filter))
     rows = [
         [s.key, f"{s.score:.4f}", " ".join(f"{lab}:{p:.3f}" for lab, p in zip(s.labels, s.probs,
                                                                           strict=True))]
@@ -98,7 +104,8 @@ def _audit(args: argparse.Namespace) -> int:
     from featurebank.classify.audit import audit
 
     with _classifier(args) as clf:
-        found = audit(clf, n=args.n, split=args.split, precision=args.precision)
+        found = audit(clf, n=args.n, split=args.split, precision=args.precision,
+                      where=parse(args.filter))
 
     def head(v: float | None) -> str:
         return "" if v is None else f"{v:.4f}"

@@ -21,7 +21,9 @@ def register(commands: Commands) -> None:
     _bank_arg(p)
     p.add_argument("--json", action="store_true", help="print the full statistics as JSON")
 
-    p = commands.subcommand("store", "export", "write all vectors, keys and labels", _export)
+    p = commands.subcommand(
+        "store", "export", "write all vectors, keys, labels and metadata", _export
+    )
     _bank_arg(p)
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--format", choices=("npy", "parquet"), default="npy")
@@ -32,6 +34,9 @@ def register(commands: Commands) -> None:
     p.add_argument("--keys", required=True, type=Path, help="text file, one key per line")
     p.add_argument("--labels", type=Path, help="CSV key,label[,split]")
     p.add_argument("--model", default="external", help="name of the model that made them")
+    p.add_argument("--metadata", type=Path,
+                   help='user metadata, one JSON object a line: {"key": ..., "metadata": {...}} '
+                   "(what store export writes to metadata.jsonl)")
 
     p = commands.subcommand(
         "store", "backup", "copy a bank (store snapshot + live index and head) while it serves",
@@ -202,7 +207,8 @@ def _export(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from featurebank.store.transfer import import_vectors
 
-    done = import_vectors(args.bank, args.vectors, args.keys, args.labels, args.model)
+    done = import_vectors(args.bank, args.vectors, args.keys, args.labels, args.model,
+                          args.metadata)
     print(f"imported {done['added']} vectors ({done['skipped']} already there); "
           f"bank has {done['count']}")
     return 0

@@ -27,7 +27,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -282,6 +282,7 @@ def embed(
     fail_on_error: bool = False,
     progress: bool = True,
     on_start: Callable[[dict[str, Any]], None] | None = None,
+    meta: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Embed the records of `source` missing from `bank` (created if needed); the summary back.
@@ -290,6 +291,7 @@ def embed(
     each one left out keeps what the bank's last embed job used, else its default.
     batch_size None: 64 on the CPU, the largest that fits on GPUs (see `batch_size`).
     on_start gets the device report (devices, precision, batch size) before the first batch.
+    meta: user metadata stored on every item added (a manifest's own columns win per row).
     """
     if batch_size is not None and batch_size < 1:
         raise InvalidInput(f"batch size must be at least 1, got {batch_size}")
@@ -299,7 +301,7 @@ def embed(
         params = job_report.recorded(b).override(backbone=backbone, **options)
         spec = with_known_dim(spec_for(params))
         src = stack.enter_context(
-            contextlib.closing(sources.open_source(source, params.labels, params.follow_links))
+            contextlib.closing(sources.open_source(source, params.labels, params.follow_links, meta))
         )
         p = plan(src, st, spec)
         summary: dict[str, Any] = {

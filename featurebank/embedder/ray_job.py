@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,7 @@ def run(
     verbose: bool = False,
     model: Callable[[Spec], Model] = load_model,
     commit: bool = True,
+    meta: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Embed what `bank` is missing of `source` on Ray, commit it; returns the summary.
@@ -148,7 +149,7 @@ def run(
         params = job_report.recorded(b).override(**options)
         chosen = spec is None
         spec = with_known_dim(spec_for(params) if spec is None else spec)
-        src = sources.open_source(source, params.labels, params.follow_links)
+        src = sources.open_source(source, params.labels, params.follow_links, meta)
         try:
             p = pipeline.plan(src, st, spec)
             kind = src.kind

@@ -74,7 +74,8 @@ def shard_id(spec: Spec, records: Sequence[sources.Record], thumbnails: bool = F
     edit (or thumbnails asked for now and not before), a new one."""
     h = hashlib.sha256(json.dumps([spec.to_dict(), thumbnails], sort_keys=True).encode())
     for r in records:
-        h.update(json.dumps([r.key, r.label, r.split, r.path, r.row]).encode())
+        h.update(json.dumps([r.key, r.label, r.split, r.path, r.row, *([r.meta] if r.meta else [])],
+                            sort_keys=True).encode())
     return h.hexdigest()[:SHARD_ID_CHARS]
 
 

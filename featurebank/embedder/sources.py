@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import numpy as np
 from featurebank.core.errors import InvalidInput, NotFound
 from featurebank.core.vocabulary import LABEL_SOURCES, SPLIT_ALIASES, check_choice
 from featurebank.embedder import folders, images
+from featurebank.store.metadata import check_user_meta
 
 # Files the decoder supports, and other image files listed so that they are reported as
 # unsupported rather than dropped silently. Anything else in a folder is ignored (counted).
@@ -32,13 +35,14 @@ HDF5_EXTS = (".h5", ".hdf5", ".hdf")
 
 @dataclass(frozen=True)
 class Record:
-    """One input: its stable key, label and split, and where to read it from."""
+    """One input: its stable key, label, split and user metadata, and where to read it from."""
 
     key: str
     label: str | None = None
     split: str = "none"
     path: str | None = None  # absolute file path (file sources)
     row: int = -1  # row of an array source
+    meta: dict[str, Any] = field(default_factory=dict, hash=False)  # the store's user map
 
 
 class Source:
@@ -163,7 +167,10 @@ def check_exists(source: str | os.PathLike[str]) -> Path:
 
 
 def open_source(
-    source: str | os.PathLike[str], labels: str = "folders", follow_links: bool = False
+    source: str | os.PathLike[str],
+    labels: str = "folders",
+    follow_links: bool = False,
+    meta: Mapping[str, Any] | None = None,
 ) -> Source:
     """Turn a SOURCE argument into records: folder, manifest, .npy/.npz, or `file.h5:dataset`.
 
@@ -171,7 +178,17 @@ def open_source(
     "manifest" insists on a manifest's label column, "none" stores everything unlabelled.
     follow_links: walk directory symlinks of a folder source (never into a folder
     already walked); by default they are left out and listed in `Source.skipped`.
+    meta: user metadata for every record (`--meta`); a manifest's own columns win per row.
     """
+    src = _open_source(source, labels, follow_links)
+    if meta:
+        if src.records:
+            _checked_meta(src.records[0].key, dict(meta), "--meta")
+        src.records = [replace(r, meta={**meta, **r.meta}) for r in src.records]
+    return src
+
+
+def _open_source(source: str | os.PathLike[str], labels: str, follow_links: bool) -> Source:
     check_choice(labels, LABEL_SOURCES, "--labels")
     text = os.fspath(source)
     h5 = _split_hdf5(text)
@@ -224,10 +241,60 @@ def _open_directory(root: Path, labels: str, follow_links: bool) -> Source:
 
 _PATH_NAMES = {"path", "file", "filename", "image", "uri"}
 _LABEL_NAMES = {"label", "class", "category"}
+META_PREFIX = "meta."
+META_COLUMN = "metadata"
+
+
+def typed(text: str) -> Any:
+    """A metadata value written as text: a number, true/false, or else the text itself
+    (JSON-quoted text, e.g. "42", stays a string)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, (str, int, float, bool)) else text
+
+
+def parse_meta_args(pairs: list[str] | None) -> dict[str, Any]:
+    """`--meta KEY=VALUE` options as a map (values typed as `typed` says)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise InvalidInput(f"--meta {pair!r}: expected KEY=VALUE, e.g. --meta camera=4")
+        out[name.strip()] = typed(value.strip())
+    return out
+
+
+def _checked_meta(key: str, meta: dict[str, Any], where: str) -> dict[str, Any]:
+    try:
+        return check_user_meta(key, meta)
+    except InvalidInput as e:
+        raise InvalidInput(f"{where}: {e}") from None
+
+
+def _row_meta(
+    key: str, cells: list[str], columns: dict[str, int], json_col: int | None, where: str
+) -> dict[str, Any]:
+    """A manifest row's metadata: its `metadata` JSON object, then its `meta.NAME` cells."""
+    out: dict[str, Any] = {}
+    if json_col is not None and json_col < len(cells) and cells[json_col]:
+        try:
+            value = json.loads(cells[json_col])
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"{where}: the metadata column is not JSON ({e.msg})") from None
+        if not isinstance(value, dict):
+            raise InvalidInput(f"{where}: the metadata column must be a JSON object")
+        out.update(value)
+    for name, i in columns.items():
+        if i < len(cells) and cells[i]:
+            out[name] = typed(cells[i])
+    return _checked_meta(key, out, where) if out else out
 
 
 def _open_manifest(path: Path, labels: str) -> Source:
-    """`path[,label][,split][,key]` rows, with or without a header naming those columns."""
+    """`path[,label][,split][,key]` rows, with or without a header naming those columns;
+    a header's `meta.NAME` columns and `metadata` (a JSON object) column give user metadata."""
     base = path.parent
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -248,6 +315,7 @@ def _open_manifest(path: Path, labels: str) -> Source:
         raise InvalidInput(f"manifest {path} lists no images")
     head = [c.strip().lower() for c in rows[0][1]]
     cols: dict[str, int]
+    meta_cols: dict[str, int] = {}
     if _PATH_NAMES & set(head):
         cols = {}
         for i, name in enumerate(head):
@@ -255,8 +323,10 @@ def _open_manifest(path: Path, labels: str) -> Source:
                 cols.setdefault("path", i)
             elif name in _LABEL_NAMES:
                 cols.setdefault("label", i)
-            elif name in ("split", "key"):
+            elif name in ("split", "key", META_COLUMN):
                 cols.setdefault(name, i)
+            elif name.startswith(META_PREFIX) and len(name) > len(META_PREFIX):
+                meta_cols[rows[0][1][i].strip()[len(META_PREFIX) :]] = i
         rows = rows[1:]
     else:
         cols = {"path": 0, "label": 1, "split": 2, "key": 3}
@@ -281,12 +351,15 @@ def _open_manifest(path: Path, labels: str) -> Source:
         label = cell("label") or None
         full = Path(rel) if os.path.isabs(rel) else base / rel
         key = cell("key") or Path(os.path.normpath(rel)).as_posix()
+        where = f"manifest {path} line {n}"
+        meta = _row_meta(key, cells, meta_cols, cols.get(META_COLUMN), where)
         records.append(
             Record(
                 key=key,
                 label=label if labels != "none" else None,
                 split=SPLIT_ALIASES[split],
                 path=str(full),
+                meta=meta,
             )
         )
     return Source(str(path), records)

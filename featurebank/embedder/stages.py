@@ -104,7 +104,7 @@ class Loader:
         rec = self.todo[i]
         try:
             pixels, meta = self.source.load(rec, self.size, self.resize, self.max_pixels)
-            self.meta[i] = meta
+            self.meta[i] = {**rec.meta, **meta}  # the store's source fields are never a user's
             if self.thumbs is not None:
                 self.thumbs[i] = images.thumbnail_jpeg(pixels)
             ok = True

@@ -36,10 +36,12 @@ import numpy as np
 from featurebank import store as store_mod
 from featurebank.core.bank import Bank, current_generation
 from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput, NotFound, shown
+from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import metric as metric_named
 from featurebank.index import families, filters
 from featurebank.index.families import FAISS
 from featurebank.index.segment import Segment, member, merge
+from featurebank.index.subset import TUNE_QUERIES, SubsetCache, SubsetIndex, outside_sample
 from featurebank.index.transforms import as_vectors
 from featurebank.index.views import (
     Generation,
@@ -155,6 +157,7 @@ class Searcher:
         self._table: filters.Table | None = None
         self._table_mutex = threading.Lock()
         self._matched: dict[Any, np.ndarray] = {}
+        self._subsets = SubsetCache()
         try:
             gen, self.damaged = load_live_generation(bank)
         except DamagedFile as e:  # every generation damaged: the store still holds each vector
@@ -451,10 +454,11 @@ class Searcher:
         self, view: View, xt: np.ndarray, k: int, matching: np.ndarray, key: Any
     ) -> tuple[np.ndarray, np.ndarray]:
         """Search only `matching` ids, planned by the filter's selectivity (filters.py):
-        small sets, and tight filters matching up to EXACT_SCAN_MAX, are scanned exactly;
-        loose filters fetch unfiltered candidates and keep those passing, and queries left
-        with fewer than k (a filter excluding the query's own region) are scanned exactly,
-        so recall holds whatever the filter lines up with. Larger tight sets use a selector.
+        small sets are scanned exactly; filters passing nearly everything fetch unfiltered
+        candidates and keep those passing; the rest, and queries a probe left with fewer
+        than k (a filter excluding the query's own region), search an IVF over just the
+        matching items (index/subset.py), so recall holds whatever the filter lines up with.
+        Sets too large to copy use a selector on the index itself.
         """
         make = lambda: matching[member(matching, view.gen.index_ids)]  # noqa: E731
         allowed: np.ndarray = cached(view, ("allowed", *key), make)
@@ -465,24 +469,34 @@ class Searcher:
         if allowed.size == 0:
             return np.full((n, k), np.nan, np.float32), np.full((n, k), -1, np.int64)
         fraction = allowed.size / max(indexed, 1)
-        exact = lambda: exact_subset(view, allowed)  # noqa: E731
-        if view.gen.family.name != "flat":
-            if allowed.size <= filters.EXACT_MAX:
-                return cached(view, ("exact", *key), exact)(xt, k)
-            kp = min(filters.probe_k(k, fraction), indexed)
-            if kp:
-                dist, ids = self._search_wide(view, xt, kp, fraction)
-                ids, dist, done = filters.first_passing(ids, dist, allowed, k)
-                if not done.all():
-                    rest = np.flatnonzero(~done)
-                    dist[rest], ids[rest] = cached(view, ("exact", *key), exact)(xt[rest], k)
-                return dist, ids
-            if allowed.size <= filters.EXACT_SCAN_MAX:
-                return cached(view, ("exact", *key), exact)(xt, k)
-        sel = cached(view, ("sel", *key), lambda: faiss.IDSelectorBatch(allowed))
-        params, keep = search_params(view, sel, fraction)
-        dist, ids = view.gen.index.search(xt, k, params=params)
-        del keep
+
+        def selected(xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            sel = cached(view, ("sel", *key), lambda: faiss.IDSelectorBatch(allowed))
+            params, keep = search_params(view, sel, fraction)
+            found = view.gen.index.search(xs, k, params=params)
+            del keep
+            return found
+
+        def inside(xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """Only matching items: a subset index when its copy fits, else a selector."""
+            if allowed.size * xs.shape[1] * 4 > filters.SUBSET_MAX_BYTES:
+                return selected(xs)
+            make = lambda: subset_index(view, allowed)  # noqa: E731
+            return self._subsets.get(view.gen.number, allowed, make).search(xs, k)
+
+        if view.gen.family.name == "flat":  # a scan: the selector costs nothing extra
+            return selected(xt)
+        if allowed.size <= filters.EXACT_MAX:
+            exact = lambda: exact_subset(view, allowed)  # noqa: E731
+            return cached(view, ("exact", *key), exact)(xt, k)
+        kp = min(filters.probe_k(k, fraction), indexed)
+        if not kp:
+            return inside(xt)
+        dist, ids = self._search_wide(view, xt, kp, fraction)
+        ids, dist, done = filters.first_passing(ids, dist, allowed, k)
+        if not done.all():
+            rest = np.flatnonzero(~done)
+            dist[rest], ids[rest] = inside(xt[rest])
         return dist, ids
 
     def _keys(self, ids: np.ndarray) -> dict[int, str]:
@@ -543,6 +557,20 @@ def exact_subset(
         return dist, ids
 
     return run
+
+
+def subset_index(view: View, allowed: np.ndarray) -> SubsetIndex:
+    """An IVF over the filter's indexed items, tuned on items passing and failing it."""
+    index, manifest = view.gen.index, view.gen.manifest
+    probes = outside_sample(view.gen.index_ids, allowed, TUNE_QUERIES)
+    return SubsetIndex(
+        allowed,
+        index.reconstruct_batch(allowed),
+        index.metric_type,
+        index.reconstruct_batch(probes) if probes.size else np.zeros((0, index.d), np.float32),
+        float(manifest.get("target_recall") or IndexParams.target_recall),
+        int(manifest.get("k") or IndexParams.k),
+    )
 
 
 def search_params(view: View, sel: faiss.IDSelector, fraction: float) -> tuple[Any, list[Any]]:

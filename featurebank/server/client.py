@@ -316,15 +316,17 @@ class FeatureBankClient:
 
     def suggest(
         self, n: int = 0, strategy: str = "margin", label: str | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None, filter: str = "",
     ) -> pb.SuggestResponse:
-        """Unlabelled items ranked by how much a label would help (strategy margin|entropy|diverse)."""
-        request = pb.SuggestRequest(n=n, strategy=_strategy(strategy), label=label or "")
+        """Unlabelled items (passing `filter`) ranked by how much a label would help
+        (strategy margin|entropy|diverse)."""
+        request = pb.SuggestRequest(n=n, strategy=_strategy(strategy), label=label or "",
+                                    filter=filter)  # fmt: skip
         return self._call(self.stub.Suggest, request, timeout)
 
-    def audit(self, n: int = 0, timeout: float | None = None) -> pb.AuditResponse:
-        """Labelled items whose label the bank doubts, most confident first."""
-        return self._call(self.stub.Audit, pb.AuditRequest(n=n), timeout)
+    def audit(self, n: int = 0, timeout: float | None = None, filter: str = "") -> pb.AuditResponse:
+        """Labelled items (passing `filter`) whose label the bank doubts, most confident first."""
+        return self._call(self.stub.Audit, pb.AuditRequest(n=n, filter=filter), timeout)
 
     def quality(
         self, precision: float = 0.0, n: int = 0, timeout: float | None = None

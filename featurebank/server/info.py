@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from featurebank.core.errors import NotFound
+from featurebank.index.filters import Node
 from featurebank.server.batching import run_in
 from featurebank.server.live import Live
 from featurebank.server.status import redacted
@@ -95,26 +96,28 @@ class Info:
             info.update(self.extra())
         return info
 
-    async def suggest(self, n: int, strategy: str, label: str | None) -> Labelling:
-        return await run_in(self.compute, self._suggest, n, strategy, label)
+    async def suggest(
+        self, n: int, strategy: str, label: str | None, where: Node | None = None
+    ) -> Labelling:
+        return await run_in(self.compute, self._suggest, n, strategy, label, where)
 
-    def _suggest(self, n: int, strategy: str, label: str | None) -> Labelling:
+    def _suggest(self, n: int, strategy: str, label: str | None, where: Node | None) -> Labelling:
         from featurebank.classify.suggest import suggest
 
         clf = self.live.current().classifier
         labels_gen = int(self.live.opened().labels_generation)
-        out = suggest(clf, n=n, strategy=strategy, label=label)
+        out = suggest(clf, n=n, strategy=strategy, label=label, where=where)
         return Labelling(out, int(clf.index_generation), labels_gen)
 
-    async def audit(self, n: int) -> Labelling:
-        return await run_in(self.compute, self._audit, n)
+    async def audit(self, n: int, where: Node | None = None) -> Labelling:
+        return await run_in(self.compute, self._audit, n, where)
 
-    def _audit(self, n: int) -> Labelling:
+    def _audit(self, n: int, where: Node | None) -> Labelling:
         from featurebank.classify.audit import audit
 
         clf = self.live.current().classifier
         labels_gen = int(self.live.opened().labels_generation)
-        return Labelling(audit(clf, n=n), int(clf.index_generation), labels_gen)
+        return Labelling(audit(clf, n=n, where=where), int(clf.index_generation), labels_gen)
 
     async def report(self) -> dict[str, Any]:
         return await run_in(self.compute, self._report)

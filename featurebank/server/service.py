@@ -272,7 +272,8 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         self, request: pb.SuggestRequest, context: aio.ServicerContext
     ) -> pb.SuggestResponse:
         n = check_count(request.n, "n")
-        done = await self.info.suggest(n, check_strategy(request.strategy), request.label or None)
+        done = await self.info.suggest(n, check_strategy(request.strategy), request.label or None,
+                                       queries.check_filter(request.filter))
         return pb.SuggestResponse(
             suggestions=[suggestion(s) for s in done.items],
             index_generation=done.index_generation,
@@ -281,7 +282,8 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
 
     @_rpc
     async def Audit(self, request: pb.AuditRequest, context: aio.ServicerContext) -> pb.AuditResponse:
-        done = await self.info.audit(check_count(request.n, "n"))
+        done = await self.info.audit(check_count(request.n, "n"),
+                                     queries.check_filter(request.filter))
         return pb.AuditResponse(
             findings=[finding(f) for f in done.items],
             index_generation=done.index_generation,

@@ -19,6 +19,7 @@ from featurebank.core.bank import Bank, current_generation, write_atomic
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
 from featurebank.core.spec import Spec
 from featurebank.store.items import Items
+from featurebank.store.metadata import check_user_meta, user_fields
 from featurebank.store.store import BankLike, borrowed, open_or_create
 from featurebank.store.store import open as open_store
 
@@ -54,7 +55,8 @@ def backup(bank: BankLike, out: str | Path) -> dict[str, Any]:
 
 
 def export(bank: BankLike, out: str | Path, fmt: str = "npy") -> int:
-    """Write every item (vectors, ids, keys, labels, splits) and the spec; returns the count."""
+    """Write every item (vectors, ids, keys, labels, splits, metadata) and the spec; returns
+    the count."""
     if fmt not in ("npy", "parquet"):
         raise InvalidInput(f"export format must be npy or parquet, got {fmt!r}")
     target = Path(out)
@@ -76,6 +78,33 @@ def _export_npy(out: Path, items: Items) -> None:
         w.writerow(["key", "label", "split"])
         for key, label, split in zip(items.keys, items.labels, items.splits, strict=True):
             w.writerow([key, label or "", split])
+    with open(out / METADATA_FILE, "w", encoding="utf-8") as f:
+        for key, meta in zip(items.keys, items.meta, strict=True):
+            if user_fields(meta):
+                f.write(json.dumps({"key": key, "metadata": user_fields(meta)}) + "\n")
+
+
+METADATA_FILE = "metadata.jsonl"
+"""One JSON object a line, {"key": ..., "metadata": {...}}, for items with user metadata."""
+
+
+def read_metadata(path: str | Path) -> dict[str, dict[str, Any]]:
+    """key -> user metadata from a metadata.jsonl file (what `store export` writes)."""
+    out: dict[str, dict[str, Any]] = {}
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+            raise InvalidInput(f'{path}:{n}: expected {{"key": ..., "metadata": {{...}}}}')
+        try:
+            out[row["key"]] = check_user_meta(row["key"], row.get("metadata"))
+        except InvalidInput as e:
+            raise InvalidInput(f"{path}:{n}: {e}") from None
+    return out
 
 
 def _export_parquet(out: Path, items: Items) -> None:
@@ -162,8 +191,10 @@ def import_vectors(
     keys: str | Path,
     labels: str | Path | None = None,
     model: str = "external",
+    metadata: str | Path | None = None,
 ) -> dict[str, int]:
-    """Add embeddings made elsewhere ((n, dim) .npy + a key file) to a bank, created if needed.
+    """Add embeddings made elsewhere ((n, dim) .npy + a key file) to a bank, created if needed,
+    with labels (a key,label[,split] CSV) and user metadata (a metadata.jsonl) if given.
 
     Keys already in the bank are skipped, so a rerun adds only what is missing.
     """
@@ -177,9 +208,11 @@ def import_vectors(
     dtype = "float16" if array.dtype == np.float16 else "float32"
     spec = Spec.external(model, dim=int(array.shape[1]), dtype=dtype)
     label_of, split_of = read_label_csv(labels) if labels else ({}, {})
-    unknown = set(label_of) - set(key_list)
-    if unknown:
-        raise InvalidInput(f"{labels}: key {sorted(unknown)[0]!r} is not in {keys}")
+    meta_of = read_metadata(metadata) if metadata else {}
+    for named, given in ((labels, label_of), (metadata, meta_of)):
+        unknown = set(given) - set(key_list)
+        if unknown:
+            raise InvalidInput(f"{named}: key {sorted(unknown)[0]!r} is not in {keys}")
     added = 0
     with open_or_create(bank, spec) as st:
         todo = set(st.missing(key_list))
@@ -194,7 +227,7 @@ def import_vectors(
                 np.asarray(array[rows]),
                 labels=[label_of.get(k) for k in batch],
                 splits=[split_of.get(k, "none") for k in batch],
-                meta=[{"uri": f"{vectors}#{i}"} for i in rows],
+                meta=[{**meta_of.get(key_list[i], {}), "uri": f"{vectors}#{i}"} for i in rows],
             )
             added += len(rows)
         count = int(st.count)

@@ -1447,6 +1447,7 @@ class SuggestRequest(_message.Message):
     STRATEGY_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
     BANK_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     n: _builtins.int
     """items to return; 0 = 100"""
     strategy: Global___Strategy.ValueType
@@ -1454,6 +1455,8 @@ class SuggestRequest(_message.Message):
     """only items with this label among their two most probable"""
     bank: _builtins.str
     """as in ClassifyRequest"""
+    filter: _builtins.str
+    """only items passing it are suggested (the grammar of SearchRequest.filter)"""
     def __init__(
         self,
         *,
@@ -1461,10 +1464,11 @@ class SuggestRequest(_message.Message):
         strategy: Global___Strategy.ValueType = ...,
         label: _builtins.str = ...,
         bank: _builtins.str = ...,
+        filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "label", b"label", "n", b"n", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "filter", b"filter", "label", b"label", "n", b"n", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1534,19 +1538,23 @@ class AuditRequest(_message.Message):
 
     N_FIELD_NUMBER: _builtins.int
     BANK_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     n: _builtins.int
     """findings to return; 0 = 100"""
     bank: _builtins.str
     """as in ClassifyRequest"""
+    filter: _builtins.str
+    """only items passing it are audited (they are still judged by every vote)"""
     def __init__(
         self,
         *,
         n: _builtins.int = ...,
         bank: _builtins.str = ...,
+        filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "n", b"n"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "filter", b"filter", "n", b"n"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -153,3 +153,33 @@ def test_a_filter_excluding_the_query_region_keeps_full_recall(
             rec_out = np.mean([len(set(a) & set(b)) / 10 for a, b, o in
                                zip(res.ids.tolist(), truth.tolist(), outside, strict=True) if o])
             assert recall >= 0.9 and rec_out >= 0.9, (text, recall, rec_out)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_a_subset_index_reaches_its_target_from_inside_and_outside(metric: str) -> None:
+    """The IVF over a filter's items, tuned on items inside and outside it, keeps the target
+    for queries from both sides, for a metric where smaller is closer and one where larger is."""
+    import faiss
+
+    from featurebank.index.subset import SubsetIndex
+
+    world = World.make(16, centres=40, seed=4)
+    x, cl = world.sample(16_000, 6)
+    q, qc = world.sample(200, 7)
+    if metric == "ip":
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+    mt = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    inside = np.flatnonzero(cl < 20)
+    outside = np.flatnonzero(cl >= 20)[::20]
+    sub = SubsetIndex(inside + 1000, x[inside], mt, x[outside], target=0.95, k=10)
+    assert sub.measured >= 0.95 and sub.nprobe_in <= sub.nprobe_out < sub.index.nlist
+    flat = faiss.IndexFlat(16, mt)
+    flat.add(x[inside])
+    _, truth = flat.search(q, 10)
+    _, found = sub.search(q, 10)
+    assert np.isin(found, inside + 1000).all()  # store ids, never an item outside
+    for side in (qc < 20, qc >= 20):
+        pairs = zip(found[side] - 1000, inside[truth[side]], strict=True)
+        got = [len(set(f) & set(t)) / 10 for f, t in pairs]
+        assert np.mean(got) >= 0.93, (metric, side.sum(), np.mean(got))

@@ -232,7 +232,17 @@ def test_metadata_through_upsert_set_metadata_scroll_and_count(tmp_path: Path) -
 
 
 def test_scroll_returns_every_item_once_while_upserts_land(tmp_path: Path) -> None:
-    n = 20_000
+    scroll_while_upserting(tmp_path, 20_000)
+
+
+@pytest.mark.slow
+def test_scroll_over_100k_returns_every_item_once_while_upserts_land(tmp_path: Path) -> None:
+    scroll_while_upserting(tmp_path, 100_000)
+
+
+def scroll_while_upserting(tmp_path: Path, n: int) -> None:
+    """Pages of 1,000 in key order while a writer adds new keys and replaces old ones: every
+    key present at the start comes back exactly once, in order."""
     root = tmp_path / "bank"
     rng = np.random.default_rng(3)
     spec = Spec(backbone="external", weights="external", input_size=None, resize="none",
@@ -245,6 +255,7 @@ def test_scroll_returns_every_item_once_while_upserts_land(tmp_path: Path) -> No
         s = pb_grpc.FeatureBankStub(ch)
         stop = threading.Event()
         errors: list[BaseException] = []
+        landed = [0]  # upsert calls answered while the scroll ran
 
         def writer() -> None:
             i = 0
@@ -255,6 +266,7 @@ def test_scroll_returns_every_item_once_while_upserts_land(tmp_path: Path) -> No
                     batch += [pb.UpsertItem(key=start_keys[i % n], vector=pb.Vector(values=[0.2] * 8))]
                     s.Upsert(iter({b.key: b for b in batch}.values()))
                     i += 1
+                    landed[0] = i
             except BaseException as e:  # noqa: BLE001 - reported below
                 errors.append(e)
 
@@ -273,6 +285,7 @@ def test_scroll_returns_every_item_once_while_upserts_land(tmp_path: Path) -> No
             stop.set()
             t.join(60)
         assert not errors, errors
+        assert landed[0] > 0  # writes really landed between pages
         assert len(seen) == len(set(seen))  # none twice
         assert set(start_keys) <= set(seen)  # none of those present at the start skipped
         assert seen == sorted(seen)

@@ -214,6 +214,23 @@ def test_search_by_upload_shows_neighbours_with_thumbnails(page: dict[str, Any])
     d.save_screenshot(str(page["shots"] / "search.png"))
 
 
+def test_search_with_a_filter_shows_only_passing_items(page: dict[str, Any]) -> None:
+    from selenium.webdriver.common.by import By
+
+    d = page["driver"]
+    d.get(page["url"] + "#search")
+    d.find_element(By.ID, "search-key").send_keys("green/0")
+    d.find_element(By.ID, "search-filter").send_keys('key prefix "red/"')
+    d.find_element(By.CSS_SELECTOR, "#search-form button").click()
+    keys = wait_for(d, lambda drv: [t.get_attribute("data-key") for t in
+                                    drv.find_elements(By.CSS_SELECTOR, "#search-results .tile")])
+    assert len(keys) >= 8 and all(k.startswith("red/") for k in keys), keys
+    d.find_element(By.ID, "search-filter").send_keys(" and")  # now malformed: says where
+    d.find_element(By.CSS_SELECTOR, "#search-form button").click()
+    message = wait_for(d, lambda drv: drv.find_element(By.ID, "message").text)
+    assert "position" in message and "filter" in message, message
+
+
 def test_label_three_suggestions_with_the_keyboard(page: dict[str, Any]) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By

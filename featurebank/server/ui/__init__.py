@@ -131,8 +131,9 @@ def create_app(client: FeatureBankClient) -> Flask:
         image = upload.read() if upload is not None else None
         if upload is not None and not image:
             raise InvalidInput("the uploaded image is empty")
-        found = bank().search(image, key=key, k=k)
-        guess = bank().classify(image, key=key, top_n=3)
+        where = request.form.get("filter", "")  # only items passing it are shown and vote
+        found = bank().search(image, key=key, k=k, filter=where)
+        guess = bank().classify(image, key=key, top_n=3, filter=where)
         return jsonify(
             neighbors=[as_dict(n) for n in found.neighbors],
             labels=[as_dict(x) for x in guess.labels],

@@ -136,6 +136,8 @@ async function search(event) {
   if (file) form.append("image", file);
   else if (key) form.append("key", key);
   else return showMessage("choose an image or type a key", true);
+  const filter = $("search-filter").value.trim();
+  if (filter) form.append("filter", filter);
   $("search-results").replaceChildren(el("span", { class: "muted" }, "searching…"));
   try {
     const r = await api("/api/search", { method: "POST", body: form });
