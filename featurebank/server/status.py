@@ -38,13 +38,16 @@ def hide_path(folder: str | os.PathLike[str]) -> None:
     with _HIDDEN_LOCK:
         for form in {os.fspath(folder), os.path.realpath(folder), os.path.abspath(folder)}:
             if form and form not in ("/", "."):
-                _HIDDEN[form] = re.compile(r"(?:bank )?" + re.escape(form.rstrip("/")) + r"(/|(?=\W|$))")
+                _HIDDEN[form] = re.compile(
+                    r"(?:(?<![-\w])bank )?" + re.escape(form.rstrip("/")) + r"(/|(?=\W|$))"
+                )
 
 
 def redacted(message: str) -> str:
     """`message` with every hidden bank folder (and what lies under it) named by role."""
     for form, pattern in sorted(_HIDDEN.items(), key=lambda kv: -len(kv[0])):
         if form in message:
+            message = message.replace(f"--bank {form.rstrip('/')}", "--bank BANK")  # a command
             message = pattern.sub(lambda m: "this bank's " if m.group(1) else "this bank", message)
     return message
 

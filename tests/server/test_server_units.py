@@ -222,3 +222,15 @@ def test_edge_checks_tell_oneofs_apart_and_fill_defaults() -> None:
         check_labels([pb.LabelAssignment(key="a"), pb.LabelAssignment(key="a")])
     with pytest.raises(InvalidInput, match="longer than 64 characters"):
         check_operation_id("f" * 65)
+
+
+def test_status_messages_never_carry_the_banks_folder() -> None:
+    from featurebank.server.status import hide_path, redacted
+
+    hide_path("/srv/hidden-banks/b1")
+    message = ("key 'x' is not in bank /srv/hidden-banks/b1; /srv/hidden-banks/b1/indexes/2/"
+               "index.faiss is damaged: run `featurebank store repair --bank /srv/hidden-banks/b1`")
+    assert redacted(message) == (
+        "key 'x' is not in this bank; this bank's indexes/2/index.faiss is damaged: "
+        "run `featurebank store repair --bank BANK`"
+    )
