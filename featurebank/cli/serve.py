@@ -198,7 +198,7 @@ def _bootstrap(args: argparse.Namespace, token: str | None) -> Path:
     import time
 
     from featurebank.server.app import check_data_options
-    from featurebank.server.replication_follow import PrimaryLink, bootstrap, read_state
+    from featurebank.server.replication_copy import PrimaryLink, bootstrap, read_state
 
     check_data_options(args.replica, args.primary, bool(args.bank or args.banks))
     if read_state(args.data) is not None:

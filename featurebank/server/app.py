@@ -44,7 +44,8 @@ from featurebank.server.metrics import Metrics
 from featurebank.server.reflection import enable_reflection
 from featurebank.server.replica import DEFAULT_FOLLOW_INTERVAL_S, ReplicaEngine, ReplicaInterceptor
 from featurebank.server.replication import DEFAULT_LOG_RETENTION
-from featurebank.server.replication_follow import PrimaryLink, RemoteReplicaEngine, bootstrap
+from featurebank.server.replication_copy import PrimaryLink, bootstrap
+from featurebank.server.replication_follow import RemoteReplicaEngine
 from featurebank.server.router import BankRouter
 from featurebank.server.service import FeatureBankServicer
 from featurebank.server.shared_batches import SharedBatches

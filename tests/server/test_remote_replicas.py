@@ -23,7 +23,7 @@ from featurebank.server import replication, replication_follow
 from featurebank.server.app import ServeConfig
 from featurebank.server.auth import Tokens
 from featurebank.server.client import FeatureBankClient, RemoteError
-from featurebank.server.replication_follow import STAGING, Download, PrimaryLink, bootstrap
+from featurebank.server.replication_copy import STAGING, Download, PrimaryLink, bootstrap
 from featurebank.store import replication as records
 from tests.support.replication import same_records
 from tests.support.server import RunningServer, free_port, make_vector_bank
