@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from featurebank.core.errors import FailedPrecondition
-from featurebank.server import replication, replication_follow
+from featurebank.server import read_your_writes, replication, replication_follow
 from featurebank.server.app import ServeConfig
 from featurebank.server.auth import Tokens
 from featurebank.server.client import FeatureBankClient, RemoteError
@@ -113,7 +113,7 @@ def test_a_replica_refuses_writes_and_replication_naming_its_primary(pair: Any) 
 def test_read_your_writes_waits_for_the_generation_or_answers_unavailable(
     pair: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(replication, "MAX_WAIT_S", 0.5)
+    monkeypatch.setattr(read_your_writes, "MAX_WAIT_S", 0.5)
     p, r = pair
     with FeatureBankClient(p.target) as pc, FeatureBankClient(r.target) as rc:
         written = pc.upsert([{"key": "ryw", "vector": -FAR}]).store_generation
