@@ -9,7 +9,10 @@ served three ways, each a real `featurebank serve` subprocess measured from /pro
 - one server of all N banks (`--banks DIR`): RSS with every bank idle at start, the first
   query on each idle bank (open + search, p50/p99), RSS again once every bank was opened
   and closed by the idle sweep; then throughput of 32 client threads spread over 10 banks
-  against the same 32 threads on one bank.
+  against the same 32 threads on one bank, every call a fresh query drawn from its bank's
+  own clusters; beside it, the same comparison for the indexes alone (in process, no
+  gRPC), the ceiling for the served ratio: a batch spread over 10 banks scans 10 indexes
+  where one bank's batch scans one.
 
 Checks (exit 1 when one fails): every answer's keys belong to the bank asked (precondition),
 RSS with all N banks idle <= 1.2x one served bank (at start and after all were opened and
@@ -59,6 +62,19 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+def centers_of(b: int) -> np.ndarray:
+    """The cluster centres of bank number b (its vectors and its queries are drawn around them)."""
+    return np.random.default_rng(b).normal(size=(10, DIM)).astype(np.float32)
+
+
+def fresh_queries(bank: str, count: int, seed: int) -> np.ndarray:
+    """`count` new query vectors from the bank's own distribution, none of them stored."""
+    rng = np.random.default_rng(10_000 + seed)
+    centers = centers_of(int(bank.rsplit("-", 1)[1]))
+    picks = rng.integers(0, len(centers), size=count)
+    return (centers[picks] + 0.3 * rng.normal(size=(count, DIM))).astype(np.float32)
+
+
 def make_banks(root: Path, count: int, items: int) -> list[str]:
     from featurebank import store as store_mod
     from featurebank.core.spec import Spec
@@ -68,7 +84,7 @@ def make_banks(root: Path, count: int, items: int) -> list[str]:
     for b in range(count):
         name = f"bank-{b:03d}"
         rng = np.random.default_rng(b)
-        centers = rng.normal(size=(10, DIM)).astype(np.float32)
+        centers = centers_of(b)
         labels = rng.integers(0, 10, size=items)
         vectors = centers[labels] + 0.3 * rng.normal(size=(items, DIM)).astype(np.float32)
         keys = [f"{name}/{i}" for i in range(items)]
@@ -125,23 +141,54 @@ def query(target: str, bank: str, seed: int, expect: str = "") -> float:
     return took
 
 
+def search_limit(root: Path, banks: list[str], rounds: int = 30) -> tuple[float, float]:
+    """Searches per second of the indexes alone (in process, one thread, no gRPC): the
+    same CLIENTS fresh queries a batch, asked of one bank in one call, or spread over
+    `banks` in one call per bank, as the server's shared batch does. It is the part of a
+    served search that spreading over banks makes dearer: each call scans its own index."""
+    from featurebank.index.searcher import Searcher
+
+    searchers = [Searcher.load(root / b, threads=1) for b in banks]
+    try:
+        share = [np.array_split(np.arange(CLIENTS), len(banks))[i] for i in range(len(banks))]
+        spread_q = [fresh_queries(b, CLIENTS * rounds, seed=99) for b in banks]
+        one_q = spread_q[0]
+        for s, b in zip(searchers, banks, strict=True):  # warm: hits' keys cached, as when served
+            s.search(fresh_queries(b, 2_000, seed=98), 10).keys  # noqa: B018
+        rates = []
+        for spread in (False, True):
+            started = time.perf_counter()
+            for r in range(rounds):
+                if spread:
+                    for s, q, rows in zip(searchers, spread_q, share, strict=True):
+                        s.search(q[r * CLIENTS + rows], 10).keys  # noqa: B018 - keys are the answer
+                else:
+                    searchers[0].search(one_q[r * CLIENTS:(r + 1) * CLIENTS], 10).keys  # noqa: B018
+            rates.append(rounds * CLIENTS / (time.perf_counter() - started))
+        return rates[0], rates[1]
+    finally:
+        for s in searchers:
+            s.close()
+
+
 def throughput(target: str, banks: list[str], seconds: float) -> float:
-    """Searches per second of CLIENTS threads, thread i asking banks[i % len(banks)]."""
+    """Searches per second of CLIENTS threads, thread i asking banks[i % len(banks)] fresh
+    queries from that bank's own distribution (the same per thread in every run)."""
     from featurebank.server.client import FeatureBankClient
 
     stop = threading.Event()
     counts = [0] * CLIENTS
     failures: list[BaseException] = []
-    vector = np.random.default_rng(7).normal(size=DIM).astype(np.float32)
 
     def run(i: int) -> None:
         bank = banks[i % len(banks)]
+        queries = fresh_queries(bank, 512, seed=i)  # every call a new query, as in production
         with FeatureBankClient(target, timeout=30, bank=bank) as c:
-            c.search(vector=vector, k=10)  # connected and warm before the clock starts
+            c.search(vector=queries[-1], k=10)  # connected and warm before the clock starts
             barrier.wait()
             while not stop.is_set():
                 try:
-                    hits = c.search(vector=vector, k=10).neighbors
+                    hits = c.search(vector=queries[counts[i] % len(queries)], k=10).neighbors
                     if any(not h.key.startswith(f"{bank}/") for h in hits):
                         raise AssertionError(f"{bank} answered another bank's keys")
                     counts[i] += 1
@@ -219,6 +266,7 @@ def main() -> int:
                            throughput(many.target, names[:1], seconds)))
         many.stop()
         spread, single = (float(np.median([r[i] for r in rounds])) for i in (0, 1))
+        limit_one, limit_spread = search_limit(root, names[:SPREAD])
 
     p50, p99 = float(np.percentile(first, 50)), float(np.percentile(first, 99))
     print("\nRSS (MiB, from /proc/PID/status VmRSS):")
@@ -235,6 +283,9 @@ def main() -> int:
     print(f"throughput, {CLIENTS} clients, median of {ROUNDS} alternated rounds: {SPREAD} banks "
           f"{spread:.0f}/s vs one bank {single:.0f}/s = {spread / single:.2f}x (limit {THROUGHPUT_RATIO}x)")
     print("  rounds: " + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in rounds))
+    print(f"  the indexes alone (one thread, batches of {CLIENTS} fresh queries): {SPREAD} banks "
+          f"{limit_spread:.0f}/s vs one bank {limit_one:.0f}/s = {limit_spread / limit_one:.2f}x "
+          "(spread over banks, every batch scans 10 indexes instead of one)")
     checks = {
         f"RSS of {count} idle banks at start <= {IDLE_RSS_RATIO}x one bank": idle_at_start <= IDLE_RSS_RATIO * one_rss,
         f"RSS of {count} banks idle again <= {IDLE_RSS_RATIO}x one bank": idle_after <= IDLE_RSS_RATIO * one_rss,

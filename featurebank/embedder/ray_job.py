@@ -205,6 +205,7 @@ def run(
             if results.rows and results.working_seconds > 0
             else 0.0,
             seconds_working=round(results.working_seconds, 3),
+            shards_at_once=results.most_at_once,
             seconds_reading=round(results.reading, 3),
             seconds_inferring=round(results.inferring, 3),
             seconds_writing=round(results.writing, 3),
@@ -231,6 +232,17 @@ class _Results:
         self.errors: list[dict[str, str]] = []
         self.first_start = float("inf")
         self.last_end = 0.0
+        self.spans: list[tuple[float, float]] = []  # (started, ended) of each shard
+
+    @property
+    def most_at_once(self) -> int:
+        """The most shards in progress at one instant: how much of the pool really worked."""
+        events = sorted([(s, 1) for s, _ in self.spans] + [(e, -1) for _, e in self.spans])
+        running = most = 0
+        for _, step in events:  # an end sorts before a start at the same instant
+            running += step
+            most = max(most, running)
+        return most
 
     @property
     def working_seconds(self) -> float:
@@ -248,6 +260,7 @@ class _Results:
         self.errors.extend(json.loads(row["errors"]))
         self.first_start = min(self.first_start, float(row["started"]))
         self.last_end = max(self.last_end, float(row["ended"]))
+        self.spans.append((float(row["started"]), float(row["ended"])))
 
 
 def _run_shards(

@@ -57,6 +57,7 @@ from featurebank.store import BankLike, Store
 log = logging.getLogger(__name__)
 
 SELECTOR_CACHE = 16
+KEY_CACHE_MAX = 50_000  # hits' keys kept per searcher (a few MB)
 
 
 class SearchResult:
@@ -143,6 +144,7 @@ class Searcher:
         self.store = store
         self._owns_store = owns_store
         self._refresh_mutex = threading.Lock()
+        self._key_cache: dict[int, str] = {}  # id -> key of recent hits (see _keys)
         self._local = threading.local()
         self.threads = threads
         self._table: filters.Table | None = None
@@ -469,20 +471,20 @@ class Searcher:
         return dist, ids
 
     def _keys(self, ids: np.ndarray) -> dict[int, str]:
-        wanted = np.unique(ids[ids >= 0]).astype(np.uint64)
-        if wanted.size == 0:
-            return {}
-        try:
-            items = self.store.get(wanted)
-            return {int(i): key for i, key in zip(items.ids, items.keys, strict=True)}
-        except NotFound:  # deleted since the search: look up one by one, skip the missing
-            out: dict[int, str] = {}
-            for i in wanted:
-                try:
-                    out[int(i)] = self.store.get(np.array([i], dtype=np.uint64)).keys[0]
-                except NotFound:
-                    continue
-            return out
+        """id -> key of hits. An id names one key for good (a replaced item gets a new id),
+        so recent hits' keys are kept: a store lookup per search would cost more than the
+        search on a small bank."""
+        wanted = np.unique(ids[ids >= 0]).tolist()
+        cache = self._key_cache
+        found = {i: key for i in wanted if (key := cache.get(i)) is not None}
+        missing = [i for i in wanted if i not in found]
+        if missing:  # unknown to the store (deleted before it was ever a hit): left out
+            fetched = self.store.keys_of(np.array(missing, dtype=np.uint64))
+            if len(cache) + len(fetched) > KEY_CACHE_MAX:
+                cache.clear()
+            cache.update(fetched)
+            found.update(fetched)
+        return found
 
 
 def cached(view: View, key: Any, make: Callable[[], Any]) -> Any:

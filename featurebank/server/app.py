@@ -228,7 +228,7 @@ class FeatureBankServer:
         self.batches = SharedBatches(  # calls of all banks batch together
             self.compute, max_batch_size=config.max_batch_size,
             batch_timeout_ms=config.batch_timeout_ms, search_threads=DEFAULT_SEARCH_THREADS,
-            on_batch=lambda kind, size: self.metrics.batch_size.labels(kind).observe(size),
+            on_batch=self.metrics.observe_batch,
         )
         self.banks = Banks(
             table, self._make_engine, default=default, root=config.banks_dir,
@@ -236,7 +236,7 @@ class FeatureBankServer:
         )
         self.engine: Engine | None = None  # the default bank's, opened at start
         if default is not None:
-            self.engine = self._make_engine(table[default])
+            self.engine = self._make_engine(default, table[default])
             self.banks.pin(self.engine)
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -246,13 +246,13 @@ class FeatureBankServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
 
-    def _make_engine(self, path: Path) -> Engine:
-        """An engine for one bank, not yet open: a replica's or a primary's."""
+    def _make_engine(self, name: str, path: Path) -> Engine:
+        """An engine for bank `name`, not yet open: a replica's or a primary's."""
         c = self.config
         options: dict[str, Any] = {
             "max_batch_size": c.max_batch_size,
             "batch_timeout_ms": c.batch_timeout_ms,
-            "metrics": self.metrics,
+            "metrics": self.metrics.for_bank(name),
             "device": c.device,
             "precision": c.precision,
             "models": self.models,
@@ -307,7 +307,7 @@ class FeatureBankServer:
         self._server = server
         budget = c.upsert_budget()  # one budget for the streams of every bank
         router = BankRouter(
-            self.banks, lambda engine: FeatureBankServicer(engine, self.metrics, budget),
+            self.banks, lambda engine: FeatureBankServicer(engine, engine.metrics, budget),
             self.metrics, c.tokens, log_retention=c.log_retention,
         )
         featurebank_pb2_grpc.add_FeatureBankServicer_to_server(router, server)

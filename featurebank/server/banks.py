@@ -104,7 +104,7 @@ class Entry:
         }
 
 
-EngineFactory = Callable[[Path], "Engine"]
+EngineFactory = Callable[[str, Path], "Engine"]  # (bank name, folder)
 
 
 class Banks:
@@ -263,7 +263,7 @@ class Banks:
 
     async def _open(self, entry: Entry) -> None:
         entry.state, entry.error = "loading", None
-        engine = self.make_engine(entry.path)
+        engine = self.make_engine(entry.name, entry.path)
         try:
             await asyncio.get_running_loop().run_in_executor(None, engine.open)
         except BaseException as e:

@@ -10,6 +10,7 @@ method shares the same call wrapper and input conversion; split by RPC, nothing 
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -150,6 +151,13 @@ class FeatureBankClient:
 
     def close(self) -> None:
         self.channel.close()
+
+    def for_bank(self, bank: str) -> FeatureBankClient:
+        """This client naming `bank` on every request, over the same channel (closing
+        either closes both)."""
+        view = copy.copy(self)
+        view.bank = bank
+        return view
 
     def _call(self, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
         if self.bank:

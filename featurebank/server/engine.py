@@ -192,7 +192,7 @@ class Engine:
 
     def _on_batch(self, kind: str, size: int) -> None:
         if self.metrics is not None:
-            self.metrics.batch_size.labels(kind).observe(size)
+            self.metrics.observe_batch(kind, size)
 
     async def close(self) -> None:
         """Finish queued work, then close the store cleanly."""

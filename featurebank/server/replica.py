@@ -207,9 +207,7 @@ class Follower:
         metrics = self.engine.metrics
         if metrics is None:
             return
-        if generations_behind is not None:
-            metrics.replica_generations_behind.set(generations_behind)
-        metrics.replica_seconds_behind.set(seconds_behind)
+        metrics.set_replica_lag(generations_behind, seconds_behind)
 
     def lag(self, bank: BankState | None = None) -> dict[str, Any]:
         """How far the replica is behind `bank` (default: the bank as it is now; for GetInfo)."""

@@ -235,7 +235,7 @@ class Hub:
                 f = self.followers[replica_id] = Follower(replica_id, peer, applied)
             f.peer, f.applied, f.seen, f.connected = peer, applied, time.monotonic(), True
         if self.metrics is not None:
-            self.metrics.follower_generations_behind.labels(replica_id).set(max(0, primary - applied))
+            self.metrics.set_follower_lag(replica_id, max(0, primary - applied))
 
     def gone(self, replica_id: str) -> None:
         """Its stream ended: it still holds the log for `grace_s`."""

@@ -134,6 +134,8 @@ class BankRouter(pb_grpc.FeatureBankServicer):
         async def call() -> pb.DropBankResponse:
             self._check_reach(context, "DropBank", request.name)
             await self.lifecycle.drop(request.name, request.force)
+            if self.metrics is not None:
+                self.metrics.for_bank(request.name).forget_bank()
             return pb.DropBankResponse(name=request.name)
 
         return await self._answer("DropBank", call, context)  # type: ignore[no-any-return]
@@ -201,7 +203,7 @@ class BankRouter(pb_grpc.FeatureBankServicer):
         key = str(engine.bank.root)
         hub = self.hubs.get(key)
         if hub is None:
-            hub = self.hubs[key] = Hub(self.log_retention, metrics=self.metrics)
+            hub = self.hubs[key] = Hub(self.log_retention, metrics=engine.metrics)
         return hub
 
     async def _stream(

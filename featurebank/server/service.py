@@ -87,7 +87,7 @@ def _rpc(
     @functools.wraps(fn)
     async def wrapper(self: FeatureBankServicer, request: Req, context: aio.ServicerContext) -> Resp:
         started = time.perf_counter()
-        in_flight = self.metrics.in_flight.labels(name) if self.metrics is not None else None
+        in_flight = self.metrics.in_flight_of(name) if self.metrics is not None else None
         if in_flight is not None:
             in_flight.inc()
         try:

@@ -48,6 +48,7 @@ from featurebank.store.codec import (
     check_metas,
     check_split,
     check_vectors,
+    decode_keys,
     decode_rows,
     default_block_rows,
     encode_json_list,
@@ -650,6 +651,23 @@ class Store:
         sh = self._sh()
         with sh.read() as (txn, h):
             return self._get_in_txn(txn, h, arr, dtype)
+
+    def keys_of(self, ids: Any) -> dict[int, str]:
+        """id -> key of the live ids among `ids` (unknown and deleted ids are left out).
+
+        The lookup behind every search's hits: it reads only keys, no vectors or metadata.
+        """
+        arr = as_ids(ids)
+        out: dict[int, str] = {}
+        sh = self._sh()
+        with sh.read() as (txn, h):
+            loc = locate(txn, h, arr)
+            for b, (bkey, *_) in enumerate(loc.blocks):
+                positions = np.flatnonzero(loc.block == b)
+                block = decode_keys(txn.get(bkey, db=h.dbs["keys"]))
+                out.update(zip(arr[positions].tolist(), [block[r] for r in loc.row[positions]],
+                               strict=True))
+        return out
 
     def get_by_keys(self, keys: Sequence[str], dtype: Any = np.float32) -> Items:
         sh = self._sh()

@@ -68,6 +68,22 @@ def test_search_returns_keys_labels_and_scores(labelled: tuple[Path, np.ndarray,
         assert (searcher.search(x[:50], 10).ids == truth).all()
 
 
+def test_hit_keys_stay_right_after_replace_and_delete(
+    labelled: tuple[Path, np.ndarray, list[str]], tmp_path: Path,
+) -> None:
+    _, x, labels = labelled
+    bank = make_bank(tmp_path / "bank", x[:200], labels[:200])
+    build_index(bank, factory="Flat", metric="cosine", transform="none")
+    with store_mod.open(bank) as st, Searcher.load(st) as searcher:
+        assert searcher.search(x[:2], 1).keys == [["item-0"], ["item-1"]]  # keys now cached
+        st.put_batch(["item-0"], x[1:2], replace=True)  # a new id, and a new vector
+        st.delete(["item-1"])
+        searcher.catch_up()
+        found = searcher.search(x[1:2], 2)
+        assert found.keys[0][0] == "item-0" and "item-1" not in found.keys[0]
+        assert int(found.ids[0][0]) == 200  # the replaced item's new id
+
+
 def test_label_restriction_returns_only_those_labels(
     labelled: tuple[Path, np.ndarray, list[str]],
 ) -> None:

@@ -62,6 +62,13 @@ def test_create_an_empty_bank_fill_it_and_serve_it(tmp_path: Path) -> None:
         FeatureBankClient(rs.target, timeout=30, bank="fresh") as c,
     ):
         assert c.info().count == 18
+        sizes = rs.server.metrics.bank_items
+        assert sizes.labels("fresh")._value.get() == 18  # type: ignore[attr-defined]
+        with FeatureBankClient(rs.target, timeout=30) as admin:
+            admin.drop_bank("fresh")
+        gauges = {s.labels.get("bank") for m in rs.server.metrics.registry.collect()
+                  if m.name == "featurebank_bank_items" for s in m.samples}
+        assert "fresh" not in gauges  # a dropped bank leaves no stale sizes behind
 
 
 def test_lifecycle_needs_a_banks_folder(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,12 +152,14 @@ def test_idle_banks_close_and_reopen_under_load(two_dims: Path) -> None:
         threads = [threading.Thread(target=load, args=a) for a in (("small", 8), ("wide", 24))]
         for t in threads:
             t.start()
-        time.sleep(3)
-        stop.set()
+        wide = rs.server.banks.entries["wide"]
+        try:
+            until(lambda: wide.opens >= 2 or bool(failures), 60)  # closed between calls, reopened
+        finally:
+            stop.set()
         for t in threads:
             t.join(30)
         assert not failures, failures[:3]
-        assert rs.server.banks.entries["wide"].opens >= 2  # it closed between calls and reopened
         until(lambda: set(states(lister).values()) == {"idle"}, 10)
 
 
@@ -225,3 +228,23 @@ def test_a_replica_follows_several_banks(two_dims: Path) -> None:
                 assert r.search(vector=class_centers(8)[1] * 3, k=1).neighbors[0].key == "later"
     finally:
         primary.stop()
+
+
+def test_metrics_carry_the_bank_each_call_went_to(two_dims: Path) -> None:
+    config = ServeConfig(banks_dir=two_dims, port=free_port(), metrics_port=free_port())
+    with RunningServer(config) as rs:
+        calls = {"small": 3, "wide": 1}
+        for name, n in calls.items():
+            with FeatureBankClient(rs.target, timeout=30, bank=name) as c:
+                dim = c.info().spec.dim
+                for _ in range(n):
+                    c.search(vector=class_centers(dim)[1], k=3)
+        with FeatureBankClient(rs.target, timeout=30, bank="nowhere") as c, pytest.raises(RemoteError):
+            c.search(vector=class_centers(8)[1])
+        url = f"http://127.0.0.1:{rs.server.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        for name, n in calls.items():
+            assert f'featurebank_requests_total{{bank="{name}",code="OK",method="Search"}} {n}.0' in text
+            assert f'featurebank_bank_items{{bank="{name}"}}' in text
+        assert 'featurebank_requests_total{bank="",code="NOT_FOUND",method="Search"} 1.0' in text
+        assert 'bank="nowhere"' not in text  # a client's made-up name never becomes a series

@@ -72,7 +72,8 @@ def test_unreadable_token_files_are_named(tmp_path: Path) -> None:
 def test_startup_line_states_tls_and_auth(bank: Path, certs: dict[str, Path],
                                           tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
-    tokens.write_text("read r0\nwrite w0\nwrite w1\n")
+    secrets = ("read-secret-r0", "write-secret-w0", "write-secret-w1")
+    tokens.write_text(f"read {secrets[0]}\nwrite {secrets[1]}\nwrite {secrets[2]}\n")
     for extra, expect in [
         ((), "(plaintext, auth off)"),
         (("--tokens", str(tokens), "--tls-cert", str(certs["server_cert"]),
@@ -93,7 +94,7 @@ def test_startup_line_states_tls_and_auth(bank: Path, certs: dict[str, Path],
                 proc.kill()
                 proc.communicate()
         assert expect in line, line
-        assert "w0" not in line and "r0" not in line
+        assert not any(secret in line for secret in secrets)
         assert proc.returncode == 0
 
 

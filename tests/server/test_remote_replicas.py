@@ -95,7 +95,8 @@ def test_a_replica_copies_the_bank_then_every_kind_of_commit_and_generation(pair
         assert [f.applied_store_generation for f in followers] == [gen]
         assert followers[0].connected and followers[0].replica_id
         behind = p.server.metrics.registry.get_sample_value(
-            "featurebank_follower_generations_behind", {"replica": followers[0].replica_id})
+            "featurebank_follower_generations_behind",
+            {"bank": "bank", "replica": followers[0].replica_id})
         assert behind == 0
 
 

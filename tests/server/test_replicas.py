@@ -229,7 +229,7 @@ def test_replica_goes_not_serving_while_the_bank_is_unreadable(tmp_path: Path) -
         assert c.classify(vector=center("fox")).labels[0].label == "fox"
         bank.rename(moved)  # e.g. the volume holding the bank went away
         until(lambda: c.health() == "NOT_SERVING", 10)
-        behind = rs.server.metrics.replica_seconds_behind
+        behind = rs.server.metrics.replica_seconds_behind.labels(bank.name)
         until(lambda: behind._value.get() > 0, 10)  # type: ignore[attr-defined]
         for call in (lambda: c.classify(vector=center("fox")), lambda: c.search(key="fox/1-0"),
                      c.info, lambda: c.thumbnails(["fox/1-0"]), c.report):

@@ -190,7 +190,8 @@ def test_deadline_is_honoured(client: FeatureBankClient, served: RunningServer) 
     # The server notices the end asynchronously: as its own deadline passing or, when the
     # client's cancel at its deadline arrives first (the server's clock starts on receipt,
     # later on a loaded machine), as a cancel. Either way the call ended without OK.
-    ended = [served.server.metrics.requests.labels("Upsert", code)
+    bank = served.server.engine.metrics.bank  # type: ignore[union-attr]
+    ended = [served.server.metrics.requests.labels(bank, "Upsert", code)
              for code in ("DEADLINE_EXCEEDED", "CANCELLED")]
     for _ in range(200):
         if sum(c._value.get() for c in ended) >= 1:  # type: ignore[attr-defined]
@@ -261,8 +262,11 @@ def test_metrics_endpoint(client: FeatureBankClient, served: RunningServer) -> N
         client.classify(key="no/such-key")
     port = served.server.metrics_port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    assert 'featurebank_requests_total{code="OK",method="Classify"}' in text
-    assert 'featurebank_requests_total{code="NOT_FOUND",method="Classify"}' in text
+    bank = served.server.engine.metrics.bank  # type: ignore[union-attr]
+    assert bank  # a single-bank server's series carry its bank's name too
+    assert f'featurebank_requests_total{{bank="{bank}",code="OK",method="Classify"}}' in text
+    assert f'featurebank_requests_total{{bank="{bank}",code="NOT_FOUND",method="Classify"}}' in text
+    assert f'featurebank_bank_items{{bank="{bank}"}}' in text
     assert "featurebank_request_seconds_bucket" in text
     assert 'featurebank_batch_size_count{kind="classify"}' in text
     assert "featurebank_bank_items" in text and "featurebank_index_generation" in text

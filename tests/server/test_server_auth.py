@@ -83,7 +83,7 @@ def test_denials_say_what_is_missing(served: RunningServer) -> None:
         pytest.raises(RemoteError, match="Delete needs a write token"),
     ):
         reader.delete(["x"])
-    denied = served.server.metrics.requests.labels("Delete", "PERMISSION_DENIED")._value.get()
+    denied = served.server.metrics.requests.labels("", "Delete", "PERMISSION_DENIED")._value.get()
     assert denied >= 1
 
 

@@ -158,7 +158,11 @@ def test_page_api_forwards_to_the_server_and_reports_its_errors(
             (web.get("/api/thumb?key=nobody"), 404, "not in this bank"),
             (web.get("/api/operation/nope"), 404, "no operation"),
             (web.get("/report"), 404, "run `featurebank eval` first"),
+            (web.get("/api/info?bank=elsewhere"), 404, "elsewhere"),  # a bank the server lacks
         ]
+        listed = web.get("/api/banks").get_json()
+        assert listed["default"] == bank.name and [b["name"] for b in listed["banks"]] == [bank.name]
+        assert web.get(f"/api/info?bank={bank.name}").get_json()["count"] == 67
         for response, status, message in cases:
             assert response.status_code == status, (message, response.data)
             assert message in response.get_data(as_text=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -94,7 +95,8 @@ class HeldUpsert:
 
 
 def upsert_in_flight(rs: RunningServer) -> Callable[[], bool]:
-    gauge = rs.server.metrics.in_flight.labels("Upsert")
+    assert rs.server.engine is not None
+    gauge = rs.server.engine.metrics.in_flight_of("Upsert")
     return lambda: gauge._value.get() >= 1  # type: ignore[attr-defined, no-any-return]
 
 
@@ -102,7 +104,7 @@ def upsert_in_flight_http(metrics_port: int) -> Callable[[], bool]:
     def check() -> bool:
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=10).read().decode()
-        return 'featurebank_requests_in_flight{method="Upsert"} 1.0' in text
+        return re.search(r'featurebank_requests_in_flight\{bank="[^"]+",method="Upsert"\} 1\.0', text) is not None
 
     return check
 

@@ -24,7 +24,7 @@ import pytest
 from featurebank import store as store_mod
 from featurebank.server.app import ServeConfig
 from featurebank.server.auth import Tokens
-from tests.support.server import RunningServer, free_port, tiny_keras_model
+from tests.support.server import RunningServer, free_port, make_vector_bank, tiny_keras_model
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "",
                              shutil.which("chromium-browser") or "") if p and os.path.exists(p)),
@@ -109,7 +109,9 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from featurebank.classify.report import write_report
 
     write_report(evaluate(bank, split="val", sklearn=False), bank / "reports" / "20260101-000000")
-    config = ServeConfig(bank=bank, port=free_port(), tokens=Tokens({"write": [TOKEN]}))
+    other = make_vector_bank(tmp / "other", dim=8, n_per_class=10)  # a second bank to choose
+    config = ServeConfig(bank=bank, named_banks={"other": other}, port=free_port(),
+                         tokens=Tokens({"write": [TOKEN]}))
     with RunningServer(config) as server:
         port = free_port()
         ui = subprocess.Popen(
@@ -160,6 +162,35 @@ def wait_for(driver: Any, condition: Any, timeout: float = 30) -> Any:
 def labels_in_bank(bank: Path, keys: list[str]) -> list[str | None]:
     with store_mod.open(bank, readonly=True) as st:
         return list(st.get_by_keys(keys).labels)
+
+
+def test_choose_a_bank_and_every_view_answers_from_it(page: dict[str, Any]) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    d = page["driver"]
+    d.get(page["url"] + "#search")
+    label = wait_for(d, lambda drv: drv.find_element(By.ID, "bank-label").is_displayed()
+                     and drv.find_element(By.ID, "bank-label"))
+    choice = Select(label.find_element(By.ID, "bank-choice"))
+    assert [o.get_attribute("value") for o in choice.options] == ["bank", "other"]
+    assert choice.first_selected_option.text == "bank (default)"
+    default_count = f"{len(page['truth'])} items"
+    wait_for(d, lambda drv: drv.find_element(By.ID, "bank-info").text.startswith(default_count))
+    choice.select_by_value("other")
+    wait_for(d, lambda drv: drv.find_element(By.ID, "bank-info").text.startswith("30 items"))
+    assert d.current_url.endswith("?bank=other#search")
+    d.find_element(By.ID, "search-key").send_keys("dog/1-3")
+    d.find_element(By.CSS_SELECTOR, "#search-form button").click()
+    tiles = wait_for(d, lambda drv: drv.find_elements(By.CSS_SELECTOR, "#search-results .tile"))
+    keys = [t.get_attribute("data-key") for t in tiles]
+    assert keys and all(k.split("/")[0] in ("cat", "dog", "fox") for k in keys), keys
+    d.refresh()  # the choice is in the address: a reload or a shared link keeps it
+    wait_for(d, lambda drv: drv.find_element(By.ID, "bank-info").text.startswith("30 items"))
+    assert Select(d.find_element(By.ID, "bank-choice")).first_selected_option.text == "other"
+    d.save_screenshot(str(page["shots"] / "bank-choice.png"))
+    d.get(page["url"] + "#search")  # back to the default bank for the other tests
+    wait_for(d, lambda drv: drv.find_element(By.ID, "bank-info").text.startswith(default_count))
 
 
 def test_search_by_upload_shows_neighbours_with_thumbnails(page: dict[str, Any]) -> None:

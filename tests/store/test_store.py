@@ -465,3 +465,11 @@ def test_ids_in_split_lists_live_items_of_that_split(store):
     store.delete(["b"])
     assert store.ids_in_split("test").tolist() == [int(ids[2])]
     assert store.ids_in_split("val").tolist() == [int(ids[3])]
+
+
+def test_keys_of_reads_live_keys_only(store: store_mod.Store) -> None:
+    fill(store, 7)
+    store.put_batch(KEYS[7:], make_vectors(3, seed=1))  # appended to the tail block
+    store.delete([KEYS[2]])
+    assert store.keys_of([9, 0, 2, 7, 10**6]) == {9: KEYS[9], 0: KEYS[0], 7: KEYS[7]}
+    assert store.keys_of([]) == {}

@@ -5,7 +5,9 @@ through SetLabels like every other write (the server stays the single writer),
 and the page works against any server the user can reach, with the same tokens
 and TLS. Flask serves one static page (plain HTML and JavaScript, no build step)
 and a small JSON API that forwards to the server; every gRPC error becomes a JSON
-error with the server's message and a matching HTTP status.
+error with the server's message and a matching HTTP status. On a server of many banks
+every API call names its bank in a `bank` query parameter (the page's bank choice; none =
+the server's default bank), so one page serves them all.
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ def create_app(client: FeatureBankClient) -> Flask:
             raise InvalidInput("the JSON body must be an object")
         return data
 
+    def bank() -> FeatureBankClient:
+        """The client for the bank this request names (`?bank=`; none = the default bank)."""
+        return client.for_bank(request.args.get("bank", ""))
+
     def number(name: str, default: int) -> int:
         raw = request.args.get(name)
         if raw is None or raw == "":
@@ -98,9 +104,17 @@ def create_app(client: FeatureBankClient) -> Flask:
             return "not found", 404
         return app.response_class(_static(name), mimetype=types[name.rsplit(".", 1)[1]])
 
+    @app.get("/api/banks")
+    def banks() -> Response:
+        listed = client.banks()  # the banks this page's token reaches, opening none
+        return jsonify(
+            default=next((b.name for b in listed if b.is_default), ""),
+            banks=[{"name": b.name, "state": b.state, "aliases": list(b.aliases)} for b in listed],
+        )
+
     @app.get("/api/info")
     def info() -> Response:
-        r = client.info()
+        r = bank().info()
         return jsonify(
             bank=r.bank, count=r.count, labelled=r.labelled, labels=list(r.labels),
             store_generation=r.store_generation, index_generation=r.index.generation,
@@ -117,8 +131,8 @@ def create_app(client: FeatureBankClient) -> Flask:
         image = upload.read() if upload is not None else None
         if upload is not None and not image:
             raise InvalidInput("the uploaded image is empty")
-        found = client.search(image, key=key, k=k)
-        guess = client.classify(image, key=key, top_n=3)
+        found = bank().search(image, key=key, k=k)
+        guess = bank().classify(image, key=key, top_n=3)
         return jsonify(
             neighbors=[as_dict(n) for n in found.neighbors],
             labels=[as_dict(x) for x in guess.labels],
@@ -127,7 +141,7 @@ def create_app(client: FeatureBankClient) -> Flask:
     @app.get("/api/thumb")
     def thumb() -> Response | tuple[str, int]:
         key = request.args.get("key", "")
-        data = client.thumbnails([key]).get(key)
+        data = bank().thumbnails([key]).get(key)
         if data is None:
             return "no thumbnail", 404
         response = app.response_class(data, mimetype="image/jpeg")
@@ -136,7 +150,7 @@ def create_app(client: FeatureBankClient) -> Flask:
 
     @app.get("/api/suggest")
     def suggest() -> Response:
-        r = client.suggest(
+        r = bank().suggest(
             n=number("n", 50), strategy=request.args.get("strategy", "margin"),
             label=request.args.get("label") or None,
         )
@@ -144,7 +158,7 @@ def create_app(client: FeatureBankClient) -> Flask:
 
     @app.get("/api/audit")
     def audit() -> Response:
-        return jsonify(as_dict(client.audit(n=number("n", 50))))
+        return jsonify(as_dict(bank().audit(n=number("n", 50))))
 
     @app.post("/api/labels")
     def set_labels() -> Response:
@@ -152,21 +166,21 @@ def create_app(client: FeatureBankClient) -> Flask:
         if not isinstance(labels, dict) or not labels:
             raise InvalidInput('labels must be an object {"key": "label" or null}')
         mapping = {str(k): (None if v in (None, "") else str(v)) for k, v in labels.items()}
-        return jsonify(as_dict(client.set_labels(mapping)))
+        return jsonify(as_dict(bank().set_labels(mapping)))
 
     @app.post("/api/rebuild")
     def rebuild() -> Response:
         retrain = bool(body().get("retrain_head", False))
-        return jsonify(as_dict(client.rebuild_index(retrain_head=retrain)))
+        return jsonify(as_dict(bank().rebuild_index(retrain_head=retrain)))
 
     @app.get("/api/operation/<op_id>")
     def operation(op_id: str) -> Response:
-        return jsonify(as_dict(client.get_operation(op_id)))
+        return jsonify(as_dict(bank().get_operation(op_id)))
 
     @app.get("/report")
     def report() -> Response | tuple[str, int]:
         try:
-            r = client.report()
+            r = bank().report()
         except RemoteError as e:
             if e.code != grpc.StatusCode.NOT_FOUND:
                 raise

@@ -2,7 +2,10 @@
 "use strict";
 
 const KEY_POOL = "1234567890abcdefghijklmnopqrtvwxy";  // space skips, backspace undoes
-const state = { labels: [], keymap: {}, queue: [], pos: 0, history: [], busy: false };
+const state = {
+  labels: [], keymap: {}, queue: [], pos: 0, history: [], busy: false,
+  bank: new URLSearchParams(location.search).get("bank") || "",  // "" = the server's default
+};
 
 const $ = (id) => document.getElementById(id);
 
@@ -24,8 +27,14 @@ function showMessage(text, error = false) {
   m.hidden = !text;
 }
 
+// Every call names the chosen bank (a server may serve many); none = the default bank.
+function withBank(path) {
+  if (!state.bank) return path;
+  return path + (path.includes("?") ? "&" : "?") + "bank=" + encodeURIComponent(state.bank);
+}
+
 async function api(path, options = {}) {
-  const response = await fetch(path, options);
+  const response = await fetch(withBank(path), options);
   const data = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(data.error || `${response.status} ${response.statusText}`);
   return data;
@@ -40,7 +49,7 @@ function postJSON(path, payload) {
 }
 
 function thumb(key, big = false) {
-  const img = el("img", { src: "/api/thumb?key=" + encodeURIComponent(key), alt: key });
+  const img = el("img", { src: withBank("/api/thumb?key=" + encodeURIComponent(key)), alt: key });
   if (big) img.className = "big";
   img.addEventListener("error", () => img.replaceWith(el("div", { class: "noimg" + (big ? " big" : "") }, "no image")));
   return img;
@@ -61,7 +70,29 @@ function activate() {
   for (const s of document.querySelectorAll(".view")) s.classList.toggle("active", s.id === "view-" + view);
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.view === view);
   if (view === "audit" && !$("audit-list").dataset.loaded) loadAudit();
-  if (view === "report") $("report-frame").src = "/report?t=" + Date.now();
+  if (view === "report") $("report-frame").src = withBank("/report?t=" + Date.now());
+}
+
+async function loadBanks() {
+  const r = await api("/api/banks");
+  const names = r.banks.map((b) => b.name);
+  if (!state.bank && !r.default && names.length) state.bank = names[0];
+  const choice = $("bank-choice");
+  choice.replaceChildren(...r.banks.map((b) =>
+    el("option", { value: b.name }, b.name + (b.name === r.default ? " (default)" : ""))));
+  choice.value = state.bank || r.default;
+  $("bank-label").hidden = names.length < 2;
+}
+
+function chooseBank() {
+  state.bank = $("bank-choice").value;
+  history.replaceState(null, "", "?bank=" + encodeURIComponent(state.bank) + location.hash);
+  state.queue = []; state.pos = 0; state.history = [];  // what was shown belongs to the old bank
+  for (const id of ["search-results", "search-guess", "queue-card", "queue-done", "audit-list"]) $(id).replaceChildren();
+  $("audit-list").dataset.loaded = "";
+  showMessage("");
+  loadInfo();
+  activate();
 }
 
 async function loadInfo() {
@@ -312,5 +343,8 @@ $("audit-load").addEventListener("click", loadAudit);
 $("rebuild-start").addEventListener("click", rebuild);
 document.addEventListener("keydown", onKey);
 window.addEventListener("hashchange", () => { showMessage(""); activate(); });
-loadInfo();
-activate();
+$("bank-choice").addEventListener("change", chooseBank);
+loadBanks().catch((e) => showMessage("cannot list the banks: " + e.message, true)).then(() => {
+  loadInfo();
+  activate();
+});
