@@ -119,6 +119,11 @@ def test_read_your_writes_waits_for_the_generation_or_answers_unavailable(
     with FeatureBankClient(p.target) as pc, FeatureBankClient(r.target) as rc:
         written = pc.upsert([{"key": "ryw", "vector": -FAR}]).store_generation
         assert rc.search(vector=-FAR, k=1, min_store_generation=written).neighbors[0].key == "ryw"
+        zigzag = np.tile(np.float32([3.0, -3.0]), DIM // 2)  # another direction than +-FAR
+        second = pc.upsert([{"key": "ryw2", "vector": zigzag, "label": "dog"}]).store_generation
+        answers = rc.classify_batch([zigzag], k=1, include_neighbors=True,
+                                    min_store_generation=second)
+        assert answers[0].neighbors[0].key == "ryw2"
         started = time.monotonic()
         with pytest.raises(RemoteError) as e:
             rc.search(vector=-FAR, k=1, min_store_generation=written + 1000, timeout=0.5)
