@@ -46,18 +46,24 @@ Progress = Callable[[int, int], None]  # (bytes held, bytes in the snapshot)
 
 @dataclass(frozen=True)
 class PrimaryLink:
-    """How to reach the primary: its address, the bank there, and a token if it wants one."""
+    """How to reach the primary: its address, the bank there, a token if it wants one, and
+    the CA its TLS certificate chains to (None: plaintext)."""
 
     address: str
     bank: str = ""
     token: str | None = None
+    tls_ca: Path | None = None
 
     def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.address, options=[
+        options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
-        ])
+        ]
+        if self.tls_ca is None:
+            return grpc.insecure_channel(self.address, options=options)
+        credentials = grpc.ssl_channel_credentials(root_certificates=Path(self.tls_ca).read_bytes())
+        return grpc.secure_channel(self.address, credentials, options=options)
 
     @property
     def metadata(self) -> list[tuple[str, str]]:

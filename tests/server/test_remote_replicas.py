@@ -26,7 +26,7 @@ from featurebank.server.client import FeatureBankClient, RemoteError
 from featurebank.server.replication_copy import STAGING, Download, PrimaryLink, bootstrap
 from featurebank.store import replication as records
 from tests.support.replication import same_records
-from tests.support.server import RunningServer, free_port, make_vector_bank
+from tests.support.server import RunningServer, free_port, make_certs, make_vector_bank
 
 DIM = 8
 FAR = np.full(DIM, 3.0, dtype=np.float32)  # far from every class centre
@@ -283,9 +283,23 @@ def test_only_the_write_or_replicate_role_may_copy_and_follow(fresh_bank: Path, 
             c.info()
 
 
+def test_a_replica_reaches_a_primary_over_tls(fresh_bank: Path, tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    with RunningServer(ServeConfig(bank=fresh_bank, port=free_port(), tls_cert=certs["server_cert"],
+                                   tls_key=certs["server_key"])) as p, \
+            replica(tmp_path / "data", f"localhost:{p.server.port}",
+                    primary_tls_ca=certs["ca"]) as r, FeatureBankClient(r.target) as rc:
+        assert rc.info().count == 60
+        with FeatureBankClient(p.target, tls_ca=certs["ca"]) as pc:
+            pc.upsert([{"key": "over-tls", "vector": FAR}])
+        until(lambda: top_key(rc, FAR) == "over-tls")
+
+
 def test_data_options_are_checked(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="add --replica --primary"):
         ServeConfig(data=tmp_path).check()
+    with pytest.raises(Exception, match="--primary-tls-ca .* does not exist"):
+        ServeConfig(data=tmp_path, replica=True, primary="h:1", primary_tls_ca=tmp_path / "no.pem").check()
     (tmp_path / "junk").write_text("x")
     with pytest.raises(FailedPrecondition, match="not empty and holds no replica"):
         bootstrap(PrimaryLink("127.0.0.1:1"), tmp_path)
