@@ -51,7 +51,7 @@ from featurebank.server.client import (  # noqa: E402
     make_input,
     search_request,
 )
-from featurebank.server.replication_follow import PrimaryLink, bootstrap  # noqa: E402
+from featurebank.server.replication_copy import PrimaryLink, bootstrap  # noqa: E402
 from tests.support.proxy import RETRIES, Nginx, Serving, backoff, nginx_binary  # noqa: E402
 
 WRITERS = 8  # threads sending the paced Upserts of (2), so one slow commit delays no other

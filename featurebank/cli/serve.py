@@ -77,6 +77,9 @@ def register(commands: Commands) -> None:
     p.add_argument("--primary-bank", default="", metavar="NAME",
                    help="with --data: the bank to copy, by its name on the primary (default: "
                    "the primary's default bank)")
+    p.add_argument("--primary-tls-ca", type=Path, default=None, metavar="PEM",
+                   help="with --data: reach the primary over TLS, its certificate checked "
+                   "against this CA")
     p.add_argument("--log-retention", type=int, default=None, metavar="GENERATIONS",
                    help="a primary keeps its change log for replicas on other hosts at most "
                    "this many generations back (older ones copy a snapshot again)")
@@ -158,6 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
         data=args.data,
         primary_bank=args.primary_bank,
         primary_token=primary_token,
+        primary_tls_ca=args.primary_tls_ca,
     )
     if args.log_retention is not None:
         config.log_retention = args.log_retention
@@ -200,7 +204,7 @@ def _bootstrap(args: argparse.Namespace, token: str | None) -> Path:
     import time
 
     from featurebank.server.app import check_data_options
-    from featurebank.server.replication_follow import PrimaryLink, bootstrap, read_state
+    from featurebank.server.replication_copy import PrimaryLink, bootstrap, read_state
 
     check_data_options(args.replica, args.primary, bool(args.bank or args.banks))
     if read_state(args.data) is not None:
@@ -213,7 +217,8 @@ def _bootstrap(args: argparse.Namespace, token: str | None) -> Path:
             print(f"featurebank: copying from {args.primary}: {held / 2**20:.1f} of "
                   f"{total / 2**20:.1f} MiB", flush=True)
 
-    state = bootstrap(PrimaryLink(args.primary, args.primary_bank, token), args.data, progress)
+    link = PrimaryLink(args.primary, args.primary_bank, token, args.primary_tls_ca)
+    state = bootstrap(link, args.data, progress)
     print(f"featurebank: copied {state['bootstrap_bytes'] / 2**20:.1f} MiB from {args.primary} "
           f"in {state['bootstrap_seconds']:.2f}s into {args.data}", flush=True)
     return Path(args.data)

@@ -44,7 +44,8 @@ from featurebank.server.metrics import Metrics
 from featurebank.server.reflection import enable_reflection
 from featurebank.server.replica import DEFAULT_FOLLOW_INTERVAL_S, ReplicaEngine, ReplicaInterceptor
 from featurebank.server.replication import DEFAULT_LOG_RETENTION
-from featurebank.server.replication_follow import PrimaryLink, RemoteReplicaEngine, bootstrap
+from featurebank.server.replication_copy import PrimaryLink, bootstrap
+from featurebank.server.replication_follow import RemoteReplicaEngine
 from featurebank.server.router import BankRouter
 from featurebank.server.service import FeatureBankServicer
 from featurebank.server.shared_batches import SharedBatches
@@ -90,6 +91,7 @@ class ServeConfig:
     data: Path | None = None  # a replica on another host: its own copy of the primary's bank
     primary_bank: str = ""  # the bank it copies, by its name on the primary ("" = its default)
     primary_token: str | None = None  # what it presents to the primary (replicate or write role)
+    primary_tls_ca: Path | None = None  # the CA the primary's TLS certificate chains to
     log_retention: int = DEFAULT_LOG_RETENTION  # change log generations kept at most for replicas
     banks_dir: Path | None = None  # serve every bank under this folder, by folder name
     named_banks: dict[str, Path] = field(default_factory=dict)  # --bank NAME=PATH
@@ -129,7 +131,8 @@ class ServeConfig:
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise InvalidInput("--tls-client-ca needs --tls-cert and --tls-key")
         for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
-                           ("--tls-client-ca", self.tls_client_ca)):
+                           ("--tls-client-ca", self.tls_client_ca),
+                           ("--primary-tls-ca", self.primary_tls_ca)):
             if path is None:
                 continue
             if not Path(path).exists():
@@ -194,7 +197,8 @@ def check_data_options(replica: bool, primary: str | None, other_banks: bool) ->
 def primary_link(config: ServeConfig) -> PrimaryLink:
     """How a replica on another host reaches its primary."""
     assert config.primary is not None
-    return PrimaryLink(config.primary, config.primary_bank, config.primary_token)
+    return PrimaryLink(config.primary, config.primary_bank, config.primary_token,
+                       config.primary_tls_ca)
 
 
 def is_loopback(host: str) -> bool:

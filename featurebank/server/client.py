@@ -218,10 +218,12 @@ class FeatureBankClient:
         abstain_below: float = 0.0,
         filter: str = "",  # noqa: A002 - the request field's name
         timeout: float | None = None,
+        min_store_generation: int = 0,  # read-your-writes: an Upsert's store_generation
     ) -> list[pb.ClassifyResponse]:
         request = pb.ClassifyBatchRequest(
             inputs=[as_input(i) for i in inputs], mode=_mode(mode), k=k, top_n=top_n,
             include_neighbors=include_neighbors, abstain_below=abstain_below, filter=filter,
+            min_store_generation=min_store_generation,
         )
         return list(self._call(self.stub.ClassifyBatch, request, timeout).results)
 

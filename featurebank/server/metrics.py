@@ -72,7 +72,7 @@ class Metrics:
         self.follower_generations_behind = Gauge(
             "featurebank_follower_generations_behind",
             "Store generations a replica on another host has not applied yet (primaries only)",
-            ["replica"], registry=r,
+            ["bank", "replica"], registry=r,
         )
         self._server: Any = None
 
@@ -98,6 +98,10 @@ class Metrics:
         if generations_behind is not None:
             self.replica_generations_behind.labels(self.bank).set(generations_behind)
         self.replica_seconds_behind.labels(self.bank).set(seconds_behind)
+
+    def set_follower_lag(self, replica: str, generations_behind: int) -> None:
+        """How far a replica on another host following this bank is behind it."""
+        self.follower_generations_behind.labels(self.bank, replica).set(generations_behind)
 
     def forget_bank(self) -> None:
         """Drop this bank's gauges (a dropped bank leaves no stale sizes behind)."""

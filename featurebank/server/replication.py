@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featurebank.core.bank import Bank, current_generation, generations
-from featurebank.core.errors import FeaturebankError, InvalidInput, NotFound
+from featurebank.core.errors import InvalidInput, NotFound
 from featurebank.server.batching import run_in
 from featurebank.store import replication as records
 from featurebank.store.rows import LogTrimmed
@@ -199,43 +199,6 @@ async def snapshot_stream(engine: Engine, request: pb.SnapshotRequest) -> AsyncI
             yield chunk
 
 
-# ---------------------------------------------------------------- read-your-writes
-
-MAX_WAIT_S = 10.0  # how long a read without a deadline waits for min_store_generation
-
-
-def searchable_generation(engine: Engine) -> int:
-    """The store generation reads answer from now: the searcher's (it may trail the store
-    while a replica's follower applies a commit), or the store's when there is no index."""
-    searcher = engine.live.searcher()
-    if searcher is None:
-        return int(engine.live.opened().generation)
-    return int(searcher.store_generation)
-
-
-async def reach_generation(engine: Engine, generation: int, time_left: float | None) -> None:
-    """Return once reads answer from store `generation` or later; GenerationNotReached
-    (UNAVAILABLE) at the deadline, so the client retries elsewhere."""
-    store = engine.live.opened()
-    deadline = time.monotonic() + min(MAX_WAIT_S, time_left if time_left is not None else MAX_WAIT_S)
-    while (held := searchable_generation(engine)) < generation:
-        if time.monotonic() >= deadline:
-            raise GenerationNotReached(
-                f"min_store_generation {generation} not reached before the deadline: this server "
-                f"holds store generation {held}; retry, or ask the primary"
-            )
-        if int(store.generation) >= generation:  # committed here: make it searchable now
-            await run_in(engine.compute, engine.live.catch_up)
-        else:
-            await asyncio.sleep(POLL_S)
-
-
-class GenerationNotReached(FeaturebankError):
-    """A read asked for a store generation this server has not applied yet."""
-
-    grpc_code = "UNAVAILABLE"
-
-
 # ---------------------------------------------------------------- following
 
 
@@ -272,7 +235,7 @@ class Hub:
                 f = self.followers[replica_id] = Follower(replica_id, peer, applied)
             f.peer, f.applied, f.seen, f.connected = peer, applied, time.monotonic(), True
         if self.metrics is not None:
-            self.metrics.follower_generations_behind.labels(replica_id).set(max(0, primary - applied))
+            self.metrics.set_follower_lag(replica_id, max(0, primary - applied))
 
     def gone(self, replica_id: str) -> None:
         """Its stream ended: it still holds the log for `grace_s`."""

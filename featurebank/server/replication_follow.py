@@ -4,10 +4,7 @@
 only this process writes, and serves it as a same-host replica serves its bank
 (server/replica.py polls DIR and reloads what moved):
 
-- bootstrap: an empty DIR copies a snapshot (`ReplicaSnapshot`) into `DIR/.bootstrap/`,
-  checking each chunk's crc32 and each file's whole crc32; a dropped connection resumes from
-  the file and offset already on disk (the state lives in `.bootstrap/state.json`), then
-  the folders are moved into place and `DIR/replica.json` is written last.
+- bootstrap: an empty DIR is filled from a snapshot first (server/replication_copy.py).
 - following: a `Puller` thread holds `FollowStore` open from the store's generation (the
   generation is committed with the records, so a restart or a cut resumes exactly where
   the last applied delta left it), applies each delta in one transaction and reports it
@@ -29,276 +26,32 @@ import queue
 import shutil
 import threading
 import time
-import uuid
-import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from featurebank.core.bank import Bank, current_generation, prune, write_atomic
-from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput, NotFound
+from featurebank.core.errors import NotFound
 from featurebank.server.replica import BankState, ReplicaEngine
-from featurebank.server.replication import TRIM_EVERY_S, crc32_prefix, published_need
+from featurebank.server.replication import TRIM_EVERY_S, published_need
+from featurebank.server.replication_copy import (
+    RETRY_S,
+    STAGING,
+    STATE,
+    Download,
+    PrimaryLink,
+    read_state,
+    write_state,
+)
 from featurebank.store import replication as records
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-STATE = "replica.json"
-STAGING = ".bootstrap"
 GENERATIONS_STAGING = ".generations"
-RETRY_S = (0.05, 0.2, 0.5, 1.0, 2.0)  # reconnect backoff
-SNAPSHOT_ATTEMPTS = 30
-MAX_MESSAGE_BYTES = 64 << 20
-WRITE_BYTES = 256 << 10  # each write() of a chunk (4 MiB writes measured 5x slower on ext4)
-
-Progress = Callable[[int, int], None]  # (bytes held, bytes in the snapshot)
-
-
-@dataclass(frozen=True)
-class PrimaryLink:
-    """How to reach the primary: its address, the bank there, and a token if it wants one."""
-
-    address: str
-    bank: str = ""
-    token: str | None = None
-
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.address, options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
-        ])
-
-    @property
-    def metadata(self) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {self.token}")] if self.token else []
-
-
-def read_state(data: Path) -> dict[str, Any] | None:
-    """DIR/replica.json: written once a bootstrap completed (None before)."""
-    try:
-        state: dict[str, Any] = json.loads((data / STATE).read_text())
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        raise DamagedFile(f"{data / STATE} is damaged: remove {data} to copy the bank again") from None
-    return state
-
-
-def write_state(data: Path, state: dict[str, Any]) -> None:
-    write_atomic(data / STATE, json.dumps(state, indent=1).encode())
-
-
-# ---------------------------------------------------------------- copying a snapshot
-
-
-class Download:
-    """One snapshot being copied into `folder`, resumable from what is on disk."""
-
-    def __init__(self, link: PrimaryLink, folder: Path, generations_only: bool = False) -> None:
-        self.link, self.folder, self.generations_only = link, folder, generations_only
-        self.state_path = folder / "state.json"
-        self.header: dict[str, Any] | None = None
-        self.received = 0  # bytes received by this process (not those resumed from disk)
-        self.resumed_at = 0  # bytes already on disk when the last stream started
-        if self.state_path.exists():
-            self.header = json.loads(self.state_path.read_text())
-
-    def run(self, on_progress: Progress | None = None) -> dict[str, Any]:
-        """Copy until complete, reconnecting after a dropped connection; returns the header."""
-        for attempt in range(SNAPSHOT_ATTEMPTS):
-            try:
-                self._stream(on_progress)
-                assert self.header is not None
-                return self.header
-            except BadChunk as e:  # the damaged file was removed: copied again from its start
-                log.warning("%s: copying it again", e)
-                continue
-            except grpc.RpcError as e:
-                code = e.code()  # type: ignore[attr-defined]
-                if code == grpc.StatusCode.NOT_FOUND and self.header is not None:
-                    log.warning("snapshot %s expired on the primary: starting a new one",
-                                self.header["id"])
-                    self._reset()
-                    continue
-                if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
-                            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
-                    raise FailedPrecondition(
-                        f"the primary {self.link.address} refused the snapshot: {e.details()}"  # type: ignore[attr-defined]
-                    ) from None
-                log.info("snapshot stream from %s dropped (%s): resuming", self.link.address, code)
-                time.sleep(RETRY_S[min(attempt, len(RETRY_S) - 1)])
-        raise FailedPrecondition(f"could not copy a snapshot from {self.link.address} "
-                                 f"after {SNAPSHOT_ATTEMPTS} attempts")
-
-    def _reset(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.header = None
-
-    def _where(self) -> tuple[str, int]:
-        """The first file not complete on disk and how much of it is."""
-        assert self.header is not None
-        for f in self.header["files"]:
-            p = self.folder / f["path"]
-            held = p.stat().st_size if p.exists() else 0
-            if held < f["size"] or not p.exists():
-                return f["path"], held
-        return "", -1
-
-    def _stream(self, on_progress: Progress | None) -> None:
-        request = pb.SnapshotRequest(bank=self.link.bank, generations_only=self.generations_only)
-        if self.header is not None:
-            path, offset = self._where()
-            if offset < 0:
-                return  # everything is on disk
-            request.snapshot_id, request.path, request.offset = self.header["id"], path, offset
-        with self.link.channel() as channel:
-            stub = pb_grpc.FeatureBankStub(channel)
-            stream = stub.ReplicaSnapshot(request, metadata=self.link.metadata)
-            writer = _Files(self.folder)
-            try:
-                for chunk in stream:
-                    if chunk.snapshot_id:
-                        self._start(chunk)
-                        writer.sizes = {f["path"]: f for f in self.header["files"]}  # type: ignore[index]
-                        self.resumed_at = writer.held()
-                        continue
-                    self.received += writer.write(chunk)
-                    if on_progress is not None:
-                        on_progress(writer.held(), writer.total())
-            finally:
-                writer.close()
-        if self.header is None or self._where()[1] >= 0:
-            raise FailedPrecondition(f"the snapshot stream from {self.link.address} ended early")
-
-    def _start(self, chunk: pb.SnapshotChunk) -> None:
-        if self.header is not None and chunk.snapshot_id != self.header["id"]:
-            self._reset()
-        if self.header is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.header = {
-                "id": chunk.snapshot_id, "store_generation": chunk.store_generation,
-                "store_epoch": chunk.store_epoch, "index_generation": chunk.index_generation,
-                "head_generation": chunk.head_generation,
-                "files": [{"path": f.path, "size": f.size} for f in chunk.files],
-            }
-            for f in self.header["files"]:
-                _safe(f["path"])
-            write_atomic(self.state_path, json.dumps(self.header).encode())
-
-
-class BadChunk(FailedPrecondition):
-    """A chunk or a file that does not match its crc32 (or its offset)."""
-
-
-def _safe(path: str) -> str:
-    """A snapshot's path must stay inside the folder it is copied into."""
-    parts = Path(path).parts
-    if not parts or Path(path).is_absolute() or ".." in parts or parts[0] in (STAGING, STATE, "state.json"):
-        raise InvalidInput(f"the primary sent a file path outside the bank: {path!r}")
-    return path
-
-
-class _Files:
-    """Appends chunks to the files they belong to, checking offsets and crc32s."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.sizes: dict[str, dict[str, Any]] = {}
-        self._open: tuple[str, Any, int] | None = None  # path, file, crc32 so far
-
-    def held(self) -> int:
-        return sum(min(f["size"], _size(self.folder / p)) for p, f in self.sizes.items())
-
-    def total(self) -> int:
-        return sum(f["size"] for f in self.sizes.values())
-
-    def write(self, chunk: pb.SnapshotChunk) -> int:
-        """Append one chunk; returns its size."""
-        data = chunk.data  # each access to a bytes field copies it
-        if zlib.crc32(data) != chunk.crc32:
-            raise BadChunk(f"chunk of {chunk.path} at {chunk.offset} fails its crc32")
-        f = self.sizes.get(chunk.path)
-        if f is None:
-            raise FailedPrecondition(f"the primary sent {chunk.path!r}, not in its snapshot")
-        if self._open is None or self._open[0] != chunk.path:
-            self.close()
-            self._open = self._begin(chunk.path)
-        path, out, crc = self._open
-        if out.tell() != chunk.offset:
-            raise BadChunk(f"{path}: chunk at {chunk.offset}, but {out.tell()} bytes held")
-        view = memoryview(data)
-        for s in range(0, len(view), WRITE_BYTES):  # large writes are several times slower
-            out.write(view[s : s + WRITE_BYTES])
-        crc = zlib.crc32(data, crc)
-        self._open = (path, out, crc)
-        if out.tell() >= f["size"]:
-            out.flush()
-            os.fsync(out.fileno())
-            if crc != chunk.file_crc32:
-                out.close()
-                (self.folder / path).unlink()  # copied again from its start
-                self._open = None
-                raise BadChunk(f"{path} copied from the primary fails its crc32")
-            self.close()
-        return len(data)
-
-    def _begin(self, path: str) -> tuple[str, Any, int]:
-        target = self.folder / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        held = target.stat().st_size if target.exists() else 0  # resuming: what is on disk counts
-        return path, target.open("ab"), crc32_prefix(target, held) if held else 0
-
-    def close(self) -> None:
-        if self._open is not None:
-            self._open[1].close()
-            self._open = None
-
-
-def _size(p: Path) -> int:
-    try:
-        return p.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def bootstrap(
-    link: PrimaryLink, data: Path, on_progress: Progress | None = None
-) -> dict[str, Any]:
-    """Make `data` a copy of the primary's bank (resuming a copy left half done)."""
-    state = read_state(data)
-    if state is not None:
-        return state
-    resuming = (data / STAGING / "state.json").exists()
-    if data.exists() and not resuming and any(p.name != STAGING for p in data.iterdir()):
-        raise FailedPrecondition(
-            f"--data {data} is not empty and holds no replica ({STATE} missing): give an empty "
-            "folder, or the folder this replica used before"
-        )
-    started = time.monotonic()
-    download = Download(link, data / STAGING)
-    header = download.run(on_progress)
-    for name in ("store", "models", "indexes", "heads"):
-        if (data / STAGING / name).exists():
-            shutil.rmtree(data / name, ignore_errors=True)  # left by a start that stopped here
-            os.replace(data / STAGING / name, data / name)
-    state = {
-        "replica_id": uuid.uuid4().hex[:12], "primary": link.address, "bank": link.bank,
-        "store_epoch": header["store_epoch"], "bootstraps": 1,
-        "bootstrap_seconds": round(time.monotonic() - started, 3),
-        "bootstrap_bytes": sum(f["size"] for f in header["files"]),
-    }
-    write_state(data, state)
-    shutil.rmtree(data / STAGING, ignore_errors=True)
-    log.info("copied %.1f MiB from %s in %.2fs (store generation %d)",
-             state["bootstrap_bytes"] / 2**20, link.address, state["bootstrap_seconds"],
-             header["store_generation"])
-    return state
 
 
 # ---------------------------------------------------------------- installing generations

@@ -22,12 +22,12 @@ from featurebank.server.banks import Banks, Entry
 from featurebank.server.engine import Engine
 from featurebank.server.lifecycle import Lifecycle
 from featurebank.server.metrics import Metrics
+from featurebank.server.read_your_writes import reach_generation
 from featurebank.server.replica import ReplicaEngine
 from featurebank.server.replication import (
     DEFAULT_LOG_RETENTION,
     Hub,
     follow_stream,
-    reach_generation,
     snapshot_stream,
 )
 from featurebank.server.service import FeatureBankServicer, Unavailable
@@ -203,7 +203,7 @@ class BankRouter(pb_grpc.FeatureBankServicer):
         key = str(engine.bank.root)
         hub = self.hubs.get(key)
         if hub is None:
-            hub = self.hubs[key] = Hub(self.log_retention, metrics=self.metrics)
+            hub = self.hubs[key] = Hub(self.log_retention, metrics=engine.metrics)
         return hub
 
     async def _stream(

@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 
 from featurebank.core.errors import FailedPrecondition
-from featurebank.server import replication, replication_follow
+from featurebank.server import read_your_writes, replication, replication_follow
 from featurebank.server.app import ServeConfig
 from featurebank.server.auth import Tokens
 from featurebank.server.client import FeatureBankClient, RemoteError
-from featurebank.server.replication_follow import STAGING, Download, PrimaryLink, bootstrap
+from featurebank.server.replication_copy import STAGING, Download, PrimaryLink, bootstrap
 from featurebank.store import replication as records
 from tests.support.replication import same_records
-from tests.support.server import RunningServer, free_port, make_vector_bank
+from tests.support.server import RunningServer, free_port, make_certs, make_vector_bank
 
 DIM = 8
 FAR = np.full(DIM, 3.0, dtype=np.float32)  # far from every class centre
@@ -95,7 +95,8 @@ def test_a_replica_copies_the_bank_then_every_kind_of_commit_and_generation(pair
         assert [f.applied_store_generation for f in followers] == [gen]
         assert followers[0].connected and followers[0].replica_id
         behind = p.server.metrics.registry.get_sample_value(
-            "featurebank_follower_generations_behind", {"replica": followers[0].replica_id})
+            "featurebank_follower_generations_behind",
+            {"bank": "bank", "replica": followers[0].replica_id})
         assert behind == 0
 
 
@@ -113,11 +114,16 @@ def test_a_replica_refuses_writes_and_replication_naming_its_primary(pair: Any) 
 def test_read_your_writes_waits_for_the_generation_or_answers_unavailable(
     pair: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(replication, "MAX_WAIT_S", 0.5)
+    monkeypatch.setattr(read_your_writes, "MAX_WAIT_S", 0.5)
     p, r = pair
     with FeatureBankClient(p.target) as pc, FeatureBankClient(r.target) as rc:
         written = pc.upsert([{"key": "ryw", "vector": -FAR}]).store_generation
         assert rc.search(vector=-FAR, k=1, min_store_generation=written).neighbors[0].key == "ryw"
+        zigzag = np.tile(np.float32([3.0, -3.0]), DIM // 2)  # another direction than +-FAR
+        second = pc.upsert([{"key": "ryw2", "vector": zigzag, "label": "dog"}]).store_generation
+        answers = rc.classify_batch([zigzag], k=1, include_neighbors=True,
+                                    min_store_generation=second)
+        assert answers[0].neighbors[0].key == "ryw2"
         started = time.monotonic()
         with pytest.raises(RemoteError) as e:
             rc.search(vector=-FAR, k=1, min_store_generation=written + 1000, timeout=0.5)
@@ -277,9 +283,23 @@ def test_only_the_write_or_replicate_role_may_copy_and_follow(fresh_bank: Path, 
             c.info()
 
 
+def test_a_replica_reaches_a_primary_over_tls(fresh_bank: Path, tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    with RunningServer(ServeConfig(bank=fresh_bank, port=free_port(), tls_cert=certs["server_cert"],
+                                   tls_key=certs["server_key"])) as p, \
+            replica(tmp_path / "data", f"localhost:{p.server.port}",
+                    primary_tls_ca=certs["ca"]) as r, FeatureBankClient(r.target) as rc:
+        assert rc.info().count == 60
+        with FeatureBankClient(p.target, tls_ca=certs["ca"]) as pc:
+            pc.upsert([{"key": "over-tls", "vector": FAR}])
+        until(lambda: top_key(rc, FAR) == "over-tls")
+
+
 def test_data_options_are_checked(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="add --replica --primary"):
         ServeConfig(data=tmp_path).check()
+    with pytest.raises(Exception, match="--primary-tls-ca .* does not exist"):
+        ServeConfig(data=tmp_path, replica=True, primary="h:1", primary_tls_ca=tmp_path / "no.pem").check()
     (tmp_path / "junk").write_text("x")
     with pytest.raises(FailedPrecondition, match="not empty and holds no replica"):
         bootstrap(PrimaryLink("127.0.0.1:1"), tmp_path)

@@ -120,7 +120,9 @@ class Serving:
             try:
                 c.wait_until_serving(timeout=120)
             except RemoteError:
-                raise AssertionError(f"{self.target} never served:\n{self.output()[-3000:]}") from None
+                text = self.output()[-3000:]
+                self.stop()  # never leave a server running behind a failed start
+                raise AssertionError(f"{self.target} never served:\n{text}") from None
 
     def kill(self) -> None:
         assert self.proc is not None
