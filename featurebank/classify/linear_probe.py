@@ -31,6 +31,7 @@ the hybrid weight, its guard and abstention are calibrated on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -65,7 +66,8 @@ class OutOfFold:
 
     p: np.ndarray
     chosen: dict[str, Any]
-    curves: dict[str, list[float]] = field(default_factory=dict)
+    curves: Mapping[str, Sequence[float | None]] = field(default_factory=dict)
+    """Out-of-fold log-loss per candidate; None where a walk stopped or nothing is scored."""
 
 
 @dataclass(frozen=True)
@@ -159,11 +161,20 @@ class LinearProbe:
         if any(w is not None for w in fold_weights.values()):
             weightings["denoised"] = fold_weights
         scored: dict[Candidate, Scored] = {}
-        curves: dict[str, list[float]] = {}
+        curves: dict[str, list[float | None]] = {}
+        few = scorable.sum() < MIN_SCORED  # the reference is kept: nothing else to score
+
+        def point(p: np.ndarray) -> float | None:
+            return None if few else self._mean_loss(y, p, scorable)
+
         for name, transform in self.inputs.items():
+            if few and name != REFERENCE_CANDIDATE.input:
+                continue
             xt = transform.apply(np.asarray(x, np.float32))
             split = self._folds(xt, y, folds)
             for wname, weights in weightings.items():
+                if few and wname != REFERENCE_CANDIDATE.weights:
+                    continue
                 ws = {f: item_weights(y[folds != f], n_classes, self.class_weight, weights.get(f))
                       for f in split}
                 start: dict[int, sr.Fit | None] = {}
@@ -171,11 +182,11 @@ class LinearProbe:
                     cand = Candidate(name, wname, DEFAULT_C, scaled=False)
                     scored[cand] = self._score(split, ws, cand, {}, y, n_classes)
                     start = scored[cand][1]
-                    curves[f"log_loss {name}, {wname}, {REFERENCE}"] = [
-                        self._mean_loss(y, scored[cand][0], scorable)]
-                walked = self._walk(split, ws, name, wname, start, y, n_classes, scorable)
+                    curves[f"log_loss {name}, {wname}, {REFERENCE}"] = [point(scored[cand][0])]
+                walked = {} if few else self._walk(
+                    split, ws, name, wname, start, y, n_classes, scorable)
                 curves[f"log_loss {name}, {wname}"] = [
-                    self._mean_loss(y, walked[c][0], scorable) if c in walked else float("nan")
+                    point(walked[c][0]) if c in walked else None
                     for c in (Candidate(name, wname, c) for c in C_PATH)]
                 scored.update(walked)
         self.choice = self._choose(scored, y, scorable)
@@ -187,7 +198,7 @@ class LinearProbe:
 
     @staticmethod
     def _mean_loss(y: np.ndarray, p: np.ndarray, scorable: np.ndarray) -> float:
-        return float(_per_item_loss(y[scorable], p[scorable]).mean()) if scorable.any() else float("nan")
+        return float(_per_item_loss(y[scorable], p[scorable]).mean()) if scorable.any() else np.nan
 
     @staticmethod
     def _choose(
