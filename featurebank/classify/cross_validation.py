@@ -31,7 +31,7 @@ Here every labelled item scores every choice once, out of sample:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -107,7 +107,7 @@ class Choices:
     p_head: np.ndarray
     metrics: dict[str, dict[str, float]]
     grid: list[dict[str, float]] = field(default_factory=list)
-    curves: dict[str, list[float]] = field(default_factory=dict)
+    curves: Mapping[str, Sequence[float | None]] = field(default_factory=dict)
     down_weighted: int = 0
     scored: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     """Items whose class has another labelled item: the only ones scored out of sample."""

@@ -208,7 +208,8 @@ def _training_curves(ev: Evaluation) -> Any:
         ax = axes[0]
         for name, c in curves.get("head", {}).items():
             if len(c) == len(cv["c_path"]):  # not the single point of scikit-learn's default
-                ax.plot(cv["c_path"], c, marker="o", label=name.removeprefix("log_loss "))
+                points = [np.nan if v is None else v for v in c]  # None: not walked to
+                ax.plot(cv["c_path"], points, marker="o", label=name.removeprefix("log_loss "))
         if cv.get("scaled", True):  # else scikit-learn's default, at the vectors' own scale
             ax.axvline(cv["C"], color="grey", ls=":", label="C chosen by cross-validation")
         ax.set_xscale("log")

@@ -217,7 +217,7 @@ def test_linear_probe_binary_and_weights() -> None:
         probe.fit(x, y, 2, sample_weight=np.ones(3))
 
 
-def test_training_the_default_head_never_imports_tensorflow(tmp_path: Path) -> None:
+def test_training_the_default_head_never_imports_tensorflow_or_sklearn(tmp_path: Path) -> None:
     import subprocess
     import sys
 
@@ -237,7 +237,7 @@ build_index(sys.argv[1])
 m = train_head(sys.argv[1])
 with Classifier(sys.argv[1]) as clf:
     clf.predict(x[:5])
-heavy = sorted(n for n in ("tensorflow", "keras") if n in sys.modules)
+heavy = sorted(n for n in ("tensorflow", "keras", "sklearn") if n in sys.modules)
 print(m["head_kind"], heavy)
 """
     out = subprocess.run(
