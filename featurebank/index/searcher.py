@@ -454,7 +454,8 @@ class Searcher:
         self, view: View, xt: np.ndarray, k: int, matching: np.ndarray, key: Any
     ) -> tuple[np.ndarray, np.ndarray]:
         """Search only `matching` ids, planned by the filter's selectivity (filters.py):
-        small sets are scanned exactly; filters passing nearly everything fetch unfiltered
+        small sets, and any set of an exact (flat) index, are scanned exactly from a copy
+        (a selector on a flat index scans all of it, one pair at a time); filters passing nearly everything fetch unfiltered
         candidates and keep those passing; the rest, and queries a probe left with fewer
         than k (a filter excluding the query's own region), search an IVF over just the
         matching items (index/subset.py), so recall holds whatever the filter lines up with.
@@ -484,9 +485,10 @@ class Searcher:
             make = lambda: subset_index(view, allowed)  # noqa: E731
             return self._subsets.get(view.gen.number, allowed, make).search(xs, k)
 
-        if view.gen.family.name == "flat":  # a scan: the selector costs nothing extra
-            return selected(xt)
-        if allowed.size <= filters.EXACT_MAX:
+        flat = view.gen.family.name == "flat"
+        if flat and allowed.size * xt.shape[1] * 4 > filters.SUBSET_MAX_BYTES:
+            return selected(xt)  # an exact scan either way; a selector copies nothing
+        if flat or allowed.size <= filters.EXACT_MAX:  # a copy of the subset scans in BLAS
             exact = lambda: exact_subset(view, allowed)  # noqa: E731
             return cached(view, ("exact", *key), exact)(xt, k)
         kp = min(filters.probe_k(k, fraction), indexed)
