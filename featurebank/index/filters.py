@@ -336,9 +336,10 @@ class Table:
 
 # ---- planning a filtered search ------------------------------------------------------------
 # Measured by benchmarks/filter_bench.py (200k x 128, HNSW32): an IVF over the matching items
-# alone (index/subset.py) answers a 50 % filter at 0.6-0.8x the unfiltered graph's CPU cost per
-# query, correlated or not, where unfiltered candidates deep enough to hold k passing ones
-# cost 1.7-2.3x; only a filter passing nearly everything is cheaper to serve from candidates.
+# alone (index/subset.py) answers a 50 % filter at 0.55-0.85x the unfiltered graph's rate,
+# correlated or not, where unfiltered candidates deep enough to hold k passing ones cost
+# 1.7-2.3x the unfiltered search; only a filter passing nearly everything is cheaper to serve
+# from candidates.
 
 EXACT_MAX = 5_000  # matching sets this small are scanned exactly
 PROBE_MIN_FRACTION = 0.8  # from here, unfiltered candidates find k passing ones cheaply
