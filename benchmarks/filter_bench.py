@@ -134,6 +134,9 @@ def tune_ef(set_ef: Callable[[int], None], search: Callable[[np.ndarray], np.nda
     return EF_GRID[-1], r
 
 
+MILVUS_BATCH = 20  # queries a milvus-lite call
+
+
 class Milvus:
     """milvus-lite over the same vectors and metadata, when pymilvus and milvus-lite are there."""
 
@@ -154,18 +157,24 @@ class Milvus:
             rows = range(start, min(start + 10_000, len(x)))
             self.client.insert("bench", [{"id": i, "vec": x[i].tolist(), "u": int(u[i]),
                                           "cluster": int(cluster[i])} for i in rows])
+        self.client.flush("bench")  # sealed segments get the HNSW index; growing ones are scanned
+        self.client.load_collection("bench")
         self.ef = 64
 
     def set_ef(self, ef: int) -> None:
         self.ef = ef
 
     def search(self, b: np.ndarray, expr: str = "") -> np.ndarray:
-        res = self.client.search("bench", data=b.tolist(), limit=K, filter=expr.replace("meta.", ""),
-                                 search_params={"metric_type": "L2", "params": {"ef": max(self.ef, K)}})
         out = np.full((len(b), K), -1, np.int64)
-        for r, hits in enumerate(res):
-            ids = [int(h["id"]) for h in hits][:K]
-            out[r, : len(ids)] = ids
+        for start in range(0, len(b), MILVUS_BATCH):  # its scan of a segment holds batch x n x d
+            res = self.client.search(
+                "bench", data=b[start:start + MILVUS_BATCH].tolist(), limit=K,
+                filter=expr.replace("meta.", ""),
+                search_params={"metric_type": "L2", "params": {"ef": max(self.ef, K)}},
+            )
+            for r, hits in enumerate(res, start):
+                ids = [int(h["id"]) for h in hits][:K]
+                out[r, : len(ids)] = ids
         return out
 
 
