@@ -4,7 +4,12 @@ Health (grpc.health.v1) means something: NOT_SERVING while the store and index
 load, SERVING once classification can be answered, NOT_SERVING again as soon as
 shutdown starts, so a load balancer drains the server before it goes away.
 With `replica`, the server is a read replica of the bank (server/replica.py): a
-read-only engine that follows the primary, and write RPCs refused before they are read.
+read-only engine that follows the primary (with `data`, one on another machine, fed over
+gRPC), and write RPCs refused before they are read.
+
+Over 400 lines because it is the one place a server's parts are put together (its config,
+engines per bank, interceptors, ports, health and shutdown order); each part it wires lives
+in its own module.
 """
 
 from __future__ import annotations
