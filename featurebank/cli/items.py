@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from featurebank.cli import Commands
-from featurebank.cli.client import connection_args
+from featurebank.cli.client import client_from_args, connection_args
 from featurebank.core.vocabulary import SPLITS
 
 FORMATS = ("tsv", "csv", "jsonl")
@@ -28,7 +28,8 @@ def register(commands: Commands) -> None:
     p = commands.command(
         "items", "list a bank's items: key, label, split (and metadata), filtered", _items
     )
-    p.add_argument("--bank", required=True, type=Path, help="bank directory")
+    p.add_argument("--bank", type=Path, default=None,
+                   help="bank directory (without it: the bank of --server)")
     p.add_argument("--label", action="append", default=[],
                    help="only items with this label (repeat for several)")  # fmt: skip
     p.add_argument("--unlabelled", action="store_true", help="only items without a label")
@@ -37,6 +38,11 @@ def register(commands: Commands) -> None:
     p.add_argument("--format", choices=FORMATS, default="tsv",
                    help="tsv (default) and csv have a header row; jsonl: one object a line")  # fmt: skip
     p.add_argument("--keys-only", action="store_true", help="one key a line, nothing else")
+    p.add_argument("--filter", default="", metavar="EXPR",
+                   help="only items passing it, in key order, e.g. 'meta.camera == 4' "
+                   "(the grammar of search --filter)")
+    p.add_argument("--count", action="store_true", help="print how many items pass, nothing else")
+    connection_args(p, bank_name=False)
 
     p = commands.subcommand("labels", "list", "labels of a bank with their counts", _labels_list)
     p.add_argument("--bank", required=True, type=Path, help="bank directory")
@@ -72,10 +78,78 @@ def _items(args: argparse.Namespace) -> int:
     if args.label and args.unlabelled:
         raise InvalidInput("use --label or --unlabelled, not both")
     wanted = set(args.label)
+    plain = not (wanted or args.unlabelled or args.split)
+    if args.filter:
+        from featurebank.server.queries import check_filter
+
+        check_filter(args.filter)  # a malformed filter fails before anything is printed
+    if args.bank is None:  # the bank a server serves: Scroll and Count over gRPC
+        with client_from_args(args) as client:
+            if args.count and plain:
+                print(client.count(args.filter))
+                return 0
+            rows = _kept(_served_rows(client, args.filter), args.split, wanted, args.unlabelled)
+            return _show(rows, args)
     with store_mod.open(args.bank, readonly=True) as st:
-        rows = _rows(st, args.split, wanted, args.unlabelled, args.metadata)
+        if args.filter:
+            rows = _kept(_filtered_rows(st, args.filter), args.split, wanted, args.unlabelled)
+        else:
+            rows = _rows(st, args.split, wanted, args.unlabelled, args.metadata)
+        return _show(rows, args)
+
+
+def _show(rows: Iterator[dict[str, Any]], args: argparse.Namespace) -> int:
+    if args.count:
+        print(sum(1 for _ in rows))
+    else:
         _print_rows(rows, args.format, args.metadata, args.keys_only)
     return 0
+
+
+PAGE = 1000  # items a page when listing through a filter
+
+
+def _filtered_rows(st: Any, expr: str) -> Iterator[dict[str, Any]]:
+    """Items passing `expr` in key order, page by page as Scroll pages them."""
+    from featurebank.server import queries
+
+    tables, where, after = queries.Tables(), queries.check_filter(expr), None
+    while True:
+        page = queries.scroll_page(tables, st, where, PAGE, after)
+        items = queries.page_items(st, page)
+        for i, key in enumerate([] if items is None else items.keys):
+            yield {"key": key, "label": items.labels[i], "split": items.splits[i],
+                   "metadata": dict(items.meta[i])}
+        if not page.next_token:
+            return
+        after = queries.decode_token(page.next_token)
+
+
+def _served_rows(client: Any, expr: str) -> Iterator[dict[str, Any]]:
+    """The server's items passing `expr`, in key order, through Scroll."""
+    from google.protobuf.json_format import MessageToDict
+
+    token = ""
+    while True:
+        r = client.scroll(expr, limit=PAGE, page_token=token)
+        for it in r.items:
+            yield {"key": it.key, "label": it.label or None, "split": it.split,
+                   "metadata": MessageToDict(it.metadata)}
+        token = r.next_page_token
+        if not token:
+            return
+
+
+def _kept(
+    rows: Iterator[dict[str, Any]], split: str | None, labels: set[str], unlabelled: bool
+) -> Iterator[dict[str, Any]]:
+    """`rows` that pass --split, --label and --unlabelled too."""
+    for row in rows:
+        if split and row["split"] != split:
+            continue
+        if (labels and row["label"] not in labels) or (unlabelled and row["label"] is not None):
+            continue
+        yield row
 
 
 def _rows(

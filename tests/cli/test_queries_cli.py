@@ -56,3 +56,25 @@ def test_recommend(served: RunningServer, capsys: pytest.CaptureFixture[str]) ->
     lines = out.strip().splitlines()
     assert code == 0 and len(lines) == 3 and all(" dog " in line for line in lines)
     assert not any(line.endswith(("dog/1-0", "dog/1-1")) for line in lines)
+
+
+def test_items_lists_and_counts_through_a_filter_on_a_server_and_a_bank(
+    served: RunningServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bank = served.server.config.bank
+    even = sorted(f"{c}/1-{j}" for c in ("cat", "dog", "fox") for j in range(0, 10, 2))
+    for where in (("--server", served.target), ("--bank", str(bank))):
+        code, out, _ = run(capsys, "items", *where, "--filter", "meta.even == true", "--keys-only")
+        assert code == 0 and out.split() == even  # in key order, every one, nothing else
+        code, out, _ = run(capsys, "items", *where, "--filter", "meta.even == true", "--count")
+        assert (code, out.strip()) == (0, "15")
+        code, out, _ = run(capsys, "items", *where, "--filter", 'meta.even == false and label == "cat"',
+                           "--format", "jsonl", "--metadata")
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert len(rows) == 5 and all(r["label"] == "cat" and r["metadata"]["even"] is False
+                                      for r in rows)
+        code, out, _ = run(capsys, "items", *where, "--filter", "meta.even == true", "--label", "dog",
+                           "--count")
+        assert (code, out.strip()) == (0, "5")  # --label narrows the filter's items further
+        code, out, err = run(capsys, "items", *where, "--filter", "meta.even ==")
+        assert code == 2 and out == "" and "position" in err
