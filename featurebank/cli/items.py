@@ -91,11 +91,8 @@ def _items(args: argparse.Namespace) -> int:
             rows = _kept(_served_rows(client, args.filter), args.split, wanted, args.unlabelled)
             return _show(rows, args)
     with store_mod.open(args.bank, readonly=True) as st:
-        if args.filter:
-            rows = _kept(_filtered_rows(st, args.filter), args.split, wanted, args.unlabelled)
-        else:
-            rows = _rows(st, args.split, wanted, args.unlabelled, args.metadata)
-        return _show(rows, args)
+        listed = _filtered_rows(st, args.filter) if args.filter else _rows(st, args.split, args.metadata)
+        return _show(_kept(listed, args.split, wanted, args.unlabelled), args)
 
 
 def _show(rows: Iterator[dict[str, Any]], args: argparse.Namespace) -> int:
@@ -152,17 +149,13 @@ def _kept(
         yield row
 
 
-def _rows(
-    st: Any, split: str | None, labels: set[str], unlabelled: bool, metadata: bool
-) -> Iterator[dict[str, Any]]:
-    """Items one by one from one snapshot, in id order, filtered."""
+def _rows(st: Any, split: str | None, metadata: bool) -> Iterator[dict[str, Any]]:
+    """Items one by one from one snapshot, in id order (of `split` only, when given)."""
     for batch in st.iter_batches(batch_size=8192, split=split):
         metas = batch.meta if metadata else None
         for i, (key, label, item_split) in enumerate(
             zip(batch.keys, batch.labels, batch.splits, strict=True)
         ):
-            if (labels and label not in labels) or (unlabelled and label is not None):
-                continue
             row: dict[str, Any] = {"key": key, "label": label, "split": item_split}
             if metas is not None:
                 row["metadata"] = metas[i]
