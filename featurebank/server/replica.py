@@ -128,6 +128,14 @@ class ReplicaEngine(Engine):
             return None
         return f"read replica cannot read its bank ({self.failure})"
 
+    def loading(self) -> str | None:
+        """Why a classify or search call must wait: the follower's first step has neither
+        loaded the models nor found that there are none (so a client or load balancer
+        retries elsewhere instead of taking "no index yet"), or None."""
+        if self.live.models is None and self.live.load_error is None:
+            return "read replica is still loading its bank"
+        return None
+
     def set_failure(self, failure: str | None) -> None:
         """Record whether the bank is readable; health follows when that changes."""
         if failure == self.failure:

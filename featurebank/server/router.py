@@ -107,7 +107,9 @@ class BankRouter(pb_grpc.FeatureBankServicer):
         async def call() -> Any:
             self._check_reach(context, method, name)
             async with self.banks.using(name) as (entry, engine):
-                why = engine.unreadable() if isinstance(engine, ReplicaEngine) else None
+                why = None
+                if isinstance(engine, ReplicaEngine):
+                    why = engine.unreadable() or (None if method == "GetInfo" else engine.loading())
                 if why is not None:  # clients and load balancers retry elsewhere
                     raise Unavailable(why)
                 if getattr(request, "min_store_generation", 0) > 0:  # read-your-writes
