@@ -7,12 +7,7 @@ through the multi-target client survives a replica killed with SIGKILL.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +23,7 @@ from featurebank.index.checkpoint import CheckpointPolicy
 from featurebank.server.app import FeatureBankServer, ServeConfig
 from featurebank.server.client import FeatureBankClient, RemoteError, make_input
 from featurebank.server.targets import MultiTargetClient
+from tests.support.proxy import Serving
 from tests.support.server import CLASSES, RunningServer, class_centers, free_port, make_vector_bank
 
 DIM = 8
@@ -41,60 +37,16 @@ def freshness_bound(follow_s: float = FOLLOW_S) -> float:
     return follow_s + 5.0
 
 
-class ServeProcess:
-    """`featurebank serve` in its own process, on a fixed port (so it can be restarted)."""
-
-    def __init__(self, bank: Path, *extra: str, port: int | None = None) -> None:
-        self.bank, self.extra = bank, extra
-        self.port = port or free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in stop()
-        self.proc: subprocess.Popen[str] | None = None
-        self.start()
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "featurebank", "serve", "--bank", str(self.bank),
-               "--port", str(self.port), "--grace", "1", *self.extra]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=self.log,
-                                     text=True)
-        with FeatureBankClient(self.target) as c:
-            try:
-                c.wait_until_serving(timeout=120)
-            except RemoteError:
-                self.log.seek(0)
-                raise AssertionError(f"{self.target} never served:\n{self.log.read()[-3000:]}") from None
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 class Cluster:
     """A primary and `n` replicas of one bank."""
 
     def __init__(self, bank: Path, n: int) -> None:
-        self.primary = ServeProcess(bank)
-        self.replicas: list[ServeProcess] = []
+        self.primary = Serving("--bank", str(bank))
+        self.replicas: list[Serving] = []
         try:
             for _ in range(n):
-                self.replicas.append(ServeProcess(
-                    bank, "--replica", "--primary", self.primary.target,
+                self.replicas.append(Serving(
+                    "--bank", str(bank), "--replica", "--primary", self.primary.target,
                     "--follow-interval", str(FOLLOW_S),
                 ))
         except BaseException:

@@ -21,6 +21,7 @@ from pathlib import Path
 from featurebank.server.auth import READ, SERVICE, required_role
 from featurebank.server.client import FeatureBankClient, RemoteError
 from featurebank.v1 import featurebank_pb2
+from tests.support.server import free_port
 
 NGINX_PATHS = ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,18 +94,12 @@ http {{
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Serving:
     """`featurebank serve ARGS` in its own process on a fixed port (so it can be restarted)."""
 
     def __init__(self, *args: str) -> None:
         self.args = args
-        self.port = _free_port()
+        self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in stop()
         self.proc: subprocess.Popen[str] | None = None
@@ -159,7 +154,7 @@ class Nginx:
             raise FileNotFoundError("nginx is not installed (.ci/run installs it)")
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
-        self.port = _free_port()
+        self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         (folder / "nginx.conf").write_text(nginx_config(folder, self.port, primary, replicas))
         self.proc = subprocess.Popen(
