@@ -172,7 +172,7 @@ def _repack(txn: Any, old: EnvHandle, block_rows: int, row_bytes: int) -> Iterat
         key = bytes(k)
         rows = tuple(a.copy() for a in decode_rows(v))
         live = np.flatnonzero(rows[2] != DELETED)
-        if len(live) == len(rows[0]) and not len(pending):
+        if len(live) == len(rows[0]) == block_rows and not len(pending):
             yield key, {db: bytes(txn.get(key, db=old.dbs[db])) for db in _BLOCK_DBS}
             continue
         if len(live):

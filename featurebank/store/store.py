@@ -94,6 +94,8 @@ __all__ = ["Changes", "Items", "Spec", "Store", "create", "open", "open_or_creat
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+TAIL_BYTES = 3 * 4096 - 64
+"""The largest block a small append tops up: three LMDB overflow pages, less their header."""
 _SPLIT_NAMES = np.array([*SPLITS, *[""] * (256 - len(SPLITS))], dtype=object)
 _ADDED, _RELABELLED, _DELETED, _META = LOG_ADDED, LOG_RELABELLED, LOG_DELETED, LOG_META
 Txn = Any  # lmdb.Transaction
@@ -419,13 +421,22 @@ class Store:
         keys: list[str],
         metas: list[dict[str, Any]],
     ) -> None:
-        """Fill the last block up to `block_rows`, then append whole new blocks."""
+        """Top up the last block while it stays small, then append whole new blocks.
+
+        Why only while small: LMDB rewrites a value whole, so topping up a full-size last
+        block would cost a 1-item Upsert the whole block (256 KiB) of writes. The last block
+        is rewritten only while it fits `TAIL_BYTES` or is no bigger than the rows being
+        added; otherwise a new block starts, and `compact` packs small blocks into full ones.
+        """
         start = 0
         cur = txn.cursor(db=h.dbs["rows"])
         if cur.last():
             tail = bytes(cur.key())
             t_ids, t_codes, t_states = decode_rows(bytes(cur.value()))
-            m = min(self.block_rows - len(t_ids), len(ids))
+            row_bytes = vecs.itemsize * (vecs.shape[1] if vecs.ndim > 1 else 1)
+            tail_bytes, new_bytes = len(t_ids) * row_bytes, len(ids) * row_bytes
+            top_up = tail_bytes + new_bytes <= TAIL_BYTES or tail_bytes <= new_bytes
+            m = min(self.block_rows - len(t_ids), len(ids)) if top_up else 0
             if m > 0:
                 db = h.dbs
                 txn.put(

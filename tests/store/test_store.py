@@ -392,6 +392,30 @@ def _raw_records(st: store_mod.Store, db: str) -> list[tuple[bytes, bytes]]:
         return [(bytes(k), bytes(v)) for k, v in txn.cursor(db=h.dbs[db])]
 
 
+def test_small_appends_leave_a_full_tail_block_unwritten(bank: Path) -> None:
+    """A 1-item put must not rewrite a big last block (LMDB rewrites a value whole)."""
+    spec = make_spec(dim=128)
+    with store_mod.create(bank, spec) as st:
+        first = make_vectors(300, 128)
+        st.put_batch([f"bulk/{i}" for i in range(300)], first, labels=["a"] * 300)
+        tail_before = _raw_records(st, "vectors")
+        assert len(tail_before) == 1 and len(tail_before[0][1]) > store_mod.store.TAIL_BYTES
+        extra = make_vectors(40, 128, seed=5)
+        for i in range(40):
+            st.put_batch([f"one/{i}"], extra[i : i + 1], labels=["b"], meta=[{"i": i}])
+        blocks = _raw_records(st, "vectors")
+        assert blocks[0] == tail_before[0]  # the full block was never rewritten
+        assert len(blocks) > 2 and all(len(v) <= store_mod.store.TAIL_BYTES for _, v in blocks[1:])
+        expect = np.concatenate([first, extra])
+        got = st.to_numpy()
+        np.testing.assert_array_equal(got.vectors, expect)
+        assert got.keys[-1] == "one/39" and got.labels[-1] == "b"
+        assert st.get_by_keys(["one/7"]).meta[0]["i"] == 7
+        st.compact()  # packs the small blocks back into full ones
+        assert len(_raw_records(st, "vectors")) == 1
+        np.testing.assert_array_equal(st.to_numpy().vectors, expect)
+
+
 def test_get_keeps_any_order_within_a_block(store: store_mod.Store) -> None:
     vectors = fill(store)
     order = [0, 2, 1, 3, 9, 8, 4]  # block 0 permuted, block 2 reversed
