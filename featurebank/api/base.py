@@ -244,7 +244,7 @@ class FeatureBank(abc.ABC):
         """Build and publish a new index generation over every stored item.
 
         `params` (factory, metric, transform, target_recall, memory_budget, k,
-        allow_below_target) change only what they name; the rest stays as the live index
+        allow_below_target, ondisk) change only what they name; the rest stays as the live index
         was built. On a server this is RebuildIndex: reads and writes go on meanwhile.
         """
 

@@ -38,6 +38,10 @@ def add_index_params(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-below-target", action="store_true", default=None,
                    help="publish the index even if its measured recall is below the target "
                    "(also for later folds); without it such an index is refused")
+    p.add_argument("--ondisk", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the inverted lists in a file beside the index that servers "
+                   "memory-map (an index larger than memory; auto then builds IVF over raw "
+                   "vectors); --no-ondisk brings them back into memory; " + KEEP.format("no"))
 
 
 def register(commands: Commands) -> None:
@@ -84,6 +88,7 @@ def _summary(m: dict[str, Any]) -> str:
         f"{m['transform']['spec']} ({m.get('transform_source', 'as given')}); "
         f"recall@{m['k']} {recall_text(m)}, "
         f"{m.get('latency_ms', 0):.3f} ms/query, store generation {m['store_generation']}"
+        + ("; inverted lists on disk (memory-mapped)" if m.get("ondisk") else "")
     )
 
 

@@ -58,6 +58,7 @@ class IndexParams:
     target_recall: float = 0.95
     k: int = 10
     allow_below_target: bool = False  # publish an index measured below target_recall
+    ondisk: bool = False  # inverted lists in a memory-mapped file beside the index (IVF only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "memory_budget", parse_memory(self.memory_budget))
@@ -70,6 +71,8 @@ class IndexParams:
             raise InvalidInput(f"k must be a positive integer, got {k!r}")
         if not isinstance(self.allow_below_target, bool):
             raise InvalidInput(f"allow_below_target must be true or false, got {self.allow_below_target!r}")
+        if not isinstance(self.ondisk, bool):
+            raise InvalidInput(f"ondisk must be true or false, got {self.ondisk!r}")
         if not 0 < self.target_recall <= 1:
             raise InvalidInput(f"target recall must be in (0, 1], got {self.target_recall}")
 

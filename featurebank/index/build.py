@@ -6,8 +6,10 @@ it (rename + atomic CURRENT switch, see featurebank/core/bank.py). A build kille
 point leaves CURRENT on the previous good generation, and searchers switch to a
 new generation whenever they refresh.
 
-FAISS ids are store item ids (IndexIDMap2), so relabelling never touches the
-index and a fold (index/fold.py) can add and remove items by id.
+FAISS ids are store item ids (kept in an IVF's lists or an IndexIDMap2, see
+index/stored_ids.py), so relabelling never touches the index and a fold
+(index/fold.py) can add and remove items by id. An `ondisk` build writes the IVF's
+lists to a file beside the index that searchers memory-map.
 
 The build is split into steps (`prepare`, `build_arrays` or its pieces `train` /
 `tuning_split` / `tune_held_out`, `publish_build`) because the Ray builder
@@ -42,7 +44,7 @@ from featurebank.core.errors import (
 from featurebank.core.memory import release_free_memory
 from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import metric as metric_named
-from featurebank.index import selection, transforms
+from featurebank.index import selection, stored_ids, transforms
 from featurebank.index.families import family_of
 from featurebank.index.tuning import Tuned, exact_search, timed_search, tune
 from featurebank.index.views import INDEX_FILE, MANIFEST_FILE, read_manifest
@@ -73,13 +75,13 @@ MAX_FACTORY_CHARS = 256
 
 
 def make_index(factory: str, dim: int, metric: str) -> faiss.Index:
-    """faiss.index_factory behind an IndexIDMap2 (ids = store ids); bad strings -> InvalidInput."""
+    """faiss.index_factory in the layout that holds store ids; bad strings -> InvalidInput."""
     if len(factory) > MAX_FACTORY_CHARS:
         raise InvalidInput(
             f"faiss factory string {shown(factory)} is longer than {MAX_FACTORY_CHARS} characters"
         )
     try:
-        index = faiss.index_factory(dim, f"IDMap2,{factory}", faiss_metric(metric))
+        index = stored_ids.make(factory, dim, faiss_metric(metric))
     except RuntimeError as e:
         raise InvalidInput(
             f"unknown or invalid faiss factory string {shown(factory)} for dimension {dim}: "
@@ -300,10 +302,16 @@ def prepare(bank: Bank, store: Store, params: IndexParams, sharded: bool = False
         if count > selection.FLAT_MAX_COUNT and not sharded:
             pca_dim = selection.pca_dim_for(spectrum(xt), fitted.out_dim)
         choice = selection.choose_factory(
-            count, fitted.out_dim, params.memory_budget, k, pca_dim, metric, sharded=sharded
+            count, fitted.out_dim, params.memory_budget, k, pca_dim, metric, sharded=sharded,
+            ondisk=params.ondisk,
         )
     else:
         choice = selection.Choice(factory, "given by the user", 0)
+        if params.ondisk and not stored_ids.in_lists(make_index(factory, fitted.out_dim, metric)):
+            raise InvalidInput(
+                f"--ondisk keeps inverted lists on disk, and factory {shown(factory)} has none "
+                "(or re-ranks by position): use an IVF factory such as IVF4096,Flat or IVF4096,PQ32"
+            )
     log.info("building %s over %d x %d (%s)", choice.factory, count, fitted.out_dim, choice.reason)
     return Prepared(xt, items.ids, fitted, choice, store_generation)
 
@@ -344,6 +352,7 @@ def publish_build(
         "build_seconds": 0.0,
         "unremoved_deleted": 0,
         "memory_budget": params.memory_budget,
+        "ondisk": stored_ids.on_disk(index) or params.ondisk,
         **(extra or {}),
     }
     manifest["build_seconds"] = round(time.perf_counter() - started, 3)
@@ -364,9 +373,15 @@ def write_generation(
     bank: Bank, index: faiss.Index, manifest: dict[str, Any], fitted_save: Any = None,
     transform_from: Path | None = None,
 ) -> int:
-    """Write index + transform + manifest into staging, then publish atomically."""
+    """Write index + transform + manifest into staging, then publish atomically.
+
+    An on-disk index (the manifest's `ondisk`) gets its lists copied into staging's own
+    file: a published generation's files are never written again.
+    """
 
     def write(staging: Path) -> None:
+        if manifest.get("ondisk"):
+            stored_ids.move_lists(index, staging / stored_ids.ONDISK_FILE)
         faiss.write_index(index, str(staging / INDEX_FILE))
         if fitted_save is not None:
             fitted_save(staging)

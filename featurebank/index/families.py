@@ -8,17 +8,18 @@ Wrappers are not families: IDMap and PreTransform are looked through, a Refine
 (re-ranking) adds its own knob, `k_factor_rf`, whatever family it wraps.
 
 Memory per vector (bytes; d = dimension, m = PQ code bytes), what the families count.
-Every index sits behind an ``IndexIDMap2``: an int64 id per vector plus a reverse hash map,
-measured at about 44 bytes per entry (std::unordered_map node + bucket, libstdc++), so the
-id map alone costs ``ID_MAP_BYTES`` = 52 bytes per vector:
+An IVF keeps each store id beside its code in the inverted lists (8 bytes); every other
+index sits behind an ``IndexIDMap2`` (index/stored_ids.py): an int64 id per vector plus a
+reverse hash map, measured at about 44 bytes per entry (std::unordered_map node + bucket,
+libstdc++), so ``ID_MAP_BYTES`` = 52 bytes per vector:
 
     Flat              4d + 52
     HNSW32            4d + 52 + 3 * 32 * 4   (level-0 links 2M ints, upper levels ~M ints)
-    IVF{K},Flat       4d + 52 + 8            (+ K * 4d for the centroids)
-    OPQ..,IVF{K},PQm   m + 52 + 8            (+ K * 4D centroids, an HNSW over them from 2^14)
+    IVF{K},Flat       4d + 8                 (+ K * 4d for the centroids)
+    OPQ..,IVF{K},PQm   m + 8                 (+ K * 4D centroids, an HNSW over them from 2^14)
 
-e.g. 10^9 vectors with PQ32 codes need ~92 GB, 60 of them for the ids: at that size the id
-map, not the codes, dominates (docs/scale.md).
+e.g. 10^9 vectors with PQ32 codes need ~40 GB, 8 of them for the ids; behind an id map
+they would need ~92 GB (docs/scale.md). With ``ondisk`` the lists are a memory-mapped file.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class IVF(Family):
     def memory(count: int, dim: int, nlist: int, code_bytes: int) -> int:
         centroids = nlist * dim * 4
         coarse = HNSW.memory(nlist, dim) if nlist >= HNSW_COARSE_MIN_NLIST else centroids
-        return count * (code_bytes + ID_MAP_BYTES + ID_BYTES) + coarse
+        return count * (code_bytes + ID_BYTES) + coarse  # ids live in the lists
 
     @staticmethod
     def grid(nlist: int) -> list[int]:

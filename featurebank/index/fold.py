@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -31,7 +32,7 @@ import numpy as np
 from featurebank.core.bank import Bank, current_dir
 from featurebank.core.errors import FeaturebankError, NotFound
 from featurebank.core.params import IndexParams
-from featurebank.index import transforms
+from featurebank.index import stored_ids, transforms
 from featurebank.index.build import (
     HOLDOUT,
     _build,
@@ -41,8 +42,8 @@ from featurebank.index.build import (
     write_generation,
 )
 from featurebank.index.tuning import Tuned, exact_search, tune
-from featurebank.index.views import INDEX_FILE, index_any, index_ids, read_manifest
-from featurebank.store import BankLike, Store, borrowed
+from featurebank.index.views import INDEX_FILE, index_ids, read_manifest
+from featurebank.store import BankLike, Changes, Store, borrowed
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,16 @@ RETRIES = 3  # re-reads when an item is deleted while the fold reads it
 
 
 def removable(index: faiss.Index) -> bool:
-    """Whether ids can be removed in place: only a plain Flat under the IDMap.
+    """Whether ids can be removed in place: a plain Flat under the IDMap, or an IVF in
+    memory holding store ids in its lists.
 
-    HNSW cannot remove at all, and IndexIDMap2 renumbers its positions on removal
-    while inverted lists keep the old ones, so those are filtered at search time.
+    HNSW cannot remove at all, IndexIDMap2 renumbers its positions on removal while
+    inverted lists keep the old ones, and on-disk lists are read-only, so those are
+    filtered at search time.
     """
-    inner = faiss.downcast_index(index_any(index).index)
+    if stored_ids.in_lists(index):
+        return stored_ids.lists_in_memory(index)
+    inner = stored_ids.searching(index)
     return type(inner) in (faiss.IndexFlat, faiss.IndexFlatL2, faiss.IndexFlatIP)
 
 
@@ -108,7 +113,30 @@ def _update(bank: Bank, store: Store, progress: bool, rebuild_fraction: float) -
         log.info("index generation %s already covers the store's items", directory.name)
         return {**manifest, "generation": int(directory.name), "unchanged": True,
                 "added": 0, "removed": 0}
-    index = faiss.read_index(str(directory / INDEX_FILE))
+    index = stored_ids.read(directory / INDEX_FILE)
+    with stored_ids.adding(index, directory / INDEX_FILE) as adder:
+        return _fold(bank, store, directory, manifest, changes, index, adder, deleted, added,
+                     progress, rebuild_fraction, started)  # fmt: skip
+
+
+def _fold(
+    bank: Bank,
+    store: Store,
+    directory: Path,
+    manifest: dict[str, Any],
+    changes: Changes,
+    index: faiss.Index,
+    adder: faiss.Index,
+    deleted: np.ndarray,
+    added: np.ndarray,
+    progress: bool,
+    rebuild_fraction: float,
+    started: float,
+) -> dict[str, Any]:
+    """Remove (or count) the deleted items, add the new ones measured, publish.
+
+    `adder` takes the additions that `index` then searches (itself, but for on-disk lists:
+    stored_ids.adding)."""
     present = index_ids(index)
     deleted = deleted[np.isin(deleted, present)]
     added = added[~np.isin(added, present)]
@@ -125,7 +153,7 @@ def _update(bank: Bank, store: Store, progress: bool, rebuild_fraction: float) -
         items = store.get(added.astype(np.uint64))
         vectors = transforms.as_vectors(items.vectors, fitted.in_dim, "added store vectors")
         xt, ids = fitted.apply(vectors), _as_ids(items.ids)
-        tuned = _add_measured(index, store, fitted, manifest, xt, ids, progress)
+        tuned = _add_measured(index, adder, store, fitted, manifest, xt, ids, progress)
     params = IndexParams.from_manifest(manifest)
     if tuned is not None and not tuned.reached and not math.isnan(tuned.recall):
         if not params.allow_below_target:
@@ -156,6 +184,7 @@ def _update(bank: Bank, store: Store, progress: bool, rebuild_fraction: float) -
 
 def _add_measured(
     index: faiss.Index,
+    adder: faiss.Index,
     store: Store,
     fitted: transforms.Transform,
     manifest: dict[str, Any],
@@ -166,16 +195,19 @@ def _add_measured(
     """Add the new items, holding a sample back to re-tune on (None: too few to measure)."""
     n_hold = min(HOLDOUT, ids.size // 2) if ids.size >= MIN_MEASURED else 0
     if n_hold == 0:
-        add_batches(index, xt, ids, progress)
+        add_batches(adder, xt, ids, progress)
+        stored_ids.sync_ntotal(index)
         return None
     pick = np.random.default_rng(int(ids[-1])).permutation(ids.size)
     held, rest = np.sort(pick[:n_hold]), np.sort(pick[n_hold:])
-    add_batches(index, xt[rest], ids[rest], progress)
+    add_batches(adder, xt[rest], ids[rest], progress)
+    stored_ids.sync_ntotal(index)
     k = int(manifest["k"])
     base_ids, base = _indexed_vectors(store, fitted, index_ids(index))
     truth, _ = exact_search(base, base_ids, xt[held], k, faiss_metric(manifest["metric"]))
     tuned = tune(index, xt[held], truth, k, float(manifest["target_recall"]))
-    add_batches(index, xt[held], ids[held], progress=False)
+    add_batches(adder, xt[held], ids[held], progress=False)
+    stored_ids.sync_ntotal(index)
     return tuned
 
 

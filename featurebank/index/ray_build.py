@@ -3,8 +3,8 @@
 1. train the index (transform, coarse quantiser, codes) on a sample, in the driver;
 2. add shards of the vectors in parallel Ray tasks, each into a copy of the trained empty
    index (serialised once, shared through Ray's object store);
-3. merge the filled copies in shard order: inverted lists are moved list by list with their
-   positions shifted (`IndexIVF.merge_from`), flat codes appended, the id maps concatenated,
+3. merge the filled copies in shard order (`stored_ids.merge`): inverted lists are moved list
+   by list (carrying their store ids), flat codes appended behind their concatenated id maps,
    so the result is the index one process would have built by adding the same vectors in
    the same order (byte for byte for Flat, IVF-Flat, IVF-PQ and OPQ);
 4. compute the exact ground truth of the held-out tuning queries in parallel over the same
@@ -31,7 +31,7 @@ import numpy as np
 from featurebank.core.errors import InvalidInput
 from featurebank.core.memory import release_free_memory
 from featurebank.embedder import ray_cluster
-from featurebank.index import build, selection, transforms
+from featurebank.index import build, selection, stored_ids, transforms
 from featurebank.index.families import family_of, has_refine
 from featurebank.index.tuning import Tuned
 from featurebank.store import BankLike, borrowed
@@ -131,7 +131,7 @@ def build_sharded(
     t = time.perf_counter()
     index = faiss.deserialize_index(ray.get(filled[0]))
     for ref in filled[1:]:
-        merge_into(index, faiss.deserialize_index(ray.get(ref)))
+        stored_ids.merge(index, faiss.deserialize_index(ray.get(ref)))
     merge_s = time.perf_counter() - t
     truth = None
     if truth_refs:
@@ -194,31 +194,4 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int, larger_first:
     return np.take_along_axis(ids, order, axis=1)
 
 
-def merge_into(target: Any, other: Any) -> None:
-    """Append `other` (a filled copy of the same trained IDMap2 index) to `target`.
-
-    faiss's IndexIDMap2.merge_from moves inverted lists without shifting their positions,
-    which would point the second shard's entries at the first shard's ids; here the lists
-    move with the shift (`IndexIVF.merge_from(other, add_id=ntotal)`) and the id maps are
-    concatenated.
-    """
-    n_t, n_o = int(target.ntotal), int(other.ntotal)
-    ivf_t = faiss.try_extract_index_ivf(target)
-    if ivf_t is None:  # flat codes: positions are implicit
-        target.merge_from(other, 0)
-        return
-    ivf_o = faiss.try_extract_index_ivf(other)
-    assert ivf_o is not None  # a copy of the same trained index
-    ivf_t.merge_from(ivf_o, n_t)
-    inner: Any = faiss.downcast_index(target.index)
-    while not isinstance(inner, faiss.IndexIVF):  # transforms in between count vectors too
-        inner.ntotal = n_t + n_o
-        inner = faiss.downcast_index(inner.index)
-    both = np.concatenate([faiss.vector_to_array(target.id_map),
-                           faiss.vector_to_array(other.id_map)])  # fmt: skip
-    faiss.copy_array_to_vector(both, target.id_map)
-    target.ntotal = n_t + n_o
-    target.construct_rev_map()
-
-
-__all__ = ["build_index_ray", "build_sharded", "merge_into", "merge_topk"]
+__all__ = ["build_index_ray", "build_sharded", "merge_topk"]

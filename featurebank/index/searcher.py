@@ -38,8 +38,7 @@ from featurebank.core.bank import Bank, current_generation
 from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput, NotFound, shown
 from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import metric as metric_named
-from featurebank.index import families, filters
-from featurebank.index.families import FAISS
+from featurebank.index import families, filters, stored_ids
 from featurebank.index.segment import Segment, member, merge
 from featurebank.index.subset import TUNE_QUERIES, SubsetCache, SubsetIndex, outside_sample
 from featurebank.index.transforms import as_vectors
@@ -49,7 +48,6 @@ from featurebank.index.views import (
     advanced,
     caught_up,
     codes_of,
-    index_any,
     load_generation,
     load_live_generation,
     make_view,
@@ -549,7 +547,7 @@ def exact_subset(
     view: View, allowed: np.ndarray
 ) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
     """Exact search over a small filtered subset (graph search degrades under tight filters)."""
-    vectors = view.gen.index.reconstruct_batch(allowed)
+    vectors = stored_ids.reconstruct(view.gen.index, allowed)
     flat = faiss.IndexFlat(vectors.shape[1], view.gen.index.metric_type)
     flat.add(vectors)
 
@@ -567,9 +565,9 @@ def subset_index(view: View, allowed: np.ndarray) -> SubsetIndex:
     probes = outside_sample(view.gen.index_ids, allowed, TUNE_QUERIES)
     return SubsetIndex(
         allowed,
-        index.reconstruct_batch(allowed),
+        stored_ids.reconstruct(index, allowed),
         index.metric_type,
-        index.reconstruct_batch(probes) if probes.size else np.zeros((0, index.d), np.float32),
+        stored_ids.reconstruct(index, probes) if probes.size else np.zeros((0, index.d), np.float32),
         float(manifest.get("target_recall") or IndexParams.target_recall),
         int(manifest.get("k") or IndexParams.k),
     )
@@ -578,13 +576,14 @@ def subset_index(view: View, allowed: np.ndarray) -> SubsetIndex:
 def search_params(view: View, sel: faiss.IDSelector, fraction: float) -> tuple[Any, list[Any]]:
     """Per-call parameters carrying the selector down every wrapper, and what must stay alive.
 
-    IndexIDMap2 only translates the selector of the outermost parameters, so the
-    translation to internal positions is done here for the inner ones. Tight
-    selectors get more exploration (efSearch/nprobe), as fewer visited items count.
+    An IndexIDMap2 only translates the selector of the outermost parameters, so the
+    translation to internal positions is done here for the inner ones (an IVF holding
+    store ids takes the selector as it is). Tight selectors get more exploration
+    (efSearch/nprobe), as fewer visited items count.
     """
     gen = view.gen
     tuned = {k: int(v) for k, v in gen.manifest.get("params", {}).items()}
-    translated = FAISS.IDSelectorTranslated(index_any(gen.index).id_map, sel)
-    inner = faiss.downcast_index(index_any(gen.index).index)
+    translated = stored_ids.selector(gen.index, sel)
+    inner = stored_ids.searching(gen.index)
     params, made = families.search_parameters(inner, translated, tuned, 1.0 / max(fraction, 1e-6))
     return params, [sel, translated, *made]

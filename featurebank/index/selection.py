@@ -122,11 +122,14 @@ def choose_factory(
     pca_dim: int | None = None,
     metric: str = "l2",
     sharded: bool = False,
+    ondisk: bool = False,
 ) -> Choice:
     """Apply the rules in the module docstring; raise InvalidInput when nothing fits.
 
     `pca_dim` is `pca_dim_for` of the bank's spectrum (None: no useful projection);
-    `sharded`: only indexes that can be built in shards and merged (no graph).
+    `sharded`: only indexes that can be built in shards and merged (no graph);
+    `ondisk`: inverted lists of raw vectors in a memory-mapped file (the budget holds
+    only the centroids).
     """
     if count <= 0:
         raise InvalidInput("cannot choose an index for an empty bank")
@@ -134,6 +137,13 @@ def choose_factory(
         raise InvalidInput(f"dimension must be positive, got {dim}")
     if memory_budget <= 0:
         raise InvalidInput(f"memory budget must be positive, got {memory_budget}")
+    nlist = nlist_for(count)
+    coarse = f"IVF{nlist}_HNSW32" if nlist >= HNSW_COARSE_MIN_NLIST else f"IVF{nlist}"
+    tunable = {"nprobe": IVF.grid(nlist)}
+    if ondisk:
+        need = IVF.memory(0, dim, nlist, dim * 4)
+        return Choice(f"{coarse},Flat", "on disk: inverted lists of raw vectors, memory-mapped",
+                      need, tunable)  # fmt: skip
     if count <= FLAT_MAX_COUNT:
         need = Flat.memory(count, dim)
         if need <= memory_budget:
@@ -157,9 +167,6 @@ def choose_factory(
             need,
             {"efSearch": HNSW.grid(k)},
         )
-    nlist = nlist_for(count)
-    coarse = f"IVF{nlist}_HNSW32" if nlist >= HNSW_COARSE_MIN_NLIST else f"IVF{nlist}"
-    tunable = {"nprobe": IVF.grid(nlist)}
     need = IVF.memory(count, dim, nlist, dim * 4)
     if need <= memory_budget:
         why = (

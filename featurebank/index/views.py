@@ -24,6 +24,7 @@ from featurebank.core.bank import Bank, load_newest_intact
 from featurebank.core.errors import DamagedFile, FailedPrecondition, FeaturebankError, NotFound
 from featurebank.core.integrity import read_json
 from featurebank.core.vocabulary import HELD_OUT_SPLIT
+from featurebank.index import stored_ids
 from featurebank.index.families import Family, family_of, set_params
 from featurebank.index.segment import Segment, member
 from featurebank.index.transforms import Transform, as_vectors
@@ -115,8 +116,8 @@ def index_any(index: faiss.Index) -> Any:
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
-    """Sorted external ids of an IndexIDMap2 (what the builder always writes)."""
-    return np.sort(faiss.vector_to_array(index_any(index).id_map).astype(np.int64))
+    """Sorted store ids the index holds."""
+    return stored_ids.ids_of(index)
 
 
 def load_generation(bank: Bank, number: int) -> Generation:
@@ -126,11 +127,11 @@ def load_generation(bank: Bank, number: int) -> Generation:
         raise DamagedFile(f"index generation {directory} is missing")
     manifest = read_manifest(directory)
     try:
-        index = faiss.read_index(str(directory / INDEX_FILE))
+        index = stored_ids.read(directory / INDEX_FILE)
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
         raise DamagedFile(f"{directory / INDEX_FILE} is damaged ({reason})") from None
-    if not isinstance(index, faiss.IndexIDMap2):
+    if not isinstance(index, faiss.IndexIDMap2) and not stored_ids.in_lists(index):
         raise DamagedFile(f"{directory / INDEX_FILE} is not an id-mapped featurebank index")
     params = {k: int(v) for k, v in manifest.get("params", {}).items()}
     if params:

@@ -7,9 +7,9 @@ import faiss
 import numpy as np
 import pytest
 
-from featurebank.index import families, selection
+from featurebank.index import families, selection, stored_ids
 from featurebank.index.build import make_index
-from featurebank.index.families import FAISS, family_of, search_parameters, set_params, tunable
+from featurebank.index.families import family_of, search_parameters, set_params, tunable
 
 DIM = 32
 
@@ -58,8 +58,10 @@ def test_a_filtered_search_carries_the_selector_and_boosted_knobs() -> None:
     index.add_with_ids(x, np.arange(2000, dtype=np.int64))
     set_params(index, {"nprobe": 2})
     allowed = np.arange(0, 2000, 7, dtype=np.int64)
-    sel = FAISS.IDSelectorTranslated(index.id_map, faiss.IDSelectorBatch(allowed))
-    inner = faiss.downcast_index(index.index)
+    batch = faiss.IDSelectorBatch(allowed)
+    sel = stored_ids.selector(index, batch)
+    assert sel is batch  # an IVF keeps store ids in its lists: nothing to translate
+    inner = stored_ids.searching(index)
     params, keep = search_parameters(inner, sel, {"nprobe": 2}, boost=4.0)
     assert params.nprobe == 8 and keep[-1] is params
     _, ids = index.search(x[:20], 5, params=params)
@@ -70,9 +72,9 @@ def test_a_filtered_search_carries_the_selector_and_boosted_knobs() -> None:
     hnsw = make_index("PCA16,HNSW32,RFlat", DIM, "l2")
     hnsw.train(x)
     hnsw.add_with_ids(x, np.arange(2000, dtype=np.int64))
-    sel = FAISS.IDSelectorTranslated(hnsw.id_map, faiss.IDSelectorBatch(allowed))
+    sel = stored_ids.selector(hnsw, faiss.IDSelectorBatch(allowed))
     params, keep = search_parameters(
-        faiss.downcast_index(hnsw.index), sel, {"efSearch": 40, "k_factor_rf": 2}, boost=100.0
+        stored_ids.searching(hnsw), sel, {"efSearch": 40, "k_factor_rf": 2}, boost=100.0
     )
     assert params.k_factor == 2 and len(keep) == 3  # refine -> pre-transform -> graph
     assert keep[0].efSearch == families.MAX_EF_SEARCH

@@ -110,7 +110,7 @@ def test_update_of_graph_index_adds_and_filters_deleted(tmp_path: Path) -> None:
         assert searcher.ntotal == 3048
 
 
-def test_update_of_inverted_lists_filters_deleted(tmp_path: Path) -> None:
+def test_update_of_inverted_lists_removes_deleted(tmp_path: Path) -> None:
     world = World.make(16, latent=6, seed=35)
     x, _ = world.sample(4000, seed=36)
     bank = make_bank(tmp_path / "bank", x)
@@ -119,7 +119,9 @@ def test_update_of_inverted_lists_filters_deleted(tmp_path: Path) -> None:
     with store_mod.open(bank) as st:
         st.delete([f"item-{i}" for i in range(100)])
     updated = update_index(bank)
-    assert updated["last_update"]["filtered"] == 100  # inverted lists: filtered, not removed
+    # the lists hold store ids, so deleted items leave them in place
+    assert updated["last_update"]["removed"] == 100 and updated["last_update"]["filtered"] == 0
+    assert updated["ntotal"] == 3900 and updated["unremoved_deleted"] == 0
     assert updated["params"] == built["params"]  # tuned settings carry over
     with Searcher.load(bank) as searcher:
         assert searcher.search(x[:100], 5).ids.min() >= 100
@@ -268,13 +270,13 @@ def test_rebuild_keeps_the_live_params_and_changes_only_what_is_named(tmp_path: 
     first = build_index(bank)  # a bank without an index starts from the defaults
     assert first["index_params"] == {"factory": "auto", "metric": "cosine", "transform": "auto",
                                      "memory_budget": 4 << 30, "target_recall": 0.95, "k": 10,
-                                     "allow_below_target": False}
+                                     "allow_below_target": False, "ondisk": False}
     assert first["transform"]["spec"] == "cl2n"  # auto: the default for metric cosine
     build_index(bank, factory="Flat", transform="pca:8", memory_budget="1G", k=5)
     again = build_index(bank, target_recall=0.9)  # only the recall target changes
     assert again["index_params"] == {"factory": "Flat", "metric": "cosine", "transform": "pca:8",
                                      "memory_budget": 1 << 30, "target_recall": 0.9, "k": 5,
-                                     "allow_below_target": False}
+                                     "allow_below_target": False, "ondisk": False}
     assert again["transform"]["spec"] == "pca:8" and again["index_dim"] == 8
     with store_mod.open(bank) as st:  # an update's fallback rebuild starts from them too
         st.put_batch(["x"], x[:1], ["b"])

@@ -11,7 +11,7 @@ import pytest
 
 from featurebank.core.errors import InvalidInput
 from featurebank.index import build, selection
-from featurebank.index.families import HNSW, ID_BYTES, ID_MAP_BYTES, set_params
+from featurebank.index.families import HNSW, ID_BYTES, set_params
 from featurebank.index.ray_build import build_index_ray, merge_topk
 from featurebank.index.tuning import exact_search
 from featurebank.index.views import INDEX_FILE
@@ -93,15 +93,15 @@ def test_ground_truth_merged_over_shards_is_exact() -> None:
         assert np.array_equal(merge_topk(parts, 10, larger), whole)
 
 
-def test_selection_reaches_billion_scale_with_id_overhead() -> None:
+def test_selection_reaches_billion_scale_with_ids_in_the_lists() -> None:
     assert selection.nlist_for(50_000_000) == 1 << 18
     assert selection.nlist_for(10**9) == 1 << 20
     assert selection.train_size_for(1 << 20, 10**9) == 64 << 20
     big = selection.choose_factory(10**9, 768, 200 << 30, sharded=True)
     assert big.factory == "OPQ128_768,IVF1048576_HNSW32,PQ128"
-    # the id map (8-byte id + reverse map entry) is counted for every vector
+    # each vector costs its code and its 8-byte store id in the lists, no id map
     per_vector = (big.memory_bytes - HNSW.memory(1 << 20, 768)) / 10**9
-    assert per_vector == 128 + ID_MAP_BYTES + ID_BYTES
+    assert per_vector == 128 + ID_BYTES
 
 
 def test_store_index_server_and_cli_import_without_ray() -> None:
