@@ -136,3 +136,39 @@ def test_a_read_token_may_not_act(served: tuple[RunningServer, Path]) -> None:
             assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
             assert e.value.details == f"{name} needs a write token; this token only grants read"
     assert not (bank / "quality" / "decisions.json").exists()
+
+
+def test_page_api_acts_on_findings_and_reports_errors(served: tuple[RunningServer, Path]) -> None:
+    from featurebank.server.ui import create_app
+
+    rs, bank = served
+    with FeatureBankClient(rs.target, token="w0") as c:
+        web = create_app(c).test_client()
+        r = web.get("/api/quality?n=5&precision=0.9").get_json()
+        assert r["label_cut"] == "precision 0.9" and WRONG in {f["key"] for f in r["label_errors"]}
+        assert [x["held_out"] for x in r["leaks"]] == [COPY]
+        assert web.post("/api/keep", json={"kind": "outlier", "keys": [FAR]}).get_json() == {
+            "kind": "outlier", "keys": [FAR], "label": ""
+        }
+        assert web.post("/api/splits", json={"splits": {COPY: "none"}}).get_json()["updated"] == 1
+        assert web.post("/api/delete", json={"keys": [KEYS[0]]}).get_json()["deleted"] == 1
+        r = web.get("/api/quality").get_json()
+        assert FAR not in {o["key"] for o in r["outliers"]} and not r["leaks"]
+        cases = [
+            (web.get("/api/quality?precision=high"), 400, "precision must be a number"),
+            (web.get("/api/quality?precision=2"), 400, "precision must be in (0, 1]"),
+            (web.post("/api/splits", json={"splits": [COPY]}), 400, "splits must be an object"),
+            (web.post("/api/splits", json={"splits": {COPY: "dev"}}), 400, "is not one of"),
+            (web.post("/api/delete", json={"keys": "a"}), 400, "keys must be a list of strings"),
+            (web.post("/api/delete", json={"keys": ["nobody"]}), 404, "unknown key"),
+            (web.post("/api/keep", json={"kind": "odd", "keys": [FAR]}), 400, "unknown finding kind"),
+        ]
+        for response, status, message in cases:
+            assert response.status_code == status, (message, response.data)
+            assert message in response.get_data(as_text=True)
+    with FeatureBankClient(rs.target, token="r0") as reader:
+        denied = create_app(reader).test_client().post("/api/keep", json={"kind": "label", "keys": [WRONG]})
+    assert denied.status_code == 403 and denied.get_json()["code"] == "PERMISSION_DENIED"
+    assert "KeepFinding needs a write token" in denied.get_json()["error"]
+    with store_mod.open(bank, readonly=True) as st:
+        assert st.get_by_keys([COPY]).splits == ["none"] and st.missing([KEYS[0]]) == [KEYS[0]]
