@@ -419,6 +419,9 @@ def test_quality_view_lists_each_finding_and_acts_on_the_bank(page: dict[str, An
     leak = rows["leak"][Q_LEAK]
     leak.find_element(By.CLASS_NAME, "drop").click()
     assert done(leak) == f"{Q_LEAK} moved from test to none"
+    twin = rows["duplicate"][f"fox/1-8 {Q_LEAK}"].find_element(
+        By.CSS_SELECTOR, f".member[data-key='{Q_LEAK}']")
+    assert done(twin) == f"{Q_LEAK} moved from test to none"  # the same item in its group
     odd = rows["outlier"][Q_ODD]
     odd.find_element(By.CLASS_NAME, "keep").click()
     assert done(odd) == f"{Q_ODD} kept"

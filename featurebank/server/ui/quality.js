@@ -96,7 +96,8 @@ const ABOUT_ITS_SPLIT = "#view-quality .finding[data-kind=leak], #view-quality .
 
 function settleKey(key, outcome, selector) {
   for (const node of document.querySelectorAll(selector)) {
-    if (node.dataset.key === key && !node.classList.contains("done") && !node.classList.contains("gone")) settle(node, outcome);
+    const about = node.dataset.key === key || node.dataset.train === key;  // a leak is about both
+    if (about && !node.classList.contains("done") && !node.classList.contains("gone")) settle(node, outcome);
   }
 }
 
@@ -184,7 +185,7 @@ function groupRow(g, threshold) {
 }
 
 function leakRow(x) {
-  const row = el("div", { class: "finding", "data-kind": "leak", "data-key": x.held_out });
+  const row = el("div", { class: "finding", "data-kind": "leak", "data-key": x.held_out, "data-train": x.train });
   row.append(
     el("div", { class: "what" },
       el("div", {}, el("b", {}, x.held_out), ` in ${x.split} copies `, el("b", {}, x.train), " in train"),
