@@ -5,8 +5,8 @@ Writes only commit to the store and catch the live searcher up (new items become
 searchable from its in-memory segment); index files are written off the write path, by
 checkpoints and rebuilds (server/indexing.py). Upserts are committed in groups
 (server/group_commit.py, which also states Upsert's deadline contract); the writer is
-one thread, so Upserts, SetLabels and Deletes stay ordered (and a kept label is the label
-the item has after every write before it).
+one thread, so every write stays ordered (and a kept label is the label the item has
+after every write before it).
 """
 
 from __future__ import annotations
