@@ -41,6 +41,7 @@ def test_generated_modules_import_and_describe_the_service() -> None:
         "RebuildIndex", "GetOperation", "GetInfo", "Suggest", "Audit", "GetThumbnails", "GetReport",
         "Quality", "CreateBank", "DropBank", "SetAlias",
         "SearchBatch", "Recommend", "Scroll", "Count", "SetMetadata", "ReplicaSnapshot", "FollowStore",
+        "SetSplits", "KeepFinding",
     }
     assert service.methods_by_name["Upsert"].client_streaming
     assert hasattr(featurebank_pb2_grpc, "FeatureBankStub")

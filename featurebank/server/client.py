@@ -414,6 +414,23 @@ class FeatureBankClient:
         request = pb.DeleteRequest(keys=list(keys), ignore_missing=ignore_missing)
         return self._call(self.stub.Delete, request, timeout)
 
+    def set_splits(
+        self, splits: Mapping[str, str], timeout: float | None = None
+    ) -> pb.SetSplitsResponse:
+        """Move items to other splits (train, val, test or none)."""
+        request = pb.SetSplitsRequest(
+            splits=[pb.SplitAssignment(key=k, split=v) for k, v in splits.items()]
+        )
+        return self._call(self.stub.SetSplits, request, timeout)
+
+    def keep_finding(
+        self, kind: str, keys: Sequence[str], timeout: float | None = None
+    ) -> pb.KeepFindingResponse:
+        """Remember a Quality finding as kept, so later calls do not list it again:
+        ("label", [key]), ("duplicate", [a, b]) (a leak too) or ("outlier", [key])."""
+        request = pb.KeepFindingRequest(kind=kind, keys=list(keys))
+        return self._call(self.stub.KeepFinding, request, timeout)
+
     def rebuild_index(
         self,
         *,

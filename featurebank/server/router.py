@@ -38,7 +38,7 @@ from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 ROUTED = (
     "Classify", "ClassifyBatch", "Search", "Embed", "Suggest", "Audit", "GetThumbnails",
     "GetReport", "Quality", "SetLabels", "Delete", "RebuildIndex", "GetOperation",
-    "SearchBatch", "Recommend", "Scroll", "Count", "SetMetadata",
+    "SearchBatch", "Recommend", "Scroll", "Count", "SetMetadata", "SetSplits", "KeepFinding",
 )
 
 MakeServicer = Callable[[Engine], FeatureBankServicer]

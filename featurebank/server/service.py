@@ -55,6 +55,7 @@ from featurebank.server.validation import (
     check_many,
     check_operation_id,
     check_rebuild,
+    check_splits,
     check_strategy,
     check_upsert_item,
     image_error,
@@ -382,6 +383,19 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
     async def Delete(self, request: pb.DeleteRequest, context: aio.ServicerContext) -> pb.DeleteResponse:
         keys = check_keys(request.keys, "Delete")
         return pb.DeleteResponse(**await self.writes.delete(keys, request.ignore_missing))
+
+    @_rpc
+    async def SetSplits(
+        self, request: pb.SetSplitsRequest, context: aio.ServicerContext
+    ) -> pb.SetSplitsResponse:
+        return pb.SetSplitsResponse(**await self.writes.set_splits(check_splits(request.splits)))
+
+    @_rpc
+    async def KeepFinding(
+        self, request: pb.KeepFindingRequest, context: aio.ServicerContext
+    ) -> pb.KeepFindingResponse:
+        kept = await self.writes.keep_finding(request.kind, check_keys(request.keys, "KeepFinding"))
+        return pb.KeepFindingResponse(kind=kept.kind, keys=kept.keys, label=kept.label or "")
 
     @_rpc
     async def RebuildIndex(

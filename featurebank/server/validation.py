@@ -249,6 +249,19 @@ def check_labels(labels: Sequence[pb.LabelAssignment]) -> dict[str, str | None]:
     return mapping
 
 
+def check_splits(splits: Sequence[pb.SplitAssignment]) -> dict[str, str]:
+    """A SetSplits request as key -> split (empty = none); each key once."""
+    if not splits:
+        raise InvalidInput("SetSplits got no splits")
+    mapping: dict[str, str] = {}
+    for i, a in enumerate(splits):
+        key = check_key(a.key, f"splits[{i}].key")
+        if key in mapping:
+            raise InvalidInput(f"splits[{i}]: key {shown(key)} appears twice")
+        mapping[key] = check_split(a.split, f"splits[{i}]")
+    return mapping
+
+
 def check_rebuild(request: pb.RebuildIndexRequest) -> RebuildParams:
     """What a RebuildIndex request overrides (unset fields keep the live generation's)."""
     return RebuildParams(

@@ -1,10 +1,12 @@
-"""The server's writes: Upsert, SetLabels and Delete, all on the one writer thread.
+"""The server's writes: Upsert, SetLabels, SetSplits, Delete and KeepFinding, all on the
+one writer thread.
 
 Writes only commit to the store and catch the live searcher up (new items become
 searchable from its in-memory segment); index files are written off the write path, by
 checkpoints and rebuilds (server/indexing.py). Upserts are committed in groups
 (server/group_commit.py, which also states Upsert's deadline contract); the writer is
-one thread, so Upserts, SetLabels and Deletes stay ordered.
+one thread, so every write stays ordered (and a kept label is the label the item has
+after every write before it).
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ import asyncio
 import hashlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from featurebank.classify.quality import decisions
 from featurebank.core.errors import InvalidInput, NotFound, shown
 from featurebank.server.batching import run_in
 from featurebank.server.group_commit import GroupWriter, UpsertRow
 from featurebank.server.live import Live
+
+if TYPE_CHECKING:
+    from featurebank.store import Store
 
 
 class Writes:
@@ -67,13 +73,34 @@ class Writes:
         return await run_in(self.writer, self._set_labels, mapping)
 
     def _set_labels(self, mapping: dict[str, str | None]) -> dict[str, int]:
-        store = self.live.opened()
-        missing = store.missing(list(mapping))
-        if missing:
-            raise NotFound(_unknown_keys(missing))
+        store = self._with_keys(list(mapping))
         updated = int(store.set_labels(mapping))
         self.live.catch_up()  # labels only: no index is touched, no build is waited for
         return {"updated": updated, "store_generation": int(store.generation)}
+
+    async def set_splits(self, mapping: dict[str, str]) -> dict[str, int]:
+        return await run_in(self.writer, self._set_splits, mapping)
+
+    def _set_splits(self, mapping: dict[str, str]) -> dict[str, int]:
+        store = self._with_keys(list(mapping))
+        updated = int(store.set_splits(mapping))
+        self.live.catch_up()  # who votes changed (test items do not): the labels reload
+        return {"updated": updated, "store_generation": int(store.generation)}
+
+    async def keep_finding(self, kind: str, keys: Sequence[str]) -> decisions.Kept:
+        """Remember a finding as kept (BANK/quality/decisions.json)."""
+        return await run_in(self.writer, self._keep_finding, kind, list(keys))
+
+    def _keep_finding(self, kind: str, keys: list[str]) -> decisions.Kept:
+        return decisions.keep(self.live.opened(), kind, keys)
+
+    def _with_keys(self, keys: list[str]) -> Store:
+        """The open store, after checking that it holds every key (NotFound names them)."""
+        store = self.live.opened()
+        missing = store.missing(keys)
+        if missing:
+            raise NotFound(_unknown_keys(missing))
+        return store
 
     async def delete(self, keys: Sequence[str], ignore_missing: bool) -> dict[str, int]:
         return await run_in(self.writer, self._delete, list(keys), ignore_missing)

@@ -675,6 +675,140 @@ class DeleteResponse(_message.Message):
 Global___DeleteResponse: _TypeAlias = DeleteResponse  # noqa: Y015
 
 @_typing.final
+class SplitAssignment(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    split: _builtins.str
+    """train | val | test | none (empty = none)"""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        split: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "split", b"split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitAssignment: _TypeAlias = SplitAssignment  # noqa: Y015
+
+@_typing.final
+class SetSplitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPLITS_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
+    bank: _builtins.str
+    """as in ClassifyRequest"""
+    @_builtins.property
+    def splits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SplitAssignment]: ...
+    def __init__(
+        self,
+        *,
+        splits: _abc.Iterable[Global___SplitAssignment] | None = ...,
+        bank: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "splits", b"splits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSplitsRequest: _TypeAlias = SetSplitsRequest  # noqa: Y015
+
+@_typing.final
+class SetSplitsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATED_FIELD_NUMBER: _builtins.int
+    STORE_GENERATION_FIELD_NUMBER: _builtins.int
+    updated: _builtins.int
+    """items whose split changed"""
+    store_generation: _builtins.int
+    def __init__(
+        self,
+        *,
+        updated: _builtins.int = ...,
+        store_generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["store_generation", b"store_generation", "updated", b"updated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSplitsResponse: _TypeAlias = SetSplitsResponse  # noqa: Y015
+
+@_typing.final
+class KeepFindingRequest(_message.Message):
+    """A finding is named by what was judged: a label by its key (kept with the label it has
+    now, so relabelling makes its finding new), a duplicate or leak by its pair of keys,
+    an outlier by its key.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    BANK_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """label | duplicate | outlier"""
+    bank: _builtins.str
+    """as in ClassifyRequest"""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """one key; two for a duplicate"""
+
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        bank: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bank", b"bank", "keys", b"keys", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeepFindingRequest: _TypeAlias = KeepFindingRequest  # noqa: Y015
+
+@_typing.final
+class KeepFindingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    label: _builtins.str
+    """a kept label: the label it was kept with"""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """sorted"""
+
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        label: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "kind", b"kind", "label", b"label"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeepFindingResponse: _TypeAlias = KeepFindingResponse  # noqa: Y015
+
+@_typing.final
 class RebuildIndexRequest(_message.Message):
     """Index fields left unset keep what the live generation was built with (on a bank
     without an index: auto, cosine, cl2n, 4G, 0.95, k 10).

@@ -99,6 +99,16 @@ class FeatureBankStub:
                 request_serializer=featurebank_dot_v1_dot_featurebank__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.SetSplits = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/SetSplits',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.SetSplitsRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SetSplitsResponse.FromString,
+                _registered_method=True)
+        self.KeepFinding = channel.unary_unary(
+                '/featurebank.v1.FeatureBank/KeepFinding',
+                request_serializer=featurebank_dot_v1_dot_featurebank__pb2.KeepFindingRequest.SerializeToString,
+                response_deserializer=featurebank_dot_v1_dot_featurebank__pb2.KeepFindingResponse.FromString,
+                _registered_method=True)
         self.RebuildIndex = channel.unary_unary(
                 '/featurebank.v1.FeatureBank/RebuildIndex',
                 request_serializer=featurebank_dot_v1_dot_featurebank__pb2.RebuildIndexRequest.SerializeToString,
@@ -255,6 +265,21 @@ class FeatureBankServicer:
 
     def Delete(self, request, context):
         """Remove stored items (write role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSplits(self, request, context):
+        """Move stored items to another split, e.g. a leaked test copy out of test (write role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KeepFinding(self, request, context):
+        """Remember that a Quality finding was looked at and kept, in the bank, so later
+        Quality calls do not list it again (write role).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -418,6 +443,16 @@ def add_FeatureBankServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.DeleteRequest.FromString,
                     response_serializer=featurebank_dot_v1_dot_featurebank__pb2.DeleteResponse.SerializeToString,
+            ),
+            'SetSplits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSplits,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.SetSplitsRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.SetSplitsResponse.SerializeToString,
+            ),
+            'KeepFinding': grpc.unary_unary_rpc_method_handler(
+                    servicer.KeepFinding,
+                    request_deserializer=featurebank_dot_v1_dot_featurebank__pb2.KeepFindingRequest.FromString,
+                    response_serializer=featurebank_dot_v1_dot_featurebank__pb2.KeepFindingResponse.SerializeToString,
             ),
             'RebuildIndex': grpc.unary_unary_rpc_method_handler(
                     servicer.RebuildIndex,
@@ -831,6 +866,60 @@ class FeatureBank:
             '/featurebank.v1.FeatureBank/Delete',
             featurebank_dot_v1_dot_featurebank__pb2.DeleteRequest.SerializeToString,
             featurebank_dot_v1_dot_featurebank__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSplits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/SetSplits',
+            featurebank_dot_v1_dot_featurebank__pb2.SetSplitsRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.SetSplitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeepFinding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurebank.v1.FeatureBank/KeepFinding',
+            featurebank_dot_v1_dot_featurebank__pb2.KeepFindingRequest.SerializeToString,
+            featurebank_dot_v1_dot_featurebank__pb2.KeepFindingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -123,6 +123,8 @@ def test_replica_refuses_every_write_naming_the_primary(cluster: Cluster) -> Non
             ("Upsert", lambda: c.upsert([{"key": "x", "vector": np.zeros(DIM)}])),
             ("SetLabels", lambda: c.set_labels({"cat/1-0": "dog"})),
             ("Delete", lambda: c.delete(["cat/1-0"])),
+            ("SetSplits", lambda: c.set_splits({"cat/1-0": "none"})),
+            ("KeepFinding", lambda: c.keep_finding("outlier", ["cat/1-0"])),
             ("RebuildIndex", lambda: c.rebuild_index()),
             ("GetOperation", lambda: c.get_operation("x")),
         ]

@@ -62,7 +62,8 @@ def test_roles_of_methods() -> None:
     svc = "/featurebank.v1.FeatureBank/"
     for m in ("Classify", "ClassifyBatch", "Search", "Embed", "GetInfo"):
         assert required_role(svc + m) == READ
-    for m in ("Upsert", "SetLabels", "Delete", "RebuildIndex", "GetOperation", "Future"):
+    for m in ("Upsert", "SetLabels", "Delete", "SetSplits", "KeepFinding", "RebuildIndex",
+              "GetOperation", "Future"):
         assert required_role(svc + m) == WRITE
     assert required_role("/grpc.health.v1.Health/Check") is None
     assert required_role("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo") is None

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,15 @@ import pytest
 from featurebank import store as store_mod
 from featurebank.server.app import ServeConfig
 from featurebank.server.auth import Tokens
-from tests.support.server import RunningServer, free_port, make_vector_bank, tiny_keras_model
+from featurebank.server.client import FeatureBankClient
+from tests.support.server import (
+    RunningServer,
+    clustered,
+    free_port,
+    make_vector_bank,
+    tiny_keras_model,
+)
+from tests.support.specs import make_spec
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "",
                              shutil.which("chromium-browser") or "") if p and os.path.exists(p)),
@@ -40,8 +49,12 @@ pytestmark = pytest.mark.skipif(
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 MIXED = {"purple": (130, 35, 130), "olive": (130, 120, 35)}
 TOKEN = "ui-write-token"
+READ_TOKEN = "ui-read-token"
 KEYS = {"blue": "1", "green": "2", "red": "3"}  # the page's keys for the sorted labels
 WRONG = "red/labelled-blue"
+# the quality bank's planted findings (vectors of three clusters, thumbnails by class colour)
+Q_WRONG, Q_COPY, Q_LEAK, Q_ODD = "cat/1-3", "cat/1-5 copy", "fox/1-8 in test", "odd/0"
+Q_COLORS = {"cat": (220, 30, 30), "dog": (30, 200, 40), "fox": (30, 40, 220), "odd": (128, 128, 128)}
 
 
 def write_png(path: Path, rgb: tuple[int, int, int], rng: np.random.Generator) -> Path:
@@ -83,6 +96,41 @@ def make_images(folder: Path) -> tuple[Path, dict[str, str]]:
     return manifest, truth
 
 
+def jpeg(rgb: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), rgb).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def make_quality_bank(root: Path) -> Path:
+    """Three clusters of 12 with a cat labelled dog, an exact copy (same sha256), a train
+    item copied into test and an item far from every cluster."""
+    from featurebank.index.build import build_index
+
+    keys, vectors, labels = clustered(12, 16, noise=0.15)
+    labels[keys.index(Q_WRONG)] = "dog"
+    original, leaked = keys.index("cat/1-5"), keys.index("fox/1-8")
+    far = 3 * np.random.default_rng(9).normal(size=(1, 16)).astype(np.float32)
+    shas: list[dict[str, Any] | None] = [None] * len(keys)
+    shas[original] = {"sha256": "0" * 64}
+    with store_mod.create(root, make_spec(16)) as st:
+        st.put_batch(keys, vectors, labels=labels, splits=["train"] * len(keys),
+                     meta=shas, thumbnails=[jpeg(Q_COLORS[k.split("/")[0]]) for k in keys])
+        st.put_batch(
+            [Q_COPY, Q_LEAK, Q_ODD],
+            np.concatenate([vectors[[original, leaked]], far]),
+            labels=["cat", None, None], splits=["train", "test", "none"],
+            meta=[{"sha256": "0" * 64}, None, None],
+            thumbnails=[jpeg(Q_COLORS["cat"]), jpeg(Q_COLORS["fox"]), jpeg(Q_COLORS["odd"])],
+        )
+    build_index(root, factory="Flat")
+    return root
+
+
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run(
@@ -110,8 +158,9 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
     write_report(evaluate(bank, split="val", sklearn=False), bank / "reports" / "20260101-000000")
     other = make_vector_bank(tmp / "other", dim=8, n_per_class=10)  # a second bank to choose
-    config = ServeConfig(bank=bank, named_banks={"other": other}, port=free_port(),
-                         tokens=Tokens({"write": [TOKEN]}))
+    quality = make_quality_bank(tmp / "quality")
+    config = ServeConfig(bank=bank, named_banks={"other": other, "quality": quality},
+                         port=free_port(), tokens=Tokens({"write": [TOKEN], "read": [READ_TOKEN]}))
     with RunningServer(config) as server:
         port = free_port()
         ui = subprocess.Popen(
@@ -126,7 +175,8 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             driver = make_driver(tmp / "chromium-profile")
             try:
                 yield {"driver": driver, "url": f"http://127.0.0.1:{port}/", "bank": bank,
-                       "truth": truth, "shots": tmp, "images": tmp / "images", "server": server}
+                       "truth": truth, "shots": tmp, "images": tmp / "images", "server": server,
+                       "quality": quality}
             finally:
                 driver.quit()
         finally:
@@ -173,7 +223,7 @@ def test_choose_a_bank_and_every_view_answers_from_it(page: dict[str, Any]) -> N
     label = wait_for(d, lambda drv: drv.find_element(By.ID, "bank-label").is_displayed()
                      and drv.find_element(By.ID, "bank-label"))
     choice = Select(label.find_element(By.ID, "bank-choice"))
-    assert [o.get_attribute("value") for o in choice.options] == ["bank", "other"]
+    assert [o.get_attribute("value") for o in choice.options] == ["bank", "other", "quality"]
     assert choice.first_selected_option.text == "bank (default)"
     default_count = f"{len(page['truth'])} items"
     wait_for(d, lambda drv: drv.find_element(By.ID, "bank-info").text.startswith(default_count))
@@ -311,3 +361,115 @@ def test_rebuild_shows_progress_and_the_report_view(page: dict[str, Any]) -> Non
     assert d.find_elements(By.CSS_SELECTOR, "figure img")  # the figures came along
     d.switch_to.default_content()
     d.save_screenshot(str(page["shots"] / "report.png"))
+
+
+def quality_rows(driver: Any, kind: str) -> dict[str, Any]:
+    """The quality view's finding rows of `kind`, by key (a duplicate group by its keys)."""
+    from selenium.webdriver.common.by import By
+
+    rows = driver.find_elements(By.CSS_SELECTOR, f".finding[data-kind={kind}]")
+    return {r.get_attribute("data-key") or r.get_attribute("data-keys"): r for r in rows}
+
+
+def quality_listed(driver: Any) -> dict[str, dict[str, Any]]:
+    """Every kind's rows once the pass has answered (the summary is filled last but one)."""
+    from selenium.webdriver.common.by import By
+
+    wait_for(driver, lambda drv: "outliers" in drv.find_element(By.ID, "quality-summary").text
+             and drv.find_elements(By.CSS_SELECTOR, "#quality-outliers > *"))
+    return {kind: quality_rows(driver, kind) for kind in ("label", "duplicate", "leak", "outlier")}
+
+
+def test_quality_view_lists_each_finding_and_acts_on_the_bank(page: dict[str, Any]) -> None:
+    from selenium.webdriver.common.by import By
+
+    d, qbank = page["driver"], page["quality"]
+    d.get_log("browser")  # drained: what the earlier tests logged
+    d.get(page["url"] + "?bank=quality#quality")
+    rows = quality_listed(d)
+    summary = d.find_element(By.ID, "quality-summary").text
+    assert "Estimated wrong labels: 1." in summary and "cat ↔ dog" in summary, summary
+    label = rows["label"][Q_WRONG]
+    assert "labelled dog, looks like cat" in label.text
+    assert len(label.find_elements(By.CSS_SELECTOR, ".evidence .tile")) >= 5  # the neighbours
+    assert set(rows["duplicate"]) == {f"cat/1-5 {Q_COPY}", f"fox/1-8 {Q_LEAK}"}
+    assert "exact copies" in rows["duplicate"][f"cat/1-5 {Q_COPY}"].text
+    assert list(rows["leak"]) == [Q_LEAK] and "fox/1-8 in train" in rows["leak"][Q_LEAK].text
+    assert Q_ODD in rows["outlier"] and "score" in rows["outlier"][Q_ODD].text
+    loaded = d.execute_script(
+        "return [...document.querySelectorAll('#view-quality img')]"
+        ".filter(i => i.complete && i.naturalWidth > 0).length"
+    )
+    assert loaded >= 10  # the bank's thumbnails, not placeholders
+    d.save_screenshot(str(page["shots"] / "quality.png"))
+    d.execute_script("arguments[0].scrollIntoView()", rows["leak"][Q_LEAK])
+    d.save_screenshot(str(page["shots"] / "quality-leaks.png"))
+
+    def done(node: Any) -> str:
+        wait_for(d, lambda drv: {"done", "gone"} & set(node.get_attribute("class").split()))
+        text: str = node.find_element(By.CLASS_NAME, "outcome").text
+        return text
+
+    label.find_element(By.CLASS_NAME, "relabel").click()  # to the suggested label
+    assert done(label) == f"{Q_WRONG} relabelled dog → cat"
+    copy = rows["duplicate"][f"cat/1-5 {Q_COPY}"].find_element(
+        By.CSS_SELECTOR, f".member[data-key='{Q_COPY}']")
+    copy.find_element(By.CLASS_NAME, "delete").click()
+    assert done(copy) == f"{Q_COPY} deleted"
+    leak = rows["leak"][Q_LEAK]
+    leak.find_element(By.CLASS_NAME, "drop").click()
+    assert done(leak) == f"{Q_LEAK} moved from test to none"
+    twin = rows["duplicate"][f"fox/1-8 {Q_LEAK}"].find_element(
+        By.CSS_SELECTOR, f".member[data-key='{Q_LEAK}']")
+    assert done(twin) == f"{Q_LEAK} moved from test to none"  # the same item in its group
+    odd = rows["outlier"][Q_ODD]
+    odd.find_element(By.CLASS_NAME, "keep").click()
+    assert done(odd) == f"{Q_ODD} kept"
+    with store_mod.open(qbank, readonly=True) as st:
+        assert st.get_by_keys([Q_WRONG]).labels == ["cat"]
+        assert st.missing([Q_COPY]) == [Q_COPY]
+        assert st.get_by_keys([Q_LEAK]).splits == ["none"]
+    with FeatureBankClient(page["server"].target, token=TOKEN).for_bank("quality") as c:
+        r = c.quality()
+    assert Q_WRONG not in {f.key for f in r.label_errors} and not r.leaks
+    assert Q_ODD not in {o.key for o in r.outliers} and r.counts["kept"] >= 1
+    assert [sorted(m.key for m in g.members) for g in r.duplicates] == [["fox/1-8", Q_LEAK]]
+
+    d.find_element(By.CSS_SELECTOR, "#quality-form button").click()  # the next pass
+    wait_for(d, lambda drv: "kept earlier" in drv.find_element(By.ID, "quality-summary").text)
+    rows = quality_listed(d)
+    assert Q_ODD not in rows["outlier"] and not rows["leak"] and not rows["label"]
+    assert set(rows["duplicate"]) == {f"fox/1-8 {Q_LEAK}"}
+    d.save_screenshot(str(page["shots"] / "quality-after.png"))
+    errors = [e["message"] for e in d.get_log("browser")
+              if e["level"] == "SEVERE" and "favicon.ico" not in e["message"]]
+    assert not errors, errors  # no script error, no failed request
+
+
+def test_a_read_only_page_says_why_it_cannot_act(page: dict[str, Any]) -> None:
+    from selenium.webdriver.common.by import By
+
+    from featurebank.server.ui import make_ui_server
+
+    d = page["driver"]
+    with FeatureBankClient(page["server"].target, token=READ_TOKEN) as client:
+        ui = make_ui_server(client, port=0)
+        serving = threading.Thread(target=ui.serve_forever, daemon=True)
+        serving.start()
+        try:
+            d.get(f"http://127.0.0.1:{ui.server_port}/?bank=quality#quality")
+            rows = quality_listed(d)
+            group = rows["duplicate"][f"fox/1-8 {Q_LEAK}"]
+            group.find_element(By.CLASS_NAME, "keep").click()
+            message = wait_for(d, lambda drv: drv.find_element(By.CSS_SELECTOR, "#message.error").text)
+            assert "KeepFinding needs a write token; this token only grants read" in message
+            assert "start featurebank ui with a write token" in message, message
+            assert "done" not in group.get_attribute("class")
+        finally:
+            ui.shutdown()
+            serving.join(10)
+    with FeatureBankClient(page["server"].target, token=READ_TOKEN).for_bank("quality") as c:
+        assert [sorted(m.key for m in g.members) for g in c.quality().duplicates] == [
+            ["fox/1-8", Q_LEAK]
+        ]
+    d.get(page["url"] + "#search")

@@ -8,6 +8,10 @@ and a small JSON API that forwards to the server; every gRPC error becomes a JSO
 error with the server's message and a matching HTTP status. On a server of many banks
 every API call names its bank in a `bank` query parameter (the page's bank choice; none =
 the server's default bank), so one page serves them all.
+
+The quality view acts on the findings of `Quality` through the server's own writes:
+relabel (SetLabels), move out of a split (SetSplits), delete (Delete) and keep
+(KeepFinding, remembered in the bank so the next pass does not list it again).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 MAX_UPLOAD = 16 << 20
-STATIC = ("page.html", "page.js", "page.css")
+STATIC = ("page.html", "page.js", "quality.js", "page.css")
 
 
 def _static(name: str) -> bytes:
@@ -87,6 +91,21 @@ def create_app(client: FeatureBankClient) -> Flask:
             return int(raw)
         except ValueError:
             raise InvalidInput(f"{name} must be a whole number, got {raw!r}") from None
+
+    def real(name: str) -> float:
+        raw = request.args.get(name)
+        if raw is None or raw == "":
+            return 0.0
+        try:
+            return float(raw)
+        except ValueError:
+            raise InvalidInput(f"{name} must be a number, got {raw!r}") from None
+
+    def strings(data: dict[str, Any], name: str) -> list[str]:
+        values = data.get(name)
+        if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+            raise InvalidInput(f'{name} must be a list of strings, e.g. {{"{name}": ["a.png"]}}')
+        return values
 
     @app.errorhandler(FeaturebankError)
     def featurebank_error(e: FeaturebankError) -> tuple[Response, int]:
@@ -168,6 +187,28 @@ def create_app(client: FeatureBankClient) -> Flask:
             raise InvalidInput('labels must be an object {"key": "label" or null}')
         mapping = {str(k): (None if v in (None, "") else str(v)) for k, v in labels.items()}
         return jsonify(as_dict(bank().set_labels(mapping)))
+
+    @app.get("/api/quality")
+    def quality() -> Response:
+        return jsonify(as_dict(bank().quality(precision=real("precision"), n=number("n", 0))))
+
+    @app.post("/api/splits")
+    def set_splits() -> Response:
+        splits = body().get("splits")
+        if not isinstance(splits, dict) or not splits or not all(
+            isinstance(v, str) for v in splits.values()
+        ):
+            raise InvalidInput('splits must be an object {"key": "train" | "val" | "test" | "none"}')
+        return jsonify(as_dict(bank().set_splits({str(k): v for k, v in splits.items()})))
+
+    @app.post("/api/delete")
+    def delete() -> Response:
+        return jsonify(as_dict(bank().delete(strings(body(), "keys"))))
+
+    @app.post("/api/keep")
+    def keep() -> Response:
+        data = body()
+        return jsonify(as_dict(bank().keep_finding(str(data.get("kind", "")), strings(data, "keys"))))
 
     @app.post("/api/rebuild")
     def rebuild() -> Response:

@@ -36,7 +36,11 @@ function withBank(path) {
 async function api(path, options = {}) {
   const response = await fetch(withBank(path), options);
   const data = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(data.error || `${response.status} ${response.statusText}`);
+  if (!response.ok) {
+    const error = new Error(data.error || `${response.status} ${response.statusText}`);
+    error.code = data.code || "";  // the gRPC status name, e.g. PERMISSION_DENIED
+    throw error;
+  }
   return data;
 }
 
@@ -70,6 +74,7 @@ function activate() {
   for (const s of document.querySelectorAll(".view")) s.classList.toggle("active", s.id === "view-" + view);
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.view === view);
   if (view === "audit" && !$("audit-list").dataset.loaded) loadAudit();
+  if (view === "quality" && !$("quality-summary").dataset.loaded) loadQuality();
   if (view === "report") $("report-frame").src = withBank("/report?t=" + Date.now());
 }
 
@@ -90,6 +95,7 @@ function chooseBank() {
   state.queue = []; state.pos = 0; state.history = [];  // what was shown belongs to the old bank
   for (const id of ["search-results", "search-guess", "queue-card", "queue-done", "audit-list"]) $(id).replaceChildren();
   $("audit-list").dataset.loaded = "";
+  resetQuality();
   showMessage("");
   loadInfo();
   activate();
