@@ -145,7 +145,9 @@ def test_linear_probe_is_the_exact_optimum_at_the_c_cross_validation_chose() -> 
 
     ours = objective(head.predict_proba(x), head.weights["kernel_0"])
     best = objective(ref.predict_proba(z), ref.coef_.T)
-    assert best <= ours <= best * (1 + 1e-3) + 1e-6, (ours, best)
+    # both reach the optimum: scikit-learn's lbfgs stops within a few 1e-6 of it (where,
+    # exactly, moves between its releases), so neither may be much above the other
+    assert abs(ours - best) <= 1e-5 * best + 1e-6, (ours, best)
     assert (head.predict_proba(x).argmax(1) == ref.predict(z)).mean() > 0.99
     # deterministic: the same data gives the same head
     again = LinearProbe(t, class_weight="none")
@@ -164,7 +166,7 @@ def test_the_reference_is_sklearns_default_model_and_a_clear_win_replaces_it() -
     assert (oof.chosen["C"], oof.chosen["input"], oof.chosen["scaled"]) == (1.0, "as stored", False)
     # kept: the head is LogisticRegression() on the raw vectors
     lr = LogisticRegression(tol=1e-10, max_iter=5000).fit(x.astype(np.float64), y)
-    np.testing.assert_allclose(probe.fit(x, y, 4).predict_proba(x), lr.predict_proba(x), atol=1e-4)
+    np.testing.assert_allclose(probe.fit(x, y, 4).predict_proba(x), lr.predict_proba(x), atol=5e-4)
     # vectors at a thousandth of the scale: C=1 there is far too strong, and CV says so
     tiny = x * 1e-3
     small = LinearProbe(transforms.Transform.identity(10), class_weight="none")
