@@ -42,7 +42,7 @@ CHUNK_BYTES = 4 << 20
 # Calls with one input each (Search, Embed) go out this many at a time: the server batches them.
 CONCURRENT_CALLS = 8
 INDEX_PARAMS = ("factory", "metric", "transform", "target_recall", "memory_budget", "k",
-                "allow_below_target")  # fmt: skip
+                "allow_below_target", "ondisk")  # fmt: skip
 HEAD_PARAMS = {"hidden": "head_hidden", "epochs": "head_epochs"}  # HeadParams -> RebuildIndex
 
 

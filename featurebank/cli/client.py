@@ -306,7 +306,8 @@ def _rebuild(args: argparse.Namespace) -> int:
         op = client.rebuild_index(
             factory=args.factory, metric=args.metric, transform=args.transform,
             memory_budget=args.memory_budget, target_recall=args.target_recall, k=args.k,
-            allow_below_target=bool(args.allow_below_target), retrain_head=args.retrain_head,
+            allow_below_target=bool(args.allow_below_target), ondisk=args.ondisk,
+            retrain_head=args.retrain_head,
             head_hidden=args.head_hidden, head_epochs=args.head_epochs,
         )
         if not args.no_wait:

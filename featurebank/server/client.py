@@ -441,6 +441,7 @@ class FeatureBankClient:
         memory_budget: str | None = None,
         k: int | None = None,
         allow_below_target: bool = False,
+        ondisk: bool | None = None,
         retrain_head: bool = False,
         head_hidden: int | None = None,
         head_epochs: int | None = None,
@@ -450,12 +451,12 @@ class FeatureBankClient:
     ) -> pb.Operation:
         """Start a rebuild; with `wait`, poll until it is done and return the final state.
 
-        `head_hidden` / `head_epochs` left None keep the live head's values."""
+        `head_hidden` / `head_epochs` / `ondisk` left None keep the live values."""
         request = pb.RebuildIndexRequest(
             factory=factory or "", metric=metric or "", transform=transform or "",
             target_recall=target_recall or 0.0, memory_budget=memory_budget or "", k=k or 0,
             retrain_head=retrain_head, head_hidden=head_hidden, head_epochs=head_epochs,
-            allow_below_target=allow_below_target,
+            allow_below_target=allow_below_target, ondisk=ondisk,
         )
         op = self._call(self.stub.RebuildIndex, request, timeout)
         if wait:

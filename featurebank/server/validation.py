@@ -273,6 +273,7 @@ def check_rebuild(request: pb.RebuildIndexRequest) -> RebuildParams:
             "target_recall": request.target_recall or None,
             "k": request.k or None,
             "allow_below_target": True if request.allow_below_target else None,
+            "ondisk": request.ondisk if request.HasField("ondisk") else None,
         },
         retrain_head=request.retrain_head,
         head_hidden=request.head_hidden if request.HasField("head_hidden") else None,

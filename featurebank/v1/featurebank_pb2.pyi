@@ -826,6 +826,7 @@ class RebuildIndexRequest(_message.Message):
     MEMORY_BUDGET_FIELD_NUMBER: _builtins.int
     K_FIELD_NUMBER: _builtins.int
     ALLOW_BELOW_TARGET_FIELD_NUMBER: _builtins.int
+    ONDISK_FIELD_NUMBER: _builtins.int
     BANK_FIELD_NUMBER: _builtins.int
     factory: _builtins.str
     """FAISS factory string or "auto" """
@@ -845,6 +846,8 @@ class RebuildIndexRequest(_message.Message):
     """k of the recall target"""
     allow_below_target: _builtins.bool
     """publish even when measured below target_recall"""
+    ondisk: _builtins.bool
+    """inverted lists in a memory-mapped file (IVF); unset = as the live generation"""
     bank: _builtins.str
     """as in ClassifyRequest"""
     def __init__(
@@ -860,20 +863,25 @@ class RebuildIndexRequest(_message.Message):
         memory_budget: _builtins.str = ...,
         k: _builtins.int = ...,
         allow_below_target: _builtins.bool = ...,
+        ondisk: _builtins.bool | None = ...,
         bank: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_head_epochs", b"_head_epochs", "_head_hidden", b"_head_hidden", "head_epochs", b"head_epochs", "head_hidden", b"head_hidden"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_head_epochs", b"_head_epochs", "_head_hidden", b"_head_hidden", "_ondisk", b"_ondisk", "head_epochs", b"head_epochs", "head_hidden", b"head_hidden", "ondisk", b"ondisk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_head_epochs", b"_head_epochs", "_head_hidden", b"_head_hidden", "allow_below_target", b"allow_below_target", "bank", b"bank", "factory", b"factory", "head_epochs", b"head_epochs", "head_hidden", b"head_hidden", "k", b"k", "memory_budget", b"memory_budget", "metric", b"metric", "retrain_head", b"retrain_head", "target_recall", b"target_recall", "transform", b"transform"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_head_epochs", b"_head_epochs", "_head_hidden", b"_head_hidden", "_ondisk", b"_ondisk", "allow_below_target", b"allow_below_target", "bank", b"bank", "factory", b"factory", "head_epochs", b"head_epochs", "head_hidden", b"head_hidden", "k", b"k", "memory_budget", b"memory_budget", "metric", b"metric", "ondisk", b"ondisk", "retrain_head", b"retrain_head", "target_recall", b"target_recall", "transform", b"transform"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__head_epochs: _TypeAlias = _typing.Literal["head_epochs"]  # noqa: Y015
     _WhichOneofArgType__head_epochs: _TypeAlias = _typing.Literal["_head_epochs", b"_head_epochs"]  # noqa: Y015
     _WhichOneofReturnType__head_hidden: _TypeAlias = _typing.Literal["head_hidden"]  # noqa: Y015
     _WhichOneofArgType__head_hidden: _TypeAlias = _typing.Literal["_head_hidden", b"_head_hidden"]  # noqa: Y015
+    _WhichOneofReturnType__ondisk: _TypeAlias = _typing.Literal["ondisk"]  # noqa: Y015
+    _WhichOneofArgType__ondisk: _TypeAlias = _typing.Literal["_ondisk", b"_ondisk"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__head_epochs) -> _WhichOneofReturnType__head_epochs | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__head_hidden) -> _WhichOneofReturnType__head_hidden | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ondisk) -> _WhichOneofReturnType__ondisk | None: ...
 
 Global___RebuildIndexRequest: _TypeAlias = RebuildIndexRequest  # noqa: Y015
 

@@ -108,5 +108,10 @@ def test_a_server_answers_from_lists_it_keeps_on_disk(tmp_path: Path) -> None:
             assert got[0] == want[0] and len(set(got) & set(want)) >= 8
         assert server.proc is not None
         resident, mapped = _mapped_rss(server.proc.pid, ONDISK_FILE)
-    assert mapped >= file_size - 4096  # the whole file is mapped...
+        op = client.rebuild_index(ondisk=False, wait=True, timeout=120)  # back into memory
+        assert op.done and not op.error.code
+        live = bank / "indexes" / str(op.index_generation)
+        assert not (live / ONDISK_FILE).exists()
+        assert client.search(vector=queries[0], k=10).index_generation == op.index_generation
+    assert mapped >= file_size - 4096  # the whole file was mapped...
     assert resident < 0.5 * file_size  # ...and only the probed lists were read in
