@@ -175,6 +175,9 @@ def read(path: Path) -> faiss.Index:
         return faiss.read_index(str(path))
     with _faiss_quiet():
         index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    # faiss starts 32 threads per search to prefetch the probed lists: more than the whole
+    # search costs once they are cached, and the page faults do the reading anyway
+    faiss.downcast_InvertedLists(_ivf_below(index).invlists).prefetch_nthread = 0
     _advise_random(lists)
     return index
 
