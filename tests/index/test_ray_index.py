@@ -58,6 +58,30 @@ def test_sharded_build_equals_single_build(
     assert m["recall_at_k"] >= 0.95
 
 
+def test_sharded_build_on_disk_holds_the_same_lists(
+    cluster: None, world_bank: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    import shutil
+
+    from featurebank.index.stored_ids import ONDISK_FILE, on_disk, read
+
+    bank, x = tmp_path / "b", world_bank[1]
+    shutil.copytree(world_bank[0], bank)  # the others' bank keeps its in-memory params
+    in_memory = build_index_ray(bank, factory="IVF64,Flat", metric="l2", transform="none",
+                                train_sample=4000, shards=2)  # fmt: skip
+    m = build_index_ray(bank, ondisk=True, train_sample=4000, shards=2)  # the rest: as live
+    directory = bank / "indexes" / str(m["generation"])
+    assert m["ondisk"] and m["factory"] == "IVF64,Flat" and (directory / ONDISK_FILE).exists()
+    disk = read(directory / INDEX_FILE)
+    memory = faiss.read_index(str(bank / "indexes" / str(in_memory["generation"]) / INDEX_FILE))
+    assert on_disk(disk) and not on_disk(memory) and disk.ntotal == len(x)
+    for index in (disk, memory):
+        set_params(index, {"nprobe": 8})
+    d1, i1 = disk.search(x[:100], 10)
+    d2, i2 = memory.search(x[:100], 10)
+    assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
+
+
 def test_cli_builds_on_ray(
     cluster: None, world_bank: tuple[Path, np.ndarray], capsys: pytest.CaptureFixture[str]
 ) -> None:
