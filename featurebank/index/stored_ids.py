@@ -27,6 +27,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from featurebank.core.mapped_files import advise_random
 from featurebank.index.families import FAISS
 
 ONDISK_FILE = "index.ivfdata"
@@ -177,29 +178,10 @@ def read(path: Path) -> faiss.Index:
         index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     # faiss starts 32 threads per search to prefetch the probed lists: more than the whole
     # search costs once they are cached, and the page faults do the reading anyway
-    faiss.downcast_InvertedLists(_ivf_below(index).invlists).prefetch_nthread = 0
-    _advise_random(lists)
+    lists_read: Any = faiss.downcast_InvertedLists(_ivf_below(index).invlists)
+    lists_read.prefetch_nthread = 0
+    advise_random(lists)
     return index
-
-
-_MADV_RANDOM = 1
-
-
-def _advise_random(path: Path) -> None:
-    """Tell the kernel a search reads the mapped lists at random: without it every page
-    fault reads ahead 128 KiB of neighbouring lists, and a few queries pull the whole file
-    into memory. Linux only; elsewhere the mapping keeps the default."""
-    target = os.path.realpath(path)
-    try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return
-    for line in maps:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == target:
-            start, end = (int(v, 16) for v in fields[0].split("-"))
-            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_RANDOM)
 
 
 @contextmanager

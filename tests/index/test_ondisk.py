@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from featurebank import store as store_mod
 from featurebank.cli import main
 from featurebank.core.errors import InvalidInput
 from featurebank.core.integrity import problems
+from featurebank.core.mapped_files import evict, resident
 from featurebank.index.build import build_index
 from featurebank.index.fold import update_index
 from featurebank.index.searcher import Searcher
@@ -21,33 +21,6 @@ from featurebank.index.stored_ids import ONDISK_FILE, on_disk
 from featurebank.server.client import FeatureBankClient
 from tests.support.index_data import World, exact_ids, make_bank
 from tests.support.proxy import Serving
-
-
-def _mapped_rss(pid: int, name: str) -> tuple[int, int]:
-    """(resident bytes, mapped bytes) of the process's mappings of files called `name`."""
-    rss = size = 0
-    current = False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
-            current = len(fields) >= 6 and fields[5].endswith("/" + name)
-        elif current and fields[0] == "Rss:":
-            rss += int(fields[1]) * 1024
-        elif current and fields[0] == "Size:":
-            size += int(fields[1]) * 1024
-    return rss, size
-
-
-def _evict_from_page_cache(path: Path) -> None:
-    """As after a restart, or for a file larger than memory: the build just wrote the file,
-    and a freshly written file sits in the page cache in large folios, which a read fault
-    maps whole."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def test_ondisk_build_moves_folds_and_keeps_published_files(tmp_path: Path) -> None:
@@ -98,7 +71,9 @@ def test_a_server_answers_from_lists_it_keeps_on_disk(tmp_path: Path) -> None:
     manifest = json.loads((bank / "indexes" / "1" / "manifest.json").read_text())
     file_size = (bank / "indexes" / "1" / ONDISK_FILE).stat().st_size
     assert manifest["ondisk"] and file_size > x.nbytes
-    _evict_from_page_cache(bank / "indexes" / "1" / ONDISK_FILE)
+    # as after a restart, or for a file larger than memory: a file the build just wrote sits
+    # in the page cache in large folios, which a read fault maps whole
+    evict(bank / "indexes" / "1" / ONDISK_FILE)
     queries = x[:3]
     truth = exact_ids(x, queries, 10)
     with Serving("--bank", str(bank)) as server, FeatureBankClient(server.target) as client:
@@ -107,11 +82,11 @@ def test_a_server_answers_from_lists_it_keeps_on_disk(tmp_path: Path) -> None:
             got = [int(h.key.split("-")[1]) for h in hits]
             assert got[0] == want[0] and len(set(got) & set(want)) >= 8
         assert server.proc is not None
-        resident, mapped = _mapped_rss(server.proc.pid, ONDISK_FILE)
+        held, mapped = resident(server.proc.pid, ONDISK_FILE)
         op = client.rebuild_index(ondisk=False, wait=True, timeout=120)  # back into memory
         assert op.done and not op.error.code
         live = bank / "indexes" / str(op.index_generation)
         assert not (live / ONDISK_FILE).exists()
         assert client.search(vector=queries[0], k=10).index_generation == op.index_generation
     assert mapped >= file_size - 4096  # the whole file was mapped...
-    assert resident < 0.5 * file_size  # ...and only the probed lists were read in
+    assert held < 0.5 * file_size  # ...and only the probed lists were read in
