@@ -381,6 +381,7 @@ def write_generation(
 
     def write(staging: Path) -> None:
         if manifest.get("ondisk"):
+            stored_ids.write_ids(index, staging)  # read from memory, before the lists move
             stored_ids.move_lists(index, staging / stored_ids.ONDISK_FILE)
         faiss.write_index(index, str(staging / INDEX_FILE))
         if fitted_save is not None:

@@ -137,7 +137,7 @@ def _fold(
 
     `adder` takes the additions that `index` then searches (itself, but for on-disk lists:
     stored_ids.adding)."""
-    present = index_ids(index)
+    present = index_ids(index, directory)
     deleted = deleted[np.isin(deleted, present)]
     added = added[~np.isin(added, present)]
     removed, unremoved = 0, int(manifest.get("unremoved_deleted", 0))
@@ -153,7 +153,8 @@ def _fold(
         items = store.get(added.astype(np.uint64))
         vectors = transforms.as_vectors(items.vectors, fitted.in_dim, "added store vectors")
         xt, ids = fitted.apply(vectors), _as_ids(items.ids)
-        tuned = _add_measured(index, adder, store, fitted, manifest, xt, ids, progress)
+        kept = np.setdiff1d(present, deleted) if removed else present  # held by the index now
+        tuned = _add_measured(index, adder, kept, store, fitted, manifest, xt, ids, progress)
     params = IndexParams.from_manifest(manifest)
     if tuned is not None and not tuned.reached and not math.isnan(tuned.recall):
         if not params.allow_below_target:
@@ -185,6 +186,7 @@ def _fold(
 def _add_measured(
     index: faiss.Index,
     adder: faiss.Index,
+    indexed: np.ndarray,
     store: Store,
     fitted: transforms.Transform,
     manifest: dict[str, Any],
@@ -192,7 +194,8 @@ def _add_measured(
     ids: np.ndarray,
     progress: bool,
 ) -> Tuned | None:
-    """Add the new items, holding a sample back to re-tune on (None: too few to measure)."""
+    """Add the new items, holding a sample back to re-tune on (None: too few to measure);
+    `indexed`: the ids the index held before."""
     n_hold = min(HOLDOUT, ids.size // 2) if ids.size >= MIN_MEASURED else 0
     if n_hold == 0:
         add_batches(adder, xt, ids, progress)
@@ -203,7 +206,7 @@ def _add_measured(
     add_batches(adder, xt[rest], ids[rest], progress)
     stored_ids.sync_ntotal(index)
     k = int(manifest["k"])
-    base_ids, base = _indexed_vectors(store, fitted, index_ids(index))
+    base_ids, base = _indexed_vectors(store, fitted, np.union1d(indexed, ids[rest]))
     truth, _ = exact_search(base, base_ids, xt[held], k, faiss_metric(manifest["metric"]))
     tuned = tune(index, xt[held], truth, k, float(manifest["target_recall"]))
     add_batches(adder, xt[held], ids[held], progress=False)

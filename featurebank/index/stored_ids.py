@@ -27,11 +27,14 @@ from typing import Any
 import faiss
 import numpy as np
 
+from featurebank.core.errors import DamagedFile
 from featurebank.core.mapped_files import advise_random
 from featurebank.index.families import FAISS
 
 ONDISK_FILE = "index.ivfdata"
 """The inverted lists of an on-disk generation, beside its index file."""
+IDS_FILE = "index.ids.npy"
+"""An on-disk generation's sorted store ids, so that loading it reads none of the lists."""
 
 _DIRECT_MAP_LOCK = threading.Lock()
 _STDOUT_LOCK = threading.Lock()
@@ -67,8 +70,13 @@ def selector(index: faiss.Index, sel: faiss.IDSelector) -> Any:
     return sel
 
 
-def ids_of(index: faiss.Index) -> np.ndarray:
-    """Sorted store ids the index holds."""
+def ids_of(index: faiss.Index, folder: Path | None = None) -> np.ndarray:
+    """Sorted store ids the index holds (from `folder`'s ids file when it has one)."""
+    if folder is not None and (folder / IDS_FILE).exists():
+        ids: np.ndarray = np.load(folder / IDS_FILE, allow_pickle=False)
+        if ids.dtype != np.int64 or ids.shape != (index.ntotal,):
+            raise DamagedFile(f"{folder / IDS_FILE} does not hold the index's {index.ntotal} ids")
+        return ids
     if isinstance(index, faiss.IndexIDMap2):
         return np.sort(faiss.vector_to_array(index.id_map).astype(np.int64))
     ivf = _ivf_below(index)
@@ -166,6 +174,11 @@ def move_lists(index: faiss.Index, path: Path) -> None:
     lists.this.disown()
     _set_ntotal(index, ntotal)
     ivf.ntotal = ntotal
+
+
+def write_ids(index: faiss.Index, folder: Path) -> None:
+    """Save the index's sorted store ids beside it (see IDS_FILE)."""
+    np.save(folder / IDS_FILE, ids_of(index), allow_pickle=False)
 
 
 def read(path: Path) -> faiss.Index:

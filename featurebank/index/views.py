@@ -115,9 +115,9 @@ def index_any(index: faiss.Index) -> Any:
     return index
 
 
-def index_ids(index: faiss.Index) -> np.ndarray:
-    """Sorted store ids the index holds."""
-    return stored_ids.ids_of(index)
+def index_ids(index: faiss.Index, directory: Path | None = None) -> np.ndarray:
+    """Sorted store ids the index holds (`directory`: its generation folder, if read)."""
+    return stored_ids.ids_of(index, directory)
 
 
 def load_generation(bank: Bank, number: int) -> Generation:
@@ -142,7 +142,7 @@ def load_generation(bank: Bank, number: int) -> Generation:
         manifest=manifest,
         index=index,
         transform=Transform.load(directory),
-        index_ids=index_ids(index),
+        index_ids=index_ids(index, directory),
         family=family_of(index),
     )
 

@@ -17,7 +17,7 @@ from featurebank.core.mapped_files import evict, resident
 from featurebank.index.build import build_index
 from featurebank.index.fold import update_index
 from featurebank.index.searcher import Searcher
-from featurebank.index.stored_ids import ONDISK_FILE, on_disk
+from featurebank.index.stored_ids import IDS_FILE, ONDISK_FILE, on_disk
 from featurebank.server.client import FeatureBankClient
 from tests.support.index_data import World, exact_ids, make_bank
 from tests.support.proxy import Serving
@@ -31,6 +31,7 @@ def test_ondisk_build_moves_folds_and_keeps_published_files(tmp_path: Path) -> N
     gen = bank / "indexes" / str(built["generation"])
     assert built["ondisk"] and built["index_params"]["ondisk"]
     assert (gen / ONDISK_FILE).stat().st_size > x.nbytes  # the codes and ids live there
+    assert np.array_equal(np.load(gen / IDS_FILE), np.arange(len(x)))  # loads read no list
     moved = tmp_path / "moved"
     shutil.move(str(bank), moved)  # lists are found beside the index wherever the bank goes
     with Searcher.load(moved) as searcher:
@@ -52,6 +53,12 @@ def test_ondisk_build_moves_folds_and_keeps_published_files(tmp_path: Path) -> N
         assert searcher.generation == updated["generation"]
         assert (searcher.search(extra[:20], 1).ids[:, 0] == new_ids[:20].astype(np.int64)).all()
         assert not np.isin(searcher.search(x[:1], 10).ids, [0]).any()
+    folded = moved / "indexes" / str(updated["generation"])
+    kept = np.load(folded / IDS_FILE)
+    np.save(folded / IDS_FILE, kept[:-1])  # damaged: one id short
+    with Searcher.load(moved) as searcher:  # the previous generation is served instead
+        assert searcher.generation == built["generation"]
+    np.save(folded / IDS_FILE, kept)
     # a rebuild keeps the live generation's ondisk; --no-ondisk brings the lists back
     assert build_index(moved, target_recall=0.9)["ondisk"]
     assert main(["index", "build", "--bank", str(moved), "--no-ondisk"]) == 0
