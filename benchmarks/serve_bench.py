@@ -3,7 +3,10 @@
 (1) Classify by vector, 32 concurrent clients against `featurebank serve`:
     queries/s, p50/p99 latency, compared with the in-process Classifier on the
     same queries one call at a time (what a user would otherwise do) and in one
-    batch (the limit).
+    batch (the limit), and with the framework's floor: a bare grpc.aio server in its
+    own process answering the same method with a response of the same size (no
+    work), under the same clients. The server's CPU per call (from /proc) against the
+    floor's is the cost featurebank adds to gRPC itself (target <= 1.5x).
 (2) Classify by image (MobileNetV2 at 224, random weights, CPU), 32 concurrent
     clients, dynamic batching on (max batch 32) versus off (max batch 1):
     throughput ratio, target >= 2.5x.
@@ -128,6 +131,89 @@ def hammer(target: str, n: int, call: Callable[[FeatureBankClient, int], object]
         return load(lambda i: call(client, i), n, CLIENTS)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used (from /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def hammer_cpu(
+    server: Served | BareServer, n: int, call: Callable[[FeatureBankClient, int], object]
+) -> tuple[dict[str, float], float]:
+    """`hammer`, and the server's CPU seconds per call over it."""
+    with FeatureBankClient(server.target, timeout=600) as client:
+        call(client, 0)
+        before = cpu_seconds(server.proc.pid)
+        stats = load(lambda i: call(client, i), n, CLIENTS)
+        return stats, (cpu_seconds(server.proc.pid) - before) / n
+
+
+def serve_bare(port: int, answer: bytes) -> int:
+    """A grpc.aio server whose Classify parses the request and returns fixed bytes: what
+    any Python gRPC service pays before doing anything (the floor of section 1)."""
+    import asyncio
+
+    import grpc
+    from grpc import aio
+
+    from featurebank.v1 import featurebank_pb2 as pb
+
+    async def classify(request: pb.ClassifyRequest, context: object) -> bytes:
+        return answer
+
+    handler = grpc.method_handlers_generic_handler("featurebank.v1.FeatureBank", {
+        "Classify": grpc.unary_unary_rpc_method_handler(
+            classify, request_deserializer=pb.ClassifyRequest.FromString,
+            response_serializer=lambda b: b),
+        "Check": grpc.unary_unary_rpc_method_handler(
+            classify, request_deserializer=lambda b: b, response_serializer=lambda b: b),
+    })  # fmt: skip
+
+    async def run() -> None:
+        server = aio.server()
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+    return 0
+
+
+class BareServer:
+    """`serve_bare` in its own process, like `Served`."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.answer = tempfile.NamedTemporaryFile(suffix=".bin")  # noqa: SIM115 - closed below
+        self.answer.write(answer)
+        self.answer.flush()
+        cmd = [sys.executable, __file__, "--bare-server", str(self.port), self.answer.name]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.close()
+                    raise RuntimeError("the bare gRPC server did not start") from None
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.answer.close()
+
+    def __enter__(self) -> BareServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def summary(latencies: Sequence[float], wall: float) -> dict[str, float]:
     lat = np.sort(np.asarray(latencies)) * 1000
     return {"qps": len(lat) / wall, "p50": float(np.percentile(lat, 50)),
@@ -156,7 +242,7 @@ def vector_bank(root: Path, n: int, dim: int, classes: int) -> tuple[Path, np.nd
     return root, queries.astype(np.float32)
 
 
-def bench_vectors(tmp: Path, quick: bool) -> None:
+def bench_vectors(tmp: Path, quick: bool, checks: Checks) -> None:
     n, dim, calls = (5_000, 64, 1_000) if quick else (50_000, 128, 5_000)
     bank, queries = vector_bank(tmp / "vectors", n, dim, 20)
     print(f"\n(1) Classify by vector: bank {n} x {dim}, {calls} calls, {CLIENTS} clients")
@@ -178,13 +264,28 @@ def bench_vectors(tmp: Path, quick: bool) -> None:
     batch_qps = calls / (time.perf_counter() - t0)
     del clf
 
+    def call(c: FeatureBankClient, i: int) -> object:
+        return c.classify(vector=qs[i % calls])
+
     with Served(bank) as s:
-        served = hammer(s.target, calls, lambda c, i: c.classify(vector=qs[i % calls]))
+        served, served_cpu = hammer_cpu(s, calls, call)
+        example = FeatureBankClient(s.target).classify(vector=qs[0]).SerializeToString()
+    with BareServer(example) as bare:
+        floor, floor_cpu = hammer_cpu(bare, calls, call)
     print(f"  in-process Classifier, one call at a time : {fmt(inproc)}")
     print(f"  in-process Classifier, one batch (limit)  : {batch_qps:9.1f} q/s")
-    print(f"  gRPC server, {CLIENTS} concurrent clients      : {fmt(served)}")
+    print(f"  gRPC server, {CLIENTS} concurrent clients      : {fmt(served)}   "
+          f"{1e6 * served_cpu:7.0f} us CPU/call")
+    print(f"  bare grpc.aio, same calls and sizes       : {fmt(floor)}   "
+          f"{1e6 * floor_cpu:7.0f} us CPU/call ({len(example)}-byte answers)")
     print(f"  server / in-process one-at-a-time: {served['qps'] / inproc['qps']:.2f}x   "
           f"server / batch limit: {served['qps'] / batch_qps:.2f}x")
+    ratio = served_cpu / floor_cpu
+    text = f"server CPU per call {ratio:.2f}x the bare gRPC floor's (target <= 1.5x)"
+    if quick:
+        print(f"{'met' if ratio <= 1.5 else 'MISSED'}  {text} (--quick: judged at full size)")
+    else:
+        checks.check(ratio <= 1.5, text)
 
 
 def jpegs(count: int, size: int, seed: int = 0) -> list[bytes]:
@@ -265,7 +366,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--only", choices=["vectors", "images"], default=None)
+    parser.add_argument("--bare-server", nargs=2, metavar=("PORT", "ANSWER_FILE"),
+                        help=argparse.SUPPRESS)  # the floor's own process (BareServer)
     args = parser.parse_args()
+    if args.bare_server:
+        return serve_bare(int(args.bare_server[0]), Path(args.bare_server[1]).read_bytes())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     print(f"serve_bench ({'quick' if args.quick else 'full'}), {os.cpu_count()} CPUs, "
           f"python {sys.version.split()[0]}")
@@ -273,7 +378,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as d:
         tmp = Path(d)
         if args.only in (None, "vectors"):
-            bench_vectors(tmp, args.quick)
+            bench_vectors(tmp, args.quick, checks)
         if args.only in (None, "images"):
             bench_images(tmp, args.quick, checks)
     return checks.exit_code()
