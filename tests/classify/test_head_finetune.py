@@ -170,3 +170,52 @@ def test_finetune_refuses_to_write_a_backbone_worse_than_the_probe(
     before, after = captured.out.split("val accuracy ")[1].split(";")[0].split(" -> ")
     assert float(after) < float(before)
     assert main([*args, "--force"]) == 0 and wrecked.exists()
+
+
+def backbone_weights(path: Path) -> list[np.ndarray]:
+    import keras
+
+    return [np.asarray(w) for w in keras.models.load_model(path).get_weights()]
+
+
+def test_finetune_with_a_seed_is_reproducible(
+    bank_with_head: tuple[Path, Path], tmp_path: Path
+) -> None:
+    images, bank = bank_with_head
+    # the first fine-tuning of the process among them: the backbone's dropout seeds too
+    runs = [
+        finetune(str(images), bank, tmp_path / f"{i}.keras", unfreeze=3, epochs=3, lr=1e-2,
+                 seed=seed, force=True)
+        for i, seed in enumerate((7, 7, 8))
+    ]
+    assert runs[0]["curves"] == runs[1]["curves"] != runs[2]["curves"]
+    for a, b in zip(backbone_weights(tmp_path / "0.keras"), backbone_weights(tmp_path / "1.keras"),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_finetune_from_a_random_head_starts_without_the_probe(
+    bank_with_head: tuple[Path, Path], tmp_path: Path
+) -> None:
+    images, bank = bank_with_head
+    # the smallest step: what the head knows before tuning is where it started
+    start = {"unfreeze": 0, "epochs": 1, "lr": 1e-9, "force": True}
+    probe = finetune(str(images), bank, tmp_path / "probe.keras", **start)
+    random = finetune(str(images), bank, tmp_path / "random.keras", head_init="random", **start)
+    assert probe["head_init"] == "probe" and random["head_init"] == "random"
+    assert random["val_accuracy_before"] < probe["val_accuracy_before"]
+    with pytest.raises(InvalidInput, match="probe, random"):
+        finetune(str(images), bank, tmp_path / "x.keras", head_init="zeros")
+
+
+def test_early_stopping_keeps_the_epoch_with_the_lowest_held_out_loss(
+    bank_with_head: tuple[Path, Path], tmp_path: Path
+) -> None:
+    images, bank = bank_with_head
+    s = finetune(str(images), bank, tmp_path / "es.keras", unfreeze=3, epochs=40, lr=3e-2,
+                 patience=2, force=True)
+    val_loss = s["curves"]["val_loss"]
+    assert s["epochs_run"] == len(val_loss) < 40  # stopped before the budget
+    assert s["best_epoch"] == int(np.argmin(val_loss)) + 1 == s["epochs_run"] - 2
+    # the model measured (and written) afterwards is the best epoch's, not the last one's
+    assert s["val_accuracy_after"] == pytest.approx(s["curves"]["val_accuracy"][s["best_epoch"] - 1])
