@@ -23,7 +23,7 @@ every method, no test crop in any training set or bank, the bank's vectors equal
 backbone's on the same pixels (the test features come from the same model).
 
     python benchmarks/finetune_bench.py [--quick] [--draws N] [--unfreeze N] [--lr X]
-        [--epochs E] [--no-augment]
+        [--epochs E] [--patience P] [--augment]
 """
 
 from __future__ import annotations
