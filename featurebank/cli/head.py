@@ -15,7 +15,7 @@ from typing import Any
 from featurebank.cli import Commands
 from featurebank.cli.args import show_progress
 from featurebank.core.params import HEAD_CLASS_WEIGHTS
-from featurebank.core.vocabulary import EVAL_SPLITS
+from featurebank.core.vocabulary import EVAL_SPLITS, HEAD_INITS
 
 
 def register(commands: Commands) -> None:
@@ -69,11 +69,22 @@ def register(commands: Commands) -> None:
     p.add_argument("images", help="labelled images: class folders or a manifest")
     p.add_argument("--bank", required=True, help="bank whose backbone and head to start from")
     p.add_argument("--out", required=True, help="where to write the backbone (.keras)")
-    p.add_argument("--unfreeze", type=int, default=2, help="top layers with weights to train")
-    p.add_argument("--lr", type=float, default=1e-5, help="learning rate (keep it low)")
-    p.add_argument("--epochs", type=int, default=5, help="epochs")
+    # every option left out takes classify.finetune's default (the measured recipe)
+    p.add_argument("--unfreeze", type=int, default=None, help="top layers with weights to train")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    p.add_argument("--epochs", type=int, default=None, help="most epochs to train")
+    p.add_argument(
+        "--patience", type=int, default=None,
+        help="stop after this many epochs without a lower held-out loss and keep the best "
+        "epoch (0: train every epoch)",
+    )
     p.add_argument("--augment", action="store_true", help="light shifts, rotations and zooms")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step")
+    p.add_argument(
+        "--head-init", choices=HEAD_INITS, default=None,
+        help="start the head from the bank's probe (LP-FT, default) or at random",
+    )
+    p.add_argument("--seed", type=int, default=None, help="random seed (split, order, init)")
     p.add_argument(
         "--force", action="store_true",
         help="write the backbone even when it is worse on the held-out images than before",
@@ -179,21 +190,24 @@ def _finetune(args: argparse.Namespace) -> int:
     from featurebank.classify.finetune import finetune
 
     quiet_keras(args)
+    options = {
+        name: getattr(args, name)
+        for name in ("unfreeze", "lr", "epochs", "patience", "batch_size", "head_init", "seed")
+        if getattr(args, name) is not None
+    }
     s = finetune(
         args.images,
         args.bank,
         args.out,
-        unfreeze=args.unfreeze,
-        lr=args.lr,
-        epochs=args.epochs,
         augment=args.augment,
-        batch_size=args.batch_size,
         progress=show_progress(),
         force=args.force,
+        **options,
     )
     print(
         f"fine-tuned {len(s['unfrozen'])} layers ({', '.join(s['unfrozen']) or 'head only'}) "
-        f"on {s['train']} images ({s['val']} val, {s['skipped']} skipped), {s['epochs']} epochs, "
+        f"on {s['train']} images ({s['val']} val, {s['skipped']} skipped), "
+        f"{s['epochs_run']} of {s['epochs']} epochs (kept epoch {s['best_epoch']}), "
         f"{s['seconds']:.1f}s; val accuracy {_fmt(s['val_accuracy_before'])} -> "
         f"{_fmt(s['val_accuracy_after'])}"
     )

@@ -39,6 +39,8 @@ UNKNOWN = "unknown"
 """The label answered when a classifier abstains."""
 SUGGEST_STRATEGIES = ("margin", "entropy", "diverse")
 """How `suggest` ranks unlabelled items; the first is the default."""
+HEAD_INITS = ("probe", "random")
+"""Where fine-tuning starts the head: the bank's linear probe (LP-FT, the default) or at random."""
 
 # ---- embedding --------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from featurebank.core.errors import FailedPrecondition, InvalidInput
 
 
 def tiny_backbone(path: Path) -> Path:
-    """16x16 RGB -> conv + BatchNorm -> dense 'features' (8) -> softmax (3)."""
+    """16x16 RGB -> conv + BatchNorm -> dropout -> dense 'features' (8) -> softmax (3)."""
     import keras
 
     keras.utils.set_random_seed(0)
@@ -24,6 +25,7 @@ def tiny_backbone(path: Path) -> Path:
     x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inp)
     x = keras.layers.BatchNormalization(name="bn")(x)
     x = keras.layers.Flatten()(x)
+    x = keras.layers.Dropout(0.25)(x)  # active while fine-tuning, as in the shipped CNN
     x = keras.layers.Dense(8, activation="relu", name="features")(x)
     out = keras.layers.Dense(3, activation="softmax", name="top")(x)
     keras.Model(inp, out).save(path)
@@ -170,3 +172,52 @@ def test_finetune_refuses_to_write_a_backbone_worse_than_the_probe(
     before, after = captured.out.split("val accuracy ")[1].split(";")[0].split(" -> ")
     assert float(after) < float(before)
     assert main([*args, "--force"]) == 0 and wrecked.exists()
+
+
+def backbone_weights(path: Path) -> list[np.ndarray]:
+    import keras
+
+    return [np.asarray(w) for w in keras.models.load_model(path).get_weights()]
+
+
+def test_finetune_with_a_seed_is_reproducible(
+    bank_with_head: tuple[Path, Path], tmp_path: Path
+) -> None:
+    images, bank = bank_with_head
+    runs = []
+    for i, (before, seed) in enumerate(((1, 7), (2, 7), (1, 8))):
+        random.seed(before)  # what ran earlier in the process (or none) must not matter:
+        np.random.seed(before)  # the backbone's layers draw their seeds when it is loaded
+        runs.append(finetune(str(images), bank, tmp_path / f"{i}.keras", unfreeze=3, epochs=3,
+                             lr=1e-2, seed=seed, force=True))
+    assert runs[0]["curves"] == runs[1]["curves"] != runs[2]["curves"]
+    for a, b in zip(backbone_weights(tmp_path / "0.keras"), backbone_weights(tmp_path / "1.keras"),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_finetune_from_a_random_head_starts_without_the_probe(
+    bank_with_head: tuple[Path, Path], tmp_path: Path
+) -> None:
+    images, bank = bank_with_head
+    # the smallest step: what the head knows before tuning is where it started
+    start = {"unfreeze": 0, "epochs": 1, "lr": 1e-9, "force": True}
+    probe = finetune(str(images), bank, tmp_path / "probe.keras", **start)
+    random = finetune(str(images), bank, tmp_path / "random.keras", head_init="random", **start)
+    assert probe["head_init"] == "probe" and random["head_init"] == "random"
+    assert random["val_accuracy_before"] < probe["val_accuracy_before"]
+    with pytest.raises(InvalidInput, match="probe, random"):
+        finetune(str(images), bank, tmp_path / "x.keras", head_init="zeros")
+
+
+def test_early_stopping_keeps_the_epoch_with_the_lowest_held_out_loss(
+    bank_with_head: tuple[Path, Path], tmp_path: Path
+) -> None:
+    images, bank = bank_with_head
+    s = finetune(str(images), bank, tmp_path / "es.keras", unfreeze=3, epochs=40, lr=3e-2,
+                 patience=2, force=True)
+    val_loss = s["curves"]["val_loss"]
+    assert s["epochs_run"] == len(val_loss) < 40  # stopped before the budget
+    assert s["best_epoch"] == int(np.argmin(val_loss)) + 1 == s["epochs_run"] - 2
+    # the model measured (and written) afterwards is the best epoch's, not the last one's
+    assert s["val_accuracy_after"] == pytest.approx(s["curves"]["val_accuracy"][s["best_epoch"] - 1])
