@@ -39,6 +39,7 @@ from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInpu
 from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import metric as metric_named
 from featurebank.index import families, filters
+from featurebank.index.cluster_scan import Planner
 from featurebank.index.families import FAISS
 from featurebank.index.segment import Segment, member, merge
 from featurebank.index.subset import TUNE_QUERIES, SubsetCache, SubsetIndex, outside_sample
@@ -158,6 +159,7 @@ class Searcher:
         self._table_mutex = threading.Lock()
         self._matched: dict[Any, np.ndarray] = {}
         self._subsets = SubsetCache()
+        self._planner = Planner()  # flat generations whose data clusters skip far clusters
         try:
             gen, self.damaged = load_live_generation(bank)
         except DamagedFile as e:  # every generation damaged: the store still holds each vector
@@ -427,7 +429,8 @@ class Searcher:
     def _search_all(self, view: View, xt: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         index = view.gen.index
         if view.stale.size == 0:
-            return index.search(xt, k)
+            scan = self._planner.scan_for(view.gen.number, index, k, xt.shape[0])
+            return index.search(xt, k) if scan is None else scan.search(xt, k)
         inner = cached(view, "not-stale", lambda: faiss.IDSelectorBatch(view.stale))
         sel = faiss.IDSelectorNot(inner)
         params, keep = search_params(view, sel, 1.0)
