@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 SELECTOR_CACHE = 16
 KEY_CACHE_MAX = 50_000  # hits' keys kept per searcher (a few MB)
+KEYS_AFTER_MISSES = 16  # misses after which a generation that fits has all its keys read
 
 
 class SearchResult:
@@ -153,7 +154,7 @@ class Searcher:
         self._owns_store = owns_store
         self._refresh_mutex = threading.Lock()
         self._key_cache: dict[int, str] = {}  # id -> key of recent hits (see _keys)
-        self._keys_read_for = -1  # the generation whose keys were all read into the cache
+        self._key_misses = (-1, 0)  # (generation, searches that missed the key cache)
         self._local = threading.local()
         self.threads = threads
         self._table: filters.Table | None = None
@@ -508,9 +509,10 @@ class Searcher:
     def _keys(self, ids: np.ndarray) -> dict[int, str]:
         """id -> key of hits. An id names one key for good (a replaced item gets a new id),
         so hits' keys are kept: a store lookup per search would cost more than the search
-        on a small bank. A generation that fits the cache has all its keys read by its
-        first miss: a lookup decodes whole blocks of keys anyway, and a bank that gets a
-        tenth of a server's queries would otherwise miss for thousands of searches."""
+        on a small bank. A generation that fits the cache has all its keys read at its
+        KEYS_AFTER_MISSES-th miss: a lookup decodes whole blocks of keys anyway, and a bank
+        that gets a tenth of a server's queries would otherwise miss for thousands of
+        searches (a bank asked once, then closed, never holds them all)."""
         wanted = np.unique(ids[ids >= 0]).tolist()
         cache = self._key_cache
         found = {i: key for i in wanted if (key := cache.get(i)) is not None}
@@ -518,8 +520,9 @@ class Searcher:
         if missing:  # unknown to the store (deleted before it was ever a hit): left out
             asked = np.array(missing, dtype=np.uint64)
             gen = self._view.gen
-            if self._keys_read_for != gen.number and gen.index_ids.size <= KEY_CACHE_MAX:
-                self._keys_read_for = gen.number
+            number, misses = self._key_misses
+            self._key_misses = (gen.number, misses + 1 if number == gen.number else 1)
+            if self._key_misses == (gen.number, KEYS_AFTER_MISSES) and gen.index_ids.size <= KEY_CACHE_MAX:
                 asked = np.union1d(asked, gen.index_ids.astype(np.uint64))
             fetched = self.store.keys_of(asked)
             found.update({i: fetched[i] for i in missing if i in fetched})
