@@ -5,9 +5,10 @@ clusters needs only the few clusters near a query: by the triangle inequality no
 of cluster c is closer to query q than ||q - c|| - r_c (r_c: the farthest member from the
 centroid), so once q holds k candidates at distance at most t, every cluster whose bound
 exceeds t is skipped unread. That keeps the answers exact (same neighbours, same
-distances: the same FAISS kernel computes every distance that is computed) while reading
-a fraction of the index, which matters most when many banks' indexes together exceed the
-cache and each query would otherwise stream its bank's whole index from memory.
+distances: every distance computed comes from the kernel FAISS's flat scan uses for calls
+of fewer than 128,000 / d queries) while reading a fraction of the index, which matters
+most when many banks' indexes together exceed the cache and each query would otherwise
+stream its bank's whole index from memory.
 
 Whether a bank's data clusters is measured, not assumed: `for_generation` scans the bank's
 own vectors as queries and keeps the plan only when they read at most `MAX_SCANNED` of it;
