@@ -25,8 +25,9 @@ gets the same answers, the queries the ten-bank side asks bank 0 get the same an
 on the one-bank side, and every recorded answer is the exact one (a full flat scan in
 process). Targets: RSS with all N banks idle <= 1.2x one served bank (at start and after
 all were opened and closed), first query on an idle bank p99 <= 1 s, 10-bank throughput
->= 0.8x one bank's (median of alternated rounds; --quick prints MISSED instead of FAIL for
-the timed targets, its sizes are too small to judge them).
+>= 0.8x one bank's (the median of the ratios of alternated round pairs, so a load change on
+a shared machine hits both sides of a ratio alike; --quick prints MISSED instead of FAIL
+for the timed targets, its sizes are too small to judge them).
 
     python benchmarks/banks_bench.py [--quick] [--banks N] [--items n] [--seconds S]
 """
@@ -57,7 +58,7 @@ SPREAD = 10  # banks the concurrent load is spread over
 IDLE_RSS_RATIO = 1.2
 FIRST_QUERY_P99_S = 1.0
 THROUGHPUT_RATIO = 0.8
-ROUNDS = 3
+ROUNDS = 5  # alternated round pairs of the full run (quick: 2)
 ANSWERS = 4  # answers each client thread records per round (its first queries)
 
 
@@ -275,6 +276,30 @@ def exact_answers(root: Path, bank: str, threads: list[int]) -> tuple[dict[int, 
     return out, nearest
 
 
+def answer_problems(root: Path, spread: list[str], answers: dict[str, list[dict[int, list[Answer]]]]
+                    ) -> tuple[list[str], float]:
+    """What is wrong with the recorded answers (each thread's first ANSWERS, every round
+    of both sides): they must be the same every round, the same for bank 0 on both sides
+    and exact; and the nearest stored vector to any query (0: a query is not fresh)."""
+    problems = [f"a client thread made fewer than {ANSWERS} calls in a round"
+                for runs in answers.values() for got in runs if min(map(len, got.values())) < ANSWERS]
+    problems += [f"{side} round {r + 1} answered thread {i} otherwise than round 1"
+                 for side, runs in answers.items() for r, got in enumerate(runs)
+                 for i in got if got[i] != runs[0][i]]
+    problems += [f"thread {i} got other answers from bank 0 when the load was spread"
+                 for i in range(0, CLIENTS, SPREAD) if answers["spread"][0][i] != answers["one"][0][i]]
+    nearest = np.inf
+    for b, bank in enumerate(spread):
+        asking = [i for i in range(CLIENTS) if i % SPREAD == b]
+        exact, closest = exact_answers(root, bank, asking)
+        nearest = min(nearest, closest)
+        problems += [f"{bank} answered thread {i}'s query {q} inexactly"
+                     for i in asking for q, (keys, _) in enumerate(answers["spread"][0][i]) if keys != exact[i][q]]
+    if nearest <= 1e-6:
+        problems.append("a query equals a stored vector (queries must be fresh)")
+    return problems, nearest
+
+
 def same_data(root: Path, banks: list[str], items: int) -> bool:
     """Every bank of the comparison holds `items` vectors of DIM."""
     from featurebank import store as store_mod
@@ -299,6 +324,7 @@ def main() -> int:
     items = args.items or (2_000 if args.quick else 10_000)
     processes = min(count, args.processes or (2 if args.quick else 4))
     seconds = args.seconds or (2.0 if args.quick else 10.0)
+    rounds_n = 2 if args.quick else ROUNDS
     if count < SPREAD:
         raise SystemExit(f"precondition failed: --banks must be >= {SPREAD} (the load spreads over {SPREAD})")
     failed: list[str] = []
@@ -345,7 +371,7 @@ def main() -> int:
         answers: dict[str, list[dict[int, list[Answer]]]] = {side: [] for side in sides}
         for banks in sides.values():  # unmeasured: every bank open, planned, its caches warm
             throughput(busy.target, banks, seconds)
-        for _ in range(ROUNDS):  # alternated, so a load change on the machine hits both sides alike
+        for _ in range(rounds_n):  # alternated, so a load change on the machine hits both sides alike
             for side, banks in sides.items():
                 before = busy.batched()
                 rate, got = throughput(busy.target, banks, seconds)
@@ -356,27 +382,12 @@ def main() -> int:
                 answers[side].append(got)
         busy.stop()
         spread, single = (float(np.median([r[0] for r in rounds[side]])) for side in ("spread", "one"))
+        ratio = float(np.median([a[0] / b[0] for a, b in zip(rounds["spread"], rounds["one"], strict=True)]))
         group = {side: float(np.median([r[2] for r in rounds[side]])) for side in sides}
         batch = {side: float(np.median([r[1] for r in rounds[side]])) for side in sides}
         limit = search_limit(root, sides["spread"], group)
 
-        # the answers: the same every round, the same for bank 0 on both sides, and exact
-        problems = [f"a client thread made fewer than {ANSWERS} calls in a round"
-                    for runs in answers.values() for got in runs if min(map(len, got.values())) < ANSWERS]
-        problems += [f"{side} round {r + 1} answered thread {i} otherwise than round 1"
-                     for side, runs in answers.items() for r, got in enumerate(runs)
-                     for i in got if got[i] != runs[0][i]]
-        problems += [f"thread {i} got other answers from bank 0 when the load was spread"
-                     for i in range(0, CLIENTS, SPREAD) if answers["spread"][0][i] != answers["one"][0][i]]
-        nearest = np.inf
-        for b, bank in enumerate(sides["spread"]):
-            asking = [i for i in range(CLIENTS) if i % SPREAD == b]
-            exact, closest = exact_answers(root, bank, asking)
-            nearest = min(nearest, closest)
-            problems += [f"{bank} answered thread {i}'s query {q} inexactly"
-                         for i in asking for q, (keys, _) in enumerate(answers["spread"][0][i]) if keys != exact[i][q]]
-        if nearest <= 1e-6:
-            problems.append("a query equals a stored vector (queries must be fresh)")
+        problems, nearest = answer_problems(root, sides["spread"], answers)
         if problems:
             raise SystemExit("precondition failed: " + "; ".join(problems[:3]))
 
@@ -392,9 +403,8 @@ def main() -> int:
           f"   {idle_after / one_rss:.2f}x one bank")
     print(f"first query on an idle bank (open + search): p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms "
           f"(limit {FIRST_QUERY_P99_S * 1000:.0f} ms)")
-    ratio = spread / single
-    print(f"throughput, {CLIENTS} clients, median of {ROUNDS} alternated rounds: {SPREAD} banks "
-          f"{spread:.0f}/s vs one bank {single:.0f}/s = {ratio:.2f}x (target {THROUGHPUT_RATIO}x)")
+    print(f"throughput, {CLIENTS} clients, {rounds_n} alternated rounds: {SPREAD} banks {spread:.0f}/s vs "
+          f"one bank {single:.0f}/s (medians); median of the rounds' ratios {ratio:.2f}x (target {THROUGHPUT_RATIO}x)")
     print("  rounds (10 banks/one bank): " + ", ".join(
         f"{a[0]:.0f}/{b[0]:.0f}" for a, b in zip(rounds["spread"], rounds["one"], strict=True)))
     print(f"  the server's search batches (median of rounds): one bank {batch['one']:.1f} queries a batch, "
