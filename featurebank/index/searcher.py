@@ -39,6 +39,7 @@ from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInpu
 from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import metric as metric_named
 from featurebank.index import families, filters, stored_ids
+from featurebank.index.cluster_scan import Planner
 from featurebank.index.segment import Segment, member, merge
 from featurebank.index.subset import TUNE_QUERIES, SubsetCache, SubsetIndex, outside_sample
 from featurebank.index.transforms import as_vectors
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 SELECTOR_CACHE = 16
 KEY_CACHE_MAX = 50_000  # hits' keys kept per searcher (a few MB)
+KEYS_AFTER_MISSES = 16  # misses after which a generation that fits has all its keys read
 
 
 class SearchResult:
@@ -150,12 +152,14 @@ class Searcher:
         self._owns_store = owns_store
         self._refresh_mutex = threading.Lock()
         self._key_cache: dict[int, str] = {}  # id -> key of recent hits (see _keys)
+        self._key_misses = (-1, 0)  # (generation, searches that missed the key cache)
         self._local = threading.local()
         self.threads = threads
         self._table: filters.Table | None = None
         self._table_mutex = threading.Lock()
         self._matched: dict[Any, np.ndarray] = {}
         self._subsets = SubsetCache()
+        self._planner = Planner()  # flat generations whose data clusters skip far clusters
         try:
             gen, self.damaged = load_live_generation(bank)
         except DamagedFile as e:  # every generation damaged: the store still holds each vector
@@ -425,7 +429,8 @@ class Searcher:
     def _search_all(self, view: View, xt: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         index = view.gen.index
         if view.stale.size == 0:
-            return index.search(xt, k)
+            scan = self._planner.scan_for(view.gen.number, index, k, xt.shape[0])
+            return index.search(xt, k) if scan is None else scan.search(xt, k)
         inner = cached(view, "not-stale", lambda: faiss.IDSelectorBatch(view.stale))
         sel = faiss.IDSelectorNot(inner)
         params, keep = search_params(view, sel, 1.0)
@@ -501,18 +506,27 @@ class Searcher:
 
     def _keys(self, ids: np.ndarray) -> dict[int, str]:
         """id -> key of hits. An id names one key for good (a replaced item gets a new id),
-        so recent hits' keys are kept: a store lookup per search would cost more than the
-        search on a small bank."""
+        so hits' keys are kept: a store lookup per search would cost more than the search
+        on a small bank. A generation that fits the cache has all its keys read at its
+        KEYS_AFTER_MISSES-th miss: a lookup decodes whole blocks of keys anyway, and a bank
+        that gets a tenth of a server's queries would otherwise miss for thousands of
+        searches (a bank asked once, then closed, never holds them all)."""
         wanted = np.unique(ids[ids >= 0]).tolist()
         cache = self._key_cache
         found = {i: key for i in wanted if (key := cache.get(i)) is not None}
         missing = [i for i in wanted if i not in found]
         if missing:  # unknown to the store (deleted before it was ever a hit): left out
-            fetched = self.store.keys_of(np.array(missing, dtype=np.uint64))
+            asked = np.array(missing, dtype=np.uint64)
+            gen = self._view.gen
+            number, misses = self._key_misses
+            self._key_misses = (gen.number, misses + 1 if number == gen.number else 1)
+            if self._key_misses == (gen.number, KEYS_AFTER_MISSES) and gen.index_ids.size <= KEY_CACHE_MAX:
+                asked = np.union1d(asked, gen.index_ids.astype(np.uint64))
+            fetched = self.store.keys_of(asked)
+            found.update({i: fetched[i] for i in missing if i in fetched})
             if len(cache) + len(fetched) > KEY_CACHE_MAX:
                 cache.clear()
             cache.update(fetched)
-            found.update(fetched)
         return found
 
 

@@ -5,7 +5,11 @@ keeps taking more until `max_batch_size` items or `timeout_ms` have passed, and
 hands the batch to an executor thread (Keras and FAISS are much faster per item
 on a batch, and never block the event loop). While batches run, new requests
 queue up, so batches grow with load by themselves. `max_batch_size=1` turns
-batching off (each request runs alone, still off the loop).
+batching off (each request runs alone, still off the loop). With several batches
+allowed at once, another one starts beside a running batch only when the queue
+holds a quarter of a full batch: a second batch of a few items would only split
+what one batch amortises (per-search costs, a bank's scan), and both threads
+would contend for the interpreter; a queue that outgrows one thread starts it.
 
 A batch function gets the list of items and returns one result or exception per
 item, so one bad input fails only its own request (`isolate` helps with that).
@@ -67,19 +71,23 @@ class Batcher(Generic[T, R]):
         self._max_inflight = max(1, max_inflight)
         self._collector: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._overlap_at = max(2, max_batch_size // 4)  # queued items worth a batch beside a running one
+        self._moved: asyncio.Event | None = None  # set when an item is queued or a batch ends
 
     def _start(self) -> None:
         self._queue = asyncio.Queue()
         self._slots = asyncio.Semaphore(self._max_inflight)
+        self._moved = asyncio.Event()
         self._collector = asyncio.get_running_loop().create_task(self._collect())
 
     async def submit(self, item: T) -> R:
         """Queue one item and wait for its result (raises its exception)."""
         if self._collector is None:
             self._start()
-        assert self._queue is not None
+        assert self._queue is not None and self._moved is not None
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(item, future))
+        self._moved.set()
         return await future
 
     async def submit_many(self, items: Sequence[T]) -> list[R]:
@@ -91,6 +99,7 @@ class Batcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         while True:
             await self._slots.acquire()  # wait for a free slot first: the queue grows meanwhile
+            await self._worth_another()
             first = await self._queue.get()
             batch = [first]
             deadline = loop.time() + self.timeout
@@ -109,7 +118,19 @@ class Batcher(Generic[T, R]):
                     break
             task = loop.create_task(self._execute(batch))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            task.add_done_callback(self._finished)
+
+    async def _worth_another(self) -> None:
+        """Return once no batch runs, or the queue could fill a batch of its own."""
+        assert self._queue is not None and self._moved is not None
+        while self._running and self._queue.qsize() < self._overlap_at:
+            self._moved.clear()
+            await self._moved.wait()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        assert self._moved is not None
+        self._moved.set()
 
     async def _execute(self, batch: list[_Pending[T, R]]) -> None:
         assert self._slots is not None

@@ -248,3 +248,6 @@ def test_metrics_carry_the_bank_each_call_went_to(two_dims: Path) -> None:
             assert f'featurebank_bank_items{{bank="{name}"}}' in text
         assert 'featurebank_requests_total{bank="",code="NOT_FOUND",method="Search"} 1.0' in text
         assert 'bank="nowhere"' not in text  # a client's made-up name never becomes a series
+        # every searched job is in one bank's group of a shared batch, and each is observed
+        assert 'featurebank_batch_size_sum{kind="search_bank"} 4.0' in text
+        assert 'featurebank_batch_size_sum{kind="search"} 4.0' in text

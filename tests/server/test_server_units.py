@@ -113,6 +113,37 @@ def test_batcher_groups_concurrent_requests() -> None:
     assert sizes[0] == 1 and max(sizes) == 8 and sum(sizes) == 21
 
 
+def test_a_second_batch_starts_beside_a_running_one_only_for_a_queue_worth_it() -> None:
+    sizes: list[int] = []
+    gate = threading.Event()
+
+    def run(items: list[int]) -> list[int]:
+        if -1 in items:
+            gate.wait(5)  # the first batch runs until the gate opens
+        return items
+
+    async def main() -> list[list[int]]:
+        with ThreadPoolExecutor(2) as pool:
+            b: Batcher[int, int] = Batcher(
+                "t", run, pool, max_batch_size=8, timeout_ms=1, max_inflight=2,
+                on_batch=lambda _, n: sizes.append(n),
+            )  # a quarter of a batch: 2 queued items
+            first = asyncio.ensure_future(b.submit(-1))
+            await asyncio.sleep(0.05)
+            lone = asyncio.ensure_future(b.submit(1))
+            await asyncio.sleep(0.05)
+            seen = [list(sizes)]  # one item queued: it waits for the running batch
+            pair = asyncio.ensure_future(b.submit(2))
+            await asyncio.sleep(0.05)
+            seen.append(list(sizes))  # two queued: a batch of its own beside the first
+            gate.set()
+            assert [await first, await lone, await pair] == [-1, 1, 2]
+            await b.close()
+            return seen
+
+    assert asyncio.run(main()) == [[1], [1, 2]]
+
+
 def test_batcher_off_runs_one_at_a_time() -> None:
     sizes: list[int] = []
 
