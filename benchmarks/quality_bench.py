@@ -117,20 +117,18 @@ def flip(y: np.ndarray, noise: float, kind: str, rng: np.random.Generator) -> np
     return noisy
 
 
-def ranking_scores(feats: np.ndarray, noisy: np.ndarray, bank: Path) -> np.ndarray:
+def ranking_scores(noisy: np.ndarray, bank: Path) -> np.ndarray:
     """featurebank's score per item: p(best other label) - p(given), out of fold."""
-    from featurebank import store as store_mod
     from featurebank.classify.classifier import Classifier
-    from featurebank.classify.quality import NEIGHBOURS
-    from featurebank.classify.quality.graph import neighbours
+    from featurebank.classify.quality import NEIGHBOURS, graphs, neighbourhood
     from featurebank.classify.quality.labels import out_of_fold
 
-    with Classifier(bank, mode="knn") as clf, store_mod.open(bank, readonly=True) as st:
-        items = st.to_numpy()
+    with Classifier(bank, mode="knn") as clf:
         voter = clf.voter()  # every item labelled and in train: every item votes, as in the pass
-        graph = neighbours(clf.searcher, items.vectors, np.asarray(items.ids, np.int64),
-                           max(NEIGHBOURS, voter.k))
-        p, vocab = out_of_fold(voter, graph, np.arange(len(items.ids)))
+        hood = neighbourhood.read(clf, NEIGHBOURS, max(NEIGHBOURS, voter.k))
+        _, ref = graphs(hood)
+        assert ref is not None
+        p, vocab = out_of_fold(voter, ref, np.arange(len(hood.ids)))
     col = np.array([vocab.index(str(c)) for c in noisy])
     p_given = p[np.arange(len(p)), col]
     other = p.copy()
@@ -158,7 +156,7 @@ def label_case(
     le = report.labels
     cut = {f.key for f in le.findings}
     truth = {keys[i] for i in np.flatnonzero(wrong)}
-    score = ranking_scores(feats, noisy, bank)
+    score = ranking_scores(noisy, bank)
     out: dict[str, Any] = {"flipped": n_wrong, "seconds": seconds}
 
     def ranked(name: str, s: np.ndarray, secs: float) -> None:

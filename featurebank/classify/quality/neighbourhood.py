@@ -1,0 +1,242 @@
+"""What a quality pass reads from the bank, kept so that the next pass applies only
+what changed.
+
+A `Neighbourhood` holds the live items as rows (ids, keys, labels, splits, content
+hashes), their vectors as the index stores them (`space`), and the neighbour lists of
+every row: its nearest items and, when not every item votes, its nearest voters.
+
+`update` applies the store's change log since the generation it read: deleted rows
+leave; new rows get their lists; rows that lost a neighbour (deleted, or no longer a
+voter) are searched again; every other row merges the rows it may newly see (new
+items, new voters) into its list, in list mode only the rows whose probed lists hold
+one. A row's k nearest over (old candidates + new ones) is the merge of its old k with
+the new ones, so the lists are a full pass's: below `space.EXACT_MAX` items exactly;
+above, those of a full pass over the same lists (a fresh pass draws new k-means
+centroids, so neighbours near a list's edge can differ). Neighbours whose distances
+differ only by float32 rounding may come in another order. A new index generation
+(transform), a trimmed change log or a change of mode (exact / lists, which rows vote
+at all) reads the bank afresh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from featurebank.classify.quality import space as space_mod
+from featurebank.classify.quality.space import Space, knn, knn_among
+from featurebank.core.errors import NotFound
+from featurebank.core.vocabulary import HELD_OUT_SPLIT
+from featurebank.core.vocabulary import metric as metric_named
+from featurebank.store.rows import LogTrimmed
+
+if TYPE_CHECKING:
+    from featurebank.classify.classifier import Classifier
+    from featurebank.store.items import Items
+
+EVERYTHING, VOTERS = "everything", "voters"
+
+
+@dataclass
+class Lists:
+    """Every row's k nearest rows (of the voters only, or of every row)."""
+
+    k: int
+    voters_only: bool
+    pos: np.ndarray  # (n, k) rows, -1 = none
+    fd: np.ndarray  # (n, k) faiss distances (squared l2, or inner product)
+
+
+@dataclass
+class Neighbourhood:
+    generation: int  # store generation the rows reflect
+    index_generation: int
+    metric: str
+    k_all: int  # neighbours of every item (duplicates, outliers)
+    k_votes: int  # neighbours a label is voted on by
+    ids: np.ndarray  # int64 store ids, increasing
+    keys: list[str]
+    labels: list[str | None]
+    splits: list[str]
+    shas: list[str | None]
+    space: Space
+    lists: dict[str, Lists] = field(default_factory=dict)
+    changed: int | None = None  # items the last update applied; None: read afresh
+
+    @property
+    def voters(self) -> np.ndarray:
+        return voters_of(self.labels, self.splits)
+
+    def layout(self) -> dict[str, tuple[int, bool]]:
+        """The lists the findings need: name -> (k, voters only). Every item's list is as
+        wide as the votes need, so that when every item votes it is also the voters'."""
+        v = self.voters
+        n_v = int(v.sum())
+        out = {EVERYTHING: (max(self.k_all, self.k_votes), False)}
+        if 1 < n_v < len(v):
+            out[VOTERS] = (self.k_votes, True)
+        return out
+
+    def compute_lists(self) -> None:
+        """Every list from scratch over the current rows."""
+        rows, voters = np.arange(len(self.ids)), self.voters
+        self.lists = {}
+        for name, (k, only) in self.layout().items():
+            pos, fd = knn(self.space, rows, voters if only else None, k)
+            self.lists[name] = Lists(k, only, pos, fd)
+
+
+def voters_of(labels: list[str | None], splits: list[str]) -> np.ndarray:
+    """Rows whose label votes: labelled and not held out."""
+    return np.array(
+        [lab is not None and sp != HELD_OUT_SPLIT for lab, sp in zip(labels, splits, strict=True)],
+        dtype=bool,
+    )
+
+
+def shas_of(items: Items) -> list[str | None]:
+    return [m.get("sha256") if isinstance(m.get("sha256"), str) else None for m in items.meta]
+
+
+def read(clf: Classifier, k_all: int, k_votes: int) -> Neighbourhood:
+    """Every live item and its lists, read afresh."""
+    store, searcher = clf.store, clf.searcher
+    generation = int(store.generation)  # before the read: an update may apply a change twice
+    items = store.to_numpy()
+    kind = metric_named(searcher.metric).faiss_kind
+    x = searcher.transform(items.vectors) if len(items) else items.vectors
+    hood = Neighbourhood(
+        generation, int(clf.index_generation), searcher.metric, k_all, k_votes,
+        np.asarray(items.ids, np.int64), list(items.keys), list(items.labels), list(items.splits),
+        shas_of(items), space_mod.space_of(x, kind),
+    )
+    hood.compute_lists()
+    return hood
+
+
+def update(hood: Neighbourhood | None, clf: Classifier, k_all: int, k_votes: int) -> Neighbourhood:
+    """`hood` with the store's changes since it was read applied (see the module)."""
+    if (
+        hood is None or hood.index_generation != int(clf.index_generation)
+        or (hood.k_all, hood.k_votes, hood.metric) != (k_all, k_votes, clf.searcher.metric)
+    ):
+        return read(clf, k_all, k_votes)
+    try:
+        return _apply(hood, clf)
+    except (LogTrimmed, NotFound):  # the log no longer reaches it, or an item went meanwhile
+        return read(clf, k_all, k_votes)
+
+
+def _apply(hood: Neighbourhood, clf: Classifier) -> Neighbourhood:
+    store, searcher = clf.store, clf.searcher
+    ch = store.changes_since(hood.generation)
+    added = np.setdiff1d(ch.added.astype(np.int64), hood.ids)
+    deleted = np.intersect1d(ch.deleted.astype(np.int64), hood.ids)
+    relabelled = np.intersect1d(
+        np.union1d(ch.relabelled.astype(np.int64), np.intersect1d(ch.added.astype(np.int64),
+                                                                   hood.ids)), hood.ids)
+    hood.changed = len(added) + len(deleted) + len(relabelled)
+    hood.generation = int(ch.generation)
+    if not hood.changed:
+        return hood
+    old_voters = hood.voters
+    if len(relabelled):
+        got = store.to_numpy(ids=relabelled.astype(np.uint64))
+        at = np.searchsorted(hood.ids, np.asarray(got.ids, np.int64))
+        for r, lab, sp in zip(at.tolist(), got.labels, got.splits, strict=True):
+            hood.labels[r], hood.splits[r] = lab, sp
+    keep = ~np.isin(hood.ids, deleted)
+    remap = np.where(keep, np.cumsum(keep) - 1, -1)
+    new = store.to_numpy(ids=added.astype(np.uint64)) if len(added) else None
+    n_kept = int(keep.sum())
+    _take_rows(hood, keep, new, searcher)
+    n = len(hood.ids)
+    if (
+        n == 0 or hood.space.exact != (n <= space_mod.EXACT_MAX) or not hood.space.sized_for(n)
+    ):
+        return read(clf, hood.k_all, hood.k_votes)
+    voters = hood.voters
+    was_voter = np.zeros(n, bool)
+    was_voter[:n_kept] = old_voters[keep]
+    if VOTERS not in hood.lists and old_voters.all() and len(old_voters) > 1:
+        # every item voted: its list was the voters' list too
+        old = hood.lists[EVERYTHING]
+        hood.lists[VOTERS] = Lists(hood.k_votes, True, old.pos[:, :hood.k_votes],
+                                   old.fd[:, :hood.k_votes])
+    layout = hood.layout()
+    hood.lists = {name: lists for name, lists in hood.lists.items() if name in layout}
+    for name, (k, only) in layout.items():
+        lists = hood.lists.get(name)
+        if lists is None:  # voters appeared where one or none voted: searched afresh
+            pos, fd = knn(hood.space, np.arange(n), voters, k)
+            hood.lists[name] = Lists(k, True, pos, fd)
+            continue
+        _update_lists(hood.space, lists, keep, remap, n_kept,
+                      voters if only else None, was_voter if only else None)
+    return hood
+
+
+def _take_rows(hood: Neighbourhood, keep: np.ndarray, new: Items | None, searcher: Any) -> None:
+    """Drop the deleted rows and append the new ones (ids keep increasing)."""
+    sp = hood.space
+    kept = np.flatnonzero(keep).tolist()
+    pick = (lambda xs: [xs[i] for i in kept]) if not keep.all() else list  # noqa: E731
+    hood.keys, hood.labels = pick(hood.keys), pick(hood.labels)
+    hood.splits, hood.shas = pick(hood.splits), pick(hood.shas)
+    x, ids = sp.x[keep], hood.ids[keep]
+    assign = sp.assign[keep] if not sp.exact else sp.assign
+    if new is not None and len(new):
+        xn = np.ascontiguousarray(searcher.transform(new.vectors), np.float32)
+        x, ids = np.concatenate([x, xn]), np.concatenate([ids, np.asarray(new.ids, np.int64)])
+        hood.keys += list(new.keys)
+        hood.labels += list(new.labels)
+        hood.splits += list(new.splits)
+        hood.shas += shas_of(new)
+        if not sp.exact:
+            assign = np.concatenate([assign, space_mod.assign_lists(sp, xn)])
+    sp.x, sp.assign, hood.ids = np.ascontiguousarray(x), assign, ids
+
+
+def _update_lists(
+    space: Space,
+    lists: Lists,
+    keep: np.ndarray,
+    remap: np.ndarray,
+    n_kept: int,
+    allowed: np.ndarray | None,
+    was_allowed: np.ndarray | None,
+) -> None:
+    n, k = len(space.x), lists.k
+    old = lists.pos[keep]
+    moved = np.where(old >= 0, remap[np.maximum(old, 0)], -1)
+    lost = (old >= 0) & (moved < 0)
+    gained = np.arange(n_kept, n)
+    if allowed is not None and was_allowed is not None:
+        lost |= (moved >= 0) & ~allowed[np.maximum(moved, 0)]
+        gained = np.flatnonzero(allowed & ~was_allowed)
+    pos = np.full((n, k), -1, np.int64)
+    fd = np.full((n, k), np.nan, np.float32)
+    pos[:n_kept], fd[:n_kept] = moved, lists.fd[keep]
+    again = np.concatenate([np.flatnonzero(lost.any(axis=1)), np.arange(n_kept, n)])
+    pos[again], fd[again] = knn(space, again, allowed, k)
+    rest = np.setdiff1d(np.arange(n_kept), again)
+    if len(gained) and len(rest):
+        if not space.exact:  # only rows whose probed lists hold a gained row can see one
+            hit = np.unique(space.assign[gained])
+            probing = np.unique(np.concatenate([space.listed_on()[h] for h in hit.tolist()]))
+            rest = rest[np.isin(space.assign[rest], probing)]
+        pb, fb = knn_among(space, rest, gained, k)
+        pos[rest], fd[rest] = merge(pos[rest], fd[rest], pb, fb, k, space.kind)
+    lists.pos, lists.fd = pos, fd
+
+
+def merge(
+    pa: np.ndarray, fa: np.ndarray, pb: np.ndarray, fb: np.ndarray, k: int, kind: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest of two disjoint neighbour lists per row."""
+    p, f = np.concatenate([pa, pb], axis=1), np.concatenate([fa, fb], axis=1)
+    key = np.where(p >= 0, f if kind == "l2" else -f, np.inf)
+    order = np.argsort(key, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(p, order, axis=1), np.take_along_axis(f, order, axis=1)
