@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,10 @@ class Cache:
 
     def __init__(self) -> None:
         self.hood: neighbourhood.Neighbourhood | None = None
+        self._probs: np.ndarray | None = None  # every row's out-of-fold vote
+        # (voter, vocabulary, list, neighbourhood version) they are of
+        self._probs_of: tuple[Any, ...] | None = None
+        self._last: tuple[tuple[Any, ...], Report] | None = None  # (what it answered, report)
         self._lock = threading.Lock()
 
     def run(self, clf: Classifier, precision: float | None = None, limit: int = LIMIT) -> Report:
@@ -82,7 +86,58 @@ class Cache:
             self.hood = hood = neighbourhood.update(
                 self.hood, clf, NEIGHBOURS, max(NEIGHBOURS, voter.k)
             )
-            return report_of(hood, clf, voter, precision, limit, labels_gen, started)
+            asked = (precision, limit, voter, hood.generation, hood.index_generation,
+                     decisions.stamp(clf.bank))
+            if self._last is not None and self._last[0] == asked:  # nothing changed since
+                report = replace(self._last[1], changed=0,
+                                 seconds=time.perf_counter() - started)
+                return report
+            everything, ref = graphs(hood)
+            probs = self.probs(hood, voter, ref)
+            report = report_of(hood, clf, everything, ref, probs, precision, limit, labels_gen,
+                               started)
+            self._last = (asked, report)
+            return report
+
+    def probs(
+        self, hood: neighbourhood.Neighbourhood, voter: Voter, ref: Graph | None
+    ) -> np.ndarray | None:
+        """Every row's out-of-fold vote over `ref`; after an update only the rows whose
+        voters list changed, new rows and rows with a relabelled neighbour are voted
+        again (the same numbers a full vote gives)."""
+        name = vote_list(hood)
+        if ref is None or name is None:
+            self._probs = self._probs_of = None
+            return None
+        of = (voter, tuple(ref.vocabulary), name, hood.serial)
+        lists, prev, old = hood.lists[name], hood.previous_rows, self._probs
+        n_classes = len(ref.vocabulary)
+        if old is not None and self._probs_of == (*of, hood.version):
+            return old
+        if (
+            old is None or self._probs_of != (*of, hood.version - 1) or prev is None
+            or lists.dirty is None
+        ):
+            p = voter.probs(ref.codes, ref.scores, n_classes)
+        else:
+            had = prev >= 0
+            p = np.zeros((len(prev), n_classes), np.float32)
+            p[had] = old[prev[had]]
+            redo = [lists.dirty, np.flatnonzero(~had)]
+            if len(hood.relabelled_rows):
+                redo.append(np.flatnonzero(np.isin(ref.pos, hood.relabelled_rows).any(axis=1)))
+            rows = np.unique(np.concatenate(redo))
+            p[rows] = voter.probs(ref.codes[rows], ref.scores[rows], n_classes)
+        self._probs, self._probs_of = p, (*of, hood.version)
+        return p
+
+
+def vote_list(hood: neighbourhood.Neighbourhood) -> str | None:
+    """The list labels are voted on: the voters', or every item's when every item votes;
+    None without two voters."""
+    if neighbourhood.VOTERS in hood.lists:
+        return neighbourhood.VOTERS
+    return neighbourhood.EVERYTHING if hood.voters.sum() > 1 else None
 
 
 def graphs(hood: neighbourhood.Neighbourhood) -> tuple[Graph, Graph | None]:
@@ -102,15 +157,17 @@ def graphs(hood: neighbourhood.Neighbourhood) -> tuple[Graph, Graph | None]:
         return graph_of(lists.pos, lists.fd, hood.metric, row_codes, vocab, hood.keys, labs)
 
     everything = graph(neighbourhood.EVERYTHING)
-    if neighbourhood.VOTERS in hood.lists:
-        return everything, graph(neighbourhood.VOTERS)
-    return everything, everything if (row_codes >= 0).sum() > 1 else None
+    name = vote_list(hood)
+    return everything, None if name is None else everything if name == neighbourhood.EVERYTHING \
+        else graph(name)
 
 
 def report_of(
     hood: neighbourhood.Neighbourhood,
     clf: Classifier,
-    voter: Voter,
+    everything: Graph,
+    ref: Graph | None,
+    probs: np.ndarray | None,
     precision: float | None,
     limit: int,
     labels_gen: int,
@@ -119,7 +176,6 @@ def report_of(
     """The findings of a neighbourhood."""
     keys, splits, labs = hood.keys, hood.splits, hood.labels
     voters = hood.voters
-    everything, ref = graphs(hood)
     kept = decisions.load(clf.bank)
     dups = duplicates.find(everything.first(NEIGHBOURS), keys, splits, labs, hood.shas)
     hidden = forget_kept(kept, dups)
@@ -130,10 +186,11 @@ def report_of(
     hidden += found.kept
     labelled = np.flatnonzero([lab is not None for lab in labs])
     errors = None
-    if labelled.size and ref is not None:
+    if labelled.size and ref is not None and probs is not None:
         errors = labels.find(
-            voter, ref, labelled, [keys[i] for i in labelled], [str(labs[i]) for i in labelled],
-            precision, {(k.keys[0], k.label) for k in kept if k.kind == "label"}, limit,
+            probs[labelled], ref, labelled, [keys[i] for i in labelled],
+            [str(labs[i]) for i in labelled], precision,
+            {(k.keys[0], k.label) for k in kept if k.kind == "label"}, limit,
         )
         hidden += errors.kept
     counts = {

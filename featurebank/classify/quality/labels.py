@@ -84,7 +84,7 @@ def confident_joint(p: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def find(
-    voter: Voter,
+    p: np.ndarray,
     graph: Graph,
     rows: np.ndarray,
     keys: Sequence[str],
@@ -93,10 +93,10 @@ def find(
     kept: set[tuple[str, str | None]] | None = None,
     limit: int | None = None,
 ) -> LabelErrors:
-    """Label findings of the labelled `rows` of the voters graph (`keys`, `labels`: theirs)
-    with their evidence (the first `limit` of the cut list), the per-class estimate and
-    the swapped pairs."""
-    p, vocab = out_of_fold(voter, graph, rows)
+    """Label findings of the labelled `rows` of the voters graph (`p`, `keys`, `labels`:
+    theirs, `p` their `out_of_fold` votes) with their evidence (the first `limit` of the
+    cut list), the per-class estimate and the swapped pairs."""
+    vocab = graph.vocabulary
     col = {lab: j for j, lab in enumerate(vocab)}
     y = np.array([col.get(lab, -1) for lab in labels], np.int64)
     scored = np.flatnonzero(y >= 0)

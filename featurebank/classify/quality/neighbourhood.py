@@ -20,6 +20,7 @@ at all) reads the bank afresh.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from featurebank.store.items import Items
 
 EVERYTHING, VOTERS = "everything", "voters"
+_READS = itertools.count()
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Lists:
     voters_only: bool
     pos: np.ndarray  # (n, k) rows, -1 = none
     fd: np.ndarray  # (n, k) faiss distances (squared l2, or inner product)
+    dirty: np.ndarray | None = None  # rows whose list the last update changed; None: all
 
 
 @dataclass
@@ -64,10 +67,14 @@ class Neighbourhood:
     space: Space
     lists: dict[str, Lists] = field(default_factory=dict)
     changed: int | None = None  # items the last update applied; None: read afresh
+    version: int = 0  # bumped by every update that changed something
+    serial: int = field(default_factory=lambda: next(_READS))  # which read this is
+    previous_rows: np.ndarray | None = None  # each row's row before the update (-1: new)
+    relabelled_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    voters: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # rows that vote
 
-    @property
-    def voters(self) -> np.ndarray:
-        return voters_of(self.labels, self.splits)
+    def __post_init__(self) -> None:
+        self.voters = voters_of(self.labels, self.splits)
 
     def layout(self) -> dict[str, tuple[int, bool]]:
         """The lists the findings need: name -> (k, voters only). Every item's list is as
@@ -141,18 +148,23 @@ def _apply(hood: Neighbourhood, clf: Classifier) -> Neighbourhood:
     hood.generation = int(ch.generation)
     if not hood.changed:
         return hood
+    hood.version += 1
     old_voters = hood.voters
+    relabelled_at = np.zeros(0, np.int64)
     if len(relabelled):
         got = store.to_numpy(ids=relabelled.astype(np.uint64))
-        at = np.searchsorted(hood.ids, np.asarray(got.ids, np.int64))
-        for r, lab, sp in zip(at.tolist(), got.labels, got.splits, strict=True):
+        relabelled_at = np.searchsorted(hood.ids, np.asarray(got.ids, np.int64))
+        for r, lab, sp in zip(relabelled_at.tolist(), got.labels, got.splits, strict=True):
             hood.labels[r], hood.splits[r] = lab, sp
     keep = ~np.isin(hood.ids, deleted)
     remap = np.where(keep, np.cumsum(keep) - 1, -1)
     new = store.to_numpy(ids=added.astype(np.uint64)) if len(added) else None
     n_kept = int(keep.sum())
     _take_rows(hood, keep, new, searcher)
+    hood.voters = voters_of(hood.labels, hood.splits)
     n = len(hood.ids)
+    hood.previous_rows = np.concatenate([np.flatnonzero(keep), np.full(n - n_kept, -1)])
+    hood.relabelled_rows = remap[relabelled_at][remap[relabelled_at] >= 0]
     if (
         n == 0 or hood.space.exact != (n <= space_mod.EXACT_MAX) or not hood.space.sized_for(n)
     ):
@@ -168,12 +180,11 @@ def _apply(hood: Neighbourhood, clf: Classifier) -> Neighbourhood:
     layout = hood.layout()
     hood.lists = {name: lists for name, lists in hood.lists.items() if name in layout}
     for name, (k, only) in layout.items():
-        lists = hood.lists.get(name)
-        if lists is None:  # voters appeared where one or none voted: searched afresh
+        if name not in hood.lists:  # voters appeared where one or none voted: searched afresh
             pos, fd = knn(hood.space, np.arange(n), voters, k)
-            hood.lists[name] = Lists(k, True, pos, fd)
+            hood.lists[name] = Lists(k, True, pos, fd, None)
             continue
-        _update_lists(hood.space, lists, keep, remap, n_kept,
+        _update_lists(hood.space, hood.lists[name], keep, remap, n_kept,
                       voters if only else None, was_voter if only else None)
     return hood
 
@@ -222,14 +233,23 @@ def _update_lists(
     again = np.concatenate([np.flatnonzero(lost.any(axis=1)), np.arange(n_kept, n)])
     pos[again], fd[again] = knn(space, again, allowed, k)
     rest = np.setdiff1d(np.arange(n_kept), again)
+    merged = np.zeros(0, np.int64)
     if len(gained) and len(rest):
         if not space.exact:  # only rows whose probed lists hold a gained row can see one
             hit = np.unique(space.assign[gained])
             probing = np.unique(np.concatenate([space.listed_on()[h] for h in hit.tolist()]))
             rest = rest[np.isin(space.assign[rest], probing)]
         pb, fb = knn_among(space, rest, gained, k)
-        pos[rest], fd[rest] = merge(pos[rest], fd[rest], pb, fb, k, space.kind)
-    lists.pos, lists.fd = pos, fd
+        worst = _nearness(pos[rest, -1:], fd[rest, -1:], space.kind)
+        closer = (_nearness(pb, fb, space.kind) < worst).any(axis=1)
+        merged, pb, fb = rest[closer], pb[closer], fb[closer]
+        pos[merged], fd[merged] = merge(pos[merged], fd[merged], pb, fb, k, space.kind)
+    lists.pos, lists.fd, lists.dirty = pos, fd, np.union1d(again, merged)
+
+
+def _nearness(pos: np.ndarray, fd: np.ndarray, kind: str) -> np.ndarray:
+    """A key that sorts neighbours nearest first (inf for none)."""
+    return np.where(pos >= 0, fd if kind == "l2" else -fd, np.inf)
 
 
 def merge(
@@ -237,6 +257,5 @@ def merge(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest of two disjoint neighbour lists per row."""
     p, f = np.concatenate([pa, pb], axis=1), np.concatenate([fa, fb], axis=1)
-    key = np.where(p >= 0, f if kind == "l2" else -f, np.inf)
-    order = np.argsort(key, axis=1, kind="stable")[:, :k]
+    order = np.argsort(_nearness(p, f, kind), axis=1, kind="stable")[:, :k]
     return np.take_along_axis(p, order, axis=1), np.take_along_axis(f, order, axis=1)
