@@ -11,7 +11,7 @@ import pytest
 
 from featurebank import store as store_mod
 from featurebank.classify.classifier import Classifier
-from featurebank.classify.quality import Cache, graphs, neighbourhood, space
+from featurebank.classify.quality import Cache, graphs, neighbourhood, report_of, space
 from featurebank.index.build import build_index
 from tests.support.specs import make_spec
 
@@ -80,14 +80,13 @@ def test_an_update_gives_the_lists_and_votes_of_a_pass_over_the_changed_bank(
             fresh.compute_lists()
         same_lists(updated, fresh)
         assert neighbourhood.VOTERS in updated.lists  # unlabelled items arrived
-        _, ref = graphs(fresh)
+        everything, ref = graphs(fresh)
         assert ref is not None
         voter = clf.voter()
-        np.testing.assert_allclose(
-            cache.probs(updated, voter, graphs(updated)[1]),
-            voter.probs(ref.codes, ref.scores, len(ref.vocabulary)), atol=1e-6,
-        )
-        full = Cache().run(clf)
+        probs = voter.probs(ref.codes, ref.scores, len(ref.vocabulary))
+        np.testing.assert_allclose(cache.probs(updated, voter, graphs(updated)[1]), probs,
+                                   atol=1e-6)
+        full = report_of(fresh, clf, everything, ref, probs, None, 100, 0, 0.0)
     assert report.counts == full.counts
     assert [f.key for f in report.labels.findings] == [f.key for f in full.labels.findings]
     assert [o.key for o in report.outliers] == [o.key for o in full.outliers]

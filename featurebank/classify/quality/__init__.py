@@ -70,7 +70,7 @@ class Cache:
     def __init__(self) -> None:
         self.hood: neighbourhood.Neighbourhood | None = None
         self._probs: np.ndarray | None = None  # every row's out-of-fold vote
-        # (voter, vocabulary, list, neighbourhood version) they are of
+        # (voter, vocabulary, lineage of the list, neighbourhood version) they are of
         self._probs_of: tuple[Any, ...] | None = None
         self._last: tuple[tuple[Any, ...], Report] | None = None  # (what it answered, report)
         self._lock = threading.Lock()
@@ -109,7 +109,7 @@ class Cache:
         if ref is None or name is None:
             self._probs = self._probs_of = None
             return None
-        of = (voter, tuple(ref.vocabulary), name, hood.serial)
+        of = (voter, tuple(ref.vocabulary), hood.lists[name].lineage)
         lists, prev, old = hood.lists[name], hood.previous_rows, self._probs
         n_classes = len(ref.vocabulary)
         if old is not None and self._probs_of == (*of, hood.version):

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from featurebank.store.items import Items
 
 EVERYTHING, VOTERS = "everything", "voters"
-_READS = itertools.count()
+_LINEAGES = itertools.count()
 
 
 @dataclass
@@ -50,6 +50,9 @@ class Lists:
     pos: np.ndarray  # (n, k) rows, -1 = none
     fd: np.ndarray  # (n, k) faiss distances (squared l2, or inner product)
     dirty: np.ndarray | None = None  # rows whose list the last update changed; None: all
+    # which computation these lists continue (kept by updates and by the copy that makes
+    # the voters' list of a bank where every item voted): what cached votes are of
+    lineage: int = field(default_factory=lambda: next(_LINEAGES))
 
 
 @dataclass
@@ -68,7 +71,6 @@ class Neighbourhood:
     lists: dict[str, Lists] = field(default_factory=dict)
     changed: int | None = None  # items the last update applied; None: read afresh
     version: int = 0  # bumped by every update that changed something
-    serial: int = field(default_factory=lambda: next(_READS))  # which read this is
     previous_rows: np.ndarray | None = None  # each row's row before the update (-1: new)
     relabelled_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     voters: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # rows that vote
@@ -139,11 +141,13 @@ def update(hood: Neighbourhood | None, clf: Classifier, k_all: int, k_votes: int
 def _apply(hood: Neighbourhood, clf: Classifier) -> Neighbourhood:
     store, searcher = clf.store, clf.searcher
     ch = store.changes_since(hood.generation)
-    added = np.setdiff1d(ch.added.astype(np.int64), hood.ids)
-    deleted = np.intersect1d(ch.deleted.astype(np.int64), hood.ids)
-    relabelled = np.intersect1d(
-        np.union1d(ch.relabelled.astype(np.int64), np.intersect1d(ch.added.astype(np.int64),
-                                                                   hood.ids)), hood.ids)
+    ch_added = ch.added.astype(np.int64)
+    had = _present(hood.ids, ch_added)  # applied twice (read during a commit): a relabel
+    added = ch_added[~had]
+    deleted = ch.deleted.astype(np.int64)
+    deleted = deleted[_present(hood.ids, deleted)]
+    relabelled = np.union1d(ch.relabelled.astype(np.int64), ch_added[had])
+    relabelled = relabelled[_present(hood.ids, relabelled)]
     hood.changed = len(added) + len(deleted) + len(relabelled)
     hood.generation = int(ch.generation)
     if not hood.changed:
@@ -156,13 +160,18 @@ def _apply(hood: Neighbourhood, clf: Classifier) -> Neighbourhood:
         relabelled_at = np.searchsorted(hood.ids, np.asarray(got.ids, np.int64))
         for r, lab, sp in zip(relabelled_at.tolist(), got.labels, got.splits, strict=True):
             hood.labels[r], hood.splits[r] = lab, sp
-    keep = ~np.isin(hood.ids, deleted)
+    keep = np.ones(len(hood.ids), bool)
+    keep[np.searchsorted(hood.ids, deleted)] = False
     remap = np.where(keep, np.cumsum(keep) - 1, -1)
     new = store.to_numpy(ids=added.astype(np.uint64)) if len(added) else None
     n_kept = int(keep.sum())
+    voters = old_voters.copy()
+    voters[relabelled_at] = voters_of([hood.labels[r] for r in relabelled_at.tolist()],
+                                      [hood.splits[r] for r in relabelled_at.tolist()])
     _take_rows(hood, keep, new, searcher)
-    hood.voters = voters_of(hood.labels, hood.splits)
     n = len(hood.ids)
+    hood.voters = np.concatenate([voters[keep], voters_of(hood.labels[n_kept:],
+                                                          hood.splits[n_kept:])])
     hood.previous_rows = np.concatenate([np.flatnonzero(keep), np.full(n - n_kept, -1)])
     hood.relabelled_rows = remap[relabelled_at][remap[relabelled_at] >= 0]
     if (
@@ -176,7 +185,7 @@ def _apply(hood: Neighbourhood, clf: Classifier) -> Neighbourhood:
         # every item voted: its list was the voters' list too
         old = hood.lists[EVERYTHING]
         hood.lists[VOTERS] = Lists(hood.k_votes, True, old.pos[:, :hood.k_votes],
-                                   old.fd[:, :hood.k_votes])
+                                   old.fd[:, :hood.k_votes], lineage=old.lineage)
     layout = hood.layout()
     hood.lists = {name: lists for name, lists in hood.lists.items() if name in layout}
     for name, (k, only) in layout.items():
@@ -189,25 +198,30 @@ def _apply(hood: Neighbourhood, clf: Classifier) -> Neighbourhood:
     return hood
 
 
+def _present(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which of `ids` are in the increasing `sorted_ids`."""
+    if not len(sorted_ids):
+        return np.zeros(len(ids), bool)
+    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return np.asarray(sorted_ids[at] == ids)
+
+
 def _take_rows(hood: Neighbourhood, keep: np.ndarray, new: Items | None, searcher: Any) -> None:
     """Drop the deleted rows and append the new ones (ids keep increasing)."""
     sp = hood.space
-    kept = np.flatnonzero(keep).tolist()
-    pick = (lambda xs: [xs[i] for i in kept]) if not keep.all() else list  # noqa: E731
-    hood.keys, hood.labels = pick(hood.keys), pick(hood.labels)
-    hood.splits, hood.shas = pick(hood.splits), pick(hood.shas)
-    x, ids = sp.x[keep], hood.ids[keep]
-    assign = sp.assign[keep] if not sp.exact else sp.assign
+    if not keep.all():
+        kept = np.flatnonzero(keep).tolist()
+        hood.keys, hood.labels = [hood.keys[i] for i in kept], [hood.labels[i] for i in kept]
+        hood.splits, hood.shas = [hood.splits[i] for i in kept], [hood.shas[i] for i in kept]
+        sp.drop(keep)
+        hood.ids = hood.ids[keep]
     if new is not None and len(new):
-        xn = np.ascontiguousarray(searcher.transform(new.vectors), np.float32)
-        x, ids = np.concatenate([x, xn]), np.concatenate([ids, np.asarray(new.ids, np.int64)])
+        sp.append(np.ascontiguousarray(searcher.transform(new.vectors), np.float32))
+        hood.ids = np.concatenate([hood.ids, np.asarray(new.ids, np.int64)])
         hood.keys += list(new.keys)
         hood.labels += list(new.labels)
         hood.splits += list(new.splits)
         hood.shas += shas_of(new)
-        if not sp.exact:
-            assign = np.concatenate([assign, space_mod.assign_lists(sp, xn)])
-    sp.x, sp.assign, hood.ids = np.ascontiguousarray(x), assign, ids
 
 
 def _update_lists(

@@ -29,9 +29,10 @@ T = TypeVar("T")
 
 EXACT_MAX = 4096  # items compared all against all
 PROBES = 6  # lists each list is compared with (its own first)
-PER_LIST = 16  # k-means sample per list
+LIST_SIZE = 256  # items per list at most on average (sqrt(n) below 65k items)
+PER_LIST = 8  # k-means sample per list
 KMEANS_STEPS = 4
-HNSW_ASSIGN = 2048  # from this many lists on, items find their list through an HNSW
+HNSW_ASSIGN = 1024  # from this many lists on, items find their list through an HNSW
 
 
 @dataclass
@@ -43,16 +44,37 @@ class Space:
     centroids: np.ndarray | None = None  # (L, d); None: exact
     assign: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # row -> list
     probes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # (L, P)
+    built_for: int = 0  # rows the lists were drawn for
+    buffer: np.ndarray | None = None  # what `x` is the head of, with room to append
 
     @property
     def exact(self) -> bool:
         return self.centroids is None
 
+    def drop(self, keep: np.ndarray) -> None:
+        """Keep only the rows where `keep` is true."""
+        self.x = np.ascontiguousarray(self.x[keep])
+        if not self.exact:
+            self.assign = self.assign[keep]
+
+    def append(self, x: np.ndarray) -> None:
+        """New rows at the end (into spare capacity: an update of a few rows must not
+        copy a million), each in its nearest list."""
+        n, buf = len(self.x), self.buffer
+        if buf is None or len(buf) < n + len(x) or not np.shares_memory(buf, self.x):
+            buf = self.buffer = np.empty((max(2 * n, n + len(x)), x.shape[1]), np.float32)
+            buf[:n] = self.x
+        buf[n:n + len(x)] = x
+        self.x = buf[:n + len(x)]
+        if not self.exact:
+            self.assign = np.concatenate([self.assign, assign_lists(self, x)])
+
     def sized_for(self, n: int) -> bool:
-        """Whether the lists still suit n rows (~sqrt(n) lists, within a factor of 2)."""
+        """Whether the lists still suit n rows (within a factor of 2 of what they were
+        drawn for)."""
         if self.centroids is None:
             return n <= EXACT_MAX
-        return len(self.centroids) ** 2 / 4 <= n <= 4 * len(self.centroids) ** 2
+        return self.built_for / 2 <= n <= 2 * self.built_for
 
     @property
     def faiss_metric(self) -> int:
@@ -79,12 +101,12 @@ def space_of(x: np.ndarray, kind: str, seed: int = 0) -> Space:
     n = len(x)
     if n <= EXACT_MAX:
         return Space(x, kind)
-    n_lists = max(PROBES, round(math.sqrt(n)))
+    n_lists = max(PROBES, round(math.sqrt(n)), n // LIST_SIZE)
     rng = np.random.default_rng(seed)
     sample = x[np.sort(rng.choice(n, min(n, PER_LIST * n_lists), replace=False))]
     centroids = sample[rng.choice(len(sample), n_lists, replace=False)].copy()
     for _ in range(KMEANS_STEPS):  # Lloyd steps on the sample; an empty list keeps its centre
-        near = _nearest(sample, centroids)
+        near = nearest_centroid(sample, centroids)
         order = np.argsort(near, kind="stable")
         full, starts, counts = np.unique(near[order], return_index=True, return_counts=True)
         centroids[full] = np.add.reduceat(sample[order], starts, axis=0) / counts[:, None]
@@ -92,7 +114,7 @@ def space_of(x: np.ndarray, kind: str, seed: int = 0) -> Space:
     between = sq[None, :] - 2.0 * (centroids @ centroids.T)
     probes = np.argsort(between, axis=1, kind="stable")[:, :PROBES]
     probes[:, 0] = np.arange(n_lists)  # a list first compares with itself
-    space = Space(x, kind, centroids, np.zeros(0, np.int64), probes.astype(np.int64))
+    space = Space(x, kind, centroids, np.zeros(0, np.int64), probes.astype(np.int64), n)
     space.assign = assign_lists(space, x)
     return space
 
@@ -104,24 +126,26 @@ def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def assign_lists(space: Space, x: np.ndarray) -> np.ndarray:
-    """The nearest list of each vector (by Euclidean distance to the centroids); through
-    an HNSW over the centroids when there are many."""
-    centroids = space.centroids
-    assert centroids is not None
+    """The nearest list of each vector."""
+    assert space.centroids is not None
+    return nearest_centroid(x, space.centroids)
+
+
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """The (Euclidean) nearest centroid of each vector: by products, or through an HNSW
+    over the centroids when there are many (approximate: a few land in the second
+    nearest list, which its probes still compare)."""
     out = np.zeros(len(x), np.int64)
     hnsw = None
     if len(centroids) >= HNSW_ASSIGN:
         hnsw = faiss.IndexHNSWFlat(centroids.shape[1], 32)
-        hnsw.hnsw.efConstruction = 64
+        hnsw.hnsw.efConstruction = 40
         hnsw.add(centroids)
-        hnsw.hnsw.efSearch = 32
+        hnsw.hnsw.efSearch = 16
 
     def one(at: np.ndarray) -> None:
-        if hnsw is None:
-            out[at] = _nearest(x[at], centroids)
-        else:
-            faiss.omp_set_num_threads(1)
-            out[at] = hnsw.search(x[at], 1)[1][:, 0]
+        faiss.omp_set_num_threads(1)
+        out[at] = _nearest(x[at], centroids) if hnsw is None else hnsw.search(x[at], 1)[1][:, 0]
 
     _parallel(one, _chunks(len(x), 8192))
     return out
