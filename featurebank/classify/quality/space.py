@@ -31,7 +31,8 @@ EXACT_MAX = 4096  # items compared all against all
 PROBES = 6  # lists each list is compared with (its own first)
 LIST_SIZE = 256  # items per list at most on average (sqrt(n) below 65k items)
 PER_LIST = 8  # k-means sample per list
-KMEANS_STEPS = 4
+KMEANS_STEPS = 2
+LIST_DIMS = 64  # lists are drawn on the sample's leading principal components
 HNSW_ASSIGN = 1024  # from this many lists on, items find their list through an HNSW
 
 
@@ -41,7 +42,9 @@ class Space:
 
     x: np.ndarray  # (n, d) float32, as the index stores them
     kind: str  # faiss metric: "l2" (squared distances) or "ip"
-    centroids: np.ndarray | None = None  # (L, d); None: exact
+    centroids: np.ndarray | None = None  # (L, m) in the projection; None: exact
+    mean: np.ndarray | None = None  # (d,) what the projection centres on
+    basis: np.ndarray | None = None  # (d, m) the projection lists are drawn in
     assign: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # row -> list
     probes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # (L, P)
     built_for: int = 0  # rows the lists were drawn for
@@ -104,6 +107,11 @@ def space_of(x: np.ndarray, kind: str, seed: int = 0) -> Space:
     n_lists = max(PROBES, round(math.sqrt(n)), n // LIST_SIZE)
     rng = np.random.default_rng(seed)
     sample = x[np.sort(rng.choice(n, min(n, PER_LIST * n_lists), replace=False))]
+    # why a projection: assigning n items to L lists costs n * L * dims, as much as the
+    # neighbour search itself; the leading components keep near items near
+    mean = sample.mean(axis=0)
+    basis = np.linalg.svd(sample - mean, full_matrices=False)[2][:LIST_DIMS].T.copy()
+    sample = (sample - mean) @ basis
     centroids = sample[rng.choice(len(sample), n_lists, replace=False)].copy()
     for _ in range(KMEANS_STEPS):  # Lloyd steps on the sample; an empty list keeps its centre
         near = nearest_centroid(sample, centroids)
@@ -114,7 +122,8 @@ def space_of(x: np.ndarray, kind: str, seed: int = 0) -> Space:
     between = sq[None, :] - 2.0 * (centroids @ centroids.T)
     probes = np.argsort(between, axis=1, kind="stable")[:, :PROBES]
     probes[:, 0] = np.arange(n_lists)  # a list first compares with itself
-    space = Space(x, kind, centroids, np.zeros(0, np.int64), probes.astype(np.int64), n)
+    space = Space(x, kind, centroids, mean, basis, np.zeros(0, np.int64),
+                  probes.astype(np.int64), n)
     space.assign = assign_lists(space, x)
     return space
 
@@ -126,9 +135,12 @@ def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def assign_lists(space: Space, x: np.ndarray) -> np.ndarray:
-    """The nearest list of each vector."""
-    assert space.centroids is not None
-    return nearest_centroid(x, space.centroids)
+    """The nearest list of each vector (in the projection, in chunks)."""
+    assert space.centroids is not None and space.basis is not None
+    out = np.zeros(len(x), np.int64)
+    for at in _chunks(len(x), 65536):
+        out[at] = nearest_centroid((x[at] - space.mean) @ space.basis, space.centroids)
+    return out
 
 
 def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
