@@ -135,12 +135,9 @@ def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def assign_lists(space: Space, x: np.ndarray) -> np.ndarray:
-    """The nearest list of each vector (in the projection, in chunks)."""
+    """The nearest list of each vector (in the projection)."""
     assert space.centroids is not None and space.basis is not None
-    out = np.zeros(len(x), np.int64)
-    for at in _chunks(len(x), 65536):
-        out[at] = nearest_centroid((x[at] - space.mean) @ space.basis, space.centroids)
-    return out
+    return nearest_centroid((x - space.mean) @ space.basis, space.centroids)
 
 
 def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
