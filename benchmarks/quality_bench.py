@@ -27,7 +27,7 @@ classify_quality.py. Every system sees the same features (fastdup: the same imag
 Beside featurebank, what a user would otherwise run on the same data, in one run:
 cleanlab's Datalab (features and 5-fold LogisticRegression out-of-fold probabilities;
 label, near_duplicate, outlier and non_iid issues) when /tmp/cleanlab holds it (`pip
-install --target /tmp/cleanlab cleanlab`), fastdup (its own model on the same images,
+install --target /tmp/cleanlab 'cleanlab[datalab]'`), fastdup (its own model on the same images,
 in its own process) when /tmp/fastdup holds it, and always scikit-learn (the
 LogisticRegression probabilities alone; LocalOutlierFactor; a fixed cosine cut of 0.99).
 --quick runs featurebank only (seconds, for CI).
@@ -252,7 +252,7 @@ def sha(img: np.ndarray) -> str:
     return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
-CLEANLAB = Path("/tmp/cleanlab")  # pip install --target /tmp/cleanlab cleanlab
+CLEANLAB = Path("/tmp/cleanlab")  # pip install --target /tmp/cleanlab 'cleanlab[datalab]'
 FASTDUP = Path("/tmp/fastdup")  # where `pip install --target` puts it (its own numpy)
 FASTDUP_RUN = """
 import json, sys, time
@@ -518,10 +518,11 @@ def main(argv: list[str] | None = None) -> int:
     if CLEANLAB.is_dir():  # a peer for comparison only, never a project dependency
         sys.path.append(str(CLEANLAB))
     try:
-        import cleanlab  # noqa: F401
+        from cleanlab import Datalab
 
+        Datalab(data={"label": [0, 1]}, label_name="label", verbosity=0)  # its extras load
         have_cleanlab = True
-    except ImportError:
+    except ImportError:  # not there, or without Datalab's extras (cleanlab[datalab])
         have_cleanlab = False
     from featurebank.embedder.embedding import Embedder
 
