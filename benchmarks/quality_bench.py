@@ -260,7 +260,7 @@ import fastdup
 images, work, out = sys.argv[1:4]
 t = time.perf_counter()
 fd = fastdup.create(work_dir=work, input_dir=images)
-fd.run(overwrite=True, threshold=0.9, outliers_percentile=0.1, verbose=False)
+fd.run(overwrite=True, threshold=0.9, outlier_percentile=0.2, verbose=False)
 sim = fd.similarity()
 pairs = [[a, b, float(d)] for a, b, d in zip(sim["filename_from"], sim["filename_to"], sim["distance"])]
 o = fd.outliers().sort_values("distance")

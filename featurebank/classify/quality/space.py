@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import faiss
 import numpy as np
@@ -49,6 +49,10 @@ class Space:
     probes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # (L, P)
     built_for: int = 0  # rows the lists were drawn for
     buffer: np.ndarray | None = None  # what `x` is the head of, with room to append
+    assigner: Any = field(default=None, repr=False, compare=False)  # centroid_index, lazily
+
+    def __getstate__(self) -> dict[str, Any]:  # copies rebuild the (faiss) assigner
+        return {**self.__dict__, "assigner": None}
 
     @property
     def exact(self) -> bool:
@@ -137,20 +141,29 @@ def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def assign_lists(space: Space, x: np.ndarray) -> np.ndarray:
     """The nearest list of each vector (in the projection)."""
     assert space.centroids is not None and space.basis is not None
-    return nearest_centroid((x - space.mean) @ space.basis, space.centroids)
+    if space.assigner is None:
+        space.assigner = centroid_index(space.centroids)
+    return nearest_centroid((x - space.mean) @ space.basis, space.centroids, space.assigner)
 
 
-def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """The (Euclidean) nearest centroid of each vector: by products, or through an HNSW
-    over the centroids when there are many (approximate: a few land in the second
-    nearest list, which its probes still compare)."""
+def centroid_index(centroids: np.ndarray) -> Any:
+    """An HNSW over many centroids (None for few: products are cheaper then)."""
+    if len(centroids) < HNSW_ASSIGN:
+        return None
+    hnsw = faiss.IndexHNSWFlat(centroids.shape[1], 32)
+    hnsw.hnsw.efConstruction = 40
+    hnsw.add(centroids)
+    hnsw.hnsw.efSearch = 16
+    return hnsw
+
+
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray, hnsw: Any = None) -> np.ndarray:
+    """The (Euclidean) nearest centroid of each vector: by products, or through `hnsw`
+    (`centroid_index`; approximate: a few land in the second nearest list, which its
+    probes still compare; one index answers a vector the same way every time)."""
     out = np.zeros(len(x), np.int64)
-    hnsw = None
-    if len(centroids) >= HNSW_ASSIGN:
-        hnsw = faiss.IndexHNSWFlat(centroids.shape[1], 32)
-        hnsw.hnsw.efConstruction = 40
-        hnsw.add(centroids)
-        hnsw.hnsw.efSearch = 16
+    if hnsw is None:
+        hnsw = centroid_index(centroids)
 
     def one(at: np.ndarray) -> None:
         faiss.omp_set_num_threads(1)
