@@ -1,12 +1,16 @@
 """The Quality call: the data-quality pass over the served bank, as its message.
 
 Runs on the engine's compute pool, over the live classifier, so the answer sees the
-same index and labels as Classify; a pass never blocks writes.
+same index and labels as Classify; a pass never blocks writes. Each engine (one per
+served bank) keeps its last pass (`classify.quality.Cache`): the next call applies
+only the store's changes since that pass's generation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from typing import TYPE_CHECKING
 
 from featurebank.server.responses import finding
@@ -14,8 +18,11 @@ from featurebank.server.validation import check_count
 from featurebank.v1 import featurebank_pb2 as pb
 
 if TYPE_CHECKING:
-    from featurebank.classify.quality import Report
+    from featurebank.classify.quality import Cache, Report
     from featurebank.server.engine import Engine
+
+_caches: weakref.WeakKeyDictionary[Engine, Cache] = weakref.WeakKeyDictionary()
+_caches_lock = threading.Lock()
 
 
 async def quality(engine: Engine, request: pb.QualityRequest) -> pb.QualityResponse:
@@ -28,9 +35,13 @@ async def quality(engine: Engine, request: pb.QualityRequest) -> pb.QualityRespo
 
 
 def _run(engine: Engine, precision: float | None, n: int) -> Report:
-    from featurebank.classify.quality import run
+    from featurebank.classify.quality import Cache
 
-    return run(engine.live.current().classifier, precision=precision, limit=n)
+    with _caches_lock:
+        cache = _caches.get(engine)
+        if cache is None:
+            cache = _caches[engine] = Cache()
+    return cache.run(engine.live.current().classifier, precision=precision, limit=n)
 
 
 def response(r: Report) -> pb.QualityResponse:
@@ -40,7 +51,8 @@ def response(r: Report) -> pb.QualityResponse:
         items=r.items, labelled=r.labelled, has_labels=r.labels is not None,
         duplicate_threshold=d.threshold, outlier_cut=r.outlier_cut, counts=r.counts,
         seconds=r.seconds, index_generation=r.index_generation,
-        labels_generation=r.labels_generation,
+        labels_generation=r.labels_generation, incremental=r.changed is not None,
+        changed_items=r.changed or 0,
         duplicates=[
             pb.DuplicateGroup(
                 members=[pb.DuplicateMember(key=m.key, split=m.split, label=m.label or "")

@@ -2200,6 +2200,8 @@ class QualityResponse(_message.Message):
     SECONDS_FIELD_NUMBER: _builtins.int
     INDEX_GENERATION_FIELD_NUMBER: _builtins.int
     LABELS_GENERATION_FIELD_NUMBER: _builtins.int
+    INCREMENTAL_FIELD_NUMBER: _builtins.int
+    CHANGED_ITEMS_FIELD_NUMBER: _builtins.int
     items: _builtins.int
     labelled: _builtins.int
     has_labels: _builtins.bool
@@ -2218,6 +2220,10 @@ class QualityResponse(_message.Message):
     seconds: _builtins.float
     index_generation: _builtins.int
     labels_generation: _builtins.int
+    incremental: _builtins.bool
+    """the last pass's lists were reused, with the changes applied"""
+    changed_items: _builtins.int
+    """items added, deleted or relabelled since that pass"""
     @_builtins.property
     def classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassEstimate]: ...
     @_builtins.property
@@ -2261,10 +2267,12 @@ class QualityResponse(_message.Message):
         seconds: _builtins.float = ...,
         index_generation: _builtins.int = ...,
         labels_generation: _builtins.int = ...,
+        incremental: _builtins.bool = ...,
+        changed_items: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "counts", b"counts", "duplicate_threshold", b"duplicate_threshold", "duplicates", b"duplicates", "estimated_wrong", b"estimated_wrong", "has_labels", b"has_labels", "index_generation", b"index_generation", "items", b"items", "label_candidates", b"label_candidates", "label_cut", b"label_cut", "label_errors", b"label_errors", "label_estimated_precision", b"label_estimated_precision", "label_selected", b"label_selected", "labelled", b"labelled", "labels_generation", b"labels_generation", "leaks", b"leaks", "outlier_cut", b"outlier_cut", "outliers", b"outliers", "seconds", b"seconds", "swaps", b"swaps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_items", b"changed_items", "classes", b"classes", "counts", b"counts", "duplicate_threshold", b"duplicate_threshold", "duplicates", b"duplicates", "estimated_wrong", b"estimated_wrong", "has_labels", b"has_labels", "incremental", b"incremental", "index_generation", b"index_generation", "items", b"items", "label_candidates", b"label_candidates", "label_cut", b"label_cut", "label_errors", b"label_errors", "label_estimated_precision", b"label_estimated_precision", "label_selected", b"label_selected", "labelled", b"labelled", "labels_generation", b"labels_generation", "leaks", b"leaks", "outlier_cut", b"outlier_cut", "outliers", b"outliers", "seconds", b"seconds", "swaps", b"swaps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -12,7 +17,7 @@ from featurebank import store as store_mod
 from featurebank.server.app import ServeConfig
 from featurebank.server.auth import Tokens
 from featurebank.server.client import FeatureBankClient, RemoteError
-from tests.support.server import RunningServer, clustered, free_port
+from tests.support.server import RunningServer, class_centers, clustered, free_port
 from tests.support.specs import make_spec
 
 DIM = 16
@@ -81,3 +86,75 @@ def test_bad_quality_requests_are_invalid_argument(
     ) as e:
         c.quality(**kwargs)  # type: ignore[arg-type]
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def fresh_pass(bank: Path) -> dict[str, Any]:
+    """A full pass over the bank read afresh: the CLI in another process, read-only."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "featurebank", "quality", "--bank", str(bank), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out: dict[str, Any] = json.loads(proc.stdout)
+    return out
+
+
+def test_quality_applies_upserts_to_its_last_pass_and_matches_a_fresh_one(
+    tmp_path: Path,
+) -> None:
+    """Upsert a copy of a train item into test, a far item, ordinary items, a relabel and a
+    delete: the next Quality call reuses its lists, finds the copy and the far item, and
+    answers as a full pass over the changed bank does."""
+    from featurebank.index.build import build_index
+
+    bank = tmp_path / "bank"
+    keys, vectors, labels = clustered(40, DIM, noise=0.15)
+    labels[3] = "dog"
+    with store_mod.create(bank, make_spec(DIM)) as st:
+        st.put_batch(keys, vectors, labels=labels, splits=["train"] * len(keys))
+    build_index(bank, factory="Flat")
+    more_keys, more, more_labels = clustered(5, DIM, noise=0.15, seed=4)
+    centers = class_centers(DIM)
+    far = np.random.default_rng(5).normal(size=DIM)
+    far = (far - centers.T @ np.linalg.lstsq(centers.T, far, rcond=None)[0]).astype(np.float32)
+    tokens = Tokens({"write": ["w0"]})
+    with RunningServer(ServeConfig(bank=bank, port=free_port(), tokens=tokens)) as rs, \
+            FeatureBankClient(rs.target, token="w0") as c:
+        first = c.quality()
+        assert not first.incremental and keys[3] in {f.key for f in first.label_errors}
+        assert not first.leaks
+        c.upsert(
+            [{"key": "copy-of-20", "vector": vectors[20], "split": "test"},
+             {"key": "far/new", "vector": far, "split": "none"}]
+            + [{"key": k, "vector": v, "label": lab, "split": "train"}
+               for k, v, lab in zip(more_keys, more, more_labels, strict=True)]
+        )
+        c.set_labels({keys[60]: "cat"})  # a dog called cat
+        c.delete([keys[100]])
+        r = c.quality()
+        assert r.incremental and r.changed_items == 2 + len(more_keys) + 2
+        assert r.items == len(keys) + 2 + len(more_keys) - 1
+        assert [(x.train, x.held_out) for x in r.leaks] == [(keys[20], "copy-of-20")]
+        assert r.outliers[0].key == "far/new"
+        assert {keys[3], keys[60]} <= {f.key for f in r.label_errors}
+        again = c.quality()
+        assert again.incremental and again.changed_items == 0
+        fresh = fresh_pass(bank)
+    assert fresh["items"] == r.items and fresh["counts"] == dict(r.counts)
+    le = fresh["labels"]
+    assert [(f["key"], f["suggested"]) for f in le["findings"]] == [
+        (f.key, f.suggested) for f in r.label_errors
+    ]
+    assert [f["confidence"] for f in le["findings"]] == pytest.approx(
+        [f.confidence for f in r.label_errors], abs=1e-5
+    )
+    assert le["estimated_wrong"] == pytest.approx(r.estimated_wrong, abs=1e-4)
+    assert [(s["a"], s["b"]) for s in le["swaps"]] == [(s.a, s.b) for s in r.swaps]
+    assert [sorted(m["key"] for m in g["members"]) for g in fresh["duplicates"]["groups"]] == [
+        sorted(m.key for m in g.members) for g in r.duplicates
+    ]
+    assert [o["key"] for o in fresh["outliers"]] == [o.key for o in r.outliers]
+    assert [o["score"] for o in fresh["outliers"]] == pytest.approx(
+        [o.score for o in r.outliers], rel=1e-4
+    )
+    assert fresh["outlier_cut"] == pytest.approx(r.outlier_cut, rel=1e-4)

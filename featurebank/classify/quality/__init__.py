@@ -1,25 +1,27 @@
 """The data-quality pass: wrong labels, duplicates, leaks and outliers from the bank's
 index, without training anything.
 
-One module per finding type (labels, duplicates, outliers) over the neighbour graphs
-(graph); this module reads the bank once and puts the findings into one `Report`.
-A bank without labels still gets duplicates, leaks and outliers.
+One module per finding type (labels, duplicates, outliers) over the neighbour lists of
+every item (neighbourhood, computed in blocks by space); this module puts the findings
+into one `Report`. A `Cache` keeps the lists, so a later pass over the same bank applies
+only what changed since. A bank without labels still gets duplicates, leaks and outliers.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from featurebank.classify.classifier import Classifier
-from featurebank.classify.quality import decisions, duplicates, labels, outliers
-from featurebank.classify.quality.graph import neighbours
+from featurebank.classify.knn import Voter
+from featurebank.classify.quality import decisions, duplicates, labels, neighbourhood, outliers
+from featurebank.classify.quality.graph import Graph, graph_of
 from featurebank.core.errors import InvalidInput
-from featurebank.core.vocabulary import HELD_OUT_SPLIT
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class Report:
     outlier_cut: float
     counts: dict[str, int]  # findings of each kind before the lists were cut to the limit
     seconds: float
+    changed: int | None = None  # items applied to the last pass's lists; None: read afresh
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -54,63 +57,158 @@ def check_limit(limit: int) -> int:
 
 
 def run(clf: Classifier, precision: float | None = None, limit: int = LIMIT) -> Report:
-    """Every finding type over the live items; lists cut to `limit` each (counts are whole)."""
-    check_limit(limit)
-    if precision is not None and not 0 < precision <= 1:
-        raise InvalidInput(f"precision must be in (0, 1], got {precision:g}")
-    started = time.perf_counter()
-    store, searcher = clf.store, clf.searcher
-    labels_gen = int(store.labels_generation)
-    items = store.to_numpy()
-    ids = np.asarray(items.ids, np.int64)
-    keys, splits, labs = items.keys, items.splits, items.labels
-    shas = [m.get("sha256") if isinstance(m.get("sha256"), str) else None for m in items.meta]
-    voters = np.array(
-        [lab is not None and sp != HELD_OUT_SPLIT for lab, sp in zip(labs, splits, strict=True)],
-        dtype=bool,
+    """Every finding type over the live items, read afresh; lists cut to `limit` each
+    (counts are whole)."""
+    return Cache().run(clf, precision, limit)
+
+
+class Cache:
+    """The last pass's rows and neighbour lists of one bank: the next pass applies only
+    the store's changes since (`neighbourhood.update`), then derives every finding
+    again from the lists (vectorised, so cheap beside the neighbour search)."""
+
+    def __init__(self) -> None:
+        self.hood: neighbourhood.Neighbourhood | None = None
+        self._probs: np.ndarray | None = None  # every row's out-of-fold vote
+        # (voter, vocabulary, lineage of the list, neighbourhood version) they are of
+        self._probs_of: tuple[Any, ...] | None = None
+        self._last: tuple[tuple[Any, ...], Report] | None = None  # (what it answered, report)
+        self._lock = threading.Lock()
+
+    def run(self, clf: Classifier, precision: float | None = None, limit: int = LIMIT) -> Report:
+        check_limit(limit)
+        if precision is not None and not 0 < precision <= 1:
+            raise InvalidInput(f"precision must be in (0, 1], got {precision:g}")
+        with self._lock:
+            started = time.perf_counter()
+            labels_gen = int(clf.store.labels_generation)
+            voter = clf.voter()
+            self.hood = hood = neighbourhood.update(
+                self.hood, clf, NEIGHBOURS, max(NEIGHBOURS, voter.k)
+            )
+            asked = (precision, limit, voter, hood.generation, hood.index_generation,
+                     decisions.stamp(clf.bank))
+            if self._last is not None and self._last[0] == asked:  # nothing changed since
+                report = replace(self._last[1], changed=0,
+                                 seconds=time.perf_counter() - started)
+                return report
+            everything, ref = graphs(hood)
+            probs = self.probs(hood, voter, ref)
+            report = report_of(hood, clf, everything, ref, probs, precision, limit, labels_gen,
+                               started)
+            self._last = (asked, report)
+            return report
+
+    def probs(
+        self, hood: neighbourhood.Neighbourhood, voter: Voter, ref: Graph | None
+    ) -> np.ndarray | None:
+        """Every row's out-of-fold vote over `ref`; after an update only the rows whose
+        voters list changed, new rows and rows with a relabelled neighbour are voted
+        again (the same numbers a full vote gives)."""
+        name = vote_list(hood)
+        if ref is None or name is None:
+            self._probs = self._probs_of = None
+            return None
+        of = (voter, tuple(ref.vocabulary), hood.lists[name].lineage)
+        lists, prev, old = hood.lists[name], hood.previous_rows, self._probs
+        n_classes = len(ref.vocabulary)
+        if old is not None and self._probs_of == (*of, hood.version):
+            return old
+        if (
+            old is None or self._probs_of != (*of, hood.version - 1) or prev is None
+            or lists.dirty is None
+        ):
+            p = voter.probs(ref.codes, ref.scores, n_classes)
+        else:
+            had = prev >= 0
+            p = np.zeros((len(prev), n_classes), np.float32)
+            p[had] = old[prev[had]]
+            redo = [lists.dirty, np.flatnonzero(~had)]
+            if len(hood.relabelled_rows):
+                redo.append(np.flatnonzero(np.isin(ref.pos, hood.relabelled_rows).any(axis=1)))
+            rows = np.unique(np.concatenate(redo))
+            p[rows] = voter.probs(ref.codes[rows], ref.scores[rows], n_classes)
+        self._probs, self._probs_of = p, (*of, hood.version)
+        return p
+
+
+def vote_list(hood: neighbourhood.Neighbourhood) -> str | None:
+    """The list labels are voted on: the voters', or every item's when every item votes;
+    None without two voters."""
+    if neighbourhood.VOTERS in hood.lists:
+        return neighbourhood.VOTERS
+    return neighbourhood.EVERYTHING if hood.voters.sum() > 1 else None
+
+
+def graphs(hood: neighbourhood.Neighbourhood) -> tuple[Graph, Graph | None]:
+    """(every item's graph, the voters' graph or None without two voters), with label
+    codes into the sorted labels of the bank."""
+    labs = hood.labels
+    vocab = sorted({lab for lab in labs if lab is not None})
+    col = {lab: j for j, lab in enumerate(vocab)}
+    row_codes = np.array(
+        [col[lab] if v and lab is not None else -1
+         for lab, v in zip(labs, hood.voters, strict=True)],
+        np.int64,
     )
-    voter = clf.voter()
-    ref = None
-    if voters.sum() > 1:  # one search serves the label votes and the outliers
-        # when every item votes, the voters' graph is the whole bank's (and needs no filter)
-        ref = neighbours(searcher, items.vectors, ids, max(NEIGHBOURS, voter.k),
-                         voters_only=not voters.all())
-    everything = ref if ref is not None and voters.all() else neighbours(
-        searcher, items.vectors, ids, NEIGHBOURS
-    )
+
+    def graph(name: str) -> Graph:
+        lists = hood.lists[name]
+        return graph_of(lists.pos, lists.fd, hood.metric, row_codes, vocab, hood.keys, labs)
+
+    everything = graph(neighbourhood.EVERYTHING)
+    name = vote_list(hood)
+    return everything, None if name is None else everything if name == neighbourhood.EVERYTHING \
+        else graph(name)
+
+
+def report_of(
+    hood: neighbourhood.Neighbourhood,
+    clf: Classifier,
+    everything: Graph,
+    ref: Graph | None,
+    probs: np.ndarray | None,
+    precision: float | None,
+    limit: int,
+    labels_gen: int,
+    started: float,
+) -> Report:
+    """The findings of a neighbourhood."""
+    keys, splits, labs = hood.keys, hood.splits, hood.labels
+    voters = hood.voters
     kept = decisions.load(clf.bank)
-    dups = duplicates.find(everything.first(NEIGHBOURS), keys, splits, labs, shas)
+    dups = duplicates.find(everything.first(NEIGHBOURS), keys, splits, labs, hood.shas)
     hidden = forget_kept(kept, dups)
     # a handful of labelled items is no reference for a domain: then every item is
     reference = ref if ref is not None and voters.sum() > NEIGHBOURS else everything
-    found, _, cut = outliers.find(reference.first(NEIGHBOURS), keys)
     kept_outliers = {k.keys[0] for k in kept if k.kind == "outlier"}
-    hidden += sum(o.key in kept_outliers for o in found)
-    found = [o for o in found if o.key not in kept_outliers]
+    found, _, cut = outliers.find(reference.first(NEIGHBOURS), keys, kept_outliers, limit)
+    hidden += found.kept
     labelled = np.flatnonzero([lab is not None for lab in labs])
     errors = None
-    if labelled.size and ref is not None:
+    if labelled.size and ref is not None and probs is not None:
         errors = labels.find(
-            voter, ref, labelled, [keys[i] for i in labelled], [str(labs[i]) for i in labelled],
-            precision, {(k.keys[0], k.label) for k in kept if k.kind == "label"},
+            probs[labelled], ref, labelled, [keys[i] for i in labelled],
+            [str(labs[i]) for i in labelled], precision,
+            {(k.keys[0], k.label) for k in kept if k.kind == "label"}, limit,
         )
         hidden += errors.kept
-        errors.findings = errors.findings[:limit]
     counts = {
         "label_errors": 0 if errors is None else errors.candidates,
         "duplicate_groups": len(dups.groups),
         "exact_groups": sum(g.exact for g in dups.groups),
         "leaks": len(dups.leaks),
-        "outliers": len(found),
+        "outliers": found.count,
         "kept": hidden,  # findings left out because a person kept them
     }
     dups.groups, dups.leaks = dups.groups[:limit], dups.leaks[:limit]
     seconds = time.perf_counter() - started
-    log.info("quality pass over %d items in %.2f s", len(ids), seconds)
+    log.info("quality pass over %d items in %.2f s (%s)", len(keys), seconds,
+             "read afresh" if hood.changed is None else f"{hood.changed} changed items applied")
     return Report(
-        items=len(ids), labelled=int(labelled.size), index_generation=int(clf.index_generation),
-        labels_generation=labels_gen, labels=errors, duplicates=dups, outliers=found[:limit],
-        outlier_cut=cut, counts=counts, seconds=seconds,
+        items=len(keys), labelled=int(labelled.size), index_generation=hood.index_generation,
+        labels_generation=labels_gen, labels=errors, duplicates=dups, outliers=found.listed,
+        outlier_cut=cut, counts=counts, seconds=seconds, changed=hood.changed,
     )
 
 

@@ -38,6 +38,16 @@ def path_of(bank: Bank) -> Path:
     return bank.root / FILE
 
 
+def stamp(bank: Bank) -> tuple[int, int] | None:
+    """(modification time, size) of the decisions file, None without one: what a cached
+    pass compares to know the decisions did not change."""
+    try:
+        st = path_of(bank).stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 def load(bank: Bank) -> set[Kept]:
     """Every remembered decision of the bank (none when it has none)."""
     path = path_of(bank)

@@ -1,13 +1,15 @@
-"""The neighbour graphs the quality findings read: searches of the bank's own index.
+"""The neighbour graphs the quality findings read, as arrays over the bank's rows.
 
-Why the live index and not a fresh exact search: the pass must answer on a bank of a
-million items in seconds, and the index already holds the transform and metric the
-bank classifies with; distances here are what `Classify` and `Search` see.
+A `Graph` is each row's k nearest rows (itself left out) with the index's scores and
+distances, and the label codes that vote; `graph_of` makes one from the positions and
+faiss distances `space.knn` found. Evidence (keys, labels, scores) is looked up only
+for the findings that are listed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,87 +18,56 @@ from featurebank.core.vocabulary import metric as metric_named
 
 if TYPE_CHECKING:
     from featurebank.classify.classifier import Neighbor
-    from featurebank.index.searcher import Searcher, SearchResult
-
-BATCH = 8192
 
 
 @dataclass
 class Graph:
-    """Each query row's k nearest items (itself left out): positions into the queried
-    items (-1 where the neighbour is not one of them) and distances, (n, k)."""
+    """Each row's k nearest rows, (n, k) arrays."""
 
-    ids: np.ndarray  # store ids of the neighbours, -1 = none
-    pos: np.ndarray  # row of each neighbour among the queried items, -1 = not queried
-    dist: np.ndarray  # float64, inf where there is no neighbour
+    pos: np.ndarray  # row of each neighbour, -1 = none
+    dist: np.ndarray  # float64 in the metric's distance, inf where there is no neighbour
     scores: np.ndarray  # the index's scores (higher = closer), what votes weigh
     codes: np.ndarray  # voting label codes into `vocabulary` (-1 = none)
     vocabulary: list[str]
-    results: list[SearchResult] = field(default_factory=list)  # per batch, for keys
+    keys: Sequence[str]
+    labels: Sequence[str | None]
 
     def first(self, k: int) -> Graph:
-        """The same graph with only each row's k nearest (a view, no copy of the results)."""
+        """The same graph with only each row's k nearest (views, no copies)."""
         return Graph(
-            self.ids[:, :k], self.pos[:, :k], self.dist[:, :k], self.scores[:, :k],
-            self.codes[:, :k], self.vocabulary, self.results,
+            self.pos[:, :k], self.dist[:, :k], self.scores[:, :k], self.codes[:, :k],
+            self.vocabulary, self.keys, self.labels,
         )
 
     def evidence(self, row: int, n: int) -> list[Neighbor]:
         """The first n neighbours of a row with their keys, labels and scores."""
         from featurebank.classify.classifier import Neighbor
 
-        res, r = self.results[row // BATCH], row % BATCH
         return [
-            Neighbor(str(k), lab, float(sc))
-            for k, lab, sc, i in zip(res.keys[r], res.labels[r], res.scores[r], res.ids[r],
-                                     strict=True)
-            if i >= 0
-        ][:n]
+            Neighbor(self.keys[p], self.labels[p], float(s))
+            for p, s in zip(self.pos[row, :n].tolist(), self.scores[row, :n].tolist(),
+                            strict=True)
+            if p >= 0
+        ]
 
 
-def neighbours(
-    searcher: Searcher,
-    vectors: np.ndarray,
-    ids: np.ndarray,
-    k: int,
-    voters_only: bool = False,
+def graph_of(
+    pos: np.ndarray,
+    faiss_dist: np.ndarray,
+    metric: str,
+    row_codes: np.ndarray,
+    vocabulary: list[str],
+    keys: Sequence[str],
+    labels: Sequence[str | None],
 ) -> Graph:
-    """The k nearest live items of every row (`voters_only`: labelled, not held out)."""
-    n = len(ids)
-    k = max(1, min(k, int(searcher.ntotal) - 1))
-    to_dist = metric_named(searcher.metric).distances
-    out_ids = np.full((n, k), -1, np.int64)
-    out_scores = np.full((n, k), -np.inf, np.float32)
-    out_codes = np.full((n, k), -1, np.int64)
-    results = []
-    for s in range(0, n, BATCH):
-        e = min(n, s + BATCH)
-        res = searcher.search(
-            vectors[s:e], k, exclude_ids=ids[s:e].astype(np.int64), voters_only=voters_only
-        )
-        got = res.ids.shape[1]
-        out_ids[s:e, :got] = res.ids
-        out_scores[s:e, :got] = res.scores
-        out_codes[s:e, :got] = res.label_codes
-        results.append(res)
+    """A Graph from `space.knn`'s positions and faiss distances under the index's metric."""
+    m = metric_named(metric)
+    ok = pos >= 0
     with np.errstate(invalid="ignore"):
-        dist = np.where(out_ids >= 0, to_dist(out_scores.astype(np.float64)), np.inf)
-    vocabulary = list(results[0].vocabulary) if results else []
-    return Graph(
-        out_ids, positions(ids, out_ids), dist, out_scores, out_codes, vocabulary, results
-    )
-
-
-def positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """Row of each id of `wanted` within `ids` (-1 for ids not there)."""
-    if not len(ids):
-        return np.full(wanted.shape, -1, np.int64)
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order].astype(np.int64)
-    flat = wanted.reshape(-1)
-    at = np.minimum(np.searchsorted(sorted_ids, flat), len(ids) - 1)
-    found = (sorted_ids[at] == flat) & (flat >= 0)
-    return np.where(found, order[at], -1).reshape(wanted.shape)
+        scores = np.where(ok, m.scores(faiss_dist.astype(np.float64)), -np.inf).astype(np.float32)
+        dist = np.where(ok, m.distances(scores.astype(np.float64)), np.inf)
+    codes = np.where(ok, row_codes[np.maximum(pos, 0)], -1) if len(row_codes) else pos.copy()
+    return Graph(pos, dist, scores, codes, vocabulary, keys, labels)
 
 
 def robust_log_scale(values: np.ndarray) -> tuple[float, float]:

@@ -17,18 +17,14 @@ estimated precision (the mean of 1 - p(given label) over it) is at least P.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from featurebank.classify.audit import EVIDENCE, Finding
 from featurebank.classify.knn import Voter
 from featurebank.classify.quality.graph import Graph
-
-if TYPE_CHECKING:
-    from featurebank.classify.classifier import Neighbor
 
 SWAPS = 5  # class pairs listed
 
@@ -88,21 +84,19 @@ def confident_joint(p: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def find(
-    voter: Voter,
+    p: np.ndarray,
     graph: Graph,
     rows: np.ndarray,
     keys: Sequence[str],
     labels: Sequence[str],
     precision: float | None = None,
     kept: set[tuple[str, str | None]] | None = None,
+    limit: int | None = None,
 ) -> LabelErrors:
-    """Label findings of the labelled `rows` of the voters graph (`keys`, `labels`: theirs)
-    with their evidence, the per-class estimate and the swapped pairs."""
-    p, vocab = out_of_fold(voter, graph, rows)
-
-    def evidence(r: int) -> list[Neighbor]:
-        return graph.evidence(int(rows[r]), EVIDENCE)
-
+    """Label findings of the labelled `rows` of the voters graph (`p`, `keys`, `labels`:
+    theirs, `p` their `out_of_fold` votes) with their evidence (the first `limit` of the
+    cut list), the per-class estimate and the swapped pairs."""
+    vocab = graph.vocabulary
     col = {lab: j for j, lab in enumerate(vocab)}
     y = np.array([col.get(lab, -1) for lab in labels], np.int64)
     scored = np.flatnonzero(y >= 0)
@@ -124,55 +118,56 @@ def find(
         for o in order
         if pair[iu[o], ju[o]] >= 0.5
     ]
-    findings = _findings(p, vocab, y, keys, labels, evidence)
-    n_found = len(findings)
+    doubt, best, p_best, p_given = _doubted(p, y, keys)
+    n_found = len(doubt)
     if kept:
-        findings = [f for f in findings if (f.key, f.label) not in kept]
+        mine = np.array([(keys[r], labels[r]) in kept for r in doubt.tolist()], bool)
+        doubt, best, p_best, p_given = doubt[~mine], best[~mine], p_best[~mine], p_given[~mine]
     estimate = float(off.sum())
     if precision is None:
         # labels a person kept are right: the estimate's remainder is still to be found
-        n_cut, how = max(0, int(round(estimate)) - (n_found - len(findings))), "estimate"
+        n_cut, how = max(0, int(round(estimate)) - (n_found - len(doubt))), "estimate"
     else:
-        n_cut, how = _precision_cut(findings, precision), f"precision {precision:g}"
-    listed = findings[: min(n_cut, len(findings))]
-    est_precision = float(np.mean([1.0 - f.p_label for f in listed])) if listed else 1.0
+        n_cut, how = _precision_cut(p_given, precision), f"precision {precision:g}"
+    n_cut = min(n_cut, len(doubt))
+    est_precision = float(np.mean(1.0 - p_given[:n_cut])) if n_cut else 1.0
+    listed = [
+        Finding(
+            key=keys[r], label=labels[r], suggested=vocab[int(best[j])],
+            confidence=float(p_best[j] - p_given[j]), p_label=float(p_given[j]),
+            p_suggested=float(p_best[j]), neighbors=graph.evidence(int(rows[r]), EVIDENCE),
+        )
+        for j, r in enumerate(doubt[: n_cut if limit is None else min(n_cut, limit)].tolist())
+    ]
     return LabelErrors(
-        estimate, classes, swaps, listed, len(listed), len(findings), how, est_precision,
-        n_found - len(findings),
+        estimate, classes, swaps, listed, n_cut, len(doubt), how, est_precision,
+        n_found - len(doubt),
     )
 
 
-def _findings(
-    p: np.ndarray,
-    vocab: list[str],
-    y: np.ndarray,
-    keys: Sequence[str],
-    labels: Sequence[str],
-    evidence: Callable[[int], list[Neighbor]],
-) -> list[Finding]:
+def _doubted(
+    p: np.ndarray, y: np.ndarray, keys: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(rows the vote relabels, most confident first (ties by key), their best class,
+    p(best), p(given))."""
     if not p.size:
-        return []
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros(0), np.zeros(0)
     best = p.argmax(axis=1)
-    p_best = p[np.arange(len(p)), best]
-    p_given = np.where(y >= 0, p[np.arange(len(p)), np.maximum(y, 0)], 0.0)
+    p_best = p[np.arange(len(p)), best].astype(np.float64)
+    p_given = np.where(y >= 0, p[np.arange(len(p)), np.maximum(y, 0)], 0.0).astype(np.float64)
     doubt = np.flatnonzero((p_best > 0) & (best != y))
-    out = [
-        Finding(
-            key=keys[r], label=labels[r], suggested=vocab[int(best[r])],
-            confidence=float(p_best[r] - p_given[r]), p_label=float(p_given[r]),
-            p_suggested=float(p_best[r]), neighbors=evidence(r),
-        )
-        for r in doubt.tolist()
-    ]
-    out.sort(key=lambda f: (-f.confidence, f.key))
-    return out
+    conf = p_best[doubt] - p_given[doubt]
+    order = np.lexsort((np.array([keys[r] for r in doubt.tolist()], dtype=str), -conf))
+    doubt = doubt[order]
+    return doubt, best[doubt], p_best[doubt], p_given[doubt]
 
 
-def _precision_cut(findings: list[Finding], precision: float) -> int:
+def _precision_cut(p_given: np.ndarray, precision: float) -> int:
     """The longest head of the list whose mean estimated chance of being wrong >= precision."""
-    if not findings:
+    if not len(p_given):
         return 0
-    wrong = 1.0 - np.array([f.p_label for f in findings])
+    wrong = 1.0 - p_given
     running = np.cumsum(wrong) / np.arange(1, len(wrong) + 1)
     ok = np.flatnonzero(running >= precision)
     return int(ok[-1]) + 1 if ok.size else 0

@@ -30,6 +30,13 @@ class Outlier:
     neighbors: list[tuple[str, float]]  # the nearest reference items (key, distance)
 
 
+@dataclass
+class Outliers:
+    listed: list[Outlier]  # most extreme first, at most the limit
+    count: int  # above the cut, kept ones left out
+    kept: int  # above the cut but kept by a person
+
+
 def scores(ref: Graph) -> tuple[np.ndarray, np.ndarray]:
     """(ratio, mean distance) of every row of the reference graph."""
     d = np.where(np.isfinite(ref.dist), ref.dist, np.nan)
@@ -37,8 +44,11 @@ def scores(ref: Graph) -> tuple[np.ndarray, np.ndarray]:
         mean = np.nanmean(d, axis=1)
     mean = np.where(np.isfinite(mean), mean, np.inf)
     own = np.where(ref.pos >= 0, mean[np.maximum(ref.pos, 0)], np.nan)
-    with np.errstate(all="ignore"):
-        local = np.nanmedian(np.where(np.isfinite(own), own, np.nan), axis=1)
+    own = np.where(np.isfinite(own), own, np.nan)
+    with np.errstate(all="ignore"):  # nanmedian is slow: only where a row lacks neighbours
+        local = np.median(own, axis=1)
+        short = np.isnan(local)
+        local[short] = np.nanmedian(own[short], axis=1) if short.any() else local[short]
     local = np.where(np.isfinite(local) & (local > 0), local, np.nan)
     fallback = float(np.nanmedian(mean[np.isfinite(mean)])) if np.isfinite(mean).any() else 1.0
     local = np.where(np.isnan(local), max(fallback, 1e-12), local)
@@ -46,21 +56,30 @@ def scores(ref: Graph) -> tuple[np.ndarray, np.ndarray]:
 
 
 def find(
-    ref: Graph, keys: Sequence[str], n_evidence: int = 5, z: float = OUTLIER_Z
-) -> tuple[list[Outlier], np.ndarray, float]:
-    """(outliers most extreme first, every row's score, the score above which a row is
-    listed)."""
+    ref: Graph,
+    keys: Sequence[str],
+    kept: set[str] | frozenset[str] = frozenset(),
+    limit: int | None = None,
+    n_evidence: int = 5,
+    z: float = OUTLIER_Z,
+) -> tuple[Outliers, np.ndarray, float]:
+    """(outliers most extreme first (`kept` keys left out, at most `limit` listed),
+    every row's score, the score above which a row is listed)."""
     ratio, mean = scores(ref)
     med, spread = robust_log_scale(ratio)
     cut = float(np.exp(med + z * spread)) if spread > 0 else float("inf")
     rows = np.flatnonzero(ratio > cut)
     rows = rows[np.argsort(-ratio[rows], kind="stable")]
-    out = []
-    for r in rows.tolist():
-        nbs = [
-            (keys[int(p)] if p >= 0 else str(int(i)), float(d))
-            for p, i, d in zip(ref.pos[r], ref.ids[r], ref.dist[r], strict=True)
-            if i >= 0
-        ][:n_evidence]
-        out.append(Outlier(keys[r], float(ratio[r]), float(mean[r]), nbs))
-    return out, ratio, cut
+    n_kept = 0
+    if kept:
+        mine = np.array([keys[r] in kept for r in rows.tolist()], bool)
+        n_kept, rows = int(mine.sum()), rows[~mine]
+    listed = [
+        Outlier(keys[r], float(ratio[r]), float(mean[r]), [
+            (keys[p], dist) for p, dist in zip(ref.pos[r, :n_evidence].tolist(),
+                                               ref.dist[r, :n_evidence].tolist(), strict=True)
+            if p >= 0
+        ])
+        for r in rows[:limit].tolist()
+    ]
+    return Outliers(listed, len(rows), n_kept), ratio, cut

@@ -1,0 +1,275 @@
+"""What a quality pass reads from the bank, kept so that the next pass applies only
+what changed.
+
+A `Neighbourhood` holds the live items as rows (ids, keys, labels, splits, content
+hashes), their vectors as the index stores them (`space`), and the neighbour lists of
+every row: its nearest items and, when not every item votes, its nearest voters.
+
+`update` applies the store's change log since the generation it read: deleted rows
+leave; new rows get their lists; rows that lost a neighbour (deleted, or no longer a
+voter) are searched again; every other row merges the rows it may newly see (new
+items, new voters) into its list, in list mode only the rows whose probed lists hold
+one. A row's k nearest over (old candidates + new ones) is the merge of its old k with
+the new ones, so the lists are a full pass's: below `space.EXACT_MAX` items exactly;
+above, those of a full pass over the same lists (a fresh pass draws new k-means
+centroids, so neighbours near a list's edge can differ). Neighbours whose distances
+differ only by float32 rounding may come in another order. A new index generation
+(transform), a trimmed change log or a change of mode (exact / lists, which rows vote
+at all) reads the bank afresh.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from featurebank.classify.quality import space as space_mod
+from featurebank.classify.quality.space import Space, knn, knn_among
+from featurebank.core.errors import NotFound
+from featurebank.core.vocabulary import HELD_OUT_SPLIT
+from featurebank.core.vocabulary import metric as metric_named
+from featurebank.store.rows import LogTrimmed
+
+if TYPE_CHECKING:
+    from featurebank.classify.classifier import Classifier
+    from featurebank.store.items import Items
+
+EVERYTHING, VOTERS = "everything", "voters"
+_LINEAGES = itertools.count()
+
+
+@dataclass
+class Lists:
+    """Every row's k nearest rows (of the voters only, or of every row)."""
+
+    k: int
+    voters_only: bool
+    pos: np.ndarray  # (n, k) rows, -1 = none
+    fd: np.ndarray  # (n, k) faiss distances (squared l2, or inner product)
+    dirty: np.ndarray | None = None  # rows whose list the last update changed; None: all
+    # which computation these lists continue (kept by updates and by the copy that makes
+    # the voters' list of a bank where every item voted): what cached votes are of
+    lineage: int = field(default_factory=lambda: next(_LINEAGES))
+
+
+@dataclass
+class Neighbourhood:
+    generation: int  # store generation the rows reflect
+    index_generation: int
+    metric: str
+    k_all: int  # neighbours of every item (duplicates, outliers)
+    k_votes: int  # neighbours a label is voted on by
+    ids: np.ndarray  # int64 store ids, increasing
+    keys: list[str]
+    labels: list[str | None]
+    splits: list[str]
+    shas: list[str | None]
+    space: Space
+    lists: dict[str, Lists] = field(default_factory=dict)
+    changed: int | None = None  # items the last update applied; None: read afresh
+    version: int = 0  # bumped by every update that changed something
+    previous_rows: np.ndarray | None = None  # each row's row before the update (-1: new)
+    relabelled_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    voters: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # rows that vote
+
+    def __post_init__(self) -> None:
+        self.voters = voters_of(self.labels, self.splits)
+
+    def layout(self) -> dict[str, tuple[int, bool]]:
+        """The lists the findings need: name -> (k, voters only). Every item's list is as
+        wide as the votes need, so that when every item votes it is also the voters'."""
+        v = self.voters
+        n_v = int(v.sum())
+        out = {EVERYTHING: (max(self.k_all, self.k_votes), False)}
+        if 1 < n_v < len(v):
+            out[VOTERS] = (self.k_votes, True)
+        return out
+
+    def compute_lists(self) -> None:
+        """Every list from scratch over the current rows."""
+        rows, voters = np.arange(len(self.ids)), self.voters
+        self.lists = {}
+        for name, (k, only) in self.layout().items():
+            pos, fd = knn(self.space, rows, voters if only else None, k)
+            self.lists[name] = Lists(k, only, pos, fd)
+
+
+def voters_of(labels: list[str | None], splits: list[str]) -> np.ndarray:
+    """Rows whose label votes: labelled and not held out."""
+    return np.array(
+        [lab is not None and sp != HELD_OUT_SPLIT for lab, sp in zip(labels, splits, strict=True)],
+        dtype=bool,
+    )
+
+
+def shas_of(items: Items) -> list[str | None]:
+    return [m.get("sha256") if isinstance(m.get("sha256"), str) else None for m in items.meta]
+
+
+def read(clf: Classifier, k_all: int, k_votes: int) -> Neighbourhood:
+    """Every live item and its lists, read afresh."""
+    store, searcher = clf.store, clf.searcher
+    generation = int(store.generation)  # before the read: an update may apply a change twice
+    items = store.to_numpy()
+    kind = metric_named(searcher.metric).faiss_kind
+    x = searcher.transform(items.vectors) if len(items) else items.vectors
+    hood = Neighbourhood(
+        generation, int(clf.index_generation), searcher.metric, k_all, k_votes,
+        np.asarray(items.ids, np.int64), list(items.keys), list(items.labels), list(items.splits),
+        shas_of(items), space_mod.space_of(x, kind),
+    )
+    hood.compute_lists()
+    return hood
+
+
+def update(hood: Neighbourhood | None, clf: Classifier, k_all: int, k_votes: int) -> Neighbourhood:
+    """`hood` with the store's changes since it was read applied (see the module)."""
+    if (
+        hood is None or hood.index_generation != int(clf.index_generation)
+        or (hood.k_all, hood.k_votes, hood.metric) != (k_all, k_votes, clf.searcher.metric)
+    ):
+        return read(clf, k_all, k_votes)
+    try:
+        return _apply(hood, clf)
+    except (LogTrimmed, NotFound):  # the log no longer reaches it, or an item went meanwhile
+        return read(clf, k_all, k_votes)
+
+
+def _apply(hood: Neighbourhood, clf: Classifier) -> Neighbourhood:
+    store, searcher = clf.store, clf.searcher
+    ch = store.changes_since(hood.generation)
+    ch_added = ch.added.astype(np.int64)
+    had = _present(hood.ids, ch_added)  # applied twice (read during a commit): a relabel
+    added = ch_added[~had]
+    deleted = ch.deleted.astype(np.int64)
+    deleted = deleted[_present(hood.ids, deleted)]
+    relabelled = np.union1d(ch.relabelled.astype(np.int64), ch_added[had])
+    relabelled = relabelled[_present(hood.ids, relabelled)]
+    hood.changed = len(added) + len(deleted) + len(relabelled)
+    hood.generation = int(ch.generation)
+    if not hood.changed:
+        return hood
+    hood.version += 1
+    old_voters = hood.voters
+    relabelled_at = np.zeros(0, np.int64)
+    if len(relabelled):
+        got = store.to_numpy(ids=relabelled.astype(np.uint64))
+        relabelled_at = np.searchsorted(hood.ids, np.asarray(got.ids, np.int64))
+        for r, lab, sp in zip(relabelled_at.tolist(), got.labels, got.splits, strict=True):
+            hood.labels[r], hood.splits[r] = lab, sp
+    keep = np.ones(len(hood.ids), bool)
+    keep[np.searchsorted(hood.ids, deleted)] = False
+    remap = np.where(keep, np.cumsum(keep) - 1, -1)
+    new = store.to_numpy(ids=added.astype(np.uint64)) if len(added) else None
+    n_kept = int(keep.sum())
+    voters = old_voters.copy()
+    voters[relabelled_at] = voters_of([hood.labels[r] for r in relabelled_at.tolist()],
+                                      [hood.splits[r] for r in relabelled_at.tolist()])
+    _take_rows(hood, keep, new, searcher)
+    n = len(hood.ids)
+    hood.voters = np.concatenate([voters[keep], voters_of(hood.labels[n_kept:],
+                                                          hood.splits[n_kept:])])
+    hood.previous_rows = np.concatenate([np.flatnonzero(keep), np.full(n - n_kept, -1)])
+    hood.relabelled_rows = remap[relabelled_at][remap[relabelled_at] >= 0]
+    if (
+        n == 0 or hood.space.exact != (n <= space_mod.EXACT_MAX) or not hood.space.sized_for(n)
+    ):
+        return read(clf, hood.k_all, hood.k_votes)
+    voters = hood.voters
+    was_voter = np.zeros(n, bool)
+    was_voter[:n_kept] = old_voters[keep]
+    if VOTERS not in hood.lists and old_voters.all() and len(old_voters) > 1:
+        # every item voted: its list was the voters' list too
+        old = hood.lists[EVERYTHING]
+        hood.lists[VOTERS] = Lists(hood.k_votes, True, old.pos[:, :hood.k_votes],
+                                   old.fd[:, :hood.k_votes], lineage=old.lineage)
+    layout = hood.layout()
+    hood.lists = {name: lists for name, lists in hood.lists.items() if name in layout}
+    for name, (k, only) in layout.items():
+        if name not in hood.lists:  # voters appeared where one or none voted: searched afresh
+            pos, fd = knn(hood.space, np.arange(n), voters, k)
+            hood.lists[name] = Lists(k, True, pos, fd, None)
+            continue
+        _update_lists(hood.space, hood.lists[name], keep, remap, n_kept,
+                      voters if only else None, was_voter if only else None)
+    return hood
+
+
+def _present(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which of `ids` are in the increasing `sorted_ids`."""
+    if not len(sorted_ids):
+        return np.zeros(len(ids), bool)
+    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return np.asarray(sorted_ids[at] == ids)
+
+
+def _take_rows(hood: Neighbourhood, keep: np.ndarray, new: Items | None, searcher: Any) -> None:
+    """Drop the deleted rows and append the new ones (ids keep increasing)."""
+    sp = hood.space
+    if not keep.all():
+        kept = np.flatnonzero(keep).tolist()
+        hood.keys, hood.labels = [hood.keys[i] for i in kept], [hood.labels[i] for i in kept]
+        hood.splits, hood.shas = [hood.splits[i] for i in kept], [hood.shas[i] for i in kept]
+        sp.drop(keep)
+        hood.ids = hood.ids[keep]
+    if new is not None and len(new):
+        sp.append(np.ascontiguousarray(searcher.transform(new.vectors), np.float32))
+        hood.ids = np.concatenate([hood.ids, np.asarray(new.ids, np.int64)])
+        hood.keys += list(new.keys)
+        hood.labels += list(new.labels)
+        hood.splits += list(new.splits)
+        hood.shas += shas_of(new)
+
+
+def _update_lists(
+    space: Space,
+    lists: Lists,
+    keep: np.ndarray,
+    remap: np.ndarray,
+    n_kept: int,
+    allowed: np.ndarray | None,
+    was_allowed: np.ndarray | None,
+) -> None:
+    n, k = len(space.x), lists.k
+    old = lists.pos[keep]
+    moved = np.where(old >= 0, remap[np.maximum(old, 0)], -1)
+    lost = (old >= 0) & (moved < 0)
+    gained = np.arange(n_kept, n)
+    if allowed is not None and was_allowed is not None:
+        lost |= (moved >= 0) & ~allowed[np.maximum(moved, 0)]
+        gained = np.flatnonzero(allowed & ~was_allowed)
+    pos = np.full((n, k), -1, np.int64)
+    fd = np.full((n, k), np.nan, np.float32)
+    pos[:n_kept], fd[:n_kept] = moved, lists.fd[keep]
+    again = np.concatenate([np.flatnonzero(lost.any(axis=1)), np.arange(n_kept, n)])
+    pos[again], fd[again] = knn(space, again, allowed, k)
+    rest = np.setdiff1d(np.arange(n_kept), again)
+    merged = np.zeros(0, np.int64)
+    if len(gained) and len(rest):
+        if not space.exact:  # only rows whose probed lists hold a gained row can see one
+            hit = np.unique(space.assign[gained])
+            probing = np.unique(np.concatenate([space.listed_on()[h] for h in hit.tolist()]))
+            rest = rest[np.isin(space.assign[rest], probing)]
+        pb, fb = knn_among(space, rest, gained, k)
+        worst = _nearness(pos[rest, -1:], fd[rest, -1:], space.kind)
+        closer = (_nearness(pb, fb, space.kind) < worst).any(axis=1)
+        merged, pb, fb = rest[closer], pb[closer], fb[closer]
+        pos[merged], fd[merged] = merge(pos[merged], fd[merged], pb, fb, k, space.kind)
+    lists.pos, lists.fd, lists.dirty = pos, fd, np.union1d(again, merged)
+
+
+def _nearness(pos: np.ndarray, fd: np.ndarray, kind: str) -> np.ndarray:
+    """A key that sorts neighbours nearest first (inf for none)."""
+    return np.where(pos >= 0, fd if kind == "l2" else -fd, np.inf)
+
+
+def merge(
+    pa: np.ndarray, fa: np.ndarray, pb: np.ndarray, fb: np.ndarray, k: int, kind: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest of two disjoint neighbour lists per row."""
+    p, f = np.concatenate([pa, pb], axis=1), np.concatenate([fa, fb], axis=1)
+    order = np.argsort(_nearness(p, f, kind), axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(p, order, axis=1), np.take_along_axis(f, order, axis=1)

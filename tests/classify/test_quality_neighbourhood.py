@@ -1,0 +1,103 @@
+"""The quality pass's neighbour lists: an update after writes gives the lists (and the
+votes) that a pass over the changed bank computes, exactly and in list mode."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featurebank import store as store_mod
+from featurebank.classify.classifier import Classifier
+from featurebank.classify.quality import Cache, graphs, neighbourhood, report_of, space
+from featurebank.index.build import build_index
+from tests.support.specs import make_spec
+
+DIM = 16
+
+
+def clusters(n: int, seed: int) -> tuple[np.ndarray, list[str | None]]:
+    rng = np.random.default_rng(seed)
+    centres = 2 * rng.normal(size=(4, DIM))
+    y = rng.integers(0, 4, n)
+    x = (centres[y] + 0.5 * rng.normal(size=(n, DIM))).astype(np.float32)
+    return x, [str(c) for c in y]
+
+
+def write_changes(bank: Path) -> None:
+    """New labelled and unlabelled items, a copy, relabels (one to a held-out split) and
+    deletes: every kind of change the log records."""
+    x, labels = clusters(60, seed=2)
+    with store_mod.open(bank) as st:
+        old = st.to_numpy()
+        keys = [f"new{i}" for i in range(60)] + ["copy"]
+        st.put_batch(keys, np.concatenate([x, old.vectors[5:6]]),
+                     labels=labels[:40] + [None] * 21, splits=["train"] * 40 + ["none"] * 21)
+        st.set_labels({old.keys[7]: "3", old.keys[8]: "0"})
+        st.set_splits({old.keys[9]: "test"})
+        st.delete([old.keys[1], old.keys[20], old.keys[33]])
+
+
+@pytest.fixture
+def bank(tmp_path: Path) -> Path:
+    x, labels = clusters(400, seed=1)
+    root = tmp_path / "bank"
+    with store_mod.create(root, make_spec(DIM)) as st:
+        st.put_batch([f"v{i}" for i in range(400)], x, labels=labels, splits=["train"] * 400)
+    build_index(root, factory="Flat")
+    return root
+
+
+def same_lists(a: neighbourhood.Neighbourhood, b: neighbourhood.Neighbourhood) -> None:
+    assert a.keys == b.keys and a.labels == b.labels and a.splits == b.splits
+    assert a.lists.keys() == b.lists.keys()
+    for name in a.lists:  # neighbours at equal distances (the copy) may swap places
+        la, lb = a.lists[name], b.lists[name]
+        np.testing.assert_array_equal(np.sort(la.pos, axis=1), np.sort(lb.pos, axis=1), name)
+        np.testing.assert_allclose(la.fd, lb.fd, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("exact_max", [space.EXACT_MAX, 100])
+def test_an_update_gives_the_lists_and_votes_of_a_pass_over_the_changed_bank(
+    bank: Path, exact_max: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(space, "EXACT_MAX", exact_max)
+    cache = Cache()
+    with Classifier(bank, mode="knn") as clf:
+        cache.run(clf)
+    assert cache.hood is not None and cache.hood.space.exact == (exact_max > 400)
+    write_changes(bank)
+    with Classifier(bank, mode="knn") as clf:
+        report = cache.run(clf)
+        updated = cache.hood
+        assert updated is not None and report.changed is not None and report.changed >= 64
+        if updated.space.exact:  # below EXACT_MAX: a fresh read is the reference
+            fresh = neighbourhood.read(clf, updated.k_all, updated.k_votes)
+        else:  # list mode: a pass over the same lists (k-means centroids)
+            fresh = copy.deepcopy(updated)
+            fresh.compute_lists()
+        same_lists(updated, fresh)
+        assert neighbourhood.VOTERS in updated.lists  # unlabelled items arrived
+        everything, ref = graphs(fresh)
+        assert ref is not None
+        voter = clf.voter()
+        probs = voter.probs(ref.codes, ref.scores, len(ref.vocabulary))
+        np.testing.assert_allclose(cache.probs(updated, voter, graphs(updated)[1]), probs,
+                                   atol=1e-6)
+        full = report_of(fresh, clf, everything, ref, probs, None, 100, 0, 0.0)
+    assert report.counts == full.counts
+    assert [f.key for f in report.labels.findings] == [f.key for f in full.labels.findings]
+    assert [o.key for o in report.outliers] == [o.key for o in full.outliers]
+
+
+def test_nothing_changed_answers_the_last_report(bank: Path) -> None:
+    cache = Cache()
+    with Classifier(bank, mode="knn") as clf:
+        first = cache.run(clf)
+        again = cache.run(clf)
+        other = cache.run(clf, limit=3)
+    assert first.changed is None and again.changed == 0
+    assert again.counts == first.counts and again.labels == first.labels
+    assert len(other.outliers) <= 3 and other.counts == first.counts
