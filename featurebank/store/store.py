@@ -85,6 +85,7 @@ from featurebank.store.rows import (
     get_int,
     labels_of_codes,
     locate,
+    log_errors,
     log_ids,
     put_int,
 )
@@ -358,7 +359,7 @@ class Store:
                 log_ids(txn, h, gen, _DELETED, replaced[0])
             put_int(txn, h, "next_id", first + len(keys))
             put_int(txn, h, "count", get_int(txn, h, "count") + len(keys))
-            self._clear_errors(txn, h, records)
+            log_errors(txn, h, gen, self._clear_errors(txn, h, records))
             return ids
 
         ids: np.ndarray = self._write(fn)
@@ -454,10 +455,11 @@ class Store:
             txn.put(key, encode_keys(keys[s:e]), append=True, db=h.dbs["keys"])
             txn.put(key, encode_json_list(metas[s:e]), append=True, db=h.dbs["meta"])
 
-    def _clear_errors(self, txn: Txn, h: EnvHandle, records: Iterable[bytes]) -> None:
-        if txn.stat(h.dbs["errors"])["entries"]:
-            for rec in records:
-                txn.delete(rec, db=h.dbs["errors"])
+    def _clear_errors(self, txn: Txn, h: EnvHandle, records: Iterable[bytes]) -> list[bytes]:
+        """Forget the recorded errors of keys now stored; returns the records removed."""
+        if not txn.stat(h.dbs["errors"])["entries"]:
+            return []
+        return [rec for rec in records if txn.delete(rec, db=h.dbs["errors"])]
 
     def _ids_in_txn(self, txn: Txn, h: EnvHandle, keys: Sequence[str], exc: type) -> np.ndarray:
         key_bytes = check_keys(keys, unique=False)
@@ -605,7 +607,7 @@ class Store:
 
         def fn(txn: Txn, h: EnvHandle) -> None:
             txn.put(key_record(kb), value, db=h.dbs["errors"])
-            commit_generation(txn, h, labels_changed=False)
+            log_errors(txn, h, commit_generation(txn, h, labels_changed=False), [key_record(kb)])
 
         self._write(fn)
 
@@ -621,7 +623,7 @@ class Store:
         def fn(txn: Txn, h: EnvHandle) -> bool:
             if not txn.delete(key_record(kb), db=h.dbs["errors"]):
                 return False
-            commit_generation(txn, h, labels_changed=False)
+            log_errors(txn, h, commit_generation(txn, h, labels_changed=False), [key_record(kb)])
             return True
 
         found: bool = self._write(fn)

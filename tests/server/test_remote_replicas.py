@@ -100,6 +100,19 @@ def test_a_replica_copies_the_bank_then_every_kind_of_commit_and_generation(pair
         assert behind == 0
 
 
+def test_the_record_of_inputs_that_failed_to_embed_follows_too(pair: Any) -> None:
+    p, r = pair
+    primary_store, replica_store = p.server.engine.live.opened(), r.server.engine.live.opened()
+    with FeatureBankClient(p.target) as pc, FeatureBankClient(r.target) as rc:
+        primary_store.record_error("unreadable.jpg", "cannot decode")  # as an embed job does
+        until(lambda: rc.info().store_generation == pc.info().store_generation)
+        assert [e["key"] for e in replica_store.errors()] == ["unreadable.jpg"]
+        pc.upsert([{"key": "unreadable.jpg", "vector": -FAR * 2}])  # embedded after all
+        until(lambda: rc.info().store_generation == pc.info().store_generation)
+        assert replica_store.errors() == primary_store.errors() == []
+        assert same_records(replica_store, primary_store)
+
+
 def test_a_replica_refuses_writes_and_replication_naming_its_primary(pair: Any) -> None:
     p, r = pair
     with FeatureBankClient(r.target) as rc:
