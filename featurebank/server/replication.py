@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from featurebank.core.bank import Bank, current_generation, generations
 from featurebank.core.errors import InvalidInput, NotFound
 from featurebank.server.batching import run_in
+from featurebank.server.checksums import crc32_combine, crc32_prefix
 from featurebank.store import replication as records
 from featurebank.store.rows import LogTrimmed
 from featurebank.v1 import featurebank_pb2 as pb
@@ -65,15 +67,6 @@ DEFAULT_REPLICA_GRACE_S = 600.0  # a replica not seen for this long no longer ho
 
 
 # ---------------------------------------------------------------- snapshots
-
-
-def crc32_prefix(path: Path, size: int) -> int:
-    """zlib.crc32 of a file's first `size` bytes (where a resumed stream starts)."""
-    crc, left = 0, size
-    with path.open("rb") as f:
-        while left > 0 and (block := f.read(min(left, 8 << 20))):
-            crc, left = zlib.crc32(block, crc), left - len(block)
-    return crc
 
 
 def _link_tree(src: Path, dest: Path) -> None:
@@ -157,14 +150,21 @@ def _header(manifest: dict[str, Any]) -> pb.SnapshotChunk:
     )
 
 
-def _read_chunk(path: Path, offset: int) -> bytes:
-    with path.open("rb") as f:
-        f.seek(offset)
-        return f.read(CHUNK_BYTES)
+def _read_chunk(fd: int, offset: int) -> tuple[bytes, int]:
+    """CHUNK_BYTES of a file from `offset`, and their crc32 (on a worker thread: both let
+    go of the GIL)."""
+    data = os.pread(fd, CHUNK_BYTES, offset)
+    return data, zlib.crc32(data)
+
+
+def _close_after(fd: int, _read: object) -> None:
+    os.close(fd)
 
 
 async def snapshot_stream(engine: Engine, request: pb.SnapshotRequest) -> AsyncIterator[pb.SnapshotChunk]:
-    """The ReplicaSnapshot stream: the manifest, then the files from where the replica is."""
+    """The ReplicaSnapshot stream: the manifest, then the files from where the replica is.
+    The next chunk is read while the last one is sent; a file's crc32 is combined from its
+    chunks' (server/checksums.py)."""
     bank, store = engine.bank, engine.live.opened()
     await run_in(engine.compute, expire_snapshots, bank)
     if request.snapshot_id:
@@ -188,15 +188,25 @@ async def snapshot_stream(engine: Engine, request: pb.SnapshotRequest) -> AsyncI
             raise InvalidInput(f"offset {offset} is outside {f['path']} ({f['size']} bytes)")
         path = folder / f["path"]
         whole = await loop.run_in_executor(None, crc32_prefix, path, offset) if offset else 0
-        while True:
-            data = await loop.run_in_executor(None, _read_chunk, path, offset)
-            chunk = pb.SnapshotChunk(path=f["path"], offset=offset, data=data, crc32=zlib.crc32(data))
-            whole, offset = zlib.crc32(data, whole), offset + len(data)
-            if offset >= f["size"] or not data:
-                chunk.file_crc32 = whole
+        fd = os.open(path, os.O_RDONLY)
+        pending = loop.run_in_executor(None, _read_chunk, fd, offset)
+        try:
+            while True:
+                data, crc = await pending
+                end = offset + len(data)
+                last = end >= f["size"] or not data
+                if not last:
+                    pending = loop.run_in_executor(None, _read_chunk, fd, end)
+                whole = crc32_combine(whole, crc, len(data))
+                chunk = pb.SnapshotChunk(path=f["path"], offset=offset, data=data, crc32=crc)
+                offset = end
+                if last:
+                    chunk.file_crc32 = whole
+                    yield chunk
+                    break
                 yield chunk
-                break
-            yield chunk
+        finally:  # a stream cut while a read is in flight closes the file after the read
+            pending.add_done_callback(functools.partial(_close_after, fd))
 
 
 # ---------------------------------------------------------------- following
