@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -269,6 +269,15 @@ class Store:
     def _write(self, fn: Any) -> Any:
         self.acquire_writer()
         return self._sh().write(fn)
+
+    def watch_commits(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` (on the committing thread; it must be quick) after every commit this
+        process makes to the bank, by any of its stores; returns what stops it. Why: a
+        replica's stream waits for the next commit instead of polling the generation (commits
+        by other processes are seen when it next looks)."""
+        listeners = self._sh().on_commit
+        listeners.append(listener)
+        return lambda: listeners.remove(listener) if listener in listeners else None
 
     # ---- generations ----------------------------------------------------------------------
 
