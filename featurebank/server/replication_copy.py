@@ -211,8 +211,8 @@ class _Files:
     """Writes chunks into the files they belong to on its own thread, checking offsets and
     crc32s: zlib.crc32 and os.write let go of the GIL, so checking and writing one chunk
     overlaps receiving the next (a bounded queue between them). Each file is allocated
-    ahead (server/disk.py) and written straight from the chunk's bytes; its pages are sent
-    to disk as it goes and fsynced by `sync_files`, once, when the whole snapshot is held."""
+    ahead (server/disk.py) and written straight from the chunk's bytes, and fsynced by
+    `sync_files` once the whole snapshot is held (not as each file completes)."""
 
     def __init__(self, folder: Path, files: list[dict[str, Any]]) -> None:
         self.folder = folder
@@ -303,7 +303,7 @@ class _OpenFile:
 
 
 def sync_files(folder: Path, paths: list[str]) -> None:
-    """fsync every copied file (their pages were sent to disk as they were written)."""
+    """fsync every copied file: the copy is durable before it is moved into place."""
     for p in paths:
         fd = os.open(folder / p, os.O_RDONLY)
         try:
