@@ -211,8 +211,8 @@ class _Files:
     """Writes chunks into the files they belong to on its own thread, checking offsets and
     crc32s: zlib.crc32 and os.write let go of the GIL, so checking and writing one chunk
     overlaps receiving the next (a bounded queue between them). Each file is allocated
-    ahead (server/disk.py) and written straight from the chunk's bytes, and fsynced by
-    `sync_files` once the whole snapshot is held (not as each file completes)."""
+    ahead (server/disk.py) and written straight from the chunk's bytes; a file complete is
+    fsynced on a thread of its own while the next one streams."""
 
     def __init__(self, folder: Path, files: list[dict[str, Any]]) -> None:
         self.folder = folder
@@ -220,6 +220,7 @@ class _Files:
         self.resumed = sum(min(size, _size(folder / p)) for p, size in self.sizes.items())
         self.written = 0  # bytes this writer wrote
         self._open: _OpenFile | None = None
+        self._syncing: list[threading.Thread] = []  # fsyncs of the files completed
         self._error: BaseException | None = None
         self._queue: queue.Queue[pb.SnapshotChunk | None] = queue.Queue(QUEUED_CHUNKS)
         self._thread = threading.Thread(target=self._run, name="fb-snapshot-writer", daemon=True)
@@ -243,9 +244,12 @@ class _Files:
             raise self._error
 
     def close(self) -> None:
-        """Write what is queued (up to a failed chunk), then close the file open."""
+        """Write what is queued (up to a failed chunk), close the file open, and wait for the
+        fsyncs of the files completed."""
         self._queue.put(None)
         self._thread.join()
+        for t in self._syncing:
+            t.join()
 
     def _run(self) -> None:
         try:
@@ -275,10 +279,14 @@ class _Files:
         f.crc = crc32_combine(f.crc, chunk.crc32, len(data))
         self.written += len(data)
         if f.held >= self.sizes[f.path]:
-            self._close_file()
+            self._open = None
             if f.crc != chunk.file_crc32:
+                os.close(f.fd)
                 (self.folder / f.path).unlink()  # copied again from its start
                 raise BadChunk(f"{f.path} copied from the primary fails its crc32")
+            sync = threading.Thread(target=_fsync_and_close, args=(f.fd,), name="fb-snapshot-fsync")
+            sync.start()  # while the next file streams
+            self._syncing.append(sync)
 
     def _begin(self, path: str) -> _OpenFile:
         target = self.folder / path
@@ -302,8 +310,16 @@ class _OpenFile:
     crc: int  # zlib.crc32 of those
 
 
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sync_files(folder: Path, paths: list[str]) -> None:
-    """fsync every copied file: the copy is durable before it is moved into place."""
+    """fsync every file of a copy (those this process wrote are synced already; those a
+    stopped one left may not be), so it is durable before it is moved into place."""
     for p in paths:
         fd = os.open(folder / p, os.O_RDONLY)
         try:
