@@ -110,6 +110,7 @@ class Metrics:
                       self.replica_generations_behind, self.replica_seconds_behind):
             with contextlib.suppress(KeyError):  # never set for this bank
                 gauge.remove(self.bank)
+        self.follower_generations_behind.remove_by_labels({"bank": self.bank})  # every replica
 
     def set_sizes(
         self,

@@ -10,8 +10,8 @@ Two RPCs, both for the write or the replicate role (server/auth.py):
   dropped asks for the same snapshot from the file and offset it holds, so nothing is sent
   twice. A snapshot is kept `SNAPSHOT_TTL_S` after its last use, across restarts.
 - `FollowStore`: the store's records changed after the replica's generation
-  (store/replication.py), then each new commit as it lands (the stream looks every
-  `POLL_S`), plus a heartbeat with the published generations every `HEARTBEAT_S`. The
+  (store/replication.py), then each new commit as it lands (the stream is woken by the
+  commit), plus a heartbeat with the published generations every `HEARTBEAT_S`. The
   replica answers with the generation it applied: that is its lag here, and what the
   change log is kept for.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -33,14 +34,15 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featurebank.core.bank import Bank, current_generation, generations
-from featurebank.core.errors import InvalidInput, NotFound
+from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
 from featurebank.server.batching import run_in
+from featurebank.server.checksums import crc32_combine, crc32_prefix
 from featurebank.store import replication as records
 from featurebank.store.rows import LogTrimmed
 from featurebank.v1 import featurebank_pb2 as pb
@@ -56,7 +58,6 @@ SNAPSHOTS = ".snapshots"
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 4 << 20
 SNAPSHOT_TTL_S = 3600.0
-POLL_S = 0.005
 HEARTBEAT_S = 1.0
 TRIM_EVERY_S = 5.0
 DELTA_PART_BYTES = 4 << 20
@@ -65,15 +66,6 @@ DEFAULT_REPLICA_GRACE_S = 600.0  # a replica not seen for this long no longer ho
 
 
 # ---------------------------------------------------------------- snapshots
-
-
-def crc32_prefix(path: Path, size: int) -> int:
-    """zlib.crc32 of a file's first `size` bytes (where a resumed stream starts)."""
-    crc, left = 0, size
-    with path.open("rb") as f:
-        while left > 0 and (block := f.read(min(left, 8 << 20))):
-            crc, left = zlib.crc32(block, crc), left - len(block)
-    return crc
 
 
 def _link_tree(src: Path, dest: Path) -> None:
@@ -157,14 +149,21 @@ def _header(manifest: dict[str, Any]) -> pb.SnapshotChunk:
     )
 
 
-def _read_chunk(path: Path, offset: int) -> bytes:
-    with path.open("rb") as f:
-        f.seek(offset)
-        return f.read(CHUNK_BYTES)
+def _read_chunk(fd: int, offset: int) -> tuple[bytes, int]:
+    """CHUNK_BYTES of a file from `offset`, and their crc32 (on a worker thread: both let
+    go of the GIL)."""
+    data = os.pread(fd, CHUNK_BYTES, offset)
+    return data, zlib.crc32(data)
+
+
+def _close_after(fd: int, _read: object) -> None:
+    os.close(fd)
 
 
 async def snapshot_stream(engine: Engine, request: pb.SnapshotRequest) -> AsyncIterator[pb.SnapshotChunk]:
-    """The ReplicaSnapshot stream: the manifest, then the files from where the replica is."""
+    """The ReplicaSnapshot stream: the manifest, then the files from where the replica is.
+    The next chunk is read while the last one is sent; a file's crc32 is combined from its
+    chunks' (server/checksums.py)."""
     bank, store = engine.bank, engine.live.opened()
     await run_in(engine.compute, expire_snapshots, bank)
     if request.snapshot_id:
@@ -188,15 +187,25 @@ async def snapshot_stream(engine: Engine, request: pb.SnapshotRequest) -> AsyncI
             raise InvalidInput(f"offset {offset} is outside {f['path']} ({f['size']} bytes)")
         path = folder / f["path"]
         whole = await loop.run_in_executor(None, crc32_prefix, path, offset) if offset else 0
-        while True:
-            data = await loop.run_in_executor(None, _read_chunk, path, offset)
-            chunk = pb.SnapshotChunk(path=f["path"], offset=offset, data=data, crc32=zlib.crc32(data))
-            whole, offset = zlib.crc32(data, whole), offset + len(data)
-            if offset >= f["size"] or not data:
-                chunk.file_crc32 = whole
+        fd = os.open(path, os.O_RDONLY)
+        pending = loop.run_in_executor(None, _read_chunk, fd, offset)
+        try:
+            while True:
+                data, crc = await pending
+                end = offset + len(data)
+                last = end >= f["size"] or not data
+                if not last:
+                    pending = loop.run_in_executor(None, _read_chunk, fd, end)
+                whole = crc32_combine(whole, crc, len(data))
+                chunk = pb.SnapshotChunk(path=f["path"], offset=offset, data=data, crc32=crc)
+                offset = end
+                if last:
+                    chunk.file_crc32 = whole
+                    yield chunk
+                    break
                 yield chunk
-                break
-            yield chunk
+        finally:  # a stream cut while a read is in flight closes the file after the read
+            pending.add_done_callback(functools.partial(_close_after, fd))
 
 
 # ---------------------------------------------------------------- following
@@ -224,11 +233,15 @@ class Hub:
         self.grace_s = grace_s
         self.metrics = metrics
         self.followers: dict[str, Follower] = {}
+        self.closed = False  # the bank is being dropped: every stream ends (`closing`)
+        self._wakers: set[Callable[[], None]] = set()  # one per open stream
         self._lock = threading.Lock()
         self._trimmed_at = 0.0
 
     def seen(self, replica_id: str, peer: str, applied: int, primary: int) -> None:
         """A replica reported the generation it applied (`primary`: this store's now)."""
+        if self.closed:
+            return
         with self._lock:
             f = self.followers.get(replica_id)
             if f is None:
@@ -243,6 +256,34 @@ class Hub:
             f = self.followers.get(replica_id)
             if f is not None:
                 f.connected, f.seen = False, time.monotonic()
+
+    def connected(self) -> list[str]:
+        """The replicas following now."""
+        with self._lock:
+            return [f.replica_id for f in self.followers.values() if f.connected]
+
+    def attach(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """A stream's waker, called by `closing`; returns what detaches it."""
+        self._wakers.add(wake)
+        return lambda: self._wakers.discard(wake)
+
+    @contextlib.contextmanager
+    def closing(self, bank: str, force: bool) -> Iterator[None]:
+        """Around DropBank: refused while replicas follow (unless `force`); else every stream
+        ends (and those reconnecting), so the drop need not wait for them. A drop that fails
+        reopens the hub: its replicas follow again as they reconnect."""
+        followers = self.connected()
+        if followers and not force:
+            raise FailedPrecondition(f"bank {bank!r} is followed by replicas on other hosts "
+                                     f"({', '.join(followers)}): stop them first, or drop with force")
+        self.closed = True
+        for wake in list(self._wakers):
+            wake()
+        try:
+            yield
+        except BaseException:
+            self.closed = False
+            raise
 
     def describe(self, store_generation: int) -> list[dict[str, Any]]:
         """Each replica's lag, for GetInfo and the metrics."""
@@ -321,7 +362,12 @@ def _parts(delta: records.Delta) -> list[pb.StoreDelta]:
 async def follow_stream(
     engine: Engine, hub: Hub, requests: AsyncIterator[pb.FollowRequest], peer: str
 ) -> AsyncIterator[pb.StoreDelta]:
-    """The FollowStore stream: deltas as commits land, heartbeats between them."""
+    """The FollowStore stream: deltas as commits land, heartbeats between them.
+
+    It sleeps until this process commits to the store (Store.watch_commits) or the next
+    heartbeat is due, whichever comes first: no polling while nothing changes, and a commit
+    by another process (or a newly published generation) is seen at the next heartbeat.
+    """
     first = await anext(aiter(requests), None)
     if first is None:
         return
@@ -329,12 +375,19 @@ async def follow_stream(
     replica_id = first.replica_id or peer
     sent = first.after_generation
     hub.seen(replica_id, peer, sent, int(store.generation))
+    loop = asyncio.get_running_loop()
+    woken = asyncio.Event()
+
+    def wake() -> None:  # on the committing thread
+        with contextlib.suppress(RuntimeError):  # the loop closed: nothing waits any more
+            loop.call_soon_threadsafe(woken.set)
 
     async def acks() -> None:
         async for ack in requests:
             hub.seen(replica_id, peer, ack.after_generation, int(store.generation))
 
     ack_task = asyncio.ensure_future(acks())
+    unwatch, detach = store.watch_commits(wake), hub.attach(wake)
     try:
         epoch = records.epoch(store)
         if first.store_epoch != epoch:
@@ -343,7 +396,8 @@ async def follow_stream(
                 "(compacted since the replica copied it)"))
             return
         beat, announced = 0.0, (0, 0)
-        while True:
+        while not hub.closed:
+            woken.clear()  # before looking: a commit from here on wakes the wait below
             published = _published(bank)
             if int(store.generation) > sent:
                 try:
@@ -365,7 +419,10 @@ async def follow_stream(
                 beat, announced = time.monotonic(), published
             if hub.trim_due():
                 await run_in(engine.compute, hub.trim, store, bank)
-            await asyncio.sleep(POLL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), max(0.0, beat + HEARTBEAT_S - time.monotonic()))
     finally:
+        detach()
+        unwatch()
         ack_task.cancel()
         hub.gone(replica_id)

@@ -10,6 +10,7 @@ open) are mapped to status codes the same way as every other error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -135,7 +136,11 @@ class BankRouter(pb_grpc.FeatureBankServicer):
     ) -> pb.DropBankResponse:
         async def call() -> pb.DropBankResponse:
             self._check_reach(context, "DropBank", request.name)
-            await self.lifecycle.drop(request.name, request.force)
+            hub = self._hub_of(request.name)
+            with hub.closing(request.name, request.force) if hub else contextlib.nullcontext():
+                await self.lifecycle.drop(request.name, request.force)
+            if hub is not None:
+                self.hubs = {k: h for k, h in self.hubs.items() if h is not hub}
             if self.metrics is not None:
                 self.metrics.for_bank(request.name).forget_bank()
             return pb.DropBankResponse(name=request.name)
@@ -200,6 +205,11 @@ class BankRouter(pb_grpc.FeatureBankServicer):
 
 
     # ------------------------------------------------------------- replication (server/replication.py)
+
+    def _hub_of(self, name: str) -> Hub | None:
+        """The replicas following the bank `name` (None: none ever did)."""
+        entry = self.banks.entries.get(name)
+        return self.hubs.get(str(entry.path)) if entry is not None else None
 
     def _hub(self, engine: Engine) -> Hub:
         key = str(engine.bank.root)

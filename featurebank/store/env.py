@@ -169,6 +169,7 @@ class SharedStore:
         self.writer_refs = 0
         self.vocab: dict[int, str] = {}  # label codes never change meaning, so this only grows
         self.frozen = read_only_fs(path)  # on a read-only mount: readers only
+        self.on_commit: list[Callable[[], None]] = []  # called after each commit by this process
 
     # ---- which environment is current ---------------------------------------------------
 
@@ -266,7 +267,8 @@ class SharedStore:
                 h.env.set_mapsize(0)  # adopt the size the writer grew the map to
 
     def write(self, fn: Callable[[Any, EnvHandle], T]) -> T:
-        """Run `fn` in one write transaction; grow the map and retry if it fills up.
+        """Run `fn` in one write transaction; grow the map and retry if it fills up. Once it
+        committed, each `on_commit` listener is called (outside the lock).
 
         `fn` must only read and write through the transaction, so a retry starts clean.
         """
@@ -276,7 +278,8 @@ class SharedStore:
                 h = self.current()
                 try:
                     with self.rw.shared(), h.env.begin(write=True, buffers=True) as txn:
-                        return fn(txn, h)
+                        result = fn(txn, h)
+                    break
                 except lmdb.MapFullError:
                     self.grow(h)
                 except lmdb.Error as e:
@@ -286,6 +289,10 @@ class SharedStore:
                             "committed batch is intact, this one was not written"
                         ) from e
                     raise
+        for listener in list(self.on_commit):
+            with contextlib.suppress(Exception):  # a listener must not fail a committed write
+                listener()
+        return result
 
     def grow(self, h: EnvHandle) -> None:
         size = h.map_size

@@ -15,8 +15,9 @@ transaction, they turn the replica's store at `g` into the primary's at `H`.
 The log is kept from `log_start` on (`trim_log` drops what no reader needs any more);
 `changes_since` and `delta_after` refuse a generation before it rather than answer with
 changes missing. Compaction rewrites blocks: the environment's name (the store's epoch)
-changes and a replica bootstraps again. The `errors` database (inputs an embedding job
-could not read) stays on the primary: reads never use it.
+changes and a replica bootstraps again. The `errors` table (inputs an embedding job could
+not read) is copied too, from the log entries naming its records (LOG_ERRORS): a replica's
+store is the primary's, record for record.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ from featurebank.store.env import DB_NAMES, EnvHandle
 from featurebank.store.rows import (
     LOG_ADDED,
     LOG_DELETED,
+    LOG_ERRORS,
     LOG_META,
     LOG_RELABELLED,
     LOG_START,
     check_reaches,
     get_int,
+    logged_errors,
     put_int,
 )
 from featurebank.store.store import Store, Txn
@@ -49,7 +52,6 @@ DBS_OF_KIND = {LOG_ADDED: BLOCK_DBS, LOG_RELABELLED: ("rows",), LOG_DELETED: ("r
                LOG_META: ("meta",)}
 """The block databases each kind of change rewrites."""
 KEYED_KINDS = (LOG_ADDED, LOG_DELETED)  # kinds that change key2id and thumbs
-NOT_COPIED = ("errors",)
 
 
 @dataclass(frozen=True)
@@ -112,12 +114,18 @@ def delta_after(store: Store, generation: int) -> Delta:
 
 def _records(txn: Txn, h: EnvHandle, generation: int) -> Iterator[Record]:
     ids: dict[bytes, list[np.ndarray]] = {kind: [] for kind in DBS_OF_KIND}
+    errors: set[bytes] = set()  # records of the errors table put or removed
     cur = txn.cursor(db=h.dbs["log"])
     if cur.set_range(pack_id(generation + 1)):
         for k, v in cur:
             key = bytes(k)
             yield Record("log", key, bytes(v))
-            ids.setdefault(key[8:], []).append(np.frombuffer(v, dtype="<u8"))
+            if key[8:] == LOG_ERRORS:
+                errors.update(logged_errors(v))
+            else:
+                ids.setdefault(key[8:], []).append(np.frombuffer(v, dtype="<u8"))
+    for rec in sorted(errors):
+        yield Record("errors", rec, _get(txn, h, "errors", rec))
     by_kind = {k: np.unique(np.concatenate(v)) if v else np.zeros(0, np.uint64)
                for k, v in ids.items() if k in DBS_OF_KIND}
     dbs_of_block: dict[bytes, set[str]] = {}

@@ -6,6 +6,7 @@ Helpers of `featurebank.store.store`, kept apart so the Store class reads as its
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -46,6 +47,9 @@ def commit_generation(txn: Txn, h: EnvHandle, labels_changed: bool) -> int:
 LOG_START = "log_start"  # info counter: the log holds every change after this generation
 # What a change log entry (generation + kind -> ids) says happened to its ids.
 LOG_ADDED, LOG_RELABELLED, LOG_DELETED, LOG_META = b"a", b"r", b"d", b"m"
+# An entry naming records of the `errors` table (inputs that failed to embed, by key record,
+# not ids) a commit put or removed: read by replicas only, so they copy the table too.
+LOG_ERRORS = b"e"
 
 
 class LogTrimmed(FailedPrecondition):
@@ -65,6 +69,24 @@ def check_reaches(txn: Txn, h: EnvHandle, generation: int, where: object) -> Non
 def log_ids(txn: Txn, h: EnvHandle, gen: int, kind: bytes, ids: np.ndarray) -> None:
     if len(ids):
         txn.put(pack_id(gen) + kind, np.asarray(ids, dtype="<u8").tobytes(), db=h.dbs["log"])
+
+
+def log_errors(txn: Txn, h: EnvHandle, gen: int, records: Sequence[bytes]) -> None:
+    """Log the `errors` records commit `gen` put or removed (each length-prefixed: a hashed
+    key record may hold any byte)."""
+    if records:
+        value = b"".join(len(r).to_bytes(2, "big") + r for r in records)
+        txn.put(pack_id(gen) + LOG_ERRORS, value, db=h.dbs["log"])
+
+
+def logged_errors(value: bytes | memoryview) -> list[bytes]:
+    """The `errors` records a LOG_ERRORS entry names."""
+    buf, out, i = bytes(value), [], 0
+    while i < len(buf):
+        n = int.from_bytes(buf[i : i + 2], "big")
+        out.append(buf[i + 2 : i + 2 + n])
+        i += 2 + n
+    return out
 
 
 def as_ids(ids: Any) -> np.ndarray:

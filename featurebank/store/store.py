@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -85,6 +85,7 @@ from featurebank.store.rows import (
     get_int,
     labels_of_codes,
     locate,
+    log_errors,
     log_ids,
     put_int,
 )
@@ -271,6 +272,15 @@ class Store:
         self.acquire_writer()
         return self._sh().write(fn)
 
+    def watch_commits(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` (on the committing thread; it must be quick) after every commit this
+        process makes to the bank, by any of its stores; returns what stops it. Why: a
+        replica's stream waits for the next commit instead of polling the generation (commits
+        by other processes are seen when it next looks)."""
+        listeners = self._sh().on_commit
+        listeners.append(listener)
+        return lambda: listeners.remove(listener) if listener in listeners else None
+
     # ---- generations ----------------------------------------------------------------------
 
     def _info(self, name: str) -> int:
@@ -360,7 +370,7 @@ class Store:
                 log_ids(txn, h, gen, _DELETED, replaced[0])
             put_int(txn, h, "next_id", first + len(keys))
             put_int(txn, h, "count", get_int(txn, h, "count") + len(keys))
-            self._clear_errors(txn, h, records)
+            log_errors(txn, h, gen, self._clear_errors(txn, h, records))
             return ids
 
         ids: np.ndarray = self._write(fn)
@@ -465,10 +475,11 @@ class Store:
             txn.put(key, encode_keys(keys[s:e]), append=True, db=h.dbs["keys"])
             txn.put(key, encode_json_list(metas[s:e]), append=True, db=h.dbs["meta"])
 
-    def _clear_errors(self, txn: Txn, h: EnvHandle, records: Iterable[bytes]) -> None:
-        if txn.stat(h.dbs["errors"])["entries"]:
-            for rec in records:
-                txn.delete(rec, db=h.dbs["errors"])
+    def _clear_errors(self, txn: Txn, h: EnvHandle, records: Iterable[bytes]) -> list[bytes]:
+        """Forget the recorded errors of keys now stored; returns the records removed."""
+        if not txn.stat(h.dbs["errors"])["entries"]:
+            return []
+        return [rec for rec in records if txn.delete(rec, db=h.dbs["errors"])]
 
     def _ids_in_txn(self, txn: Txn, h: EnvHandle, keys: Sequence[str], exc: type) -> np.ndarray:
         key_bytes = check_keys(keys, unique=False)
@@ -616,7 +627,7 @@ class Store:
 
         def fn(txn: Txn, h: EnvHandle) -> None:
             txn.put(key_record(kb), value, db=h.dbs["errors"])
-            commit_generation(txn, h, labels_changed=False)
+            log_errors(txn, h, commit_generation(txn, h, labels_changed=False), [key_record(kb)])
 
         self._write(fn)
 
@@ -632,7 +643,7 @@ class Store:
         def fn(txn: Txn, h: EnvHandle) -> bool:
             if not txn.delete(key_record(kb), db=h.dbs["errors"]):
                 return False
-            commit_generation(txn, h, labels_changed=False)
+            log_errors(txn, h, commit_generation(txn, h, labels_changed=False), [key_record(kb)])
             return True
 
         found: bool = self._write(fn)

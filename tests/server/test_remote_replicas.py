@@ -10,6 +10,7 @@ read-your-writes requests.
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from featurebank.core.errors import FailedPrecondition
-from featurebank.server import read_your_writes, replication, replication_follow
+from featurebank.server import checksums, read_your_writes, replication, replication_follow
 from featurebank.server.app import ServeConfig
 from featurebank.server.auth import Tokens
 from featurebank.server.client import FeatureBankClient, RemoteError
@@ -98,6 +99,40 @@ def test_a_replica_copies_the_bank_then_every_kind_of_commit_and_generation(pair
             "featurebank_follower_generations_behind",
             {"bank": "bank", "replica": followers[0].replica_id})
         assert behind == 0
+
+
+def test_the_record_of_inputs_that_failed_to_embed_follows_too(pair: Any) -> None:
+    p, r = pair
+    primary_store, replica_store = p.server.engine.live.opened(), r.server.engine.live.opened()
+    with FeatureBankClient(p.target) as pc, FeatureBankClient(r.target) as rc:
+        primary_store.record_error("unreadable.jpg", "cannot decode")  # as an embed job does
+        until(lambda: rc.info().store_generation == pc.info().store_generation)
+        assert [e["key"] for e in replica_store.errors()] == ["unreadable.jpg"]
+        pc.upsert([{"key": "unreadable.jpg", "vector": -FAR * 2}])  # embedded after all
+        until(lambda: rc.info().store_generation == pc.info().store_generation)
+        assert replica_store.errors() == primary_store.errors() == []
+        assert same_records(replica_store, primary_store)
+
+
+def test_a_commit_wakes_the_follow_stream_rather_than_the_next_heartbeat(
+    fresh_bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replication, "HEARTBEAT_S", 3600.0)  # only a commit can wake the stream
+    with primary(fresh_bank) as p, replica(tmp_path / "data", p.target) as r, \
+            FeatureBankClient(p.target) as pc, FeatureBankClient(r.target) as rc:
+        for i in range(3):
+            pc.upsert([{"key": f"woken/{i}", "vector": FAR + i}])
+            until(lambda i=i: top_key(rc, FAR + i) == f"woken/{i}")
+
+
+def test_a_files_crc32_is_combined_from_its_chunks_crc32s() -> None:
+    data = np.random.default_rng(0).bytes(3 * 4096 + 17)
+    whole = 0
+    for s in range(0, len(data), 4096):
+        chunk = data[s : s + 4096]
+        whole = checksums.crc32_combine(whole, zlib.crc32(chunk), len(chunk))
+    assert whole == zlib.crc32(data)
+    assert checksums.crc32_combine(whole, 0, 0) == whole
 
 
 def test_a_replica_refuses_writes_and_replication_naming_its_primary(pair: Any) -> None:
@@ -262,6 +297,33 @@ def test_a_replica_behind_the_retained_log_copies_a_new_snapshot_saying_so(
             until(lambda: records.log_start(local) == replication.published_need(local.bank)
                   > copied_start)
         assert "bootstrapping again" in caplog.text and "too far behind" in caplog.text
+
+
+# ------------------------------------------------------------------- dropping a followed bank
+
+
+def test_a_bank_followed_from_other_hosts_is_dropped_only_with_force_and_leaves_no_series(
+    tmp_path: Path,
+) -> None:
+    make_vector_bank(tmp_path / "banks" / "kept", dim=DIM, n_per_class=5)
+    make_vector_bank(tmp_path / "banks" / "gone", dim=DIM, n_per_class=5)
+    with RunningServer(ServeConfig(banks_dir=tmp_path / "banks", port=free_port())) as p, \
+            replica(tmp_path / "data", p.target, primary_bank="gone") as r, \
+            FeatureBankClient(p.target, timeout=10) as pc, FeatureBankClient(r.target) as rc:
+        assert rc.info().count == 15
+
+        def series() -> list[dict[str, str]]:
+            return [s.labels for m in p.server.metrics.registry.collect()
+                    if m.name == "featurebank_follower_generations_behind" for s in m.samples]
+
+        until(lambda: [s["bank"] for s in series()] == ["gone"])
+        with pytest.raises(RemoteError, match="followed by replicas on other hosts") as e:
+            pc.drop_bank("gone")
+        assert e.value.code.name == "FAILED_PRECONDITION"
+        pc.drop_bank("gone", force=True)  # its stream ends: the drop does not wait for it
+        assert not (tmp_path / "banks" / "gone").exists()
+        assert series() == []
+        assert rc.info().count == 15  # the replica keeps serving its copy
 
 
 # ------------------------------------------------------------------- auth

@@ -65,6 +65,22 @@ def test_a_copy_then_deltas_keep_the_replica_equal_record_for_record(pair: Any) 
     assert replica.thumbnails(["new/0", "new/2"]) == [JPEG, None]
 
 
+def test_the_errors_table_follows_through_deltas_even_for_hashed_keys(pair: Any) -> None:
+    primary, replica, generation, _ = pair
+    long_key = "x" * 600  # stored under a hashed key record, which may hold any byte
+    for key in ("broken.jpg", "gone.jpg", long_key):
+        primary.record_error(key, "cannot decode")
+    first = replication.delta_after(primary, generation)
+    replication.apply(replica, first.records, first.after, first.generation)
+    assert sorted(e["key"] for e in replica.errors()) == ["broken.jpg", "gone.jpg", long_key]
+    assert primary.clear_error("gone.jpg")
+    primary.put_batch(["broken.jpg", long_key], vectors(2))  # embedded now: its error goes
+    second = replication.delta_after(primary, first.generation)
+    replication.apply(replica, second.records, second.after, second.generation)
+    assert replica.errors() == primary.errors() == []
+    assert dump(replica) == dump(primary)
+
+
 def test_a_delta_applies_only_where_it_starts(pair: Any) -> None:
     primary, replica, generation, _ = pair
     primary.put_batch(["a"], vectors(1))

@@ -13,8 +13,6 @@ def dump(st: Any, log_after: int = 0) -> dict[str, list[tuple[bytes, bytes]]]:
     out: dict[str, list[tuple[bytes, bytes]]] = {}
     with st._sh().read() as (txn, h):
         for db in h.dbs:
-            if db in replication.NOT_COPIED:
-                continue
             out[db] = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=h.dbs[db])
                        if (db, bytes(k)) != ("info", b"log_start")
                        and not (db == "log" and int.from_bytes(bytes(k)[:8], "big") <= log_after)]
