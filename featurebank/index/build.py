@@ -352,7 +352,7 @@ def publish_build(
         "build_seconds": 0.0,
         "unremoved_deleted": 0,
         "memory_budget": params.memory_budget,
-        "ondisk": stored_ids.on_disk(index) or params.ondisk,
+        "ondisk": params.ondisk,
         **(extra or {}),
     }
     manifest["build_seconds"] = round(time.perf_counter() - started, 3)

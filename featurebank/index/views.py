@@ -111,10 +111,6 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return read_json(directory / MANIFEST_FILE, "the index manifest")
 
 
-def index_any(index: faiss.Index) -> Any:
-    return index
-
-
 def index_ids(index: faiss.Index, directory: Path | None = None) -> np.ndarray:
     """Sorted store ids the index holds (`directory`: its generation folder, if read)."""
     return stored_ids.ids_of(index, directory)
