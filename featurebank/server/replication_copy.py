@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 STATE = "replica.json"
 STAGING = ".bootstrap"
 RETRY_S = (0.05, 0.2, 0.5, 1.0, 2.0)  # reconnect backoff
+SNAPSHOT_SILENT_S = 60.0  # no chunk for this long: the connection is dead (Watchdog)
 SNAPSHOT_ATTEMPTS = 30
 MAX_MESSAGE_BYTES = 64 << 20
 QUEUED_CHUNKS = 4  # chunks received but not yet written, at most
@@ -89,6 +90,42 @@ def write_state(data: Path, state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- copying a snapshot
+
+
+class Watchdog:
+    """Cancels a stream from the primary silent for `silent_s` while the replica waits on it.
+
+    The primary sends a follow stream a heartbeat every second and a snapshot stream its
+    chunks back to back, so silence means a connection that is open
+    but dead (a host gone without closing it, a listener that accepts and never answers),
+    which TCP and gRPC keepalive would notice only after many seconds. Time spent applying
+    what it receives (a delta, a chunk on a slow disk) does not count.
+    """
+
+    def __init__(self, call: Any, silent_s: float) -> None:
+        self._call, self._silent_s = call, silent_s
+        self._waiting_since: float | None = time.monotonic()
+        self._done = threading.Event()
+        threading.Thread(target=self._watch, name="fb-follow-watchdog", daemon=True).start()
+
+    def busy(self) -> None:
+        """A message arrived: the replica is working on it."""
+        self._waiting_since = None
+
+    def waiting(self) -> None:
+        """The replica waits for the next message."""
+        self._waiting_since = time.monotonic()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(1.0, self._silent_s / 4)):
+            since = self._waiting_since
+            if since is not None and time.monotonic() - since > self._silent_s:
+                log.warning("stream from the primary silent for %.0f s: reconnecting", self._silent_s)
+                self._call.cancel()
+                return
 
 
 class Download:
@@ -155,14 +192,17 @@ class Download:
         with self.link.channel() as channel:
             stub = pb_grpc.FeatureBankStub(channel)
             stream = stub.ReplicaSnapshot(request, metadata=self.link.metadata)
+            watchdog = Watchdog(stream, SNAPSHOT_SILENT_S)
             writer: _Files | None = None
             try:
                 for chunk in stream:
+                    watchdog.busy()
                     if chunk.snapshot_id:
                         self._start(chunk)
                         assert self.header is not None
                         writer = _Files(self.folder, self.header["files"])
                         self.resumed_at = writer.resumed
+                        watchdog.waiting()
                         continue
                     if writer is None:
                         raise FailedPrecondition(f"the snapshot stream from {self.link.address} "
@@ -170,7 +210,9 @@ class Download:
                     writer.put(chunk)
                     if on_progress is not None:
                         on_progress(writer.held(), writer.total())
+                    watchdog.waiting()
             finally:
+                watchdog.stop()
                 if writer is not None:
                     writer.close()
                     self.received += writer.written

@@ -34,6 +34,7 @@ import grpc
 
 from featurebank.core.bank import Bank, current_generation, prune, write_atomic
 from featurebank.core.errors import NotFound
+from featurebank.server import replication
 from featurebank.server.replica import BankState, ReplicaEngine
 from featurebank.server.replication import TRIM_EVERY_S, published_need
 from featurebank.server.replication_copy import (
@@ -42,6 +43,7 @@ from featurebank.server.replication_copy import (
     STATE,
     Download,
     PrimaryLink,
+    Watchdog,
     read_state,
     write_state,
 )
@@ -52,6 +54,7 @@ from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 GENERATIONS_STAGING = ".generations"
+SILENT_BEATS = 5  # heartbeats missed before a stream counts as cut (a half-open connection)
 
 
 # ---------------------------------------------------------------- installing generations
@@ -152,10 +155,12 @@ class Puller:
                 yield ack
 
         channel = self._channel = self.link.channel()
+        stream = pb_grpc.FeatureBankStub(channel).FollowStore(requests(), metadata=self.link.metadata)
+        watchdog = Watchdog(stream, SILENT_BEATS * replication.HEARTBEAT_S)
         try:
-            stream = pb_grpc.FeatureBankStub(channel).FollowStore(requests(), metadata=self.link.metadata)
             parts: list[records.Record] = []
             for msg in stream:
+                watchdog.busy()
                 self.connected, self.error = True, ""
                 if msg.rebootstrap:
                     log.warning("bootstrapping again from %s: %s", self.link.address, msg.rebootstrap)
@@ -170,7 +175,9 @@ class Puller:
                     acks.put(pb.FollowRequest(after_generation=msg.generation))
                 self._fetch_generations()
                 self._trim_log()
+                watchdog.waiting()
         finally:
+            watchdog.stop()
             acks.put(None)
             channel.close()
             self._channel = None

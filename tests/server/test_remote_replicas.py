@@ -9,6 +9,8 @@ read-your-writes requests.
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -20,7 +22,13 @@ import numpy as np
 import pytest
 
 from featurebank.core.errors import FailedPrecondition
-from featurebank.server import checksums, read_your_writes, replication, replication_follow
+from featurebank.server import (
+    checksums,
+    read_your_writes,
+    replication,
+    replication_copy,
+    replication_follow,
+)
 from featurebank.server.app import ServeConfig
 from featurebank.server.auth import Tokens
 from featurebank.server.client import FeatureBankClient, RemoteError
@@ -259,6 +267,49 @@ def test_a_follow_stream_cut_resumes_from_the_applied_generation_without_a_new_s
         pc.upsert([{"key": "while-down", "vector": FAR * 2}])
         with replica(tmp_path / "data", p3.target) as r2, FeatureBankClient(r2.target) as rc:
             until(lambda: rc.info().store_generation == pc.info().store_generation)
+            assert rc.info().replica.bootstraps == 1
+
+
+def test_a_snapshot_from_a_primary_that_never_answers_is_copied_once_one_does(
+    fresh_bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(replication_copy, "SNAPSHOT_SILENT_S", 1.0)
+    port = free_port()
+    dead = socket.create_server(("127.0.0.1", port))  # accepts connections, says nothing
+    headers: list[dict[str, Any]] = []
+    download = Download(PrimaryLink(f"127.0.0.1:{port}"), tmp_path / "staging")
+    copying = threading.Thread(target=lambda: headers.append(download.run()), daemon=True)
+    copying.start()
+    until(lambda: "silent for 1 s: reconnecting" in caplog.text)
+    dead.close()
+    with primary(fresh_bank, port):
+        copying.join(30)
+        assert headers and same_files(tmp_path / "staging", fresh_bank, headers[0])
+
+
+def test_a_primary_that_accepts_and_never_answers_is_left_for_one_that_does(
+    fresh_bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(replication, "HEARTBEAT_S", 0.2)  # silent for 1 s counts as cut
+    port = free_port()
+    p = primary(fresh_bank, port)
+    with replica(tmp_path / "data", p.target) as r, FeatureBankClient(r.target) as rc:
+        p.stop()
+        dead = socket.create_server(("127.0.0.1", port))  # accepts connections, says nothing
+        held = []
+        accepting = threading.Thread(target=lambda: held.append(dead.accept()), daemon=True)
+        accepting.start()
+        accepting.join(20)
+        assert held, "the replica never reconnected"
+        until(lambda: "silent for 1 s: reconnecting" in caplog.text)
+        dead.close()
+        held[0][0].close()
+        with primary(fresh_bank, port) as p2, FeatureBankClient(p2.target) as pc:
+            pc.upsert([{"key": "after-silence", "vector": FAR}])
+            gen = pc.info().store_generation
+            until(lambda: rc.info().store_generation == gen)
             assert rc.info().replica.bootstraps == 1
 
 
