@@ -12,6 +12,7 @@ the copied folders into place and writing `DIR/replica.json` last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,15 +107,16 @@ class Watchdog:
         self._call, self._silent_s = call, silent_s
         self._waiting_since: float | None = time.monotonic()
         self._done = threading.Event()
-        threading.Thread(target=self._watch, name="fb-follow-watchdog", daemon=True).start()
+        threading.Thread(target=self._watch, name="fb-stream-watchdog", daemon=True).start()
 
-    def busy(self) -> None:
-        """A message arrived: the replica is working on it."""
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Around the work on a message received: not silence."""
         self._waiting_since = None
-
-    def waiting(self) -> None:
-        """The replica waits for the next message."""
-        self._waiting_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._waiting_since = time.monotonic()
 
     def stop(self) -> None:
         self._done.set()
@@ -196,21 +198,19 @@ class Download:
             writer: _Files | None = None
             try:
                 for chunk in stream:
-                    watchdog.busy()
-                    if chunk.snapshot_id:
-                        self._start(chunk)
-                        assert self.header is not None
-                        writer = _Files(self.folder, self.header["files"])
-                        self.resumed_at = writer.resumed
-                        watchdog.waiting()
-                        continue
-                    if writer is None:
-                        raise FailedPrecondition(f"the snapshot stream from {self.link.address} "
-                                                 "sent data before its header")
-                    writer.put(chunk)
-                    if on_progress is not None:
-                        on_progress(writer.held(), writer.total())
-                    watchdog.waiting()
+                    with watchdog.busy():
+                        if chunk.snapshot_id:
+                            self._start(chunk)
+                            assert self.header is not None
+                            writer = _Files(self.folder, self.header["files"])
+                            self.resumed_at = writer.resumed
+                            continue
+                        if writer is None:
+                            raise FailedPrecondition(f"the snapshot stream from {self.link.address} "
+                                                     "sent data before its header")
+                        writer.put(chunk)
+                        if on_progress is not None:
+                            on_progress(writer.held(), writer.total())
             finally:
                 watchdog.stop()
                 if writer is not None:

@@ -160,22 +160,21 @@ class Puller:
         try:
             parts: list[records.Record] = []
             for msg in stream:
-                watchdog.busy()
-                self.connected, self.error = True, ""
-                if msg.rebootstrap:
-                    log.warning("bootstrapping again from %s: %s", self.link.address, msg.rebootstrap)
-                    self.rebootstrap()
-                    return
-                self.primary_generation = max(self.primary_generation, msg.primary_store_generation)
-                self.primary_index, self.primary_head = msg.index_generation, msg.head_generation
-                parts += [records.Record(r.db, r.key, None if r.deleted else r.value) for r in msg.records]
-                if msg.complete:
-                    records.apply(self.store, parts, msg.after_generation, msg.generation)
-                    parts = []
-                    acks.put(pb.FollowRequest(after_generation=msg.generation))
-                self._fetch_generations()
-                self._trim_log()
-                watchdog.waiting()
+                with watchdog.busy():
+                    self.connected, self.error = True, ""
+                    if msg.rebootstrap:
+                        log.warning("bootstrapping again from %s: %s", self.link.address, msg.rebootstrap)
+                        self.rebootstrap()
+                        return
+                    self.primary_generation = max(self.primary_generation, msg.primary_store_generation)
+                    self.primary_index, self.primary_head = msg.index_generation, msg.head_generation
+                    parts += [records.Record(r.db, r.key, None if r.deleted else r.value) for r in msg.records]
+                    if msg.complete:
+                        records.apply(self.store, parts, msg.after_generation, msg.generation)
+                        parts = []
+                        acks.put(pb.FollowRequest(after_generation=msg.generation))
+                    self._fetch_generations()
+                    self._trim_log()
         finally:
             watchdog.stop()
             acks.put(None)
