@@ -17,16 +17,21 @@ if TYPE_CHECKING:
     from featurebank.api import (
         Batch,
         Classification,
+        Duplicate,
         FeatureBank,
         Finding,
         Hits,
         Info,
         Item,
+        Kept,
         Keys,
+        Leak,
         LocalBank,
         Neighbor,
+        Outlier,
         Page,
         Published,
+        Quality,
         RemoteBank,
         Served,
         Suggestion,
@@ -38,9 +43,9 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
-    "Batch", "Classification", "FeatureBank", "Finding", "Hits", "Info", "Item", "Keys", "LocalBank",
-    "Neighbor", "Page", "Published", "RemoteBank", "Served", "Suggestion", "Written", "connect",
-    "create", "keys", "open",
+    "Batch", "Classification", "Duplicate", "FeatureBank", "Finding", "Hits", "Info", "Item", "Kept",
+    "Keys", "Leak", "LocalBank", "Neighbor", "Outlier", "Page", "Published", "Quality", "RemoteBank",
+    "Served", "Suggestion", "Written", "connect", "create", "keys", "open",
 ]  # fmt: skip
 
 

@@ -19,20 +19,25 @@ from featurebank.api.remote import RemoteBank, connect
 from featurebank.api.results import (
     Batch,
     Classification,
+    Duplicate,
     Finding,
     Hits,
     Info,
     Item,
+    Kept,
+    Leak,
     Neighbor,
+    Outlier,
     Page,
     Published,
+    Quality,
     Suggestion,
     Written,
 )
 from featurebank.api.serving import Served
 
 __all__ = [
-    "Batch", "Classification", "FeatureBank", "Finding", "Hits", "Info", "Item", "Keys", "LocalBank",
-    "Neighbor", "Page", "Published", "RemoteBank", "Served", "Suggestion", "Written", "connect",
-    "create", "keys", "open",
+    "Batch", "Classification", "Duplicate", "FeatureBank", "Finding", "Hits", "Info", "Item", "Kept",
+    "Keys", "Leak", "LocalBank", "Neighbor", "Outlier", "Page", "Published", "Quality", "RemoteBank",
+    "Served", "Suggestion", "Written", "connect", "create", "keys", "open",
 ]  # fmt: skip

@@ -20,8 +20,10 @@ from featurebank.api.results import (
     Finding,
     Hits,
     Info,
+    Kept,
     Page,
     Published,
+    Quality,
     Suggestion,
     Written,
 )
@@ -182,6 +184,25 @@ class FeatureBank(abc.ABC):
         _check_int("n", n)
         return Batch(self._audit(n, check_filter(filter)))
 
+    def quality(self, n: int = 100, *, precision: float | None = None) -> Quality:
+        """One data-quality pass: wrong labels, duplicates, train/test leaks and outliers,
+        `n` findings listed per kind. `precision` cuts the label list where its estimated
+        precision falls under it (default: at the estimated number of wrong labels)."""
+        _check_int("n", n)
+        if precision is not None and (
+            isinstance(precision, bool) or not isinstance(precision, float | int)
+            or not 0 < precision <= 1
+        ):
+            raise InvalidInput(f"precision must be a number in (0, 1], got {precision!r}")
+        return self._quality(n, None if precision is None else float(precision))
+
+    def keep(self, kind: str, *keys: str) -> Kept:
+        """Remember a finding as looked at and kept, so later passes do not list it again:
+        `keep("label", key)`, `keep("duplicate", a, b)` (a leak too), `keep("outlier", key)`."""
+        if not isinstance(kind, str) or not all(isinstance(k, str) for k in keys):
+            raise InvalidInput("keep takes a kind and keys, all strings")
+        return self._keep(kind, list(keys))
+
     @abc.abstractmethod
     def info(self) -> Info:
         """The bank's spec, counts, labels and live generations."""
@@ -296,6 +317,12 @@ class FeatureBank(abc.ABC):
 
     @abc.abstractmethod
     def _audit(self, n: int, filter: str) -> list[Finding]: ...
+
+    @abc.abstractmethod
+    def _quality(self, n: int, precision: float | None) -> Quality: ...
+
+    @abc.abstractmethod
+    def _keep(self, kind: str, keys: list[str]) -> Kept: ...
 
     @abc.abstractmethod
     def _upsert(

@@ -22,13 +22,18 @@ from featurebank.api.base import FeatureBank
 from featurebank.api.inputs import IMAGES, KEYS, Query, check_dim
 from featurebank.api.results import (
     Classification,
+    Duplicate,
     Finding,
     Hits,
     Info,
     Item,
+    Kept,
+    Leak,
     Neighbor,
+    Outlier,
     Page,
     Published,
+    Quality,
     Suggestion,
     Written,
 )
@@ -39,7 +44,9 @@ from featurebank.store.metadata import check_user_meta
 
 if TYPE_CHECKING:
     from featurebank.api.serving import Served
+    from featurebank.classify.audit import Finding as AuditFinding
     from featurebank.classify.classifier import Classifier
+    from featurebank.classify.quality import Cache, Report
     from featurebank.server.queries import Tables
 
 
@@ -53,6 +60,7 @@ class LocalBank(FeatureBank):
         self._classifier: Classifier | None = None
         self._served: Served | None = None
         self._filter_tables: Tables | None = None
+        self._quality_cache: Cache | None = None  # the last pass, so the next applies only changes
 
     def __repr__(self) -> str:
         return f"LocalBank({str(self.path)!r}, {self.store.spec.describe()!r})"
@@ -230,14 +238,20 @@ class LocalBank(FeatureBank):
         from featurebank.classify.audit import audit
         from featurebank.index.filters import parse
 
-        return [
-            Finding(
-                f.key, f.label, f.suggested, float(f.confidence), float(f.p_label),
-                float(f.p_suggested), f.head_p_label, f.head_p_suggested,
-                [Neighbor(nb.key, nb.label, float(nb.score)) for nb in f.neighbors],
-            )
-            for f in audit(self._live(), n=n, where=parse(filter))
-        ]
+        return [_finding(f) for f in audit(self._live(), n=n, where=parse(filter))]
+
+    def _quality(self, n: int, precision: float | None) -> Quality:
+        from featurebank.classify.quality import Cache
+
+        if self._quality_cache is None:
+            self._quality_cache = Cache()
+        return quality_of(self._quality_cache.run(self._live(), precision=precision, limit=n))
+
+    def _keep(self, kind: str, keys: list[str]) -> Kept:
+        from featurebank.classify.quality.decisions import keep
+
+        kept = keep(self._writable(), kind, keys)
+        return Kept(kept.kind, list(kept.keys), kept.label)
 
     def info(self) -> Info:
         """The bank's spec, counts, labels and live generations."""
@@ -355,6 +369,37 @@ class LocalBank(FeatureBank):
             self._classifier.close()
             self._classifier = None
         self.store.close()
+
+
+def _finding(f: AuditFinding) -> Finding:
+    return Finding(
+        f.key, f.label, f.suggested, float(f.confidence), float(f.p_label),
+        float(f.p_suggested), f.head_p_label, f.head_p_suggested,
+        [Neighbor(nb.key, nb.label, float(nb.score)) for nb in f.neighbors],
+    )
+
+
+def quality_of(r: Report) -> Quality:
+    """A `classify.quality.Report` as the API's result."""
+    le = r.labels
+    return Quality(
+        items=r.items, labelled=r.labelled,
+        estimated_wrong=None if le is None else float(le.estimated_wrong),
+        wrong_per_class={} if le is None else {c.label: float(c.wrong) for c in le.classes},
+        swapped=[] if le is None else [(s.a, s.b, float(s.count)) for s in le.swaps],
+        label_errors=[] if le is None else [_finding(f) for f in le.findings],
+        duplicates=[
+            Duplicate([m.key for m in g.members], [m.split for m in g.members], g.exact,
+                      float(min(p.distance for p in g.pairs)))
+            for g in r.duplicates.groups
+        ],
+        leaks=[Leak(x.train, x.held_out, x.split, float(x.distance), x.exact)
+               for x in r.duplicates.leaks],
+        outliers=[Outlier(o.key, float(o.score), float(o.distance),
+                          [(k, float(d)) for k, d in o.neighbors]) for o in r.outliers],
+        counts=dict(r.counts), index_generation=r.index_generation,
+        labels_generation=r.labels_generation, seconds=float(r.seconds),
+    )
 
 
 def _neighbor(h: Any) -> Neighbor:

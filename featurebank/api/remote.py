@@ -21,13 +21,18 @@ from featurebank.api.base import FeatureBank, check_options
 from featurebank.api.inputs import IMAGES, KEYS, VECTORS, Query, check_dim, encoded
 from featurebank.api.results import (
     Classification,
+    Duplicate,
     Finding,
     Hits,
     Info,
     Item,
+    Kept,
+    Leak,
     Neighbor,
+    Outlier,
     Page,
     Published,
+    Quality,
     Suggestion,
     Written,
 )
@@ -147,14 +152,14 @@ class RemoteBank(FeatureBank):
         ]
 
     def _audit(self, n: int, filter: str) -> list[Finding]:
-        return [
-            Finding(
-                f.key, f.label, f.suggested, f.confidence, f.p_label, f.p_suggested,
-                f.head_p_label if f.has_head else None, f.head_p_suggested if f.has_head else None,
-                [_neighbor(nb) for nb in f.neighbors],
-            )
-            for f in self.client.audit(n, filter=filter).findings
-        ]
+        return [_finding(f) for f in self.client.audit(n, filter=filter).findings]
+
+    def _quality(self, n: int, precision: float | None) -> Quality:
+        return _quality(self.client.quality(precision=precision or 0.0, n=n))
+
+    def _keep(self, kind: str, keys: list[str]) -> Kept:
+        kept = self.client.keep_finding(kind, keys)
+        return Kept(kept.kind, list(kept.keys), kept.label or None)
 
     def info(self) -> Info:
         """What the server says of its bank (GetInfo), in the same form as a bank in process."""
@@ -252,6 +257,34 @@ class RemoteBank(FeatureBank):
     def close(self) -> None:
         """Close the connection."""
         self.client.close()
+
+
+def _finding(f: pb.Finding) -> Finding:
+    return Finding(
+        f.key, f.label, f.suggested, f.confidence, f.p_label, f.p_suggested,
+        f.head_p_label if f.has_head else None, f.head_p_suggested if f.has_head else None,
+        [_neighbor(nb) for nb in f.neighbors],
+    )
+
+
+def _quality(r: pb.QualityResponse) -> Quality:
+    return Quality(
+        items=r.items, labelled=r.labelled,
+        estimated_wrong=r.estimated_wrong if r.has_labels else None,
+        wrong_per_class={c.label: c.wrong for c in r.classes},
+        swapped=[(s.a, s.b, s.count) for s in r.swaps],
+        label_errors=[_finding(f) for f in r.label_errors],
+        duplicates=[
+            Duplicate([m.key for m in g.members], [m.split for m in g.members], g.exact,
+                      min(p.distance for p in g.pairs))
+            for g in r.duplicates
+        ],
+        leaks=[Leak(x.train, x.held_out, x.split, x.distance, x.exact) for x in r.leaks],
+        outliers=[Outlier(o.key, o.score, o.distance, [(nb.key, nb.distance) for nb in o.neighbors])
+                  for o in r.outliers],
+        counts=dict(r.counts), index_generation=r.index_generation,
+        labels_generation=r.labels_generation, seconds=r.seconds,
+    )
 
 
 def _neighbor(n: pb.Neighbor) -> Neighbor:

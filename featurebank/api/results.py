@@ -168,6 +168,71 @@ class Finding(Result):
 
 
 @dataclass(frozen=True)
+class Duplicate(Result):
+    """Items that are copies of each other: exact (the same content) or near (closer than
+    the bank's calibrated distance); `splits` in the order of `keys`."""
+
+    keys: list[str]
+    splits: list[str]
+    exact: bool
+    distance: float  # the closest pair's (0 for exact copies)
+
+
+@dataclass(frozen=True)
+class Leak(Result):
+    """A train item copied into a held-out split."""
+
+    train: str
+    held_out: str
+    split: str
+    distance: float
+    exact: bool
+
+
+@dataclass(frozen=True)
+class Outlier(Result):
+    """An item far from every labelled neighbour: `score` is its mean neighbour distance over
+    theirs to their own; `neighbors` the nearest reference items (key, distance)."""
+
+    key: str
+    score: float
+    distance: float
+    neighbors: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Quality(Result):
+    """One data-quality pass: wrong labels (with an estimate of how many, per class and per
+    swapped pair), duplicates, train/test leaks and outliers. `counts` are whole; each list
+    is cut to the `n` asked. `estimated_wrong` is None for a bank without labels."""
+
+    items: int
+    labelled: int
+    estimated_wrong: float | None
+    wrong_per_class: dict[str, float]
+    swapped: list[tuple[str, str, float]]  # (label, label, estimated items) most first
+    label_errors: list[Finding]
+    duplicates: list[Duplicate]
+    leaks: list[Leak]
+    outliers: list[Outlier]
+    counts: dict[str, int]
+    index_generation: int
+    labels_generation: int
+    seconds: float
+
+    numpy_field: ClassVar[str] = "items"
+
+
+@dataclass(frozen=True)
+class Kept(Result):
+    """A finding remembered as looked at and kept: not listed by later passes."""
+
+    kind: str  # label, duplicate or outlier
+    keys: list[str]
+    label: str | None = None  # a kept label: the label it was kept with
+
+
+@dataclass(frozen=True)
 class Info(Result):
     """What a bank is: its spec, counts, labels and live generations (None: none yet)."""
 

@@ -1,21 +1,24 @@
 """Remembered decisions: findings a person looked at and kept, never suggested again.
 
-Stored in the bank (`BANK/quality/decisions.json`, replaced atomically), so a copied
-bank and a server over it remember them too. A decision names what was judged, not
+Stored in the bank (`BANK/quality/decisions.json`, replaced atomically under a lock on
+`decisions.lock`, so two processes keeping findings at once both land), so a copied bank
+and a server over it remember them too. A decision names what was judged, not
 a row: a kept label is (key, the label it had), so relabelling the item makes its
 finding new again; a kept duplicate is the pair of keys; a kept outlier is its key.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featurebank.core.bank import Bank, write_atomic
+from featurebank.core.bank import Bank, full_or_read_only, write_atomic
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound, shown
 
 if TYPE_CHECKING:
@@ -78,11 +81,28 @@ def keep(store: Store, kind: str, keys: Sequence[str]) -> Kept:
         if label is None:
             raise InvalidInput(f"key {shown(keys[0])} has no label to keep")
     kept = Kept(kind, tuple(sorted(keys)), label)
-    decided = load(store.bank) | {kept}
-    rows: list[dict[str, Any]] = [
-        {"kind": k.kind, "keys": list(k.keys), **({"label": k.label} if k.label else {})}
-        for k in sorted(decided, key=lambda k: (k.kind, k.keys))
-    ]
-    data = json.dumps({"format": 1, "updated": time.time(), "kept": rows}, indent=1)
-    write_atomic(path_of(store.bank), data.encode())
+    path = path_of(store.bank)
+    try:
+        with _locked(path):
+            decided = load(store.bank) | {kept}
+            rows: list[dict[str, Any]] = [
+                {"kind": k.kind, "keys": list(k.keys), **({"label": k.label} if k.label else {})}
+                for k in sorted(decided, key=lambda k: (k.kind, k.keys))
+            ]
+            data = json.dumps({"format": 1, "updated": time.time(), "kept": rows}, indent=1)
+            write_atomic(path, data.encode())
+    except OSError as e:
+        known = full_or_read_only(e, path.parent, "quality decisions", "the decisions file")
+        if known is not None:
+            raise known from None
+        raise
     return kept
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold the decisions' lock file, so a read-modify-write is never interleaved."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
