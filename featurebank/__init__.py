@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         Quality,
         RemoteBank,
         Served,
+        SplitCheck,
         Suggestion,
         Written,
         connect,
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Batch", "Classification", "Duplicate", "FeatureBank", "Finding", "Hits", "Info", "Item", "Kept",
     "Keys", "Leak", "LocalBank", "Neighbor", "Outlier", "Page", "Published", "Quality", "RemoteBank",
-    "Served", "Suggestion", "Written", "connect", "create", "keys", "open",
+    "Served", "SplitCheck", "Suggestion", "Written", "connect", "create", "keys", "open",
 ]  # fmt: skip
 
 

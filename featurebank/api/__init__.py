@@ -31,6 +31,7 @@ from featurebank.api.results import (
     Page,
     Published,
     Quality,
+    SplitCheck,
     Suggestion,
     Written,
 )
@@ -39,5 +40,5 @@ from featurebank.api.serving import Served
 __all__ = [
     "Batch", "Classification", "Duplicate", "FeatureBank", "Finding", "Hits", "Info", "Item", "Kept",
     "Keys", "Leak", "LocalBank", "Neighbor", "Outlier", "Page", "Published", "Quality", "RemoteBank",
-    "Served", "Suggestion", "Written", "connect", "create", "keys", "open",
+    "Served", "SplitCheck", "Suggestion", "Written", "connect", "create", "keys", "open",
 ]  # fmt: skip

@@ -33,6 +33,7 @@ from featurebank.api.results import (
     Page,
     Published,
     Quality,
+    SplitCheck,
     Suggestion,
     Written,
 )
@@ -282,6 +283,8 @@ def _quality(r: pb.QualityResponse) -> Quality:
         leaks=[Leak(x.train, x.held_out, x.split, x.distance, x.exact) for x in r.leaks],
         outliers=[Outlier(o.key, o.score, o.distance, [(nb.key, nb.distance) for nb in o.neighbors])
                   for o in r.outliers],
+        splits=[SplitCheck(c.split, c.items, c.uncovered, list(c.uncovered_keys), c.label_distance,
+                           list(c.missing_labels)) for c in r.splits],
         counts=dict(r.counts), index_generation=r.index_generation,
         labels_generation=r.labels_generation, seconds=r.seconds,
     )

@@ -201,9 +201,23 @@ class Outlier(Result):
 
 
 @dataclass(frozen=True)
+class SplitCheck(Result):
+    """How well a held-out split (val, test) represents train: its items none of whose
+    nearest neighbours is a train item, how far its label shares are from train's (total
+    variation, 0 = the same) and train's labels it lacks."""
+
+    split: str
+    items: int
+    uncovered: int
+    uncovered_keys: list[str]
+    label_distance: float
+    missing_labels: list[str]
+
+
+@dataclass(frozen=True)
 class Quality(Result):
     """One data-quality pass: wrong labels (with an estimate of how many, per class and per
-    swapped pair), duplicates, train/test leaks and outliers. `counts` are whole; each list
+    swapped pair), duplicates, train/test leaks, outliers and held-out splits against train. `counts` are whole; each list
     is cut to the `n` asked. `estimated_wrong` is None for a bank without labels."""
 
     items: int
@@ -215,6 +229,7 @@ class Quality(Result):
     duplicates: list[Duplicate]
     leaks: list[Leak]
     outliers: list[Outlier]
+    splits: list[SplitCheck]
     counts: dict[str, int]
     index_generation: int
     labels_generation: int

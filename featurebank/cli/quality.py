@@ -16,7 +16,8 @@ from featurebank.cli import Commands
 def register(commands: Commands) -> None:
     p = commands.command(
         "quality",
-        "wrong labels (with an estimate per class), duplicates, train/test leaks and outliers",
+        "wrong labels (with an estimate per class), duplicates, train/test leaks, outliers and "
+        "held-out splits unlike train",
         _quality,
     )
     p.add_argument("--bank", required=True, help="bank directory")
@@ -93,6 +94,14 @@ def lines(report: Any) -> list[str]:
         kind = "exact" if leak.exact else f"near {leak.distance:.4g}"
         out.append(f"  leak {kind}: {leak.train}[train] ~ {leak.held_out}[{leak.split}]")
     out.append(f"outliers: {report.counts['outliers']} above {report.outlier_cut:.3g}")
+    for c in report.splits:
+        missing = f", no item labelled {' '.join(c.missing_labels)}" if c.missing_labels else ""
+        out.append(
+            f"split {c.split}: {c.items} items, {c.uncovered} far from every train item "
+            f"({c.uncovered_share:.1%}), label shares {c.label_distance:.2f} from "
+            f"train's (total variation){missing}"
+        )
+        out.extend(f"  uncovered {key}" for key in c.uncovered_keys)
     if report.counts["kept"]:
         out.append(f"(and {report.counts['kept']} findings kept earlier, not listed)")
     for o in report.outliers:

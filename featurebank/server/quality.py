@@ -73,6 +73,12 @@ def response(r: Report) -> pb.QualityResponse:
                        neighbors=[pb.NearItem(key=k, distance=dist) for k, dist in o.neighbors])
             for o in r.outliers
         ],
+        splits=[
+            pb.SplitCheck(split=c.split, items=c.items, uncovered=c.uncovered,
+                          uncovered_keys=c.uncovered_keys, label_distance=c.label_distance,
+                          missing_labels=c.missing_labels)
+            for c in r.splits
+        ],
     )
     le = r.labels
     if le is not None:

@@ -2157,6 +2157,49 @@ class Outlier(_message.Message):
 Global___Outlier: _TypeAlias = Outlier  # noqa: Y015
 
 @_typing.final
+class SplitCheck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPLIT_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    UNCOVERED_FIELD_NUMBER: _builtins.int
+    UNCOVERED_KEYS_FIELD_NUMBER: _builtins.int
+    LABEL_DISTANCE_FIELD_NUMBER: _builtins.int
+    MISSING_LABELS_FIELD_NUMBER: _builtins.int
+    split: _builtins.str
+    """val or test"""
+    items: _builtins.int
+    uncovered: _builtins.int
+    """items whose nearest train item is farther than train items' own (robust cut)"""
+    label_distance: _builtins.float
+    """total variation distance of its label shares from train's"""
+    @_builtins.property
+    def uncovered_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """farthest from train first, cut as asked"""
+
+    @_builtins.property
+    def missing_labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """train's labels it has no item of"""
+
+    def __init__(
+        self,
+        *,
+        split: _builtins.str = ...,
+        items: _builtins.int = ...,
+        uncovered: _builtins.int = ...,
+        uncovered_keys: _abc.Iterable[_builtins.str] | None = ...,
+        label_distance: _builtins.float = ...,
+        missing_labels: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "label_distance", b"label_distance", "missing_labels", b"missing_labels", "split", b"split", "uncovered", b"uncovered", "uncovered_keys", b"uncovered_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitCheck: _TypeAlias = SplitCheck  # noqa: Y015
+
+@_typing.final
 class QualityResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -2202,6 +2245,7 @@ class QualityResponse(_message.Message):
     LABELS_GENERATION_FIELD_NUMBER: _builtins.int
     INCREMENTAL_FIELD_NUMBER: _builtins.int
     CHANGED_ITEMS_FIELD_NUMBER: _builtins.int
+    SPLITS_FIELD_NUMBER: _builtins.int
     items: _builtins.int
     labelled: _builtins.int
     has_labels: _builtins.bool
@@ -2244,6 +2288,10 @@ class QualityResponse(_message.Message):
     def counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """findings of each kind before the lists were cut"""
 
+    @_builtins.property
+    def splits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SplitCheck]:
+        """each held-out split against train (none without train items)"""
+
     def __init__(
         self,
         *,
@@ -2269,10 +2317,11 @@ class QualityResponse(_message.Message):
         labels_generation: _builtins.int = ...,
         incremental: _builtins.bool = ...,
         changed_items: _builtins.int = ...,
+        splits: _abc.Iterable[Global___SplitCheck] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_items", b"changed_items", "classes", b"classes", "counts", b"counts", "duplicate_threshold", b"duplicate_threshold", "duplicates", b"duplicates", "estimated_wrong", b"estimated_wrong", "has_labels", b"has_labels", "incremental", b"incremental", "index_generation", b"index_generation", "items", b"items", "label_candidates", b"label_candidates", "label_cut", b"label_cut", "label_errors", b"label_errors", "label_estimated_precision", b"label_estimated_precision", "label_selected", b"label_selected", "labelled", b"labelled", "labels_generation", b"labels_generation", "leaks", b"leaks", "outlier_cut", b"outlier_cut", "outliers", b"outliers", "seconds", b"seconds", "swaps", b"swaps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_items", b"changed_items", "classes", b"classes", "counts", b"counts", "duplicate_threshold", b"duplicate_threshold", "duplicates", b"duplicates", "estimated_wrong", b"estimated_wrong", "has_labels", b"has_labels", "incremental", b"incremental", "index_generation", b"index_generation", "items", b"items", "label_candidates", b"label_candidates", "label_cut", b"label_cut", "label_errors", b"label_errors", "label_estimated_precision", b"label_estimated_precision", "label_selected", b"label_selected", "labelled", b"labelled", "labels_generation", b"labels_generation", "leaks", b"leaks", "outlier_cut", b"outlier_cut", "outliers", b"outliers", "seconds", b"seconds", "splits", b"splits", "swaps", b"swaps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -40,7 +40,7 @@ def findings(q: fb.Quality) -> tuple[object, ...]:
         q.items, q.labelled, {f.key for f in q.label_errors}, q.swapped and q.swapped[0][:2],
         [(d.keys, d.splits, d.exact) for d in q.duplicates],
         [(x.train, x.held_out, x.split) for x in q.leaks], [o.key for o in q.outliers],
-        q.counts,
+        q.counts, q.splits,
     )
 
 
@@ -121,3 +121,44 @@ def test_findings_kept_by_three_processes_at_once_are_all_remembered(tmp_path: P
 
     kept = {k.keys[0] for k in load(Bank(tmp_path / "b"))}
     assert kept == set(keys)
+
+
+def test_a_held_out_split_unlike_train_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Train: cats, dogs and foxes. Val: drawn like train. Test: cats and dogs only, plus
+    items from a region train has nothing in."""
+    keys, vectors, labels = clustered(60, DIM, noise=0.15)
+    rng = np.random.default_rng(3)
+    val = rng.choice(len(keys), size=30, replace=False)
+    splits = ["train"] * len(keys)
+    for i in val:
+        splits[i] = "val"
+    more, more_vectors, more_labels = clustered(10, DIM, classes=("cat", "dog"), seed=2, noise=0.15)
+    test = list(range(len(more)))
+    region = 2.5 + 0.05 * rng.normal(size=(6, DIM)).astype(np.float32)
+    with fb.create(tmp_path / "b", dim=DIM) as bank:
+        bank.upsert(vectors, keys=keys, labels=labels, splits=splits)
+        bank.upsert(more_vectors, keys=more, labels=more_labels, splits="test")
+        bank.upsert(region, keys=[f"new/{i}" for i in range(6)], labels="cat", splits="test")
+        bank.build_index(factory="Flat")
+        checks = {c.split: c for c in bank.quality().splits}
+    assert set(checks) == {"val", "test"}
+    assert checks["val"].uncovered <= 1 and checks["val"].missing_labels == []  # by chance, at most
+    assert checks["val"].label_distance < 0.2
+    t = checks["test"]
+    assert t.items == len(test) + 6 and 6 <= t.uncovered <= 7
+    assert sorted(t.uncovered_keys[:6]) == [f"new/{i}" for i in range(6)]  # the farthest first
+    assert t.missing_labels == ["fox"] and t.label_distance > 0.3
+    from featurebank.cli import main
+
+    assert main(["quality", "--bank", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert f"split test: {len(test) + 6} items, {t.uncovered} far from every train item" in out
+    assert "no item labelled fox" in out and "  uncovered new/0" in out
+
+
+def test_a_bank_with_no_train_split_has_no_split_checks(tmp_path: Path) -> None:
+    keys, vectors, labels = clustered(20, DIM)
+    with fb.create(tmp_path / "b", dim=DIM) as bank:
+        bank.upsert(vectors, keys=keys, labels=labels, splits="test")
+        bank.build_index(factory="Flat")
+        assert bank.quality().splits == []

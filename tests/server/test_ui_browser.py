@@ -396,6 +396,8 @@ def test_quality_view_lists_each_finding_and_acts_on_the_bank(page: dict[str, An
     assert "exact copies" in rows["duplicate"][f"cat/1-5 {Q_COPY}"].text
     assert list(rows["leak"]) == [Q_LEAK] and "fox/1-8 in train" in rows["leak"][Q_LEAK].text
     assert Q_ODD in rows["outlier"] and "score" in rows["outlier"][Q_ODD].text
+    split = quality_rows(d, "split")
+    assert list(split) == ["test"] and "test: 1 items, 0 far from every train item" in split["test"].text
     loaded = d.execute_script(
         "return [...document.querySelectorAll('#view-quality img')]"
         ".filter(i => i.complete && i.naturalWidth > 0).length"

@@ -1,9 +1,9 @@
-"""The data-quality pass: wrong labels, duplicates, leaks and outliers from the bank's
-index, without training anything.
+"""The data-quality pass: wrong labels, duplicates, leaks, outliers and held-out splits
+unlike train, from the bank's index, without training anything.
 
-One module per finding type (labels, duplicates, outliers) over the neighbour lists of
-every item (neighbourhood, computed in blocks by space); this module puts the findings
-into one `Report`. A `Cache` keeps the lists, so a later pass over the same bank applies
+One module per finding type (labels, duplicates, outliers, held_out) over the neighbour
+lists of every item (neighbourhood, computed in blocks by space); this module puts the
+findings into one `Report`. A `Cache` keeps the lists, so a later pass over the same bank applies
 only what changed since. A bank without labels still gets duplicates, leaks and outliers.
 """
 
@@ -12,14 +12,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from featurebank.classify.classifier import Classifier
 from featurebank.classify.knn import Voter
-from featurebank.classify.quality import decisions, duplicates, labels, neighbourhood, outliers
+from featurebank.classify.quality import (
+    decisions,
+    duplicates,
+    held_out,
+    labels,
+    neighbourhood,
+    outliers,
+)
 from featurebank.classify.quality.graph import Graph, graph_of
 from featurebank.core.errors import InvalidInput
 
@@ -42,6 +49,7 @@ class Report:
     counts: dict[str, int]  # findings of each kind before the lists were cut to the limit
     seconds: float
     changed: int | None = None  # items applied to the last pass's lists; None: read afresh
+    splits: list[held_out.SplitCheck] = field(default_factory=list)  # val/test against train
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -193,12 +201,14 @@ def report_of(
             {(k.keys[0], k.label) for k in kept if k.kind == "label"}, limit,
         )
         hidden += errors.kept
+    checks = held_out.find(everything.first(NEIGHBOURS), splits, labs, limit)
     counts = {
         "label_errors": 0 if errors is None else errors.candidates,
         "duplicate_groups": len(dups.groups),
         "exact_groups": sum(g.exact for g in dups.groups),
         "leaks": len(dups.leaks),
         "outliers": found.count,
+        "uncovered": sum(c.uncovered for c in checks),  # held-out items train has nothing near
         "kept": hidden,  # findings left out because a person kept them
     }
     dups.groups, dups.leaks = dups.groups[:limit], dups.leaks[:limit]
@@ -208,7 +218,7 @@ def report_of(
     return Report(
         items=len(keys), labelled=int(labelled.size), index_generation=hood.index_generation,
         labels_generation=labels_gen, labels=errors, duplicates=dups, outliers=found.listed,
-        outlier_cut=cut, counts=counts, seconds=seconds, changed=hood.changed,
+        outlier_cut=cut, counts=counts, seconds=seconds, changed=hood.changed, splits=checks,
     )
 
 

@@ -4,7 +4,8 @@
 // loadInfo, state) it uses.
 "use strict";
 
-const QUALITY_LISTS = ["quality-summary", "quality-labels", "quality-duplicates", "quality-leaks", "quality-outliers"];
+const QUALITY_LISTS = ["quality-summary", "quality-labels", "quality-duplicates", "quality-leaks", "quality-outliers",
+  "quality-splits"];
 const HELD_OUT = ["val", "test"];
 const READ_ONLY = "this page's token may only read: start featurebank ui with a write token to act on findings";
 const deleted = new Set();  // keys deleted from this view: a group's keep skips their pairs
@@ -30,6 +31,7 @@ async function loadQuality(event) {
     fill("quality-duplicates", r.duplicates.map((g) => groupRow(g, r.duplicate_threshold)), "No duplicates.");
     fill("quality-leaks", r.leaks.map(leakRow), "No leaks.");
     fill("quality-outliers", r.outliers.map(outlierRow), "No outliers.");
+    fill("quality-splits", (r.splits || []).map(splitRow), "No val or test items beside train ones.");
     showMessage("");
   } catch (e) {
     summary.replaceChildren();
@@ -210,6 +212,18 @@ function outlierRow(o) {
         button("keep", "Keep", () => act(row, `keep ${o.key}`, () => keepFinding("outlier", [o.key]), `${o.key} kept`))),
       el("div", { class: "outcome" })),
     el("div", { class: "evidence" }, ...o.neighbors.map((n) => tile(n.key, "", n.distance))));
+  return row;
+}
+
+function splitRow(c) {  // a held-out split against train: what it lacks, and its items train has nothing near
+  const share = c.items ? (100 * (c.uncovered || 0) / c.items).toFixed(1) : "0.0";
+  const missing = (c.missing_labels || []).length ? `, no item labelled ${c.missing_labels.join(", ")}` : "";
+  const row = el("div", { class: "finding", "data-kind": "split", "data-key": c.split });
+  row.append(
+    el("div", { class: "what" },
+      el("div", {}, el("b", {}, `${c.split}: ${c.items} items, ${c.uncovered || 0} far from every train item (${share} %)`)),
+      el("div", { class: "muted" }, `label shares ${(c.label_distance || 0).toFixed(2)} from train's (total variation)${missing}`)),
+    el("div", { class: "evidence" }, ...(c.uncovered_keys || []).map((k) => splitTile(k, c.split))));
   return row;
 }
 
