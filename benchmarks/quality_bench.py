@@ -19,6 +19,11 @@ classify_quality.py. Every system sees the same features (fastdup: the same imag
   none is charged for finding them.
 - Outliers: the 200 crops of lfw_subset added unlabelled. Scored: recall in the top 400
   (2x their number).
+- Held-out splits: the digits split 80/20 at random (the test split should look like
+  train: few uncovered items, label shares near train's), then the same test split with
+  every 9 moved out of train into it, and with 60 face crops added to it. Scored: the
+  uncovered share of the random split (false alarms), recall and precision of the planted
+  items (the 9s, the faces) among the uncovered, and the 9 named as a label train lacks.
 - Speed: on clustered 128-d vectors at 10k (--quick), 100k and 1M items: a full pass
   read afresh (warm), an update after 1,000 upserts (a planted copy and far item among
   them, which it must find), and the neighbour recall of the pass's lists against an
@@ -35,7 +40,8 @@ LogisticRegression probabilities alone; LocalOutlierFactor; a fixed cosine cut o
 Targets (exit 1 when one is missed, 2 when a precondition fails): label top-N recall
 >= 0.97 and AUPRC >= 0.99; default cut within 10 % of the number flipped at precision
 >= 0.90; estimate within 15 %; planted pairs on top; duplicate and leak precision
->= 0.95 and recall >= 0.90 (cropped copies too); outlier recall >= 0.9; the pass <= 1 s
+>= 0.95 and recall >= 0.90 (cropped copies too); outlier recall >= 0.9; a random split
+uncovered <= 2 %, planted uncovered items found with recall >= 0.9; the pass <= 1 s
 at 10k items and <= 60 s at 1M; an update after 1,000 upserts <= 1 s at 100k.
 
     python benchmarks/quality_bench.py [--quick]
@@ -409,6 +415,32 @@ def duplicates_case(emb: Any, pixels: np.ndarray, y: np.ndarray, faces: np.ndarr
 # ------------------------------------------------------------------ speed
 
 
+def splits_case(feats: np.ndarray, y: np.ndarray, faces_x: np.ndarray, tmp: Path
+                ) -> list[tuple[str, Any, set[str]]]:
+    """(case, the test split's check, the keys planted as unlike train) for a random 80/20
+    split of the digits, the 9s moved from train to test, and face crops added to test."""
+    rng = np.random.default_rng(5)
+    keys = [f"d{i}" for i in range(len(y))]
+    test = rng.random(len(y)) < 0.2
+    nines = {keys[i] for i in np.flatnonzero((y == 9) & ~test)}
+    face_keys = [f"face{i}" for i in range(60)]
+    cases = {
+        "random 80/20": (feats, keys, ["test" if t else "train" for t in test], set()),
+        "9s only in test": (feats, keys, ["test" if t or k in nines else "train"
+                                          for t, k in zip(test, keys, strict=True)], nines),
+        "face crops in test": (np.concatenate([feats, faces_x[:60]]), keys + face_keys,
+                               ["test" if t else "train" for t in test] + ["test"] * 60,
+                               set(face_keys)),
+    }
+    out = []
+    for j, (name, (x, ks, splits, planted)) in enumerate(cases.items()):
+        labels: list[str | None] = [str(c) for c in y] + [None] * (len(ks) - len(y))
+        report, _ = quality_of(make_bank(tmp / f"splits-{j}", x, ks, labels, splits))
+        check = next(c for c in report.splits if c.split == "test")
+        out.append((name, check, planted))
+    return out
+
+
 def speed_case(n: int, tmp: Path, updates: int = 1_000) -> dict[str, float]:
     """The pass over n clustered vectors: a full pass (read afresh, warm index), an update
     after `updates` upserts (a planted copy and a far item among them), and the
@@ -584,6 +616,23 @@ def main(argv: list[str] | None = None) -> int:
         check("leak precision", fb["leak precision"] >= 0.95)
         check("leak recall", fb["leak recall"] >= 0.90)
         check("outlier recall", fb["outlier recall"] >= TARGETS["outlier recall"])
+        print("\nheld-out splits against train (the digits' test split; uncovered: its items "
+              "whose nearest train item is past train's own cut)")
+        print(f"{'case':<20}{'items':>6}{'uncovered':>10}{'planted':>8}{'recall':>7}"
+              f"{'precision':>10}{'label TV':>9}  labels train lacks")
+        for name, c, planted in splits_case(feats, y, faces_x, tmp):
+            listed = set(c.uncovered_keys)
+            if len(listed) != c.uncovered:
+                print(f"precondition failed: {c.uncovered} uncovered, {len(listed)} listed")
+                return 2
+            recall = len(listed & planted) / len(planted) if planted else float("nan")
+            precision = len(listed & planted) / len(listed) if planted and listed else float("nan")
+            print(f"{name:<20}{c.items:>6}{c.uncovered:>10}{len(planted):>8}{recall:>7.3f}"
+                  f"{precision:>10.3f}{c.label_distance:>9.3f}  {' '.join(c.unseen_labels) or '-'}")
+            if not planted:
+                check("random split uncovered <= 2 %", c.uncovered <= 0.02 * c.items)
+            else:
+                check(f"{name}: planted uncovered recall", recall >= 0.9)
         print("\nspeed (clustered 128-d vectors, 50 classes, 5 % of labels wrong): a full "
               "pass read afresh, an update after 1,000 upserts (a planted copy and far item "
               "found: yes/no), neighbour recall of the pass's lists against exact search")

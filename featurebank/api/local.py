@@ -399,7 +399,8 @@ def quality_of(r: Report) -> Quality:
         outliers=[Outlier(o.key, float(o.score), float(o.distance),
                           [(k, float(d)) for k, d in o.neighbors]) for o in r.outliers],
         splits=[SplitCheck(c.split, c.items, c.uncovered, list(c.uncovered_keys),
-                           float(c.label_distance), list(c.missing_labels)) for c in r.splits],
+                           float(c.label_distance), list(c.missing_labels),
+                           list(c.unseen_labels)) for c in r.splits],
         counts=dict(r.counts), index_generation=r.index_generation,
         labels_generation=r.labels_generation, seconds=float(r.seconds),
     )

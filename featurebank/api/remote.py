@@ -284,7 +284,7 @@ def _quality(r: pb.QualityResponse) -> Quality:
         outliers=[Outlier(o.key, o.score, o.distance, [(nb.key, nb.distance) for nb in o.neighbors])
                   for o in r.outliers],
         splits=[SplitCheck(c.split, c.items, c.uncovered, list(c.uncovered_keys), c.label_distance,
-                           list(c.missing_labels)) for c in r.splits],
+                           list(c.missing_labels), list(c.unseen_labels)) for c in r.splits],
         counts=dict(r.counts), index_generation=r.index_generation,
         labels_generation=r.labels_generation, seconds=r.seconds,
     )

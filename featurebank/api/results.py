@@ -204,7 +204,7 @@ class Outlier(Result):
 class SplitCheck(Result):
     """How well a held-out split (val, test) represents train: its items none of whose
     nearest neighbours is a train item, how far its label shares are from train's (total
-    variation, 0 = the same) and train's labels it lacks."""
+    variation, 0 = the same), train's labels it lacks and its labels train lacks."""
 
     split: str
     items: int
@@ -212,6 +212,7 @@ class SplitCheck(Result):
     uncovered_keys: list[str]
     label_distance: float
     missing_labels: list[str]
+    unseen_labels: list[str]
 
 
 @dataclass(frozen=True)

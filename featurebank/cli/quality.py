@@ -96,6 +96,8 @@ def lines(report: Any) -> list[str]:
     out.append(f"outliers: {report.counts['outliers']} above {report.outlier_cut:.3g}")
     for c in report.splits:
         missing = f", no item labelled {' '.join(c.missing_labels)}" if c.missing_labels else ""
+        if c.unseen_labels:
+            missing += f", labels train has none of: {' '.join(c.unseen_labels)}"
         out.append(
             f"split {c.split}: {c.items} items, {c.uncovered} far from every train item "
             f"({c.uncovered_share:.1%}), label shares {c.label_distance:.2f} from "

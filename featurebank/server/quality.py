@@ -76,7 +76,7 @@ def response(r: Report) -> pb.QualityResponse:
         splits=[
             pb.SplitCheck(split=c.split, items=c.items, uncovered=c.uncovered,
                           uncovered_keys=c.uncovered_keys, label_distance=c.label_distance,
-                          missing_labels=c.missing_labels)
+                          missing_labels=c.missing_labels, unseen_labels=c.unseen_labels)
             for c in r.splits
         ],
     )

@@ -2166,6 +2166,7 @@ class SplitCheck(_message.Message):
     UNCOVERED_KEYS_FIELD_NUMBER: _builtins.int
     LABEL_DISTANCE_FIELD_NUMBER: _builtins.int
     MISSING_LABELS_FIELD_NUMBER: _builtins.int
+    UNSEEN_LABELS_FIELD_NUMBER: _builtins.int
     split: _builtins.str
     """val or test"""
     items: _builtins.int
@@ -2181,6 +2182,10 @@ class SplitCheck(_message.Message):
     def missing_labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """train's labels it has no item of"""
 
+    @_builtins.property
+    def unseen_labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """its labels train has no item of"""
+
     def __init__(
         self,
         *,
@@ -2190,10 +2195,11 @@ class SplitCheck(_message.Message):
         uncovered_keys: _abc.Iterable[_builtins.str] | None = ...,
         label_distance: _builtins.float = ...,
         missing_labels: _abc.Iterable[_builtins.str] | None = ...,
+        unseen_labels: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "label_distance", b"label_distance", "missing_labels", b"missing_labels", "split", b"split", "uncovered", b"uncovered", "uncovered_keys", b"uncovered_keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "label_distance", b"label_distance", "missing_labels", b"missing_labels", "split", b"split", "uncovered", b"uncovered", "uncovered_keys", b"uncovered_keys", "unseen_labels", b"unseen_labels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

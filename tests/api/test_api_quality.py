@@ -125,7 +125,7 @@ def test_findings_kept_by_three_processes_at_once_are_all_remembered(tmp_path: P
 
 def test_a_held_out_split_unlike_train_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Train: cats, dogs and foxes. Val: drawn like train. Test: cats and dogs only, plus
-    items from a region train has nothing in."""
+    owls from a region train has nothing in."""
     keys, vectors, labels = clustered(60, DIM, noise=0.15)
     rng = np.random.default_rng(3)
     val = rng.choice(len(keys), size=30, replace=False)
@@ -138,7 +138,7 @@ def test_a_held_out_split_unlike_train_is_reported(tmp_path: Path, capsys: pytes
     with fb.create(tmp_path / "b", dim=DIM) as bank:
         bank.upsert(vectors, keys=keys, labels=labels, splits=splits)
         bank.upsert(more_vectors, keys=more, labels=more_labels, splits="test")
-        bank.upsert(region, keys=[f"new/{i}" for i in range(6)], labels="cat", splits="test")
+        bank.upsert(region, keys=[f"new/{i}" for i in range(6)], labels="owl", splits="test")
         bank.build_index(factory="Flat")
         checks = {c.split: c for c in bank.quality().splits}
     assert set(checks) == {"val", "test"}
@@ -147,13 +147,14 @@ def test_a_held_out_split_unlike_train_is_reported(tmp_path: Path, capsys: pytes
     t = checks["test"]
     assert t.items == len(test) + 6 and 6 <= t.uncovered <= 7
     assert sorted(t.uncovered_keys[:6]) == [f"new/{i}" for i in range(6)]  # the farthest first
-    assert t.missing_labels == ["fox"] and t.label_distance > 0.3
+    assert t.missing_labels == ["fox"] and t.unseen_labels == ["owl"] and t.label_distance > 0.3
+    assert checks["val"].unseen_labels == []
     from featurebank.cli import main
 
     assert main(["quality", "--bank", str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     assert f"split test: {len(test) + 6} items, {t.uncovered} far from every train item" in out
-    assert "no item labelled fox" in out and "  uncovered new/0" in out
+    assert "no item labelled fox, labels train has none of: owl" in out and "  uncovered new/0" in out
 
 
 def test_a_bank_with_no_train_split_has_no_split_checks(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ on. A `val`/`test` item is uncovered when its nearest train item is farther than
 items' own nearest train neighbours are but for extremes (the same robust log-scale cut as
 outliers): it lies where train has no data. For a split drawn at random from the bank, its
 items' nearest train distances are distributed like train's own, so few are. A label
-train has and a split lacks is not measured there at all, and label shares far from
+train has and a split lacks is not measured there at all (one the split has and train
+lacks cannot be predicted), and label shares far from
 train's weigh the score's classes differently from training.
 """
 
@@ -32,6 +33,7 @@ class SplitCheck:
     uncovered: int  # items whose nearest train item is farther than train's own cut
     label_distance: float  # total variation distance of its label shares from train's (0: same)
     missing_labels: list[str]  # train's labels it has no item of
+    unseen_labels: list[str]  # its labels train has no item of
     uncovered_keys: list[str] = field(default_factory=list)  # farthest from train first
 
     @property
@@ -69,6 +71,7 @@ def find(
         out.append(SplitCheck(
             name, int(rows.size), int(lonely.size), float(distance),
             sorted(set(train_shares) - set(shares)) if shares else [],
+            sorted(set(shares) - set(train_shares)) if train_shares else [],
             [str(graph.keys[r]) for r in lonely[:limit].tolist()],
         ))
     return out

@@ -217,7 +217,8 @@ function outlierRow(o) {
 
 function splitRow(c) {  // a held-out split against train: what it lacks, and its items train has nothing near
   const share = c.items ? (100 * (c.uncovered || 0) / c.items).toFixed(1) : "0.0";
-  const missing = (c.missing_labels || []).length ? `, no item labelled ${c.missing_labels.join(", ")}` : "";
+  const missing = ((c.missing_labels || []).length ? `, no item labelled ${c.missing_labels.join(", ")}` : "") +
+    ((c.unseen_labels || []).length ? `, labels train has none of: ${c.unseen_labels.join(", ")}` : "");
   const row = el("div", { class: "finding", "data-kind": "split", "data-key": c.split });
   row.append(
     el("div", { class: "what" },
