@@ -13,7 +13,8 @@ Two RPCs, both for the write or the replicate role (server/auth.py):
   (store/replication.py), then each new commit as it lands (the stream is woken by the
   commit), plus a heartbeat with the published generations every `HEARTBEAT_S`. The
   replica answers with the generation it applied: that is its lag here, and what the
-  change log is kept for.
+  change log is kept for. The kept quality findings (`quality/decisions.json`, outside
+  the store) travel on the stream too: first, and whenever the file changes.
 
 Retention: the log is trimmed, at most every `TRIM_EVERY_S` while replicas follow, to the
 oldest generation a replica seen in the last `grace_s` still needs, but never more than
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from featurebank.classify.quality import decisions
 from featurebank.core.bank import Bank, current_generation, generations
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
 from featurebank.server.batching import run_in
@@ -396,9 +398,16 @@ async def follow_stream(
                 "(compacted since the replica copied it)"))
             return
         beat, announced = 0.0, (0, 0)
+        told: tuple[int, int] | None = (-1, -1)  # the decisions' stamp last sent (none yet)
         while not hub.closed:
             woken.clear()  # before looking: a commit from here on wakes the wait below
             published = _published(bank)
+            stamp = decisions.stamp(bank)
+            if stamp != told:
+                yield pb.StoreDelta(primary_store_generation=sent, index_generation=announced[0],
+                                    head_generation=announced[1], decisions_changed=True,
+                                    quality_decisions=decisions.content(bank))
+                told = stamp
             if int(store.generation) > sent:
                 try:
                     delta = await run_in(engine.compute, records.delta_after, store, sent)

@@ -32,6 +32,7 @@ from typing import Any
 
 import grpc
 
+from featurebank.classify.quality import decisions
 from featurebank.core.bank import Bank, current_generation, prune, write_atomic
 from featurebank.core.errors import NotFound
 from featurebank.server import replication
@@ -169,6 +170,8 @@ class Puller:
                     self.primary_generation = max(self.primary_generation, msg.primary_store_generation)
                     self.primary_index, self.primary_head = msg.index_generation, msg.head_generation
                     parts += [records.Record(r.db, r.key, None if r.deleted else r.value) for r in msg.records]
+                    if msg.decisions_changed:
+                        decisions.install(self.bank, msg.quality_decisions)
                     if msg.complete:
                         records.apply(self.store, parts, msg.after_generation, msg.generation)
                         parts = []

@@ -2867,6 +2867,8 @@ class StoreDelta(_message.Message):
     INDEX_GENERATION_FIELD_NUMBER: _builtins.int
     HEAD_GENERATION_FIELD_NUMBER: _builtins.int
     REBOOTSTRAP_FIELD_NUMBER: _builtins.int
+    DECISIONS_CHANGED_FIELD_NUMBER: _builtins.int
+    QUALITY_DECISIONS_FIELD_NUMBER: _builtins.int
     after_generation: _builtins.int
     """the records apply to a store at this generation..."""
     generation: _builtins.int
@@ -2880,6 +2882,10 @@ class StoreDelta(_message.Message):
     head_generation: _builtins.int
     rebootstrap: _builtins.str
     """non-empty: the replica must copy a new snapshot, and why"""
+    decisions_changed: _builtins.bool
+    """the primary's kept quality findings, first and when they change:"""
+    quality_decisions: _builtins.bytes
+    """BANK/quality/decisions.json (empty: the primary has none)"""
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoreRecord]: ...
     def __init__(
@@ -2893,10 +2899,12 @@ class StoreDelta(_message.Message):
         index_generation: _builtins.int = ...,
         head_generation: _builtins.int = ...,
         rebootstrap: _builtins.str = ...,
+        decisions_changed: _builtins.bool = ...,
+        quality_decisions: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_generation", b"after_generation", "complete", b"complete", "generation", b"generation", "head_generation", b"head_generation", "index_generation", b"index_generation", "primary_store_generation", b"primary_store_generation", "rebootstrap", b"rebootstrap", "records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_generation", b"after_generation", "complete", b"complete", "decisions_changed", b"decisions_changed", "generation", b"generation", "head_generation", b"head_generation", "index_generation", b"index_generation", "primary_store_generation", b"primary_store_generation", "quality_decisions", b"quality_decisions", "rebootstrap", b"rebootstrap", "records", b"records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

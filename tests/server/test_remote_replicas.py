@@ -122,6 +122,21 @@ def test_the_record_of_inputs_that_failed_to_embed_follows_too(pair: Any) -> Non
         assert same_records(replica_store, primary_store)
 
 
+def test_kept_quality_findings_follow_to_the_replica(pair: Any) -> None:
+    from featurebank.classify.quality import decisions
+
+    p, r = pair
+    mine, theirs = p.server.engine.bank, r.server.engine.bank
+    assert mine.root != theirs.root
+    with FeatureBankClient(p.target) as pc, FeatureBankClient(r.target) as rc:
+        pc.keep_finding("outlier", ["dog/1-3"])
+        until(lambda: decisions.content(theirs) == decisions.content(mine) != b"")
+        pc.keep_finding("duplicate", ["cat/1-4", "fox/1-4"])
+        until(lambda: decisions.content(theirs) == decisions.content(mine))
+        assert {k.kind for k in decisions.load(theirs)} == {"outlier", "duplicate"}
+        assert rc.quality().items == pc.quality().items
+
+
 def test_a_commit_wakes_the_follow_stream_rather_than_the_next_heartbeat(
     fresh_bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -51,6 +51,25 @@ def stamp(bank: Bank) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
+def content(bank: Bank) -> bytes:
+    """The decisions file as it is (empty without one): what a remote replica copies."""
+    try:
+        return path_of(bank).read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def install(bank: Bank, data: bytes) -> None:
+    """Make the bank's decisions file `data` (none when empty), as a replica follows its
+    primary's; unchanged files are left alone."""
+    if content(bank) == data:
+        return
+    if data:
+        write_atomic(path_of(bank), data)
+    else:
+        path_of(bank).unlink(missing_ok=True)
+
+
 def load(bank: Bank) -> set[Kept]:
     """Every remembered decision of the bank (none when it has none)."""
     path = path_of(bank)
