@@ -185,8 +185,8 @@ class FeatureBank(abc.ABC):
         return Batch(self._audit(n, check_filter(filter)))
 
     def quality(self, n: int = 100, *, precision: float | None = None) -> Quality:
-        """One data-quality pass: wrong labels, duplicates, train/test leaks and outliers,
-        `n` findings listed per kind. `precision` cuts the label list where its estimated
+        """One data-quality pass: wrong labels, duplicates, train/test leaks, outliers and
+        each held-out split against train, `n` findings listed per kind. `precision` cuts the label list where its estimated
         precision falls under it (default: at the estimated number of wrong labels)."""
         _check_int("n", n)
         if precision is not None and (

@@ -202,9 +202,10 @@ class Outlier(Result):
 
 @dataclass(frozen=True)
 class SplitCheck(Result):
-    """How well a held-out split (val, test) represents train: its items none of whose
-    nearest neighbours is a train item, how far its label shares are from train's (total
-    variation, 0 = the same), train's labels it lacks and its labels train lacks."""
+    """How well a held-out split (val, test) represents train: its items farther from every
+    train item than train items are from each other but for extremes (`uncovered`), how far
+    its label shares are from train's (total variation, 0 = the same), train's labels it
+    lacks and its labels train lacks."""
 
     split: str
     items: int
@@ -218,8 +219,9 @@ class SplitCheck(Result):
 @dataclass(frozen=True)
 class Quality(Result):
     """One data-quality pass: wrong labels (with an estimate of how many, per class and per
-    swapped pair), duplicates, train/test leaks, outliers and held-out splits against train. `counts` are whole; each list
-    is cut to the `n` asked. `estimated_wrong` is None for a bank without labels."""
+    swapped pair), duplicates, train/test leaks, outliers and each held-out split against
+    train. `counts` are whole; each list is cut to the `n` asked. `estimated_wrong` is None
+    for a bank without labels."""
 
     items: int
     labelled: int

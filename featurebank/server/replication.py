@@ -404,10 +404,10 @@ async def follow_stream(
             published = _published(bank)
             stamp = decisions.stamp(bank)
             if stamp != told:
-                yield pb.StoreDelta(primary_store_generation=sent, index_generation=announced[0],
-                                    head_generation=announced[1], decisions_changed=True,
+                yield pb.StoreDelta(primary_store_generation=sent, index_generation=published[0],
+                                    head_generation=published[1], decisions_changed=True,
                                     quality_decisions=decisions.content(bank))
-                told = stamp
+                told, beat, announced = stamp, time.monotonic(), published  # a heartbeat too
             if int(store.generation) > sent:
                 try:
                     delta = await run_in(engine.compute, records.delta_after, store, sent)

@@ -3,8 +3,9 @@ unlike train, from the bank's index, without training anything.
 
 One module per finding type (labels, duplicates, outliers, held_out) over the neighbour
 lists of every item (neighbourhood, computed in blocks by space); this module puts the
-findings into one `Report`. A `Cache` keeps the lists, so a later pass over the same bank applies
-only what changed since. A bank without labels still gets duplicates, leaks and outliers.
+findings into one `Report`. A `Cache` keeps the lists, so a later pass over the same bank
+applies only what changed since. A bank without labels still gets duplicates, leaks,
+outliers and split checks.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ items' own nearest train neighbours are but for extremes (the same robust log-sc
 outliers): it lies where train has no data. For a split drawn at random from the bank, its
 items' nearest train distances are distributed like train's own, so few are. A label
 train has and a split lacks is not measured there at all (one the split has and train
-lacks cannot be predicted), and label shares far from
-train's weigh the score's classes differently from training.
+lacks cannot be predicted), and label shares far from train's weigh the score's classes
+differently from training.
 """
 
 from __future__ import annotations
