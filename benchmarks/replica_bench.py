@@ -4,7 +4,8 @@ Separate processes and data folders on one machine, loopback standing in for the
 
 (1) Bootstrap: `serve --replica --primary ADDR --data DIR`'s copy of a bank (a consistent
     snapshot over gRPC, each chunk and file with its crc32) against `cp -r` of the same
-    bytes (the limit: the kernel copies the pages) and a plain Python read + write of them,
+    bytes (the limit: the kernel copies the pages), `cp -r` then `sync` (the same copy made
+    durable, as the bootstrap fsyncs what it wrote) and a plain Python read + write of them,
     each the best of --rounds rounds (this machine's page cache and neighbours make any one
     copy vary 2-3x); target within 2x of cp. Precondition: the copy holds the primary's
     items and generation.
@@ -139,6 +140,12 @@ def python_copy(src: Path, dest: Path) -> None:
             os.close(fout)
 
 
+def copy_durably(src: Path, dest: Path) -> None:
+    """`cp -r` and then `sync`: the same bytes on disk, not just in the page cache."""
+    subprocess.run(["cp", "-r", str(src), str(dest)], check=True)
+    os.sync()
+
+
 def own_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -155,7 +162,7 @@ def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
 def bench_bootstrap(bank: Path, work: Path, rounds: int, checks: Targets) -> None:
     print(f"\n(1) Bootstrap of {bank} over gRPC vs cp -r of the same bytes, best of {rounds} "
           "rounds (each: bootstrap, cp -r, a Python copy; every copy removed after its round)")
-    times: dict[str, list[float]] = {"bootstrap": [], "cp": [], "python": []}
+    times: dict[str, list[float]] = {"bootstrap": [], "cp": [], "cp+sync": [], "python": []}
     cpu = {"replica": 0.0, "primary": 0.0}
     with Serving("--bank", str(bank)) as primary, FeatureBankClient(primary.target) as c:
         info = c.info()
@@ -168,12 +175,13 @@ def bench_bootstrap(bank: Path, work: Path, rounds: int, checks: Targets) -> Non
             snapshot = next((bank / ".snapshots").iterdir())
             cp = ["cp", "-r", str(snapshot), str(work / "cp")]
             times["cp"].append(timed(subprocess.run, cp)[0])
+            times["cp+sync"].append(timed(copy_durably, snapshot, work / "durable")[0])
             times["python"].append(timed(python_copy, snapshot, work / "py")[0])
             with store_mod.open(work / "replica", readonly=True) as st:
                 same = st.count == info.count and st.generation == info.store_generation
             cp_bytes = tree_bytes(work / "cp") - (work / "cp" / "manifest.json").stat().st_size
             copied = state["bootstrap_bytes"]
-            for folder in (work / "replica", work / "cp", work / "py", snapshot):
+            for folder in (work / "replica", work / "cp", work / "durable", work / "py", snapshot):
                 shutil.rmtree(folder)
     checks.check(same, f"the copy holds the primary's {info.count} items at store generation "
                  f"{info.store_generation}")
@@ -187,6 +195,9 @@ def bench_bootstrap(bank: Path, work: Path, rounds: int, checks: Targets) -> Non
           f"{cpu['replica'] / rounds:.2f} s")
     print(f"  cp -r      : {best['cp']:6.2f} s ({mib / best['cp']:7.1f} MiB/s; rounds {every['cp']}): "
           "the limit, inside the kernel, page cache, no fsync")
+    print(f"  cp -r, sync: {best['cp+sync']:6.2f} s ({mib / best['cp+sync']:7.1f} MiB/s; rounds "
+          f"{every['cp+sync']}): the same copy on disk, as durable as the bootstrap's "
+          f"(bootstrap / this: {best['bootstrap'] / best['cp+sync']:.2f}x)")
     print(f"  Python copy: {best['python']:6.2f} s ({mib / best['python']:7.1f} MiB/s; rounds "
           f"{every['python']}): read + write from one buffer, no network, no fsync")
     ratio = best["bootstrap"] / best["cp"]
