@@ -54,6 +54,7 @@ KEYS = {"blue": "1", "green": "2", "red": "3"}  # the page's keys for the sorted
 WRONG = "red/labelled-blue"
 # the quality bank's planted findings (vectors of three clusters, thumbnails by class colour)
 Q_WRONG, Q_COPY, Q_LEAK, Q_ODD = "cat/1-3", "cat/1-5 copy", "fox/1-8 in test", "odd/0"
+Q_NEW = "new/0 in test"  # a test item train has nothing like
 Q_COLORS = {"cat": (220, 30, 30), "dog": (30, 200, 40), "fox": (30, 40, 220), "odd": (128, 128, 128)}
 
 
@@ -108,24 +109,25 @@ def jpeg(rgb: tuple[int, int, int]) -> bytes:
 
 def make_quality_bank(root: Path) -> Path:
     """Three clusters of 12 with a cat labelled dog, an exact copy (same sha256), a train
-    item copied into test and an item far from every cluster."""
+    item copied into test, an item far from every cluster and a test item far from train."""
     from featurebank.index.build import build_index
 
     keys, vectors, labels = clustered(12, 16, noise=0.15)
     labels[keys.index(Q_WRONG)] = "dog"
     original, leaked = keys.index("cat/1-5"), keys.index("fox/1-8")
-    far = 3 * np.random.default_rng(9).normal(size=(1, 16)).astype(np.float32)
+    far = 3 * np.random.default_rng(9).normal(size=(2, 16)).astype(np.float32)
     shas: list[dict[str, Any] | None] = [None] * len(keys)
     shas[original] = {"sha256": "0" * 64}
     with store_mod.create(root, make_spec(16)) as st:
         st.put_batch(keys, vectors, labels=labels, splits=["train"] * len(keys),
                      meta=shas, thumbnails=[jpeg(Q_COLORS[k.split("/")[0]]) for k in keys])
         st.put_batch(
-            [Q_COPY, Q_LEAK, Q_ODD],
+            [Q_COPY, Q_LEAK, Q_ODD, Q_NEW],
             np.concatenate([vectors[[original, leaked]], far]),
-            labels=["cat", None, None], splits=["train", "test", "none"],
-            meta=[{"sha256": "0" * 64}, None, None],
-            thumbnails=[jpeg(Q_COLORS["cat"]), jpeg(Q_COLORS["fox"]), jpeg(Q_COLORS["odd"])],
+            labels=["cat", None, None, None], splits=["train", "test", "none", "test"],
+            meta=[{"sha256": "0" * 64}, None, None, None],
+            thumbnails=[jpeg(Q_COLORS["cat"]), jpeg(Q_COLORS["fox"]), jpeg(Q_COLORS["odd"]),
+                        jpeg(Q_COLORS["odd"])],
         )
     build_index(root, factory="Flat")
     return root
@@ -397,7 +399,9 @@ def test_quality_view_lists_each_finding_and_acts_on_the_bank(page: dict[str, An
     assert list(rows["leak"]) == [Q_LEAK] and "fox/1-8 in train" in rows["leak"][Q_LEAK].text
     assert Q_ODD in rows["outlier"] and "score" in rows["outlier"][Q_ODD].text
     split = quality_rows(d, "split")
-    assert list(split) == ["test"] and "test: 1 items, 0 far from every train item" in split["test"].text
+    assert list(split) == ["test"] and "test: 2 items, 1 far from every train item" in split["test"].text
+    uncovered = split["test"].find_elements(By.CSS_SELECTOR, ".member")
+    assert [m.get_attribute("data-key") for m in uncovered] == [Q_NEW]
     loaded = d.execute_script(
         "return [...document.querySelectorAll('#view-quality img')]"
         ".filter(i => i.complete && i.naturalWidth > 0).length"
@@ -427,10 +431,13 @@ def test_quality_view_lists_each_finding_and_acts_on_the_bank(page: dict[str, An
     odd = rows["outlier"][Q_ODD]
     odd.find_element(By.CLASS_NAME, "keep").click()
     assert done(odd) == f"{Q_ODD} kept"
+    uncovered[0].find_element(By.CLASS_NAME, "train").click()
+    assert done(uncovered[0]) == f"{Q_NEW} moved from test to train"
     with store_mod.open(qbank, readonly=True) as st:
         assert st.get_by_keys([Q_WRONG]).labels == ["cat"]
         assert st.missing([Q_COPY]) == [Q_COPY]
         assert st.get_by_keys([Q_LEAK]).splits == ["none"]
+        assert st.get_by_keys([Q_NEW]).splits == ["train"]
     with FeatureBankClient(page["server"].target, token=TOKEN).for_bank("quality") as c:
         r = c.quality()
     assert Q_WRONG not in {f.key for f in r.label_errors} and not r.leaks

@@ -109,7 +109,8 @@ function button(cls, text, onclick) {
 
 const keepFinding = (kind, keys) => postJSON("/api/keep", { kind, keys });
 const deleteKey = (key) => postJSON("/api/delete", { keys: [key] });
-const dropFromSplit = (key) => postJSON("/api/splits", { splits: { [key]: "none" } });
+const moveToSplit = (key, split) => postJSON("/api/splits", { splits: { [key]: split } });
+const dropFromSplit = (key) => moveToSplit(key, "none");
 
 // `short`: the button sits on the item's own tile, so it need not name it
 function deleteButton(node, key, short = false) {
@@ -215,6 +216,20 @@ function outlierRow(o) {
   return row;
 }
 
+function uncoveredMember(key, split) {  // an item train has nothing like: train could learn from it, or it goes
+  const member = el("div", { class: "member", "data-key": key }, tile(key, "", undefined),
+    el("div", { class: "muted" }, split));
+  const outcome = `${key} moved from ${split} to train`;
+  member.append(
+    button("train", "Move to train", async () => {
+      if (await act(member, `move ${key} to train`, () => moveToSplit(key, "train"), outcome)) {
+        settleKey(key, outcome, ABOUT_ITS_SPLIT);
+      }
+    }),
+    dropButton(member, key, split, true), el("div", { class: "outcome" }));
+  return member;
+}
+
 function splitRow(c) {  // a held-out split against train: what it lacks, and its items train has nothing near
   const share = c.items ? (100 * (c.uncovered || 0) / c.items).toFixed(1) : "0.0";
   const missing = ((c.missing_labels || []).length ? `, no item labelled ${c.missing_labels.join(", ")}` : "") +
@@ -224,7 +239,7 @@ function splitRow(c) {  // a held-out split against train: what it lacks, and it
     el("div", { class: "what" },
       el("div", {}, el("b", {}, `${c.split}: ${c.items} items, ${c.uncovered || 0} far from every train item (${share} %)`)),
       el("div", { class: "muted" }, `label shares ${(c.label_distance || 0).toFixed(2)} from train's (total variation)${missing}`)),
-    el("div", { class: "evidence" }, ...(c.uncovered_keys || []).map((k) => splitTile(k, c.split))));
+    el("div", { class: "evidence" }, ...(c.uncovered_keys || []).map((k) => uncoveredMember(k, c.split))));
   return row;
 }
 
