@@ -141,6 +141,12 @@ def test_a_held_out_split_unlike_train_is_reported(tmp_path: Path, capsys: pytes
         bank.upsert(region, keys=[f"new/{i}" for i in range(6)], labels="owl", splits="test")
         bank.build_index(factory="Flat")
         checks = {c.split: c for c in bank.quality().splits}
+        with bank.serve() as served, fb.connect(served.address) as remote:
+            over = {c.split: c for c in remote.quality().splits}
+    assert {s: (c.items, c.uncovered, c.uncovered_keys, c.missing_labels, c.unseen_labels)
+            for s, c in over.items()} == {
+        s: (c.items, c.uncovered, c.uncovered_keys, c.missing_labels, c.unseen_labels)
+        for s, c in checks.items()}
     assert set(checks) == {"val", "test"}
     assert checks["val"].uncovered <= 1 and checks["val"].missing_labels == []  # by chance, at most
     assert checks["val"].label_distance < 0.2
