@@ -165,7 +165,8 @@ class Download:
                     raise FailedPrecondition(
                         f"the primary {self.link.address} refused the snapshot: {e.details()}"  # type: ignore[attr-defined]
                     ) from None
-                log.info("snapshot stream from %s dropped (%s): resuming", self.link.address, code)
+                log.log(logging.WARNING if attempt >= len(RETRY_S) else logging.INFO,
+                        "snapshot stream from %s dropped (%s): resuming", self.link.address, code)
                 time.sleep(RETRY_S[min(attempt, len(RETRY_S) - 1)])
         raise FailedPrecondition(f"could not copy a snapshot from {self.link.address} "
                                  f"after {SNAPSHOT_ATTEMPTS} attempts")

@@ -138,8 +138,9 @@ class Puller:
             self.connected = False
             if self._stop.is_set():
                 return
-            log.info("follow stream from %s ended (%s): reconnecting", self.link.address,
-                     self.error or "closed")
+            log.log(logging.WARNING if attempt >= len(RETRY_S) else logging.INFO,  # a run of them
+                    "follow stream from %s ended (%s): reconnecting", self.link.address,
+                    self.error or "closed")
             self._stop.wait(RETRY_S[min(attempt, len(RETRY_S) - 1)])
             attempt += 1
 
