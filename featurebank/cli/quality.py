@@ -94,6 +94,11 @@ def lines(report: Any) -> list[str]:
         kind = "exact" if leak.exact else f"near {leak.distance:.4g}"
         out.append(f"  leak {kind}: {leak.train}[train] ~ {leak.held_out}[{leak.split}]")
     out.append(f"outliers: {report.counts['outliers']} above {report.outlier_cut:.3g}")
+    if report.counts["kept"]:
+        out.append(f"(and {report.counts['kept']} findings kept earlier, not listed)")
+    for o in report.outliers:
+        nbs = " ".join(f"{k}:{dist:.3f}" for k, dist in o.neighbors)
+        out.append(f"  outlier {o.score:.3f}  {o.key}  neighbours: {nbs}")
     for c in report.splits:
         missing = f", no item labelled {' '.join(c.missing_labels)}" if c.missing_labels else ""
         if c.unseen_labels:
@@ -104,9 +109,4 @@ def lines(report: Any) -> list[str]:
             f"train's (total variation){missing}"
         )
         out.extend(f"  uncovered {key}" for key in c.uncovered_keys)
-    if report.counts["kept"]:
-        out.append(f"(and {report.counts['kept']} findings kept earlier, not listed)")
-    for o in report.outliers:
-        nbs = " ".join(f"{k}:{dist:.3f}" for k, dist in o.neighbors)
-        out.append(f"  outlier {o.score:.3f}  {o.key}  neighbours: {nbs}")
     return out
