@@ -11,6 +11,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pytest
 
 from featurebank import store as store_mod
 from featurebank.core.spec import Spec
@@ -34,10 +35,18 @@ def id_mapped(vectors: np.ndarray, metric: int = faiss.METRIC_L2) -> faiss.Index
     return index
 
 
-def test_the_plan_answers_exactly_as_the_flat_scan_reading_a_fraction() -> None:
+@pytest.mark.parametrize("copy_max_bytes", [cluster_scan.COPY_MAX_BYTES, 0])
+def test_the_plan_answers_exactly_as_the_flat_scan_reading_a_fraction(
+    copy_max_bytes: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both layouts: the rows copied cluster by cluster, and (for indexes over the copy
+    limit) read in place from the index."""
+    monkeypatch.setattr(cluster_scan, "COPY_MAX_BYTES", copy_max_bytes)
     index = id_mapped(clustered(6_000, seed=1))
     scan = cluster_scan.for_generation(index, k=10)
     assert scan is not None
+    flat_rows = faiss.rev_swig_ptr(faiss.downcast_index(index.index).get_xb(), 6_000 * DIM)
+    assert np.shares_memory(scan.vectors, flat_rows) == (copy_max_bytes == 0)
     for nq in (1, 7, 300):  # under 1,000 rows a call, where FAISS scans query by query too
         queries = clustered(nq, seed=nq + 2)
         expected = index.search(queries, 10)
