@@ -205,6 +205,39 @@ def test_banks_of_one_backbone_share_one_model(tmp_path: Path) -> None:
             assert c.search(vector=class_centers(8)[0], k=12).neighbors[0].key.startswith("cat/")
 
 
+def test_banks_of_two_backbones_and_dimensions_asked_at_once_never_mix(tmp_path: Path) -> None:
+    """Each bank gets its own images and its own vectors from threads running side by side;
+    every answer holds only that bank's keys, and each bank embeds with its own model."""
+    root = tmp_path / "banks"
+    dims = {"narrow": 16, "broad": 24}
+    for name, dim in dims.items():
+        make_image_bank(root / name, n_per_color=4, features=dim, prefix=f"{name}:")
+    pictures = color_images(3, seed=5)
+    failures: list[str] = []
+    with RunningServer(ServeConfig(banks_dir=root, port=free_port())) as rs:
+
+        def ask(name: str) -> None:
+            with FeatureBankClient(rs.target, timeout=120, bank=name) as c:
+                vectors = [c.embed(image) for _, image in pictures]
+                if {v.shape for v in vectors} != {(dims[name],)}:
+                    failures.append(f"{name} embedded with another model")
+                for _ in range(3):
+                    answers = [c.search(image, k=6).neighbors for _, image in pictures]
+                    answers += [c.search(vector=v, k=6).neighbors for v in vectors]
+                    answers += [c.classify(image, include_neighbors=True).neighbors for _, image in pictures]
+                    keys = [h.key for hits in answers for h in hits]
+                    if not keys or any(not k.startswith(f"{name}:") for k in keys):
+                        failures.append(f"{name} answered keys {sorted(set(keys))[:4]}")
+
+        threads = [threading.Thread(target=ask, args=(n,)) for n in dims for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert len(rs.server.models) == 2
+    assert not failures, failures
+
+
 def test_a_replica_follows_several_banks(two_dims: Path) -> None:
     primary = RunningServer(ServeConfig(banks_dir=two_dims, port=free_port()))
     try:

@@ -205,8 +205,9 @@ def color_images(n_per_color: int, size: int = 40, seed: int = 0) -> list[tuple[
     return out
 
 
-def tiny_keras_model(path: Path) -> Path:
-    """A small random conv net saved as .keras: a custom backbone with 16-d pooled features."""
+def tiny_keras_model(path: Path, features: int = 16) -> Path:
+    """A small random conv net saved as .keras: a custom backbone with `features`-d pooled
+    features."""
     import keras
 
     keras.utils.set_random_seed(0)
@@ -214,24 +215,27 @@ def tiny_keras_model(path: Path) -> Path:
         keras.Input((32, 32, 3)),
         keras.layers.Rescaling(1 / 255),
         keras.layers.Conv2D(8, 3, activation="relu"),
-        keras.layers.Conv2D(16, 3, strides=2, activation="relu", name="features"),
+        keras.layers.Conv2D(features, 3, strides=2, activation="relu", name="features"),
     ])
     model.save(path)
     return path
 
 
-def make_image_bank(root: Path, n_per_color: int = 6) -> tuple[Path, Path]:
-    """A bank embedded with a tiny custom .keras model through the Embedder; (bank, model)."""
+def make_image_bank(
+    root: Path, n_per_color: int = 6, features: int = 16, prefix: str = "",
+) -> tuple[Path, Path]:
+    """A bank embedded with a tiny custom .keras model through the Embedder, keys
+    `{prefix}{color}/{i}`; (bank, model)."""
     from featurebank import store as store_mod
     from featurebank.embedder.embedding import Embedder
 
     root.mkdir(parents=True, exist_ok=True)
-    model = tiny_keras_model(root.parent / f"{root.name}-tiny.keras")
+    model = tiny_keras_model(root.parent / f"{root.name}-tiny.keras", features)
     embedder = Embedder.create(str(model), image_size=32, pooling="avg", dtype="float32")
     pictures = color_images(n_per_color)
     vectors = embedder.embed_images([b for _, b in pictures])
     with store_mod.create(root, embedder.spec) as st:
-        st.put_batch([f"{c}/{i}" for i, (c, _) in enumerate(pictures)], vectors,
+        st.put_batch([f"{prefix}{c}/{i}" for i, (c, _) in enumerate(pictures)], vectors,
                      labels=[c for c, _ in pictures], splits=["train"] * len(pictures))
     from featurebank.index.build import build_index
 
