@@ -87,11 +87,15 @@ def lines(report: Any) -> list[str]:
     )
     for g in d.groups:
         kind = "exact" if g.exact else f"near {min(p.distance for p in g.pairs):.4g}"
+        if matched := [p.match for p in g.pairs if p.match]:
+            kind += f", thumbnails match {max(matched):.4f}"
         members = " ".join(f"{m.key}[{m.split}]" for m in g.members)
         out.append(f"  group {kind}: {members}")
     out.append(f"leaks: {report.counts['leaks']} train items copied into val/test")
     for leak in d.leaks:
         kind = "exact" if leak.exact else f"near {leak.distance:.4g}"
+        if leak.match:
+            kind += f", thumbnails match {leak.match:.4f}"
         out.append(f"  leak {kind}: {leak.train}[train] ~ {leak.held_out}[{leak.split}]")
     out.append(f"outliers: {report.counts['outliers']} above {report.outlier_cut:.3g}")
     if report.counts["kept"]:

@@ -57,7 +57,8 @@ def response(r: Report) -> pb.QualityResponse:
             pb.DuplicateGroup(
                 members=[pb.DuplicateMember(key=m.key, split=m.split, label=m.label or "")
                          for m in g.members],
-                pairs=[pb.DuplicatePair(a=p.a, b=p.b, distance=p.distance, exact=p.exact)
+                pairs=[pb.DuplicatePair(a=p.a, b=p.b, distance=p.distance, exact=p.exact,
+                                        match=p.match)
                        for p in g.pairs],
                 exact=g.exact,
             )
@@ -65,7 +66,7 @@ def response(r: Report) -> pb.QualityResponse:
         ],
         leaks=[
             pb.Leak(train=x.train, held_out=x.held_out, split=x.split, distance=x.distance,
-                    exact=x.exact)
+                    exact=x.exact, match=x.match)
             for x in d.leaks
         ],
         outliers=[

@@ -2018,12 +2018,15 @@ class DuplicatePair(_message.Message):
     B_FIELD_NUMBER: _builtins.int
     DISTANCE_FIELD_NUMBER: _builtins.int
     EXACT_FIELD_NUMBER: _builtins.int
+    MATCH_FIELD_NUMBER: _builtins.int
     a: _builtins.str
     b: _builtins.str
     distance: _builtins.float
     """in the index's metric; 0 for exact copies"""
     exact: _builtins.bool
     """same content sha256"""
+    match: _builtins.float
+    """the thumbnails' match (1 = the same pixels) when it decided the pair; 0: not compared"""
     def __init__(
         self,
         *,
@@ -2031,10 +2034,11 @@ class DuplicatePair(_message.Message):
         b: _builtins.str = ...,
         distance: _builtins.float = ...,
         exact: _builtins.bool = ...,
+        match: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["a", b"a", "b", b"b", "distance", b"distance", "exact", b"exact"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["a", b"a", "b", b"b", "distance", b"distance", "exact", b"exact", "match", b"match"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2079,6 +2083,7 @@ class Leak(_message.Message):
     SPLIT_FIELD_NUMBER: _builtins.int
     DISTANCE_FIELD_NUMBER: _builtins.int
     EXACT_FIELD_NUMBER: _builtins.int
+    MATCH_FIELD_NUMBER: _builtins.int
     train: _builtins.str
     """the train item"""
     held_out: _builtins.str
@@ -2086,6 +2091,8 @@ class Leak(_message.Message):
     split: _builtins.str
     distance: _builtins.float
     exact: _builtins.bool
+    match: _builtins.float
+    """as DuplicatePair.match"""
     def __init__(
         self,
         *,
@@ -2094,10 +2101,11 @@ class Leak(_message.Message):
         split: _builtins.str = ...,
         distance: _builtins.float = ...,
         exact: _builtins.bool = ...,
+        match: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["distance", b"distance", "exact", b"exact", "held_out", b"held_out", "split", b"split", "train", b"train"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["distance", b"distance", "exact", b"exact", "held_out", b"held_out", "match", b"match", "split", b"split", "train", b"train"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,9 +1,10 @@
 """`featurebank quality` through the real CLI on real image files and a real bank.
 
-The labelled bank: scikit-learn's digits rendered as PNG files and embedded with the
-shipped digits CNN (layer `features`), with planted copies (byte-identical, re-encoded
-as JPEG, saved at twice the size), copies placed in the test split (leaks), face crops
-(off-domain outliers) and flipped labels. The unlabelled bank: plain vectors.
+The labelled bank (tests/support/quality.py): scikit-learn's digits rendered as PNG files
+and embedded with the shipped digits CNN (layer `features`, thumbnails kept), with
+planted copies (byte-identical, re-encoded as JPEG, saved at twice the size, trimmed by
+a pixel a side), copies placed in the test split (leaks), face crops (off-domain
+outliers) and flipped labels. The unlabelled bank: plain vectors.
 """
 
 from __future__ import annotations
@@ -17,28 +18,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from featurebank import store as store_mod
 from featurebank.cli import main
+from tests.support.quality import CROPPED, EXACT, FACES, FLIPS, PER_CLASS, REENCODED, RESIZED
+from tests.support.quality import digits_bank as quality_bank
 from tests.support.specs import make_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-DIGITS_MODEL = ROOT / "featurebank" / "embedder" / "models" / "digits_cnn.keras"
-PER_CLASS = 25
-FLIPS = {3: "8", 41: "7", 77: "1", 130: "5", 171: "2", 205: "0"}  # row -> wrong label
-EXACT, REENCODED, RESIZED = (0, 11, 22), (33, 44, 55), (66, 88, 99)
-FACES = 6
-
-
-def render(img8: np.ndarray) -> Image.Image:
-    """An 8x8 digit (0-16) as a 28x28 RGB image in MNIST's layout (digit in the middle 20)."""
-    big = Image.fromarray((img8 * (255.0 / 16.0)).astype(np.uint8)).resize(
-        (20, 20), Image.Resampling.BILINEAR
-    )
-    frame = np.zeros((28, 28), np.uint8)
-    frame[4:24, 4:24] = np.asarray(big)
-    return Image.fromarray(frame).convert("RGB")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -50,48 +37,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def digits_bank(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    from skimage.data import lfw_subset
-    from sklearn.datasets import load_digits
-
-    tmp = tmp_path_factory.mktemp("quality")
-    d = load_digits()
-    rows = np.concatenate([np.flatnonzero(d.target == c)[:PER_CLASS] for c in range(10)])
-    img_dir = tmp / "images"
-    img_dir.mkdir()
-    manifest = ["path,label,split"]
-    for r, i in enumerate(rows.tolist()):
-        name = f"d{r:03d}.png"
-        render(d.images[i]).save(img_dir / name)
-        manifest.append(f"images/{name},{FLIPS.get(r, str(d.target[i]))},train")
-    copies: dict[str, str] = {}
-    for r in EXACT:
-        shutil.copyfile(img_dir / f"d{r:03d}.png", img_dir / f"exact{r:03d}.png")
-        copies[f"images/exact{r:03d}.png"] = f"images/d{r:03d}.png"
-    for r in REENCODED:
-        render(d.images[rows[r]]).save(img_dir / f"jpeg{r:03d}.jpg", quality=95)
-        copies[f"images/jpeg{r:03d}.jpg"] = f"images/d{r:03d}.png"
-    for r in RESIZED:
-        render(d.images[rows[r]]).resize((56, 56), Image.Resampling.BICUBIC).save(
-            img_dir / f"big{r:03d}.png"
-        )
-        copies[f"images/big{r:03d}.png"] = f"images/d{r:03d}.png"
-    for j, copy in enumerate(copies):  # every other copy lands in test: a leak
-        manifest.append(f"{copy},,{'test' if j % 2 == 0 else 'none'}")
-    faces = lfw_subset()[:FACES]
-    for j, face in enumerate(faces):
-        Image.fromarray((face * 255).astype(np.uint8)).resize((28, 28)).convert("RGB").save(
-            img_dir / f"face{j}.png"
-        )
-        manifest.append(f"images/face{j}.png,,none")
-    (tmp / "manifest.csv").write_text("\n".join(manifest) + "\n")
-    bank = tmp / "bank"
-    code = main([
-        "embed", str(tmp / "manifest.csv"), "--bank", str(bank), "--backbone",
-        str(DIGITS_MODEL), "--layer", "features", "--resize", "stretch",
-        "--no-progress",
-    ])  # fmt: skip
-    assert code == 0
-    assert main(["index", "build", "--bank", str(bank), "--factory", "Flat"]) == 0
+    bank, copies, _ = quality_bank(tmp_path_factory.mktemp("quality"))
     return bank, {"copies": copies}
 
 
@@ -137,25 +83,27 @@ def test_copies_are_grouped_with_their_originals_and_test_copies_are_leaks(
 ) -> None:
     bank, info = digits_bank
     report = run_json(bank)
-    assert report["items"] == 10 * PER_CLASS + len(EXACT + REENCODED + RESIZED) + FACES
+    assert report["items"] == 10 * PER_CLASS + len(EXACT + REENCODED + RESIZED + CROPPED) + FACES
     dups = report["duplicates"]
     pairs = {frozenset((p["a"], p["b"])): p for g in dups["groups"] for p in g["pairs"]}
     copies: dict[str, str] = info["copies"]
-    for copy, original in copies.items():
+    for copy, original in copies.items():  # every copy is found beside its original
+        pair = pairs[frozenset((copy, original))]
+        assert pair["exact"] is ("exact" in copy)
         if "exact" in copy:
-            assert pairs[frozenset((copy, original))]["exact"] is True
-            assert pairs[frozenset((copy, original))]["distance"] == 0.0
-        if "jpeg" in copy:
-            assert not pairs[frozenset((copy, original))]["exact"]
-    found = {p for p in pairs if any(copy in p for copy in copies)}
-    assert len(found) >= 8  # every exact and re-encoded copy, most resized ones
-    assert len(pairs) - len(found) <= 1  # hardly any pair between distinct digits
+            assert pair["distance"] == 0.0
+    by_thumbnails = [p for p in pairs.values() if p["match"]]  # too far by features alone
+    assert by_thumbnails and all(p["match"] >= 0.99 and p["distance"] > dups["threshold"]
+                                 for p in by_thumbnails)
+    assert any("crop" in p["a"] + p["b"] for p in by_thumbnails)
+    assert len(pairs) - len(copies) <= 1  # hardly any pair between distinct digits
     assert report["counts"]["exact_groups"] == len(EXACT)
     leaks = {(x["train"], x["held_out"]) for x in report["duplicates"]["leaks"]}
     planted = {(o, c) for j, (c, o) in enumerate(copies.items()) if j % 2 == 0}
-    assert {(o, c) for o, c in planted if "big" not in c} <= leaks
-    assert leaks <= planted
+    assert leaks == planted
     assert all(x["split"] == "test" for x in report["duplicates"]["leaks"])
+    for x in report["duplicates"]["leaks"]:  # a leak shows its pair's evidence
+        assert x["match"] == pairs[frozenset((x["train"], x["held_out"]))]["match"]
 
 
 def test_face_crops_are_the_outliers(digits_bank: tuple[Path, dict[str, Any]]) -> None:

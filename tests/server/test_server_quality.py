@@ -158,3 +158,34 @@ def test_quality_applies_upserts_to_its_last_pass_and_matches_a_fresh_one(
         [o.score for o in r.outliers], rel=1e-4
     )
     assert fresh["outlier_cut"] == pytest.approx(r.outlier_cut, rel=1e-4)
+
+
+def test_crops_upserted_with_thumbnails_are_found_by_the_next_pass(tmp_path: Path) -> None:
+    """Trimmed copies of ten train digits, upserted as images into test with thumbnails:
+    the next Quality call applies them to its last pass and lists each as a leak of its
+    original, those the features leave out decided by their thumbnails."""
+    import io
+
+    from PIL import Image
+
+    from tests.support.quality import cropped, digits_bank
+
+    bank, _, images = digits_bank(tmp_path)
+    originals = [f"d{r:03d}.png" for r in range(5, 250, 25)]
+    with RunningServer(ServeConfig(bank=bank, port=free_port())) as rs, \
+            FeatureBankClient(rs.target, timeout=120) as c:
+        first = c.quality(n=1000)
+        items = []
+        for name in originals:
+            buf = io.BytesIO()
+            cropped(Image.open(images / name).convert("RGB")).save(buf, "PNG")
+            items.append({"key": f"trimmed/{name}", "image": buf.getvalue(), "split": "test",
+                          "thumbnail": True})
+        c.upsert(items)
+        r = c.quality(n=1000)
+    assert not first.incremental and r.incremental and r.changed_items == len(originals)
+    leaks = {x.held_out: x for x in r.leaks if x.held_out.startswith("trimmed/")}
+    assert {k: x.train for k, x in leaks.items()} == {
+        f"trimmed/{n}": f"images/{n}" for n in originals
+    }
+    assert any(x.match >= 0.99 for x in leaks.values())

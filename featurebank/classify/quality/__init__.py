@@ -10,6 +10,7 @@ outliers and split checks.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from featurebank.classify.quality import (
     duplicates,
     held_out,
     labels,
+    looks,
     neighbourhood,
     outliers,
 )
@@ -82,6 +84,7 @@ class Cache:
         # (voter, vocabulary, lineage of the list, neighbourhood version) they are of
         self._probs_of: tuple[Any, ...] | None = None
         self._last: tuple[tuple[Any, ...], Report] | None = None  # (what it answered, report)
+        self.looks = looks.Looks()  # thumbnail matches of candidate duplicate pairs
         self._lock = threading.Lock()
 
     def run(self, clf: Classifier, precision: float | None = None, limit: int = LIMIT) -> Report:
@@ -104,7 +107,7 @@ class Cache:
             everything, ref = graphs(hood)
             probs = self.probs(hood, voter, ref)
             report = report_of(hood, clf, everything, ref, probs, precision, limit, labels_gen,
-                               started)
+                               started, self.looks)
             self._last = (asked, report)
             return report
 
@@ -181,12 +184,14 @@ def report_of(
     limit: int,
     labels_gen: int,
     started: float,
+    seen: looks.Looks | None = None,
 ) -> Report:
-    """The findings of a neighbourhood."""
+    """The findings of a neighbourhood (`seen`: the thumbnail matches compared so far)."""
     keys, splits, labs = hood.keys, hood.splits, hood.labels
     voters = hood.voters
     kept = decisions.load(clf.bank)
-    dups = duplicates.find(everything.first(NEIGHBOURS), keys, splits, labs, hood.shas)
+    look = functools.partial((seen or looks.Looks()).matches, clf.store, hood.ids, keys)
+    dups = duplicates.find(everything.first(NEIGHBOURS), keys, splits, labs, hood.shas, look=look)
     hidden = forget_kept(kept, dups)
     # a handful of labelled items is no reference for a domain: then every item is
     reference = ref if ref is not None and voters.sum() > NEIGHBOURS else everything

@@ -23,11 +23,12 @@ A leak is a duplicate pair with one item in `train` and the other in `val` or
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from featurebank.classify.quality import looks
 from featurebank.classify.quality.graph import Graph, robust_log_scale
 
 DUPLICATE_Z = 3.0  # robust standard deviations below the typical nearest-neighbour distance
@@ -51,6 +52,7 @@ class Pair:
     b: str
     distance: float
     exact: bool
+    match: float = 0.0  # the thumbnails' match (looks.py) when they decided it; 0: not compared
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Leak:
     split: str
     distance: float
     exact: bool
+    match: float = 0.0  # as Pair.match
 
 
 @dataclass
@@ -130,8 +133,11 @@ def find(
     labels: Sequence[str | None],
     shas: Sequence[str | None],
     z: float = DUPLICATE_Z,
+    look: Callable[[list[tuple[int, int]]], np.ndarray] | None = None,
 ) -> Duplicates:
-    """Exact (same sha256) and near duplicate groups, and the leaks among their pairs."""
+    """Exact (same sha256) and near duplicate groups, and the leaks among their pairs.
+    `look` gives the thumbnail match of row pairs (looks.Looks.matches): near
+    neighbours the feature cut leaves out are copies when their thumbnails match."""
     exact = sha_pairs(shas)
     exact_rows = np.array(sorted({r for p in exact for r in p}), np.int64)
     threshold, typical = near_threshold(graph, exact_rows, z)
@@ -146,6 +152,12 @@ def find(
         a, b = min(r, o), max(r, o)
         if (a, b) not in pairs:
             pairs[(a, b)] = Pair(keys[a], keys[b], float(graph.dist[r, c]), False)
+    if look is not None:
+        candidates = _candidates(graph, typical, pairs)
+        found = look(list(candidates))
+        for (a, b), m, copy in zip(candidates, found, looks.copies(found), strict=True):
+            if copy:
+                pairs[(a, b)] = Pair(keys[a], keys[b], candidates[(a, b)], False, float(m))
     groups = _groups(pairs, keys, splits, labels)
     leaks = [
         leak for (a, b), p in sorted(pairs.items()) if (leak := _leak(p, a, b, splits)) is not None
@@ -154,10 +166,31 @@ def find(
     return Duplicates(threshold, groups, leaks)
 
 
+def _candidates(
+    graph: Graph, typical: float, pairs: dict[tuple[int, int], Pair]
+) -> dict[tuple[int, int], float]:
+    """(row, row) -> distance of the near neighbours worth comparing by their thumbnails
+    (not yet duplicates): each row's first few closer than the typical neighbour, and
+    further out, up to MUTUAL_WITHIN times it, pairs that are each other's nearest."""
+    first = graph.first(looks.CANDIDATES)
+    ok = first.pos >= 0
+    near = ok & (first.dist < looks.WITHIN * typical)
+    nearest = np.maximum(first.pos[:, 0], 0)
+    mutual = ok[:, 0] & (graph.pos[nearest, 0] == np.arange(len(nearest)))
+    near[:, 0] |= mutual & (first.dist[:, 0] < looks.MUTUAL_WITHIN * typical)
+    out: dict[tuple[int, int], float] = {}
+    for r, c in zip(*np.nonzero(near), strict=True):
+        o = int(first.pos[r, c])
+        pair = (min(int(r), o), max(int(r), o))
+        if pair not in pairs:
+            out.setdefault(pair, float(first.dist[r, c]))
+    return out
+
+
 def _leak(p: Pair, a: int, b: int, splits: Sequence[str]) -> Leak | None:
     for tr, ho, key_tr, key_ho in ((a, b, p.a, p.b), (b, a, p.b, p.a)):
         if splits[tr] == TRAIN and splits[ho] in HELD_OUT:
-            return Leak(key_tr, key_ho, splits[ho], p.distance, p.exact)
+            return Leak(key_tr, key_ho, splits[ho], p.distance, p.exact, p.match)
     return None
 
 

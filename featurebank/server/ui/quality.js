@@ -175,8 +175,9 @@ function groupRow(g, threshold) {
     el("div", { class: "what" },
       el("div", {}, el("b", {}, g.exact ? `${keys.length} exact copies` : `${keys.length} near copies`)),
       el("div", { class: "muted" }, g.exact ? "same content sha256"
-        : `distance ${closest.toFixed(4)} (near below ${threshold.toFixed(4)})`),
-      ...g.pairs.map((p) => el("div", { class: "muted pair" }, `${p.a} ~ ${p.b} ${p.exact ? "exact" : p.distance.toFixed(4)}`)),
+        : `distance ${closest.toFixed(4)} (near below ${threshold.toFixed(4)}, or thumbnails that match)`),
+      ...g.pairs.map((p) => el("div", { class: "muted pair" },
+        `${p.a} ~ ${p.b} ${p.exact ? "exact" : p.distance.toFixed(4)}${p.match ? `, thumbnails match ${p.match.toFixed(4)}` : ""}`)),
       el("div", { class: "actions" }, button("keep", "Keep them all", () => act(row, "keep the group",
         async () => {
           for (const p of g.pairs) if (!deleted.has(p.a) && !deleted.has(p.b)) await keepFinding("duplicate", [p.a, p.b]);

@@ -1,0 +1,138 @@
+"""Whether two near neighbours are copies of one picture, by their thumbnails.
+
+Why: a backbone trained to tell classes apart moves a copy cropped by a pixel a side,
+or saved at another size, as far from its original as two different pictures of one
+class, so no cut on feature distance finds such copies without taking look-alikes too.
+Their pixels still agree: the copy's thumbnail, scaled by the crop it lost, matches its
+original's almost exactly, while two different pictures do not.
+
+Each candidate pair (an item and one of its nearest neighbours, closer than
+`WITHIN` times the bank's typical nearest-neighbour distance) is compared as grey
+`SIDE` x `SIDE` signatures of the thumbnails' centres at `SCALES` (centred crops and
+resizes of up to about 10 %): the match is the best correlation of one thumbnail at
+its own scale with the other at any. Like the feature cut, the cut on it is calibrated
+on the bank: a pair is a copy when its mismatch (1 - match) lies `MATCH_Z` robust
+standard deviations below the candidates' typical mismatch on a log scale, and its
+match is at least `MIN_MATCH` whatever the spread. Items without a thumbnail (vectors
+imported without images) are never compared.
+
+Verdicts are kept by store ids across passes (an id names one item for good), so an
+update compares only the pairs it has not seen.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from featurebank.classify.quality.graph import robust_log_scale
+
+SIDE = 16  # signature side, pixels
+FRAME = 24  # thumbnails are compared at this size (a 96 px JPEG decodes straight to it),
+PAD = 3  # edges padded by this much
+SCALES = (0.90, 0.93, 0.96, 1.0, 1.04, 1.08, 1.12)
+WITHIN = 1.0  # candidates: neighbours closer than this times the typical neighbour distance,
+MUTUAL_WITHIN = 2.0  # and mutual nearest neighbours closer than this times it
+CANDIDATES = 3  # nearest neighbours of each item compared
+MATCH_Z = 3.0
+MIN_MATCH = 0.99
+FLAT_GREY = 0.5  # a signature varying less than this (grey levels, RMS) has no pattern
+CALIBRATE_MIN = 20  # candidate pairs needed to calibrate; fewer: MIN_MATCH alone
+
+
+def _resampling(scale: float) -> np.ndarray:
+    """(SIDE, FRAME + 2 PAD) rows of bilinear weights (widened to antialias when shrinking,
+    as PIL's resize does) taking the frame's centre 1/scale of FRAME down to SIDE."""
+    width = FRAME + 2 * PAD
+    half = FRAME / 2 / scale
+    step = 2 * half / SIDE  # input pixels per output pixel
+    support = max(1.0, step)
+    centres = width / 2 - half + (np.arange(SIDE) + 0.5) * step
+    taps = np.arange(width) + 0.5
+    w = np.maximum(0.0, 1.0 - np.abs(taps[None, :] - centres[:, None]) / support)
+    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+RESAMPLING = [_resampling(s) for s in SCALES]
+
+
+def frame(jpeg: bytes) -> np.ndarray | None:
+    """A thumbnail as FRAME x FRAME grey pixels (None when it cannot be decoded)."""
+    from PIL import Image
+
+    try:
+        opened = Image.open(io.BytesIO(jpeg))
+        opened.draft("L", (FRAME, FRAME))  # a JPEG decodes straight at a fraction of its size
+        im: Image.Image = opened if opened.mode == "L" else opened.convert("L")
+        if im.size != (FRAME, FRAME):
+            im = im.resize((FRAME, FRAME), Image.Resampling.BILINEAR)
+        return np.asarray(im)
+    except (OSError, ValueError):
+        return None
+
+
+def signatures(frames: np.ndarray) -> np.ndarray:
+    """(n, len(SCALES), SIDE * SIDE) unit, zero-mean signatures of frames' centres at each
+    scale (edges padded), two matrix products a scale for all frames at once."""
+    n = len(frames)
+    padded = np.pad(frames.astype(np.float32), ((0, 0), (PAD, PAD), (PAD, PAD)), mode="edge")
+    width = padded.shape[1]
+    out = np.empty((n, len(SCALES), SIDE * SIDE), np.float32)
+    for i, a in enumerate(RESAMPLING):
+        cols = (padded.reshape(n * width, width) @ a.T).reshape(n, width, SIDE)
+        rows = (cols.transpose(0, 2, 1).reshape(n * SIDE, width) @ a.T).reshape(n, SIDE, SIDE)
+        out[:, i] = rows.transpose(0, 2, 1).reshape(n, SIDE * SIDE)
+    out -= out.mean(axis=2, keepdims=True)
+    norms = np.linalg.norm(out, axis=2, keepdims=True)
+    flat = norms < SIDE * FLAT_GREY  # no pattern (a blank picture): matches nothing
+    return np.divide(out, norms, out=np.zeros_like(out), where=~flat)
+
+
+def match(a: np.ndarray, b: np.ndarray) -> float:
+    """Best correlation of one signature at its own scale (1.0) with the other at any."""
+    own = SCALES.index(1.0)
+    return float(max((b @ a[own]).max(), (a @ b[own]).max()))
+
+
+class Looks:
+    """Thumbnail matches of candidate pairs, by store ids, kept across passes."""
+
+    def __init__(self) -> None:
+        self._matches: dict[tuple[int, int], float] = {}
+
+    def matches(
+        self, store: Any, ids: np.ndarray, keys: Sequence[str], pairs: Sequence[tuple[int, int]]
+    ) -> np.ndarray:
+        """Each row pair's match (nan where either item has no usable thumbnail); only
+        pairs not seen before are read and compared."""
+        key_of = [(int(ids[a]), int(ids[b])) for a, b in pairs]
+        todo = [p for p, k in zip(pairs, key_of, strict=True) if k not in self._matches]
+        if todo:
+            rows = sorted({r for p in todo for r in p})
+            jpegs = store.thumbnails([keys[r] for r in rows])
+            framed = {r: f for r, j in zip(rows, jpegs, strict=True)
+                      if j is not None and (f := frame(j)) is not None}
+            at = {r: i for i, r in enumerate(framed)}
+            sigs = signatures(np.stack(list(framed.values()))) if framed else None
+            for a, b in todo:
+                m = float("nan")
+                if sigs is not None and a in at and b in at:
+                    m = match(sigs[at[a]], sigs[at[b]])
+                self._matches[(int(ids[a]), int(ids[b]))] = m
+        self._matches = {k: self._matches[k] for k in key_of}  # forget pairs gone
+        return np.array([self._matches[k] for k in key_of], np.float64)
+
+
+def copies(matches: np.ndarray, z: float = MATCH_Z) -> np.ndarray:
+    """Which matches are copies: at least MIN_MATCH and, given enough candidates to
+    calibrate on, an outlier of the bank's own mismatches."""
+    ok = np.isfinite(matches) & (matches >= MIN_MATCH)
+    mismatch = 1.0 - matches[np.isfinite(matches)]
+    if mismatch.size < CALIBRATE_MIN:
+        return ok
+    med, spread = robust_log_scale(mismatch)
+    with np.errstate(invalid="ignore"):
+        return ok & (np.log(np.maximum(1.0 - matches, 1e-12)) < med - z * spread)
