@@ -700,6 +700,11 @@ class Store:
         with sh.read() as (txn, h):
             return self._get_in_txn(txn, h, self._ids_in_txn(txn, h, keys, NotFound), dtype)
 
+    def thumbnail_count(self) -> int:
+        """How many live items keep a thumbnail (0: the bank keeps none)."""
+        with self._sh().read() as (txn, h):
+            return thumbs_db.count(txn, h.dbs)
+
     def thumbnails(self, keys: Sequence[str]) -> list[bytes | None]:
         """The JPEG thumbnail of each key (None where none was kept); NotFound for unknown keys."""
         sh = self._sh()

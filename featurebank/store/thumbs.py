@@ -54,6 +54,11 @@ def drop(txn: Any, dbs: dict[str, Any], ids: np.ndarray) -> None:
         txn.delete(k, db=dbs[DB])
 
 
+def count(txn: Any, dbs: dict[str, Any]) -> int:
+    """Items that keep a thumbnail."""
+    return int(txn.stat(dbs[DB])["entries"])
+
+
 def get(txn: Any, dbs: dict[str, Any], ids: np.ndarray) -> list[bytes | None]:
     out: list[bytes | None] = []
     for k in pack_ids(ids):

@@ -190,7 +190,9 @@ def report_of(
     keys, splits, labs = hood.keys, hood.splits, hood.labels
     voters = hood.voters
     kept = decisions.load(clf.bank)
-    look = functools.partial((seen or looks.Looks()).matches, clf.store, hood.ids, keys)
+    look = None  # thumbnails compared only where the bank keeps some
+    if clf.store.thumbnail_count():
+        look = functools.partial((seen or looks.Looks()).matches, clf.store, hood.ids, keys)
     dups = duplicates.find(everything.first(NEIGHBOURS), keys, splits, labs, hood.shas, look=look)
     hidden = forget_kept(kept, dups)
     # a handful of labelled items is no reference for a domain: then every item is

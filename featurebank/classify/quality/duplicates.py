@@ -14,8 +14,10 @@ itself, two ways:
 Why relative: a fixed cosine cut means different things for different backbones and
 transforms; the bank's own spread of neighbour distances does not. Measured on the
 digits CNN (benchmarks/quality_bench.py): byte-identical and re-encoded copies are all
-found, copies saved at twice the size mostly, copies cropped by a pixel a side rarely
-(that backbone moves them as far as two different scans of one digit).
+found by distance, copies saved at twice the size mostly, copies cropped by a pixel a
+side rarely (that backbone moves them as far as two different scans of one digit).
+Those the distance leaves out are found by their thumbnails where the bank keeps them
+(`looks.py`: near neighbours compared pixel by pixel after aligning scale).
 
 A leak is a duplicate pair with one item in `train` and the other in `val` or
 `test`: the held-out score then measures memory, not generalisation.
