@@ -108,7 +108,7 @@ def lines(report: Any) -> list[str]:
         if c.unseen_labels:
             missing += f", labels train has none of: {' '.join(c.unseen_labels)}"
         out.append(
-            f"split {c.split}: {c.items} items, {c.uncovered} far from every train item "
+            f"split {c.split}: {c.items} items, {c.uncovered} unlike every train item "
             f"({c.uncovered_share:.1%}), label shares {c.label_distance:.2f} from "
             f"train's (total variation){missing}"
         )

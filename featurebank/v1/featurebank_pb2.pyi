@@ -2179,7 +2179,7 @@ class SplitCheck(_message.Message):
     """val or test"""
     items: _builtins.int
     uncovered: _builtins.int
-    """items whose nearest train item is farther than train items' own (robust cut)"""
+    """items whose nearest train item is farther than train items' own (robust cut), or of a label train lacks"""
     label_distance: _builtins.float
     """total variation distance of its label shares from train's"""
     @_builtins.property

@@ -125,7 +125,8 @@ def test_findings_kept_by_three_processes_at_once_are_all_remembered(tmp_path: P
 
 def test_a_held_out_split_unlike_train_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Train: cats, dogs and foxes. Val: drawn like train. Test: cats and dogs only, plus
-    owls from a region train has nothing in."""
+    owls from a region train has nothing in, and one owl among the cats (uncovered by its
+    label: train has no owl to learn it from)."""
     keys, vectors, labels = clustered(60, DIM, noise=0.15)
     rng = np.random.default_rng(3)
     val = rng.choice(len(keys), size=30, replace=False)
@@ -139,6 +140,7 @@ def test_a_held_out_split_unlike_train_is_reported(tmp_path: Path, capsys: pytes
         bank.upsert(vectors, keys=keys, labels=labels, splits=splits)
         bank.upsert(more_vectors, keys=more, labels=more_labels, splits="test")
         bank.upsert(region, keys=[f"new/{i}" for i in range(6)], labels="owl", splits="test")
+        bank.upsert(more_vectors[:1], keys=["owl-among-cats"], labels="owl", splits="test")
         bank.build_index(factory="Flat")
         checks = {c.split: c for c in bank.quality().splits}
         with bank.serve() as served, fb.connect(served.address) as remote:
@@ -151,15 +153,16 @@ def test_a_held_out_split_unlike_train_is_reported(tmp_path: Path, capsys: pytes
     assert checks["val"].uncovered <= 1 and checks["val"].missing_labels == []  # by chance, at most
     assert checks["val"].label_distance < 0.2
     t = checks["test"]
-    assert t.items == len(test) + 6 and 6 <= t.uncovered <= 7
+    assert t.items == len(test) + 7 and 7 <= t.uncovered <= 8
     assert sorted(t.uncovered_keys[:6]) == [f"new/{i}" for i in range(6)]  # the farthest first
+    assert "owl-among-cats" in t.uncovered_keys
     assert t.missing_labels == ["fox"] and t.unseen_labels == ["owl"] and t.label_distance > 0.3
     assert checks["val"].unseen_labels == []
     from featurebank.cli import main
 
     assert main(["quality", "--bank", str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
-    assert f"split test: {len(test) + 6} items, {t.uncovered} far from every train item" in out
+    assert f"split test: {len(test) + 7} items, {t.uncovered} unlike every train item" in out
     assert "no item labelled fox, labels train has none of: owl" in out and "  uncovered new/0" in out
 
 

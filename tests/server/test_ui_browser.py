@@ -399,7 +399,7 @@ def test_quality_view_lists_each_finding_and_acts_on_the_bank(page: dict[str, An
     assert list(rows["leak"]) == [Q_LEAK] and "fox/1-8 in train" in rows["leak"][Q_LEAK].text
     assert Q_ODD in rows["outlier"] and "score" in rows["outlier"][Q_ODD].text
     split = quality_rows(d, "split")
-    assert list(split) == ["test"] and "test: 2 items, 1 far from every train item" in split["test"].text
+    assert list(split) == ["test"] and "test: 2 items, 1 unlike every train item" in split["test"].text
     uncovered = split["test"].find_elements(By.CSS_SELECTOR, ".member")
     assert [m.get_attribute("data-key") for m in uncovered] == [Q_NEW]
     loaded = d.execute_script(

@@ -4,10 +4,11 @@ labels a split lacks or holds in other shares than train.
 Why: a test score measures a model only where the test items look like what it was trained
 on. A `val`/`test` item is uncovered when its nearest train item is farther than train
 items' own nearest train neighbours are but for extremes (the same robust log-scale cut as
-outliers): it lies where train has no data. For a split drawn at random from the bank, its
-items' nearest train distances are distributed like train's own, so few are. A label
-train has and a split lacks is not measured there at all (one the split has and train
-lacks cannot be predicted), and label shares far from train's weigh the score's classes
+outliers): it lies where train has no data; or when its label is one train has no item
+of, which no model trained there can predict, however near train items of other labels
+lie. For a split drawn at random from the bank, its items' nearest train distances are
+distributed like train's own, so few are. A label train has and a split lacks is not
+measured there at all, and label shares far from train's weigh the score's classes
 differently from training.
 """
 
@@ -30,7 +31,7 @@ class SplitCheck:
 
     split: str
     items: int
-    uncovered: int  # items whose nearest train item is farther than train's own cut
+    uncovered: int  # items farther from train than train's own cut, or of a label train lacks
     label_distance: float  # total variation distance of its label shares from train's (0: same)
     missing_labels: list[str]  # train's labels it has no item of
     unseen_labels: list[str]  # its labels train has no item of
@@ -60,9 +61,11 @@ def find(
         rows = np.flatnonzero(sp == name)
         if rows.size == 0:
             continue
-        lonely = rows[nearest[rows] > cut]
-        lonely = lonely[np.argsort(-nearest[lonely], kind="stable")]
         shares = _shares([labels[r] for r in rows.tolist()])
+        unseen = set(shares) - set(train_shares) if train_shares else set()
+        label_unseen = np.array([labels[r] in unseen for r in rows.tolist()], bool)
+        lonely = rows[(nearest[rows] > cut) | label_unseen]
+        lonely = lonely[np.argsort(-nearest[lonely], kind="stable")]
         distance = (
             0.5 * sum(abs(shares.get(x, 0.0) - train_shares.get(x, 0.0))
                       for x in set(shares) | set(train_shares))
@@ -71,7 +74,7 @@ def find(
         out.append(SplitCheck(
             name, int(rows.size), int(lonely.size), float(distance),
             sorted(set(train_shares) - set(shares)) if shares else [],
-            sorted(set(shares) - set(train_shares)) if train_shares else [],
+            sorted(unseen),
             [str(graph.keys[r]) for r in lonely[:limit].tolist()],
         ))
     return out

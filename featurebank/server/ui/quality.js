@@ -238,7 +238,7 @@ function splitRow(c) {  // a held-out split against train: what it lacks, and it
   const row = el("div", { class: "finding", "data-kind": "split", "data-key": c.split });
   row.append(
     el("div", { class: "what" },
-      el("div", {}, el("b", {}, `${c.split}: ${c.items} items, ${c.uncovered || 0} far from every train item (${share} %)`)),
+      el("div", {}, el("b", {}, `${c.split}: ${c.items} items, ${c.uncovered || 0} unlike every train item (${share} %)`)),
       el("div", { class: "muted" }, `label shares ${(c.label_distance || 0).toFixed(2)} from train's (total variation)${missing}`)),
     el("div", { class: "evidence" }, ...(c.uncovered_keys || []).map((k) => uncoveredMember(k, c.split))));
   return row;
