@@ -646,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         check("leak recall", fb["leak recall"] >= 0.90)
         check("outlier recall", fb["outlier recall"] >= TARGETS["outlier recall"])
         print("\nheld-out splits against train (the digits' test split; uncovered: its items "
-              "whose nearest train item is past train's own cut)")
+              "whose nearest train item is past train's own cut, or of a label train lacks)")
         print(f"{'case':<20}{'items':>6}{'uncovered':>10}{'planted':>8}{'recall':>7}"
               f"{'precision':>10}{'label TV':>9}  labels train lacks")
         for name, c, planted in splits_case(feats, y, faces_x, tmp):
