@@ -391,10 +391,11 @@ def quality_of(r: Report) -> Quality:
         label_errors=[] if le is None else [_finding(f) for f in le.findings],
         duplicates=[
             Duplicate([m.key for m in g.members], [m.split for m in g.members], g.exact,
-                      float(min(p.distance for p in g.pairs)))
+                      float(min(p.distance for p in g.pairs)),
+                      float(max(p.match for p in g.pairs)))
             for g in r.duplicates.groups
         ],
-        leaks=[Leak(x.train, x.held_out, x.split, float(x.distance), x.exact)
+        leaks=[Leak(x.train, x.held_out, x.split, float(x.distance), x.exact, float(x.match))
                for x in r.duplicates.leaks],
         outliers=[Outlier(o.key, float(o.score), float(o.distance),
                           [(k, float(d)) for k, d in o.neighbors]) for o in r.outliers],

@@ -277,10 +277,10 @@ def _quality(r: pb.QualityResponse) -> Quality:
         label_errors=[_finding(f) for f in r.label_errors],
         duplicates=[
             Duplicate([m.key for m in g.members], [m.split for m in g.members], g.exact,
-                      min(p.distance for p in g.pairs))
+                      min(p.distance for p in g.pairs), max(p.match for p in g.pairs))
             for g in r.duplicates
         ],
-        leaks=[Leak(x.train, x.held_out, x.split, x.distance, x.exact) for x in r.leaks],
+        leaks=[Leak(x.train, x.held_out, x.split, x.distance, x.exact, x.match) for x in r.leaks],
         outliers=[Outlier(o.key, o.score, o.distance, [(nb.key, nb.distance) for nb in o.neighbors])
                   for o in r.outliers],
         splits=[SplitCheck(c.split, c.items, c.uncovered, list(c.uncovered_keys), c.label_distance,

@@ -170,12 +170,14 @@ class Finding(Result):
 @dataclass(frozen=True)
 class Duplicate(Result):
     """Items that are copies of each other: exact (the same content) or near (closer than
-    the bank's calibrated distance); `splits` in the order of `keys`."""
+    the bank's calibrated distance, or with thumbnails that match); `splits` in the order
+    of `keys`."""
 
     keys: list[str]
     splits: list[str]
     exact: bool
     distance: float  # the closest pair's (0 for exact copies)
+    match: float = 0.0  # the best thumbnail match of its pairs (0: none was compared)
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,7 @@ class Leak(Result):
     split: str
     distance: float
     exact: bool
+    match: float = 0.0  # the pair's thumbnail match (0: not compared)
 
 
 @dataclass(frozen=True)

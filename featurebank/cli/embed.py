@@ -87,7 +87,8 @@ def add_embed_params(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--thumbnails",
         action=argparse.BooleanOptionalAction,
-        help="keep a small JPEG of each image in the bank (shown by `featurebank ui`)",
+        help="keep a small JPEG of each image in the bank (shown by `featurebank ui`; the "
+        "quality pass also compares near neighbours by them, to find trimmed or resized copies)",
     )
 
 

@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
+import featurebank as fb
 from featurebank import store as store_mod
 from featurebank.server.app import ServeConfig
 from featurebank.server.auth import Tokens
@@ -183,6 +184,11 @@ def test_crops_upserted_with_thumbnails_are_found_by_the_next_pass(tmp_path: Pat
                           "thumbnail": True})
         c.upsert(items)
         r = c.quality(n=1000)
+        with fb.connect(rs.target) as remote:
+            over = {x.held_out: x.match for x in remote.quality(n=1000).leaks}
+    with fb.open(bank) as local:
+        here = {x.held_out: x.match for x in local.quality(n=1000).leaks}
+    assert set(over) == set(here) and all(over[k] == pytest.approx(here[k], abs=1e-6) for k in here)
     assert not first.incremental and r.incremental and r.changed_items == len(originals)
     leaks = {x.held_out: x for x in r.leaks if x.held_out.startswith("trimmed/")}
     assert {k: x.train for k, x in leaks.items()} == {
