@@ -87,3 +87,29 @@ def test_a_thumbnail_of_another_size_or_mode_is_framed_alike() -> None:
     grey.save(buf, "JPEG")
     frame = looks.frame(buf.getvalue())
     assert frame is not None and frame.shape == (looks.FRAME, looks.FRAME)
+
+
+def test_the_fast_decode_gives_the_pixels_pillow_gives() -> None:
+    """Thumbnails decode straight at a reduced DCT scale (their size read from the frame
+    header); the pixels are those of Pillow's own draft decode, for baseline and
+    progressive JPEGs of any size, and a JPEG the fast path refuses (CMYK) still frames."""
+
+    def general(jpeg: bytes) -> np.ndarray:
+        im = Image.open(io.BytesIO(jpeg))
+        im.draft("L", (looks.FRAME, looks.FRAME))
+        im = im.convert("L").resize((looks.FRAME, looks.FRAME), Image.Resampling.BILINEAR)
+        return np.asarray(im)
+
+    rng = np.random.default_rng(1)
+    jpegs = [thumbnail_jpeg(rng.integers(0, 256, shape, dtype=np.uint8))
+             for shape in ((28, 28, 3), (300, 200, 3), (64, 40, 3), (97, 500, 3), (20, 20, 3))]
+    for options in ({"progressive": True}, {}):
+        buf = io.BytesIO()
+        Image.fromarray(picture(7)).save(buf, "JPEG", **options)
+        jpegs.append(buf.getvalue())
+    for jpeg in jpegs:
+        np.testing.assert_array_equal(looks.frame(jpeg), general(jpeg))
+    cmyk = io.BytesIO()
+    Image.fromarray(picture(8)).convert("CMYK").save(cmyk, "JPEG")
+    framed = looks.frame(cmyk.getvalue())
+    assert framed is not None and framed.shape == (looks.FRAME, looks.FRAME)

@@ -172,14 +172,12 @@ def _candidates(
     graph: Graph, typical: float, pairs: dict[tuple[int, int], Pair]
 ) -> dict[tuple[int, int], float]:
     """(row, row) -> distance of the near neighbours worth comparing by their thumbnails
-    (not yet duplicates): each row's first few closer than the typical neighbour, and
-    further out, up to MUTUAL_WITHIN times it, pairs that are each other's nearest."""
+    (not yet duplicates): each row's nearest, however far (a weak backbone can move a
+    copy far, but rarely past its original), and its next few closer than the typical
+    neighbour."""
     first = graph.first(looks.CANDIDATES)
-    ok = first.pos >= 0
-    near = ok & (first.dist < looks.WITHIN * typical)
-    nearest = np.maximum(first.pos[:, 0], 0)
-    mutual = ok[:, 0] & (graph.pos[nearest, 0] == np.arange(len(nearest)))
-    near[:, 0] |= mutual & (first.dist[:, 0] < looks.MUTUAL_WITHIN * typical)
+    near = (first.pos >= 0) & (first.dist < looks.WITHIN * typical)
+    near[:, 0] = first.pos[:, 0] >= 0
     out: dict[tuple[int, int], float] = {}
     for r, c in zip(*np.nonzero(near), strict=True):
         o = int(first.pos[r, c])
