@@ -10,11 +10,11 @@ Each candidate pair (an item and its nearest neighbour however far, or one of it
 nearest closer than `WITHIN` times the bank's typical nearest-neighbour distance) is
 compared as grey `SIDE` x `SIDE` signatures of the thumbnails' centres at `SCALES`
 (centred crops and resizes of up to about 10 %): the match is the best correlation of
-one thumbnail at its own scale with the other at any. Like the feature cut, the cut on it is calibrated
-on the bank: a pair is a copy when its mismatch (1 - match) lies `MATCH_Z` robust
-standard deviations below the candidates' typical mismatch on a log scale, and its
-match is at least `MIN_MATCH` whatever the spread. Items without a thumbnail (vectors
-imported without images) are never compared.
+one thumbnail at its own scale with the other at any. Like the feature cut, the cut on
+it is calibrated on the bank: a pair is a copy when its mismatch (1 - match) lies
+`MATCH_Z` robust standard deviations below the candidates' typical mismatch on a log
+scale, and its match is at least `MIN_MATCH` whatever the spread. Items without a
+thumbnail (vectors imported without images) are never compared.
 
 Verdicts are kept by store ids across passes (an id names one item for good), so an
 update compares only the pairs it has not seen.
@@ -31,12 +31,11 @@ import numpy as np
 from featurebank.classify.quality.graph import robust_log_scale
 
 SIDE = 16  # signature side, pixels
-FRAME = 24  # thumbnails are compared at this size (a 96 px JPEG decodes straight to it),
-PAD = 3  # edges padded by this much
+FRAME = 24  # thumbnails are compared at this size (a 96 px JPEG decodes straight to it)
+PAD = 3  # the frame's edges are repeated this far out, for the scales that zoom out
 SCALES = (0.90, 0.93, 0.96, 1.0, 1.04, 1.08, 1.12)
-WITHIN = 1.0  # candidates: each item's nearest neighbour, and its next ones closer than
-# this times the typical nearest-neighbour distance
-CANDIDATES = 3  # nearest neighbours of each item compared
+CANDIDATES = 3  # each item's nearest neighbours compared: the first always, the others
+WITHIN = 1.0  # when closer than this times the typical nearest-neighbour distance
 MATCH_Z = 3.0
 MIN_MATCH = 0.99
 FLAT_GREY = 0.5  # a signature varying less than this (grey levels, RMS) has no pattern
@@ -85,6 +84,9 @@ def _decoded_small(jpeg: bytes) -> Any:
     at = 2
     while at + 9 <= len(jpeg) and jpeg[at] == 0xFF:
         marker = jpeg[at + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            at += 1
+            continue
         if marker in (0xC0, 0xC1, 0xC2):
             h, w = int.from_bytes(jpeg[at + 5:at + 7], "big"), int.from_bytes(jpeg[at + 7:at + 9], "big")
             scale = next(s for s in (8, 4, 2, 1) if s == 1 or min(-(-w // s), -(-h // s)) >= FRAME)
