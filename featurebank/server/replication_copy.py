@@ -100,11 +100,13 @@ class Watchdog:
     chunks back to back, so silence means a connection that is open
     but dead (a host gone without closing it, a listener that accepts and never answers),
     which TCP and gRPC keepalive would notice only after many seconds. Time spent applying
-    what it receives (a delta, a chunk on a slow disk) does not count.
+    what it receives (a delta, a chunk on a slow disk) does not count. The stream's channel
+    is closed too: a call gRPC is still retrying on a new connection (after the primary
+    went away before it answered) is not always ended by cancelling it alone.
     """
 
-    def __init__(self, call: Any, silent_s: float) -> None:
-        self._call, self._silent_s = call, silent_s
+    def __init__(self, call: Any, channel: grpc.Channel, silent_s: float) -> None:
+        self._call, self._channel, self._silent_s = call, channel, silent_s
         self._waiting_since: float | None = time.monotonic()
         self._done = threading.Event()
         threading.Thread(target=self._watch, name="fb-stream-watchdog", daemon=True).start()
@@ -127,6 +129,7 @@ class Watchdog:
             if since is not None and time.monotonic() - since > self._silent_s:
                 log.warning("stream from the primary silent for %.0f s: reconnecting", self._silent_s)
                 self._call.cancel()
+                self._channel.close()
                 return
 
 
@@ -195,7 +198,7 @@ class Download:
         with self.link.channel() as channel:
             stub = pb_grpc.FeatureBankStub(channel)
             stream = stub.ReplicaSnapshot(request, metadata=self.link.metadata)
-            watchdog = Watchdog(stream, SNAPSHOT_SILENT_S)
+            watchdog = Watchdog(stream, channel, SNAPSHOT_SILENT_S)
             writer: _Files | None = None
             try:
                 for chunk in stream:

@@ -158,7 +158,7 @@ class Puller:
 
         channel = self._channel = self.link.channel()
         stream = pb_grpc.FeatureBankStub(channel).FollowStore(requests(), metadata=self.link.metadata)
-        watchdog = Watchdog(stream, SILENT_BEATS * replication.HEARTBEAT_S)
+        watchdog = Watchdog(stream, channel, SILENT_BEATS * replication.HEARTBEAT_S)
         try:
             parts: list[records.Record] = []
             for msg in stream:
