@@ -5,10 +5,13 @@ Separate processes and data folders on one machine, loopback standing in for the
 (1) Bootstrap: `serve --replica --primary ADDR --data DIR`'s copy of a bank (a consistent
     snapshot over gRPC, each chunk and file with its crc32) against `cp -r` of the same
     bytes (the limit: the kernel copies the pages), `cp -r` then `sync` (the same copy made
-    durable, as the bootstrap fsyncs what it wrote) and a plain Python read + write of them,
-    each the best of --rounds rounds (this machine's page cache and neighbours make any one
-    copy vary 2-3x); target within 2x of cp. Precondition: the copy holds the primary's
-    items and generation.
+    durable, as the bootstrap fsyncs what it wrote), a plain Python read + write of them,
+    and the framework's floor: the same files streamed by a bare grpc.aio server in its own
+    process, in raw chunks of the bootstrap's size, to a client that drops them (gRPC
+    alone) or writes them into one file and fsyncs it (gRPC + disk, no checksums); each the
+    best of --rounds rounds (this machine's page cache and neighbours make any one copy vary
+    2-3x); target within 2x of cp. Precondition: the copy holds the primary's items and
+    generation, and every copy moved the same bytes.
 (2) Commit-to-visible on a remote replica: Upserts of one new item each at RATE per second
     on the primary; for each, the time from its acknowledgement to the first Search on the
     replica that returns it (p50/p99; target p99 < 100 ms at 200/s).
@@ -60,6 +63,7 @@ from featurebank.server.disk import preallocate  # noqa: E402
 from featurebank.server.replication import CHUNK_BYTES as CHUNK  # noqa: E402
 from featurebank.server.replication_copy import PrimaryLink, bootstrap  # noqa: E402
 from tests.support.proxy import RETRIES, Nginx, Serving, backoff, nginx_binary  # noqa: E402
+from tests.support.server import free_port  # noqa: E402
 
 WRITERS = 8  # threads sending the paced Upserts of (2), so one slow commit delays no other
 
@@ -140,6 +144,82 @@ def python_copy(src: Path, dest: Path) -> None:
             os.close(fout)
 
 
+def serve_stream(port: int) -> int:
+    """A bare grpc.aio server whose one method streams every file of the folder it is
+    asked for, in CHUNK-sized raw chunks: gRPC moving the bytes and nothing else."""
+    import asyncio
+
+    import grpc
+    from grpc import aio
+
+    async def files(request: bytes, context: object) -> Any:
+        loop = asyncio.get_running_loop()
+        for path in sorted(p for p in Path(request.decode()).rglob("*") if p.is_file()):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                offset = 0
+                while data := await loop.run_in_executor(None, os.pread, fd, CHUNK, offset):
+                    yield data
+                    offset += len(data)
+            finally:
+                os.close(fd)
+
+    handler = grpc.method_handlers_generic_handler("bare.Files", {
+        "Stream": grpc.unary_stream_rpc_method_handler(
+            files, request_deserializer=lambda b: b, response_serializer=lambda b: b)})
+
+    async def run() -> None:
+        server = aio.server(options=[("grpc.max_send_message_length", 2 * CHUNK)])
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+    return 0
+
+
+def stream_copy(target: str, folder: Path, out: Path | None) -> int:
+    """Bytes of `folder` received from `serve_stream`, written into `out` and fsynced
+    (None: dropped as they come)."""
+    import grpc
+
+    options = [("grpc.max_receive_message_length", 2 * CHUNK)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        call = channel.unary_stream("/bare.Files/Stream", request_serializer=lambda b: b,
+                                    response_deserializer=lambda b: b)
+        fd = None if out is None else os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        got = 0
+        try:
+            for chunk in call(str(folder).encode()):
+                got += len(chunk)
+                if fd is not None:
+                    view, done = memoryview(chunk), 0
+                    while done < len(view):
+                        done += os.write(fd, view[done:])
+            if fd is not None:
+                os.fsync(fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return got
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    """Return once something listens on `port`; fail when `proc` (its server) died."""
+    import socket
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("precondition failed: the bare gRPC stream server did not start") from None
+            time.sleep(0.1)
+
+
 def copy_durably(src: Path, dest: Path) -> None:
     """`cp -r` and then `sync`: the same bytes on disk, not just in the page cache."""
     subprocess.run(["cp", "-r", str(src), str(dest)], check=True)
@@ -162,8 +242,13 @@ def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
 def bench_bootstrap(bank: Path, work: Path, rounds: int, checks: Targets) -> None:
     print(f"\n(1) Bootstrap of {bank} over gRPC vs cp -r of the same bytes, best of {rounds} "
           "rounds (each: bootstrap, cp -r, a Python copy; every copy removed after its round)")
-    times: dict[str, list[float]] = {"bootstrap": [], "cp": [], "cp+sync": [], "python": []}
+    times: dict[str, list[float]] = {"bootstrap": [], "cp": [], "cp+sync": [], "python": [],
+                                     "grpc": [], "grpc+disk": []}
     cpu = {"replica": 0.0, "primary": 0.0}
+    port = free_port()
+    bare = subprocess.Popen([sys.executable, __file__, "--bare-stream", str(port)], cwd=HERE.parent,
+                            stdout=subprocess.DEVNULL)
+    streamed: set[int] = set()
     with Serving("--bank", str(bank)) as primary, FeatureBankClient(primary.target) as c:
         info = c.info()
         for _ in range(rounds):
@@ -177,6 +262,12 @@ def bench_bootstrap(bank: Path, work: Path, rounds: int, checks: Targets) -> Non
             times["cp"].append(timed(subprocess.run, cp)[0])
             times["cp+sync"].append(timed(copy_durably, snapshot, work / "durable")[0])
             times["python"].append(timed(python_copy, snapshot, work / "py")[0])
+            wait_for_port(port, bare)
+            for kind, out in (("grpc", None), ("grpc+disk", work / "streamed")):
+                took, got = timed(stream_copy, f"127.0.0.1:{port}", snapshot, out)
+                times[kind].append(took)
+                streamed.add(got - (snapshot / "manifest.json").stat().st_size)
+            (work / "streamed").unlink()
             with store_mod.open(work / "replica", readonly=True) as st:
                 same = st.count == info.count and st.generation == info.store_generation
             cp_bytes = tree_bytes(work / "cp") - (work / "cp" / "manifest.json").stat().st_size
@@ -185,7 +276,10 @@ def bench_bootstrap(bank: Path, work: Path, rounds: int, checks: Targets) -> Non
                 shutil.rmtree(folder)
     checks.check(same, f"the copy holds the primary's {info.count} items at store generation "
                  f"{info.store_generation}")
+    bare.terminate()
+    bare.wait(30)
     checks.check(cp_bytes == copied, f"cp copied the same {copied / 2**20:.1f} MiB")
+    checks.check(streamed == {copied}, f"the bare gRPC stream moved the same {copied / 2**20:.1f} MiB")
     best = {k: min(v) for k, v in times.items()}
     every = {k: ", ".join(f"{t:.2f}" for t in v) for k, v in times.items()}
     mib = copied / 2**20
@@ -200,6 +294,12 @@ def bench_bootstrap(bank: Path, work: Path, rounds: int, checks: Targets) -> Non
           f"(bootstrap / this: {best['bootstrap'] / best['cp+sync']:.2f}x)")
     print(f"  Python copy: {best['python']:6.2f} s ({mib / best['python']:7.1f} MiB/s; rounds "
           f"{every['python']}): read + write from one buffer, no network, no fsync")
+    print(f"  gRPC alone : {best['grpc']:6.2f} s ({mib / best['grpc']:7.1f} MiB/s; rounds "
+          f"{every['grpc']}): a bare grpc.aio stream of the same files, chunks dropped "
+          f"(its / cp: {best['grpc'] / best['cp']:.2f}x)")
+    print(f"  gRPC + disk: {best['grpc+disk']:6.2f} s ({mib / best['grpc+disk']:7.1f} MiB/s; rounds "
+          f"{every['grpc+disk']}): the same stream written and fsynced, no checksums "
+          f"(bootstrap / this: {best['bootstrap'] / best['grpc+disk']:.2f}x)")
     ratio = best["bootstrap"] / best["cp"]
     print(f"  bootstrap / cp: {ratio:.2f}x (target <= 2x); bootstrap / Python copy: "
           f"{best['bootstrap'] / best['python']:.2f}x")
@@ -371,9 +471,13 @@ def main() -> int:
     parser.add_argument("--proxy-seconds", type=float, default=15.0, help="length of (3)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of (1); each copy's best round is compared")
+    parser.add_argument("--bare-stream", type=int, metavar="PORT",
+                        help=argparse.SUPPRESS)  # section (1)'s floor, in its own process
     parser.add_argument("--quick", action="store_true",
                         help="20,000 items, short runs; judges correctness and preconditions only")
     args = parser.parse_args()
+    if args.bare_stream:
+        return serve_stream(args.bare_stream)
     if args.quick:
         args.items, args.seconds, args.proxy_seconds, args.rounds = 20_000, 2.0, 6.0, 1
     checks = Targets(judged=not args.quick)
