@@ -49,6 +49,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from _bare_grpc import serve_forever, wait_for_port  # noqa: E402
 from _checks import Checks  # noqa: E402
 
 from featurebank import store as store_mod  # noqa: E402
@@ -150,7 +151,6 @@ def serve_stream(port: int) -> int:
     import asyncio
 
     import grpc
-    from grpc import aio
 
     async def files(request: bytes, context: object) -> Any:
         loop = asyncio.get_running_loop()
@@ -167,16 +167,7 @@ def serve_stream(port: int) -> int:
     handler = grpc.method_handlers_generic_handler("bare.Files", {
         "Stream": grpc.unary_stream_rpc_method_handler(
             files, request_deserializer=lambda b: b, response_serializer=lambda b: b)})
-
-    async def run() -> None:
-        server = aio.server(options=[("grpc.max_send_message_length", 2 * CHUNK)])
-        server.add_generic_rpc_handlers((handler,))
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        await server.wait_for_termination()
-
-    asyncio.run(run())
-    return 0
+    return serve_forever(handler, port, [("grpc.max_send_message_length", 2 * CHUNK)])
 
 
 def stream_copy(target: str, folder: Path, out: Path | None) -> int:
@@ -203,21 +194,6 @@ def stream_copy(target: str, folder: Path, out: Path | None) -> int:
             if fd is not None:
                 os.close(fd)
         return got
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    """Return once something listens on `port`; fail when `proc` (its server) died."""
-    import socket
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("precondition failed: the bare gRPC stream server did not start") from None
-            time.sleep(0.1)
 
 
 def copy_durably(src: Path, dest: Path) -> None:
@@ -262,7 +238,7 @@ def bench_bootstrap(bank: Path, work: Path, rounds: int, checks: Targets) -> Non
             times["cp"].append(timed(subprocess.run, cp)[0])
             times["cp+sync"].append(timed(copy_durably, snapshot, work / "durable")[0])
             times["python"].append(timed(python_copy, snapshot, work / "py")[0])
-            wait_for_port(port, bare)
+            wait_for_port(port, bare, "the bare gRPC stream server")
             for kind, out in (("grpc", None), ("grpc+disk", work / "streamed")):
                 took, got = timed(stream_copy, f"127.0.0.1:{port}", snapshot, out)
                 times[kind].append(took)

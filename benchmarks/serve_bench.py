@@ -33,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._bare_grpc import serve_forever, wait_for_port  # noqa: E402
 from benchmarks._checks import Checks  # noqa: E402
 from featurebank import store as store_mod  # noqa: E402
 from featurebank.core.spec import Spec  # noqa: E402
@@ -151,10 +152,7 @@ def hammer_cpu(
 def serve_bare(port: int, answer: bytes) -> int:
     """A grpc.aio server whose Classify parses the request and returns fixed bytes: what
     any Python gRPC service pays before doing anything (the floor of section 1)."""
-    import asyncio
-
     import grpc
-    from grpc import aio
 
     from featurebank.v1 import featurebank_pb2 as pb
 
@@ -168,16 +166,7 @@ def serve_bare(port: int, answer: bytes) -> int:
         "Check": grpc.unary_unary_rpc_method_handler(
             classify, request_deserializer=lambda b: b, response_serializer=lambda b: b),
     })  # fmt: skip
-
-    async def run() -> None:
-        server = aio.server()
-        server.add_generic_rpc_handlers((handler,))
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        await server.wait_for_termination()
-
-    asyncio.run(run())
-    return 0
+    return serve_forever(handler, port)
 
 
 class BareServer:
@@ -191,16 +180,11 @@ class BareServer:
         self.answer.flush()
         cmd = [sys.executable, __file__, "--bare-server", str(self.port), self.answer.name]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.close()
-                    raise RuntimeError("the bare gRPC server did not start") from None
-                time.sleep(0.1)
+        try:
+            wait_for_port(self.port, self.proc, "the bare gRPC server")
+        except SystemExit:
+            self.close()
+            raise
 
     def close(self) -> None:
         self.proc.terminate()

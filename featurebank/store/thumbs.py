@@ -48,7 +48,7 @@ def put(txn: Any, dbs: dict[str, Any], ids: np.ndarray, thumbs: Sequence[bytes |
 
 def drop(txn: Any, dbs: dict[str, Any], ids: np.ndarray) -> None:
     """Remove the thumbnails of deleted ids (free when the bank keeps none)."""
-    if not txn.stat(dbs[DB])["entries"]:
+    if not count(txn, dbs):
         return
     for k in pack_ids(ids):
         txn.delete(k, db=dbs[DB])
