@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -243,9 +243,12 @@ class Banks:
             self._save_aliases({a: b for a, b in self.aliases.items() if b != name}, "DropBank")
         return entry
 
-    @contextlib.asynccontextmanager
-    async def using(self, name: str) -> AsyncIterator[tuple[Entry, Engine]]:
-        """The open engine of the bank `name` resolves to, held open for the call."""
+    def using(self, name: str) -> Using:
+        """The open engine of the bank `name` resolves to, held open for the call
+        (`async with banks.using(name) as (entry, engine)`)."""
+        return Using(self, name)
+
+    async def _opened(self, name: str) -> tuple[Entry, Engine]:
         entry = self.resolve(name)
         while entry.engine is None:
             async with entry.lock:
@@ -255,11 +258,7 @@ class Banks:
                     await self._open(entry)
         engine = entry.engine
         entry.in_flight += 1  # no await since the check above: the sweep cannot close it now
-        try:
-            yield entry, engine
-        finally:
-            entry.in_flight -= 1
-            entry.last_used = time.monotonic()
+        return entry, engine
 
     async def _open(self, entry: Entry) -> None:
         entry.state, entry.error = "loading", None
@@ -361,3 +360,23 @@ def _free_memory() -> None:
 
     gc.collect()
     release_free_memory()
+
+
+class Using:
+    """A bank held open for one call (`Banks.using`): a class, not a generator, since every
+    call enters one."""
+
+    __slots__ = ("banks", "name", "entry")
+
+    def __init__(self, banks: Banks, name: str) -> None:
+        self.banks, self.name = banks, name
+        self.entry: Entry | None = None
+
+    async def __aenter__(self) -> tuple[Entry, Engine]:
+        self.entry, engine = await self.banks._opened(self.name)
+        return self.entry, engine
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.entry is not None
+        self.entry.in_flight -= 1
+        self.entry.last_used = time.monotonic()

@@ -80,19 +80,30 @@ class Batcher(Generic[T, R]):
         self._moved = asyncio.Event()
         self._collector = asyncio.get_running_loop().create_task(self._collect())
 
-    async def submit(self, item: T) -> R:
-        """Queue one item and wait for its result (raises its exception)."""
+    def _enqueue(self, item: T) -> asyncio.Future[R]:
+        """Queue one item; its future gets the result (or its exception)."""
         if self._collector is None:
             self._start()
         assert self._queue is not None and self._moved is not None
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(item, future))
         self._moved.set()
-        return await future
+        return future
+
+    async def submit(self, item: T) -> R:
+        """Queue one item and wait for its result (raises its exception)."""
+        return await self._enqueue(item)
 
     async def submit_many(self, items: Sequence[T]) -> list[R]:
-        """Queue several items at once (they batch with everyone else's)."""
-        return list(await asyncio.gather(*(self.submit(i) for i in items)))
+        """Queue several items at once (they batch with everyone else's).
+
+        The callers wait on the items' futures themselves, no task each: a cancelled
+        caller cancels them, and a batch skips an item whose future is done.
+        """
+        futures = [self._enqueue(i) for i in items]
+        if len(futures) == 1:
+            return [await futures[0]]
+        return list(await asyncio.gather(*futures))
 
     async def _collect(self) -> None:
         assert self._queue is not None and self._slots is not None

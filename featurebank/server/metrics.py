@@ -75,6 +75,7 @@ class Metrics:
             ["bank", "replica"], registry=r,
         )
         self._server: Any = None
+        self._series: dict[tuple[str, ...], Any] = {}  # per-call series by labels, all views
 
     def for_bank(self, name: str) -> Metrics:
         """This server's families, updated with `bank=name`."""
@@ -83,12 +84,20 @@ class Metrics:
         return view
 
     def observe(self, method: str, code: str, seconds: float) -> None:
-        self.requests.labels(self.bank, method, code).inc()
-        self.latency.labels(self.bank, method, code).observe(seconds)
+        key = (self.bank, method, code)
+        series = self._series.get(key)
+        if series is None:  # a labels() lookup costs more than the update: once per series
+            series = self._series[key] = (self.requests.labels(*key), self.latency.labels(*key))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def in_flight_of(self, method: str) -> Any:
         """The in-flight gauge of `method` on this bank (inc/dec around a call)."""
-        return self.in_flight.labels(self.bank, method)
+        key = (self.bank, method)
+        gauge = self._series.get(key)
+        if gauge is None:
+            gauge = self._series[key] = self.in_flight.labels(*key)
+        return gauge
 
     def observe_batch(self, kind: str, size: int) -> None:
         self.batch_size.labels(kind).observe(size)

@@ -132,8 +132,8 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         if self.metrics is not None:
             self.metrics.observe(method, code, time.perf_counter() - started)
 
-    async def _vectors(self, inputs: Inputs) -> tuple[np.ndarray, list[int | None]]:
-        """Vectors of images, vectors and keys (images batched with other calls).
+    async def _vectors(self, inputs: Inputs) -> tuple[list[np.ndarray], list[int | None]]:
+        """Vectors of images, vectors and keys (images batched with other calls), in order.
 
         Also the stored id of each key input, so a stored item is left out of its own
         neighbours (leave-one-out) when classifying or searching by key.
@@ -153,7 +153,7 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
             for (i, _), v, item_id in zip(inputs.keys, found, ids, strict=True):
                 out[i] = v
                 own[i] = int(item_id)
-        return np.stack([v for v in out if v is not None]), own
+        return [v for v in out if v is not None], own
 
     # ------------------------------------------------------------- read RPCs
 
@@ -182,8 +182,8 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         self, inputs: Sequence[pb.Input], mode: int, k: int, top_n: int, neighbors: bool,
         abstain_below: float, filter_text: str = "",
     ) -> list[pb.ClassifyResponse]:
-        options = check_classify(mode, k, top_n, neighbors, abstain_below)
-        options = replace(options, where=queries.check_filter(filter_text))
+        options = check_classify(mode, k, top_n, neighbors, abstain_below,
+                                 queries.check_filter(filter_text))
         vectors, own = await self._vectors(check_inputs(inputs, self.engine.dim))
         jobs = [ClassifyJob(v, options, item_id) for v, item_id in zip(vectors, own, strict=True)]
         return [prediction(p) for p in await self.reads.classify(jobs)]
@@ -237,8 +237,8 @@ class FeatureBankServicer(pb_grpc.FeatureBankServicer):
         where = queries.check_filter(request.filter)
         threshold = queries.check_threshold(request.HasField("score_threshold"), request.score_threshold)
         examples = [*request.positives, *request.negatives]
-        vectors, own = await self._vectors(check_inputs(examples, self.engine.dim))
-        n = len(request.positives)
+        found, own = await self._vectors(check_inputs(examples, self.engine.dim))
+        vectors, n = np.stack(found), len(request.positives)
         hits, generation = await run_in(
             self.reads.compute, self.queries.recommend, vectors[:n], vectors[n:],
             [i for i in own if i is not None], strategy, k, where, threshold, request.include_metadata,
@@ -432,4 +432,3 @@ async def _check_stream_complete(context: aio.ServicerContext) -> None:
         raise asyncio.CancelledError(f"Upsert stream did not complete: {e}") from e
     if context.cancelled():
         raise asyncio.CancelledError("Upsert stream cancelled")
-

@@ -17,6 +17,7 @@ import numpy as np
 from featurebank.classify.abstain import check_precision
 from featurebank.core.errors import InvalidInput, shown
 from featurebank.core.vocabulary import MODES, SPLITS, SUGGEST_STRATEGIES
+from featurebank.index.filters import Node
 from featurebank.server.bounds import (
     DEFAULT_RANKED,
     DEFAULT_TOP_N,
@@ -45,9 +46,9 @@ def check_vector(values: Sequence[float], dim: int, where: str = "vector") -> np
     if len(values) != dim:
         raise InvalidInput(f"{where} has {len(values)} values; the bank's vectors have dim {dim}")
     v = np.asarray(values, dtype=np.float32)
-    bad = np.flatnonzero(~np.isfinite(v))
-    if bad.size:
-        raise InvalidInput(f"{where} has NaN or infinity at position {int(bad[0])}")
+    if not np.isfinite(v).all():
+        bad = int(np.flatnonzero(~np.isfinite(v))[0])
+        raise InvalidInput(f"{where} has NaN or infinity at position {bad}")
     return v
 
 
@@ -151,15 +152,18 @@ def check_operation_id(op_id: str) -> str:
 
 
 def check_classify(
-    mode: int, k: int, top_n: int, include_neighbors: bool, abstain_below: float
+    mode: int, k: int, top_n: int, include_neighbors: bool, abstain_below: float,
+    where: Node | None = None,
 ) -> ClassifyOptions:
-    """The options of a Classify or ClassifyBatch request (0 fields: the defaults)."""
+    """The options of a Classify or ClassifyBatch request (0 fields: the defaults);
+    `where` is its parsed filter."""
     return ClassifyOptions(
         mode=check_mode(mode),
         k=check_k(k, None),
         top_n=check_top_n(top_n),
         include_neighbors=include_neighbors,
         abstain_below=check_precision(abstain_below) if abstain_below else None,
+        where=where,
     )
 
 
