@@ -6,7 +6,10 @@
     batch (the limit), and with the framework's floor: a bare grpc.aio server in its
     own process answering the same method with a response of the same size (no
     work), under the same clients. The server's CPU per call (from /proc) against the
-    floor's is the cost featurebank adds to gRPC itself (target <= 1.5x).
+    floor's is the cost featurebank adds to gRPC itself (target <= 1.5x). Beside it, the
+    work a call cannot skip: the in-process Classifier's CPU per query on one search
+    thread, in batches of the size the server formed (from its metrics page), so the
+    server's cost splits into gRPC, the search, and what serving adds beyond both.
 (2) Classify by image (MobileNetV2 at 224, random weights, CPU), 32 concurrent
     clients, dynamic batching on (max batch 32) versus off (max batch 1):
     throughput ratio, target >= 2.5x.
@@ -149,6 +152,40 @@ def hammer_cpu(
         return stats, (cpu_seconds(server.proc.pid) - before) / n
 
 
+def batch_counts(port: int) -> tuple[float, float]:
+    """(items, batches) the server's classify batcher has run, from its metrics page."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    found = {}
+    for line in text.splitlines():
+        for what in ("sum", "count"):
+            if line.startswith(f'featurebank_batch_size_{what}{{kind="classify"}}'):
+                found[what] = float(line.split()[-1])
+    return found.get("sum", 0.0), found.get("count", 0.0)
+
+
+def work_per_query(bank: Path, queries: np.ndarray, batch: int) -> float:
+    """CPU seconds a query's classification costs in process, in batches of `batch`, on a
+    thread of its own (one OpenMP thread, as on the server's search threads)."""
+    from featurebank.classify.classifier import Classifier
+
+    out: list[float] = []
+
+    def run() -> None:
+        with Classifier(bank) as clf:
+            clf.classify(queries[:batch])
+            start = time.thread_time()
+            for i in range(0, len(queries), batch):
+                clf.classify(queries[i : i + batch])
+            out.append((time.thread_time() - start) / len(queries))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    return out[0]
+
+
 def serve_bare(port: int, answer: bytes) -> int:
     """A grpc.aio server whose Classify parses the request and returns fixed bytes: what
     any Python gRPC service pays before doing anything (the floor of section 1)."""
@@ -251,11 +288,16 @@ def bench_vectors(tmp: Path, quick: bool, checks: Checks) -> None:
     def call(c: FeatureBankClient, i: int) -> object:
         return c.classify(vector=qs[i % calls])
 
-    with Served(bank) as s:
+    metrics_port = free_port()
+    with Served(bank, "--metrics-port", str(metrics_port)) as s:
+        before = batch_counts(metrics_port)
         served, served_cpu = hammer_cpu(s, calls, call)
+        after = batch_counts(metrics_port)
         example = FeatureBankClient(s.target).classify(vector=qs[0]).SerializeToString()
     with BareServer(example) as bare:
         floor, floor_cpu = hammer_cpu(bare, calls, call)
+    batch = max(1, round((after[0] - before[0]) / max(after[1] - before[1], 1)))
+    work_cpu = work_per_query(bank, np.stack(qs), batch)
     print(f"  in-process Classifier, one call at a time : {fmt(inproc)}")
     print(f"  in-process Classifier, one batch (limit)  : {batch_qps:9.1f} q/s")
     print(f"  gRPC server, {CLIENTS} concurrent clients      : {fmt(served)}   "
@@ -264,6 +306,11 @@ def bench_vectors(tmp: Path, quick: bool, checks: Checks) -> None:
           f"{1e6 * floor_cpu:7.0f} us CPU/call ({len(example)}-byte answers)")
     print(f"  server / in-process one-at-a-time: {served['qps'] / inproc['qps']:.2f}x   "
           f"server / batch limit: {served['qps'] / batch_qps:.2f}x")
+    print(f"  the work itself (Classifier on one search thread, batches of {batch} as the "
+          f"server formed them): {1e6 * work_cpu:.0f} us CPU/query")
+    print(f"  server CPU per call / (bare floor + the work): "
+          f"{served_cpu / (floor_cpu + work_cpu):.2f}x: what serving adds beyond gRPC and "
+          f"the search ({1e6 * (served_cpu - floor_cpu - work_cpu):.0f} us a call)")
     ratio = served_cpu / floor_cpu
     text = f"server CPU per call {ratio:.2f}x the bare gRPC floor's (target <= 1.5x)"
     if quick:
