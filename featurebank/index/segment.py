@@ -47,6 +47,34 @@ def member(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
     return np.asarray(sorted_ids[pos] == values)
 
 
+class Spare:
+    """Capacity behind a growing array (labels, the segment), so appending new items copies
+    only the new part.
+
+    Older views keep their own (shorter) slice of the same buffer, which later
+    appends never write into; only the array that ends at `used` grows in place.
+    """
+
+    __slots__ = ("buf", "used")
+
+    def __init__(self, buf: np.ndarray, used: int) -> None:
+        self.buf, self.used = buf, used
+
+
+def appended(arr: np.ndarray, extra: np.ndarray, spare: Spare | None) -> tuple[np.ndarray, Spare]:
+    """`arr` + `extra` along the first axis (amortised: in place when `arr` ends where its
+    spare buffer is used). Only one thread may append to a buffer at a time."""
+    n, m = len(arr), len(extra)
+    if (spare is not None and spare.used == n and len(spare.buf) >= n + m
+            and arr.ctypes.data == spare.buf.ctypes.data):
+        spare.buf[n : n + m] = extra
+        spare.used = n + m
+        return spare.buf[: n + m], spare
+    buf = np.empty((max(2 * (n + m), 1024), *arr.shape[1:]), dtype=arr.dtype)
+    buf[:n], buf[n : n + m] = arr, extra
+    return buf[: n + m], Spare(buf, n + m)
+
+
 @dataclass(frozen=True)
 class Segment:
     """Items (ids sorted, transformed vectors) the loaded generation does not hold."""
@@ -55,7 +83,7 @@ class Segment:
     vectors: np.ndarray  # float32 (n, index_dim), rows in ids order
     metric_type: int  # faiss metric constant of the generation
     since: float = 0.0  # when the oldest item now in the segment arrived (0: empty)
-    _flat: list[faiss.Index] = field(default_factory=list, repr=False, compare=False)
+    spare: tuple[Spare, Spare] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, dim: int, metric_type: int) -> Segment:
@@ -101,23 +129,27 @@ class Segment:
         return Segment(ids, np.ascontiguousarray(vectors), self.metric_type, since)
 
     def applied(self, ids: np.ndarray, vectors: np.ndarray, deleted: np.ndarray) -> Segment:
-        """This segment without `deleted`, plus new items (ids above every id it holds)."""
+        """This segment without `deleted`, plus new items (ids above every id it holds).
+
+        Appending without deletions writes only the new rows (into spare capacity behind
+        this segment's arrays, which older segments never look past): a segment fed by
+        many small commits costs each commit its own items, not the segment's size.
+        """
         keep = ~member(self.ids, deleted) if deleted.size else np.ones(self.size, dtype=bool)
         if ids.size == 0 and keep.all():
             return self
-        out_ids = np.concatenate([self.ids[keep], ids.astype(np.int64)])
-        out = np.concatenate([self.vectors[keep], vectors.astype(np.float32, copy=False)])
+        new_ids, new = ids.astype(np.int64), vectors.astype(np.float32, copy=False)
         since = self.since if keep.any() else 0.0
         if ids.size and not since:
             since = time.time()
+        if keep.all():
+            ids_spare, vectors_spare = self.spare or (None, None)
+            out_ids, ids_spare = appended(self.ids, new_ids, ids_spare)
+            out, vectors_spare = appended(self.vectors, new, vectors_spare)
+            return Segment(out_ids, out, self.metric_type, since, (ids_spare, vectors_spare))
+        out_ids = np.concatenate([self.ids[keep], new_ids])
+        out = np.concatenate([self.vectors[keep], new])
         return Segment(out_ids, np.ascontiguousarray(out), self.metric_type, since if out_ids.size else 0.0)
-
-    def _index(self) -> faiss.Index:
-        if not self._flat:  # built once per segment value (a benign race builds it twice)
-            flat = faiss.IndexFlat(self.vectors.shape[1], self.metric_type)
-            flat.add(self.vectors)
-            self._flat.append(flat)
-        return self._flat[0]
 
     def subset(self, mask: np.ndarray) -> Segment:
         """The items where `mask` is true (what a label-filtered search looks at)."""
@@ -131,7 +163,7 @@ class Segment:
         n = xt.shape[0]
         if self.size == 0:
             return np.full((n, k), np.nan, np.float32), np.full((n, k), -1, np.int64)
-        dist, pos = self._index().search(xt, min(k, self.size))
+        dist, pos = faiss.knn(xt, self.vectors, min(k, self.size), metric=self.metric_type)
         found = np.where(pos >= 0, self.ids[np.maximum(pos, 0)], -1).astype(np.int64)
         return dist, found
 

@@ -26,7 +26,7 @@ from featurebank.core.integrity import read_json
 from featurebank.core.vocabulary import HELD_OUT_SPLIT
 from featurebank.index import stored_ids
 from featurebank.index.families import Family, family_of, set_params
-from featurebank.index.segment import Segment, member
+from featurebank.index.segment import Segment, Spare, appended, member
 from featurebank.index.transforms import Transform, as_vectors
 from featurebank.store import Store
 
@@ -65,32 +65,6 @@ class Labels:
     vocabulary: list[str]
     vote_codes: np.ndarray  # codes, with -1 for held-out (test split) items
     spare: dict[str, Spare] = field(default_factory=dict, repr=False, compare=False)
-
-
-class Spare:
-    """Capacity behind a label array, so appending new items copies only the new part.
-
-    Older views keep their own (shorter) slice of the same buffer, which later
-    appends never write into; only the array that ends at `used` grows in place.
-    """
-
-    __slots__ = ("buf", "used")
-
-    def __init__(self, buf: np.ndarray, used: int) -> None:
-        self.buf, self.used = buf, used
-
-
-def appended(arr: np.ndarray, extra: np.ndarray, spare: Spare | None) -> tuple[np.ndarray, Spare]:
-    """`arr` + `extra` (amortised: in place when `arr` ends where its spare buffer is used)."""
-    n, m = arr.size, extra.size
-    if (spare is not None and spare.used == n and spare.buf.size >= n + m
-            and arr.ctypes.data == spare.buf.ctypes.data):
-        spare.buf[n : n + m] = extra
-        spare.used = n + m
-        return spare.buf[: n + m], spare
-    buf = np.empty(max(2 * (n + m), 1024), dtype=arr.dtype)
-    buf[:n], buf[n : n + m] = arr, extra
-    return buf[: n + m], Spare(buf, n + m)
 
 
 @dataclass
