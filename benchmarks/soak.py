@@ -105,12 +105,12 @@ def rss_mib(pid: int) -> float:
 class Server:
     """`featurebank serve` in its own process, its stderr kept in a file."""
 
-    def __init__(self, bank: Path) -> None:
+    def __init__(self, bank: Path, *extra: str) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in stop()
-        cmd = [sys.executable, "-m", "featurebank", "serve", "--bank", str(bank),
-               "--port", str(self.port), "--grace", "30"]  # fmt: skip
+        cmd = [sys.executable, "-m", "featurebank", "-v", "serve", "--bank", str(bank),
+               "--port", str(self.port), "--grace", "30", *extra]  # fmt: skip
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log)
         with FeatureBankClient(self.target) as c:
             c.wait_until_serving(timeout=300)
@@ -122,6 +122,9 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
+        self.log.seek(0)
+        self.folds = [line.strip() for line in self.log
+                      if "checkpoint" in line or "index generation" in line or "rebuild" in line]
         self.log.close()
         return code
 
@@ -179,6 +182,7 @@ def client_process(args: tuple[int, int, str, float, list[str]]) -> dict[str, An
     latencies: dict[str, list[float]] = defaultdict(list)
     statuses: Counter[tuple[str, str, str]] = Counter()  # (method, expected, got)
     acked: list[str] = []
+    reads_at: list[float] = []  # when each read (Classify, Search, ClassifyBatch) ended
     lock = threading.Lock()
 
     def worker(t: int) -> None:
@@ -201,13 +205,46 @@ def client_process(args: tuple[int, int, str, float, list[str]]) -> dict[str, An
                     statuses[(method, expected, got)] += 1
                     if got == OK:
                         acked.extend(new)
+                        if not new:
+                            reads_at.append(time.time())
 
     pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
     for th in pool:
         th.start()
     for th in pool:
         th.join()
-    return {"latencies": dict(latencies), "statuses": statuses, "acked": acked}
+    return {"latencies": dict(latencies), "statuses": statuses, "acked": acked,
+            "reads_at": reads_at}
+
+
+def writer_process(args: tuple[int, str, float, int]) -> dict[str, Any]:
+    """A streaming writer: Upserts of `size` new items, one after another, until `until`."""
+    proc_no, target, until, size = args
+    _, _, _, centres = user_like_data(1)
+    rng = np.random.default_rng(10_000 + proc_no)
+    latencies: list[float] = []
+    statuses: Counter[tuple[str, str, str]] = Counter()
+    acked: list[str] = []
+    with FeatureBankClient(target, timeout=60) as c:
+        n = 0
+        while time.time() < until:
+            n += 1
+            keys = [f"stream/{proc_no}/{n}/{i}" for i in range(size)]
+            cls = rng.integers(CLASSES, size=size)
+            vecs = centres[cls] + 0.3 * rng.normal(size=(size, DIM))
+            items = [{"key": k, "vector": v, "label": f"class{int(ci):02d}"}
+                     for k, v, ci in zip(keys, vecs, cls, strict=True)]  # fmt: skip
+            start = time.perf_counter()
+            try:
+                c.upsert(items)
+                got = OK
+                acked.extend(keys)
+            except RemoteError as e:
+                got = e.code.name
+            latencies.append(time.perf_counter() - start)
+            statuses[("Upsert(stream)", OK, got)] += 1
+    return {"latencies": {"Upsert(stream)": latencies}, "statuses": statuses, "acked": acked,
+            "reads_at": []}
 
 
 # ------------------------------------------------------------------ the run
@@ -232,12 +269,17 @@ def in_process_rates(bank: Path, centres: np.ndarray, seconds: float = 3.0) -> t
     return single, batched
 
 
-def _sample_until(when: float, pid: int, start: float) -> None:
-    """Progress: the server's RSS every 10 s until `when`."""
+def _sample_until(when: float, pid: int, start: float, target: str) -> None:
+    """Progress: the server's RSS, its index generation and the items not yet folded into
+    it (searched exactly), every 10 s until `when`."""
     while time.time() < when - 0.05:
         time.sleep(min(10.0 - (time.time() - start) % 10.0, when - time.time()))
         if (time.time() - start) % 10.0 < 0.5 or time.time() >= when:
-            print(f"  {time.time() - start:5.1f} s  server RSS {rss_mib(pid):.0f} MiB", flush=True)
+            with FeatureBankClient(target, timeout=30) as c:
+                index = c.info().index
+            print(f"  {time.time() - start:5.1f} s  server RSS {rss_mib(pid):.0f} MiB, index "
+                  f"generation {index.generation}, {index.pending_items} items pending",
+                  flush=True)  # fmt: skip
 
 
 def _rebuild(target: str) -> dict[str, Any]:
@@ -269,6 +311,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--procs", type=int, default=4, help="client processes the clients share")
     ap.add_argument("--items", type=int, default=20_000, help="items in the bank at the start")
+    ap.add_argument("--writers", type=int, default=0,
+                    help="streaming writers beside the clients, each upserting --write-size "
+                         "new items a call, one call after another")  # fmt: skip
+    ap.add_argument("--write-size", type=int, default=32)
+    ap.add_argument("--serve", nargs="*", default=[], metavar="ARG",
+                    help="more options for featurebank serve (e.g. --checkpoint-items 5000)")
     ap.add_argument("--no-rebuild", dest="rebuild", action="store_false",
                     help="leave out the RebuildIndex in the middle (to tell its memory apart)")
     ap.add_argument("--quick", action="store_true",
@@ -283,7 +331,7 @@ def main() -> int:
               flush=True)  # fmt: skip
         bank, keys, centres = make_bank(Path(tmp) / "bank", args.items)
         single, batched = in_process_rates(bank, centres)
-        server = Server(bank)
+        server = Server(bank, *args.serve)
         pid = server.proc.pid
         with FeatureBankClient(server.target) as c:
             index_before = c.info().index
@@ -295,20 +343,22 @@ def main() -> int:
         ctx = mp.get_context("spawn")
         rss: dict[str, float] = {"idle": rss_mib(pid)}
         rebuild: dict[str, Any] = {}
-        with ctx.Pool(procs) as pool:
+        with ctx.Pool(procs + args.writers) as pool:
             pending = pool.map_async(client_process,
                                      [(i, per[i], server.target, until, keys[::4]) for i in range(procs)])
+            writing = pool.map_async(writer_process, [(i, server.target, until, args.write_size)
+                                                      for i in range(args.writers)])
             marks = [("after warm-up", min(10.0, args.seconds * 0.15)),
                      ("middle", args.seconds / 2)]  # fmt: skip
             for name, at in marks:
-                _sample_until(start + at, pid, start)
+                _sample_until(start + at, pid, start, server.target)
                 rss[name] = rss_mib(pid)
                 print(f"  {time.time() - start:5.1f} s  server RSS {rss[name]:.0f} MiB ({name})",
                       flush=True)  # fmt: skip
             if args.rebuild:
                 rebuild = _rebuild(server.target)
-            _sample_until(until, pid, start)
-            results = pending.get(timeout=args.seconds + 600)
+            _sample_until(until, pid, start, server.target)
+            results = pending.get(timeout=args.seconds + 600) + writing.get(timeout=600)
         elapsed = time.time() - start
         rss["end"] = rss_mib(pid)
         with FeatureBankClient(server.target, timeout=60) as c:
@@ -319,11 +369,13 @@ def main() -> int:
         latencies: dict[str, list[float]] = defaultdict(list)
         statuses: Counter[tuple[str, str, str]] = Counter()
         acked: list[str] = []
+        reads_at: list[float] = []
         for r in results:
             for m, v in r["latencies"].items():
                 latencies[m].extend(v)
             statuses.update(r["statuses"])
             acked.extend(r["acked"])
+            reads_at.extend(r["reads_at"])
         with store_mod.open(bank, readonly=True) as st:
             missing = st.missing(acked)
             count_stored = st.count
@@ -334,6 +386,13 @@ def main() -> int:
     for m in sorted(latencies):
         v = latencies[m]
         print(f"{m:<16}{len(v):>9}{len(v) / elapsed:>10.1f}{pct(v, 50):>10.2f}{pct(v, 99):>10.2f}")
+    window = max(1.0, args.seconds / 6)
+    counts = np.bincount(((np.asarray(reads_at) - start) // window).astype(int).clip(0),
+                         minlength=int(np.ceil(args.seconds / window)))[: int(args.seconds // window)]
+    rates = counts / window
+    print(f"\nreads/s in windows of {window:.0f} s: " + ", ".join(f"{r:.0f}" for r in rates)
+          + (f"; last / first = {rates[-1] / rates[0]:.2f}x, lowest / first = "
+             f"{rates.min() / rates[0]:.2f}x" if len(rates) > 1 and rates[0] else ""))
     classify_rate = len(latencies.get("Classify", [])) / elapsed
     print(f"\nin-process Classify (library, no server): {single:.0f}/s one at a time, "
           f"{batched:.0f}/s in one batch (the limit)")
@@ -364,6 +423,9 @@ def main() -> int:
           f"{len(missing)}; store count {count_stored} (server said {count_served}; "
           f"{len(keys)} at the start + {len(set(acked))} acknowledged = {expected_count})")
     print(f"server exit code after SIGTERM: {code}")
+    print("\ncheckpoints and index generations in the server's log:")
+    for line in server.folds:
+        print(f"  {line[:200]}")
     good = (unexpected == 0 and not missing and rss["end"] <= 1.25 * warm and code == 0
             and not rebuild.get("error") and count_stored == expected_count
             and rebuild.get("second", "FAILED_PRECONDITION") == "FAILED_PRECONDITION")
