@@ -37,6 +37,11 @@ ID_BYTES = 8  # an int64 id: IndexIDMap2's id_map, and each inverted-list entry
 REV_MAP_BYTES = 44  # IndexIDMap2's reverse map, per entry (measured, see the docstring)
 ID_MAP_BYTES = ID_BYTES + REV_MAP_BYTES
 MAX_EF_SEARCH = 2048  # a filtered search's boosted efSearch stops here
+# Candidates kept while linking items appended onto a built graph (a fold). faiss' default,
+# 40, is what a build uses (one `add` of everything links well); for 20k items appended onto
+# a 50k graph four times over, 40 left each fold needing efSearch 768-1024 or a rebuild,
+# and 200 needed efSearch 20-48, each fold 1.4-2.6 s (docs/scale.md, "Reads under writes").
+APPEND_EF_CONSTRUCTION = 200
 K_FACTORS = [1, 2, 4]  # re-ranking factors the tuner tries behind a Refine
 EF_STEPS = (16, 20, 24, 28, 32, 36, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 256, 320, 384,
             512, 768, 1024)  # fmt: skip
@@ -88,6 +93,10 @@ class Family:
         (a tight selector leaves fewer visited items that count, so it explores more)."""
         return FAISS.SearchParameters(sel=sel)
 
+    def appending(self, index: faiss.Index) -> dict[str, int]:
+        """Ready `index` for items appended after its build; returns what it set."""
+        return {}
+
 
 class Flat(Family):
     """Exhaustive scans over stored codes (Flat, PQ, SQ): exact over its codes, no knob."""
@@ -130,6 +139,11 @@ class HNSW(Family):
     ) -> Any:
         ef = min(tuned.get("efSearch", 16) * boost, MAX_EF_SEARCH)
         return FAISS.SearchParametersHNSW(sel=sel, efSearch=int(ef))
+
+    def appending(self, index: faiss.Index) -> dict[str, int]:
+        graph: Any = unwrap(index)
+        graph.hnsw.efConstruction = APPEND_EF_CONSTRUCTION
+        return {"efConstruction": APPEND_EF_CONSTRUCTION}
 
 
 class IVF(Family):

@@ -41,6 +41,7 @@ from featurebank.index.build import (
     faiss_metric,
     write_generation,
 )
+from featurebank.index.families import family_of
 from featurebank.index.tuning import Tuned, exact_search, tune
 from featurebank.index.views import INDEX_FILE, index_ids, read_manifest
 from featurebank.store import BankLike, Changes, Store, borrowed
@@ -149,6 +150,7 @@ def _fold(
         return _rebuild_like(bank, store, manifest, f"{unremoved} deleted items still indexed")
     fitted = transforms.Transform.load(directory)
     tuned: Tuned | None = None
+    construction = family_of(index).appending(adder) if added.size else {}
     if added.size:
         items = store.get(added.astype(np.uint64))
         vectors = transforms.as_vectors(items.vectors, fitted.in_dim, "added store vectors")
@@ -176,7 +178,7 @@ def _fold(
         "update_seconds": round(time.perf_counter() - started, 3),
         "last_update": {"added": int(added.size), "removed": removed,
                         "filtered": int(deleted.size) - removed,
-                        "measured": tuned is not None},
+                        "measured": tuned is not None, **construction},
     }
     gen = write_generation(bank, index, manifest, transform_from=directory)
     log.info("index generation %d: +%d items, -%d removed", gen, added.size, removed)

@@ -78,6 +78,37 @@ def test_fold_of_a_batch_of_new_classes_keeps_the_target(tmp_path: Path) -> None
     assert measured_recall(bank, queries) >= 0.95 - NOISE  # chunked adds plateau near 0.85
 
 
+def streamed(centres: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """What streaming writers add: items of any class, in no order, near their class centre."""
+    rng = np.random.default_rng(seed)
+    cls = rng.integers(len(centres), size=n)
+    return (centres[cls] + 0.3 * rng.normal(size=(n, centres.shape[1]))).astype(np.float32)
+
+
+def test_folds_of_streamed_items_stay_as_cheap_to_search_as_the_build(tmp_path: Path) -> None:
+    # A class-ordered graph of 20k items with two folds of 10k streamed items each: linked
+    # with faiss' default efConstruction (40), the second fold needed efSearch 320 to reach
+    # the target (each search ~10x the build's cost), and larger folds needed a rebuild.
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, DIM)).astype(np.float32)
+    sizes = (20_000 * (w := 1 / np.arange(1, 41) ** 0.8) / w.sum()).astype(int)
+    base = np.concatenate([
+        (centres[c] + 0.35 * rng.normal(size=(3, DIM)))[rng.integers(0, 3, size)]
+        + 0.25 * rng.normal(size=(size, DIM)) for c, size in enumerate(sizes)
+    ]).astype(np.float32)
+    bank = make_bank(tmp_path / "bank", base)
+    built = build_index(bank, factory="HNSW32")
+    for fold in range(2):
+        with store_mod.open(bank) as st:
+            st.put_batch([f"s{fold}-{i}" for i in range(10_000)], streamed(centres, 10_000, fold))
+        folded = update_index(bank)
+        assert "rebuilt" not in folded and folded["last_update"]["measured"], folded
+        assert folded["target_reached"], folded.get("tuning")
+        assert folded["params"]["efSearch"] <= 4 * max(built["params"]["efSearch"], 16), folded
+    queries = streamed(centres, 500, seed=9)
+    assert measured_recall(bank, queries) >= 0.95 - NOISE
+
+
 def test_an_index_below_its_target_is_refused_unless_allowed(tmp_path: Path) -> None:
     x = class_ordered(10, 300, seed=7)
     bank = make_bank(tmp_path / "bank", x)
