@@ -98,14 +98,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     from featurebank import store as store_mod
     from featurebank.core.errors import InvalidInput
-    from featurebank.core.memory import limit_arenas
+    from featurebank.core.memory import fix_mmap_threshold, limit_arenas
     from featurebank.index.checkpoint import CheckpointPolicy
     from featurebank.server.app import ServeConfig, serve
     from featurebank.server.banks import parse_bank_option
 
     # Before any thread starts (TensorFlow's included): resident memory follows what is in
-    # use through rebuilds (see memory).
+    # use through rebuilds and folds (see memory).
     limit_arenas(2)
+    fix_mmap_threshold()
     default, named = None, {}
     primary_token = os.environ.get("FEATUREBANK_PRIMARY_TOKEN") or None
     if args.data is not None:
