@@ -14,7 +14,7 @@
     clients, dynamic batching on (max batch 32) versus off (max batch 1):
     throughput ratio, target >= 2.5x.
 
-    python benchmarks/serve_bench.py [--quick]
+    python benchmarks/serve_bench.py [--quick] [--only vectors --items 1000000]
 """
 
 from __future__ import annotations
@@ -263,8 +263,9 @@ def vector_bank(root: Path, n: int, dim: int, classes: int) -> tuple[Path, np.nd
     return root, queries.astype(np.float32)
 
 
-def bench_vectors(tmp: Path, quick: bool, checks: Checks) -> None:
+def bench_vectors(tmp: Path, quick: bool, checks: Checks, items: int | None = None) -> None:
     n, dim, calls = (5_000, 64, 1_000) if quick else (50_000, 128, 5_000)
+    n = items or n
     bank, queries = vector_bank(tmp / "vectors", n, dim, 20)
     print(f"\n(1) Classify by vector: bank {n} x {dim}, {calls} calls, {CLIENTS} clients")
 
@@ -397,6 +398,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--only", choices=["vectors", "images"], default=None)
+    parser.add_argument("--items", type=int, default=None,
+                        help="vectors in the Classify-by-vector bank (default 50,000; 1,000,000 "
+                             "for serving at scale, by hand)")
     parser.add_argument("--bare-server", nargs=2, metavar=("PORT", "ANSWER_FILE"),
                         help=argparse.SUPPRESS)  # the floor's own process (BareServer)
     args = parser.parse_args()
@@ -409,7 +413,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as d:
         tmp = Path(d)
         if args.only in (None, "vectors"):
-            bench_vectors(tmp, args.quick, checks)
+            bench_vectors(tmp, args.quick, checks, args.items)
         if args.only in (None, "images"):
             bench_images(tmp, args.quick, checks)
     return checks.exit_code()
