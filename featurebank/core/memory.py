@@ -58,10 +58,10 @@ def fix_mmap_threshold() -> bool:
 
     glibc starts there, but each such free raises the threshold to the freed size (up to
     32 MiB); after a fold or rebuild freed its copies of the vectors and graph, later
-    buffers of that size come from the heap, which keeps their freed space. In a 60 s
-    soak with four streaming writers folding twice (benchmarks/soak.py) the server's own
-    memory ended at 1.54-1.65x a fresh server's on the same bank; with the threshold
-    fixed, at 1.16x.
+    buffers of that size come from the heap, which keeps their freed space. In 60 s soaks
+    with four streaming writers folding twice (benchmarks/soak.py) the server's own
+    memory ended at 1.54-1.63x a fresh server's on the same bank; with the threshold
+    fixed, at 1.16-1.29x.
     """
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):

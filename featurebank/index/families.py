@@ -38,9 +38,9 @@ REV_MAP_BYTES = 44  # IndexIDMap2's reverse map, per entry (measured, see the do
 ID_MAP_BYTES = ID_BYTES + REV_MAP_BYTES
 MAX_EF_SEARCH = 2048  # a filtered search's boosted efSearch stops here
 # Candidates kept while linking items appended onto a built graph (a fold). faiss' default,
-# 40, is what a build uses (one `add` of everything links well); for 20k items appended onto
-# a 50k graph four times over, 40 left each fold needing efSearch 768-1024 or a rebuild,
-# and 200 needed efSearch 20-48, each fold 1.4-2.6 s (docs/scale.md, "Reads under writes").
+# 40, is what a build uses (one `add` of everything links well); four 20k folds onto a 50k
+# graph needed efSearch 20, 768, a rebuild and 112 with 40, and 20, 28, 28, 32 with 200, each
+# fold 1.3-2.9 s (docs/scale.md, "Reads under writes").
 APPEND_EF_CONSTRUCTION = 200
 K_FACTORS = [1, 2, 4]  # re-ranking factors the tuner tries behind a Refine
 EF_STEPS = (16, 20, 24, 28, 32, 36, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 256, 320, 384,
