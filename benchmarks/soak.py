@@ -412,13 +412,13 @@ def main() -> int:
             results = pending.get(timeout=args.seconds + 600) + writing.get(timeout=600)
         elapsed = time.time() - start
         rss["end"] = memory_mib(pid)
-        time.sleep(min(SETTLE_S, args.seconds))  # a checkpoint that was folding when the load ended has published
+        time.sleep(min(SETTLE_S, args.seconds / 4))  # a checkpoint that was folding when the load ended has published
         rss["settled"] = memory_mib(pid)
         with FeatureBankClient(server.target, timeout=60) as c:
             info = c.info()
             count_served, index_after = info.count, info.index
         code = server.stop()
-        rss["fresh server"] = fresh_rss(bank, args.serve, centres, keys[::4])
+        rss["fresh server"] = fresh_rss(bank, args.serve, centres, keys[::4], min(5.0, args.seconds / 4))
 
         latencies: dict[str, list[float]] = defaultdict(list)
         statuses: Counter[tuple[str, str, str]] = Counter()
