@@ -110,18 +110,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def rss_mib(pid: int, field: str = "VmRSS") -> float:
-    """A resident-memory line of /proc/PID/status in MiB: VmRSS (all), RssAnon (the
-    process's own heap; the rest is mapped files, which the page cache can drop)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def memory_mib(pid: int) -> tuple[float, float]:
-    """(VmRSS, RssAnon) in MiB."""
-    return rss_mib(pid), rss_mib(pid, "RssAnon")
+    """(VmRSS, RssAnon) of /proc/PID/status in MiB: all resident memory, and the process's
+    own (the rest is mapped files, which the page cache can drop)."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(status["VmRSS"].split()[0]) / 1024, int(status["RssAnon"].split()[0]) / 1024
 
 
 class Server:
@@ -157,6 +150,15 @@ class Server:
 Plan = tuple[str, str, Callable[[], Any], list[str]]
 
 
+def new_items(keys: list[str], rng: np.random.Generator, centres: np.ndarray
+              ) -> list[dict[str, Any]]:
+    """Upsert items for `keys`: each of a random class, near its centre, labelled with it."""
+    cls = rng.integers(CLASSES, size=len(keys))
+    vecs = centres[cls] + 0.3 * rng.normal(size=(len(keys), DIM))
+    return [{"key": k, "vector": v, "label": f"class{int(ci):02d}"}
+            for k, v, ci in zip(keys, vecs, cls, strict=True)]  # fmt: skip
+
+
 def plan_call(c: FeatureBankClient, rng: np.random.Generator, centres: np.ndarray,
               keys: list[str], tag: str, n: int) -> Plan:
     """One call of the mix: (method, the status it should get, the call, keys it upserts)."""
@@ -177,12 +179,8 @@ def plan_call(c: FeatureBankClient, rng: np.random.Generator, centres: np.ndarra
         inputs = [make_input(vector=v) for v in batch]
         return "ClassifyBatch", OK, lambda: c.classify_batch(inputs), []
     if r < 0.95:
-        size = int(rng.integers(1, 9))
-        new = [f"soak/{tag}/{n}/{i}" for i in range(size)]
-        cls = rng.integers(CLASSES, size=size)
-        vecs = centres[cls] + 0.3 * rng.normal(size=(size, DIM))
-        items = [{"key": k, "vector": v, "label": f"class{int(ci):02d}"}
-                 for k, v, ci in zip(new, vecs, cls, strict=True)]  # fmt: skip
+        new = [f"soak/{tag}/{n}/{i}" for i in range(int(rng.integers(1, 9)))]
+        items = new_items(new, rng, centres)
         return "Upsert", OK, lambda: c.upsert(items), new
     bad = rng.integers(4)  # wrong on purpose: each has exactly one right answer
     if bad == 0:
@@ -252,10 +250,7 @@ def writer_process(args: tuple[int, str, float, int]) -> dict[str, Any]:
         while time.time() < until:
             n += 1
             keys = [f"stream/{proc_no}/{n}/{i}" for i in range(size)]
-            cls = rng.integers(CLASSES, size=size)
-            vecs = centres[cls] + 0.3 * rng.normal(size=(size, DIM))
-            items = [{"key": k, "vector": v, "label": f"class{int(ci):02d}"}
-                     for k, v, ci in zip(keys, vecs, cls, strict=True)]  # fmt: skip
+            items = new_items(keys, rng, centres)
             start = time.perf_counter()
             try:
                 c.upsert(items)

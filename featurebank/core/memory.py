@@ -47,10 +47,7 @@ def limit_arenas(count: int) -> bool:
     turns building, loading and dropping indexes then holds several copies of that
     churn. A few shared arenas keep resident memory near what is in use.
     """
-    libc = _libc()
-    if libc is None or not hasattr(libc, "mallopt"):
-        return False
-    return bool(libc.mallopt(M_ARENA_MAX, count))
+    return _mallopt(M_ARENA_MAX, count)
 
 
 def fix_mmap_threshold() -> bool:
@@ -63,7 +60,12 @@ def fix_mmap_threshold() -> bool:
     memory ended at 1.54-1.63x a fresh server's on the same bank; with the threshold
     fixed, at 1.16-1.29x.
     """
+    return _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's mallopt; False where the C library has none (or it refused)."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return bool(libc.mallopt(param, value))
