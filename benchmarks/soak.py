@@ -361,8 +361,9 @@ def main() -> int:
                     help="streaming writers beside the clients, each upserting --write-size "
                          "new items a call, one call after another")  # fmt: skip
     ap.add_argument("--write-size", type=int, default=32)
-    ap.add_argument("--serve", nargs="*", default=[], metavar="ARG",
-                    help="more options for featurebank serve (e.g. --checkpoint-items 5000)")
+    ap.add_argument("--serve", action="append", default=[], metavar="ARG",
+                    help="one more option for featurebank serve, repeatable; write it with = "
+                         "(--serve=--checkpoint-items=5000)")  # fmt: skip
     ap.add_argument("--no-rebuild", dest="rebuild", action="store_false",
                     help="leave out the RebuildIndex in the middle (to tell its memory apart)")
     ap.add_argument("--quick", action="store_true",
