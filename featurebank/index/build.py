@@ -44,7 +44,7 @@ from featurebank.core.errors import (
 from featurebank.core.memory import release_free_memory
 from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import metric as metric_named
-from featurebank.index import selection, stored_ids, transforms
+from featurebank.index import rerank, selection, stored_ids, transforms
 from featurebank.index.families import family_of
 from featurebank.index.tuning import Tuned, exact_search, timed_search, tune
 from featurebank.index.views import INDEX_FILE, MANIFEST_FILE, read_manifest
@@ -81,7 +81,7 @@ def make_index(factory: str, dim: int, metric: str) -> faiss.Index:
             f"faiss factory string {shown(factory)} is longer than {MAX_FACTORY_CHARS} characters"
         )
     try:
-        index = stored_ids.make(factory, dim, faiss_metric(metric))
+        index = stored_ids.make(rerank.split(factory)[0], dim, faiss_metric(metric))
     except RuntimeError as e:
         raise InvalidInput(
             f"unknown or invalid faiss factory string {shown(factory)} for dimension {dim}: "
@@ -173,7 +173,8 @@ def build_arrays(
     truth = None
     if held.size:
         truth, _ = exact_search(vectors[rest], ids[rest], vectors[held], k, faiss_metric(metric))
-    tuned = tune_held_out(index, vectors, ids, held, truth, k, target_recall)
+    from_store = rerank.for_tuning(factory, ids, vectors)
+    tuned = tune_held_out(index, vectors, ids, held, truth, k, target_recall, from_store)
     return index, tuned
 
 
@@ -193,12 +194,14 @@ def tune_held_out(
     truth: np.ndarray | None,
     k: int,
     target_recall: float,
+    from_store: rerank.VectorsOf | None = None,
 ) -> Tuned:
     """Tune on the held-out vectors against `truth`, then add them; with none held out
-    (a tiny bank), only time searches for the record."""
+    (a tiny bank), only time searches for the record. `from_store`: the vectors the
+    candidates are re-ranked on (a factory ending in RStore)."""
     if held.size and truth is not None:
         queries = vectors[held]
-        tuned = tune(index, queries, truth, k, target_recall)
+        tuned = tune(index, queries, truth, k, target_recall, from_store)
         add_batches(index, queries, ids[held], progress=False)
         return tuned
     queries = vectors[: min(vectors.shape[0], HOLDOUT)]

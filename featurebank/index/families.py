@@ -43,6 +43,9 @@ MAX_EF_SEARCH = 2048  # a filtered search's boosted efSearch stops here
 # fold 1.3-2.9 s (docs/scale.md, "Reads under writes").
 APPEND_EF_CONSTRUCTION = 200
 K_FACTORS = [1, 2, 4]  # re-ranking factors the tuner tries behind a Refine
+# Re-ranking from the store (index/rerank.py): a knob of featurebank's, not of the faiss index.
+STORE_FACTOR = "k_factor_store"
+STORE_FACTORS = [1, 2, 4, 8]
 EF_STEPS = (16, 20, 24, 28, 32, 36, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 256, 320, 384,
             512, 768, 1024)  # fmt: skip
 NPROBE_STEPS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048)
@@ -196,19 +199,24 @@ def family_of(index: faiss.Index) -> Family:
     return next(f for f in FAMILIES.values() if f.matches(index))
 
 
-def tunable(index: faiss.Index, k: int) -> dict[str, list[int]]:
-    """What this index trades recall for speed with, and the grids (main knob first)."""
+def tunable(index: faiss.Index, k: int, from_store: bool = False) -> dict[str, list[int]]:
+    """What this index trades recall for speed with, and the grids (main knob first);
+    `from_store`: its candidates are re-ranked from the store (index/rerank.py)."""
     grid = family_of(index).knobs(index, k)
     if grid and has_refine(index):
         grid["k_factor_rf"] = list(K_FACTORS)
+    if grid and from_store:
+        grid[STORE_FACTOR] = list(STORE_FACTORS)
     return grid
 
 
 def set_params(index: faiss.Index, params: dict[str, int]) -> None:
-    """Set tuned parameters on the index (through IDMap/PreTransform wrappers)."""
+    """Set tuned parameters on the index (through IDMap/PreTransform wrappers); the store
+    re-ranking factor is the searcher's, not the index's."""
     family = family_of(index)
     for name, value in params.items():
-        family.set(index, name, value)
+        if name != STORE_FACTOR:
+            family.set(index, name, value)
 
 
 def search_parameters(index: faiss.Index, sel: Any, tuned: dict[str, int], boost: float) -> Any:

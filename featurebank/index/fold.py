@@ -32,7 +32,7 @@ import numpy as np
 from featurebank.core.bank import Bank, current_dir
 from featurebank.core.errors import FeaturebankError, NotFound
 from featurebank.core.params import IndexParams
-from featurebank.index import stored_ids, transforms
+from featurebank.index import rerank, stored_ids, transforms
 from featurebank.index.build import (
     HOLDOUT,
     _build,
@@ -210,7 +210,8 @@ def _add_measured(
     k = int(manifest["k"])
     base_ids, base = _indexed_vectors(store, fitted, np.union1d(indexed, ids[rest]))
     truth, _ = exact_search(base, base_ids, xt[held], k, faiss_metric(manifest["metric"]))
-    tuned = tune(index, xt[held], truth, k, float(manifest["target_recall"]))
+    from_store = rerank.for_tuning(str(manifest["factory"]), base_ids, base)
+    tuned = tune(index, xt[held], truth, k, float(manifest["target_recall"]), from_store)
     add_batches(adder, xt[held], ids[held], progress=False)
     stored_ids.sync_ntotal(index)
     return tuned

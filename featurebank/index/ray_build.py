@@ -31,7 +31,7 @@ import numpy as np
 from featurebank.core.errors import InvalidInput
 from featurebank.core.memory import release_free_memory
 from featurebank.embedder import ray_cluster
-from featurebank.index import build, selection, stored_ids, transforms
+from featurebank.index import build, rerank, selection, stored_ids, transforms
 from featurebank.index.families import family_of, has_refine
 from featurebank.index.tuning import Tuned
 from featurebank.store import BankLike, borrowed
@@ -137,7 +137,8 @@ def build_sharded(
     if truth_refs:
         larger_first = build.faiss_metric(metric) == faiss.METRIC_INNER_PRODUCT
         truth = merge_topk([ray.get(r) for r in truth_refs], k, larger_first)
-    tuned = build.tune_held_out(index, vectors, ids, held, truth, k, target_recall)
+    from_store = rerank.for_tuning(factory, ids, vectors)
+    tuned = build.tune_held_out(index, vectors, ids, held, truth, k, target_recall, from_store)
     info = {"shards": len(parts), "train_sample": min(train_sample, count),
             "seconds_training": round(train_s, 3), "seconds_adding": round(add_s, 3),
             "seconds_merging": round(merge_s, 3)}  # fmt: skip

@@ -38,7 +38,7 @@ from featurebank.core.bank import Bank, current_generation
 from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput, NotFound, shown
 from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import metric as metric_named
-from featurebank.index import families, filters, stored_ids
+from featurebank.index import families, filters, rerank, stored_ids
 from featurebank.index.cluster_scan import Planner
 from featurebank.index.segment import Segment, member, merge
 from featurebank.index.subset import TUNE_QUERIES, SubsetCache, SubsetIndex, outside_sample
@@ -355,14 +355,17 @@ class Searcher:
                 )
         held = view.gen.index_ids.size + view.segment.size
         kk = k + 1 if exclude is not None and k < held else k
+        kc = kk * view.gen.rerank_factor or kk  # candidates asked of the index
         xt = view.gen.transform.apply(x)
         segment = view.segment
         if labels is not None or voters_only or where is not None:
             key, matching = self._matching(view, labels, voters_only, where)
-            dist, ids = self._search_subset(view, xt, kk, matching, key)
+            dist, ids = self._search_subset(view, xt, kc, matching, key)
             segment = self._segment_for(view, matching, key)
         else:
-            dist, ids = self._search_all(view, xt, kk)
+            dist, ids = self._search_all(view, xt, kc)
+        if view.gen.rerank_factor:
+            dist, ids = rerank.rerank(xt, ids, kk, self._stored(view.gen), view.gen.index.metric_type)
         if segment.size:
             scores, ids = merge((dist, ids), segment.search(xt, kk), kk, view.gen.metric)
         else:
@@ -503,6 +506,15 @@ class Searcher:
             rest = np.flatnonzero(~done)
             dist[rest], ids[rest] = inside(xt[rest])
         return dist, ids
+
+    def _stored(self, gen: Generation) -> rerank.VectorsOf:
+        """The store's vectors of candidate ids, in `gen`'s space (what RStore re-ranks on)."""
+
+        def read(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            found, vectors = self.store.vectors_of(ids.astype(np.uint64))
+            return found, gen.transform.apply(as_vectors(vectors, gen.dim, "stored vectors"))
+
+        return read
 
     def _keys(self, ids: np.ndarray) -> dict[int, str]:
         """id -> key of hits. An id names one key for good (a replaced item gets a new id),

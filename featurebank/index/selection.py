@@ -19,9 +19,12 @@ records the choice and the reason). The rules, in order (like autofaiss):
    bank is too big for HNSW build times). ``nlist ~ 4 sqrt(count)`` rounded to a
    power of two; from ``HNSW_COARSE_MIN_NLIST`` lists on, the coarse quantiser is
    itself an HNSW (``IVF{nlist}_HNSW32``) so assigning a query stays cheap.
-4. ``OPQ{m}_{D},IVF{nlist}[_HNSW32],PQ{m}`` when raw vectors do not fit: product
-   quantisation with the largest code (``m`` bytes per vector) that fits; OPQ
-   rotates the space first so each sub-quantiser gets a fair share of variance.
+4. ``IVF{nlist}[_HNSW32],PQ{2m}x4fs,RStore`` when raw vectors do not fit: 4-bit
+   fast-scan product codes (``m`` bytes per vector, the largest that fits), scanned in
+   SIMD registers, whose candidates are re-ranked on the store's exact vectors
+   (index/rerank.py): the codes only need to find the neighbours, not to order them.
+   A dimension with no such split gets 8-bit codes after an OPQ rotation
+   (``OPQ{m}_{D},IVF{nlist},PQ{m},RStore``).
 5. Nothing fits -> ``InvalidInput`` naming the budget and the smallest need.
 
 Sharded builds (``index build --engine ray``) skip rule 2: a graph cannot be built in
@@ -49,8 +52,11 @@ from featurebank.index.families import (
     ID_MAP_BYTES,
     IVF,
     K_FACTORS,
+    STORE_FACTOR,
+    STORE_FACTORS,
     Flat,
 )
+from featurebank.index.rerank import SUFFIX
 
 FLAT_MAX_COUNT = 20_000
 HNSW_MAX_COUNT = 5_000_000
@@ -97,6 +103,16 @@ def pq_sizes(dim: int) -> list[tuple[int, int]]:
     """(m bytes per vector, OPQ output dimension) candidates, largest code first."""
     ms = {m for m in (128, 96, 64, 48, 32, 24, 16, 8, 4) if m <= max(4, dim // 2)}
     return [(m, (dim // m) * m) for m in sorted(ms, reverse=True)]
+
+
+def pq_codes(dim: int) -> list[tuple[int, str]]:
+    """(bytes per vector, codes) candidates, largest first: 4-bit fast-scan codes of 2m
+    sub-quantisers where they split `dim` evenly, else 8-bit codes after OPQ."""
+    out = []
+    for m, rotated in pq_sizes(dim):
+        fast = 2 * m <= dim and dim % (2 * m) == 0
+        out.append((m, f"PQ{2 * m}x4fs" if fast else f"OPQ{m}_{rotated},PQ{m}"))
+    return out
 
 
 def pca_dim_for(eigenvalues: Sequence[float] | np.ndarray, dim: int) -> int | None:
@@ -176,15 +192,17 @@ def choose_factory(
         )  # fmt: skip
         return Choice(f"{coarse},Flat", f"raw vectors fit, {why}: inverted lists", need, tunable)
     smallest = need
-    for m, out in pq_sizes(dim):
-        need = IVF.memory(count, out, nlist, m)
+    for m, codes in pq_codes(dim):
+        need = IVF.memory(count, dim, nlist, m)
         smallest = min(smallest, need)
         if need <= memory_budget:
+            rotation, _, codes = codes.rpartition(",")
             return Choice(
-                f"OPQ{m}_{out},{coarse},PQ{m}",
-                f"raw vectors do not fit: {m}-byte PQ codes after an OPQ rotation",
+                ",".join(filter(None, (rotation, coarse, codes, SUFFIX))),
+                f"raw vectors do not fit: {m}-byte PQ codes in memory, candidates re-ranked "
+                "on the stored vectors",
                 need,
-                tunable,
+                {**tunable, STORE_FACTOR: STORE_FACTORS},
             )
     raise InvalidInput(
         f"memory budget {memory_budget} bytes is too small for {count} x {dim} vectors "

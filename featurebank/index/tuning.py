@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 import faiss
 import numpy as np
 
-from featurebank.index.families import set_params, tunable
+from featurebank.index.families import STORE_FACTOR, set_params, tunable
+from featurebank.index.rerank import Reranked, VectorsOf
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +93,16 @@ def recall_bound(per_query: np.ndarray, z: float = CONFIDENCE_Z) -> float:
 def exact_search(
     base: np.ndarray, base_ids: np.ndarray, queries: np.ndarray, k: int, metric_type: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Ground truth: brute-force k nearest ids (base_ids space) and raw faiss distances."""
-    flat = faiss.IndexFlat(base.shape[1], metric_type)
-    flat.add(base)
-    dist, pos = flat.search(queries, min(k, base.shape[0]))
+    """Ground truth: brute-force k nearest ids (base_ids space) and raw faiss distances
+    (searched in place: an index would copy the whole base first)."""
+    base, queries = (np.ascontiguousarray(a, np.float32) for a in (base, queries))
+    dist, pos = faiss.knn(queries, base, min(k, base.shape[0]), metric=metric_type)
     ids = np.where(pos >= 0, base_ids[np.maximum(pos, 0)], -1).astype(np.int64)
     return ids, dist
 
 
 def timed_search(
-    index: faiss.Index, queries: np.ndarray, k: int, batch: int = 1000
+    index: faiss.Index | Reranked, queries: np.ndarray, k: int, batch: int = 1000
 ) -> tuple[np.ndarray, float]:
     """Search in batches (as a server would) and return ids and seconds taken."""
     out = np.empty((queries.shape[0], k), dtype=np.int64)
@@ -117,20 +118,29 @@ def tune(
     truth: np.ndarray,
     k: int,
     target_recall: float,
+    vectors_of: VectorsOf | None = None,
 ) -> Tuned:
     """Fastest setting whose recall's lower confidence bound on `queries` (held out of
     `index`) reaches `target_recall`.
 
     The main knob (efSearch/nprobe) is bisected for each value of the secondary
-    one (re-ranking factor), and the fastest of those winners is kept.
+    one (re-ranking factor), and the fastest of those winners is kept. `vectors_of`:
+    the candidates are re-ranked on these exact vectors (index/rerank.py), and the
+    re-ranking factor is tuned with the re-ranking timed.
     """
-    grid = tunable(index, k)
+    grid = tunable(index, k, from_store=vectors_of is not None)
+    searched = index if vectors_of is None else Reranked(index, vectors_of)
     n = max(queries.shape[0], 1)
     trace: list[dict[str, float]] = []
 
-    def measure(params: dict[str, int]) -> Tuned:
+    def apply(params: dict[str, int]) -> None:
         set_params(index, params)
-        found, secs = timed_search(index, queries, k)
+        if isinstance(searched, Reranked):
+            searched.factor = params.get(STORE_FACTOR, 1)
+
+    def measure(params: dict[str, int]) -> Tuned:
+        apply(params)
+        found, secs = timed_search(searched, queries, k)
         recall = recall_at_k(found, truth)
         bound = recall_bound(recall_per_query(found, truth))
         trace.append({**params, "recall": recall, "recall_lower_bound": bound,
@@ -162,8 +172,8 @@ def tune(
             fallback = m if fallback is None or m.recall > fallback.recall else fallback
     if winners:  # re-time each winner once more (machines are noisy) and keep the fastest
         for w in winners:
-            set_params(index, w.params)
-            _, again = timed_search(index, queries, k)
+            apply(w.params)
+            _, again = timed_search(searched, queries, k)
             w.latency_ms = min(w.latency_ms, 1000 * again / n)
             w.qps = 1000 / max(w.latency_ms, 1e-9)
         chosen = min(winners, key=lambda w: w.latency_ms)
@@ -172,5 +182,5 @@ def tune(
         chosen = fallback
         log.warning("target recall@%d %.3f not reached: %s gives %.4f (lower bound %.4f)",
                     k, target_recall, chosen.params, chosen.recall, chosen.recall_lower_bound)
-    set_params(index, chosen.params)
+    apply(chosen.params)
     return chosen

@@ -24,7 +24,7 @@ from featurebank.core.bank import Bank, load_newest_intact
 from featurebank.core.errors import DamagedFile, FailedPrecondition, FeaturebankError, NotFound
 from featurebank.core.integrity import read_json
 from featurebank.core.vocabulary import HELD_OUT_SPLIT
-from featurebank.index import stored_ids
+from featurebank.index import rerank, stored_ids
 from featurebank.index.families import Family, family_of, set_params
 from featurebank.index.segment import Segment, Spare, appended, member
 from featurebank.index.transforms import Transform, as_vectors
@@ -45,6 +45,7 @@ class Generation:
     transform: Transform
     index_ids: np.ndarray  # sorted int64 ids held by the index
     family: Family  # what kind of index it is (flat, hnsw, ivf, other)
+    rerank_factor: int = 0  # candidates per result re-ranked from the store (0: none)
 
     @property
     def metric(self) -> str:
@@ -114,6 +115,7 @@ def load_generation(bank: Bank, number: int) -> Generation:
         transform=Transform.load(directory),
         index_ids=index_ids(index, directory),
         family=family_of(index),
+        rerank_factor=rerank.factor(manifest),
     )
 
 

@@ -44,7 +44,8 @@ def clustered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, World, np
 
 
 @pytest.mark.parametrize(
-    ("budget", "family"), [("4G", "HNSW"), ("8M", "IVF")], ids=["hnsw", "ivf"]
+    ("budget", "family"), [("4G", "HNSW"), ("8M", "IVF"), ("1M", "x4fs,RStore")],
+    ids=["hnsw", "ivf", "pq-reranked"],
 )
 def test_auto_choice_reaches_target_recall(
     clustered: tuple[Path, World, np.ndarray], budget: str, family: str
@@ -244,9 +245,11 @@ def test_selection_rules() -> None:
     assert hnsw.factory == "HNSW32" and "efSearch" in hnsw.tunable
     ivf = selection.choose_factory(200_000, 256, 230 << 20)
     assert ivf.factory == "IVF2048,Flat" and "nprobe" in ivf.tunable
-    big = selection.choose_factory(50_000_000, 768, 4 << 30)
-    assert big.factory.startswith("OPQ") and "_HNSW32,PQ" in big.factory
+    big = selection.choose_factory(50_000_000, 768, 4 << 30)  # 4-bit codes, exact re-ranking
+    assert big.factory == "IVF262144_HNSW32,PQ96x4fs,RStore" and "k_factor_store" in big.tunable
     assert big.memory_bytes <= 4 << 30
+    odd = selection.choose_factory(50_000_000, 100, 4 << 30)  # no even split: OPQ, 8-bit codes
+    assert odd.factory == "OPQ48_96,IVF262144_HNSW32,PQ48,RStore"
     with pytest.raises(InvalidInput, match="too small"):
         selection.choose_factory(10**9, 768, 1 << 30)
     with pytest.raises(InvalidInput, match="empty bank"):

@@ -122,7 +122,7 @@ def test_selection_reaches_billion_scale_with_ids_in_the_lists() -> None:
     assert selection.nlist_for(10**9) == 1 << 20
     assert selection.train_size_for(1 << 20, 10**9) == 64 << 20
     big = selection.choose_factory(10**9, 768, 200 << 30, sharded=True)
-    assert big.factory == "OPQ128_768,IVF1048576_HNSW32,PQ128"
+    assert big.factory == "IVF1048576_HNSW32,PQ256x4fs,RStore"
     # each vector costs its code and its 8-byte store id in the lists, no id map
     per_vector = (big.memory_bytes - HNSW.memory(1 << 20, 768)) / 10**9
     assert per_vector == 128 + ID_BYTES
