@@ -686,14 +686,14 @@ class Store:
         with sh.read() as (txn, h):
             loc = locate(txn, h, arr)
             found = loc.block >= 0
-            out = np.empty((len(arr), self.spec.dim), dtype=dtype)
+            out = np.empty((len(arr), self.spec.dim), dtype=self._dtype)
             order = np.argsort(loc.block, kind="stable")  # positions grouped by block
             bounds = np.searchsorted(loc.block[order], np.arange(len(loc.blocks) + 1))
             for b, (bkey, *_) in enumerate(loc.blocks):
                 positions = order[bounds[b] : bounds[b + 1]]
                 block = np.frombuffer(txn.get(bkey, db=h.dbs["vectors"]), dtype=self._dtype)
                 out[positions] = block.reshape(-1, self.spec.dim)[loc.row[positions]]
-        return found, out[found]
+        return found, out[found].astype(dtype, copy=False)  # one cast: float16's is per element
 
     def keys_of(self, ids: Any) -> dict[int, str]:
         """id -> key of the live ids among `ids` (unknown and deleted ids are left out).
