@@ -24,8 +24,9 @@ def index_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def add_index_params(p: argparse.ArgumentParser) -> None:
     """The IndexParams options; each left out keeps what the live generation used."""
     d = IndexParams()
-    p.add_argument("--factory", help="'auto' or a faiss index_factory string; "
-                   + KEEP.format(d.factory))
+    p.add_argument("--factory", help="'auto' or a faiss index_factory string, optionally "
+                   "ending in ,RStore (candidates re-ranked on the stored vectors, e.g. "
+                   "IVF4096,PQ48x4fs,RStore); " + KEEP.format(d.factory))
     p.add_argument("--metric", choices=list(METRICS), help=KEEP.format(d.metric))
     p.add_argument("--transform", help="auto | none | l2 | cl2n | pca:D | pca-whiten:D; "
                    + KEEP.format(f"{d.transform}: cl2n for metric cosine, measured best for "
@@ -81,6 +82,12 @@ def recall_text(m: dict[str, Any], digits: int = 4) -> str:
             f"{m.get('recall_confidence', 0.95):.0%} confidence)")
 
 
+def _reranked(m: dict[str, Any]) -> bool:
+    from featurebank.index import rerank
+
+    return rerank.factor(m) > 0
+
+
 def _summary(m: dict[str, Any]) -> str:
     return (
         f"index generation {m['generation']}: {m['factory']} {m.get('params') or ''} "
@@ -89,6 +96,7 @@ def _summary(m: dict[str, Any]) -> str:
         f"recall@{m['k']} {recall_text(m)}, "
         f"{m.get('latency_ms', 0):.3f} ms/query, store generation {m['store_generation']}"
         + ("; inverted lists on disk (memory-mapped)" if m.get("ondisk") else "")
+        + ("; candidates re-ranked on the stored vectors" if _reranked(m) else "")
     )
 
 

@@ -169,10 +169,12 @@ def build_arrays(
     index = make_index(factory, vectors.shape[1], metric)
     train(index, vectors, train_sample)
     rest, held = tuning_split(vectors.shape[0], k)
-    add_batches(index, vectors[rest], ids[rest], progress)
+    base = vectors[rest]  # one copy for adding and for the ground truth (a bank's worth)
+    add_batches(index, base, ids[rest], progress)
     truth = None
     if held.size:
-        truth, _ = exact_search(vectors[rest], ids[rest], vectors[held], k, faiss_metric(metric))
+        truth, _ = exact_search(base, ids[rest], vectors[held], k, faiss_metric(metric))
+    del base
     from_store = rerank.for_tuning(factory, ids, vectors)
     tuned = tune_held_out(index, vectors, ids, held, truth, k, target_recall, from_store)
     return index, tuned

@@ -16,7 +16,8 @@ libstdc++), so ``ID_MAP_BYTES`` = 52 bytes per vector:
     Flat              4d + 52
     HNSW32            4d + 52 + 3 * 32 * 4   (level-0 links 2M ints, upper levels ~M ints)
     IVF{K},Flat       4d + 8                 (+ K * 4d for the centroids)
-    OPQ..,IVF{K},PQm   m + 8                 (+ K * 4D centroids, an HNSW over them from 2^14)
+    IVF{K},PQ{2m}x4fs  m + 8                 (+ K * 4d centroids, an HNSW over them from 2^14;
+                                             RStore re-ranks from the store, no extra memory)
 
 e.g. 10^9 vectors with PQ32 codes need ~40 GB, 8 of them for the ids; behind an id map
 they would need ~92 GB (docs/scale.md). With ``ondisk`` the lists are a memory-mapped file.
