@@ -125,12 +125,18 @@ def locate(txn: Txn, h: EnvHandle, ids: np.ndarray) -> Located:
                 continue
         elif not cur.last():
             break
-        bids, codes, states = (a.copy() for a in decode_rows(cur.value()))
-        j = int(np.searchsorted(s, bids[-1], side="right"))
+        # One copy of the record (the map is only valid inside the transaction); its fields
+        # are views of that copy. A block without gaps (never compacted) is indexed by offset.
+        bids, codes, states = decode_rows(bytearray(cur.value()))  # writable: deletes mark it
+        first, last = bids[0], bids[-1]
+        j = int(np.searchsorted(s, last, side="right"))
         if j <= i:
             i += 1  # the id falls in a gap between blocks (deleted and compacted away)
             continue
-        rows = np.searchsorted(bids, s[i:j])
+        if int(last) - int(first) == len(bids) - 1:
+            rows = (s[i:j] - first).astype(np.int64)
+        else:
+            rows = np.searchsorted(bids, s[i:j])
         rows_c = np.minimum(rows, len(bids) - 1)
         ok = (bids[rows_c] == s[i:j]) & (states[rows_c] != DELETED)
         out.blocks.append((bytes(cur.key()), bids, codes, states))
@@ -139,6 +145,50 @@ def locate(txn: Txn, h: EnvHandle, ids: np.ndarray) -> Located:
         out.row[hit] = rows_c[ok]
         i = j
     return out
+
+
+def gather_vectors(
+    txn: Txn, h: EnvHandle, ids: np.ndarray, dim: int, dtype: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """(found mask, vectors of the found ids, in the order given, in the store's dtype).
+
+    For many ids at once (a search's candidates touch most blocks of a bank): one cursor
+    seek per block, and the rows and vectors records are read in place in the map (views,
+    valid inside the transaction); only the asked-for rows are copied.
+    """
+    order = np.argsort(ids, kind="stable")
+    s = ids[order]
+    found = np.zeros(len(s), dtype=bool)
+    out = np.empty((len(s), dim), dtype=dtype)
+    cur = txn.cursor(db=h.dbs["rows"])
+    i, n = 0, len(s)
+    while i < n:
+        target = pack_id(int(s[i]))
+        if cur.set_range(target):
+            if bytes(cur.key()) != target and not cur.prev():
+                i += 1
+                continue
+        elif not cur.last():
+            break
+        bids, _, states = decode_rows(cur.value())
+        first, last = bids[0], bids[-1]
+        j = int(np.searchsorted(s, last, side="right"))
+        if j <= i:
+            i += 1  # the id falls in a gap between blocks (deleted and compacted away)
+            continue
+        wanted = s[i:j]
+        if int(last) - int(first) == len(bids) - 1:  # no gaps (never compacted): by offset
+            rows = (wanted - first).astype(np.int64)
+            ok = states[rows] != DELETED
+        else:
+            rows = np.minimum(np.searchsorted(bids, wanted), len(bids) - 1)
+            ok = (bids[rows] == wanted) & (states[rows] != DELETED)
+        block = np.frombuffer(txn.get(bytes(cur.key()), db=h.dbs["vectors"]), dtype=dtype)
+        at = order[i:j][ok]
+        out[at] = block.reshape(-1, dim)[rows[ok]]
+        found[at] = True
+        i = j
+    return found, out[found]
 
 
 class Snapshot:

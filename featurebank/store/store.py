@@ -81,6 +81,7 @@ from featurebank.store.rows import (
     assemble_keys,
     assemble_meta,
     check_reaches,
+    gather_vectors,
     commit_generation,
     get_int,
     labels_of_codes,
@@ -681,19 +682,9 @@ class Store:
     def vectors_of(self, ids: Any, dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
         """(found mask, vectors of the found ids in the order given): only the vectors are
         read, for re-ranking search candidates (unknown and deleted ids are not found)."""
-        arr = as_ids(ids)
-        sh = self._sh()
-        with sh.read() as (txn, h):
-            loc = locate(txn, h, arr)
-            found = loc.block >= 0
-            out = np.empty((len(arr), self.spec.dim), dtype=self._dtype)
-            order = np.argsort(loc.block, kind="stable")  # positions grouped by block
-            bounds = np.searchsorted(loc.block[order], np.arange(len(loc.blocks) + 1))
-            for b, (bkey, *_) in enumerate(loc.blocks):
-                positions = order[bounds[b] : bounds[b + 1]]
-                block = np.frombuffer(txn.get(bkey, db=h.dbs["vectors"]), dtype=self._dtype)
-                out[positions] = block.reshape(-1, self.spec.dim)[loc.row[positions]]
-        return found, out[found].astype(dtype, copy=False)  # one cast: float16's is per element
+        with self._sh().read() as (txn, h):
+            found, vectors = gather_vectors(txn, h, as_ids(ids), self.spec.dim, self._dtype)
+        return found, vectors.astype(dtype, copy=False)  # one cast: float16's is per element
 
     def keys_of(self, ids: Any) -> dict[int, str]:
         """id -> key of the live ids among `ids` (unknown and deleted ids are left out).
