@@ -150,9 +150,9 @@ def by_hand(index_file: Path, x: np.ndarray, q: np.ndarray, truth: np.ndarray, f
 
 def floor(index_file: Path, q: np.ndarray, nprobe: int, candidates: int) -> float:
     """The codes alone, asked for featurebank's candidates at its nprobe."""
-    from featurebank.index import stored_ids
-
     import faiss
+
+    from featurebank.index import stored_ids
 
     index = stored_ids.read(index_file)
     faiss.extract_index_ivf(index).nprobe = nprobe
