@@ -81,7 +81,7 @@ def encode_rows(ids: np.ndarray, codes: np.ndarray, states: np.ndarray) -> bytes
     return rows.tobytes()
 
 
-def decode_rows(buf: bytes | memoryview) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_rows(buf: bytes | bytearray | memoryview) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Views (not copies) of a rows record: ids, label codes, states."""
     rows = np.frombuffer(buf, dtype=ROW_DTYPE)
     return rows["id"], rows["code"], rows["state"]
