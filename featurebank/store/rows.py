@@ -6,7 +6,7 @@ Helpers of `featurebank.store.store`, kept apart so the Store class reads as its
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -110,11 +110,9 @@ class Located:
         self.row = np.full(n, -1, dtype=np.int64)
 
 
-def locate(txn: Txn, h: EnvHandle, ids: np.ndarray) -> Located:
-    """Find the rows of `ids` by walking the blocks in id order (one cursor seek per block)."""
-    out = Located(len(ids))
-    order = np.argsort(ids, kind="stable")
-    s = ids[order]
+def _runs(txn: Txn, h: EnvHandle, s: np.ndarray) -> Iterator[tuple[bytes, Any, int, int]]:
+    """Each block holding some of the sorted ids `s`: (its key, its rows record as a view of
+    the map, i, j) with s[i:j] in its id range; one cursor seek per block."""
     cur = txn.cursor(db=h.dbs["rows"])
     i, n = 0, len(s)
     while i < n:
@@ -125,25 +123,39 @@ def locate(txn: Txn, h: EnvHandle, ids: np.ndarray) -> Located:
                 continue
         elif not cur.last():
             break
-        # One copy of the record (the map is only valid inside the transaction); its fields
-        # are views of that copy. A block without gaps (never compacted) is indexed by offset.
-        bids, codes, states = decode_rows(bytearray(cur.value()))  # writable: deletes mark it
-        first, last = bids[0], bids[-1]
-        j = int(np.searchsorted(s, last, side="right"))
+        value = cur.value()
+        tail = np.frombuffer(value, ROW_DTYPE, count=1, offset=len(value) - ROW_DTYPE.itemsize)
+        j = int(np.searchsorted(s, tail["id"][0], side="right"))
         if j <= i:
             i += 1  # the id falls in a gap between blocks (deleted and compacted away)
             continue
-        if int(last) - int(first) == len(bids) - 1:
-            rows = (s[i:j] - first).astype(np.int64)
-        else:
-            rows = np.searchsorted(bids, s[i:j])
-        rows_c = np.minimum(rows, len(bids) - 1)
-        ok = (bids[rows_c] == s[i:j]) & (states[rows_c] != DELETED)
-        out.blocks.append((bytes(cur.key()), bids, codes, states))
+        yield bytes(cur.key()), value, i, j
+        i = j
+
+
+def _rows_of(bids: np.ndarray, states: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row of each wanted id in its block, whether it is there and live); a block without
+    gaps (never compacted) is indexed by offset."""
+    if int(bids[-1]) - int(bids[0]) == len(bids) - 1:
+        rows = (wanted - bids[0]).astype(np.int64)
+        return rows, states[rows] != DELETED
+    rows = np.minimum(np.searchsorted(bids, wanted), len(bids) - 1)
+    return rows, (bids[rows] == wanted) & (states[rows] != DELETED)
+
+
+def locate(txn: Txn, h: EnvHandle, ids: np.ndarray) -> Located:
+    """Find the rows of `ids` by walking the blocks in id order (one cursor seek per block)."""
+    out = Located(len(ids))
+    order = np.argsort(ids, kind="stable")
+    s = ids[order]
+    for key, value, i, j in _runs(txn, h, s):
+        # Copies: the map is only valid inside the transaction, and a delete marks states.
+        bids, codes, states = (a.copy() for a in decode_rows(value))
+        rows, ok = _rows_of(bids, states, s[i:j])
+        out.blocks.append((key, bids, codes, states))
         hit = order[i:j][ok]
         out.block[hit] = len(out.blocks) - 1
-        out.row[hit] = rows_c[ok]
-        i = j
+        out.row[hit] = rows[ok]
     return out
 
 
@@ -152,42 +164,21 @@ def gather_vectors(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(found mask, vectors of the found ids, in the order given, in the store's dtype).
 
-    For many ids at once (a search's candidates touch most blocks of a bank): one cursor
-    seek per block, and the rows and vectors records are read in place in the map (views,
-    valid inside the transaction); only the asked-for rows are copied.
+    For many ids at once (a search's candidates touch most blocks of a bank): the rows and
+    vectors records are read in place in the map (views, valid inside the transaction);
+    only the asked-for rows are copied.
     """
     order = np.argsort(ids, kind="stable")
     s = ids[order]
     found = np.zeros(len(s), dtype=bool)
     out = np.empty((len(s), dim), dtype=dtype)
-    cur = txn.cursor(db=h.dbs["rows"])
-    i, n = 0, len(s)
-    while i < n:
-        target = pack_id(int(s[i]))
-        if cur.set_range(target):
-            if bytes(cur.key()) != target and not cur.prev():
-                i += 1
-                continue
-        elif not cur.last():
-            break
-        bids, _, states = decode_rows(cur.value())
-        first, last = bids[0], bids[-1]
-        j = int(np.searchsorted(s, last, side="right"))
-        if j <= i:
-            i += 1  # the id falls in a gap between blocks (deleted and compacted away)
-            continue
-        wanted = s[i:j]
-        if int(last) - int(first) == len(bids) - 1:  # no gaps (never compacted): by offset
-            rows = (wanted - first).astype(np.int64)
-            ok = states[rows] != DELETED
-        else:
-            rows = np.minimum(np.searchsorted(bids, wanted), len(bids) - 1)
-            ok = (bids[rows] == wanted) & (states[rows] != DELETED)
-        block = np.frombuffer(txn.get(bytes(cur.key()), db=h.dbs["vectors"]), dtype=dtype)
+    for key, value, i, j in _runs(txn, h, s):
+        bids, _, states = decode_rows(value)
+        rows, ok = _rows_of(bids, states, s[i:j])
+        block = np.frombuffer(txn.get(key, db=h.dbs["vectors"]), dtype=dtype)
         at = order[i:j][ok]
         out[at] = block.reshape(-1, dim)[rows[ok]]
         found[at] = True
-        i = j
     return found, out[found]
 
 
