@@ -41,7 +41,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._checks import Checks  # noqa: E402
-from benchmarks.index_bench import CLASSES  # noqa: E402
+from benchmarks.index_bench import CLASSES, recall  # noqa: E402
+from benchmarks.ondisk_bench import folder_bytes  # noqa: E402
 
 K = 10
 TARGET = 0.90
@@ -74,14 +75,6 @@ def powerlaw(n: int, n_queries: int, dim: int = DIM, seed: int = 0, chunk: int =
         x[i : i + chunk] = part.astype(np.float16)
     q = x[rng.integers(0, n, n_queries)] + 0.25 * spread(n_queries)
     return x, q.astype(np.float16).astype(np.float32)
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return sum(np.intersect1d(f, t).size for f, t in zip(found, truth, strict=True)) / truth.size
 
 
 def best_qps(search: Any, q: np.ndarray, rounds: int = 3) -> tuple[float, np.ndarray]:
