@@ -53,6 +53,7 @@ from _bare_grpc import serve_forever, wait_for_port  # noqa: E402
 from _checks import Checks  # noqa: E402
 
 from featurebank import store as store_mod  # noqa: E402
+from featurebank.core.memory import fix_mmap_threshold, limit_arenas  # noqa: E402
 from featurebank.core.spec import Spec  # noqa: E402
 from featurebank.server.client import (  # noqa: E402
     FeatureBankClient,
@@ -454,6 +455,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.bare_stream:
         return serve_stream(args.bare_stream)
+    limit_arenas(2)  # the allocator as `featurebank serve` sets it: (1) bootstraps in this process
+    fix_mmap_threshold()
     if args.quick:
         args.items, args.seconds, args.proxy_seconds, args.rounds = 20_000, 2.0, 6.0, 1
     checks = Targets(judged=not args.quick)

@@ -9,9 +9,12 @@ return it (`malloc_trim`); elsewhere it does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -36,7 +39,11 @@ def release_free_memory() -> bool:
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter numbers
 M_MMAP_THRESHOLD = -3
+M_TRIM_THRESHOLD = -1
 MMAP_THRESHOLD = 128 * 1024  # glibc's starting value, kept from then on
+TRIM_THRESHOLD = 128 * 1024  # glibc's default
+STREAMING_MMAP_THRESHOLD = 32 << 20  # glibc's largest dynamic threshold
+STREAMING_TRIM_THRESHOLD = 256 << 20
 
 
 def limit_arenas(count: int) -> bool:
@@ -69,3 +76,36 @@ def _mallopt(param: int, value: int) -> bool:
     if libc is None or not hasattr(libc, "mallopt"):
         return False
     return bool(libc.mallopt(param, value))
+
+
+_streams = 0
+_streams_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def streaming_buffers() -> Iterator[None]:
+    """While a snapshot streams through this process: buffers of up to 32 MiB from the
+    heap, whose freed space is kept and used again.
+
+    Why: with the threshold fixed (above), each 4 MiB chunk a snapshot stream reads,
+    encodes and hands to gRPC is a fresh mapping whose every page faults on first touch.
+    A 1.1 GiB bootstrap took 1.43 million page faults and 5.4-6.1 s of the primary's CPU;
+    with the heap serving the chunks, 2-400 faults and 1.3-1.6 s. The threshold is fixed
+    again, and the heap trimmed, when the last stream ends (streams are rare: a replica's
+    bootstrap).
+    """
+    global _streams
+    with _streams_lock:
+        _streams += 1
+        if _streams == 1:
+            _mallopt(M_MMAP_THRESHOLD, STREAMING_MMAP_THRESHOLD)
+            _mallopt(M_TRIM_THRESHOLD, STREAMING_TRIM_THRESHOLD)
+    try:
+        yield
+    finally:
+        with _streams_lock:
+            _streams -= 1
+            if _streams == 0:
+                _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                _mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+                release_free_memory()

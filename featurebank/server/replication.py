@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from featurebank.classify.quality import decisions
 from featurebank.core.bank import Bank, current_generation, generations
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
+from featurebank.core.memory import streaming_buffers
 from featurebank.server.batching import run_in
 from featurebank.server.checksums import crc32_combine, crc32_prefix
 from featurebank.store import replication as records
@@ -182,9 +183,18 @@ async def snapshot_stream(engine: Engine, request: pb.SnapshotRequest) -> AsyncI
         if request.path not in paths:
             raise InvalidInput(f"snapshot {manifest['id']} has no file {request.path!r}")
         start = paths.index(request.path)
+    with streaming_buffers():
+        async for chunk in _file_chunks(folder, manifest["files"][start:],
+                                        request.offset if request.path else 0):
+            yield chunk
+
+
+async def _file_chunks(folder: Path, files: list[dict[str, Any]],
+                       first_offset: int) -> AsyncIterator[pb.SnapshotChunk]:
+    """The chunks of `files`, the first file's from `first_offset`."""
     loop = asyncio.get_running_loop()
-    for i, f in enumerate(manifest["files"][start:], start):
-        offset = request.offset if i == start and request.path else 0
+    for i, f in enumerate(files):
+        offset = first_offset if i == 0 else 0
         if not 0 <= offset <= f["size"]:
             raise InvalidInput(f"offset {offset} is outside {f['path']} ({f['size']} bytes)")
         path = folder / f["path"]

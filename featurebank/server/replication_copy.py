@@ -31,8 +31,9 @@ import grpc
 
 from featurebank.core.bank import write_atomic
 from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput
+from featurebank.core.memory import streaming_buffers
 from featurebank.server.checksums import crc32_combine, crc32_prefix
-from featurebank.server.disk import preallocate
+from featurebank.server.disk import Appender, preallocate
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
 
@@ -147,6 +148,10 @@ class Download:
 
     def run(self, on_progress: Progress | None = None) -> dict[str, Any]:
         """Copy until complete, reconnecting after a dropped connection; returns the header."""
+        with streaming_buffers():
+            return self._copy(on_progress)
+
+    def _copy(self, on_progress: Progress | None) -> dict[str, Any]:
         for attempt in range(SNAPSHOT_ATTEMPTS):
             try:
                 self._stream(on_progress)
@@ -257,8 +262,8 @@ class _Files:
     """Writes chunks into the files they belong to on its own thread, checking offsets and
     crc32s: zlib.crc32 and os.write let go of the GIL, so checking and writing one chunk
     overlaps receiving the next (a bounded queue between them). Each file is allocated
-    ahead (server/disk.py) and written straight from the chunk's bytes; a file complete is
-    fsynced on a thread of its own while the next one streams."""
+    ahead and written past the page cache where it can be (server/disk.py); a file complete
+    is fsynced on a thread of its own while the next one streams."""
 
     def __init__(self, folder: Path, files: list[dict[str, Any]]) -> None:
         self.folder = folder
@@ -318,49 +323,40 @@ class _Files:
         f = self._open
         if f.held != chunk.offset:
             raise BadChunk(f"{f.path}: chunk at {chunk.offset}, but {f.held} bytes held")
-        view, done = memoryview(data), 0
-        while done < len(view):
-            done += os.write(f.fd, view[done:])
+        f.out.append(data)
         f.held += len(data)
         f.crc = crc32_combine(f.crc, chunk.crc32, len(data))
         self.written += len(data)
         if f.held >= self.sizes[f.path]:
             self._open = None
             if f.crc != chunk.file_crc32:
-                os.close(f.fd)
+                f.out.close()
                 (self.folder / f.path).unlink()  # copied again from its start
                 raise BadChunk(f"{f.path} copied from the primary fails its crc32")
-            sync = threading.Thread(target=_fsync_and_close, args=(f.fd,), name="fb-snapshot-fsync")
+            sync = threading.Thread(target=f.out.sync_and_close, name="fb-snapshot-fsync")
             sync.start()  # while the next file streams
             self._syncing.append(sync)
 
     def _begin(self, path: str) -> _OpenFile:
         target = self.folder / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        held = os.fstat(fd).st_size  # resuming: what is on disk counts
-        preallocate(fd, held, self.sizes[path] - held)
-        return _OpenFile(path, fd, held, crc32_prefix(target, held) if held else 0)
+        out = Appender(target)
+        held = out.size  # resuming: what is on disk counts
+        preallocate(out.fd, held, self.sizes[path] - held)
+        return _OpenFile(path, out, held, crc32_prefix(target, held) if held else 0)
 
     def _close_file(self) -> None:
         if self._open is not None:
-            os.close(self._open.fd)
+            self._open.out.close()
             self._open = None
 
 
 @dataclass
 class _OpenFile:
     path: str
-    fd: int
+    out: Appender
     held: int  # bytes of it on disk
     crc: int  # zlib.crc32 of those
-
-
-def _fsync_and_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sync_files(folder: Path, paths: list[str]) -> None:
