@@ -189,6 +189,7 @@ def search_limit(root: Path, banks: list[str], groups: dict[str, float],
     try:
         for s, b in zip(searchers, banks, strict=True):  # warm, as the served banks were
             s.search(fresh_queries(b, 2 * PLAN_AFTER, seed=98), 10).keys  # noqa: B018
+            s._planner.wait()
         rates = {}
         for side, spread in (("one", 1), ("spread", len(banks))):
             asked = [fresh_queries(b, queries, seed=97) for b in banks[:spread]]

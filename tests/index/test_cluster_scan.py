@@ -7,7 +7,9 @@ queries, so a single differing neighbour or distance would change search and kNN
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -106,8 +108,9 @@ def test_a_searcher_plans_a_busy_flat_bank_and_answers_as_before(tmp_path: Path)
         gen = searcher._view.gen
         assert gen.family.name == "flat"
         before = [searcher.search(q[None], 10) for q in queries[:cluster_scan.PLAN_AFTER]]
-        after = searcher.search(queries[cluster_scan.PLAN_AFTER:], 10)
+        searcher._planner.wait()  # planned on a thread of its own while queries scan in full
         assert searcher._planner.scan_for(gen.number, gen.index, 10, 0) is not None
+        after = searcher.search(queries[cluster_scan.PLAN_AFTER:], 10)
         expected = gen.index.search(gen.transform.apply(queries), 10)
         got_keys = [r.keys[0][0] for r in before] + [row[0] for row in after.keys]
     got_ids = np.vstack([r.ids for r in before] + [after.ids])
@@ -115,3 +118,34 @@ def test_a_searcher_plans_a_busy_flat_bank_and_answers_as_before(tmp_path: Path)
     with store_mod.open(tmp_path / "bank", readonly=True) as st:
         names = st.keys_of(expected[1][:, 0].astype(np.uint64))
     assert got_keys == [names[int(i)] for i in expected[1][:, 0]]
+
+
+def test_the_query_that_makes_a_plan_due_does_not_wait_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vectors = clustered(3_000, seed=14)
+    with store_mod.create(tmp_path / "bank", Spec.external("external", DIM)) as st:
+        st.put_batch([f"item-{i}" for i in range(len(vectors))], vectors)
+    build_index(tmp_path / "bank", k=10)
+    release = threading.Event()
+    plan = cluster_scan.for_generation
+
+    def slow_plan(index: Any, k: int) -> Any:  # planning that takes as long as the test says
+        release.wait(30)
+        return plan(index, k)
+
+    monkeypatch.setattr(cluster_scan, "for_generation", slow_plan)
+    queries = clustered(cluster_scan.PLAN_AFTER + 10, seed=15)
+    with Searcher.load(tmp_path / "bank", threads=1) as searcher:
+        answered = threading.Thread(target=lambda: [searcher.search(q[None], 10) for q in queries])
+        answered.start()
+        try:
+            answered.join(20)
+            assert not answered.is_alive()  # every query answered, the plan still being made
+            gen = searcher._view.gen
+            assert searcher._planner.scan_for(gen.number, gen.index, 10, 0) is None
+        finally:
+            release.set()
+            answered.join()
+        searcher._planner.wait()
+        assert searcher._planner.scan_for(gen.number, gen.index, 10, 0) is not None
