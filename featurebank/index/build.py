@@ -44,7 +44,7 @@ from featurebank.core.errors import (
 from featurebank.core.memory import release_free_memory
 from featurebank.core.params import IndexParams
 from featurebank.core.vocabulary import metric as metric_named
-from featurebank.index import rerank, selection, stored_ids, transforms
+from featurebank.index import coarse, rerank, selection, stored_ids, transforms
 from featurebank.index.families import family_of
 from featurebank.index.tuning import Tuned, exact_search, timed_search, tune
 from featurebank.index.views import INDEX_FILE, MANIFEST_FILE, read_manifest
@@ -128,6 +128,7 @@ def train(index: faiss.Index, vectors: np.ndarray, sample_size: int = TRAIN_MAX)
         return
     sample = training_sample(vectors, sample_size)
     try:
+        coarse.train_lists(index, sample)  # many lists: in two levels (index/coarse.py)
         index.train(sample)
     except RuntimeError as e:
         raise InvalidInput(

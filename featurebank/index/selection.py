@@ -31,7 +31,8 @@ Sharded builds (``index build --engine ray``) skip rule 2: a graph cannot be bui
 pieces and merged, inverted lists can. From a million vectors on, ``nlist`` follows faiss's
 guidelines ("Guidelines to choose an index", faiss wiki): 2^16 lists for 1M-10M vectors,
 2^18 for 10M-100M, 2^20 beyond (still at least ``MIN_POINTS_PER_LIST`` points per list),
-trained on ``train_size_for(nlist)`` vectors (faiss asks for 30 to 256 per list).
+trained on ``train_size_for(nlist)`` vectors (faiss asks for 30 to 256 per list), in two
+levels from 4,096 lists on (`coarse`: minutes where one k-means would take hours).
 
 What each index needs in memory is its family's (`families`).
 """
