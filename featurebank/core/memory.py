@@ -90,7 +90,7 @@ def streaming_buffers() -> Iterator[None]:
     Why: with the threshold fixed (above), each 4 MiB chunk a snapshot stream reads,
     encodes and hands to gRPC is a fresh mapping whose every page faults on first touch.
     A 1.1 GiB bootstrap took 1.43 million page faults and 5.4-6.1 s of the primary's CPU;
-    with the heap serving the chunks, 2-400 faults and 1.3-1.6 s. The threshold is fixed
+    with the heap serving the chunks, 6-11 thousand faults and 1.2 s. The threshold is fixed
     again, and the heap trimmed, when the last stream ends (streams are rare: a replica's
     bootstrap).
     """

@@ -321,13 +321,12 @@ class _Files:
             self._close_file()
             self._open = self._begin(chunk.path)
         f = self._open
-        if f.held != chunk.offset:
-            raise BadChunk(f"{f.path}: chunk at {chunk.offset}, but {f.held} bytes held")
+        if f.out.size != chunk.offset:
+            raise BadChunk(f"{f.path}: chunk at {chunk.offset}, but {f.out.size} bytes held")
         f.out.append(data)
-        f.held += len(data)
         f.crc = crc32_combine(f.crc, chunk.crc32, len(data))
         self.written += len(data)
-        if f.held >= self.sizes[f.path]:
+        if f.out.size >= self.sizes[f.path]:
             self._open = None
             if f.crc != chunk.file_crc32:
                 f.out.close()
@@ -340,10 +339,9 @@ class _Files:
     def _begin(self, path: str) -> _OpenFile:
         target = self.folder / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        out = Appender(target)
-        held = out.size  # resuming: what is on disk counts
-        preallocate(out.fd, held, self.sizes[path] - held)
-        return _OpenFile(path, out, held, crc32_prefix(target, held) if held else 0)
+        out = Appender(target)  # resuming: its size is what is on disk
+        preallocate(out.fd, out.size, self.sizes[path] - out.size)
+        return _OpenFile(path, out, crc32_prefix(target, out.size) if out.size else 0)
 
     def _close_file(self) -> None:
         if self._open is not None:
@@ -354,8 +352,7 @@ class _Files:
 @dataclass
 class _OpenFile:
     path: str
-    out: Appender
-    held: int  # bytes of it on disk
+    out: Appender  # its size: the bytes of the file on disk
     crc: int  # zlib.crc32 of those
 
 
