@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 
 CONFIDENCE = 0.95  # the published lower bound holds with this confidence (one-sided)
 CONFIDENCE_Z = 1.6449  # the normal quantile of CONFIDENCE
+# A setting short of the target whose recall is within this of the smaller one tried
+# before it ends the search along the main knob: its largest values (nprobe = nlist, all
+# lists) cost the most and, on codes too coarse for the target, gain nothing. At 10M with
+# 131,072 lists each such point scanned every code for every held-out query.
+PLATEAU = 0.002
 
 
 @dataclass
@@ -157,19 +162,21 @@ def tune(
     winners: list[Tuned] = []
     fallback: Tuned | None = None
     for base in extra:
-        lo, hi, best = 0, len(values) - 1, None
+        lo, hi, best, short = 0, len(values) - 1, None, None
         while lo <= hi:  # bisection: recall is (near) monotone in the parameter
             mid = (lo + hi) // 2
             m = measure({**base, main: values[mid]})
             if m.reached:
                 best, hi = m, mid - 1
-            else:
-                lo = mid + 1
+                continue
+            if best is None and short is not None and m.recall < short.recall + PLATEAU:
+                short = m if m.recall > short.recall else short
+                break  # more of the main knob no longer helps (codes too coarse for it)
+            short, lo = m, mid + 1
         if best is not None:
             winners.append(best)
-        elif fallback is None or m.recall > fallback.recall:
-            m = measure({**base, main: values[-1]})
-            fallback = m if fallback is None or m.recall > fallback.recall else fallback
+        elif short is not None and (fallback is None or short.recall > fallback.recall):
+            fallback = short
     if winners:  # re-time each winner once more (machines are noisy) and keep the fastest
         for w in winners:
             apply(w.params)

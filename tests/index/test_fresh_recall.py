@@ -98,3 +98,19 @@ def test_the_bound_is_published_in_get_info_and_store_info(
     assert main(["store", "info", "--bank", str(bank)]) == 0
     out = capsys.readouterr().out
     assert f"recall@10 {built['recall_at_k']:.3f} (>= {bound:.3f} at 95% confidence)" in out
+
+
+def test_tuning_stops_along_a_knob_that_no_longer_helps() -> None:
+    """Codes too coarse for the target: more lists probed gain nothing, and probing them all
+    (the costliest point, every code for every query) is never tried."""
+    from featurebank.index.tuning import tune
+
+    x, q = class_ordered_zipf(20_000, 300, seed=7)
+    index = faiss.index_factory(DIM, "IVF256,PQ4")  # 4 bytes a vector: far short of 0.95
+    index.train(x)
+    index.add(x)
+    _, truth = faiss.knn(q, x, 10)
+    tuned = tune(index, q, truth, 10, TARGET)
+    tried = [step["nprobe"] for step in tuned.trace]
+    assert not tuned.reached and 256 not in tried, tried
+    assert tuned.recall == max(step["recall"] for step in tuned.trace)
