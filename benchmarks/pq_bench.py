@@ -88,11 +88,12 @@ def best_qps(search: Any, q: np.ndarray, rounds: int = 3) -> tuple[float, np.nda
 
 
 def coarse_for(n: int) -> str:
-    """Lists for n vectors that this machine trains in minutes (the build's own rule asks
-    for 2^17 at 10M, hours of k-means on 2 cores)."""
-    nlist = 1 << max(6, round(np.log2(4 * np.sqrt(n))))
-    nlist = min(nlist, 16_384)
-    return f"IVF{nlist}_HNSW32" if nlist >= 16_384 else f"IVF{nlist}"
+    """The lists the auto choice gives n vectors (index/selection.py)."""
+    from featurebank.index.families import HNSW_COARSE_MIN_NLIST
+    from featurebank.index.selection import nlist_for
+
+    nlist = nlist_for(n)
+    return f"IVF{nlist}_HNSW32" if nlist >= HNSW_COARSE_MIN_NLIST else f"IVF{nlist}"
 
 
 def write_bank(root: Path, x: np.ndarray) -> tuple[float, int]:
