@@ -50,6 +50,7 @@ STORE_FACTORS = [1, 2, 4, 8]
 EF_STEPS = (16, 20, 24, 28, 32, 36, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 256, 320, 384,
             512, 768, 1024)  # fmt: skip
 NPROBE_STEPS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048)
+EXHAUSTIVE_MAX_NLIST = 16_384  # lists up to which nprobe = nlist is tuned over too
 
 _WRAPPERS = (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)
 
@@ -172,7 +173,11 @@ class IVF(Family):
 
     @staticmethod
     def grid(nlist: int) -> list[int]:
-        return [p for p in NPROBE_STEPS if p < nlist] + [nlist]
+        """nprobe values to tune over; every list only where that is still a few steps on
+        (past EXHAUSTIVE_MAX_NLIST it scans every code for every query: slower than a flat
+        scan, never the fastest setting, and minutes a point at 10M)."""
+        every = [nlist] if nlist <= EXHAUSTIVE_MAX_NLIST else []
+        return [p for p in NPROBE_STEPS if p < nlist] + every
 
     def knobs(self, index: faiss.Index, k: int) -> dict[str, list[int]]:
         return {"nprobe": self.grid(self.nlist(index))}

@@ -114,3 +114,10 @@ def test_tuning_stops_along_a_knob_that_no_longer_helps() -> None:
     tried = [step["nprobe"] for step in tuned.trace]
     assert not tuned.reached and 256 not in tried, tried
     assert tuned.recall == max(step["recall"] for step in tuned.trace)
+
+
+def test_probing_every_list_is_tuned_only_where_lists_are_few() -> None:
+    from featurebank.index.families import IVF
+
+    assert IVF.grid(256)[-1] == 256  # the exact fallback of a small IVF
+    assert IVF.grid(1 << 17)[-1] == 2048  # 131,072 lists: every code for every query, never
