@@ -85,8 +85,8 @@ def train_lists(index: faiss.Index, sample: np.ndarray) -> bool:
     """Train the lists of an IVF index with at least TWO_LEVEL_MIN_NLIST of them in two
     levels; False (nothing done) for any other index."""
     ivf, x = _lists_and_input(index, sample)
-    if ivf is None or ivf.nlist < TWO_LEVEL_MIN_NLIST or ivf.quantizer.ntotal:
-        return False
+    if ivf is None or ivf.nlist < TWO_LEVEL_MIN_NLIST or ivf.quantizer.ntotal or len(x) < ivf.nlist:
+        return False  # (fewer points than lists: faiss's own training says so)
     centroids = two_level(np.ascontiguousarray(x, dtype=np.float32), ivf.nlist,
                           spherical=ivf.metric_type == faiss.METRIC_INNER_PRODUCT)
     ivf.quantizer.train(centroids)
