@@ -25,7 +25,9 @@ TWO_LEVEL_MIN_NLIST = 4096  # below this one k-means is quick (a few seconds)
 NITER = 10  # k-means iterations of each level (faiss's IVF default)
 
 
-def _lists_and_input(index: faiss.Index, sample: np.ndarray) -> tuple[faiss.IndexIVF | None, np.ndarray]:
+def _lists_and_input(
+    index: faiss.Index, sample: np.ndarray
+) -> tuple[faiss.IndexIVF | None, np.ndarray]:
     """The IVF inside `index` and the sample as it sees it (transforms before it trained
     and applied); (None, sample) when there is no IVF."""
     inner = faiss.downcast_index(index)
@@ -85,8 +87,9 @@ def train_lists(index: faiss.Index, sample: np.ndarray) -> bool:
     """Train the lists of an IVF index with at least TWO_LEVEL_MIN_NLIST of them in two
     levels; False (nothing done) for any other index."""
     ivf, x = _lists_and_input(index, sample)
-    if ivf is None or ivf.nlist < TWO_LEVEL_MIN_NLIST or ivf.quantizer.ntotal or len(x) < ivf.nlist:
-        return False  # (fewer points than lists: faiss's own training says so)
+    few = len(x) < ivf.nlist if ivf is not None else True  # faiss's own training refuses it
+    if ivf is None or few or ivf.nlist < TWO_LEVEL_MIN_NLIST or ivf.quantizer.ntotal:
+        return False
     centroids = two_level(np.ascontiguousarray(x, dtype=np.float32), ivf.nlist,
                           spherical=ivf.metric_type == faiss.METRIC_INNER_PRODUCT)
     ivf.quantizer.train(centroids)
