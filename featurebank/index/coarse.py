@@ -25,11 +25,8 @@ TWO_LEVEL_MIN_NLIST = 4096  # below this one k-means is quick (a few seconds)
 NITER = 10  # k-means iterations of each level (faiss's IVF default)
 
 
-def _lists_and_input(
-    index: faiss.Index, sample: np.ndarray
-) -> tuple[faiss.IndexIVF | None, np.ndarray]:
-    """The IVF inside `index` and the sample as it sees it (transforms before it trained
-    and applied); (None, sample) when there is no IVF."""
+def _as_the_lists_see_it(index: faiss.Index, sample: np.ndarray) -> np.ndarray:
+    """The sample after the transforms before the lists (trained on it here)."""
     inner = faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexRefine):
         inner = faiss.downcast_index(inner.base_index)
@@ -41,8 +38,7 @@ def _lists_and_input(
             if not step.is_trained:
                 step.train(x)
             x = step.apply(x)
-        inner = faiss.downcast_index(inner.index)
-    return (inner if isinstance(inner, faiss.IndexIVF) else None), x
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def shares(nlist: int, sizes: np.ndarray) -> np.ndarray:
@@ -86,11 +82,11 @@ def two_level(x: np.ndarray, nlist: int, spherical: bool) -> np.ndarray:
 def train_lists(index: faiss.Index, sample: np.ndarray) -> bool:
     """Train the lists of an IVF index with at least TWO_LEVEL_MIN_NLIST of them in two
     levels; False (nothing done) for any other index."""
-    ivf, x = _lists_and_input(index, sample)
-    few = len(x) < ivf.nlist if ivf is not None else True  # faiss's own training refuses it
-    if ivf is None or few or ivf.nlist < TWO_LEVEL_MIN_NLIST or ivf.quantizer.ntotal:
+    ivf = faiss.try_extract_index_ivf(index)
+    if (ivf is None or ivf.nlist < TWO_LEVEL_MIN_NLIST or ivf.quantizer.ntotal
+            or len(sample) < ivf.nlist):  # fewer points than lists: faiss refuses in one line
         return False
-    centroids = two_level(np.ascontiguousarray(x, dtype=np.float32), ivf.nlist,
+    centroids = two_level(_as_the_lists_see_it(index, sample), ivf.nlist,
                           spherical=ivf.metric_type == faiss.METRIC_INNER_PRODUCT)
     ivf.quantizer.train(centroids)
     ivf.quantizer.add(centroids)
