@@ -8,7 +8,8 @@ Two RPCs, both for the write or the replicate role (server/auth.py):
   size. Streamed in chunks, each with its crc32, a file's last one with the crc32 of the
   whole file; a replica whose connection
   dropped asks for the same snapshot from the file and offset it holds, so nothing is sent
-  twice. A snapshot is kept `SNAPSHOT_TTL_S` after its last use, across restarts.
+  twice. A snapshot is kept `SNAPSHOT_TTL_S` after its last use, across restarts of the
+  server; not across a restart of the host, as it is written without fsync (`boot_id`).
 - `FollowStore`: the store's records changed after the replica's generation
   (store/replication.py), then each new commit as it lands (the stream is woken by the
   commit), plus a heartbeat with the published generations every `HEARTBEAT_S`. The
@@ -34,7 +35,6 @@ import shutil
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +45,7 @@ from featurebank.core.bank import Bank, current_generation, generations
 from featurebank.core.errors import FailedPrecondition, InvalidInput, NotFound
 from featurebank.core.memory import streaming_buffers
 from featurebank.server.batching import run_in
-from featurebank.server.checksums import crc32_combine, crc32_prefix
+from featurebank.server.checksums import crc32, crc32_combine, crc32_prefix
 from featurebank.store import replication as records
 from featurebank.store.rows import LogTrimmed
 from featurebank.v1 import featurebank_pb2 as pb
@@ -61,6 +61,7 @@ SNAPSHOTS = ".snapshots"
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 4 << 20
 SNAPSHOT_TTL_S = 3600.0
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 HEARTBEAT_S = 1.0
 TRIM_EVERY_S = 5.0
 DELTA_PART_BYTES = 4 << 20
@@ -90,8 +91,9 @@ def make_snapshot(store: Store, bank: Bank, generations_only: bool) -> dict[str,
     staging, folder = root / f".{sid}", root / sid
     staging.mkdir(parents=True)
     try:
-        manifest: dict[str, Any] = {"id": sid, "store_generation": 0, "store_epoch": "",
-                                    "index_generation": 0, "head_generation": 0}
+        manifest: dict[str, Any] = {"id": sid, "boot": boot_id(), "store_generation": 0,
+                                    "store_epoch": "", "index_generation": 0,
+                                    "head_generation": 0}
         if not generations_only:
             gen, epoch = records.copy_to(store, staging / "store")
             manifest.update(store_generation=gen, store_epoch=epoch)
@@ -118,8 +120,18 @@ def make_snapshot(store: Store, bank: Bank, generations_only: bool) -> dict[str,
     return manifest
 
 
+def boot_id() -> str:
+    """This boot of the host: a snapshot is written without fsync, so after a crash or a
+    power cut its pages may not all have reached the disk, and it is not served again."""
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:  # not Linux: every snapshot is of this boot
+        return ""
+
+
 def open_snapshot(bank: Bank, sid: str) -> dict[str, Any]:
-    """The manifest of a kept snapshot; NotFound once it expired (the replica starts over)."""
+    """The manifest of a kept snapshot; NotFound once it expired or was written before the
+    host restarted (the replica starts over)."""
     if not sid.isalnum():
         raise InvalidInput(f"snapshot_id {sid!r} is not a snapshot id")
     path = bank.root / SNAPSHOTS / sid / MANIFEST
@@ -127,6 +139,10 @@ def open_snapshot(bank: Bank, sid: str) -> dict[str, Any]:
         manifest: dict[str, Any] = json.loads(path.read_text())
     except FileNotFoundError:
         raise NotFound(f"snapshot {sid} is no longer kept by the primary: start a new one") from None
+    if manifest.get("boot", "") != boot_id():
+        shutil.rmtree(path.parent, ignore_errors=True)
+        raise NotFound(f"snapshot {sid} was written before the primary's host restarted: "
+                       "start a new one")
     os.utime(path)  # in use: kept another SNAPSHOT_TTL_S
     return manifest
 
@@ -153,10 +169,10 @@ def _header(manifest: dict[str, Any]) -> pb.SnapshotChunk:
 
 
 def _read_chunk(fd: int, offset: int) -> tuple[bytes, int]:
-    """CHUNK_BYTES of a file from `offset`, and their crc32 (on a worker thread: both let
-    go of the GIL)."""
+    """CHUNK_BYTES of a file from `offset`, and their crc32 (on a worker thread: the read
+    lets go of the GIL)."""
     data = os.pread(fd, CHUNK_BYTES, offset)
-    return data, zlib.crc32(data)
+    return data, crc32(data)
 
 
 def _close_after(fd: int, _read: object) -> None:

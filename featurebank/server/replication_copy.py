@@ -21,7 +21,6 @@ import shutil
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import grpc
 from featurebank.core.bank import write_atomic
 from featurebank.core.errors import DamagedFile, FailedPrecondition, InvalidInput
 from featurebank.core.memory import streaming_buffers
-from featurebank.server.checksums import crc32_combine, crc32_prefix
+from featurebank.server.checksums import crc32, crc32_combine, crc32_prefix
 from featurebank.server.disk import Appender, preallocate
 from featurebank.v1 import featurebank_pb2 as pb
 from featurebank.v1 import featurebank_pb2_grpc as pb_grpc
@@ -260,7 +259,7 @@ def _safe(path: str) -> str:
 
 class _Files:
     """Writes chunks into the files they belong to on its own thread, checking offsets and
-    crc32s: zlib.crc32 and os.write let go of the GIL, so checking and writing one chunk
+    crc32s: os.write lets go of the GIL, so checking and writing one chunk
     overlaps receiving the next (a bounded queue between them). Each file is allocated
     ahead and written past the page cache where it can be (server/disk.py); a file complete
     is fsynced on a thread of its own while the next one streams."""
@@ -315,7 +314,7 @@ class _Files:
 
     def _write(self, chunk: pb.SnapshotChunk) -> None:
         data = chunk.data  # each access to a bytes field copies it
-        if zlib.crc32(data) != chunk.crc32:
+        if crc32(data) != chunk.crc32:
             raise BadChunk(f"chunk of {chunk.path} at {chunk.offset} fails its crc32")
         if self._open is None or self._open.path != chunk.path:
             self._close_file()
@@ -353,7 +352,7 @@ class _Files:
 class _OpenFile:
     path: str
     out: Appender  # its size: the bytes of the file on disk
-    crc: int  # zlib.crc32 of those
+    crc: int  # crc32 of those
 
 
 def sync_files(folder: Path, paths: list[str]) -> None:

@@ -88,10 +88,19 @@ def log_start(store: Store) -> int:
 def copy_to(store: Store, folder: Path) -> tuple[int, str]:
     """A consistent copy of the store's environment into `folder/<env>/` (LMDB's hot copy,
     page by page: as fast as copying the file, while writers go on) plus `folder/CURRENT`;
-    returns (generation copied, epoch)."""
+    returns (generation copied, epoch).
+
+    The copy goes through the page cache, where it is read again at once to be streamed:
+    LMDB's own `copy` writes with O_DIRECT, which left every byte to be read back from the
+    disk. Not fsynced: a snapshot is trusted only within the boot that wrote it
+    (server/replication.py)."""
     with store._sh().read() as (_txn, h):  # the read pins the environment against compaction
         (folder / h.name).mkdir(parents=True)
-        h.env.copy(str(folder / h.name))  # its own read transaction: one consistent snapshot
+        fd = os.open(folder / h.name / "data.mdb", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            h.env.copyfd(fd)  # its own read transaction: one consistent snapshot
+        finally:
+            os.close(fd)
         name = h.name
     (folder / "CURRENT").write_text(f"{name}\n")
     copied = lmdb.open(str(folder / name), readonly=True, lock=False, max_dbs=len(DB_NAMES) + 2)

@@ -236,6 +236,33 @@ def test_a_snapshot_cut_midway_resumes_from_its_offset_even_across_a_primary_res
         assert same_files(folder, fresh_bank, header)
 
 
+def test_a_snapshot_written_before_the_primary_host_restarted_is_not_resumed(
+    fresh_bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Snapshots are written without fsync: after a host restart their pages may be torn."""
+    monkeypatch.setattr(replication, "CHUNK_BYTES", 4096)
+    boot = tmp_path / "boot_id"
+    boot.write_text("first boot\n")
+    monkeypatch.setattr(replication, "BOOT_ID", boot)
+    port = free_port()
+    folder = tmp_path / "staging"
+    with primary(fresh_bank, port) as p:
+        link = PrimaryLink(p.target)
+        first = Download(link, folder)
+        with pytest.raises(ConnectionAbortedError):
+            first.run(cut_after(5))
+        old = first.header["id"]  # type: ignore[index]
+        assert (fresh_bank / replication.SNAPSHOTS / old).is_dir()
+    boot.write_text("second boot\n")
+    with primary(fresh_bank, port):
+        second = Download(link, folder)
+        header = second.run()
+        assert header["id"] != old and second.resumed_at == 0
+        assert second.received == sum(f["size"] for f in header["files"])
+        assert same_files(folder, fresh_bank, header)
+    assert not (fresh_bank / replication.SNAPSHOTS / old).exists()
+
+
 def test_a_damaged_partial_file_fails_its_crc32_and_is_copied_again(
     fresh_bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
