@@ -157,22 +157,23 @@ def oof_probs(feats: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def ranking_scores(noisy: np.ndarray, bank: Path) -> np.ndarray:
-    """featurebank's score per item: p(best other label) - p(given), out of fold."""
+    """featurebank's score per item: higher the earlier the pass ranks it among the wrong
+    (`labels.suspicion_order` of its out-of-fold vote), so AUPRC scores the pass's order."""
     from featurebank.classify.classifier import Classifier
     from featurebank.classify.quality import NEIGHBOURS, graphs, neighbourhood
-    from featurebank.classify.quality.labels import out_of_fold
+    from featurebank.classify.quality.labels import suspicion_order, trusted_vote
 
     with Classifier(bank, mode="knn") as clf:
         voter = clf.voter()  # every item labelled and in train: every item votes, as in the pass
         hood = neighbourhood.read(clf, NEIGHBOURS, max(NEIGHBOURS, voter.k))
         _, ref = graphs(hood)
         assert ref is not None
-        p, vocab = out_of_fold(voter, ref, np.arange(len(hood.ids)))
-    col = np.array([vocab.index(str(c)) for c in noisy])
-    p_given = p[np.arange(len(p)), col]
-    other = p.copy()
-    other[np.arange(len(p)), col] = -1
-    return other.max(axis=1) - p_given
+        p = trusted_vote(voter, ref)
+    col = np.array([ref.vocabulary.index(str(c)) for c in noisy])
+    order = suspicion_order(p, col, hood.keys)
+    score = np.empty(len(order))
+    score[order] = np.arange(len(order), 0, -1)
+    return score
 
 
 def label_case(

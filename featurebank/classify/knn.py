@@ -62,11 +62,13 @@ def vote(
     weights: str = "softmax",
     temperature: float = DEFAULT_T,
     metric_name: str = "cosine",
+    trust: np.ndarray | None = None,
 ) -> np.ndarray:
     """Class probabilities (n, n_classes) from neighbours' label codes (-1 = none) and scores.
 
     Rows with no labelled neighbour get all zeros. `metric_name` says how scores map
-    back to distances for ``distance`` weights (l2: score = -distance).
+    back to distances for ``distance`` weights (l2: score = -distance). `trust`: a factor
+    per neighbour (n, k) on its weight (how far its own label is believed).
     """
     codes = np.asarray(label_codes)
     if codes.shape != np.shape(scores):
@@ -75,6 +77,8 @@ def vote(
     if n_classes <= 0 or n == 0:
         return np.zeros((n, max(n_classes, 0)), dtype=np.float64)
     w = neighbour_weights(np.asarray(scores), weights, temperature, metric_name)
+    if trust is not None:
+        w = w * trust
     valid = (codes >= 0) & (codes < n_classes) & np.isfinite(w)
     rows = np.broadcast_to(np.arange(n)[:, None], codes.shape)
     flat = rows[valid] * n_classes + codes[valid]
@@ -101,10 +105,15 @@ class Voter:
             raise InvalidInput(f"temperature must be positive, got {self.temperature}")
         check_choice(self.weights, VOTE_WEIGHTS, "vote weights")
 
-    def probs(self, codes: np.ndarray, scores: np.ndarray, n_classes: int) -> np.ndarray:
-        """(n, n_classes) float32 from the first k columns of neighbour codes and scores."""
+    def probs(
+        self, codes: np.ndarray, scores: np.ndarray, n_classes: int,
+        trust: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """(n, n_classes) float32 from the first k columns of neighbour codes and scores
+        (and of `trust`, see `vote`)."""
         k = min(self.k, codes.shape[1]) if codes.ndim == 2 else self.k
-        p = vote(codes[:, :k], scores[:, :k], n_classes, self.weights, self.temperature, self.metric)
+        p = vote(codes[:, :k], scores[:, :k], n_classes, self.weights, self.temperature,
+                 self.metric, None if trust is None else trust[:, :k])
         return np.asarray(p, dtype=np.float32)
 
     def of(self, result: SearchResult) -> tuple[np.ndarray, list[str]]:

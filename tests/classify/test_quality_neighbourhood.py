@@ -11,7 +11,7 @@ import pytest
 
 from featurebank import store as store_mod
 from featurebank.classify.classifier import Classifier
-from featurebank.classify.quality import Cache, graphs, neighbourhood, report_of, space
+from featurebank.classify.quality import Cache, graphs, labels, neighbourhood, report_of, space
 from featurebank.index.build import build_index
 from tests.support.specs import make_spec
 
@@ -83,7 +83,7 @@ def test_an_update_gives_the_lists_and_votes_of_a_pass_over_the_changed_bank(
         everything, ref = graphs(fresh)
         assert ref is not None
         voter = clf.voter()
-        probs = voter.probs(ref.codes, ref.scores, len(ref.vocabulary))
+        probs = labels.trusted_vote(voter, ref)
         np.testing.assert_allclose(cache.probs(updated, voter, graphs(updated)[1]), probs,
                                    atol=1e-6)
         full = report_of(fresh, clf, everything, ref, probs, None, 100, 0, 0.0)

@@ -80,9 +80,6 @@ class Cache:
 
     def __init__(self) -> None:
         self.hood: neighbourhood.Neighbourhood | None = None
-        self._probs: np.ndarray | None = None  # every row's out-of-fold vote
-        # (voter, vocabulary, lineage of the list, neighbourhood version) they are of
-        self._probs_of: tuple[Any, ...] | None = None
         self._last: tuple[tuple[Any, ...], Report] | None = None  # (what it answered, report)
         self.looks = looks.Looks()  # thumbnail matches of candidate duplicate pairs
         self._lock = threading.Lock()
@@ -114,34 +111,12 @@ class Cache:
     def probs(
         self, hood: neighbourhood.Neighbourhood, voter: Voter, ref: Graph | None
     ) -> np.ndarray | None:
-        """Every row's out-of-fold vote over `ref`; after an update only the rows whose
-        voters list changed, new rows and rows with a relabelled neighbour are voted
-        again (the same numbers a full vote gives)."""
-        name = vote_list(hood)
-        if ref is None or name is None:
-            self._probs = self._probs_of = None
+        """Every row's out-of-fold vote over `ref` (`labels.trusted_vote`), None without
+        two voters. Voted afresh each pass: one re-weighting reaches every row that a
+        neighbour's trust reaches, and it costs a few vectorised sweeps of the lists."""
+        if ref is None or vote_list(hood) is None:
             return None
-        of = (voter, tuple(ref.vocabulary), hood.lists[name].lineage)
-        lists, prev, old = hood.lists[name], hood.previous_rows, self._probs
-        n_classes = len(ref.vocabulary)
-        if old is not None and self._probs_of == (*of, hood.version):
-            return old
-        if (
-            old is None or self._probs_of != (*of, hood.version - 1) or prev is None
-            or lists.dirty is None
-        ):
-            p = voter.probs(ref.codes, ref.scores, n_classes)
-        else:
-            had = prev >= 0
-            p = np.zeros((len(prev), n_classes), np.float32)
-            p[had] = old[prev[had]]
-            redo = [lists.dirty, np.flatnonzero(~had)]
-            if len(hood.relabelled_rows):
-                redo.append(np.flatnonzero(np.isin(ref.pos, hood.relabelled_rows).any(axis=1)))
-            rows = np.unique(np.concatenate(redo))
-            p[rows] = voter.probs(ref.codes[rows], ref.scores[rows], n_classes)
-        self._probs, self._probs_of = p, (*of, hood.version)
-        return p
+        return labels.trusted_vote(voter, ref)
 
 
 def vote_list(hood: neighbourhood.Neighbourhood) -> str | None:

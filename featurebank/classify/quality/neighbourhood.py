@@ -20,7 +20,6 @@ at all) reads the bank afresh.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
     from featurebank.store.items import Items
 
 EVERYTHING, VOTERS = "everything", "voters"
-_LINEAGES = itertools.count()
 
 
 @dataclass
@@ -49,10 +47,6 @@ class Lists:
     voters_only: bool
     pos: np.ndarray  # (n, k) rows, -1 = none
     fd: np.ndarray  # (n, k) faiss distances (squared l2, or inner product)
-    dirty: np.ndarray | None = None  # rows whose list the last update changed; None: all
-    # which computation these lists continue (kept by updates and by the copy that makes
-    # the voters' list of a bank where every item voted): what cached votes are of
-    lineage: int = field(default_factory=lambda: next(_LINEAGES))
 
 
 @dataclass
@@ -70,9 +64,6 @@ class Neighbourhood:
     space: Space
     lists: dict[str, Lists] = field(default_factory=dict)
     changed: int | None = None  # items the last update applied; None: read afresh
-    version: int = 0  # bumped by every update that changed something
-    previous_rows: np.ndarray | None = None  # each row's row before the update (-1: new)
-    relabelled_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     voters: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # rows that vote
 
     def __post_init__(self) -> None:
@@ -152,7 +143,6 @@ def _apply(hood: Neighbourhood, clf: Classifier) -> Neighbourhood:
     hood.generation = int(ch.generation)
     if not hood.changed:
         return hood
-    hood.version += 1
     old_voters = hood.voters
     relabelled_at = np.zeros(0, np.int64)
     if len(relabelled):
@@ -172,8 +162,6 @@ def _apply(hood: Neighbourhood, clf: Classifier) -> Neighbourhood:
     n = len(hood.ids)
     hood.voters = np.concatenate([voters[keep], voters_of(hood.labels[n_kept:],
                                                           hood.splits[n_kept:])])
-    hood.previous_rows = np.concatenate([np.flatnonzero(keep), np.full(n - n_kept, -1)])
-    hood.relabelled_rows = remap[relabelled_at][remap[relabelled_at] >= 0]
     if (
         n == 0 or hood.space.exact != (n <= space_mod.EXACT_MAX) or not hood.space.sized_for(n)
     ):
@@ -185,13 +173,13 @@ def _apply(hood: Neighbourhood, clf: Classifier) -> Neighbourhood:
         # every item voted: its list was the voters' list too
         old = hood.lists[EVERYTHING]
         hood.lists[VOTERS] = Lists(hood.k_votes, True, old.pos[:, :hood.k_votes],
-                                   old.fd[:, :hood.k_votes], lineage=old.lineage)
+                                   old.fd[:, :hood.k_votes])
     layout = hood.layout()
     hood.lists = {name: lists for name, lists in hood.lists.items() if name in layout}
     for name, (k, only) in layout.items():
         if name not in hood.lists:  # voters appeared where one or none voted: searched afresh
             pos, fd = knn(hood.space, np.arange(n), voters, k)
-            hood.lists[name] = Lists(k, True, pos, fd, None)
+            hood.lists[name] = Lists(k, True, pos, fd)
             continue
         _update_lists(hood.space, hood.lists[name], keep, remap, n_kept,
                       voters if only else None, was_voter if only else None)
@@ -247,7 +235,6 @@ def _update_lists(
     again = np.concatenate([np.flatnonzero(lost.any(axis=1)), np.arange(n_kept, n)])
     pos[again], fd[again] = knn(space, again, allowed, k)
     rest = np.setdiff1d(np.arange(n_kept), again)
-    merged = np.zeros(0, np.int64)
     if len(gained) and len(rest):
         if not space.exact:  # only rows whose probed lists hold a gained row can see one
             hit = np.unique(space.assign[gained])
@@ -258,7 +245,7 @@ def _update_lists(
         closer = (_nearness(pb, fb, space.kind) < worst).any(axis=1)
         merged, pb, fb = rest[closer], pb[closer], fb[closer]
         pos[merged], fd[merged] = merge(pos[merged], fd[merged], pb, fb, k, space.kind)
-    lists.pos, lists.fd, lists.dirty = pos, fd, np.union1d(again, merged)
+    lists.pos, lists.fd = pos, fd
 
 
 def _nearness(pos: np.ndarray, fd: np.ndarray, kind: str) -> np.ndarray:
