@@ -31,12 +31,13 @@ class Graph:
     vocabulary: list[str]
     keys: Sequence[str]
     labels: Sequence[str | None]
+    own: np.ndarray  # (n,) each row's own voting code (-1: it does not vote)
 
     def first(self, k: int) -> Graph:
         """The same graph with only each row's k nearest (views, no copies)."""
         return Graph(
             self.pos[:, :k], self.dist[:, :k], self.scores[:, :k], self.codes[:, :k],
-            self.vocabulary, self.keys, self.labels,
+            self.vocabulary, self.keys, self.labels, self.own,
         )
 
     def evidence(self, row: int, n: int) -> list[Neighbor]:
@@ -67,7 +68,7 @@ def graph_of(
         scores = np.where(ok, m.scores(faiss_dist.astype(np.float64)), -np.inf).astype(np.float32)
         dist = np.where(ok, m.distances(scores.astype(np.float64)), np.inf)
     codes = np.where(ok, row_codes[np.maximum(pos, 0)], -1) if len(row_codes) else pos.copy()
-    return Graph(pos, dist, scores, codes, vocabulary, keys, labels)
+    return Graph(pos, dist, scores, codes, vocabulary, keys, labels, row_codes)
 
 
 def robust_log_scale(values: np.ndarray) -> tuple[float, float]:

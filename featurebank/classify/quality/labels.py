@@ -35,6 +35,7 @@ from featurebank.classify.quality.graph import Graph
 SWAPS = 5  # class pairs listed
 TRUST_ROUNDS = 8  # rounds of re-weighting each neighbour by the trust in its own label
 TRUST_FLOOR = 1e-3  # the least trust: a row among distrusted neighbours still gets a vote
+TRUST_SETTLED = 1e-4  # no trust moved more than this in a round: the rounds stop early
 
 
 @dataclass(frozen=True)
@@ -68,22 +69,23 @@ def trusted_vote(voter: Voter, graph: Graph) -> np.ndarray:
     """Every row's out-of-fold vote (n, classes) over the pass's voters graph, each
     neighbour weighted by the trust in its own label (module docstring)."""
     k = min(voter.k, graph.codes.shape[1])
-    codes, pos = graph.codes[:, :k], graph.pos[:, :k]
+    codes, at = graph.codes[:, :k], np.maximum(graph.pos[:, :k], 0)
     w = neighbour_weights(graph.scores[:, :k], voter.weights, voter.temperature, voter.metric)
-    w = np.where((codes >= 0) & np.isfinite(w), w, 0.0)
-    col = {lab: j for j, lab in enumerate(graph.vocabulary)}
-    own = np.array([col.get(lab, -1) if lab is not None else -1 for lab in graph.labels],
-                   np.int64)
-    agrees = codes == own[:, None]
-    trust = np.ones((len(codes), k))
+    w = np.where((codes >= 0) & np.isfinite(w), w, 0.0).astype(np.float32)
+    w_agree = np.where(codes == graph.own[:, None], w, 0.0).astype(np.float32)  # for its own label
+    trust = np.ones(len(graph.own), np.float32)  # of each row's own label
     for _ in range(TRUST_ROUNDS):
-        wt = w * trust
-        total = wt.sum(axis=1)
+        t = trust[at]
+        total = np.einsum("ij,ij->i", w, t)
         with np.errstate(invalid="ignore", divide="ignore"):
-            p_own = np.where(total > 0, (wt * agrees).sum(axis=1) / total, 0.0)
-        trust = np.where(pos >= 0, np.maximum(p_own, TRUST_FLOOR)[np.maximum(pos, 0)], 0.0)
-    return np.asarray(voter.probs(graph.codes, graph.scores, len(graph.vocabulary), trust),
-                      np.float64)
+            p_own = np.where(total > 0, np.einsum("ij,ij->i", w_agree, t) / total, 0.0)
+        settled = np.abs(p_own - trust).max(initial=0.0) < TRUST_SETTLED
+        trust = np.maximum(p_own, TRUST_FLOOR).astype(np.float32)
+        if settled:
+            break
+    return np.asarray(
+        voter.probs(graph.codes, graph.scores, len(graph.vocabulary), trust[at]), np.float64
+    )
 
 
 def suspicion_order(p: np.ndarray, y: np.ndarray, keys: Sequence[str]) -> np.ndarray:
