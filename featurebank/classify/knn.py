@@ -82,11 +82,11 @@ def vote(
     valid = (codes >= 0) & (codes < n_classes) & np.isfinite(w)
     rows = np.broadcast_to(np.arange(n)[:, None], codes.shape)
     flat = rows[valid] * n_classes + codes[valid]
-    sums = np.bincount(flat, weights=w[valid], minlength=n * n_classes).reshape(n, n_classes)
+    counted = np.bincount(flat, weights=w[valid], minlength=n * n_classes)
+    sums = counted.astype(np.float64, copy=False).reshape(n, n_classes)  # int64 if none votes
     total = sums.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        probs = np.where(total > 0, sums / np.where(total > 0, total, 1.0), 0.0)
-    return probs
+    sums /= np.where(total > 0, total, 1.0)  # in place: rows without a vote stay all zeros
+    return sums
 
 
 @dataclass(frozen=True)

@@ -83,9 +83,7 @@ def trusted_vote(voter: Voter, graph: Graph) -> np.ndarray:
         trust = np.maximum(p_own, TRUST_FLOOR).astype(np.float32)
         if settled:
             break
-    return np.asarray(
-        voter.probs(graph.codes, graph.scores, len(graph.vocabulary), trust[at]), np.float64
-    )
+    return voter.probs(graph.codes, graph.scores, len(graph.vocabulary), trust[at])
 
 
 def suspicion_order(p: np.ndarray, y: np.ndarray, keys: Sequence[str]) -> np.ndarray:
