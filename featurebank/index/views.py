@@ -214,7 +214,45 @@ def advanced(store: Store, view: View) -> View | None:
     segment = view.segment.applied(seg_ids, seg_vectors, deleted)
     gone = deleted[member(deleted, gen.index_ids)] if deleted.size else deleted
     stale = np.union1d(view.stale, gone) if gone.size else view.stale
-    return View(gen, new_labels, segment, stale, int(gen.index_ids.size - stale.size) + segment.size)
+    new = View(gen, new_labels, segment, stale, int(gen.index_ids.size - stale.size) + segment.size)
+    if not deleted.size and seg_ids.size == added.size:  # appended, none of them indexed
+        tail = slice(labels.ids.size, None)
+        new.cache = grown_memo(view, added, codes[tail], votes[tail])
+    return new
+
+
+def grown_memo(
+    old: View, added: np.ndarray, codes: np.ndarray, votes: np.ndarray
+) -> OrderedDict[Any, Any]:
+    """What of `old`'s memo (index/searcher.py `cached`) still holds once `added` ids
+    (with their label and vote codes) were appended, none deleted, relabelled or indexed.
+
+    Why: every commit makes a new view, and at a few hundred writes a second each search
+    would otherwise rebuild its filtered id sets, O(bank) each, from nothing. Entries:
+    ("matching", wanted, voters_only, where) the live ids a search may return, grown by
+    the added ids that pass (in place where it can, `segment.appended`, its capacity kept
+    as ("spare", "matching", ...)); ("allowed" | "sel" | "exact", ...) those of them the
+    index holds, unchanged; "not-stale", unchanged. Entries with a metadata filter
+    (`where`) and the segment's subsets are made again.
+    """
+    with old.cache_lock:
+        entries = dict(old.cache)
+    memo: OrderedDict[Any, Any] = OrderedDict()
+    for key, value in entries.items():
+        unfiltered = isinstance(key, tuple) and key[-1] is None
+        if key == "not-stale" or (unfiltered and key[0] in ("allowed", "sel", "exact")):
+            memo[key] = value
+        elif unfiltered and key[0] == "matching":
+            wanted, voters_only = key[1], key[2]
+            if wanted is None and not voters_only:
+                passing = np.ones(added.size, bool)
+            else:
+                c = votes if voters_only else codes
+                passing = c >= 0 if wanted is None else np.isin(c, wanted)
+            memo[key], memo[("spare", *key)] = appended(
+                value, added[passing], entries.get(("spare", *key))
+            )
+    return memo
 
 
 def caught_up(

@@ -248,3 +248,39 @@ def test_knn_accuracy_counts_an_item_without_voters_as_wrong(tmp_path: Path) -> 
         report = knn_accuracy(searcher, 5, 0.07, "val")
     assert report["items"] == 1  # its only possible voter is itself, left out
     assert report["accuracy"] == {"uniform": 0.0, "distance": 0.0, "softmax": 0.0}
+
+
+def test_filtered_sets_grow_with_appends_and_are_rebuilt_after_a_delete(tmp_path: Path) -> None:
+    """Each commit makes a new view; its filtered id sets (voters, a label) are carried
+    from the last one and grown by the appended items that pass, and a search on them
+    answers as a searcher opened afresh does."""
+    x, _ = World.make(8, seed=3).sample(300, seed=4)
+    labels = [("a" if i % 3 else "b") if i % 4 else None for i in range(240)]
+    bank = make_bank(tmp_path / "bank", x[:240], labels)
+    build_index(bank, factory="Flat", metric="l2", transform="none")
+    queries = x[240:260]
+    every = labels + ["a", "b", None, "a", None, "b"] * 10
+    with store_mod.open(bank) as st, Searcher.load(st) as searcher:
+        searcher.search(queries, 5, voters_only=True)
+        searcher.search(queries, 5, labels=["b"])
+        for i in range(240, 300, 6):  # commits of voters, a "b" and unlabelled items
+            st.put_batch([f"new-{j}" for j in range(i, i + 6)], x[i:i + 6],
+                         every[i:i + 6])
+            searcher.catch_up()
+            memo = searcher._view.cache
+            assert ("matching", None, True, None) in memo  # carried, not made again
+            voters = memo[("matching", None, True, None)]
+            assert voters.tolist() == [j for j in range(i + 6) if every[j] is not None]
+            got = searcher.search(queries, 5, voters_only=True)
+            b_only = searcher.search(queries, 5, labels=["b"])
+        st.delete(["item-1"])
+        searcher.catch_up()
+        assert ("matching", None, True, None) not in searcher._view.cache
+        after = searcher.search(queries, 5, voters_only=True)
+    with Searcher.load(bank) as fresh:
+        np.testing.assert_array_equal(after.ids, fresh.search(queries, 5, voters_only=True).ids)
+        assert 1 not in after.ids
+    voter_rows = np.array([j for j in range(300) if every[j] is not None])
+    b_rows = np.array([j for j in range(300) if every[j] == "b"])
+    np.testing.assert_array_equal(got.ids, voter_rows[exact_ids(x[voter_rows], queries, 5, "l2")])
+    np.testing.assert_array_equal(b_only.ids, b_rows[exact_ids(x[b_rows], queries, 5, "l2")])
