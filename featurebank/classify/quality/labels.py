@@ -6,8 +6,8 @@ Each neighbour's vote is weighted by how far its own label is trusted: its own v
 probability of the label it carries, found in `TRUST_ROUNDS` rounds from the plain
 vote. Why: a wrong label votes for its wrong class around it, and where labels are
 swapped between two classes the wrong ones cluster and shield each other; on the
-shipped backbone's digits with 5-20 % of labels flipped, this raised the top-N recall
-of the list from 0.92-0.98 to 0.98-1.00 (benchmarks/quality_bench.py).
+shipped backbone's digits with 5-20 % of labels flipped, this raised the list's top-N
+recall from 0.917-0.990 to 0.983-1.000 (benchmarks/quality_bench.py).
 
 How many (a confident joint, as in Northcutt et al., "Confident Learning"): class j's
 threshold is the mean probability of j over the items labelled j; an item counts
@@ -17,8 +17,9 @@ off-diagonal mass is the estimated number of wrong labels (per class: its row; p
 swapped pair: both cells).
 
 The list: the items the vote relabels, least probable label first (ties: the larger
-margin of the best other label), cut at the estimated count by default; with a precision P, at the longest head of the list whose
-estimated precision (the mean of 1 - p(given label) over it) is at least P.
+margin of the best other label), cut at the estimated count by default; with a
+precision P, at the longest head of the list whose estimated precision (the mean of
+1 - p(given label) over it) is at least P.
 """
 
 from __future__ import annotations
@@ -189,8 +190,8 @@ def _doubted(
     best = p.argmax(axis=1)
     p_best = p[np.arange(len(p)), best].astype(np.float64)
     p_given = np.where(y >= 0, p[np.arange(len(p)), np.maximum(y, 0)], 0.0).astype(np.float64)
-    order = suspicion_order(p, y, keys)
-    doubt = order[(p_best[order] > 0) & (best[order] != y[order])]
+    doubt = np.flatnonzero((p_best > 0) & (best != y))
+    doubt = doubt[suspicion_order(p[doubt], y[doubt], [keys[r] for r in doubt.tolist()])]
     return doubt, best[doubt], p_best[doubt], p_given[doubt]
 
 
