@@ -75,9 +75,9 @@ def lines(report: Any) -> list[str]:
             out.append(f"  swapped {s.a} <-> {s.b}: about {s.count:.0f}")
         for f in le.findings:
             nbs = " ".join(f"{nb.key}:{nb.label or '-'}:{nb.score:.3f}" for nb in f.neighbors)
-            out.append(
-                f"  label {f.confidence:.4f}  {f.key}  {f.label} -> {f.suggested}  "
-                f"neighbours: {nbs}"
+            out.append(  # in list order: the least probable label first
+                f"  label p {f.p_label:.4f}  {f.key}  {f.label} -> {f.suggested} "
+                f"(p {f.p_suggested:.4f})  neighbours: {nbs}"
             )
     d = report.duplicates
     out.append(

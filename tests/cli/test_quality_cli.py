@@ -125,6 +125,8 @@ def test_text_report_names_each_finding(digits_bank: tuple[Path, dict[str, Any]]
                    "  leak ", "outliers:", "  outlier "):
         assert needle in out, needle
     assert out.count("  label ") == 3
+    listed = [float(line.split()[2]) for line in out.splitlines() if line.startswith("  label p ")]
+    assert len(listed) == 3 and listed == sorted(listed)  # least probable label first
 
 
 def test_a_bank_without_labels_still_gets_duplicates_and_outliers(tmp_path: Path) -> None:
