@@ -113,3 +113,15 @@ def test_the_fast_decode_gives_the_pixels_pillow_gives() -> None:
     Image.fromarray(picture(8)).convert("CMYK").save(cmyk, "JPEG")
     framed = looks.frame(cmyk.getvalue())
     assert framed is not None and framed.shape == (looks.FRAME, looks.FRAME)
+
+
+def test_thumbnails_decoded_on_several_threads_are_those_decoded_one_by_one() -> None:
+    jpegs: list[bytes | None] = [thumbnail_jpeg(picture(s)) for s in range(40)] * 16
+    jpegs[3], jpegs[500] = None, b"not a jpeg"  # missing, and undecodable
+    decoded = looks.frames(jpegs)
+    assert len(jpegs) > 2 * looks.DECODE_RUN and len(decoded) == len(jpegs)
+    assert decoded[3] is None and decoded[500] is None
+    for j, f in zip(jpegs, decoded, strict=True):
+        one = None if j is None else looks.frame(j)
+        assert (f is None and one is None) or (f is not None and one is not None
+                                               and np.array_equal(f, one))

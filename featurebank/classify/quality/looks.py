@@ -23,7 +23,9 @@ update compares only the pairs it has not seen.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ from featurebank.classify.quality.graph import robust_log_scale
 SIDE = 16  # signature side, pixels
 FRAME = 24  # thumbnails are compared at this size (a 96 px JPEG decodes straight to it)
 PAD = 3  # the frame's edges are repeated this far out, for the scales that zoom out
+DECODE_RUN = 256  # thumbnails a thread decodes at least (fewer: one thread does them all)
 SCALES = (0.90, 0.93, 0.96, 1.0, 1.04, 1.08, 1.12)
 CANDIDATES = 3  # each item's nearest neighbours compared: the first always, the others
 WITHIN = 1.0  # when closer than this times the typical nearest-neighbour distance
@@ -73,6 +76,22 @@ def frame(jpeg: bytes) -> np.ndarray | None:
         return np.asarray(im)
     except (OSError, ValueError):
         return None
+
+
+def frames(jpegs: Sequence[bytes | None]) -> list[np.ndarray | None]:
+    """`frame` of each thumbnail (None where it is missing), in one run of them per core:
+    Pillow lets go of the GIL while it decodes (6,000 thumbnails: 0.37 s on one thread,
+    0.17 s on two here)."""
+
+    def run(lo: int, hi: int) -> list[np.ndarray | None]:
+        return [None if j is None else frame(j) for j in jpegs[lo:hi]]
+
+    parts = max(1, min(os.cpu_count() or 1, len(jpegs) // DECODE_RUN))
+    if parts == 1:
+        return run(0, len(jpegs))
+    bounds = np.linspace(0, len(jpegs), parts + 1).astype(int).tolist()
+    with ThreadPoolExecutor(parts) as pool:
+        return [f for part in pool.map(run, bounds[:-1], bounds[1:]) for f in part]
 
 
 def _decoded_small(jpeg: bytes) -> Any:
@@ -137,9 +156,8 @@ class Looks:
         todo = [p for p, k in zip(pairs, key_of, strict=True) if k not in self._matches]
         if todo:
             rows = sorted({r for p in todo for r in p})
-            jpegs = store.thumbnails([keys[r] for r in rows])
-            framed = {r: f for r, j in zip(rows, jpegs, strict=True)
-                      if j is not None and (f := frame(j)) is not None}
+            decoded = frames(store.thumbnails([keys[r] for r in rows]))
+            framed = {r: f for r, f in zip(rows, decoded, strict=True) if f is not None}
             at = {r: i for i, r in enumerate(framed)}
             sigs = signatures(np.stack(list(framed.values()))) if framed else None
             for a, b in todo:
