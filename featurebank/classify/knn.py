@@ -62,23 +62,25 @@ def vote(
     weights: str = "softmax",
     temperature: float = DEFAULT_T,
     metric_name: str = "cosine",
-    trust: np.ndarray | None = None,
 ) -> np.ndarray:
     """Class probabilities (n, n_classes) from neighbours' label codes (-1 = none) and scores.
 
     Rows with no labelled neighbour get all zeros. `metric_name` says how scores map
-    back to distances for ``distance`` weights (l2: score = -distance). `trust`: a factor
-    per neighbour (n, k) on its weight (how far its own label is believed).
+    back to distances for ``distance`` weights (l2: score = -distance).
     """
     codes = np.asarray(label_codes)
     if codes.shape != np.shape(scores):
         raise InvalidInput(f"label codes {codes.shape} and scores {np.shape(scores)} differ")
-    n = codes.shape[0]
-    if n_classes <= 0 or n == 0:
-        return np.zeros((n, max(n_classes, 0)), dtype=np.float64)
+    if n_classes <= 0 or codes.shape[0] == 0:
+        return np.zeros((codes.shape[0], max(n_classes, 0)), dtype=np.float64)
     w = neighbour_weights(np.asarray(scores), weights, temperature, metric_name)
-    if trust is not None:
-        w = w * trust
+    return tally(codes, w, n_classes)
+
+
+def tally(codes: np.ndarray, w: np.ndarray, n_classes: int) -> np.ndarray:
+    """Each row's neighbour weights summed per class and normalised, (n, n_classes)
+    float64 (codes -1 or weights not finite count for nothing; rows without a vote: zeros)."""
+    n = codes.shape[0]
     valid = (codes >= 0) & (codes < n_classes) & np.isfinite(w)
     rows = np.broadcast_to(np.arange(n)[:, None], codes.shape)
     flat = rows[valid] * n_classes + codes[valid]
@@ -105,15 +107,10 @@ class Voter:
             raise InvalidInput(f"temperature must be positive, got {self.temperature}")
         check_choice(self.weights, VOTE_WEIGHTS, "vote weights")
 
-    def probs(
-        self, codes: np.ndarray, scores: np.ndarray, n_classes: int,
-        trust: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """(n, n_classes) float32 from the first k columns of neighbour codes and scores
-        (and of `trust`, see `vote`)."""
+    def probs(self, codes: np.ndarray, scores: np.ndarray, n_classes: int) -> np.ndarray:
+        """(n, n_classes) float32 from the first k columns of neighbour codes and scores."""
         k = min(self.k, codes.shape[1]) if codes.ndim == 2 else self.k
-        p = vote(codes[:, :k], scores[:, :k], n_classes, self.weights, self.temperature,
-                 self.metric, None if trust is None else trust[:, :k])
+        p = vote(codes[:, :k], scores[:, :k], n_classes, self.weights, self.temperature, self.metric)
         return np.asarray(p, dtype=np.float32)
 
     def of(self, result: SearchResult) -> tuple[np.ndarray, list[str]]:

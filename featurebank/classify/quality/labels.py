@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from featurebank.classify.audit import EVIDENCE, Finding
-from featurebank.classify.knn import Voter, neighbour_weights
+from featurebank.classify.knn import Voter, neighbour_weights, tally
 from featurebank.classify.quality.graph import Graph
 
 SWAPS = 5  # class pairs listed
@@ -71,8 +71,9 @@ def trusted_vote(voter: Voter, graph: Graph) -> np.ndarray:
     neighbour weighted by the trust in its own label (module docstring)."""
     k = min(voter.k, graph.codes.shape[1])
     codes, at = graph.codes[:, :k], np.maximum(graph.pos[:, :k], 0)
-    w = neighbour_weights(graph.scores[:, :k], voter.weights, voter.temperature, voter.metric)
-    w = np.where((codes >= 0) & np.isfinite(w), w, 0.0).astype(np.float32)
+    weights = neighbour_weights(graph.scores[:, :k], voter.weights, voter.temperature,
+                                voter.metric)
+    w = np.where((codes >= 0) & np.isfinite(weights), weights, 0.0).astype(np.float32)
     w_agree = np.where(codes == graph.own[:, None], w, 0.0).astype(np.float32)  # for its own label
     trust = np.ones(len(graph.own), np.float32)  # of each row's own label
     for _ in range(TRUST_ROUNDS):
@@ -84,7 +85,7 @@ def trusted_vote(voter: Voter, graph: Graph) -> np.ndarray:
         trust = np.maximum(p_own, TRUST_FLOOR).astype(np.float32)
         if settled:
             break
-    return voter.probs(graph.codes, graph.scores, len(graph.vocabulary), trust[at])
+    return tally(codes, w * trust[at], len(graph.vocabulary))
 
 
 def suspicion_order(p: np.ndarray, y: np.ndarray, keys: Sequence[str]) -> np.ndarray:
