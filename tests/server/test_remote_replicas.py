@@ -213,19 +213,24 @@ def same_files(copy: Path, bank: Path, header: dict[str, Any]) -> bool:
                for f in header["files"])
 
 
-def test_a_snapshot_cut_midway_resumes_from_its_offset_even_across_a_primary_restart(
-    fresh_bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(replication, "CHUNK_BYTES", 4096)  # many chunks from a small bank
-    port = free_port()
-    folder = tmp_path / "staging"
-    with primary(fresh_bank, port) as p:
+def cut_midway(bank: Path, port: int, folder: Path) -> tuple[PrimaryLink, Download]:
+    """A snapshot copy into `folder` dropped after five chunks; its primary stopped after."""
+    with primary(bank, port) as p:
         link = PrimaryLink(p.target)
         first = Download(link, folder)
         with pytest.raises(ConnectionAbortedError):
             first.run(cut_after(5))
-        held = first.received
-        assert held > 0
+    return link, first
+
+
+def test_a_snapshot_cut_midway_resumes_from_its_offset_even_across_a_primary_restart(
+    fresh_bank: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replication, "CHUNK_BYTES", 4096)  # many chunks from a small bank
+    port, folder = free_port(), tmp_path / "staging"
+    link, first = cut_midway(fresh_bank, port, folder)
+    held = first.received
+    assert held > 0
     with primary(fresh_bank, port):  # restarted: the snapshot is kept on its disk
         second = Download(link, folder)
         header = second.run()
@@ -244,15 +249,10 @@ def test_a_snapshot_written_before_the_primary_host_restarted_is_not_resumed(
     boot = tmp_path / "boot_id"
     boot.write_text("first boot\n")
     monkeypatch.setattr(replication, "BOOT_ID", boot)
-    port = free_port()
-    folder = tmp_path / "staging"
-    with primary(fresh_bank, port) as p:
-        link = PrimaryLink(p.target)
-        first = Download(link, folder)
-        with pytest.raises(ConnectionAbortedError):
-            first.run(cut_after(5))
-        old = first.header["id"]  # type: ignore[index]
-        assert (fresh_bank / replication.SNAPSHOTS / old).is_dir()
+    port, folder = free_port(), tmp_path / "staging"
+    link, first = cut_midway(fresh_bank, port, folder)
+    old = first.header["id"]  # type: ignore[index]
+    assert (fresh_bank / replication.SNAPSHOTS / old).is_dir()
     boot.write_text("second boot\n")
     with primary(fresh_bank, port):
         second = Download(link, folder)
