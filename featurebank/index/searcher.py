@@ -49,6 +49,7 @@ from featurebank.index.views import (
     advanced,
     caught_up,
     codes_of,
+    label_mask,
     load_generation,
     load_live_generation,
     make_view,
@@ -413,9 +414,8 @@ class Searcher:
 
         def make() -> np.ndarray:
             ids = view.labels.ids
-            if wanted is not None or voters_only:
-                codes = view.labels.vote_codes if voters_only else view.labels.codes
-                ids = ids[codes >= 0 if wanted is None else np.isin(codes, wanted)]
+            mask = label_mask(view.labels.codes, view.labels.vote_codes, wanted, voters_only)
+            ids = ids if mask is None else ids[mask]
             return ids if passing is None else ids[member(ids, passing)]
 
         matching: np.ndarray = cached(view, ("matching", *key), make)

@@ -243,16 +243,22 @@ def grown_memo(
         if key == "not-stale" or (unfiltered and key[0] in ("allowed", "sel", "exact")):
             memo[key] = value
         elif unfiltered and key[0] == "matching":
-            wanted, voters_only = key[1], key[2]
-            if wanted is None and not voters_only:
-                passing = np.ones(added.size, bool)
-            else:
-                c = votes if voters_only else codes
-                passing = c >= 0 if wanted is None else np.isin(c, wanted)
+            mask = label_mask(codes, votes, key[1], key[2])
             memo[key], memo[("spare", *key)] = appended(
-                value, added[passing], entries.get(("spare", *key))
+                value, added if mask is None else added[mask], entries.get(("spare", *key))
             )
     return memo
+
+
+def label_mask(
+    codes: np.ndarray, votes: np.ndarray, wanted: Any, voters_only: bool
+) -> np.ndarray | None:
+    """Which items a search restricted to the `wanted` label codes (None: any) or to voters
+    may return, from their label and vote codes; None when every item may."""
+    if wanted is None and not voters_only:
+        return None
+    c = votes if voters_only else codes
+    return c >= 0 if wanted is None else np.isin(c, wanted)
 
 
 def caught_up(
