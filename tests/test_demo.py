@@ -149,3 +149,17 @@ def test_held_out_labels_do_not_change_predictions(
         after = Classifier(st).predict_proba(test_items.vectors)
     assert before[1] == after[1]
     np.testing.assert_allclose(before[0], after[0], atol=1e-5)
+
+
+def test_the_quality_pass_doubts_few_of_the_demo_banks_true_labels(demo: DemoRun) -> None:
+    """Every label in the demo bank is right, and only 5 items a class vote (the rest are
+    held out): the pass must not distrust a class's few voters and doubt every item near
+    them (weighting their trust fully listed 19 here; the plain vote 6)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "featurebank", "quality", "--bank",
+         str(demo.workdir / "demo-bank"), "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    labels = json.loads(proc.stdout)["labels"]
+    assert labels["estimated_wrong"] <= 10 and len(labels["findings"]) <= 10, labels["estimated_wrong"]

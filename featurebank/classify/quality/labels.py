@@ -7,7 +7,10 @@ probability of the label it carries, found in `TRUST_ROUNDS` rounds from the pla
 vote. Why: a wrong label votes for its wrong class around it, and where labels are
 swapped between two classes the wrong ones cluster and shield each other; on the
 shipped backbone's digits with 5-20 % of labels flipped, this raised the list's top-N
-recall from 0.917-0.990 to 0.983-1.000 (benchmarks/quality_bench.py).
+recall from 0.917-0.990 to 0.983-1.000 (benchmarks/quality_bench.py). A class with
+fewer voters than k has its doubt scaled by voters / k: among k neighbours a right label
+of a class with 5 voters is outvoted anyway, and distrusting it doubted every held-out
+item near it (the demo bank, 5 voters a class: 19 of its right labels listed, not 6).
 
 How many (a confident joint, as in Northcutt et al., "Confident Learning"): class j's
 threshold is the mean probability of j over the items labelled j; an item counts
@@ -75,14 +78,20 @@ def trusted_vote(voter: Voter, graph: Graph) -> np.ndarray:
                                 voter.metric)
     w = np.where((codes >= 0) & np.isfinite(weights), weights, 0.0).astype(np.float32)
     w_agree = np.where(codes == graph.own[:, None], w, 0.0).astype(np.float32)  # for its own label
+    # how far a row's own vote can speak against it: fully once its class has k voters
+    # (then a right label's neighbours are mostly its class); a class of 5 voters among
+    # k = 20 neighbours would otherwise have every label of it doubted
+    voters = np.bincount(graph.own[graph.own >= 0], minlength=len(graph.vocabulary))
+    weight = np.minimum(1.0, voters / k)[np.maximum(graph.own, 0)].astype(np.float32)
     trust = np.ones(len(graph.own), np.float32)  # of each row's own label
     for _ in range(TRUST_ROUNDS):
         t = trust[at]
         total = np.einsum("ij,ij->i", w, t)
         with np.errstate(invalid="ignore", divide="ignore"):
             p_own = np.where(total > 0, np.einsum("ij,ij->i", w_agree, t) / total, 0.0)
-        settled = np.abs(p_own - trust).max(initial=0.0) < TRUST_SETTLED
-        trust = np.maximum(p_own, TRUST_FLOOR).astype(np.float32)
+        believed = 1.0 - weight * (1.0 - p_own)
+        settled = np.abs(believed - trust).max(initial=0.0) < TRUST_SETTLED
+        trust = np.maximum(believed, TRUST_FLOOR).astype(np.float32)
         if settled:
             break
     return tally(codes, w * trust[at], len(graph.vocabulary))
