@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featurebank.classify.quality import space as space_mod
-from featurebank.classify.quality.space import Space, knn, knn_among
+from featurebank.classify.quality.space import Space, closer, knn, nearness
 from featurebank.core.errors import NotFound
 from featurebank.core.vocabulary import HELD_OUT_SPLIT
 from featurebank.core.vocabulary import metric as metric_named
@@ -176,13 +176,15 @@ def _apply(hood: Neighbourhood, clf: Classifier) -> Neighbourhood:
                                    old.fd[:, :hood.k_votes])
     layout = hood.layout()
     hood.lists = {name: lists for name, lists in hood.lists.items() if name in layout}
+    carried = []
     for name, (k, only) in layout.items():
         if name not in hood.lists:  # voters appeared where one or none voted: searched afresh
             pos, fd = knn(hood.space, np.arange(n), voters, k)
             hood.lists[name] = Lists(k, True, pos, fd)
             continue
-        _update_lists(hood.space, hood.lists[name], keep, remap, n_kept,
-                      voters if only else None, was_voter if only else None)
+        carried.append(_carry(hood.space, hood.lists[name], keep, remap, n_kept,
+                              voters if only else None, was_voter if only else None))
+    _merge_gained(hood.space, carried, n_kept)
     return hood
 
 
@@ -212,7 +214,17 @@ def _take_rows(hood: Neighbourhood, keep: np.ndarray, new: Items | None, searche
         hood.shas += shas_of(new)
 
 
-def _update_lists(
+@dataclass
+class _Carried:
+    """One list of neighbours carried over to the new rows, before the gained rows that
+    its other rows may newly see are merged in."""
+
+    lists: Lists
+    gained: np.ndarray  # (n,) bool: rows it may newly list (new items, new voters)
+    fresh: np.ndarray  # (n,) bool: rows whose list was searched again whole
+
+
+def _carry(
     space: Space,
     lists: Lists,
     keep: np.ndarray,
@@ -220,37 +232,62 @@ def _update_lists(
     n_kept: int,
     allowed: np.ndarray | None,
     was_allowed: np.ndarray | None,
-) -> None:
+) -> _Carried:
+    """Kept rows keep their lists (renumbered); rows that lost a neighbour (deleted, or no
+    longer allowed) and new rows are searched again."""
     n, k = len(space.x), lists.k
     old = lists.pos[keep]
     moved = np.where(old >= 0, remap[np.maximum(old, 0)], -1)
     lost = (old >= 0) & (moved < 0)
-    gained = np.arange(n_kept, n)
+    gained = np.zeros(n, bool)
+    gained[n_kept:] = True
     if allowed is not None and was_allowed is not None:
         lost |= (moved >= 0) & ~allowed[np.maximum(moved, 0)]
-        gained = np.flatnonzero(allowed & ~was_allowed)
+        gained = allowed & ~was_allowed
     pos = np.full((n, k), -1, np.int64)
     fd = np.full((n, k), np.nan, np.float32)
     pos[:n_kept], fd[:n_kept] = moved, lists.fd[keep]
-    again = np.concatenate([np.flatnonzero(lost.any(axis=1)), np.arange(n_kept, n)])
+    fresh = np.zeros(n, bool)
+    fresh[:n_kept] = lost.any(axis=1)
+    fresh[n_kept:] = True
+    again = np.flatnonzero(fresh)
     pos[again], fd[again] = knn(space, again, allowed, k)
-    rest = np.setdiff1d(np.arange(n_kept), again)
-    if len(gained) and len(rest):
-        if not space.exact:  # only rows whose probed lists hold a gained row can see one
-            hit = np.unique(space.assign[gained])
-            probing = np.unique(np.concatenate([space.listed_on()[h] for h in hit.tolist()]))
-            rest = rest[np.isin(space.assign[rest], probing)]
-        pb, fb = knn_among(space, rest, gained, k)
-        worst = _nearness(pos[rest, -1:], fd[rest, -1:], space.kind)
-        closer = (_nearness(pb, fb, space.kind) < worst).any(axis=1)
-        merged, pb, fb = rest[closer], pb[closer], fb[closer]
-        pos[merged], fd[merged] = merge(pos[merged], fd[merged], pb, fb, k, space.kind)
     lists.pos, lists.fd = pos, fd
+    return _Carried(lists, gained, fresh)
 
 
-def _nearness(pos: np.ndarray, fd: np.ndarray, kind: str) -> np.ndarray:
-    """A key that sorts neighbours nearest first (inf for none)."""
-    return np.where(pos >= 0, fd if kind == "l2" else -fd, np.inf)
+def _merge_gained(space: Space, carried: list[_Carried], n_kept: int) -> None:
+    """Every kept row not searched again merges into each of its lists the gained rows
+    nearer than that list's k-th (the rows' distances to the gained rows computed once
+    for every list)."""
+    if not carried:
+        return
+    gained = np.flatnonzero(np.logical_or.reduce([c.gained for c in carried]))
+    rows = np.flatnonzero(~np.logical_and.reduce([c.fresh[:n_kept] for c in carried]))
+    if not len(gained) or not len(rows):
+        return
+    worst = [nearness(c.lists.pos[:, -1], c.lists.fd[:, -1], space.kind) for c in carried]
+    k = max(c.lists.k for c in carried)
+    r, g, d = closer(space, rows, gained, np.maximum.reduce(worst)[rows], k)
+    for c, bound in zip(carried, worst, strict=True):
+        ok = c.gained[g] & ~c.fresh[r] & (nearness(g, d, space.kind) < bound[r])
+        if ok.any():
+            _merge_pairs(c.lists, r[ok], g[ok], d[ok], space.kind)
+
+
+def _merge_pairs(lists: Lists, r: np.ndarray, g: np.ndarray, d: np.ndarray, kind: str) -> None:
+    """Merge the (row, new neighbour, distance) pairs into the rows' lists."""
+    order = np.lexsort((nearness(g, d, kind), r))
+    r, g, d = r[order], g[order], d[order]
+    rows, start, count = np.unique(r, return_index=True, return_counts=True)
+    rank = np.arange(len(r)) - np.repeat(start, count)
+    at = np.repeat(np.arange(len(rows)), count)
+    near = rank < lists.k
+    width = int(min(lists.k, count.max()))
+    pb = np.full((len(rows), width), -1, np.int64)
+    fb = np.full((len(rows), width), np.nan, np.float32)
+    pb[at[near], rank[near]], fb[at[near], rank[near]] = g[near], d[near]
+    lists.pos[rows], lists.fd[rows] = merge(lists.pos[rows], lists.fd[rows], pb, fb, lists.k, kind)
 
 
 def merge(
@@ -258,5 +295,5 @@ def merge(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest of two disjoint neighbour lists per row."""
     p, f = np.concatenate([pa, pb], axis=1), np.concatenate([fa, fb], axis=1)
-    order = np.argsort(_nearness(p, f, kind), axis=1, kind="stable")[:, :k]
+    order = np.argsort(nearness(p, f, kind), axis=1, kind="stable")[:, :k]
     return np.take_along_axis(p, order, axis=1), np.take_along_axis(f, order, axis=1)

@@ -204,17 +204,54 @@ def knn(
     return _run(space, rows, tasks, k)
 
 
-def knn_among(
-    space: Space, rows: np.ndarray, cols: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Like `knn`, but only over the candidate rows `cols` (in list mode a row sees only
-    those in its probed lists): what an update merges into rows' existing neighbours."""
+def closer(
+    space: Space, rows: np.ndarray, cols: np.ndarray, bound: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, col, faiss distance) pairs of `rows` and their k nearest among the candidate
+    `cols` each may see (in list mode: those in its probed lists), the row itself left
+    out, where the col is nearer than the row's `bound` (a `nearness`): what an update
+    merges into rows' existing lists.
+
+    Why pairs under a bound: few rows gain a new neighbour, and one search of the new
+    rows serves every list of neighbours. Why faiss's knn and not a distance matrix: its
+    distances are those the lists hold to the last bit, so ties break as in a full pass."""
     rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
     if space.exact:
-        return _run(space, rows, [(at, cols) for at in _chunks(len(rows))], k)
-    col_list = space.assign[cols]
-    tasks = [(at, cols[np.isin(col_list, space.probes[lst])]) for lst, at in _by_list(space, rows)]
-    return _run(space, rows, tasks, k)
+        tasks = [(at, cols) for at in _chunks(len(rows))]
+    else:
+        held = _members_of(space, cols)
+        tasks = []
+        for lst, at in _by_list(space, rows):
+            c = np.concatenate([held[p] for p in space.probes[lst].tolist() if p in held] or [cols[:0]])
+            if len(c):
+                tasks.append((at, c))
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def one(task: tuple[np.ndarray, np.ndarray]) -> None:
+        faiss.omp_set_num_threads(1)
+        at, c = task
+        r = rows[at]
+        d, j = faiss.knn(space.x[r], space.x[c], min(k + 1, len(c)), metric=space.faiss_metric)
+        got = np.where(j >= 0, c[np.maximum(j, 0)], -1)
+        i, j = np.nonzero((nearness(got, d, space.kind) < bound[at][:, None])
+                          & (got != r[:, None]))
+        found.append((r[i], got[i, j], d[i, j]))
+
+    _parallel(one, tasks)
+    if not found:
+        return rows[:0], cols[:0], np.zeros(0, np.float32)
+    r, c, d = (np.concatenate(part) for part in zip(*found, strict=True))
+    return r, c, d
+
+
+def nearness(pos: np.ndarray, fd: np.ndarray, kind: str) -> np.ndarray:
+    """A key that sorts neighbours nearest first (inf for none)."""
+    return np.where(pos >= 0, fd if kind == "l2" else -fd, np.inf)
+
+
+def _members_of(space: Space, rows: np.ndarray) -> dict[int, np.ndarray]:
+    """The given rows grouped by their list: list -> rows."""
+    return {lst: rows[at] for lst, at in _by_list(space, rows)}
 
 
 def _chunks(n: int, size: int = 1024) -> list[np.ndarray]:
