@@ -84,8 +84,9 @@ def trusted_vote(voter: Voter, graph: Graph) -> np.ndarray:
     voters = np.bincount(graph.own[graph.own >= 0], minlength=len(graph.vocabulary))
     weight = np.minimum(1.0, voters / k)[np.maximum(graph.own, 0)].astype(np.float32)
     trust = np.ones(len(graph.own), np.float32)  # of each row's own label
+    t = np.empty(at.shape, np.float32)  # the neighbours' trust, one buffer for every round
     for _ in range(TRUST_ROUNDS):
-        t = trust[at]
+        np.take(trust, at, out=t)
         total = np.einsum("ij,ij->i", w, t)
         with np.errstate(invalid="ignore", divide="ignore"):
             p_own = np.where(total > 0, np.einsum("ij,ij->i", w_agree, t) / total, 0.0)
@@ -94,7 +95,8 @@ def trusted_vote(voter: Voter, graph: Graph) -> np.ndarray:
         trust = np.maximum(believed, TRUST_FLOOR).astype(np.float32)
         if settled:
             break
-    return tally(codes, w * trust[at], len(graph.vocabulary))
+    np.take(trust, at, out=t)
+    return tally(codes, np.multiply(w, t, out=t), len(graph.vocabulary))
 
 
 def suspicion_order(p: np.ndarray, y: np.ndarray, keys: Sequence[str]) -> np.ndarray:
