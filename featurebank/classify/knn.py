@@ -82,9 +82,9 @@ def tally(codes: np.ndarray, w: np.ndarray, n_classes: int) -> np.ndarray:
     float64 (codes -1 or weights not finite count for nothing; rows without a vote: zeros)."""
     n = codes.shape[0]
     valid = (codes >= 0) & (codes < n_classes) & np.isfinite(w)
-    rows = np.broadcast_to(np.arange(n)[:, None], codes.shape)
-    flat = rows[valid] * n_classes + codes[valid]
-    counted = np.bincount(flat, weights=w[valid], minlength=n * n_classes)
+    # every cell counted, the invalid ones with weight 0 (no masked copies of the arrays)
+    flat = (np.arange(n, dtype=np.intp)[:, None] * n_classes + np.where(valid, codes, 0)).ravel()
+    counted = np.bincount(flat, weights=np.where(valid, w, 0).ravel(), minlength=n * n_classes)
     sums = counted.astype(np.float64, copy=False).reshape(n, n_classes)  # int64 if none votes
     total = sums.sum(axis=1, keepdims=True)
     sums /= np.where(total > 0, total, 1.0)  # in place: rows without a vote stay all zeros

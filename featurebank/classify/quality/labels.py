@@ -117,10 +117,15 @@ def confident_joint(p: np.ndarray, y: np.ndarray) -> np.ndarray:
     thresholds = np.array(
         [p[y == j, j].mean() if counts[j] else np.inf for j in range(c)], np.float64
     )
-    above = p >= thresholds[None, :]
-    masked = np.where(above, p, -1.0)
-    true = masked.argmax(axis=1)
-    keep = above.any(axis=1)
+    # each row's likeliest class among those at or above their threshold: its best class
+    # where that one is (nearly every row), else searched among the others
+    true = p.argmax(axis=1)
+    keep = p[np.arange(len(p)), true] >= thresholds[true]
+    rest = np.flatnonzero(~keep)
+    if rest.size:
+        above = p[rest] >= thresholds[None, :]
+        true[rest] = np.where(above, p[rest], -1.0).argmax(axis=1)
+        keep[rest] = above.any(axis=1)
     joint = np.zeros((c, c), np.float64)
     np.add.at(joint, (y[keep], true[keep]), 1.0)
     rows = joint.sum(axis=1, keepdims=True)
@@ -147,7 +152,7 @@ def find(
     y = np.array([col.get(lab, -1) for lab in labels], np.int64)
     scored = np.flatnonzero(y >= 0)
     joint = (
-        confident_joint(p[scored], y[scored])
+        confident_joint(*((p, y) if scored.size == len(y) else (p[scored], y[scored])))
         if scored.size and p.shape[1]
         else np.zeros((len(vocab), len(vocab)))
     )
