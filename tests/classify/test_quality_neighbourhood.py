@@ -101,3 +101,25 @@ def test_nothing_changed_answers_the_last_report(bank: Path) -> None:
     assert first.changed is None and again.changed == 0
     assert again.counts == first.counts and again.labels == first.labels
     assert len(other.outliers) <= 3 and other.counts == first.counts
+
+
+@pytest.mark.parametrize("exact_max", [space.EXACT_MAX, 100])
+def test_voters_lists_read_off_every_items_list_are_the_nearest_voters(
+    bank: Path, exact_max: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a row's nearest items all vote its voters' list is read off its list of every
+    item; checked against a search among the voters alone, with some rows whose nearest
+    items do not all vote (searched) and most that do (read off)."""
+    monkeypatch.setattr(space, "EXACT_MAX", exact_max)
+    write_changes(bank)  # unlabelled items and a held-out one: not every item votes
+    with Classifier(bank, mode="knn") as clf:
+        hood = neighbourhood.read(clf, 20, 20)
+    lists = hood.lists[neighbourhood.VOTERS]
+    rows = np.arange(len(hood.ids))
+    pos, fd = space.knn(hood.space, rows, hood.voters, lists.k)
+    first = hood.lists[neighbourhood.EVERYTHING].pos[:, : lists.k]
+    read_off = (hood.voters[first] & (first >= 0)).all(axis=1)
+    assert 0 < read_off.sum() < len(rows)  # both ways are taken
+    np.testing.assert_array_equal(np.sort(lists.pos, axis=1), np.sort(pos, axis=1))
+    np.testing.assert_allclose(lists.fd, fd, rtol=1e-5, atol=1e-5)
+    assert hood.voters[lists.pos[lists.pos >= 0]].all()
