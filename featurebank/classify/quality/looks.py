@@ -130,15 +130,28 @@ def signatures(frames: np.ndarray) -> np.ndarray:
         rows = (cols.transpose(0, 2, 1).reshape(n * SIDE, width) @ a.T).reshape(n, SIDE, SIDE)
         out[:, i] = rows.transpose(0, 2, 1).reshape(n, SIDE * SIDE)
     out -= out.mean(axis=2, keepdims=True)
-    norms = np.linalg.norm(out, axis=2, keepdims=True)
+    norms = np.sqrt(np.einsum("ijk,ijk->ij", out, out))[:, :, None]  # in place: no squares copy
     flat = norms < SIDE * FLAT_GREY  # no pattern (a blank picture): matches nothing
-    return np.divide(out, norms, out=np.zeros_like(out), where=~flat)
+    out *= np.where(flat, 0.0, 1.0 / np.where(flat, 1.0, norms)).astype(np.float32)
+    return out
 
 
 def match(a: np.ndarray, b: np.ndarray) -> float:
     """Best correlation of one signature at its own scale (1.0) with the other at any."""
+    return float(matches_of(a[None], b[None])[0])
+
+
+def matches_of(a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """`match` of each pair of signatures a[i], b[i] ((P, len(SCALES), SIDE * SIDE) each),
+    in products over chunks of pairs."""
     own = SCALES.index(1.0)
-    return float(max((b @ a[own]).max(), (a @ b[own]).max()))
+    out = np.empty(len(a), np.float32)
+    for s in range(0, len(a), chunk):
+        x, y = a[s:s + chunk], b[s:s + chunk]
+        ab = np.einsum("pjk,pk->pj", y, x[:, own]).max(axis=1)
+        ba = np.einsum("pjk,pk->pj", x, y[:, own]).max(axis=1)
+        out[s:s + chunk] = np.maximum(ab, ba)
+    return out
 
 
 class Looks:
@@ -152,19 +165,22 @@ class Looks:
     ) -> np.ndarray:
         """Each row pair's match (nan where either item has no usable thumbnail); only
         pairs not seen before are read and compared."""
-        key_of = [(int(ids[a]), int(ids[b])) for a, b in pairs]
-        todo = [p for p, k in zip(pairs, key_of, strict=True) if k not in self._matches]
-        if todo:
-            rows = sorted({r for p in todo for r in p})
-            decoded = frames(store.thumbnails([keys[r] for r in rows]))
-            framed = {r: f for r, f in zip(rows, decoded, strict=True) if f is not None}
-            at = {r: i for i, r in enumerate(framed)}
-            sigs = signatures(np.stack(list(framed.values()))) if framed else None
-            for a, b in todo:
-                m = float("nan")
-                if sigs is not None and a in at and b in at:
-                    m = match(sigs[at[a]], sigs[at[b]])
-                self._matches[(int(ids[a]), int(ids[b]))] = m
+        at_rows = np.asarray(pairs, np.int64).reshape(-1, 2)
+        key_of = list(zip(ids[at_rows[:, 0]].tolist(), ids[at_rows[:, 1]].tolist(), strict=True))
+        new = np.array([k not in self._matches for k in key_of], bool)
+        if new.any():
+            todo, todo_keys = at_rows[new], [k for k, n in zip(key_of, new, strict=True) if n]
+            rows = np.unique(todo)
+            decoded = frames(store.thumbnails([keys[r] for r in rows.tolist()]))
+            usable = np.array([f is not None for f in decoded], bool)
+            slot = np.full(len(ids), -1, np.int64)  # row -> its signature, -1: none usable
+            slot[rows[usable]] = np.arange(int(usable.sum()))
+            found = np.full(len(todo), np.nan)  # nan where either has no usable thumbnail
+            both = np.flatnonzero((slot[todo] >= 0).all(axis=1))
+            if len(both):
+                sigs = signatures(np.stack([f for f in decoded if f is not None]))
+                found[both] = matches_of(sigs[slot[todo[both, 0]]], sigs[slot[todo[both, 1]]])
+            self._matches.update(zip(todo_keys, found.tolist(), strict=True))
         self._matches = {k: self._matches[k] for k in key_of}  # forget pairs gone
         return np.array([self._matches[k] for k in key_of], np.float64)
 
