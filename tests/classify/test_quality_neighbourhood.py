@@ -92,6 +92,30 @@ def test_an_update_gives_the_lists_and_votes_of_a_pass_over_the_changed_bank(
     assert [o.key for o in report.outliers] == [o.key for o in full.outliers]
 
 
+@pytest.mark.parametrize("exact_max", [space.EXACT_MAX, 100])
+def test_updates_that_only_add_items_give_a_pass_over_the_grown_bank(
+    bank: Path, exact_max: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appends only (the lists grow in place into spare room): after each of three
+    updates the lists are those of a pass over the grown bank."""
+    monkeypatch.setattr(space, "EXACT_MAX", exact_max)
+    cache = Cache()
+    with Classifier(bank, mode="knn") as clf:
+        cache.run(clf)
+    for step in range(3):
+        x, labels = clusters(30, seed=10 + step)
+        with store_mod.open(bank) as st:
+            st.put_batch([f"add{step}-{i}" for i in range(30)], x,
+                         labels=labels[:20] + [None] * 10, splits=["train"] * 30)
+        with Classifier(bank, mode="knn") as clf:
+            report = cache.run(clf)
+            updated = cache.hood
+            assert updated is not None and report.changed == 30
+            fresh = copy.deepcopy(updated)
+            fresh.compute_lists()
+            same_lists(updated, fresh)
+
+
 def test_nothing_changed_answers_the_last_report(bank: Path) -> None:
     cache = Cache()
     with Classifier(bank, mode="knn") as clf:

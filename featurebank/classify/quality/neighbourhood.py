@@ -47,6 +47,19 @@ class Lists:
     voters_only: bool
     pos: np.ndarray  # (n, k) rows, -1 = none
     fd: np.ndarray  # (n, k) faiss distances (squared l2, or inner product)
+    room: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
+
+    def grow(self, n: int) -> None:
+        """Rows up to n, the new ones empty, written into spare room kept after the rows
+        (an update of a few rows must not copy a million)."""
+        m, room = len(self.pos), self.room
+        if room is None or len(room[0]) < n or not np.shares_memory(room[0], self.pos):
+            cap = n + n // 4
+            room = np.empty((cap, self.k), np.int64), np.empty((cap, self.k), np.float32)
+            room[0][:m], room[1][:m] = self.pos, self.fd
+            self.room = room
+        self.pos, self.fd = room[0][:n], room[1][:n]
+        self.pos[m:], self.fd[m:] = -1, np.nan
 
 
 @dataclass
@@ -173,8 +186,8 @@ def _apply(hood: Neighbourhood, clf: Classifier) -> Neighbourhood:
     if VOTERS not in hood.lists and old_voters.all() and len(old_voters) > 1:
         # every item voted: its list was the voters' list too
         old = hood.lists[EVERYTHING]
-        hood.lists[VOTERS] = Lists(hood.k_votes, True, old.pos[:, :hood.k_votes],
-                                   old.fd[:, :hood.k_votes])
+        hood.lists[VOTERS] = Lists(hood.k_votes, True, old.pos[:, :hood.k_votes].copy(),
+                                   old.fd[:, :hood.k_votes].copy())
     layout = hood.layout()
     hood.lists = {name: lists for name, lists in hood.lists.items() if name in layout}
     carried = []
@@ -240,23 +253,28 @@ def _carry(
     longer allowed) and new rows are searched again (`wider`: every item's lists, already
     carried over)."""
     n, k = len(space.x), lists.k
-    old = lists.pos[keep]
-    moved = np.where(old >= 0, remap[np.maximum(old, 0)], -1)
-    lost = (old >= 0) & (moved < 0)
+    if keep.all():  # only appended: the kept rows' lists stand, new rows go on the end
+        lists.grow(n)
+        kept = lists.pos[:n_kept]
+        lost = np.zeros(kept.shape, bool)
+    else:
+        old = lists.pos[keep]
+        moved = np.where(old >= 0, remap[np.maximum(old, 0)], -1)
+        lost = (old >= 0) & (moved < 0)
+        kept_fd = lists.fd[keep]
+        lists.pos, lists.fd = np.full((n, k), -1, np.int64), np.full((n, k), np.nan, np.float32)
+        lists.pos[:n_kept], lists.fd[:n_kept] = moved, kept_fd
+        kept = lists.pos[:n_kept]
     gained = np.zeros(n, bool)
     gained[n_kept:] = True
     if allowed is not None and was_allowed is not None:
-        lost |= (moved >= 0) & ~allowed[np.maximum(moved, 0)]
+        lost |= (kept >= 0) & ~allowed[np.maximum(kept, 0)]
         gained = allowed & ~was_allowed
-    pos = np.full((n, k), -1, np.int64)
-    fd = np.full((n, k), np.nan, np.float32)
-    pos[:n_kept], fd[:n_kept] = moved, lists.fd[keep]
     fresh = np.zeros(n, bool)
     fresh[:n_kept] = lost.any(axis=1)
     fresh[n_kept:] = True
     again = np.flatnonzero(fresh)
-    pos[again], fd[again] = _knn(space, again, allowed, k, wider)
-    lists.pos, lists.fd = pos, fd
+    lists.pos[again], lists.fd[again] = _knn(space, again, allowed, k, wider)
     return _Carried(lists, gained, fresh)
 
 
