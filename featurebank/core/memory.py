@@ -109,3 +109,46 @@ def streaming_buffers() -> Iterator[None]:
                 _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                 _mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
                 release_free_memory()
+
+
+def _hugepage_switch() -> Any:
+    """numpy's switch for its huge-page hint on big arrays (None where it has none)."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    return getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
+
+
+_small = 0
+_small_lock = threading.Lock()
+_hint_was = True
+
+
+@contextlib.contextmanager
+def small_pages() -> Iterator[None]:
+    """While a job of short-lived big temporaries runs: numpy's arrays without its
+    huge-page hint (madvise MADV_HUGEPAGE on arrays of 4 MiB and more).
+
+    Why: where the kernel compacts memory for hinted regions on first touch (Debian's
+    and Ubuntu's default `transparent_hugepage/defrag = madvise`), each fresh 2 MiB page
+    of a temporary can stall while the kernel assembles it. The quality pass makes and
+    drops hundreds of MiB of them: its 100k update took 0.93-1.03 s with the hint and
+    0.70-0.75 s without (benchmarks/quality_bench.py's speed case, NUMPY_MADVISE_HUGEPAGE
+    set for the whole process). Long-lived arrays made outside the job keep the hint.
+    """
+    global _small, _hint_was
+    switch = _hugepage_switch()
+    if switch is None:
+        yield
+        return
+    with _small_lock:
+        _small += 1
+        if _small == 1:
+            _hint_was = bool(switch(False))
+    try:
+        yield
+    finally:
+        with _small_lock:
+            _small -= 1
+            if _small == 0:
+                switch(_hint_was)

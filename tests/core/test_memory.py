@@ -89,3 +89,43 @@ def held_after_free(mode: str) -> int:
 def test_a_fixed_mmap_threshold_returns_freed_large_buffers_at_once() -> None:
     assert held_after_free("default") > 100  # glibc kept the freed buffers in its heap
     assert held_after_free("fixed") < 20  # each was a mapping of its own, unmapped on free
+
+
+def _advised_hugepages(a: object) -> bool:
+    """Whether the mapping holding the middle of array `a`'s data was advised
+    MADV_HUGEPAGE ('hg' in its VmFlags, /proc/self/smaps; numpy advises from the first
+    2 MiB boundary on, so the mapping's head is split off without it)."""
+    import numpy as np
+
+    arr = np.asarray(a)
+    at = arr.ctypes.data + arr.nbytes // 2
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= at < hi
+        elif inside and head == "VmFlags:":
+            return "hg" in line.split()[1:]
+    raise AssertionError("no mapping holds the array")
+
+
+def test_small_pages_leaves_arrays_made_within_without_the_huge_page_hint() -> None:
+    import numpy as np
+    import pytest
+
+    from featurebank.core.memory import _hugepage_switch, small_pages
+
+    switch = _hugepage_switch()
+    if switch is None or not Path("/proc/self/smaps").exists():
+        pytest.skip("numpy without its huge-page switch, or no /proc/self/smaps")
+    was = switch(True)
+    try:
+        before = np.ones(8 << 20)  # 64 MiB: numpy hints arrays from 4 MiB on
+        with small_pages(), small_pages():  # nested, as two banks' passes at once
+            within = np.ones(8 << 20)
+        after = np.ones(8 << 20)
+        assert _advised_hugepages(before) and _advised_hugepages(after)
+        assert not _advised_hugepages(within)
+    finally:
+        switch(was)

@@ -10,6 +10,7 @@ outliers and split checks.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -32,6 +33,7 @@ from featurebank.classify.quality import (
 )
 from featurebank.classify.quality.graph import Graph, graph_of
 from featurebank.core.errors import InvalidInput
+from featurebank.core.memory import small_pages
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,10 @@ class Cache:
         check_limit(limit)
         if precision is not None and not 0 < precision <= 1:
             raise InvalidInput(f"precision must be in (0, 1], got {precision:g}")
-        with self._lock:
+        # an update keeps the arrays a read made (huge pages suit those) and makes many
+        # big, brief ones (see `small_pages`)
+        brief = small_pages() if self.hood is not None else contextlib.nullcontext()
+        with self._lock, brief:
             started = time.perf_counter()
             labels_gen = int(clf.store.labels_generation)
             voter = clf.voter()
