@@ -132,9 +132,10 @@ def small_pages() -> Iterator[None]:
     Why: where the kernel compacts memory for hinted regions on first touch (Debian's
     and Ubuntu's default `transparent_hugepage/defrag = madvise`), each fresh 2 MiB page
     of a temporary can stall while the kernel assembles it. The quality pass makes and
-    drops hundreds of MiB of them: its 100k update took 0.93-1.03 s with the hint and
-    0.70-0.75 s without (benchmarks/quality_bench.py's speed case, NUMPY_MADVISE_HUGEPAGE
-    set for the whole process). Long-lived arrays made outside the job keep the hint.
+    drops hundreds of MiB of them: its 100k update (benchmarks/quality_bench.py's speed
+    case) took 0.81-1.07 s with the hint in eight runs and 0.67-0.82 s without in six. Its
+    1M update is about 2 s (15 %) slower without it. Long-lived arrays made outside the
+    job keep the hint.
     """
     global _small, _hint_was
     switch = _hugepage_switch()
