@@ -147,3 +147,33 @@ def test_voters_lists_read_off_every_items_list_are_the_nearest_voters(
     np.testing.assert_array_equal(np.sort(lists.pos, axis=1), np.sort(pos, axis=1))
     np.testing.assert_allclose(lists.fd, fd, rtol=1e-5, atol=1e-5)
     assert hood.voters[lists.pos[lists.pos >= 0]].all()
+
+
+@pytest.mark.parametrize("exact_max", [space.EXACT_MAX, 100])
+def test_a_new_voter_behind_many_new_unlabelled_items_reaches_the_voters_lists(
+    bank: Path, exact_max: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """30 unlabelled near copies of an item and, a little farther, a labelled one: the
+    rows around it list the copies among every item and the labelled one among the
+    voters, as a pass over the grown bank does."""
+    monkeypatch.setattr(space, "EXACT_MAX", exact_max)
+    cache = Cache()
+    with Classifier(bank, mode="knn") as clf:
+        cache.run(clf)
+    rng = np.random.default_rng(5)
+    with store_mod.open(bank) as st:
+        v = st.to_numpy().vectors[3]
+        copies = v + 0.01 * rng.normal(size=(30, DIM)).astype(np.float32)
+        voter = v + 0.05 * rng.normal(size=(1, DIM)).astype(np.float32)
+        st.put_batch([f"copy{i}" for i in range(30)] + ["voter"], np.concatenate([copies, voter]),
+                     labels=[None] * 30 + ["0"], splits=["train"] * 31)
+    with Classifier(bank, mode="knn") as clf:
+        cache.run(clf)
+        updated = cache.hood
+        assert updated is not None
+        fresh = copy.deepcopy(updated)
+        fresh.compute_lists()
+    same_lists(updated, fresh)
+    voters = updated.lists[neighbourhood.VOTERS]
+    listed = (voters.pos == updated.keys.index("voter")).any(axis=1)
+    assert listed[3]  # the item it copies lists it among its voters

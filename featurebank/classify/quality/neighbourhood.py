@@ -301,13 +301,15 @@ def _merge_gained(space: Space, carried: list[_Carried], n_kept: int) -> None:
     for every list)."""
     if not carried:
         return
-    gained = np.flatnonzero(np.logical_or.reduce([c.gained for c in carried]))
+    any_gains = np.logical_or.reduce([c.gained for c in carried])
+    gained = np.flatnonzero(any_gains)
     rows = np.flatnonzero(~np.logical_and.reduce([c.fresh[:n_kept] for c in carried]))
     if not len(gained) or not len(rows):
         return
     worst = [nearness(c.lists.pos[:, -1], c.lists.fd[:, -1], space.kind) for c in carried]
     k = max(c.lists.k for c in carried)
-    r, g, d = closer(space, rows, gained, np.maximum.reduce(worst)[rows], k)
+    uncommon = any_gains & ~np.logical_and.reduce([c.gained for c in carried])
+    r, g, d = closer(space, rows, gained, np.maximum.reduce(worst)[rows], k, uncommon)
     for c, bound in zip(carried, worst, strict=True):
         ok = c.gained[g] & ~c.fresh[r] & (nearness(g, d, space.kind) < bound[r])
         if ok.any():

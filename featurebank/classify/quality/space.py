@@ -205,12 +205,15 @@ def knn(
 
 
 def closer(
-    space: Space, rows: np.ndarray, cols: np.ndarray, bound: np.ndarray, k: int
+    space: Space, rows: np.ndarray, cols: np.ndarray, bound: np.ndarray, k: int,
+    uncommon: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, col, faiss distance) pairs of `rows` and their k nearest among the candidate
+    """(row, col, faiss distance) pairs of `rows` and their nearest among the candidate
     `cols` each may see (in list mode: those in its probed lists), the row itself left
     out, where the col is nearer than the row's `bound` (a `nearness`): what an update
-    merges into rows' existing lists.
+    merges into rows' existing lists. Each row gets its k nearest candidates, and as many
+    more as it sees cols marked in `uncommon` (rows, bool: cols some list may not take),
+    so every list finds its own k among them.
 
     Why pairs under a bound: few rows gain a new neighbour, and one search of the new
     rows serves every list of neighbours. Why faiss's knn and not a distance matrix: its
@@ -231,7 +234,8 @@ def closer(
         faiss.omp_set_num_threads(1)
         at, c = task
         r = rows[at]
-        d, j = faiss.knn(space.x[r], space.x[c], min(k + 1, len(c)), metric=space.faiss_metric)
+        kk = min(len(c), k + 1 + int(uncommon[c].sum()))
+        d, j = faiss.knn(space.x[r], space.x[c], kk, metric=space.faiss_metric)
         got = np.where(j >= 0, c[np.maximum(j, 0)], -1)
         i, j = np.nonzero((nearness(got, d, space.kind) < bound[at][:, None])
                           & (got != r[:, None]))
