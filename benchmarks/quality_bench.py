@@ -530,18 +530,18 @@ def speed_case(n: int, tmp: Path, updates: int = 1_000, thumbs: bool = False) ->
     return out
 
 
-CEILING = "ceiling: LR true y"
 def fresh_process(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """fn(*args, **kwargs) in a process of its own (spawned). Why: each speed point is
     timed as a user's pass would run, not in memory that the points before it left
-    fragmented (measured: the 10k pass with thumbnails 0.98-1.00 s on its own, 1.25 s after the 1M
-    point)."""
+    fragmented (measured: the 10k pass with thumbnails 0.98-1.00 s on its own, 1.25 s
+    after the 1M point)."""
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(fn, args, kwargs)
 
 
+CEILING = "ceiling: LR true y"
 LABEL_SYSTEMS = ("featurebank", "cleanlab Datalab", "sklearn LR OOF", CEILING)
 
 

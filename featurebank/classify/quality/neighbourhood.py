@@ -318,7 +318,7 @@ def _merge_gained(space: Space, carried: list[_Carried], n_kept: int) -> None:
 
 def _merge_pairs(lists: Lists, r: np.ndarray, g: np.ndarray, d: np.ndarray, kind: str) -> None:
     """Merge the (row, new neighbour, distance) pairs into the rows' lists."""
-    order = np.lexsort((nearness(g, d, kind), r))
+    order = np.lexsort((g, nearness(g, d, kind), r))  # per row nearest first; ties by position
     r, g, d = r[order], g[order], d[order]
     rows, start, count = np.unique(r, return_index=True, return_counts=True)
     rank = np.arange(len(r)) - np.repeat(start, count)
