@@ -55,7 +55,8 @@ def neighbour_weights(
     finite = np.where(np.isfinite(s), s, -np.inf)
     top = np.max(finite, axis=1, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
-    return np.exp((finite - top) / temperature)  # shift cancels after normalising
+    with np.errstate(over="ignore"):  # a far (sentinel) score in float32 overflows to -inf
+        return np.exp((finite - top) / temperature)  # shift cancels after normalising
 
 
 def vote(
