@@ -67,7 +67,12 @@ def fix_mmap_threshold() -> bool:
     memory ended at 1.54-1.63x a fresh server's on the same bank; with the threshold
     fixed, at 1.16-1.29x.
     """
-    return _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    global _fresh_mappings
+    _fresh_mappings = _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    return _fresh_mappings
+
+
+_fresh_mappings = False  # every big buffer a mapping of its own (fix_mmap_threshold)
 
 
 def _mallopt(param: int, value: int) -> bool:
@@ -132,14 +137,18 @@ def small_pages() -> Iterator[None]:
     Why: where the kernel compacts memory for hinted regions on first touch (Debian's
     and Ubuntu's default `transparent_hugepage/defrag = madvise`), each fresh 2 MiB page
     of a temporary can stall while the kernel assembles it. The quality pass makes and
-    drops hundreds of MiB of them: its 100k update (benchmarks/quality_bench.py's speed
-    case) took 0.81-1.07 s with the hint in eight runs and 0.67-0.82 s without in six. Its
-    1M update is about 2 s (15 %) slower without it. Long-lived arrays made outside the
-    job keep the hint.
+    drops hundreds of MiB of them: its 100k update in process (benchmarks/quality_bench.py's
+    speed case) took 0.81-1.07 s with the hint in eight runs and 0.67-0.82 s without in
+    six. Long-lived arrays made outside the job keep the hint.
+
+    Where every big buffer is a fresh mapping (`fix_mmap_threshold`: `featurebank serve`)
+    the hint is kept: there each temporary faults in whole, and 2 MiB pages take a 512th of
+    the faults. Served, the same update took 0.52-0.72 s with the hint and 0.70-0.79 s
+    without (three runs each, alternated).
     """
     global _small, _hint_was
     switch = _hugepage_switch()
-    if switch is None:
+    if switch is None or _fresh_mappings:
         yield
         return
     with _small_lock:

@@ -129,3 +129,32 @@ def test_small_pages_leaves_arrays_made_within_without_the_huge_page_hint() -> N
         assert not _advised_hugepages(within)
     finally:
         switch(was)
+
+
+FRESH_MAPPINGS_SCRIPT = """
+import sys
+import numpy as np
+from tests.core.test_memory import _advised_hugepages
+from featurebank.core.memory import _hugepage_switch, fix_mmap_threshold, small_pages
+
+assert fix_mmap_threshold()
+_hugepage_switch()(True)
+with small_pages():
+    within = np.ones(8 << 20)
+print(_advised_hugepages(within))
+"""
+
+
+def test_small_pages_keeps_the_hint_where_every_big_buffer_is_a_fresh_mapping() -> None:
+    """As in `featurebank serve` (fix_mmap_threshold), where huge pages make a fresh
+    temporary's faults fewer."""
+    import pytest
+
+    from featurebank.core.memory import _hugepage_switch
+
+    if _hugepage_switch() is None or not Path("/proc/self/smaps").exists():
+        pytest.skip("numpy without its huge-page switch, or no /proc/self/smaps")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", FRESH_MAPPINGS_SCRIPT], env=env, cwd=ROOT,
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    assert out.split() == ["True"]
