@@ -110,25 +110,36 @@ def _advised_hugepages(a: object) -> bool:
     raise AssertionError("no mapping holds the array")
 
 
-def test_small_pages_leaves_arrays_made_within_without_the_huge_page_hint() -> None:
-    import numpy as np
+SMALL_PAGES_SCRIPT = """
+import numpy as np
+from tests.core.test_memory import _advised_hugepages
+from featurebank.core.memory import _hugepage_switch, small_pages
+
+_hugepage_switch()(True)
+before = np.ones(8 << 20)  # 64 MiB: numpy hints arrays from 4 MiB on
+with small_pages(), small_pages():  # nested, as two banks' passes at once
+    within = np.ones(8 << 20)
+after = np.ones(8 << 20)
+print(*(_advised_hugepages(a) for a in (before, within, after)))
+"""
+
+
+def _hinted(script: str) -> list[str]:
+    """What a script printed, run in a process of its own (the hint and glibc's mmap
+    threshold are the whole process's)."""
     import pytest
 
-    from featurebank.core.memory import _hugepage_switch, small_pages
+    from featurebank.core.memory import _hugepage_switch
 
-    switch = _hugepage_switch()
-    if switch is None or not Path("/proc/self/smaps").exists():
+    if _hugepage_switch() is None or not Path("/proc/self/smaps").exists():
         pytest.skip("numpy without its huge-page switch, or no /proc/self/smaps")
-    was = switch(True)
-    try:
-        before = np.ones(8 << 20)  # 64 MiB: numpy hints arrays from 4 MiB on
-        with small_pages(), small_pages():  # nested, as two banks' passes at once
-            within = np.ones(8 << 20)
-        after = np.ones(8 << 20)
-        assert _advised_hugepages(before) and _advised_hugepages(after)
-        assert not _advised_hugepages(within)
-    finally:
-        switch(was)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, check=True,
+                          capture_output=True, text=True, timeout=120).stdout.split()
+
+
+def test_small_pages_leaves_arrays_made_within_without_the_huge_page_hint() -> None:
+    assert _hinted(SMALL_PAGES_SCRIPT) == ["True", "False", "True"]
 
 
 FRESH_MAPPINGS_SCRIPT = """
@@ -148,13 +159,4 @@ print(_advised_hugepages(within))
 def test_small_pages_keeps_the_hint_where_every_big_buffer_is_a_fresh_mapping() -> None:
     """As in `featurebank serve` (fix_mmap_threshold), where huge pages make a fresh
     temporary's faults fewer."""
-    import pytest
-
-    from featurebank.core.memory import _hugepage_switch
-
-    if _hugepage_switch() is None or not Path("/proc/self/smaps").exists():
-        pytest.skip("numpy without its huge-page switch, or no /proc/self/smaps")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", FRESH_MAPPINGS_SCRIPT], env=env, cwd=ROOT,
-                         check=True, capture_output=True, text=True, timeout=120).stdout
-    assert out.split() == ["True"]
+    assert _hinted(FRESH_MAPPINGS_SCRIPT) == ["True"]
