@@ -9,13 +9,15 @@ every row: its nearest items and, when not every item votes, its nearest voters.
 leave; new rows get their lists; rows that lost a neighbour (deleted, or no longer a
 voter) are searched again; every other row merges the rows it may newly see (new
 items, new voters) into its list, in list mode only the rows whose probed lists hold
-one. A row's k nearest over (old candidates + new ones) is the merge of its old k with
-the new ones, so the lists are a full pass's: below `space.EXACT_MAX` items exactly;
+one, in one search of the new rows that serves every list (`_merge_gained`). A row's k
+nearest over (old candidates + new ones) is the merge of its old k with the new ones, so
+the lists are a full pass's: below `space.EXACT_MAX` items exactly;
 above, those of a full pass over the same lists (a fresh pass draws new k-means
 centroids, so neighbours near a list's edge can differ). Neighbours whose distances
 differ only by float32 rounding may come in another order. A new index generation
 (transform), a trimmed change log or a change of mode (exact / lists, which rows vote
-at all) reads the bank afresh.
+at all) reads the bank afresh. Wherever a row's nearest items all vote, its voters' list
+is read off its list of every item (`_knn`), in a full pass and in an update alike.
 """
 
 from __future__ import annotations
