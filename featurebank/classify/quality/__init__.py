@@ -184,8 +184,7 @@ def report_of(
     errors = None
     if labelled.size and ref is not None and probs is not None:
         errors = labels.find(
-            probs if len(labelled) == len(labs) else probs[labelled], ref, labelled,
-            [keys[i] for i in labelled],
+            probs[labelled], ref, labelled, [keys[i] for i in labelled],
             [str(labs[i]) for i in labelled], precision,
             {(k.keys[0], k.label) for k in kept if k.kind == "label"}, limit,
         )

@@ -152,7 +152,7 @@ def find(
     y = np.array([col.get(lab, -1) for lab in labels], np.int64)
     scored = np.flatnonzero(y >= 0)
     joint = (
-        confident_joint(*((p, y) if scored.size == len(y) else (p[scored], y[scored])))
+        confident_joint(p[scored], y[scored])
         if scored.size and p.shape[1]
         else np.zeros((len(vocab), len(vocab)))
     )

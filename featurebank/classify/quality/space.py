@@ -93,14 +93,6 @@ class Space:
         bounds = np.searchsorted(self.assign[order], np.arange(len(self.probes) + 1))
         return [order[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
 
-    def listed_on(self) -> list[np.ndarray]:
-        """Lists whose comparisons include each list (the inverse of `probes`)."""
-        lists = np.repeat(np.arange(len(self.probes)), self.probes.shape[1])
-        flat = self.probes.reshape(-1)
-        order = np.argsort(flat, kind="stable")
-        bounds = np.searchsorted(flat[order], np.arange(len(self.probes) + 1))
-        return [lists[order[bounds[i]:bounds[i + 1]]] for i in range(len(bounds) - 1)]
-
 
 def space_of(x: np.ndarray, kind: str, seed: int = 0) -> Space:
     """Exact for small banks; lists for larger ones."""
