@@ -33,17 +33,14 @@ DEFAULT_T = 0.07
 def neighbour_weights(
     scores: np.ndarray, weights: str, temperature: float, metric_name: str
 ) -> np.ndarray:
-    """Per-neighbour vote weights, (n, k), float32 for float32 scores (what an index
-    returns: float64 would only double the memory a vote sweeps), float64 otherwise."""
-    s = np.asarray(scores)
-    if s.dtype != np.float32:
-        s = s.astype(np.float64)
+    """Per-neighbour vote weights, (n, k) float64."""
+    s = np.asarray(scores, dtype=np.float64)
     check_choice(weights, VOTE_WEIGHTS, "vote weights")
     if weights == "uniform":
         return np.ones_like(s)
     if weights == "distance":
         # Exactly scikit-learn's rule: 1/d, and rows with an exact match count only those.
-        d = metric(metric_name).distances(s.astype(np.float64))
+        d = metric(metric_name).distances(s)
         with np.errstate(divide="ignore"):
             w = 1.0 / d
         inf_mask = np.isinf(w)
@@ -55,8 +52,7 @@ def neighbour_weights(
     finite = np.where(np.isfinite(s), s, -np.inf)
     top = np.max(finite, axis=1, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(over="ignore"):  # a far (sentinel) score in float32 overflows to -inf
-        return np.exp((finite - top) / temperature)  # shift cancels after normalising
+    return np.exp((finite - top) / temperature)  # shift cancels after normalising
 
 
 def vote(
